@@ -1,0 +1,66 @@
+// nearest_code: for every row x_n of x[N, D], the index of the closest codebook row.
+//
+//   metric l2:     k*(n) = argmin_k ||x_n - c_k||^2
+//                  evaluated as argmin_k (||c_k||^2 - 2 <x_n, c_k>) (||x_n||^2 is constant per row)
+//   metric cosine: k*(n) = argmin_k (1 - <x_n, c_k> / (max(||x_n||, eps) max(||c_k||, eps)))
+//                  evaluated as argmin_k (-<x_n, c_k> / max(||c_k||, eps))
+//
+// Both are the same computation: key(n, k) = beta[k] + alpha[k] * <x_n, c_k>, with per-code
+// alpha/beta precomputed once. The N x K key matrix is never stored; each row keeps a
+// running (key, index) minimum while the codebook streams past.
+//
+// The distance returned for the chosen code is recomputed directly (sum of squared
+// differences, or 1 - cosine) in fp32, so it does not suffer the cancellation of the
+// expanded form.
+//
+// Numerics and determinism:
+//   * inputs may be fp32, fp16 or bf16; all products and sums are fp32.
+//   * ties go to the lowest index; the result does not depend on thread count or schedule.
+//   * a key is NaN when row n or code k holds a NaN or Inf. A NaN key wins over every
+//     number (as torch.argmin treats NaN), lowest index first. So a non-finite row maps to
+//     code 0, and a non-finite code captures every finite row. The distance is then
+//     non-finite too.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "common.h"
+
+#if defined(__CUDACC__) || defined(FL_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fastlatent {
+
+enum class Metric : int { kL2 = 0, kCosine = 1 };
+
+// Clamp on norms in the cosine metric, as torch.nn.functional.normalize.
+constexpr float kCosineEps = 1e-12f;
+
+struct NearestCodeParams {
+  const void* x = nullptr;         // [n, d] row-major, contiguous, element type `dtype`
+  const void* codebook = nullptr;  // [k, d] row-major, contiguous, element type `dtype`
+  int64_t* indices = nullptr;      // [n] output
+  float* distances = nullptr;      // [n] output: squared L2, or 1 - cosine similarity
+  int64_t n = 0;
+  int64_t k = 0;                   // >= 1
+  int64_t d = 0;                   // >= 1
+  DType dtype = DType::kFloat32;
+  Metric metric = Metric::kL2;
+  // CUDA only: scratch of nearest_code_cuda_workspace_bytes(k) bytes on the device,
+  // aligned to 16 bytes. The CPU kernel manages its own scratch.
+  void* workspace = nullptr;
+};
+
+Status run_nearest_code_cpu(const NearestCodeParams& params);
+
+inline size_t nearest_code_cuda_workspace_bytes(int64_t k) {
+  return static_cast<size_t>(k) * 2 * sizeof(float);  // alpha[k], beta[k]
+}
+
+#if defined(__CUDACC__) || defined(FL_WITH_CUDA)
+cudaError_t launch_nearest_code_cuda(const NearestCodeParams& params, cudaStream_t stream);
+#endif
+
+}  // namespace fastlatent

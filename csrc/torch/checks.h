@@ -1,0 +1,103 @@
+// Argument checks and glue shared by every binding. Only csrc/torch includes torch.
+//
+// Messages name the op, the argument and what was expected, e.g.
+//   fastlatent.nearest_code: codebook must be 2-D [K, D], got [3, 4, 5]
+// Shape/value problems raise ValueError, dtype problems TypeError, device problems
+// RuntimeError: the Python fake impls in fastlatent/ops raise the same.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <string>
+
+#include "common.h"
+
+namespace fastlatent {
+namespace torch_glue {
+
+#define FL_CHECK_VALUE(cond, op, ...) TORCH_CHECK_VALUE(cond, "fastlatent.", op, ": ", __VA_ARGS__)
+#define FL_CHECK_TYPE(cond, op, ...) TORCH_CHECK_TYPE(cond, "fastlatent.", op, ": ", __VA_ARGS__)
+#define FL_CHECK(cond, op, ...) TORCH_CHECK(cond, "fastlatent.", op, ": ", __VA_ARGS__)
+
+// The Python spelling of a dtype ("torch.int64"), so messages match what users typed.
+inline std::string python_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+// The kernel dtype of a floating tensor; TypeError naming the argument otherwise.
+// fp64 is accepted only where `allow_double` (CPU gradcheck paths).
+inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
+                          bool allow_double = false) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kDouble:
+      if (allow_double) return DType::kFloat64;
+      break;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "fastlatent.", op, ": ", name,
+                   " must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "",
+                   ", got ", python_dtype(t.scalar_type()));
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
+                      const char* layout) {
+  FL_CHECK_VALUE(t.dim() == dim, op, name, " must be ", dim, "-D ", layout, ", got shape ",
+                 t.sizes());
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op,
+                              const char* name_a, const char* name_b) {
+  FL_CHECK(a.device() == b.device(), op, name_a, " and ", name_b,
+           " must be on the same device, got ", a.device(), " and ", b.device());
+}
+
+inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  FL_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, name_a, " and ", name_b,
+                " must have the same dtype, got ", python_dtype(a.scalar_type()), " and ",
+                python_dtype(b.scalar_type()));
+}
+
+inline void check_status(const Status& status) {
+  TORCH_CHECK(status.ok, "fastlatent.", status.message);
+}
+
+// Registered for the CUDA key when the extension was built without CUDA kernels, so a
+// CUDA tensor gets this message instead of the dispatcher's list of backends.
+inline void no_cuda_kernel(const c10::OperatorHandle& op, torch::jit::Stack*) {
+  TORCH_CHECK(false, "fastlatent: ", op.schema().name(),
+              " got a CUDA tensor, but this build of fastlatent has no CUDA kernels. "
+              "Rebuild on a machine with nvcc and a CUDA build of torch: "
+              "FASTLATENT_CUDA=1 pip install --no-build-isolation --no-deps -e . "
+              "(see `fastlatent info`).");
+}
+
+}  // namespace torch_glue
+}  // namespace fastlatent
+
+#ifdef FL_WITH_CUDA
+#define FL_REGISTER_CUDA(m, name, fn) m.impl(name, fn)
+#else
+#define FL_REGISTER_CUDA(m, name, fn) \
+  m.impl(name, torch::CppFunction::makeFromBoxedFunction<&::fastlatent::torch_glue::no_cuda_kernel>())
+#endif

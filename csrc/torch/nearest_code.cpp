@@ -1,0 +1,100 @@
+// Binding for nearest_code: schema, argument checks, allocation, per-key registration.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <tuple>
+
+#include "checks.h"
+#include "nearest_code.h"
+
+#ifdef FL_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fastlatent {
+namespace {
+
+constexpr const char* kOp = "nearest_code";
+
+Metric parse_metric(std::string_view metric) {
+  if (metric == "l2") return Metric::kL2;
+  if (metric == "cosine") return Metric::kCosine;
+  FL_CHECK_VALUE(false, kOp, "metric must be \"l2\" or \"cosine\", got \"", std::string(metric), "\"");
+  return Metric::kL2;
+}
+
+// Checks shared by every device; returns params with sizes and dtype filled in.
+NearestCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook,
+                             std::string_view metric) {
+  using namespace torch_glue;
+  check_dim(x, 2, kOp, "x", "[N, D]");
+  check_dim(codebook, 2, kOp, "codebook", "[K, D]");
+  check_same_device(x, codebook, kOp, "x", "codebook");
+  NearestCodeParams p;
+  p.dtype = kernel_dtype(x, kOp, "x");
+  check_same_dtype(x, codebook, kOp, "x", "codebook");
+  FL_CHECK_VALUE(codebook.size(0) >= 1, kOp, "codebook must hold at least one code (K >= 1), got shape ",
+                 codebook.sizes());
+  FL_CHECK_VALUE(x.size(1) >= 1, kOp, "x must have D >= 1, got shape ", x.sizes());
+  FL_CHECK_VALUE(x.size(1) == codebook.size(1), kOp, "x is [N, D] with D=", x.size(1),
+                 " but codebook is [K, D] with D=", codebook.size(1));
+  p.n = x.size(0);
+  p.k = codebook.size(0);
+  p.d = x.size(1);
+  p.metric = parse_metric(metric);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& x) {
+  return {at::empty({x.size(0)}, x.options().dtype(at::kLong)),
+          at::empty({x.size(0)}, x.options().dtype(at::kFloat))};
+}
+
+std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook,
+                                                    std::string_view metric) {
+  NearestCodeParams p = check_args(x, codebook, metric);
+  const at::Tensor xc = x.contiguous(), cc = codebook.contiguous();
+  auto [indices, distances] = allocate_outputs(x);
+  p.x = xc.data_ptr();
+  p.codebook = cc.data_ptr();
+  p.indices = indices.data_ptr<int64_t>();
+  p.distances = distances.data_ptr<float>();
+  torch_glue::check_status(run_nearest_code_cpu(p));
+  return {indices, distances};
+}
+
+#ifdef FL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook,
+                                                     std::string_view metric) {
+  NearestCodeParams p = check_args(x, codebook, metric);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor xc = x.contiguous(), cc = codebook.contiguous();
+  auto [indices, distances] = allocate_outputs(x);
+  const at::Tensor workspace = at::empty(
+      {static_cast<int64_t>(nearest_code_cuda_workspace_bytes(p.k))}, x.options().dtype(at::kByte));
+  p.x = xc.data_ptr();
+  p.codebook = cc.data_ptr();
+  p.indices = indices.data_ptr<int64_t>();
+  p.distances = distances.data_ptr<float>();
+  p.workspace = workspace.data_ptr();
+  C10_CUDA_CHECK(launch_nearest_code_cuda(p, c10::cuda::getCurrentCUDAStream()));
+  return {indices, distances};
+}
+#endif
+
+}  // namespace
+}  // namespace fastlatent
+
+TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
+  m.def("nearest_code(Tensor x, Tensor codebook, str metric=\"l2\") -> (Tensor indices, Tensor distances)");
+}
+
+TORCH_LIBRARY_IMPL(fastlatent, CPU, m) { m.impl("nearest_code", &fastlatent::nearest_code_cpu); }
+
+TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
+  FL_REGISTER_CUDA(m, "nearest_code", &fastlatent::nearest_code_cuda);
+}

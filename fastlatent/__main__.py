@@ -1,0 +1,3 @@
+from fastlatent.cli import main
+
+raise SystemExit(main())

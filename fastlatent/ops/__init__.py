@@ -1,0 +1,10 @@
+"""fastlatent's functional API over ``torch.ops.fastlatent.*``.
+
+Each op has a fake (meta) implementation so ``torch.compile(fullgraph=True)`` traces
+through it, checks that raise the same errors as the C++ side, and a plain-PyTorch twin
+in :mod:`fastlatent.reference`.
+"""
+
+from fastlatent.ops.nearest_code import nearest_code
+
+__all__ = ["nearest_code"]

@@ -1,0 +1,41 @@
+"""Argument checks shared by the fake (meta) implementations.
+
+They mirror csrc/torch/checks.h: same messages, same exception types, so a bad input
+fails the same way eagerly, under torch.compile and on the meta device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_dim(op: str, name: str, t: torch.Tensor, dim: int, layout: str) -> None:
+    if t.dim() != dim:
+        raise ValueError(f"fastlatent.{op}: {name} must be {dim}-D {layout}, got shape {list(t.shape)}")
+
+
+def check_float(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"fastlatent.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def check_same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise RuntimeError(
+            f"fastlatent.{op}: {name_a} and {name_b} must be on the same device, got {a.device} and {b.device}"
+        )
+
+
+def check_same_dtype(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.dtype != b.dtype:
+        raise TypeError(
+            f"fastlatent.{op}: {name_a} and {name_b} must have the same dtype, got {a.dtype} and {b.dtype}"
+        )
+
+
+def check_choice(op: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        options = " or ".join(f'"{c}"' for c in choices)
+        raise ValueError(f'fastlatent.{op}: {name} must be {options}, got "{value}"')

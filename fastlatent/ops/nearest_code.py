@@ -1,0 +1,76 @@
+"""nearest_code: fused nearest-codebook search (distance GEMM with the argmin fused in)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastlatent._extension import extension_available, require_device
+from fastlatent.ops import _checks
+
+METRICS = ("l2", "cosine")
+
+
+def _check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+    op = "nearest_code"
+    _checks.check_dim(op, "x", x, 2, "[N, D]")
+    _checks.check_dim(op, "codebook", codebook, 2, "[K, D]")
+    _checks.check_same_device(op, "x", x, "codebook", codebook)
+    _checks.check_float(op, "x", x)
+    _checks.check_same_dtype(op, "x", x, "codebook", codebook)
+    if codebook.shape[0] < 1:
+        raise ValueError(
+            f"fastlatent.{op}: codebook must hold at least one code (K >= 1), got shape {list(codebook.shape)}"
+        )
+    if x.shape[1] < 1:
+        raise ValueError(f"fastlatent.{op}: x must have D >= 1, got shape {list(x.shape)}")
+    if x.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"fastlatent.{op}: x is [N, D] with D={x.shape[1]} but codebook is [K, D] with D={codebook.shape[1]}"
+        )
+    _checks.check_choice(op, "metric", metric, METRICS)
+
+
+def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of the nearest codebook entry for every row of ``x``, without an N x K matrix.
+
+    Args:
+        x: ``[N, D]`` vectors, float32/float16/bfloat16, any strides.
+        codebook: ``[K, D]`` codes, same dtype and device as ``x``, ``K >= 1``.
+        metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (``1 - cos(x, c)``,
+            norms clamped at 1e-12 as :func:`torch.nn.functional.normalize`).
+
+    Returns:
+        ``(indices, distances)``: ``indices`` int64 ``[N]``, ``distances`` float32 ``[N]``
+        holding the distance to the chosen code, recomputed directly in fp32 (not from the
+        expanded ``|c|^2 - 2<x, c>`` form used for the search).
+
+    All arithmetic is fp32 whatever the input dtype. Ties go to the lowest index and the
+    result is deterministic. A row of ``x`` holding NaN or Inf maps to index 0; a code
+    holding NaN or Inf wins every finite row (NaN compares smallest, as in
+    :func:`torch.argmin`); the distance is then non-finite. Extra memory is O(K) on CUDA and
+    O(K * D) on CPU (a packed fp32 copy of the codebook), never O(N * K).
+
+    ``distances`` carries no gradient: use the returned indices to gather codes for losses.
+    """
+    require_device("nearest_code", x, codebook)
+    return torch.ops.fastlatent.nearest_code.default(x, codebook, metric)
+
+
+if extension_available():
+
+    @torch.library.register_fake("fastlatent::nearest_code")
+    def _nearest_code_fake(x, codebook, metric="l2"):
+        _check_args(x, codebook, metric)
+        n = x.shape[0]
+        return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
+
+    def _nearest_code_setup_context(ctx, inputs, output):
+        # Indices are integers and the distances are reported, not trained through.
+        ctx.mark_non_differentiable(*output)
+
+    def _nearest_code_backward(ctx, grad_indices, grad_distances):
+        return None, None, None
+
+    torch.library.register_autograd(
+        "fastlatent::nearest_code", _nearest_code_backward, setup_context=_nearest_code_setup_context
+    )

@@ -1,0 +1,9 @@
+"""Plain-PyTorch ground truth for every fastlatent op (same signatures, same rules).
+
+These are slow by design: they favour exactness (float64 where it matters) over speed,
+and are what the tests and benchmarks compare against.
+"""
+
+from fastlatent.reference.nearest_code import nearest_code
+
+__all__ = ["nearest_code"]

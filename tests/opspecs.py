@@ -1,0 +1,128 @@
+"""OpInfo-lite: one OpSpec per fastlatent op, consumed by tests/test_ops_generic.py.
+
+Each spec knows how to make sample inputs (shapes including odd and empty ones), error
+inputs (with the message the error must match), which dtypes each device supports, and
+how to compare the op's output with its reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Iterator
+
+import torch
+
+import fastlatent
+from fastlatent import reference
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass
+class Sample:
+    args: tuple
+    kwargs: dict = dataclasses.field(default_factory=dict)
+    name: str = ""
+
+
+@dataclasses.dataclass
+class ErrorSample:
+    args: tuple
+    kwargs: dict
+    error: type
+    match: str
+
+
+@dataclasses.dataclass
+class OpSpec:
+    name: str
+    op: Callable
+    reference: Callable
+    sample_inputs: Callable[[torch.device, torch.dtype], Iterator[Sample]]
+    error_inputs: Callable[[torch.device], Iterator[ErrorSample]]
+    compare: Callable[[Sample, tuple, tuple], None]  # (sample, ours, reference) -> assert
+    dtypes: tuple = FLOAT_DTYPES
+
+
+# ---------------------------------------------------------------- nearest_code
+
+
+def _nearest_code_samples(device, dtype):
+    gen = torch.Generator().manual_seed(1234)
+    shapes = [(0, 8, 5), (1, 1, 1), (3, 3, 17), (7, 17, 1), (33, 7, 3), (257, 33, 257),
+              (100, 64, 1000), (65, 8, 512), (70, 130, 40)]
+    for n, d, k in shapes:
+        codebook = torch.randn(k, d, generator=gen)
+        x = torch.randn(n, d, generator=gen)
+        for metric in ("l2", "cosine"):
+            yield Sample((x.to(device, dtype), codebook.to(device, dtype)), {"metric": metric},
+                         name=f"N{n}_D{d}_K{k}_{metric}")
+
+
+def assert_near_ties(x, codebook, indices, ref_indices, metric):
+    """Indices equal, except where both codes are equally near up to fp32 rounding."""
+    if torch.equal(indices, ref_indices):
+        return
+    x64, c64 = x.double(), codebook.double()
+    if metric == "l2":
+        def dist(idx):
+            return ((x64 - c64[idx]) ** 2).sum(1)
+        scale = (x64 * x64).sum(1) + (c64 * c64).sum(1).max()
+    else:
+        cn = c64 / c64.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        xn = x64 / x64.norm(dim=1, keepdim=True).clamp_min(1e-12)
+
+        def dist(idx):
+            return 1 - (xn * cn[idx]).sum(1)
+        scale = torch.ones_like(x64[:, 0])
+    excess = dist(indices) - dist(ref_indices)
+    tolerance = 1e-5 * x.shape[1] * scale  # fp32 accumulation over D terms
+    bad = excess > tolerance
+    assert not bad.any(), (
+        f"{int(bad.sum())} rows picked a code farther than the nearest by more than rounding: "
+        f"excess {excess[bad][:5].tolist()} > tolerance {tolerance[bad][:5].tolist()}")
+
+
+def _nearest_code_compare(sample, ours, ref):
+    x, codebook = sample.args
+    metric = sample.kwargs.get("metric", "l2")
+    indices, distances = ours
+    ref_indices, _ = ref
+    assert indices.dtype == torch.int64 and distances.dtype == torch.float32
+    assert indices.shape == distances.shape == (x.shape[0],)
+    assert_near_ties(x, codebook, indices, ref_indices, metric)
+    # The returned distance is that of the returned index, recomputed exactly in fp32.
+    xf, cf = x.double(), codebook.double()[indices]
+    if metric == "l2":
+        exact = ((xf - cf) ** 2).sum(1)
+    else:
+        exact = 1 - (xf * cf).sum(1) / (xf.norm(dim=1).clamp_min(1e-12) * cf.norm(dim=1).clamp_min(1e-12))
+    torch.testing.assert_close(distances.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def _nearest_code_errors(device):
+    x = torch.randn(4, 8, device=device)
+    c = torch.randn(16, 8, device=device)
+    yield ErrorSample((x[0], c), {}, ValueError, r"x must be 2-D \[N, D\], got shape \[8\]")
+    yield ErrorSample((x, c[None]), {}, ValueError, r"codebook must be 2-D \[K, D\]")
+    yield ErrorSample((x, torch.randn(16, 9, device=device)), {}, ValueError,
+                      r"x is \[N, D\] with D=8 but codebook is \[K, D\] with D=9")
+    yield ErrorSample((x, c[:0]), {}, ValueError, r"at least one code \(K >= 1\)")
+    yield ErrorSample((x[:, :0], c[:, :0]), {}, ValueError, r"x must have D >= 1")
+    yield ErrorSample((x.long(), c.long()), {}, TypeError, r"x must be float32, float16 or bfloat16, got torch.int64")
+    yield ErrorSample((x, c.half()), {}, TypeError, r"x and codebook must have the same dtype, got torch.float32 and torch.float16")
+    yield ErrorSample((x, c), {"metric": "dot"}, ValueError, r'metric must be "l2" or "cosine", got "dot"')
+    other = "meta" if device.type == "cpu" else "cpu"
+    yield ErrorSample((x, torch.randn(16, 8, device=other)), {}, RuntimeError, r"x and codebook must be on the same device")
+
+
+OP_SPECS = [
+    OpSpec(
+        name="nearest_code",
+        op=fastlatent.ops.nearest_code,
+        reference=reference.nearest_code,
+        sample_inputs=_nearest_code_samples,
+        error_inputs=_nearest_code_errors,
+        compare=_nearest_code_compare,
+    ),
+]

@@ -1,0 +1,185 @@
+"""nearest_code semantics: ties, NaN/Inf, determinism, metrics, gradients, large inputs."""
+
+import pytest
+import torch
+
+import fastlatent
+from fastlatent import reference
+from opspecs import assert_near_ties
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_exact_codes_are_found(device, dtype):
+    # Rows that are copies of codes must map to those codes with distance 0.
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.randn(300, 24, generator=gen).to(device, dtype)
+    picks = torch.randint(0, 300, (500,), generator=gen).to(device)
+    indices, distances = fastlatent.nearest_code(codebook[picks], codebook)
+    assert torch.equal(indices, picks)
+    assert torch.all(distances == 0)
+
+
+def test_ties_go_to_lowest_index(device):
+    base = torch.randn(5, 16, device=device)
+    codebook = torch.cat([base, base, base])  # each code appears at i, i + 5, i + 10
+    x = base[torch.tensor([4, 0, 3, 3, 1], device=device)] + 0.0
+    indices, _ = fastlatent.nearest_code(x, codebook)
+    assert indices.tolist() == [4, 0, 3, 3, 1]
+    # Equidistant codes: x halfway between code 7 and code 2 picks 2.
+    c = torch.zeros(10, 4, device=device)
+    c[2, 0], c[7, 0] = -1.0, 1.0
+    c[[0, 1, 3, 4, 5, 6, 8, 9]] = 5.0
+    indices, distances = fastlatent.nearest_code(torch.zeros(1, 4, device=device), c)
+    assert indices.item() == 2 and distances.item() == 1.0
+
+
+def test_cosine_ignores_scale(device):
+    gen = torch.Generator().manual_seed(3)
+    codebook = torch.randn(64, 8, generator=gen).to(device)
+    scales = torch.rand(64, 1, generator=gen).to(device) * 10 + 0.1
+    picks = torch.randperm(64, generator=gen).to(device)
+    indices, distances = fastlatent.nearest_code(codebook[picks] * scales, codebook, metric="cosine")
+    assert torch.equal(indices, picks)
+    torch.testing.assert_close(distances, torch.zeros_like(distances), atol=1e-6, rtol=0)
+
+
+def test_zero_vectors_in_cosine(device):
+    codebook = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], device=device)
+    x = torch.tensor([[0.0, 0.0], [0.0, 2.0]], device=device)
+    indices, distances = fastlatent.nearest_code(x, codebook, metric="cosine")
+    ref_indices, ref_distances = reference.nearest_code(x, codebook, metric="cosine")
+    assert indices.tolist() == ref_indices.tolist() == [0, 2]
+    torch.testing.assert_close(distances, ref_distances)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_rows_map_to_code_zero(device, bad):
+    codebook = torch.randn(50, 8, device=device)
+    x = codebook[[10, 20, 30]].clone()
+    x[1, 3] = bad
+    indices, distances = fastlatent.nearest_code(x, codebook)
+    assert indices.tolist() == [10, 0, 30]
+    assert not torch.isfinite(distances[1]) and torch.all(distances[[0, 2]] == 0)
+    assert reference.nearest_code(x, codebook)[0].tolist() == [10, 0, 30]
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_code_wins(device, bad):
+    # Documented rule (as torch.argmin treats NaN): the first non-finite code takes every row.
+    codebook = torch.randn(50, 8, device=device)
+    codebook[17, 2] = bad
+    codebook[33, 0] = bad
+    x = torch.randn(9, 8, device=device)
+    indices, distances = fastlatent.nearest_code(x, codebook)
+    assert indices.tolist() == [17] * 9
+    assert not torch.isfinite(distances).any()
+    assert reference.nearest_code(x, codebook)[0].tolist() == [17] * 9
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_deterministic_and_thread_count_independent(device, dtype):
+    gen = torch.Generator().manual_seed(5)
+    # Many near-ties: a small integer lattice gives exactly equal distances.
+    codebook = torch.randint(-2, 3, (512, 6), generator=gen).to(device, dtype)
+    x = torch.randint(-2, 3, (4000, 6), generator=gen).to(device, dtype)
+    first = fastlatent.nearest_code(x, codebook)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = fastlatent.nearest_code(x, codebook)
+    finally:
+        torch.set_num_threads(threads)
+    for _ in range(3):
+        again = fastlatent.nearest_code(x, codebook)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+    assert torch.equal(single[0], first[0])
+    # On an integer lattice all arithmetic is exact, so ties resolve exactly as the reference.
+    assert torch.equal(first[0], reference.nearest_code(x, codebook)[0])
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_larger_problem_matches_reference(device, metric):
+    gen = torch.Generator().manual_seed(11)
+    n, d, k = 2048, 256, 4096
+    codebook = torch.randn(k, d, generator=gen).to(device)
+    x = torch.randn(n, d, generator=gen).to(device)
+    indices, _ = fastlatent.nearest_code(x, codebook, metric=metric)
+    assert_near_ties(x, codebook, indices, reference.nearest_code(x, codebook, metric=metric)[0], metric)
+
+
+def test_distances_carry_no_gradient(device):
+    x = torch.randn(10, 4, device=device, requires_grad=True)
+    codebook = torch.randn(6, 4, device=device, requires_grad=True)
+    indices, distances = fastlatent.nearest_code(x, codebook)
+    assert not distances.requires_grad and not indices.requires_grad
+    # The documented way to train: gather the codes by index, take the loss on them.
+    loss = ((x - codebook[indices]) ** 2).sum()
+    loss.backward()
+    assert x.grad is not None and codebook.grad is not None
+
+
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(2)
+    codebook = torch.randn(3000, 40, generator=gen)
+    x = torch.randn(5000, 40, generator=gen)
+    for metric in ("l2", "cosine"):
+        cpu = fastlatent.nearest_code(x, codebook, metric=metric)
+        gpu = fastlatent.nearest_code(x.cuda(), codebook.cuda(), metric=metric)
+        assert_near_ties(x, codebook, gpu[0].cpu(), cpu[0], metric)
+        torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_non_default_device_and_stream():
+    if torch.cuda.device_count() < 2:
+        device = torch.device("cuda:0")
+    else:
+        device = torch.device("cuda:1")
+    codebook = torch.randn(100, 16, device=device)
+    x = codebook[torch.arange(99, -1, -1, device=device)]
+    stream = torch.cuda.Stream(device)
+    with torch.cuda.stream(stream):
+        indices, _ = fastlatent.nearest_code(x, codebook)
+    stream.synchronize()
+    assert indices.device == device
+    assert indices.tolist() == list(range(99, -1, -1))
+
+
+@pytest.mark.cuda
+@pytest.mark.slow
+def test_cuda_over_two_to_the_31_elements():
+    # x has 2^31 + 64 * 2^16 elements: offsets must be 64-bit.
+    free, _ = torch.cuda.mem_get_info()
+    d = 64
+    n = (2**31) // d + 2**16
+    if free < n * d * 2 + 2**30:
+        pytest.skip("not enough GPU memory for a >2^31-element input")
+    codebook = torch.randn(16, d, device="cuda", dtype=torch.float16)
+    x = codebook[torch.arange(n, device="cuda") % 16]
+    indices, _ = fastlatent.nearest_code(x, codebook)
+    tail = torch.arange(n - 1000, n, device="cuda") % 16
+    assert torch.equal(indices[-1000:], tail)
+    del x
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_compiles_inside_a_larger_graph(device, dynamic):
+    # A VQ-style forward: project, quantise, gather. fullgraph=True fails on any graph break.
+    torch._dynamo.reset()
+    codebook = torch.randn(64, 8, device=device)
+    proj = torch.randn(8, 8, device=device)
+
+    def quantise(z):
+        indices, distances = fastlatent.nearest_code(z @ proj, codebook)
+        return codebook[indices], indices, distances.mean()
+
+    compiled = torch.compile(quantise, fullgraph=True, dynamic=dynamic)
+    for n in (37, 64):
+        z = torch.randn(n, 8, device=device)
+        got, want = compiled(z), quantise(z)
+        assert torch.equal(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[2], want[2])
