@@ -1,0 +1,88 @@
+// Runs the CUDA kernels against the CPU kernels. Exit code 77 (ctest: skipped) when no GPU.
+#include <cuda_runtime.h>  // the typed cudaMalloc overloads
+
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "check.h"
+#include "common.h"
+#include "nearest_code.h"
+#include "nearest_code_oracle.h"
+
+using namespace fastlatent;
+
+#define CUDA_OK(expr)                                                                   \
+  do {                                                                                  \
+    cudaError_t err_ = (expr);                                                          \
+    CHECK(err_ == cudaSuccess, "%s: %s", #expr, cudaGetErrorString(err_));              \
+    if (err_ != cudaSuccess) return;                                                    \
+  } while (0)
+
+template <typename T>
+static T* to_device(const std::vector<T>& host) {
+  T* ptr = nullptr;
+  if (cudaMalloc(&ptr, host.size() * sizeof(T) + 16) != cudaSuccess) return nullptr;
+  cudaMemcpy(ptr, host.data(), host.size() * sizeof(T), cudaMemcpyHostToDevice);
+  return ptr;
+}
+
+static void run_case(int64_t n, int64_t k, int64_t d, Metric metric, std::mt19937& gen) {
+  std::normal_distribution<float> normal;
+  std::vector<float> x(n * d), c(k * d);
+  for (auto& v : x) v = normal(gen);
+  for (auto& v : c) v = normal(gen);
+  float* dx = to_device(x);
+  float* dc = to_device(c);
+  int64_t* dindices = nullptr;
+  float* ddistances = nullptr;
+  void* workspace = nullptr;
+  CUDA_OK(cudaMalloc(&dindices, n * sizeof(int64_t) + 16));
+  CUDA_OK(cudaMalloc(&ddistances, n * sizeof(float) + 16));
+  CUDA_OK(cudaMalloc(&workspace, nearest_code_cuda_workspace_bytes(k)));
+  NearestCodeParams p;
+  p.x = dx;
+  p.codebook = dc;
+  p.indices = dindices;
+  p.distances = ddistances;
+  p.n = n;
+  p.k = k;
+  p.d = d;
+  p.metric = metric;
+  p.workspace = workspace;
+  CUDA_OK(launch_nearest_code_cuda(p, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  std::vector<int64_t> indices(n);
+  std::vector<float> distances(n);
+  CUDA_OK(cudaMemcpy(indices.data(), dindices, n * sizeof(int64_t), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(distances.data(), ddistances, n * sizeof(float), cudaMemcpyDeviceToHost));
+  const auto expected = fl_test::brute_force_nearest(x, c, n, k, d, metric);
+  for (int64_t i = 0; i < n; ++i) {
+    if (indices[i] == expected[i] || metric == Metric::kCosine) continue;
+    const double ours = fl_test::l2_distance(x, c, i, indices[i], d);
+    const double best = fl_test::l2_distance(x, c, i, expected[i], d);
+    CHECK(ours - best < 1e-4 * (1 + best), "row %ld: got %ld, expected %ld", long(i), long(indices[i]),
+          long(expected[i]));
+  }
+  cudaFree(dx);
+  cudaFree(dc);
+  cudaFree(dindices);
+  cudaFree(ddistances);
+  cudaFree(workspace);
+}
+
+int main() {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("no CUDA device: skipped\n");
+    return 77;
+  }
+  std::mt19937 gen(7);
+  const int64_t sizes[][3] = {{1, 1, 1}, {3, 17, 3}, {65, 17, 33}, {200, 1000, 8}, {129, 300, 257}};
+  for (const auto& s : sizes)
+    for (Metric metric : {Metric::kL2, Metric::kCosine}) run_case(s[0], s[1], s[2], metric, gen);
+  if (fl_test::failures()) std::fprintf(stderr, "%d check(s) failed\n", fl_test::failures());
+  else std::printf("all CUDA kernel checks passed\n");
+  return fl_test::failures() ? 1 : 0;
+}
