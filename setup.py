@@ -95,7 +95,9 @@ def _sources():
 
 def _extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
-    cxx = opt + ["-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
+    # torch compiles with ISO -std=c++20, under which gcc turns FMA contraction off; the
+    # kernels' inner loops are written as a*b+c and want FMAs (5-10% on nearest_code).
+    cxx = opt + ["-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]
     if CPU_ARCH:
         cxx.append(f"-march={CPU_ARCH}")
     macros = [("FL_TORCH_VERSION", f'"{torch.__version__}"')]

@@ -8,6 +8,8 @@ from fastlatent import reference
 from opspecs import assert_near_ties
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# D=8 takes the CPU's small-D (row-vectorised) path, D=40 the panel path.
+PATH_DIMS = pytest.mark.parametrize("d", [8, 40])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -21,17 +23,19 @@ def test_exact_codes_are_found(device, dtype):
     assert torch.all(distances == 0)
 
 
-def test_ties_go_to_lowest_index(device):
-    base = torch.randn(5, 16, device=device)
+@PATH_DIMS
+def test_ties_go_to_lowest_index(device, d):
+    base = torch.randn(5, d, device=device)
     codebook = torch.cat([base, base, base])  # each code appears at i, i + 5, i + 10
     x = base[torch.tensor([4, 0, 3, 3, 1], device=device)] + 0.0
     indices, _ = fastlatent.nearest_code(x, codebook)
     assert indices.tolist() == [4, 0, 3, 3, 1]
-    # Equidistant codes: x halfway between code 7 and code 2 picks 2.
-    c = torch.zeros(10, 4, device=device)
-    c[2, 0], c[7, 0] = -1.0, 1.0
-    c[[0, 1, 3, 4, 5, 6, 8, 9]] = 5.0
-    indices, distances = fastlatent.nearest_code(torch.zeros(1, 4, device=device), c)
+    # Equidistant codes: x halfway between code 7 and code 2 picks 2 (K=40: 7 and 2 sit in
+    # different SIMD lanes of the same panel, 39 in the partial panel).
+    c = torch.full((40, d), 5.0, device=device)
+    c[2], c[7], c[39] = 0.0, 0.0, 0.0
+    c[2, 0], c[7, 0], c[39, 0] = -1.0, 1.0, 1.0
+    indices, distances = fastlatent.nearest_code(torch.zeros(1, d, device=device), c)
     assert indices.item() == 2 and distances.item() == 1.0
 
 
@@ -54,9 +58,10 @@ def test_zero_vectors_in_cosine(device):
     torch.testing.assert_close(distances, ref_distances)
 
 
+@PATH_DIMS
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_rows_map_to_code_zero(device, bad):
-    codebook = torch.randn(50, 8, device=device)
+def test_non_finite_rows_map_to_code_zero(device, bad, d):
+    codebook = torch.randn(50, d, device=device)
     x = codebook[[10, 20, 30]].clone()
     x[1, 3] = bad
     indices, distances = fastlatent.nearest_code(x, codebook)
@@ -65,25 +70,27 @@ def test_non_finite_rows_map_to_code_zero(device, bad):
     assert reference.nearest_code(x, codebook)[0].tolist() == [10, 0, 30]
 
 
+@PATH_DIMS
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_code_wins(device, bad):
+def test_non_finite_code_wins(device, bad, d):
     # Documented rule (as torch.argmin treats NaN): the first non-finite code takes every row.
-    codebook = torch.randn(50, 8, device=device)
+    codebook = torch.randn(50, d, device=device)
     codebook[17, 2] = bad
     codebook[33, 0] = bad
-    x = torch.randn(9, 8, device=device)
+    x = torch.randn(9, d, device=device)
     indices, distances = fastlatent.nearest_code(x, codebook)
     assert indices.tolist() == [17] * 9
     assert not torch.isfinite(distances).any()
     assert reference.nearest_code(x, codebook)[0].tolist() == [17] * 9
 
 
+@pytest.mark.parametrize("d", [6, 40])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_deterministic_and_thread_count_independent(device, dtype):
+def test_deterministic_and_thread_count_independent(device, dtype, d):
     gen = torch.Generator().manual_seed(5)
-    # Many near-ties: a small integer lattice gives exactly equal distances.
-    codebook = torch.randint(-2, 3, (512, 6), generator=gen).to(device, dtype)
-    x = torch.randint(-2, 3, (4000, 6), generator=gen).to(device, dtype)
+    # Many exact ties: on a small integer lattice distances are often exactly equal.
+    codebook = torch.randint(-2, 3, (517, d), generator=gen).to(device, dtype)
+    x = torch.randint(-2, 3, (4000, d), generator=gen).to(device, dtype)
     first = fastlatent.nearest_code(x, codebook)
     threads = torch.get_num_threads()
     try:

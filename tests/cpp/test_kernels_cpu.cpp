@@ -80,7 +80,8 @@ static void run_case(int64_t n, int64_t k, int64_t d, Metric metric, std::mt1993
 static void test_nearest_code() {
   std::mt19937 gen(42);
   const int64_t sizes[][3] = {{1, 1, 1}, {3, 17, 3}, {7, 1, 17}, {64, 16, 4}, {65, 17, 33},
-                              {200, 1000, 8}, {129, 300, 257}, {5, 64, 1024}};
+                              {200, 1000, 8}, {129, 300, 257}, {5, 64, 1024},
+                              {300, 70, 12}, {33, 40, 16}, {100, 33, 2}};
   for (const auto& s : sizes) {
     for (Metric metric : {Metric::kL2, Metric::kCosine}) {
       run_case(s[0], s[1], s[2], metric, gen, false);
