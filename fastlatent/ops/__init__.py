@@ -5,6 +5,8 @@ through it, checks that raise the same errors as the C++ side, and a plain-PyTor
 in :mod:`fastlatent.reference`.
 """
 
+from fastlatent.ops.code_stats import code_stats
+from fastlatent.ops.ema_update import ema_update_
 from fastlatent.ops.nearest_code import nearest_code
 
-__all__ = ["nearest_code"]
+__all__ = ["nearest_code", "code_stats", "ema_update_"]

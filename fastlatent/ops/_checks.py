@@ -39,3 +39,13 @@ def check_choice(op: str, name: str, value: str, choices: tuple[str, ...]) -> No
     if value not in choices:
         options = " or ".join(f'"{c}"' for c in choices)
         raise ValueError(f'fastlatent.{op}: {name} must be {options}, got "{value}"')
+
+
+def check_int64(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.int64:
+        raise TypeError(f"fastlatent.{op}: {name} must be torch.int64, got {t.dtype}")
+
+
+def check_fp32(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype != torch.float32:
+        raise TypeError(f"fastlatent.{op}: {name} must be torch.float32, got {t.dtype}")

@@ -4,6 +4,7 @@ These are slow by design: they favour exactness (float64 where it matters) over 
 and are what the tests and benchmarks compare against.
 """
 
+from fastlatent.reference.code_stats import code_stats, ema_update_
 from fastlatent.reference.nearest_code import nearest_code
 
-__all__ = ["nearest_code"]
+__all__ = ["nearest_code", "code_stats", "ema_update_"]

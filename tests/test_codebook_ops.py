@@ -1,0 +1,104 @@
+"""code_stats and ema_update_ semantics: skipping, determinism, gradients, peer parity."""
+
+import pytest
+import torch
+
+import fastlatent
+from fastlatent import ops, reference
+
+
+def test_code_stats_skips_out_of_range_indices(device):
+    x = torch.arange(12.0, device=device).reshape(6, 2)
+    indices = torch.tensor([0, -1, 2, 5, 2, 99], device=device)
+    counts, sums = ops.code_stats(x, indices, 6)
+    assert counts.tolist() == [1, 0, 2, 0, 0, 1]
+    assert sums.tolist() == [[0, 1], [0, 0], [12, 14], [0, 0], [0, 0], [6, 7]]
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_code_stats_counts_are_exact(device, deterministic):
+    indices = torch.randint(0, 7, (100_000,), device=device)
+    counts, _ = ops.code_stats(torch.ones(100_000, 1, device=device), indices, 7, deterministic=deterministic)
+    assert torch.equal(counts, torch.bincount(indices, minlength=7).float())
+
+
+def test_code_stats_is_bitwise_deterministic(device):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(50_000, 24, generator=gen).to(device) * 1e3  # large values: order matters
+    indices = torch.randint(0, 5, (50_000,), generator=gen).to(device)
+    first = ops.code_stats(x, indices, 5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = ops.code_stats(x, indices, 5)
+    finally:
+        torch.set_num_threads(threads)
+    for _ in range(3):
+        again = ops.code_stats(x, indices, 5)
+        assert torch.equal(again[1], first[1])
+    assert torch.equal(single[1], first[1])
+    # Sums in row order, in fp32: exactly what a sequential fp32 loop gives.
+    expected = torch.zeros(5, 24, device=device)
+    for c in range(5):
+        rows = x[indices == c]
+        acc = torch.zeros(24, device=device)
+        for row in rows.cpu():
+            acc += row.to(device)
+        expected[c] = acc
+    torch.testing.assert_close(first[1], expected, rtol=0, atol=0)
+
+
+def test_code_stats_gradient(device):
+    x = torch.randn(40, 5, device=device, requires_grad=True)
+    indices = torch.randint(-1, 6, (40,), device=device)
+    weight = torch.randn(6, 5, device=device)
+    (ops.code_stats(x, indices, 6)[1] * weight).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    (reference.code_stats(x_ref, indices, 6)[1] * weight).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert not ops.code_stats(x, indices, 6)[0].requires_grad
+
+
+def test_ema_update_matches_vector_quantize_pytorch(device):
+    vqp = pytest.importorskip("vector_quantize_pytorch.vector_quantize_pytorch")
+    torch.manual_seed(0)
+    k, d, decay, eps = 32, 6, 0.8, 1e-5
+    codebook = vqp.Codebook(d, k, decay=decay, eps=eps, threshold_ema_dead_code=0).to(device)
+    codebook.train()
+    cluster_size = codebook.cluster_size[0].clone()
+    embed_sum = codebook.embed_avg[0].clone()
+    ours = codebook.embed[0].clone()
+    for _ in range(3):
+        x = torch.randn(1, 500, d, device=device)
+        quantize, indices, _ = codebook(x)  # updates its EMA state in place
+        counts, sums = ops.code_stats(x[0], indices[0], k)
+        ops.ema_update_(cluster_size, embed_sum, ours, counts, sums, decay, eps)
+        torch.testing.assert_close(cluster_size, codebook.cluster_size[0], rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(embed_sum, codebook.embed_avg[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours, codebook.embed[0], rtol=1e-5, atol=1e-5)
+
+
+def test_ema_update_fp16_codebook(device):
+    k, d = 8, 4
+    cluster_size, embed_sum = torch.ones(k, device=device), torch.randn(k, d, device=device)
+    codebook = torch.empty(k, d, device=device, dtype=torch.float16)
+    ops.ema_update_(cluster_size, embed_sum, codebook, torch.ones(k, device=device),
+                    torch.randn(k, d, device=device), 0.5)
+    n = cluster_size.sum()
+    expected = embed_sum / ((cluster_size + 1e-5) / (n + k * 1e-5) * n)[:, None]
+    assert codebook.dtype == torch.float16
+    torch.testing.assert_close(codebook, expected.half())
+
+
+@pytest.mark.cuda
+def test_code_stats_cuda_matches_cpu():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(30_000, 48, generator=gen)
+    indices = torch.randint(-1, 1000, (30_000,), generator=gen)
+    cpu = ops.code_stats(x, indices, 1000)
+    for deterministic in (True, False):
+        gpu = ops.code_stats(x.cuda(), indices.cuda(), 1000, deterministic=deterministic)
+        assert torch.equal(gpu[0].cpu(), cpu[0])
+        torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-5, atol=1e-4)
+    # Deterministic CUDA sums in row order: bitwise equal to the CPU's.
+    assert torch.equal(ops.code_stats(x.cuda(), indices.cuda(), 1000)[1].cpu(), cpu[1])
