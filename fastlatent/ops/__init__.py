@@ -7,6 +7,10 @@ in :mod:`fastlatent.reference`.
 
 from fastlatent.ops.code_stats import code_stats
 from fastlatent.ops.ema_update import ema_update_
+from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.nearest_code import nearest_code
 
-__all__ = ["nearest_code", "code_stats", "ema_update_"]
+__all__ = ["nearest_code", "code_stats", "ema_update_", "kmeans"]
+
+# The ops registered as torch.ops.fastlatent.* (kmeans is composed from them in Python).
+TORCH_OPS = ("nearest_code", "code_stats", "ema_update_")
