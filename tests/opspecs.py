@@ -125,6 +125,7 @@ def _nearest_code_errors(device):
     yield ErrorSample((x.long(), c.long()), {}, TypeError, r"x must be float32, float16 or bfloat16, got torch.int64")
     yield ErrorSample((x, c.half()), {}, TypeError, r"x and codebook must have the same dtype, got torch.float32 and torch.float16")
     yield ErrorSample((x, c), {"metric": "dot"}, ValueError, r'metric must be "l2" or "cosine", got "dot"')
+    yield ErrorSample((x, c), {"precision": "fp16"}, ValueError, r'precision must be "ieee" or "tf32", got "fp16"')
     other = "meta" if device.type == "cpu" else "cpu"
     yield ErrorSample((x, torch.randn(16, 8, device=other)), {}, RuntimeError, r"x and codebook must be on the same device")
 

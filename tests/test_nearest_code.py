@@ -190,3 +190,61 @@ def test_compiles_inside_a_larger_graph(device, dynamic):
         assert torch.equal(got[1], want[1])
         torch.testing.assert_close(got[0], want[0])
         torch.testing.assert_close(got[2], want[2])
+
+
+# (d, dtype, precision) -> the CUDA path it takes: small-D for d <= 32; tensor cores for
+# fp16/bf16 with d % 8 == 0 and for fp32 with precision="tf32" and d % 4 == 0; SIMT otherwise.
+CUDA_PATHS = [
+    pytest.param(8, torch.float32, "ieee", id="small_d8_fp32"),
+    pytest.param(17, torch.bfloat16, "ieee", id="small_d17_bf16"),
+    pytest.param(32, torch.float16, "ieee", id="small_d32_fp16"),
+    pytest.param(64, torch.bfloat16, "ieee", id="tensor_core_d64_bf16"),
+    pytest.param(256, torch.float16, "ieee", id="tensor_core_d256_fp16"),
+    pytest.param(40, torch.bfloat16, "ieee", id="tensor_core_d40_bf16"),
+    pytest.param(64, torch.float32, "tf32", id="tensor_core_d64_tf32"),
+    pytest.param(60, torch.bfloat16, "ieee", id="simt_d60_bf16"),
+    pytest.param(64, torch.float32, "ieee", id="simt_d64_fp32"),
+    pytest.param(66, torch.float32, "tf32", id="simt_d66_tf32_fallback"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d, dtype, precision", CUDA_PATHS)
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_cuda_paths_match_reference(d, dtype, precision, metric):
+    gen = torch.Generator().manual_seed(d)
+    n, k = 3001, 1003  # not multiples of any tile
+    codebook = torch.randn(k, d, generator=gen).to("cuda", dtype)
+    x = torch.randn(n, d, generator=gen).to("cuda", dtype)
+    indices, distances = fastlatent.nearest_code(x, codebook, metric=metric, precision=precision)
+    ref_indices, _ = reference.nearest_code(x, codebook, metric=metric)
+    if precision == "tf32":
+        # TF32 rounds the inputs of each product: allow a relative 2e-3 of the distance scale.
+        x64, c64 = x.double(), codebook.double()
+        if metric == "l2":
+            def dist(i):
+                return ((x64 - c64[i]) ** 2).sum(1)
+            scale = (x64 ** 2).sum(1) + (c64 ** 2).sum(1).max()
+        else:
+            def dist(i):
+                return 1 - torch.nn.functional.cosine_similarity(x64, c64[i], dim=1)
+            scale = torch.ones(n, dtype=torch.float64, device="cuda")
+        assert (dist(indices) - dist(ref_indices) <= 2e-3 * scale).all()
+    else:
+        assert_near_ties(x, codebook, indices, ref_indices, metric)
+    exact = reference.nearest_code(x, codebook, metric=metric)[1] if torch.equal(indices, ref_indices) else None
+    if exact is not None:
+        torch.testing.assert_close(distances, exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("d, dtype", [(8, torch.float32), (64, torch.bfloat16), (64, torch.float32)])
+def test_cuda_paths_follow_the_nan_and_tie_rules(d, dtype):
+    codebook = torch.randn(300, d, device="cuda").to(dtype)
+    codebook[[7, 150]] = codebook[3]  # exact duplicates of code 3
+    x = codebook[[3, 3, 10]].clone()
+    x[2, 0] = float("nan")
+    indices, _ = fastlatent.nearest_code(x, codebook)
+    assert indices.tolist() == [3, 3, 0]
+    codebook[200, 1] = float("inf")
+    assert fastlatent.nearest_code(x[:2], codebook)[0].tolist() == [200, 200]

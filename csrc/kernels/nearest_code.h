@@ -48,6 +48,9 @@ struct NearestCodeParams {
   int64_t d = 0;                   // >= 1
   DType dtype = DType::kFloat32;
   Metric metric = Metric::kL2;
+  // CUDA only: fp32 inputs may use TF32 tensor cores (10-bit mantissa products, fp32 sums)
+  // instead of exact fp32 FMAs. fp16/bf16 inputs always use tensor cores where d allows.
+  bool allow_tf32 = false;
   // CUDA only: scratch of nearest_code_cuda_workspace_bytes(k) bytes on the device,
   // aligned to 16 bytes. The CPU kernel manages its own scratch.
   void* workspace = nullptr;

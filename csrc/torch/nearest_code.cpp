@@ -28,8 +28,8 @@ Metric parse_metric(std::string_view metric) {
 }
 
 // Checks shared by every device; returns params with sizes and dtype filled in.
-NearestCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook,
-                             std::string_view metric) {
+NearestCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook, std::string_view metric,
+                             std::string_view precision) {
   using namespace torch_glue;
   check_dim(x, 2, kOp, "x", "[N, D]");
   check_dim(codebook, 2, kOp, "codebook", "[K, D]");
@@ -46,6 +46,9 @@ NearestCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook,
   p.k = codebook.size(0);
   p.d = x.size(1);
   p.metric = parse_metric(metric);
+  FL_CHECK_VALUE(precision == "ieee" || precision == "tf32", kOp, "precision must be \"ieee\" or \"tf32\", got \"",
+                 std::string(precision), "\"");
+  p.allow_tf32 = precision == "tf32";
   return p;
 }
 
@@ -55,8 +58,8 @@ std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook,
-                                                    std::string_view metric) {
-  NearestCodeParams p = check_args(x, codebook, metric);
+                                                    std::string_view metric, std::string_view precision) {
+  NearestCodeParams p = check_args(x, codebook, metric, precision);  // the CPU always computes in fp32
   const at::Tensor xc = x.contiguous(), cc = codebook.contiguous();
   auto [indices, distances] = allocate_outputs(x);
   p.x = xc.data_ptr();
@@ -69,8 +72,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
 
 #ifdef FL_WITH_CUDA
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook,
-                                                     std::string_view metric) {
-  NearestCodeParams p = check_args(x, codebook, metric);
+                                                     std::string_view metric, std::string_view precision) {
+  NearestCodeParams p = check_args(x, codebook, metric, precision);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), cc = codebook.contiguous();
   auto [indices, distances] = allocate_outputs(x);
@@ -90,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const 
 }  // namespace fastlatent
 
 TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
-  m.def("nearest_code(Tensor x, Tensor codebook, str metric=\"l2\") -> (Tensor indices, Tensor distances)");
+  m.def("nearest_code(Tensor x, Tensor codebook, str metric=\"l2\", str precision=\"ieee\") -> "
+        "(Tensor indices, Tensor distances)");
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CPU, m) { m.impl("nearest_code", &fastlatent::nearest_code_cpu); }

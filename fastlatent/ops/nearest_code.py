@@ -8,9 +8,10 @@ from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
 
 METRICS = ("l2", "cosine")
+PRECISIONS = ("ieee", "tf32")
 
 
-def _check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
+def _check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee") -> None:
     op = "nearest_code"
     _checks.check_dim(op, "x", x, 2, "[N, D]")
     _checks.check_dim(op, "codebook", codebook, 2, "[K, D]")
@@ -28,9 +29,12 @@ def _check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str) -> None:
             f"fastlatent.{op}: x is [N, D] with D={x.shape[1]} but codebook is [K, D] with D={codebook.shape[1]}"
         )
     _checks.check_choice(op, "metric", metric, METRICS)
+    _checks.check_choice(op, "precision", precision, PRECISIONS)
 
 
-def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_code(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", precision: str = "ieee"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest codebook entry for every row of ``x``, without an N x K matrix.
 
     Args:
@@ -38,6 +42,11 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") ->
         codebook: ``[K, D]`` codes, same dtype and device as ``x``, ``K >= 1``.
         metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (``1 - cos(x, c)``,
             norms clamped at 1e-12 as :func:`torch.nn.functional.normalize`).
+        precision: how CUDA searches with float32 inputs: ``"ieee"`` (exact fp32 FMAs,
+            default) or ``"tf32"`` (TF32 tensor cores: products of inputs rounded to a
+            10-bit mantissa, fp32 sums; faster, may pick a code whose distance exceeds the
+            minimum by about 1e-3 relative). float16/bfloat16 inputs always use tensor cores
+            (exact products, fp32 sums) where D allows. The CPU always computes in fp32.
 
     Returns:
         ``(indices, distances)``: ``indices`` int64 ``[N]``, ``distances`` float32 ``[N]``
@@ -53,14 +62,14 @@ def nearest_code(x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2") ->
     ``distances`` carries no gradient: use the returned indices to gather codes for losses.
     """
     require_device("nearest_code", x, codebook)
-    return torch.ops.fastlatent.nearest_code.default(x, codebook, metric)
+    return torch.ops.fastlatent.nearest_code.default(x, codebook, metric, precision)
 
 
 if extension_available():
 
     @torch.library.register_fake("fastlatent::nearest_code")
-    def _nearest_code_fake(x, codebook, metric="l2"):
-        _check_args(x, codebook, metric)
+    def _nearest_code_fake(x, codebook, metric="l2", precision="ieee"):
+        _check_args(x, codebook, metric, precision)
         n = x.shape[0]
         return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
 
@@ -69,7 +78,7 @@ if extension_available():
         ctx.mark_non_differentiable(*output)
 
     def _nearest_code_backward(ctx, grad_indices, grad_distances):
-        return None, None, None
+        return None, None, None, None
 
     torch.library.register_autograd(
         "fastlatent::nearest_code", _nearest_code_backward, setup_context=_nearest_code_setup_context

@@ -10,7 +10,7 @@ _EPS = 1e-12
 
 
 def nearest_code(
-    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", chunk_rows: int = 4096
+    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", precision: str = "ieee", chunk_rows: int = 4096
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.nearest_code`.
 
@@ -18,9 +18,10 @@ def nearest_code(
     the chosen index is exact up to float64 rounding; ties go to the lowest index
     (:func:`torch.argmin`). Keys of rows or codes holding NaN/Inf are NaN, and NaN wins,
     lowest index first. Distances are recomputed directly in float32. Memory is bounded by
-    processing ``chunk_rows`` rows of ``x`` at a time.
+    processing ``chunk_rows`` rows of ``x`` at a time. ``precision`` is accepted for signature
+    parity and ignored: the reference is always exact.
     """
-    _check_args(x, codebook, metric)
+    _check_args(x, codebook, metric, precision)
     c64 = codebook.double()
     code_bad = ~torch.isfinite(c64).all(dim=1)
     if metric == "l2":
