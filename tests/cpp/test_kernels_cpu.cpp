@@ -5,7 +5,9 @@
 #include <vector>
 
 #include "check.h"
+#include "code_stats.h"
 #include "common.h"
+#include "ema_update.h"
 #include "nearest_code.h"
 #include "nearest_code_oracle.h"
 
@@ -101,8 +103,72 @@ static void test_nearest_code_rejects_bad_sizes() {
   CHECK(run_nearest_code_cpu(p).ok, "n = 0 is a no-op");
 }
 
+static void test_code_stats() {
+  std::mt19937 gen(3);
+  std::normal_distribution<float> normal;
+  for (const int64_t n : {0, 1, 7, 5000, 20000}) {
+    const int64_t k = 37, d = 5;
+    std::vector<float> x(n * d);
+    std::vector<int64_t> indices(n);
+    for (auto& v : x) v = normal(gen);
+    for (int64_t i = 0; i < n; ++i) indices[i] = static_cast<int64_t>(gen() % (k + 2)) - 1;  // -1 and k skipped
+    std::vector<float> counts(k), sums(k * d);
+    CodeStatsParams p;
+    p.x = x.data();
+    p.indices = indices.data();
+    p.counts = counts.data();
+    p.sums = sums.data();
+    p.n = n;
+    p.k = k;
+    p.d = d;
+    CHECK(run_code_stats_cpu(p).ok, "code_stats status");
+    // Sequential fp32 sums in row order: the kernel promises exactly these bits.
+    std::vector<float> want_counts(k, 0.0f), want_sums(k * d, 0.0f);
+    for (int64_t i = 0; i < n; ++i) {
+      if (indices[i] < 0 || indices[i] >= k) continue;
+      want_counts[indices[i]] += 1.0f;
+      for (int64_t t = 0; t < d; ++t) want_sums[indices[i] * d + t] += x[i * d + t];
+    }
+    for (int64_t c = 0; c < k; ++c) CHECK(counts[c] == want_counts[c], "count of code %ld", long(c));
+    for (int64_t e = 0; e < k * d; ++e) CHECK(sums[e] == want_sums[e], "sum element %ld (n=%ld)", long(e), long(n));
+  }
+}
+
+static void test_ema_update() {
+  const int64_t k = 4, d = 3;
+  std::vector<float> cluster_size = {1, 2, 0, 5}, embed_sum(k * d, 1.0f), codebook(k * d);
+  std::vector<float> counts = {3, 0, 1, 1}, sums(k * d, 2.0f);
+  EmaUpdateParams p;
+  p.cluster_size = cluster_size.data();
+  p.embed_sum = embed_sum.data();
+  p.codebook = codebook.data();
+  p.counts = counts.data();
+  p.sums = sums.data();
+  p.k = k;
+  p.d = d;
+  p.decay = 0.5f;
+  p.eps = 1e-5f;
+  CHECK(run_ema_update_cpu(p).ok, "ema status");
+  const float want_sizes[] = {2.0f, 1.0f, 0.5f, 3.0f};
+  double total = 0;
+  for (int64_t c = 0; c < k; ++c) {
+    CHECK(cluster_size[c] == want_sizes[c], "cluster size %ld", long(c));
+    total += want_sizes[c];
+  }
+  for (int64_t c = 0; c < k; ++c) {
+    const double smoothed = (want_sizes[c] + 1e-5) / (total + k * 1e-5) * total;
+    for (int64_t t = 0; t < d; ++t) {
+      CHECK(embed_sum[c * d + t] == 1.5f, "embed_sum");
+      CHECK(std::fabs(codebook[c * d + t] - 1.5 / smoothed) < 1e-6, "codebook %ld: %g vs %g", long(c),
+            codebook[c * d + t], 1.5 / smoothed);
+    }
+  }
+}
+
 int main() {
   test_half_conversions();
+  test_code_stats();
+  test_ema_update();
   test_nearest_code();
   test_nearest_code_rejects_bad_sizes();
   if (fl_test::failures()) std::fprintf(stderr, "%d check(s) failed\n", fl_test::failures());

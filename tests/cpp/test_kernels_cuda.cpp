@@ -28,13 +28,17 @@ static T* to_device(const std::vector<T>& host) {
   return ptr;
 }
 
-static void run_case(int64_t n, int64_t k, int64_t d, Metric metric, std::mt19937& gen) {
+// bf16 = true runs the bf16 kernels (tensor cores where d % 8 == 0) on the rounded values.
+static void run_case(int64_t n, int64_t k, int64_t d, Metric metric, std::mt19937& gen, bool bf16 = false) {
   std::normal_distribution<float> normal;
   std::vector<float> x(n * d), c(k * d);
-  for (auto& v : x) v = normal(gen);
-  for (auto& v : c) v = normal(gen);
-  float* dx = to_device(x);
-  float* dc = to_device(c);
+  for (auto& v : x) v = bf16 ? to_float(to_bfloat16(normal(gen))) : normal(gen);
+  for (auto& v : c) v = bf16 ? to_float(to_bfloat16(normal(gen))) : normal(gen);
+  std::vector<BFloat16> xb(x.size()), cb(c.size());
+  for (size_t i = 0; i < x.size(); ++i) xb[i] = to_bfloat16(x[i]);
+  for (size_t i = 0; i < c.size(); ++i) cb[i] = to_bfloat16(c[i]);
+  void* dx = bf16 ? static_cast<void*>(to_device(xb)) : static_cast<void*>(to_device(x));
+  void* dc = bf16 ? static_cast<void*>(to_device(cb)) : static_cast<void*>(to_device(c));
   int64_t* dindices = nullptr;
   float* ddistances = nullptr;
   void* workspace = nullptr;
@@ -50,6 +54,7 @@ static void run_case(int64_t n, int64_t k, int64_t d, Metric metric, std::mt1993
   p.k = k;
   p.d = d;
   p.metric = metric;
+  p.dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
   p.workspace = workspace;
   CUDA_OK(launch_nearest_code_cuda(p, nullptr));
   CUDA_OK(cudaDeviceSynchronize());
@@ -81,7 +86,12 @@ int main() {
   std::mt19937 gen(7);
   const int64_t sizes[][3] = {{1, 1, 1}, {3, 17, 3}, {65, 17, 33}, {200, 1000, 8}, {129, 300, 257}};
   for (const auto& s : sizes)
-    for (Metric metric : {Metric::kL2, Metric::kCosine}) run_case(s[0], s[1], s[2], metric, gen);
+    for (Metric metric : {Metric::kL2, Metric::kCosine}) {
+      run_case(s[0], s[1], s[2], metric, gen);
+      run_case(s[0], s[1], s[2], metric, gen, /*bf16=*/true);
+    }
+  run_case(1000, 777, 64, Metric::kL2, gen, /*bf16=*/true);  // tensor cores, several tiles
+  run_case(1000, 777, 256, Metric::kL2, gen, /*bf16=*/true);
   if (fl_test::failures()) std::fprintf(stderr, "%d check(s) failed\n", fl_test::failures());
   else std::printf("all CUDA kernel checks passed\n");
   return fl_test::failures() ? 1 : 0;
