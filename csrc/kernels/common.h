@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace fastlatent {
 
@@ -62,6 +63,28 @@ inline float to_float(Half h) {
 inline float to_float(BFloat16 b) { return bits_to_float(static_cast<uint32_t>(b.bits) << 16); }
 inline float to_float(float f) { return f; }
 
+// The arithmetic type of a kernel over element type T: fp32, except fp64 stays fp64 (the CPU
+// kernels that accept float64 do so for gradcheck).
+template <typename T>
+struct ComputeType {
+  using type = float;
+};
+template <>
+struct ComputeType<double> {
+  using type = double;
+};
+template <typename T>
+using compute_t = typename ComputeType<T>::type;
+
+template <typename T>
+inline compute_t<T> load(T v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return v;
+  } else {
+    return to_float(v);
+  }
+}
+
 // binary32 -> binary16 with round-to-nearest-even; overflow gives Inf, NaN stays NaN.
 inline Half to_half(float f) {
   const uint32_t x = float_to_bits(f);
@@ -84,6 +107,17 @@ inline BFloat16 to_bfloat16(float f) {
   if ((x & 0x7fffffffu) > 0x7f800000u) return BFloat16{static_cast<uint16_t>((x >> 16) | 0x40u)};
   const uint32_t rounding = 0x7fffu + ((x >> 16) & 1u);
   return BFloat16{static_cast<uint16_t>((x + rounding) >> 16)};
+}
+
+template <typename T>
+inline T store_as(compute_t<T> v) {
+  if constexpr (std::is_same_v<T, Half>) {
+    return to_half(v);
+  } else if constexpr (std::is_same_v<T, BFloat16>) {
+    return to_bfloat16(v);
+  } else {
+    return static_cast<T>(v);
+  }
 }
 
 }  // namespace fastlatent

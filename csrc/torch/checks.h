@@ -12,7 +12,9 @@
 #include <torch/library.h>
 
 #include <string>
+#include <string_view>
 
+#include "activations.h"
 #include "common.h"
 
 namespace fastlatent {
@@ -57,6 +59,15 @@ inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
   TORCH_CHECK_TYPE(false, "fastlatent.", op, ": ", name,
                    " must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "",
                    ", got ", python_dtype(t.scalar_type()));
+}
+
+// Activation names shared by the fused ops.
+inline Activation parse_activation(std::string_view name, const char* op) {
+  if (name == "none") return Activation::kNone;
+  if (name == "silu") return Activation::kSilu;
+  if (name == "gelu") return Activation::kGelu;
+  TORCH_CHECK_VALUE(false, "fastlatent.", op, ": activation must be \"none\", \"silu\" or \"gelu\", got \"",
+                    std::string(name), "\"");
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,

@@ -7,10 +7,11 @@ in :mod:`fastlatent.reference`.
 
 from fastlatent.ops.code_stats import code_stats
 from fastlatent.ops.ema_update import ema_update_
+from fastlatent.ops.group_norm import group_norm
 from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.nearest_code import nearest_code
 
-__all__ = ["nearest_code", "code_stats", "ema_update_", "kmeans"]
+__all__ = ["nearest_code", "code_stats", "ema_update_", "kmeans", "group_norm"]
 
 # The ops registered as torch.ops.fastlatent.* (kmeans is composed from them in Python).
-TORCH_OPS = ("nearest_code", "code_stats", "ema_update_")
+TORCH_OPS = ("nearest_code", "code_stats", "ema_update_", "group_norm", "group_norm_backward")

@@ -5,6 +5,7 @@ and are what the tests and benchmarks compare against.
 """
 
 from fastlatent.reference.code_stats import code_stats, ema_update_
+from fastlatent.reference.group_norm import group_norm
 from fastlatent.reference.nearest_code import nearest_code
 
-__all__ = ["nearest_code", "code_stats", "ema_update_"]
+__all__ = ["nearest_code", "code_stats", "ema_update_", "group_norm"]
