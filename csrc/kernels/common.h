@@ -86,4 +86,19 @@ inline BFloat16 to_bfloat16(float f) {
   return BFloat16{static_cast<uint16_t>((x + rounding) >> 16)};
 }
 
+// Math type of an element type: fp32 for fp32/fp16/bf16 storage, fp64 for double (the CPU
+// kernels accept double so that torch.autograd.gradcheck can run in float64).
+template <typename T> struct MathOf { using type = float; };
+template <> struct MathOf<double> { using type = double; };
+template <typename T> using math_t = typename MathOf<T>::type;
+
+template <typename T> inline math_t<T> to_math(T v) { return to_float(v); }
+template <> inline double to_math<double>(double v) { return v; }
+
+template <typename T> inline T from_math(math_t<T> v);
+template <> inline float from_math<float>(float v) { return v; }
+template <> inline double from_math<double>(double v) { return v; }
+template <> inline Half from_math<Half>(float v) { return to_half(v); }
+template <> inline BFloat16 from_math<BFloat16>(float v) { return to_bfloat16(v); }
+
 }  // namespace fastlatent

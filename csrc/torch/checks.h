@@ -43,9 +43,9 @@ inline std::string python_dtype(at::ScalarType t) {
 
 // The kernel dtype of a floating tensor; TypeError naming the argument otherwise.
 // fp64 is accepted only where `allow_double` (CPU gradcheck paths).
-inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
+inline DType kernel_dtype(at::ScalarType type, const char* op, const char* name,
                           bool allow_double = false) {
-  switch (t.scalar_type()) {
+  switch (type) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
@@ -56,7 +56,12 @@ inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
   }
   TORCH_CHECK_TYPE(false, "fastlatent.", op, ": ", name,
                    " must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "",
-                   ", got ", python_dtype(t.scalar_type()));
+                   ", got ", python_dtype(type));
+}
+
+inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
+                          bool allow_double = false) {
+  return kernel_dtype(t.scalar_type(), op, name, allow_double);
 }
 
 inline void check_dim(const at::Tensor& t, int64_t dim, const char* op, const char* name,
@@ -76,6 +81,27 @@ inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const cha
   FL_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, name_a, " and ", name_b,
                 " must have the same dtype, got ", python_dtype(a.scalar_type()), " and ",
                 python_dtype(b.scalar_type()));
+}
+
+// At least one dimension, and the last one (channels, channel-last layout) equal to `d`.
+inline void check_last_dim(const at::Tensor& t, int64_t d, const char* op, const char* name,
+                           const char* what) {
+  FL_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == d, op, name, " must be [..., ", what, "] with ", what,
+                 "=", d, " in its last dim, got shape ", t.sizes());
+}
+
+inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  FL_CHECK_VALUE(a.sizes() == b.sizes(), op, name_a, " and ", name_b,
+                 " must have the same shape, got ", a.sizes(), " and ", b.sizes());
+}
+
+// An integer index tensor: int64, or int32 (vector-quantize-pytorch's index dtype), which
+// is widened. TypeError naming the argument otherwise.
+inline at::Tensor index_tensor(const at::Tensor& t, const char* op, const char* name) {
+  FL_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, name,
+                " must be torch.int64 or torch.int32, got ", python_dtype(t.scalar_type()));
+  return t.scalar_type() == at::kLong ? t.contiguous() : t.to(at::kLong).contiguous();
 }
 
 inline void check_status(const Status& status) {

@@ -5,6 +5,7 @@ through it, checks that raise the same errors as the C++ side, and a plain-PyTor
 in :mod:`fastlatent.reference`.
 """
 
+from fastlatent.ops.fsq import fsq_indices_to_codes, fsq_quantize
 from fastlatent.ops.nearest_code import nearest_code
 
-__all__ = ["nearest_code"]
+__all__ = ["nearest_code", "fsq_quantize", "fsq_indices_to_codes"]
