@@ -52,5 +52,29 @@ inline M sech2(M x) {
   return M(4) * e / (s * s);
 }
 
+// Stable Bernoulli quantities of a logit a: q(+) = sigmoid(a), q(-) = sigmoid(-a), p (1 - p),
+// the binary entropy h = log(1 + e^-|a|) + |a| sigmoid(-|a|) (nats) and dh/da = -a p (1 - p),
+// all from e = exp(-|a|) without cancellation.
+template <typename M>
+struct Bernoulli {
+  M qpos, qneg, var, entropy, dentropy;
+};
+
+template <typename M>
+inline Bernoulli<M> bernoulli(M a) {
+  const M aa = a < M(0) ? -a : a;
+  const M e = cpu_math::exp_nonpos(-aa);  // NaN stays NaN
+  const M big = M(1) / (M(1) + e);
+  const M small = e * big;
+  Bernoulli<M> b;
+  b.qpos = a >= M(0) ? big : small;  // NaN: comparison false -> NaN either way
+  b.qneg = a >= M(0) ? small : big;
+  b.var = small * big;
+  // e == 0 (|a| = Inf or beyond exp's range): exactly 0 instead of Inf * 0.
+  b.entropy = e == M(0) ? M(0) : static_cast<M>(std::log1p(e)) + aa * small;
+  b.dentropy = e == M(0) ? M(0) : -a * b.var;
+  return b;
+}
+
 }  // namespace cpu_math
 }  // namespace fastlatent

@@ -23,6 +23,26 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(f
   return __float2bfloat16_rn(v);
 }
 
+// Stable Bernoulli quantities of a logit a (the CPU twin is cpu_math::bernoulli): q(+), q(-),
+// p (1 - p), binary entropy h (nats) and dh/da = -a p (1 - p), from e = exp(-|a|).
+struct Bernoulli {
+  float qpos, qneg, var, entropy, dentropy;
+};
+
+__device__ __forceinline__ Bernoulli bernoulli(float a) {
+  const float aa = fabsf(a);
+  const float e = expf(-aa);
+  const float big = 1.0f / (1.0f + e);
+  const float small = e * big;
+  Bernoulli b;
+  b.qpos = a >= 0.0f ? big : small;
+  b.qneg = a >= 0.0f ? small : big;
+  b.var = small * big;
+  b.entropy = e == 0.0f ? 0.0f : log1pf(e) + aa * small;
+  b.dentropy = e == 0.0f ? 0.0f : -a * b.var;
+  return b;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);

@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <string>
 
 #include "common.h"
@@ -102,6 +103,34 @@ inline at::Tensor index_tensor(const at::Tensor& t, const char* op, const char* 
   FL_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, name,
                 " must be torch.int64 or torch.int32, got ", python_dtype(t.scalar_type()));
   return t.scalar_type() == at::kLong ? t.contiguous() : t.to(at::kLong).contiguous();
+}
+
+// A positive, finite float argument (scales, inverse temperatures).
+inline void check_positive(double value, const char* op, const char* name) {
+  FL_CHECK_VALUE(value > 0 && value < std::numeric_limits<double>::infinity(), op, name,
+                 " must be a positive finite number, got ", value);
+}
+
+// Last dim (channels, channel-last) between 1 and max_d.
+inline int check_channels(const at::Tensor& t, int max_d, const char* op, const char* name, const char* what) {
+  FL_CHECK_VALUE(t.dim() >= 1 && t.size(-1) >= 1 && t.size(-1) <= max_d, op, name, " must be [..., d] with 1 <= d <= ",
+                 max_d, " (", what, ") in its last dim, got shape ", t.sizes());
+  return static_cast<int>(t.size(-1));
+}
+
+// Element type of the float outputs of an op whose math type follows its input: float64 for
+// float64 inputs (CPU gradcheck), float32 otherwise.
+inline at::ScalarType math_scalar_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A tensor of the given shape and dtype, on t's device; message names the argument.
+inline void check_tensor_like(const at::Tensor& g, c10::IntArrayRef shape, at::ScalarType type, const at::Tensor& ref,
+                              const char* op, const char* name) {
+  FL_CHECK(g.device() == ref.device(), op, name, " must be on ", ref.device(), ", got ", g.device());
+  FL_CHECK_TYPE(g.scalar_type() == type, op, name, " must be ", python_dtype(type), ", got ",
+                python_dtype(g.scalar_type()));
+  FL_CHECK_VALUE(g.sizes() == shape, op, name, " must have shape ", shape, ", got ", g.sizes());
 }
 
 inline void check_status(const Status& status) {

@@ -4,7 +4,10 @@ These are slow by design: they favour exactness (float64 where it matters) over 
 and are what the tests and benchmarks compare against.
 """
 
+from fastlatent.reference.bsq import bsq_entropy, bsq_quantize
 from fastlatent.reference.fsq import fsq_indices_to_codes, fsq_quantize
+from fastlatent.reference.lfq import lfq_entropy, lfq_quantize
 from fastlatent.reference.nearest_code import nearest_code
 
-__all__ = ["nearest_code", "fsq_quantize", "fsq_indices_to_codes"]
+__all__ = ["nearest_code", "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy",
+           "bsq_quantize", "bsq_entropy"]
