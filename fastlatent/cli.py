@@ -84,6 +84,28 @@ def _selftest_nearest_code(device, dtype) -> tuple[bool, str]:
     return ok, msg
 
 
+def _selftest_scalar_quantizers(device, dtype) -> tuple[bool, str]:
+    """FSQ must equal its reference exactly; the LFQ entropy must match the materialised softmax."""
+    import torch
+
+    import fastlatent
+    from fastlatent import reference
+
+    gen = torch.Generator().manual_seed(1)
+    levels = [8, 5, 5, 5]
+    z = (torch.randn(65536, 4, generator=gen) * 2).to(device, dtype)
+    got, ref = fastlatent.fsq_quantize(z, levels), reference.fsq_quantize(z, levels)
+    fsq_ok = torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    x = (torch.randn(2048, 12, generator=gen) * 0.05).to(device, dtype)
+    ps, avg = fastlatent.lfq_entropy(x, 1.0, 10.0)
+    ref_ps, ref_avg = reference.lfq_entropy(x, 1.0, 10.0)
+    lfq_ok = bool(torch.allclose(ps, ref_ps, rtol=1e-4, atol=1e-5) and torch.allclose(avg, ref_avg, rtol=1e-4, atol=1e-9))
+    fsq_s = _time(lambda: fastlatent.fsq_quantize(z, levels), device)
+    msg = (f"fsq/lfq        {device.type:4s} {str(dtype):14s} FSQ 65536x4: {'ok  ' if fsq_ok else 'FAIL'} "
+           f"({fsq_s * 1e3:6.2f} ms), LFQ entropy d=12: {'ok' if lfq_ok else 'FAIL'}")
+    return fsq_ok and lfq_ok, msg
+
+
 def _cmd_selftest(args: argparse.Namespace) -> int:
     import torch
 
@@ -101,9 +123,10 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     all_ok = True
     for device in devices:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            ok, msg = _selftest_nearest_code(device, dtype)
-            all_ok &= ok
-            print(msg, flush=True)
+            for check in (_selftest_nearest_code, _selftest_scalar_quantizers):
+                ok, msg = check(device, dtype)
+                all_ok &= ok
+                print(msg, flush=True)
     print("selftest passed" if all_ok else "selftest FAILED")
     return 0 if all_ok else 1
 
