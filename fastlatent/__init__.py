@@ -8,7 +8,20 @@ __version__ = "0.1.0"
 
 from fastlatent._extension import build_info, extension_available  # noqa: E402
 from fastlatent import nn, ops, reference  # noqa: E402
-from fastlatent.ops import code_stats, ema_update_, group_norm, kmeans, nearest_code  # noqa: E402
+from fastlatent.ops import (  # noqa: E402
+    bsq_entropy,
+    bsq_quantize,
+    code_stats,
+    ema_update_,
+    fsq_indices_to_codes,
+    fsq_quantize,
+    group_norm,
+    kmeans,
+    lfq_entropy,
+    lfq_quantize,
+    nearest_code,
+)
 
-__all__ = ["__version__", "build_info", "extension_available", "nn", "ops", "reference",
-           "nearest_code", "code_stats", "ema_update_", "kmeans", "group_norm"]
+__all__ = ["__version__", "build_info", "extension_available", "nn", "ops", "reference", "nearest_code",
+           "code_stats", "ema_update_", "kmeans", "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize",
+           "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm"]

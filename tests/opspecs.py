@@ -8,6 +8,7 @@ how to compare the op's output with its reference.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -225,4 +226,142 @@ OP_SPECS = [
         compare=_ema_update_compare,
         non_contiguous_args=(3, 4),  # counts and sums; the updated tensors must be contiguous
     ),
+]
+
+
+# ---------------------------------------------------------------- scalar quantisers
+
+FSQ_LEVELS = ([8, 5, 5, 5], [8, 8, 8, 5, 5, 5], [7, 5, 5, 5, 5], [2] * 16)
+
+
+def _assert_equal(ours, ref):
+    assert len(ours) == len(ref)
+    for a, b in zip(ours, ref):
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def _fsq_samples(device, dtype):
+    gen = torch.Generator().manual_seed(7)
+    shapes = [(0,), (1,), (7,), (33,), (257,), (3, 5), (2, 0, 3)]
+    for i, levels in enumerate(FSQ_LEVELS):
+        for j, lead in enumerate(shapes):
+            z = torch.randn(*lead, len(levels), generator=gen) * 2.5
+            sym = (i + j) % 2 == 1
+            yield Sample((z.to(device, dtype), levels), {"preserve_symmetry": sym},
+                         name=f"L{levels}_{lead}_sym{sym}")
+
+
+def _fsq_errors(device):
+    z = torch.randn(5, 4, device=device)
+    yield ErrorSample((z, [8, 1, 5, 5]), {}, ValueError, r"levels must all be >= 2, got \[8, 1, 5, 5\]")
+    yield ErrorSample((torch.randn(5, 2, device=device), [2**16, 2**16]), {}, ValueError,
+                      r"product of levels \(the implicit codebook size\) must be <= 2\^31")
+    yield ErrorSample((z, []), {}, ValueError, r"levels must be a non-empty list of ints")
+    yield ErrorSample((z, [8, 5, 5]), {}, ValueError,
+                      r"z must be \[\.\.\., len\(levels\)\] with len\(levels\)=3 in its last dim, got shape \[5, 4\]")
+    yield ErrorSample((z.long(), [8, 5, 5, 5]), {}, TypeError, r"z must be float32, float16 or bfloat16")
+    yield ErrorSample((z[0, 0], [8, 5, 5, 5]), {}, ValueError, r"z must be \[\.\.\., len\(levels\)\]")
+
+
+def _fsq_codes_samples(device, dtype):
+    gen = torch.Generator().manual_seed(8)
+    for i, levels in enumerate(FSQ_LEVELS):
+        size = math.prod(levels)
+        for lead in [(0,), (1,), (7,), (3, 11)]:
+            idx = torch.randint(-2, size + 2, lead, generator=gen)
+            yield Sample((idx.to(device), levels), {"preserve_symmetry": bool(i % 2), "dtype": dtype},
+                         name=f"L{levels}_{lead}")
+
+
+def _fsq_codes_errors(device):
+    idx = torch.randint(0, 100, (5,), device=device)
+    yield ErrorSample((idx.float(), [8, 5, 5, 5]), {}, TypeError, r"indices must be torch.int64 or torch.int32")
+    yield ErrorSample((idx, [8, 5, 0]), {}, ValueError, r"levels must all be >= 2")
+    yield ErrorSample((idx, [8, 5, 5, 5]), {"dtype": torch.int64}, TypeError, r"dtype must be float32, float16")
+
+
+def _lfq_samples(device, dtype):
+    gen = torch.Generator().manual_seed(9)
+    for d, lead in [(1, (0,)), (1, (5,)), (4, (7,)), (10, (33,)), (14, (3, 5)), (16, (2, 9)), (62, (4,))]:
+        x = torch.randn(*lead, d, generator=gen)
+        x[..., 0] = torch.where(torch.arange(x[..., 0].numel()).reshape(x.shape[:-1]) % 3 == 0, 0.0, x[..., 0])
+        yield Sample((x.to(device, dtype),), {"codebook_scale": 0.5 if d % 2 else 1.0}, name=f"d{d}_{lead}")
+
+
+def _lfq_quantize_errors(device):
+    x = torch.randn(5, 6, device=device)
+    yield ErrorSample((torch.randn(5, 63, device=device),), {}, ValueError,
+                      r"x must be \[\.\.\., d\] with 1 <= d <= 62")
+    yield ErrorSample((x.int(),), {}, TypeError, r"x must be float32, float16 or bfloat16")
+    yield ErrorSample((x,), {"codebook_scale": 0.0}, ValueError, r"codebook_scale must be a positive finite number")
+
+
+def _lfq_entropy_samples(device, dtype):
+    gen = torch.Generator().manual_seed(10)
+    # The empty sample (NaN avg_probs) comes last: opcheck (first four samples) compares without equal_nan.
+    for d, lead, tau_inv in [(1, (5,), 3.0), (5, (7,), 10.0), (8, (33,), 100.0), (13, (2, 17), 2.0),
+                             (14, (40,), 1.0), (16, (9,), 0.5), (1, (0,), 1.0)]:
+        x = torch.randn(*lead, d, generator=gen) * 0.3
+        yield Sample((x.to(device, dtype),), {"codebook_scale": 1.0 if d % 2 else 0.75, "inv_temperature": tau_inv},
+                     name=f"d{d}_{lead}")
+
+
+def _lfq_entropy_compare(sample, ours, ref):
+    assert ours[0].dtype == ref[0].dtype == torch.float32 and ours[1].shape == ref[1].shape
+    torch.testing.assert_close(ours[0], ref[0], rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(ours[1], ref[1], rtol=1e-5, atol=1e-9, equal_nan=True)
+
+
+def _lfq_entropy_errors(device):
+    x = torch.randn(5, 6, device=device)
+    yield ErrorSample((torch.randn(5, 19, device=device),), {}, ValueError,
+                      r"x must be \[\.\.\., d\] with 1 <= d <= 18 \(bits per code; the loss keeps 2\^d probabilities\)")
+    yield ErrorSample((x.bool(),), {}, TypeError, r"x must be float32, float16 or bfloat16")
+    yield ErrorSample((x,), {"inv_temperature": -1.0}, ValueError, r"inv_temperature must be a positive finite number")
+    yield ErrorSample((x,), {"codebook_scale": float("inf")}, ValueError, r"codebook_scale must be a positive finite")
+
+
+def _bsq_samples(device, dtype):
+    gen = torch.Generator().manual_seed(11)
+    for d, lead in [(1, (0,)), (1, (5,)), (4, (7,)), (12, (33,)), (16, (3, 5)), (18, (2, 9)), (33, (4,))]:
+        z = torch.randn(*lead, d, generator=gen)
+        if z.numel():
+            z.reshape(-1, d)[0] = 0.0  # a zero row: u = 0, every bit 0
+        yield Sample((z.to(device, dtype),), {}, name=f"d{d}_{lead}")
+
+
+def _bsq_errors(device):
+    z = torch.randn(5, 6, device=device)
+    yield ErrorSample((torch.randn(5, 63, device=device),), {}, ValueError, r"z must be \[\.\.\., d\] with 1 <= d <= 62")
+    yield ErrorSample((z.long(),), {}, TypeError, r"z must be float32, float16 or bfloat16")
+    yield ErrorSample((z[0, 0],), {}, ValueError, r"z must be \[\.\.\., d\]")
+
+
+def _bsq_entropy_samples(device, dtype):
+    samples = list(_bsq_samples(device, dtype))
+    samples = samples[1:] + samples[:1]  # empty (NaN avg_probs) last, out of opcheck's first four
+    for i, sample in enumerate(samples):
+        yield Sample(sample.args, {"inv_temperature": (0.5, 1.0, 4.0)[i % 3]}, name=sample.name)
+
+
+def _bsq_entropy_errors(device):
+    yield from _bsq_errors(device)
+    yield ErrorSample((torch.randn(5, 6, device=device),), {"inv_temperature": 0.0}, ValueError,
+                      r"inv_temperature must be a positive finite number")
+
+
+OP_SPECS += [
+    OpSpec("fsq_quantize", fastlatent.ops.fsq_quantize, reference.fsq_quantize, _fsq_samples, _fsq_errors,
+           lambda s, o, r: _assert_equal(o, r)),
+    OpSpec("fsq_indices_to_codes", fastlatent.ops.fsq_indices_to_codes, reference.fsq_indices_to_codes,
+           _fsq_codes_samples, _fsq_codes_errors, lambda s, o, r: _assert_equal((o,), (r,))),
+    OpSpec("lfq_quantize", fastlatent.ops.lfq_quantize, reference.lfq_quantize, _lfq_samples, _lfq_quantize_errors,
+           lambda s, o, r: _assert_equal(o, r)),
+    OpSpec("lfq_entropy", fastlatent.ops.lfq_entropy, reference.lfq_entropy, _lfq_entropy_samples,
+           _lfq_entropy_errors, _lfq_entropy_compare),
+    OpSpec("bsq_quantize", fastlatent.ops.bsq_quantize, reference.bsq_quantize, _bsq_samples, _bsq_errors,
+           lambda s, o, r: _assert_equal(o, r)),
+    OpSpec("bsq_entropy", fastlatent.ops.bsq_entropy, reference.bsq_entropy, _bsq_entropy_samples,
+           _bsq_entropy_errors, _lfq_entropy_compare),
 ]

@@ -63,28 +63,6 @@ inline float to_float(Half h) {
 inline float to_float(BFloat16 b) { return bits_to_float(static_cast<uint32_t>(b.bits) << 16); }
 inline float to_float(float f) { return f; }
 
-// The arithmetic type of a kernel over element type T: fp32, except fp64 stays fp64 (the CPU
-// kernels that accept float64 do so for gradcheck).
-template <typename T>
-struct ComputeType {
-  using type = float;
-};
-template <>
-struct ComputeType<double> {
-  using type = double;
-};
-template <typename T>
-using compute_t = typename ComputeType<T>::type;
-
-template <typename T>
-inline compute_t<T> load(T v) {
-  if constexpr (std::is_same_v<T, double>) {
-    return v;
-  } else {
-    return to_float(v);
-  }
-}
-
 // binary32 -> binary16 with round-to-nearest-even; overflow gives Inf, NaN stays NaN.
 inline Half to_half(float f) {
   const uint32_t x = float_to_bits(f);
@@ -109,15 +87,19 @@ inline BFloat16 to_bfloat16(float f) {
   return BFloat16{static_cast<uint16_t>((x + rounding) >> 16)};
 }
 
-template <typename T>
-inline T store_as(compute_t<T> v) {
-  if constexpr (std::is_same_v<T, Half>) {
-    return to_half(v);
-  } else if constexpr (std::is_same_v<T, BFloat16>) {
-    return to_bfloat16(v);
-  } else {
-    return static_cast<T>(v);
-  }
-}
+// Math type of an element type: fp32 for fp32/fp16/bf16 storage, fp64 for double (the CPU
+// kernels accept double so that torch.autograd.gradcheck can run in float64).
+template <typename T> struct MathOf { using type = float; };
+template <> struct MathOf<double> { using type = double; };
+template <typename T> using math_t = typename MathOf<T>::type;
+
+template <typename T> inline math_t<T> to_math(T v) { return to_float(v); }
+template <> inline double to_math<double>(double v) { return v; }
+
+template <typename T> inline T from_math(math_t<T> v);
+template <> inline float from_math<float>(float v) { return v; }
+template <> inline double from_math<double>(double v) { return v; }
+template <> inline Half from_math<Half>(float v) { return to_half(v); }
+template <> inline BFloat16 from_math<BFloat16>(float v) { return to_bfloat16(v); }
 
 }  // namespace fastlatent

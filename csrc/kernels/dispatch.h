@@ -31,14 +31,14 @@
   FL_DTYPE_SWITCH_T(DTYPE, NAME, float, ::fastlatent::Half, ::fastlatent::BFloat16, \
                     UNSUPPORTED, __VA_ARGS__)
 
-// CPU kernels that also take float64 (for gradcheck).
-#define FL_DTYPE_SWITCH_WITH_DOUBLE(DTYPE, NAME, UNSUPPORTED, ...)                     \
-  [&] {                                                                              \
-    if ((DTYPE) == ::fastlatent::DType::kFloat64) {                                  \
-      using NAME = double;                                                           \
-      return __VA_ARGS__();                                                          \
-    }                                                                                \
-    return FL_DTYPE_SWITCH(DTYPE, NAME, UNSUPPORTED, __VA_ARGS__);                   \
+// CPU flavour with float64 as well, for ops whose CPU kernels accept double (gradcheck).
+#define FL_DTYPE_SWITCH_WITH_DOUBLE(DTYPE, NAME, UNSUPPORTED, ...)        \
+  [&] {                                                                   \
+    if ((DTYPE) == ::fastlatent::DType::kFloat64) {                       \
+      using NAME = double;                                                \
+      return __VA_ARGS__();                                               \
+    }                                                                     \
+    return FL_DTYPE_SWITCH(DTYPE, NAME, UNSUPPORTED, __VA_ARGS__);        \
   }()
 
 // Compile-time bool from a runtime one (flash-attention's BOOL_SWITCH).

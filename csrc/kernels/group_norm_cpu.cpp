@@ -108,7 +108,7 @@ void affine_per_channel(const S* mean, const S* rstd, const void* weight_ptr, co
 
 template <typename T, Activation A>
 Status forward_typed(const GroupNormParams& p) {
-  using F = compute_t<T>;
+  using F = math_t<T>;
   const T* x = static_cast<const T*>(p.x);
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
@@ -117,7 +117,7 @@ Status forward_typed(const GroupNormParams& p) {
 
   std::vector<double> sum, sum_sq;
   reduce_per_channel<T>(p.layout, p.n, p.c, p.s, sum, sum_sq, [&](int64_t, int64_t, int64_t e) {
-    const double v = load(x[e]);
+    const double v = to_math(x[e]);
     return std::pair<double, double>{v, v * v};
   });
   // The output uses the double statistics; fp32 copies are returned for the backward. (With
@@ -140,16 +140,16 @@ Status forward_typed(const GroupNormParams& p) {
   std::vector<F> scale, shift;
   affine_per_channel(mean.data(), rstd.data(), p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
   for_each_element(p.layout, p.n, p.c, p.s, [&](int64_t sample, int64_t ch, int64_t e) {
-    F y = activate<A>(load(x[e]) * scale[sample * p.c + ch] + shift[sample * p.c + ch]);
-    if (residual) y += load(residual[e]);
-    out[e] = store_as<T>(y);
+    F y = activate<A>(to_math(x[e]) * scale[sample * p.c + ch] + shift[sample * p.c + ch]);
+    if (residual) y += to_math(residual[e]);
+    out[e] = from_math<T>(y);
   });
   return Status::Ok();
 }
 
 template <typename T, Activation A>
 Status backward_typed(const GroupNormBackwardParams& p) {
-  using F = compute_t<T>;
+  using F = math_t<T>;
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.grad_out);
   T* dx = static_cast<T*>(p.grad_x);
@@ -163,14 +163,14 @@ Status backward_typed(const GroupNormBackwardParams& p) {
     return (v - F(p.mean[g])) * F(p.rstd[g]);
   };
   auto dz_of = [&](int64_t sample, int64_t ch, int64_t e) {
-    const F z = load(x[e]) * scale[sample * p.c + ch] + shift[sample * p.c + ch];
-    return load(dy[e]) * activate_grad<A>(z);
+    const F z = to_math(x[e]) * scale[sample * p.c + ch] + shift[sample * p.c + ch];
+    return to_math(dy[e]) * activate_grad<A>(z);
   };
 
   std::vector<double> p1, p2;
   reduce_per_channel<T>(p.layout, p.n, p.c, p.s, p1, p2, [&](int64_t sample, int64_t ch, int64_t e) {
     const F dz = dz_of(sample, ch, e);
-    return std::pair<double, double>{dz, static_cast<double>(dz) * x_hat(sample, ch, load(x[e]))};
+    return std::pair<double, double>{dz, static_cast<double>(dz) * x_hat(sample, ch, to_math(x[e]))};
   });
 
   const F* weight = static_cast<const F*>(p.weight);
@@ -200,8 +200,8 @@ Status backward_typed(const GroupNormBackwardParams& p) {
   for_each_element(p.layout, p.n, p.c, p.s, [&](int64_t sample, int64_t ch, int64_t e) {
     const int64_t g = sample * p.groups + ch / per_group;
     const F w = weight ? weight[ch] : F(1);
-    const F v = load(x[e]);
-    dx[e] = store_as<T>(F(p.rstd[g]) * (dz_of(sample, ch, e) * w - a_over_m[g] - x_hat(sample, ch, v) * b_over_m[g]));
+    const F v = to_math(x[e]);
+    dx[e] = from_math<T>(F(p.rstd[g]) * (dz_of(sample, ch, e) * w - a_over_m[g] - x_hat(sample, ch, v) * b_over_m[g]));
   });
   return Status::Ok();
 }

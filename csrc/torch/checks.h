@@ -11,6 +11,7 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <limits>
 #include <string>
 #include <string_view>
 
@@ -45,9 +46,9 @@ inline std::string python_dtype(at::ScalarType t) {
 
 // The kernel dtype of a floating tensor; TypeError naming the argument otherwise.
 // fp64 is accepted only where `allow_double` (CPU gradcheck paths).
-inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
+inline DType kernel_dtype(at::ScalarType type, const char* op, const char* name,
                           bool allow_double = false) {
-  switch (t.scalar_type()) {
+  switch (type) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
@@ -58,7 +59,12 @@ inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
   }
   TORCH_CHECK_TYPE(false, "fastlatent.", op, ": ", name,
                    " must be float32, float16 or bfloat16", allow_double ? " (or float64)" : "",
-                   ", got ", python_dtype(t.scalar_type()));
+                   ", got ", python_dtype(type));
+}
+
+inline DType kernel_dtype(const at::Tensor& t, const char* op, const char* name,
+                          bool allow_double = false) {
+  return kernel_dtype(t.scalar_type(), op, name, allow_double);
 }
 
 // Activation names shared by the fused ops.
@@ -87,6 +93,55 @@ inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const cha
   FL_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, name_a, " and ", name_b,
                 " must have the same dtype, got ", python_dtype(a.scalar_type()), " and ",
                 python_dtype(b.scalar_type()));
+}
+
+// At least one dimension, and the last one (channels, channel-last layout) equal to `d`.
+inline void check_last_dim(const at::Tensor& t, int64_t d, const char* op, const char* name,
+                           const char* what) {
+  FL_CHECK_VALUE(t.dim() >= 1 && t.size(-1) == d, op, name, " must be [..., ", what, "] with ", what,
+                 "=", d, " in its last dim, got shape ", t.sizes());
+}
+
+inline void check_same_shape(const at::Tensor& a, const at::Tensor& b, const char* op,
+                             const char* name_a, const char* name_b) {
+  FL_CHECK_VALUE(a.sizes() == b.sizes(), op, name_a, " and ", name_b,
+                 " must have the same shape, got ", a.sizes(), " and ", b.sizes());
+}
+
+// An integer index tensor: int64, or int32 (vector-quantize-pytorch's index dtype), which
+// is widened. TypeError naming the argument otherwise.
+inline at::Tensor index_tensor(const at::Tensor& t, const char* op, const char* name) {
+  FL_CHECK_TYPE(t.scalar_type() == at::kLong || t.scalar_type() == at::kInt, op, name,
+                " must be torch.int64 or torch.int32, got ", python_dtype(t.scalar_type()));
+  return t.scalar_type() == at::kLong ? t.contiguous() : t.to(at::kLong).contiguous();
+}
+
+// A positive, finite float argument (scales, inverse temperatures).
+inline void check_positive(double value, const char* op, const char* name) {
+  FL_CHECK_VALUE(value > 0 && value < std::numeric_limits<double>::infinity(), op, name,
+                 " must be a positive finite number, got ", value);
+}
+
+// Last dim (channels, channel-last) between 1 and max_d.
+inline int check_channels(const at::Tensor& t, int max_d, const char* op, const char* name, const char* what) {
+  FL_CHECK_VALUE(t.dim() >= 1 && t.size(-1) >= 1 && t.size(-1) <= max_d, op, name, " must be [..., d] with 1 <= d <= ",
+                 max_d, " (", what, ") in its last dim, got shape ", t.sizes());
+  return static_cast<int>(t.size(-1));
+}
+
+// Element type of the float outputs of an op whose math type follows its input: float64 for
+// float64 inputs (CPU gradcheck), float32 otherwise.
+inline at::ScalarType math_scalar_type(const at::Tensor& t) {
+  return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// A tensor of the given shape and dtype, on t's device; message names the argument.
+inline void check_tensor_like(const at::Tensor& g, c10::IntArrayRef shape, at::ScalarType type, const at::Tensor& ref,
+                              const char* op, const char* name) {
+  FL_CHECK(g.device() == ref.device(), op, name, " must be on ", ref.device(), ", got ", g.device());
+  FL_CHECK_TYPE(g.scalar_type() == type, op, name, " must be ", python_dtype(type), ", got ",
+                python_dtype(g.scalar_type()));
+  FL_CHECK_VALUE(g.sizes() == shape, op, name, " must have shape ", shape, ", got ", g.sizes());
 }
 
 inline void check_status(const Status& status) {

@@ -1,5 +1,7 @@
-"""Drop-in modules on fastlatent's kernels."""
+"""Drop-in nn.Modules on fastlatent's kernels, with interfaces close to the libraries people use."""
 
+from fastlatent.nn.scalar_quantizers import BSQ, FSQ, LFQ, CodebookUsage, LossBreakdown, Return, codebook_usage
 from fastlatent.nn.vq import ResidualVQ, VectorQuantize, VQStats, rotate_to
 
-__all__ = ["VectorQuantize", "ResidualVQ", "VQStats", "rotate_to"]
+__all__ = ["VectorQuantize", "ResidualVQ", "VQStats", "rotate_to", "FSQ", "LFQ", "BSQ", "Return", "LossBreakdown",
+           "CodebookUsage", "codebook_usage"]

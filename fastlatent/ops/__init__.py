@@ -5,13 +5,19 @@ through it, checks that raise the same errors as the C++ side, and a plain-PyTor
 in :mod:`fastlatent.reference`.
 """
 
+from fastlatent.ops.bsq import bsq_entropy, bsq_quantize
 from fastlatent.ops.code_stats import code_stats
 from fastlatent.ops.ema_update import ema_update_
+from fastlatent.ops.fsq import fsq_indices_to_codes, fsq_quantize
 from fastlatent.ops.group_norm import group_norm
 from fastlatent.ops.kmeans import kmeans
+from fastlatent.ops.lfq import lfq_entropy, lfq_quantize
 from fastlatent.ops.nearest_code import nearest_code
 
-__all__ = ["nearest_code", "code_stats", "ema_update_", "kmeans", "group_norm"]
+__all__ = ["nearest_code", "code_stats", "ema_update_", "kmeans", "fsq_quantize", "fsq_indices_to_codes",
+           "lfq_quantize", "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm"]
 
 # The ops registered as torch.ops.fastlatent.* (kmeans is composed from them in Python).
-TORCH_OPS = ("nearest_code", "code_stats", "ema_update_", "group_norm", "group_norm_backward")
+TORCH_OPS = ("nearest_code", "code_stats", "ema_update_", "fsq_quantize", "fsq_quantize_backward",
+             "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy", "lfq_entropy_backward", "bsq_quantize",
+             "bsq_quantize_backward", "bsq_entropy", "bsq_entropy_backward", "group_norm", "group_norm_backward")

@@ -16,9 +16,39 @@ def check_dim(op: str, name: str, t: torch.Tensor, dim: int, layout: str) -> Non
         raise ValueError(f"fastlatent.{op}: {name} must be {dim}-D {layout}, got shape {list(t.shape)}")
 
 
-def check_float(op: str, name: str, t: torch.Tensor) -> None:
-    if t.dtype not in KERNEL_DTYPES:
-        raise TypeError(f"fastlatent.{op}: {name} must be float32, float16 or bfloat16, got {t.dtype}")
+def check_float(op: str, name: str, t: torch.Tensor, allow_double: bool = False) -> None:
+    check_float_dtype(op, name, t.dtype, allow_double)
+
+
+def check_float_dtype(op: str, name: str, dtype: torch.dtype, allow_double: bool = False) -> None:
+    if dtype in KERNEL_DTYPES or (allow_double and dtype == torch.float64):
+        return
+    extra = " (or float64)" if allow_double else ""
+    raise TypeError(f"fastlatent.{op}: {name} must be float32, float16 or bfloat16{extra}, got {dtype}")
+
+
+def allows_double(t: torch.Tensor) -> bool:
+    """Kernels that take float64 (for gradcheck) do so on the CPU only."""
+    return t.device.type != "cuda"
+
+
+def check_last_dim(op: str, name: str, t: torch.Tensor, d: int, what: str) -> None:
+    if t.dim() < 1 or t.shape[-1] != d:
+        raise ValueError(
+            f"fastlatent.{op}: {name} must be [..., {what}] with {what}={d} in its last dim, got shape {list(t.shape)}"
+        )
+
+
+def check_same_shape(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(
+            f"fastlatent.{op}: {name_a} and {name_b} must have the same shape, got {list(a.shape)} and {list(b.shape)}"
+        )
+
+
+def check_index(op: str, name: str, t: torch.Tensor) -> None:
+    if t.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"fastlatent.{op}: {name} must be torch.int64 or torch.int32, got {t.dtype}")
 
 
 def check_same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:

@@ -4,8 +4,12 @@ These are slow by design: they favour exactness (float64 where it matters) over 
 and are what the tests and benchmarks compare against.
 """
 
+from fastlatent.reference.bsq import bsq_entropy, bsq_quantize
 from fastlatent.reference.code_stats import code_stats, ema_update_
+from fastlatent.reference.fsq import fsq_indices_to_codes, fsq_quantize
 from fastlatent.reference.group_norm import group_norm
+from fastlatent.reference.lfq import lfq_entropy, lfq_quantize
 from fastlatent.reference.nearest_code import nearest_code
 
-__all__ = ["nearest_code", "code_stats", "ema_update_", "group_norm"]
+__all__ = ["nearest_code", "code_stats", "ema_update_", "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize",
+           "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm"]

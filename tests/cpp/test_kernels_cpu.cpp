@@ -1,15 +1,20 @@
 // C++ unit tests of the CPU kernels, without torch.
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <random>
 #include <vector>
 
+#include "bsq.h"
 #include "check.h"
 #include "code_stats.h"
 #include "common.h"
 #include "ema_update.h"
+#include "fsq.h"
+#include "lfq.h"
 #include "nearest_code.h"
 #include "nearest_code_oracle.h"
+#include "scalar_quant_oracle.h"
 
 using namespace fastlatent;
 
@@ -163,12 +168,107 @@ static void test_ema_update() {
             codebook[c * d + t], 1.5 / smoothed);
     }
   }
+static void test_fsq() {
+  std::mt19937 gen(3);
+  std::normal_distribution<float> normal(0.0f, 2.5f);
+  const std::vector<std::vector<int64_t>> level_lists = {{8, 5, 5, 5}, {8, 8, 8, 5, 5, 5}, {7, 5, 5, 5, 5},
+                                                         std::vector<int64_t>(16, 2)};
+  for (const auto& levels : level_lists) {
+    const int d = static_cast<int>(levels.size());
+    for (int64_t rows : {int64_t{1}, int64_t{7}, int64_t{257}, int64_t{3001}}) {
+      std::vector<float> z(rows * d), z_hat(rows * d), codes(rows * d), grad(rows * d), ones(rows * d, 1.0f);
+      for (auto& v : z) v = normal(gen);
+      std::vector<int64_t> indices(rows);
+      FsqParams p;
+      fsq_make_constants(levels.data(), d, false, p);
+      p.rows = rows;
+      FsqForwardArgs fwd{z.data(), z_hat.data(), indices.data()};
+      CHECK(run_fsq_quantize_cpu(p, fwd).ok, "fsq forward");
+      for (int64_t r = 0; r < rows; ++r) {
+        int64_t index = 0, basis = 1;
+        for (int i = 0; i < d; ++i) {
+          const int64_t k = fl_test::fsq_level(z[r * d + i], levels[i]);
+          const float value = static_cast<float>(k - levels[i] / 2) / static_cast<float>(levels[i] / 2);
+          CHECK(z_hat[r * d + i] == value, "fsq value row %ld dim %d: %g vs %g", long(r), i, z_hat[r * d + i], value);
+          index += k * basis;
+          basis *= levels[i];
+        }
+        CHECK(indices[r] == index, "fsq index row %ld: %ld vs %ld", long(r), long(indices[r]), long(index));
+      }
+      FsqCodesArgs back{indices.data(), codes.data()};
+      CHECK(run_fsq_indices_to_codes_cpu(p, back).ok, "fsq codes");
+      CHECK(codes == z_hat, "indices_to_codes round trip");
+      FsqBackwardArgs bwd{ones.data(), z.data(), grad.data()};
+      CHECK(run_fsq_quantize_backward_cpu(p, bwd).ok, "fsq backward");
+      for (int64_t e = 0; e < rows * d; ++e) {
+        const int64_t L = levels[e % d];
+        const double half_l = static_cast<double>(L - 1) * (1.0 + 1e-3) / 2.0;
+        const double t = std::tanh(z[e] + std::atanh((L % 2 == 0 ? 0.5 : 0.0) / half_l));
+        const double want = (1 - t * t) * half_l / static_cast<double>(L / 2);
+        CHECK(std::fabs(grad[e] - want) <= 1e-5 * (std::fabs(want) + 1e-3), "fsq grad %ld: %g vs %g", long(e), grad[e],
+              want);
+      }
+    }
+  }
+}
+
+static void test_lfq_entropy() {
+  std::mt19937 gen(4);
+  std::normal_distribution<float> normal(0.0f, 0.3f);
+  for (int d : {1, 2, 5, 9, 12}) {
+    const int64_t n = 67;
+    std::vector<float> x(n * d), per_sample(n), avg(int64_t{1} << d);
+    for (auto& v : x) v = normal(gen);
+    LfqEntropyParams p;
+    p.x = x.data();
+    p.n = n;
+    p.d = d;
+    p.logit_scale = 4.0 * 0.9 * 2.0;
+    p.per_sample_entropy = per_sample.data();
+    p.avg_probs = avg.data();
+    CHECK(run_lfq_entropy_cpu(p).ok, "lfq entropy");
+    std::vector<double> want_ps, want_avg;
+    fl_test::lfq_entropy_oracle(x, n, d, p.logit_scale, want_ps, want_avg);
+    for (int64_t r = 0; r < n; ++r)
+      CHECK(std::fabs(per_sample[r] - want_ps[r]) <= 2e-6 + 1e-5 * want_ps[r], "lfq ps d=%d row %ld: %g vs %g", d,
+            long(r), per_sample[r], want_ps[r]);
+    for (size_t c = 0; c < avg.size(); ++c)
+      CHECK(std::fabs(avg[c] - want_avg[c]) <= 1e-5 * want_avg[c] + 1e-10, "lfq avg d=%d code %zu: %g vs %g", d, c,
+            avg[c], want_avg[c]);
+  }
+}
+
+static void test_lfq_and_bsq_quantize() {
+  const float x[] = {0.5f, -1.0f, 0.0f, 2.0f, -0.1f, 0.2f, 3.0f, -4.0f};
+  float q[8];
+  int64_t indices[2];
+  LfqQuantizeParams p;
+  p.x = x;
+  p.quantized = q;
+  p.indices = indices;
+  p.n = 2;
+  p.d = 4;
+  p.codebook_scale = 0.5;
+  CHECK(run_lfq_quantize_cpu(p).ok, "lfq quantize");
+  CHECK(indices[0] == 0b1001 && indices[1] == 0b0110, "lfq indices %ld %ld", long(indices[0]), long(indices[1]));
+  CHECK(q[0] == 0.5f && q[1] == -0.5f && q[2] == -0.5f, "lfq values");
+  BsqParams b;
+  b.z = x;
+  b.quantized = q;
+  b.indices = indices;
+  b.n = 2;
+  b.d = 4;
+  CHECK(run_bsq_quantize_cpu(b).ok, "bsq quantize");
+  CHECK(indices[0] == 0b1001 && q[0] == 0.5f && q[1] == -0.5f, "bsq values");
 }
 
 int main() {
   test_half_conversions();
   test_code_stats();
   test_ema_update();
+  test_fsq();
+  test_lfq_entropy();
+  test_lfq_and_bsq_quantize();
   test_nearest_code();
   test_nearest_code_rejects_bad_sizes();
   if (fl_test::failures()) std::fprintf(stderr, "%d check(s) failed\n", fl_test::failures());

@@ -1,6 +1,7 @@
 // Runs the CUDA kernels against the CPU kernels. Exit code 77 (ctest: skipped) when no GPU.
 #include <cuda_runtime.h>  // the typed cudaMalloc overloads
 
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <random>
@@ -8,6 +9,8 @@
 
 #include "check.h"
 #include "common.h"
+#include "fsq.h"
+#include "lfq.h"
 #include "nearest_code.h"
 #include "nearest_code_oracle.h"
 
@@ -77,6 +80,70 @@ static void run_case(int64_t n, int64_t k, int64_t d, Metric metric, std::mt1993
   cudaFree(workspace);
 }
 
+static void test_fsq_cuda(int64_t rows) {
+  const std::vector<int64_t> levels = {8, 5, 5, 5};
+  const int d = 4;
+  std::mt19937 gen(9);
+  std::normal_distribution<float> normal(0.0f, 2.5f);
+  std::vector<float> z(rows * d), z_hat(rows * d), z_hat_gpu(rows * d);
+  for (auto& v : z) v = normal(gen);
+  std::vector<int64_t> idx(rows), idx_gpu(rows);
+  FsqParams p;
+  fsq_make_constants(levels.data(), d, false, p);
+  p.rows = rows;
+  FsqForwardArgs cpu{z.data(), z_hat.data(), idx.data()};
+  CHECK(run_fsq_quantize_cpu(p, cpu).ok, "cpu fsq");
+  float* dz = to_device(z);
+  float* dzh = nullptr;
+  int64_t* didx = nullptr;
+  CUDA_OK(cudaMalloc(&dzh, rows * d * sizeof(float) + 16));
+  CUDA_OK(cudaMalloc(&didx, rows * sizeof(int64_t) + 16));
+  FsqForwardArgs gpu{dz, dzh, didx};
+  CUDA_OK(launch_fsq_quantize_cuda(p, gpu, nullptr));
+  CUDA_OK(cudaMemcpy(z_hat_gpu.data(), dzh, rows * d * sizeof(float), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(idx_gpu.data(), didx, rows * sizeof(int64_t), cudaMemcpyDeviceToHost));
+  CHECK(z_hat_gpu == z_hat && idx_gpu == idx, "fsq cuda vs cpu, rows=%ld", long(rows));
+  cudaFree(dz);
+  cudaFree(dzh);
+  cudaFree(didx);
+}
+
+static void test_lfq_entropy_cuda(int d) {
+  const int64_t n = 1000;
+  std::mt19937 gen(10);
+  std::normal_distribution<float> normal(0.0f, 0.1f);
+  std::vector<float> x(n * d), ps(n), avg(size_t{1} << d), ps_gpu(n), avg_gpu(size_t{1} << d);
+  for (auto& v : x) v = normal(gen);
+  LfqEntropyParams p;
+  p.x = x.data();
+  p.n = n;
+  p.d = d;
+  p.logit_scale = 40.0;
+  p.per_sample_entropy = ps.data();
+  p.avg_probs = avg.data();
+  CHECK(run_lfq_entropy_cpu(p).ok, "cpu lfq");
+  float* dx = to_device(x);
+  float *dps = nullptr, *davg = nullptr;
+  void* ws = nullptr;
+  CUDA_OK(cudaMalloc(&dps, n * sizeof(float)));
+  CUDA_OK(cudaMalloc(&davg, avg.size() * sizeof(float)));
+  CUDA_OK(cudaMalloc(&ws, lfq_entropy_cuda_workspace_bytes(n, d, false) + 16));
+  p.x = dx;
+  p.per_sample_entropy = dps;
+  p.avg_probs = davg;
+  p.workspace = ws;
+  CUDA_OK(launch_lfq_entropy_cuda(p, nullptr));
+  CUDA_OK(cudaMemcpy(ps_gpu.data(), dps, n * sizeof(float), cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaMemcpy(avg_gpu.data(), davg, avg.size() * sizeof(float), cudaMemcpyDeviceToHost));
+  for (int64_t r = 0; r < n; ++r) CHECK(std::fabs(ps[r] - ps_gpu[r]) <= 1e-5f * (1 + ps[r]), "lfq ps row %ld", long(r));
+  for (size_t c = 0; c < avg.size(); ++c)
+    CHECK(std::fabs(avg[c] - avg_gpu[c]) <= 1e-4f * avg[c] + 1e-10f, "lfq avg d=%d code %zu", d, c);
+  cudaFree(dx);
+  cudaFree(dps);
+  cudaFree(davg);
+  cudaFree(ws);
+}
+
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -92,6 +159,9 @@ int main() {
     }
   run_case(1000, 777, 64, Metric::kL2, gen, /*bf16=*/true);  // tensor cores, several tiles
   run_case(1000, 777, 256, Metric::kL2, gen, /*bf16=*/true);
+    for (Metric metric : {Metric::kL2, Metric::kCosine}) run_case(s[0], s[1], s[2], metric, gen);
+  for (int64_t rows : {int64_t{1}, int64_t{127}, int64_t{128}, int64_t{4099}}) test_fsq_cuda(rows);
+  for (int d : {1, 6, 10, 14}) test_lfq_entropy_cuda(d);
   if (fl_test::failures()) std::fprintf(stderr, "%d check(s) failed\n", fl_test::failures());
   else std::printf("all CUDA kernel checks passed\n");
   return fl_test::failures() ? 1 : 0;
