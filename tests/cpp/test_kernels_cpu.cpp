@@ -168,6 +168,8 @@ static void test_ema_update() {
             codebook[c * d + t], 1.5 / smoothed);
     }
   }
+}
+
 static void test_fsq() {
   std::mt19937 gen(3);
   std::normal_distribution<float> normal(0.0f, 2.5f);
