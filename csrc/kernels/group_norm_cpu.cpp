@@ -1,9 +1,14 @@
 // CPU group_norm forward and backward (see group_norm.h).
 //
-// Channels-first: one task per (sample, channel) plane, loops over the contiguous spatial
-// run. Channels-last: one task per (sample, block of positions), loops over the contiguous
-// channels with per-channel partials; blocks are merged in a fixed order. Every reduction
-// runs in double, so the statistics don't depend on the thread count.
+// Channels-first: one task per (sample, channel) plane over its contiguous positions.
+// Channels-last: one task per (sample, block of positions), vectorised across the contiguous
+// channels, with per-channel partials merged in a fixed order.
+//
+// Statistics: per channel, sums of (x - shift) and (x - shift)^2 with the channel's first
+// value as the shift (so a large mean doesn't cancel the variance away), in fp32 over blocks
+// of at most kBlock values (vectorised with omp simd reductions) and in double across
+// blocks; channels are combined per group with Chan's formula in double. The backward's
+// per-channel sums take the same route. Results don't depend on the thread count.
 #include "group_norm.h"
 
 #include <algorithm>
@@ -15,77 +20,78 @@
 namespace fastlatent {
 namespace {
 
-constexpr int64_t kPositionsPerTask = 256;  // channels-last: positions per task
+constexpr int64_t kBlock = 2048;            // values per fp32 partial sum (channels-first)
+constexpr int64_t kPositionsPerTask = 128;  // positions per task (channels-last)
 
-inline int64_t blocks_of(int64_t s) { return (s + kPositionsPerTask - 1) / kPositionsPerTask; }
+inline int64_t tasks_of(int64_t s) { return (s + kPositionsPerTask - 1) / kPositionsPerTask; }
 
-// sums[n * c + ch] += over positions of f(n, ch, position): the two reduction shapes the
-// forward and backward need, for both layouts. f returns {a, b}; both are summed.
-template <typename T, typename F>
-void reduce_per_channel(Layout layout, int64_t n, int64_t c, int64_t s, std::vector<double>& sum_a,
-                        std::vector<double>& sum_b, F&& f) {
-  sum_a.assign(n * c, 0.0);
-  sum_b.assign(n * c, 0.0);
+// Per-channel shifted sums: s1 = sum (x - shift), s2 = sum (x - shift)^2, shift = first value.
+struct ChannelSums {
+  std::vector<double> s1, s2, shift;
+};
+
+template <typename T>
+void channel_sums(const T* x, int64_t n, int64_t c, int64_t s, Layout layout, ChannelSums& out) {
+  using F = math_t<T>;
+  out.s1.assign(n * c, 0.0);
+  out.s2.assign(n * c, 0.0);
+  out.shift.assign(n * c, 0.0);
   if (layout == Layout::kChannelsFirst) {
 #pragma omp parallel for schedule(static)
     for (int64_t plane = 0; plane < n * c; ++plane) {
-      double a = 0.0, b = 0.0;
-      for (int64_t p = 0; p < s; ++p) {
-        const auto [va, vb] = f(plane / c, plane % c, plane * s + p);
-        a += va;
-        b += vb;
+      const T* xp = x + plane * s;
+      const F shift = to_math(xp[0]);
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
+        const int64_t p1 = std::min(s, p0 + kBlock);
+        F a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+        for (int64_t p = p0; p < p1; ++p) {
+          const F v = to_math(xp[p]) - shift;
+          a += v;
+          b += v * v;
+        }
+        s1 += a;
+        s2 += b;
       }
-      sum_a[plane] = a;
-      sum_b[plane] = b;
+      out.s1[plane] = s1;
+      out.s2[plane] = s2;
+      out.shift[plane] = shift;
     }
     return;
   }
-  const int64_t blocks = blocks_of(s);
-  std::vector<double> part_a(n * blocks * c), part_b(n * blocks * c);
+  const int64_t tasks = tasks_of(s);
+  std::vector<F> part_a(n * tasks * c), part_b(n * tasks * c);
 #pragma omp parallel for schedule(static)
-  for (int64_t task = 0; task < n * blocks; ++task) {
-    const int64_t sample = task / blocks, block = task % blocks;
-    double* pa = part_a.data() + task * c;
-    double* pb = part_b.data() + task * c;
-    std::fill(pa, pa + c, 0.0);
-    std::fill(pb, pb + c, 0.0);
-    const int64_t p1 = std::min(s, (block + 1) * kPositionsPerTask);
-    for (int64_t p = block * kPositionsPerTask; p < p1; ++p) {
-      const int64_t base = (sample * s + p) * c;
+  for (int64_t task = 0; task < n * tasks; ++task) {
+    const int64_t sample = task / tasks, p0 = (task % tasks) * kPositionsPerTask;
+    const int64_t p1 = std::min(s, p0 + kPositionsPerTask);
+    const T* shift_row = x + sample * s * c;
+    F* a = part_a.data() + task * c;
+    F* b = part_b.data() + task * c;
+    std::fill(a, a + c, F(0));
+    std::fill(b, b + c, F(0));
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* row = x + (sample * s + p) * c;
+#pragma omp simd
       for (int64_t ch = 0; ch < c; ++ch) {
-        const auto [va, vb] = f(sample, ch, base + ch);
-        pa[ch] += va;
-        pb[ch] += vb;
+        const F v = to_math(row[ch]) - to_math(shift_row[ch]);
+        a[ch] += v;
+        b[ch] += v * v;
       }
     }
   }
   for (int64_t sample = 0; sample < n; ++sample)
-    for (int64_t block = 0; block < blocks; ++block)
-      for (int64_t ch = 0; ch < c; ++ch) {
-        sum_a[sample * c + ch] += part_a[(sample * blocks + block) * c + ch];
-        sum_b[sample * c + ch] += part_b[(sample * blocks + block) * c + ch];
+    for (int64_t ch = 0; ch < c; ++ch) {
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t task = sample * tasks; task < (sample + 1) * tasks; ++task) {
+        s1 += part_a[task * c + ch];
+        s2 += part_b[task * c + ch];
       }
-}
-
-// out[e] = g(n, ch, e) for every element, in the layout's natural order.
-template <typename F>
-void for_each_element(Layout layout, int64_t n, int64_t c, int64_t s, F&& g) {
-  if (layout == Layout::kChannelsFirst) {
-#pragma omp parallel for schedule(static)
-    for (int64_t plane = 0; plane < n * c; ++plane)
-      for (int64_t p = 0; p < s; ++p) g(plane / c, plane % c, plane * s + p);
-    return;
-  }
-  const int64_t blocks = blocks_of(s);
-#pragma omp parallel for schedule(static)
-  for (int64_t task = 0; task < n * blocks; ++task) {
-    const int64_t sample = task / blocks, block = task % blocks;
-    const int64_t p1 = std::min(s, (block + 1) * kPositionsPerTask);
-    for (int64_t p = block * kPositionsPerTask; p < p1; ++p) {
-      const int64_t base = (sample * s + p) * c;
-      for (int64_t ch = 0; ch < c; ++ch) g(sample, ch, base + ch);
+      out.s1[sample * c + ch] = s1;
+      out.s2[sample * c + ch] = s2;
+      out.shift[sample * c + ch] = to_math(x[sample * s * c + ch]);
     }
-  }
 }
 
 // scale[n, c] and shift[n, c] such that x * scale + shift = x_hat * w + b. Weights are F.
@@ -106,44 +112,91 @@ void affine_per_channel(const S* mean, const S* rstd, const void* weight_ptr, co
     }
 }
 
-template <typename T, Activation A>
-Status forward_typed(const GroupNormParams& p) {
-  using F = math_t<T>;
+// out = act(x * scale + shift) (+ residual) over one contiguous run sharing one channel.
+template <typename T, Activation A, bool Residual>
+inline void apply_run(const T* __restrict x, const T* __restrict residual, T* __restrict out, int64_t count,
+                      math_t<T> scale, math_t<T> shift) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) {
+    math_t<T> y = activate<A>(to_math(x[i]) * scale + shift);
+    if constexpr (Residual) y += to_math(residual[i]);
+    out[i] = from_math<T>(y);
+  }
+}
+
+// The same over one channels-last row: channel ch uses scale[ch], shift[ch].
+template <typename T, Activation A, bool Residual>
+inline void apply_row(const T* __restrict x, const T* __restrict residual, T* __restrict out, int64_t c,
+                      const math_t<T>* __restrict scale, const math_t<T>* __restrict shift) {
+#pragma omp simd
+  for (int64_t ch = 0; ch < c; ++ch) {
+    math_t<T> y = activate<A>(to_math(x[ch]) * scale[ch] + shift[ch]);
+    if constexpr (Residual) y += to_math(residual[ch]);
+    out[ch] = from_math<T>(y);
+  }
+}
+
+template <typename T, Activation A, bool Residual>
+void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& scale,
+                   const std::vector<math_t<T>>& shift) {
   const T* x = static_cast<const T*>(p.x);
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
-  const int64_t per_group = p.c / p.groups;
-  const double m = static_cast<double>(per_group) * p.s;
+  const int64_t n = p.n, c = p.c, s = p.s;
+  if (p.layout == Layout::kChannelsFirst) {
+#pragma omp parallel for schedule(static)
+    for (int64_t plane = 0; plane < n * c; ++plane)
+      apply_run<T, A, Residual>(x + plane * s, Residual ? residual + plane * s : nullptr, out + plane * s, s,
+                                scale[plane], shift[plane]);
+    return;
+  }
+  const int64_t tasks = tasks_of(s);
+#pragma omp parallel for schedule(static)
+  for (int64_t task = 0; task < n * tasks; ++task) {
+    const int64_t sample = task / tasks, p0 = (task % tasks) * kPositionsPerTask;
+    const int64_t p1 = std::min(s, p0 + kPositionsPerTask);
+    for (int64_t pos = p0; pos < p1; ++pos) {
+      const int64_t e = (sample * s + pos) * c;
+      apply_row<T, A, Residual>(x + e, Residual ? residual + e : nullptr, out + e, c, scale.data() + sample * c,
+                                shift.data() + sample * c);
+    }
+  }
+}
 
-  std::vector<double> sum, sum_sq;
-  reduce_per_channel<T>(p.layout, p.n, p.c, p.s, sum, sum_sq, [&](int64_t, int64_t, int64_t e) {
-    const double v = to_math(x[e]);
-    return std::pair<double, double>{v, v * v};
-  });
-  // The output uses the double statistics; fp32 copies are returned for the backward. (With
-  // fp32 statistics a float64 forward would not be smooth enough for gradcheck.)
+template <typename T, Activation A>
+Status forward_typed(const GroupNormParams& p) {
+  using F = math_t<T>;
+  const int64_t per_group = p.c / p.groups;
+  ChannelSums sums;
+  channel_sums(static_cast<const T*>(p.x), p.n, p.c, p.s, p.layout, sums);
+
+  // Chan's combination of the per-channel moments, in double. The output uses these double
+  // statistics; fp32 copies are returned for the backward (a float64 forward must be smooth
+  // enough for gradcheck).
   std::vector<double> mean(p.n * p.groups), rstd(p.n * p.groups);
+  const double per_channel = static_cast<double>(p.s);
   for (int64_t sample = 0; sample < p.n; ++sample)
     for (int64_t g = 0; g < p.groups; ++g) {
-      double s1 = 0.0, s2 = 0.0;
+      double count = 0.0, group_mean = 0.0, m2 = 0.0;
       for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) {
-        s1 += sum[sample * p.c + ch];
-        s2 += sum_sq[sample * p.c + ch];
+        const int64_t i = sample * p.c + ch;
+        const double channel_mean = sums.shift[i] + sums.s1[i] / per_channel;
+        const double channel_m2 = std::max(0.0, sums.s2[i] - sums.s1[i] * sums.s1[i] / per_channel);
+        const double total = count + per_channel, delta = channel_mean - group_mean;
+        group_mean += delta * (per_channel / total);
+        m2 += channel_m2 + delta * delta * (count * per_channel / total);
+        count = total;
       }
       const int64_t i = sample * p.groups + g;
-      mean[i] = s1 / m;
-      rstd[i] = 1.0 / std::sqrt(std::max(0.0, s2 / m - mean[i] * mean[i]) + p.eps);
+      mean[i] = group_mean;
+      rstd[i] = 1.0 / std::sqrt(m2 / count + p.eps);
       p.mean[i] = static_cast<float>(mean[i]);
       p.rstd[i] = static_cast<float>(rstd[i]);
     }
 
   std::vector<F> scale, shift;
   affine_per_channel(mean.data(), rstd.data(), p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
-  for_each_element(p.layout, p.n, p.c, p.s, [&](int64_t sample, int64_t ch, int64_t e) {
-    F y = activate<A>(to_math(x[e]) * scale[sample * p.c + ch] + shift[sample * p.c + ch]);
-    if (residual) y += to_math(residual[e]);
-    out[e] = from_math<T>(y);
-  });
+  FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { apply_forward<T, A, kResidual>(p, scale, shift); });
   return Status::Ok();
 }
 
@@ -153,56 +206,143 @@ Status backward_typed(const GroupNormBackwardParams& p) {
   const T* x = static_cast<const T*>(p.x);
   const T* dy = static_cast<const T*>(p.grad_out);
   T* dx = static_cast<T*>(p.grad_x);
-  const int64_t per_group = p.c / p.groups;
-  const double inv_m = 1.0 / static_cast<double>(per_group * p.s);
-
-  std::vector<F> scale, shift;
-  affine_per_channel(p.mean, p.rstd, p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
-  auto x_hat = [&](int64_t sample, int64_t ch, F v) {
-    const int64_t g = sample * p.groups + ch / per_group;
-    return (v - F(p.mean[g])) * F(p.rstd[g]);
-  };
-  auto dz_of = [&](int64_t sample, int64_t ch, int64_t e) {
-    const F z = to_math(x[e]) * scale[sample * p.c + ch] + shift[sample * p.c + ch];
-    return to_math(dy[e]) * activate_grad<A>(z);
-  };
-
-  std::vector<double> p1, p2;
-  reduce_per_channel<T>(p.layout, p.n, p.c, p.s, p1, p2, [&](int64_t sample, int64_t ch, int64_t e) {
-    const F dz = dz_of(sample, ch, e);
-    return std::pair<double, double>{dz, static_cast<double>(dz) * x_hat(sample, ch, to_math(x[e]))};
-  });
-
   const F* weight = static_cast<const F*>(p.weight);
+  const int64_t n = p.n, c = p.c, s = p.s, groups = p.groups, per_group = c / groups;
+
+  std::vector<F> scale, shift, mean_c(n * c), rstd_c(n * c);
+  affine_per_channel(p.mean, p.rstd, p.weight, p.bias, n, c, groups, scale, shift);
+  for (int64_t i = 0; i < n * c; ++i) {
+    mean_c[i] = p.mean[(i / c) * groups + (i % c) / per_group];
+    rstd_c[i] = p.rstd[(i / c) * groups + (i % c) / per_group];
+  }
+
+  // P1[n, c] = sum dz, P2[n, c] = sum dz * x_hat, with dz = dy * act'(x * scale + shift).
+  std::vector<double> p1(n * c, 0.0), p2(n * c, 0.0);
+  if (p.layout == Layout::kChannelsFirst) {
+#pragma omp parallel for schedule(static)
+    for (int64_t plane = 0; plane < n * c; ++plane) {
+      const T* xp = x + plane * s;
+      const T* dyp = dy + plane * s;
+      const F sc = scale[plane], sh = shift[plane], mu = mean_c[plane], r = rstd_c[plane];
+      double s1 = 0.0, s2 = 0.0;
+      for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
+        const int64_t p_end = std::min(s, p0 + kBlock);
+        F a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+        for (int64_t q = p0; q < p_end; ++q) {
+          const F v = to_math(xp[q]);
+          const F dz = to_math(dyp[q]) * activate_grad<A>(v * sc + sh);
+          a += dz;
+          b += dz * (v - mu) * r;
+        }
+        s1 += a;
+        s2 += b;
+      }
+      p1[plane] = s1;
+      p2[plane] = s2;
+    }
+  } else {
+    const int64_t tasks = tasks_of(s);
+    std::vector<F> part_a(n * tasks * c), part_b(n * tasks * c);
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < n * tasks; ++task) {
+      const int64_t sample = task / tasks, p0 = (task % tasks) * kPositionsPerTask;
+      const int64_t p_end = std::min(s, p0 + kPositionsPerTask);
+      F* a = part_a.data() + task * c;
+      F* b = part_b.data() + task * c;
+      std::fill(a, a + c, F(0));
+      std::fill(b, b + c, F(0));
+      const F* sc = scale.data() + sample * c;
+      const F* sh = shift.data() + sample * c;
+      const F* mu = mean_c.data() + sample * c;
+      const F* r = rstd_c.data() + sample * c;
+      for (int64_t pos = p0; pos < p_end; ++pos) {
+        const T* xr = x + (sample * s + pos) * c;
+        const T* dyr = dy + (sample * s + pos) * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const F v = to_math(xr[ch]);
+          const F dz = to_math(dyr[ch]) * activate_grad<A>(v * sc[ch] + sh[ch]);
+          a[ch] += dz;
+          b[ch] += dz * (v - mu[ch]) * r[ch];
+        }
+      }
+    }
+    for (int64_t sample = 0; sample < n; ++sample)
+      for (int64_t task = sample * tasks; task < (sample + 1) * tasks; ++task)
+        for (int64_t ch = 0; ch < c; ++ch) {
+          p1[sample * c + ch] += part_a[task * c + ch];
+          p2[sample * c + ch] += part_b[task * c + ch];
+        }
+  }
+
   if (p.grad_weight || p.grad_bias) {
-    for (int64_t ch = 0; ch < p.c; ++ch) {
+    for (int64_t ch = 0; ch < c; ++ch) {
       double gw = 0.0, gb = 0.0;
-      for (int64_t sample = 0; sample < p.n; ++sample) {
-        gw += p2[sample * p.c + ch];
-        gb += p1[sample * p.c + ch];
+      for (int64_t sample = 0; sample < n; ++sample) {
+        gw += p2[sample * c + ch];
+        gb += p1[sample * c + ch];
       }
       if (p.grad_weight) p.grad_weight[ch] = static_cast<float>(gw);
       if (p.grad_bias) p.grad_bias[ch] = static_cast<float>(gb);
     }
   }
-  std::vector<F> a_over_m(p.n * p.groups), b_over_m(p.n * p.groups);
-  for (int64_t sample = 0; sample < p.n; ++sample)
-    for (int64_t g = 0; g < p.groups; ++g) {
+  // Per channel: dx = rstd * (dz * w - A/m - (x - mean) * rstd * B/m) = dz * k1 + x * k2 + k3.
+  const double inv_m = 1.0 / static_cast<double>(per_group * s);
+  std::vector<F> k1(n * c), k2(n * c), k3(n * c);
+  for (int64_t sample = 0; sample < n; ++sample)
+    for (int64_t g = 0; g < groups; ++g) {
       double a = 0.0, b = 0.0;
       for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) {
         const double w = weight ? weight[ch] : 1.0;
-        a += w * p1[sample * p.c + ch];
-        b += w * p2[sample * p.c + ch];
+        a += w * p1[sample * c + ch];
+        b += w * p2[sample * c + ch];
       }
-      a_over_m[sample * p.groups + g] = static_cast<F>(a * inv_m);
-      b_over_m[sample * p.groups + g] = static_cast<F>(b * inv_m);
+      const double r = p.rstd[sample * groups + g], mu = p.mean[sample * groups + g];
+      for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) {
+        const double w = weight ? weight[ch] : 1.0;
+        k1[sample * c + ch] = static_cast<F>(r * w);
+        k2[sample * c + ch] = static_cast<F>(-r * r * b * inv_m);
+        k3[sample * c + ch] = static_cast<F>(-r * a * inv_m + mu * r * r * b * inv_m);
+      }
     }
-  for_each_element(p.layout, p.n, p.c, p.s, [&](int64_t sample, int64_t ch, int64_t e) {
-    const int64_t g = sample * p.groups + ch / per_group;
-    const F w = weight ? weight[ch] : F(1);
-    const F v = to_math(x[e]);
-    dx[e] = from_math<T>(F(p.rstd[g]) * (dz_of(sample, ch, e) * w - a_over_m[g] - x_hat(sample, ch, v) * b_over_m[g]));
-  });
+
+  if (p.layout == Layout::kChannelsFirst) {
+#pragma omp parallel for schedule(static)
+    for (int64_t plane = 0; plane < n * c; ++plane) {
+      const T* xp = x + plane * s;
+      const T* dyp = dy + plane * s;
+      T* dxp = dx + plane * s;
+      const F sc = scale[plane], sh = shift[plane], c1 = k1[plane], c2 = k2[plane], c3 = k3[plane];
+#pragma omp simd
+      for (int64_t q = 0; q < s; ++q) {
+        const F v = to_math(xp[q]);
+        const F dz = to_math(dyp[q]) * activate_grad<A>(v * sc + sh);
+        dxp[q] = from_math<T>(dz * c1 + v * c2 + c3);
+      }
+    }
+  } else {
+    const int64_t tasks = tasks_of(s);
+#pragma omp parallel for schedule(static)
+    for (int64_t task = 0; task < n * tasks; ++task) {
+      const int64_t sample = task / tasks, p0 = (task % tasks) * kPositionsPerTask;
+      const int64_t p_end = std::min(s, p0 + kPositionsPerTask);
+      const F* sc = scale.data() + sample * c;
+      const F* sh = shift.data() + sample * c;
+      const F* c1 = k1.data() + sample * c;
+      const F* c2 = k2.data() + sample * c;
+      const F* c3 = k3.data() + sample * c;
+      for (int64_t pos = p0; pos < p_end; ++pos) {
+        const int64_t e = (sample * s + pos) * c;
+#pragma omp simd
+        for (int64_t ch = 0; ch < c; ++ch) {
+          const F v = to_math(x[e + ch]);
+          const F dz = to_math(dy[e + ch]) * activate_grad<A>(v * sc[ch] + sh[ch]);
+          dx[e + ch] = from_math<T>(dz * c1[ch] + v * c2[ch] + c3[ch]);
+        }
+      }
+    }
+  }
   return Status::Ok();
 }
 
@@ -217,7 +357,7 @@ Status check_sizes(int64_t n, int64_t c, int64_t s, int64_t groups) {
 Status run_group_norm_cpu(const GroupNormParams& p) {
   const Status sizes = check_sizes(p.n, p.c, p.s, p.groups);
   if (!sizes.ok) return sizes;
-  if (p.n == 0) return Status::Ok();
+  if (p.n == 0 || p.s == 0) return Status::Ok();
   return FL_DTYPE_SWITCH_WITH_DOUBLE(p.dtype, scalar_t, Status::Error("group_norm: unsupported dtype"), [&] {
     return FL_ACTIVATION_SWITCH(p.activation, kAct, [&] { return forward_typed<scalar_t, kAct>(p); });
   });
@@ -226,7 +366,7 @@ Status run_group_norm_cpu(const GroupNormParams& p) {
 Status run_group_norm_backward_cpu(const GroupNormBackwardParams& p) {
   const Status sizes = check_sizes(p.n, p.c, p.s, p.groups);
   if (!sizes.ok) return sizes;
-  if (p.n == 0) {
+  if (p.n == 0 || p.s == 0) {
     for (int64_t ch = 0; ch < p.c; ++ch) {
       if (p.grad_weight) p.grad_weight[ch] = 0.0f;
       if (p.grad_bias) p.grad_bias[ch] = 0.0f;

@@ -33,6 +33,20 @@ static void test_half_conversions() {
     const float fb = to_float(b);
     if (!std::isnan(fb)) CHECK(to_bfloat16(fb).bits == b.bits, "bf16 0x%04x", bits);
   }
+  // The portable conversions (used where the compiler has no hardware fp16) agree bit for bit.
+  for (uint32_t bits = 0; bits < 65536; ++bits) {
+    const Half h{static_cast<uint16_t>(bits)};
+    const float a = to_float(h), b = half_to_float_portable(h);
+    CHECK((std::isnan(a) && std::isnan(b)) || float_to_bits(a) == float_to_bits(b), "portable fp16 0x%04x", bits);
+  }
+  std::mt19937 gen(11);
+  std::uniform_int_distribution<uint32_t> any_bits;
+  for (int i = 0; i < 1000000; ++i) {
+    const float f = bits_to_float(any_bits(gen));
+    const Half a = to_half(f), b = float_to_half_portable(f);
+    CHECK((std::isnan(f) && (a.bits & 0x7c00) == 0x7c00 && (b.bits & 0x7c00) == 0x7c00) || a.bits == b.bits,
+          "portable to_half(%g): 0x%04x vs 0x%04x", f, a.bits, b.bits);
+  }
   CHECK(to_half(1.0f).bits == 0x3c00, "1.0");
   CHECK(to_half(65504.0f).bits == 0x7bff, "max half");
   CHECK(to_half(65520.0f).bits == 0x7c00, "rounds to inf");
