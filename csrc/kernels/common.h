@@ -86,4 +86,14 @@ inline BFloat16 to_bfloat16(float f) {
   return BFloat16{static_cast<uint16_t>((x + rounding) >> 16)};
 }
 
+// fp32 -> storage type, round to nearest even: the inverse of to_float for the kernels' stores.
+template <typename T>
+inline T from_float(float v);
+template <>
+inline float from_float<float>(float v) { return v; }
+template <>
+inline Half from_float<Half>(float v) { return to_half(v); }
+template <>
+inline BFloat16 from_float<BFloat16>(float v) { return to_bfloat16(v); }
+
 }  // namespace fastlatent

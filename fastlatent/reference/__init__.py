@@ -6,5 +6,8 @@ and are what the tests and benchmarks compare against.
 
 from fastlatent.reference.code_stats import code_stats, ema_update_
 from fastlatent.reference.nearest_code import nearest_code
+from fastlatent.reference.sampler_step import (convert_prediction, ddim_step, ddpm_step, dpmpp_2m_step, euler_step,
+                                               philox_normal)
 
-__all__ = ["nearest_code", "code_stats", "ema_update_"]
+__all__ = ["nearest_code", "code_stats", "ema_update_", "ddpm_step", "ddim_step", "euler_step", "dpmpp_2m_step",
+           "convert_prediction", "philox_normal"]
