@@ -142,7 +142,7 @@ def test_guided_ddim_step_bandwidth_cuda(benchmark, provider, dtype, shape):
         def fn():  # what a diffusers pipeline does eagerly: guidance, then DDIMScheduler.step's math
             uncond, cond = m.float().chunk(2)
             eps = uncond + 7.5 * (cond - uncond)
-            x0 = (x.float() - 0.3 ** 0.5 * 0 - (1 - 0.3) ** 0.5 * eps) / 0.3 ** 0.5
+            x0 = (x.float() - (1 - 0.3) ** 0.5 * eps) / 0.3 ** 0.5
             return (0.5 ** 0.5 * x0 + (1 - 0.5) ** 0.5 * eps).to(dtype)
     torch.testing.assert_close(fn().float(), reference.ddim_step(m, x, 0.3, 0.5, guidance_scale=7.5)[0].float(),
                                rtol=2e-2, atol=2e-2)
