@@ -139,8 +139,36 @@ def _selftest_scalar_quantizers(device, dtype) -> tuple[bool, str]:
     return fsq_ok and lfq_ok, msg
 
 
+def _selftest_sampler_steps(device, dtype) -> tuple[bool, str]:
+    import torch
+
+    import fastlatent
+    from fastlatent import reference
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 4, 64, 64, generator=gen).to(device, dtype)
+    m = torch.randn(16, 4, 64, 64, generator=gen).to(device, dtype)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    options = dict(guidance_scale=7.5, guidance_rescale=0.7, threshold_quantile=0.995, threshold_max=1.5)
+    cases = [
+        (fastlatent.ops.ddim_step, reference.ddim_step, (m, x, 0.2, 0.4, 0.5), dict(seed=1, **options)),
+        (fastlatent.ops.ddpm_step, reference.ddpm_step, (m, x, 0.2, 0.4), dict(seed=2, prediction="v_prediction",
+                                                                              **options)),
+        (fastlatent.ops.euler_step, reference.euler_step, (m, x, 0.8, 0.7), dict(prediction="flow", **options)),
+        (fastlatent.ops.dpmpp_2m_step, reference.dpmpp_2m_step, (m, x, x, 0.6, 0.8, 0.8, 0.6, 0.4, 0.9), options),
+    ]
+    worst = 0.0
+    for op, ref, args, kwargs in cases:
+        ours, expected = op(*args, **kwargs)[0], ref(*args, **kwargs)[0]
+        worst = max(worst, ((ours.double() - expected.double()).abs().max() / expected.double().abs().max()).item())
+    step = lambda: fastlatent.ops.ddim_step(m, x, 0.2, 0.4, guidance_scale=7.5, return_x0=False)  # noqa: E731
+    ours_time = _time(step, device, repeats=10)
+    return worst <= tol, f"4 steps (guided, rescaled, thresholded) within {worst:.1e} relative; ddim step {ours_time * 1e3:.3f} ms"
+
+
 SELFTESTS = [("nearest_code", _selftest_nearest_code), ("code_stats", _selftest_code_stats),
-             ("ema_update_", _selftest_ema_update), ("fsq/lfq", _selftest_scalar_quantizers)]
+             ("ema_update_", _selftest_ema_update), ("fsq/lfq", _selftest_scalar_quantizers),
+             ("sampler steps", _selftest_sampler_steps)]
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:

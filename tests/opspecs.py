@@ -365,3 +365,198 @@ OP_SPECS += [
     OpSpec("bsq_entropy", fastlatent.ops.bsq_entropy, reference.bsq_entropy, _bsq_entropy_samples,
            _bsq_entropy_errors, _lfq_entropy_compare),
 ]
+
+
+# ---------------------------------------------------------------- sampler steps
+
+# (B, rest): odd sizes hit the CPU chunk tails and the scalar CUDA path; B = 0 is empty.
+_STEP_SHAPES = [(2, (4, 8, 8)), (1, (3, 5, 7)), (3, (33,)), (0, (4, 4)), (2, (4, 32, 32)), (5, (1,)), (2, (257,))]
+_STEP_OPTIONS = [
+    {},
+    {"guidance_scale": 7.5},
+    {"guidance_scale": 5.0, "guidance_rescale": 0.7},
+    {"guidance_scale": 3.0, "clip_x0": 1.0},
+    {"guidance_scale": 2.0, "threshold_quantile": 0.9, "threshold_max": 1.5},
+    {"threshold_quantile": 0.995, "threshold_max": 3.0},
+]
+
+
+def _step_inputs(device, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for (b, rest), options in zip(_STEP_SHAPES, _STEP_OPTIONS + _STEP_OPTIONS[:1]):
+        if options.get("guidance_rescale") and math.prod(rest) < 2:
+            continue
+        sample = torch.randn(b, *rest, generator=gen).to(device, dtype)
+        groups = 2 if "guidance_scale" in options else 1
+        model_output = (1.5 * torch.randn(groups * b, *rest, generator=gen)).to(device, dtype)
+        yield model_output, sample, dict(options), f"B{b}_{'x'.join(map(str, rest))}_{'_'.join(options) or 'plain'}"
+
+
+def _ddpm_samples(device, dtype):
+    predictions = ["epsilon", "v_prediction", "sample", "flow"]
+    steps = [(0.3, 0.5), (0.05, 0.08), (0.9, 1.0), (0.6, 0.6)]
+    for i, (model_output, sample, options, name) in enumerate(_step_inputs(device, dtype, 11)):
+        ab_t, ab_prev = steps[i % len(steps)]
+        options.update(prediction=predictions[i % 4], seed=1000 + i, offset=i)
+        yield Sample((model_output, sample, ab_t, ab_prev), options, name=f"{name}_{predictions[i % 4]}")
+
+
+def _ddim_samples(device, dtype):
+    predictions = ["epsilon", "sample", "v_prediction", "flow"]
+    for i, (model_output, sample, options, name) in enumerate(_step_inputs(device, dtype, 12)):
+        eta = (0.0, 1.0, 0.3)[i % 3]
+        options.update(prediction=predictions[i % 4], use_clipped_model_output=i % 2 == 1, seed=77, offset=i)
+        if i == 2:
+            options["noise"] = torch.randn(sample.shape, generator=torch.Generator().manual_seed(3)).to(device, dtype)
+        yield Sample((model_output, sample, 0.2 + 0.1 * (i % 3), 0.7, eta), options, name=f"{name}_eta{eta}")
+
+
+def _euler_samples(device, dtype):
+    predictions = ["epsilon", "v_prediction", "sample", "flow"]
+    for i, (model_output, sample, options, name) in enumerate(_step_inputs(device, dtype, 13)):
+        prediction = predictions[i % 4]
+        sigma, sigma_next = (0.9, 0.7) if prediction == "flow" else (14.6, 12.9) if i % 2 else (0.5, 0.0)
+        options["prediction"] = prediction
+        yield Sample((model_output, sample, sigma, sigma_next), options, name=f"{name}_{prediction}")
+
+
+def _vp(sigma):
+    alpha = 1 / math.sqrt(sigma * sigma + 1)
+    return alpha, sigma * alpha
+
+
+def _dpmpp_samples(device, dtype):
+    predictions = ["epsilon", "v_prediction", "sample", "flow"]
+    for i, (model_output, sample, options, name) in enumerate(_step_inputs(device, dtype, 14)):
+        prediction = predictions[i % 4]
+        if prediction == "flow":
+            (a_p, s_p), (a_t, s_t), (a_n, s_n) = (0.2, 0.8), (0.4, 0.6), (0.6, 0.4)
+        else:
+            (a_p, s_p), (a_t, s_t), (a_n, s_n) = _vp(3.0), _vp(2.0), _vp(1.2 if i % 3 else 0.0)
+        second = i % 3 != 0
+        prev = torch.randn(sample.shape, generator=torch.Generator().manual_seed(i)).to(device, dtype) if second else None
+        options["prediction"] = prediction
+        yield Sample((model_output, sample, prev, a_t, s_t, a_n, s_n, a_p, s_p), options,
+                     name=f"{name}_{prediction}_{'2nd' if second else '1st'}")
+
+
+def _convert_samples(device, dtype):
+    predictions = ["epsilon", "v_prediction", "sample", "flow"]
+    for i, (model_output, sample, options, name) in enumerate(_step_inputs(device, dtype, 15)):
+        options.pop("clip_x0", None)
+        options.pop("threshold_quantile", None)
+        options.pop("threshold_max", None)
+        source, target = predictions[i % 4], predictions[(i + 1 + i // 4) % 4]
+        alpha, sigma = (0.4, 0.6) if "flow" in (source, target) else _vp(0.8)
+        yield Sample((model_output, sample, alpha, sigma, source, target), options, name=f"{name}_{source}_{target}")
+
+
+def assert_step_close(ours, ref, dtype, scale_floor=1.0):
+    """max |ours - ref| <= tol * max(|ref|, scale_floor): relative to the tensor's magnitude, as fp32
+    rounding of a value near zero is relative to the operands, not to the value."""
+    ours_t = ours if isinstance(ours, tuple) else (ours,)
+    ref_t = ref if isinstance(ref, tuple) else (ref,)
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    for a, b in zip(ours_t, ref_t):
+        assert a.dtype == b.dtype and a.shape == b.shape, (a.dtype, b.dtype, a.shape, b.shape)
+        if a.numel() == 0:
+            continue
+        scale = max(b.double().abs().max().item(), scale_floor)
+        err = (a.double() - b.double()).abs().max().item()
+        assert err <= tol * scale, f"max error {err:.3g} > {tol:g} * {scale:.3g}"
+
+
+def _step_compare(sample, ours, ref):
+    assert_step_close(ours, ref, sample.args[1].dtype)
+
+
+def _common_step_errors(device, op_args):
+    """Errors every step shares; op_args(model_output, sample) gives the op's positional args."""
+    x = torch.randn(2, 4, 8, 8, device=device)
+    m = torch.randn(2, 4, 8, 8, device=device)
+    yield ErrorSample(op_args(torch.randn(3, 4, 8, 8, device=device), x), {"guidance_scale": 5.0}, ValueError,
+                      r"guidance needs model_output = \[uncond; cond\] stacked in the batch \(an even batch of 2B\)")
+    yield ErrorSample(op_args(torch.randn(6, 4, 8, 8, device=device), x), {"guidance_scale": 5.0}, ValueError,
+                      r"with guidance model_output must be \[2B, ...\] for sample \[2, 4, 8, 8\]")
+    yield ErrorSample(op_args(torch.randn(2, 4, 8, 7, device=device), x), {}, ValueError,
+                      r"model_output must have the shape of sample \[2, 4, 8, 8\]")
+    yield ErrorSample(op_args(m.half(), x), {}, TypeError,
+                      r"sample and model_output must have the same dtype, got torch.float32 and torch.float16")
+    yield ErrorSample(op_args(m.long(), x.long()), {}, TypeError, r"sample must be float32, float16 or bfloat16")
+    yield ErrorSample(op_args(m[0, 0, 0, 0], x[0, 0, 0, 0]), {}, ValueError, r"sample must be at least 1-D")
+    yield ErrorSample(op_args(m, x), {"guidance_rescale": 0.5}, ValueError, r"guidance_rescale needs guidance_scale")
+    yield ErrorSample(op_args(torch.cat([m, m]), x), {"guidance_scale": 2.0, "guidance_rescale": 1.5}, ValueError,
+                      r"guidance_rescale must be in \[0, 1\], got 1.5")
+    yield ErrorSample(op_args(m, x), {"clip_x0": 1.0, "threshold_quantile": 0.9}, ValueError,
+                      r"clip_x0 and threshold_quantile are exclusive")
+    yield ErrorSample(op_args(m, x), {"clip_x0": 0.0}, ValueError, r"clip_x0 must be > 0, got 0")
+    yield ErrorSample(op_args(m, x), {"threshold_quantile": 1.5}, ValueError, r"threshold_quantile must be in \(0, 1\]")
+    yield ErrorSample(op_args(m, x), {"threshold_quantile": 0.9, "threshold_max": 0.5}, ValueError,
+                      r"threshold_max must be >= 1, got 0.5")
+    other = "meta" if device.type == "cpu" else "cpu"
+    yield ErrorSample(op_args(torch.randn(2, 4, 8, 8, device=other), x), {}, RuntimeError,
+                      r"sample and model_output must be on the same device")
+
+
+def _ddpm_errors(device):
+    yield from _common_step_errors(device, lambda m, x: (m, x, 0.3, 0.5))
+    x = torch.randn(2, 3, device=device)
+    yield ErrorSample((x, x, 1.0, 1.0), {}, ValueError, r"alpha_bar_t must be in \(0, 1\), got 1")
+    yield ErrorSample((x, x, 0.5, 0.4), {}, ValueError, r"alpha_bar_prev must be in \[alpha_bar_t, 1\]")
+    yield ErrorSample((x, x, 0.5, 0.6), {"prediction": "noise"}, ValueError,
+                      r'prediction must be "epsilon" or "v_prediction" or "sample" or "flow", got "noise"')
+    yield ErrorSample((x, x, 0.5, 0.6), {"noise": torch.randn(2, 4, device=device)}, ValueError,
+                      r"noise must have the shape of sample \[2, 3\]")
+    yield ErrorSample((x, x, 0.5, 0.6), {"seed_offset": torch.zeros(3, dtype=torch.int64, device=device)},
+                      ValueError, r"seed_offset must be \[2\] \(seed, offset\)")
+
+
+def _ddim_errors(device):
+    yield from _common_step_errors(device, lambda m, x: (m, x, 0.3, 0.5, 0.0))
+    x = torch.randn(2, 3, device=device)
+    yield ErrorSample((x, x, 0.3, 0.5, -1.0), {}, ValueError, r"eta must be >= 0, got -1")
+    yield ErrorSample((x, x, 0.0, 0.5, 0.0), {}, ValueError, r"alpha_bar_t must be in \(0, 1\), got 0")
+
+
+def _euler_errors(device):
+    yield from _common_step_errors(device, lambda m, x: (m, x, 1.0, 0.5))
+    x = torch.randn(2, 3, device=device)
+    yield ErrorSample((x, x, 0.0, 0.0), {}, ValueError, r"sigma must be > 0 and finite, got 0")
+    yield ErrorSample((x, x, 1.0, -0.5), {}, ValueError, r"sigma_next must be >= 0 and finite, got -0.5")
+    yield ErrorSample((x, x, 2.0, 0.5), {"prediction": "flow"}, ValueError,
+                      r'sigma must be in \(0, 1\] for prediction "flow", got 2')
+
+
+def _dpmpp_errors(device):
+    yield from _common_step_errors(device, lambda m, x: (m, x, None, 0.6, 0.8, 0.8, 0.6))
+    x = torch.randn(2, 3, device=device)
+    yield ErrorSample((x, x, x, 0.6, 0.8, 1.0, 0.0, 0.4, 0.9), {}, ValueError,
+                      r"a second-order step \(prev_x0 given\) to sigma_next = 0 is undefined")
+    yield ErrorSample((x, x, x, 0.6, 0.8, 0.8, 0.6, 0.6, 0.8), {}, ValueError,
+                      r"the previous step must be at another noise level than the current one")
+    yield ErrorSample((x, x, x[:1], 0.6, 0.8, 0.8, 0.6, 0.4, 0.9), {}, ValueError,
+                      r"prev_x0 must have the shape of sample \[2, 3\]")
+    yield ErrorSample((x, x, None, 0.0, 0.8, 0.8, 0.6), {}, ValueError, r"alpha_t must be > 0, got 0")
+
+
+def _convert_errors(device):
+    x = torch.randn(2, 3, device=device)
+    yield ErrorSample((x, x, 0.6, 0.8, "eps", "sample"), {}, ValueError,
+                      r'source must be "epsilon" or "v_prediction" or "sample" or "flow", got "eps"')
+    yield ErrorSample((x, x, 0.6, 0.0, "epsilon", "sample"), {}, ValueError, r"sigma_t must be > 0, got 0")
+    yield ErrorSample((torch.cat([x, x[:1]]), x, 0.6, 0.8, "epsilon", "sample"), {"guidance_scale": 2.0}, ValueError,
+                      r"an even batch of 2B")
+
+
+OP_SPECS += [
+    OpSpec(name="ddpm_step", op=fastlatent.ops.ddpm_step, reference=reference.ddpm_step,
+           sample_inputs=_ddpm_samples, error_inputs=_ddpm_errors, compare=_step_compare),
+    OpSpec(name="ddim_step", op=fastlatent.ops.ddim_step, reference=reference.ddim_step,
+           sample_inputs=_ddim_samples, error_inputs=_ddim_errors, compare=_step_compare),
+    OpSpec(name="euler_step", op=fastlatent.ops.euler_step, reference=reference.euler_step,
+           sample_inputs=_euler_samples, error_inputs=_euler_errors, compare=_step_compare),
+    OpSpec(name="dpmpp_2m_step", op=fastlatent.ops.dpmpp_2m_step, reference=reference.dpmpp_2m_step,
+           sample_inputs=_dpmpp_samples, error_inputs=_dpmpp_errors, compare=_step_compare),
+    OpSpec(name="convert_prediction", op=fastlatent.ops.convert_prediction, reference=reference.convert_prediction,
+           sample_inputs=_convert_samples, error_inputs=_convert_errors, compare=_step_compare),
+]

@@ -113,4 +113,11 @@ template <> inline double from_math<double>(double v) { return v; }
 template <> inline Half from_math<Half>(float v) { return to_half(v); }
 template <> inline BFloat16 from_math<BFloat16>(float v) { return to_bfloat16(v); }
 
+// fp32 -> storage type for the fp32-only kernels (round to nearest even); from_math above is
+// the same for every type but double.
+template <typename T>
+inline T from_float(float v) {
+  return from_math<T>(v);
+}
+
 }  // namespace fastlatent

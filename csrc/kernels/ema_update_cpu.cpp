@@ -8,15 +8,6 @@ namespace fastlatent {
 namespace {
 
 template <typename T>
-inline T from_float(float v);
-template <>
-inline float from_float<float>(float v) { return v; }
-template <>
-inline Half from_float<Half>(float v) { return to_half(v); }
-template <>
-inline BFloat16 from_float<BFloat16>(float v) { return to_bfloat16(v); }
-
-template <typename T>
 void update_codebook(const EmaUpdateParams& p, double total) {
   const int64_t k = p.k, d = p.d;
   const float decay = p.decay, rate = 1.0f - p.decay;

@@ -1,4 +1,5 @@
 // C++ unit tests of the CPU kernels, without torch.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -15,6 +16,8 @@
 #include "nearest_code.h"
 #include "nearest_code_oracle.h"
 #include "scalar_quant_oracle.h"
+#include "philox.h"
+#include "sampler_step.h"
 
 using namespace fastlatent;
 
@@ -278,8 +281,119 @@ static void test_lfq_and_bsq_quantize() {
   CHECK(indices[0] == 0b1001 && q[0] == 0.5f && q[1] == -0.5f, "bsq values");
 }
 
+static void test_philox() {
+  // Random123 known-answer vectors for philox4x32_10.
+  const struct { uint32_t ctr[4], key[2], out[4]; } kat[] = {
+      {{0, 0, 0, 0}, {0, 0}, {0x6627e8d5u, 0xe169c58du, 0xbc57ac4cu, 0x9b00dbd8u}},
+      {{0xffffffffu, 0xffffffffu, 0xffffffffu, 0xffffffffu}, {0xffffffffu, 0xffffffffu},
+       {0x408f276du, 0x41c83b0eu, 0xa20bc7c6u, 0x6d5451fdu}},
+      {{0x243f6a88u, 0x85a308d3u, 0x13198a2eu, 0x03707344u}, {0xa4093822u, 0x299f31d0u},
+       {0xd16cfe09u, 0x94fdccebu, 0x5001e420u, 0x24126ea1u}},
+  };
+  for (const auto& v : kat) {
+    const philox::Words w = philox::philox4x32_10(v.ctr[0], v.ctr[1], v.ctr[2], v.ctr[3], v.key[0], v.key[1]);
+    for (int j = 0; j < 4; ++j) CHECK(w.w[j] == v.out[j], "philox word %d: %08x vs %08x", j, w.w[j], v.out[j]);
+  }
+  // The IEEE-only log and sincos against double precision, over the whole 24-bit input range.
+  double worst_log = 0, worst_trig = 0;
+  for (uint32_t k = 1; k <= (1u << 24); k += 37) {
+    const float u = static_cast<float>(k) * 5.9604644775390625e-8f;
+    const double exact = -2.0 * std::log(static_cast<double>(u));
+    if (exact > 0) worst_log = std::max(worst_log, std::fabs(philox::minus_two_log(u) - exact) / exact);
+    float c, sn;
+    philox::sincos_turns(k - 1, c, sn);
+    const double angle = 2.0 * 3.14159265358979323846 * (static_cast<double>(k - 1) * 5.9604644775390625e-8);
+    worst_trig = std::max({worst_trig, std::fabs(c - std::cos(angle)), std::fabs(sn - std::sin(angle))});
+  }
+  CHECK(worst_log < 3e-7, "-2 ln u relative error %g", worst_log);
+  CHECK(worst_trig < 2e-7, "sincos absolute error %g", worst_trig);
+  // Moments of the stream.
+  double sum = 0, sum2 = 0;
+  const int64_t count = 1 << 20;
+  for (int64_t e = 0; e < count; ++e) {
+    const double z = philox::normal_at(7, 1, static_cast<uint64_t>(e));
+    sum += z;
+    sum2 += z * z;
+  }
+  CHECK(std::fabs(sum / count) < 5e-3 && std::fabs(sum2 / count - 1) < 5e-3, "mean %g, var %g", sum / count,
+        sum2 / count);
+}
+
+// DDIM with guidance, rescale and dynamic thresholding against a direct double-precision oracle.
+static void test_sampler_step() {
+  std::mt19937 gen(11);
+  std::normal_distribution<float> normal;
+  const int64_t b = 3, n = 1031;  // n off every vector and chunk width
+  const double ab_t = 0.2, ab_prev = 0.6, eta = 0.5, g = 6.0, phi = 0.6, p_q = 0.95, s_max = 1.7;
+  std::vector<float> model(2 * b * n), x(b * n), out(b * n), x0_out(b * n);
+  for (auto& v : model) v = 2 * normal(gen);
+  for (auto& v : x) v = normal(gen);
+  SamplerStepParams p;
+  p.model_output = model.data();
+  p.sample = x.data();
+  p.out = out.data();
+  p.x0_out = x0_out.data();
+  p.batch = b;
+  p.n = n;
+  p.guided = true;
+  p.guidance_scale = static_cast<float>(g);
+  p.guidance_rescale = static_cast<float>(phi);
+  p.x0_mode = X0Mode::kThreshold;
+  p.threshold_quantile = p_q;
+  p.threshold_max = static_cast<float>(s_max);
+  p.seed = 99;
+  p.offset = 4;
+  CHECK(fold(ddim_form(ab_t, ab_prev, eta, Prediction::kEpsilon, false), p.x0_mode, true, p.c).ok, "fold");
+  CHECK(run_sampler_step_cpu(p).ok, "sampler step status");
+  const double alpha = std::sqrt(ab_t), sigma = std::sqrt(1 - ab_t);
+  const double var = (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev), sd = eta * std::sqrt(var);
+  double worst = 0, scale = 0;
+  for (int64_t s = 0; s < b; ++s) {
+    std::vector<double> m(n), c(n);
+    double mc = 0, mm = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double u = model[s * n + i];
+      c[i] = model[(b + s) * n + i];
+      m[i] = u + g * (c[i] - u);
+      mc += c[i] / n;
+      mm += m[i] / n;
+    }
+    double vc = 0, vm = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      vc += (c[i] - mc) * (c[i] - mc) / (n - 1);
+      vm += (m[i] - mm) * (m[i] - mm) / (n - 1);
+    }
+    std::vector<double> x0(n), sorted(n);
+    for (int64_t i = 0; i < n; ++i) {
+      m[i] = phi * m[i] * std::sqrt(vc / vm) + (1 - phi) * m[i];
+      x0[i] = (x[s * n + i] - sigma * m[i]) / alpha;
+      sorted[i] = std::fabs(x0[i]);
+    }
+    std::sort(sorted.begin(), sorted.end());
+    const double pos = p_q * (n - 1), lo = std::floor(pos);
+    const double q = sorted[int64_t(lo)] + (pos - lo) * (sorted[int64_t(lo) + 1] - sorted[int64_t(lo)]);
+    const double th = std::min(std::max(q, 1.0), s_max);
+    for (int64_t i = 0; i < n; ++i) {
+      const double x0c = std::min(std::max(x0[i], -th), th) / th;
+      const double z = philox::normal_at(99, 4, static_cast<uint64_t>(s * n + i));
+      const double want = std::sqrt(ab_prev) * x0c + std::sqrt(1 - ab_prev - sd * sd) * m[i] + sd * z;
+      worst = std::max({worst, std::fabs(out[s * n + i] - want), std::fabs(x0_out[s * n + i] - x0c)});
+      scale = std::max(scale, std::fabs(want));
+    }
+  }
+  CHECK(worst <= 1e-5 * scale, "ddim step: max error %g (scale %g)", worst, scale);
+  // The noise is a pure function of (seed, offset, element): a 1-thread rerun is bitwise equal.
+  std::vector<float> again(b * n);
+  p.out = again.data();
+  p.x0_out = nullptr;
+  CHECK(run_sampler_step_cpu(p).ok, "rerun");
+  CHECK(std::equal(out.begin(), out.end(), again.begin()), "rerun must be bitwise identical");
+}
+
 int main() {
   test_half_conversions();
+  test_philox();
+  test_sampler_step();
   test_code_stats();
   test_ema_update();
   test_fsq();

@@ -1,6 +1,7 @@
 // Runs the CUDA kernels against the CPU kernels. Exit code 77 (ctest: skipped) when no GPU.
 #include <cuda_runtime.h>  // the typed cudaMalloc overloads
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -13,6 +14,7 @@
 #include "lfq.h"
 #include "nearest_code.h"
 #include "nearest_code_oracle.h"
+#include "sampler_step.h"
 
 using namespace fastlatent;
 
@@ -144,6 +146,79 @@ static void test_lfq_entropy_cuda(int d) {
   cudaFree(ws);
 }
 
+// The CUDA sampler step against the CPU one: noise bitwise (x0 = x = 0), a guided, rescaled,
+// thresholded DDPM step within fp32 rounding; both the vectorised and the scalar paths.
+static void sampler_case(int64_t b, int64_t n, bool bf16) {
+  std::mt19937 gen(5);
+  std::normal_distribution<float> normal;
+  std::vector<float> model(2 * b * n), x(b * n), cpu_out(b * n), gpu_out(b * n);
+  for (auto& v : model) v = to_float(to_bfloat16(2 * normal(gen)));
+  for (auto& v : x) v = to_float(to_bfloat16(normal(gen)));
+  SamplerStepParams p;
+  p.batch = b;
+  p.n = n;
+  p.guided = true;
+  p.guidance_scale = 5.0f;
+  p.guidance_rescale = 0.7f;
+  p.x0_mode = X0Mode::kThreshold;
+  p.threshold_quantile = 0.99;
+  p.threshold_max = 2.0f;
+  p.seed = 0x123456789abcull;
+  p.offset = 17;
+  fold(ddpm_form(0.3, 0.5, Prediction::kVPrediction), p.x0_mode, false, p.c);
+  p.model_output = model.data();
+  p.sample = x.data();
+  p.out = cpu_out.data();
+  CHECK(run_sampler_step_cpu(p).ok, "cpu step");
+  std::vector<BFloat16> model_b(model.size()), x_b(x.size()), out_b(x.size());
+  for (size_t i = 0; i < model.size(); ++i) model_b[i] = to_bfloat16(model[i]);
+  for (size_t i = 0; i < x.size(); ++i) x_b[i] = to_bfloat16(x[i]);
+  void* dmodel = bf16 ? static_cast<void*>(to_device(model_b)) : static_cast<void*>(to_device(model));
+  void* dx = bf16 ? static_cast<void*>(to_device(x_b)) : static_cast<void*>(to_device(x));
+  void* dout = nullptr;
+  void* workspace = nullptr;
+  CUDA_OK(cudaMalloc(&dout, b * n * sizeof(float) + 16));
+  p.dtype = bf16 ? DType::kBFloat16 : DType::kFloat32;
+  CUDA_OK(cudaMalloc(&workspace, sampler_step_cuda_workspace_bytes(p)));
+  p.model_output = dmodel;
+  p.sample = dx;
+  p.out = dout;
+  p.workspace = workspace;
+  CUDA_OK(launch_sampler_step_cuda(p, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  if (bf16) {
+    CUDA_OK(cudaMemcpy(out_b.data(), dout, b * n * sizeof(BFloat16), cudaMemcpyDeviceToHost));
+    for (int64_t i = 0; i < b * n; ++i) gpu_out[i] = to_float(out_b[i]);
+  } else {
+    CUDA_OK(cudaMemcpy(gpu_out.data(), dout, b * n * sizeof(float), cudaMemcpyDeviceToHost));
+  }
+  double worst = 0, scale = 0;
+  for (int64_t i = 0; i < b * n; ++i) {
+    const double want = bf16 ? to_float(to_bfloat16(cpu_out[i])) : cpu_out[i];
+    worst = std::max(worst, std::fabs(gpu_out[i] - want));
+    scale = std::max(scale, std::fabs(want));
+  }
+  CHECK(worst <= (bf16 ? 1e-2 : 1e-5) * scale, "sampler b=%ld n=%ld bf16=%d: error %g", long(b), long(n), int(bf16),
+        worst);
+  // Noise only (every other coefficient 0): out = z, bitwise equal to the host stream.
+  StepCoefficients noise_only;
+  noise_only.out_noise = 1.0f;
+  p.c = noise_only;
+  p.guidance_rescale = 0.0f;
+  p.x0_mode = X0Mode::kNone;
+  CUDA_OK(launch_sampler_step_cuda(p, nullptr));
+  CUDA_OK(cudaDeviceSynchronize());
+  if (!bf16) {
+    CUDA_OK(cudaMemcpy(gpu_out.data(), dout, b * n * sizeof(float), cudaMemcpyDeviceToHost));
+    for (int64_t i = 0; i < b * n; ++i)
+      CHECK(gpu_out[i] == philox::normal_at(p.seed, p.offset, static_cast<uint64_t>(i)), "noise %ld", long(i));
+  }
+  cudaFree(dmodel);
+  cudaFree(dx);
+  cudaFree(dout);
+  cudaFree(workspace);
+}
+
 int main() {
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
@@ -158,6 +233,10 @@ int main() {
       run_case(s[0], s[1], s[2], metric, gen, /*bf16=*/true);
     }
   run_case(1000, 777, 64, Metric::kL2, gen, /*bf16=*/true);  // tensor cores, several tiles
+  for (bool bf16 : {false, true}) {
+    sampler_case(4, 4096, bf16);  // vectorised
+    sampler_case(3, 1031, bf16);  // scalar
+  }
   run_case(1000, 777, 256, Metric::kL2, gen, /*bf16=*/true);
   for (int64_t rows : {int64_t{1}, int64_t{127}, int64_t{128}, int64_t{4099}}) test_fsq_cuda(rows);
   for (int d : {1, 6, 10, 14}) test_lfq_entropy_cuda(d);

@@ -1,0 +1,342 @@
+// CUDA sampler step (see sampler_step.h). Up to four launches, all on the caller's stream:
+//   1. stats_kernel + rescale_kernel   guidance rescale only: [B, chunks] double partial sums of
+//                                      c, c^2, m, m^2, then one factor per sample (chunk order)
+//   2. abs_x0_kernel + select_kernel   dynamic thresholding only: |x0| in fp32 to the workspace,
+//                                      then per sample an exact radix select of the two order
+//                                      statistics around the quantile (one 1024-thread block)
+//   3. step_kernel                     the fused update: one read of model output, sample (and
+//                                      prev_x0/noise when used), one write of out (and x0)
+// step_kernel moves 16 bytes per load/store (4 fp32 or 8 fp16/bf16 lanes) when N is a multiple of
+// the lane count and every pointer is 16-byte aligned; Philox draws four normals per call, so a
+// vector of 4 or 8 lanes starting at a multiple of 4 needs exactly one or two calls.
+#include <cstdint>
+
+#include "cuda_utils.cuh"
+#include "philox.h"
+#include "sampler_step.h"
+
+namespace fastlatent {
+namespace {
+
+using cuda::to_float;
+
+constexpr int kThreads = 256;
+constexpr int kSelectThreads = 1024;
+constexpr int64_t kMaxBlocks = 8192;
+
+__device__ __forceinline__ void from_float(float v, float& out) { out = v; }
+__device__ __forceinline__ void from_float(float v, __half& out) { out = __float2half_rn(v); }
+__device__ __forceinline__ void from_float(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
+
+template <typename T, int kLanes>
+__device__ __forceinline__ void load_lanes(const T* __restrict__ src, float (&dst)[kLanes]) {
+  if constexpr (kLanes * sizeof(T) == 16) {
+    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(src));
+    const T* values = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) dst[j] = to_float(values[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) dst[j] = to_float(src[j]);
+  }
+}
+
+template <typename T, int kLanes>
+__device__ __forceinline__ void store_lanes(T* __restrict__ dst, const float (&src)[kLanes]) {
+  if constexpr (kLanes * sizeof(T) == 16) {
+    uint4 raw;
+    T* values = reinterpret_cast<T*>(&raw);
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) from_float(src[j], values[j]);
+    *reinterpret_cast<uint4*>(dst) = raw;
+  } else {
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) from_float(src[j], dst[j]);
+  }
+}
+
+struct Workspace {
+  double* partial;   // [B, chunks, 4]
+  float* factor;     // [B]
+  float* thresh;     // [B]
+  float* abs_x0;     // [B, N] (thresholding)
+};
+
+Workspace carve(const SamplerStepParams& p) {
+  char* base = static_cast<char*>(p.workspace);
+  const size_t batch = static_cast<size_t>(p.batch);
+  Workspace w;
+  w.partial = reinterpret_cast<double*>(base);
+  base += sampler_align16(batch * sampler_stats_chunks(p.n) * 4 * sizeof(double));
+  w.factor = reinterpret_cast<float*>(base);
+  base += sampler_align16(batch * sizeof(float));
+  w.thresh = reinterpret_cast<float*>(base);
+  base += sampler_align16(batch * sizeof(float));
+  w.abs_x0 = p.x0_mode == X0Mode::kThreshold ? reinterpret_cast<float*>(base) : nullptr;
+  return w;
+}
+
+// The kernels' arguments: the params minus host-only fields, passed by value.
+struct Args {
+  const void* model_output;
+  const void* sample;
+  const void* prev_x0;
+  const void* noise;
+  void* out;
+  void* x0_out;
+  int64_t batch, n;
+  bool guided, rescale, draw, noise_in;
+  float guidance_scale, guidance_rescale;
+  X0Mode x0_mode;
+  float clip;
+  StepCoefficients c;
+  uint64_t seed, offset;
+  const int64_t* seed_offset;
+  Workspace w;
+};
+
+template <typename T, int kLanes>
+__device__ __forceinline__ void load_model(const Args& a, int64_t e, int64_t b, float (&m)[kLanes]) {
+  const T* model = static_cast<const T*>(a.model_output);
+  load_lanes<T, kLanes>(model + e, m);
+  if (a.guided) {
+    float c[kLanes];
+    load_lanes<T, kLanes>(model + a.batch * a.n + e, c);
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) m[j] = m[j] + a.guidance_scale * (c[j] - m[j]);
+  }
+  if (a.rescale) {
+    const float factor = a.w.factor[b];
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) m[j] = m[j] * factor;
+  }
+}
+
+// Grid (chunks, B): block sums of one chunk of one sample, each thread a fixed strided subset,
+// then a fixed shuffle tree: deterministic.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) stats_kernel(Args a, int64_t per_chunk) {
+  const int64_t b = blockIdx.y, chunk = blockIdx.x;
+  const int64_t begin = chunk * per_chunk, end = begin + per_chunk < a.n ? begin + per_chunk : a.n;
+  const T* model = static_cast<const T*>(a.model_output);
+  double s[4] = {0, 0, 0, 0};
+  for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
+    const float u = to_float(model[b * a.n + i]), c = to_float(model[(a.batch + b) * a.n + i]);
+    const float m = u + a.guidance_scale * (c - u);
+    s[0] += c;
+    s[1] += static_cast<double>(c) * c;
+    s[2] += m;
+    s[3] += static_cast<double>(m) * m;
+  }
+  __shared__ double warp_sums[kThreads / 32][4];
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+    for (int offset = 16; offset > 0; offset >>= 1) s[q] += __shfl_xor_sync(0xffffffffu, s[q], offset);
+    if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5][q] = s[q];
+  }
+  __syncthreads();
+  if (threadIdx.x < 4) {
+    double total = 0;
+    for (int warp = 0; warp < kThreads / 32; ++warp) total += warp_sums[warp][threadIdx.x];
+    a.w.partial[(b * gridDim.x + chunk) * 4 + threadIdx.x] = total;
+  }
+}
+
+__global__ void rescale_kernel(Args a, int64_t chunks) {
+  const int64_t b = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (b >= a.batch) return;
+  double s[4] = {0, 0, 0, 0};
+  for (int64_t j = 0; j < chunks; ++j)
+    for (int q = 0; q < 4; ++q) s[q] += a.w.partial[(b * chunks + j) * 4 + q];
+  a.w.factor[b] = rescale_factor(s[0], s[1], s[2], s[3], a.n, a.guidance_rescale);
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) abs_x0_kernel(Args a) {
+  const int64_t total = a.batch * a.n;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * kThreads) {
+    float m[1], x[1];
+    load_model<T, 1>(a, e, e / a.n, m);
+    load_lanes<T, 1>(static_cast<const T*>(a.sample) + e, x);
+    a.w.abs_x0[e] = fabsf(a.c.x0_x * x[0] + a.c.x0_m * m[0]);
+  }
+}
+
+// The k-th smallest (0-based) of a sample's |x0|: non-negative floats order as their bit
+// patterns, so four passes of an 8-bit histogram over the matching prefix pin it down exactly.
+__device__ float block_select(const uint32_t* __restrict__ bits, int64_t n, int64_t k, unsigned long long* hist,
+                              uint32_t* shared_prefix, int64_t* shared_k) {
+  uint32_t prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const uint32_t v = bits[i];
+      if ((v & mask) == prefix) atomicAdd(&hist[(v >> shift) & 255u], 1ull);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      unsigned long long below = 0;
+      int digit = 0;
+      for (; digit < 255; ++digit) {
+        if (below + hist[digit] > static_cast<unsigned long long>(k)) break;
+        below += hist[digit];
+      }
+      *shared_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
+      *shared_k = k - static_cast<int64_t>(below);
+    }
+    __syncthreads();
+    prefix = *shared_prefix;
+    k = *shared_k;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  float value;
+  memcpy(&value, &prefix, sizeof(value));
+  return value;
+}
+
+__global__ void __launch_bounds__(kSelectThreads)
+select_kernel(Args a, int64_t lo, int64_t hi, float weight, float threshold_max) {
+  __shared__ unsigned long long hist[256];
+  __shared__ uint32_t prefix;
+  __shared__ int64_t k;
+  const int64_t b = blockIdx.x;
+  const uint32_t* bits = reinterpret_cast<const uint32_t*>(a.w.abs_x0 + b * a.n);
+  const float below = block_select(bits, a.n, lo, hist, &prefix, &k);
+  const float above = hi == lo ? below : block_select(bits, a.n, hi, hist, &prefix, &k);
+  if (threadIdx.x == 0) {
+    const float q = quantile_lerp(below, above, weight);
+    a.w.thresh[b] = fminf(fmaxf(q, 1.0f), threshold_max);
+  }
+}
+
+template <typename T, int kLanes>
+__global__ void __launch_bounds__(kThreads) step_kernel(Args a) {
+  const int64_t vectors = a.batch * a.n / kLanes;
+  uint64_t seed = a.seed, offset = a.offset;
+  if (a.draw && a.seed_offset != nullptr) {
+    seed = static_cast<uint64_t>(a.seed_offset[0]);
+    offset = static_cast<uint64_t>(a.seed_offset[1]);
+  }
+  for (int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; v < vectors;
+       v += static_cast<int64_t>(gridDim.x) * kThreads) {
+    const int64_t e = v * kLanes, b = e / a.n;
+    float x[kLanes], m[kLanes], prev[kLanes], z[kLanes];
+    load_lanes<T, kLanes>(static_cast<const T*>(a.sample) + e, x);
+    load_model<T, kLanes>(a, e, b, m);
+    if (a.prev_x0 != nullptr) {
+      load_lanes<T, kLanes>(static_cast<const T*>(a.prev_x0) + e, prev);
+    } else {
+#pragma unroll
+      for (int j = 0; j < kLanes; ++j) prev[j] = 0.0f;
+    }
+    if (a.noise_in) {
+      load_lanes<T, kLanes>(static_cast<const T*>(a.noise) + e, z);
+    } else if (a.draw) {
+      if constexpr (kLanes % 4 == 0) {
+#pragma unroll
+        for (int g = 0; g < kLanes; g += 4) {
+          const philox::Normals normals = philox::normals(seed, offset, static_cast<uint64_t>(e + g) >> 2);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) z[g + j] = normals.z[j];
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kLanes; ++j) z[j] = philox::normal_at(seed, offset, static_cast<uint64_t>(e + j));
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < kLanes; ++j) z[j] = 0.0f;
+    }
+    const float thresh = a.x0_mode == X0Mode::kThreshold ? a.w.thresh[b] : 1.0f;
+    float out[kLanes], x0[kLanes];
+#pragma unroll
+    for (int j = 0; j < kLanes; ++j) {
+      const StepElement r = step_element(a.c, a.x0_mode, a.clip, thresh, x[j], m[j], prev[j], z[j]);
+      out[j] = r.out;
+      x0[j] = r.x0;
+    }
+    store_lanes<T, kLanes>(static_cast<T*>(a.out) + e, out);
+    if (a.x0_out != nullptr) store_lanes<T, kLanes>(static_cast<T*>(a.x0_out) + e, x0);
+  }
+}
+
+unsigned int grid_for(int64_t items) {
+  const int64_t blocks = (items + kThreads - 1) / kThreads;
+  return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > kMaxBlocks ? kMaxBlocks : blocks));
+}
+
+bool aligned16(const void* p) { return p == nullptr || (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+template <typename T>
+cudaError_t launch_typed(const SamplerStepParams& p, cudaStream_t stream) {
+  Args a;
+  a.model_output = p.model_output;
+  a.sample = p.sample;
+  a.prev_x0 = p.prev_x0;
+  a.noise = p.noise;
+  a.out = p.out;
+  a.x0_out = p.x0_out;
+  a.batch = p.batch;
+  a.n = p.n;
+  a.guided = p.guided;
+  a.rescale = p.guided && p.guidance_rescale > 0.0f;
+  a.draw = p.c.out_noise != 0.0f && p.noise == nullptr;
+  a.noise_in = p.c.out_noise != 0.0f && p.noise != nullptr;
+  a.guidance_scale = p.guidance_scale;
+  a.guidance_rescale = p.guidance_rescale;
+  a.x0_mode = p.x0_mode;
+  a.clip = p.clip;
+  a.c = p.c;
+  a.seed = p.seed;
+  a.offset = p.offset;
+  a.seed_offset = p.seed_offset;
+  a.w = carve(p);
+  if (a.rescale) {
+    const int64_t chunks = sampler_stats_chunks(p.n), per_chunk = (p.n + chunks - 1) / chunks;
+    stats_kernel<T><<<dim3(static_cast<unsigned int>(chunks), static_cast<unsigned int>(p.batch)), kThreads, 0,
+                      stream>>>(a, per_chunk);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    rescale_kernel<<<cuda::ceil_div(p.batch, 128), 128, 0, stream>>>(a, chunks);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  if (p.x0_mode == X0Mode::kThreshold) {
+    abs_x0_kernel<T><<<grid_for(p.batch * p.n), kThreads, 0, stream>>>(a);
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const double position = p.threshold_quantile * static_cast<double>(p.n - 1);
+    const int64_t lo = static_cast<int64_t>(position);
+    const int64_t hi = lo + 1 < p.n ? lo + 1 : lo;
+    const float weight = static_cast<float>(position - static_cast<double>(lo));
+    select_kernel<<<static_cast<unsigned int>(p.batch), kSelectThreads, 0, stream>>>(a, lo, hi, weight,
+                                                                                     p.threshold_max);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+  }
+  constexpr int kVector = 16 / sizeof(T);
+  const bool vectorised = p.n % kVector == 0 && aligned16(p.model_output) && aligned16(p.sample) &&
+                          aligned16(p.prev_x0) && aligned16(p.noise) && aligned16(p.out) && aligned16(p.x0_out);
+  if (vectorised) {
+    step_kernel<T, kVector><<<grid_for(p.batch * p.n / kVector), kThreads, 0, stream>>>(a);
+  } else {
+    step_kernel<T, 1><<<grid_for(p.batch * p.n), kThreads, 0, stream>>>(a);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_sampler_step_cuda(const SamplerStepParams& params, cudaStream_t stream) {
+  if (params.batch < 0 || params.n < 0) return cudaErrorInvalidValue;
+  if (params.batch == 0 || params.n == 0) return cudaSuccess;
+  if (params.workspace == nullptr) return cudaErrorInvalidValue;
+  if (params.guidance_rescale > 0.0f && (!params.guided || params.n < 2)) return cudaErrorInvalidValue;
+  return FL_CUDA_DTYPE_SWITCH(params.dtype, scalar_t, cudaErrorInvalidValue,
+                              [&] { return launch_typed<scalar_t>(params, stream); });
+}
+
+}  // namespace fastlatent

@@ -1,0 +1,340 @@
+// Bindings for the fused sampler steps: ddpm_step, ddim_step, euler_step, dpmpp_2m_step and
+// convert_prediction. Each op checks its arguments, folds its schedule scalars into the kernel's
+// coefficients on the host (double precision, no device sync) and runs the one sampler kernel.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <tuple>
+
+#include "checks.h"
+#include "sampler_step.h"
+
+#ifdef FL_WITH_CUDA
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+namespace fastlatent {
+namespace {
+
+using torch_glue::python_dtype;
+
+Prediction parse_prediction(const char* op, const char* name, std::string_view value) {
+  if (value == "epsilon") return Prediction::kEpsilon;
+  if (value == "v_prediction") return Prediction::kVPrediction;
+  if (value == "sample") return Prediction::kSample;
+  if (value == "flow") return Prediction::kFlow;
+  FL_CHECK_VALUE(false, op, name, " must be \"epsilon\" or \"v_prediction\" or \"sample\" or \"flow\", got \"",
+                 std::string(value), "\"");
+  return Prediction::kEpsilon;
+}
+
+// Guidance and x0 options shared by every step.
+struct Options {
+  std::optional<double> guidance_scale;
+  double guidance_rescale = 0.0;
+  std::optional<double> clip_x0;
+  std::optional<double> threshold_quantile;
+  double threshold_max = 1.0;
+};
+
+void check_like_sample(const char* op, const at::Tensor& t, const at::Tensor& sample, const char* name) {
+  using namespace torch_glue;
+  check_same_device(sample, t, op, "sample", name);
+  check_same_dtype(sample, t, op, "sample", name);
+  FL_CHECK_VALUE(t.sizes() == sample.sizes(), op, name, " must have the shape of sample ", sample.sizes(),
+                 ", got ", t.sizes());
+}
+
+// Checks shared by every op; fills sizes, dtype and the guidance/x0 options.
+SamplerStepParams check_common(const char* op, const at::Tensor& model_output, const at::Tensor& sample,
+                               const Options& o) {
+  using namespace torch_glue;
+  FL_CHECK_VALUE(sample.dim() >= 1, op, "sample must be at least 1-D [B, ...], got shape ", sample.sizes());
+  SamplerStepParams p;
+  p.dtype = kernel_dtype(sample, op, "sample");
+  check_same_device(sample, model_output, op, "sample", "model_output");
+  check_same_dtype(sample, model_output, op, "sample", "model_output");
+  p.batch = sample.size(0);
+  p.n = 1;
+  for (int64_t d = 1; d < sample.dim(); ++d) p.n *= sample.size(d);
+  p.guided = o.guidance_scale.has_value();
+  if (p.guided) {
+    FL_CHECK_VALUE(model_output.dim() == sample.dim() && model_output.size(0) % 2 == 0, op,
+                   "guidance needs model_output = [uncond; cond] stacked in the batch (an even batch of 2B), "
+                   "got shape ", model_output.sizes());
+    FL_CHECK_VALUE(model_output.size(0) == 2 * p.batch && model_output.sizes().slice(1) == sample.sizes().slice(1),
+                   op, "with guidance model_output must be [2B, ...] for sample ", sample.sizes(), ", got ",
+                   model_output.sizes());
+    FL_CHECK_VALUE(std::isfinite(*o.guidance_scale), op, "guidance_scale must be finite, got ", *o.guidance_scale);
+    p.guidance_scale = static_cast<float>(*o.guidance_scale);
+  } else {
+    FL_CHECK_VALUE(model_output.sizes() == sample.sizes(), op, "model_output must have the shape of sample ",
+                   sample.sizes(), " (or [2B, ...] with guidance_scale), got ", model_output.sizes());
+  }
+  FL_CHECK_VALUE(o.guidance_rescale >= 0.0 && o.guidance_rescale <= 1.0, op, "guidance_rescale must be in [0, 1], got ",
+                 o.guidance_rescale);
+  if (o.guidance_rescale > 0.0) {
+    FL_CHECK_VALUE(p.guided, op, "guidance_rescale needs guidance_scale");
+    FL_CHECK_VALUE(p.n >= 2, op, "guidance_rescale needs at least 2 elements per sample, got ", p.n);
+  }
+  p.guidance_rescale = static_cast<float>(o.guidance_rescale);
+  FL_CHECK_VALUE(!(o.clip_x0 && o.threshold_quantile), op, "clip_x0 and threshold_quantile are exclusive, got both");
+  if (o.clip_x0) {
+    FL_CHECK_VALUE(*o.clip_x0 > 0.0 && std::isfinite(*o.clip_x0), op, "clip_x0 must be > 0, got ", *o.clip_x0);
+    p.x0_mode = X0Mode::kClip;
+    p.clip = static_cast<float>(*o.clip_x0);
+  }
+  if (o.threshold_quantile) {
+    FL_CHECK_VALUE(*o.threshold_quantile > 0.0 && *o.threshold_quantile <= 1.0, op,
+                   "threshold_quantile must be in (0, 1], got ", *o.threshold_quantile);
+    FL_CHECK_VALUE(o.threshold_max >= 1.0, op, "threshold_max must be >= 1, got ", o.threshold_max);
+    p.x0_mode = X0Mode::kThreshold;
+    p.threshold_quantile = *o.threshold_quantile;
+    p.threshold_max = static_cast<float>(o.threshold_max);
+  }
+  return p;
+}
+
+// Caller's noise or Philox (seed, offset), the latter optionally read from a device tensor.
+void check_noise(const char* op, const at::Tensor& sample, const std::optional<at::Tensor>& noise,
+                 const std::optional<at::Tensor>& seed_offset, SamplerStepParams& p, int64_t seed, int64_t offset) {
+  if (noise) check_like_sample(op, *noise, sample, "noise");
+  if (seed_offset) {
+    FL_CHECK(seed_offset->device() == sample.device(), op, "seed_offset and sample must be on the same device, got ",
+             seed_offset->device(), " and ", sample.device());
+    FL_CHECK_TYPE(seed_offset->scalar_type() == at::kLong, op, "seed_offset must be torch.int64, got ",
+                  python_dtype(seed_offset->scalar_type()));
+    FL_CHECK_VALUE(seed_offset->dim() == 1 && seed_offset->size(0) == 2, op,
+                   "seed_offset must be [2] (seed, offset), got shape ", seed_offset->sizes());
+    FL_CHECK_VALUE(sample.is_cuda() || sample.is_meta(), op,
+                   "seed_offset is for CUDA graphs; on the CPU pass seed and offset");
+  }
+  p.seed = static_cast<uint64_t>(seed);
+  p.offset = static_cast<uint64_t>(offset);
+}
+
+void check_schedule_value(const char* op, bool ok, const char* name, const char* expected, double value) {
+  FL_CHECK_VALUE(ok, op, name, " must be ", expected, ", got ", value);
+}
+
+// Holds the contiguous inputs alive while the kernel runs.
+struct Inputs {
+  at::Tensor model_output, sample, prev_x0, noise, seed_offset;
+};
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> execute(SamplerStepParams& p, const at::Tensor& model_output,
+                                           const at::Tensor& sample, const std::optional<at::Tensor>& prev_x0,
+                                           const std::optional<at::Tensor>& noise,
+                                           const std::optional<at::Tensor>& seed_offset, bool return_x0,
+                                           const StepForm& form) {
+  torch_glue::check_status(fold(form, p.x0_mode, return_x0, p.c));
+  Inputs in;
+  in.model_output = model_output.contiguous();
+  in.sample = sample.contiguous();
+  at::Tensor out = at::empty(sample.sizes(), sample.options());
+  at::Tensor x0 = return_x0 ? at::empty(sample.sizes(), sample.options()) : at::empty({0}, sample.options());
+  p.model_output = in.model_output.data_ptr();
+  p.sample = in.sample.data_ptr();
+  p.out = out.data_ptr();
+  p.x0_out = return_x0 ? x0.data_ptr() : nullptr;
+  if (prev_x0 && p.c.out_prev != 0.0f) {
+    in.prev_x0 = prev_x0->contiguous();
+    p.prev_x0 = in.prev_x0.data_ptr();
+  } else {
+    p.c.out_prev = 0.0f;
+  }
+  if (noise && p.c.out_noise != 0.0f) {
+    in.noise = noise->contiguous();
+    p.noise = in.noise.data_ptr();
+  }
+  if constexpr (kCuda) {
+#ifdef FL_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(sample.device());
+    if (seed_offset && p.c.out_noise != 0.0f && !noise) {
+      in.seed_offset = seed_offset->contiguous();
+      p.seed_offset = in.seed_offset.data_ptr<int64_t>();
+    }
+    const at::Tensor workspace = at::empty({static_cast<int64_t>(sampler_step_cuda_workspace_bytes(p))},
+                                           sample.options().dtype(at::kByte));
+    p.workspace = workspace.data_ptr();
+    C10_CUDA_CHECK(launch_sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream()));
+#endif
+  } else {
+    torch_glue::check_status(run_sampler_step_cpu(p));
+  }
+  return {out, x0};
+}
+
+Options options(std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
+                std::optional<double> threshold_quantile, double threshold_max) {
+  return Options{guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max};
+}
+
+void check_alpha_bars(const char* op, double alpha_bar_t, double alpha_bar_prev) {
+  check_schedule_value(op, alpha_bar_t > 0.0 && alpha_bar_t < 1.0, "alpha_bar_t", "in (0, 1)", alpha_bar_t);
+  FL_CHECK_VALUE(alpha_bar_prev >= alpha_bar_t && alpha_bar_prev <= 1.0, op,
+                 "alpha_bar_prev must be in [alpha_bar_t, 1] = [", alpha_bar_t, ", 1], got ", alpha_bar_prev);
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> ddpm_step(const at::Tensor& model_output, const at::Tensor& sample,
+                                             double alpha_bar_t, double alpha_bar_prev, std::string_view prediction,
+                                             std::optional<double> guidance_scale, double guidance_rescale,
+                                             std::optional<double> clip_x0, std::optional<double> threshold_quantile,
+                                             double threshold_max, const std::optional<at::Tensor>& noise,
+                                             int64_t seed, int64_t offset,
+                                             const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+  constexpr const char* kOp = "ddpm_step";
+  SamplerStepParams p = check_common(kOp, model_output, sample,
+                                     options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                                             threshold_max));
+  const Prediction pred = parse_prediction(kOp, "prediction", prediction);
+  check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev);
+  check_noise(kOp, sample, noise, seed_offset, p, seed, offset);
+  return execute<kCuda>(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
+                        ddpm_form(alpha_bar_t, alpha_bar_prev, pred));
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, const at::Tensor& sample,
+                                             double alpha_bar_t, double alpha_bar_prev, double eta,
+                                             std::string_view prediction, bool use_clipped_model_output,
+                                             std::optional<double> guidance_scale, double guidance_rescale,
+                                             std::optional<double> clip_x0, std::optional<double> threshold_quantile,
+                                             double threshold_max, const std::optional<at::Tensor>& noise,
+                                             int64_t seed, int64_t offset,
+                                             const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+  constexpr const char* kOp = "ddim_step";
+  SamplerStepParams p = check_common(kOp, model_output, sample,
+                                     options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                                             threshold_max));
+  const Prediction pred = parse_prediction(kOp, "prediction", prediction);
+  check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev);
+  check_schedule_value(kOp, eta >= 0.0 && std::isfinite(eta), "eta", ">= 0", eta);
+  check_noise(kOp, sample, noise, seed_offset, p, seed, offset);
+  return execute<kCuda>(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
+                        ddim_form(alpha_bar_t, alpha_bar_prev, eta, pred, use_clipped_model_output));
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> euler_step(const at::Tensor& model_output, const at::Tensor& sample, double sigma,
+                                              double sigma_next, std::string_view prediction,
+                                              std::optional<double> guidance_scale, double guidance_rescale,
+                                              std::optional<double> clip_x0, std::optional<double> threshold_quantile,
+                                              double threshold_max, bool return_x0) {
+  constexpr const char* kOp = "euler_step";
+  SamplerStepParams p = check_common(kOp, model_output, sample,
+                                     options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                                             threshold_max));
+  const Prediction pred = parse_prediction(kOp, "prediction", prediction);
+  check_schedule_value(kOp, sigma > 0.0 && std::isfinite(sigma), "sigma", "> 0 and finite", sigma);
+  check_schedule_value(kOp, sigma_next >= 0.0 && std::isfinite(sigma_next), "sigma_next", ">= 0 and finite",
+                       sigma_next);
+  if (pred == Prediction::kFlow) {
+    check_schedule_value(kOp, sigma <= 1.0, "sigma", "in (0, 1] for prediction \"flow\"", sigma);
+    check_schedule_value(kOp, sigma_next <= 1.0, "sigma_next", "in [0, 1] for prediction \"flow\"", sigma_next);
+  }
+  return execute<kCuda>(p, model_output, sample, std::nullopt, std::nullopt, std::nullopt, return_x0,
+                        euler_form(sigma, sigma_next, pred));
+}
+
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step(const at::Tensor& model_output, const at::Tensor& sample,
+                                                 const std::optional<at::Tensor>& prev_x0, double alpha_t,
+                                                 double sigma_t, double alpha_next, double sigma_next,
+                                                 double alpha_prev, double sigma_prev, std::string_view prediction,
+                                                 std::optional<double> guidance_scale, double guidance_rescale,
+                                                 std::optional<double> clip_x0,
+                                                 std::optional<double> threshold_quantile, double threshold_max) {
+  constexpr const char* kOp = "dpmpp_2m_step";
+  SamplerStepParams p = check_common(kOp, model_output, sample,
+                                     options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                                             threshold_max));
+  const Prediction pred = parse_prediction(kOp, "prediction", prediction);
+  if (prev_x0) check_like_sample(kOp, *prev_x0, sample, "prev_x0");
+  check_schedule_value(kOp, alpha_t > 0.0 && std::isfinite(alpha_t), "alpha_t", "> 0", alpha_t);
+  check_schedule_value(kOp, sigma_t > 0.0 && std::isfinite(sigma_t), "sigma_t", "> 0", sigma_t);
+  check_schedule_value(kOp, alpha_next > 0.0 && std::isfinite(alpha_next), "alpha_next", "> 0", alpha_next);
+  check_schedule_value(kOp, sigma_next >= 0.0 && std::isfinite(sigma_next), "sigma_next", ">= 0", sigma_next);
+  if (prev_x0) {
+    check_schedule_value(kOp, alpha_prev > 0.0 && std::isfinite(alpha_prev), "alpha_prev", "> 0", alpha_prev);
+    check_schedule_value(kOp, sigma_prev > 0.0 && std::isfinite(sigma_prev), "sigma_prev", "> 0", sigma_prev);
+    FL_CHECK_VALUE(sigma_next > 0.0, kOp,
+                   "a second-order step (prev_x0 given) to sigma_next = 0 is undefined: take the last step "
+                   "first-order (prev_x0=None)");
+    FL_CHECK_VALUE(alpha_prev * sigma_t != alpha_t * sigma_prev, kOp,
+                   "the previous step must be at another noise level than the current one (alpha_prev / sigma_prev "
+                   "== alpha_t / sigma_t)");
+  }
+  return execute<kCuda>(p, model_output, sample, prev_x0, std::nullopt, std::nullopt, true,
+                        dpmpp_2m_form(alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
+                                      prev_x0.has_value(), pred));
+}
+
+template <bool kCuda>
+at::Tensor convert_prediction(const at::Tensor& model_output, const at::Tensor& sample, double alpha_t,
+                              double sigma_t, std::string_view source, std::string_view target,
+                              std::optional<double> guidance_scale, double guidance_rescale) {
+  constexpr const char* kOp = "convert_prediction";
+  SamplerStepParams p = check_common(kOp, model_output, sample,
+                                     options(guidance_scale, guidance_rescale, std::nullopt, std::nullopt, 1.0));
+  const Prediction from = parse_prediction(kOp, "source", source);
+  const Prediction to = parse_prediction(kOp, "target", target);
+  check_schedule_value(kOp, alpha_t > 0.0 && std::isfinite(alpha_t), "alpha_t", "> 0", alpha_t);
+  check_schedule_value(kOp, sigma_t > 0.0 && std::isfinite(sigma_t), "sigma_t", "> 0", sigma_t);
+  // out = a x + b m: a step whose only term is "eps" with eps := the target form.
+  StepForm form;
+  form.conv = conversion(from, alpha_t, sigma_t);
+  form.conv.eps = conversion_target(form.conv, to);
+  form.a_eps = 1.0;
+  return std::get<0>(execute<kCuda>(p, model_output, sample, std::nullopt, std::nullopt, std::nullopt, false, form));
+}
+
+}  // namespace
+}  // namespace fastlatent
+
+#define FL_GUIDANCE_ARGS                                                                            \
+  "float? guidance_scale=None, float guidance_rescale=0.0, float? clip_x0=None, "                   \
+  "float? threshold_quantile=None, float threshold_max=1.0"
+#define FL_NOISE_ARGS "Tensor? noise=None, int seed=0, int offset=0, Tensor? seed_offset=None"
+
+TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
+  m.def("ddpm_step(Tensor model_output, Tensor sample, float alpha_bar_t, float alpha_bar_prev, "
+        "str prediction=\"epsilon\", " FL_GUIDANCE_ARGS ", " FL_NOISE_ARGS ", bool return_x0=True) "
+        "-> (Tensor prev_sample, Tensor pred_x0)");
+  m.def("ddim_step(Tensor model_output, Tensor sample, float alpha_bar_t, float alpha_bar_prev, float eta=0.0, "
+        "str prediction=\"epsilon\", bool use_clipped_model_output=False, " FL_GUIDANCE_ARGS ", " FL_NOISE_ARGS
+        ", bool return_x0=True) -> (Tensor prev_sample, Tensor pred_x0)");
+  m.def("euler_step(Tensor model_output, Tensor sample, float sigma, float sigma_next, "
+        "str prediction=\"epsilon\", " FL_GUIDANCE_ARGS ", bool return_x0=True) "
+        "-> (Tensor prev_sample, Tensor pred_x0)");
+  m.def("dpmpp_2m_step(Tensor model_output, Tensor sample, Tensor? prev_x0, float alpha_t, float sigma_t, "
+        "float alpha_next, float sigma_next, float alpha_prev=1.0, float sigma_prev=1.0, "
+        "str prediction=\"epsilon\", " FL_GUIDANCE_ARGS ") -> (Tensor prev_sample, Tensor pred_x0)");
+  m.def("convert_prediction(Tensor model_output, Tensor sample, float alpha_t, float sigma_t, str source, "
+        "str target, float? guidance_scale=None, float guidance_rescale=0.0) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastlatent, CPU, m) {
+  m.impl("ddpm_step", &fastlatent::ddpm_step<false>);
+  m.impl("ddim_step", &fastlatent::ddim_step<false>);
+  m.impl("euler_step", &fastlatent::euler_step<false>);
+  m.impl("dpmpp_2m_step", &fastlatent::dpmpp_2m_step<false>);
+  m.impl("convert_prediction", &fastlatent::convert_prediction<false>);
+}
+
+TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
+  FL_REGISTER_CUDA(m, "ddpm_step", &fastlatent::ddpm_step<true>);
+  FL_REGISTER_CUDA(m, "ddim_step", &fastlatent::ddim_step<true>);
+  FL_REGISTER_CUDA(m, "euler_step", &fastlatent::euler_step<true>);
+  FL_REGISTER_CUDA(m, "dpmpp_2m_step", &fastlatent::dpmpp_2m_step<true>);
+  FL_REGISTER_CUDA(m, "convert_prediction", &fastlatent::convert_prediction<true>);
+}
