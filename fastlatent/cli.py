@@ -166,9 +166,28 @@ def _selftest_sampler_steps(device, dtype) -> tuple[bool, str]:
     return worst <= tol, f"4 steps (guided, rescaled, thresholded) within {worst:.1e} relative; ddim step {ours_time * 1e3:.3f} ms"
 
 
+def _selftest_group_norm(device, dtype) -> tuple[bool, str]:
+    import torch
+    import torch.nn.functional as F
+
+    import fastlatent
+    from fastlatent import reference
+
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 128, 64, 64, generator=gen) * 2 + 1).to(device, dtype)
+    w, b = torch.randn(128, generator=gen).to(device), torch.randn(128, generator=gen).to(device)
+    out = fastlatent.group_norm(x, w, b, 32, 1e-6, "silu")
+    ref = reference.group_norm(x, w, b, 32, 1e-6, "silu")
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
+    ok = torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
+    ours = _time(lambda: fastlatent.group_norm(x, w, b, 32, 1e-6, "silu"), device)
+    eager = _time(lambda: F.silu(F.group_norm(x, 32, w.to(dtype), b.to(dtype), 1e-6)), device)
+    return ok, f"GroupNorm+SiLU 2x128x64x64 within {tol:g}; {ours * 1e3:.2f} ms vs eager {eager * 1e3:.2f} ms"
+
+
 SELFTESTS = [("nearest_code", _selftest_nearest_code), ("code_stats", _selftest_code_stats),
              ("ema_update_", _selftest_ema_update), ("fsq/lfq", _selftest_scalar_quantizers),
-             ("sampler steps", _selftest_sampler_steps)]
+             ("sampler steps", _selftest_sampler_steps), ("group_norm", _selftest_group_norm)]
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:

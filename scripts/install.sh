@@ -2,7 +2,9 @@
 # Create (or reuse) a virtual environment and build fastlatent into it.
 #
 #   bash scripts/install.sh           # .venv with torch, fastlatent built in place (pip -e)
-#   bash scripts/install.sh --test    # also the test dependencies
+#   bash scripts/install.sh --test    # also the test dependencies (pytest; diffusers and
+#                                     # vector-quantize-pytorch, whose parity tests skip without them)
+#   bash scripts/install.sh --bench   # also the benchmark peers (faiss-cpu, the two above)
 #
 # Environment:
 #   FASTLATENT_VENV    where the venv lives (default .venv)
@@ -18,8 +20,9 @@ torch_spec=${FASTLATENT_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
 extras=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras+=(pytest pytest-benchmark expecttest) ;;
-    *) echo "install.sh: unknown option $arg (expected --test)" >&2; exit 2 ;;
+    --test) extras+=(pytest pytest-benchmark expecttest diffusers vector-quantize-pytorch) ;;
+    --bench) extras+=(pytest pytest-benchmark faiss-cpu diffusers vector-quantize-pytorch) ;;
+    *) echo "install.sh: unknown option $arg (expected --test or --bench)" >&2; exit 2 ;;
   esac
 done
 

@@ -504,7 +504,7 @@ def _ddpm_errors(device):
     yield ErrorSample((x, x, 1.0, 1.0), {}, ValueError, r"alpha_bar_t must be in \(0, 1\), got 1")
     yield ErrorSample((x, x, 0.5, 0.4), {}, ValueError, r"alpha_bar_prev must be in \[alpha_bar_t, 1\]")
     yield ErrorSample((x, x, 0.5, 0.6), {"prediction": "noise"}, ValueError,
-                      r'prediction must be "epsilon" or "v_prediction" or "sample" or "flow", got "noise"')
+                      r'prediction must be "epsilon", "v_prediction", "sample" or "flow", got "noise"')
     yield ErrorSample((x, x, 0.5, 0.6), {"noise": torch.randn(2, 4, device=device)}, ValueError,
                       r"noise must have the shape of sample \[2, 3\]")
     yield ErrorSample((x, x, 0.5, 0.6), {"seed_offset": torch.zeros(3, dtype=torch.int64, device=device)},
@@ -542,7 +542,7 @@ def _dpmpp_errors(device):
 def _convert_errors(device):
     x = torch.randn(2, 3, device=device)
     yield ErrorSample((x, x, 0.6, 0.8, "eps", "sample"), {}, ValueError,
-                      r'source must be "epsilon" or "v_prediction" or "sample" or "flow", got "eps"')
+                      r'source must be "epsilon", "v_prediction", "sample" or "flow", got "eps"')
     yield ErrorSample((x, x, 0.6, 0.0, "epsilon", "sample"), {}, ValueError, r"sigma_t must be > 0, got 0")
     yield ErrorSample((torch.cat([x, x[:1]]), x, 0.6, 0.8, "epsilon", "sample"), {"guidance_scale": 2.0}, ValueError,
                       r"an even batch of 2B")
@@ -559,4 +559,50 @@ OP_SPECS += [
            sample_inputs=_dpmpp_samples, error_inputs=_dpmpp_errors, compare=_step_compare),
     OpSpec(name="convert_prediction", op=fastlatent.ops.convert_prediction, reference=reference.convert_prediction,
            sample_inputs=_convert_samples, error_inputs=_convert_errors, compare=_step_compare),
+]
+
+
+# ---------------------------------------------------------------- group_norm
+
+
+def _group_norm_samples(device, dtype):
+    gen = torch.Generator().manual_seed(21)
+    cases = [((2, 32, 7, 9), 8, "silu", True, False), ((3, 12, 5), 3, "gelu", False, True),
+             ((2, 16, 3, 4, 5), 4, "none", True, True), ((4, 6), 2, "silu", True, False),
+             ((1, 8, 33, 17), 1, "silu", True, False), ((2, 8, 5, 5), 8, "gelu", True, False),
+             ((0, 8, 4, 4), 2, "silu", True, False), ((2, 64, 16, 16), 32, "silu", True, True)]
+    for shape, groups, activation, affine, residual in cases:
+        x = (torch.randn(shape, generator=gen) * 3 + 2).to(device, dtype)
+        weight = torch.randn(shape[1], generator=gen).to(device) if affine else None
+        bias = torch.randn(shape[1], generator=gen).to(device) if affine else None
+        res = torch.randn(shape, generator=gen).to(device, dtype) if residual else None
+        yield Sample((x, weight, bias, groups, 1e-5, activation, res), name=f"{shape}_g{groups}_{activation}")
+        if x.dim() in (4, 5) and x.numel():  # the same values, channels-last
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            yield Sample((x.to(memory_format=fmt), weight, bias, groups, 1e-5, activation,
+                          None if res is None else res.to(memory_format=fmt)), name=f"{shape}_cl")
+
+
+def _group_norm_compare(sample, ours, ref):
+    tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[ours.dtype]
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    torch.testing.assert_close(ours.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def _group_norm_errors(device):
+    x = torch.randn(2, 6, 4, 4, device=device)
+    w = torch.ones(6, device=device)
+    yield ErrorSample((x, w, w, 4), {}, ValueError, r"groups must be >= 1 and divide the 6 channels of x, got groups=4")
+    yield ErrorSample((x[0, 0, 0], None, None, 1), {}, ValueError, r"x must be \[N, C, \*spatial\]")
+    yield ErrorSample((x, torch.ones(5, device=device), None, 2), {}, ValueError, r"weight must be \[C\] = \[6\]")
+    yield ErrorSample((x.long(), None, None, 2), {}, TypeError, r"x must be float32, float16 or bfloat16")
+    yield ErrorSample((x, None, None, 2, 1e-5, "relu"), {}, ValueError,
+                      r'activation must be "none", "silu" or "gelu", got "relu"')
+    yield ErrorSample((x, None, None, 2, 1e-5, "silu", x[:1]), {}, ValueError, r"residual must have the shape of x")
+    yield ErrorSample((x, None, None, 2, -1.0), {}, ValueError, r"eps must be >= 0")
+
+
+OP_SPECS += [
+    OpSpec(name="group_norm", op=fastlatent.ops.group_norm, reference=reference.group_norm,
+           sample_inputs=_group_norm_samples, error_inputs=_group_norm_errors, compare=_group_norm_compare),
 ]

@@ -30,7 +30,7 @@ Prediction parse_prediction(const char* op, const char* name, std::string_view v
   if (value == "v_prediction") return Prediction::kVPrediction;
   if (value == "sample") return Prediction::kSample;
   if (value == "flow") return Prediction::kFlow;
-  FL_CHECK_VALUE(false, op, name, " must be \"epsilon\" or \"v_prediction\" or \"sample\" or \"flow\", got \"",
+  FL_CHECK_VALUE(false, op, name, " must be \"epsilon\", \"v_prediction\", \"sample\" or \"flow\", got \"",
                  std::string(value), "\"");
   return Prediction::kEpsilon;
 }

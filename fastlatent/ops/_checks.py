@@ -67,7 +67,8 @@ def check_same_dtype(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torc
 
 def check_choice(op: str, name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        options = " or ".join(f'"{c}"' for c in choices)
+        quoted = [f'"{c}"' for c in choices]
+        options = quoted[0] if len(quoted) == 1 else ", ".join(quoted[:-1]) + " or " + quoted[-1]
         raise ValueError(f'fastlatent.{op}: {name} must be {options}, got "{value}"')
 
 
