@@ -94,7 +94,9 @@ void channel_sums(const T* x, int64_t n, int64_t c, int64_t s, Layout layout, Ch
     }
 }
 
-// scale[n, c] and shift[n, c] such that x * scale + shift = x_hat * w + b. Weights are F.
+// scale[n, c] = rstd * w and shift[n, c] = b, applied as (x - mean) * scale + shift: centring
+// first keeps x_hat exact when |mean| >> std (x * scale + (b - mean * scale) cancels there).
+// Weights are F.
 template <typename F, typename S>
 void affine_per_channel(const S* mean, const S* rstd, const void* weight_ptr, const void* bias_ptr, int64_t n,
                         int64_t c, int64_t groups, std::vector<F>& scale, std::vector<F>& shift) {
@@ -108,37 +110,38 @@ void affine_per_channel(const S* mean, const S* rstd, const void* weight_ptr, co
       const int64_t g = sample * groups + ch / per_group;
       const F w = weight ? weight[ch] : F(1), b = bias ? bias[ch] : F(0);
       scale[sample * c + ch] = F(rstd[g]) * w;
-      shift[sample * c + ch] = b - F(mean[g]) * F(rstd[g]) * w;
+      shift[sample * c + ch] = b;
     }
 }
 
-// out = act(x * scale + shift) (+ residual) over one contiguous run sharing one channel.
+// out = act((x - center) * scale + shift) (+ residual) over one contiguous run of one channel.
 template <typename T, Activation A, bool Residual>
 inline void apply_run(const T* __restrict x, const T* __restrict residual, T* __restrict out, int64_t count,
-                      math_t<T> scale, math_t<T> shift) {
+                      math_t<T> center, math_t<T> scale, math_t<T> shift) {
 #pragma omp simd
   for (int64_t i = 0; i < count; ++i) {
-    math_t<T> y = activate<A>(to_math(x[i]) * scale + shift);
+    math_t<T> y = activate<A>((to_math(x[i]) - center) * scale + shift);
     if constexpr (Residual) y += to_math(residual[i]);
     out[i] = from_math<T>(y);
   }
 }
 
-// The same over one channels-last row: channel ch uses scale[ch], shift[ch].
+// The same over one channels-last row: channel ch uses center[ch], scale[ch], shift[ch].
 template <typename T, Activation A, bool Residual>
 inline void apply_row(const T* __restrict x, const T* __restrict residual, T* __restrict out, int64_t c,
-                      const math_t<T>* __restrict scale, const math_t<T>* __restrict shift) {
+                      const math_t<T>* __restrict center, const math_t<T>* __restrict scale,
+                      const math_t<T>* __restrict shift) {
 #pragma omp simd
   for (int64_t ch = 0; ch < c; ++ch) {
-    math_t<T> y = activate<A>(to_math(x[ch]) * scale[ch] + shift[ch]);
+    math_t<T> y = activate<A>((to_math(x[ch]) - center[ch]) * scale[ch] + shift[ch]);
     if constexpr (Residual) y += to_math(residual[ch]);
     out[ch] = from_math<T>(y);
   }
 }
 
 template <typename T, Activation A, bool Residual>
-void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& scale,
-                   const std::vector<math_t<T>>& shift) {
+void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& center,
+                   const std::vector<math_t<T>>& scale, const std::vector<math_t<T>>& shift) {
   const T* x = static_cast<const T*>(p.x);
   const T* residual = static_cast<const T*>(p.residual);
   T* out = static_cast<T*>(p.out);
@@ -147,7 +150,7 @@ void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& scale
 #pragma omp parallel for schedule(static)
     for (int64_t plane = 0; plane < n * c; ++plane)
       apply_run<T, A, Residual>(x + plane * s, Residual ? residual + plane * s : nullptr, out + plane * s, s,
-                                scale[plane], shift[plane]);
+                                center[plane], scale[plane], shift[plane]);
     return;
   }
   const int64_t tasks = tasks_of(s);
@@ -157,8 +160,8 @@ void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& scale
     const int64_t p1 = std::min(s, p0 + kPositionsPerTask);
     for (int64_t pos = p0; pos < p1; ++pos) {
       const int64_t e = (sample * s + pos) * c;
-      apply_row<T, A, Residual>(x + e, Residual ? residual + e : nullptr, out + e, c, scale.data() + sample * c,
-                                shift.data() + sample * c);
+      apply_row<T, A, Residual>(x + e, Residual ? residual + e : nullptr, out + e, c, center.data() + sample * c,
+                                scale.data() + sample * c, shift.data() + sample * c);
     }
   }
 }
@@ -194,9 +197,10 @@ Status forward_typed(const GroupNormParams& p) {
       p.rstd[i] = static_cast<float>(rstd[i]);
     }
 
-  std::vector<F> scale, shift;
+  std::vector<F> scale, shift, center(p.n * p.c);
   affine_per_channel(mean.data(), rstd.data(), p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
-  FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { apply_forward<T, A, kResidual>(p, scale, shift); });
+  for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(mean[(i / p.c) * p.groups + (i % p.c) / per_group]);
+  FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { apply_forward<T, A, kResidual>(p, center, scale, shift); });
   return Status::Ok();
 }
 
@@ -231,7 +235,7 @@ Status backward_typed(const GroupNormBackwardParams& p) {
 #pragma omp simd reduction(+ : a, b)
         for (int64_t q = p0; q < p_end; ++q) {
           const F v = to_math(xp[q]);
-          const F dz = to_math(dyp[q]) * activate_grad<A>(v * sc + sh);
+          const F dz = to_math(dyp[q]) * activate_grad<A>((v - mu) * sc + sh);
           a += dz;
           b += dz * (v - mu) * r;
         }
@@ -262,7 +266,7 @@ Status backward_typed(const GroupNormBackwardParams& p) {
 #pragma omp simd
         for (int64_t ch = 0; ch < c; ++ch) {
           const F v = to_math(xr[ch]);
-          const F dz = to_math(dyr[ch]) * activate_grad<A>(v * sc[ch] + sh[ch]);
+          const F dz = to_math(dyr[ch]) * activate_grad<A>((v - mu[ch]) * sc[ch] + sh[ch]);
           a[ch] += dz;
           b[ch] += dz * (v - mu[ch]) * r[ch];
         }
@@ -287,7 +291,7 @@ Status backward_typed(const GroupNormBackwardParams& p) {
       if (p.grad_bias) p.grad_bias[ch] = static_cast<float>(gb);
     }
   }
-  // Per channel: dx = rstd * (dz * w - A/m - (x - mean) * rstd * B/m) = dz * k1 + x * k2 + k3.
+  // Per channel: dx = rstd * (dz * w - A/m - (x - mean) * rstd * B/m) = dz * k1 + (x - mean) * k2 + k3.
   const double inv_m = 1.0 / static_cast<double>(per_group * s);
   std::vector<F> k1(n * c), k2(n * c), k3(n * c);
   for (int64_t sample = 0; sample < n; ++sample)
@@ -298,12 +302,12 @@ Status backward_typed(const GroupNormBackwardParams& p) {
         a += w * p1[sample * c + ch];
         b += w * p2[sample * c + ch];
       }
-      const double r = p.rstd[sample * groups + g], mu = p.mean[sample * groups + g];
+      const double r = p.rstd[sample * groups + g];
       for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) {
         const double w = weight ? weight[ch] : 1.0;
         k1[sample * c + ch] = static_cast<F>(r * w);
         k2[sample * c + ch] = static_cast<F>(-r * r * b * inv_m);
-        k3[sample * c + ch] = static_cast<F>(-r * a * inv_m + mu * r * r * b * inv_m);
+        k3[sample * c + ch] = static_cast<F>(-r * a * inv_m);
       }
     }
 
@@ -313,10 +317,11 @@ Status backward_typed(const GroupNormBackwardParams& p) {
       const T* xp = x + plane * s;
       const T* dyp = dy + plane * s;
       T* dxp = dx + plane * s;
-      const F sc = scale[plane], sh = shift[plane], c1 = k1[plane], c2 = k2[plane], c3 = k3[plane];
+      const F sc = scale[plane], sh = shift[plane], mu = mean_c[plane];
+      const F c1 = k1[plane], c2 = k2[plane], c3 = k3[plane];
 #pragma omp simd
       for (int64_t q = 0; q < s; ++q) {
-        const F v = to_math(xp[q]);
+        const F v = to_math(xp[q]) - mu;
         const F dz = to_math(dyp[q]) * activate_grad<A>(v * sc + sh);
         dxp[q] = from_math<T>(dz * c1 + v * c2 + c3);
       }
@@ -332,11 +337,12 @@ Status backward_typed(const GroupNormBackwardParams& p) {
       const F* c1 = k1.data() + sample * c;
       const F* c2 = k2.data() + sample * c;
       const F* c3 = k3.data() + sample * c;
+      const F* mu = mean_c.data() + sample * c;
       for (int64_t pos = p0; pos < p_end; ++pos) {
         const int64_t e = (sample * s + pos) * c;
 #pragma omp simd
         for (int64_t ch = 0; ch < c; ++ch) {
-          const F v = to_math(x[e + ch]);
+          const F v = to_math(x[e + ch]) - mu[ch];
           const F dz = to_math(dy[e + ch]) * activate_grad<A>(v * sc[ch] + sh[ch]);
           dx[e + ch] = from_math<T>(dz * c1[ch] + v * c2[ch] + c3[ch]);
         }

@@ -86,7 +86,7 @@ reduce_cf_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
     const float mu = mean[g], r = rstd[g];
     for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) {
       const float v = to_f(xp[p]);
-      const float dz = to_f(dyp[p]) * activate_grad<A>(v * sc + sh);
+      const float dz = to_f(dyp[p]) * activate_grad<A>((v - mu) * sc + sh);
       a += dz;
       b += dz * (v - mu) * r;
     }
@@ -136,7 +136,7 @@ reduce_cl_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
       for (int64_t p = p0 + lane_p; p < p1; p += kRowsPerPass) {
         const int64_t e = (sample * s + p) * c + ch;
         const float v = to_f(x[e]);
-        const float dz = to_f(dy[e]) * activate_grad<A>(v * sc + sh);
+        const float dz = to_f(dy[e]) * activate_grad<A>((v - mu) * sc + sh);
         a += dz;
         b += dz * (v - mu) * r;
       }
@@ -185,7 +185,8 @@ __global__ void group_stats_kernel(const float2* __restrict__ partials, int64_t 
   rstd_out[ng] = static_cast<float>(1.0 / sqrt(fmax(m2 / count, 0.0) + eps));
 }
 
-// One thread per (n, c): scale = rstd * w, shift = b - mean * scale.
+// One thread per (n, c): scale = rstd * w, shift = b; applied as (x - mean) * scale + shift,
+// which stays exact when |mean| >> std (x * scale + (b - mean * scale) cancels there).
 __global__ void affine_kernel(const float* __restrict__ mean, const float* __restrict__ rstd,
                               const float* __restrict__ weight, const float* __restrict__ bias, int64_t n, int64_t c,
                               int64_t groups, float* __restrict__ scale, float* __restrict__ shift) {
@@ -194,7 +195,7 @@ __global__ void affine_kernel(const float* __restrict__ mean, const float* __res
   const int64_t ch = nc % c, g = (nc / c) * groups + ch / (c / groups);
   const float w = weight ? weight[ch] : 1.0f, b = bias ? bias[ch] : 0.0f;
   scale[nc] = rstd[g] * w;
-  shift[nc] = b - mean[g] * rstd[g] * w;
+  shift[nc] = b;
 }
 
 // Backward merges: per channel grad_weight/grad_bias over (n, splits); per group A/m, B/m.
@@ -274,14 +275,14 @@ elementwise_kernel(const T* __restrict__ x, const T* __restrict__ other, T* __re
         ch = e % c;
       }
       const int64_t nc = sample * c + ch;
-      const float v = to_f(xv[j]);
+      const int64_t g = sample * groups + ch / per_group;
+      const float v = to_f(xv[j]) - mean[g];
       const float z = v * scale[nc] + shift[nc];
       float y;
       if constexpr (Backward) {
-        const int64_t g = sample * groups + ch / per_group;
         const float dz = to_f(ov[j]) * activate_grad<A>(z);
         const float w = weight ? weight[ch] : 1.0f;
-        y = rstd[g] * (dz * w - a_over_m[g] - (v - mean[g]) * rstd[g] * b_over_m[g]);
+        y = rstd[g] * (dz * w - a_over_m[g] - v * rstd[g] * b_over_m[g]);
       } else {
         y = activate<A>(z);
         if (other) y += to_f(ov[j]);
@@ -382,7 +383,7 @@ cudaError_t forward_typed(const GroupNormParams& p, cudaStream_t stream) {
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_elementwise<T, A, false>(x, static_cast<const T*>(p.residual), static_cast<T*>(p.out), w.scale,
-                                         w.shift, nullptr, nullptr, nullptr, nullptr, nullptr, p.n, p.c, p.s,
+                                         w.shift, nullptr, p.mean, nullptr, nullptr, nullptr, p.n, p.c, p.s,
                                          p.groups, p.layout, stream);
 }
 
