@@ -317,3 +317,30 @@ def test_compile_fullgraph_patched_block():
     compiled(x, temb).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
+
+
+def test_patch_unet2d_and_vq_model_match_unpatched():
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    # time embeddings, multi-head spatial attention (heads = C // attention_head_dim) and skip connections
+    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=16,
+                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    vq = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=4, num_vq_embeddings=64,
+                           block_out_channels=(32, 64), norm_num_groups=16, layers_per_block=1,
+                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    unet, vq = randomise(unet).eval(), randomise(vq, seed=1).eval()
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
+    with torch.no_grad():
+        ref_unet, ref_vq = unet(x, t).sample, vq(x).sample
+        fastlatent.patch(unet, report=False)
+        fastlatent.patch(vq, report=False)
+        # AttnDownBlock2D: 1, AttnUpBlock2D: 2, mid block: 1
+        assert unet.fastlatent_patch_report.swapped[patching.KIND_ATTENTION] == 4
+        assert unet.fastlatent_patch_report.left_alone == vq.fastlatent_patch_report.left_alone == []
+        assert not any(type(m) is nn.GroupNorm for m in (*unet.modules(), *vq.modules()))
+        torch.testing.assert_close(unet(x, t).sample, ref_unet, atol=DECODE_ATOL, rtol=DECODE_RTOL)
+        torch.testing.assert_close(vq(x).sample, ref_vq, atol=DECODE_ATOL, rtol=DECODE_RTOL)
+        fastlatent.unpatch(unet)
+        assert torch.equal(unet(x, t).sample, ref_unet)

@@ -243,8 +243,9 @@ class ResnetBlock(nn.Module):
         new.train(block.training)
         return new
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
-        # diffusers' blocks pass a deprecated `scale`; accepted and ignored as ResnetBlock2D does
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, scale=None) -> torch.Tensor:
+        # `scale` is ResnetBlock2D's deprecated (ignored) third argument, accepted so that callers written for it
+        # keep working
         hidden = self.norm1(input_tensor)
         if self.upsample is not None:
             input_tensor = self.upsample(input_tensor)
@@ -456,8 +457,8 @@ class AttnBlock(nn.Module):
         new.train(attn.training)
         return new
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None,
-                **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
+                temb=None) -> torch.Tensor:
         # temb only feeds diffusers' spatial norm, which this block does not have
         if encoder_hidden_states is not None or attention_mask is not None:
             raise ValueError("AttnBlock is self-attention without a mask: encoder_hidden_states and attention_mask "
