@@ -1,7 +1,9 @@
 """Drop-in nn.Modules on fastlatent's kernels, with interfaces close to the libraries people use."""
 
+from fastlatent.nn.blocks import AttnBlock, Downsample, GroupNormAct, ResnetBlock, TamingResnetBlock, Upsample
 from fastlatent.nn.scalar_quantizers import BSQ, FSQ, LFQ, CodebookUsage, LossBreakdown, Return, codebook_usage
 from fastlatent.nn.vq import ResidualVQ, VectorQuantize, VQStats, rotate_to
 
 __all__ = ["VectorQuantize", "ResidualVQ", "VQStats", "rotate_to", "FSQ", "LFQ", "BSQ", "Return", "LossBreakdown",
-           "CodebookUsage", "codebook_usage"]
+           "CodebookUsage", "codebook_usage", "GroupNormAct", "ResnetBlock", "TamingResnetBlock", "Upsample",
+           "Downsample", "AttnBlock"]
