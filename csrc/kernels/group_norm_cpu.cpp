@@ -30,6 +30,29 @@ struct ChannelSums {
   std::vector<double> s1, s2, shift;
 };
 
+// Shifted sums of one contiguous plane of s values.
+template <typename T>
+inline void plane_sums(const T* xp, int64_t s, double& s1_out, double& s2_out, double& shift_out) {
+  using F = math_t<T>;
+  const F shift = to_math(xp[0]);
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
+    const int64_t p1 = std::min(s, p0 + kBlock);
+    F a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+    for (int64_t p = p0; p < p1; ++p) {
+      const F v = to_math(xp[p]) - shift;
+      a += v;
+      b += v * v;
+    }
+    s1 += a;
+    s2 += b;
+  }
+  s1_out = s1;
+  s2_out = s2;
+  shift_out = shift;
+}
+
 template <typename T>
 void channel_sums(const T* x, int64_t n, int64_t c, int64_t s, Layout layout, ChannelSums& out) {
   using F = math_t<T>;
@@ -38,26 +61,8 @@ void channel_sums(const T* x, int64_t n, int64_t c, int64_t s, Layout layout, Ch
   out.shift.assign(n * c, 0.0);
   if (layout == Layout::kChannelsFirst) {
 #pragma omp parallel for schedule(static)
-    for (int64_t plane = 0; plane < n * c; ++plane) {
-      const T* xp = x + plane * s;
-      const F shift = to_math(xp[0]);
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
-        const int64_t p1 = std::min(s, p0 + kBlock);
-        F a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-        for (int64_t p = p0; p < p1; ++p) {
-          const F v = to_math(xp[p]) - shift;
-          a += v;
-          b += v * v;
-        }
-        s1 += a;
-        s2 += b;
-      }
-      out.s1[plane] = s1;
-      out.s2[plane] = s2;
-      out.shift[plane] = shift;
-    }
+    for (int64_t plane = 0; plane < n * c; ++plane)
+      plane_sums(x + plane * s, s, out.s1[plane], out.s2[plane], out.shift[plane]);
     return;
   }
   const int64_t tasks = tasks_of(s);
@@ -98,8 +103,8 @@ void channel_sums(const T* x, int64_t n, int64_t c, int64_t s, Layout layout, Ch
 // first keeps x_hat exact when |mean| >> std (x * scale + (b - mean * scale) cancels there).
 // Weights are F.
 template <typename F, typename S>
-void affine_per_channel(const S* mean, const S* rstd, const void* weight_ptr, const void* bias_ptr, int64_t n,
-                        int64_t c, int64_t groups, std::vector<F>& scale, std::vector<F>& shift) {
+void affine_per_channel(const S* rstd, const void* weight_ptr, const void* bias_ptr, int64_t n, int64_t c,
+                        int64_t groups, std::vector<F>& scale, std::vector<F>& shift) {
   const F* weight = static_cast<const F*>(weight_ptr);
   const F* bias = static_cast<const F*>(bias_ptr);
   const int64_t per_group = c / groups;
@@ -166,10 +171,67 @@ void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& cente
   }
 }
 
+// Chan's combination of a group's per-channel shifted sums, in double: (mean, rstd).
+inline void group_moments(const double* s1, const double* s2, const double* shift, int64_t channels, int64_t s,
+                          double eps, double& mean_out, double& rstd_out) {
+  const double per_channel = static_cast<double>(s);
+  double count = 0.0, mean = 0.0, m2 = 0.0;
+  for (int64_t ch = 0; ch < channels; ++ch) {
+    const double channel_mean = shift[ch] + s1[ch] / per_channel;
+    const double channel_m2 = std::max(0.0, s2[ch] - s1[ch] * s1[ch] / per_channel);
+    const double total = count + per_channel, delta = channel_mean - mean;
+    mean += delta * (per_channel / total);
+    m2 += channel_m2 + delta * delta * (count * per_channel / total);
+    count = total;
+  }
+  mean_out = mean;
+  rstd_out = 1.0 / std::sqrt(m2 / count + eps);
+}
+
+// Channels-first with groups small enough to stay in L2: each task reads its group for the
+// statistics and applies the norm while the group is still cached, so x comes from memory
+// once. Same per-plane sums and combination as the two-pass path, so the same results.
+constexpr int64_t kFusedGroupBytes = 384 * 1024;
+
+template <typename T, Activation A, bool Residual>
+void forward_fused_groups(const GroupNormParams& p) {
+  using F = math_t<T>;
+  const T* x = static_cast<const T*>(p.x);
+  const T* residual = static_cast<const T*>(p.residual);
+  T* out = static_cast<T*>(p.out);
+  const F* weight = static_cast<const F*>(p.weight);
+  const F* bias = static_cast<const F*>(p.bias);
+  const int64_t per_group = p.c / p.groups, s = p.s;
+#pragma omp parallel
+  {
+    std::vector<double> s1(per_group), s2(per_group), shift(per_group);
+#pragma omp for schedule(static)
+    for (int64_t ng = 0; ng < p.n * p.groups; ++ng) {
+      const int64_t first_plane = (ng / p.groups) * p.c + (ng % p.groups) * per_group;
+      for (int64_t j = 0; j < per_group; ++j) plane_sums(x + (first_plane + j) * s, s, s1[j], s2[j], shift[j]);
+      double mean, rstd;
+      group_moments(s1.data(), s2.data(), shift.data(), per_group, s, p.eps, mean, rstd);
+      p.mean[ng] = static_cast<float>(mean);
+      p.rstd[ng] = static_cast<float>(rstd);
+      for (int64_t j = 0; j < per_group; ++j) {
+        const int64_t plane = first_plane + j, ch = plane % p.c;
+        const F w = weight ? weight[ch] : F(1), b = bias ? bias[ch] : F(0);
+        apply_run<T, A, Residual>(x + plane * s, Residual ? residual + plane * s : nullptr, out + plane * s, s,
+                                  static_cast<F>(mean), static_cast<F>(rstd) * w, b);
+      }
+    }
+  }
+}
+
 template <typename T, Activation A>
 Status forward_typed(const GroupNormParams& p) {
   using F = math_t<T>;
   const int64_t per_group = p.c / p.groups;
+  if (p.layout == Layout::kChannelsFirst &&
+      per_group * p.s * static_cast<int64_t>(sizeof(T)) <= kFusedGroupBytes && p.n * p.groups >= 2) {
+    FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { forward_fused_groups<T, A, kResidual>(p); });
+    return Status::Ok();
+  }
   ChannelSums sums;
   channel_sums(static_cast<const T*>(p.x), p.n, p.c, p.s, p.layout, sums);
 
@@ -177,28 +239,17 @@ Status forward_typed(const GroupNormParams& p) {
   // statistics; fp32 copies are returned for the backward (a float64 forward must be smooth
   // enough for gradcheck).
   std::vector<double> mean(p.n * p.groups), rstd(p.n * p.groups);
-  const double per_channel = static_cast<double>(p.s);
   for (int64_t sample = 0; sample < p.n; ++sample)
     for (int64_t g = 0; g < p.groups; ++g) {
-      double count = 0.0, group_mean = 0.0, m2 = 0.0;
-      for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) {
-        const int64_t i = sample * p.c + ch;
-        const double channel_mean = sums.shift[i] + sums.s1[i] / per_channel;
-        const double channel_m2 = std::max(0.0, sums.s2[i] - sums.s1[i] * sums.s1[i] / per_channel);
-        const double total = count + per_channel, delta = channel_mean - group_mean;
-        group_mean += delta * (per_channel / total);
-        m2 += channel_m2 + delta * delta * (count * per_channel / total);
-        count = total;
-      }
-      const int64_t i = sample * p.groups + g;
-      mean[i] = group_mean;
-      rstd[i] = 1.0 / std::sqrt(m2 / count + p.eps);
+      const int64_t i = sample * p.groups + g, first = sample * p.c + g * per_group;
+      group_moments(sums.s1.data() + first, sums.s2.data() + first, sums.shift.data() + first, per_group, p.s, p.eps,
+                    mean[i], rstd[i]);
       p.mean[i] = static_cast<float>(mean[i]);
       p.rstd[i] = static_cast<float>(rstd[i]);
     }
 
   std::vector<F> scale, shift, center(p.n * p.c);
-  affine_per_channel(mean.data(), rstd.data(), p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
+  affine_per_channel(rstd.data(), p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
   for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(mean[(i / p.c) * p.groups + (i % p.c) / per_group]);
   FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { apply_forward<T, A, kResidual>(p, center, scale, shift); });
   return Status::Ok();
@@ -214,7 +265,7 @@ Status backward_typed(const GroupNormBackwardParams& p) {
   const int64_t n = p.n, c = p.c, s = p.s, groups = p.groups, per_group = c / groups;
 
   std::vector<F> scale, shift, mean_c(n * c), rstd_c(n * c);
-  affine_per_channel(p.mean, p.rstd, p.weight, p.bias, n, c, groups, scale, shift);
+  affine_per_channel(p.rstd, p.weight, p.bias, n, c, groups, scale, shift);
   for (int64_t i = 0; i < n * c; ++i) {
     mean_c[i] = p.mean[(i / c) * groups + (i % c) / per_group];
     rstd_c[i] = p.rstd[(i / c) * groups + (i % c) / per_group];
