@@ -38,18 +38,24 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _time(fn, device, repeats: int = 3) -> float:
+def _time(fn, device, repeats: int = 7) -> float:
+    """Fastest of `repeats` calls after a warm-up: single calls on a shared CPU are noisy (first
+    touches of fresh outputs, other processes), and the minimum is what the code can do."""
     import torch
 
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
+    sync()
+    best = float("inf")
     for _ in range(repeats):
+        start = time.perf_counter()
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - start) / repeats
+        sync()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _realistic_batch(device, dtype, n=8192, d=64, k=1024):
