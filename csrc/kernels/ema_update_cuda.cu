@@ -30,10 +30,6 @@ cluster_size_kernel(float* __restrict__ cluster_size, const float* __restrict__ 
   if (threadIdx.x == 0) *total = partial[0];
 }
 
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-
 template <typename T>
 __global__ void embed_kernel(float* __restrict__ embed_sum, T* __restrict__ codebook,
                              const float* __restrict__ sums, const float* __restrict__ cluster_size,
@@ -48,7 +44,7 @@ __global__ void embed_kernel(float* __restrict__ embed_sum, T* __restrict__ code
     const float smoothed = static_cast<float>((cluster_size[c] + eps) / denominator * total);
     const float value = decay * embed_sum[e] + (1.0f - decay) * sums[e];
     embed_sum[e] = value;
-    store(codebook + e, value * (1.0f / smoothed));
+    codebook[e] = cuda::from_float<T>(value * (1.0f / smoothed));
   }
 }
 

@@ -55,12 +55,7 @@ struct Welford {
   }
 };
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+using cuda::to_float;
 
 // Partials layout: [n][split][c] of float2 (a, b). Forward: (mean, M2); backward: (sum dz,
 // sum dz * x_hat).
@@ -85,14 +80,14 @@ reduce_cf_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
     const int64_t g = sample * groups + ch / (c / groups);
     const float mu = mean[g], r = rstd[g];
     for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) {
-      const float v = to_f(xp[p]);
-      const float dz = to_f(dyp[p]) * activate_grad<A>((v - mu) * sc + sh);
+      const float v = to_float(xp[p]);
+      const float dz = to_float(dyp[p]) * activate_grad<A>((v - mu) * sc + sh);
       a += dz;
       b += dz * (v - mu) * r;
     }
     sums[threadIdx.x] = make_float2(a, b);
   } else {
-    for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) w.add(to_f(xp[p]));
+    for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) w.add(to_float(xp[p]));
     states[threadIdx.x] = w;
   }
   __syncthreads();
@@ -135,13 +130,13 @@ reduce_cl_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
       const float mu = mean[g], r = rstd[g];
       for (int64_t p = p0 + lane_p; p < p1; p += kRowsPerPass) {
         const int64_t e = (sample * s + p) * c + ch;
-        const float v = to_f(x[e]);
-        const float dz = to_f(dy[e]) * activate_grad<A>((v - mu) * sc + sh);
+        const float v = to_float(x[e]);
+        const float dz = to_float(dy[e]) * activate_grad<A>((v - mu) * sc + sh);
         a += dz;
         b += dz * (v - mu) * r;
       }
     } else {
-      for (int64_t p = p0 + lane_p; p < p1; p += kRowsPerPass) w.add(to_f(x[(sample * s + p) * c + ch]));
+      for (int64_t p = p0 + lane_p; p < p1; p += kRowsPerPass) w.add(to_float(x[(sample * s + p) * c + ch]));
     }
   }
   if constexpr (Backward) {
@@ -276,18 +271,18 @@ elementwise_kernel(const T* __restrict__ x, const T* __restrict__ other, T* __re
       }
       const int64_t nc = sample * c + ch;
       const int64_t g = sample * groups + ch / per_group;
-      const float v = to_f(xv[j]) - mean[g];
+      const float v = to_float(xv[j]) - mean[g];
       const float z = v * scale[nc] + shift[nc];
       float y;
       if constexpr (Backward) {
-        const float dz = to_f(ov[j]) * activate_grad<A>(z);
+        const float dz = to_float(ov[j]) * activate_grad<A>(z);
         const float w = weight ? weight[ch] : 1.0f;
         y = rstd[g] * (dz * w - a_over_m[g] - v * rstd[g] * b_over_m[g]);
       } else {
         y = activate<A>(z);
-        if (other) y += to_f(ov[j]);
+        if (other) y += to_float(ov[j]);
       }
-      store(result + j, y);
+      result[j] = cuda::from_float<T>(y);
     }
     if constexpr (Vectorized) {
       *reinterpret_cast<uint4*>(out + e0) = *reinterpret_cast<const uint4*>(result);

@@ -24,9 +24,6 @@ constexpr int kThreads = 256;
 constexpr int kSelectThreads = 1024;
 constexpr int64_t kMaxBlocks = 8192;
 
-__device__ __forceinline__ void from_float(float v, float& out) { out = v; }
-__device__ __forceinline__ void from_float(float v, __half& out) { out = __float2half_rn(v); }
-__device__ __forceinline__ void from_float(float v, __nv_bfloat16& out) { out = __float2bfloat16_rn(v); }
 
 template <typename T, int kLanes>
 __device__ __forceinline__ void load_lanes(const T* __restrict__ src, float (&dst)[kLanes]) {
@@ -47,11 +44,11 @@ __device__ __forceinline__ void store_lanes(T* __restrict__ dst, const float (&s
     uint4 raw;
     T* values = reinterpret_cast<T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kLanes; ++j) from_float(src[j], values[j]);
+    for (int j = 0; j < kLanes; ++j) values[j] = cuda::from_float<T>(src[j]);
     *reinterpret_cast<uint4*>(dst) = raw;
   } else {
 #pragma unroll
-    for (int j = 0; j < kLanes; ++j) from_float(src[j], dst[j]);
+    for (int j = 0; j < kLanes; ++j) dst[j] = cuda::from_float<T>(src[j]);
   }
 }
 
