@@ -144,9 +144,10 @@ setup(
     packages=find_packages(include=["fastlatent", "fastlatent.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
-    install_requires=["torch", "numpy"],
+    # The models, their training and the demo need these (digits data, plots, safe weights, progress bars).
+    install_requires=["torch", "numpy", "safetensors", "tqdm", "pillow", "scikit-learn", "matplotlib"],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "expecttest"],
+        "test": ["pytest", "pytest-benchmark", "expecttest", "lpips", "scikit-image"],
         "bench": ["pytest-benchmark", "faiss-cpu", "vector-quantize-pytorch"],
     },
     entry_points={"console_scripts": ["fastlatent = fastlatent.cli:main"]},

@@ -20,7 +20,7 @@ torch_spec=${FASTLATENT_TORCH:-"torch==2.14.1 torchvision==0.29.1"}
 extras=()
 for arg in "$@"; do
   case "$arg" in
-    --test) extras+=(pytest pytest-benchmark expecttest diffusers vector-quantize-pytorch) ;;
+    --test) extras+=(pytest pytest-benchmark expecttest diffusers vector-quantize-pytorch lpips scikit-image) ;;
     --bench) extras+=(pytest pytest-benchmark faiss-cpu diffusers vector-quantize-pytorch) ;;
     *) echo "install.sh: unknown option $arg (expected --test or --bench)" >&2; exit 2 ;;
   esac
@@ -34,7 +34,8 @@ if ! python -c "import torch" 2>/dev/null; then
   # shellcheck disable=SC2086
   pip install $torch_spec
 fi
-pip install numpy pybind11 ninja "setuptools>=64" wheel ${extras[@]+"${extras[@]}"}
+# fastlatent's own runtime dependencies (the editable install below is --no-deps).
+pip install numpy pybind11 ninja "setuptools>=64" wheel safetensors tqdm pillow scikit-learn matplotlib ${extras[@]+"${extras[@]}"}
 # No build isolation: compile against the torch in this venv, not a freshly downloaded one.
 MAX_JOBS=${MAX_JOBS:-2} pip install --no-build-isolation --no-deps -e .
 echo "install.sh: fastlatent built into $venv"

@@ -1,0 +1,148 @@
+"""What every fastlatent model shares: its constructor arguments as a JSON config, and safe save/load.
+
+A model class derives from :class:`ConfigMixin` (after ``nn.Module``) and is decorated with
+:func:`register_model`. Its ``__init__`` arguments must be JSON values (numbers, strings, booleans, None,
+lists, dicts); they are recorded on construction as ``model.config``, so ``type(model).from_config(model.config)``
+builds the same architecture. ``save_pretrained(folder)`` writes ``config.json`` and ``model.safetensors``;
+``load_pretrained(folder)`` rebuilds the class named in the config from :data:`MODEL_REGISTRY` only (never an
+arbitrary import, never a pickle), so loading an untrusted folder cannot run code.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODEL_REGISTRY: dict[str, type] = {}
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+def register_model(cls: type) -> type:
+    """Class decorator: makes ``cls`` loadable by name from a saved ``config.json``."""
+    name = cls.__name__
+    if name in MODEL_REGISTRY and MODEL_REGISTRY[name] is not cls:
+        raise ValueError(f"fastlatent.models: a model class named {name} is already registered")
+    MODEL_REGISTRY[name] = cls
+    return cls
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    if isinstance(value, tuple):
+        value = list(value)
+    if isinstance(value, list):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"{where} must be a JSON value (number, string, bool, None, list or dict) so the model can be "
+                    f"saved, got {type(value).__name__}")
+
+
+class ConfigMixin:
+    """Records the constructor arguments of the outermost ``__init__`` as ``self.config`` (a dict)."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is None:
+            return
+        signature = inspect.signature(init)
+
+        @functools.wraps(init)
+        def recording_init(self, *args, **kw):
+            if "_config" not in self.__dict__:
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                config = {}
+                for name, param in signature.parameters.items():
+                    if name == "self":
+                        continue
+                    value = bound.arguments.get(name)
+                    if param.kind is inspect.Parameter.VAR_KEYWORD:
+                        config.update(value or {})
+                    elif param.kind is inspect.Parameter.VAR_POSITIONAL:
+                        if value:
+                            raise TypeError(f"{cls.__name__}: positional *args cannot be saved in a config")
+                    else:
+                        config[name] = value
+                config = {k: _jsonable(v, f"{cls.__name__}: argument {k}") for k, v in config.items()}
+                object.__setattr__(self, "_config", config)
+            init(self, *args, **kw)
+
+        cls.__init__ = recording_init
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments (a copy), JSON-serialisable."""
+        return json.loads(json.dumps(self.__dict__["_config"]))
+
+    @classmethod
+    def from_config(cls, config: dict):
+        return cls(**config)
+
+    def save_pretrained(self, folder: str | os.PathLike) -> Path:
+        """Writes ``config.json`` and ``model.safetensors`` into ``folder`` (created), each atomically."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"class": type(self).__name__, "config": self.config}
+        # clone(): safetensors refuses tensors that share storage (tied weights).
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        atomic_write(folder / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
+        atomic_write(folder / CONFIG_NAME,
+                     lambda path: Path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+        return folder
+
+
+def atomic_write(target: str | os.PathLike, write) -> None:
+    """Calls ``write(tmp_path)`` then renames over ``target``, so a crash never leaves a half-written file."""
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_pretrained(folder: str | os.PathLike, *, map_location: str | torch.device = "cpu",
+                    expected: type | tuple[type, ...] | None = None):
+    """Rebuilds a model saved by ``save_pretrained``: the registered class named in ``config.json``, its weights
+    from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FileNotFoundError(f"fastlatent.models.load_pretrained: {path} not found (expected a folder written "
+                                    f"by save_pretrained, with {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        meta = json.loads(config_path.read_text())
+        name, config = meta["class"], meta["config"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"fastlatent.models.load_pretrained: {config_path} is not a fastlatent model config "
+                         f"(expected {{\"class\": ..., \"config\": {{...}}}}): {exc}") from None
+    cls = MODEL_REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"fastlatent.models.load_pretrained: {config_path} names an unknown model class {name!r}; "
+                         f"known: {sorted(MODEL_REGISTRY)}")
+    if expected is not None and not issubclass(cls, expected):
+        names = [c.__name__ for c in (expected if isinstance(expected, tuple) else (expected,))]
+        raise ValueError(f"fastlatent.models.load_pretrained: {folder} holds a {name}, expected one of {names}")
+    model = cls.from_config(config)
+    model.load_state_dict(load_file(str(weights_path), device=str(map_location)))
+    return model.to(map_location)
