@@ -232,11 +232,37 @@ def build_parser() -> argparse.ArgumentParser:
     selftest = sub.add_parser(
         "selftest", help="run every op on real tensors on each available device and check it against the reference")
     selftest.set_defaults(func=_cmd_selftest)
+    from fastlatent.commands import add_model_commands
+
+    add_model_commands(sub)
     return parser
+
+
+def _config_argv(argv: list[str]) -> tuple[str | None, str | None]:
+    """(command, --config value) from the raw arguments, before parsing."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return command, argv[i + 1]
+        if arg.startswith("--config="):
+            return command, arg.split("=", 1)[1]
+    return command, None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command, config_path = _config_argv(argv)
+    if config_path is not None:
+        from fastlatent.commands import apply_config_defaults, load_config_file
+
+        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        if command not in subparsers.choices:
+            parser.error(f"--config goes after a command, e.g. fastlatent train-ae --config {config_path}")
+        try:
+            apply_config_defaults(subparsers.choices[command], load_config_file(config_path), config_path)
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
