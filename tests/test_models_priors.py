@@ -308,6 +308,34 @@ def test_latent_diffusion_errors():
         prior.sample(1, labels=0, method="dpmpp_2m")
     with pytest.raises(ValueError, match="latent size is unknown"):
         LatentDiffusion(tiny_unet()).sample(1, labels=0)
+    learned_variance = LatentDiffusion(tiny_dit(learn_sigma=True))
+    assert learned_variance.sample(2, labels=0, steps=2).shape == (2, 2, 4, 4)  # the eps channels only
+    with pytest.raises(ValueError, match="learn_sigma=True"):
+        learned_variance.training_step((torch.randn(2, 2, 4, 4), torch.tensor([0, 1])), 0)
+
+
+@pytest.mark.cuda
+def test_priors_on_cuda_with_graph_capture():
+    torch.manual_seed(0)
+    prior = LatentDiffusion(randomize(tiny_dit()), objective="flow").cuda()
+    kwargs = dict(labels=[0, 2], steps=4, guidance=2.0)
+    eager = prior.sample(2, generator=torch.Generator().manual_seed(0), **kwargs)
+    assert eager.is_cuda
+    for _ in range(2):  # capture, then replay with fresh noise from the same seed
+        graphed = prior.sample(2, generator=torch.Generator().manual_seed(0), capture_graph=True, **kwargs)
+        torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
+    loss = prior.training_step((torch.randn(4, 2, 4, 4, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")), 0)
+    assert loss["loss"].is_cuda and loss["loss"].isfinite()
+    gpt = tiny_gpt().cuda().eval()
+    tokens = torch.randint(0, 11, (2, 8), device="cuda")
+    labels = torch.tensor([0, 1], device="cuda")
+    cache = gpt.new_cache(2)
+    steps = [gpt(tokens[:, :0], labels, cache)] + [gpt(tokens[:, i:i + 1], cache=cache) for i in range(7)]
+    torch.testing.assert_close(torch.cat(steps, dim=1), gpt(tokens[:, :-1], labels), atol=1e-4, rtol=1e-4)
+    generator = torch.Generator("cuda").manual_seed(0)
+    assert gpt.sample(3, labels=1, top_p=0.9, guidance=1.5, generator=generator).shape == (3, 8)
+    with pytest.raises(ValueError, match="generator is on cpu but the model is on cuda"):
+        gpt.sample(1, labels=1, generator=torch.Generator())
 
 
 @pytest.mark.parametrize("objective,schedule,method", [("flow", "flow", "euler"), ("v", "cosine", "ddim")])

@@ -103,7 +103,9 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             cache.keys[layer][:, :, start:start + n] = k
             cache.values[layer][:, :, start:start + n] = v
-            k, v = cache.keys[layer][:, :, :start + n], cache.values[layer][:, :, :start + n]
+            # cast on read: under autocast q/k/v may be in a lower precision than the cache
+            k = cache.keys[layer][:, :, :start + n].to(q.dtype)
+            v = cache.values[layer][:, :, :start + n].to(q.dtype)
         if start == 0:
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif n == 1:  # one new position attends to everything cached: no mask

@@ -183,7 +183,8 @@ class TwoStagePipeline(nn.Module):
                     raise ValueError(f"{where}: tokens must be an integer tensor [B, {seq_len}], got {what}")
                 codebook = self.autoencoder.codebook_size
                 if x.numel() and bool(((x < 0) | (x >= codebook)).any()):
-                    raise ValueError(f"{where}: tokens must be in [0, {codebook - 1}] (the codebook size is {codebook})")
+                    raise ValueError(f"{where}: tokens must be in [0, {codebook - 1}] (the codebook size is "
+                                     f"{codebook})")
                 indices = x.long().reshape(x.shape[0], *self.token_grid)
                 return self.autoencoder.decode_indices(indices, **decode_kwargs)
             channels = self.autoencoder.latent_channels
