@@ -290,7 +290,9 @@ class DiT(nn.Module, ConfigMixin):
         dropout: dropout in attention and MLP (0 in DiT).
 
     ``forward(x [B, C, h, w], t [B] (or a number), labels [B] int64 or None) -> [B, C_out, h, w]``. ``t`` is the
-    training timestep the sampler passes (``0..T-1`` for discrete schedules, ``s * T`` for flow).
+    training timestep the sampler passes (``0..T-1`` for discrete schedules, ``s * T`` for flow). The forward checks
+    shapes, dtypes and devices but not label values (that would sync the device on every call and break CUDA-graph
+    capture); :class:`LatentDiffusion`'s ``training_step`` and ``sample`` check those.
     """
 
     def __init__(self, input_size: int | list[int] = 32, patch_size: int = 2, in_channels: int = 4,
