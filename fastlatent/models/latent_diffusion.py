@@ -296,9 +296,10 @@ class LatentDiffusion(nn.Module, ConfigMixin):
                                  f"{self.objective!r}")
         if self.objective == "flow":
             if timesteps is None:
-                u = torch.rand(b, device=latents.device)
                 if self.flow_time_sampling == "logit_normal":
                     u = torch.sigmoid(torch.randn(b, device=latents.device))
+                else:
+                    u = torch.rand(b, device=latents.device)
                 shift = self.schedule.shift
                 timesteps = shift * u / (1 + (shift - 1) * u)
             s = timesteps.to(device=latents.device, dtype=torch.float32)
