@@ -1,5 +1,11 @@
 """Full two-stage latent generative models: autoencoders (stage 1), priors (stage 2) and their pipeline."""
 
+from fastlatent.models.autoencoder_kl import (AutoencoderKL, diffusers_to_ldm_vae_state_dict,
+                                              ldm_to_diffusers_vae_state_dict, vae_config_from_state_dict)
+from fastlatent.models.autoencoders import AutoencoderOutput, DiagonalGaussian
 from fastlatent.models.base import MODEL_REGISTRY, ConfigMixin, load_pretrained, register_model
+from fastlatent.models.vae_blocks import Decoder, Encoder
 
-__all__ = ["MODEL_REGISTRY", "ConfigMixin", "register_model", "load_pretrained"]
+__all__ = ["MODEL_REGISTRY", "ConfigMixin", "register_model", "load_pretrained", "AutoencoderKL",
+           "AutoencoderOutput", "DiagonalGaussian", "Encoder", "Decoder", "ldm_to_diffusers_vae_state_dict",
+           "diffusers_to_ldm_vae_state_dict", "vae_config_from_state_dict"]
