@@ -2,6 +2,8 @@
 diffusers-named and ldm-named safetensors files), the latent scale, input validation; VQ/FSQ autoencoders' discrete
 protocol."""
 
+import copy
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -297,3 +299,130 @@ def test_encoder_decoder_standalone_and_errors():
     assert enc.conv_norm_out.activation == "silu" and isinstance(enc.conv_act, torch.nn.Identity)
     with pytest.raises(ValueError, match="latent_embeds"):
         dec(h[:, :3], latent_embeds=h)
+
+
+# ---------------------------------------------------------------------------------------------- discrete
+
+from fastlatent.models import FSQAutoencoder, VQAutoencoder  # noqa: E402
+
+DIGITS = dict(in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
+              mid_block_add_attention=False)
+DISCRETE = {
+    "fsq": lambda: FSQAutoencoder(**DIGITS, levels=[5, 4, 3]),
+    "lfq": lambda: FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=64),
+    "bsq": lambda: FSQAutoencoder(**DIGITS, quantizer="bsq", codebook_size=32),
+    "vq": lambda: VQAutoencoder(**DIGITS, latent_channels=4, codebook_size=32),
+    "rvq": lambda: VQAutoencoder(**DIGITS, latent_channels=4, codebook_size=16, quantizer="rvq", num_quantizers=3,
+                                 learnable_codebook=True, decay=0.0),
+}
+EXPECTED = {"fsq": (3, 60, set()), "lfq": (6, 64, {"entropy", "commitment"}), "bsq": (5, 32, {"entropy", "commitment"}),
+            "vq": (4, 32, {"commitment"}), "rvq": (4, 16, {"commitment", "codebook"})}
+
+
+@pytest.mark.parametrize("kind", list(DISCRETE))
+def test_discrete_protocol_round_trip(kind):
+    torch.manual_seed(0)
+    model = DISCRETE[kind]()
+    latent_channels, codebook_size, loss_terms = EXPECTED[kind]
+    assert model.is_discrete and model.codebook_size == codebook_size and model.latent_channels == latent_channels
+    assert model.downsample_factor == 2 and model.scaling_factor == 1.0 and model.shift_factor == 0.0
+    x = torch.rand(4, 1, 8, 12) * 2 - 1
+    out = model.train()(x)
+    assert set(out.losses) == loss_terms and all(v.dim() == 0 and v.requires_grad for v in out.losses.values())
+    index_shape = (4, 4, 6, 3) if kind == "rvq" else (4, 4, 6)
+    assert out.stats["indices"].shape == index_shape and out.stats["indices"].dtype == torch.int64
+    assert 1.0 <= float(out.stats["perplexity"]) <= codebook_size and 0.0 < float(out.stats["usage"]) <= 1.0
+    assert out.latents.shape == (4, latent_channels, 4, 6) and out.reconstruction.shape == x.shape
+    (out.reconstruction.square().mean() + sum(out.losses.values(), torch.zeros(()))).backward()
+    assert model.encoder.conv_in.weight.grad is not None  # straight-through gradient reaches the encoder
+    model.eval()
+    with torch.no_grad():
+        indices = model.encode_indices(x)
+        assert indices.shape == index_shape and int(indices.min()) >= 0 and int(indices.max()) < codebook_size
+        z = model.encode(x)
+        torch.testing.assert_close(model.decode_indices(indices), model.decode(z), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x).reconstruction, model.decode(z))
+
+
+@pytest.mark.parametrize("kind", ["vq", "fsq"])
+def test_discrete_save_load(kind, tmp_path):
+    model = DISCRETE[kind]().eval()
+    model.save_pretrained(tmp_path / kind)
+    loaded = load_pretrained(tmp_path / kind)
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    assert type(loaded) is type(model)
+    assert torch.equal(loaded.encode_indices(x), model.encode_indices(x))
+
+
+def test_vq_encode_never_updates_the_codebook():
+    model = DISCRETE["vq"]().train()
+    before = model.quantizer.embed.clone()
+    model.encode(torch.rand(2, 1, 8, 8))
+    model.encode_indices(torch.rand(2, 1, 8, 8))
+    assert torch.equal(model.quantizer.embed, before) and model.training and model.quantizer.training
+    model(torch.rand(2, 1, 8, 8))
+    assert not torch.equal(model.quantizer.embed, before)  # the EMA update runs in forward
+
+
+def test_discrete_validation():
+    with pytest.raises(ValueError, match="quantizer must be one of .*'fsq', 'lfq', 'bsq'.*got 'vq'"):
+        FSQAutoencoder(**DIGITS, quantizer="vq")
+    with pytest.raises(ValueError, match="quantizer must be one of .*'vq', 'rvq'.*got 'fsq'"):
+        VQAutoencoder(**DIGITS, quantizer="fsq")
+    with pytest.raises(ValueError, match="levels must be a non-empty list"):
+        FSQAutoencoder(**DIGITS, levels=[])
+    with pytest.raises(ValueError, match="levels must all be >= 2"):
+        FSQAutoencoder(**DIGITS, levels=[8, 1])
+    with pytest.raises(ValueError, match="codebook_size must be a power of 2 >= 2 for quantizer='lfq'"):
+        FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=100)
+    with pytest.raises(ValueError, match="codebook_size must be a power of 2"):
+        FSQAutoencoder(**DIGITS, quantizer="bsq")
+    with pytest.raises(ValueError, match="levels applies to quantizer='fsq' only"):
+        FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=64, levels=[8, 8])
+    with pytest.raises(ValueError, match="codebook_size is prod\\(levels\\)"):
+        FSQAutoencoder(**DIGITS, codebook_size=64)
+    with pytest.raises(ValueError, match="quantizer_kwargs may not set \\['entropy_loss_weight'\\]"):
+        FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=64, quantizer_kwargs={"entropy_loss_weight": 1})
+    with pytest.raises(TypeError, match="bad quantizer_kwargs for 'lfq'"):
+        FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=64, quantizer_kwargs={"bogus": 1})
+    with pytest.raises(ValueError, match="num_quantizers=2 needs quantizer='rvq'"):
+        VQAutoencoder(**DIGITS, num_quantizers=2)
+    with pytest.raises(ValueError, match="codebook_size must be an int >= 1"):
+        VQAutoencoder(**DIGITS, codebook_size=0)
+    with pytest.raises(ValueError, match="decay must be in \\[0, 1\\]"):
+        VQAutoencoder(**DIGITS, decay=2.0)
+    with pytest.raises(ValueError, match=r"block_out_channels\[0\]=12 must be divisible by norm_num_groups=8"):
+        FSQAutoencoder(**{**DIGITS, "block_out_channels": [12, 32]})
+    model = DISCRETE["fsq"]()
+    with pytest.raises(ValueError, match=r"indices must be in \[0, 60\), got values in \[0, 60\]"):
+        model.decode_indices(torch.tensor([[[0, 60]]]))
+    with pytest.raises(ValueError, match=r"indices must have shape \[B, h, w\], got \[2, 2\]"):
+        model.decode_indices(torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(TypeError, match="indices must be an integer tensor"):
+        model.decode_indices(torch.zeros(1, 2, 2))
+    with pytest.raises(ValueError, match=r"indices must have shape \[B, h, w, 3\]"):
+        DISCRETE["rvq"]().decode_indices(torch.zeros(1, 2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, 1, H, W\]"):
+        model.encode_indices(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match=r"multiples of the downsampling factor 2, got 7x8"):
+        model(torch.zeros(1, 1, 7, 8))
+    with pytest.raises(ValueError, match=r"z must have shape \[B, 3, H, W\]"):
+        model.decode(torch.zeros(1, 4, 4, 4))
+
+
+@pytest.mark.parametrize("kind", ["vq", "rvq"])
+def test_vq_loss_terms_equal_the_quantizers_own(kind):
+    torch.manual_seed(1)
+    model = DISCRETE[kind]().train()
+    x = torch.rand(2, 1, 8, 8) * 2 - 1
+    h = model._pre_quant(x)
+    twin = copy.deepcopy(model.quantizer)  # forward moves an EMA codebook: the twin sees the same codes
+    _, _, losses = model._quantize(h)
+    _, _, _, stats = twin(h, return_stats=True)
+    stats = stats if kind == "rvq" else [stats]
+    torch.testing.assert_close(losses["commitment"], sum(s.commitment_loss for s in stats))
+    if kind == "rvq":  # learnable codebook: the codebook term has its own gradient, into the codebooks only
+        torch.testing.assert_close(losses["codebook"], sum(s.codebook_loss for s in stats))
+        grads = torch.autograd.grad(losses["codebook"], [model.quantizer.layers[0].embed, model.quant_conv.weight],
+                                    allow_unused=True)
+        assert grads[0].abs().sum() > 0 and (grads[1] is None or not grads[1].any())
