@@ -4,10 +4,13 @@ from fastlatent.models.autoencoder_kl import (AutoencoderKL, diffusers_to_ldm_va
                                               ldm_to_diffusers_vae_state_dict, vae_config_from_state_dict)
 from fastlatent.models.autoencoders import AutoencoderOutput, DiagonalGaussian, LatentScaleMixin
 from fastlatent.models.discrete_autoencoders import FSQAutoencoder, VQAutoencoder
+from fastlatent.models.losses import (LPIPS, AutoencoderLoss, AutoencoderTask, PatchGANDiscriminator,
+                                      adaptive_generator_weight, hinge_d_loss, vanilla_d_loss)
 from fastlatent.models.base import MODEL_REGISTRY, ConfigMixin, load_pretrained, register_model
 from fastlatent.models.vae_blocks import Decoder, Encoder
 
 __all__ = ["MODEL_REGISTRY", "ConfigMixin", "register_model", "load_pretrained", "AutoencoderKL",
            "AutoencoderOutput", "DiagonalGaussian", "Encoder", "Decoder", "ldm_to_diffusers_vae_state_dict",
            "diffusers_to_ldm_vae_state_dict", "vae_config_from_state_dict", "LatentScaleMixin", "VQAutoencoder",
-           "FSQAutoencoder"]
+           "FSQAutoencoder", "LPIPS", "PatchGANDiscriminator", "AutoencoderLoss", "AutoencoderTask",
+           "adaptive_generator_weight", "hinge_d_loss", "vanilla_d_loss"]
