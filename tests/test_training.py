@@ -337,6 +337,9 @@ def test_bad_modules_and_outputs_raise(tmp_path):
         Trainer(Regressor())
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
         Trainer(object(), **small_config(tmp_path))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            Trainer(Regressor(), device="cuda", **small_config(tmp_path))
     cases = [
         (lambda m, b: {"total": m.w.sum()}, ValueError, "returned no 'loss' entry"),
         (lambda m, b: m.w.sum(), TypeError, "must return a dict"),
@@ -447,6 +450,15 @@ def test_resume_refuses_changed_data_order(tmp_path):
     Trainer(Regressor(), **small_config(tmp_path, steps=4, batch_size=4, resume=False)).fit(PairDataset())
 
 
+def test_resume_refuses_a_different_architecture(tmp_path):
+    Trainer(Regressor(), **small_config(tmp_path, steps=2)).fit(PairDataset())
+    wider = Regressor()
+    wider.net[0] = nn.Linear(4, 32)
+    wider.net[2] = nn.Linear(32, 1)
+    with pytest.raises(ValueError, match="does not fit this module and optimizer"):
+        Trainer(wider, **small_config(tmp_path, steps=2)).fit(PairDataset())
+
+
 def test_finished_run_is_not_retrained(tmp_path):
     Trainer(Regressor(), **small_config(tmp_path, steps=3)).fit(PairDataset())
     before = read_metrics(tmp_path / "run" / "metrics.jsonl")
@@ -478,6 +490,34 @@ def test_callbacks_log_eval_records_and_do_not_change_the_run(tmp_path):
     assert train_a == [r["loss"] for r in records_b]
     plot_metrics(records_a, tmp_path / "plot.png")
     assert (tmp_path / "plot.png").stat().st_size > 1000
+
+
+def test_data_order_does_not_depend_on_worker_processes(tmp_path):
+    from fastlatent.data import DigitsDataset
+
+    class DigitLogits(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(64, 10)
+
+        def training_step(self, batch, step):
+            images, labels = batch
+            logits = self.head(images.flatten(1))
+            return {"loss": nn.functional.cross_entropy(logits, labels), "label_sum": labels.sum().float()}
+
+    data = DigitsDataset("test", size=8, augment_shift=1)
+    for workers in (0, 2):
+        torch.manual_seed(0)
+        Trainer(DigitLogits(), **small_config(tmp_path / str(workers), steps=5, num_workers=workers)).fit(data)
+    assert _curve(tmp_path / "0" / "run") == _curve(tmp_path / "2" / "run")
+
+
+def test_config_from_dict_round_trip(tmp_path):
+    config = TrainerConfig(out_dir=str(tmp_path), steps=10, betas=[0.5, 0.9])
+    again = TrainerConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert again == config and again.betas == (0.5, 0.9)
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learning_rate'\]"):
+        TrainerConfig.from_dict({"out_dir": "x", "steps": 1, "learning_rate": 1.0})
 
 
 def test_grad_accumulation_matches_one_big_batch(tmp_path):

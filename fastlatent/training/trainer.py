@@ -145,6 +145,15 @@ class TrainerConfig:
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainerConfig:
+        """Build from a mapping (a parsed config file); unknown keys are an error naming the valid ones."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ValueError(f"TrainerConfig: unknown setting(s) {unknown}; valid: {fields}")
+        return cls(**values)
+
 
 def _is_real(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
@@ -330,6 +339,8 @@ class Trainer:
         if device is None:
             device = default_device(env)
         device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"Trainer: device={str(device)!r} but CUDA is not available; use device='cpu'")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", env.local_rank if env.enabled else torch.cuda.current_device())
         self.device = device
@@ -372,7 +383,6 @@ class Trainer:
         self.epoch = 0
         self.history: list[dict] = []
         self._elapsed_before = 0.0  # training seconds of earlier (interrupted) runs
-        self._validated_outputs = False
 
     # ------------------------------------------------------------------ set-up helpers
 
@@ -518,13 +528,18 @@ class Trainer:
             warnings.warn(f"fastlatent: the dataset has {dataset_len} samples, the checkpointed run had "
                           f"{data['num_samples']}; the data order differs from the interrupted run",
                           RuntimeWarning, stacklevel=3)
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.disc_optimizer is not None:
-            if state.get("disc_optimizer") is None:
-                raise ValueError("Trainer: the checkpoint has no discriminator optimizer state but the module has "
-                                 "a discriminator")
-            self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.disc_optimizer is not None:
+                if state.get("disc_optimizer") is None:
+                    raise ValueError("the checkpoint has no discriminator optimizer state but the module has a "
+                                     "discriminator")
+                self.disc_optimizer.load_state_dict(state["disc_optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ValueError(f"Trainer: the checkpoint in {self.checkpoint_dir} does not fit this module and "
+                             f"optimizer (architecture, frozen parameters or weight_decay changed?): {exc}; use "
+                             f"another out_dir or resume=False") from exc
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state.get("ema") is not None:
