@@ -439,7 +439,7 @@ def train_autoencoder(args) -> tuple[Any, dict]:
     loss = models.AutoencoderLoss(reconstruction=args.rec_loss, perceptual_weight=args.perceptual_weight,
                                   disc_weight=args.disc_weight, disc_start=args.disc_start, kl_weight=args.kl_weight,
                                   commitment_weight=args.commitment_weight, entropy_weight=args.entropy_weight,
-                                  in_channels=channels)
+                                  disc_in_channels=channels)
     task = models.AutoencoderTask(autoencoder, loss)
     started = time.perf_counter()
     trainer = Trainer(task, _trainer_config(args, out / "train"), device=device)
