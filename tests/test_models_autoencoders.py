@@ -167,6 +167,9 @@ def test_state_dict_file_errors(tmp_path):
     torch.save(state, tmp_path / "v.ckpt")
     with pytest.raises(ValueError, match=r"must be a .safetensors file"):
         model.load_state_dict_file(tmp_path / "v.ckpt")
+    (tmp_path / "broken.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="cannot read .*broken.safetensors as safetensors"):
+        model.load_state_dict_file(tmp_path / "broken.safetensors")
     with pytest.raises(FileNotFoundError, match="nope.safetensors"):
         AutoencoderKL.from_single_file(tmp_path / "nope.safetensors")
     with pytest.raises(TypeError, match=r"unknown config arguments \['groups'\]"):
