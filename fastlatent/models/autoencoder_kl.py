@@ -114,18 +114,13 @@ def diffusers_to_ldm_vae_state_dict(state: dict) -> dict:
     return out
 
 
-def _strip_vae_prefix(state: dict) -> tuple[dict, list[str]]:
-    """The VAE part of ``state`` (a full SD checkpoint's ``first_stage_model.*``) without training-only keys;
-    returns it and the dropped training-only keys."""
-    if any(k.startswith(FULL_CHECKPOINT_VAE_PREFIX) for k in state):
-        state = {k[len(FULL_CHECKPOINT_VAE_PREFIX):]: v for k, v in state.items()
-                 if k.startswith(FULL_CHECKPOINT_VAE_PREFIX)}
-    dropped = [k for k in state if k.startswith(TRAINING_ONLY_PREFIXES)]
-    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY_PREFIXES)}, dropped
+def _read_vae_state_dict(path: str | os.PathLike, where: str) -> tuple[dict, list[str]]:
+    """The VAE tensors of a ``.safetensors`` file and the training-only keys skipped.
 
-
-def _read_safetensors(path: str | os.PathLike, where: str) -> dict:
-    from safetensors.torch import load_file
+    A full SD checkpoint's VAE is read from its ``first_stage_model.*`` keys alone (the UNet and text encoder stay
+    on disk); ``loss.*`` and ``model_ema.*`` keys are skipped.
+    """
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
@@ -134,7 +129,16 @@ def _read_safetensors(path: str | os.PathLike, where: str) -> dict:
         raise ValueError(f"{where}: {path} must be a .safetensors file (pickled .ckpt/.pt/.bin files can run code "
                          "when loaded and are refused; convert them once, on a machine you trust, with "
                          "safetensors.torch.save_file(torch.load(path, weights_only=True)['state_dict'], out))")
-    return load_file(str(path))
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            prefix = FULL_CHECKPOINT_VAE_PREFIX if any(k.startswith(FULL_CHECKPOINT_VAE_PREFIX) for k in keys) else ""
+            names = {k: k[len(prefix):] for k in keys if k.startswith(prefix)}
+            dropped = [n for n in names.values() if n.startswith(TRAINING_ONLY_PREFIXES)]
+            state = {n: f.get_tensor(k) for k, n in names.items() if not n.startswith(TRAINING_ONLY_PREFIXES)}
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"{where}: cannot read {path} as safetensors: {e}") from None
+    return state, dropped
 
 
 def vae_config_from_state_dict(state: dict) -> dict:
@@ -323,7 +327,7 @@ class AutoencoderKL(nn.Module, LatentScaleMixin, ConfigMixin):
         whose ``first_stage_model.*`` keys are taken), strictly: one ValueError lists every missing, unexpected
         and mis-shaped key. Returns the training-only keys that were skipped (``loss.*``, ``model_ema.*``)."""
         where = f"{type(self).__name__}.load_state_dict_file"
-        state, dropped = _strip_vae_prefix(_read_safetensors(path, where))
+        state, dropped = _read_vae_state_dict(path, where)
         if is_ldm_vae_state_dict(state):
             state = ldm_to_diffusers_vae_state_dict(state)
         _load_checked(self, state, where, str(path))
@@ -335,7 +339,7 @@ class AutoencoderKL(nn.Module, LatentScaleMixin, ConfigMixin):
         block, channels, mid attention, quant convs) and loaded with them; ``config`` overrides or completes it
         (``norm_num_groups`` if not 32, ``scaling_factor``/``shift_factor``, which weights do not carry)."""
         where = f"{cls.__name__}.from_single_file"
-        state, _ = _strip_vae_prefix(_read_safetensors(path, where))
+        state, _ = _read_vae_state_dict(path, where)
         if is_ldm_vae_state_dict(state):
             state = ldm_to_diffusers_vae_state_dict(state)
         unknown = set(config) - set(inspect.signature(cls.__init__).parameters)

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 
 @dataclass
@@ -188,7 +187,3 @@ class LatentScaleMixin:
         self.shift_factor = float(mean)
         self.scaling_factor = 1.0 / std
         return self.shift_factor, self.scaling_factor
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
