@@ -39,7 +39,7 @@ DDP_SCRIPT = textwrap.dedent("""
             super().__init__()
             self.encoder = nn.Linear(8, 4)
             self.vq = VectorQuantize(4, 16, decay=0.8)
-            # Same statistics but never synchronised: the control showing the synced codebook isn't equal by luck.
+            # Same statistics, never synchronised: shows the synced codebook isn't equal by luck.
             self.vq_local = VectorQuantize(4, 16, decay=0.8, sync_codebook=False)
             self.decoder = nn.Linear(4, 8)
             self.disc = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 1))
@@ -58,9 +58,9 @@ DDP_SCRIPT = textwrap.dedent("""
     torch.manual_seed(0)
     model = VQGAN()
     rank = int(os.environ.get("RANK", "0"))
-    trainer = Trainer(model, out_dir=os.path.join(out_dir, f"rank{rank}"), steps=6, batch_size=batch_size, lr=1e-2,
-                      weight_decay=0.01, warmup_steps=2, ema_decay=0.9, log_every=1, checkpoint_every=3, seed=3,
-                      progress=False, plots=False)
+    trainer = Trainer(model, out_dir=os.path.join(out_dir, f"rank{rank}"), steps=6, batch_size=batch_size,
+                      lr=1e-2, weight_decay=0.01, warmup_steps=2, ema_decay=0.9, log_every=1,
+                      checkpoint_every=3, seed=3, progress=False, plots=False)
     trainer.fit(Data())
     torch.save({"state": model.state_dict(), "world_size": trainer.dist.world_size,
                 "ddp": trainer.ddp is not None, "ema": trainer.ema_model().state_dict()},
@@ -83,11 +83,11 @@ def test_two_process_ddp_equals_single_process_full_batch(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script), str(ddp_dir), "4"], env=_env(), stdout=subprocess.PIPE,
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.Popen([*torchrun, str(script), str(ddp_dir), "4"], env=_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-    single = subprocess.run([sys.executable, str(script), str(single_dir), "8"], env=_env(), capture_output=True,
-                            text=True, timeout=120)
+    single = subprocess.run([sys.executable, str(script), str(single_dir), "8"], env=_env(),
+                            capture_output=True, text=True, timeout=120)
     ddp_out, _ = ddp.communicate(timeout=120)
     assert single.returncode == 0, single.stderr
     assert ddp.returncode == 0, ddp_out
