@@ -94,11 +94,13 @@ class DigitsDataset(Dataset):
         size = _check_int("DigitsDataset", "size", size, 1)
         augment_shift = _check_int("DigitsDataset", "augment_shift", augment_shift, 0)
         if augment_shift >= size:
-            raise ValueError(f"DigitsDataset: augment_shift must be smaller than size ({size}), got {augment_shift}")
+            raise ValueError(f"DigitsDataset: augment_shift must be smaller than size ({size}), "
+                             f"got {augment_shift}")
         if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
             raise ValueError(f"DigitsDataset: test_fraction must be in (0, 1), got {test_fraction!r}")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"DigitsDataset: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+            raise ValueError(f"DigitsDataset: interpolation must be one of {INTERPOLATIONS}, "
+                             f"got {interpolation!r}")
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -157,11 +159,12 @@ def _shift(image: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
 
 # Photographs (no synthetic test patterns, no mostly-black frames) shipped inside the packages.
 _SKLEARN_PHOTOS = ("china", "flower")
-_SKIMAGE_COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "stereo_motorcycle")
+_SKIMAGE_COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
+                         "stereo_motorcycle")
 _SKIMAGE_GRAY_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock", "grass", "gravel", "brick")
 
 
-@functools.lru_cache(maxsize=None)  # a few MB, decoded once per process instead of once per dataset
+@functools.cache  # a few MB, decoded once per process instead of once per dataset
 def _load_sample_photo(name: str) -> np.ndarray | None:
     """uint8 ``[H, W]`` or ``[H, W, 3]`` (read-only), or None when the photo isn't available offline."""
     if name in _SKLEARN_PHOTOS:
@@ -251,7 +254,7 @@ class SamplePhotoPatches(Dataset):
                     raise ValueError(f"SamplePhotoPatches: photo {name!r} is not available offline in this "
                                      f"installation; available: {available_sample_photos(channels)}")
                 continue
-            image = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))  # sklearn's arrays are read-only
+            image = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))  # the cache is read-only
             image = image.permute(2, 0, 1) if image.ndim == 3 else image[None]
             if channels == 1 and image.shape[0] == 3:
                 luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1)
@@ -315,7 +318,7 @@ _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 
 def _to_mode(image, channels: int, background: tuple[int, int, int]):
-    """PIL image -> ``"RGB"`` (channels 3) or ``"L"`` (channels 1); transparency composited on ``background``."""
+    """PIL image -> ``"RGB"`` (channels 3) or ``"L"`` (1); transparency composited on ``background``."""
     from PIL import Image
 
     mode = image.mode
@@ -363,9 +366,9 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, size: int, channels: int = 3, recursive: bool = True,
-                 min_size: int | None = None, crop: str = "center", flip: bool = False, labels: str | None = "folders",
-                 seed: int = 0, verify: str = "full", num_threads: int | None = None,
-                 background: Sequence[int] = (255, 255, 255)):
+                 min_size: int | None = None, crop: str = "center", flip: bool = False,
+                 labels: str | None = "folders", seed: int = 0, verify: str = "full",
+                 num_threads: int | None = None, background: Sequence[int] = (255, 255, 255)):
         size = _check_int("ImageFolderDataset", "size", size, 1)
         if channels not in (1, 3):
             raise ValueError(f"ImageFolderDataset: channels must be 1 or 3, got {channels!r}")
@@ -402,11 +405,12 @@ class ImageFolderDataset(Dataset):
         if self.skipped:
             listed = "\n  ".join(f"{p}: {why}" for p, why in self.skipped[:20])
             more = f"\n  ... and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
-            warnings.warn(f"ImageFolderDataset: skipped {len(self.skipped)} of {len(candidates)} files in {root}:\n  "
-                          f"{listed}{more}", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"ImageFolderDataset: skipped {len(self.skipped)} of {len(candidates)} files in "
+                          f"{root}:\n  {listed}{more}", RuntimeWarning, stacklevel=2)
         if not self.files:
-            raise ValueError(f"ImageFolderDataset: none of the {len(candidates)} image files in {root} is usable "
-                             f"(see the warning above; first: {self.skipped[0][0]}: {self.skipped[0][1]})")
+            raise ValueError(f"ImageFolderDataset: none of the {len(candidates)} image files in {root} is "
+                             f"usable (see the warning above; first: {self.skipped[0][0]}: "
+                             f"{self.skipped[0][1]})")
 
         top_levels = [p.relative_to(root).parts for p in self.files]
         if labels == "folders" and all(len(parts) > 1 for parts in top_levels):
@@ -434,20 +438,26 @@ class ImageFolderDataset(Dataset):
     def _check_file(self, path: Path, full: bool) -> str | None:
         from PIL import Image
 
+        # PIL raises many exception types for bad files; each stage reports what it could not do.
         try:
-            with Image.open(path) as image:
-                width, height = image.size
-                mode = image.mode
-                if full:
-                    image.load()
-                    if min(width, height) >= self.min_size:
-                        _to_mode(image, self.channels, self.background)
-        except Exception as exc:  # PIL raises many types for bad files; all mean "unusable"
-            return f"cannot decode ({type(exc).__name__}: {exc})"
-        if min(width, height) < self.min_size:
-            return f"too small ({width}x{height}, min_size is {self.min_size})"
-        if not full and mode not in Image.MODES and mode not in _HIGH_DEPTH_MODES:
-            return f"unsupported mode {mode!r}"
+            image = Image.open(path)
+        except Exception as exc:
+            return f"cannot open: not an image or an unsupported pixel format ({type(exc).__name__}: {exc})"
+        with image:
+            width, height = image.size
+            if min(width, height) < self.min_size:
+                return f"too small ({width}x{height}, min_size is {self.min_size})"
+            if not full:
+                return None
+            try:
+                image.load()
+            except Exception as exc:
+                return f"cannot decode: truncated or corrupt ({type(exc).__name__}: {exc})"
+            try:
+                _to_mode(image, self.channels, self.background)
+            except Exception as exc:
+                return (f"cannot convert mode {image.mode!r} to {'RGB' if self.channels == 3 else 'L'} "
+                        f"({type(exc).__name__}: {exc})")
         return None
 
     def set_epoch(self, epoch: int) -> None:
@@ -463,7 +473,8 @@ class ImageFolderDataset(Dataset):
                 raw.load()
                 image = _to_mode(ImageOps.exif_transpose(raw), self.channels, self.background)
         except Exception as exc:
-            raise RuntimeError(f"ImageFolderDataset: could not read {path}: {type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(f"ImageFolderDataset: could not read {path}: "
+                               f"{type(exc).__name__}: {exc}") from exc
         rng = _item_rng(self.seed, self.epoch, index) if (self.crop == "random" or self.flip) else None
         resample = Image.Resampling.BICUBIC
         if self.crop == "none":
@@ -512,19 +523,23 @@ class LatentDataset(Dataset):
         num_classes: number of classes (default ``labels.max() + 1``).
     """
 
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int | None = None):
+    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None,
+                 num_classes: int | None = None):
         if not isinstance(data, torch.Tensor) or data.ndim < 2 or data.shape[0] == 0:
-            raise ValueError(f"LatentDataset: data must be a tensor [N, ...] with N >= 1 and at least 2 dims, got "
-                             f"{type(data).__name__}{list(data.shape) if isinstance(data, torch.Tensor) else ''}")
+            shape = list(data.shape) if isinstance(data, torch.Tensor) else ""
+            raise ValueError(f"LatentDataset: data must be a tensor [N, ...] with N >= 1 and at least 2 "
+                             f"dims, got {type(data).__name__}{shape}")
         if data.is_floating_point():
             pass
         elif data.dtype == torch.int64:
             if data.ndim != 2:
-                raise ValueError(f"LatentDataset: token data must be int64 [N, L], got shape {list(data.shape)}")
+                raise ValueError(f"LatentDataset: token data must be int64 [N, L], "
+                                 f"got shape {list(data.shape)}")
             if int(data.min()) < 0:
                 raise ValueError("LatentDataset: tokens must be >= 0 (no padding index -1)")
         else:
-            raise ValueError(f"LatentDataset: data must be floating point (latents) or int64 (tokens), got {data.dtype}")
+            raise ValueError(f"LatentDataset: data must be floating point (latents) or int64 (tokens), "
+                             f"got {data.dtype}")
         n = data.shape[0]
         if labels is None:
             labels = torch.zeros(n, dtype=torch.int64)
@@ -538,8 +553,9 @@ class LatentDataset(Dataset):
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
             raise ValueError(f"LatentDataset: labels must lie in [0, num_classes={num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")
-        self.data, self.labels, self.num_classes = data.detach().cpu().contiguous(), labels.cpu().contiguous(), \
-            num_classes
+        self.data = data.detach().cpu().contiguous()
+        self.labels = labels.cpu().contiguous()
+        self.num_classes = num_classes
 
     @property
     def is_tokens(self) -> bool:
@@ -595,9 +611,9 @@ def encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Data
     for images, batch_labels in loader:
         out = encode(images.to(device))
         if not isinstance(out, torch.Tensor) or out.shape[0] != images.shape[0]:
-            raise ValueError(f"encode_dataset: encode must return a tensor with the batch size {images.shape[0]} "
-                             f"first, got {type(out).__name__}"
-                             f"{list(out.shape) if isinstance(out, torch.Tensor) else ''}")
+            shape = list(out.shape) if isinstance(out, torch.Tensor) else ""
+            raise ValueError(f"encode_dataset: encode must return a tensor with the batch size "
+                             f"{images.shape[0]} first, got {type(out).__name__}{shape}")
         outputs.append(out.cpu())
         labels.append(torch.as_tensor(batch_labels, dtype=torch.int64))
     if num_classes is None:

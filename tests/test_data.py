@@ -5,8 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from fastlatent.data import (DigitsDataset, ImageFolderDataset, LatentDataset, SamplePhotoPatches,
-                             available_sample_photos, encode_dataset)
+from fastlatent.data import (
+    DigitsDataset,
+    ImageFolderDataset,
+    LatentDataset,
+    SamplePhotoPatches,
+    available_sample_photos,
+    encode_dataset,
+)
 
 # ---------------------------------------------------------------------------------------------- digits
 
@@ -89,7 +95,8 @@ def test_sample_photo_patches():
     assert image.min() >= -1 and image.max() <= 1 and image.std() > 0
     assert 0 <= int(label) < len(patches.photo_names)
     stack = torch.stack([patches[i][0] for i in range(50)])
-    same, other = SamplePhotoPatches(24, 50, seed=0, min_scale=0.5), SamplePhotoPatches(24, 50, seed=1, min_scale=0.5)
+    same = SamplePhotoPatches(24, 50, seed=0, min_scale=0.5)
+    other = SamplePhotoPatches(24, 50, seed=1, min_scale=0.5)
     assert torch.equal(stack, torch.stack([same[i][0] for i in range(50)]))
     assert not torch.equal(stack, torch.stack([other[i][0] for i in range(50)]))
     assert len({int(patches[i][1]) for i in range(50)}) > 1  # crops come from several photos
@@ -144,14 +151,20 @@ def messy_folder(tmp_path):
     rgba.save(root / "cats" / "clear.png")
     palette = Image.fromarray(_gradient(36, 36)).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     palette.save(root / "dogs" / "palette.gif")
-    Image.fromarray((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60)).save(root / "dogs" / "deep16.png")
+    deep = np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * 60
+    Image.fromarray(deep).save(root / "dogs" / "deep16.png")
     Image.fromarray(_gradient(50, 20)).convert("CMYK").save(root / "dogs" / "deep" / "cmyk.jpg")
     # Bad files.
     (root / "dogs" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
     jpeg = root / "dogs" / "truncated.jpg"
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(jpeg, quality=95)
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(jpeg, quality=95)
     jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) * 2 // 3])  # header intact, scan data cut
     Image.fromarray(_gradient(6, 6)).save(root / "cats" / "tiny.png")
+    # A real TIFF in a pixel format PIL can't represent (float32 RGB).
+    tifffile = pytest.importorskip("tifffile")
+    float_rgb = np.random.default_rng(0).random((32, 32, 3), np.float32)
+    tifffile.imwrite(root / "dogs" / "float_rgb.tif", float_rgb, photometric="rgb")
     (root / "cats" / "notes.txt").write_text("not an image")
     (root / ".hidden").mkdir()
     Image.fromarray(_gradient(32, 32)).save(root / ".hidden" / "skip.png")
@@ -159,12 +172,14 @@ def messy_folder(tmp_path):
 
 
 def test_image_folder_skips_and_reports_bad_files(messy_folder):
-    with pytest.warns(RuntimeWarning, match=r"skipped 3 of 9 files") as caught:
+    with pytest.warns(RuntimeWarning, match=r"skipped 4 of 10 files") as caught:
         data = ImageFolderDataset(messy_folder, size=16)
     message = str(caught[0].message)
     skipped = {path.name: why for path, why in data.skipped}
-    assert set(skipped) == {"corrupt.png", "truncated.jpg", "tiny.png"}
-    assert "cannot decode" in skipped["corrupt.png"] and "cannot decode" in skipped["truncated.jpg"]
+    assert set(skipped) == {"corrupt.png", "truncated.jpg", "tiny.png", "float_rgb.tif"}
+    assert skipped["corrupt.png"].startswith("cannot open")
+    assert skipped["float_rgb.tif"].startswith("cannot open")
+    assert skipped["truncated.jpg"].startswith("cannot decode: truncated or corrupt")
     assert "too small (6x6, min_size is 8)" in skipped["tiny.png"]
     assert all(name in message for name in skipped)
     assert sorted(p.name for p in data.files) == ["clear.png", "cmyk.jpg", "deep16.png", "gray.jpg",
@@ -187,7 +202,7 @@ def test_image_folder_skips_and_reports_bad_files(messy_folder):
 def test_image_folder_greyscale_crops_and_header_mode(messy_folder):
     with pytest.warns(RuntimeWarning):
         gray = ImageFolderDataset(messy_folder, size=12, channels=1, min_size=4, labels=None)
-    assert {p.name for p, _ in gray.skipped} == {"corrupt.png", "truncated.jpg"}  # tiny.png is big enough now
+    assert {p.name for p, _ in gray.skipped} == {"corrupt.png", "truncated.jpg", "float_rgb.tif"}  # tiny fits
     assert gray[0][0].shape == (1, 12, 12) and gray.classes == [] and int(gray.labels.max()) == 0
     with pytest.warns(RuntimeWarning):
         random_crops = ImageFolderDataset(messy_folder, size=16, crop="random", flip=True, seed=3)
@@ -202,11 +217,29 @@ def test_image_folder_greyscale_crops_and_header_mode(messy_folder):
     with pytest.warns(RuntimeWarning) as caught:
         header_only = ImageFolderDataset(messy_folder, size=16, verify="header")
     # The header check catches the fake PNG and the tiny image; the truncated JPEG fails when read.
-    assert {p.name for p, _ in header_only.skipped} == {"corrupt.png", "tiny.png"}
+    assert {p.name for p, _ in header_only.skipped} == {"corrupt.png", "tiny.png", "float_rgb.tif"}
     truncated = [i for i, p in enumerate(header_only.files) if p.name == "truncated.jpg"][0]
     with pytest.raises(RuntimeError, match="could not read .*truncated.jpg"):
         header_only[truncated]
     assert caught
+
+
+def test_image_folder_reports_unconvertible_modes(tmp_path, monkeypatch):
+    import fastlatent.data as data_module
+
+    Image.fromarray(_gradient(20, 20)).save(tmp_path / "rgb.png")
+    Image.fromarray(_gradient(20, 20)).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    convert = data_module._to_mode
+
+    def picky(image, channels, background):  # as a Pillow build without this conversion would behave
+        if image.mode == "CMYK":
+            raise ValueError("conversion from CMYK to RGB not supported")
+        return convert(image, channels, background)
+
+    monkeypatch.setattr(data_module, "_to_mode", picky)
+    with pytest.warns(RuntimeWarning, match="cmyk.jpg: cannot convert mode 'CMYK' to RGB"):
+        data = ImageFolderDataset(tmp_path, size=8)
+    assert [p.name for p in data.files] == ["rgb.png"]
 
 
 def test_image_folder_flat_and_non_recursive(tmp_path):
@@ -254,7 +287,8 @@ def test_latent_dataset_roundtrip_and_errors(tmp_path):
     assert torch.equal(x, latents[4]) and int(y) == 1 and not data.is_tokens
     data.save(tmp_path / "latents.safetensors")
     loaded = LatentDataset.load(tmp_path / "latents.safetensors")
-    assert torch.equal(loaded.data, latents) and torch.equal(loaded.labels, labels) and loaded.num_classes == 3
+    assert torch.equal(loaded.data, latents) and torch.equal(loaded.labels, labels)
+    assert loaded.num_classes == 3
     tokens = LatentDataset(torch.randint(0, 16, (5, 9)))
     assert tokens.is_tokens and tokens.num_classes == 1 and int(tokens.labels.sum()) == 0
     for args, match in [((torch.randn(3),), "at least 2 dims"),
@@ -275,7 +309,8 @@ def test_latent_dataset_roundtrip_and_errors(tmp_path):
 
 def test_encode_dataset(digits):
     test = digits["test"]
-    pooled = encode_dataset(lambda x: torch.nn.functional.avg_pool2d(x, 4), test, batch_size=100, device="cpu")
+    pooled = encode_dataset(lambda x: torch.nn.functional.avg_pool2d(x, 4), test, batch_size=100,
+                            device="cpu")
     assert pooled.data.shape == (len(test), 1, 4, 4) and pooled.num_classes == 10
     assert torch.equal(pooled.labels, test.labels)
     torch.testing.assert_close(pooled.data[7], torch.nn.functional.avg_pool2d(test.images[7:8], 4)[0])

@@ -39,7 +39,7 @@ DDP_SCRIPT = textwrap.dedent("""
             super().__init__()
             self.encoder = nn.Linear(8, 4)
             self.vq = VectorQuantize(4, 16, decay=0.8)
-            # Same statistics but never synchronised: the control showing the synced codebook isn't equal by luck.
+            # Same statistics, never synchronised: shows the synced codebook isn't equal by luck.
             self.vq_local = VectorQuantize(4, 16, decay=0.8, sync_codebook=False)
             self.decoder = nn.Linear(4, 8)
             self.disc = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 1))
@@ -55,16 +55,20 @@ DDP_SCRIPT = textwrap.dedent("""
             d_loss = torch.relu(1 - self.disc(x)).mean() + torch.relu(1 + self.disc(out.detach())).mean()
             return {"loss": rec + commitment - 0.1 * self.disc(out).mean(), "disc_loss": d_loss, "rec": rec}
 
-    torch.manual_seed(0)
-    model = VQGAN()
     rank = int(os.environ.get("RANK", "0"))
-    trainer = Trainer(model, out_dir=os.path.join(out_dir, f"rank{rank}"), steps=6, batch_size=batch_size, lr=1e-2,
-                      weight_decay=0.01, warmup_steps=2, ema_decay=0.9, log_every=1, checkpoint_every=3, seed=3,
-                      progress=False, plots=False)
-    trainer.fit(Data())
-    torch.save({"state": model.state_dict(), "world_size": trainer.dist.world_size,
-                "ddp": trainer.ddp is not None, "ema": trainer.ema_model().state_dict()},
-               os.path.join(out_dir, f"final_rank{rank}.pt"))
+    # Whole batches, then the same global batch as 2 accumulated micro-batches (DDP skips the gradient
+    # all-reduce on the first; the codebook EMA still syncs on each).
+    for name, micro_batch, accumulate in (("plain", batch_size, 1), ("accum", batch_size // 2, 2)):
+        torch.manual_seed(0)
+        model = VQGAN()
+        trainer = Trainer(model, out_dir=os.path.join(out_dir, name, f"rank{rank}"), steps=6,
+                          batch_size=micro_batch, grad_accum_steps=accumulate, lr=1e-2, weight_decay=0.01,
+                          warmup_steps=2, ema_decay=0.9, log_every=1, checkpoint_every=3, seed=3,
+                          progress=False, plots=False)
+        trainer.fit(Data())
+        torch.save({"state": model.state_dict(), "world_size": trainer.dist.world_size,
+                    "ddp": trainer.ddp is not None, "ema": trainer.ema_model().state_dict()},
+                   os.path.join(out_dir, name, f"final_rank{rank}.pt"))
     if dist.is_initialized():
         dist.destroy_process_group()
 """)
@@ -83,15 +87,19 @@ def test_two_process_ddp_equals_single_process_full_batch(tmp_path):
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT)
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
-    ddp = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script), str(ddp_dir), "4"], env=_env(), stdout=subprocess.PIPE,
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    ddp = subprocess.Popen([*torchrun, str(script), str(ddp_dir), "4"], env=_env(), stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True)
-    single = subprocess.run([sys.executable, str(script), str(single_dir), "8"], env=_env(), capture_output=True,
-                            text=True, timeout=120)
+    single = subprocess.run([sys.executable, str(script), str(single_dir), "8"], env=_env(),
+                            capture_output=True, text=True, timeout=120)
     ddp_out, _ = ddp.communicate(timeout=120)
     assert single.returncode == 0, single.stderr
     assert ddp.returncode == 0, ddp_out
+    for run in ("plain", "accum"):
+        _check_ddp_run(ddp_dir / run, single_dir / run)
 
+
+def _check_ddp_run(ddp_dir, single_dir):
     rank0 = torch.load(ddp_dir / "final_rank0.pt", weights_only=True)
     rank1 = torch.load(ddp_dir / "final_rank1.pt", weights_only=True)
     alone = torch.load(single_dir / "final_rank0.pt", weights_only=True)
@@ -113,8 +121,8 @@ def test_two_process_ddp_equals_single_process_full_batch(tmp_path):
 
     # Only rank 0 writes; its metrics are averages over the ranks, i.e. the full-batch values.
     assert not (ddp_dir / "rank1").exists()
-    ddp_records, single_records = read_metrics(ddp_dir / "rank0" / "metrics.jsonl"), \
-        read_metrics(single_dir / "rank0" / "metrics.jsonl")
+    ddp_records = read_metrics(ddp_dir / "rank0" / "metrics.jsonl")
+    single_records = read_metrics(single_dir / "rank0" / "metrics.jsonl")
     assert [r["step"] for r in ddp_records] == list(range(1, 7))
     for a, b in zip(ddp_records, single_records):
         for key in ("loss", "rec", "disc_loss", "grad_norm", "disc_grad_norm", "lr"):
@@ -122,7 +130,7 @@ def test_two_process_ddp_equals_single_process_full_batch(tmp_path):
     assert sorted(p.name for p in (ddp_dir / "rank0" / "checkpoints").iterdir()) == ["step_00000003.pt",
                                                                                    "step_00000006.pt"]
     config = json.loads((ddp_dir / "rank0" / "trainer_config.json").read_text())
-    assert config["batch_size"] == 4
+    assert config["batch_size"] * config["grad_accum_steps"] == 4  # per process: half the global batch
 
 
 def test_single_process_needs_no_process_group(monkeypatch):

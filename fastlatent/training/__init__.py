@@ -28,4 +28,5 @@ from fastlatent.training.trainer import Callback, Trainer, TrainerConfig, seed_e
 
 __all__ = ["Trainer", "TrainerConfig", "Callback", "EMA", "LRSchedule", "MetricsLogger", "plot_metrics",
            "read_metrics", "EpochBatchSampler", "BatchStream", "epoch_permutation", "DistInfo", "dist_info",
-           "init_distributed", "list_checkpoints", "load_checkpoint", "load_latest_checkpoint", "seed_everything"]
+           "init_distributed", "list_checkpoints", "load_checkpoint", "load_latest_checkpoint",
+           "seed_everything"]

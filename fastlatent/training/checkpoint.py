@@ -76,7 +76,7 @@ def list_checkpoints(folder: str | os.PathLike) -> list[tuple[int, Path]]:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)``: tensors and plain containers only, no code."""
+    """Load with ``torch.load(weights_only=True)``: tensors and plain containers only, never code."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -94,7 +94,7 @@ def load_latest_checkpoint(folder: str | os.PathLike, map_location: str | torch.
     """
     candidates = list_checkpoints(folder)
     errors = []
-    for step, path in reversed(candidates):
+    for _, path in reversed(candidates):
         try:
             return path, load_checkpoint(path, map_location)
         except Exception as exc:  # corrupt or foreign file: fall back to the one before

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 def epoch_seed(seed: int, epoch: int) -> int:
     """A 63-bit seed for ``(seed, epoch)`` with well-mixed bits (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch]).generate_state(1, np.uint64)[0] >> 1)
+    state = np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch]).generate_state(1, np.uint64)
+    return int(state[0] >> 1)
 
 
 def epoch_permutation(num_samples: int, seed: int, epoch: int, shuffle: bool = True) -> torch.Tensor:
@@ -84,8 +85,8 @@ class BatchStream:
     is called when it has one (for per-epoch augmentation that stays reproducible).
     """
 
-    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, num_workers: int = 0, pin_memory: bool = False,
-                 collate_fn=None, epoch: int = 0, batch_in_epoch: int = 0):
+    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, num_workers: int = 0,
+                 pin_memory: bool = False, collate_fn=None, epoch: int = 0, batch_in_epoch: int = 0):
         self.dataset, self.sampler = dataset, sampler
         self.num_workers, self.pin_memory, self.collate_fn = num_workers, pin_memory, collate_fn
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch

@@ -38,7 +38,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"fastlatent: environment variable {name} must be an integer, got {value!r}") from None
+        raise ValueError(f"fastlatent: environment variable {name} must be an integer, "
+                         f"got {value!r}") from None
 
 
 def dist_info() -> DistInfo:
@@ -64,7 +65,8 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
     if world_size <= 1:
         return DistInfo()
     if not dist.is_available():
-        raise RuntimeError("fastlatent: WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support")
+        raise RuntimeError("fastlatent: WORLD_SIZE > 1 but this PyTorch build has no torch.distributed "
+                           "support")
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
         raise RuntimeError(f"fastlatent: WORLD_SIZE={world_size} but {', '.join(missing)} not set; "
@@ -85,8 +87,8 @@ def default_device(info: DistInfo) -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
         if info.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"fastlatent: LOCAL_RANK={info.local_rank} but only {torch.cuda.device_count()} "
-                               f"CUDA devices are visible")
+            raise RuntimeError(f"fastlatent: LOCAL_RANK={info.local_rank} but only "
+                               f"{torch.cuda.device_count()} CUDA devices are visible")
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
 

@@ -109,8 +109,8 @@ def plot_metrics(records: Iterable[dict], path: str | os.PathLike, title: str | 
     # Fixed margins: a layout engine (constrained/tight) costs an extra draw, several times the plot itself.
     height = 2.6 * rows + 0.4
     fig = Figure(figsize=(4.2 * cols, height), dpi=90)
-    fig.subplots_adjust(left=0.08 if cols > 1 else 0.15, right=0.98, bottom=0.5 / height, top=1 - 0.45 / height,
-                        wspace=0.28, hspace=0.55)
+    fig.subplots_adjust(left=0.08 if cols > 1 else 0.15, right=0.98, bottom=0.5 / height,
+                        top=1 - 0.45 / height, wspace=0.28, hspace=0.55)
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys):
         all_values = []
@@ -140,7 +140,7 @@ def plot_metrics(records: Iterable[dict], path: str | os.PathLike, title: str | 
 
 
 def _smooth(values: list[float], span: int = 20) -> list[float]:
-    """Exponential moving average with bias correction (TensorBoard-style smoothing); skips non-finite values."""
+    """Bias-corrected exponential moving average (TensorBoard-style smoothing), skipping non-finite values."""
     alpha = 2.0 / (span + 1)
     out, average, weight = [], 0.0, 0.0
     for v in values:

@@ -32,7 +32,8 @@ class LRSchedule:
         min_lr_ratio: final learning rate as a fraction of the base one, in [0, 1].
     """
 
-    def __init__(self, kind: str = "cosine", total_steps: int = 1, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+    def __init__(self, kind: str = "cosine", total_steps: int = 1, warmup_steps: int = 0,
+                 min_lr_ratio: float = 0.0):
         if kind not in SCHEDULES:
             raise ValueError(f"LRSchedule: kind must be one of {SCHEDULES}, got {kind!r}")
         if not isinstance(total_steps, int) or total_steps <= 0:
@@ -42,7 +43,8 @@ class LRSchedule:
                              f"got {warmup_steps!r}")
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"LRSchedule: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        self.kind, self.total_steps, self.warmup_steps, self.min_lr_ratio = kind, total_steps, warmup_steps, min_lr_ratio
+        self.kind, self.total_steps = kind, total_steps
+        self.warmup_steps, self.min_lr_ratio = warmup_steps, min_lr_ratio
 
     def factor(self, step: int) -> float:
         """Multiplier of the base learning rate for update ``step`` (0-based)."""
@@ -65,5 +67,5 @@ class LRSchedule:
                 "min_lr_ratio": self.min_lr_ratio}
 
     def __repr__(self) -> str:
-        return (f"LRSchedule(kind={self.kind!r}, total_steps={self.total_steps}, warmup_steps={self.warmup_steps}, "
-                f"min_lr_ratio={self.min_lr_ratio})")
+        return (f"LRSchedule(kind={self.kind!r}, total_steps={self.total_steps}, "
+                f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio})")

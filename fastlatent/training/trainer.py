@@ -26,8 +26,15 @@ from torch import nn
 
 from fastlatent.training import checkpoint as ckpt
 from fastlatent.training.data_order import BatchStream, EpochBatchSampler
-from fastlatent.training.distributed import (DistInfo, all_reduce_gradients, all_reduce_mean,
-                                             broadcast_module_state, default_device, dist_info, init_distributed)
+from fastlatent.training.distributed import (
+    DistInfo,
+    all_reduce_gradients,
+    all_reduce_mean,
+    broadcast_module_state,
+    default_device,
+    dist_info,
+    init_distributed,
+)
 from fastlatent.training.ema import EMA
 from fastlatent.training.logging import MetricsLogger, plot_metrics
 from fastlatent.training.schedules import SCHEDULES, LRSchedule
@@ -111,18 +118,21 @@ class TrainerConfig:
         self.out_dir = str(self.out_dir)
         if not self.out_dir:
             raise ValueError("TrainerConfig: out_dir must be a folder path, got an empty string")
-        for name in ("steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
+        for name in ("steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints",
+                     "log_every"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "ema_start", "num_workers", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
         if self.plot_every is not None:
             _check_int("plot_every", self.plot_every, minimum=1)
         if self.warmup_steps > self.steps:
-            raise ValueError(f"TrainerConfig: warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})")
+            raise ValueError(f"TrainerConfig: warmup_steps ({self.warmup_steps}) must not exceed steps "
+                             f"({self.steps})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainerConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainerConfig: precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}")
+            raise ValueError(f"TrainerConfig: precision must be one of {tuple(PRECISIONS)}, "
+                             f"got {self.precision!r}")
         _check_positive("lr", self.lr)
         if self.disc_lr is not None:
             _check_positive("disc_lr", self.disc_lr)
@@ -190,7 +200,7 @@ class Callback:
     never changes the training run's random stream: a run's loss curve does not depend on its callbacks.
     """
 
-    fn: Callable[["Trainer"], Mapping[str, Any] | None]
+    fn: Callable[[Trainer], Mapping[str, Any] | None]
     every: int
     at_end: bool = True
     all_ranks: bool = False
@@ -270,9 +280,9 @@ def _set_rng_state(state: dict) -> None:
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
         else:
-            warnings.warn(f"fastlatent: the checkpoint holds RNG states for {len(cuda_states)} CUDA devices, this "
-                          f"process sees {torch.cuda.device_count()}; CUDA random streams are not restored",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(f"fastlatent: the checkpoint holds RNG states for {len(cuda_states)} CUDA devices, "
+                          f"this process sees {torch.cuda.device_count()}; CUDA random streams are not "
+                          f"restored", RuntimeWarning, stacklevel=3)
 
 
 def seed_everything(seed: int) -> None:
@@ -309,13 +319,13 @@ class Trainer:
     """
 
     def __init__(self, module: nn.Module, config: TrainerConfig | None = None, *,
-                 callbacks: Iterable[Callback | tuple[int, Callable]] = (), device: torch.device | str | None = None,
-                 **overrides):
+                 callbacks: Iterable[Callback | tuple[int, Callable]] = (),
+                 device: torch.device | str | None = None, **overrides):
         if config is None:
             missing = [name for name in ("out_dir", "steps") if name not in overrides]
             if missing:
-                raise TypeError(f"Trainer: pass a TrainerConfig or at least {' and '.join(missing)} as keyword "
-                                f"arguments")
+                raise TypeError(f"Trainer: pass a TrainerConfig or at least {' and '.join(missing)} as "
+                                f"keyword arguments")
             config = TrainerConfig(**overrides)
         elif not isinstance(config, TrainerConfig):
             raise TypeError(f"Trainer: config must be a TrainerConfig, got {type(config).__name__}")
@@ -328,9 +338,9 @@ class Trainer:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Trainer: module must be a torch.nn.Module, got {type(module).__name__}")
         if not callable(getattr(module, "training_step", None)):
-            raise TypeError(f"Trainer: {type(module).__name__} has no training_step(batch, step) method; the trainer "
-                            f"trains task modules implementing the training protocol (training_step returning a "
-                            f"dict with a 'loss')")
+            raise TypeError(f"Trainer: {type(module).__name__} has no training_step(batch, step) method; the "
+                            f"trainer trains task modules implementing the training protocol (training_step "
+                            f"returning a dict with a 'loss')")
         self.module = module
         self.callbacks = [_as_callback(c) for c in callbacks]
 
@@ -350,8 +360,8 @@ class Trainer:
         if self.autocast_dtype is not None:
             problem = _autocast_supported(device, self.autocast_dtype)
             if problem is not None:
-                raise ValueError(f"Trainer: precision={config.precision!r} is not supported on {device} with this "
-                                 f"PyTorch build ({problem}); use precision='bf16' or 'fp32'")
+                raise ValueError(f"Trainer: precision={config.precision!r} is not supported on {device} with "
+                                 f"this PyTorch build ({problem}); use precision='bf16' or 'fp32'")
 
         module.to(device)
         self.disc_params = self._discriminator_parameters(module)
@@ -400,8 +410,9 @@ class Trainer:
                 raise TypeError(f"Trainer: {type(module).__name__}.discriminator_parameters() must return "
                                 f"Parameters, item {i} is a {type(p).__name__}")
             if id(p) not in owned:
-                raise ValueError(f"Trainer: {type(module).__name__}.discriminator_parameters() item {i} is not a "
-                                 f"parameter of the module (register the discriminator as a submodule)")
+                raise ValueError(f"Trainer: {type(module).__name__}.discriminator_parameters() item {i} is "
+                                 f"not a parameter of the module (register the discriminator as a "
+                                 f"submodule)")
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 result.append(p)
@@ -510,15 +521,16 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"Trainer: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
         if state.get("module_class") != type(self.module).__name__:
-            raise ValueError(f"Trainer: the checkpoint was written for a {state.get('module_class')}, this trainer "
-                             f"trains a {type(self.module).__name__}; use another out_dir or resume=False")
+            raise ValueError(f"Trainer: the checkpoint was written for a {state.get('module_class')}, this "
+                             f"trainer trains a {type(self.module).__name__}; use another out_dir or "
+                             f"resume=False")
         saved = state.get("config", {})
         changed = [f"{name}: {saved.get(name)!r} -> {getattr(self.config, name)!r}"
                    for name in DATA_ORDER_FIELDS if saved.get(name) != getattr(self.config, name)]
         if changed:
-            raise ValueError("Trainer: cannot resume from the checkpoint in {}: settings that decide the data order "
-                             "changed ({}); use another out_dir, or resume=False to start over"
-                             .format(self.checkpoint_dir, "; ".join(changed)))
+            raise ValueError(f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: settings "
+                             f"that decide the data order changed ({'; '.join(changed)}); use another "
+                             f"out_dir, or resume=False to start over")
         if saved.get("steps") != self.config.steps:
             warnings.warn(f"fastlatent: resuming with steps={self.config.steps} (checkpoint run had "
                           f"{saved.get('steps')}); the learning-rate schedule now follows the new length",
@@ -533,20 +545,20 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             if self.disc_optimizer is not None:
                 if state.get("disc_optimizer") is None:
-                    raise ValueError("the checkpoint has no discriminator optimizer state but the module has a "
-                                     "discriminator")
+                    raise ValueError("the checkpoint has no discriminator optimizer state but the module "
+                                     "has a discriminator")
                 self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
             raise ValueError(f"Trainer: the checkpoint in {self.checkpoint_dir} does not fit this module and "
-                             f"optimizer (architecture, frozen parameters or weight_decay changed?): {exc}; use "
-                             f"another out_dir or resume=False") from exc
+                             f"optimizer (architecture, frozen parameters or weight_decay changed?): {exc}; "
+                             f"use another out_dir or resume=False") from exc
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
             else:
-                warnings.warn("fastlatent: the checkpoint has no EMA weights; the EMA restarts from the current "
-                              "weights", RuntimeWarning, stacklevel=3)
+                warnings.warn("fastlatent: the checkpoint has no EMA weights; the EMA restarts from the "
+                              "current weights", RuntimeWarning, stacklevel=3)
                 self.ema.update(self.module, step=-1)  # a copy: step -1 is before any start step
         self.step = int(state["step"])
         self.epoch = int(data["epoch"])
@@ -565,38 +577,41 @@ class Trainer:
     def _split_outputs(self, out) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         name = type(self.module).__name__
         if not isinstance(out, Mapping):
-            raise TypeError(f"Trainer: {name}.training_step must return a dict of tensors with a 'loss' entry, "
-                            f"got {type(out).__name__}")
+            raise TypeError(f"Trainer: {name}.training_step must return a dict of tensors with a 'loss' "
+                            f"entry, got {type(out).__name__}")
         if "loss" not in out:
-            raise ValueError(f"Trainer: {name}.training_step returned no 'loss' entry (keys: {sorted(out)}); the "
-                             f"protocol needs the scalar loss to backpropagate under 'loss'")
+            raise ValueError(f"Trainer: {name}.training_step returned no 'loss' entry (keys: {sorted(out)}); "
+                             f"the protocol needs the scalar loss to backpropagate under 'loss'")
         loss = out["loss"]
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
             raise ValueError(f"Trainer: {name}.training_step()['loss'] must be a scalar tensor, got "
-                             f"{type(loss).__name__}{list(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
+                             f"{type(loss).__name__}{shape}")
         if not loss.requires_grad:
             raise ValueError(f"Trainer: {name}.training_step()['loss'] does not require grad: no trainable "
-                             f"parameter contributed to it (is the module frozen, or computed under no_grad?)")
+                             f"parameter contributed to it (is the module frozen, or computed under "
+                             f"no_grad?)")
         disc_loss = out.get("disc_loss")
         if disc_loss is not None:
             if not self.disc_params:
-                raise ValueError(f"Trainer: {name}.training_step returned a 'disc_loss' but the module has no "
-                                 f"discriminator_parameters() (or they are all frozen)")
-            if not isinstance(disc_loss, torch.Tensor) or disc_loss.numel() != 1 or not disc_loss.requires_grad:
+                raise ValueError(f"Trainer: {name}.training_step returned a 'disc_loss' but the module has "
+                                 f"no discriminator_parameters() (or they are all frozen)")
+            scalar = isinstance(disc_loss, torch.Tensor) and disc_loss.numel() == 1
+            if not (scalar and disc_loss.requires_grad):
                 raise ValueError(f"Trainer: {name}.training_step()['disc_loss'] must be a scalar tensor that "
                                  f"requires grad")
         metrics = {}
         for key, value in out.items():
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
-                    raise ValueError(f"Trainer: {name}.training_step()[{key!r}] must be a scalar to be logged, got "
-                                     f"shape {list(value.shape)}")
+                    raise ValueError(f"Trainer: {name}.training_step()[{key!r}] must be a scalar to be "
+                                     f"logged, got shape {list(value.shape)}")
                 metrics[key] = value.detach().reshape(()).float()
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[key] = torch.tensor(float(value), device=self.device)
             else:
-                raise ValueError(f"Trainer: {name}.training_step()[{key!r}] must be a scalar tensor or number, got "
-                                 f"{type(value).__name__}")
+                raise ValueError(f"Trainer: {name}.training_step()[{key!r}] must be a scalar tensor or "
+                                 f"number, got {type(value).__name__}")
         return loss.reshape(()), (disc_loss.reshape(()) if disc_loss is not None else None), metrics
 
     def _set_lr(self) -> float:
@@ -618,7 +633,8 @@ class Trainer:
         forward = self.ddp if self.ddp is not None else self.module.training_step
         for micro in range(accum):
             batch = _to_device(next(stream), self.device, non_blocking=self.device.type == "cuda")
-            sync = (self.ddp.no_sync() if self.ddp is not None and micro < accum - 1 else contextlib.nullcontext())
+            accumulating = self.ddp is not None and micro < accum - 1
+            sync = self.ddp.no_sync() if accumulating else contextlib.nullcontext()
             with sync:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                     enabled=self.autocast_dtype is not None):
@@ -717,7 +733,8 @@ class Trainer:
             batch_in_epoch = 0
             resume_step = None
         stream = BatchStream(dataset, sampler, num_workers=config.num_workers,
-                             pin_memory=self.device.type == "cuda", epoch=self.epoch, batch_in_epoch=batch_in_epoch)
+                             pin_memory=self.device.type == "cuda", epoch=self.epoch,
+                             batch_in_epoch=batch_in_epoch)
 
         logger = None
         if self.dist.is_main:
@@ -754,7 +771,8 @@ class Trainer:
                     now = time.perf_counter()
                     record = {"step": self.step, "epoch": stream.epoch, "lr": self.lr_at(self.step - 1)}
                     if self.disc_optimizer is not None:
-                        record["disc_lr"] = (config.disc_lr or config.lr) * self.schedule.factor(self.step - 1)
+                        disc_lr = config.disc_lr or config.lr
+                        record["disc_lr"] = disc_lr * self.schedule.factor(self.step - 1)
                     record.update(values)
                     record["time"] = self._elapsed_before + (now - self._run_start)
                     record["samples_per_s"] = ((self.step - last_log_step) * self.global_batch_size
@@ -793,8 +811,8 @@ class Trainer:
         if not math.isfinite(record["loss"]):
             good = ckpt.list_checkpoints(self.checkpoint_dir)
             where = f"the last checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
-            raise FloatingPointError(f"Trainer: the loss is {record['loss']} at step {self.step} ({where}); lower "
-                                     f"lr, raise warmup_steps, set grad_clip, or train in fp32")
+            raise FloatingPointError(f"Trainer: the loss is {record['loss']} at step {self.step} ({where}); "
+                                     f"lower lr, raise warmup_steps, set grad_clip, or train in fp32")
 
     def plot(self, path: str | None = None) -> None:
         """Draw the logged curves to ``path`` (default ``out_dir/metrics.png``)."""
