@@ -152,3 +152,39 @@ def test_torchrun_environment_errors(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE must be an integer"):
         init_distributed()
+
+
+VQ_SYNC_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from fastlatent.nn import ResidualVQ, VectorQuantize
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    torch.manual_seed(0)  # the same initial codebooks (DDP would broadcast them)
+    # More dead codes than rows, and a different number of rows per process.
+    vq = VectorQuantize(4, 64, decay=0.5, threshold_ema_dead_code=1.0).train()
+    rvq = ResidualVQ(dim=4, num_quantizers=4, codebook_size=8, quantize_dropout=True, decay=0.5).train()
+    torch.manual_seed(100 + rank)  # then each process draws its own randomness, as in real training
+    for step in range(6):
+        vq(torch.randn(5 + 3 * rank, 4))
+        rvq(torch.randn(2, 6 + rank, 4))
+    for name, tensor in (("vq", vq.embed.detach()), ("rvq", rvq.codebooks.detach())):
+        gathered = [torch.empty_like(tensor) for _ in range(2)]
+        dist.all_gather(gathered, tensor.contiguous())
+        if not torch.equal(gathered[0], gathered[1]):
+            print(f"{name} codebooks differ between processes", flush=True)
+            sys.exit(1)
+    dist.destroy_process_group()
+    print("codebooks equal", flush=True)
+""")
+
+
+@pytest.mark.slow
+def test_vq_dead_code_revival_and_quantize_dropout_stay_in_sync(tmp_path):
+    script = tmp_path / "vq_sync.py"
+    script.write_text(VQ_SYNC_SCRIPT)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(script)], env=_env(), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and "codebooks equal" in run.stdout, run.stdout + run.stderr

@@ -179,20 +179,22 @@ class VectorQuantize(nn.Module):
 
     # ------------------------------------------------------------------ codebook maintenance
 
-    def _all_reduce(self, *tensors: torch.Tensor) -> None:
-        sync = _distributed() if self.sync_codebook is None else (self.sync_codebook and _distributed())
-        if sync:
+    def _syncing(self) -> bool:
+        return _distributed() if self.sync_codebook is None else (self.sync_codebook and _distributed())
+
+    def _all_reduce(self, *tensors: torch.Tensor, op=None) -> None:
+        if self._syncing():
             for t in tensors:
-                dist.all_reduce(t)
+                dist.all_reduce(t) if op is None else dist.all_reduce(t, op=op)
 
     def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        if _distributed():
+        if self._syncing():
             dist.broadcast(t, src=0)
         return t
 
     @torch.no_grad()
     def _init_with_kmeans(self, rows: torch.Tensor) -> None:
-        sync = _distributed() if self.sync_codebook is None else (self.sync_codebook and _distributed())
+        sync = self._syncing()
         centres, counts = kmeans(rows, self.codebook_size, self.kmeans_iters, init="random", metric=self.metric,
                                  all_reduce=dist.all_reduce if sync else None)
         # Each process samples its own start; take process 0's result everywhere.
@@ -207,10 +209,16 @@ class VectorQuantize(nn.Module):
         dead = self.cluster_size < self.threshold_ema_dead_code
         if not bool(dead.any()):  # one host sync per step, only with the option on
             return
+        # Synced codebooks: `dead` is the same on every process (the EMA sizes are all-reduced); the
+        # processes must also agree on how many codes to re-seed (their row counts can differ) and which.
         num_dead = int(dead.sum())
-        count = min(num_dead, rows.shape[0])
+        count = torch.tensor([min(num_dead, rows.shape[0])], device=rows.device)
+        self._all_reduce(count, op=dist.ReduceOp.MIN)
+        count = int(count)
+        if count == 0:
+            return
         if count < num_dead:  # fewer rows than dead codes: re-seed a random subset now
-            keep = torch.randperm(num_dead, device=dead.device)[:count]
+            keep = self._broadcast(torch.randperm(num_dead, device=dead.device)[:count].contiguous())
             which = dead.nonzero(as_tuple=True)[0][keep]
             dead = torch.zeros_like(dead)
             dead[which] = True
@@ -359,7 +367,11 @@ class ResidualVQ(nn.Module):
         depth = self.num_quantizers
         if self.training and self.quantize_dropout:
             low = self.quantize_dropout_cutoff_index + 1
-            depth = int(torch.randint(low, self.num_quantizers + 1, (1,)))
+            drawn = torch.randint(low, self.num_quantizers + 1, (1,))
+            if _distributed():  # every process must run the same quantisers (their EMA syncs are collectives)
+                drawn = drawn.to(x.device)
+                dist.broadcast(drawn, src=0)
+            depth = int(drawn)
         quantized_out = torch.zeros_like(residual)
         all_indices, losses, stats = [], [], []
         for q, layer in enumerate(self.layers):
