@@ -23,17 +23,22 @@ from pathlib import Path
 # 2-core CPU in its time budget.
 RECIPES = {
     "fsq": {
-        "ae": ["--quantizer", "fsq", "--levels", "5,5,5", "--steps", "2500"],
-        "prior": ["--prior", "gpt", "--steps", "3000", "--width", "256", "--depth", "4", "--heads", "4"],
+        "ae": ["--quantizer", "fsq", "--levels", "5,5,5", "--block-out-channels", "16,32,32", "--batch-size", "32",
+               "--steps", "1500", "--lr", "2e-3"],
+        "prior": ["--prior", "gpt", "--width", "128", "--depth", "4", "--heads", "4", "--batch-size", "64",
+                  "--steps", "1500", "--lr", "1e-3"],
     },
     "vq": {
-        "ae": ["--quantizer", "vq", "--codebook-size", "128", "--latent-channels", "8", "--steps", "2500"],
-        "prior": ["--prior", "gpt", "--steps", "3000", "--width", "256", "--depth", "4", "--heads", "4"],
+        "ae": ["--quantizer", "vq", "--codebook-size", "128", "--latent-channels", "4", "--block-out-channels",
+               "16,32,32", "--batch-size", "32", "--steps", "1500", "--lr", "2e-3"],
+        "prior": ["--prior", "gpt", "--width", "128", "--depth", "4", "--heads", "4", "--batch-size", "64",
+                  "--steps", "1500", "--lr", "1e-3"],
     },
     "kl": {
-        "ae": ["--quantizer", "kl", "--latent-channels", "4", "--steps", "2500"],
-        "prior": ["--prior", "dit", "--steps", "3000", "--width", "256", "--depth", "4", "--heads", "4",
-                  "--objective", "flow"],
+        "ae": ["--quantizer", "kl", "--latent-channels", "4", "--block-out-channels", "16,32,32", "--batch-size",
+               "32", "--steps", "1500", "--lr", "2e-3"],
+        "prior": ["--prior", "dit", "--objective", "flow", "--width", "128", "--depth", "4", "--heads", "4",
+                  "--batch-size", "64", "--steps", "2000", "--lr", "1e-3"],
     },
 }
 QUICK_STEPS = 20
