@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     selftest = sub.add_parser(
         "selftest", help="run every op on real tensors on each available device and check it against the reference")
     selftest.set_defaults(func=_cmd_selftest)
+    from fastlatent.benchmarking import add_bench_parser
+    add_bench_parser(sub)
     return parser
 
 
