@@ -38,7 +38,7 @@ def _sd_layers(part, resolution, scales=None):
         down = resolution // h
         if scales is None or (c, down) in scales:
             out.append((f"SD-VAE {part} {resolution}px {c}x{h}x{w}", (1, c, h, w),
-                        {"resolution": resolution, "channels": c, "downsample": down, "batch": 1}))
+                        {"resolution": resolution, "channels": c, "downsample": down, "batch": 1, "part": part}))
     return out
 
 
@@ -85,7 +85,7 @@ def _run_norm(bench, provider, case, device, dtype):
     label, shape, sizes, layout, direction = case
     backward = direction == "fwd_bwd"
     bench.describe(op="group_norm+silu " + ("fwd+bwd" if backward else "fwd"), case=f"{label} {layout}",
-                   provider=provider, device=device, dtype=dtype, sizes=sizes)
+                   provider=provider, device=device, dtype=dtype, sizes={**sizes, "layout": layout})
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, dtype)
     if layout == "channels_last":
@@ -130,10 +130,11 @@ _EXPECTED = {}
 
 def _expected(case, device, dtype, x, w, b, dy):
     """The float64 output (or dx) of a case, computed once for all its providers (only the last case kept)."""
-    key = (case, device.type, dtype)
+    label, shape, _, layout, direction = case
+    key = (label, shape, layout, direction, device.type, dtype)
     if key not in _EXPECTED:
         _EXPECTED.clear()
-        backward = case[-1] == "fwd_bwd"
+        backward = direction == "fwd_bwd"
         x64 = x.detach().double().requires_grad_(backward)
         want = _reference_group_norm_silu(x64, w.detach().double(), b.detach().double())
         _EXPECTED[key] = torch.autograd.grad(want, x64, dy.double())[0] if backward else want.detach()

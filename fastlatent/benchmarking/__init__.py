@@ -73,6 +73,17 @@ def locate_suites(explicit: str | os.PathLike | None = None) -> Path:
         f"(or set {SUITES_ENV}) with a checkout of fastlatent {fastlatent.__version__}.")
 
 
+def _require_runner() -> None:
+    import importlib.util
+
+    missing = [pip for module, pip in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"))
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise BenchError(f"fastlatent bench: the suites run under {' and '.join(missing)}, which "
+                         f"{'is' if len(missing) == 1 else 'are'} not installed: pip install {' '.join(missing)} "
+                         "(peers are optional: diffusers, vector-quantize-pytorch, faiss-cpu; plots need matplotlib)")
+
+
 def resolve_device(requested: str | None) -> str:
     """``cpu`` or ``cuda``; the default is cuda when a GPU and fastlatent's CUDA kernels are there."""
     import torch
@@ -224,6 +235,8 @@ def write_report(results: dict, out: Path) -> list[Path]:
     markdown = render_markdown(results)
     if plots:
         markdown += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
+    elif _version("matplotlib", "matplotlib") is None:
+        markdown += "\nNo plots: matplotlib is not installed (pip install matplotlib).\n"
     (out / "results.md").write_text(markdown)
     return [out / "results.json", out / "results.md", *plots]
 
@@ -254,6 +267,7 @@ def run_bench(args: argparse.Namespace) -> int:
             return 0
         if args.compile_budget <= 0:
             raise BenchError(f"fastlatent bench: --compile-budget must be positive seconds, got {args.compile_budget}")
+        _require_runner()
         suites = locate_suites(args.suites)
         device = resolve_device(args.device)
     except BenchError as exc:

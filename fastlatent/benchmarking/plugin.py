@@ -12,6 +12,7 @@ import os
 import re
 
 from fastlatent.benchmarking.measure import CASE_KEY, RESULT_KEY
+from fastlatent.benchmarking.report import _fmt_time
 
 PROGRESS_PREFIX = "fastlatent-bench: "
 
@@ -141,7 +142,7 @@ class _Recorder:
         label = (f"{case.get('op')} {case.get('device')} {case.get('case')} [{case.get('provider')}]" if case
                  else record.get("id", record["nodeid"]))
         if record["outcome"] == "passed" and record.get("result"):
-            detail = f"{record['result']['min_s'] * 1e3:.4g} ms"
+            detail = _fmt_time(record["result"]["min_s"])
         elif record["outcome"] == "passed":
             detail = "passed (nothing measured)"
         else:

@@ -89,6 +89,7 @@ def add_speedups(entry: dict) -> None:
 # ------------------------------------------------------------------------------------ markdown
 
 def _fmt_time(seconds: float) -> str:
+    """3 significant digits in ms or us; whole ms from a second up."""
     ms = seconds * 1e3
     if ms >= 1000:
         return f"{ms:,.0f} ms"
@@ -345,6 +346,9 @@ def write_plots(results: dict, folder: Path) -> list[Path]:
                         ax.plot(*zip(*points), marker="o", label=provider,
                                 linewidth=2.2 if provider == "fastlatent" else 1.2)
                 ax.set_xscale("log", base=2)
+                values = sorted({c["sizes"][axis] for c in group})
+                ax.set_xticks(values, [f"{v:g}" for v in values])
+                ax.minorticks_off()
                 ax.set_yscale("log")
                 ax.set_xlabel(axis)
                 ax.set_ylabel("time per call (ms)")
