@@ -53,6 +53,7 @@ def test_pytest_command_carries_the_selection(tmp_path):
     quick = pytest_command(BENCHMARKS, device="cpu", full=False, include=[], exclude=[], record=tmp_path / "r.json",
                            benchmark_json=tmp_path / "b.json", compile_budget_s=60, collect_only=True)
     assert "--full" not in quick and "--collect-only" in quick and "--benchmark-only" not in quick
+    assert "--fl-list" in quick
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -252,6 +253,7 @@ def test_sd_vae_shapes_are_those_of_diffusers_autoencoderkl():
 # ------------------------------------------------------------------------------------------ whole command
 
 def test_bench_command_runs_a_real_case_end_to_end(tmp_path, capsys):
+    pytest.importorskip("pytest_benchmark", reason="the suites run under pytest-benchmark")
     out = tmp_path / "bench"
     status = cli.main(["bench", "--quick", "--device", "cpu", "--out", str(out),
                        "--filter", "sampling/test_guided_ddim_step_cpu[dit_8x4x32x32-fastlatent]",

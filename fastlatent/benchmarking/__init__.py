@@ -170,7 +170,7 @@ def pytest_command(suites: Path, *, device: str, full: bool, include: list[str],
     if full:
         cmd.append("--full")
     if collect_only:
-        return cmd + ["--collect-only"]
+        return cmd + ["--collect-only", "--fl-list"]
     return cmd + ["--benchmark-only", "--benchmark-quiet", f"--benchmark-json={benchmark_json}",
                   f"--fl-record={record}", f"--compile-budget={compile_budget_s:g}"]
 
@@ -283,7 +283,8 @@ def run_bench(args: argparse.Namespace) -> int:
                          benchmark_json=benchmark_json, compile_budget_s=args.compile_budget,
                          collect_only=args.list)
     if args.list:
-        return _stream(cmd, None, echo_all=True)
+        status = _stream(cmd, None, echo_all=args.verbose)
+        return 0 if status in (0, 5) else status
     meta = run_metadata(device, mode, _command_line(args, device, mode), suites)
     print(f"fastlatent bench: {mode} run on {meta['device']['name']}, suites in {suites}; log in {out / 'pytest.log'}",
           flush=True)

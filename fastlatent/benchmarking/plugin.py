@@ -57,6 +57,7 @@ def pytest_addoption(parser):
                     help="run only the cases of this device (the `cuda` marker marks GPU cases)")
     group.addoption("--fl-filter", action="append", default=[], help="run only cases whose id matches (repeatable)")
     group.addoption("--fl-exclude", action="append", default=[], help="skip cases whose id matches (repeatable)")
+    group.addoption("--fl-list", action="store_true", default=False, help="print the selected case ids")
 
 
 def _full_run(config) -> bool:
@@ -82,6 +83,15 @@ def pytest_collection_modifyitems(session, config, items):
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
     config._fl_plan = {item.nodeid: _item_info(item) for item in keep}
+
+
+def pytest_collection_finish(session):
+    if not session.config.getoption("--fl-list"):
+        return
+    terminal = session.config.pluginmanager.get_plugin("terminalreporter")
+    for item in session.items:
+        terminal.write_line(PROGRESS_PREFIX + case_id(item))
+    terminal.write_line(f"{PROGRESS_PREFIX}{len(session.items)} selected (one per case and provider)")
 
 
 def _item_info(item) -> dict:
