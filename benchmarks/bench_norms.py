@@ -1,176 +1,229 @@
-"""Fused GroupNorm + SiLU against eager and compiled PyTorch, and patched against unpatched VAE decodes.
+"""Norms and blocks: fused GroupNorm + SiLU at SD-VAE shapes, and the VAE's resnet and attention blocks.
 
-- ``group_norm(x, w, b, G, eps, "silu")`` vs ``F.silu(F.group_norm(...))`` eager and under ``torch.compile``,
-  at SD-VAE decoder shapes (G=32), forward and forward+backward, NCHW and channels-last.
-  CPU: the issue's bar is 2x eager at 4x256x64x64 (fp32). CUDA (bf16): 3x eager, 1.2x compiled and 80% of
-  the 3.35 TB/s of an H100 from 1x512x128x128 to 1x128x1024x1024.
-- ``AutoencoderKL.decode`` with and without :func:`fastlatent.patch`: a small SD-structured VAE on the CPU
-  (patched must be faster), the SD configuration at 1024x1024 in bf16 on CUDA (1.3x at no higher peak memory).
+- ``group_norm(x, w, b, 32, eps, "silu")`` against the float64 reference (eager and compiled) and
+  the plain-PyTorch ``F.silu(F.group_norm(...))`` eager and compiled, at the GroupNorm inputs of
+  Stable Diffusion's VAE decoder and encoder at 256, 512 and 1024 px (from ``sd_vae_norm_shapes``),
+  forward and forward + backward, NCHW and channels-last. CPU bar: 2x eager at 4x256x64x64 (fp32).
+  CUDA (bf16): 3x eager, 1.2x compiled, a large fraction of HBM bandwidth.
+- ``fastlatent.patch``-ed diffusers ``ResnetBlock2D`` and VAE mid-block ``Attention`` against
+  diffusers' own (eager and compiled), inference, SD-VAE widths.
 
-Times are minima over several rounds: on the CPU each call allocates activation-sized tensors whose first
-touch (page faults) makes single timings noisy. ``bytes_moved`` is the least traffic any implementation
-needs (forward: read x, write y; backward: read x and dy, write dx); ``gb_per_s`` divides it by the time.
+``bytes_moved`` is the least traffic any implementation needs (forward: read x, write y; backward:
+read x and dy, write dx).
 """
+
+import copy
+import re
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastlatent
-from conftest import device_name, timed
+from conftest import SD_VAE, peer, providers, relative_error, sd_vae_norm_shapes
+from fastlatent import reference
 
-GROUPS, EPS = 32, 1e-6
-H100_BANDWIDTH = 3.35e12
-
-CPU_SHAPES = [
-    pytest.param((4, 256, 64, 64), id="4x256x64x64"),
-    pytest.param((1, 512, 64, 64), id="1x512x64x64"),
-    pytest.param((1, 128, 256, 256), id="1x128x256x256"),
-    pytest.param((64, 512, 8, 8), id="64x512x8x8"),
-]
-CUDA_SHAPES = [(1, 512, 128, 128), (1, 256, 256, 256), (1, 128, 512, 512), (1, 128, 1024, 1024)]
-PROVIDERS = ["fastlatent", "eager", "compiled"]
+BENCH_AREA = "norms"
+GROUPS, EPS = SD_VAE["norm_num_groups"], 1e-6
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda") if torch.cuda.is_available() else None
+NORM_PROVIDERS = providers("fastlatent", "reference", "reference_compiled", "torch", "torch_compiled",
+                           full_only=("reference_compiled",))
 
 
-def _eager(x, w, b):
+def _sd_layers(part, resolution, scales=None):
+    """(label, shape, sizes) of SD-VAE GroupNorm inputs, batch 1; ``scales`` picks layers by side/resolution."""
+    out = []
+    for c, h, w in sd_vae_norm_shapes(resolution, part):
+        down = resolution // h
+        if scales is None or (c, down) in scales:
+            out.append((f"SD-VAE {part} {resolution}px {c}x{h}x{w}", (1, c, h, w),
+                        {"resolution": resolution, "channels": c, "downsample": down, "batch": 1, "part": part}))
+    return out
+
+
+def _slug(label):
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")
+
+
+def _norm_params(cases, full=False, layouts=("nchw",), directions=("fwd",)):
+    marks = [pytest.mark.full] if full else []
+    return [pytest.param((label, shape, sizes, layout, direction), marks=marks,
+                         id=f"{_slug(label)}-{layout}-{direction}")
+            for label, shape, sizes in cases for layout in layouts for direction in directions]
+
+
+_HEADLINE = [("4x256x64x64 (issue bar)", (4, 256, 64, 64), {"batch": 4, "channels": 256, "side": 64})]
+# quick: two decoder layers at 256 px (512 ch at 1/4 and 128 ch at full resolution)
+_QUICK_LAYERS = _sd_layers("decoder", 256, {(512, 4), (128, 1)})
+NORM_CPU = (
+    _norm_params(_HEADLINE, directions=("fwd", "fwd_bwd"))
+    + _norm_params(_QUICK_LAYERS)
+    + _norm_params(_HEADLINE, full=True, layouts=("channels_last",), directions=("fwd", "fwd_bwd"))
+    + _norm_params(_QUICK_LAYERS, full=True, directions=("fwd_bwd",))
+    + _norm_params([c for r in (256, 512, 1024) for c in _sd_layers("decoder", r) if c not in _QUICK_LAYERS],
+                   full=True)
+    + _norm_params([c for r in (256, 512, 1024) for c in _sd_layers("encoder", r)], full=True)
+    + _norm_params([("64x512x8x8 (many small maps)", (64, 512, 8, 8), {"batch": 64, "channels": 512, "side": 8})],
+                   full=True, directions=("fwd", "fwd_bwd"))
+)
+NORM_CUDA = (_norm_params([c for r in (512, 1024) for c in _sd_layers("decoder", r)], directions=("fwd", "fwd_bwd"))
+             + _norm_params([("16x512x128x128 (target)", (16, 512, 128, 128), {"batch": 16, "channels": 512,
+                                                                              "side": 128})],
+                            layouts=("nchw", "channels_last"), directions=("fwd", "fwd_bwd")))
+
+
+def _torch_group_norm_silu(x, w, b):
     return F.silu(F.group_norm(x, GROUPS, w, b, EPS))
 
 
-_compiled = {}
+def _reference_group_norm_silu(x, w, b):
+    return reference.group_norm(x, w, b, GROUPS, EPS, "silu")
 
 
-def _fn(provider, shape, dtype, channels_last, backward):
-    if provider == "fastlatent":
-        return lambda x, w, b: fastlatent.group_norm(x, w, b, GROUPS, EPS, "silu")
-    if provider == "eager":
-        return _eager
-    # one compiled function per case, so that no case pays for another's recompilation
-    key = (shape, dtype, channels_last, backward)
-    if key not in _compiled:
-        _compiled[key] = torch.compile(_eager, dynamic=False)
-    return _compiled[key]
-
-
-def _run_norm(benchmark, provider, shape, dtype, channels_last, backward, device):
+def _run_norm(bench, provider, case, device, dtype):
+    label, shape, sizes, layout, direction = case
+    backward = direction == "fwd_bwd"
+    bench.describe(op="group_norm+silu " + ("fwd+bwd" if backward else "fwd"), case=f"{label} {layout}",
+                   provider=provider, device=device, dtype=dtype, sizes={**sizes, "layout": layout})
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, dtype)
-    if channels_last:
+    if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     w = (torch.rand(shape[1], generator=gen) + 0.5).to(device, dtype)
     b = torch.randn(shape[1], generator=gen).to(device, dtype)
-    fn = _fn(provider, shape, dtype, channels_last, backward)
-    atol, rtol = (1e-4, 1e-4) if dtype == torch.float32 else (3e-2, 2e-2)
+    dy = torch.randn(shape, generator=gen).to(device, dtype)
     if backward:
-        x.requires_grad_()
-        w.requires_grad_()
-        b.requires_grad_()
-        dy = torch.randn(shape, generator=gen).to(device, dtype)
+        for t in (x, w, b):
+            t.requires_grad_()
 
-        def step():
-            return torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
-    else:
-        def step():
-            with torch.no_grad():
-                return fn(x, w, b)
+    def make_step(fn):
+        if backward:
+            return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
+        return lambda: fn(x, w, b)
 
-    got = step()
-    with torch.no_grad():
-        x32 = x.detach().float()
-        expected = _eager(x32, w.detach().float(), b.detach().float())
-    if backward:
-        x32.requires_grad_()
-        expected = torch.autograd.grad(_eager(x32, w.detach().float(), b.detach().float()), x32, dy.float())[0]
-        got = got[0]
-    torch.testing.assert_close(got.float(), expected, atol=atol, rtol=rtol)
-
+    eager = {"fastlatent": lambda x, w, b: fastlatent.group_norm(x, w, b, GROUPS, EPS, "silu"),
+             "reference": _reference_group_norm_silu, "reference_compiled": _reference_group_norm_silu,
+             "torch": _torch_group_norm_silu, "torch_compiled": _torch_group_norm_silu}[provider]
+    if provider.endswith("_compiled"):
+        eager = bench.compile(eager, warm=lambda f: make_step(f)())
+    step = make_step(eager)
+    with torch.set_grad_enabled(backward):
+        got = step()
+    # against the float64 reference: fp32 within 1e-4, half types within their rounding
+    want = _expected(case, device, dtype, x, w, b, dy)
+    got = got[0] if backward else got
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    err = relative_error(got.float(), want)
+    assert err <= tol, f"{provider}: relative error {err:.2e} > {tol:g}"
     numel = x.numel()
-    elem = x.element_size()
-    moved = (5 if backward else 2) * numel * elem
-    benchmark.extra_info.update(device=device_name(device), torch=torch.__version__, shape=list(shape),
-                                dtype=str(dtype), channels_last=channels_last, backward=backward,
-                                bytes_moved=moved)
-    benchmark.pedantic(timed(step, device), rounds=30 if device.type == "cpu" else 50, warmup_rounds=3)
-    gbps = moved / benchmark.stats.stats.min / 1e9
-    benchmark.extra_info["gb_per_s"] = gbps
-    if device.type == "cuda":
-        benchmark.extra_info["fraction_of_3.35TB/s"] = gbps * 1e9 / H100_BANDWIDTH
+
+    def timed_step():
+        with torch.set_grad_enabled(backward):
+            return step()
+
+    bench.run(timed_step, bytes_moved=(5 if backward else 2) * numel * x.element_size())
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("shape", CPU_SHAPES)
-def test_group_norm_silu_cpu(benchmark, provider, shape, channels_last, backward):
-    benchmark.group = (f"group_norm+silu cpu fp32 {'x'.join(map(str, shape))} "
-                       f"{'channels_last' if channels_last else 'nchw'} {'fwd+bwd' if backward else 'fwd'}")
-    _run_norm(benchmark, provider, shape, torch.float32, channels_last, backward, torch.device("cpu"))
+_EXPECTED = {}
+
+
+def _expected(case, device, dtype, x, w, b, dy):
+    """The float64 output (or dx) of a case, computed once for all its providers (only the last case kept)."""
+    label, shape, _, layout, direction = case
+    key = (label, shape, layout, direction, device.type, dtype)
+    if key not in _EXPECTED:
+        _EXPECTED.clear()
+        backward = direction == "fwd_bwd"
+        x64 = x.detach().double().requires_grad_(backward)
+        want = _reference_group_norm_silu(x64, w.detach().double(), b.detach().double())
+        _EXPECTED[key] = torch.autograd.grad(want, x64, dy.double())[0] if backward else want.detach()
+    return _EXPECTED[key]
+
+
+@pytest.mark.parametrize("provider", NORM_PROVIDERS)
+@pytest.mark.parametrize("case", NORM_CPU)
+def test_group_norm_silu_cpu(bench, provider, case):
+    _run_norm(bench, provider, case, CPU, torch.float32)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd_bwd"])
-@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("provider", ["fastlatent", "torch", "torch_compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_group_norm_silu_cuda(benchmark, provider, shape, dtype, channels_last, backward):
-    benchmark.group = (f"group_norm+silu cuda {dtype} {'x'.join(map(str, shape))} "
-                       f"{'channels_last' if channels_last else 'nchw'} {'fwd+bwd' if backward else 'fwd'}")
-    _run_norm(benchmark, provider, shape, dtype, channels_last, backward, torch.device("cuda"))
+@pytest.mark.parametrize("case", NORM_CUDA)
+def test_group_norm_silu_cuda(bench, provider, case, dtype):
+    _run_norm(bench, provider, case, CUDA, dtype)
 
 
-# ------------------------------------------------------------------------------------------ VAE decode
+# ------------------------------------------------------------------------------------------ blocks
 
-def _vae(block_out_channels, groups, device, dtype):
-    diffusers = pytest.importorskip("diffusers", reason="diffusers not installed")
+BLOCK_PROVIDERS = ["fastlatent", "diffusers", "diffusers_compiled"]
+
+
+def _mid_block(channels, device, dtype):
+    diffusers = peer("diffusers", "diffusers")  # noqa: F841 (the import below needs it)
+    from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
+
     torch.manual_seed(0)
-    n = len(block_out_channels)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
-                                  norm_num_groups=groups, down_block_types=("DownEncoderBlock2D",) * n,
-                                  up_block_types=("UpDecoderBlock2D",) * n, block_out_channels=block_out_channels)
-    return vae.to(device, dtype).eval()
+    block = UNetMidBlock2D(in_channels=channels, temb_channels=None, resnet_eps=1e-6, resnet_groups=GROUPS,
+                           attention_head_dim=channels, add_attention=True)
+    return block.to(device, dtype).eval()
 
 
-def _run_decode(benchmark, provider, vae, latent, rounds):
-    device = latent.device
+def _run_block(bench, provider, kind, channels, side, device, dtype, resolution):
+    bench.describe(op=f"SD-VAE {kind} block", case=f"{channels}x{side}x{side} ({resolution}px)", provider=provider,
+                   device=device, dtype=dtype, sizes={"resolution": resolution, "channels": channels, "side": side})
+    mid = _mid_block(channels, device, dtype)
+    block = mid.resnets[0] if kind == "resnet" else mid.attentions[0]
+    call = (lambda m, x: m(x, None)) if kind == "resnet" else (lambda m, x: m(x))
+    x = torch.randn(1, channels, side, side, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     with torch.inference_mode():
-        expected = vae.decode(latent).sample
-        if provider == "fastlatent.patch":
-            fastlatent.patch(vae, report=False)
-        got = vae.decode(latent).sample
-    # random weights: compared relative to the output's size (bf16 through ~30 convolutions)
-    tol = 1e-4 if latent.dtype == torch.float32 else 5e-2
-    err = ((got.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-    assert err <= tol, err
+        want = call(block, x)
+    if provider == "fastlatent":
+        module = fastlatent.patch(copy.deepcopy(block), report=False)
+        assert type(module).__module__.startswith("fastlatent"), f"patch left a {type(module).__name__}"
+        fn = lambda: call(module, x)  # noqa: E731
+    elif provider == "diffusers":
+        fn = lambda: call(block, x)  # noqa: E731
+    else:
+        def warm(f):
+            with torch.inference_mode():
+                return f(x)
+        compiled = bench.compile(lambda x: call(block, x), warm=warm)
+        fn = lambda: compiled(x)  # noqa: E731
 
     def step():
         with torch.inference_mode():
-            return vae.decode(latent).sample
+            return fn()
 
-    benchmark.extra_info.update(device=device_name(device), torch=torch.__version__, latent=list(latent.shape),
-                                dtype=str(latent.dtype), relative_error_vs_unpatched=err)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    benchmark.pedantic(timed(step, device), rounds=rounds, warmup_rounds=1)
-    if device.type == "cuda":
-        benchmark.extra_info["peak_memory_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    err = relative_error(step(), want)
+    assert err <= (1e-4 if dtype == torch.float32 else 5e-2), f"{provider}: relative error {err:.2e}"
+    bench.note(relative_error_vs_diffusers=err)
+    bench.run(step)
 
 
-@pytest.mark.parametrize("provider", ["diffusers", "fastlatent.patch"])
-def test_vae_decode_cpu(benchmark, provider):
-    """SD-VAE structure at a quarter of the widths (32, 64, 128, 128), 16 groups, 32x32 latent -> 256x256."""
-    benchmark.group = "AutoencoderKL.decode cpu fp32 small SD-structured, 256x256"
-    vae = _vae((32, 64, 128, 128), 16, "cpu", torch.float32)
-    latent = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
-    _run_decode(benchmark, provider, vae, latent, rounds=5)
+BLOCK_CPU = [
+    pytest.param(("resnet", 512, 32, 256), id="resnet_512x32x32"),        # decoder mid block, 256 px
+    pytest.param(("attention", 512, 32, 256), id="attention_512x32x32"),
+    pytest.param(("resnet", 512, 64, 512), id="resnet_512x64x64", marks=pytest.mark.full),
+    pytest.param(("attention", 512, 64, 512), id="attention_512x64x64", marks=pytest.mark.full),
+    pytest.param(("resnet", 256, 128, 256), id="resnet_256x128x128", marks=pytest.mark.full),  # up block 2
+    pytest.param(("resnet", 128, 256, 256), id="resnet_128x256x256", marks=pytest.mark.full),  # up block 3
+]
+
+
+@pytest.mark.parametrize("provider", BLOCK_PROVIDERS)
+@pytest.mark.parametrize("case", BLOCK_CPU)
+def test_vae_block_cpu(bench, provider, case):
+    kind, channels, side, resolution = case
+    _run_block(bench, provider, kind, channels, side, CPU, torch.float32, resolution)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["diffusers", "fastlatent.patch"])
-def test_vae_decode_sd_1024_cuda(benchmark, provider):
-    """The SD-VAE configuration (128, 256, 512, 512), 32 groups, bf16, 128x128 latent -> 1024x1024."""
-    benchmark.group = "AutoencoderKL.decode cuda bf16 SD config, 1024x1024"
-    vae = _vae((128, 256, 512, 512), 32, "cuda", torch.bfloat16)
-    latent = torch.randn(1, 4, 128, 128, generator=torch.Generator().manual_seed(0)).to("cuda", torch.bfloat16)
-    _run_decode(benchmark, provider, vae, latent, rounds=10)
+@pytest.mark.parametrize("provider", BLOCK_PROVIDERS)
+@pytest.mark.parametrize("case", [("resnet", 512, 128, 1024), ("attention", 512, 128, 1024),
+                                  ("resnet", 128, 1024, 1024)], ids=lambda c: f"{c[0]}_{c[1]}x{c[2]}x{c[2]}")
+def test_vae_block_cuda(bench, provider, case):
+    kind, channels, side, resolution = case
+    _run_block(bench, provider, kind, channels, side, CUDA, torch.bfloat16, resolution)
+

@@ -1,22 +1,28 @@
-"""Sampler loops and fused steps against diffusers' schedulers and the unfused reference.
+"""Sampling: fused sampler steps and whole loops against diffusers' schedulers and the unfused reference.
 
-- CPU (the issue's bar): a 50-step loop with the model excluded (a fixed model output), 8x4x64x64
-  fp32, for ddim, euler, dpmpp_2m and flow-matching euler: fastlatent's Sampler loop, fastlatent's
-  drop-in diffusers schedulers, diffusers' schedulers, and the plain eager reference (float64, unfused).
-- CUDA: one guided step's bandwidth at 16x4x128x128 and 16x16x64x64 (bytes it must move over the
-  H100's 3.35 TB/s), the 50-step loop vs diffusers, and a graph-captured vs eager 50-step sampling
-  of a small latent model at batch 1.
+- 50-step loops with the model excluded (a fixed model output): SD latents 8x4x64x64 (the sampling
+  issue's CPU bar, 3x diffusers) and DiT latents 8x4x32x32 and 8x16x32x32 (DiT-XL/2 at 256 px;
+  16-channel VAEs of SD3/FLUX at 256 px), for ddim, euler, dpmpp_2m and flow-matching euler:
+  fastlatent's Sampler, its drop-in diffusers schedulers, diffusers' schedulers and the float64
+  reference loop.
+- One classifier-free-guided DDIM step at DiT shapes (batch doubled for guidance): the fused kernel
+  against the float64 reference (eager and compiled), the plain-PyTorch step in the input dtype
+  (eager and compiled) and diffusers (guidance, then ``DDIMScheduler.step``).
+- CUDA: the guided step's fraction of HBM bandwidth, loops, and graph-captured vs eager sampling of
+  a small latent model at batch 1.
 """
 
 import pytest
 import torch
 
 import fastlatent
-from conftest import device_name, timed
+from conftest import peer, providers, relative_error
 from fastlatent import reference
 from fastlatent.sampling import FlowSchedule, Sampler
 
-H100_PEAK_BYTES = 3.35e12
+BENCH_AREA = "sampling"
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda") if torch.cuda.is_available() else None
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
 # method, schedule, diffusers class, its config
@@ -29,6 +35,7 @@ LOOPS = {
 ADAPTERS = {"DDIMScheduler": "FastDDIMScheduler", "EulerDiscreteScheduler": "FastEulerDiscreteScheduler",
             "DPMSolverMultistepScheduler": "FastDPMSolverMultistepScheduler",
             "FlowMatchEulerDiscreteScheduler": "FastFlowMatchEulerDiscreteScheduler"}
+LOOP_PROVIDERS = ["fastlatent", "fastlatent_diffusers_adapter", "diffusers", "reference"]
 
 
 def _diffusers_loop(cls, config, x_t, model_output, steps):
@@ -73,85 +80,137 @@ def _loop_fn(provider, loop, x_t, model_output, steps):
     sampler = Sampler(method, schedule, steps)
     if provider == "fastlatent":
         return lambda: sampler.sample(lambda x, t, c: model_output, x_t, progress=False)
-    if provider == "reference_eager":
+    if provider == "reference":
         return _reference_loop(sampler, x_t, model_output)
-    diffusers = pytest.importorskip("diffusers")
+    diffusers = peer("diffusers", "diffusers")
     if provider == "diffusers":
         return _diffusers_loop(getattr(diffusers, name), config, x_t, model_output, steps)
     from fastlatent.sampling import schedulers
     return _diffusers_loop(getattr(schedulers, ADAPTERS[name]), config, x_t, model_output, steps)
 
 
-def _run_loop(benchmark, provider, loop, shape, device, steps=50):
+def _run_loop(bench, provider, loop, shape, device, steps=50):
+    b, c, h, w = shape
+    bench.describe(op=f"{steps}-step {loop} loop (model excluded)", case=f"{b}x{c}x{h}x{w}", provider=provider,
+                   device=device, dtype=torch.float32, sizes={"batch": b, "channels": c, "side": h, "steps": steps})
     gen = torch.Generator().manual_seed(0)
     x_t = torch.randn(shape, generator=gen).to(device)
     model_output = (0.05 * torch.randn(shape, generator=gen)).to(device)
     fn = _loop_fn(provider, loop, x_t, model_output, steps)
     if provider != "diffusers":
         expected = _loop_fn("diffusers", loop, x_t, model_output, steps)()
-        out = fn().to(expected.dtype)
-        err = ((out.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+        err = relative_error(fn().to(expected.dtype), expected)
         assert err <= 1e-4, f"{provider} {loop}: relative error {err:.3g} vs diffusers"
-    benchmark.extra_info.update(device=device_name(device), torch=torch.__version__, shape=list(shape), steps=steps,
-                                loop=loop)
-    # The CPU is shared and noisy: enough rounds that the minimum and median settle.
-    benchmark.pedantic(timed(fn, device), rounds=15 if provider != "reference_eager" else 5, warmup_rounds=2)
+    bench.run(fn)
 
 
-CPU_PROVIDERS = ["fastlatent", "fastlatent_diffusers_adapter", "diffusers", "reference_eager"]
+LOOP_SHAPES_CPU = [
+    pytest.param((8, 4, 64, 64), id="sd_8x4x64x64"),
+    pytest.param((8, 4, 32, 32), id="dit_8x4x32x32", marks=pytest.mark.full),
+    pytest.param((8, 16, 32, 32), id="dit16_8x16x32x32", marks=pytest.mark.full),
+]
 
 
-@pytest.mark.parametrize("provider", CPU_PROVIDERS)
+@pytest.mark.parametrize("provider", LOOP_PROVIDERS)
 @pytest.mark.parametrize("loop", list(LOOPS))
-def test_loop_50_steps_cpu(benchmark, provider, loop):
-    benchmark.group = f"50-step {loop} loop, model excluded, cpu 8x4x64x64"
-    _run_loop(benchmark, provider, loop, (8, 4, 64, 64), torch.device("cpu"))
+@pytest.mark.parametrize("shape", LOOP_SHAPES_CPU)
+def test_loop_50_steps_cpu(bench, provider, loop, shape):
+    _run_loop(bench, provider, loop, shape, CPU)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", CPU_PROVIDERS[:3])
+@pytest.mark.parametrize("provider", LOOP_PROVIDERS[:3])
 @pytest.mark.parametrize("loop", list(LOOPS))
-@pytest.mark.parametrize("shape", [(16, 4, 64, 64), (1, 4, 64, 64)])
-def test_loop_50_steps_cuda(benchmark, provider, loop, shape):
-    benchmark.group = f"50-step {loop} loop, model excluded, cuda {shape}"
-    _run_loop(benchmark, provider, loop, shape, torch.device("cuda"))
+@pytest.mark.parametrize("shape", [(16, 4, 64, 64), (1, 4, 64, 64), (32, 4, 32, 32), (32, 16, 32, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_loop_50_steps_cuda(bench, provider, loop, shape):
+    _run_loop(bench, provider, loop, shape, CUDA)
 
 
-def _step_bytes(shape, dtype, guided):
+# ------------------------------------------------------------------------------------ one guided step
+
+GUIDANCE = 7.5
+STEP_PROVIDERS = providers("fastlatent", "reference", "reference_compiled", "torch", "torch_compiled", "diffusers")
+
+
+def _torch_guided_ddim(m, x, alpha_bar_t, alpha_bar_prev):
+    """What a diffusers pipeline does eagerly: guidance, then DDIMScheduler.step's math, in the input dtype."""
+    uncond, cond = m.chunk(2)
+    eps = uncond + GUIDANCE * (cond - uncond)
+    x0 = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t ** 0.5
+    return alpha_bar_prev ** 0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps
+
+
+def _reference_guided_ddim(m, x, alpha_bar_t, alpha_bar_prev):
+    return reference.ddim_step(m, x, alpha_bar_t, alpha_bar_prev, guidance_scale=GUIDANCE, return_x0=False)[0]
+
+
+def _step_bytes(shape, dtype):
     elements = 1
     for v in shape:
         elements *= v
-    size = torch.finfo(dtype).bits // 8
-    return elements * size * ((2 if guided else 1) + 1 + 1)  # model output, sample in; next sample out
+    return elements * (torch.finfo(dtype).bits // 8) * (2 + 1 + 1)  # [uncond; cond] and sample in, sample out
+
+
+def _run_step(bench, provider, shape, device, dtype):
+    b, c, h, w = shape
+    bench.describe(op="guided DDIM step", case=f"{b}x{c}x{h}x{w} (model output {2 * b}x{c}x{h}x{w})",
+                   provider=provider, device=device, dtype=dtype, sizes={"batch": b, "channels": c, "side": h})
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=gen).to(device, dtype)
+    m = torch.randn((2 * b, c, h, w), generator=gen).to(device, dtype)
+    # step 20 of a 50-step SD schedule (diffusers' "leading" spacing): t = 580 -> 560
+    alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+    a_t, a_prev = float(alphas[580]), float(alphas[560])
+    if provider == "fastlatent":
+        fn = lambda: fastlatent.ops.ddim_step(m, x, a_t, a_prev, guidance_scale=GUIDANCE, return_x0=False)[0]  # noqa
+    elif provider in ("reference", "torch"):
+        eager = _reference_guided_ddim if provider == "reference" else _torch_guided_ddim
+        fn = lambda: eager(m, x, a_t, a_prev)  # noqa: E731
+    elif provider in ("reference_compiled", "torch_compiled"):
+        eager = _reference_guided_ddim if provider == "reference_compiled" else _torch_guided_ddim
+        compiled = bench.compile(lambda m, x: eager(m, x, a_t, a_prev), warm=lambda f: f(m, x))
+        fn = lambda: compiled(m, x)  # noqa: E731
+    else:
+        diffusers = peer("diffusers", "diffusers")
+        scheduler = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False)
+        scheduler.set_timesteps(50, device=device)
+        t = int(scheduler.timesteps[20])
+        a_t, a_prev = float(scheduler.alphas_cumprod[t]), float(scheduler.alphas_cumprod[t - 20])
+
+        def fn():
+            uncond, cond = m.chunk(2)
+            return scheduler.step(uncond + GUIDANCE * (cond - uncond), t, x).prev_sample
+
+    want = _reference_guided_ddim(m, x, a_t, a_prev)
+    err = relative_error(fn(), want)
+    assert err <= (1e-5 if dtype == torch.float32 else 2e-2), f"{provider}: relative error {err:.2e}"
+    bench.run(fn, bytes_moved=_step_bytes(shape, dtype))
+
+
+STEP_SHAPES_CPU = [
+    pytest.param((8, 4, 32, 32), id="dit_8x4x32x32"),
+    pytest.param((8, 16, 32, 32), id="dit16_8x16x32x32"),
+    *[pytest.param((b, c, 32, 32), id=f"B{b}x{c}x32x32", marks=pytest.mark.full)
+      for b in (1, 32, 128) for c in (4, 16)],
+    pytest.param((8, 4, 64, 64), id="sd_8x4x64x64", marks=pytest.mark.full),
+]
+
+
+@pytest.mark.parametrize("provider", STEP_PROVIDERS)
+@pytest.mark.parametrize("shape", STEP_SHAPES_CPU)
+def test_guided_ddim_step_cpu(bench, provider, shape):
+    _run_step(bench, provider, shape, CPU, torch.float32)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["fastlatent", "eager_fp32"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
-@pytest.mark.parametrize("shape", [(16, 4, 128, 128), (16, 16, 64, 64)])
-def test_guided_ddim_step_bandwidth_cuda(benchmark, provider, dtype, shape):
-    """One classifier-free-guided DDIM step: GB/s over the bytes the step must move."""
-    device = torch.device("cuda")
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(shape, generator=gen).to(device, dtype)
-    m = torch.randn((2 * shape[0],) + shape[1:], generator=gen).to(device, dtype)
-    if provider == "fastlatent":
-        def fn():
-            return fastlatent.ops.ddim_step(m, x, 0.3, 0.5, guidance_scale=7.5, return_x0=False)[0]
-    else:
-        def fn():  # what a diffusers pipeline does eagerly: guidance, then DDIMScheduler.step's math
-            uncond, cond = m.float().chunk(2)
-            eps = uncond + 7.5 * (cond - uncond)
-            x0 = (x.float() - (1 - 0.3) ** 0.5 * eps) / 0.3 ** 0.5
-            return (0.5 ** 0.5 * x0 + (1 - 0.5) ** 0.5 * eps).to(dtype)
-    torch.testing.assert_close(fn().float(), reference.ddim_step(m, x, 0.3, 0.5, guidance_scale=7.5)[0].float(),
-                               rtol=2e-2, atol=2e-2)
-    moved = _step_bytes(shape, dtype, True)
-    benchmark.extra_info.update(device=device_name(device), torch=torch.__version__, shape=list(shape),
-                                dtype=str(dtype), bytes_moved=moved)
-    benchmark.pedantic(timed(fn, device), rounds=50, warmup_rounds=5)
-    benchmark.extra_info["gb_per_s"] = moved / benchmark.stats.stats.mean / 1e9
-    benchmark.extra_info["fraction_of_h100_peak"] = moved / benchmark.stats.stats.mean / H100_PEAK_BYTES
+@pytest.mark.parametrize("provider", ["fastlatent", "torch", "torch_compiled"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape", [(16, 4, 128, 128), (16, 16, 64, 64), (256, 4, 32, 32), (256, 16, 32, 32)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_guided_ddim_step_cuda(bench, provider, shape, dtype):
+    """One guided DDIM step: the fraction of HBM bandwidth over the bytes it must move."""
+    _run_step(bench, provider, shape, CUDA, dtype)
 
 
 class _SmallLatentModel(torch.nn.Module):
@@ -171,13 +230,14 @@ class _SmallLatentModel(torch.nn.Module):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("provider", ["fastlatent_graph", "fastlatent_eager"])
-def test_graph_captured_sampling_cuda(benchmark, provider):
-    device = torch.device("cuda")
+@pytest.mark.parametrize("provider", ["fastlatent_graph", "fastlatent"])
+def test_graph_captured_sampling_cuda(bench, provider):
+    bench.describe(op="50-step dpmpp_2m sampling of a small conv model", case="1x4x64x64", provider=provider,
+                   device=CUDA, dtype=torch.float32, sizes={"batch": 1, "steps": 50})
     torch.manual_seed(0)
-    model = _SmallLatentModel().to(device).eval()
+    model = _SmallLatentModel().to(CUDA).eval()
     sampler = Sampler("dpmpp_2m", "scaled_linear", 50)
-    x_t = torch.randn(1, 4, 64, 64, device=device)
+    x_t = torch.randn(1, 4, 64, 64, device=CUDA)
 
     @torch.no_grad()
     def fn():
@@ -186,5 +246,4 @@ def test_graph_captured_sampling_cuda(benchmark, provider):
     with torch.no_grad():
         eager = sampler.sample(model, x_t, progress=False)
     torch.testing.assert_close(fn(), eager, rtol=1e-4, atol=1e-4)
-    benchmark.extra_info.update(device=device_name(device), torch=torch.__version__, shape=[1, 4, 64, 64], steps=50)
-    benchmark.pedantic(timed(fn, device), rounds=10, warmup_rounds=2)
+    bench.run(fn)

@@ -232,9 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     selftest = sub.add_parser(
         "selftest", help="run every op on real tensors on each available device and check it against the reference")
     selftest.set_defaults(func=_cmd_selftest)
+    from fastlatent.benchmarking import add_bench_parser
     from fastlatent.commands import add_model_commands
 
     add_model_commands(sub)
+    add_bench_parser(sub)
     return parser
 
 
