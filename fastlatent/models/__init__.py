@@ -4,6 +4,7 @@ from fastlatent.models.base import MODEL_REGISTRY, ConfigMixin, load_pretrained,
 from fastlatent.models.autoencoder_kl import (AutoencoderKL, diffusers_to_ldm_vae_state_dict,
                                               ldm_to_diffusers_vae_state_dict, vae_config_from_state_dict)
 from fastlatent.models.autoencoders import AutoencoderOutput, DiagonalGaussian, LatentScaleMixin
+from fastlatent.models.dgae import DGAETask, DiffusionDecoderAutoencoder
 from fastlatent.models.discrete_autoencoders import FSQAutoencoder, VQAutoencoder
 from fastlatent.models.losses import (LPIPS, AutoencoderLoss, AutoencoderTask, PatchGANDiscriminator,
                                       adaptive_generator_weight, hinge_d_loss, vanilla_d_loss)
@@ -19,4 +20,5 @@ __all__ = ["MODEL_REGISTRY", "ConfigMixin", "register_model", "load_pretrained",
            "diffusers_to_ldm_vae_state_dict", "vae_config_from_state_dict", "LatentScaleMixin", "VQAutoencoder",
            "FSQAutoencoder", "LPIPS", "PatchGANDiscriminator", "AutoencoderLoss", "AutoencoderTask",
            "adaptive_generator_weight", "hinge_d_loss", "vanilla_d_loss", "DiT", "UNet", "LatentDiffusion",
-           "TokenGPT", "KVCache", "top_k_filter", "top_p_filter", "TwoStagePipeline"]
+           "TokenGPT", "KVCache", "top_k_filter", "top_p_filter", "TwoStagePipeline",
+           "DiffusionDecoderAutoencoder", "DGAETask"]

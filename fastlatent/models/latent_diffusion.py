@@ -386,11 +386,6 @@ class LatentDiffusion(nn.Module, ConfigMixin):
                              "here or to the constructor")
         if method is None:
             method = "euler" if self.objective == "flow" else "ddim"
-        if self.objective == "flow" and method == "dpmpp_2m":
-            # The flow schedule starts at sigma = 1 (alpha = 0), where fastlatent.dpmpp_2m_step's log-SNR is
-            # undefined and the op rejects the step.
-            raise ValueError(f'{where}: method "dpmpp_2m" does not support the flow schedule yet (its first step has '
-                             'alpha = 0); use method="euler" for objective "flow"')
         sampler, model_fn = self._sampler(method, steps, eta, karras, guidance_rescale, clip_x0)
         cond = labels
         if guided:

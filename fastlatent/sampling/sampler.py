@@ -29,6 +29,27 @@ class Step:
     second_order: bool = False
 
 
+def _dpm_flow_sigmas_and_timesteps(schedule: FlowSchedule, steps: int) -> tuple[list[float], list[float]]:
+    """dpmpp_2m over a flow schedule, as diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` plans it.
+
+    DPM-Solver works in log-SNR ``lambda = log((1 - sigma) / sigma)``, which is -inf at the flow schedule's
+    ``sigma = 1`` (pure noise, alpha = 0): the Euler plan's first step cannot be taken. diffusers starts one
+    training step below instead, at ``shift(1 - 1/T)``, spacing ``steps + 1`` unshifted times linearly from
+    there to 0 and dropping the 0 (it is the final sigma). The starting noise is still unit Gaussian
+    (``init_noise_sigma`` 1): treating it as ``x = (1/T) x0 + (1 - 1/T) eps`` is the approximation diffusers
+    makes. The model's timesteps are ``sigma * T`` truncated to integers, as diffusers stores them (int64).
+
+    Returns:
+        ``steps + 1`` sigmas ending in 0 (float32 values, as diffusers'), and ``steps`` model timesteps.
+    """
+    t_count, shift = schedule.num_train_timesteps, schedule.shift
+    sigmas = 1.0 - np.linspace(1, 1 / t_count, steps + 1)
+    sigmas = np.flip(shift * sigmas / (1 + (shift - 1) * sigmas))[:-1].copy()
+    timesteps = (sigmas * t_count).astype(np.int64)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
+    return [float(v) for v in sigmas], [float(v) for v in timesteps]
+
+
 def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
     """diffusers' log-sigma interpolation from a sigma to a (fractional) training timestep."""
     log_sigma = np.log(max(sigma, 1e-10))
@@ -57,13 +78,17 @@ class Sampler:
             :mod:`fastlatent.ops.sampler_step`).
 
     Timesteps follow the diffusers scheduler of the same method and default config: ddpm/ddim
-    "leading" spacing, euler and dpmpp_2m "linspace", flow ``linspace(1, 1/T)`` shifted, so with the
-    same model the trajectory matches diffusers' loop (tested).
+    "leading" spacing, euler and dpmpp_2m "linspace"; flow: euler as ``FlowMatchEulerDiscreteScheduler``
+    (``linspace(1, 1/T)`` shifted, starting at sigma 1), dpmpp_2m as ``DPMSolverMultistepScheduler(
+    use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift)`` (starting at
+    ``shift(1 - 1/T)``, where the log-SNR is finite, with integer timesteps), so with the same model the
+    trajectory matches diffusers' loop (tested).
 
     What ``model_fn(x, t, cond)`` sees: ``x`` ``[B, ...]`` (``[2B, ...]`` with guidance: the batch
     twice, the model's unconditional half first), already scaled for the method (``x / sqrt(sigma^2 + 1)``
     for euler on a discrete schedule, as ``scale_model_input``); ``t`` a float32 ``[B]`` tensor of the
-    training timestep (``sigma * T`` for flow, ``sigma`` itself for a KarrasSchedule); ``cond`` as given.
+    training timestep (``sigma * T`` for flow, truncated to an integer for dpmpp_2m; ``sigma`` itself for a
+    KarrasSchedule); ``cond`` as given.
     """
 
     def __init__(self, method: str, schedule: Any = "scaled_linear", steps: int = 50, *,
@@ -108,6 +133,8 @@ class Sampler:
     def _sigmas_and_timesteps(self):
         """(sigmas incl. the final one, model timesteps, space) for euler and dpmpp_2m."""
         s, n = self.schedule, self.steps
+        if isinstance(s, FlowSchedule) and self.method == "dpmpp_2m":
+            return (*_dpm_flow_sigmas_and_timesteps(s, n), "flow")
         if isinstance(s, FlowSchedule):
             sigmas = s.sigmas(n) + [0.0]
             timesteps = (torch.tensor(sigmas[:-1], dtype=torch.float32) * s.num_train_timesteps).tolist()
