@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-QUANTIZERS = ("fsq", "lfq", "bsq", "vq", "rvq", "kl")
+QUANTIZERS = ("fsq", "lfq", "bsq", "vq", "rvq", "kl", "dgae")
 PRIORS = ("gpt", "dit", "unet")
 
 
@@ -221,7 +221,11 @@ def add_model_commands(sub) -> None:
 
 def _add_autoencoder_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("autoencoder")
-    g.add_argument("--quantizer", choices=QUANTIZERS, default="fsq", help="bottleneck (default fsq)")
+    g.add_argument("--quantizer", choices=QUANTIZERS, default="fsq",
+                   help="bottleneck (default fsq); kl: SD-VAE style; dgae: KL encoder with a diffusion (flow "
+                        "matching) UNet decoder, DGAE")
+    g.add_argument("--decode-steps", type=_positive_int, default=10,
+                   help="dgae: sampler steps of the diffusion decoder (default %(default)s)")
     g.add_argument("--levels", type=_int_list, default=[5, 5, 5],
                    help="FSQ levels per latent channel (default 5,5,5 = 125 codes)")
     g.add_argument("--codebook-size", type=_positive_int, default=256,
@@ -360,6 +364,15 @@ def build_autoencoder(args, channels: int):
                   mid_block_add_attention=bool(args.mid_attention))
     if args.quantizer == "kl":
         return models.AutoencoderKL(latent_channels=args.latent_channels or 4, **common)
+    if args.quantizer == "dgae":
+        del common["out_channels"]
+        widths = list(args.block_out_channels)
+        return models.DiffusionDecoderAutoencoder(
+            latent_channels=args.latent_channels or 4, decoder_channels=widths[0],
+            decoder_channel_mult=[w // widths[0] or 1 for w in widths], decoder_layers_per_block=args.layers_per_block,
+            decoder_attention_levels=[], decoder_mid_attention=bool(args.mid_attention),
+            decoder_attention_head_dim=None, decoder_norm_num_groups=args.norm_num_groups,
+            decode_steps=args.decode_steps, **common)
     if args.quantizer in ("vq", "rvq"):
         return models.VQAutoencoder(latent_channels=args.latent_channels or 8, codebook_size=args.codebook_size,
                                     quantizer=args.quantizer,
@@ -436,11 +449,17 @@ def train_autoencoder(args) -> tuple[Any, dict]:
     train_set, eval_set, channels, _ = make_image_datasets(args.data, args.image_size, args.channels, args.seed)
     torch.manual_seed(args.seed)
     autoencoder = build_autoencoder(args, channels)
-    loss = models.AutoencoderLoss(reconstruction=args.rec_loss, perceptual_weight=args.perceptual_weight,
+    loss = None if args.quantizer == "dgae" else models.AutoencoderLoss(reconstruction=args.rec_loss, perceptual_weight=args.perceptual_weight,
                                   disc_weight=args.disc_weight, disc_start=args.disc_start, kl_weight=args.kl_weight,
                                   commitment_weight=args.commitment_weight, entropy_weight=args.entropy_weight,
                                   disc_in_channels=channels)
-    task = models.AutoencoderTask(autoencoder, loss)
+    if args.quantizer == "dgae":
+        if args.disc_weight:
+            raise ValueError("--disc-weight: DGAE trains without a GAN (its diffusion decoder replaces it)")
+        task = models.DGAETask(autoencoder, kl_weight=args.kl_weight, perceptual_weight=args.perceptual_weight,
+                               reconstruction_weight=0.0)
+    else:
+        task = models.AutoencoderTask(autoencoder, loss)
     started = time.perf_counter()
     trainer = Trainer(task, _trainer_config(args, out / "train"), device=device)
     summary = trainer.fit(train_set)

@@ -58,3 +58,19 @@ def test_commands_chain_with_a_config_file(tmp_path, capsys):
     with pytest.raises(ValueError, match="--prior gpt"):
         main(["train-prior", "--autoencoder", str(ae_dir / "autoencoder"), "--out", str(tmp_path / "p2"),
               "--prior", "gpt", "--steps", "1"])
+
+
+@pytest.mark.slow
+def test_train_ae_dgae_and_reconstruct(tmp_path, capsys):
+    out = tmp_path / "dgae"
+    assert main(["train-ae", "--quantizer", "dgae", "--out", str(out), "--steps", "2", "--batch-size", "8",
+                 "--block-out-channels", "8,16", "--norm-num-groups", "4", "--decode-steps", "2",
+                 "--no-progress"]) == 0
+    config = json.loads((out / "autoencoder" / "config.json").read_text())
+    assert config["class"] == "DiffusionDecoderAutoencoder" and config["config"]["decode_steps"] == 2
+    assert main(["reconstruct", "--autoencoder", str(out / "autoencoder"), "--limit", "3",
+                 "--out", str(tmp_path / "r.png")]) == 0
+    assert '"images": 3' in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--disc-weight"):
+        main(["train-ae", "--quantizer", "dgae", "--out", str(tmp_path / "x"), "--steps", "1",
+              "--disc-weight", "0.5"])

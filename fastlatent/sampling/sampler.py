@@ -127,6 +127,7 @@ class Sampler:
                             threshold_quantile=threshold_quantile, threshold_max=threshold_max)
         self.plan, self.init_noise_sigma = self._plan()
         self._graphs: dict = {}
+        self._timestep_cache: tuple = (None, None)
 
     # ------------------------------------------------------------------ plan
 
@@ -196,9 +197,18 @@ class Sampler:
 
     # ------------------------------------------------------------------ loop
 
+    def _timesteps(self, batch: int, device: torch.device) -> list[torch.Tensor]:
+        """The ``t`` tensor of every step, made once per batch size and device (not one fill per step)."""
+        key, tensors = self._timestep_cache
+        if key != (batch, device):
+            tensors = [torch.full((batch,), step.timestep, dtype=torch.float32, device=device) for step in self.plan]
+            self._timestep_cache = ((batch, device), tensors)
+        return tensors
+
     def _loop(self, model_fn, x, cond, guidance, seed, seed_offsets, progress):
         prev_x0, prev_step = None, None
         batch = x.shape[0] * (2 if guidance is not None else 1)
+        timesteps = self._timesteps(batch, x.device)
         options = dict(self.options, guidance_scale=guidance)
         if guidance is None:
             options["guidance_rescale"] = 0.0
@@ -214,8 +224,7 @@ class Sampler:
             model_in = torch.cat([x, x]) if guidance is not None else x
             if step.input_scale != 1.0:
                 model_in = model_in * step.input_scale
-            t = torch.full((batch,), step.timestep, dtype=torch.float32, device=x.device)
-            out = model_fn(model_in, t, cond)
+            out = model_fn(model_in, timesteps[i], cond)
             if out.dtype != x.dtype:
                 raise TypeError(f"fastlatent.sampling.Sampler: model_fn returned {out.dtype} for a {x.dtype} "
                                 "sample; sample in the model's dtype (or cast inside model_fn)")
