@@ -170,6 +170,7 @@ TRAJECTORIES = [
     ("ddim", "scaled_linear", {}, "DDIMScheduler", dict(SD, clip_sample=False)),
     ("euler", "scaled_linear", {}, "EulerDiscreteScheduler", dict(SD)),
     ("euler", "scaled_linear", {"karras": True}, "EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
+    ("euler", "linear", {"prediction": "v_prediction"}, "EulerDiscreteScheduler", dict(prediction_type="v_prediction")),
     ("dpmpp_2m", "scaled_linear", {}, "DPMSolverMultistepScheduler", dict(SD)),
     ("dpmpp_2m", "linear", {"prediction": "v_prediction"}, "DPMSolverMultistepScheduler",
      dict(prediction_type="v_prediction")),
