@@ -259,7 +259,7 @@ if extension_available():
         return _empty_like_layout(x)
 
     def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
-        return x.reshape(x.shape[0], groups, -1)
+        return x.reshape(x.shape[0], groups, x[0:1].numel() // groups if x.shape[0] else 0)
 
     def _stats_setup_context(ctx, inputs, output):
         x, groups = inputs

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +31,9 @@ def group_norm_stats(x, groups: int):
 
     _check_stats_args(x, groups, allow_double=True)
     n = x.shape[0]
-    xg = x.to(torch.float64).reshape(n, groups, -1)
-    if xg.shape[-1] == 0:
+    per_group = (x.shape[1] // groups) * math.prod(x.shape[2:])
+    xg = x.to(torch.float64).reshape(n, groups, per_group)
+    if per_group == 0:
         zeros = x.new_zeros((n, groups), dtype=torch.float32)
         return zeros, zeros.clone()
     mean = xg.mean(-1)
@@ -45,7 +48,7 @@ def group_norm_apply(x, mean, rstd, weight, bias, activation: str = "none"):
     _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=True)
     n, c, groups = x.shape[0], x.shape[1], mean.shape[1]
     compute = torch.float64
-    xg = x.to(compute).reshape(n, groups, -1)
+    xg = x.to(compute).reshape(n, groups, (c // groups) * math.prod(x.shape[2:]))
     y = ((xg - mean.to(compute)[..., None]) * rstd.to(compute)[..., None]).reshape(x.shape)
     shape = (1, c) + (1,) * (x.dim() - 2)
     if weight is not None:
