@@ -97,7 +97,9 @@ def main(argv=None):
                     with torch.no_grad():
                         return vae.decode(z).sample
             elif provider == "diffusers_tiled":
+                # the same tile as ours (diffusers' default is config.sample_size, 25% overlap)
                 vae.enable_tiling()
+                vae.tile_latent_min_size, vae.tile_sample_min_size = args.tile, args.tile * 8
 
                 def fn():
                     with torch.no_grad():
