@@ -606,3 +606,80 @@ OP_SPECS += [
     OpSpec(name="group_norm", op=fastlatent.ops.group_norm, reference=reference.group_norm,
            sample_inputs=_group_norm_samples, error_inputs=_group_norm_errors, compare=_group_norm_compare),
 ]
+
+
+# ---------------------------------------------------------------- group_norm_stats, group_norm_apply
+
+
+def _group_norm_stats_samples(device, dtype):
+    gen = torch.Generator().manual_seed(22)
+    cases = [((2, 32, 7, 9), 8), ((3, 12, 5), 3), ((2, 16, 3, 4, 5), 4), ((4, 6), 2), ((1, 8, 33, 17), 1),
+             ((0, 8, 4, 4), 2), ((2, 8, 0, 3), 4), ((2, 64, 40, 40), 32)]
+    for shape, groups in cases:
+        x = (torch.randn(shape, generator=gen) * 3 + 40).to(device, dtype)
+        yield Sample((x, groups), name=f"{shape}_g{groups}")
+        if x.dim() in (4, 5) and x.numel():
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            yield Sample((x.to(memory_format=fmt), groups), name=f"{shape}_cl")
+
+
+def _group_norm_stats_compare(sample, ours, ref):
+    x = sample.args[0]
+    (mean, m2), (ref_mean, ref_m2) = ours, ref
+    assert mean.dtype == m2.dtype == torch.float32 and mean.shape == ref_mean.shape == m2.shape
+    # statistics of the (rounded) input itself, so fp32 tolerances for every dtype
+    count = max(1, x[0:1].numel() // max(1, mean.shape[1]))
+    torch.testing.assert_close(mean, ref_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m2 / count, ref_m2 / count, rtol=1e-4, atol=1e-5)
+
+
+def _group_norm_stats_errors(device):
+    x = torch.randn(2, 6, 4, 4, device=device)
+    yield ErrorSample((x, 4), {}, ValueError, r"groups must be >= 1 and divide the 6 channels of x, got groups=4")
+    yield ErrorSample((x[0, 0, 0], 1), {}, ValueError, r"x must be \[N, C, \*spatial\]")
+    yield ErrorSample((x.long(), 2), {}, TypeError, r"x must be float32, float16 or bfloat16")
+
+
+def _group_norm_apply_samples(device, dtype):
+    gen = torch.Generator().manual_seed(23)
+    cases = [((2, 32, 7, 9), 8, "silu", True), ((3, 12, 5), 3, "gelu", False), ((2, 16, 3, 4, 5), 4, "none", True),
+             ((4, 6), 2, "silu", True), ((1, 8, 33, 17), 1, "silu", True), ((0, 8, 4, 4), 2, "silu", True),
+             ((2, 64, 16, 16), 32, "gelu", True)]
+    for shape, groups, activation, affine in cases:
+        x = (torch.randn(shape, generator=gen) * 3 + 2).to(device, dtype)
+        mean = (torch.randn(shape[0], groups, generator=gen) + 2).to(device)
+        rstd = (torch.rand(shape[0], groups, generator=gen) + 0.2).to(device)
+        weight = torch.randn(shape[1], generator=gen).to(device) if affine else None
+        bias = torch.randn(shape[1], generator=gen).to(device) if affine else None
+        yield Sample((x, mean, rstd, weight, bias, activation), name=f"{shape}_g{groups}_{activation}")
+        if x.dim() in (4, 5) and x.numel():
+            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+            yield Sample((x.to(memory_format=fmt), mean, rstd, weight, bias, activation), name=f"{shape}_cl")
+
+
+def _group_norm_apply_errors(device):
+    x = torch.randn(2, 6, 4, 4, device=device)
+    stats = torch.ones(2, 3, device=device)
+    yield ErrorSample((x, torch.ones(2, 4, device=device), torch.ones(2, 4, device=device), None, None), {},
+                      ValueError, r"mean and rstd must be \[N, groups\] with groups dividing the 6 channels of x")
+    yield ErrorSample((x, stats[:1], stats[:1], None, None), {}, ValueError, r"mean must be \[N, groups\] with N = 2")
+    yield ErrorSample((x, stats, stats[:, :1], None, None), {}, ValueError, r"mean and rstd must have the same shape")
+    yield ErrorSample((x, stats.double(), stats, None, None), {}, TypeError, r"mean must be torch.float32")
+    yield ErrorSample((x, stats, stats, torch.ones(5, device=device), None), {}, ValueError,
+                      r"weight must be \[C\] = \[6\]")
+    yield ErrorSample((x.long(), stats, stats, None, None), {}, TypeError, r"x must be float32, float16 or bfloat16")
+    yield ErrorSample((x, stats, stats, None, None, "relu"), {}, ValueError,
+                      r'activation must be "none", "silu" or "gelu", got "relu"')
+    other = "meta" if device.type != "meta" else "cpu"
+    yield ErrorSample((x, torch.ones(2, 3, device=other), stats, None, None), {}, RuntimeError,
+                      r"x and mean must be on the same device")
+
+
+OP_SPECS += [
+    OpSpec(name="group_norm_stats", op=fastlatent.ops.group_norm_stats, reference=reference.group_norm_stats,
+           sample_inputs=_group_norm_stats_samples, error_inputs=_group_norm_stats_errors,
+           compare=_group_norm_stats_compare),
+    OpSpec(name="group_norm_apply", op=fastlatent.ops.group_norm_apply, reference=reference.group_norm_apply,
+           sample_inputs=_group_norm_apply_samples, error_inputs=_group_norm_apply_errors,
+           compare=_group_norm_compare),
+]

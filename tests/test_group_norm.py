@@ -145,3 +145,67 @@ def test_cuda_matches_cpu(shape, groups, dtype, layout):
         outs.append([out.cpu().float(), xs.grad.cpu().float(), ws.grad.cpu()])
     for cpu, gpu in zip(*outs):
         torch.testing.assert_close(gpu, cpu, rtol=tol, atol=tol)
+
+
+# ---------------------------------------------------------------- group_norm_stats / group_norm_apply
+
+
+@pytest.mark.parametrize("layout", ["first", "last"])
+def test_stats_then_apply_equals_the_fused_forward(device, layout):
+    x = torch.randn(2, 32, 9, 11, device=device) * 2 + 3
+    if layout == "last":
+        x = _channels_last(x)
+    w, b = torch.randn(32, device=device), torch.randn(32, device=device)
+    mean, m2 = ops.group_norm_stats(x, 8)
+    rstd = torch.rsqrt(m2.double() / (4 * 9 * 11) + 1e-6).float()
+    out = ops.group_norm_apply(x, mean, rstd, w, b, "silu")
+    torch.testing.assert_close(out, ops.group_norm(x, w, b, 8, 1e-6, "silu"), rtol=1e-5, atol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last) == (layout == "last")
+
+
+def test_tile_statistics_merge_without_cancellation(device):
+    # mean / std = 1e4: summed squares in fp32 (or even fp64 over a large image) cancel; merged (mean, M2) don't
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, 8, 96, 80, generator=gen, dtype=torch.float64) * 0.01 + 100.0).float().to(device)
+    parts, counts = [], []
+    for rows in x.split(25, dim=2):
+        for tile in rows.split(33, dim=3):
+            parts.append(ops.group_norm_stats(tile, 2))
+            counts.append(4 * tile.shape[2] * tile.shape[3])
+    mean, m2, count = ops.merge_group_stats(parts, counts)
+    exact = x.double().reshape(1, 2, -1)
+    assert count == exact.shape[-1]
+    # each part's mean is rounded to fp32 (half an ulp of 100 is 4e-6), as the fused op's is
+    torch.testing.assert_close(mean.cpu(), exact.mean(-1).cpu(), rtol=0, atol=4e-6)
+    torch.testing.assert_close((m2 / count).cpu(), exact.var(-1, unbiased=False).cpu(), rtol=1e-5, atol=0)
+
+
+def test_merge_group_stats_skips_empty_parts_and_rejects_none():
+    x = torch.randn(2, 4, 5, 6)
+    whole = ops.group_norm_stats(x, 2)
+    empty = ops.group_norm_stats(x[..., :0], 2)
+    mean, m2, count = ops.merge_group_stats([empty, whole], [0, 2 * 30])
+    torch.testing.assert_close(mean.float(), whole[0])
+    with pytest.raises(ValueError, match="no part with a nonzero count"):
+        ops.merge_group_stats([empty], [0])
+
+
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
+def test_gradcheck_stats_and_apply_float64(activation):
+    torch.manual_seed(0)
+    x = (torch.randn(2, 6, 3, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
+    # the statistics are fp32 outputs (too coarse for finite differences): their gradient against float64 autograd
+    a, b_ = torch.randn(2, 3), torch.randn(2, 3)
+    mean, m2 = ops.group_norm_stats(x, 3)
+    (grad,) = torch.autograd.grad((mean * a).sum() + (m2 * b_).sum(), x)
+    xg = x.reshape(2, 3, -1)
+    ref_mean = xg.mean(-1)
+    ref_m2 = ((xg - ref_mean[..., None]) ** 2).sum(-1)
+    (ref_grad,) = torch.autograd.grad((ref_mean * a).sum() + (ref_m2 * b_).sum(), x)
+    torch.testing.assert_close(grad, ref_grad)
+    mean = torch.randn(2, 3, dtype=torch.float32)
+    rstd = torch.rand(2, 3, dtype=torch.float32) + 0.5
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t, w_, b_: ops.group_norm_apply(t, mean, rstd, w_, b_, activation),
+                                    (x, w, b))

@@ -20,6 +20,11 @@
 // partials per block merged in a fixed order. Results are deterministic on both.
 // weight and bias are fp32 (the binding converts them), or fp64 with fp64 x (CPU); x, residual
 // and out share a dtype.
+//
+// The forward also comes split in two, for GroupNorm over a tensor that never exists whole (tiled
+// VAE decode): group_norm_stats returns a part's per-group mean and M2 = sum (x - mean)^2, which
+// merge across parts by Chan's formula without cancellation, and group_norm_apply normalises with
+// given mean and rstd. Both reuse the forward's reduction and elementwise code.
 #pragma once
 
 #include <cstddef>
@@ -69,7 +74,36 @@ struct GroupNormBackwardParams {
   void* workspace = nullptr;       // CUDA: group_norm_backward_cuda_workspace_bytes(...)
 };
 
+// Statistics only: mean[n, g] and m2[n, g] = sum over the group of (x - mean)^2 (fp32 results;
+// accumulated as in the forward).
+struct GroupNormStatsParams {
+  const void* x = nullptr;   // [n, c, s] or [n, s, c], element type `dtype`
+  float* mean = nullptr;     // [n, groups] output
+  float* m2 = nullptr;       // [n, groups] output
+  int64_t n = 0, c = 0, s = 0, groups = 1;
+  DType dtype = DType::kFloat32;
+  Layout layout = Layout::kChannelsFirst;
+  void* workspace = nullptr;  // CUDA: group_norm_cuda_workspace_bytes(...)
+};
+
+// Normalisation with given statistics: out = act((x - mean) * rstd * weight + bias).
+struct GroupNormApplyParams {
+  const void* x = nullptr;       // [n, c, s] or [n, s, c], element type `dtype`
+  const float* mean = nullptr;   // [n, groups]
+  const float* rstd = nullptr;   // [n, groups]
+  const void* weight = nullptr;  // [c] or null (= 1): fp32, fp64 when dtype is float64
+  const void* bias = nullptr;    // [c] or null (= 0): as weight
+  void* out = nullptr;           // like x
+  int64_t n = 0, c = 0, s = 0, groups = 1;
+  DType dtype = DType::kFloat32;
+  Layout layout = Layout::kChannelsFirst;
+  Activation activation = Activation::kNone;
+  void* workspace = nullptr;     // CUDA: group_norm_cuda_workspace_bytes(...)
+};
+
 Status run_group_norm_cpu(const GroupNormParams& params);
+Status run_group_norm_stats_cpu(const GroupNormStatsParams& params);
+Status run_group_norm_apply_cpu(const GroupNormApplyParams& params);
 Status run_group_norm_backward_cpu(const GroupNormBackwardParams& params);
 
 #if defined(__CUDACC__) || defined(FL_WITH_CUDA)
@@ -77,6 +111,8 @@ size_t group_norm_cuda_workspace_bytes(int64_t n, int64_t c, int64_t s);
 size_t group_norm_backward_cuda_workspace_bytes(int64_t n, int64_t c, int64_t s);
 cudaError_t launch_group_norm_cuda(const GroupNormParams& params, cudaStream_t stream);
 cudaError_t launch_group_norm_backward_cuda(const GroupNormBackwardParams& params, cudaStream_t stream);
+cudaError_t launch_group_norm_stats_cuda(const GroupNormStatsParams& params, cudaStream_t stream);
+cudaError_t launch_group_norm_apply_cuda(const GroupNormApplyParams& params, cudaStream_t stream);
 #endif
 
 }  // namespace fastlatent

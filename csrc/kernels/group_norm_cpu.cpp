@@ -9,6 +9,7 @@
 // of at most kBlock values (vectorised with omp simd reductions) and in double across
 // blocks; channels are combined per group with Chan's formula in double. The backward's
 // per-channel sums take the same route. Results don't depend on the thread count.
+// group_norm_stats and group_norm_apply are the two halves of the two-pass path.
 #include "group_norm.h"
 
 #include <algorithm>
@@ -144,8 +145,17 @@ inline void apply_row(const T* __restrict x, const T* __restrict residual, T* __
   }
 }
 
+// The elementwise pass over a whole tensor: x, residual (or null) and out of element type T.
+struct Elementwise {
+  const void* x;
+  const void* residual;
+  void* out;
+  int64_t n, c, s;
+  Layout layout;
+};
+
 template <typename T, Activation A, bool Residual>
-void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& center,
+void apply_forward(const Elementwise& p, const std::vector<math_t<T>>& center,
                    const std::vector<math_t<T>>& scale, const std::vector<math_t<T>>& shift) {
   const T* x = static_cast<const T*>(p.x);
   const T* residual = static_cast<const T*>(p.residual);
@@ -171,9 +181,9 @@ void apply_forward(const GroupNormParams& p, const std::vector<math_t<T>>& cente
   }
 }
 
-// Chan's combination of a group's per-channel shifted sums, in double: (mean, rstd).
-inline void group_moments(const double* s1, const double* s2, const double* shift, int64_t channels, int64_t s,
-                          double eps, double& mean_out, double& rstd_out) {
+// Chan's combination of a group's per-channel shifted sums, in double: (mean, M2).
+inline void group_mean_m2(const double* s1, const double* s2, const double* shift, int64_t channels, int64_t s,
+                          double& mean_out, double& m2_out) {
   const double per_channel = static_cast<double>(s);
   double count = 0.0, mean = 0.0, m2 = 0.0;
   for (int64_t ch = 0; ch < channels; ++ch) {
@@ -185,7 +195,15 @@ inline void group_moments(const double* s1, const double* s2, const double* shif
     count = total;
   }
   mean_out = mean;
-  rstd_out = 1.0 / std::sqrt(m2 / count + eps);
+  m2_out = m2;
+}
+
+// The same, as (mean, rstd).
+inline void group_moments(const double* s1, const double* s2, const double* shift, int64_t channels, int64_t s,
+                          double eps, double& mean_out, double& rstd_out) {
+  double m2;
+  group_mean_m2(s1, s2, shift, channels, s, mean_out, m2);
+  rstd_out = 1.0 / std::sqrt(m2 / (static_cast<double>(channels) * static_cast<double>(s)) + eps);
 }
 
 // Channels-first with groups small enough to stay in L2: each task reads its group for the
@@ -251,7 +269,37 @@ Status forward_typed(const GroupNormParams& p) {
   std::vector<F> scale, shift, center(p.n * p.c);
   affine_per_channel(rstd.data(), p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
   for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(mean[(i / p.c) * p.groups + (i % p.c) / per_group]);
-  FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { apply_forward<T, A, kResidual>(p, center, scale, shift); });
+  const Elementwise e{p.x, p.residual, p.out, p.n, p.c, p.s, p.layout};
+  FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { apply_forward<T, A, kResidual>(e, center, scale, shift); });
+  return Status::Ok();
+}
+
+template <typename T>
+Status stats_typed(const GroupNormStatsParams& p) {
+  ChannelSums sums;
+  channel_sums(static_cast<const T*>(p.x), p.n, p.c, p.s, p.layout, sums);
+  const int64_t per_group = p.c / p.groups;
+  for (int64_t sample = 0; sample < p.n; ++sample)
+    for (int64_t g = 0; g < p.groups; ++g) {
+      const int64_t i = sample * p.groups + g, first = sample * p.c + g * per_group;
+      double mean, m2;
+      group_mean_m2(sums.s1.data() + first, sums.s2.data() + first, sums.shift.data() + first, per_group, p.s, mean,
+                    m2);
+      p.mean[i] = static_cast<float>(mean);
+      p.m2[i] = static_cast<float>(m2);
+    }
+  return Status::Ok();
+}
+
+template <typename T, Activation A>
+Status apply_typed(const GroupNormApplyParams& p) {
+  using F = math_t<T>;
+  const int64_t per_group = p.c / p.groups;
+  std::vector<F> scale, shift, center(p.n * p.c);
+  affine_per_channel(p.rstd, p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
+  for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(p.mean[(i / p.c) * p.groups + (i % p.c) / per_group]);
+  const Elementwise e{p.x, nullptr, p.out, p.n, p.c, p.s, p.layout};
+  apply_forward<T, A, false>(e, center, scale, shift);
   return Status::Ok();
 }
 
@@ -417,6 +465,28 @@ Status run_group_norm_cpu(const GroupNormParams& p) {
   if (p.n == 0 || p.s == 0) return Status::Ok();
   return FL_DTYPE_SWITCH_WITH_DOUBLE(p.dtype, scalar_t, Status::Error("group_norm: unsupported dtype"), [&] {
     return FL_ACTIVATION_SWITCH(p.activation, kAct, [&] { return forward_typed<scalar_t, kAct>(p); });
+  });
+}
+
+Status run_group_norm_stats_cpu(const GroupNormStatsParams& p) {
+  const Status sizes = check_sizes(p.n, p.c, p.s, p.groups);
+  if (!sizes.ok) return sizes;
+  if (p.n == 0) return Status::Ok();
+  if (p.s == 0) {  // an empty part: mean 0, M2 0 (merges as a part of count 0)
+    std::fill(p.mean, p.mean + p.n * p.groups, 0.0f);
+    std::fill(p.m2, p.m2 + p.n * p.groups, 0.0f);
+    return Status::Ok();
+  }
+  return FL_DTYPE_SWITCH_WITH_DOUBLE(p.dtype, scalar_t, Status::Error("group_norm_stats: unsupported dtype"),
+                                     [&] { return stats_typed<scalar_t>(p); });
+}
+
+Status run_group_norm_apply_cpu(const GroupNormApplyParams& p) {
+  const Status sizes = check_sizes(p.n, p.c, p.s, p.groups);
+  if (!sizes.ok) return sizes;
+  if (p.n == 0 || p.s == 0) return Status::Ok();
+  return FL_DTYPE_SWITCH_WITH_DOUBLE(p.dtype, scalar_t, Status::Error("group_norm_apply: unsupported dtype"), [&] {
+    return FL_ACTIVATION_SWITCH(p.activation, kAct, [&] { return apply_typed<scalar_t, kAct>(p); });
   });
 }
 

@@ -12,6 +12,8 @@
 //      allows (channels-first: s % vec == 0; channels-last: c % vec == 0).
 // Backward: channel_grad_sums (same grid, fp32 partials of dz and dz * x_hat), merge in double
 // per channel and per group, then the elementwise grad_x pass.
+// group_norm_stats is step 1 and the merge of step 2 (writing M2 instead of rstd);
+// group_norm_apply is the rest of step 2 and step 3.
 // Partials are merged in a fixed order, so results are deterministic.
 #include <cmath>
 
@@ -158,10 +160,12 @@ reduce_cl_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
   }
 }
 
-// One thread per (n, g): merge the Welford partials of the group's channels and splits.
+// One thread per (n, g): merge the Welford partials of the group's channels and splits. Writes
+// rstd (the forward) or M2 (group_norm_stats), whichever pointer is given.
 __global__ void group_stats_kernel(const float2* __restrict__ partials, int64_t n, int64_t c, int64_t s,
                                    int64_t groups, int64_t splits, int64_t chunk, float eps,
-                                   float* __restrict__ mean_out, float* __restrict__ rstd_out) {
+                                   float* __restrict__ mean_out, float* __restrict__ rstd_out,
+                                   float* __restrict__ m2_out) {
   const int64_t ng = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (ng >= n * groups) return;
   const int64_t sample = ng / groups, g = ng % groups, per_group = c / groups;
@@ -177,7 +181,8 @@ __global__ void group_stats_kernel(const float2* __restrict__ partials, int64_t 
       count = total;
     }
   mean_out[ng] = static_cast<float>(mean);
-  rstd_out[ng] = static_cast<float>(1.0 / sqrt(fmax(m2 / count, 0.0) + eps));
+  if (rstd_out) rstd_out[ng] = static_cast<float>(1.0 / sqrt(fmax(m2 / count, 0.0) + eps));
+  if (m2_out) m2_out[ng] = static_cast<float>(fmax(m2, 0.0));
 }
 
 // One thread per (n, c): scale = rstd * w, shift = b; applied as (x - mean) * scale + shift,
@@ -371,13 +376,40 @@ cudaError_t forward_typed(const GroupNormParams& p, cudaStream_t stream) {
                                                p.groups, p.layout, w.partials, stream);
   if (err != cudaSuccess) return err;
   group_stats_kernel<<<grid_for(p.n * p.groups), kThreads, 0, stream>>>(
-      w.partials, p.n, p.c, p.s, p.groups, splits_of(p.s, p.layout), chunk_of(p.layout), p.eps, p.mean, p.rstd);
+      w.partials, p.n, p.c, p.s, p.groups, splits_of(p.s, p.layout), chunk_of(p.layout), p.eps, p.mean, p.rstd,
+      nullptr);
   affine_kernel<<<grid_for(p.n * p.c), kThreads, 0, stream>>>(p.mean, p.rstd, static_cast<const float*>(p.weight),
                                                              static_cast<const float*>(p.bias), p.n, p.c, p.groups,
                                                              w.scale, w.shift);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_elementwise<T, A, false>(x, static_cast<const T*>(p.residual), static_cast<T*>(p.out), w.scale,
+                                         w.shift, nullptr, p.mean, nullptr, nullptr, nullptr, p.n, p.c, p.s,
+                                         p.groups, p.layout, stream);
+}
+
+template <typename T>
+cudaError_t stats_typed(const GroupNormStatsParams& p, cudaStream_t stream) {
+  const Workspace w = carve(p.workspace, p.n, p.c, p.s, p.layout);
+  cudaError_t err = launch_reduce<T, false, Activation::kNone>(static_cast<const T*>(p.x), nullptr, nullptr, nullptr,
+                                                               nullptr, nullptr, p.n, p.c, p.s, p.groups, p.layout,
+                                                               w.partials, stream);
+  if (err != cudaSuccess) return err;
+  group_stats_kernel<<<grid_for(p.n * p.groups), kThreads, 0, stream>>>(
+      w.partials, p.n, p.c, p.s, p.groups, splits_of(p.s, p.layout), chunk_of(p.layout), 0.0f, p.mean, nullptr,
+      p.m2);
+  return cudaGetLastError();
+}
+
+template <typename T, Activation A>
+cudaError_t apply_typed(const GroupNormApplyParams& p, cudaStream_t stream) {
+  const Workspace w = carve(p.workspace, p.n, p.c, p.s, p.layout);
+  affine_kernel<<<grid_for(p.n * p.c), kThreads, 0, stream>>>(p.mean, p.rstd, static_cast<const float*>(p.weight),
+                                                             static_cast<const float*>(p.bias), p.n, p.c, p.groups,
+                                                             w.scale, w.shift);
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return launch_elementwise<T, A, false>(static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.out), w.scale,
                                          w.shift, nullptr, p.mean, nullptr, nullptr, nullptr, p.n, p.c, p.s,
                                          p.groups, p.layout, stream);
 }
@@ -438,5 +470,25 @@ cudaError_t launch_group_norm_backward_cuda(const GroupNormBackwardParams& p, cu
     return FL_ACTIVATION_SWITCH(p.activation, kAct, [&] { return backward_typed<scalar_t, kAct>(p, stream); });
   });
 }
+
+cudaError_t launch_group_norm_stats_cuda(const GroupNormStatsParams& p, cudaStream_t stream) {
+  if (!sizes_ok(p.n, p.c, p.s, p.groups) || p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (p.n == 0) return cudaSuccess;
+  if (p.s == 0) {  // an empty part: mean 0, M2 0
+    cudaError_t err = cudaMemsetAsync(p.mean, 0, p.n * p.groups * sizeof(float), stream);
+    return err == cudaSuccess ? cudaMemsetAsync(p.m2, 0, p.n * p.groups * sizeof(float), stream) : err;
+  }
+  return FL_CUDA_DTYPE_SWITCH(p.dtype, scalar_t, cudaErrorInvalidValue,
+                              [&] { return stats_typed<scalar_t>(p, stream); });
+}
+
+cudaError_t launch_group_norm_apply_cuda(const GroupNormApplyParams& p, cudaStream_t stream) {
+  if (!sizes_ok(p.n, p.c, p.s, p.groups) || p.workspace == nullptr) return cudaErrorInvalidValue;
+  if (p.n == 0 || p.s == 0) return cudaSuccess;
+  return FL_CUDA_DTYPE_SWITCH(p.dtype, scalar_t, cudaErrorInvalidValue, [&] {
+    return FL_ACTIVATION_SWITCH(p.activation, kAct, [&] { return apply_typed<scalar_t, kAct>(p, stream); });
+  });
+}
+
 
 }  // namespace fastlatent

@@ -1,4 +1,5 @@
-// Binding for group_norm and group_norm_backward.
+// Binding for group_norm, group_norm_backward and the two halves of the forward,
+// group_norm_stats and group_norm_apply.
 //
 // Layout: x is [N, C, *spatial]. When its strides are channels-last (C innermost, the
 // memory_format=channels_last family, any spatial rank) the kernels read it in place and the
@@ -48,14 +49,14 @@ struct Shape {
   DType dtype;
 };
 
-Shape check_input(const at::Tensor& x, int64_t groups, bool allow_double) {
-  FL_CHECK_VALUE(x.dim() >= 2, kOp, "x must be [N, C, *spatial] (at least 2-D), got shape ", x.sizes());
+Shape check_input(const at::Tensor& x, int64_t groups, bool allow_double, const char* op = kOp) {
+  FL_CHECK_VALUE(x.dim() >= 2, op, "x must be [N, C, *spatial] (at least 2-D), got shape ", x.sizes());
   const int64_t c = x.size(1);
-  FL_CHECK_VALUE(c >= 1, kOp, "x must have C >= 1 channels, got shape ", x.sizes());
-  FL_CHECK_VALUE(groups >= 1 && c % groups == 0, kOp, "groups must be >= 1 and divide the ", c,
+  FL_CHECK_VALUE(c >= 1, op, "x must have C >= 1 channels, got shape ", x.sizes());
+  FL_CHECK_VALUE(groups >= 1 && c % groups == 0, op, "groups must be >= 1 and divide the ", c,
                  " channels of x, got groups=", groups);
   Shape shape;
-  shape.dtype = torch_glue::kernel_dtype(x, kOp, "x", allow_double);
+  shape.dtype = torch_glue::kernel_dtype(x, op, "x", allow_double);
   shape.n = x.size(0);
   shape.c = c;
   shape.s = 1;
@@ -64,12 +65,13 @@ Shape check_input(const at::Tensor& x, int64_t groups, bool allow_double) {
   return shape;
 }
 
-at::Tensor checked_affine(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name) {
+at::Tensor checked_affine(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name,
+                          const char* op = kOp) {
   if (!t.has_value()) return at::Tensor();
-  torch_glue::check_same_device(x, *t, kOp, "x", name);
-  FL_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), kOp, name, " must be [C] = [", x.size(1),
+  torch_glue::check_same_device(x, *t, op, "x", name);
+  FL_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), op, name, " must be [C] = [", x.size(1),
                  "], got shape ", t->sizes());
-  FL_CHECK_TYPE(t->is_floating_point(), kOp, name, " must be a floating tensor, got ",
+  FL_CHECK_TYPE(t->is_floating_point(), op, name, " must be a floating tensor, got ",
                 torch_glue::python_dtype(t->scalar_type()));
   // fp32 for the kernels, except that float64 x keeps float64 weights (gradcheck needs them exact).
   return t->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
@@ -188,7 +190,120 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_backward_cpu(
   return {b.grad_x, b.grad_weight, b.grad_bias};
 }
 
+// group_norm_stats / group_norm_apply: the forward in two halves (see group_norm.h).
+constexpr const char* kStatsOp = "group_norm_stats";
+constexpr const char* kApplyOp = "group_norm_apply";
+
+struct Stats {
+  GroupNormStatsParams params;
+  at::Tensor xc, mean, m2;
+};
+
+Stats prepare_stats(const at::Tensor& x, int64_t groups, bool allow_double) {
+  const Shape shape = check_input(x, groups, allow_double, kStatsOp);
+  Stats st;
+  st.xc = canonical(x, shape.layout);
+  const auto stats = x.options().dtype(at::kFloat);
+  st.mean = at::empty({shape.n, groups}, stats);
+  st.m2 = at::empty({shape.n, groups}, stats);
+  GroupNormStatsParams& p = st.params;
+  p.x = st.xc.data_ptr();
+  p.mean = st.mean.data_ptr<float>();
+  p.m2 = st.m2.data_ptr<float>();
+  p.n = shape.n;
+  p.c = shape.c;
+  p.s = shape.s;
+  p.groups = groups;
+  p.dtype = shape.dtype;
+  p.layout = shape.layout;
+  return st;
+}
+
+struct Apply {
+  GroupNormApplyParams params;
+  at::Tensor xc, mean, rstd, weight, bias, out;
+};
+
+Apply prepare_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                    std::string_view activation, bool allow_double) {
+  FL_CHECK_VALUE(x.dim() >= 2, kApplyOp, "x must be [N, C, *spatial] (at least 2-D), got shape ", x.sizes());
+  for (const auto& [t, name] : {std::pair{&mean, "mean"}, {&rstd, "rstd"}}) {
+    torch_glue::check_same_device(x, *t, kApplyOp, "x", name);
+    FL_CHECK_VALUE(t->dim() == 2 && t->size(0) == x.size(0) && t->size(1) >= 1, kApplyOp, name,
+                   " must be [N, groups] with N = ", x.size(0), ", got shape ", t->sizes());
+    FL_CHECK_TYPE(t->scalar_type() == at::kFloat, kApplyOp, name, " must be torch.float32, got ",
+                  torch_glue::python_dtype(t->scalar_type()));
+  }
+  FL_CHECK_VALUE(rstd.sizes() == mean.sizes(), kApplyOp, "mean and rstd must have the same shape, got ", mean.sizes(),
+                 " and ", rstd.sizes());
+  const int64_t groups = mean.size(1);
+  FL_CHECK_VALUE(x.size(1) >= 1 && x.size(1) % groups == 0, kApplyOp, "mean and rstd must be [N, groups] with groups "
+                 "dividing the ", x.size(1), " channels of x, got groups=", groups);
+  const Shape shape = check_input(x, groups, allow_double, kApplyOp);
+  Apply a;
+  a.weight = checked_affine(weight, x, "weight", kApplyOp);
+  a.bias = checked_affine(bias, x, "bias", kApplyOp);
+  a.xc = canonical(x, shape.layout);
+  a.mean = mean.contiguous();
+  a.rstd = rstd.contiguous();
+  a.out = empty_in_layout(x, shape.layout);
+  GroupNormApplyParams& p = a.params;
+  p.x = a.xc.data_ptr();
+  p.mean = a.mean.data_ptr<float>();
+  p.rstd = a.rstd.data_ptr<float>();
+  p.weight = ptr_or_null(a.weight);
+  p.bias = ptr_or_null(a.bias);
+  p.out = a.out.data_ptr();
+  p.n = shape.n;
+  p.c = shape.c;
+  p.s = shape.s;
+  p.groups = groups;
+  p.dtype = shape.dtype;
+  p.layout = shape.layout;
+  p.activation = torch_glue::parse_activation(activation, kApplyOp);
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor> group_norm_stats_cpu(const at::Tensor& x, int64_t groups) {
+  Stats st = prepare_stats(x, groups, /*allow_double=*/true);
+  torch_glue::check_status(run_group_norm_stats_cpu(st.params));
+  return {st.mean, st.m2};
+}
+
+at::Tensor group_norm_apply_cpu(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                std::string_view activation) {
+  Apply a = prepare_apply(x, mean, rstd, weight, bias, activation, /*allow_double=*/true);
+  torch_glue::check_status(run_group_norm_apply_cpu(a.params));
+  return a.out;
+}
+
 #ifdef FL_WITH_CUDA
+at::Tensor workspace_for(const at::Tensor& x, int64_t n, int64_t c, int64_t s) {
+  return at::empty({static_cast<int64_t>(group_norm_cuda_workspace_bytes(n, c, s))}, x.options().dtype(at::kByte));
+}
+
+std::tuple<at::Tensor, at::Tensor> group_norm_stats_cuda(const at::Tensor& x, int64_t groups) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Stats st = prepare_stats(x, groups, /*allow_double=*/false);
+  const at::Tensor workspace = workspace_for(x, st.params.n, st.params.c, st.params.s);
+  st.params.workspace = workspace.data_ptr();
+  C10_CUDA_CHECK(launch_group_norm_stats_cuda(st.params, c10::cuda::getCurrentCUDAStream()));
+  return {st.mean, st.m2};
+}
+
+at::Tensor group_norm_apply_cuda(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+                                 const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                 std::string_view activation) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  Apply a = prepare_apply(x, mean, rstd, weight, bias, activation, /*allow_double=*/false);
+  const at::Tensor workspace = workspace_for(x, a.params.n, a.params.c, a.params.s);
+  a.params.workspace = workspace.data_ptr();
+  C10_CUDA_CHECK(launch_group_norm_apply_cuda(a.params, c10::cuda::getCurrentCUDAStream()));
+  return a.out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_cuda(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                                                const std::optional<at::Tensor>& bias, int64_t groups,
                                                                double eps, std::string_view activation,
@@ -226,14 +341,21 @@ TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
         "Tensor? residual=None) -> (Tensor out, Tensor mean, Tensor rstd)");
   m.def("group_norm_backward(Tensor grad_out, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd, "
         "int groups, str activation) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)");
+  m.def("group_norm_stats(Tensor x, int groups) -> (Tensor mean, Tensor m2)");
+  m.def("group_norm_apply(Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, "
+        "str activation=\"none\") -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CPU, m) {
   m.impl("group_norm", &fastlatent::group_norm_cpu);
   m.impl("group_norm_backward", &fastlatent::group_norm_backward_cpu);
+  m.impl("group_norm_stats", &fastlatent::group_norm_stats_cpu);
+  m.impl("group_norm_apply", &fastlatent::group_norm_apply_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
   FL_REGISTER_CUDA(m, "group_norm", &fastlatent::group_norm_cuda);
   FL_REGISTER_CUDA(m, "group_norm_backward", &fastlatent::group_norm_backward_cuda);
+  FL_REGISTER_CUDA(m, "group_norm_stats", &fastlatent::group_norm_stats_cuda);
+  FL_REGISTER_CUDA(m, "group_norm_apply", &fastlatent::group_norm_apply_cuda);
 }

@@ -115,3 +115,196 @@ if extension_available():
         return grad_x, grad_weight, grad_bias, None, None, None, grad_residual
 
     torch.library.register_autograd("fastlatent::group_norm", _backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- the forward in two halves
+
+
+def _check_stats_args(x, groups, allow_double=False) -> None:
+    op = "group_norm_stats"
+    if x.dim() < 2:
+        raise ValueError(f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}")
+    c = x.shape[1]
+    if c < 1:
+        raise ValueError(f"fastlatent.{op}: x must have C >= 1 channels, got shape {list(x.shape)}")
+    if groups < 1 or c % groups != 0:
+        raise ValueError(f"fastlatent.{op}: groups must be >= 1 and divide the {c} channels of x, got groups={groups}")
+    _checks.check_float(op, "x", x, allow_double)
+
+
+def _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=False) -> None:
+    op = "group_norm_apply"
+    if x.dim() < 2:
+        raise ValueError(f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}")
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        _checks.check_same_device(op, "x", x, name, t)
+        if t.dim() != 2 or t.shape[0] != x.shape[0] or t.shape[1] < 1:
+            raise ValueError(f"fastlatent.{op}: {name} must be [N, groups] with N = {x.shape[0]}, "
+                             f"got shape {list(t.shape)}")
+        _checks.check_fp32(op, name, t)
+    if rstd.shape != mean.shape:
+        raise ValueError(f"fastlatent.{op}: mean and rstd must have the same shape, got {list(mean.shape)} and "
+                         f"{list(rstd.shape)}")
+    c, groups = x.shape[1], mean.shape[1]
+    if c < 1 or c % groups != 0:
+        raise ValueError(f"fastlatent.{op}: mean and rstd must be [N, groups] with groups dividing the {c} channels "
+                         f"of x, got groups={groups}")
+    _checks.check_float(op, "x", x, allow_double)
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _checks.check_same_device(op, "x", x, name, t)
+        if t.dim() != 1 or t.shape[0] != c:
+            raise ValueError(f"fastlatent.{op}: {name} must be [C] = [{c}], got shape {list(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"fastlatent.{op}: {name} must be a floating tensor, got {t.dtype}")
+    _checks.check_choice(op, "activation", activation, ACTIVATIONS)
+
+
+def group_norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group mean and M2 = sum of squared deviations from that mean, in one read of ``x``.
+
+    The first half of :func:`group_norm`, for a GroupNorm whose input arrives in parts (tiles of an image
+    too large to hold at once): each part's ``(mean, m2)`` with its element count merges with the others by
+    Chan's formula (:func:`merge_group_stats`), without the cancellation of summed squares.
+
+    Args:
+        x: ``[N, C, *spatial]``, float32/float16/bfloat16 (float64 on the CPU); channels-last read in place.
+        groups: number of groups, dividing ``C``.
+
+    Returns:
+        ``(mean, m2)``, each ``[N, groups]`` float32. Each group holds ``C / groups * prod(spatial)`` elements;
+        an empty part (no spatial positions) gives zeros. Accumulated as :func:`group_norm`'s statistics
+        (double on the CPU, Welford partials merged in double on CUDA); deterministic. Differentiable in ``x``
+        (the backward is plain PyTorch).
+    """
+    require_device("group_norm_stats", x)
+    return torch.ops.fastlatent.group_norm_stats.default(x, groups)
+
+
+def group_norm_apply(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    activation: str = "none",
+) -> torch.Tensor:
+    """``act((x - mean) * rstd * weight + bias)`` with given group statistics, in one pass over ``x``.
+
+    The second half of :func:`group_norm`: the statistics may come from a larger tensor that ``x`` is a part of
+    (see :func:`group_norm_stats`), so a tile normalises exactly as the whole image would.
+
+    Args:
+        x: ``[N, C, *spatial]``, float32/float16/bfloat16 (float64 on the CPU); channels-last read in place
+            and kept in the output.
+        mean, rstd: ``[N, G]`` float32 with ``G`` dividing ``C``; ``rstd = 1 / sqrt(var + eps)``.
+        weight, bias: ``[C]`` or ``None``; any floating dtype (used in fp32).
+        activation: ``"none"``, ``"silu"`` or ``"gelu"`` (exact, erf-based).
+
+    Returns:
+        ``[N, C, *spatial]`` in x's dtype. Differentiable in every tensor argument (plain-PyTorch backward).
+    """
+    tensors = (x, mean, rstd) + tuple(t for t in (weight, bias) if t is not None)
+    require_device("group_norm_apply", *tensors)
+    return torch.ops.fastlatent.group_norm_apply.default(x, mean, rstd, weight, bias, activation)
+
+
+def merge_group_stats(parts, counts) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Merge per-part ``(mean, m2)`` of :func:`group_norm_stats` into the whole's, by Chan's formula in float64.
+
+    Args:
+        parts: sequence of ``(mean, m2)``, each ``[N, G]``.
+        counts: elements per group in each part (``C / G * prod(spatial)``).
+
+    Returns:
+        ``(mean, m2, count)``: float64 ``[N, G]`` tensors and the total count.
+    """
+    mean = m2 = None
+    total = 0.0
+    for (part_mean, part_m2), count in zip(parts, counts):
+        if count == 0:
+            continue
+        part_mean, part_m2 = part_mean.double(), part_m2.double()
+        if mean is None:
+            mean, m2, total = part_mean, part_m2, float(count)
+            continue
+        new_total = total + count
+        delta = part_mean - mean
+        mean = mean + delta * (count / new_total)
+        m2 = m2 + part_m2 + delta * delta * (total * count / new_total)
+        total = new_total
+    if mean is None:
+        raise ValueError("fastlatent.merge_group_stats: no part with a nonzero count")
+    return mean, m2, total
+
+
+def _activation_fn(activation: str):
+    import torch.nn.functional as F
+
+    return {"none": lambda z: z, "silu": F.silu, "gelu": F.gelu}[activation]
+
+
+if extension_available():
+
+    @torch.library.register_fake("fastlatent::group_norm_stats")
+    def _group_norm_stats_fake(x, groups):
+        _check_stats_args(x, groups, allow_double=x.device.type != "cuda")
+        stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
+        return stats, stats.clone()
+
+    @torch.library.register_fake("fastlatent::group_norm_apply")
+    def _group_norm_apply_fake(x, mean, rstd, weight, bias, activation="none"):
+        _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=x.device.type != "cuda")
+        return _empty_like_layout(x)
+
+    def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
+        return x.reshape(x.shape[0], groups, x[0:1].numel() // groups if x.shape[0] else 0)
+
+    def _stats_setup_context(ctx, inputs, output):
+        x, groups = inputs
+        mean, _ = output
+        ctx.save_for_backward(x, mean)
+        ctx.groups = groups
+
+    def _stats_backward(ctx, grad_mean, grad_m2):
+        # d mean / dx = 1 / m;  d m2 / dx = 2 (x - mean) (the mean's own gradient term sums to zero)
+        x, mean = ctx.saved_tensors
+        xg = _grouped(x, ctx.groups).float()
+        m = xg.shape[-1]
+        grad = grad_mean.float()[..., None] / m + 2.0 * grad_m2.float()[..., None] * (xg - mean[..., None])
+        return grad.reshape(x.shape).to(x.dtype), None
+
+    torch.library.register_autograd("fastlatent::group_norm_stats", _stats_backward,
+                                    setup_context=_stats_setup_context)
+
+    def _apply_setup_context(ctx, inputs, output):
+        x, mean, rstd, weight, bias, activation = inputs
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.activation = activation
+
+    def _apply_backward(ctx, grad_out):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(need) if t is not None else None
+                      for t, need in zip((x, mean, rstd, weight, bias), ctx.needs_input_grad[:5])]
+            lx, lmean, lrstd, lw, lb = leaves
+            groups = lmean.shape[1]
+            compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+            z = (_grouped(lx, groups).to(compute) - lmean[..., None].to(compute)) * lrstd[..., None].to(compute)
+            z = z.reshape(x.shape)
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            if lw is not None:
+                z = z * lw.to(compute).reshape(shape)
+            if lb is not None:
+                z = z + lb.to(compute).reshape(shape)
+            y = _activation_fn(ctx.activation)(z)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            grads = iter(torch.autograd.grad(y, wanted, grad_out.to(compute)) if wanted else ())
+        out = []
+        for t, leaf in zip((x, mean, rstd, weight, bias), leaves):
+            out.append(next(grads).to(t.dtype) if leaf is not None and leaf.requires_grad else None)
+        return (*out, None)
+
+    torch.library.register_autograd("fastlatent::group_norm_apply", _apply_backward,
+                                    setup_context=_apply_setup_context)

@@ -7,12 +7,13 @@ and are what the tests and benchmarks compare against.
 from fastlatent.reference.bsq import bsq_entropy, bsq_quantize
 from fastlatent.reference.code_stats import code_stats, ema_update_
 from fastlatent.reference.fsq import fsq_indices_to_codes, fsq_quantize
-from fastlatent.reference.group_norm import group_norm
+from fastlatent.reference.group_norm import group_norm, group_norm_apply, group_norm_stats
 from fastlatent.reference.lfq import lfq_entropy, lfq_quantize
 from fastlatent.reference.nearest_code import nearest_code
 from fastlatent.reference.sampler_step import (convert_prediction, ddim_step, ddpm_step, dpmpp_2m_step, euler_step,
                                                philox_normal)
 
 __all__ = ["nearest_code", "code_stats", "ema_update_", "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize",
-           "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm", "ddpm_step", "ddim_step", "euler_step",
+           "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm", "group_norm_stats", "group_norm_apply",
+           "ddpm_step", "ddim_step", "euler_step",
            "dpmpp_2m_step", "convert_prediction", "philox_normal"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -20,4 +22,41 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5, activation: str 
         y = F.gelu(y)
     if residual is not None:
         y = y + residual.to(compute)
+    return y.to(x.dtype)
+
+
+def group_norm_stats(x, groups: int):
+    """Ground truth for :func:`fastlatent.ops.group_norm_stats`: two-pass mean and M2 in float64."""
+    from fastlatent.ops.group_norm import _check_stats_args
+
+    _check_stats_args(x, groups, allow_double=True)
+    n = x.shape[0]
+    per_group = (x.shape[1] // groups) * math.prod(x.shape[2:])
+    xg = x.to(torch.float64).reshape(n, groups, per_group)
+    if per_group == 0:
+        zeros = x.new_zeros((n, groups), dtype=torch.float32)
+        return zeros, zeros.clone()
+    mean = xg.mean(-1)
+    m2 = ((xg - mean[..., None]) ** 2).sum(-1)
+    return mean.float(), m2.float()
+
+
+def group_norm_apply(x, mean, rstd, weight, bias, activation: str = "none"):
+    """Ground truth for :func:`fastlatent.ops.group_norm_apply`, computed in float64."""
+    from fastlatent.ops.group_norm import _check_apply_args
+
+    _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=True)
+    n, c, groups = x.shape[0], x.shape[1], mean.shape[1]
+    compute = torch.float64
+    xg = x.to(compute).reshape(n, groups, (c // groups) * math.prod(x.shape[2:]))
+    y = ((xg - mean.to(compute)[..., None]) * rstd.to(compute)[..., None]).reshape(x.shape)
+    shape = (1, c) + (1,) * (x.dim() - 2)
+    if weight is not None:
+        y = y * weight.to(compute).reshape(shape)
+    if bias is not None:
+        y = y + bias.to(compute).reshape(shape)
+    if activation == "silu":
+        y = F.silu(y)
+    elif activation == "gelu":
+        y = F.gelu(y)
     return y.to(x.dtype)
