@@ -15,7 +15,6 @@ output folder, next to the saved ``autoencoder/`` and ``pipeline/`` and the trai
 from __future__ import annotations
 
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -57,6 +56,7 @@ def run_demo(out: str | Path = "demo-out", quantizer: str = "fsq", *, ae_steps: 
     import torch
 
     import fastlatent
+    from fastlatent.benchmarking.measure import device_name
     from fastlatent.commands import resolve_device, sample_images, save_grid, train_autoencoder, train_prior
     from fastlatent.data import DigitsDataset
     from fastlatent.evaluation import train_digit_classifier
@@ -114,8 +114,7 @@ def run_demo(out: str | Path = "demo-out", quantizer: str = "fsq", *, ae_steps: 
     metrics = {
         "quantizer": quantizer,
         "quick": quick,
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or 'CPU'} "
-                                                                             f"({torch.get_num_threads()} threads)",
+        "device": device_name(dev),
         "versions": {"fastlatent": fastlatent.__version__, "torch": torch.__version__},
         "seconds": {"total": round(total, 1), "classifier": round(classifier_seconds, 1),
                     "autoencoder": ae_metrics.get("train_seconds"), "prior": prior_metrics.get("train_seconds"),
