@@ -56,7 +56,7 @@ def test_digit_classifier_learns_and_checks_arguments():
             images[i, 0, :, offsets[i]] = 1
         else:
             images[i, 0, offsets[i], :] = 1
-    model = train_digit_classifier(images[:200], labels[:200], epochs=4)
+    model = train_digit_classifier(images[:200], labels[:200], epochs=15, batch_size=32)
     assert isinstance(model, DigitClassifier)
     assert model.accuracy(images[200:], labels[200:]) > 0.95
     with pytest.raises(ValueError, match="labels must be"):

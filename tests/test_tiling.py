@@ -268,3 +268,20 @@ def test_unsupported_structure_is_refused_by_name():
                                   norm_num_groups=4, latent_channels=4).eval()
     with pytest.raises(ValueError, match=r"decoder.up_blocks.0 has attention layers at image resolution"):
         tiled_decode(vae, torch.randn(1, 4, 8, 8), 8)
+
+
+def test_exact_decode_and_encode_of_fastlatent_autoencoder_kl(vae):
+    """fastlatent.models.AutoencoderKL (fused blocks, same layout) tiles exactly like diffusers' model."""
+    from fastlatent.models import AutoencoderKL
+
+    ours = AutoencoderKL.from_diffusers(vae).eval()
+    z = torch.randn(1, 4, 9, 13)
+    with torch.no_grad():
+        want = ours.decode(z)
+    _assert_equal_to_untiled(tiled_decode(ours, z, 6), want)
+    image = torch.randn(1, 3, 72, 104)
+    with torch.no_grad():
+        posterior = ours.posterior(image)
+    moments = tiled_encode(ours, image, 48)
+    mean, logvar = moments.chunk(2, dim=1)
+    _assert_equal_to_untiled(mean, posterior.mean)
