@@ -19,3 +19,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.fixture(params=DEVICES)
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture
+def one_thread():
+    """Runs a test on one torch thread. Tiny models run fastest that way, and on a shared 2-core machine two
+    OpenMP threads per process oversubscribe the cores: every small conv/norm waits at a barrier."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -8,13 +8,7 @@ import torch
 from fastlatent.cli import main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models: a second OpenMP thread costs more in barriers than it gives, worse on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.slow

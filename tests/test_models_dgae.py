@@ -23,13 +23,7 @@ TINY = dict(in_channels=1, block_out_channels=[16, 32], layers_per_block=1, late
             decoder_attention_head_dim=None, decoder_norm_num_groups=8, decode_steps=3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread; on a shared 2-core machine more threads oversubscribe."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed):

@@ -11,13 +11,7 @@ from fastlatent.models import (ConfigMixin, DiT, LatentDiffusion, TokenGPT, TwoS
                                register_model)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models: one thread avoids OpenMP oversubscription on shared CI cores
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @register_model

@@ -14,14 +14,7 @@ from fastlatent.models.gpt import guided_logits
 from fastlatent.sampling import DiscreteSchedule, FlowSchedule
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These tiny models run fastest on one thread; when the 2 CI cores are shared, OpenMP's two threads make
-    # every small conv/norm 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def randomize(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:

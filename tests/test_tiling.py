@@ -186,7 +186,9 @@ def test_working_set_grows_with_the_tile_not_the_image():
     small, large = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 32, 32)
     working_set(small, 8)  # warm-up
     assert working_set(large, 8) < 1.2 * working_set(small, 8)
-    assert working_set(large, 16) > 2 * working_set(large, 8)
+    # Growth with the tile (the smallest tiles' peak is partly fixed costs, whose size depends on the thread count)
+    assert working_set(large, 16) > 1.2 * working_set(large, 8)
+    assert working_set(large, 32) > 2 * working_set(large, 16)
 
 
 @pytest.mark.slow

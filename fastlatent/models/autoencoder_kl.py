@@ -12,7 +12,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastlatent.models.autoencoders import AutoencoderOutput, DiagonalGaussian, LatentScaleMixin
+from fastlatent.models.autoencoders import (AutoencoderOutput, DiagonalGaussian, GaussianEncoderMixin,
+                                            LatentScaleMixin)
 from fastlatent.models.base import ConfigMixin, register_model
 from fastlatent.models.vae_blocks import Decoder, Encoder, check_image_batch, check_positive_int
 
@@ -191,7 +192,7 @@ def _load_checked(model: nn.Module, state: dict, where: str, source: str) -> Non
 
 
 @register_model
-class AutoencoderKL(nn.Module, LatentScaleMixin, ConfigMixin):
+class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMixin):
     """The SD-VAE: a KL-regularised convolutional autoencoder with a diagonal Gaussian posterior.
 
     Parameter names and module layout are diffusers' ``AutoencoderKL`` (``encoder.*``, ``decoder.*``,
@@ -249,21 +250,6 @@ class AutoencoderKL(nn.Module, LatentScaleMixin, ConfigMixin):
     def last_layer_weight(self) -> torch.Tensor:
         """The decoder's final conv weight, the layer the adaptive GAN weight differentiates through."""
         return self.decoder.conv_out.weight
-
-    def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
-        """The posterior ``q(z | x)`` of images ``x [B, in_channels, H, W]`` in [-1, 1]; H and W multiples of f."""
-        check_image_batch("AutoencoderKL", "x", x, self.in_channels, self.downsample_factor,
-                          self.encoder.conv_in.weight)
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
-
-    def encode(self, x: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents ``[B, latent_channels, H/f, W/f]``: the posterior mean, or a draw with ``sample=True``."""
-        posterior = self.posterior(x)
-        return posterior.sample(generator) if sample else posterior.mode()
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images ``[B, out_channels, h*f, w*f]`` from latents ``z [B, latent_channels, h, w]`` (not prior space)."""

@@ -94,6 +94,29 @@ def _images_of(batch, where: str) -> torch.Tensor:
     return batch
 
 
+class GaussianEncoderMixin:
+    """``posterior`` and ``encode`` of a KL autoencoder: ``self.encoder`` gives the moments (through the optional
+    ``self.quant_conv``) of a diagonal Gaussian; inputs are checked against ``self.in_channels`` and
+    ``self.downsample_factor``."""
+
+    def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
+        """The posterior ``q(z | x)`` of images ``x [B, in_channels, H, W]`` in [-1, 1]; H and W multiples of f."""
+        from fastlatent.models.vae_blocks import check_image_batch
+
+        check_image_batch(type(self).__name__, "x", x, self.in_channels, self.downsample_factor,
+                          self.encoder.conv_in.weight)
+        moments = self.encoder(x)
+        if self.quant_conv is not None:
+            moments = self.quant_conv(moments)
+        return DiagonalGaussian(moments)
+
+    def encode(self, x: torch.Tensor, sample: bool = False,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        """Latents ``[B, latent_channels, H/f, W/f]``: the posterior mean, or a draw with ``sample=True``."""
+        posterior = self.posterior(x)
+        return posterior.sample(generator) if sample else posterior.mode()
+
+
 class LatentScaleMixin:
     """``scaling_factor`` and ``shift_factor`` kept in the model's config (so ``save_pretrained`` stores the
     current values), and :meth:`fit_latent_scale` to compute them from data. The class must derive from

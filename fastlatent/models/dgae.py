@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.models.autoencoders import AutoencoderOutput, DiagonalGaussian, LatentScaleMixin, _images_of
+from fastlatent.models.autoencoders import (AutoencoderOutput, DiagonalGaussian, GaussianEncoderMixin,
+                                            LatentScaleMixin, _images_of)
 from fastlatent.models.base import ConfigMixin, register_model
 from fastlatent.models.latent_diffusion import FLOW_TIME_SAMPLING, evaluating
 from fastlatent.models.losses import LPIPS
@@ -68,7 +69,7 @@ def _bool(name: str, value) -> bool:
 
 
 @register_model
-class DiffusionDecoderAutoencoder(nn.Module, LatentScaleMixin, ConfigMixin):
+class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMixin):
     """DGAE: SD-VAE encoder with a KL posterior, and a flow-matching UNet decoder conditioned on the latent.
 
     Args:
@@ -164,20 +165,6 @@ class DiffusionDecoderAutoencoder(nn.Module, LatentScaleMixin, ConfigMixin):
     def last_layer_weight(self) -> torch.Tensor:
         """The decoder's final conv weight."""
         return self.decoder.conv_out.weight
-
-    def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
-        """``q(z | x)`` for images ``x [B, in_channels, H, W]`` in [-1, 1], H and W multiples of f."""
-        check_image_batch(_OWNER, "x", x, self.in_channels, self.downsample_factor, self.encoder.conv_in.weight)
-        moments = self.encoder(x)
-        if self.quant_conv is not None:
-            moments = self.quant_conv(moments)
-        return DiagonalGaussian(moments)
-
-    def encode(self, x: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
-        """Latents ``[B, latent_channels, H/f, W/f]``: the posterior mean, or a draw with ``sample=True``."""
-        posterior = self.posterior(x)
-        return posterior.sample(generator) if sample else posterior.mode()
 
     def velocity(self, x_t: torch.Tensor, s, z: torch.Tensor) -> torch.Tensor:
         """The decoder's velocity prediction ``[B, C, H, W]`` at noisy images ``x_t``, flow times ``s`` (``[B]`` or a
