@@ -141,7 +141,11 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["fastlatent", "fastlatent.*"]),
+    # The benchmark suites ship inside the wheel as fastlatent/_benchmarks, so `fastlatent bench` works after a
+    # plain pip install (an editable install finds them in the checkout's benchmarks/ folder instead).
+    packages=find_packages(include=["fastlatent", "fastlatent.*"]) + ["fastlatent._benchmarks"],
+    package_dir={"fastlatent._benchmarks": "benchmarks"},
+    package_data={"fastlatent._benchmarks": ["*.md"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
     # The models, their training and the demo need these (digits data, plots, safe weights, progress bars).
