@@ -10,8 +10,8 @@ from fastlatent.ops import _checks
 ACTIVATIONS = ("none", "silu", "gelu")
 
 
-def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:
-    op = "group_norm"
+def _check_layout_and_groups(op: str, x, groups) -> int:
+    """x is [N, C, *spatial] with C >= 1 divisible by groups; returns C."""
     if x.dim() < 2:
         raise ValueError(f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}")
     c = x.shape[1]
@@ -19,6 +19,12 @@ def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double
         raise ValueError(f"fastlatent.{op}: x must have C >= 1 channels, got shape {list(x.shape)}")
     if groups < 1 or c % groups != 0:
         raise ValueError(f"fastlatent.{op}: groups must be >= 1 and divide the {c} channels of x, got groups={groups}")
+    return c
+
+
+def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:
+    op = "group_norm"
+    c = _check_layout_and_groups(op, x, groups)
     if not (x.dtype in _checks.KERNEL_DTYPES or (allow_double and x.dtype == torch.float64)):
         raise TypeError(f"fastlatent.{op}: x must be float32, float16 or bfloat16"
                         f"{' (or float64)' if allow_double else ''}, got {x.dtype}")
@@ -122,13 +128,7 @@ if extension_available():
 
 def _check_stats_args(x, groups, allow_double=False) -> None:
     op = "group_norm_stats"
-    if x.dim() < 2:
-        raise ValueError(f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}")
-    c = x.shape[1]
-    if c < 1:
-        raise ValueError(f"fastlatent.{op}: x must have C >= 1 channels, got shape {list(x.shape)}")
-    if groups < 1 or c % groups != 0:
-        raise ValueError(f"fastlatent.{op}: groups must be >= 1 and divide the {c} channels of x, got groups={groups}")
+    c = _check_layout_and_groups(op, x, groups)
     _checks.check_float(op, "x", x, allow_double)
 
 
