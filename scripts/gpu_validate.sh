@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# GPU validation in a few long commands (a lent H100/H200 runs at most 10 minutes a command, 30 a session).
+#
+#   bash scripts/gpu_validate.sh build      # editable build against the machine's torch, for its GPU's arch
+#   bash scripts/gpu_validate.sh test       # the cuda-marked tests, then the whole suite
+#   bash scripts/gpu_validate.sh sanitize   # compute-sanitizer memcheck + racecheck over every op's test samples
+#   bash scripts/gpu_validate.sh bench      # fastlatent bench --device cuda (--quick; BENCH=--full for all)
+#   bash scripts/gpu_validate.sh all        # the four in order
+#
+# Logs and results go to $OUT (the device tool's folder) or ./gpu-results; the benchmark's files are packed into
+# one bench-cuda.tgz so they come back as a single file. Missing peers (diffusers, vector-quantize-pytorch,
+# lpips) are skipped by the tests and benchmarks; carry their wheels to measure against them.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu-results}
+mkdir -p "$out"
+python=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+
+step_build() {
+  local arch
+  arch=$($python -c "import torch; c = torch.cuda.get_device_capability(); print(f'{c[0]}.{c[1]}')") || return 1
+  echo "building for sm $arch"
+  TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FASTLATENT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
+    $python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
+  $python -m fastlatent info | tee -a "$out/build.log"
+  $python -m fastlatent selftest 2>&1 | tee "$out/selftest.log"
+}
+
+step_test() {
+  $python -m pytest -q -m cuda -x 2>&1 | tee "$out/tests-cuda.log" | tail -3
+  $python -m pytest -q 2>&1 | tee "$out/tests-all.log" | tail -3
+}
+
+step_sanitize() {
+  local sanitizer
+  sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  "$sanitizer" --tool memcheck --error-exitcode 1 $python scripts/gpu_sanitize.py 2>&1 \
+    | tee "$out/memcheck.log" | tail -3
+  "$sanitizer" --tool racecheck --error-exitcode 1 $python scripts/gpu_sanitize.py --max-samples 2 2>&1 \
+    | tee "$out/racecheck.log" | tail -3
+}
+
+step_bench() {
+  local dir
+  dir=$(mktemp -d)
+  $python -m fastlatent bench --device cuda ${BENCH:---quick} --out "$dir/results" 2>&1 | tee "$out/bench.log" | tail -3
+  tar czf "$out/bench-cuda.tgz" -C "$dir" results
+}
+
+case "${1:-all}" in
+  build) step_build ;;
+  test) step_test ;;
+  sanitize) step_sanitize ;;
+  bench) step_bench ;;
+  all) step_build && step_test; step_sanitize; step_bench ;;
+  *) echo "gpu_validate.sh: expected build, test, sanitize, bench or all, got $1" >&2; exit 2 ;;
+esac
