@@ -111,12 +111,15 @@ void affine_per_channel(const S* rstd, const void* weight_ptr, const void* bias_
   const int64_t per_group = c / groups;
   scale.resize(n * c);
   shift.resize(n * c);
+  // Nested loops, no per-channel integer division: with many small maps (n * c in the tens of
+  // thousands) the divisions alone cost as much as the data passes.
   for (int64_t sample = 0; sample < n; ++sample)
-    for (int64_t ch = 0; ch < c; ++ch) {
-      const int64_t g = sample * groups + ch / per_group;
-      const F w = weight ? weight[ch] : F(1), b = bias ? bias[ch] : F(0);
-      scale[sample * c + ch] = F(rstd[g]) * w;
-      shift[sample * c + ch] = b;
+    for (int64_t g = 0; g < groups; ++g) {
+      const F r = F(rstd[sample * groups + g]);
+      for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch) {
+        scale[sample * c + ch] = r * (weight ? weight[ch] : F(1));
+        shift[sample * c + ch] = bias ? bias[ch] : F(0);
+      }
     }
 }
 
@@ -208,7 +211,12 @@ inline void group_moments(const double* s1, const double* s2, const double* shif
 
 // Channels-first with groups small enough to stay in L2: each task reads its group for the
 // statistics and applies the norm while the group is still cached, so x comes from memory
-// once. Same per-plane sums and combination as the two-pass path, so the same results.
+// once. A channels-first group is one contiguous run of per_group * s values, so its shifted
+// sums are taken over the whole run with the group's first value as the shift: one Chan step
+// instead of one per channel (for small maps, 64x512x8x8, the per-channel double divisions
+// cost more than reading the data). The shift lies inside the group's range, so the variance
+// is as well conditioned as with per-channel shifts; results agree with the two-pass path to
+// rounding.
 constexpr int64_t kFusedGroupBytes = 384 * 1024;
 
 template <typename T, Activation A, bool Residual>
@@ -220,23 +228,21 @@ void forward_fused_groups(const GroupNormParams& p) {
   const F* weight = static_cast<const F*>(p.weight);
   const F* bias = static_cast<const F*>(p.bias);
   const int64_t per_group = p.c / p.groups, s = p.s;
-#pragma omp parallel
-  {
-    std::vector<double> s1(per_group), s2(per_group), shift(per_group);
-#pragma omp for schedule(static)
-    for (int64_t ng = 0; ng < p.n * p.groups; ++ng) {
-      const int64_t first_plane = (ng / p.groups) * p.c + (ng % p.groups) * per_group;
-      for (int64_t j = 0; j < per_group; ++j) plane_sums(x + (first_plane + j) * s, s, s1[j], s2[j], shift[j]);
-      double mean, rstd;
-      group_moments(s1.data(), s2.data(), shift.data(), per_group, s, p.eps, mean, rstd);
-      p.mean[ng] = static_cast<float>(mean);
-      p.rstd[ng] = static_cast<float>(rstd);
-      for (int64_t j = 0; j < per_group; ++j) {
-        const int64_t plane = first_plane + j, ch = plane % p.c;
-        const F w = weight ? weight[ch] : F(1), b = bias ? bias[ch] : F(0);
-        apply_run<T, A, Residual>(x + plane * s, Residual ? residual + plane * s : nullptr, out + plane * s, s,
-                                  static_cast<F>(mean), static_cast<F>(rstd) * w, b);
-      }
+  const double count = static_cast<double>(per_group) * static_cast<double>(s);
+#pragma omp parallel for schedule(static)
+  for (int64_t ng = 0; ng < p.n * p.groups; ++ng) {
+    const int64_t first_plane = (ng / p.groups) * p.c + (ng % p.groups) * per_group;
+    double s1, s2, shift;
+    plane_sums(x + first_plane * s, per_group * s, s1, s2, shift);
+    const double mean = shift + s1 / count;
+    const double rstd = 1.0 / std::sqrt(std::max(0.0, s2 - s1 * s1 / count) / count + p.eps);
+    p.mean[ng] = static_cast<float>(mean);
+    p.rstd[ng] = static_cast<float>(rstd);
+    for (int64_t j = 0; j < per_group; ++j) {
+      const int64_t plane = first_plane + j, ch = plane % p.c;
+      const F w = weight ? weight[ch] : F(1), b = bias ? bias[ch] : F(0);
+      apply_run<T, A, Residual>(x + plane * s, Residual ? residual + plane * s : nullptr, out + plane * s, s,
+                                static_cast<F>(mean), static_cast<F>(rstd) * w, b);
     }
   }
 }
@@ -268,7 +274,7 @@ Status forward_typed(const GroupNormParams& p) {
 
   std::vector<F> scale, shift, center(p.n * p.c);
   affine_per_channel(rstd.data(), p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
-  for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(mean[(i / p.c) * p.groups + (i % p.c) / per_group]);
+  for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(mean[i / per_group]);  // plane i is in group i / pg
   const Elementwise e{p.x, p.residual, p.out, p.n, p.c, p.s, p.layout};
   FL_BOOL_SWITCH(p.residual != nullptr, kResidual, [&] { apply_forward<T, A, kResidual>(e, center, scale, shift); });
   return Status::Ok();
@@ -297,10 +303,74 @@ Status apply_typed(const GroupNormApplyParams& p) {
   const int64_t per_group = p.c / p.groups;
   std::vector<F> scale, shift, center(p.n * p.c);
   affine_per_channel(p.rstd, p.weight, p.bias, p.n, p.c, p.groups, scale, shift);
-  for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(p.mean[(i / p.c) * p.groups + (i % p.c) / per_group]);
+  for (int64_t i = 0; i < p.n * p.c; ++i) center[i] = static_cast<F>(p.mean[i / per_group]);
   const Elementwise e{p.x, nullptr, p.out, p.n, p.c, p.s, p.layout};
   apply_forward<T, A, false>(e, center, scale, shift);
   return Status::Ok();
+}
+
+// Channels-first backward with groups small enough to stay in L2 (as forward_fused_groups): each
+// task computes its group's dz = dy * act'(.) once into a thread-local buffer while summing P1 and
+// P2, then writes dx from the buffer while x is still cached, instead of two passes that each
+// recompute the activation's derivative. Same per-plane block sums as the two-pass path.
+template <typename T, Activation A>
+void backward_fused_groups(const GroupNormBackwardParams& p, const std::vector<math_t<T>>& scale,
+                           const std::vector<math_t<T>>& shift, std::vector<double>& p1, std::vector<double>& p2) {
+  using F = math_t<T>;
+  const T* x = static_cast<const T*>(p.x);
+  const T* dy = static_cast<const T*>(p.grad_out);
+  T* dx = static_cast<T*>(p.grad_x);
+  const F* weight = static_cast<const F*>(p.weight);
+  const int64_t per_group = p.c / p.groups, s = p.s;
+  const double inv_m = 1.0 / (static_cast<double>(per_group) * static_cast<double>(s));
+#pragma omp parallel
+  {
+    std::vector<F> dz_buf(per_group * s);
+#pragma omp for schedule(static)
+    for (int64_t ng = 0; ng < p.n * p.groups; ++ng) {
+      const int64_t first_plane = ng * per_group;  // planes of group ng (sample-major, c = groups * per_group)
+      const F mu = static_cast<F>(p.mean[ng]), r = static_cast<F>(p.rstd[ng]);
+      double a_group = 0.0, b_group = 0.0;
+      for (int64_t j = 0; j < per_group; ++j) {
+        const int64_t plane = first_plane + j, ch = plane % p.c;
+        const T* xp = x + plane * s;
+        const T* dyp = dy + plane * s;
+        F* dz = dz_buf.data() + j * s;
+        const F sc = scale[plane], sh = shift[plane];
+        double s1 = 0.0, s2 = 0.0;
+        for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
+          const int64_t p_end = std::min(s, p0 + kBlock);
+          F a = 0, b = 0;
+#pragma omp simd reduction(+ : a, b)
+          for (int64_t q = p0; q < p_end; ++q) {
+            const F v = to_math(xp[q]) - mu;
+            const F d = to_math(dyp[q]) * activate_grad<A>(v * sc + sh);
+            dz[q] = d;
+            a += d;
+            b += d * v * r;
+          }
+          s1 += a;
+          s2 += b;
+        }
+        p1[plane] = s1;
+        p2[plane] = s2;
+        const double w = weight ? weight[ch] : 1.0;
+        a_group += w * s1;
+        b_group += w * s2;
+      }
+      const double rd = p.rstd[ng];
+      const F c2 = static_cast<F>(-rd * rd * b_group * inv_m), c3 = static_cast<F>(-rd * a_group * inv_m);
+      for (int64_t j = 0; j < per_group; ++j) {
+        const int64_t plane = first_plane + j, ch = plane % p.c;
+        const F c1 = static_cast<F>(rd * (weight ? weight[ch] : 1.0));
+        const T* xp = x + plane * s;
+        const F* dz = dz_buf.data() + j * s;
+        T* dxp = dx + plane * s;
+#pragma omp simd
+        for (int64_t q = 0; q < s; ++q) dxp[q] = from_math<T>(dz[q] * c1 + (to_math(xp[q]) - mu) * c2 + c3);
+      }
+    }
+  }
 }
 
 template <typename T, Activation A>
@@ -314,14 +384,19 @@ Status backward_typed(const GroupNormBackwardParams& p) {
 
   std::vector<F> scale, shift, mean_c(n * c), rstd_c(n * c);
   affine_per_channel(p.rstd, p.weight, p.bias, n, c, groups, scale, shift);
-  for (int64_t i = 0; i < n * c; ++i) {
-    mean_c[i] = p.mean[(i / c) * groups + (i % c) / per_group];
-    rstd_c[i] = p.rstd[(i / c) * groups + (i % c) / per_group];
-  }
+  for (int64_t ng = 0; ng < n * groups; ++ng)
+    for (int64_t i = ng * per_group; i < (ng + 1) * per_group; ++i) {  // planes of group ng: [ng*pg, (ng+1)*pg)
+      mean_c[i] = p.mean[ng];
+      rstd_c[i] = p.rstd[ng];
+    }
 
   // P1[n, c] = sum dz, P2[n, c] = sum dz * x_hat, with dz = dy * act'(x * scale + shift).
   std::vector<double> p1(n * c, 0.0), p2(n * c, 0.0);
-  if (p.layout == Layout::kChannelsFirst) {
+  const bool fused = p.layout == Layout::kChannelsFirst &&
+                     per_group * s * static_cast<int64_t>(sizeof(F)) <= kFusedGroupBytes && n * groups >= 2;
+  if (fused) {
+    backward_fused_groups<T, A>(p, scale, shift, p1, p2);
+  } else if (p.layout == Layout::kChannelsFirst) {
 #pragma omp parallel for schedule(static)
     for (int64_t plane = 0; plane < n * c; ++plane) {
       const T* xp = x + plane * s;
@@ -390,6 +465,7 @@ Status backward_typed(const GroupNormBackwardParams& p) {
       if (p.grad_bias) p.grad_bias[ch] = static_cast<float>(gb);
     }
   }
+  if (fused) return Status::Ok();  // dx is written
   // Per channel: dx = rstd * (dz * w - A/m - (x - mean) * rstd * B/m) = dz * k1 + (x - mean) * k2 + k3.
   const double inv_m = 1.0 / static_cast<double>(per_group * s);
   std::vector<F> k1(n * c), k2(n * c), k3(n * c);
