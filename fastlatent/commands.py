@@ -149,7 +149,6 @@ def _add_data(p: argparse.ArgumentParser) -> None:
 
 def add_model_commands(sub) -> None:
     """Registers train-ae, train-prior, sample, reconstruct and demo on ``sub`` (argparse subparsers)."""
-    fmt = argparse.ArgumentDefaultsHelpFormatter
 
     # train-ae
     p = sub.add_parser("train-ae", help="train a stage-1 autoencoder (FSQ, LFQ, BSQ, VQ, residual VQ or KL)",
@@ -216,7 +215,6 @@ def add_model_commands(sub) -> None:
     p.add_argument("--quick", action="store_true", help="a few steps of everything: checks the wiring, not quality")
     _add_common(p)
     p.set_defaults(func=cmd_demo)
-    del fmt
 
 
 def _add_autoencoder_options(p: argparse.ArgumentParser) -> None:
@@ -467,7 +465,7 @@ def train_autoencoder(args) -> tuple[Any, dict]:
     if not trained.is_discrete:
         loader = torch.utils.data.DataLoader(train_set, batch_size=256)
         trained.fit_latent_scale(((x.to(device), y) for x, y in loader), max_batches=8)
-    if trainer.is_main if hasattr(trainer, "is_main") else True:
+    if trainer.dist.is_main:  # under torchrun, one process writes the weights
         trained.save_pretrained(out / "autoencoder")
     images, _ = _first_images(eval_set, 512)
     metrics, recon = evaluate_reconstructions(trained, images, device)

@@ -65,6 +65,17 @@ def _binary_entropy(p: torch.Tensor) -> torch.Tensor:
     return _entropy(torch.stack([p, 1 - p], dim=-1))
 
 
+def _binary_codebook_size(owner: str, dim: int | None, codebook_size: int | None) -> int:
+    """LFQ/BSQ: one bit per codebook dim, so the codebook size is a power of 2 (2^dim when not given)."""
+    if dim is None and codebook_size is None:
+        raise ValueError(f"{owner} needs dim or codebook_size")
+    if codebook_size is None:
+        codebook_size = 2**dim
+    if codebook_size < 2 or codebook_size & (codebook_size - 1):
+        raise ValueError(f"codebook_size must be a power of 2 (>= 2), got {codebook_size}")
+    return codebook_size
+
+
 class _ScalarQuantizerBase(nn.Module):
     """Projection, channel-first handling and codebook splitting shared by the three modules."""
 
@@ -188,12 +199,7 @@ class LFQ(_ScalarQuantizerBase):
                  soft_clamp_input_value: float | None = None, channel_first: bool = False,
                  experimental_softplus_entropy_loss: bool = False, entropy_loss_offset: float = 5.0):
         super().__init__()
-        if dim is None and codebook_size is None:
-            raise ValueError("LFQ needs dim or codebook_size")
-        if codebook_size is None:
-            codebook_size = 2**dim
-        if codebook_size < 2 or codebook_size & (codebook_size - 1):
-            raise ValueError(f"codebook_size must be a power of 2 (>= 2), got {codebook_size}")
+        codebook_size = _binary_codebook_size("LFQ", dim, codebook_size)
         codebook_dim = codebook_size.bit_length() - 1
         if soft_clamp_input_value is not None and soft_clamp_input_value < codebook_scale:
             raise ValueError("soft_clamp_input_value must be >= codebook_scale")
@@ -269,12 +275,7 @@ class BSQ(_ScalarQuantizerBase):
                  inv_temperature: float = 1.0, num_codebooks: int = 1, keep_num_codebooks_dim: bool | None = None,
                  has_projections: bool | None = None, projection_has_bias: bool = True, channel_first: bool = False):
         super().__init__()
-        if dim is None and codebook_size is None:
-            raise ValueError("BSQ needs dim or codebook_size")
-        if codebook_size is None:
-            codebook_size = 2**dim
-        if codebook_size < 2 or codebook_size & (codebook_size - 1):
-            raise ValueError(f"codebook_size must be a power of 2 (>= 2), got {codebook_size}")
+        codebook_size = _binary_codebook_size("BSQ", dim, codebook_size)
         self.codebook_size = codebook_size
         self.entropy_loss_weight = entropy_loss_weight
         self.commitment_loss_weight = commitment_loss_weight

@@ -22,14 +22,8 @@ def _check_layout_and_groups(op: str, x, groups) -> int:
     return c
 
 
-def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:
-    op = "group_norm"
-    c = _check_layout_and_groups(op, x, groups)
-    if not (x.dtype in _checks.KERNEL_DTYPES or (allow_double and x.dtype == torch.float64)):
-        raise TypeError(f"fastlatent.{op}: x must be float32, float16 or bfloat16"
-                        f"{' (or float64)' if allow_double else ''}, got {x.dtype}")
-    if eps < 0:
-        raise ValueError(f"fastlatent.{op}: eps must be >= 0, got {eps}")
+def _check_affine(op: str, x, c: int, weight, bias) -> None:
+    """weight and bias (each optional): floating [C] tensors on x's device."""
     for name, t in (("weight", weight), ("bias", bias)):
         if t is None:
             continue
@@ -38,6 +32,17 @@ def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double
             raise ValueError(f"fastlatent.{op}: {name} must be [C] = [{c}], got shape {list(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"fastlatent.{op}: {name} must be a floating tensor, got {t.dtype}")
+
+
+def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:
+    op = "group_norm"
+    c = _check_layout_and_groups(op, x, groups)
+    if not (x.dtype in _checks.KERNEL_DTYPES or (allow_double and x.dtype == torch.float64)):
+        raise TypeError(f"fastlatent.{op}: x must be float32, float16 or bfloat16"
+                        f"{' (or float64)' if allow_double else ''}, got {x.dtype}")
+    if eps < 0:
+        raise ValueError(f"fastlatent.{op}: eps must be >= 0, got {eps}")
+    _check_affine(op, x, c, weight, bias)
     if residual is not None:
         _checks.check_same_device(op, "x", x, "residual", residual)
         if residual.shape != x.shape:
@@ -150,14 +155,7 @@ def _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=Fals
         raise ValueError(f"fastlatent.{op}: mean and rstd must be [N, groups] with groups dividing the {c} channels "
                          f"of x, got groups={groups}")
     _checks.check_float(op, "x", x, allow_double)
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        _checks.check_same_device(op, "x", x, name, t)
-        if t.dim() != 1 or t.shape[0] != c:
-            raise ValueError(f"fastlatent.{op}: {name} must be [C] = [{c}], got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"fastlatent.{op}: {name} must be a floating tensor, got {t.dtype}")
+    _check_affine(op, x, c, weight, bias)
     _checks.check_choice(op, "activation", activation, ACTIVATIONS)
 
 
