@@ -65,6 +65,17 @@ Shape check_input(const at::Tensor& x, int64_t groups, bool allow_double, const 
   return shape;
 }
 
+// The sizes every group_norm params struct carries.
+template <typename Params>
+void set_sizes(Params& p, const Shape& shape, int64_t groups) {
+  p.n = shape.n;
+  p.c = shape.c;
+  p.s = shape.s;
+  p.groups = groups;
+  p.dtype = shape.dtype;
+  p.layout = shape.layout;
+}
+
 at::Tensor checked_affine(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name,
                           const char* op = kOp) {
   if (!t.has_value()) return at::Tensor();
@@ -112,13 +123,8 @@ Forward prepare_forward(const at::Tensor& x, const std::optional<at::Tensor>& we
   p.out = f.out.data_ptr();
   p.mean = f.mean.data_ptr<float>();
   p.rstd = f.rstd.data_ptr<float>();
-  p.n = shape.n;
-  p.c = shape.c;
-  p.s = shape.s;
-  p.groups = groups;
+  set_sizes(p, shape, groups);
   p.eps = static_cast<float>(eps);
-  p.dtype = shape.dtype;
-  p.layout = shape.layout;
   p.activation = torch_glue::parse_activation(activation, kOp);
   return f;
 }
@@ -171,12 +177,7 @@ Backward prepare_backward(const at::Tensor& grad_out, const at::Tensor& x, const
   p.grad_x = b.grad_x.data_ptr();
   p.grad_weight = b.grad_weight.data_ptr<float>();
   p.grad_bias = b.grad_bias.data_ptr<float>();
-  p.n = shape.n;
-  p.c = shape.c;
-  p.s = shape.s;
-  p.groups = groups;
-  p.dtype = shape.dtype;
-  p.layout = shape.layout;
+  set_sizes(p, shape, groups);
   p.activation = torch_glue::parse_activation(activation, kOp);
   return b;
 }
@@ -210,12 +211,7 @@ Stats prepare_stats(const at::Tensor& x, int64_t groups, bool allow_double) {
   p.x = st.xc.data_ptr();
   p.mean = st.mean.data_ptr<float>();
   p.m2 = st.m2.data_ptr<float>();
-  p.n = shape.n;
-  p.c = shape.c;
-  p.s = shape.s;
-  p.groups = groups;
-  p.dtype = shape.dtype;
-  p.layout = shape.layout;
+  set_sizes(p, shape, groups);
   return st;
 }
 
@@ -255,12 +251,7 @@ Apply prepare_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tenso
   p.weight = ptr_or_null(a.weight);
   p.bias = ptr_or_null(a.bias);
   p.out = a.out.data_ptr();
-  p.n = shape.n;
-  p.c = shape.c;
-  p.s = shape.s;
-  p.groups = groups;
-  p.dtype = shape.dtype;
-  p.layout = shape.layout;
+  set_sizes(p, shape, groups);
   p.activation = torch_glue::parse_activation(activation, kApplyOp);
   return a;
 }
