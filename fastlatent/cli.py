@@ -213,10 +213,30 @@ def _selftest_group_norm_tiled(device, dtype) -> tuple[bool, str]:
     return ok, f"stats of 2 tiles merged + apply equals one-pass GroupNorm+SiLU (mean 50) within {tol:g}"
 
 
+def _selftest_group_norm_conv(device, dtype) -> tuple[bool, str]:
+    """GroupNorm + SiLU + 3x3 conv + residual; on CUDA in fp16/bf16 the fused tensor-core kernel."""
+    import torch
+
+    import fastlatent
+    from fastlatent import reference
+
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(1, 96, 20, 36, generator=gen) * 2 + 1).to(device, dtype)
+    gw, gb = (torch.rand(96, generator=gen) + 0.5).to(device), torch.randn(96, generator=gen).to(device)
+    w = (torch.randn(136, 96, 3, 3, generator=gen) / 30).to(device, dtype)
+    b, r = torch.randn(136, generator=gen).to(device, dtype), torch.randn(1, 136, 20, 36, generator=gen).to(device, dtype)
+    out = fastlatent.ops.group_norm_conv3x3(x, gw, gb, 32, w, b, eps=1e-6, residual=r)
+    ref = reference.group_norm_conv3x3(x, gw, gb, 32, w, b, eps=1e-6, residual=r).double()
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
+    err = ((out.double() - ref).abs().max() / (ref.abs().max() + 1)).item()
+    fused = device.type == "cuda" and dtype != torch.float32
+    return err <= tol, f"{'fused' if fused else 'unfused'} GN+SiLU+conv3x3 96->136 within {err:.1e} relative"
+
+
 SELFTESTS = [("nearest_code", _selftest_nearest_code), ("code_stats", _selftest_code_stats),
              ("ema_update_", _selftest_ema_update), ("fsq/lfq", _selftest_scalar_quantizers),
              ("sampler steps", _selftest_sampler_steps), ("group_norm", _selftest_group_norm),
-             ("gn stats/apply", _selftest_group_norm_tiled)]
+             ("gn stats/apply", _selftest_group_norm_tiled), ("gn+conv3x3", _selftest_group_norm_conv)]
 
 
 def _cmd_selftest(args: argparse.Namespace) -> int:

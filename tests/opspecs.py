@@ -683,3 +683,72 @@ OP_SPECS += [
            sample_inputs=_group_norm_apply_samples, error_inputs=_group_norm_apply_errors,
            compare=_group_norm_compare),
 ]
+
+
+# ---------------------------------------------------------------- group_norm_conv3x3
+
+
+def _group_norm_conv_samples(device, dtype):
+    gen = torch.Generator().manual_seed(24)
+    # (N, C_in, H, W, C_out, groups, activation, conv bias, residual): block tails in every direction (8 x 16
+    # pixel tiles, 32-channel K chunks, 128-channel N tiles), groups 1 and C, 1x1 images, several chunks
+    cases = [(2, 32, 8, 16, 64, 8, "silu", True, True), (1, 40, 7, 9, 24, 8, "gelu", True, False),
+             (3, 8, 5, 3, 3, 1, "none", False, True), (1, 16, 1, 1, 130, 16, "silu", True, True),
+             (2, 64, 17, 33, 16, 32, "silu", True, False), (1, 96, 12, 20, 136, 32, "silu", False, False),
+             (0, 8, 4, 4, 8, 2, "silu", True, True)]
+    for n, cin, h, w, cout, groups, activation, has_bias, has_residual in cases:
+        x = (torch.randn(n, cin, h, w, generator=gen) * 2 + 0.5).to(device, dtype)
+        gn_weight = (torch.rand(cin, generator=gen) + 0.5).to(device)
+        gn_bias = torch.randn(cin, generator=gen).to(device)
+        conv_weight = (torch.randn(cout, cin, 3, 3, generator=gen) / math.sqrt(9 * cin)).to(device, dtype)
+        kwargs = {"conv_weight": conv_weight, "activation": activation, "eps": 1e-6}
+        if has_bias:
+            kwargs["conv_bias"] = torch.randn(cout, generator=gen).to(device, dtype)
+        if has_residual:
+            kwargs["residual"] = torch.randn(n, cout, h, w, generator=gen).to(device, dtype)
+        name = f"N{n}_Cin{cin}_{h}x{w}_Cout{cout}_g{groups}_{activation}"
+        yield Sample((x, gn_weight, gn_bias, groups), kwargs, name=name)
+        if x.numel():
+            yield Sample((x.to(memory_format=torch.channels_last), None, None, groups), kwargs, name=name + "_cl")
+
+
+def _group_norm_conv_compare(sample, ours, ref):
+    # a sum of 9 C_in rounded products: error relative to the output's scale
+    tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[ours.dtype]
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    if ref.numel():
+        scale = ref.double().abs().max().item() + 1.0
+        assert (ours.double() - ref.double()).abs().max().item() <= tol * scale, sample.name
+
+
+def _group_norm_conv_errors(device):
+    x = torch.randn(2, 6, 4, 4, device=device)
+    w = torch.randn(4, 6, 3, 3, device=device)
+
+    def call(error, match, x_=x, groups=2, gn_weight=None, **kwargs):
+        # eps and activation have no schema default: the raw op (meta-device test) needs them
+        kwargs = {"conv_weight": w, "eps": 1e-5, "activation": "silu", **kwargs}
+        return ErrorSample((x_, gn_weight, None, groups), kwargs, error, match)
+
+    other = "meta" if device.type != "meta" else "cpu"
+    yield call(ValueError, r"x must be 4-D \[N, C_in, H, W\]", x_=x[0])
+    yield call(ValueError, r"groups must be >= 1 and divide the 6 channels of x, got groups=4", groups=4)
+    yield call(TypeError, r"x must be float32, float16 or bfloat16", x_=x.long())
+    yield call(ValueError, r"eps must be >= 0", eps=-1.0)
+    yield call(ValueError, r'activation must be "none", "silu" or "gelu", got "relu"', activation="relu")
+    yield call(ValueError, r'algorithm must be "auto", "fused" or "unfused", got "fast"', algorithm="fast")
+    yield call(ValueError, r"gn_weight must be \[C_in\] = \[6\]", gn_weight=torch.ones(5, device=device))
+    yield call(ValueError, r"conv_weight must be \[C_out, C_in, 3, 3\] with C_in = 6", conv_weight=w[:, :, :1, :1])
+    yield call(TypeError, r"x and conv_weight must have the same dtype", conv_weight=w.double())
+    yield call(ValueError, r"conv_bias must be \[C_out\] = \[4\]", conv_bias=torch.ones(3, device=device))
+    yield call(ValueError, r"residual must be \[N, C_out, H, W\] = \[2, 4, 4, 4\]", residual=x)
+    yield call(RuntimeError, r"x and conv_weight must be on the same device", conv_weight=torch.randn(4, 6, 3, 3, device=other))
+    if device.type == "cpu":
+        yield call(ValueError, r'algorithm="fused" needs a CUDA tensor', algorithm="fused")
+
+
+OP_SPECS += [
+    OpSpec(name="group_norm_conv3x3", op=fastlatent.ops.group_norm_conv3x3, reference=reference.group_norm_conv3x3,
+           sample_inputs=_group_norm_conv_samples, error_inputs=_group_norm_conv_errors,
+           compare=_group_norm_conv_compare),
+]

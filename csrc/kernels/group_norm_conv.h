@@ -1,0 +1,67 @@
+// group_norm_conv3x3: a GroupNorm (+ activation) folded into the input load of the 3x3
+// convolution that follows it, for inference decoding (CUDA, fp16/bf16 tensor cores).
+//
+//   y   = act((x - mean[n, g]) * rstd[n, g] * gn_weight[c] + gn_bias[c])     never stored
+//   out = conv2d(y, conv_weight, conv_bias, stride 1, padding 1) + residual
+//
+// x: [n, cin, h, w] with any strides (NCHW or channels-last); out and residual: [n, cout, h, w]
+// with any strides. The statistics come from group_norm_stats (mean and M2 per group, fp32);
+// rstd = 1 / sqrt(M2 / count + eps) is formed in the kernel's prologue.
+//
+// The convolution is an implicit GEMM, M = output pixels, N = cout, K = 9 * cin, on WMMA
+// 16x16x16 fragments with fp32 accumulation. A block owns an 8 x 16 tile of output pixels of one
+// image and 128 output channels. Per chunk of 32 input channels it loads the 10 x 18 input halo
+// once, normalises and activates it while loading (zero outside the image: the convolution pads
+// the activated tensor), and keeps it in shared memory; each of the 9 taps then reads its A
+// fragments from the halo at a constant pixel stride, so the activation is computed once per
+// halo element rather than once per tap. B (weights) tiles stream in with cp.async, double
+// buffered. The epilogue adds the conv bias and the residual and stores in the output dtype.
+//
+// Weights are packed by the caller: packed[chunk][tap][k][cout_pad] = W[co, chunk * 32 + k, r, s]
+// with tap = 3 r + s, zero where ci >= cin or co >= cout; cout_pad is cout rounded up to 128.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "activations.h"
+#include "common.h"
+
+#if defined(__CUDACC__) || defined(FL_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fastlatent {
+
+constexpr int64_t kGnConvChannelChunk = 32;   // input channels per K chunk (packing granularity of cin)
+constexpr int64_t kGnConvCoutTile = 128;      // output channels per block (packing granularity of cout)
+constexpr int64_t kGnConvMaxInChannels = 8192;  // shared memory holds a scale and shift per input channel
+
+struct GroupNormConvParams {
+  const void* x = nullptr;              // [n, cin, h, w], strides x_stride (elements), dtype
+  int64_t x_stride[4] = {0, 0, 0, 0};
+  const float* mean = nullptr;          // [n, groups]
+  const float* m2 = nullptr;            // [n, groups]: sum over the group of (x - mean)^2
+  const float* gn_weight = nullptr;     // [cin] or null (= 1)
+  const float* gn_bias = nullptr;       // [cin] or null (= 0)
+  const void* packed_weight = nullptr;  // see above, dtype
+  const float* conv_bias = nullptr;     // [cout] or null
+  const void* residual = nullptr;       // [n, cout, h, w] or null, dtype
+  int64_t residual_stride[4] = {0, 0, 0, 0};
+  void* out = nullptr;                  // [n, cout, h, w], dtype
+  int64_t out_stride[4] = {0, 0, 0, 0};
+  int64_t n = 0, cin = 0, cout = 0, h = 0, w = 0, groups = 1;
+  float eps = 1e-5f;
+  DType dtype = DType::kFloat16;        // kFloat16 or kBFloat16
+  Activation activation = Activation::kNone;
+};
+
+inline int64_t gn_conv_round_up(int64_t v, int64_t multiple) { return (v + multiple - 1) / multiple * multiple; }
+
+#if defined(__CUDACC__) || defined(FL_WITH_CUDA)
+// cudaErrorInvalidValue for sizes or dtypes the kernel does not take (checked by the binding first),
+// cudaErrorNotSupported on a device below compute capability 8.0.
+cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& params, cudaStream_t stream);
+#endif
+
+}  // namespace fastlatent

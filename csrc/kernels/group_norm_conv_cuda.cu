@@ -1,0 +1,262 @@
+// CUDA group_norm_conv3x3: GroupNorm + activation folded into the A-operand load of an
+// implicit-GEMM 3x3 convolution on tensor cores (see group_norm_conv.h for the math and layout).
+//
+// Block: 256 threads = 8 warps as 2 (pixel rows) x 4 (output channels). Block tile: 8 x 16
+// output pixels of one image x 128 output channels; warp tile: 4 rows of 16 pixels x 32
+// channels = 4 x 2 WMMA accumulators.
+//
+// Shared memory: the activated input halo of one 32-channel chunk, [10 * 18 pixels][48] (32
+// channels, row padded to 48 elements = 96 bytes so that every WMMA fragment pointer is 32-byte
+// aligned at any pixel offset); two weight tiles [32][136] (cp.async double buffer); the
+// per-channel scale and shift of the block's image.
+//
+// For tap (r, s), the 16 A rows of output row ty are halo pixels (ty + r, s .. s + 15): a constant
+// stride of one halo pixel, so each A fragment is one load_matrix_sync from the halo.
+#include <mma.h>
+
+#include <cstdint>
+
+#include "cuda_utils.cuh"
+#include "group_norm_conv.h"
+
+namespace fastlatent {
+namespace {
+
+using cuda::from_float;
+using cuda::to_float;
+
+constexpr int kThreads = 256;
+constexpr int kTileH = 8, kTileW = 16;                      // output pixels per block
+constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
+constexpr int kHaloPixels = kHaloH * kHaloW;                 // 180
+constexpr int kChunk = static_cast<int>(kGnConvChannelChunk);  // 32 input channels per K chunk
+constexpr int kHaloLd = 48;                                  // halo row pitch (elements)
+constexpr int kTileN = static_cast<int>(kGnConvCoutTile);    // 128 output channels per block
+constexpr int kBLd = kTileN + 8;                             // weight tile row pitch (elements)
+constexpr int kWarpRows = 4;                                 // output rows per warp
+constexpr int kWarpCols = 32;                                // output channels per warp
+
+constexpr size_t kHaloBytes = size_t(kHaloPixels) * kHaloLd * 2;
+constexpr size_t kBStageElems = size_t(kChunk) * kBLd;
+constexpr size_t kBBytes = 2 * kBStageElems * 2;
+constexpr size_t kFixedSmemBytes = kHaloBytes + kBBytes;
+
+static_assert(kHaloBytes % 128 == 0 && kBBytes % 128 == 0, "shared-memory regions stay 128-byte aligned");
+static_assert((kHaloLd * 2) % 32 == 0, "WMMA needs 32-byte aligned fragment pointers at every pixel");
+static_assert(kHaloBytes >= size_t(kThreads / 32) * 256 * sizeof(float), "epilogue scratch fits in the halo");
+
+__device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+
+template <typename T, Activation A>
+__global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNormConvParams p, int tiles_w,
+                                                                           int cin_pad, int cout_pad) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  using namespace nvcuda;
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* halo = reinterpret_cast<T*>(smem);
+  T* b_tiles = reinterpret_cast<T*>(smem + kHaloBytes);
+  float* scale = reinterpret_cast<float*>(smem + kFixedSmemBytes);
+  float* shift = scale + cin_pad;
+
+  const int tid = threadIdx.x;
+  const int warp = tid >> 5, lane = tid & 31;
+  const int warp_m = warp >> 2, warp_n = warp & 3;
+  const int64_t img = blockIdx.z;
+  const int n0 = blockIdx.y * kTileN;
+  const int oy0 = (blockIdx.x / tiles_w) * kTileH;
+  const int ox0 = (blockIdx.x % tiles_w) * kTileW;
+  const int64_t H = p.h, W = p.w;
+
+  // Per-channel affine of this image: y = act(x * scale + shift), zero on the padded channels.
+  const int64_t channels_per_group = p.cin / p.groups;
+  const float count = static_cast<float>(channels_per_group * H * W);
+  for (int c = tid; c < cin_pad; c += kThreads) {
+    float sc = 0.0f, sh = 0.0f;
+    if (c < p.cin) {
+      const int64_t g = img * p.groups + c / channels_per_group;
+      const float var = fmaxf(p.m2[g] / count, 0.0f);
+      const float rstd = rsqrtf(var + p.eps);
+      sc = rstd * (p.gn_weight ? p.gn_weight[c] : 1.0f);
+      sh = (p.gn_bias ? p.gn_bias[c] : 0.0f) - p.mean[g] * sc;
+    }
+    scale[c] = sc;
+    shift[c] = sh;
+  }
+
+  const T* x_img = static_cast<const T*>(p.x) + img * p.x_stride[0];
+  const T* packed = static_cast<const T*>(p.packed_weight);
+
+  // Weight tile t = chunk * 9 + tap: rows [t * 32, t * 32 + 32) of the packed matrix, columns
+  // [n0, n0 + 128); 512 16-byte pieces, two per thread.
+  auto load_b = [&](int64_t t, int stage) {
+    T* dst = b_tiles + stage * kBStageElems;
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int piece = tid + k * kThreads;
+      const int row = piece >> 4, col = (piece & 15) * 8;
+      cp_async16(dst + row * kBLd + col, packed + (t * kChunk + row) * cout_pad + n0 + col);
+    }
+    cp_async_commit();
+  };
+
+  // The activated halo of input channels [chunk * 32, chunk * 32 + 32): one thread writes 8
+  // channels of one halo pixel (a 16-byte store); lanes walk along pixels so that global loads
+  // of one channel are contiguous in NCHW.
+  auto load_halo = [&](int chunk) {
+    for (int item = tid; item < kHaloPixels * (kChunk / 8); item += kThreads) {
+      const int pix = item % kHaloPixels, octet = item / kHaloPixels;
+      const int64_t iy = oy0 + pix / kHaloW - 1, ix = ox0 + pix % kHaloW - 1;
+      const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
+      const int c0 = chunk * kChunk + octet * 8;
+      const T* src = x_img + iy * p.x_stride[2] + ix * p.x_stride[3];
+      uint32_t packed_pairs[4];
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        float v[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int c = c0 + j + q;
+          if (inside && c < p.cin) v[q] = activate<A>(fmaf(to_float(src[c * p.x_stride[1]]), scale[c], shift[c]));
+        }
+        packed_pairs[j / 2] = bits_of(from_float<T>(v[0])) | (bits_of(from_float<T>(v[1])) << 16);
+      }
+      *reinterpret_cast<uint4*>(halo + pix * kHaloLd + octet * 8) =
+          make_uint4(packed_pairs[0], packed_pairs[1], packed_pairs[2], packed_pairs[3]);
+    }
+  };
+
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kWarpRows][2];
+#pragma unroll
+  for (int i = 0; i < kWarpRows; ++i)
+#pragma unroll
+    for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  const int num_chunks = cin_pad / kChunk;
+  const int64_t num_tiles = int64_t(num_chunks) * 9;
+  load_b(0, 0);
+  __syncthreads();  // scale and shift written
+  int64_t t = 0;
+  for (int chunk = 0; chunk < num_chunks; ++chunk) {
+    load_halo(chunk);  // the previous chunk's readers finished at the last barrier
+    for (int tap = 0; tap < 9; ++tap, ++t) {
+      if (t + 1 < num_tiles) {
+        load_b(t + 1, static_cast<int>((t + 1) & 1));
+        cp_async_wait<1>();
+      } else {
+        cp_async_wait<0>();
+      }
+      __syncthreads();  // weight tile t and the halo visible to every warp
+      const int r = tap / 3, s = tap % 3;
+      const T* b_stage = b_tiles + (t & 1) * kBStageElems + warp_n * kWarpCols;
+#pragma unroll
+      for (int kk = 0; kk < kChunk; kk += 16) {
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> fb[2];
+        wmma::load_matrix_sync(fb[0], b_stage + kk * kBLd, kBLd);
+        wmma::load_matrix_sync(fb[1], b_stage + kk * kBLd + 16, kBLd);
+#pragma unroll
+        for (int i = 0; i < kWarpRows; ++i) {
+          const int ty = warp_m * kWarpRows + i;
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
+          wmma::load_matrix_sync(fa, halo + ((ty + r) * kHaloW + s) * kHaloLd + kk, kHaloLd);
+          wmma::mma_sync(acc[i][0], fa, fb[0], acc[i][0]);
+          wmma::mma_sync(acc[i][1], fa, fb[1], acc[i][1]);
+        }
+      }
+      __syncthreads();  // done reading weight stage t & 1 (refilled next iteration) and the halo
+    }
+  }
+
+  // Epilogue: each warp stages one 16 x 16 accumulator at a time in its slice of the (now idle)
+  // halo, column-major, so that lanes 0-15 and 16-31 each write 16 consecutive pixels of a channel.
+  float* scratch = reinterpret_cast<float*>(smem) + warp * 256;
+  const T* residual = static_cast<const T*>(p.residual);
+  T* out = static_cast<T*>(p.out);
+  const int m = lane & 15, n_half = lane >> 4;
+  const int64_t ox = ox0 + m;
+#pragma unroll
+  for (int i = 0; i < kWarpRows; ++i) {
+    const int64_t oy = oy0 + warp_m * kWarpRows + i;
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_col_major);
+      __syncwarp();
+      if (oy < H && ox < W) {
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          const int nn = n_half + 2 * q;
+          const int64_t co = n0 + warp_n * kWarpCols + j * 16 + nn;
+          if (co >= p.cout) continue;
+          float v = scratch[nn * 16 + m];
+          if (p.conv_bias) v += p.conv_bias[co];
+          if (residual) {
+            v += to_float(residual[img * p.residual_stride[0] + co * p.residual_stride[1] + oy * p.residual_stride[2] +
+                                   ox * p.residual_stride[3]]);
+          }
+          out[img * p.out_stride[0] + co * p.out_stride[1] + oy * p.out_stride[2] + ox * p.out_stride[3]] =
+              from_float<T>(v);
+        }
+      }
+      __syncwarp();
+    }
+  }
+#else
+  __trap();  // built for an architecture without bf16 WMMA / cp.async: the launcher refuses such devices
+#endif
+}
+
+template <typename T, Activation A>
+cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
+  const int tiles_w = static_cast<int>((p.w + kTileW - 1) / kTileW);
+  const int64_t tiles = ((p.h + kTileH - 1) / kTileH) * tiles_w;
+  const int64_t cin_pad = gn_conv_round_up(p.cin, kChunk);
+  const int64_t cout_pad = gn_conv_round_up(p.cout, kTileN);
+  if (tiles > 0x7fffffff || cout_pad / kTileN > 65535 || p.n > 65535) return cudaErrorInvalidValue;
+  const size_t smem = kFixedSmemBytes + 2 * size_t(cin_pad) * sizeof(float);
+  auto kernel = group_norm_conv3x3_kernel<T, A>;
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(cout_pad / kTileN), static_cast<unsigned>(p.n));
+  kernel<<<grid, kThreads, smem, stream>>>(p, tiles_w, static_cast<int>(cin_pad), static_cast<int>(cout_pad));
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& p, cudaStream_t stream) {
+  if (p.n < 0 || p.cin < 1 || p.cout < 1 || p.h < 0 || p.w < 0 || p.groups < 1 || p.cin % p.groups != 0 ||
+      p.cin > kGnConvMaxInChannels || p.x == nullptr || p.out == nullptr || p.packed_weight == nullptr ||
+      p.mean == nullptr || p.m2 == nullptr || !cuda::aligned16(p.packed_weight)) {
+    return cudaErrorInvalidValue;
+  }
+  int device = 0, major = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err != cudaSuccess) return err;
+  if (major < 8) return cudaErrorNotSupported;
+  if (p.n == 0 || p.h == 0 || p.w == 0) return cudaSuccess;
+  auto by_activation = [&](auto type_tag) {
+    using T = decltype(type_tag);
+    return FL_ACTIVATION_SWITCH(p.activation, kAct, [&] { return launch_typed<T, kAct>(p, stream); });
+  };
+  switch (p.dtype) {
+    case DType::kFloat16: return by_activation(__half());
+    case DType::kBFloat16: return by_activation(__nv_bfloat16());
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fastlatent
