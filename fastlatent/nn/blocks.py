@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastlatent.nn.conv_fusion import norm_act_conv
 from fastlatent.ops.group_norm import group_norm
 
 # Activation names accepted by the fused op, and the diffusers ``non_linearity`` strings that map onto them.
@@ -135,7 +136,9 @@ class ResnetBlock(nn.Module):
         out = (shortcut(x) + h) / output_scale_factor
 
     The residual add follows ``conv2``, so it cannot ride in the GroupNorm kernel; it is done in place on
-    ``conv2``'s output (bit-identical to diffusers). With ``time_embedding_norm="scale_shift"`` norm2 runs
+    ``conv2``'s output (bit-identical to diffusers). Under :func:`fastlatent.nn.set_fused_conv` ("on" or
+    "auto"; CUDA fp16/bf16 inference) each ``conv(act(norm(x)))`` pair, with conv2's bias and residual, can
+    run as one :func:`fastlatent.ops.group_norm_conv3x3` kernel instead. With ``time_embedding_norm="scale_shift"`` norm2 runs
     without its activation (the per-sample scale and shift come in between); with "group" (what diffusers'
     VAE encoder and decoder pass, with ``temb_channels=None``) there is no time embedding.
 
@@ -246,36 +249,46 @@ class ResnetBlock(nn.Module):
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, scale=None) -> torch.Tensor:
         # `scale` is ResnetBlock2D's deprecated (ignored) third argument, accepted so that callers written for it
         # keep working
-        hidden = self.norm1(input_tensor)
-        if self.upsample is not None:
-            input_tensor = self.upsample(input_tensor)
-            hidden = self.upsample(hidden)
-        elif self.downsample is not None:
-            input_tensor = self.downsample(input_tensor)
-            hidden = self.downsample(hidden)
-        hidden = self.conv1(hidden)
+        if self.upsample is None and self.downsample is None:
+            hidden = norm_act_conv(self.norm1, self.conv1, input_tensor)
+        else:
+            hidden = self.norm1(input_tensor)
+            if self.upsample is not None:
+                input_tensor = self.upsample(input_tensor)
+                hidden = self.upsample(hidden)
+            else:
+                input_tensor = self.downsample(input_tensor)
+                hidden = self.downsample(hidden)
+            hidden = self.conv1(hidden)
         if self.time_emb_proj is not None:
             if temb is None:
                 raise ValueError("ResnetBlock: temb is required, this block has a time_emb_proj")
             if not self.skip_time_act:
                 temb = self.nonlinearity(temb)
             temb = self.time_emb_proj(temb)[:, :, None, None]
-        if self.time_embedding_norm == "default":
-            if temb is not None:
-                hidden = hidden + temb
-            hidden = self.norm2(hidden)
-        elif self.time_embedding_norm == "scale_shift":
+        if self.time_embedding_norm == "scale_shift":
             if temb is None:
                 raise ValueError("ResnetBlock: temb is required with time_embedding_norm='scale_shift'")
             scale, shift = torch.chunk(temb, 2, dim=1)
-            hidden = self.nonlinearity(self.norm2(hidden) * (1 + scale) + shift)
-        else:
-            # diffusers' VAE blocks ("group"): no time embedding, temb is ignored as ResnetBlock2D ignores it
-            hidden = self.norm2(hidden)
-        hidden = self.conv2(self.dropout(hidden))
-        if self.conv_shortcut is not None:
-            input_tensor = self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
-        return _add_shortcut(hidden, input_tensor, self.output_scale_factor)
+            hidden = self.conv2(self.dropout(self.nonlinearity(self.norm2(hidden) * (1 + scale) + shift)))
+            return _add_shortcut(hidden, self._shortcut(input_tensor), self.output_scale_factor)
+        # "default" adds the time embedding; diffusers' VAE blocks ("group") have none, and temb is ignored as
+        # ResnetBlock2D ignores it
+        if self.time_embedding_norm == "default" and temb is not None:
+            hidden = hidden + temb
+        shortcut = self._shortcut(input_tensor)
+        if self.training and self.dropout.p > 0:
+            hidden = self.conv2(self.dropout(self.norm2(hidden)))
+            return _add_shortcut(hidden, shortcut, self.output_scale_factor)
+        # conv2(norm2(h)) + shortcut: one kernel where fastlatent.nn.set_fused_conv allows, else the residual is
+        # added in place on conv2's output
+        out = norm_act_conv(self.norm2, self.conv2, hidden, residual=shortcut)
+        return out if self.output_scale_factor == 1.0 else out.div_(self.output_scale_factor)
+
+    def _shortcut(self, input_tensor: torch.Tensor) -> torch.Tensor:
+        if self.conv_shortcut is None:
+            return input_tensor
+        return self.conv_shortcut(input_tensor.contiguous() if self.training else input_tensor)
 
 
 class TamingResnetBlock(nn.Module):
@@ -339,13 +352,14 @@ class TamingResnetBlock(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.norm1(x))
+        h = norm_act_conv(self.norm1, self.conv1, x)
         if temb is not None:
             h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(self.norm2(h)))
         if self.in_channels != self.out_channels:
             x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return _add_shortcut(h, x)
+        if self.training and self.dropout.p > 0:
+            return _add_shortcut(self.conv2(self.dropout(self.norm2(h))), x)
+        return norm_act_conv(self.norm2, self.conv2, h, residual=x)
 
 
 class Upsample(nn.Module):
