@@ -5,7 +5,8 @@
 #   bash scripts/gpu_validate.sh test       # the cuda-marked tests, then the whole suite
 #   bash scripts/gpu_validate.sh sanitize   # compute-sanitizer memcheck + racecheck over every op's test samples
 #   bash scripts/gpu_validate.sh bench      # fastlatent bench --device cuda (--quick; BENCH=--full for all)
-#   bash scripts/gpu_validate.sh all        # the four in order
+#   bash scripts/gpu_validate.sh profile    # Nsight Compute on the GroupNorm and fused GroupNorm-conv kernels
+#   bash scripts/gpu_validate.sh all        # all five in order
 #
 # Logs and results go to $OUT (the device tool's folder) or ./gpu-results; the benchmark's files are packed into
 # one bench-cuda.tgz so they come back as a single file. Missing peers (diffusers, vector-quantize-pytorch,
@@ -48,11 +49,36 @@ step_bench() {
   tar czf "$out/bench-cuda.tgz" -C "$dir" results
 }
 
+# Nsight Compute summaries (throughput, occupancy, limiter) of the kernels with bandwidth or tensor-core targets,
+# at the SD-VAE decoder's 1024 px shapes: what issue #9 asks for where a target is missed.
+step_profile() {
+  local ncu
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  [ -x "$ncu" ] || { echo "ncu not found: skipping the profile" | tee "$out/profile.log"; return 0; }
+  "$ncu" --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    -c 40 $python - <<'PY' 2>&1 | tee "$out/profile.log" | tail -40
+import torch, fastlatent
+from fastlatent import ops
+x = torch.randn(1, 512, 128, 128, device="cuda", dtype=torch.bfloat16)
+gw, gb = torch.ones(512, device="cuda"), torch.zeros(512, device="cuda")
+w = torch.randn(512, 512, 3, 3, device="cuda", dtype=torch.bfloat16) / 48
+with torch.inference_mode():
+    ops.group_norm(x, gw, gb, 32, 1e-6, "silu")
+    ops.group_norm_conv3x3(x, gw, gb, 32, w, None, eps=1e-6, algorithm="fused")
+    big = torch.randn(1, 128, 1024, 1024, device="cuda", dtype=torch.bfloat16)
+    ops.group_norm(big, gw[:128], gb[:128], 32, 1e-6, "silu")
+    ops.group_norm_conv3x3(big, gw[:128], gb[:128], 32, w[:128, :128].contiguous(), None, eps=1e-6,
+                           algorithm="fused")
+torch.cuda.synchronize()
+PY
+}
+
 case "${1:-all}" in
   build) step_build ;;
   test) step_test ;;
   sanitize) step_sanitize ;;
   bench) step_bench ;;
-  all) step_build && step_test; step_sanitize; step_bench ;;
-  *) echo "gpu_validate.sh: expected build, test, sanitize, bench or all, got $1" >&2; exit 2 ;;
+  profile) step_profile ;;
+  all) step_build && step_test; step_sanitize; step_bench; step_profile ;;
+  *) echo "gpu_validate.sh: expected build, test, sanitize, bench, profile or all, got $1" >&2; exit 2 ;;
 esac
