@@ -3,7 +3,8 @@
 - ``group_norm(x, w, b, 32, eps, "silu")`` against the float64 reference (eager and compiled) and
   the plain-PyTorch ``F.silu(F.group_norm(...))`` eager and compiled, at the GroupNorm inputs of
   Stable Diffusion's VAE decoder and encoder at 256, 512 and 1024 px (from ``sd_vae_norm_shapes``),
-  forward and forward + backward, NCHW and channels-last. CPU bar: 2x eager at 4x256x64x64 (fp32).
+  forward and forward + backward, NCHW and channels-last. CPU bar: 2x eager at 4x256x64x64 (fp32);
+  fp16/bf16 on the CPU against eager PyTorch in the same dtype.
   CUDA (bf16): 3x eager, 1.2x compiled, a large fraction of HBM bandwidth.
 - ``fastlatent.patch``-ed diffusers ``ResnetBlock2D`` and VAE mid-block ``Attention`` against
   diffusers' own (eager and compiled), inference, SD-VAE widths.
@@ -66,6 +67,12 @@ NORM_CPU = (
     + _norm_params([c for r in (256, 512, 1024) for c in _sd_layers("encoder", r)], full=True)
     + _norm_params([("64x512x8x8 (many small maps)", (64, 512, 8, 8), {"batch": 64, "channels": 512, "side": 8})],
                    full=True, directions=("fwd", "fwd_bwd"))
+)
+# fp16/bf16 on the CPU against eager PyTorch in the same dtype (the CPU's 16-bit conversions)
+HALF_PROVIDERS = providers("fastlatent", "torch", "torch_compiled", full_only=("torch_compiled",))
+NORM_CPU_HALF = (
+    _norm_params(_HEADLINE + _sd_layers("decoder", 256, {(512, 4)}), directions=("fwd", "fwd_bwd"))
+    + _norm_params(_HEADLINE, full=True, layouts=("channels_last",), directions=("fwd", "fwd_bwd"))
 )
 NORM_CUDA = (_norm_params([c for r in (512, 1024) for c in _sd_layers("decoder", r)], directions=("fwd", "fwd_bwd"))
              + _norm_params([("16x512x128x128 (target)", (16, 512, 128, 128), {"batch": 16, "channels": 512,
@@ -145,6 +152,13 @@ def _expected(case, device, dtype, x, w, b, dy):
 @pytest.mark.parametrize("case", NORM_CPU)
 def test_group_norm_silu_cpu(bench, provider, case):
     _run_norm(bench, provider, case, CPU, torch.float32)
+
+
+@pytest.mark.parametrize("provider", HALF_PROVIDERS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", NORM_CPU_HALF)
+def test_group_norm_silu_cpu_half(bench, provider, case, dtype):
+    _run_norm(bench, provider, case, CPU, dtype)
 
 
 @pytest.mark.cuda

@@ -209,3 +209,30 @@ def test_gradcheck_stats_and_apply_float64(activation):
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t, w_, b_: ops.group_norm_apply(t, mean, rstd, w_, b_, activation),
                                     (x, w, b))
+
+
+@pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, groups, layout",
+                         [((2, 24, 37, 29), 6, "first"), ((1, 1040, 3, 5), 8, "last")], ids=["first", "last"])
+def test_half_types_are_the_fp32_result_rounded_to_nearest_even(shape, groups, layout, dtype, activation):
+    # The CPU kernels convert 16-bit values in blocks (hardware F16C where built with it, branch-free code
+    # elsewhere): given the same statistics, the fp16/bf16 output is the fp32 kernel's output rounded once,
+    # bit for bit, across block tails (37 * 29 = 2 * 512 + 49 positions, 1040 = 2 * 512 + 16 channels),
+    # subnormal results and fp16 overflow to Inf (the large weights).
+    gen = torch.Generator().manual_seed(5)
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype)
+    if layout == "last":
+        x = _channels_last(x)
+    c = shape[1]
+    w = torch.randn(c, generator=gen) * torch.where(torch.arange(c) % 5 == 0, 3e4, 1.0)
+    b = torch.randn(c, generator=gen) * 1e-3
+    mean, m2 = ops.group_norm_stats(x, groups)
+    rstd = torch.rsqrt(m2.double() / (x.numel() // (shape[0] * groups)) + 1e-6).float()
+    ours = ops.group_norm_apply(x, mean, rstd, w, b, activation)
+    want = ops.group_norm_apply(x.float(), mean, rstd, w, b, activation).to(dtype)
+    if dtype == torch.float16:
+        # the cases are there: overflow to Inf and subnormal results
+        assert want.isinf().any() and (want.abs() < 6.1e-5).logical_and(want != 0).any()
+    assert ours.is_contiguous(memory_format=torch.channels_last) == (layout == "last")
+    assert torch.equal(ours.view(torch.int16), want.view(torch.int16))

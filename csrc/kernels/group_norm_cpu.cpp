@@ -10,10 +10,15 @@
 // blocks; channels are combined per group with Chan's formula in double. The backward's
 // per-channel sums take the same route. Results don't depend on the thread count.
 // group_norm_stats and group_norm_apply are the two halves of the two-pass path.
+//
+// fp16/bf16: the elementwise passes convert blocks of kStage values to and from fp32 buffers
+// (to_float_n, from_float_n) where that measured faster than converting inside the loops (see
+// kStage); fp32 and fp64 run in place.
 #include "group_norm.h"
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -26,6 +31,57 @@ constexpr int64_t kPositionsPerTask = 128;  // positions per task (channels-last
 
 inline int64_t tasks_of(int64_t s) { return (s + kPositionsPerTask - 1) / kPositionsPerTask; }
 
+// 16-bit storage and fp32 buffers (see common.h, to_float_n). Measured one thread, 1x512x64x64
+// and 4x256x64x64, SiLU:
+// - fp16 loads go through a buffer of kStage values converted in one go (F16C where built with
+//   it); bf16 loads stay in the loops (one shift per value; staged, the backward's sums were slower).
+// - fp16 results go to a buffer and are rounded in one go; so do bf16 results in the forward,
+//   whose activation makes the loop heavy (bf16 forward 0.90 -> 0.72 ms at 1x512x64x64), but not
+//   in the backward's dx loops (staged: bf16 backward 2.3 -> 2.65 ms at 4x256x64x64).
+// - fp32/fp64 are read and written in place.
+// kStage divides kBlock, so the backward's fp32 partial sums keep their blocks.
+constexpr int64_t kStage = 512;
+template <typename T>
+constexpr bool kStageLoads = std::is_same_v<T, Half>;
+template <typename T, bool Backward = false>
+constexpr bool kStageStores = std::is_same_v<T, Half> || (!Backward && std::is_same_v<T, BFloat16>);
+template <typename T>
+constexpr int64_t kStageBuffer = std::is_same_v<T, math_t<T>> ? 1 : kStage;  // buffer length
+template <typename T>
+using loaded_t = std::conditional_t<kStageLoads<T>, math_t<T>, T>;  // what load_stage points at
+
+// Values per step of a loop over n values that reads T (and with Stores, writes it): kStage where
+// that goes through buffers, all n otherwise.
+template <typename T, bool Stores, bool Backward = false>
+inline int64_t stage_step(int64_t n) {
+  return kStageLoads<T> || (Stores && kStageStores<T, Backward>) ? kStage : std::max<int64_t>(n, 1);
+}
+
+// src[0, n) as the loops read it (through to_math): src itself, or buf holding its fp32 values.
+template <typename T>
+inline const loaded_t<T>* load_stage(const T* src, math_t<T>* buf, int64_t n) {
+  if constexpr (kStageLoads<T>) {
+    to_float_n(src, buf, n);
+    return buf;
+  } else {
+    return src;
+  }
+}
+
+// Where the loops write results for dst (through from_math<element type>): dst itself, or buf,
+// which store_stage then rounds into dst.
+template <bool Backward = false, typename T>
+inline auto stage_target(T* dst, math_t<T>* buf) {
+  if constexpr (kStageStores<T, Backward>) return buf; else return dst;
+}
+
+template <bool Backward = false, typename T, typename V>
+inline void store_stage(const V* buf, T* dst, int64_t n) {
+  if constexpr (kStageStores<T, Backward>) from_float_n(buf, dst, n);
+}
+
+constexpr bool kBackward = true;  // the Backward argument of the backward's dx loops
+
 // Per-channel shifted sums: s1 = sum (x - shift), s2 = sum (x - shift)^2, shift = first value.
 struct ChannelSums {
   std::vector<double> s1, s2, shift;
@@ -36,15 +92,24 @@ template <typename T>
 inline void plane_sums(const T* xp, int64_t s, double& s1_out, double& s2_out, double& shift_out) {
   using F = math_t<T>;
   const F shift = to_math(xp[0]);
+  alignas(64) F x_buf[kStageBuffer<T>];
   double s1 = 0.0, s2 = 0.0;
   for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
     const int64_t p1 = std::min(s, p0 + kBlock);
     F a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-    for (int64_t p = p0; p < p1; ++p) {
-      const F v = to_math(xp[p]) - shift;
-      a += v;
-      b += v * v;
+    const int64_t step = stage_step<T, false>(p1 - p0);
+    for (int64_t q0 = p0; q0 < p1; q0 += step) {
+      const int64_t m = std::min(step, p1 - q0);
+      const loaded_t<T>* __restrict xs = load_stage(xp + q0, x_buf, m);
+      F sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+      for (int64_t q = 0; q < m; ++q) {
+        const F v = to_math(xs[q]) - shift;
+        sa += v;
+        sb += v * v;
+      }
+      a += sa;
+      b += sb;
     }
     s1 += a;
     s2 += b;
@@ -67,23 +132,34 @@ void channel_sums(const T* x, int64_t n, int64_t c, int64_t s, Layout layout, Ch
     return;
   }
   const int64_t tasks = tasks_of(s);
-  std::vector<F> part_a(n * tasks * c), part_b(n * tasks * c);
+  std::vector<F> part_a(n * tasks * c), part_b(n * tasks * c), shifts(n * c);
+  for (int64_t sample = 0; sample < n; ++sample)  // each channel's shift: its value at position 0
+    for (int64_t ch = 0; ch < c; ++ch) shifts[sample * c + ch] = to_math(x[sample * s * c + ch]);
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < n * tasks; ++task) {
     const int64_t sample = task / tasks, p0 = (task % tasks) * kPositionsPerTask;
     const int64_t p1 = std::min(s, p0 + kPositionsPerTask);
-    const T* shift_row = x + sample * s * c;
+    const F* shift = shifts.data() + sample * c;
     F* a = part_a.data() + task * c;
     F* b = part_b.data() + task * c;
     std::fill(a, a + c, F(0));
     std::fill(b, b + c, F(0));
+    alignas(64) F x_buf[kStageBuffer<T>];
+    const int64_t step = stage_step<T, false>(c);
     for (int64_t p = p0; p < p1; ++p) {
       const T* row = x + (sample * s + p) * c;
+      for (int64_t first = 0; first < c; first += step) {
+        const int64_t m = std::min(step, c - first);
+        const loaded_t<T>* __restrict xs = load_stage(row + first, x_buf, m);
+        F* __restrict as = a + first;
+        F* __restrict bs = b + first;
+        const F* __restrict sh = shift + first;
 #pragma omp simd
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const F v = to_math(row[ch]) - to_math(shift_row[ch]);
-        a[ch] += v;
-        b[ch] += v * v;
+        for (int64_t ch = 0; ch < m; ++ch) {
+          const F v = to_math(xs[ch]) - sh[ch];
+          as[ch] += v;
+          bs[ch] += v * v;
+        }
       }
     }
   }
@@ -96,7 +172,7 @@ void channel_sums(const T* x, int64_t n, int64_t c, int64_t s, Layout layout, Ch
       }
       out.s1[sample * c + ch] = s1;
       out.s2[sample * c + ch] = s2;
-      out.shift[sample * c + ch] = to_math(x[sample * s * c + ch]);
+      out.shift[sample * c + ch] = shifts[sample * c + ch];
     }
 }
 
@@ -125,26 +201,48 @@ void affine_per_channel(const S* rstd, const void* weight_ptr, const void* bias_
 
 // out = act((x - center) * scale + shift) (+ residual) over one contiguous run of one channel.
 template <typename T, Activation A, bool Residual>
-inline void apply_run(const T* __restrict x, const T* __restrict residual, T* __restrict out, int64_t count,
-                      math_t<T> center, math_t<T> scale, math_t<T> shift) {
+inline void apply_run(const T* x, const T* residual, T* out, int64_t count, math_t<T> center, math_t<T> scale,
+                      math_t<T> shift) {
+  using F = math_t<T>;
+  alignas(64) F x_buf[kStageBuffer<T>], r_buf[kStageBuffer<T>], y_buf[kStageBuffer<T>];
+  const int64_t step = stage_step<T, true>(count);
+  for (int64_t first = 0; first < count; first += step) {
+    const int64_t m = std::min(step, count - first);
+    const loaded_t<T>* __restrict xs = load_stage(x + first, x_buf, m);
+    const loaded_t<T>* __restrict rs = Residual ? load_stage(residual + first, r_buf, m) : nullptr;
+    F* __restrict ys = stage_target(out + first, y_buf);
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) {
-    math_t<T> y = activate<A>((to_math(x[i]) - center) * scale + shift);
-    if constexpr (Residual) y += to_math(residual[i]);
-    out[i] = from_math<T>(y);
+    for (int64_t i = 0; i < m; ++i) {
+      F y = activate<A>((to_math(xs[i]) - center) * scale + shift);
+      if constexpr (Residual) y += to_math(rs[i]);
+      ys[i] = y;
+    }
+    store_stage(ys, out + first, m);
   }
 }
 
 // The same over one channels-last row: channel ch uses center[ch], scale[ch], shift[ch].
 template <typename T, Activation A, bool Residual>
-inline void apply_row(const T* __restrict x, const T* __restrict residual, T* __restrict out, int64_t c,
-                      const math_t<T>* __restrict center, const math_t<T>* __restrict scale,
-                      const math_t<T>* __restrict shift) {
+inline void apply_row(const T* x, const T* residual, T* out, int64_t c, const math_t<T>* center,
+                      const math_t<T>* scale, const math_t<T>* shift) {
+  using F = math_t<T>;
+  alignas(64) F x_buf[kStageBuffer<T>], r_buf[kStageBuffer<T>], y_buf[kStageBuffer<T>];
+  const int64_t step = stage_step<T, true>(c);
+  for (int64_t first = 0; first < c; first += step) {
+    const int64_t m = std::min(step, c - first);
+    const loaded_t<T>* __restrict xs = load_stage(x + first, x_buf, m);
+    const loaded_t<T>* __restrict rs = Residual ? load_stage(residual + first, r_buf, m) : nullptr;
+    F* __restrict ys = stage_target(out + first, y_buf);
+    const F* __restrict ce = center + first;
+    const F* __restrict sc = scale + first;
+    const F* __restrict sh = shift + first;
 #pragma omp simd
-  for (int64_t ch = 0; ch < c; ++ch) {
-    math_t<T> y = activate<A>((to_math(x[ch]) - center[ch]) * scale[ch] + shift[ch]);
-    if constexpr (Residual) y += to_math(residual[ch]);
-    out[ch] = from_math<T>(y);
+    for (int64_t ch = 0; ch < m; ++ch) {
+      F y = activate<A>((to_math(xs[ch]) - ce[ch]) * sc[ch] + sh[ch]);
+      if constexpr (Residual) y += to_math(rs[ch]);
+      ys[ch] = y;
+    }
+    store_stage(ys, out + first, m);
   }
 }
 
@@ -309,6 +407,43 @@ Status apply_typed(const GroupNormApplyParams& p) {
   return Status::Ok();
 }
 
+// One channels-first plane of s values: s1 = sum dz and s2 = sum dz * x_hat, dz = dy * act'(x_hat * w + b)
+// (= (x - mu) * scale + shift), in fp32 over blocks of kBlock values and double across them; with
+// StoreDz, dz goes to dz_out[0, s) too.
+template <typename T, Activation A, bool StoreDz>
+inline void plane_grad_sums(const T* xp, const T* dyp, int64_t s, math_t<T> mu, math_t<T> r, math_t<T> sc,
+                            math_t<T> sh, math_t<T>* dz_out, double& s1_out, double& s2_out) {
+  using F = math_t<T>;
+  alignas(64) F x_buf[kStageBuffer<T>], dy_buf[kStageBuffer<T>];
+  double s1 = 0.0, s2 = 0.0;
+  for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
+    const int64_t p_end = std::min(s, p0 + kBlock);
+    F a = 0, b = 0;
+    const int64_t step = stage_step<T, false>(p_end - p0);
+    for (int64_t q0 = p0; q0 < p_end; q0 += step) {
+      const int64_t m = std::min(step, p_end - q0);
+      const loaded_t<T>* __restrict xs = load_stage(xp + q0, x_buf, m);
+      const loaded_t<T>* __restrict dys = load_stage(dyp + q0, dy_buf, m);
+      F* __restrict dz = StoreDz ? dz_out + q0 : nullptr;
+      F sa = 0, sb = 0;
+#pragma omp simd reduction(+ : sa, sb)
+      for (int64_t q = 0; q < m; ++q) {
+        const F v = to_math(xs[q]) - mu;
+        const F d = to_math(dys[q]) * activate_grad<A>(v * sc + sh);
+        if constexpr (StoreDz) dz[q] = d;
+        sa += d;
+        sb += d * v * r;
+      }
+      a += sa;
+      b += sb;
+    }
+    s1 += a;
+    s2 += b;
+  }
+  s1_out = s1;
+  s2_out = s2;
+}
+
 // Channels-first backward with groups small enough to stay in L2 (as forward_fused_groups): each
 // task computes its group's dz = dy * act'(.) once into a thread-local buffer while summing P1 and
 // P2, then writes dx from the buffer while x is still cached, instead of two passes that each
@@ -333,25 +468,9 @@ void backward_fused_groups(const GroupNormBackwardParams& p, const std::vector<m
       double a_group = 0.0, b_group = 0.0;
       for (int64_t j = 0; j < per_group; ++j) {
         const int64_t plane = first_plane + j, ch = plane % p.c;
-        const T* xp = x + plane * s;
-        const T* dyp = dy + plane * s;
-        F* dz = dz_buf.data() + j * s;
-        const F sc = scale[plane], sh = shift[plane];
-        double s1 = 0.0, s2 = 0.0;
-        for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
-          const int64_t p_end = std::min(s, p0 + kBlock);
-          F a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-          for (int64_t q = p0; q < p_end; ++q) {
-            const F v = to_math(xp[q]) - mu;
-            const F d = to_math(dyp[q]) * activate_grad<A>(v * sc + sh);
-            dz[q] = d;
-            a += d;
-            b += d * v * r;
-          }
-          s1 += a;
-          s2 += b;
-        }
+        double s1, s2;
+        plane_grad_sums<T, A, true>(x + plane * s, dy + plane * s, s, mu, r, scale[plane], shift[plane],
+                                    dz_buf.data() + j * s, s1, s2);
         p1[plane] = s1;
         p2[plane] = s2;
         const double w = weight ? weight[ch] : 1.0;
@@ -366,8 +485,18 @@ void backward_fused_groups(const GroupNormBackwardParams& p, const std::vector<m
         const T* xp = x + plane * s;
         const F* dz = dz_buf.data() + j * s;
         T* dxp = dx + plane * s;
+        alignas(64) F x_buf[kStageBuffer<T>], y_buf[kStageBuffer<T>];
+        const int64_t step = stage_step<T, true, kBackward>(s);
+        for (int64_t first = 0; first < s; first += step) {
+          const int64_t m = std::min(step, s - first);
+          const loaded_t<T>* __restrict xs = load_stage(xp + first, x_buf, m);
+          const F* __restrict dzs = dz + first;
+          auto* __restrict ys = stage_target<kBackward>(dxp + first, y_buf);
+          using Y = std::remove_reference_t<decltype(*ys)>;
 #pragma omp simd
-        for (int64_t q = 0; q < s; ++q) dxp[q] = from_math<T>(dz[q] * c1 + (to_math(xp[q]) - mu) * c2 + c3);
+          for (int64_t q = 0; q < m; ++q) ys[q] = from_math<Y>(dzs[q] * c1 + (to_math(xs[q]) - mu) * c2 + c3);
+          store_stage<kBackward>(ys, dxp + first, m);
+        }
       }
     }
   }
@@ -398,27 +527,9 @@ Status backward_typed(const GroupNormBackwardParams& p) {
     backward_fused_groups<T, A>(p, scale, shift, p1, p2);
   } else if (p.layout == Layout::kChannelsFirst) {
 #pragma omp parallel for schedule(static)
-    for (int64_t plane = 0; plane < n * c; ++plane) {
-      const T* xp = x + plane * s;
-      const T* dyp = dy + plane * s;
-      const F sc = scale[plane], sh = shift[plane], mu = mean_c[plane], r = rstd_c[plane];
-      double s1 = 0.0, s2 = 0.0;
-      for (int64_t p0 = 0; p0 < s; p0 += kBlock) {
-        const int64_t p_end = std::min(s, p0 + kBlock);
-        F a = 0, b = 0;
-#pragma omp simd reduction(+ : a, b)
-        for (int64_t q = p0; q < p_end; ++q) {
-          const F v = to_math(xp[q]);
-          const F dz = to_math(dyp[q]) * activate_grad<A>((v - mu) * sc + sh);
-          a += dz;
-          b += dz * (v - mu) * r;
-        }
-        s1 += a;
-        s2 += b;
-      }
-      p1[plane] = s1;
-      p2[plane] = s2;
-    }
+    for (int64_t plane = 0; plane < n * c; ++plane)
+      plane_grad_sums<T, A, false>(x + plane * s, dy + plane * s, s, mean_c[plane], rstd_c[plane], scale[plane],
+                            shift[plane], nullptr, p1[plane], p2[plane]);
   } else {
     const int64_t tasks = tasks_of(s);
     std::vector<F> part_a(n * tasks * c), part_b(n * tasks * c);
@@ -434,15 +545,25 @@ Status backward_typed(const GroupNormBackwardParams& p) {
       const F* sh = shift.data() + sample * c;
       const F* mu = mean_c.data() + sample * c;
       const F* r = rstd_c.data() + sample * c;
+      alignas(64) F x_buf[kStageBuffer<T>], dy_buf[kStageBuffer<T>];
       for (int64_t pos = p0; pos < p_end; ++pos) {
         const T* xr = x + (sample * s + pos) * c;
         const T* dyr = dy + (sample * s + pos) * c;
+        const int64_t step = stage_step<T, false>(c);
+        for (int64_t first = 0; first < c; first += step) {
+          const int64_t m = std::min(step, c - first);
+          const loaded_t<T>* __restrict xs = load_stage(xr + first, x_buf, m);
+          const loaded_t<T>* __restrict dys = load_stage(dyr + first, dy_buf, m);
+          F* __restrict as = a + first;
+          F* __restrict bs = b + first;
 #pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) {
-          const F v = to_math(xr[ch]);
-          const F dz = to_math(dyr[ch]) * activate_grad<A>((v - mu[ch]) * sc[ch] + sh[ch]);
-          a[ch] += dz;
-          b[ch] += dz * (v - mu[ch]) * r[ch];
+          for (int64_t ch = 0; ch < m; ++ch) {
+            const int64_t k = first + ch;
+            const F v = to_math(xs[ch]) - mu[k];
+            const F dz = to_math(dys[ch]) * activate_grad<A>(v * sc[k] + sh[k]);
+            as[ch] += dz;
+            bs[ch] += dz * v * r[k];
+          }
         }
       }
     }
@@ -494,11 +615,21 @@ Status backward_typed(const GroupNormBackwardParams& p) {
       T* dxp = dx + plane * s;
       const F sc = scale[plane], sh = shift[plane], mu = mean_c[plane];
       const F c1 = k1[plane], c2 = k2[plane], c3 = k3[plane];
+      alignas(64) F x_buf[kStageBuffer<T>], dy_buf[kStageBuffer<T>], y_buf[kStageBuffer<T>];
+      const int64_t step = stage_step<T, true, kBackward>(s);
+      for (int64_t first = 0; first < s; first += step) {
+        const int64_t m = std::min(step, s - first);
+        const loaded_t<T>* __restrict xs = load_stage(xp + first, x_buf, m);
+        const loaded_t<T>* __restrict dys = load_stage(dyp + first, dy_buf, m);
+        auto* __restrict ys = stage_target<kBackward>(dxp + first, y_buf);
+        using Y = std::remove_reference_t<decltype(*ys)>;
 #pragma omp simd
-      for (int64_t q = 0; q < s; ++q) {
-        const F v = to_math(xp[q]) - mu;
-        const F dz = to_math(dyp[q]) * activate_grad<A>(v * sc + sh);
-        dxp[q] = from_math<T>(dz * c1 + v * c2 + c3);
+        for (int64_t q = 0; q < m; ++q) {
+          const F v = to_math(xs[q]) - mu;
+          const F dz = to_math(dys[q]) * activate_grad<A>(v * sc + sh);
+          ys[q] = from_math<Y>(dz * c1 + v * c2 + c3);
+        }
+        store_stage<kBackward>(ys, dxp + first, m);
       }
     }
   } else {
@@ -513,13 +644,24 @@ Status backward_typed(const GroupNormBackwardParams& p) {
       const F* c2 = k2.data() + sample * c;
       const F* c3 = k3.data() + sample * c;
       const F* mu = mean_c.data() + sample * c;
+      alignas(64) F x_buf[kStageBuffer<T>], dy_buf[kStageBuffer<T>], y_buf[kStageBuffer<T>];
       for (int64_t pos = p0; pos < p_end; ++pos) {
         const int64_t e = (sample * s + pos) * c;
+        const int64_t step = stage_step<T, true, kBackward>(c);
+        for (int64_t first = 0; first < c; first += step) {
+          const int64_t m = std::min(step, c - first);
+          const loaded_t<T>* __restrict xs = load_stage(x + e + first, x_buf, m);
+          const loaded_t<T>* __restrict dys = load_stage(dy + e + first, dy_buf, m);
+          auto* __restrict ys = stage_target<kBackward>(dx + e + first, y_buf);
+          using Y = std::remove_reference_t<decltype(*ys)>;
 #pragma omp simd
-        for (int64_t ch = 0; ch < c; ++ch) {
-          const F v = to_math(x[e + ch]) - mu[ch];
-          const F dz = to_math(dy[e + ch]) * activate_grad<A>(v * sc[ch] + sh[ch]);
-          dx[e + ch] = from_math<T>(dz * c1[ch] + v * c2[ch] + c3[ch]);
+          for (int64_t ch = 0; ch < m; ++ch) {
+            const int64_t k = first + ch;
+            const F v = to_math(xs[ch]) - mu[k];
+            const F dz = to_math(dys[ch]) * activate_grad<A>(v * sc[k] + sh[k]);
+            ys[ch] = from_math<Y>(dz * c1[k] + v * c2[k] + c3[k]);
+          }
+          store_stage<kBackward>(ys, dx + e + first, m);
         }
       }
     }
