@@ -97,7 +97,10 @@ def _extension():
     opt = ["-O0", "-g"] if DEBUG else ["-O3", "-g0"]
     # torch compiles with ISO -std=c++20, under which gcc turns FMA contraction off; the
     # kernels' inner loops are written as a*b+c and want FMAs (5-10% on nearest_code).
-    cxx = opt + ["-fopenmp", "-ffp-contract=fast", "-Wall", "-Wno-unknown-pragmas"]
+    # -fno-trapping-math: nothing here reads floating-point exception flags, and without it gcc keeps the
+    # activations' clamped exp loops scalar on targets without AVX-512 masking (a portable build's
+    # GroupNorm+SiLU was 15x slower than a native one). Results are unchanged: it permits no reassociation.
+    cxx = opt + ["-fopenmp", "-ffp-contract=fast", "-fno-trapping-math", "-Wall", "-Wno-unknown-pragmas"]
     if CPU_ARCH:
         cxx.append(f"-march={CPU_ARCH}")
     macros = [("FL_TORCH_VERSION", f'"{torch.__version__}"')]
