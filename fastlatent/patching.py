@@ -5,6 +5,8 @@ function), so other instances of the same classes are unaffected:
 
 * diffusers ``ResnetBlock2D`` -> :class:`fastlatent.nn.ResnetBlock`
 * diffusers ``Attention`` used as spatial self-attention (the VAE mid block) -> :class:`fastlatent.nn.AttnBlock`
+* diffusers ``Upsample2D`` (nearest x2 then a 3x3 conv) -> :class:`fastlatent.nn.Upsample`, which folds the
+  upsampling into the convolution (four 2x2 phase kernels: 2.25x fewer FLOPs, no upsampled tensor)
 * taming-style ``ResnetBlock`` (VQGAN) -> :class:`fastlatent.nn.TamingResnetBlock`, once a probe input shows that
   the block computes taming's forward
 * ``nn.GroupNorm`` directly followed by ``nn.SiLU``/``nn.GELU()`` in an ``nn.Sequential``, and diffusers'
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastlatent.nn.blocks import AttnBlock, GroupNormAct, ResnetBlock, TamingResnetBlock, unsupported_attention_reason
+from fastlatent.nn.blocks import (AttnBlock, GroupNormAct, ResnetBlock, TamingResnetBlock, Upsample,
+                                  unsupported_attention_reason)
 
 _ORIGINAL = "_fastlatent_original"
 REPORT_ATTR = "fastlatent_patch_report"
@@ -36,6 +39,7 @@ KIND_ATTENTION = "diffusers Attention -> AttnBlock"
 KIND_TAMING = "taming ResnetBlock -> TamingResnetBlock"
 KIND_PAIR = "GroupNorm + activation -> GroupNormAct(activation)"
 KIND_NORM = "GroupNorm -> GroupNormAct(activation=None)"
+KIND_UPSAMPLE = "diffusers Upsample2D -> Upsample (upsampling folded into the conv)"
 
 # diffusers models whose forward runs `conv_act(conv_norm_out(x))` back to back
 _DIFFUSERS_NORM_ACT_OWNERS = {
@@ -146,6 +150,12 @@ class _Patcher:
         if _is_diffusers(module, "diffusers.models.resnet", "ResnetBlock2D"):
             try:
                 return ResnetBlock.from_diffusers(module), KIND_RESNET
+            except ValueError as e:
+                self.report.left_alone.append((name, type(module).__name__, str(e)))
+                return None, None
+        if _is_diffusers(module, "diffusers.models.upsampling", "Upsample2D"):
+            try:
+                return Upsample.from_diffusers(module), KIND_UPSAMPLE
             except ValueError as e:
                 self.report.left_alone.append((name, type(module).__name__, str(e)))
                 return None, None

@@ -304,7 +304,9 @@ def test_resamplers_match_diffusers(kind):
     _load_same(randomise(ref), ours)
     x = torch.randn(2, 16, 9, 8)
     kwargs = {"output_size": (20, 17)} if kind == "up_size" else {}
-    torch.testing.assert_close(ours(x, **kwargs), ref(x, **kwargs), atol=1e-6, rtol=1e-5)
+    # "up" folds the upsampling into the conv (merged weights: a few fp32 ulps of the summed products)
+    atol = 1e-5 if kind == "up" else 1e-6
+    torch.testing.assert_close(ours(x, **kwargs), ref(x, **kwargs), atol=atol, rtol=1e-5)
     with pytest.raises(ValueError, match=r"x must be \[N, 16, H, W\]"):
         ours(torch.randn(2, 8, 4, 4))
 
@@ -359,3 +361,40 @@ def test_taming_resnet_block_matches_taming(cfg):
         expected = ref(x, temb)
         torch.testing.assert_close(ours(x, temb), expected, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(TamingResnetBlock.from_taming(ref)(x, temb), expected, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_upsample_folds_into_the_conv(layout, dtype):
+    up = randomise(Upsample(12, use_conv=True, out_channels=20)).to(dtype).eval()
+    x = torch.randn(2, 12, 7, 10).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    with torch.no_grad():
+        got = up(x)
+        assert "_subpixel_cache" in up.__dict__
+        again = up(x)
+    assert torch.equal(got, again)
+    assert got.is_contiguous(memory_format=torch.channels_last) == (layout == "channels_last")
+    tol = 1e-5 if dtype == torch.float32 else 4e-2
+    scale = want.float().abs().max()
+    assert (got.float() - want.float()).abs().max() <= tol * scale
+    # a weight changed in place is noticed (the cache keys on the version counter)
+    with torch.no_grad():
+        up.conv.weight.mul_(2)
+        doubled = up(x)
+    assert (doubled.float() - (2 * want.float() - up.conv.bias.float()[None, :, None, None])).abs().max() \
+        <= 2 * tol * scale
+
+
+def test_upsample_fold_gradients_match_the_two_step_form():
+    up = randomise(Upsample(6, use_conv=True, out_channels=5)).double().train()
+    x = torch.randn(2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 5, 10, 8, dtype=torch.float64)
+    grads = torch.autograd.grad((up(x) * g).sum(), (x, up.conv.weight, up.conv.bias))
+    ref = torch.autograd.grad((up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")) * g).sum(),
+                              (x, up.conv.weight, up.conv.bias))
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

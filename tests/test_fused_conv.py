@@ -53,11 +53,11 @@ def test_cpu_runs_unfused_in_every_mode(mode):
 
 def test_only_plain_3x3_convolutions_qualify():
     norm, conv = _norm_conv()
-    assert fused_conv_module._plain_conv3x3(conv)
+    assert fused_conv_module.is_plain_conv3x3(conv)
     for kwargs in ({"stride": 2}, {"dilation": 2, "padding": 2}, {"groups": 2}, {"padding_mode": "reflect"}):
         args = {"padding": 1, **kwargs}
-        assert not fused_conv_module._plain_conv3x3(nn.Conv2d(32, 16, 3, **args))
-    assert not fused_conv_module._plain_conv3x3(nn.Conv2d(32, 16, 1))
+        assert not fused_conv_module.is_plain_conv3x3(nn.Conv2d(32, 16, 3, **args))
+    assert not fused_conv_module.is_plain_conv3x3(nn.Conv2d(32, 16, 1))
 
 
 # ------------------------------------------------------------------------------------------ CUDA

@@ -48,7 +48,8 @@ def test_patch_autoencoder_kl_matches_unpatched():
     patched = fastlatent.patch(vae, report=False)
     assert patched is vae
     report = vae.fastlatent_patch_report
-    assert dict(report.swapped) == {patching.KIND_RESNET: 24, patching.KIND_ATTENTION: 2, patching.KIND_PAIR: 2}
+    assert dict(report.swapped) == {patching.KIND_RESNET: 24, patching.KIND_ATTENTION: 2, patching.KIND_PAIR: 2,
+                                    patching.KIND_UPSAMPLE: 3}
     assert report.left_alone == []
     assert not any(type(m) is nn.GroupNorm for m in vae.modules())
     # the only SiLUs left are the blocks' time-embedding activations, unused in a VAE
@@ -170,7 +171,7 @@ def test_patch_report_prints(capsys):
     vae = small_sd_vae()
     fastlatent.patch(vae.decoder)
     printed = capsys.readouterr().out
-    assert "fastlatent.patch: 16 modules swapped" in printed
+    assert "fastlatent.patch: 19 modules swapped" in printed
     assert f"14  {patching.KIND_RESNET}" in printed and f"1  {patching.KIND_PAIR}" in printed
     fastlatent.patch(vae.decoder, report=False)
     assert capsys.readouterr().out == ""
