@@ -7,8 +7,9 @@ function), so other instances of the same classes are unaffected:
 * diffusers ``Attention`` used as spatial self-attention (the VAE mid block) -> :class:`fastlatent.nn.AttnBlock`
 * diffusers ``Upsample2D`` (nearest x2 then a 3x3 conv) -> :class:`fastlatent.nn.Upsample`, which folds the
   upsampling into the convolution (four 2x2 phase kernels: 2.25x fewer FLOPs, no upsampled tensor)
-* taming-style ``ResnetBlock`` (VQGAN) -> :class:`fastlatent.nn.TamingResnetBlock`, once a probe input shows that
-  the block computes taming's forward
+* taming-style ``ResnetBlock`` (VQGAN) -> :class:`fastlatent.nn.TamingResnetBlock`, and taming's ``Upsample``
+  (``with_conv``) -> :class:`fastlatent.nn.Upsample`, once a probe input shows that the module computes
+  taming's forward
 * ``nn.GroupNorm`` directly followed by ``nn.SiLU``/``nn.GELU()`` in an ``nn.Sequential``, and diffusers'
   ``conv_norm_out`` + ``conv_act`` (Encoder, Decoder, UNet2DModel, UNet2DConditionModel) ->
   :class:`fastlatent.nn.GroupNormAct` with the activation, the activation slot becoming an identity
@@ -40,6 +41,7 @@ KIND_TAMING = "taming ResnetBlock -> TamingResnetBlock"
 KIND_PAIR = "GroupNorm + activation -> GroupNormAct(activation)"
 KIND_NORM = "GroupNorm -> GroupNormAct(activation=None)"
 KIND_UPSAMPLE = "diffusers Upsample2D -> Upsample (upsampling folded into the conv)"
+KIND_TAMING_UPSAMPLE = "taming Upsample -> Upsample (upsampling folded into the conv)"
 
 # diffusers models whose forward runs `conv_act(conv_norm_out(x))` back to back
 _DIFFUSERS_NORM_ACT_OWNERS = {
@@ -165,6 +167,14 @@ class _Patcher:
                 return AttnBlock.from_diffusers(module), KIND_ATTENTION
             self.report.left_alone.append((name, type(module).__name__, reason))
             return None, None
+        if _looks_like_taming_upsample(module):
+            fused = Upsample.from_taming(module)
+            conv = module.conv
+            why = _probe(module, fused, (2, conv.in_channels, 5, 6), conv.weight, lambda m, x: m(x))
+            if why is None:
+                return fused, KIND_TAMING_UPSAMPLE
+            self.report.left_alone.append((name, type(module).__name__, why))
+            return None, None
         if _looks_like_taming_resnet(module):
             why = _taming_probe(module)
             if why is None:
@@ -239,21 +249,42 @@ def _taming_probe(block: nn.Module) -> str | None:
         problem = _group_norm_problem(gn)
         if problem is not None:
             return problem
-    weight = block.conv1.weight
+    temb_proj = getattr(block, "temb_proj", None)
+    temb_features = temb_proj.in_features if temb_proj is not None else None
+
+    def call(module, x):
+        temb = None
+        if temb_features is not None:
+            gen = torch.Generator().manual_seed(1)
+            temb = torch.randn(x.shape[0], temb_features, generator=gen).to(x.device, x.dtype)
+        return module(x, temb)
+
+    return _probe(block, TamingResnetBlock.from_taming(block), (2, block.in_channels, 6, 5), block.conv1.weight,
+                  call)
+
+
+def _looks_like_taming_upsample(module: nn.Module) -> bool:
+    if type(module).__name__ != "Upsample" or isinstance(module, Upsample) or not getattr(module, "with_conv", False):
+        return False
+    children = set(k for k, v in module._modules.items() if v is not None)
+    return children == {"conv"} and isinstance(module.conv, nn.Conv2d)
+
+
+def _probe(original: nn.Module, fused: nn.Module, shape: tuple, weight: torch.Tensor, call) -> str | None:
+    """None when ``call(original, x)`` and ``call(fused, x)`` agree on a random ``x`` of ``shape``, else why not.
+
+    The class and attribute names match taming's, but only running it shows the forward is taming's; a
+    look-alike with another forward is left alone.
+    """
     if weight.device.type == "meta":
         return "on the meta device, so the probe that confirms taming's forward cannot run"
-    fused = TamingResnetBlock.from_taming(block)
-    modes = [(m, m.training) for m in block.modules()]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, block.in_channels, 6, 5, generator=gen).to(weight.device, weight.dtype)
-    temb = None
-    if getattr(block, "temb_proj", None) is not None:
-        temb = torch.randn(2, block.temb_proj.in_features, generator=gen).to(weight.device, weight.dtype)
+    modes = [(m, m.training) for m in original.modules()]
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
     try:
-        block.eval()
+        original.eval()
         with torch.no_grad():
-            expected = block(x, temb).float()
-            got = fused(x, temb).float()
+            expected = call(original, x).float()
+            got = call(fused, x).float()
     except Exception as e:  # a look-alike with another signature: reported, not swapped
         return f"probe call failed ({type(e).__name__}: {e})"
     finally:
@@ -264,7 +295,8 @@ def _taming_probe(block: nn.Module) -> str | None:
     tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
     err = ((expected - got).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
     if not err <= tol:
-        return f"forward differs from taming's ResnetBlock on a probe input (relative error {err:.2e})"
+        return (f"forward differs from taming's {type(original).__name__} on a probe input "
+                f"(relative error {err:.2e})")
     return None
 
 

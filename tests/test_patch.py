@@ -222,7 +222,7 @@ def test_patch_taming_decoder_matches_unpatched():
         report = dec.fastlatent_patch_report
         # 2 mid blocks + 3 levels x 2 blocks; the attention norms (mid + 2 at 8x8) and norm_out (followed by
         # a function, not a module) are swapped without activation
-        assert dict(report.swapped) == {patching.KIND_TAMING: 8, patching.KIND_NORM: 4}
+        assert dict(report.swapped) == {patching.KIND_TAMING: 8, patching.KIND_NORM: 4, patching.KIND_TAMING_UPSAMPLE: 2}
         assert isinstance(dec.up[0].block[0], TamingResnetBlock) and isinstance(dec.norm_out, GroupNormAct)
         assert list(dec.state_dict()) == keys
         torch.testing.assert_close(dec(z), ref, atol=DECODE_ATOL, rtol=DECODE_RTOL)
@@ -345,3 +345,20 @@ def test_patch_unet2d_and_vq_model_match_unpatched():
         torch.testing.assert_close(vq(x).sample, ref_vq, atol=DECODE_ATOL, rtol=DECODE_RTOL)
         fastlatent.unpatch(unet)
         assert torch.equal(unet(x, t).sample, ref_unet)
+
+
+def test_taming_upsample_look_alike_with_another_forward_is_left_alone():
+    class Upsample(nn.Module):  # taming's names, bilinear instead of nearest
+        def __init__(self):
+            super().__init__()
+            self.with_conv = True
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear"))
+
+    model = nn.Sequential(Upsample())
+    fastlatent.patch(model, report=False)
+    assert type(model[0]).__name__ == "Upsample" and not isinstance(model[0], fastlatent.nn.Upsample)
+    [(name, cls, why)] = model.fastlatent_patch_report.left_alone
+    assert name == "0" and "forward differs from taming's Upsample on a probe input" in why

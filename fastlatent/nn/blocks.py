@@ -393,12 +393,27 @@ class Upsample(nn.Module):
         for bad, what in checks:
             if bad:
                 raise ValueError(f"Upsample.from_diffusers: has {what}")
-        if not is_plain_conv3x3(up.conv):
-            raise ValueError(f"Upsample.from_diffusers: conv must be a 3x3 nn.Conv2d with padding 1, got {up.conv!r}")
+        return cls._sharing(up, "from_diffusers")
+
+    @classmethod
+    def from_taming(cls, up: nn.Module) -> "Upsample":
+        """An Upsample sharing the ``conv`` of a taming-style ``Upsample`` (``with_conv=True``).
+
+        Only the structure is checked here; :func:`fastlatent.patch` runs both on a probe input first.
+        """
+        if not getattr(up, "with_conv", False):
+            raise ValueError("Upsample.from_taming: with_conv must be True (nothing to fold the upsampling into)")
+        return cls._sharing(up, "from_taming")
+
+    @classmethod
+    def _sharing(cls, up: nn.Module, how: str) -> "Upsample":
+        conv = getattr(up, "conv", None)
+        if not is_plain_conv3x3(conv):
+            raise ValueError(f"Upsample.{how}: conv must be a 3x3 nn.Conv2d with padding 1, got {conv!r}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new.channels, new.out_channels, new.use_conv = up.channels, up.out_channels, True
-        new.conv = up.conv
+        new.channels, new.out_channels, new.use_conv = conv.in_channels, conv.out_channels, True
+        new.conv = conv
         new.train(up.training)
         return new
 
