@@ -49,6 +49,11 @@ _DIFFUSERS_NORM_ACT_OWNERS = {
     "diffusers.models.unets.unet_2d": ("UNet2DModel",),
     "diffusers.models.unets.unet_2d_condition": ("UNet2DConditionModel",),
 }
+# diffusers blocks whose fastlatent twin's from_diffusers raises ValueError for what it does not compute
+_DIFFUSERS_SWAPS = (
+    ("diffusers.models.resnet", "ResnetBlock2D", ResnetBlock.from_diffusers, KIND_RESNET),
+    ("diffusers.models.upsampling", "Upsample2D", Upsample.from_diffusers, KIND_UPSAMPLE),
+)
 _TAMING_CHILDREN = {"norm1", "conv1", "temb_proj", "norm2", "dropout", "conv2", "conv_shortcut", "nin_shortcut"}
 
 
@@ -149,18 +154,13 @@ class _Patcher:
             return GroupNormAct.from_group_norm(module, None), KIND_NORM
         if not self.activation_fusion:
             return None, None
-        if _is_diffusers(module, "diffusers.models.resnet", "ResnetBlock2D"):
-            try:
-                return ResnetBlock.from_diffusers(module), KIND_RESNET
-            except ValueError as e:
-                self.report.left_alone.append((name, type(module).__name__, str(e)))
-                return None, None
-        if _is_diffusers(module, "diffusers.models.upsampling", "Upsample2D"):
-            try:
-                return Upsample.from_diffusers(module), KIND_UPSAMPLE
-            except ValueError as e:
-                self.report.left_alone.append((name, type(module).__name__, str(e)))
-                return None, None
+        for module_name, class_name, build, kind in _DIFFUSERS_SWAPS:
+            if _is_diffusers(module, module_name, class_name):
+                try:
+                    return build(module), kind
+                except ValueError as e:  # the builder names what it does not compute
+                    self.report.left_alone.append((name, type(module).__name__, str(e)))
+                    return None, None
         if _is_diffusers(module, "diffusers.models.attention_processor", "Attention"):
             reason = unsupported_attention_reason(module)
             if reason is None:

@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -93,6 +94,17 @@ inline void check_same_dtype(const at::Tensor& a, const at::Tensor& b, const cha
   FL_CHECK_TYPE(a.scalar_type() == b.scalar_type(), op, name_a, " and ", name_b,
                 " must have the same dtype, got ", python_dtype(a.scalar_type()), " and ",
                 python_dtype(b.scalar_type()));
+}
+
+// An optional 1-D floating tensor of `size` elements on x's device (affine weights, biases): messages
+// name it and the size as `what`, e.g. "weight must be [C] = [6], got shape [5]".
+inline void check_floating_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t size,
+                                  const char* op, const char* name, const char* what) {
+  if (!t.has_value()) return;
+  check_same_device(x, *t, op, "x", name);
+  FL_CHECK_VALUE(t->dim() == 1 && t->size(0) == size, op, name, " must be [", what, "] = [", size, "], got shape ",
+                 t->sizes());
+  FL_CHECK_TYPE(t->is_floating_point(), op, name, " must be a floating tensor, got ", python_dtype(t->scalar_type()));
 }
 
 // At least one dimension, and the last one (channels, channel-last layout) equal to `d`.

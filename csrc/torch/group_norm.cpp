@@ -79,11 +79,7 @@ void set_sizes(Params& p, const Shape& shape, int64_t groups) {
 at::Tensor checked_affine(const std::optional<at::Tensor>& t, const at::Tensor& x, const char* name,
                           const char* op = kOp) {
   if (!t.has_value()) return at::Tensor();
-  torch_glue::check_same_device(x, *t, op, "x", name);
-  FL_CHECK_VALUE(t->dim() == 1 && t->size(0) == x.size(1), op, name, " must be [C] = [", x.size(1),
-                 "], got shape ", t->sizes());
-  FL_CHECK_TYPE(t->is_floating_point(), op, name, " must be a floating tensor, got ",
-                torch_glue::python_dtype(t->scalar_type()));
+  torch_glue::check_floating_vector(t, x, x.size(1), op, name, "C");
   // fp32 for the kernels, except that float64 x keeps float64 weights (gradcheck needs them exact).
   return t->to(x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat).contiguous();
 }

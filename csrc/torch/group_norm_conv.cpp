@@ -56,16 +56,6 @@ struct Args {
   const std::optional<at::Tensor>& residual;
 };
 
-void check_floating_vector(const std::optional<at::Tensor>& t, const at::Tensor& x, int64_t size, const char* name,
-                           const char* what) {
-  if (!t.has_value()) return;
-  torch_glue::check_same_device(x, *t, kOp, "x", name);
-  FL_CHECK_VALUE(t->dim() == 1 && t->size(0) == size, kOp, name, " must be [", what, "] = [", size, "], got shape ",
-                 t->sizes());
-  FL_CHECK_TYPE(t->is_floating_point(), kOp, name, " must be a floating tensor, got ",
-                torch_glue::python_dtype(t->scalar_type()));
-}
-
 // Every argument as the fused and unfused paths both need it; messages as the Python fake's.
 void check_args(const Args& a) {
   const at::Tensor& x = a.x;
@@ -77,8 +67,8 @@ void check_args(const Args& a) {
   FL_CHECK_VALUE(a.eps >= 0.0, kOp, "eps must be >= 0, got ", a.eps);
   torch_glue::kernel_dtype(x, kOp, "x", /*allow_double=*/x.is_cpu());
   torch_glue::parse_activation(a.activation, kOp);
-  check_floating_vector(a.gn_weight, x, cin, "gn_weight", "C_in");
-  check_floating_vector(a.gn_bias, x, cin, "gn_bias", "C_in");
+  torch_glue::check_floating_vector(a.gn_weight, x, cin, kOp, "gn_weight", "C_in");
+  torch_glue::check_floating_vector(a.gn_bias, x, cin, kOp, "gn_bias", "C_in");
   const at::Tensor& w = a.conv_weight;
   torch_glue::check_same_device(x, w, kOp, "x", "conv_weight");
   FL_CHECK_VALUE(w.dim() == 4 && w.size(0) >= 1 && w.size(1) == cin && w.size(2) == 3 && w.size(3) == 3, kOp,
@@ -86,7 +76,7 @@ void check_args(const Args& a) {
   torch_glue::check_same_dtype(x, w, kOp, "x", "conv_weight");
   const int64_t cout = w.size(0);
   if (a.conv_bias.has_value()) {
-    check_floating_vector(a.conv_bias, x, cout, "conv_bias", "C_out");
+    torch_glue::check_floating_vector(a.conv_bias, x, cout, kOp, "conv_bias", "C_out");
     torch_glue::check_same_dtype(x, *a.conv_bias, kOp, "x", "conv_bias");
   }
   if (a.residual.has_value()) {

@@ -65,6 +65,17 @@ def check_same_dtype(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torc
         )
 
 
+def check_floating_vector(op: str, x: torch.Tensor, name: str, t, size: int, what: str) -> None:
+    """``t`` (optional): a 1-D floating tensor of ``size`` elements on x's device, the size named ``what``."""
+    if t is None:
+        return
+    check_same_device(op, "x", x, name, t)
+    if t.dim() != 1 or t.shape[0] != size:
+        raise ValueError(f"fastlatent.{op}: {name} must be [{what}] = [{size}], got shape {list(t.shape)}")
+    if not t.is_floating_point():
+        raise TypeError(f"fastlatent.{op}: {name} must be a floating tensor, got {t.dtype}")
+
+
 def check_choice(op: str, name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         quoted = [f'"{c}"' for c in choices]

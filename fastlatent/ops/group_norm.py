@@ -24,14 +24,8 @@ def _check_layout_and_groups(op: str, x, groups) -> int:
 
 def _check_affine(op: str, x, c: int, weight, bias) -> None:
     """weight and bias (each optional): floating [C] tensors on x's device."""
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        _checks.check_same_device(op, "x", x, name, t)
-        if t.dim() != 1 or t.shape[0] != c:
-            raise ValueError(f"fastlatent.{op}: {name} must be [C] = [{c}], got shape {list(t.shape)}")
-        if not t.is_floating_point():
-            raise TypeError(f"fastlatent.{op}: {name} must be a floating tensor, got {t.dtype}")
+    _checks.check_floating_vector(op, x, "weight", weight, c, "C")
+    _checks.check_floating_vector(op, x, "bias", bias, c, "C")
 
 
 def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:

@@ -21,13 +21,8 @@ def _check_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, con
         raise ValueError(f"fastlatent.{_OP}: eps must be >= 0, got {eps}")
     _checks.check_float(_OP, "x", x, allow_double=_checks.allows_double(x))
     _checks.check_choice(_OP, "activation", activation, ACTIVATIONS)
-    for name, t in (("gn_weight", gn_weight), ("gn_bias", gn_bias)):
-        if t is not None:
-            _checks.check_same_device(_OP, "x", x, name, t)
-            if t.dim() != 1 or t.shape[0] != cin:
-                raise ValueError(f"fastlatent.{_OP}: {name} must be [C_in] = [{cin}], got shape {list(t.shape)}")
-            if not t.is_floating_point():
-                raise TypeError(f"fastlatent.{_OP}: {name} must be a floating tensor, got {t.dtype}")
+    _checks.check_floating_vector(_OP, x, "gn_weight", gn_weight, cin, "C_in")
+    _checks.check_floating_vector(_OP, x, "gn_bias", gn_bias, cin, "C_in")
     _checks.check_same_device(_OP, "x", x, "conv_weight", conv_weight)
     if conv_weight.dim() != 4 or conv_weight.shape[0] < 1 or tuple(conv_weight.shape[1:]) != (cin, 3, 3):
         raise ValueError(f"fastlatent.{_OP}: conv_weight must be [C_out, C_in, 3, 3] with C_in = {cin}, got shape "
@@ -35,10 +30,7 @@ def _check_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, con
     _checks.check_same_dtype(_OP, "x", x, "conv_weight", conv_weight)
     cout = conv_weight.shape[0]
     if conv_bias is not None:
-        _checks.check_same_device(_OP, "x", x, "conv_bias", conv_bias)
-        if conv_bias.dim() != 1 or conv_bias.shape[0] != cout:
-            raise ValueError(f"fastlatent.{_OP}: conv_bias must be [C_out] = [{cout}], got shape "
-                             f"{list(conv_bias.shape)}")
+        _checks.check_floating_vector(_OP, x, "conv_bias", conv_bias, cout, "C_out")
         _checks.check_same_dtype(_OP, "x", x, "conv_bias", conv_bias)
     if residual is not None:
         _checks.check_same_device(_OP, "x", x, "residual", residual)
