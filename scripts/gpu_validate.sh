@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU validation in a few long commands (a lent H100/H200 runs at most 10 minutes a command, 30 a session).
+# GPU validation on an H100/H200 in a few long commands (each step fits in 10 minutes; the whole run in about 30).
 #
 #   bash scripts/gpu_validate.sh build      # editable build against the machine's torch, for its GPU's arch
 #   bash scripts/gpu_validate.sh test       # the cuda-marked tests, then the whole suite
