@@ -14,14 +14,12 @@ Main loop and instructions per 16-byte vector (the bandwidth kernels' budget met
 * A loop is a backward branch ``BRA target`` with ``target <= address``; its body is [target, branch]. Only
   innermost loops are candidates; the main loop is the candidate that moves the most global-memory bytes
   (``LDG``/``STG``/``RED``/``ATOM`` widths summed over the body), the longer body on a tie.
-* ``static`` instructions per iteration: every instruction of the body once (both sides of a branch), plus,
-  for each ``CALL``, the instructions of the called subroutine (nvcc calls one for 64-bit division and
-  modulo when an operand does not fit in 32 bits). NOPs don't count. It is an upper bound on what one
-  iteration executes, and the number that cannot be lowered by hiding work behind a branch.
-* ``path`` instructions per iteration: the shortest path from the loop head to its back edge (forward edges
-  only; subroutine calls at their callee's size). It is what an iteration executes when every data-dependent
-  branch takes its cheapest side (64-bit division's 32-bit fast path, the cheaper layout), and feeds the
-  issue-rate prediction.
+* ``path`` instructions per iteration (the budget metric): the shortest path from the loop head to its back
+  edge (forward edges only), each ``CALL`` counted with its subroutine (nvcc calls one for 64-bit division and
+  modulo when an operand exceeds 32 bits). It is what an iteration executes when every data-dependent branch
+  takes its cheap side (64-bit division's 32-bit fast path, the cheaper layout), and feeds the predictions.
+* ``static`` instructions per iteration: every instruction of the body once (both sides of each branch) plus
+  the called subroutines: an upper bound, reported alongside. NOPs never count.
 * A 16-byte vector is 16 bytes of the kernel's streamed output (the bytes its global stores write per
   iteration), or of its input where the loop stores nothing (reductions). For a kernel that moves one
   ``uint4`` per iteration that is one vector per iteration, so the metric is simply instructions per
@@ -106,7 +104,7 @@ H100 = Gpu()
 
 
 def occupancy(regs: int, smem_bytes: int, threads: int, gpu: Gpu = H100) -> dict:
-    """Resident blocks and warps per SM, and the limiting resource (CUDA occupancy calculator rules, sm_90)."""
+    """Resident blocks and warps per SM and the limiting resource (the occupancy calculator's sm_90 rules)."""
     warps = max(1, math.ceil(threads / 32))
     regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256       # allocated per warp, 256-register units
     limits = {
@@ -174,7 +172,7 @@ INSTRUCTION_BUDGETS = [
     # (pattern, budget, why this number)
     ("group_norm/elementwise_kernel<*, false, true>", 40, "issue 21: GroupNorm apply <= 40 per vector"),
     ("group_norm/elementwise_kernel<*, true, true>", 60, "backward apply: two loads, more math per element"),
-    ("group_norm/reduce_c?_kernel<*, false, *>", 40, "statistics pass: a sum and a sum of squares per element"),
+    ("group_norm/reduce_c?_kernel<*, false, *>", 40, "statistics pass: a sum and a square per element"),
     ("fsq/fsq_backward_kernel<*, true>", 40, "elementwise: a sech^2 per element"),
     ("sampler_step/step_kernel<*, 8>", 120, "fused update, Philox noise; out and x0 stores (fp16/bf16)"),
     ("sampler_step/step_kernel<*, 4>", 120, "fused update, Philox noise; out and x0 stores (fp32)"),
@@ -183,7 +181,7 @@ INSTRUCTION_BUDGETS = [
     ("code_stats/segment_sums_kernel*", 40, "segment sums, one load and add per element"),
 ]
 
-# Today's violations, reported but not failed. Fixing one means deleting its entry (a stale entry is reported).
+# Today's violations, reported but not failed. Fixing one means deleting its entry (stale ones are reported).
 KNOWN_VIOLATIONS = [
     # (pattern, kind "instructions" or "spill", reason)
     ("group_norm/elementwise_kernel<*>", "instructions",
@@ -272,7 +270,8 @@ def _compile_one(unit: Path, out_dir: Path, tools: dict) -> tuple[str, str]:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {unit.name}:\n{proc.stderr[-4000:]}")
-    sass = subprocess.run([tools["cuobjdump"], "-sass", str(cubin)], capture_output=True, text=True, check=True)
+    sass = subprocess.run([tools["cuobjdump"], "-sass", str(cubin)], capture_output=True, text=True,
+                          check=True)
     (out_dir / (unit.stem + ".ptxas")).write_text(proc.stderr)
     (out_dir / (unit.stem + ".sass")).write_text(sass.stdout)
     cubin.unlink()
@@ -318,7 +317,8 @@ def parse_ptxas(log: str) -> dict[str, dict]:
             continue
         m = _PTXAS_FRAME.search(line)
         if m:
-            current["stack_bytes"], current["spill_store_bytes"], current["spill_load_bytes"] = map(int, m.groups())
+            stack, stores, loads = map(int, m.groups())
+            current.update(stack_bytes=stack, spill_store_bytes=stores, spill_load_bytes=loads)
         m = _PTXAS_USED.search(line)
         if m:
             current["registers"] = int(m.group(1))
@@ -356,7 +356,8 @@ def parse_sass(text: str) -> dict[str, list[Instr]]:
             continue
         m = _SASS_INSTR.match(line)
         if m:
-            current.append(Instr(int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4).strip()))
+            pred = (m.group(2) or "").strip()
+            current.append(Instr(int(m.group(1), 16), pred, m.group(3), m.group(4).strip()))
     return funcs
 
 
@@ -395,7 +396,7 @@ def _subroutine_size(instrs: list[Instr], index: dict[int, int], start: int) -> 
 
 
 def loop_metrics(instrs: list[Instr]) -> dict | None:
-    """The main loop's static and shortest-path instruction counts and bytes per iteration (see the module doc)."""
+    """The main loop's static and shortest-path instruction counts and bytes per iteration (module doc)."""
     if not instrs:
         return None
     index = {ins.addr: i for i, ins in enumerate(instrs)}
@@ -405,7 +406,8 @@ def loop_metrics(instrs: list[Instr]) -> dict | None:
             t = _target(ins)
             if t is not None and t <= ins.addr and t in index:
                 loops.append((index[t], i))
-    inner = [(h, b) for h, b in loops if not any((h2, b2) != (h, b) and h <= h2 and b2 <= b for h2, b2 in loops)]
+    inner = [(h, b) for h, b in loops
+             if not any((h2, b2) != (h, b) and h <= h2 and b2 <= b for h2, b2 in loops)]
     if not inner:
         return None
 
@@ -472,7 +474,11 @@ def demangle(names: list[str]) -> dict[str, str]:
 
 
 def short_name(demangled: str) -> str:
-    """``void fastlatent::(anonymous namespace)::k<__half, (fastlatent::Activation)1>(...)`` -> ``k<fp16, silu>``."""
+    """A readable kernel name: ``k<fp16, silu>`` for ``void fastlatent::(anonymous namespace)::k<__half,
+    (fastlatent::Activation)1>(...)``.
+
+    The ``fastlatent`` namespaces and the parameter list go; dtypes and activations get their short names.
+    """
     s = demangled.removeprefix("void ").replace("fastlatent::(anonymous namespace)::", "")
     s = s.replace("fastlatent::", "")
     depth = 0
@@ -528,7 +534,8 @@ def static_model(compiled: dict) -> list[KernelStatic]:
             occ = occupancy(res["registers"], res["static_smem_bytes"] + launch.dynamic_smem, launch.threads)
             budget = budget_of(name)
             kernels.append(KernelStatic(
-                name=name, mangled=mangled, **res, threads=launch.threads, dynamic_smem_bytes=launch.dynamic_smem,
+                name=name, mangled=mangled, **res, threads=launch.threads,
+                dynamic_smem_bytes=launch.dynamic_smem,
                 blocks_per_sm=occ["blocks_per_sm"], occupancy=round(occ["occupancy"], 3),
                 occupancy_limiter=occ["limiter"], loop=loop_metrics(funcs.get(mangled, [])), hot=is_hot(name),
                 budget=budget[0] if budget else None, notes=[launch.note] if launch.note else []))
@@ -543,16 +550,17 @@ class CheckResult:
 
 
 def check(kernels: list[KernelStatic]) -> CheckResult:
-    """New violations fail; known ones are reported; a known entry that no longer matches a violation is stale."""
+    """New violations fail; known ones are reported; a known entry matching no violation is stale."""
     failures, known, used = [], [], set()
     for k in kernels:
         problems = []
         if k.hot and (k.spill_store_bytes or k.spill_load_bytes):
-            problems.append(("spill", f"spills {k.spill_store_bytes} B stores / {k.spill_load_bytes} B loads"))
+            problems.append(("spill", f"spills {k.spill_store_bytes} B stores / "
+                                      f"{k.spill_load_bytes} B loads"))
         if k.budget is not None:
             per_vector = (k.loop or {}).get("path_per_vector")
             if per_vector is None:
-                problems.append(("instructions", "has an instruction budget but no streaming main loop was found"))
+                problems.append(("instructions", "has an instruction budget but no streaming main loop"))
             elif per_vector > k.budget:
                 problems.append(("instructions", f"{per_vector:g} SASS instructions per 16-byte vector "
                                                  f"(budget {k.budget})"))
@@ -570,7 +578,7 @@ def check(kernels: list[KernelStatic]) -> CheckResult:
 
 
 def unmatched_patterns(kernels: list[KernelStatic]) -> list[str]:
-    """Table patterns that match no compiled kernel: a renamed kernel would otherwise drop out of the check."""
+    """Table patterns matching no compiled kernel: a renamed kernel would otherwise drop out of the check."""
     names = [k.name for k in kernels]
     tables = [("HOT_KERNELS", p) for p in HOT_KERNELS] + [("INSTRUCTION_BUDGETS", p) for p, _, _ in
                                                           INSTRUCTION_BUDGETS]
@@ -711,17 +719,22 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
         after, _ = _gn_silu_time(kernels, n, c, hw, elem, fixed=True)
         eager, compiled = _eager_gn_silu_time(n, c, hw, elem), _compiled_gn_silu_time(n, c, hw, elem)
         rows.append(Prediction(
-            id=f"group_norm_silu_fwd_{n}x{c}x{side}x{side}_bf16", workload=f"{n}x{c}x{side}x{side}", dtype="bf16",
+            id=f"group_norm_silu_fwd_{n}x{c}x{side}x{side}_bf16", workload=f"{n}x{c}x{side}x{side}",
+            dtype="bf16",
             kernels="group_norm: reduce_cf, group_stats, affine, elementwise (vectorised)",
             bytes_formula="read x, write y: 2 x E x 2 B (ours reads x twice: 3 x E x 2 B)",
             bytes=2 * e * elem, flops_formula="~10E", flops=10 * e,
             limiter="issue (apply pass)" if app_t > hbm_s(2 * e * elem) else "HBM",
             predicted_s=now,
-            why=(f"apply {app:g} instr/16 B (issue-bound {app_t * 1e3:.3f} ms vs {hbm_s(2 * e * elem) * 1e3:.3f} ms "
-                 f"of HBM: issue 21 item 1); statistics {red:g} instr/16 B ({red_t * 1e3:.3f} ms); serial merge "
+            why=(f"apply {app:g} instr/16 B (issue-bound {app_t * 1e3:.3f} ms vs "
+                 f"{hbm_s(2 * e * elem) * 1e3:.3f} ms of HBM: issue 21 item 1); statistics {red:g} "
+                 "instr/16 B "
+                 f"({red_t * 1e3:.3f} ms); serial merge "
                  f"{merge_t * 1e6:.0f} us (item 2)"),
-            after_fix_s=after, after_fix="apply and statistics at <= 40 instr/16 B (HBM-bound), warp-tree merge",
-            peers={"torch": {"s": eager, "model": "moments (n*groups blocks) + affine pass + SiLU pass: 10E B"},
+            after_fix_s=after,
+            after_fix="apply and statistics at <= 40 instr/16 B (HBM-bound), warp-tree merge",
+            peers={"torch": {"s": eager,
+                             "model": "moments (n*groups blocks) + affine pass + SiLU pass: 10E B"},
                    "torch_compiled": {"s": compiled, "model": "reduction + fused normalise/SiLU: 6E B"}},
             bench={"op": "group_norm+silu fwd", "case": case, "dtype": "bfloat16"}).finish())
 
@@ -743,11 +756,13 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
             flops_formula="2 x 9 Cin Cout H W", flops=flops, limiter="tensor cores",
             predicted_s=now,
             why=(f"WMMA at ~{eff:.0%} of bf16 peak: {spill.registers if spill else '?'} registers, "
-                 f"{spill.spill_load_bytes if spill else '?'} B spill loads (issue 21 item 6), 25% occupancy"),
+                 f"{spill.spill_load_bytes if spill else '?'} B spill loads (issue 21 item 6), "
+                 "25% occupancy"),
             after_fix_s=mma_s(flops, WMMA_FIXED_EFFICIENCY) + 2 * H100.launch_s,
             after_fix="spill-free, pipelined halo, conflict-free pitch, weights packed once",
             peers={"fastlatent_unfused": {"s": gn_unfused + cudnn,
-                                          "model": f"our GroupNorm+SiLU, then cuDNN at {CUDNN_EFFICIENCY:.0%}"},
+                                          "model": f"our GroupNorm+SiLU, then cuDNN at "
+                                                   f"{CUDNN_EFFICIENCY:.0%}"},
                    "torch": {"s": _eager_gn_silu_time(1, c, hw, 2) + cudnn,
                              "model": "eager GroupNorm, SiLU, cuDNN conv"}},
             bench={"op": "group_norm+silu+conv3x3", "case": case, "dtype": "bfloat16"}).finish())
@@ -772,12 +787,16 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
             bytes_formula="2 (N D + K D) + 8 N", bytes=nbytes, flops_formula="2 N K D", flops=flops,
             limiter="tensor cores + epilogue" if epilogue < mma else "epilogue (issue)",
             predicted_s=now,
-            why=(f"WMMA at ~{WMMA_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; {tc.registers if tc else '?'} registers, "
-                 f"{tc.occupancy if tc else '?'} occupancy) + epilogue ~6 issues per key ({epilogue * 1e3:.2f} ms, "
+            why=(f"WMMA at ~{WMMA_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; {tc.registers if tc else '?'} "
+                 f"registers, {tc.occupancy if tc else '?'} occupancy) + epilogue ~6 issues per key "
+                 f"({epilogue * 1e3:.2f} ms, "
                  f"issue 21 item 5)"),
-            after_fix_s=after, after_fix=f"register epilogue overlapped with MMAs at ~{WMMA_FIXED_EFFICIENCY:.0%}",
-            peers={"matmul_argmin": {"s": eager, "model": "cuBLAS GEMM + 3 eager N x K bf16 passes (12 N K B)"},
-                   "matmul_argmin_compiled": {"s": compiled, "model": "GEMM writes N x K, one fused argmin read"}},
+            after_fix_s=after,
+            after_fix=f"register epilogue overlapped with MMAs at ~{WMMA_FIXED_EFFICIENCY:.0%}",
+            peers={"matmul_argmin": {"s": eager,
+                                     "model": "cuBLAS GEMM + 3 eager N x K bf16 passes (12 N K B)"},
+                   "matmul_argmin_compiled": {"s": compiled,
+                                              "model": "GEMM writes N x K, one fused argmin read"}},
             bench={"op": "nearest_code", "case": f"{name} N={n} D={d} K={k}", "dtype": "bfloat16"}).finish())
 
     # code_stats ------------------------------------------------------------------------------------------
@@ -797,7 +816,8 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
             kernels="code_stats: make_keys, CUB radix sort, segment_starts, segment_sums",
             bytes_formula="4 (N D + K D) + 8 N", bytes=nbytes, flops_formula="N D", flops=n * d,
             limiter="HBM", predicted_s=now,
-            why=f"sort {sort * 1e6:.0f} us + segment sums {seg:g} instr/16 B; uniform codes (skew: issue 21 item 3)",
+            why=f"sort {sort * 1e6:.0f} us + segment sums {seg:g} instr/16 B; uniform codes "
+                "(skew: issue 21 item 3)",
             after_fix_s=now, after_fix="unchanged for uniform codes; item 3 bounds the skewed case",
             peers={peer: {"s": peer_s, "model": model}},
             bench={"op": "code_stats", "case": f"N={n} D={d} K={k}", "dtype": "float32"}).finish(
@@ -812,10 +832,12 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
         id="ema_update_K16384_D256_fp32", workload=f"K={k} D={d}", dtype="fp32",
         kernels="ema_update: cluster_size_kernel, embed_kernel",
         bytes_formula="K D x 4 B x (read sums, embed_sum; write embed_sum, codebook)", bytes=nbytes,
-        flops_formula="4 K D", flops=4 * k * d, limiter="issue" if issue_s(k * d / 2, emb) > hbm_s(nbytes) else "HBM",
-        predicted_s=now, why=f"{emb:g} instr/16 B stored: a 64-bit division per element (issue 21 item 7 class)",
+        flops_formula="4 K D", flops=4 * k * d,
+        limiter="issue" if issue_s(k * d / 2, emb) > hbm_s(nbytes) else "HBM",
+        predicted_s=now, why=f"{emb:g} instr/16 B stored: a 64-bit division per element (issue 21 item 7)",
         after_fix_s=hbm_s(nbytes) + 2 * H100.launch_s, after_fix="code index once per row, HBM-bound",
-        peers={"torch": {"s": hbm_s(nbytes * 2) + 6 * EAGER_OP_S, "model": "6 eager ops, 2x the bytes"}}).finish(
+        peers={"torch": {"s": hbm_s(nbytes * 2) + 6 * EAGER_OP_S,
+                         "model": "6 eager ops, 2x the bytes"}}).finish(
             peak=H100.fp32_flops))
 
     # FSQ 64M elements ------------------------------------------------------------------------------------
@@ -830,11 +852,12 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
         bytes=2 * e * 2 + e // 4 * 8 + 3 * e * 2, flops_formula="~20E", flops=20 * e,
         limiter="HBM (fwd), issue (bwd)" if issue_s(e * 2 / 16, bwd_pv) > hbm_s(3 * e * 2) else "HBM",
         predicted_s=fwd + bwd,
-        why=f"backward {bwd_pv:g} instr/16 B: sech^2 with an IEEE division per element (issue 21 item 7 class)",
+        why=f"backward {bwd_pv:g} instr/16 B: sech^2 with an IEEE division per element (issue 21 item 7)",
         after_fix_s=fwd + hbm_s(3 * e * 2) + H100.launch_s, after_fix="fast-math sech^2, HBM-bound backward",
         peers={"reference_compiled": {"s": (fwd + hbm_s(3 * e * 2)) / 0.9 + 4 * H100.launch_s,
                                       "model": "inductor kernels at ~85% HBM, same bytes"}},
-        bench={"op": "FSQ forward+backward", "case": "64M elements, levels [8,5,5,5]", "dtype": "bfloat16"}).finish())
+        bench={"op": "FSQ forward+backward", "case": "64M elements, levels [8,5,5,5]",
+               "dtype": "bfloat16"}).finish())
 
     # LFQ entropy, d = 18 ---------------------------------------------------------------------------------
     n, dd = 65536, 18
@@ -845,9 +868,11 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
         id="lfq_entropy_fwd_bwd_N65536_d18_fp32", workload=f"N={n} d={dd}", dtype="fp32",
         kernels="lfq: sample_entropy, probs_partial, probs_reduce, transpose, entropy_backward",
         bytes_formula="x (N d x 4 B) + avg_probs 2^d x 4 B", bytes=n * dd * 4 + 2**dd * 4,
-        flops_formula="2 N 2^d (outer products of the two 2^(d/2) halves)", flops=useful, limiter="fp32 FMA / L2",
+        flops_formula="2 N 2^d (outer products of the two 2^(d/2) halves)", flops=useful,
+        limiter="fp32 FMA / L2",
         predicted_s=fwd + bwd,
-        why=f"forward recomputes every sample's expansion per u-tile (~10x, {fwd * 1e3:.1f} ms); backward reads G "
+        why=f"forward recomputes every sample's expansion per u-tile (~10x, {fwd * 1e3:.1f} ms); "
+            f"backward reads G "
             f"from L2 twice per sample ({bwd * 1e3:.1f} ms) (issue 21 item 4)",
         after_fix_s=useful / (H100.fp32_flops * 0.6) + useful * 2 / (H100.bf16_flops * 0.5),
         after_fix="expansion once per sample batch; backward as a GEMM against G on tensor cores",
@@ -868,10 +893,12 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
             flops_formula="~10E", flops=10 * e, limiter="launch" if hbm_s(nbytes) < H100.launch_s else "HBM",
             predicted_s=now, why=f"{step_pv:g} instr/16 B stored, one launch",
             after_fix_s=now, after_fix="no change needed",
-            peers={"torch": {"s": max(8 * EAGER_OP_S, hbm_s(nbytes * 4)), "model": "~8 eager ops, ~4x the bytes"},
+            peers={"torch": {"s": max(8 * EAGER_OP_S, hbm_s(nbytes * 4)),
+                             "model": "~8 eager ops, ~4x the bytes"},
                    "torch_compiled": {"s": hbm_s(nbytes) / 0.95 + 2 * H100.launch_s,
                                       "model": "one fused inductor kernel"}},
-            bench={"op": "guided DDIM step", "case": "x".join(map(str, shape)), "dtype": "bfloat16"}).finish())
+            bench={"op": "guided DDIM step", "case": "x".join(map(str, shape)),
+                   "dtype": "bfloat16"}).finish())
 
     # Whole SD-VAE (FLUX.1-shaped) decode at 1024 px ------------------------------------------------------
     rows.append(vae_decode_prediction(kernels, 1024))
@@ -892,12 +919,12 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
     norm_elems = sum(c * s * s for c, s in norms)
     anchor_h200 = 89.9e-3
     gn_h200 = 0.46 * anchor_h200
-    eager = (anchor_h200 - gn_h200) + gn_h200 * 4.8 / 3.35        # H100: GroupNorm part slower by the bandwidth
+    eager = (anchor_h200 - gn_h200) + gn_h200 * 4.8 / 3.35        # H100: the GroupNorm part scales with HBM
     # fastlatent patched: our GroupNorm+SiLU per norm (static model), convs as eager's (cuDNN), upsample convs
     # folded (2.25x fewer FLOPs on the three upsample convs), attention projections folded.
     ours_gn = sum(_gn_silu_time(kernels, 1, c, s * s, 2)[0] for c, s in norms)
     ours_gn_fixed = sum(_gn_silu_time(kernels, 1, c, s * s, 2, fixed=True)[0] for c, s in norms)
-    # the three upsample convs (512 at 1/4, 512 at 1/2, 256 at full resolution) run on 2.25x fewer FLOPs folded
+    # the three upsample convs (512 at 1/4, 512 at 1/2, 256 at full resolution): 2.25x fewer FLOPs folded
     rest = anchor_h200 - gn_h200                                   # convs, attention, adds: same on H100
     up_conv_flops = sum(2 * 9 * c * c * (resolution // f) ** 2 for c, f in [(512, 4), (512, 2), (256, 1)])
     rest_ours = rest * (1 - (up_conv_flops - up_conv_flops / 2.25) / conv_flops)
@@ -905,21 +932,26 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
     now = rest_ours + ours_gn
     after = rest_ours + ours_gn_fixed
     return Prediction(
-        id=f"sd_vae_decode_{resolution}_bf16", workload=f"SD-VAE (FLUX.1 widths) decode {resolution}x{resolution}",
+        id=f"sd_vae_decode_{resolution}_bf16",
+        workload=f"SD-VAE (FLUX.1 widths) decode {resolution}x{resolution}",
         dtype="bf16", kernels="patched decoder: group_norm(+silu) per norm, cuDNN convs, folded upsample",
         bytes_formula="GroupNorm tensors: sum over the decoder's norms of C H W x 2 B x 6 (ours)",
         bytes=6 * norm_elems * 2, flops_formula="sum of conv 2 k^2 Cin Cout H W + attention 4 T^2 C",
         flops=conv_flops + attn_flops, limiter="convolutions (cuDNN) + GroupNorm apply (issue)",
         predicted_s=now,
-        why=(f"anchor: FLUX.1 VAE eager 89.9 ms on an H200 (GroupNorm+SiLU 46%) -> {eager * 1e3:.0f} ms eager on "
+        why=(f"anchor: FLUX.1 VAE eager 89.9 ms on an H200 (GroupNorm+SiLU 46%) -> {eager * 1e3:.0f} ms "
+             "eager on "
              f"an H100; ours: the same convs less the upsample fold, GroupNorm+SiLU {ours_gn * 1e3:.1f} ms "
              f"(issue-bound apply, issue 21 item 1) instead of {gn_h200 * 4.8 / 3.35 * 1e3:.1f} ms"),
         after_fix_s=after,
-        after_fix=(f"GroupNorm+SiLU at HBM speed ({ours_gn_fixed * 1e3:.1f} ms); the published fast path reached "
-                   "29.2 ms on an H200 with fused GroupNorm-conv and channels-last as well; a bandwidth model of "
-                   f"eager GroupNorm+SiLU alone gives {eager_gn_bottom_up * 1e3:.1f} ms, far below the published "
+        after_fix=(f"GroupNorm+SiLU at HBM speed ({ours_gn_fixed * 1e3:.1f} ms); the published fast path "
+                   "reached 29.2 ms on an H200 with fused GroupNorm-conv and channels-last as well; a "
+                   "bandwidth model of eager GroupNorm+SiLU alone gives "
+                   f"{eager_gn_bottom_up * 1e3:.1f} ms, far below the "
+                   "published "
                    "46% share, so the anchor, not that model, sets the eager row"),
-        peers={"diffusers": {"s": eager, "model": "anchored: 89.9 ms H200 eager, GroupNorm part scaled to 3.35 TB/s"}},
+        peers={"diffusers": {"s": eager,
+                             "model": "anchored: 89.9 ms H200 eager, GroupNorm part scaled to 3.35 TB/s"}},
         bench={"op": "SD-VAE decode", "case": f"{resolution} px, batch 1", "dtype": "bfloat16"}).finish()
 
 
@@ -937,35 +969,41 @@ def _ms(seconds: float) -> str:
 
 
 def static_table(kernels: list[KernelStatic]) -> str:
-    lines = ["| kernel | regs | spill st/ld B | stack B | smem B (static+dyn) | threads | blocks/SM | occupancy "
-             "(limiter) | main loop instr (path/static) | B ld/st per iter | instr per 16 B (budget) |",
+    lines = ["| kernel | regs | spill st/ld B | stack B | smem B (static+dyn) | threads | blocks/SM "
+             "| occupancy (limiter) | main loop instr (path/static) | B ld/st per iter "
+             "| instr per 16 B (budget) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in kernels:
         loop = k.loop or {}
-        spill = f"{k.spill_store_bytes}/{k.spill_load_bytes}" if k.spill_store_bytes or k.spill_load_bytes else "0"
+        spills = k.spill_store_bytes or k.spill_load_bytes
+        spill = f"{k.spill_store_bytes}/{k.spill_load_bytes}" if spills else "0"
         per_vec = loop.get("path_per_vector")
         budget = f" ({k.budget})" if k.budget is not None else ""
         flag = " **over**" if k.budget is not None and per_vec is not None and per_vec > k.budget else ""
         hot = " (hot)" if k.hot else ""
         lines.append(
             f"| `{k.name}`{hot} | {k.registers} | {spill} | {k.stack_bytes} | {k.static_smem_bytes}+"
-            f"{k.dynamic_smem_bytes} | {k.threads} | {k.blocks_per_sm} | {k.occupancy:.0%} ({k.occupancy_limiter}) | "
-            + (f"{loop['path_instructions']}/{loop['body_instructions']} | {loop['load_bytes']}/{loop['store_bytes']} | "
+            f"{k.dynamic_smem_bytes} | {k.threads} | {k.blocks_per_sm} | "
+            f"{k.occupancy:.0%} ({k.occupancy_limiter}) | "
+            + (f"{loop['path_instructions']}/{loop['body_instructions']} | "
+               f"{loop['load_bytes']}/{loop['store_bytes']} | "
                f"{per_vec if per_vec is not None else '-'}{budget}{flag} |" if loop else "- | - | - |"))
     return "\n".join(lines)
 
 
 def prediction_table(rows: list[Prediction]) -> str:
-    lines = ["| workload | kernels | bytes (formula) | FLOPs (formula) | ideal / achievable | limiter | predicted "
-             "| why | after fix | peers: predicted time (speedup now / after fix) |",
+    lines = ["| workload | kernels | bytes (formula) | FLOPs (formula) | ideal / achievable | limiter "
+             "| predicted | why | after fix | peers: predicted time (speedup now / after fix) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         peers = "; ".join(f"{name} {_ms(p['s'])} ({speedup(p['s'], r.predicted_s):.2f}x / "
-                          f"{speedup(p['s'], r.after_fix_s):.2f}x): {p['model']}" for name, p in r.peers.items())
+                          f"{speedup(p['s'], r.after_fix_s):.2f}x): {p['model']}"
+                          for name, p in r.peers.items())
         lines.append(
             f"| {r.workload} {r.dtype} | {r.kernels} | {r.bytes / 1e6:,.1f} MB ({r.bytes_formula}) | "
             f"{r.flops / 1e9:,.2f} GFLOP ({r.flops_formula}) | {_ms(r.ideal_s)} / {_ms(r.achievable_s)} | "
-            f"{r.limiter} | **{_ms(r.predicted_s)}** | {r.why} | {_ms(r.after_fix_s)}: {r.after_fix} | {peers} |")
+            f"{r.limiter} | **{_ms(r.predicted_s)}** | {r.why} | {_ms(r.after_fix_s)}: {r.after_fix} "
+            f"| {peers} |")
     return "\n".join(lines)
 
 
@@ -1035,8 +1073,10 @@ def compare(results_path: Path, model_path: Path = JSON_PATH, out=print) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="fail on a new spill or instruction-budget violation")
-    parser.add_argument("--write", action="store_true", help="write the JSON and the doc's generated sections")
+    parser.add_argument("--check", action="store_true",
+                        help="fail on a new spill or instruction-budget violation")
+    parser.add_argument("--write", action="store_true",
+                        help="write the JSON and the doc's generated sections")
     parser.add_argument("--compare", metavar="RESULTS_JSON", help="print measured vs predicted and exit")
     parser.add_argument("--model", default=str(JSON_PATH), help="the model JSON for --compare")
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc jobs (default $MAX_JOBS or 2)")
@@ -1064,7 +1104,8 @@ def main(argv: list[str] | None = None) -> int:
     for m in missing:
         print(f"- table pattern matches no kernel: {m}")
     if args.check and (result.failures or missing):
-        print(f"perf_model --check: {len(result.failures)} new violation(s), {len(missing)} unmatched pattern(s)",
+        print(f"perf_model --check: {len(result.failures)} new violation(s), "
+              f"{len(missing)} unmatched pattern(s)",
               file=sys.stderr)
         return 1
     return 0

@@ -1,7 +1,7 @@
 """The static performance model (scripts/perf_model.py) and the CI budget check it runs.
 
 The parsers and the occupancy rules are tested on fixed inputs everywhere; the budget check compiles the CUDA
-kernels for sm_90 and runs wherever nvcc is installed (no GPU needed), and is skipped with the reason elsewhere.
+kernels for sm_90 wherever nvcc is installed (no GPU needed) and is skipped with the reason elsewhere.
 """
 
 import importlib.util
@@ -110,7 +110,7 @@ def test_check_fails_new_violations_and_reports_known_and_stale_ones(monkeypatch
     ])
     kernels = [_kernel("u/slow_kernel<bf16>", per_vector=900, budget=40),    # known: reported
                _kernel("u/new_kernel", per_vector=41, budget=40),            # new: fails
-               _kernel("u/spilling_kernel", spill=8),                        # new spill in a hot kernel: fails
+               _kernel("u/spilling_kernel", spill=8),                        # new spill, hot kernel: fails
                _kernel("u/cold_kernel", spill=8, hot=False),                 # not hot: ignored
                _kernel("u/fixed_kernel")]                                    # its known entry is stale
     result = pm.check(kernels)
