@@ -970,7 +970,7 @@ def _ms(seconds: float) -> str:
 
 def static_table(kernels: list[KernelStatic]) -> str:
     lines = ["| kernel | regs | spill st/ld B | stack B | smem B (static+dyn) | threads | blocks/SM "
-             "| occupancy (limiter) | main loop instr (path/static) | B ld/st per iter "
+             "| occupancy (limiter) | main loop instr: path/static (subroutine calls) | B ld/st per iter "
              "| instr per 16 B (budget) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for k in kernels:
@@ -985,7 +985,7 @@ def static_table(kernels: list[KernelStatic]) -> str:
             f"| `{k.name}`{hot} | {k.registers} | {spill} | {k.stack_bytes} | {k.static_smem_bytes}+"
             f"{k.dynamic_smem_bytes} | {k.threads} | {k.blocks_per_sm} | "
             f"{k.occupancy:.0%} ({k.occupancy_limiter}) | "
-            + (f"{loop['path_instructions']}/{loop['body_instructions']} | "
+            + (f"{loop['path_instructions']}/{loop['body_instructions']} ({loop['calls']} calls) | "
                f"{loop['load_bytes']}/{loop['store_bytes']} | "
                f"{per_vec if per_vec is not None else '-'}{budget}{flag} |" if loop else "- | - | - |"))
     return "\n".join(lines)
