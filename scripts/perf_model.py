@@ -596,6 +596,7 @@ WMMA_FIXED_EFFICIENCY = 0.60  # the same kernels pipelined, spill-free, register
 CUDNN_EFFICIENCY = 0.60    # cuDNN/cuBLAS implicit-GEMM 3x3 convolution, bf16, batch 1 (NCHW adds transposes)
 EAGER_OP_S = 5e-6          # host time per eager PyTorch op: a floor on small eager workloads
 MERGE_S = 150e-9           # one serial fp64 Welford merge (two dependent divisions; issue 21 item 2)
+HOST_STEP_S = 15e-6        # host time of one fastlatent sampler step (Python + one op dispatch)
 L2_BYTES_PER_S = 10e12     # H100 L2 read bandwidth, for kernels that re-read a cached matrix
 
 
@@ -630,6 +631,7 @@ class Prediction:
     after_fix: str
     peers: dict                    # provider -> {"s": seconds, "model": text}
     bench: dict | None = None      # {"op", "case", "dtype"} of the `fastlatent bench` case that measures it
+    table: str = "main"            # the doc table it is listed in: "main" or a sweep's name
     ideal_s: float = 0.0
     achievable_s: float = 0.0
 
@@ -674,130 +676,236 @@ def _sd_decoder_layers(resolution: int, channels=(128, 256, 512, 512), layers=2)
     return convs, norms, attention
 
 
-def _gn_silu_time(kernels, n, c, hw, elem, *, fixed=False, layout="cf"):
-    """fastlatent group_norm(+silu) forward: statistics pass, serial merge, apply pass."""
+DTYPE_NAMES = {2: ("bf16", "bfloat16"), 4: ("fp32", "float32")}
+GN_BACKWARD_MERGE_S = 10e-9   # one dependent fp64 multiply-add of the backward's per-group merge
+
+
+def _gn_silu_time(kernels, n, c, hw, elem, *, fixed=False, layout="cf", backward=False):
+    """fastlatent group_norm(+silu): statistics pass, serial merge, apply pass (and the backward's three).
+
+    Returns (seconds, parts): parts names the per-pass times and the instructions per 16-byte vector used.
+    """
     e = n * c * hw
-    dt = {2: "bf16", 4: "fp32"}[elem]
-    red = _per_vector(kernels, f"group_norm/reduce_{layout}_kernel<{dt}, false, silu>", 40)
-    app = _per_vector(kernels, f"group_norm/elementwise_kernel<{dt}, silu, false, true>", 40)
+    dt = DTYPE_NAMES[elem][0]
+    budget = {"red": 40, "app": 40, "red_b": 60, "app_b": 60}
+    pv = {"red": _per_vector(kernels, f"group_norm/reduce_{layout}_kernel<{dt}, false, silu>", 40),
+          "app": _per_vector(kernels, f"group_norm/elementwise_kernel<{dt}, silu, false, true>", 40),
+          "red_b": _per_vector(kernels, f"group_norm/reduce_{layout}_kernel<{dt}, true, silu>", 60),
+          "app_b": _per_vector(kernels, f"group_norm/elementwise_kernel<{dt}, silu, true, true>", 60)}
     if fixed:
-        red, app = min(red, 40), min(app, 40)
+        pv = {key: min(value, budget[key]) for key, value in pv.items()}
     vectors = e * elem / 16
-    reduce_t = max(hbm_s(e * elem), issue_s(vectors, red))
-    chunk = 4096 if layout == "cf" else 512
-    merges = (c // 32) * math.ceil(hw / chunk)
-    merge_t = 5e-6 if fixed else merges * MERGE_S
-    apply_t = max(hbm_s(2 * e * elem), issue_s(vectors, app))
-    return reduce_t + merge_t + apply_t + 4 * H100.launch_s, (reduce_t, merge_t, apply_t, red, app)
+    splits = math.ceil(hw / (4096 if layout == "cf" else 512))
+    parts = {"reduce": max(hbm_s(e * elem), issue_s(vectors, pv["red"])),
+             "merge": 5e-6 if fixed else (c // 32) * splits * MERGE_S,
+             "apply": max(hbm_s(2 * e * elem), issue_s(vectors, pv["app"]))}
+    launches = 4
+    if backward:
+        parts["reduce_bwd"] = max(hbm_s(2 * e * elem), issue_s(2 * vectors, pv["red_b"]))
+        parts["merge_bwd"] = 5e-6 if fixed else (c // 32) * splits * GN_BACKWARD_MERGE_S
+        parts["apply_bwd"] = max(hbm_s(3 * e * elem), issue_s(vectors, pv["app_b"]))
+        launches += 4
+    return sum(parts.values()) + launches * H100.launch_s, {**parts, "per_vector": pv}
 
 
-def _eager_gn_silu_time(n, c, hw, elem, groups=32):
-    """PyTorch eager F.silu(F.group_norm(x)): moments with n * groups blocks, the affine pass, then SiLU."""
+def _eager_gn_silu_time(n, c, hw, elem, groups=32, *, layout="cf", backward=False):
+    """PyTorch eager F.silu(F.group_norm(x)): moments with n * groups blocks, the affine pass, then SiLU.
+
+    Channels-last input is copied to a contiguous tensor first; the backward runs SiLU's backward (3E) and
+    GroupNorm's (per-channel sums 2E, then dx 3E).
+    """
     e = n * c * hw
     fill = min(1.0, 2 * n * groups / H100.sms)       # one block per (n, g); a lone block pulls ~2 SMs' share
     gpu = hbm_s(e * elem) / fill + hbm_s(2 * e * elem) + hbm_s(2 * e * elem)
-    return max(gpu, 2 * EAGER_OP_S)
+    ops = 2
+    if layout == "cl":
+        gpu, ops = gpu + hbm_s(2 * e * elem), ops + 1
+    if backward:
+        gpu, ops = gpu + hbm_s(8 * e * elem), ops + 4
+    return max(gpu, ops * EAGER_OP_S)
 
 
-def _compiled_gn_silu_time(n, c, hw, elem):
-    """torch.compile: a (split) reduction, then one fused normalise+SiLU pass."""
+def _compiled_gn_silu_time(n, c, hw, elem, *, backward=False):
+    """torch.compile: a (split) reduction, then one fused normalise+SiLU pass; backward: sums, then dx."""
     e = n * c * hw
-    return hbm_s(3 * e * elem) / 0.95 + 3 * H100.launch_s
+    t = hbm_s(3 * e * elem) / 0.95 + 3 * H100.launch_s
+    if backward:
+        t += hbm_s(5 * e * elem) / 0.95 + 3 * H100.launch_s
+    return t
+
+
+def _sd_decoder_norm_shapes(resolution: int) -> list[tuple[int, int]]:
+    """The distinct (C, side) GroupNorm inputs of the SD-VAE decoder, largest first (the bench's cases)."""
+    _, norms, _ = _sd_decoder_layers(resolution)
+    return sorted(set(norms), key=lambda cs: -(cs[0] * cs[1] ** 2))
+
+
+def _group_norm_rows(kernels) -> list["Prediction"]:
+    cases = [(16, 512, 128, "16x512x128x128 (target)", layout, direction)
+             for layout in ("cf", "cl") for direction in ("fwd", "fwd_bwd")]
+    cases += [(1, c, side, f"SD-VAE decoder {r}px {c}x{side}x{side}", "cf", direction)
+              for r in (512, 1024) for c, side in _sd_decoder_norm_shapes(r)
+              for direction in ("fwd", "fwd_bwd")]
+    headline = {("16x512x128x128 (target)", "cf", "fwd"), ("SD-VAE decoder 1024px 512x128x128", "cf", "fwd"),
+                ("SD-VAE decoder 1024px 128x1024x1024", "cf", "fwd")}
+    rows = []
+    for n, c, side, label, layout, direction in cases:
+        for elem in (2, 4):
+            dt, torch_dt = DTYPE_NAMES[elem]
+            hw, e, backward = side * side, n * c * side * side, direction == "fwd_bwd"
+            now, parts = _gn_silu_time(kernels, n, c, hw, elem, layout=layout, backward=backward)
+            after, _ = _gn_silu_time(kernels, n, c, hw, elem, layout=layout, backward=backward, fixed=True)
+            moved = (5 if backward else 2) * e * elem
+            pv = parts["per_vector"]
+            why = (f"apply {pv['app']:g} instr/16 B ({parts['apply'] * 1e3:.3f} ms, issue 21 item 1); "
+                   "statistics "
+                   f"{pv['red']:g} instr/16 B ({parts['reduce'] * 1e3:.3f} ms); serial merge "
+                   f"{parts['merge'] * 1e6:.0f} us (item 2)")
+            if backward:
+                why += (f"; backward reduction {pv['red_b']:g} and apply {pv['app_b']:g} instr/16 B "
+                        f"({(parts['reduce_bwd'] + parts['apply_bwd']) * 1e3:.3f} ms)")
+            layout_name = "nchw" if layout == "cf" else "channels_last"
+            op = "group_norm+silu " + ("fwd+bwd" if backward else "fwd")
+            rows.append(Prediction(
+                id=re.sub(r"[^a-z0-9]+", "_",
+                          f"group_norm_silu {direction} {label} {layout_name} {dt}".lower()),
+                workload=f"{n}x{c}x{side}x{side} {layout_name} {direction}", dtype=dt,
+                kernels=f"group_norm: reduce_{layout}, group_stats, affine, elementwise (vectorised)"
+                        + ("; backward: affine, reduce, grad_merge, elementwise" if backward else ""),
+                bytes_formula=("read x, write y; read x, dy, write dx: 5 E x " if backward else
+                               "read x, write y: 2 E x ") + f"{elem} B (ours adds statistics reads)",
+                bytes=moved, flops_formula="~10E" + (" + ~15E" if backward else ""),
+                flops=(25 if backward else 10) * e,
+                limiter="issue" if parts["apply"] > hbm_s(2 * e * elem) * 1.05 else "HBM",
+                predicted_s=now, why=why, after_fix_s=after,
+                after_fix="every pass at <= its budget (HBM-bound), warp-tree merges",
+                peers={"torch": {"s": _eager_gn_silu_time(n, c, hw, elem, layout=layout, backward=backward),
+                                 "model": "moments (n*groups blocks), affine pass, SiLU pass: 10E"
+                                          + (" + backward 8E" if backward else "")
+                                          + (" + a contiguous copy" if layout == "cl" else "")},
+                       "torch_compiled": {"s": _compiled_gn_silu_time(n, c, hw, elem, backward=backward),
+                                          "model": "reduction + fused normalise/SiLU: 6E"
+                                                   + (" + backward 5E" if backward else "")}},
+                bench={"op": op, "case": f"{label} {layout_name}", "dtype": torch_dt},
+                table="main" if (label, layout, direction) in headline and elem == 2 else "group_norm"
+            ).finish(
+                    peak=H100.bf16_flops if elem == 2 else H100.fp32_flops))
+    return rows
+
+
+def _conv_rows(kernels) -> list["Prediction"]:
+    rows = []
+    for c, side, case, residual in [(512, 128, "SD-VAE decoder 1024px mid block", False),
+                                    (512, 128, "SD-VAE decoder 1024px mid block, conv2 + residual", True),
+                                    (512, 256, "SD-VAE decoder 1024px up block 1", False),
+                                    (256, 512, "SD-VAE decoder 1024px up block 2", False),
+                                    (128, 1024, "SD-VAE decoder 1024px up block 3", False),
+                                    (256, 256, "SD-VAE decoder 512px up block 2", False)]:
+        for dt, torch_dt in (("bf16", "bfloat16"), ("fp16", "float16")):
+            hw = side * side
+            flops = 2 * 9 * c * c * hw
+            act_bytes = (3 if residual else 2) * c * hw * 2 + 9 * c * c * 2
+            k = kernels.get(f"group_norm_conv/group_norm_conv3x3_kernel<{dt}, silu>")
+            spills = bool(k and (k.spill_store_bytes or k.spill_load_bytes))
+            eff = WMMA_EFFICIENCY * (0.85 if spills else 1.0)
+            stats = _gn_silu_time(kernels, 1, c, hw, 2)[1]["reduce"] + 2 * H100.launch_s
+            now = stats + mma_s(flops, eff) + 2 * H100.launch_s
+            after = hbm_s(c * hw * 2) + mma_s(flops, WMMA_FIXED_EFFICIENCY) + 4 * H100.launch_s
+            cudnn = mma_s(flops, CUDNN_EFFICIENCY) + (hbm_s(3 * c * hw * 2) if residual else 0)
+            rows.append(Prediction(
+                id=f"group_norm_conv3x3_1x{c}x{side}x{side}{'_residual' if residual else ''}_{dt}",
+                workload=f"1x{c}x{side}x{side}, {c}->{c}" + (" + residual" if residual else ""), dtype=dt,
+                kernels="group_norm statistics + group_norm_conv3x3_kernel",
+                bytes_formula="x, y" + (", residual" if residual else "")
+                              + " (2 B each) + weights 9 Cin Cout x 2 B",
+                bytes=act_bytes, flops_formula="2 x 9 Cin Cout H W", flops=flops, limiter="tensor cores",
+                predicted_s=now,
+                why=(f"WMMA at ~{eff:.0%} of bf16 peak ({k.registers if k else '?'} registers, "
+                     f"{k.spill_load_bytes if k else '?'} B spill loads: issue 21 item 6; "
+                     f"{k.occupancy if k else 0:.0%} occupancy) after a statistics pass "
+                     f"({stats * 1e3:.3f} ms)"),
+                after_fix_s=after,
+                after_fix="spill-free, pipelined halo, conflict-free pitch, weights packed once",
+                peers={"fastlatent_unfused": {"s": _gn_silu_time(kernels, 1, c, hw, 2)[0] + cudnn,
+                                              "model": "our GroupNorm+SiLU, then cuDNN at "
+                                                       f"{CUDNN_EFFICIENCY:.0%}"},
+                       "torch": {"s": _eager_gn_silu_time(1, c, hw, 2) + cudnn,
+                                 "model": "eager GroupNorm, SiLU, cuDNN conv"},
+                       "torch_compiled": {"s": _compiled_gn_silu_time(1, c, hw, 2) + cudnn,
+                                          "model": "fused GroupNorm+SiLU, cuDNN conv"}},
+                bench={"op": "group_norm+silu+conv3x3", "case": case, "dtype": torch_dt},
+                table="main" if dt == "bf16" and case.endswith(("mid block", "up block 3")) else "conv"
+            ).finish())
+    return rows
+
+
+SIMT_EFFICIENCY = 0.5      # fp32 FMAs of the SIMT nearest_code paths (shared-memory operands, a compare/key)
+
+
+def _nearest_code_rows(kernels) -> list["Prediction"]:
+    rows = []
+    for name, n, d, k in [("vq", 65536, 64, 1024), ("vit_vqgan", 262144, 32, 8192),
+                          ("vqgan_f16", 262144, 256, 16384), ("flash_kmeans", 1048576, 64, 4096)]:
+        for dt, torch_dt, elem in (("bf16", "bfloat16", 2), ("fp32", "float32", 4)):
+            flops = 2 * n * k * d
+            nbytes = elem * (n * d + k * d) + 8 * n
+            if d <= 32:
+                path = f"small_d_kernel<{dt}, {d}>"
+                core = flops / (H100.fp32_flops * SIMT_EFFICIENCY)
+                now = core + 3 * H100.launch_s
+                after = now
+                why = (f"small-D SIMT path (d <= 32, every dtype): fp32 FMAs at ~{SIMT_EFFICIENCY:.0%} of "
+                       f"{H100.fp32_flops / 1e12:.0f} TFLOP/s; tensor cores would do this in "
+                       f"{mma_s(flops, WMMA_FIXED_EFFICIENCY) * 1e3:.2f} ms")
+                after_text = "unchanged by issue 21 (a tensor-core path for d <= 32 would be the next step)"
+            elif dt == "fp32":
+                path = "simt_kernel<fp32>"
+                core = flops / (H100.fp32_flops * SIMT_EFFICIENCY)
+                now = after = core + 3 * H100.launch_s
+                why = f"exact fp32 SIMT path (the fp32 default; tf32 is opt-in) at ~{SIMT_EFFICIENCY:.0%}"
+                after_text = "unchanged (exact fp32 by default)"
+            else:
+                path = "tensor_core_kernel<bf16>"
+                mma = mma_s(flops, WMMA_EFFICIENCY)
+                # epilogue (issue 21 item 5): per (row, code) key a shared-memory park, a reload and a fold
+                epilogue = issue_s(n * k, 6)
+                now = mma + epilogue + 3 * H100.launch_s
+                after = max(mma_s(flops, WMMA_FIXED_EFFICIENCY), issue_s(n * k, 2)) + 3 * H100.launch_s
+                tc = kernels.get(f"nearest_code/{path}")
+                why = (f"WMMA at ~{WMMA_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; {tc.registers if tc else '?'} "
+                       f"registers, {tc.occupancy if tc else 0:.0%} occupancy) + epilogue ~6 issues per key "
+                       f"({epilogue * 1e3:.2f} ms, issue 21 item 5)")
+                after_text = f"register epilogue overlapped with MMAs at ~{WMMA_FIXED_EFFICIENCY:.0%}"
+            if dt == "bf16":
+                gemm = mma_s(flops, H100.tensor_efficiency)
+            else:                                  # torch's fp32 matmul: exact fp32 unless TF32 is enabled
+                gemm = flops / (H100.fp32_flops * 0.8)
+            eager = gemm + hbm_s(6 * elem * n * k) + 3 * EAGER_OP_S
+            compiled = gemm + hbm_s(2 * elem * n * k)
+            peers = {"matmul_argmin": {"s": eager, "model": "GEMM + 3 eager N x K passes (6 N K elements)"},
+                     "matmul_argmin_compiled": {"s": compiled,
+                                                "model": "GEMM writes N x K, one fused argmin read"}}
+            if dt == "fp32":
+                peers["cdist_argmin"] = {"s": gemm + hbm_s(3 * elem * n * k) + 4 * EAGER_OP_S,
+                                         "model": "cdist (GEMM form, sqrt pass) + argmin"}
+            rows.append(Prediction(
+                id=f"nearest_code_{name}_{dt}", workload=f"N={n} D={d} K={k}", dtype=dt,
+                kernels=f"nearest_code: code_keys, {path}, finish_rows",
+                bytes_formula=f"{elem} (N D + K D) + 8 N", bytes=nbytes, flops_formula="2 N K D", flops=flops,
+                limiter="tensor cores + epilogue" if path.startswith("tensor") else "fp32 FMA",
+                predicted_s=now, why=why, after_fix_s=after, after_fix=after_text, peers=peers,
+                bench={"op": "nearest_code", "case": f"{name} N={n} D={d} K={k}", "dtype": torch_dt},
+                table="main" if dt == "bf16" and name in ("vqgan_f16", "flash_kmeans") else "nearest_code"
+            ).finish(
+                    peak=H100.bf16_flops if dt == "bf16" else H100.fp32_flops))
+    return rows
 
 
 def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
     kernels = {k.name: k for k in kernels_list}
     rows: list[Prediction] = []
 
-    # GroupNorm + SiLU forward -----------------------------------------------------------------------------
-    for n, c, side, case in [(16, 512, 128, "16x512x128x128 (target) nchw"),
-                             (1, 512, 128, "SD-VAE decoder 1024px 512x128x128 nchw"),
-                             (1, 128, 1024, "SD-VAE decoder 1024px 128x1024x1024 nchw")]:
-        hw, elem = side * side, 2
-        e = n * c * hw
-        now, (red_t, merge_t, app_t, red, app) = _gn_silu_time(kernels, n, c, hw, elem)
-        after, _ = _gn_silu_time(kernels, n, c, hw, elem, fixed=True)
-        eager, compiled = _eager_gn_silu_time(n, c, hw, elem), _compiled_gn_silu_time(n, c, hw, elem)
-        rows.append(Prediction(
-            id=f"group_norm_silu_fwd_{n}x{c}x{side}x{side}_bf16", workload=f"{n}x{c}x{side}x{side}",
-            dtype="bf16",
-            kernels="group_norm: reduce_cf, group_stats, affine, elementwise (vectorised)",
-            bytes_formula="read x, write y: 2 x E x 2 B (ours reads x twice: 3 x E x 2 B)",
-            bytes=2 * e * elem, flops_formula="~10E", flops=10 * e,
-            limiter="issue (apply pass)" if app_t > hbm_s(2 * e * elem) else "HBM",
-            predicted_s=now,
-            why=(f"apply {app:g} instr/16 B (issue-bound {app_t * 1e3:.3f} ms vs "
-                 f"{hbm_s(2 * e * elem) * 1e3:.3f} ms of HBM: issue 21 item 1); statistics {red:g} "
-                 "instr/16 B "
-                 f"({red_t * 1e3:.3f} ms); serial merge "
-                 f"{merge_t * 1e6:.0f} us (item 2)"),
-            after_fix_s=after,
-            after_fix="apply and statistics at <= 40 instr/16 B (HBM-bound), warp-tree merge",
-            peers={"torch": {"s": eager,
-                             "model": "moments (n*groups blocks) + affine pass + SiLU pass: 10E B"},
-                   "torch_compiled": {"s": compiled, "model": "reduction + fused normalise/SiLU: 6E B"}},
-            bench={"op": "group_norm+silu fwd", "case": case, "dtype": "bfloat16"}).finish())
-
-    # Fused GroupNorm + SiLU + conv3x3 ---------------------------------------------------------------------
-    for c, side, case in [(512, 128, "SD-VAE decoder 1024px mid block"),
-                          (128, 1024, "SD-VAE decoder 1024px up block 3")]:
-        hw = side * side
-        flops = 2 * 9 * c * c * hw
-        act_bytes = 2 * c * hw * 2 + 9 * c * c * 2
-        spill = kernels.get("group_norm_conv/group_norm_conv3x3_kernel<bf16, silu>")
-        eff = WMMA_EFFICIENCY * (0.85 if spill and spill.spill_store_bytes else 1.0)
-        now = mma_s(flops, eff) + 2 * H100.launch_s
-        gn_unfused, _ = _gn_silu_time(kernels, 1, c, hw, 2)
-        cudnn = mma_s(flops, CUDNN_EFFICIENCY)
-        rows.append(Prediction(
-            id=f"group_norm_conv3x3_1x{c}x{side}x{side}_bf16", workload=f"1x{c}x{side}x{side}, {c}->{c}",
-            dtype="bf16", kernels="group_norm (statistics) + group_norm_conv3x3_kernel",
-            bytes_formula="x, y (2 B each) + weights 9 Cin Cout x 2 B", bytes=act_bytes,
-            flops_formula="2 x 9 Cin Cout H W", flops=flops, limiter="tensor cores",
-            predicted_s=now,
-            why=(f"WMMA at ~{eff:.0%} of bf16 peak: {spill.registers if spill else '?'} registers, "
-                 f"{spill.spill_load_bytes if spill else '?'} B spill loads (issue 21 item 6), "
-                 "25% occupancy"),
-            after_fix_s=mma_s(flops, WMMA_FIXED_EFFICIENCY) + 2 * H100.launch_s,
-            after_fix="spill-free, pipelined halo, conflict-free pitch, weights packed once",
-            peers={"fastlatent_unfused": {"s": gn_unfused + cudnn,
-                                          "model": f"our GroupNorm+SiLU, then cuDNN at "
-                                                   f"{CUDNN_EFFICIENCY:.0%}"},
-                   "torch": {"s": _eager_gn_silu_time(1, c, hw, 2) + cudnn,
-                             "model": "eager GroupNorm, SiLU, cuDNN conv"}},
-            bench={"op": "group_norm+silu+conv3x3", "case": case, "dtype": "bfloat16"}).finish())
-
-    # nearest_code ----------------------------------------------------------------------------------------
-    for name, n, d, k in [("vqgan_f16", 262144, 256, 16384), ("flash_kmeans", 1048576, 64, 4096),
-                          ("vq", 65536, 64, 1024)]:
-        flops = 2 * n * k * d
-        nbytes = 2 * (n * d + k * d) + 8 * n
-        mma = mma_s(flops, WMMA_EFFICIENCY)
-        # epilogue (issue 21 item 5): per (row, code) key a shared-memory park, a reload and a fold, ~6 issues
-        epilogue = issue_s(n * k, 6)
-        now = mma + epilogue + 3 * H100.launch_s
-        after = max(mma_s(flops, WMMA_FIXED_EFFICIENCY), issue_s(n * k, 2)) + 3 * H100.launch_s
-        gemm = mma_s(flops, H100.tensor_efficiency)
-        eager = gemm + hbm_s(12 * n * k) + 3 * EAGER_OP_S
-        compiled = gemm + hbm_s(4 * n * k)
-        tc = kernels.get("nearest_code/tensor_core_kernel<bf16>")
-        rows.append(Prediction(
-            id=f"nearest_code_{name}_bf16", workload=f"N={n} D={d} K={k}", dtype="bf16",
-            kernels="nearest_code: code_keys, tensor_core_kernel, finish_rows",
-            bytes_formula="2 (N D + K D) + 8 N", bytes=nbytes, flops_formula="2 N K D", flops=flops,
-            limiter="tensor cores + epilogue" if epilogue < mma else "epilogue (issue)",
-            predicted_s=now,
-            why=(f"WMMA at ~{WMMA_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; {tc.registers if tc else '?'} "
-                 f"registers, {tc.occupancy if tc else '?'} occupancy) + epilogue ~6 issues per key "
-                 f"({epilogue * 1e3:.2f} ms, "
-                 f"issue 21 item 5)"),
-            after_fix_s=after,
-            after_fix=f"register epilogue overlapped with MMAs at ~{WMMA_FIXED_EFFICIENCY:.0%}",
-            peers={"matmul_argmin": {"s": eager,
-                                     "model": "cuBLAS GEMM + 3 eager N x K bf16 passes (12 N K B)"},
-                   "matmul_argmin_compiled": {"s": compiled,
-                                              "model": "GEMM writes N x K, one fused argmin read"}},
-            bench={"op": "nearest_code", "case": f"{name} N={n} D={d} K={k}", "dtype": "bfloat16"}).finish())
+    rows += _group_norm_rows(kernels) + _conv_rows(kernels) + _nearest_code_rows(kernels)
 
     # code_stats ------------------------------------------------------------------------------------------
     for n, d, k, peer in [(1048576, 256, 16384, "index_add"), (262144, 64, 1024, "onehot_matmul")]:
@@ -897,11 +1005,32 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
                              "model": "~8 eager ops, ~4x the bytes"},
                    "torch_compiled": {"s": hbm_s(nbytes) / 0.95 + 2 * H100.launch_s,
                                       "model": "one fused inductor kernel"}},
-            bench={"op": "guided DDIM step", "case": "x".join(map(str, shape)),
-                   "dtype": "bfloat16"}).finish())
+            bench={"op": "guided DDIM step", "dtype": "bfloat16",
+                   "case": f"{'x'.join(map(str, shape))} (model output {2 * shape[0]}x"
+                           f"{'x'.join(map(str, shape[1:]))})"}).finish())
 
-    # Whole SD-VAE (FLUX.1-shaped) decode at 1024 px ------------------------------------------------------
-    rows.append(vae_decode_prediction(kernels, 1024))
+    # 50-step sampler loops (model excluded): host-bound ---------------------------------------------------
+    for shape in [(16, 4, 64, 64), (1, 4, 64, 64), (32, 4, 32, 32), (32, 16, 32, 32)]:
+        for loop, ops in (("ddim", 12), ("euler", 10), ("dpmpp_2m", 16), ("flow_euler", 6)):
+            e = math.prod(shape)
+            step_gpu = hbm_s(3 * e * 4) + H100.launch_s
+            ours = 50 * max(step_gpu, HOST_STEP_S)
+            rows.append(Prediction(
+                id=f"loop_50_{loop}_{'x'.join(map(str, shape))}_fp32",
+                workload=f"{loop} {'x'.join(map(str, shape))}",
+                dtype="fp32", kernels="sampler_step: step_kernel per step", bytes_formula="50 x 3E x 4 B",
+                bytes=50 * 3 * e * 4, flops_formula="50 x ~10E", flops=500 * e, limiter="host (launch)",
+                predicted_s=ours,
+                why=f"one fused step per iteration: {HOST_STEP_S * 1e6:.0f} us of host time per step "
+                    f"(GPU work {step_gpu * 1e6:.1f} us)",
+                after_fix_s=ours, after_fix="CUDA-graph capture removes the host time (the graph bench case)",
+                peers={"diffusers": {"s": 50 * max(ops * EAGER_OP_S, hbm_s(ops * 2 * e * 4)),
+                                     "model": f"~{ops} eager ops per scheduler step"}},
+                bench={"op": f"50-step {loop} loop (model excluded)", "case": "x".join(map(str, shape)),
+                       "dtype": "float32"}, table="sampling").finish(peak=H100.fp32_flops))
+
+    # Whole SD-VAE (FLUX.1-shaped) decode -----------------------------------------------------------------
+    rows += [vae_decode_prediction(kernels, 1024), vae_decode_prediction(kernels, 512)]
     return rows
 
 
@@ -917,7 +1046,7 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
     conv_flops = sum(2 * k * k * cin * cout * s * s for cin, cout, k, s in convs)
     attn_flops = 4 * tokens * tokens * width
     norm_elems = sum(c * s * s for c, s in norms)
-    anchor_h200 = 89.9e-3
+    anchor_h200 = 89.9e-3 * (resolution / 1024) ** 2           # below 1024 px: scaled by the pixel count
     gn_h200 = 0.46 * anchor_h200
     eager = (anchor_h200 - gn_h200) + gn_h200 * 4.8 / 3.35        # H100: the GroupNorm part scales with HBM
     # fastlatent patched: our GroupNorm+SiLU per norm (static model), convs as eager's (cuDNN), upsample convs
@@ -951,8 +1080,10 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
                    "published "
                    "46% share, so the anchor, not that model, sets the eager row"),
         peers={"diffusers": {"s": eager,
-                             "model": "anchored: 89.9 ms H200 eager, GroupNorm part scaled to 3.35 TB/s"}},
-        bench={"op": "SD-VAE decode", "case": f"{resolution} px, batch 1", "dtype": "bfloat16"}).finish()
+                             "model": "anchored: 89.9 ms H200 eager at 1024 px (scaled by pixels below), "
+                                      "GroupNorm part scaled to 3.35 TB/s"}},
+        bench={"op": "SD-VAE decode", "case": f"{resolution} px, batch 1", "dtype": "bfloat16"},
+        table="main" if resolution == 1024 else "vae").finish()
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -991,11 +1122,19 @@ def static_table(kernels: list[KernelStatic]) -> str:
     return "\n".join(lines)
 
 
+def _peers_text(r: Prediction) -> str:
+    return "; ".join(f"{name} {_ms(p['s'])} ({speedup(p['s'], r.predicted_s):.2f}x / "
+                     f"{speedup(p['s'], r.after_fix_s):.2f}x)" for name, p in r.peers.items())
+
+
 def prediction_table(rows: list[Prediction]) -> str:
+    """The headline rows, with formulas, limiter and reasons."""
     lines = ["| workload | kernels | bytes (formula) | FLOPs (formula) | ideal / achievable | limiter "
-             "| predicted | why | after fix | peers: predicted time (speedup now / after fix) |",
+             "| predicted | why | after fix | peers: predicted time (speedup now / after fix): model |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        if r.table != "main":
+            continue
         peers = "; ".join(f"{name} {_ms(p['s'])} ({speedup(p['s'], r.predicted_s):.2f}x / "
                           f"{speedup(p['s'], r.after_fix_s):.2f}x): {p['model']}"
                           for name, p in r.peers.items())
@@ -1005,6 +1144,30 @@ def prediction_table(rows: list[Prediction]) -> str:
             f"{r.limiter} | **{_ms(r.predicted_s)}** | {r.why} | {_ms(r.after_fix_s)}: {r.after_fix} "
             f"| {peers} |")
     return "\n".join(lines)
+
+
+SWEEP_TITLES = {"group_norm": "GroupNorm+SiLU, every bench case",
+                "conv": "Fused GroupNorm-conv, every bench case",
+                "nearest_code": "nearest_code, every bench case", "sampling": "50-step sampler loops (fp32)",
+                "vae": "VAE decode at other resolutions"}
+
+
+def sweep_tables(rows: list[Prediction]) -> str:
+    """The remaining bench cases, compactly (their reasons are in the JSON's ``why``)."""
+    out = []
+    for table, title in SWEEP_TITLES.items():
+        chosen = [r for r in rows if r.table == table]
+        if not chosen:
+            continue
+        out += [f"### {title}", "", "| workload | dtype | bytes | ideal / achievable | limiter | predicted "
+                "| after fix | peers: predicted time (speedup now / after fix) |",
+                "|---|---|---|---|---|---|---|---|"]
+        out += [f"| {r.workload} | {r.dtype} | {r.bytes / 1e6:,.1f} MB | "
+                f"{_ms(r.ideal_s)} / {_ms(r.achievable_s)} "
+                f"| {r.limiter} | **{_ms(r.predicted_s)}** | {_ms(r.after_fix_s)} | {_peers_text(r)} |"
+                for r in chosen]
+        out.append("")
+    return "\n".join(out).rstrip()
 
 
 def check_report(result: CheckResult) -> str:
@@ -1043,6 +1206,7 @@ def write_outputs(kernels, rows, tools, result: CheckResult) -> None:
     text = _replace_section(text, "static", f"Generated by `python scripts/perf_model.py --write` (nvcc "
                                             f"{tools['nvcc_version']}, {ARCH}).\n\n" + static_table(kernels))
     text = _replace_section(text, "predictions", prediction_table(rows))
+    text = _replace_section(text, "sweeps", sweep_tables(rows))
     text = _replace_section(text, "check", check_report(result))
     DOC_PATH.write_text(text)
 

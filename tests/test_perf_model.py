@@ -153,6 +153,15 @@ def test_compare_matches_bench_results_to_predictions(tmp_path):
     assert lines[-1].startswith("1 measured")
 
 
+def test_missing_toolkit_is_named_in_the_error(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(pm.Path, "exists", lambda self: False)
+    with pytest.raises(pm.ToolMissing, match="nvcc not found"):
+        pm.find_tools()
+
+
 def test_kernels_stay_within_spill_and_instruction_budgets():
     """The CI budget check: compiles csrc/kernels/*.cu for sm_90 (cached) and fails on a new violation."""
     try:
