@@ -1071,7 +1071,9 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
         why=(f"anchor: FLUX.1 VAE eager 89.9 ms on an H200 (GroupNorm+SiLU 46%) -> {eager * 1e3:.0f} ms "
              "eager on "
              f"an H100; ours: the same convs less the upsample fold, GroupNorm+SiLU {ours_gn * 1e3:.1f} ms "
-             f"(issue-bound apply, issue 21 item 1) instead of {gn_h200 * 4.8 / 3.35 * 1e3:.1f} ms"),
+             f"(issue-bound apply, issue 21 item 1) instead of {gn_h200 * 4.8 / 3.35 * 1e3:.1f} ms; the anchor "
+             f"puts the rest of the decode at {(conv_flops + attn_flops) / rest / H100.bf16_flops:.0%} of bf16 "
+             f"peak, well below the {CUDNN_EFFICIENCY:.0%} assumed for single convolutions"),
         after_fix_s=after,
         after_fix=(f"GroupNorm+SiLU at HBM speed ({ours_gn_fixed * 1e3:.1f} ms); the published fast path "
                    "reached 29.2 ms on an H200 with fused GroupNorm-conv and channels-last as well; a "
