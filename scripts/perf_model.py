@@ -188,12 +188,13 @@ KNOWN_VIOLATIONS = [
      "known over budget (issue 21 item 1): sample, channel and group recomputed per element with 64-bit "
      "division and modulo"),
     ("group_norm/elementwise_kernel<*>", "spill",
-     "known spill (issue 21 item 1): the per-element 64-bit index math"),
+     "known spill (issue 21 item 1): registers saved around the per-element 64-bit division calls"),
     ("group_norm/reduce_c?_kernel<*, false, *>", "instructions",
      "known over budget (issue 21 items 1-2, found by the static model): 2-byte scalar loads and a Welford "
      "division per element in the statistics pass"),
     ("group_norm/reduce_cf_kernel<fp32, true, silu>", "spill",
-     "known spill (issue 21 items 1-2, found by the static model): the backward reduction's SiLU gradient"),
+     "known spill (issue 21 items 1-2, found by the static model): registers saved around the division "
+     "calls of the backward reduction's SiLU gradient"),
     ("group_norm_conv/group_norm_conv3x3_kernel<*>", "spill",
      "known spill (issue 21 item 6): the 128-register cap of __launch_bounds__(256, 2)"),
     ("nearest_code/simt_kernel<*>", "spill",
@@ -1071,8 +1072,9 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
         why=(f"anchor: FLUX.1 VAE eager 89.9 ms on an H200 (GroupNorm+SiLU 46%) -> {eager * 1e3:.0f} ms "
              "eager on "
              f"an H100; ours: the same convs less the upsample fold, GroupNorm+SiLU {ours_gn * 1e3:.1f} ms "
-             f"(issue-bound apply, issue 21 item 1) instead of {gn_h200 * 4.8 / 3.35 * 1e3:.1f} ms; the anchor "
-             f"puts the rest of the decode at {(conv_flops + attn_flops) / rest / H100.bf16_flops:.0%} of bf16 "
+             f"(issue-bound apply, issue 21 item 1) instead of {gn_h200 * 4.8 / 3.35 * 1e3:.1f} ms; "
+             f"the anchor puts the rest of the decode at "
+             f"{(conv_flops + attn_flops) / rest / H100.bf16_flops:.0%} of bf16 "
              f"peak, well below the {CUDNN_EFFICIENCY:.0%} assumed for single convolutions"),
         after_fix_s=after,
         after_fix=(f"GroupNorm+SiLU at HBM speed ({ours_gn_fixed * 1e3:.1f} ms); the published fast path "
