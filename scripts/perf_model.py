@@ -889,6 +889,11 @@ def _nearest_code_rows(kernels) -> list["Prediction"]:
             if dt == "fp32":
                 peers["cdist_argmin"] = {"s": gemm + hbm_s(3 * elem * n * k) + 4 * EAGER_OP_S,
                                          "model": "cdist (GEMM form, sqrt pass) + argmin"}
+            # FAISS-GPU brute force (not in the CUDA bench: no faiss-gpu wheel): a GEMM per query tile, fp32
+            # distance tiles too large for L2 written and re-read by its k-select
+            peers["faiss_gpu"] = {"s": gemm + hbm_s(8 * n * k),
+                                  "model": "GEMM + fp32 N x K distance tiles written and read "
+                                           "(not benchmarked)"}
             rows.append(Prediction(
                 id=f"nearest_code_{name}_{dt}", workload=f"N={n} D={d} K={k}", dtype=dt,
                 kernels=f"nearest_code: code_keys, {path}, finish_rows",
