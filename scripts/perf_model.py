@@ -1220,6 +1220,25 @@ def write_outputs(kernels, rows, tools, result: CheckResult) -> None:
     DOC_PATH.write_text(text)
 
 
+def outdated_outputs(kernels: list[KernelStatic], model_path: Path = JSON_PATH) -> list[str]:
+    """Kernels whose static columns differ from the committed JSON: the doc and JSON need ``--write``."""
+    if not model_path.exists():
+        return [f"{model_path.name} is missing"]
+    keys = ("registers", "spill_store_bytes", "spill_load_bytes", "static_smem_bytes")
+    committed = {k["name"]: k for k in json.loads(model_path.read_text())["kernels"]}
+    out = []
+    for k in kernels:
+        old = committed.pop(k.name, None)
+        new_vec = (k.loop or {}).get("path_per_vector")
+        if old is None:
+            out.append(f"{k.name}: new kernel")
+        elif any(old[key] != getattr(k, key) for key in keys) or (old.get("loop") or {}).get(
+                "path_per_vector") != new_vec:
+            out.append(f"{k.name}: static columns changed")
+    out += [f"{name}: no longer compiled" for name in committed]
+    return out
+
+
 def compare(results_path: Path, model_path: Path = JSON_PATH, out=print) -> int:
     """Measured (``fastlatent bench`` results.json) against predicted, per modelled workload."""
     results = json.loads(Path(results_path).read_text())
@@ -1274,6 +1293,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"occ {k.occupancy:.0%} instr/16B {loop.get('path_per_vector', '-')}")
     missing = unmatched_patterns(kernels)
     print(check_report(result))
+    if not args.write:
+        outdated = outdated_outputs(kernels)
+        if outdated:
+            print(f"- {JSON_PATH.name} and {DOC_PATH.name} are out of date for {len(outdated)} kernel(s) "
+                  f"(e.g. {outdated[0]}): run `python scripts/perf_model.py --write`")
     for m in missing:
         print(f"- table pattern matches no kernel: {m}")
     if args.check and (result.failures or missing):

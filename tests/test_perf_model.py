@@ -153,6 +153,19 @@ def test_compare_matches_bench_results_to_predictions(tmp_path):
     assert lines[-1].startswith("1 measured")
 
 
+def test_outdated_outputs_names_changed_kernels(tmp_path):
+    model = {"kernels": [{"name": "u/a", "registers": 32, "spill_store_bytes": 0, "spill_load_bytes": 0,
+                          "static_smem_bytes": 0, "loop": {"path_per_vector": 30.0}},
+                         {"name": "u/gone", "registers": 8, "spill_store_bytes": 0, "spill_load_bytes": 0,
+                          "static_smem_bytes": 0, "loop": None}]}
+    path = tmp_path / "model.json"
+    path.write_text(json.dumps(model))
+    same, changed = _kernel("u/a", per_vector=30.0), _kernel("u/a", per_vector=31.0)
+    assert pm.outdated_outputs([same], path) == ["u/gone: no longer compiled"]
+    assert pm.outdated_outputs([changed, _kernel("u/new")], path) == [
+        "u/a: static columns changed", "u/new: new kernel", "u/gone: no longer compiled"]
+
+
 def test_missing_toolkit_is_named_in_the_error(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     for var in ("CUDA_HOME", "CUDA_PATH"):
