@@ -47,6 +47,15 @@ step_bench() {
   dir=$(mktemp -d)
   $python -m fastlatent bench --device cuda ${BENCH:---quick} --out "$dir/results" 2>&1 | tee "$out/bench.log" | tail -3
   tar czf "$out/bench-cuda.tgz" -C "$dir" results
+  step_predicted "$dir/results/results.json"
+}
+
+# Measured vs predicted per modelled workload (docs/performance-model.md): the first GPU run scores the model.
+# The bench step runs it; alone: RESULTS=<bench dir>/results.json bash scripts/gpu_validate.sh predicted
+step_predicted() {
+  local results=${1:-${RESULTS:-}}
+  [ -f "$results" ] || { echo "no bench results.json to compare with the model (${results:-unset})"; return 0; }
+  $python scripts/perf_model.py --compare "$results" 2>&1 | tee "$out/predicted-vs-measured.log"
 }
 
 # Nsight Compute summaries (throughput, occupancy, limiter) of the kernels with bandwidth or tensor-core targets,
@@ -79,6 +88,7 @@ case "${1:-all}" in
   sanitize) step_sanitize ;;
   bench) step_bench ;;
   profile) step_profile ;;
+  predicted) step_predicted ;;
   all) step_build && step_test; step_sanitize; step_bench; step_profile ;;
-  *) echo "gpu_validate.sh: expected build, test, sanitize, bench, profile or all, got $1" >&2; exit 2 ;;
+  *) echo "gpu_validate.sh: expected build, test, sanitize, bench, profile, predicted or all, got $1" >&2; exit 2 ;;
 esac
