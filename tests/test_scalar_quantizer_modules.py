@@ -21,18 +21,25 @@ def test_fsq_module_shapes_projection_and_round_trip():
     assert q.codebook_size == 1000 and q.implicit_codebook.shape == (1000, 4)
 
 
-def test_channel_first_is_explicit():
-    q = FSQ([8, 5, 5, 5], dim=6, channel_first=True)
+def test_layout_follows_vector_quantize_pytorch():
+    # 4+ dims: channel-first; 3 dims: channel-last unless channel_first=True; LFQ(channel_first=False)
+    # opts out
+    q = FSQ([8, 5, 5, 5], dim=6)
     x = torch.randn(2, 6, 5, 7)
     out, idx = q(x)
     assert out.shape == x.shape and idx.shape == (2, 5, 7)
     torch.testing.assert_close(q.indices_to_codes(idx), out)
-    # the same module on channel-last data gives the same codes
-    q.channel_first = False
-    out_last, idx_last = q(x.movedim(1, -1))
-    assert torch.equal(idx_last, idx)
-    with pytest.raises(ValueError, match="expected 6 features in the last dim"):
-        q(x)
+    out_last, idx_last = q(x.movedim(1, -1).reshape(2, 35, 6))
+    assert torch.equal(idx_last.reshape(2, 5, 7), idx)
+    q.channel_first = True
+    out_cf, idx_cf = q(x.reshape(2, 6, 35))
+    assert torch.equal(idx_cf.reshape(2, 5, 7), idx) and out_cf.shape == (2, 6, 35)
+    torch.testing.assert_close(q.indices_to_codes(idx_cf), out_cf)
+    with pytest.raises(ValueError, match="expected 6 features in dim 1"):
+        q(torch.randn(2, 5, 7, 6))
+    lfq = LFQ(dim=6, channel_first=False)
+    assert lfq(torch.randn(2, 5, 7, 6)).quantized.shape == (2, 5, 7, 6)
+    assert LFQ(dim=6)(torch.randn(2, 6, 5, 7)).indices.shape == (2, 5, 7)
 
 
 def test_module_argument_errors():
