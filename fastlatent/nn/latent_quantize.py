@@ -26,8 +26,9 @@ class LatentQuantize(nn.Module):
     Differs from vqp: ``indices`` are int64 mixed-radix indices of the chosen value positions (vqp
     derives them from the values themselves, which is the same at initialisation but drifts, or
     truncates to the level below, once values move or are inexact, e.g. 7 levels); ``indices_to_codes``
-    returns the codes of the initial grid, as vqp. ``in_place_codebook_optimizer`` is refused: vqp
-    1.32's forward fails with it (``optimize_values`` is never stored).
+    returns the codes of the initial grid, as vqp, and NaN for indices outside ``[0, codebook_size)``
+    (vqp wraps them around). ``in_place_codebook_optimizer`` is refused: vqp 1.32's forward fails
+    with it (``optimize_values`` is never stored).
     """
 
     def __init__(self, levels: list[int] | int, dim: int, commitment_loss_weight: float | None = 0.1,
@@ -89,7 +90,11 @@ class LatentQuantize(nn.Module):
         return (level_indices - half_width) / half_width / 2
 
     def indices_to_level_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return (indices.long()[..., None] // self._basis) % self._levels
+        """Per-dim level positions ``[..., codebook_dim]``; -1 for indices outside ``[0, codebook_size)``."""
+        indices = indices.long()
+        valid = (indices >= 0) & (indices < self.codebook_size)
+        levels = (indices[..., None] // self._basis) % self._levels
+        return levels.masked_fill(~valid[..., None], -1)
 
     def quantize_with_indices(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest value per latent dim of ``z [..., codebook_dim]``: (straight-through values, positions)."""
@@ -113,7 +118,8 @@ class LatentQuantize(nn.Module):
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
         """Grid codes of ``indices``, projected out, channel-first ``[B, d, ...]`` (as vqp)."""
-        codes = self._grid_codes(self.indices_to_level_indices(indices))
+        level_indices = self.indices_to_level_indices(indices)
+        codes = self._grid_codes(level_indices).masked_fill(level_indices < 0, float("nan"))
         if self.keep_num_codebooks_dim:
             codes = codes.flatten(-2)
         if project_out:

@@ -244,22 +244,25 @@ class FSQ(_ScalarQuantizerBase):
 
     # vqp's formulas, for the options the fused kernel does not cover ------------------------
 
+    # The constants below are float32 or int32 tensors, as in vqp, so half-precision inputs are
+    # promoted exactly where vqp's are (its bound runs in float32, its symmetric bracket in the
+    # input dtype).
+
     def bound(self, z: torch.Tensor, eps: float = 1e-3, hard_clamp: bool = False) -> torch.Tensor:
         """vqp's bound and straight-through round: normalised codes of ``z [..., d]`` (plain PyTorch)."""
-        levels = self._levels.to(z.dtype)
-        half_l = (levels - 1) * (1 + eps) / 2
-        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0).to(z.dtype)
+        half_l = (self._levels - 1) * (1 + eps) / 2
+        offset = torch.where(self._levels % 2 == 0, 0.5, 0.0)
         if hard_clamp:
             bounded = (z + offset / half_l).clamp(-1.0, 1.0) * half_l - offset
         else:
             bounded = torch.tanh(z + torch.atanh(offset / half_l)) * half_l - offset
-        return _round_ste(bounded) / (self._levels // 2).to(z.dtype)
+        return _round_ste(bounded) / (self._levels // 2)
 
     def symmetry_preserving_bound(self, z: torch.Tensor, hard_clamp: bool = False) -> torch.Tensor:
         """vqp's symmetric bound (arXiv:2411.19842, section 3.2) with a straight-through floor."""
-        levels_minus_1 = (self._levels - 1).to(z.dtype)
+        levels_minus_1 = self._levels - 1
         squashed = z.clamp(-1.0, 1.0) if hard_clamp else torch.tanh(z)
-        bracket = _floor_ste(levels_minus_1 * (squashed + 1) / 2 + 0.5)
+        bracket = _floor_ste(levels_minus_1 * (squashed + 1) / 2.0 + 0.5)
         # vqp writes 2 / (L - 1) * k - 1 (two roundings); (2k - (L - 1)) / (L - 1) is the exact code
         # rounded once, as the kernel and indices_to_codes form it, with the same gradient
         return (2 * bracket - levels_minus_1) / levels_minus_1
