@@ -511,6 +511,27 @@ def test_latent_quantize_refuses_the_in_place_optimizer():
         fl.LatentQuantize([5, 5], dim=2, in_place_codebook_optimizer=torch.optim.SGD)
 
 
+# --------------------------------------------------------------------------------- checkpoints
+
+STATE_CASES = [
+    ("FSQ", dict(levels=[8, 5], dim=16, orthogonal_rotation=True)),
+    ("LFQ", dict(dim=16, codebook_size=2**6, orthogonal_rotation=True, cosine_sim_project_in=True)),
+    ("ResidualFSQ", dict(levels=[8, 5], num_quantizers=3, dim=16)),
+    ("ResidualLFQ", dict(dim=16, codebook_size=16, num_quantizers=3)),
+    ("GroupedResidualFSQ", dict(dim=16, groups=2, levels=[8, 5], num_quantizers=2)),
+    ("GroupedResidualLFQ", dict(dim=16, groups=2, codebook_size=16, num_quantizers=2)),
+    ("LatentQuantize", dict(levels=[5, 5], dim=8)),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", STATE_CASES, ids=[c[0] for c in STATE_CASES])
+def test_vqp_checkpoints_load(vqp, name, kwargs):
+    theirs, ours = getattr(vqp, name)(**kwargs), getattr(fl, name)(**kwargs)
+    assert sorted(ours.state_dict()) == sorted(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+
+
 # ------------------------------------------------------------------- one rule for invalid indices
 
 

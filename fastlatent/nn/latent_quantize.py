@@ -23,12 +23,12 @@ class LatentQuantize(nn.Module):
     in training (0 in eval). ``values_per_latent`` are parameters when ``optimize_values`` (train them
     with your optimiser), fixed tensors otherwise.
 
-    Differs from vqp: ``indices`` are int64 mixed-radix indices of the chosen value positions (vqp
-    derives them from the values themselves, which is the same at initialisation but drifts, or
-    truncates to the level below, once values move or are inexact, e.g. 7 levels); ``indices_to_codes``
-    returns the codes of the initial grid, as vqp, and NaN for indices outside ``[0, codebook_size)``
-    (vqp wraps them around). ``in_place_codebook_optimizer`` is refused: vqp 1.32's forward fails
-    with it (``optimize_values`` is never stored).
+    Differs from vqp: ``indices`` are int64, the mixed-radix index of the chosen value positions (vqp
+    derives it from the chosen values through the initial grid: the same while the values sit on it);
+    ``indices_to_codes`` returns the current ``values_per_latent`` at those positions (vqp: the initial
+    grid, which for e.g. 7 levels differs from the forward's values in the last bit), and NaN for
+    indices outside ``[0, codebook_size)`` (vqp wraps them around). ``in_place_codebook_optimizer`` is
+    refused: vqp 1.32's forward fails with it (``optimize_values`` is never stored).
     """
 
     def __init__(self, levels: list[int] | int, dim: int, commitment_loss_weight: float | None = 0.1,
@@ -117,9 +117,13 @@ class LatentQuantize(nn.Module):
         return F.mse_loss(z.detach(), zhat, reduction=reduce)
 
     def indices_to_codes(self, indices: torch.Tensor, project_out: bool = True) -> torch.Tensor:
-        """Grid codes of ``indices``, projected out, channel-first ``[B, d, ...]`` (as vqp)."""
+        """Codes (values) of ``indices``, projected out, channel-first ``[B, d, ...]`` (as vqp)."""
         level_indices = self.indices_to_level_indices(indices)
-        codes = self._grid_codes(level_indices).masked_fill(level_indices < 0, float("nan"))
+        valid = level_indices >= 0
+        positions = level_indices.clamp_min(0)
+        codes = torch.stack([self.values_per_latent[i].to(indices.device)[positions[..., i]]
+                             for i in range(self.codebook_dim)], dim=-1)
+        codes = codes.detach().masked_fill(~valid, float("nan"))
         if self.keep_num_codebooks_dim:
             codes = codes.flatten(-2)
         if project_out:

@@ -107,6 +107,8 @@ class ResidualFSQ(_ResidualBase):
                  soft_clamp_input_value: float | list[float] | torch.Tensor | None = None,
                  bound_hard_clamp: bool = True, **kwargs):
         super().__init__()
+        if num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
         if kwargs.get("return_indices", True) is not True:
             raise ValueError("ResidualFSQ needs return_indices=True (it returns the indices of every layer)")
         for name in ("preserve_symmetry", "dim"):
@@ -262,6 +264,8 @@ class ResidualLFQ(_ResidualBase):
                  quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
                  soft_clamp_input_value: float | None = None, **kwargs):
         super().__init__()
+        if num_quantizers < 1:
+            raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
         for name in ("dim", "codebook_scale"):
             if name in kwargs:
                 raise ValueError(f"ResidualLFQ sets {name} of its LFQ layers itself; do not pass it")

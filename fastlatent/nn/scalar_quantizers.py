@@ -474,6 +474,11 @@ class LFQ(_ScalarQuantizerBase):
             x = x[keep.to(x.device)]
         if self._factorized_entropy():
             return self._factorized_entropy_terms(x, inv_temperature)
+        if self.codebook_dim > MAX_ENTROPY_DIMS:
+            raise ValueError(f"{type(self).__name__}: the entropy loss in training needs codebook_dim <= "
+                             f"{MAX_ENTROPY_DIMS} (its codebook entropy keeps 2^d probabilities), got "
+                             f"{self.codebook_dim}; use num_codebooks > 1 with smaller codebooks, or BSQ (its "
+                             "factorised entropy), or run in eval mode")
         per_sample, batch = [], []
         for c in range(self.num_codebooks):
             ps, avg = lfq_entropy(x[:, c], self.code_value, inv_temperature)
