@@ -168,9 +168,6 @@ class _ScalarQuantizerBase(nn.Module):
             indices = indices[..., None]
         return indices, bool(channel_first or is_img_or_video)
 
-    def _buffer_device(self) -> torch.device:
-        return self._device_probe.device
-
     def usage(self, indices: torch.Tensor) -> CodebookUsage:
         """Fraction of the implicit codebook used and perplexity (pooled over codebooks)."""
         return codebook_usage(indices, self.codebook_size)
@@ -237,10 +234,6 @@ class FSQ(_ScalarQuantizerBase):
 
     def _moves_channels(self, ndim: int) -> bool:
         return bool(self.channel_first) or ndim >= 4
-
-    @property
-    def _device_probe(self) -> torch.Tensor:
-        return self._levels
 
     # vqp's formulas, for the options the fused kernel does not cover ------------------------
 
@@ -332,7 +325,7 @@ class FSQ(_ScalarQuantizerBase):
     @property
     def implicit_codebook(self) -> torch.Tensor:
         """All ``codebook_size`` codes, ``[codebook_size, len(levels)]`` (built on demand)."""
-        idx = torch.arange(self.codebook_size, device=self._buffer_device())
+        idx = torch.arange(self.codebook_size, device=self._levels.device)
         return fsq_indices_to_codes(idx, self.levels, self.preserve_symmetry)
 
     def indices_to_codes(self, indices: torch.Tensor) -> torch.Tensor:
@@ -420,10 +413,6 @@ class LFQ(_ScalarQuantizerBase):
 
     def _moves_channels(self, ndim: int) -> bool:
         return ndim >= 4 if self.channel_first is None else bool(self.channel_first)
-
-    @property
-    def _device_probe(self) -> torch.Tensor:
-        return self.mask
 
     @property
     def code_value(self) -> float:
