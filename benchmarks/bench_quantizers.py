@@ -478,3 +478,124 @@ def test_bsq_fwd_bwd_cpu(bench, provider, case):
     ((q * g.double()).sum() + per_sample.mean() - avg.sum()).backward()
     torch.testing.assert_close(grad.double(), z64.grad, rtol=1e-3, atol=1e-5)
     bench.run(step)
+
+
+# ------------------------------------------------------------- residual FSQ / LFQ, spherical LFQ
+
+def _vqp_module(name, **kwargs):
+    return getattr(peer("vector_quantize_pytorch", "vector-quantize-pytorch"), name)(**kwargs)
+
+
+def _scalar_module(provider, name, seed=0, **kwargs):
+    """The same module from fastlatent.nn or vqp, built from one seed (so both get the same weights)."""
+    torch.manual_seed(seed)
+    if provider == "fastlatent":
+        return getattr(fastlatent.nn, name)(**kwargs)
+    return _vqp_module(name, **kwargs)
+
+
+def _reference_indices_of(name, x, **kwargs):
+    """The other provider's indices on the same input, for the correctness check."""
+    torch.manual_seed(0)
+    module = getattr(fastlatent.nn, name)(**kwargs).train()
+    with torch.no_grad():
+        return module(x)[1]
+
+
+RFSQ_CASES = [
+    # an encoder emitting len(levels) channels: 16 latents of 64x64, 8 quantizers of [8,5,5,5]
+    pytest.param((16, 4096, 4, 8), id="B16_N4096_D4_q8"),
+    # with 256 -> 4 projections, whose matmuls (the same in both providers) dominate on the CPU
+    pytest.param((4, 1024, 256, 8), id="B4_N1024_D256_q8", marks=pytest.mark.full),
+]
+
+
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", RFSQ_CASES)
+def test_residual_fsq_fwd_bwd_cpu(bench, provider, case):
+    """ResidualFSQ (default hard-clamped symmetric layers) forward + backward through the projections."""
+    b, n, dim, q = case
+    kwargs = dict(levels=[8, 5, 5, 5], num_quantizers=q, dim=dim)
+    bench.describe(op="ResidualFSQ fwd+bwd", case=f"B={b} N={n} D={dim} q={q} levels [8,5,5,5]",
+                   provider=provider, device=CPU, dtype=torch.float32, sizes={"n": b * n, "d": dim})
+    module = _scalar_module(provider, "ResidualFSQ", **kwargs).train()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, dim, generator=gen).requires_grad_()
+    g = torch.randn(b, n, dim, generator=gen)
+
+    def step():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        out, idx = module(x)
+        (out * g).sum().backward()
+        return idx
+
+    idx = step()
+    assert torch.equal(idx.long(), _reference_indices_of("ResidualFSQ", x.detach(), **kwargs))
+    bench.run(step)
+
+
+RLFQ_CASES = [
+    pytest.param((4, 256, 256, 10, 4), id="B4_N256_D256_d10_q4"),
+    pytest.param((4, 1024, 256, 12, 4), id="B4_N1024_D256_d12_q4", marks=pytest.mark.full),
+]
+
+
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", RLFQ_CASES)
+def test_residual_lfq_fwd_bwd_cpu(bench, provider, case):
+    """ResidualLFQ in training (each layer's entropy loss) forward + backward."""
+    b, n, dim, d, q = case
+    kwargs = dict(dim=dim, codebook_size=2**d, num_quantizers=q)
+    bench.describe(op="ResidualLFQ + entropy losses fwd+bwd", case=f"B={b} N={n} D={dim} d={d} q={q}",
+                   provider=provider, device=CPU, dtype=torch.float32, sizes={"n": b * n, "d": dim})
+    module = _scalar_module(provider, "ResidualLFQ", **kwargs).train()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, dim, generator=gen).requires_grad_()
+    g = torch.randn(b, n, dim, generator=gen)
+
+    def step():
+        x.grad = None
+        module.zero_grad(set_to_none=True)
+        out, idx, losses = module(x)
+        ((out * g).sum() + losses.sum()).backward()
+        return idx
+
+    idx = step()
+    assert torch.equal(idx.long(), _reference_indices_of("ResidualLFQ", x.detach(), **kwargs))
+    bench.note(theoretical_extra_bytes=(q * b * n * 2**d * 4 if provider != "fastlatent" else q * 2**d * 8),
+               footprint_note="vqp: an N x 2^d soft assignment per layer; fastlatent: 2^d per thread")
+    bench.run(step)
+
+
+SPHERICAL_CASES = [
+    pytest.param((1, 1024, 14), id="B1_N1024_d14"),
+    pytest.param((4, 1024, 14), id="B4_N1024_d14", marks=pytest.mark.full),
+]
+
+
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", SPHERICAL_CASES)
+def test_lfq_spherical_fwd_bwd_cpu(bench, provider, case):
+    """LFQ(spherical=True), i.e. BSQ, with its entropy and commitment losses, forward + backward."""
+    b, n, d = case
+    kwargs = dict(dim=d, spherical=True, commitment_loss_weight=0.25)
+    bench.describe(op="LFQ(spherical) + losses fwd+bwd", case=f"B={b} N={n} d={d}", provider=provider,
+                   device=CPU, dtype=torch.float32, sizes={"n": b * n, "d": d})
+    module = _scalar_module(provider, "LFQ", **kwargs).train()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(b, n, d, generator=gen).requires_grad_()
+    g = torch.randn(b, n, d, generator=gen)
+
+    def step():
+        x.grad = None
+        out, idx, aux = module(x)
+        ((out * g).sum() + aux).backward()
+        return idx, aux
+
+    idx, aux = step()
+    assert torch.equal(idx.long(), reference.lfq_quantize(x.detach())[1])
+    torch.manual_seed(0)
+    ours = fastlatent.nn.LFQ(**kwargs).train()
+    torch.testing.assert_close(aux.detach(), ours(x.detach())[2], rtol=2e-2, atol=1e-4)  # vqp: 1e-5 log clamp
+    bench.run(step)

@@ -21,18 +21,25 @@ def test_fsq_module_shapes_projection_and_round_trip():
     assert q.codebook_size == 1000 and q.implicit_codebook.shape == (1000, 4)
 
 
-def test_channel_first_is_explicit():
-    q = FSQ([8, 5, 5, 5], dim=6, channel_first=True)
+def test_layout_follows_vector_quantize_pytorch():
+    # 4+ dims: channel-first; 3 dims: channel-last unless channel_first=True; LFQ(channel_first=False)
+    # opts out
+    q = FSQ([8, 5, 5, 5], dim=6)
     x = torch.randn(2, 6, 5, 7)
     out, idx = q(x)
     assert out.shape == x.shape and idx.shape == (2, 5, 7)
     torch.testing.assert_close(q.indices_to_codes(idx), out)
-    # the same module on channel-last data gives the same codes
-    q.channel_first = False
-    out_last, idx_last = q(x.movedim(1, -1))
-    assert torch.equal(idx_last, idx)
-    with pytest.raises(ValueError, match="expected 6 features in the last dim"):
-        q(x)
+    out_last, idx_last = q(x.movedim(1, -1).reshape(2, 35, 6))
+    assert torch.equal(idx_last.reshape(2, 5, 7), idx)
+    q.channel_first = True
+    out_cf, idx_cf = q(x.reshape(2, 6, 35))
+    assert torch.equal(idx_cf.reshape(2, 5, 7), idx) and out_cf.shape == (2, 6, 35)
+    torch.testing.assert_close(q.indices_to_codes(idx_cf), out_cf)
+    with pytest.raises(ValueError, match="expected 6 features in dim 1"):
+        q(torch.randn(2, 5, 7, 6))
+    lfq = LFQ(dim=6, channel_first=False)
+    assert lfq(torch.randn(2, 5, 7, 6)).quantized.shape == (2, 5, 7, 6)
+    assert LFQ(dim=6)(torch.randn(2, 6, 5, 7)).indices.shape == (2, 5, 7)
 
 
 def test_module_argument_errors():
@@ -70,6 +77,69 @@ def test_bsq_training_and_codes():
     assert br.batch_entropy <= 12 * math.log(2) + 1e-5
     (out.sum() + aux).backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_lfq_options_and_errors():
+    with pytest.raises(ValueError, match="codebook_dim <= 18"):
+        LFQ(dim=20)(torch.randn(2, 4, 20))
+    eval_lfq = LFQ(dim=20).eval()  # no entropy in eval: any size up to 62 bits
+    assert eval_lfq(torch.randn(2, 4, 20)).indices.shape == (2, 4)
+    with pytest.raises(ValueError, match="frac_per_sample_entropy"):
+        LFQ(dim=4, frac_per_sample_entropy=0.0)
+    with pytest.raises(ValueError, match="mask must cover"):
+        LFQ(dim=4)(torch.randn(2, 5, 4), mask=torch.ones(3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        LFQ(dim=4)(torch.randn(2, 5, 4), mask=torch.ones(2))
+    with pytest.raises(ValueError, match="noise_dropout > 0 needs preserve_symmetry"):
+        FSQ([8, 5], noise_dropout=0.1)
+    with pytest.raises(ValueError, match="spherical"):
+        BSQ(dim=4, spherical=False)
+    # a [B, H*W] mask for a channel-first image equals the [B, H, W] one
+    q = LFQ(dim=4)
+    x = torch.randn(2, 4, 3, 5)
+    mask = torch.rand(2, 3, 5) > 0.5
+    torch.testing.assert_close(q(x, mask=mask).entropy_aux_loss, q(x, mask=mask.reshape(2, 15)).entropy_aux_loss)
+
+
+def test_bsq_factorised_entropy_for_wide_codes():
+    q = BSQ(dim=24)
+    assert q.factorized_entropy
+    x = torch.randn(2, 8, 24, requires_grad=True)
+    (out, idx, aux), br = q(x, return_loss_breakdown=True)
+    assert br.batch_entropy <= 24 * math.log(2) + 1e-4 and torch.isfinite(aux)
+    aux.backward()
+    assert torch.isfinite(x.grad).all()
+    narrow = BSQ(dim=8, factorized_entropy=True)
+    exact = LFQ(dim=8, spherical=True)
+    xs = torch.randn(64, 8) * 0.1
+    _, br_f = narrow(xs[:, None], return_loss_breakdown=True)
+    _, br_e = exact(xs[:, None], return_loss_breakdown=True)
+    torch.testing.assert_close(br_f.per_sample_entropy, br_e.per_sample_entropy, rtol=1e-4, atol=1e-5)
+    assert br_f.batch_entropy >= br_e.batch_entropy - 1e-5  # the factorised estimate bounds it from above
+
+
+def test_residual_and_latent_quantizer_errors():
+    with pytest.raises(ValueError, match="num_quantizers must be >= 1"):
+        fastlatent.nn.ResidualFSQ(levels=[8, 5], num_quantizers=0)
+    with pytest.raises(ValueError, match="soft_clamp_input_value is set by bound_hard_clamp"):
+        fastlatent.nn.ResidualFSQ(levels=[8, 5], num_quantizers=2, soft_clamp_input_value=1.5)
+    with pytest.raises(ValueError, match="expected 6 features"):
+        fastlatent.nn.ResidualFSQ(levels=[8, 5], num_quantizers=2, dim=6)(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="sets codebook_scale"):
+        fastlatent.nn.ResidualLFQ(dim=4, codebook_size=16, num_quantizers=2, codebook_scale=0.5)
+    with pytest.raises(ValueError, match="divisible by groups"):
+        fastlatent.nn.GroupedResidualFSQ(dim=7, groups=2, levels=[8, 5], num_quantizers=2)
+    with pytest.raises(ValueError) as info:  # vqp raises a RuntimeError there: both are caught
+        fastlatent.nn.LatentQuantize(levels=5, dim=4)
+    assert isinstance(info.value, RuntimeError)
+    with pytest.raises(ValueError, match="expected channel-first input"):
+        fastlatent.nn.LatentQuantize([5, 5], dim=4)(torch.randn(2, 3, 4))
+
+
+def test_latent_quantize_round_trip_with_odd_levels():
+    q = fastlatent.nn.LatentQuantize(levels=[7, 7, 4], dim=3)
+    out, idx, loss = q(torch.randn(2, 3, 50))
+    assert torch.equal(q.indices_to_codes(idx), out)
 
 
 def test_codebook_usage():
