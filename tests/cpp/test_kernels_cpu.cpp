@@ -271,6 +271,37 @@ static void test_fsq() {
   }
 }
 
+// levels = [2^31] (the largest the binding admits): the level count survives (an int32 field
+// wraps to -2^31) and the extreme levels come out exact in both bounds.
+static void test_fsq_extreme_levels() {
+  const int64_t big[] = {int64_t{1} << 31};
+  for (const bool sym : {false, true}) {
+    FsqParams p;
+    fsq_make_constants(big, 1, sym, p);
+    CHECK(p.channel[0].levels == (int64_t{1} << 31), "levels field: %lld", static_cast<long long>(p.channel[0].levels));
+    CHECK(p.channel[0].half_width == (int64_t{1} << 30), "half width");
+    CHECK(p.codebook_size == (int64_t{1} << 31), "codebook size");
+    const double inf = std::numeric_limits<double>::infinity();
+    const double z[] = {-inf, inf, 0.0};
+    double z_hat[3];
+    int64_t indices[3];
+    p.rows = 3;
+    p.dtype = DType::kFloat64;
+    FsqForwardArgs args;
+    args.z = z;
+    args.z_hat = z_hat;
+    args.indices = indices;
+    CHECK(run_fsq_quantize_cpu(p, args).ok, "fsq status");
+    const int64_t want[] = {0, (int64_t{1} << 31) - 1, int64_t{1} << 30};
+    for (int i = 0; i < 3; ++i) {
+      CHECK(indices[i] == want[i], "sym=%d row %d: index %lld, want %lld", int(sym), i,
+            static_cast<long long>(indices[i]), static_cast<long long>(want[i]));
+    }
+    CHECK(z_hat[0] == -1.0 && z_hat[2] == (sym ? 1.0 / double((int64_t{1} << 31) - 1) : 0.0), "values %g %g",
+          z_hat[0], z_hat[2]);
+  }
+}
+
 static void test_lfq_entropy() {
   std::mt19937 gen(4);
   std::normal_distribution<float> normal(0.0f, 0.3f);
@@ -528,6 +559,7 @@ int main() {
   test_code_stats();
   test_ema_update();
   test_fsq();
+  test_fsq_extreme_levels();
   test_lfq_entropy();
   test_lfq_and_bsq_quantize();
   test_nearest_code();
