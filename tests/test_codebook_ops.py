@@ -108,12 +108,13 @@ def test_code_stats_atomic_counts_pass_two_to_the_24():
 
 def _cuobjdump():
     """The CUDA toolkit's cuobjdump, or the copy Triton ships; None without either."""
-    candidates = [shutil.which("cuobjdump"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin",
-                                                          "cuobjdump")]
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidates = [shutil.which("cuobjdump"), os.path.join(cuda_home, "bin", "cuobjdump")]
     try:
         import triton
 
-        candidates.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+        triton_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        candidates.append(os.path.join(triton_bin, "cuobjdump"))
     except ImportError:
         pass
     return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
@@ -130,11 +131,13 @@ def test_code_stats_atomic_kernel_counts_with_integer_atomics():
         pytest.skip("no cuobjdump (CUDA toolkit or Triton) to read the kernels")
     from fastlatent import _C
 
-    symbols = subprocess.run([tool, "-symbols", _C.__file__], capture_output=True, text=True, check=True).stdout
+    def run(*args):
+        return subprocess.run([tool, *args, _C.__file__], capture_output=True, text=True, check=True).stdout
+
+    symbols = run("-symbols")
     names = sorted(set(re.findall(r"_Z\w*atomic_stats_kernel\w*", symbols)))
     assert len(names) == 3, names  # fp32, fp16, bf16
-    sass = subprocess.run([tool, "-sass", "-fun", ",".join(names), _C.__file__], capture_output=True, text=True,
-                          check=True).stdout
+    sass = run("-sass", "-fun", ",".join(names))
     bodies = re.split(r"Function : ", sass)[1:]
     assert len(bodies) >= 2 * len(names), "expected SASS for every arch"
     for body in bodies:
