@@ -15,10 +15,10 @@
 // stride of one halo pixel, so each A fragment is one load_matrix_sync from the halo.
 #include <mma.h>
 
-#include <atomic>
 #include <cstdint>
 
 #include "cuda_utils.cuh"
+#include "kernel_arch.cuh"
 #include "group_norm_conv.h"
 
 namespace fastlatent {
@@ -244,27 +244,8 @@ cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
 }  // namespace
 
 cudaError_t group_norm_conv3x3_cuda_arch(int* arch) {
-  // Every instantiation comes from one source under one guard: one kernel stands for all.
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];  // arch + 1 once read; 0 before
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  const int known = cacheable ? cached[device].load(std::memory_order_relaxed) : 0;
-  if (known > 0) {
-    *arch = known - 1;
-    return cudaSuccess;
-  }
-  cudaFuncAttributes attr;
-  err = cudaFuncGetAttributes(&attr, group_norm_conv3x3_kernel<__half, Activation::kNone>);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // reported here; don't leave it for the next launch check
-    return err;
-  }
-  *arch = attr.ptxVersion;
-  if (cacheable) cached[device].store(attr.ptxVersion + 1, std::memory_order_relaxed);
-  return cudaSuccess;
+  // Every instantiation comes from one source under one guard: one stands for all.
+  return cuda::kernel_image_arch<group_norm_conv3x3_kernel<__half, Activation::kNone>>(arch);
 }
 
 cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& p, cudaStream_t stream) {

@@ -9,10 +9,11 @@
 //     block streams the codebook through shared memory in tiles of kSmallCodes codes, which
 //     every thread reads at the same address (a broadcast). d FMAs per key plus a compare.
 //   * tensor_core (fp16/bf16 with d % 8 == 0; fp32 with precision tf32 and d % 4 == 0; x and
-//     codebook 16-byte aligned; an image built for sm_80+, or sm_70+ for fp16): WMMA tiles of kTcRows x kTcCodes (8 warps, each 32 x 64 of fp32 accumulators), the
-//     dims staged through shared memory kTcDims at a time; after a code tile each warp
-//     parks one 16 x 16 accumulator at a time in shared memory and two lanes per row fold
-//     its keys into their running minimum.
+//     codebook 16-byte aligned; an image built for sm_80+, or sm_70+ for fp16: see
+//     nearest_code_cuda_path): WMMA tiles of kTcRows x kTcCodes (8 warps, each 32 x 64 of fp32
+//     accumulators), the dims staged through shared memory kTcDims at a time; after a code
+//     tile each warp parks one 16 x 16 accumulator at a time in shared memory and two lanes
+//     per row fold its keys into their running minimum.
 //   * simt (everything else, and fp32 by default: exact fp32 FMAs): 16 x 16 threads with a
 //     4 x 4 register tile each, x and code tiles of kBD dims transposed in shared memory.
 // Each path visits codes in increasing order per thread and reduces across threads with the
@@ -22,11 +23,11 @@
 // sm_90a) is measured work for a GPU session.
 #include <mma.h>
 
-#include <atomic>
 #include <cmath>
 #include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "kernel_arch.cuh"
 #include "nearest_code.h"
 
 namespace fastlatent {
@@ -430,35 +431,6 @@ tensor_core_kernel(const T* __restrict__ x, const T* __restrict__ codebook, cons
 
 // ------------------------------------------------------------------ dispatch
 
-// The architecture (PTX version, e.g. 80) that tensor_core_kernel<T>'s image for the current
-// device was compiled for: what decides whether its body is the WMMA search or a trap. Read once
-// per device (cudaFuncGetAttributes is a host-side query: no sync, no launch).
-template <typename T>
-cudaError_t tensor_core_arch(int& arch) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> cached[kMaxDevices];  // arch + 1 once read; 0 before
-  int device = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err != cudaSuccess) return err;
-  const bool cacheable = device >= 0 && device < kMaxDevices;
-  if (cacheable) {
-    const int known = cached[device].load(std::memory_order_relaxed);
-    if (known > 0) {
-      arch = known - 1;
-      return cudaSuccess;
-    }
-  }
-  cudaFuncAttributes attr;
-  err = cudaFuncGetAttributes(&attr, tensor_core_kernel<T>);
-  if (err != cudaSuccess) {
-    (void)cudaGetLastError();  // reported here; don't leave it for the next launch check
-    return err;
-  }
-  arch = attr.ptxVersion;
-  if (cacheable) cached[device].store(arch + 1, std::memory_order_relaxed);
-  return cudaSuccess;
-}
-
 template <typename T>
 cudaError_t launch_small_d(const NearestCodeParams& p, const T* x, const T* codebook, const float* alpha,
                            const float* beta, cudaStream_t stream) {
@@ -480,7 +452,8 @@ cudaError_t launch_typed(const NearestCodeParams& p, cudaStream_t stream) {
   const T* x = static_cast<const T*>(p.x);
   const T* codebook = static_cast<const T*>(p.codebook);
   int arch = 0;
-  cudaError_t err = p.d > 32 ? tensor_core_arch<T>(arch) : cudaSuccess;
+  // Which tensor-core kernel body this device runs: the WMMA search or the trap.
+  cudaError_t err = p.d > 32 ? cuda::kernel_image_arch<tensor_core_kernel<T>>(&arch) : cudaSuccess;
   if (err != cudaSuccess) return err;
   const NearestCodeCudaPath path = nearest_code_cuda_path(p, arch);
 
