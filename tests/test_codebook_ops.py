@@ -1,5 +1,10 @@
 """code_stats and ema_update_ semantics: skipping, determinism, gradients, peer parity."""
 
+import os
+import re
+import shutil
+import subprocess
+
 import pytest
 import torch
 
@@ -88,6 +93,57 @@ def test_ema_update_fp16_codebook(device):
     expected = embed_sum / ((cluster_size + 1e-5) / (n + k * 1e-5) * n)[:, None]
     assert codebook.dtype == torch.float16
     torch.testing.assert_close(codebook, expected.half())
+
+
+@pytest.mark.cuda
+def test_code_stats_atomic_counts_pass_two_to_the_24():
+    # A float counter incremented by atomicAdd(1.0f) stops at 2^24; the counts are integers until the end.
+    n = 2**24 + 6  # representable in fp32 (even), so the count is exact
+    indices = torch.zeros(n, dtype=torch.long, device="cuda")
+    indices[:4] = 1
+    counts, sums = ops.code_stats(torch.ones(n, 1, device="cuda"), indices, 3, deterministic=False)
+    assert counts.tolist() == [n - 4, 4, 0]
+    assert sums[1].item() == 4.0
+
+
+def _cuobjdump():
+    """The CUDA toolkit's cuobjdump, or the copy Triton ships; None without either."""
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    candidates = [shutil.which("cuobjdump"), os.path.join(cuda_home, "bin", "cuobjdump")]
+    try:
+        import triton
+
+        triton_bin = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        candidates.append(os.path.join(triton_bin, "cuobjdump"))
+    except ImportError:
+        pass
+    return next((c for c in candidates if c and os.access(c, os.X_OK)), None)
+
+
+def test_code_stats_atomic_kernel_counts_with_integer_atomics():
+    # Static check of the compiled kernels, so it runs without a GPU (the cuda test above executes them):
+    # in every atomic_stats_kernel, per arch and dtype, the sums take the one float atomic add and the
+    # counts an integer one (a float counter stops at 2^24).
+    if not fastlatent.build_info()["cuda"]:
+        pytest.skip("built without CUDA kernels")
+    tool = _cuobjdump()
+    if tool is None:
+        pytest.skip("no cuobjdump (CUDA toolkit or Triton) to read the kernels")
+    from fastlatent import _C
+
+    def run(*args):
+        return subprocess.run([tool, *args, _C.__file__], capture_output=True, text=True, check=True).stdout
+
+    symbols = run("-symbols")
+    names = sorted(set(re.findall(r"_Z\w*atomic_stats_kernel\w*", symbols)))
+    assert len(names) == 3, names  # fp32, fp16, bf16
+    sass = run("-sass", "-fun", ",".join(names))
+    bodies = re.split(r"Function : ", sass)[1:]
+    assert len(bodies) >= 2 * len(names), "expected SASS for every arch"
+    for body in bodies:
+        adds = re.findall(r"\b(?:RED|REDG|ATOM|ATOMG)\.E\.ADD[\w.]*", body)
+        assert sum(".F32" in a for a in adds) == 1, (body.split()[0], adds)
+        assert sum(".F" not in a for a in adds) == 1, (body.split()[0], adds)
 
 
 @pytest.mark.cuda

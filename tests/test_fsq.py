@@ -142,6 +142,42 @@ def test_large_levels_take_the_fp64_path():
     assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1])
 
 
+@pytest.mark.parametrize("levels", [[2**31], [2**25 + 1], [2**24 + 1, 127], [2, 2**30]], ids=str)
+@pytest.mark.parametrize("preserve_symmetry", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_extreme_levels_are_exact(device, levels, preserve_symmetry, dtype):
+    # Past 2^24 levels a float cannot hold the level: the fp64 path must keep it an integer, and
+    # L = 2^31 must not overflow a 32-bit level anywhere (bound, clamp, value, index, codes).
+    if device.type == "cuda" and dtype == torch.float64:
+        pytest.skip("float64 is CPU-only")
+    z = torch.cat([torch.linspace(-4, 4, 4001, dtype=torch.float64), torch.tensor([-1e30, 1e30, 0.0])])
+    z = torch.cat([z, torch.tensor([-math.inf, math.inf], dtype=torch.float64)]).to(dtype)
+    z = z[:, None].expand(-1, len(levels)).contiguous()
+    z[:, -1] = z[:, -1].flip(0)
+    ours = fastlatent.fsq_quantize(z.to(device), levels, preserve_symmetry)
+    ref = reference.fsq_quantize(z, levels, preserve_symmetry)
+    assert torch.equal(ours[1].cpu(), ref[1])
+    assert torch.equal(ours[0].cpu(), ref[0])
+    top = math.prod(levels) - 1
+    assert int(ref[1].min()) >= 0 and int(ref[1].max()) <= top
+    # Every channel reaches its bottom and top level (the +-inf rows).
+    basis = torch.tensor([math.prod(levels[:i]) for i in range(len(levels))])
+    k = (ours[1].cpu()[:, None] // basis) % torch.tensor(levels)
+    assert k.amin(0).tolist() == [0] * len(levels) and k.amax(0).tolist() == [L - 1 for L in levels]
+    codes = fastlatent.fsq_indices_to_codes(ours[1], levels, preserve_symmetry, dtype=dtype)
+    assert torch.equal(codes.cpu(), ref[0])
+
+
+def test_levels_product_overflow_is_an_error():
+    # The product 2 * 2^62 overflows int64: the op itself (not only the Python wrapper) must refuse it.
+    z = torch.zeros(2, 2)
+    for op in (torch.ops.fastlatent.fsq_quantize.default, fastlatent.fsq_quantize):
+        with pytest.raises(ValueError, match="product of levels"):
+            op(z, [2, 2**62])
+    with pytest.raises(ValueError, match="product of levels"):
+        torch.ops.fastlatent.fsq_indices_to_codes.default(torch.zeros(2, dtype=torch.long), [2**62, 4])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_deterministic_and_thread_count_independent(dtype):
     z = (torch.randn(50000, 6) * 2).to(dtype)

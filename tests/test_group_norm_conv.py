@@ -121,6 +121,41 @@ def test_fused_is_deterministic_and_handles_large_means():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_fused_normalises_off_centre_inputs_without_cancellation(dtype):
+    # x = offset + ulp * j, j in -2..2 equally often in every group: |mean| / std is ~700 (fp16) or ~90
+    # (bf16), as far off centre as the dtype can hold a spread, and the elements with j = 0 sit on the
+    # mean. With an identity 3x3 conv (centre tap) the output is the activation rounded once to the
+    # dtype. x * scale + (shift - mean * scale) is off there by the rounding of mean * scale (~1e-5,
+    # thousands of ulps of a near-zero activation); (x - mean) * scale + shift is exact.
+    offset, ulp = (2.0**14, 16.0) if dtype == torch.float16 else (2.0**15, 256.0)
+    n, c, h, w, groups = 2, 64, 10, 20, 8
+    per_group = (c // groups) * h * w
+    gen = torch.Generator().manual_seed(11)
+    j = torch.arange(per_group) % 5 - 2
+    j = torch.stack([j[torch.randperm(per_group, generator=gen)] for _ in range(n * groups)])
+    x = (offset + ulp * j.double()).reshape(n, c, h, w).to("cuda", dtype)
+    gn_weight = (torch.rand(c, generator=gen) + 0.5).cuda()
+    conv_weight = torch.zeros(c, c, 3, 3, dtype=dtype, device="cuda")
+    conv_weight[torch.arange(c), torch.arange(c), 1, 1] = 1
+    fused = ops.group_norm_conv3x3(x, gn_weight, None, groups, conv_weight, algorithm="fused")
+    unfused = ops.group_norm_conv3x3(x, gn_weight, None, groups, conv_weight, algorithm="unfused")
+    # The activation in float64 from the statistics the fused kernel reads, rounded once.
+    mean, m2 = ops.group_norm_stats(x, groups)
+    rstd = (m2.double() / per_group + 1e-5).rsqrt()
+
+    def per_channel(t):
+        return t.repeat_interleave(c // groups, dim=1)[..., None, None]
+
+    exact = (x.double() - per_channel(mean.double())) * per_channel(rstd) * gn_weight.double()[:, None, None]
+    exact = exact.to(dtype)
+    one_ulp = 2.0**-10 if dtype == torch.float16 else 2.0**-7
+    torch.testing.assert_close(fused, exact, rtol=one_ulp, atol=1e-7)
+    # Both read the same statistics kernels' mean: the same value, rounded once.
+    torch.testing.assert_close(fused, unfused, rtol=one_ulp, atol=1e-7)
+
+
+@pytest.mark.cuda
 def test_fused_refuses_what_it_cannot_run():
     x, gw, gb, cw, cb, _ = _inputs(1, 16, 8, 8, 8, "cuda", torch.float32)
     with pytest.raises(ValueError, match=r'algorithm="fused": x must be float16 or bfloat16'):

@@ -208,6 +208,21 @@ CUDA_PATHS = [
 ]
 
 
+def _assert_within_tf32_error(x, codebook, indices, ref_indices, metric):
+    """TF32 rounds the inputs of each product: the chosen code's distance is within a relative 2e-3 of
+    the distance scale of the exact choice's."""
+    x64, c64 = x.double(), codebook.double()
+    if metric == "l2":
+        def dist(i):
+            return ((x64 - c64[i]) ** 2).sum(1)
+        scale = (x64 ** 2).sum(1) + (c64 ** 2).sum(1).max()
+    else:
+        def dist(i):
+            return 1 - torch.nn.functional.cosine_similarity(x64, c64[i], dim=1)
+        scale = torch.ones(len(x), dtype=torch.float64, device=x.device)
+    assert (dist(indices) - dist(ref_indices) <= 2e-3 * scale).all()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("d, dtype, precision", CUDA_PATHS)
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
@@ -219,17 +234,7 @@ def test_cuda_paths_match_reference(d, dtype, precision, metric):
     indices, distances = fastlatent.nearest_code(x, codebook, metric=metric, precision=precision)
     ref_indices, _ = reference.nearest_code(x, codebook, metric=metric)
     if precision == "tf32":
-        # TF32 rounds the inputs of each product: allow a relative 2e-3 of the distance scale.
-        x64, c64 = x.double(), codebook.double()
-        if metric == "l2":
-            def dist(i):
-                return ((x64 - c64[i]) ** 2).sum(1)
-            scale = (x64 ** 2).sum(1) + (c64 ** 2).sum(1).max()
-        else:
-            def dist(i):
-                return 1 - torch.nn.functional.cosine_similarity(x64, c64[i], dim=1)
-            scale = torch.ones(n, dtype=torch.float64, device="cuda")
-        assert (dist(indices) - dist(ref_indices) <= 2e-3 * scale).all()
+        _assert_within_tf32_error(x, codebook, indices, ref_indices, metric)
     else:
         assert_near_ties(x, codebook, indices, ref_indices, metric)
     exact = reference.nearest_code(x, codebook, metric=metric)[1] if torch.equal(indices, ref_indices) else None
@@ -248,3 +253,33 @@ def test_cuda_paths_follow_the_nan_and_tie_rules(d, dtype):
     assert indices.tolist() == [3, 3, 0]
     codebook[200, 1] = float("inf")
     assert fastlatent.nearest_code(x[:2], codebook)[0].tolist() == [200, 200]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype, precision", [(torch.float16, "ieee"), (torch.bfloat16, "ieee"),
+                                              (torch.float32, "tf32")], ids=str)
+@pytest.mark.parametrize("offset", [0, 3, 8])
+def test_cuda_views_off_the_16_byte_boundary(dtype, precision, offset):
+    # buf[3:3 + N * D].view(N, D): contiguous, but its data pointer is 6 (or 12) bytes past a 16-byte
+    # boundary. The tensor-core tile loader reads 16 bytes at a time, so such inputs take the SIMT path
+    # instead of faulting (a misaligned access kills the CUDA context); offset 8 (16 bytes) stays aligned.
+    gen = torch.Generator().manual_seed(offset)
+    n, k, d = 300, 130, 64
+    x_buf = torch.randn(offset + n * d, generator=gen).to("cuda", dtype)
+    c_buf = torch.randn(offset + k * d, generator=gen).to("cuda", dtype)
+    x = x_buf[offset:offset + n * d].view(n, d)
+    codebook = c_buf[offset:offset + k * d].view(k, d)
+    assert x.is_contiguous() and (x.data_ptr() % 16 == 0) == (offset * x.element_size() % 16 == 0)
+    for metric in ("l2", "cosine"):
+        indices, distances = fastlatent.nearest_code(x, codebook, metric=metric, precision=precision)
+        torch.cuda.synchronize()
+        aligned = fastlatent.nearest_code(x.clone(), codebook.clone(), metric=metric, precision=precision)
+        ref_indices, ref_distances = reference.nearest_code(x, codebook, metric=metric)
+        if precision == "tf32":  # an aligned view may take TF32 tensor cores, a misaligned one exact fp32
+            _assert_within_tf32_error(x, codebook, indices, ref_indices, metric)
+            _assert_within_tf32_error(x, codebook, aligned[0], ref_indices, metric)
+        else:
+            assert_near_ties(x, codebook, indices, ref_indices, metric)
+            assert_near_ties(x, codebook, aligned[0], ref_indices, metric)
+        same = indices == ref_indices
+        torch.testing.assert_close(distances[same], ref_distances[same], rtol=1e-5, atol=1e-5)

@@ -10,7 +10,8 @@
 // with a stable sort (counting sort on the CPU, radix sort on CUDA), and each code's rows are
 // summed in increasing row order in fp32. This avoids the one-hot matmul of N x K that
 // common implementations build, and float atomics, whose result depends on timing.
-// CUDA also offers the atomic variant (deterministic = false): one pass, no sort.
+// CUDA also offers the atomic variant (deterministic = false): one pass, no sort; its sums
+// depend on timing, its counts are exact integers (counted in uint32, rounded once to fp32).
 #pragma once
 
 #include <cstddef>
@@ -35,7 +36,7 @@ struct CodeStatsParams {
   DType dtype = DType::kFloat32;
   // CUDA only.
   bool deterministic = true;
-  void* workspace = nullptr;         // code_stats_cuda_workspace_bytes(n, k, deterministic) bytes
+  void* workspace = nullptr;         // code_stats_cuda_workspace_bytes(n, k, deterministic) bytes, 16-byte aligned
 };
 
 Status run_code_stats_cpu(const CodeStatsParams& params);

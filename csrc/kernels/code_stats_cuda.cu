@@ -6,11 +6,13 @@
 //      code stay in increasing row order;
 //   3. segment bounds by binary search in the sorted keys, one thread per code;
 //   4. one block per code sums its rows in order, threads across d, in fp32.
-// Atomic path (deterministic = false): counts and sums zeroed, then one thread per element
-// adds into them with float atomics.
+// Atomic path (deterministic = false): sums and integer counters zeroed, then one thread per
+// element adds into them with atomics (float for sums, 32-bit integer for counts: a float
+// counter stops at 2^24, where adding 1 no longer changes it), then the counters are converted.
 //
 // Workspace layout (deterministic): keys_in, keys_out, rows_in, rows_out (int32, n each),
-// starts (int32, k + 1), then cub's temporary storage. n must be below 2^31.
+// starts (int32, k + 1), then cub's temporary storage; (atomic): the counters (uint32, k).
+// n must be below 2^31, which also bounds every count.
 #include <cub/device/device_radix_sort.cuh>
 
 #include "code_stats.h"
@@ -101,7 +103,7 @@ __global__ void segment_sums_kernel(const T* __restrict__ x, const int32_t* __re
 
 template <typename T>
 __global__ void atomic_stats_kernel(const T* __restrict__ x, const int64_t* __restrict__ indices,
-                                    int64_t n, int64_t k, int64_t d, float* __restrict__ counts,
+                                    int64_t n, int64_t k, int64_t d, unsigned int* __restrict__ counters,
                                     float* __restrict__ sums) {
   const int64_t total = n * d;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
@@ -110,8 +112,14 @@ __global__ void atomic_stats_kernel(const T* __restrict__ x, const int64_t* __re
     const int64_t c = indices[row];
     if (c < 0 || c >= k) continue;
     atomicAdd(sums + c * d + t, cuda::to_float(x[e]));
-    if (t == 0) atomicAdd(counts + c, 1.0f);
+    if (t == 0) atomicAdd(counters + c, 1u);
   }
+}
+
+__global__ void counters_to_counts_kernel(const unsigned int* __restrict__ counters, int64_t k,
+                                          float* __restrict__ counts) {
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (c < k) counts[c] = static_cast<float>(counters[c]);  // rounded once, as the sorted path
 }
 
 unsigned int grid_for(int64_t work) {
@@ -123,12 +131,17 @@ template <typename T>
 cudaError_t launch_typed(const CodeStatsParams& p, cudaStream_t stream) {
   const T* x = static_cast<const T*>(p.x);
   if (!p.deterministic) {
-    cudaError_t err = cudaMemsetAsync(p.counts, 0, p.k * sizeof(float), stream);
+    auto* counters = static_cast<unsigned int*>(p.workspace);
+    cudaError_t err = cudaMemsetAsync(counters, 0, p.k * sizeof(unsigned int), stream);
     if (err == cudaSuccess) err = cudaMemsetAsync(p.sums, 0, p.k * p.d * sizeof(float), stream);
     if (err != cudaSuccess) return err;
-    if (p.n > 0)
+    if (p.n > 0) {
       atomic_stats_kernel<T><<<grid_for(p.n * p.d), kThreads, 0, stream>>>(x, p.indices, p.n, p.k, p.d,
-                                                                          p.counts, p.sums);
+                                                                          counters, p.sums);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    counters_to_counts_kernel<<<cuda::ceil_div(p.k, kThreads), kThreads, 0, stream>>>(counters, p.k, p.counts);
     return cudaGetLastError();
   }
   Workspace w = carve(p.workspace, p.n, p.k);
@@ -153,7 +166,7 @@ cudaError_t launch_typed(const CodeStatsParams& p, cudaStream_t stream) {
 }  // namespace
 
 size_t code_stats_cuda_workspace_bytes(int64_t n, int64_t k, bool deterministic) {
-  if (!deterministic) return 0;
+  if (!deterministic) return static_cast<size_t>(k) * sizeof(unsigned int);
   return 4 * align_up(static_cast<size_t>(n) * sizeof(int32_t)) +
          align_up(static_cast<size_t>(k + 1) * sizeof(int32_t)) + cub_sort_bytes(n, k);
 }
@@ -161,7 +174,7 @@ size_t code_stats_cuda_workspace_bytes(int64_t n, int64_t k, bool deterministic)
 cudaError_t launch_code_stats_cuda(const CodeStatsParams& params, cudaStream_t stream) {
   if (params.k < 1 || params.d < 1 || params.n < 0 || params.n >= (int64_t{1} << 31))
     return cudaErrorInvalidValue;
-  if (params.deterministic && params.workspace == nullptr) return cudaErrorInvalidValue;
+  if (params.workspace == nullptr) return cudaErrorInvalidValue;
   return FL_CUDA_DTYPE_SWITCH(params.dtype, scalar_t, cudaErrorInvalidValue,
                               [&] { return launch_typed<scalar_t>(params, stream); });
 }

@@ -56,8 +56,8 @@ struct FsqChannel {
   float grad_scale_f;                              // half_l / hw (or 1 when symmetric)
   float tol_f;                                     // boundary band for this channel
   double shift, half_l, offset, grad_scale;        // fp64 bound (fallback and double inputs)
-  int32_t levels;                                  // L
-  int32_t half_width;                              // L / 2 (default bound)
+  int64_t levels;                                  // L (up to 2^31: an int32 would overflow)
+  int64_t half_width;                              // L / 2 (default bound)
   int64_t basis;                                   // prod of the levels before this channel
 };
 

@@ -24,8 +24,8 @@ void fsq_make_constants(const int64_t* levels, int d, bool preserve_symmetry, Fs
   for (int i = 0; i < d; ++i) {
     FsqChannel& c = p.channel[i];
     const int64_t L = levels[i];
-    c.levels = static_cast<int32_t>(L);
-    c.half_width = static_cast<int32_t>(L / 2);
+    c.levels = L;
+    c.half_width = L / 2;
     c.basis = basis;
     basis *= L;
     if (preserve_symmetry) {

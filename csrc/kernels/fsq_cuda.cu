@@ -23,8 +23,7 @@ struct SharedChannels {
   float a[kFsqMaxDims], b[kFsqMaxDims], c[kFsqMaxDims], lo[kFsqMaxDims], hi[kFsqMaxDims];
   float den[kFsqMaxDims], bias[kFsqMaxDims], tol[kFsqMaxDims], grad[kFsqMaxDims];
   double shift[kFsqMaxDims], half_l[kFsqMaxDims], offset[kFsqMaxDims];
-  int levels[kFsqMaxDims], half_width[kFsqMaxDims];
-  long long basis[kFsqMaxDims];
+  long long levels[kFsqMaxDims], half_width[kFsqMaxDims], basis[kFsqMaxDims];
 };
 
 // Copies the constants with compile-time indices (a runtime index into a kernel parameter
@@ -68,36 +67,49 @@ __device__ __forceinline__ float sech2(float x) {
   return 4.0f * e / (s * s);
 }
 
+__device__ __forceinline__ long long clamp_level(long long v, long long lo, long long hi) {
+  return v < lo ? lo : (v > hi ? hi : v);
+}
+
 // Level k in [0, L) of one element, or -1 for NaN; *value receives the code value.
+//
+// The fp32 path holds levels as floats, exact while L < 2^24; it decides only where its y is
+// more than tol from a rounding boundary, and tol reaches 0.5 (every element re-evaluated) once
+// L passes about 2^16. The fp64 re-evaluation keeps the level an integer (a float would be off
+// by one past 2^24), so L up to 2^31 is exact, as on the CPU.
 template <bool Sym>
 __device__ __forceinline__ int quantize_element(const SharedChannels& s, int c, float z, float* value) {
   if (isnan(z)) {
     *value = __int_as_float(0x7fc00000);
     return -1;
   }
-  int k;
+  const long long levels = s.levels[c];
   if (Sym) {
     const float y = (tanh_exp(z) + 1.0f) * s.b[c] + 0.5f;
-    float f = floorf(y);
+    const float f = floorf(y);
     const float frac = y - f;
     if (frac < s.tol[c] || frac > 1.0f - s.tol[c]) {
-      const double y64 = static_cast<double>(s.levels[c] - 1) * (tanh(static_cast<double>(z)) + 1.0) / 2.0 + 0.5;
-      f = static_cast<float>(floor(y64));
+      const double y64 = static_cast<double>(levels - 1) * (tanh(static_cast<double>(z)) + 1.0) / 2.0 + 0.5;
+      const long long k = clamp_level(static_cast<long long>(floor(y64)), 0, levels - 1);
+      *value = static_cast<float>(2 * k - (levels - 1)) / s.den[c];
+      return static_cast<int>(k);
     }
-    k = static_cast<int>(fminf(fmaxf(f, s.lo[c]), s.hi[c]));
-    *value = static_cast<float>(2 * k - (s.levels[c] - 1)) / s.den[c];
-  } else {
-    const float y = tanh_exp(z + s.a[c]) * s.b[c] + s.c[c];
-    float r = rintf(y);
-    if (fabsf(y - r) > 0.5f - s.tol[c]) {
-      const double y64 = tanh(static_cast<double>(z) + s.shift[c]) * s.half_l[c] - s.offset[c];
-      r = static_cast<float>(rint(y64));
-    }
-    r = fminf(fmaxf(r, s.lo[c]), s.hi[c]);
-    *value = r / s.den[c];
-    k = static_cast<int>(r) + s.half_width[c];
+    const float k = fminf(fmaxf(f, s.lo[c]), s.hi[c]);
+    *value = (2.0f * k + s.bias[c]) / s.den[c];
+    return static_cast<int>(k);
   }
-  return k;
+  const float y = tanh_exp(z + s.a[c]) * s.b[c] + s.c[c];
+  const float r = rintf(y);
+  if (fabsf(y - r) > 0.5f - s.tol[c]) {
+    const double y64 = tanh(static_cast<double>(z) + s.shift[c]) * s.half_l[c] - s.offset[c];
+    const long long hw = s.half_width[c];
+    const long long q = clamp_level(llrint(y64), -hw, levels - 1 - hw);
+    *value = static_cast<float>(q) / s.den[c];
+    return static_cast<int>(q + hw);
+  }
+  const float q = fminf(fmaxf(r, s.lo[c]), s.hi[c]);
+  *value = q / s.den[c];
+  return static_cast<int>(q) + static_cast<int>(s.half_width[c]);
 }
 
 template <typename T, bool Vec>
@@ -239,7 +251,7 @@ fsq_codes_kernel(const FsqParams p, const int64_t* __restrict__ indices, T* __re
       if (index < 0 || index >= p.codebook_size) {
         value = __int_as_float(0x7fc00000);
       } else {
-        const int k = static_cast<int>((index / s.basis[c]) % s.levels[c]);
+        const long long k = (index / s.basis[c]) % s.levels[c];
         value = sym ? static_cast<float>(2 * k - (s.levels[c] - 1)) / s.den[c]
                     : static_cast<float>(k - s.half_width[c]) / s.den[c];
       }

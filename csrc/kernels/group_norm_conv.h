@@ -35,7 +35,9 @@ namespace fastlatent {
 
 constexpr int64_t kGnConvChannelChunk = 32;   // input channels per K chunk (packing granularity of cin)
 constexpr int64_t kGnConvCoutTile = 128;      // output channels per block (packing granularity of cout)
-constexpr int64_t kGnConvMaxInChannels = 8192;  // shared memory holds a scale and shift per input channel
+// Shared memory holds a mean, scale and shift per input channel: 33.9 KiB of tiles + 12 bytes per
+// channel stays within the 99 KiB a block may opt into on sm_86/sm_89 up to 5,600 channels.
+constexpr int64_t kGnConvMaxInChannels = 4096;
 
 struct GroupNormConvParams {
   const void* x = nullptr;              // [n, cin, h, w], strides x_stride (elements), dtype
@@ -60,8 +62,14 @@ inline int64_t gn_conv_round_up(int64_t v, int64_t multiple) { return (v + multi
 
 #if defined(__CUDACC__) || defined(FL_WITH_CUDA)
 // cudaErrorInvalidValue for sizes or dtypes the kernel does not take (checked by the binding first),
-// cudaErrorNotSupported on a device below compute capability 8.0.
+// cudaErrorNotSupported where group_norm_conv3x3_cuda_arch is below 80.
 cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& params, cudaStream_t stream);
+
+// The architecture (PTX version, e.g. 80) the kernel's image for the current device was compiled
+// for; read once per device. The kernel needs 80 or more (bf16 WMMA, cp.async): below, as on a
+// pre-Ampere GPU or with a TORCH_CUDA_ARCH_LIST of 7.5 only (a newer GPU then JIT-compiles the
+// compute_75 PTX), its body is a trap.
+cudaError_t group_norm_conv3x3_cuda_arch(int* arch);
 #endif
 
 }  // namespace fastlatent

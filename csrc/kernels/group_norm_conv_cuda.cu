@@ -8,7 +8,8 @@
 // Shared memory: the activated input halo of one 32-channel chunk, [10 * 18 pixels][48] (32
 // channels, row padded to 48 elements = 96 bytes so that every WMMA fragment pointer is 32-byte
 // aligned at any pixel offset); two weight tiles [32][136] (cp.async double buffer); the
-// per-channel scale and shift of the block's image.
+// per-channel mean, scale and shift of the block's image, applied as (x - mean) * scale + shift:
+// x * scale + (shift - mean * scale) would cancel when |mean| >> std (as group_norm_cuda.cu).
 //
 // For tap (r, s), the 16 A rows of output row ty are halo pixels (ty + r, s .. s + 15): a constant
 // stride of one halo pixel, so each A fragment is one load_matrix_sync from the halo.
@@ -17,6 +18,7 @@
 #include <cstdint>
 
 #include "cuda_utils.cuh"
+#include "kernel_arch.cuh"
 #include "group_norm_conv.h"
 
 namespace fastlatent {
@@ -68,6 +70,7 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   T* b_tiles = reinterpret_cast<T*>(smem + kHaloBytes);
   float* scale = reinterpret_cast<float*>(smem + kFixedSmemBytes);
   float* shift = scale + cin_pad;
+  float* center = shift + cin_pad;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
@@ -78,20 +81,23 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   const int ox0 = (blockIdx.x % tiles_w) * kTileW;
   const int64_t H = p.h, W = p.w;
 
-  // Per-channel affine of this image: y = act(x * scale + shift), zero on the padded channels.
+  // Per-channel affine of this image: y = act((x - center) * scale + shift), zero on the padded
+  // channels.
   const int64_t channels_per_group = p.cin / p.groups;
   const float count = static_cast<float>(channels_per_group * H * W);
   for (int c = tid; c < cin_pad; c += kThreads) {
-    float sc = 0.0f, sh = 0.0f;
+    float sc = 0.0f, sh = 0.0f, mu = 0.0f;
     if (c < p.cin) {
       const int64_t g = img * p.groups + c / channels_per_group;
       const float var = fmaxf(p.m2[g] / count, 0.0f);
       const float rstd = rsqrtf(var + p.eps);
       sc = rstd * (p.gn_weight ? p.gn_weight[c] : 1.0f);
-      sh = (p.gn_bias ? p.gn_bias[c] : 0.0f) - p.mean[g] * sc;
+      sh = p.gn_bias ? p.gn_bias[c] : 0.0f;
+      mu = p.mean[g];
     }
     scale[c] = sc;
     shift[c] = sh;
+    center[c] = mu;
   }
 
   const T* x_img = static_cast<const T*>(p.x) + img * p.x_stride[0];
@@ -127,7 +133,8 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           const int c = c0 + j + q;
-          if (inside && c < p.cin) v[q] = activate<A>(fmaf(to_float(src[c * p.x_stride[1]]), scale[c], shift[c]));
+          if (inside && c < p.cin)
+            v[q] = activate<A>(fmaf(to_float(src[c * p.x_stride[1]]) - center[c], scale[c], shift[c]));
         }
         packed_pairs[j / 2] = bits_of(from_float<T>(v[0])) | (bits_of(from_float<T>(v[1])) << 16);
       }
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
     }
   }
 #else
-  __trap();  // built for an architecture without bf16 WMMA / cp.async: the launcher refuses such devices
+  __trap();  // built for an architecture without bf16 WMMA / cp.async: the launcher refuses such images
 #endif
 }
 
@@ -222,7 +229,7 @@ cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
   const int64_t cin_pad = gn_conv_round_up(p.cin, kChunk);
   const int64_t cout_pad = gn_conv_round_up(p.cout, kTileN);
   if (tiles > 0x7fffffff || cout_pad / kTileN > 65535 || p.n > 65535) return cudaErrorInvalidValue;
-  const size_t smem = kFixedSmemBytes + 2 * size_t(cin_pad) * sizeof(float);
+  const size_t smem = kFixedSmemBytes + 3 * size_t(cin_pad) * sizeof(float);
   auto kernel = group_norm_conv3x3_kernel<T, A>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -236,17 +243,21 @@ cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
 
 }  // namespace
 
+cudaError_t group_norm_conv3x3_cuda_arch(int* arch) {
+  // Every instantiation comes from one source under one guard: one stands for all.
+  return cuda::kernel_image_arch<group_norm_conv3x3_kernel<__half, Activation::kNone>>(arch);
+}
+
 cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& p, cudaStream_t stream) {
   if (p.n < 0 || p.cin < 1 || p.cout < 1 || p.h < 0 || p.w < 0 || p.groups < 1 || p.cin % p.groups != 0 ||
       p.cin > kGnConvMaxInChannels || p.x == nullptr || p.out == nullptr || p.packed_weight == nullptr ||
       p.mean == nullptr || p.m2 == nullptr || !cuda::aligned16(p.packed_weight)) {
     return cudaErrorInvalidValue;
   }
-  int device = 0, major = 0;
-  cudaError_t err = cudaGetDevice(&device);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  int arch = 0;
+  const cudaError_t err = group_norm_conv3x3_cuda_arch(&arch);
   if (err != cudaSuccess) return err;
-  if (major < 8) return cudaErrorNotSupported;
+  if (arch < 80) return cudaErrorNotSupported;
   if (p.n == 0 || p.h == 0 || p.w == 0) return cudaSuccess;
   auto by_activation = [&](auto type_tag) {
     using T = decltype(type_tag);

@@ -6,8 +6,8 @@
 //      state, states merge by Chan's formula through shared memory; the block writes one
 //      (mean, M2) partial per channel. Splitting the positions over many blocks is what
 //      keeps the GPU busy at batch 1 (eager GroupNorm launches n * groups blocks).
-//   2. group_stats: one thread per (n, g) merges its channels' partials in a fixed order in
-//      double -> mean, rstd; then one thread per (n, c): scale, shift.
+//   2. group_stats: one warp per (n, g) merges its channels' partials in a fixed order (lanes,
+//      then a fixed tree) in double -> mean, rstd; then one thread per (n, c): scale, shift.
 //   3. apply: out = act(x * scale + shift) (+ residual), 16-byte vectors where the layout
 //      allows (channels-first: s % vec == 0; channels-last: c % vec == 0).
 // Backward: channel_grad_sums (same grid, fp32 partials of dz and dz * x_hat), merge in double
@@ -160,29 +160,58 @@ reduce_cl_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
   }
 }
 
-// One thread per (n, g): merge the Welford partials of the group's channels and splits. Writes
-// rstd (the forward) or M2 (group_norm_stats), whichever pointer is given.
+// Chan's merge of a (count, mean, M2) state into another, in double.
+struct GroupState {
+  double count = 0.0, mean = 0.0, m2 = 0.0;
+  __device__ void merge(double cnt, double part_mean, double part_m2) {
+    if (cnt <= 0.0) return;
+    const double total = count + cnt, delta = part_mean - mean;
+    mean += delta * (cnt / total);
+    m2 += part_m2 + delta * delta * (count * cnt / total);
+    count = total;
+  }
+};
+
+// One warp per (n, g): lane l merges the group's partials l, l + 32, ... (channel-major, then
+// split) in order, then the 32 lane states merge by a fixed xor tree, the lower lane's state
+// first. The order of every merge is fixed, so the result is deterministic. Writes rstd (the
+// forward) or M2 (group_norm_stats), whichever pointer is given.
 __global__ void group_stats_kernel(const float2* __restrict__ partials, int64_t n, int64_t c, int64_t s,
                                    int64_t groups, int64_t splits, int64_t chunk, float eps,
                                    float* __restrict__ mean_out, float* __restrict__ rstd_out,
                                    float* __restrict__ m2_out) {
-  const int64_t ng = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
-  if (ng >= n * groups) return;
-  const int64_t sample = ng / groups, g = ng % groups, per_group = c / groups;
-  double count = 0.0, mean = 0.0, m2 = 0.0;
-  for (int64_t ch = g * per_group; ch < (g + 1) * per_group; ++ch)
-    for (int64_t split = 0; split < splits; ++split) {
+  const int lane = threadIdx.x & 31;
+  const int64_t per_group = c / groups;
+  const int64_t first = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) >> 5;
+  const int64_t stride = (static_cast<int64_t>(gridDim.x) * blockDim.x) >> 5;
+  for (int64_t ng = first; ng < n * groups; ng += stride) {  // ng is uniform across the warp
+    const int64_t sample = ng / groups, g = ng % groups;
+    GroupState state;
+    for (int64_t item = lane; item < per_group * splits; item += 32) {
+      const int64_t ch = g * per_group + item / splits, split = item % splits;
       const double cnt = static_cast<double>(min(s, (split + 1) * chunk) - split * chunk);
-      if (cnt <= 0) continue;
       const float2 part = partials[(sample * splits + split) * c + ch];
-      const double total = count + cnt, delta = part.x - mean;
-      mean += delta * (cnt / total);
-      m2 += part.y + delta * delta * (count * cnt / total);
-      count = total;
+      state.merge(cnt, part.x, part.y);
     }
-  mean_out[ng] = static_cast<float>(mean);
-  if (rstd_out) rstd_out[ng] = static_cast<float>(1.0 / sqrt(fmax(m2 / count, 0.0) + eps));
-  if (m2_out) m2_out[ng] = static_cast<float>(fmax(m2, 0.0));
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      GroupState other;
+      other.count = __shfl_xor_sync(0xffffffffu, state.count, offset);
+      other.mean = __shfl_xor_sync(0xffffffffu, state.mean, offset);
+      other.m2 = __shfl_xor_sync(0xffffffffu, state.m2, offset);
+      if (lane & offset) {  // the lower lane's state first, so both lanes hold the same bits
+        other.merge(state.count, state.mean, state.m2);
+        state = other;
+      } else {
+        state.merge(other.count, other.mean, other.m2);
+      }
+    }
+    if (lane == 0) {
+      mean_out[ng] = static_cast<float>(state.mean);
+      if (rstd_out) rstd_out[ng] = static_cast<float>(1.0 / sqrt(fmax(state.m2 / state.count, 0.0) + eps));
+      if (m2_out) m2_out[ng] = static_cast<float>(fmax(state.m2, 0.0));
+    }
+  }
 }
 
 // One thread per (n, c): scale = rstd * w, shift = b; applied as (x - mean) * scale + shift,
@@ -263,19 +292,36 @@ elementwise_kernel(const T* __restrict__ x, const T* __restrict__ other, T* __re
       xv[0] = x[e0];
       if (other) ov[0] = other[e0];
     }
+    // Indices once per vector: its kV elements share one channel (channels-first: s % kV == 0)
+    // or are kV consecutive channels of one position (channels-last: c % kV == 0, so they never
+    // wrap into the next position); the group steps up where a channel crosses a group boundary.
+    int64_t nc, ch, g, group_end;
+    if (layout == Layout::kChannelsFirst) {
+      nc = e0 / s;
+      const int64_t sample = nc / c;
+      ch = nc - sample * c;
+      g = ch / per_group;
+      group_end = (g + 1) * per_group;
+      g += sample * groups;
+    } else {
+      const int64_t position = e0 / c;  // sample * s + spatial index
+      const int64_t sample = position / s;
+      ch = e0 - position * c;
+      nc = sample * c + ch;
+      g = ch / per_group;
+      group_end = (g + 1) * per_group;
+      g += sample * groups;
+    }
 #pragma unroll
     for (int j = 0; j < kV; ++j) {
-      const int64_t e = e0 + j;
-      int64_t sample, ch;
-      if (layout == Layout::kChannelsFirst) {
-        sample = e / (c * s);
-        ch = (e / s) % c;
-      } else {
-        sample = e / (s * c);
-        ch = e % c;
+      if (layout == Layout::kChannelsLast && j > 0) {
+        ++ch;
+        ++nc;
+        if (ch == group_end) {
+          ++g;
+          group_end += per_group;
+        }
       }
-      const int64_t nc = sample * c + ch;
-      const int64_t g = sample * groups + ch / per_group;
       const float v = to_float(xv[j]) - mean[g];
       const float z = v * scale[nc] + shift[nc];
       float y;
@@ -375,7 +421,7 @@ cudaError_t forward_typed(const GroupNormParams& p, cudaStream_t stream) {
   cudaError_t err = launch_reduce<T, false, A>(x, nullptr, nullptr, nullptr, nullptr, nullptr, p.n, p.c, p.s,
                                                p.groups, p.layout, w.partials, stream);
   if (err != cudaSuccess) return err;
-  group_stats_kernel<<<grid_for(p.n * p.groups), kThreads, 0, stream>>>(
+  group_stats_kernel<<<grid_for(p.n * p.groups * 32), kThreads, 0, stream>>>(
       w.partials, p.n, p.c, p.s, p.groups, splits_of(p.s, p.layout), chunk_of(p.layout), p.eps, p.mean, p.rstd,
       nullptr);
   affine_kernel<<<grid_for(p.n * p.c), kThreads, 0, stream>>>(p.mean, p.rstd, static_cast<const float*>(p.weight),
@@ -395,7 +441,7 @@ cudaError_t stats_typed(const GroupNormStatsParams& p, cudaStream_t stream) {
                                                                nullptr, nullptr, p.n, p.c, p.s, p.groups, p.layout,
                                                                w.partials, stream);
   if (err != cudaSuccess) return err;
-  group_stats_kernel<<<grid_for(p.n * p.groups), kThreads, 0, stream>>>(
+  group_stats_kernel<<<grid_for(p.n * p.groups * 32), kThreads, 0, stream>>>(
       w.partials, p.n, p.c, p.s, p.groups, splits_of(p.s, p.layout), chunk_of(p.layout), 0.0f, p.mean, nullptr,
       p.m2);
   return cudaGetLastError();

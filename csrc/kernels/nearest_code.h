@@ -49,7 +49,8 @@ struct NearestCodeParams {
   DType dtype = DType::kFloat32;
   Metric metric = Metric::kL2;
   // CUDA only: fp32 inputs may use TF32 tensor cores (10-bit mantissa products, fp32 sums)
-  // instead of exact fp32 FMAs. fp16/bf16 inputs always use tensor cores where d allows.
+  // instead of exact fp32 FMAs. fp16/bf16 inputs use tensor cores where d, the pointers'
+  // alignment and the build's architectures allow (nearest_code_cuda_path).
   bool allow_tf32 = false;
   // CUDA only: scratch of nearest_code_cuda_workspace_bytes(k) bytes on the device,
   // aligned to 16 bytes. The CPU kernel manages its own scratch.
@@ -57,6 +58,32 @@ struct NearestCodeParams {
 };
 
 Status run_nearest_code_cpu(const NearestCodeParams& params);
+
+// The search kernel launch_nearest_code_cuda runs (see nearest_code_cuda.cu).
+enum class NearestCodeCudaPath : int { kSmallD = 0, kTensorCore = 1, kSimt = 2 };
+
+// Lowest architecture (compute capability x 10) whose WMMA takes `dtype`: fp16 since Volta,
+// bf16 and TF32 since Ampere.
+inline int nearest_code_tensor_core_min_arch(DType dtype) { return dtype == DType::kFloat16 ? 70 : 80; }
+
+// The search path for `params`. `tensor_core_arch` is the architecture the tensor-core kernel's
+// image for the current device was compiled for (its PTX version, e.g. 75 for a compute_75 build,
+// also where a newer GPU JIT-compiles that PTX): a build whose TORCH_CUDA_ARCH_LIST includes 7.5
+// holds no bf16/TF32 WMMA in that image, so such calls take the SIMT path. The tile loader reads
+// 16 bytes at a time, so x and codebook must start on a 16-byte boundary (a view with a storage
+// offset need not): otherwise the SIMT path too. Pure and host-only, so it is unit-tested on
+// the CPU.
+inline NearestCodeCudaPath nearest_code_cuda_path(const NearestCodeParams& params, int tensor_core_arch) {
+  if (params.d <= 32) return NearestCodeCudaPath::kSmallD;
+  const bool aligned =
+      reinterpret_cast<uintptr_t>(params.x) % 16 == 0 && reinterpret_cast<uintptr_t>(params.codebook) % 16 == 0;
+  const bool arch_ok = tensor_core_arch >= nearest_code_tensor_core_min_arch(params.dtype);
+  const bool half = params.dtype == DType::kFloat16 || params.dtype == DType::kBFloat16;
+  // Rows of a 16-byte multiple keep every vector of an aligned matrix aligned.
+  const bool shape_ok = half ? params.d % 8 == 0 : (params.dtype == DType::kFloat32 && params.allow_tf32 &&
+                                                     params.d % 4 == 0);
+  return aligned && arch_ok && shape_ok ? NearestCodeCudaPath::kTensorCore : NearestCodeCudaPath::kSimt;
+}
 
 inline size_t nearest_code_cuda_workspace_bytes(int64_t k) {
   return static_cast<size_t>(k) * 2 * sizeof(float);  // alpha[k], beta[k]

@@ -8,11 +8,12 @@
 //   * small_d (d <= 32, any dtype): a thread owns one row, held in registers as fp32; the
 //     block streams the codebook through shared memory in tiles of kSmallCodes codes, which
 //     every thread reads at the same address (a broadcast). d FMAs per key plus a compare.
-//   * tensor_core (fp16/bf16 with d % 8 == 0; fp32 with precision tf32 and d % 4 == 0):
-//     WMMA tiles of kTcRows x kTcCodes (8 warps, each 32 x 64 of fp32 accumulators), the
-//     dims staged through shared memory kTcDims at a time; after a code tile each warp
-//     parks one 16 x 16 accumulator at a time in shared memory and two lanes per row fold
-//     its keys into their running minimum.
+//   * tensor_core (fp16/bf16 with d % 8 == 0; fp32 with precision tf32 and d % 4 == 0; x and
+//     codebook 16-byte aligned; an image built for sm_80+, or sm_70+ for fp16: see
+//     nearest_code_cuda_path): WMMA tiles of kTcRows x kTcCodes (8 warps, each 32 x 64 of fp32
+//     accumulators), the dims staged through shared memory kTcDims at a time; after a code
+//     tile each warp parks one 16 x 16 accumulator at a time in shared memory and two lanes
+//     per row fold its keys into their running minimum.
 //   * simt (everything else, and fp32 by default: exact fp32 FMAs): 16 x 16 threads with a
 //     4 x 4 register tile each, x and code tiles of kBD dims transposed in shared memory.
 // Each path visits codes in increasing order per thread and reduces across threads with the
@@ -23,8 +24,10 @@
 #include <mma.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "cuda_utils.cuh"
+#include "kernel_arch.cuh"
 #include "nearest_code.h"
 
 namespace fastlatent {
@@ -258,6 +261,15 @@ constexpr int kTcDims = 32;    // dims per shared-memory stage
 constexpr int kTcWarps = 8;    // 4 along rows x 2 along codes, each 32 x 64
 constexpr int kTcThreads = kTcWarps * 32;
 
+// Whether this compilation pass has WMMA for T: fp16 from sm_70, bf16 and TF32 from sm_80 (the
+// host pass declares every type). Kept in step with nearest_code_tensor_core_min_arch.
+template <typename T>
+#if defined(__CUDA_ARCH__)
+constexpr bool kTcCompiled = __CUDA_ARCH__ >= (std::is_same_v<T, __half> ? 700 : 800);
+#else
+constexpr bool kTcCompiled = true;
+#endif
+
 template <typename T>
 struct TcTraits;
 template <>
@@ -265,24 +277,36 @@ struct TcTraits<__half> {
   using Frag = __half;
   static constexpr int kK = 16;
   static constexpr int kPad = 8;
+  template <typename F>
+  __device__ static void round(F&) {}
 };
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
 template <>
 struct TcTraits<__nv_bfloat16> {
   using Frag = __nv_bfloat16;
   static constexpr int kK = 16;
   static constexpr int kPad = 8;
+  template <typename F>
+  __device__ static void round(F&) {}
 };
 template <>
 struct TcTraits<float> {
   using Frag = wmma::precision::tf32;
   static constexpr int kK = 8;
   static constexpr int kPad = 4;
+  // WMMA's TF32 operands must be rounded to TF32 after loading.
+  template <typename F>
+  __device__ static void round(F& f) {
+    for (int e = 0; e < f.num_elements; ++e) f.x[e] = wmma::__float_to_tf32(f.x[e]);
+  }
 };
+#endif
 
 // Copy a tile of `rows` x kTcDims elements (row-major source with row length d) to shared
-// memory, 16 bytes per access, zero past the matrix. Requires d * sizeof(T) % 16 == 0.
-template <typename T>
-__device__ __forceinline__ void load_tile(T (*dst)[kTcDims + TcTraits<T>::kPad], const T* __restrict__ src,
+// memory, 16 bytes per access, zero past the matrix. Requires d * sizeof(T) % 16 == 0 and a
+// 16-byte aligned src (nearest_code_cuda_path checks both).
+template <typename T, int kLd>
+__device__ __forceinline__ void load_tile(T (*dst)[kLd], const T* __restrict__ src,
                                           int64_t first_row, int64_t num_rows, int64_t d, int64_t d0,
                                           int rows) {
   constexpr int kPerVector = 16 / sizeof(T);
@@ -296,11 +320,11 @@ __device__ __forceinline__ void load_tile(T (*dst)[kTcDims + TcTraits<T>::kPad],
   }
 }
 
+// The body of tensor_core_kernel, instantiated only where kTcCompiled<T>.
 template <typename T>
-__global__ void __launch_bounds__(kTcThreads)
-tensor_core_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
-                   const float* __restrict__ beta, int64_t n, int64_t k, int64_t d,
-                   int64_t* __restrict__ indices) {
+__device__ __forceinline__ void tensor_core_search(const T* __restrict__ x, const T* __restrict__ codebook,
+                                                   const float* __restrict__ alpha, const float* __restrict__ beta,
+                                                   int64_t n, int64_t k, int64_t d, int64_t* __restrict__ indices) {
   using Traits = TcTraits<T>;
   constexpr int kK = Traits::kK;
   constexpr int kLd = kTcDims + Traits::kPad;
@@ -338,17 +362,13 @@ tensor_core_kernel(const T* __restrict__ x, const T* __restrict__ codebook, cons
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           wmma::load_matrix_sync(a[i], &xs[warp_row * 32 + i * 16][kk], kLd);
-          if constexpr (std::is_same_v<T, float>) {
-            for (int e = 0; e < a[i].num_elements; ++e) a[i].x[e] = wmma::__float_to_tf32(a[i].x[e]);
-          }
+          Traits::round(a[i]);
         }
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
           // B(kk, code) = codebook[code][kk]: the code tile read column-major.
           wmma::load_matrix_sync(b[j], &cs[warp_code * 64 + j * 16][kk], kLd);
-          if constexpr (std::is_same_v<T, float>) {
-            for (int e = 0; e < b[j].num_elements; ++e) b[j].x[e] = wmma::__float_to_tf32(b[j].x[e]);
-          }
+          Traits::round(b[j]);
         }
 #pragma unroll
         for (int i = 0; i < 2; ++i)
@@ -397,17 +417,19 @@ tensor_core_kernel(const T* __restrict__ x, const T* __restrict__ codebook, cons
   }
 }
 
-// ------------------------------------------------------------------ dispatch
-
-enum class Path { kSimt, kSmallD, kTensorCore };
-
-Path choose_path(const NearestCodeParams& p) {
-  if (p.d <= 32) return Path::kSmallD;
-  const bool half = p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16;
-  if (half && p.d % 8 == 0) return Path::kTensorCore;
-  if (p.dtype == DType::kFloat32 && p.allow_tf32 && p.d % 4 == 0) return Path::kTensorCore;
-  return Path::kSimt;
+template <typename T>
+__global__ void __launch_bounds__(kTcThreads)
+tensor_core_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
+                   const float* __restrict__ beta, int64_t n, int64_t k, int64_t d,
+                   int64_t* __restrict__ indices) {
+  if constexpr (kTcCompiled<T>) {
+    tensor_core_search<T>(x, codebook, alpha, beta, n, k, d, indices);
+  } else {
+    __trap();  // not reached: nearest_code_cuda_path sends calls on such an image to the SIMT path
+  }
 }
+
+// ------------------------------------------------------------------ dispatch
 
 template <typename T>
 cudaError_t launch_small_d(const NearestCodeParams& p, const T* x, const T* codebook, const float* alpha,
@@ -429,23 +451,28 @@ cudaError_t launch_typed(const NearestCodeParams& p, cudaStream_t stream) {
   float* beta = alpha + p.k;
   const T* x = static_cast<const T*>(p.x);
   const T* codebook = static_cast<const T*>(p.codebook);
+  int arch = 0;
+  // Which tensor-core kernel body this device runs: the WMMA search or the trap.
+  cudaError_t err = p.d > 32 ? cuda::kernel_image_arch<tensor_core_kernel<T>>(&arch) : cudaSuccess;
+  if (err != cudaSuccess) return err;
+  const NearestCodeCudaPath path = nearest_code_cuda_path(p, arch);
 
   constexpr int kWarpThreads = 256;  // 8 warps: 8 codes or 8 rows per block
   code_keys_kernel<T><<<cuda::ceil_div(p.k * 32, kWarpThreads), kWarpThreads, 0, stream>>>(
       codebook, p.k, p.d, p.metric, alpha, beta);
-  cudaError_t err = cudaGetLastError();
+  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
 
-  switch (choose_path(p)) {
-    case Path::kSmallD:
+  switch (path) {
+    case NearestCodeCudaPath::kSmallD:
       err = launch_small_d<T>(p, x, codebook, alpha, beta, stream);
       break;
-    case Path::kTensorCore:
+    case NearestCodeCudaPath::kTensorCore:
       tensor_core_kernel<T><<<cuda::ceil_div(p.n, kTcRows), kTcThreads, 0, stream>>>(x, codebook, alpha, beta, p.n,
                                                                                        p.k, p.d, p.indices);
       err = cudaGetLastError();
       break;
-    case Path::kSimt:
+    case NearestCodeCudaPath::kSimt:
       simt_kernel<T><<<cuda::ceil_div(p.n, kBM), kThreads, 0, stream>>>(x, codebook, alpha, beta, p.n, p.k, p.d,
                                                                         p.indices);
       err = cudaGetLastError();

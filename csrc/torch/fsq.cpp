@@ -27,9 +27,10 @@ FsqParams make_params(c10::IntArrayRef levels, bool preserve_symmetry, const cha
   int64_t product = 1;
   for (const int64_t level : levels) {
     FL_CHECK_VALUE(level >= 2, op, "levels must all be >= 2, got ", levels);
-    product *= level;
-    FL_CHECK_VALUE(product <= (int64_t{1} << 31), op,
+    // Compared before multiplying: product * level itself may overflow int64 ([2, 2**62]).
+    FL_CHECK_VALUE(level <= (int64_t{1} << 31) / product, op,
                    "the product of levels (the implicit codebook size) must be <= 2^31, got ", levels);
+    product *= level;
   }
   FsqParams p;
   fsq_make_constants(levels.data(), static_cast<int>(levels.size()), preserve_symmetry, p);

@@ -123,9 +123,14 @@ std::string fused_unsupported_reason(const Args& a) {
   const at::Tensor& x = a.x;
   if (x.scalar_type() != at::kHalf && x.scalar_type() != at::kBFloat16)
     return "x must be float16 or bfloat16 (tensor-core kernel), got " + torch_glue::python_dtype(x.scalar_type());
-  int major = 0;
+  int major = 0, arch = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, x.device().index()));
   if (major < 8) return "the GPU must have compute capability 8.0 or newer, got " + std::to_string(major) + ".x";
+  C10_CUDA_CHECK(group_norm_conv3x3_cuda_arch(&arch));  // the guard has made x's device current
+  if (arch < 80) {
+    return "this build's kernel image for the GPU was compiled for compute_" + std::to_string(arch) +
+           " (no bf16 WMMA or cp.async); rebuild with 8.0 or newer in TORCH_CUDA_ARCH_LIST";
+  }
   if (x.size(1) > kGnConvMaxInChannels) return "C_in must be at most " + std::to_string(kGnConvMaxInChannels);
   if (x.size(0) > 65535) return "N must be at most 65535";
   return "";

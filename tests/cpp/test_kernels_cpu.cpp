@@ -127,6 +127,44 @@ static void test_nearest_code_rejects_bad_sizes() {
   CHECK(run_nearest_code_cpu(p).ok, "n = 0 is a no-op");
 }
 
+// The CUDA launcher's choice of search kernel: tensor cores only for an aligned x and codebook,
+// a row length of whole 16-byte vectors and an image compiled with WMMA for the dtype.
+static void test_nearest_code_cuda_path() {
+  alignas(16) static const uint8_t buffer[64] = {};
+  using P = NearestCodeCudaPath;
+  auto path = [&](DType dtype, int64_t d, size_t x_offset, size_t code_offset, int arch, bool tf32 = false) {
+    NearestCodeParams p;
+    p.x = buffer + x_offset;
+    p.codebook = buffer + code_offset;
+    p.n = 10;
+    p.k = 100;
+    p.d = d;
+    p.dtype = dtype;
+    p.allow_tf32 = tf32;
+    return nearest_code_cuda_path(p, arch);
+  };
+  for (DType dtype : {DType::kFloat16, DType::kBFloat16}) {
+    CHECK(path(dtype, 64, 0, 0, 80) == P::kTensorCore, "aligned fp16/bf16, d = 64, sm_80");
+    CHECK(path(dtype, 64, 0, 0, 90) == P::kTensorCore, "sm_90 image");
+    CHECK(path(dtype, 32, 0, 0, 80) == P::kSmallD, "d <= 32 takes the small-D kernel");
+    CHECK(path(dtype, 33, 6, 2, 0) == P::kSimt, "d = 33, misaligned, no arch");
+    CHECK(path(dtype, 36, 0, 0, 80) == P::kSimt, "d %% 8 != 0: rows are not whole 16-byte vectors");
+    // buf[3:3 + N * D].view(N, D): a storage offset of 3 elements (6 bytes).
+    CHECK(path(dtype, 64, 6, 0, 80) == P::kSimt, "misaligned x");
+    CHECK(path(dtype, 64, 0, 6, 80) == P::kSimt, "misaligned codebook");
+    CHECK(path(dtype, 64, 16, 32, 80) == P::kTensorCore, "offsets of whole vectors stay aligned");
+  }
+  // A compute_75 image has fp16 WMMA but no bf16 or TF32 WMMA.
+  CHECK(path(DType::kFloat16, 64, 0, 0, 75) == P::kTensorCore, "fp16 on a sm_75 image");
+  CHECK(path(DType::kBFloat16, 64, 0, 0, 75) == P::kSimt, "bf16 on a sm_75 image");
+  CHECK(path(DType::kFloat32, 64, 0, 0, 75, true) == P::kSimt, "tf32 on a sm_75 image");
+  CHECK(path(DType::kFloat32, 64, 0, 0, 80, true) == P::kTensorCore, "tf32 on sm_80");
+  CHECK(path(DType::kFloat32, 64, 0, 0, 80, false) == P::kSimt, "fp32 without tf32 stays exact");
+  CHECK(path(DType::kFloat32, 36, 0, 0, 80, true) == P::kTensorCore, "tf32, d %% 4 == 0");
+  CHECK(path(DType::kFloat32, 34, 0, 0, 80, true) == P::kSimt, "tf32, d %% 4 != 0");
+  CHECK(path(DType::kFloat32, 64, 8, 0, 80, true) == P::kSimt, "tf32, x 8-byte aligned only");
+}
+
 static void test_code_stats() {
   std::mt19937 gen(3);
   std::normal_distribution<float> normal;
@@ -230,6 +268,37 @@ static void test_fsq() {
               want);
       }
     }
+  }
+}
+
+// levels = [2^31] (the largest the binding admits): the level count survives (an int32 field
+// wraps to -2^31) and the extreme levels come out exact in both bounds.
+static void test_fsq_extreme_levels() {
+  const int64_t big[] = {int64_t{1} << 31};
+  for (const bool sym : {false, true}) {
+    FsqParams p;
+    fsq_make_constants(big, 1, sym, p);
+    CHECK(p.channel[0].levels == (int64_t{1} << 31), "levels field: %lld", static_cast<long long>(p.channel[0].levels));
+    CHECK(p.channel[0].half_width == (int64_t{1} << 30), "half width");
+    CHECK(p.codebook_size == (int64_t{1} << 31), "codebook size");
+    const double inf = std::numeric_limits<double>::infinity();
+    const double z[] = {-inf, inf, 0.0};
+    double z_hat[3];
+    int64_t indices[3];
+    p.rows = 3;
+    p.dtype = DType::kFloat64;
+    FsqForwardArgs args;
+    args.z = z;
+    args.z_hat = z_hat;
+    args.indices = indices;
+    CHECK(run_fsq_quantize_cpu(p, args).ok, "fsq status");
+    const int64_t want[] = {0, (int64_t{1} << 31) - 1, int64_t{1} << 30};
+    for (int i = 0; i < 3; ++i) {
+      CHECK(indices[i] == want[i], "sym=%d row %d: index %lld, want %lld", int(sym), i,
+            static_cast<long long>(indices[i]), static_cast<long long>(want[i]));
+    }
+    CHECK(z_hat[0] == -1.0 && z_hat[2] == (sym ? 1.0 / double((int64_t{1} << 31) - 1) : 0.0), "values %g %g",
+          z_hat[0], z_hat[2]);
   }
 }
 
@@ -490,10 +559,12 @@ int main() {
   test_code_stats();
   test_ema_update();
   test_fsq();
+  test_fsq_extreme_levels();
   test_lfq_entropy();
   test_lfq_and_bsq_quantize();
   test_nearest_code();
   test_nearest_code_rejects_bad_sizes();
+  test_nearest_code_cuda_path();
   if (fl_test::failures()) std::fprintf(stderr, "%d check(s) failed\n", fl_test::failures());
   else std::printf("all CPU kernel checks passed\n");
   return fl_test::failures() ? 1 : 0;
