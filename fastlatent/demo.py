@@ -2,9 +2,9 @@
 
 1. A small CNN is trained on the real training digits; its accuracy on the held-out test digits says how far its
    verdicts can be trusted.
-2. An autoencoder (FSQ by default; VQ or KL) is trained on the training digits (``train-ae``'s code path);
+2. An autoencoder (FSQ by default; VQ or KL) is trained on the training digits (:func:`fastlatent.recipes.train_autoencoder`);
    reconstruction PSNR/SSIM and codebook usage/perplexity are measured on the test digits.
-3. A class-conditional prior is trained on the encoded training digits (``train-prior``'s code path): a GPT
+3. A class-conditional prior is trained on the encoded training digits (:func:`fastlatent.recipes.train_prior`): a GPT
    over tokens for FSQ/VQ, a DiT with flow matching for KL.
 4. ``samples_per_class`` samples of every class are drawn with classifier-free guidance and classified.
 
@@ -18,49 +18,50 @@ import json
 import time
 from pathlib import Path
 
-# Per quantizer: train-ae / train-prior options (on top of their CLI defaults) that reach the demo's bar on a
-# 2-core CPU in its time budget.
+import torch
+
+import fastlatent
+from fastlatent.benchmarking.measure import device_name
+from fastlatent.data import DigitsDataset
+from fastlatent.evaluation import train_digit_classifier
+from fastlatent.recipes import (
+    AutoencoderRecipe,
+    PriorRecipe,
+    class_labels,
+    resolve_device,
+    sample_images,
+    save_grid,
+    train_autoencoder,
+    train_prior,
+)
+
+# Per quantizer: the recipes' fields (on top of their defaults) that reach the demo's bar on a 2-core CPU in its
+# time budget.
 RECIPES = {
     "fsq": {
-        "ae": ["--quantizer", "fsq", "--levels", "5,5,5", "--block-out-channels", "16,32,32", "--batch-size", "32",
-               "--steps", "1500", "--lr", "2e-3"],
-        "prior": ["--prior", "gpt", "--width", "128", "--depth", "4", "--heads", "4", "--batch-size", "64",
-                  "--steps", "1500", "--lr", "1e-3"],
+        "ae": dict(quantizer="fsq", levels=[5, 5, 5], block_out_channels=[16, 32, 32], batch_size=32, steps=1500,
+                   lr=2e-3),
+        "prior": dict(prior="gpt", width=128, depth=4, heads=4, batch_size=64, steps=1500, lr=1e-3),
     },
     "vq": {
-        "ae": ["--quantizer", "vq", "--codebook-size", "128", "--latent-channels", "4", "--block-out-channels",
-               "16,32,32", "--batch-size", "32", "--steps", "1500", "--lr", "2e-3"],
-        "prior": ["--prior", "gpt", "--width", "128", "--depth", "4", "--heads", "4", "--batch-size", "64",
-                  "--steps", "1500", "--lr", "1e-3"],
+        "ae": dict(quantizer="vq", codebook_size=128, latent_channels=4, block_out_channels=[16, 32, 32],
+                   batch_size=32, steps=1500, lr=2e-3),
+        "prior": dict(prior="gpt", width=128, depth=4, heads=4, batch_size=64, steps=1500, lr=1e-3),
     },
     "kl": {
-        "ae": ["--quantizer", "kl", "--latent-channels", "4", "--block-out-channels", "16,32,32", "--batch-size",
-               "32", "--steps", "1500", "--lr", "2e-3"],
-        "prior": ["--prior", "dit", "--objective", "flow", "--width", "128", "--depth", "4", "--heads", "4",
-                  "--batch-size", "64", "--steps", "2000", "--lr", "1e-3"],
+        "ae": dict(quantizer="kl", latent_channels=4, block_out_channels=[16, 32, 32], batch_size=32, steps=1500,
+                   lr=2e-3),
+        "prior": dict(prior="dit", objective="flow", width=128, depth=4, heads=4, batch_size=64, steps=2000,
+                      lr=1e-3),
     },
 }
 QUICK_STEPS = 20
-
-
-def _options(command: str, out: Path, extra: list[str], common: list[str]):
-    from fastlatent.cli import build_parser
-
-    return build_parser().parse_args([command, "--out", str(out), *extra, *common])
 
 
 def run_demo(out: str | Path = "demo-out", quantizer: str = "fsq", *, ae_steps: int | None = None,
              prior_steps: int | None = None, samples_per_class: int = 50, quick: bool = False, seed: int = 0,
              device: str = "auto", progress: bool = True) -> dict:
     """Runs the demo (see the module docstring) and returns the metrics it writes to ``metrics.json``."""
-    import torch
-
-    import fastlatent
-    from fastlatent.benchmarking.measure import device_name
-    from fastlatent.commands import resolve_device, sample_images, save_grid, train_autoencoder, train_prior
-    from fastlatent.data import DigitsDataset
-    from fastlatent.evaluation import train_digit_classifier
-
     if quantizer not in RECIPES:
         raise ValueError(f"fastlatent demo: quantizer must be one of {sorted(RECIPES)}, got {quantizer!r}")
     if samples_per_class < 1:
@@ -69,16 +70,15 @@ def run_demo(out: str | Path = "demo-out", quantizer: str = "fsq", *, ae_steps: 
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     dev = resolve_device(device)
-    common = ["--seed", str(seed), "--device", device, *([] if progress else ["--no-progress"])]
-    recipe = RECIPES[quantizer]
-    ae_extra, prior_extra = list(recipe["ae"]), list(recipe["prior"])
+    common = dict(seed=seed, device=device, progress=progress)
+    ae_fields, prior_fields = dict(RECIPES[quantizer]["ae"]), dict(RECIPES[quantizer]["prior"])
     if quick:
         ae_steps, prior_steps = ae_steps or QUICK_STEPS, prior_steps or QUICK_STEPS
         samples_per_class = min(samples_per_class, 4)
     if ae_steps:
-        ae_extra += ["--steps", str(ae_steps)]
+        ae_fields["steps"] = ae_steps
     if prior_steps:
-        prior_extra += ["--steps", str(prior_steps)]
+        prior_fields["steps"] = prior_steps
 
     print(f"[demo] 1/4 digit classifier on the real training digits ({dev})", flush=True)
     train_digits, test_digits = DigitsDataset("train", size=16, seed=seed), DigitsDataset("test", size=16, seed=seed)
@@ -89,11 +89,11 @@ def run_demo(out: str | Path = "demo-out", quantizer: str = "fsq", *, ae_steps: 
     real_accuracy = classifier.accuracy(test_digits.images.to(dev), test_digits.labels)
 
     print(f"[demo] 2/4 {quantizer.upper()} autoencoder", flush=True)
-    ae_args = _options("train-ae", out, ae_extra, common)
+    ae_args = AutoencoderRecipe(out=out, **ae_fields, **common)
     autoencoder, ae_metrics = train_autoencoder(ae_args)
 
     print("[demo] 3/4 class-conditional prior", flush=True)
-    prior_args = _options("train-prior", out, ["--autoencoder", str(out / "autoencoder"), *prior_extra], common)
+    prior_args = PriorRecipe(out=out, autoencoder=out / "autoencoder", **prior_fields, **common)
     pipeline, prior_metrics = train_prior(prior_args, autoencoder=autoencoder)
 
     print(f"[demo] 4/4 {samples_per_class} samples per class, judged by the classifier", flush=True)
@@ -108,7 +108,7 @@ def run_demo(out: str | Path = "demo-out", quantizer: str = "fsq", *, ae_steps: 
     sample_accuracy = (predicted == labels).float().mean().item()
     shown = min(samples_per_class, 10)
     grid = samples.view(10, samples_per_class, *samples.shape[1:])[:, :shown].reshape(-1, *samples.shape[1:])
-    save_grid(grid, out / "samples.png", nrow=shown)
+    save_grid(grid, out / "samples.png", nrow=shown, row_labels=class_labels(range(10)))
 
     total = time.perf_counter() - started
     metrics = {
@@ -132,7 +132,7 @@ def run_demo(out: str | Path = "demo-out", quantizer: str = "fsq", *, ae_steps: 
     return metrics
 
 
-def _report(m: dict, ae_args, prior_args) -> str:
+def _report(m: dict, ae_args: AutoencoderRecipe, prior_args: PriorRecipe) -> str:
     ae, prior, clf = m["autoencoder"], m["prior"], m["classifier"]
     lines = [
         f"# fastlatent demo: {m['quantizer'].upper()} autoencoder + {prior['prior']} prior on the digits",

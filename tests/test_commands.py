@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastlatent.cli import build_parser, main
-from fastlatent.commands import apply_config_defaults, load_config_file, resolve_device, save_grid
+from fastlatent.cli.options import apply_config_defaults, load_config_file
+from fastlatent.recipes import resolve_device, save_grid
 
 COMMANDS = ("train-ae", "train-prior", "sample", "reconstruct", "demo")
 
