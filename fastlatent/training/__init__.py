@@ -24,7 +24,8 @@ from fastlatent.training.distributed import DistInfo, dist_info, init_distribute
 from fastlatent.training.ema import EMA
 from fastlatent.training.logging import MetricsLogger, plot_metrics, read_metrics
 from fastlatent.training.schedules import LRSchedule
-from fastlatent.training.trainer import Callback, Trainer, TrainerConfig, seed_everything
+from fastlatent.training.config import TrainerConfig
+from fastlatent.training.trainer import Callback, Trainer, seed_everything
 
 __all__ = ["Trainer", "TrainerConfig", "Callback", "EMA", "LRSchedule", "MetricsLogger", "plot_metrics",
            "read_metrics", "EpochBatchSampler", "BatchStream", "epoch_permutation", "DistInfo", "dist_info",
