@@ -1,6 +1,8 @@
-"""The `fastlatent` command (also `python -m fastlatent`): the parser, ``info`` and ``selftest``.
+"""The `fastlatent` command (also `python -m fastlatent`): the parser, ``info``, ``selftest`` and error reporting.
 
-The model commands are in :mod:`fastlatent.cli.commands`, ``bench`` in :mod:`fastlatent.benchmarking`.
+The model commands are in :mod:`fastlatent.cli.commands`, ``bench`` in :mod:`fastlatent.benchmarking`. A
+command's mistakes in its inputs (``ValueError``, ``TypeError``, a missing file or package) end the command with
+one line on stderr and exit status 2; ``fastlatent --debug COMMAND ...`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from fastlatent.benchmarking import add_bench_parser
 from fastlatent.cli.commands import add_model_commands
 from fastlatent.cli.options import CommandParser, apply_config_defaults, load_config_file
 from fastlatent.selftest import run_selftest, selftest_devices
+
+# What a command raises for a mistake in its inputs: reported as one line and exit status 2, not a traceback.
+USER_ERRORS = (ValueError, TypeError, ImportError, OSError)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -62,6 +67,8 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastlatent", description="Fast kernels for latent generative models.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of its one-line message")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     info = sub.add_parser("info", help="how fastlatent was built: version, torch, CUDA archs, SIMD, OpenMP, GPUs")
     info.add_argument("--json", action="store_true", help="print the build information as JSON")
@@ -102,7 +109,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return args.func(args)
+    if args.debug:
+        return args.func(args)
+    try:
+        return args.func(args)
+    except USER_ERRORS as exc:
+        print(f"fastlatent {args.command}: error: {exc}", file=sys.stderr)
+        print("(run `fastlatent --debug ...` for the traceback)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
