@@ -169,6 +169,21 @@ def torch_alloc_peak_bytes(fn: Callable[[], Any]) -> int:
     return peak
 
 
+def net_alloc_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak, during ``fn()``, of the bytes allocated through torch's CPU allocator minus those freed since the
+    call began (the running sum of the profiler's ``[memory]`` events in time order): what the call needs on
+    top of what existed before it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
 def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
     """Memory one call of ``fn`` needs on top of what existed before it.
 

@@ -25,7 +25,7 @@ class TiledRunInfo:
         stages: stages of the schedule.
         halo: the largest halo, in input pixels, a tile reads around itself.
         stored_bytes: peak bytes of activations kept between passes (on the host with ``store="host"``).
-        stats_from: "image" (exact) or the downscaled size the statistics came from (fast mode).
+        stats_from: where the GroupNorm statistics came from: always "image" (the whole image).
     """
 
     tiles: int = 0
@@ -50,7 +50,7 @@ class GroupStats:
         return self._cache[eps]
 
 
-def stage_roles(stages, store: str, preset_stats: bool):
+def stage_roles(stages, store: str):
     """Consumers of each stage, the group counts whose statistics each stage's output needs, and which stage
     outputs are kept between passes: those read by a GroupNorm (or by two consumers, e.g. a residual add), unless
     everything is recomputed."""
@@ -63,7 +63,7 @@ def stage_roles(stages, store: str, preset_stats: bool):
     for s in stages:
         if s.norm is not None:
             stats_groups[s.deps[0]].add(s.norm.groups)
-    if store == "recompute" or preset_stats:
+    if store == "recompute":
         stored = [i == 0 for i in range(k)]
     else:
         stored = [i == 0 or (i != k - 1 and (bool(stats_groups[i]) or len(consumers[i]) > 1)) for i in range(k)]
@@ -83,7 +83,7 @@ class TileScheduler:
       whole-image statistics stage ``k``'s output needs (one per GroupNorm reading it).
     * ``stored[k]``: whether stage ``k``'s output is kept between passes, per tile with the halo its readers
       need (``_plan``): outputs read by a GroupNorm or by two consumers, unless ``store="recompute"`` (then only
-      the input is "stored") or the statistics are preset (fast mode).
+      the input is "stored").
     * ``pass_stage[k]``: whether there is a pass over all tiles ending at stage ``k``: stored stages, stages
       whose statistics must be gathered, and the last stage (whose pass writes the output).
     * ``last_read[k]`` / ``last_eval[k]``: after which pass stage ``k``'s stored tiles (its attention keys and
@@ -98,14 +98,14 @@ class TileScheduler:
     """
 
     def __init__(self, graph: StageGraph, store: str, batch: int, device: torch.device, progress,
-                 preset_stats: dict | None, info: TiledRunInfo, desc: str):
+                 info: TiledRunInfo, desc: str):
         self.stages = graph.stages
         self.store_kind = store
         self.batch, self.device = batch, device
         self.info = info
         k = len(self.stages)
-        self.consumers, self.stats_groups, self.stored = stage_roles(self.stages, store, preset_stats is not None)
-        self.stats: dict = dict(preset_stats or {})
+        self.consumers, self.stats_groups, self.stored = stage_roles(self.stages, store)
+        self.stats: dict = {}
         self.need_stats_pass = [any((i, g) not in self.stats for g in self.stats_groups[i]) for i in range(k)]
         last = k - 1
         self.pass_stage = [i != 0 and (self.stored[i] or self.need_stats_pass[i] or i == last) for i in range(k)]
@@ -279,11 +279,11 @@ class TileScheduler:
             torch.cuda.current_stream(self.device).synchronize()
 
 
-def max_halo(graph: StageGraph, store: str, fast: bool) -> int:
+def max_halo(graph: StageGraph, store: str) -> int:
     """The farthest, in input pixels, that a tile's computation reads beyond the tile (for a tile far from the
     image border, where nothing is clamped)."""
     stages = graph.stages
-    _, stats_groups, stored = stage_roles(stages, store, fast)
+    _, stats_groups, stored = stage_roles(stages, store)
     far = 1 << 40
     saved = [(s.size, getattr(s, "in_size", None)) for s in stages]
     try:
