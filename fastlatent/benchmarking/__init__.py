@@ -14,7 +14,8 @@ cases and record what was measured. It then writes into ``--out``:
 - ``results.json``: device, versions, build, and every case with each provider's time, peak memory,
   throughput and speed-up (schema in :mod:`fastlatent.benchmarking.report`),
 - ``results.md``: the same as markdown tables,
-- ``plots/*.png``: speed-up bars per op and scaling curves over N, K, D and resolution,
+- ``plots/adoption.png``: fastlatent (and its drop-in forms) beside each alternative people use, ms and ratio;
+  ``plots/*.png``: time bars per op and scaling curves over N, K, D and resolution,
 - ``pytest-benchmark.json`` (pytest-benchmark's own format) and ``pytest.log``.
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -29,7 +31,21 @@ import shlex
 import subprocess
 import sys
 import time
+from importlib import metadata
 from pathlib import Path
+
+import torch
+
+import fastlatent
+from fastlatent.benchmarking.measure import device_name, device_peak
+from fastlatent.benchmarking.plugin import PROGRESS_PREFIX, split_patterns
+from fastlatent.benchmarking.report import (
+    SCHEMA,
+    build_results,
+    render_markdown,
+    write_adoption_plot,
+    write_plots,
+)
 
 SUITES_ENV = "FASTLATENT_BENCHMARKS"
 # distribution name, module name: the peers and tools whose versions a report names
@@ -52,8 +68,6 @@ def locate_suites(explicit: str | os.PathLike | None = None) -> Path:
     Raises:
         BenchError: ``explicit`` is not a suites folder, or none was found.
     """
-    import fastlatent
-
     if explicit is not None or os.environ.get(SUITES_ENV):
         source = "--suites" if explicit is not None else f"${SUITES_ENV}"
         path = Path(explicit if explicit is not None else os.environ[SUITES_ENV]).expanduser()
@@ -74,8 +88,6 @@ def locate_suites(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def _require_runner() -> None:
-    import importlib.util
-
     missing = [pip for module, pip in (("pytest", "pytest"), ("pytest_benchmark", "pytest-benchmark"))
                if importlib.util.find_spec(module) is None]
     if missing:
@@ -86,10 +98,6 @@ def _require_runner() -> None:
 
 def resolve_device(requested: str | None) -> str:
     """``cpu`` or ``cuda``; the default is cuda when a GPU and fastlatent's CUDA kernels are there."""
-    import torch
-
-    import fastlatent
-
     cuda_ok = torch.cuda.is_available() and bool(fastlatent.build_info().get("cuda"))
     if requested is None:
         return "cuda" if cuda_ok else "cpu"
@@ -101,8 +109,6 @@ def resolve_device(requested: str | None) -> str:
 
 
 def _version(dist: str, module: str) -> str | None:
-    from importlib import metadata
-
     for name in (dist, "faiss-gpu", "faiss") if module == "faiss" else (dist,):
         try:
             return metadata.version(name)
@@ -129,11 +135,6 @@ def _git(folder: Path) -> dict | None:
 
 def run_metadata(device: str, mode: str, command: str, suites: Path) -> dict:
     """Device, versions, build and source of a run, as results.json names them."""
-    import torch
-
-    import fastlatent
-    from fastlatent.benchmarking.measure import device_name, device_peak
-
     dev = torch.device(device)
     peak = device_peak(dev)
     peak_text = None
@@ -177,8 +178,6 @@ def pytest_command(suites: Path, *, device: str, full: bool, include: list[str],
 
 def _child_env() -> dict:
     """The child must import this very fastlatent (a checkout's, not another installed copy)."""
-    import fastlatent
-
     env = dict(os.environ)
     root = str(Path(fastlatent.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -187,8 +186,6 @@ def _child_env() -> dict:
 
 
 def _stream(cmd: list[str], log_path: Path | None, echo_all: bool) -> int:
-    from fastlatent.benchmarking.plugin import PROGRESS_PREFIX
-
     log = open(log_path, "w") if log_path else None
     proc = None
     try:
@@ -227,18 +224,17 @@ def _children_cpu_s() -> float:
 
 def write_report(results: dict, out: Path) -> list[Path]:
     """results.json, results.md and plots/ under ``out``; returns the files written."""
-    from fastlatent.benchmarking.report import render_markdown, write_plots
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    adoption = write_adoption_plot(results, out / "plots")
     plots = write_plots(results, out / "plots")
-    markdown = render_markdown(results)
+    markdown = render_markdown(results, adoption_plot=f"plots/{adoption.name}" if adoption else None)
     if plots:
         markdown += "\n## Plots\n\n" + "\n".join(f"![{p.stem}](plots/{p.name})" for p in plots) + "\n"
     elif _version("matplotlib", "matplotlib") is None:
         markdown += "\nNo plots: matplotlib is not installed (pip install matplotlib).\n"
     (out / "results.md").write_text(markdown)
-    return [out / "results.json", out / "results.md", *plots]
+    return [out / "results.json", out / "results.md", *([adoption] if adoption else []), *plots]
 
 
 def _command_line(args: argparse.Namespace, device: str, mode: str) -> str:
@@ -252,9 +248,6 @@ def _command_line(args: argparse.Namespace, device: str, mode: str) -> str:
 
 def run_bench(args: argparse.Namespace) -> int:
     """The ``fastlatent bench`` command (arguments from :func:`add_bench_parser`)."""
-    from fastlatent.benchmarking.plugin import split_patterns
-    from fastlatent.benchmarking.report import SCHEMA, build_results
-
     try:
         out = Path(args.out)
         if args.from_json:

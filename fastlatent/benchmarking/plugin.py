@@ -12,7 +12,7 @@ import os
 import re
 
 from fastlatent.benchmarking.measure import CASE_KEY, RESULT_KEY
-from fastlatent.benchmarking.report import _fmt_time
+from fastlatent.benchmarking.report import fmt_time
 
 PROGRESS_PREFIX = "fastlatent-bench: "
 
@@ -152,7 +152,7 @@ class _Recorder:
         label = (f"{case.get('op')} {case.get('device')} {case.get('case')} [{case.get('provider')}]" if case
                  else record.get("id", record["nodeid"]))
         if record["outcome"] == "passed" and record.get("result"):
-            detail = _fmt_time(record["result"]["min_s"])
+            detail = fmt_time(record["result"]["min_s"])
         elif record["outcome"] == "passed":
             detail = "passed (nothing measured)"
         else:
