@@ -1,6 +1,7 @@
 """`fastlatent selftest`: every op on realistic tensors, checked against its reference and timed.
 
-One table, ``SELFTESTS`` (name, check), serves the ``fastlatent selftest`` command and the tests: a check takes a
+One table, ``SELFTESTS`` (name, check), serves the ``fastlatent selftest`` command and the tests: a check
+takes a
 device and a dtype and returns ``(ok, detail)``.
 """
 
@@ -20,6 +21,7 @@ from fastlatent.ops import group_norm_apply, group_norm_stats, merge_group_stats
 def _time(fn, device, repeats: int = 7) -> float:
     """Fastest of `repeats` calls after a warm-up: single calls on a shared CPU are noisy (first
     touches of fresh outputs, other processes), and the minimum is what the code can do."""
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -51,12 +53,16 @@ def _selftest_nearest_code(device, dtype) -> tuple[bool, str]:
     xf, cf = x.double(), codebook.double()
     excess = (((xf - cf[indices]) ** 2).sum(1) - ((xf - cf[ref_indices]) ** 2).sum(1)).max().item()
     ok = excess <= 1e-4 * ref_distances.max().item() and (
-        not torch.equal(indices, ref_indices) or torch.allclose(distances, ref_distances, rtol=1e-4, atol=1e-3))
+        not torch.equal(indices, ref_indices)
+        or torch.allclose(distances, ref_distances, rtol=1e-4, atol=1e-3)
+    )
     ours = _time(lambda: fastlatent.nearest_code(x, codebook), device)
     base = _time(lambda: torch.cdist(x.float(), codebook.float()).argmin(1), device)
     agree = (indices == ref_indices).float().mean().item()
-    return ok, (f"indices agree {agree:.2%}; {ours * 1e3:.2f} ms vs cdist+argmin {base * 1e3:.2f} ms "
-                f"({base / ours:.1f}x)")
+    return ok, (
+        f"indices agree {agree:.2%}; {ours * 1e3:.2f} ms vs cdist+argmin {base * 1e3:.2f} ms "
+        f"({base / ours:.1f}x)"
+    )
 
 
 def _selftest_code_stats(device, dtype) -> tuple[bool, str]:
@@ -93,10 +99,15 @@ def _selftest_scalar_quantizers(device, dtype) -> tuple[bool, str]:
     x = (torch.randn(2048, 12, generator=gen) * 0.05).to(device, dtype)
     ps, avg = fastlatent.lfq_entropy(x, 1.0, 10.0)
     ref_ps, ref_avg = reference.lfq_entropy(x, 1.0, 10.0)
-    lfq_ok = bool(torch.allclose(ps, ref_ps, rtol=1e-4, atol=1e-5) and torch.allclose(avg, ref_avg, rtol=1e-4, atol=1e-9))
+    lfq_ok = bool(
+        torch.allclose(ps, ref_ps, rtol=1e-4, atol=1e-5)
+        and torch.allclose(avg, ref_avg, rtol=1e-4, atol=1e-9)
+    )
     fsq_s = _time(lambda: fastlatent.fsq_quantize(z, levels), device)
-    msg = (f"FSQ 65536x4 exact: {'yes' if fsq_ok else 'NO'} ({fsq_s * 1e3:.2f} ms), "
-           f"LFQ entropy d=12 matches: {'yes' if lfq_ok else 'NO'}")
+    msg = (
+        f"FSQ 65536x4 exact: {'yes' if fsq_ok else 'NO'} ({fsq_s * 1e3:.2f} ms), "
+        f"LFQ entropy d=12 matches: {'yes' if lfq_ok else 'NO'}"
+    )
     return fsq_ok and lfq_ok, msg
 
 
@@ -108,18 +119,38 @@ def _selftest_sampler_steps(device, dtype) -> tuple[bool, str]:
     options = dict(guidance_scale=7.5, guidance_rescale=0.7, threshold_quantile=0.995, threshold_max=1.5)
     cases = [
         (fastlatent.ops.ddim_step, reference.ddim_step, (m, x, 0.2, 0.4, 0.5), dict(seed=1, **options)),
-        (fastlatent.ops.ddpm_step, reference.ddpm_step, (m, x, 0.2, 0.4), dict(seed=2, prediction="v_prediction",
-                                                                              **options)),
-        (fastlatent.ops.euler_step, reference.euler_step, (m, x, 0.8, 0.7), dict(prediction="flow", **options)),
-        (fastlatent.ops.dpmpp_2m_step, reference.dpmpp_2m_step, (m, x, x, 0.6, 0.8, 0.8, 0.6, 0.4, 0.9), options),
+        (
+            fastlatent.ops.ddpm_step,
+            reference.ddpm_step,
+            (m, x, 0.2, 0.4),
+            dict(seed=2, prediction="v_prediction", **options),
+        ),
+        (
+            fastlatent.ops.euler_step,
+            reference.euler_step,
+            (m, x, 0.8, 0.7),
+            dict(prediction="flow", **options),
+        ),
+        (
+            fastlatent.ops.dpmpp_2m_step,
+            reference.dpmpp_2m_step,
+            (m, x, x, 0.6, 0.8, 0.8, 0.6, 0.4, 0.9),
+            options,
+        ),
     ]
     worst = 0.0
     for op, ref, args, kwargs in cases:
         ours, expected = op(*args, **kwargs)[0], ref(*args, **kwargs)[0]
-        worst = max(worst, ((ours.double() - expected.double()).abs().max() / expected.double().abs().max()).item())
+        worst = max(
+            worst, ((ours.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+        )
     step = lambda: fastlatent.ops.ddim_step(m, x, 0.2, 0.4, guidance_scale=7.5, return_x0=False)  # noqa: E731
     ours_time = _time(step, device, repeats=10)
-    return worst <= tol, f"4 steps (guided, rescaled, thresholded) within {worst:.1e} relative; ddim step {ours_time * 1e3:.3f} ms"
+    return (
+        worst <= tol,
+        f"4 steps (guided, rescaled, thresholded) within {worst:.1e} relative; "
+        f"ddim step {ours_time * 1e3:.3f} ms",
+    )
 
 
 def _selftest_group_norm(device, dtype) -> tuple[bool, str]:
@@ -145,7 +176,9 @@ def _selftest_group_norm_tiled(device, dtype) -> tuple[bool, str]:
     per_group = 64 // 16
     mean, m2, count = merge_group_stats(parts, [per_group * h.shape[-2] * h.shape[-1] for h in halves])
     rstd = torch.rsqrt(m2 / count + 1e-6).float()
-    out = torch.cat([group_norm_apply(h.contiguous(), mean.float(), rstd, w, b, "silu") for h in halves], dim=-2)
+    out = torch.cat(
+        [group_norm_apply(h.contiguous(), mean.float(), rstd, w, b, "silu") for h in halves], dim=-2
+    )
     want = fastlatent.group_norm(x, w, b, 16, 1e-6, "silu")
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     ok = torch.allclose(out.float(), want.float(), rtol=tol, atol=tol)
@@ -158,7 +191,10 @@ def _selftest_group_norm_conv(device, dtype) -> tuple[bool, str]:
     x = (torch.randn(1, 96, 20, 36, generator=gen) * 2 + 1).to(device, dtype)
     gw, gb = (torch.rand(96, generator=gen) + 0.5).to(device), torch.randn(96, generator=gen).to(device)
     w = (torch.randn(136, 96, 3, 3, generator=gen) / 30).to(device, dtype)
-    b, r = torch.randn(136, generator=gen).to(device, dtype), torch.randn(1, 136, 20, 36, generator=gen).to(device, dtype)
+    b, r = (
+        torch.randn(136, generator=gen).to(device, dtype),
+        torch.randn(1, 136, 20, 36, generator=gen).to(device, dtype),
+    )
     out = fastlatent.ops.group_norm_conv3x3(x, gw, gb, 32, w, b, eps=1e-6, residual=r)
     ref = reference.group_norm_conv3x3(x, gw, gb, 32, w, b, eps=1e-6, residual=r).double()
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
@@ -167,10 +203,16 @@ def _selftest_group_norm_conv(device, dtype) -> tuple[bool, str]:
     return err <= tol, f"{'fused' if fused else 'unfused'} GN+SiLU+conv3x3 96->136 within {err:.1e} relative"
 
 
-SELFTESTS = [("nearest_code", _selftest_nearest_code), ("code_stats", _selftest_code_stats),
-             ("ema_update_", _selftest_ema_update), ("fsq/lfq", _selftest_scalar_quantizers),
-             ("sampler steps", _selftest_sampler_steps), ("group_norm", _selftest_group_norm),
-             ("gn stats/apply", _selftest_group_norm_tiled), ("gn+conv3x3", _selftest_group_norm_conv)]
+SELFTESTS = [
+    ("nearest_code", _selftest_nearest_code),
+    ("code_stats", _selftest_code_stats),
+    ("ema_update_", _selftest_ema_update),
+    ("fsq/lfq", _selftest_scalar_quantizers),
+    ("sampler steps", _selftest_sampler_steps),
+    ("group_norm", _selftest_group_norm),
+    ("gn stats/apply", _selftest_group_norm_tiled),
+    ("gn+conv3x3", _selftest_group_norm_conv),
+]
 
 
 def selftest_devices() -> list[torch.device]:
@@ -185,8 +227,12 @@ Check = Callable[[torch.device, torch.dtype], tuple[bool, str]]
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def run_selftest(devices: Iterable[torch.device], dtypes: Iterable[torch.dtype] = DTYPES,
-                 report: Callable[[str], None] = print, checks: Iterable[tuple[str, Check]] | None = None) -> bool:
+def run_selftest(
+    devices: Iterable[torch.device],
+    dtypes: Iterable[torch.dtype] = DTYPES,
+    report: Callable[[str], None] = print,
+    checks: Iterable[tuple[str, Check]] | None = None,
+) -> bool:
     """Runs every check (default ``SELFTESTS``) per device and dtype, reports one line each; True when all
     pass."""
     checks = SELFTESTS if checks is None else list(checks)

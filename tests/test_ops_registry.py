@@ -11,7 +11,9 @@ import fastlatent
 
 def _registered_schemas() -> set[str]:
     # every schema the dispatcher knows; ours are the fastlatent:: ones (one overload each)
-    return {s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("fastlatent::")}
+    return {
+        s.name.split("::", 1)[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("fastlatent::")
+    }
 
 
 def test_torch_ops_is_the_set_of_registered_schemas():
@@ -20,7 +22,8 @@ def test_torch_ops_is_the_set_of_registered_schemas():
     assert len(fastlatent.ops.TORCH_OPS) == len(set(fastlatent.ops.TORCH_OPS))
     assert set(fastlatent.ops.TORCH_OPS) == registered, (
         f"missing from TORCH_OPS: {sorted(registered - set(fastlatent.ops.TORCH_OPS))}; "
-        f"not registered: {sorted(set(fastlatent.ops.TORCH_OPS) - registered)}")
+        f"not registered: {sorted(set(fastlatent.ops.TORCH_OPS) - registered)}"
+    )
 
 
 def test_reference_modules_import_only_public_names():
@@ -31,5 +34,6 @@ def test_reference_modules_import_only_public_names():
                 private = [a.name for a in node.names if a.name.startswith("_")]
                 assert not private, f"{path.name} imports private {private} from {node.module}"
             if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
-                assert not (node.value.id.endswith("ops") and node.attr.startswith("_")), \
+                assert not (node.value.id.endswith("ops") and node.attr.startswith("_")), (
                     f"{path.name} uses {node.value.id}.{node.attr}"
+                )

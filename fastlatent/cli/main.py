@@ -1,7 +1,9 @@
-"""The `fastlatent` command (also `python -m fastlatent`): the parser, ``info``, ``selftest`` and error reporting.
+"""The `fastlatent` command (also `python -m fastlatent`): the parser, ``info``, ``selftest`` and error
+reporting.
 
 The model commands are in :mod:`fastlatent.cli.commands`, ``bench`` in :mod:`fastlatent.benchmarking`. A
-command's mistakes in its inputs (``ValueError``, ``TypeError``, a missing file or package) end the command with
+command's mistakes in its inputs (``ValueError``, ``TypeError``, a missing file or package) end the command
+with
 one line on stderr and exit status 2; ``fastlatent --debug COMMAND ...`` shows the traceback instead.
 """
 
@@ -29,23 +31,33 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"fastlatent {info['version']}")
-    print(f"  torch            {info['torch']}" + (f" (extension built against {info['torch_built']})"
-                                                  if info.get("torch_built") else ""))
+    print(
+        f"  torch            {info['torch']}"
+        + (f" (extension built against {info['torch_built']})" if info.get("torch_built") else "")
+    )
     if not info["extension"]:
         print("  extension        NOT LOADED")
         print("    " + info["extension_error"].replace("\n", "\n    "))
         return 1
     if info["cuda"]:
-        print(f"  CUDA kernels     yes, sm {info['cuda_archs']} (TORCH_CUDA_ARCH_LIST={info['cuda_arch_flags']}, "
-              f"CUDA {info['cuda_compiled_version'] // 1000}.{info['cuda_compiled_version'] % 1000 // 10})")
+        print(
+            f"  CUDA kernels     yes, sm {info['cuda_archs']} "
+            f"(TORCH_CUDA_ARCH_LIST={info['cuda_arch_flags']}, "
+            f"CUDA {info['cuda_compiled_version'] // 1000}.{info['cuda_compiled_version'] % 1000 // 10})"
+        )
     else:
         print("  CUDA kernels     no (CPU-only build)")
     print(f"  CPU SIMD         {info['cpu_simd'].strip() or 'baseline'}")
-    print(f"  OpenMP           {info['openmp_version']}, {info['openmp_max_threads']} threads "
-          f"(torch uses {info['torch_threads']})")
+    print(
+        f"  OpenMP           {info['openmp_version']}, {info['openmp_max_threads']} threads "
+        f"(torch uses {info['torch_threads']})"
+    )
     if info["gpus"]:
         for gpu in info["gpus"]:
-            print(f"  GPU {gpu['index']}            {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB)")
+            print(
+                f"  GPU {gpu['index']}            {gpu['name']} "
+                f"(sm {gpu['capability']}, {gpu['memory_gib']} GiB)"
+            )
     else:
         print("  GPUs             none visible")
     return 0
@@ -66,15 +78,23 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="fastlatent", description="Fast kernels for latent generative models.")
-    parser.add_argument("--debug", action="store_true",
-                        help="show the full traceback of an error instead of its one-line message")
+        prog="fastlatent", description="Fast kernels for latent generative models."
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="show the full traceback of an error instead of its one-line message",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
-    info = sub.add_parser("info", help="how fastlatent was built: version, torch, CUDA archs, SIMD, OpenMP, GPUs")
+    info = sub.add_parser(
+        "info", help="how fastlatent was built: version, torch, CUDA archs, SIMD, OpenMP, GPUs"
+    )
     info.add_argument("--json", action="store_true", help="print the build information as JSON")
     info.set_defaults(func=_cmd_info)
     selftest = sub.add_parser(
-        "selftest", help="run every op on real tensors on each available device and check it against the reference")
+        "selftest",
+        help="run every op on real tensors on each available device and check it against the reference",
+    )
     selftest.set_defaults(func=_cmd_selftest)
     add_model_commands(sub)
     add_bench_parser(sub)

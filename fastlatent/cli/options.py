@@ -1,4 +1,5 @@
-"""Option types, the recording parser and ``--config`` files of the `fastlatent` command (public argparse API)."""
+"""Option types, the recording parser and ``--config`` files of the `fastlatent` command (public argparse
+API only)."""
 
 from __future__ import annotations
 
@@ -93,8 +94,9 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except ValueError as exc:
-        raise ValueError(f"--config: {path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: "
-                         f"{exc}") from None
+        raise ValueError(
+            f"--config: {path} is not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {exc}"
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"--config: {path} must hold a table/object of options, got {type(data).__name__}")
     return {str(k).replace("-", "_"): v for k, v in data.items()}

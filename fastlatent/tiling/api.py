@@ -10,19 +10,24 @@ from fastlatent.tiling.schedule import TiledRunInfo, TileScheduler, max_halo
 
 STORES = ("host", "device", "recompute")
 MODES = ("exact",)
-# mode="fast" (GroupNorm statistics estimated from a downscaled decode, then one pass) was removed: on a random
+# mode="fast" (GroupNorm statistics estimated from a downscaled decode, then one pass) was removed: on a
+# random
 # SD-VAE layout it was less accurate than diffusers' tiling (max error 2.23 against 1.10) and no faster than
 # exact mode (1.88 s against 1.95 s on the CPU), because each tile then recomputed its whole receptive field.
-REMOVED_FAST_MODE = ("mode='fast' was removed: it was no faster than the exact mode and less accurate than "
-                     "diffusers' tiling. Drop mode= (the exact mode is the only one) and fast_downscale=; "
-                     "store='recompute' gives the smallest memory")
+REMOVED_FAST_MODE = (
+    "mode='fast' was removed: it was no faster than the exact mode and less accurate than "
+    "diffusers' tiling. Drop mode= (the exact mode is the only one) and fast_downscale=; "
+    "store='recompute' gives the smallest memory"
+)
 
 
 def _model_dtype_device(vae: nn.Module, part: str):
     module = getattr(vae, part, None)
     if not isinstance(module, nn.Module):
-        raise ValueError(f"fastlatent.tiled_{'decode' if part == 'decoder' else 'encode'}: vae must have a "
-                         f"`{part}` module (a diffusers-compatible AutoencoderKL), got {type(vae).__name__}")
+        raise ValueError(
+            f"fastlatent.tiled_{'decode' if part == 'decoder' else 'encode'}: vae must have a "
+            f"`{part}` module (a diffusers-compatible AutoencoderKL), got {type(vae).__name__}"
+        )
     p = next(module.parameters(), None)
     if p is None:
         raise ValueError(f"fastlatent.tiled: vae.{part} has no parameters")
@@ -39,13 +44,16 @@ def _check_common(op, name, x, channels, dtype, device, tile_size, store, mode, 
     if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"fastlatent.{op}: {name} must have B, H, W >= 1, got shape {list(x.shape)}")
     if x.shape[1] != channels:
-        raise ValueError(f"fastlatent.{op}: {name} must have {channels} channels (the vae's), got shape "
-                         f"{list(x.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: {name} must have {channels} channels (the vae's), got shape {list(x.shape)}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"fastlatent.{op}: {name} must be a floating tensor, got {x.dtype}")
     if x.dtype != dtype:
-        raise TypeError(f"fastlatent.{op}: {name} must have the vae's dtype {dtype}, got {x.dtype} (cast it, or the "
-                        "vae, first)")
+        raise TypeError(
+            f"fastlatent.{op}: {name} must have the vae's dtype {dtype}, got {x.dtype} (cast it, or the "
+            "vae, first)"
+        )
     if x.device != device:
         raise RuntimeError(f"fastlatent.{op}: {name} must be on the vae's device {device}, got {x.device}")
     if isinstance(tile_size, bool) or not isinstance(tile_size, int) or tile_size < 1:
@@ -65,9 +73,11 @@ def _run(op, build, x, tile_size, store, query_chunk, progress, info):
         halo = max_halo(graph, store)
         info.halo = halo
         if tile_size < halo:
-            raise ValueError(f"fastlatent.{op}: tile_size={tile_size} is smaller than the receptive-field halo of "
-                             f"{halo} pixels that each tile reads around itself (store={store!r}); "
-                             f"use tile_size >= {halo}")
+            raise ValueError(
+                f"fastlatent.{op}: tile_size={tile_size} is smaller than the receptive-field halo of "
+                f"{halo} pixels that each tile reads around itself (store={store!r}); "
+                f"use tile_size >= {halo}"
+            )
         last = graph.stages[-1]
         out = torch.empty((x.shape[0], last.channels) + last.size, dtype=x.dtype, device=x.device)
         run = TileScheduler(graph, store, x.shape[0], x.device, progress, info, op)
@@ -75,9 +85,18 @@ def _run(op, build, x, tile_size, store, query_chunk, progress, info):
     return out
 
 
-def tiled_decode(vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, *, store: str = "host",
-                 mode: str = "exact", fast_downscale: None = None, attention_chunk: int = 1024, progress=None,
-                 info: TiledRunInfo | None = None) -> torch.Tensor:
+def tiled_decode(
+    vae: nn.Module,
+    latents: torch.Tensor,
+    tile_size: int = 64,
+    *,
+    store: str = "host",
+    mode: str = "exact",
+    fast_downscale: None = None,
+    attention_chunk: int = 1024,
+    progress=None,
+    info: TiledRunInfo | None = None,
+) -> torch.Tensor:
     """Decode latents tile by tile; the result equals ``vae.decode(latents).sample`` to rounding.
 
     Args:
@@ -90,12 +109,14 @@ def tiled_decode(vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, *, 
         store: where activations that outlive a tile live:
 
             * ``"host"`` (default): host memory, pinned when on CUDA. Each stage is computed once; the cost is
-              one device-to-host and one host-to-device copy of each kept activation. Host memory needed: about
+              one device-to-host and one host-to-device copy of each kept activation. Host memory needed:
+              about
               three activations at the largest resolution (for the SD-VAE at 4096x4096 in bf16, about 17 GB).
             * ``"device"``: as "host" but kept on the device: fastest, but the kept activations grow with the
               image (device memory then scales like an untiled decode's largest few activations).
             * ``"recompute"``: nothing image-sized is kept; each pass recomputes the stages it needs from the
-              latents (with their halo). Memory is the smallest; work grows to several times a decode (one pass
+              latents (with their halo). Memory is the smallest; work grows to several times a decode (one
+              pass
               per GroupNorm, each recomputing its prefix: see ``info.stage_evaluations`` and the benchmark).
         mode: ``"exact"``, the only mode: every GroupNorm uses the whole image's statistics, so the output
             equals the untiled decode to floating-point rounding (no seams). ``mode="fast"`` and
@@ -103,7 +124,8 @@ def tiled_decode(vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, *, 
             ValueError that says so.
         fast_downscale: removed with ``mode="fast"``; must be left out.
         attention_chunk: queries per attention call in the mid block (keys and values span the whole latent).
-        progress: a tqdm progress bar over the tiles of all passes: True, False, or None (shown when stderr is a
+        progress: a tqdm progress bar over the tiles of all passes: True, False, or None (shown when stderr is
+        a
             terminal).
         info: a :class:`TiledRunInfo` to fill in with the passes, tiles and stage evaluations done.
 
@@ -111,7 +133,8 @@ def tiled_decode(vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, *, 
         ``[B, out_channels, 8h, 8w]`` (for the SD-VAE's 3 upsamplings) in the latents' dtype and device.
 
     Memory: with ``store="host"``, peak device memory is set by the tile, not the image: the largest stage
-    working set, about ``6 * C * (s * (tile_size + 2))**2 * bytes`` for the stage at upsampling factor ``s`` with
+    working set, about ``6 * C * (s * (tile_size + 2))**2 * bytes`` for the stage at upsampling factor ``s``
+    with
     ``C`` channels (for the SD-VAE: the 256-channel input of the last up block at ``s = 8``: about 0.8 GB at
     tile 64 in bf16), plus two terms that grow with the image but stay small: the attention's keys and values,
     ``2 * C_mid * h * w * bytes`` (C_mid = 512: 0.5 GB at 4096x4096 in bf16), and the output itself
@@ -125,15 +148,43 @@ def tiled_decode(vae: nn.Module, latents: torch.Tensor, tile_size: int = 64, *, 
     """
     dtype, device = _model_dtype_device(vae, "decoder")
     first = vae.post_quant_conv if getattr(vae, "post_quant_conv", None) is not None else vae.decoder.conv_in
-    _check_common("tiled_decode", "latents", latents, first.in_channels, dtype, device, tile_size, store, mode,
-                  fast_downscale, attention_chunk)
-    return _run("tiled_decode", lambda x, t, q: decoder_graph(vae, x, t, q), latents, tile_size, store,
-                attention_chunk, progress, info)
+    _check_common(
+        "tiled_decode",
+        "latents",
+        latents,
+        first.in_channels,
+        dtype,
+        device,
+        tile_size,
+        store,
+        mode,
+        fast_downscale,
+        attention_chunk,
+    )
+    return _run(
+        "tiled_decode",
+        lambda x, t, q: decoder_graph(vae, x, t, q),
+        latents,
+        tile_size,
+        store,
+        attention_chunk,
+        progress,
+        info,
+    )
 
 
-def tiled_encode(vae: nn.Module, images: torch.Tensor, tile_size: int = 512, *, store: str = "host",
-                 mode: str = "exact", fast_downscale: None = None, attention_chunk: int = 1024, progress=None,
-                 info: TiledRunInfo | None = None) -> torch.Tensor:
+def tiled_encode(
+    vae: nn.Module,
+    images: torch.Tensor,
+    tile_size: int = 512,
+    *,
+    store: str = "host",
+    mode: str = "exact",
+    fast_downscale: None = None,
+    attention_chunk: int = 1024,
+    progress=None,
+    info: TiledRunInfo | None = None,
+) -> torch.Tensor:
     """Encode images tile by tile; the result equals the untiled encoder's output to rounding.
 
     Args:
@@ -153,14 +204,37 @@ def tiled_encode(vae: nn.Module, images: torch.Tensor, tile_size: int = 512, *, 
     """
     dtype, device = _model_dtype_device(vae, "encoder")
     op = "tiled_encode"
-    _check_common(op, "images", images, vae.encoder.conv_in.in_channels, dtype, device, tile_size, store, mode,
-                  fast_downscale, attention_chunk)
+    _check_common(
+        op,
+        "images",
+        images,
+        vae.encoder.conv_in.in_channels,
+        dtype,
+        device,
+        tile_size,
+        store,
+        mode,
+        fast_downscale,
+        attention_chunk,
+    )
     factor = 2 ** sum(len(getattr(b, "downsamplers", None) or []) for b in vae.encoder.down_blocks)
     if images.shape[2] % factor or images.shape[3] % factor:
-        raise ValueError(f"fastlatent.{op}: images must have H and W divisible by the encoder's downsampling factor "
-                         f"{factor}, got shape {list(images.shape)} (pad the images first)")
+        raise ValueError(
+            f"fastlatent.{op}: images must have H and W divisible by the encoder's downsampling factor "
+            f"{factor}, got shape {list(images.shape)} (pad the images first)"
+        )
     if tile_size % factor:
-        raise ValueError(f"fastlatent.{op}: tile_size must be a multiple of the encoder's downsampling factor "
-                         f"{factor}, got {tile_size}")
-    return _run(op, lambda x, t, q: encoder_graph(vae, x, t, q), images, tile_size, store, attention_chunk,
-                progress, info)
+        raise ValueError(
+            f"fastlatent.{op}: tile_size must be a multiple of the encoder's downsampling factor "
+            f"{factor}, got {tile_size}"
+        )
+    return _run(
+        op,
+        lambda x, t, q: encoder_graph(vae, x, t, q),
+        images,
+        tile_size,
+        store,
+        attention_chunk,
+        progress,
+        info,
+    )

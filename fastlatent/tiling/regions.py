@@ -25,4 +25,4 @@ def contains(outer: Region, inner: Region) -> bool:
 
 def crop(t: torch.Tensor, have: Region, want: Region) -> torch.Tensor:
     """The part ``want`` of a tensor that holds the region ``have``."""
-    return t[:, :, want[0] - have[0]:want[1] - have[0], want[2] - have[2]:want[3] - have[2]]
+    return t[:, :, want[0] - have[0] : want[1] - have[0], want[2] - have[2] : want[3] - have[2]]

@@ -52,7 +52,8 @@ class GroupStats:
 
 def stage_roles(stages, store: str):
     """Consumers of each stage, the group counts whose statistics each stage's output needs, and which stage
-    outputs are kept between passes: those read by a GroupNorm (or by two consumers, e.g. a residual add), unless
+    outputs are kept between passes: those read by a GroupNorm (or by two consumers, e.g. a residual add),
+    unless
     everything is recomputed."""
     k = len(stages)
     consumers = [[] for _ in range(k)]
@@ -66,7 +67,9 @@ def stage_roles(stages, store: str):
     if store == "recompute":
         stored = [i == 0 for i in range(k)]
     else:
-        stored = [i == 0 or (i != k - 1 and (bool(stats_groups[i]) or len(consumers[i]) > 1)) for i in range(k)]
+        stored = [
+            i == 0 or (i != k - 1 and (bool(stats_groups[i]) or len(consumers[i]) > 1)) for i in range(k)
+        ]
     return consumers, stats_groups, stored
 
 
@@ -79,10 +82,12 @@ class TileScheduler:
 
     What ``__init__`` decides (all from the graph, before any computation):
 
-    * ``consumers[k]``: the stages that read stage ``k``; ``stats_groups[k]``: the GroupNorm group counts whose
+    * ``consumers[k]``: the stages that read stage ``k``; ``stats_groups[k]``: the GroupNorm group counts
+      whose
       whole-image statistics stage ``k``'s output needs (one per GroupNorm reading it).
     * ``stored[k]``: whether stage ``k``'s output is kept between passes, per tile with the halo its readers
-      need (``_plan``): outputs read by a GroupNorm or by two consumers, unless ``store="recompute"`` (then only
+      need (``_plan``): outputs read by a GroupNorm or by two consumers, unless ``store="recompute"`` (then
+      only
       the input is "stored").
     * ``pass_stage[k]``: whether there is a pass over all tiles ending at stage ``k``: stored stages, stages
       whose statistics must be gathered, and the last stage (whose pass writes the output).
@@ -93,12 +98,21 @@ class TileScheduler:
     (:meth:`evaluate` computes, with their halos, the stages between it and the nearest materialised ones),
     accumulates per-tile ``(mean, M2)`` for the GroupNorms that read it, stores the tile when ``stored[k]``,
     and, for the last stage, copies the tile's core into the output. After the pass its statistics are merged
-    (:class:`GroupStats`), and stages no later pass reads are freed. An attention stage first computes keys and
+    (:class:`GroupStats`), and stages no later pass reads are freed. An attention stage first computes keys
+    and
     values of the whole image tile by tile (``prepare``), then serves queries per tile.
     """
 
-    def __init__(self, graph: StageGraph, store: str, batch: int, device: torch.device, progress,
-                 info: TiledRunInfo, desc: str):
+    def __init__(
+        self,
+        graph: StageGraph,
+        store: str,
+        batch: int,
+        device: torch.device,
+        progress,
+        info: TiledRunInfo,
+        desc: str,
+    ):
         self.stages = graph.stages
         self.store_kind = store
         self.batch, self.device = batch, device
@@ -108,7 +122,9 @@ class TileScheduler:
         self.stats: dict = {}
         self.need_stats_pass = [any((i, g) not in self.stats for g in self.stats_groups[i]) for i in range(k)]
         last = k - 1
-        self.pass_stage = [i != 0 and (self.stored[i] or self.need_stats_pass[i] or i == last) for i in range(k)]
+        self.pass_stage = [
+            i != 0 and (self.stored[i] or self.need_stats_pass[i] or i == last) for i in range(k)
+        ]
         # the last pass that reads each stage (to free stored tiles after it)
         reach = [-1] * k
         for i in reversed(range(k)):
@@ -116,8 +132,9 @@ class TileScheduler:
             for c in self.consumers[i]:
                 r = max(r, c if self.stored[c] else reach[c])
             reach[i] = r
-        self.last_read = [max([c if self.stored[c] else reach[c] for c in self.consumers[i]], default=-1)
-                          for i in range(k)]
+        self.last_read = [
+            max([c if self.stored[c] else reach[c] for c in self.consumers[i]], default=-1) for i in range(k)
+        ]
         # the last pass that evaluates each stage (attention keys and values are dropped after it)
         self.last_eval = [i if self.stored[i] else reach[i] for i in range(k)]
         base = self.stages[0]
@@ -132,8 +149,13 @@ class TileScheduler:
         info.tiles, info.passes, info.stages = len(self.tiles), self.passes, k - 1
         self._bar = None
         if progress is not False:
-            self._bar = tqdm(total=self.passes * len(self.tiles), desc=desc, unit="tile",
-                             disable=None if progress is None else False, leave=False)
+            self._bar = tqdm(
+                total=self.passes * len(self.tiles),
+                desc=desc,
+                unit="tile",
+                disable=None if progress is None else False,
+                leave=False,
+            )
 
     # -- geometry
 
@@ -143,7 +165,8 @@ class TileScheduler:
         return clamp((i * ch, (i + 1) * ch, j * cw, (j + 1) * cw), s.size)
 
     def _propagate(self, targets: dict, stop) -> dict:
-        """Regions each stage must produce so that ``targets`` can be computed; stages where ``stop`` holds are
+        """Regions each stage must produce so that ``targets`` can be computed; stages where ``stop`` holds
+        are
         read as they are."""
         need = dict(targets)
         for j in range(max(need), -1, -1):
@@ -192,12 +215,14 @@ class TileScheduler:
 
     def _get(self, k, t, want: Region):
         if k == 0:
-            x = self.stages[0].tensor[:, :, want[0]:want[1], want[2]:want[3]]
+            x = self.stages[0].tensor[:, :, want[0] : want[1], want[2] : want[3]]
             return x.to(self.device, non_blocking=True)
         have, value = self.store[(k, t)]
         if not contains(have, want):
-            raise RuntimeError(f"fastlatent.tiled: internal error, stage {self.stages[k].name} tile {t} holds "
-                               f"{have} but {want} was asked for")
+            raise RuntimeError(
+                f"fastlatent.tiled: internal error, stage {self.stages[k].name} tile {t} holds "
+                f"{have} but {want} was asked for"
+            )
         # the whole kept tile in one contiguous copy (a strided slice of host memory would copy synchronously)
         return crop(value.to(self.device, non_blocking=True), have, want)
 
@@ -261,8 +286,9 @@ class TileScheduler:
                         self._put(k, t, region, value)
                     if k == last:
                         core = self.core(k, t)
-                        out[:, :, core[0]:core[1], core[2]:core[3]].copy_(crop(value, region, core),
-                                                                        non_blocking=True)
+                        out[:, :, core[0] : core[1], core[2] : core[3]].copy_(
+                            crop(value, region, core), non_blocking=True
+                        )
                     del value
                     self.tick()
                 self._finish_stats(k, parts)

@@ -14,14 +14,17 @@ from fastlatent.tiling.regions import Region, clamp, crop
 
 
 def activation_name(module, where: str) -> str | None:
-    """"silu"/"gelu" for an activation module, None for an identity (fastlatent.patch's FusedAway included)."""
+    """The name ("silu", "gelu") of an activation module; None for an identity (fastlatent.patch's FusedAway
+    included)."""
     if module is None or isinstance(module, nn.Identity):
         return None
     if type(module) is nn.SiLU:
         return "silu"
     if type(module) is nn.GELU and module.approximate == "none":
         return "gelu"
-    raise ValueError(f"fastlatent.tiled: {where} is {module!r}; the tiled path fuses SiLU and exact GELU only")
+    raise ValueError(
+        f"fastlatent.tiled: {where} is {module!r}; the tiled path fuses SiLU and exact GELU only"
+    )
 
 
 @dataclass
@@ -36,11 +39,14 @@ class NormSpec:
 
     @classmethod
     def of(cls, norm: nn.Module, activation_module, where: str) -> "NormSpec":
-        """``norm`` is an ``nn.GroupNorm`` or a :class:`fastlatent.nn.GroupNormAct` (which may carry the activation
+        """``norm`` is an ``nn.GroupNorm`` or a :class:`fastlatent.nn.GroupNormAct` (which may carry the
+        activation
         itself); ``activation_module`` is what the model applies after it."""
         if not all(hasattr(norm, a) for a in ("num_groups", "eps", "weight", "bias")):
-            raise ValueError(f"fastlatent.tiled: {where} must be a GroupNorm (num_groups, eps, weight, bias), got "
-                             f"{type(norm).__name__}")
+            raise ValueError(
+                f"fastlatent.tiled: {where} must be a GroupNorm (num_groups, eps, weight, bias), got "
+                f"{type(norm).__name__}"
+            )
         inner = getattr(norm, "activation", None)  # GroupNormAct
         outer = activation_name(activation_module, where + " activation")
         if inner is not None and outer is not None:
@@ -76,15 +82,19 @@ class ConvSpec:
         if not isinstance(conv, nn.Conv2d):
             raise ValueError(f"fastlatent.tiled: {where} must be an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros" or tuple(conv.dilation) != (1, 1) or isinstance(conv.padding, str):
-            raise ValueError(f"fastlatent.tiled: {where} must be a zero-padded, undilated Conv2d with integer "
-                             f"padding, got {conv!r}")
+            raise ValueError(
+                f"fastlatent.tiled: {where} must be a zero-padded, undilated Conv2d with integer "
+                f"padding, got {conv!r}"
+            )
         ph, pw = conv.padding
         pad = (ph + extra_pad[0], ph + extra_pad[1], pw + extra_pad[2], pw + extra_pad[3])
         return cls(conv, tuple(conv.kernel_size), tuple(conv.stride), pad)
 
     def out_size(self, size):
-        return tuple((size[d] + self.pad[2 * d] + self.pad[2 * d + 1] - self.kernel[d]) // self.stride[d] + 1
-                     for d in range(2))
+        return tuple(
+            (size[d] + self.pad[2 * d] + self.pad[2 * d + 1] - self.kernel[d]) // self.stride[d] + 1
+            for d in range(2)
+        )
 
     def input_region(self, r: Region) -> Region:
         """Rows and columns of the (unpadded) input that output region ``r`` reads, before clamping."""
@@ -96,7 +106,7 @@ class ConvSpec:
         return tuple(out)
 
     def __call__(self, x: torch.Tensor, have: Region, size, r: Region) -> torch.Tensor:
-        """Output region ``r`` from ``x`` holding input region ``have`` (within the input of size ``size``)."""
+        """Output region ``r`` from ``x``, which holds input region ``have`` (input of size ``size``)."""
         want = self.input_region(r)
         inside = clamp(want, size)
         x = crop(x, have, inside)
@@ -113,7 +123,7 @@ class ConvSpec:
 
 
 class Stage:
-    """One node of the schedule: output ``size`` [H, W] with ``channels``, a tile ``cell`` in its own pixels."""
+    """A node of the schedule: output ``size`` [H, W] with ``channels``; a tile is ``cell`` of its pixels."""
 
     deps: tuple = ()
     norm: NormSpec | None = None  # normalises deps[0]
@@ -137,8 +147,17 @@ class InputStage(Stage):
 class ConvStage(Stage):
     """``conv(upsample?(act(norm(x))))``."""
 
-    def __init__(self, name, dep: Stage, dep_index: int, conv: ConvSpec, norm: NormSpec | None, upsample: bool,
-                 scale_num: int, scale_den: int):
+    def __init__(
+        self,
+        name,
+        dep: Stage,
+        dep_index: int,
+        conv: ConvSpec,
+        norm: NormSpec | None,
+        upsample: bool,
+        scale_num: int,
+        scale_den: int,
+    ):
         in_size = tuple(s * 2 for s in dep.size) if upsample else dep.size
         size = conv.out_size(in_size)
         cell = tuple(c * scale_num // scale_den for c in dep.cell)
@@ -146,7 +165,13 @@ class ConvStage(Stage):
             cell = tuple(c * 2 for c in dep.cell)
         super().__init__(name, size, conv.module.out_channels if not conv.pool else dep.channels, cell)
         self.deps = (dep_index,)
-        self.conv, self.norm, self.upsample, self.in_size, self.dep_size = conv, norm, upsample, in_size, dep.size
+        self.conv, self.norm, self.upsample, self.in_size, self.dep_size = (
+            conv,
+            norm,
+            upsample,
+            in_size,
+            dep.size,
+        )
 
     def input_region(self, pos, r):
         want = clamp(self.conv.input_region(r), self.in_size)
@@ -172,10 +197,19 @@ class ConvStage(Stage):
 
 
 class ResidualStage(Stage):
-    """``(conv2(dropout(act(norm2(h)))) + shortcut(x)) / output_scale_factor``, the second half of a resnet."""
+    """``(conv2(dropout(act(norm2(h)))) + shortcut(x)) / output_scale_factor``: a resnet's second half."""
 
-    def __init__(self, name, h: Stage, h_index: int, x_index: int, conv: ConvSpec, norm: NormSpec,
-                 shortcut: ConvSpec | None, output_scale: float):
+    def __init__(
+        self,
+        name,
+        h: Stage,
+        h_index: int,
+        x_index: int,
+        conv: ConvSpec,
+        norm: NormSpec,
+        shortcut: ConvSpec | None,
+        output_scale: float,
+    ):
         super().__init__(name, h.size, conv.module.out_channels, h.cell)
         self.deps = (h_index, x_index)
         self.conv, self.norm, self.shortcut, self.output_scale = conv, norm, shortcut, output_scale
@@ -229,8 +263,8 @@ class AttentionStage(Stage):
                 keys = k.new_empty(batch, h, w, k.shape[-1])
                 values = v.new_empty(batch, h, w, v.shape[-1])
             ty, tx = core[1] - core[0], core[3] - core[2]
-            keys[:, core[0]:core[1], core[2]:core[3]] = k.view(batch, ty, tx, -1)
-            values[:, core[0]:core[1], core[2]:core[3]] = v.view(batch, ty, tx, -1)
+            keys[:, core[0] : core[1], core[2] : core[3]] = k.view(batch, ty, tx, -1)
+            values[:, core[0] : core[1], core[2] : core[3]] = v.view(batch, ty, tx, -1)
             run.tick()
         self.keys = self._heads(keys.view(batch, h * w, -1))
         self.values = self._heads(values.view(batch, h * w, -1))
@@ -246,8 +280,10 @@ class AttentionStage(Stage):
         x = crop(x, have, r)
         n, c, th, tw = x.shape
         q = self._heads(self.attn.to_q(self._tokens(x, run)))
-        chunks = [F.scaled_dot_product_attention(qc, self.keys, self.values)
-                  for qc in q.split(self.query_chunk, dim=2)]
+        chunks = [
+            F.scaled_dot_product_attention(qc, self.keys, self.values)
+            for qc in q.split(self.query_chunk, dim=2)
+        ]
         o = torch.cat(chunks, dim=2) if len(chunks) > 1 else chunks[0]
         o = o.transpose(1, 2).reshape(n, th * tw, -1)
         for layer in self.attn.to_out:

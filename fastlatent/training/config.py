@@ -89,21 +89,29 @@ class TrainerConfig:
         self.out_dir = str(self.out_dir)
         if not self.out_dir:
             raise ValueError("TrainerConfig: out_dir must be a folder path, got an empty string")
-        for name in ("steps", "batch_size", "grad_accum_steps", "checkpoint_every", "keep_checkpoints",
-                     "log_every"):
+        for name in (
+            "steps",
+            "batch_size",
+            "grad_accum_steps",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "log_every",
+        ):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("warmup_steps", "ema_start", "num_workers", "seed"):
             _check_int(name, getattr(self, name), minimum=0)
         if self.plot_every is not None:
             _check_int("plot_every", self.plot_every, minimum=1)
         if self.warmup_steps > self.steps:
-            raise ValueError(f"TrainerConfig: warmup_steps ({self.warmup_steps}) must not exceed steps "
-                             f"({self.steps})")
+            raise ValueError(
+                f"TrainerConfig: warmup_steps ({self.warmup_steps}) must not exceed steps ({self.steps})"
+            )
         if self.schedule not in SCHEDULES:
             raise ValueError(f"TrainerConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"TrainerConfig: precision must be one of {tuple(PRECISIONS)}, "
-                             f"got {self.precision!r}")
+            raise ValueError(
+                f"TrainerConfig: precision must be one of {tuple(PRECISIONS)}, got {self.precision!r}"
+            )
         _check_positive("lr", self.lr)
         if self.disc_lr is not None:
             _check_positive("disc_lr", self.disc_lr)
