@@ -11,8 +11,14 @@ import torch
 
 from fastlatent import cli
 from fastlatent.benchmarking import BenchError, locate_suites, pytest_command, resolve_device
-from fastlatent.benchmarking.measure import (CompileSkipped, CompileTimeout, _deadline, choose_rounds, compile_once,
-                                             peak_memory)
+from fastlatent.benchmarking.measure import (
+    CompileSkipped,
+    CompileTimeout,
+    _deadline,
+    choose_rounds,
+    compile_once,
+    peak_memory,
+)
 from fastlatent.benchmarking.plugin import selected, split_patterns
 from fastlatent.benchmarking.report import SCHEMA, build_results, render_markdown, scaling_series, write_plots
 

@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import fastlatent
 from fastlatent import ops, reference
 
 

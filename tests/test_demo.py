@@ -3,10 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from fastlatent.cli import main
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -127,7 +127,7 @@ if extension_available():
 
 def check_group_norm_stats_args(x, groups, allow_double=False) -> None:
     op = "group_norm_stats"
-    c = _check_layout_and_groups(op, x, groups)
+    _check_layout_and_groups(op, x, groups)
     _checks.check_float(op, "x", x, allow_double)
 
 

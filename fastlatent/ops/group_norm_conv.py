@@ -6,7 +6,7 @@ import torch
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
-from fastlatent.ops.group_norm import ACTIVATIONS, _check_layout_and_groups, _channels_last
+from fastlatent.ops.group_norm import ACTIVATIONS, _channels_last, _check_layout_and_groups
 
 ALGORITHMS = ("auto", "fused", "unfused")
 _OP = "group_norm_conv3x3"
