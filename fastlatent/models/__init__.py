@@ -1,10 +1,10 @@
 """Full two-stage latent generative models: autoencoders (stage 1), priors (stage 2) and their pipeline."""
 
 from fastlatent.models.autoencoder_kl import (
-                                              AutoencoderKL,
-                                              diffusers_to_ldm_vae_state_dict,
-                                              ldm_to_diffusers_vae_state_dict,
-                                              vae_config_from_state_dict,
+    AutoencoderKL,
+    diffusers_to_ldm_vae_state_dict,
+    ldm_to_diffusers_vae_state_dict,
+    vae_config_from_state_dict,
 )
 from fastlatent.models.autoencoders import AutoencoderOutput, DiagonalGaussian, LatentScaleMixin
 from fastlatent.models.base import MODEL_REGISTRY, ConfigMixin, load_pretrained, register_model
@@ -14,13 +14,13 @@ from fastlatent.models.dit import DiT
 from fastlatent.models.gpt import KVCache, TokenGPT, top_k_filter, top_p_filter
 from fastlatent.models.latent_diffusion import LatentDiffusion
 from fastlatent.models.losses import (
-                                              LPIPS,
-                                              AutoencoderLoss,
-                                              AutoencoderTask,
-                                              PatchGANDiscriminator,
-                                              adaptive_generator_weight,
-                                              hinge_d_loss,
-                                              vanilla_d_loss,
+    LPIPS,
+    AutoencoderLoss,
+    AutoencoderTask,
+    PatchGANDiscriminator,
+    adaptive_generator_weight,
+    hinge_d_loss,
+    vanilla_d_loss,
 )
 from fastlatent.models.pipeline import TwoStagePipeline
 from fastlatent.models.unet import UNet

@@ -3,13 +3,13 @@
 from fastlatent.nn.blocks import AttnBlock, Downsample, GroupNormAct, ResnetBlock, TamingResnetBlock, Upsample
 from fastlatent.nn.conv_fusion import fused_conv, fused_conv_mode, norm_act_conv, set_fused_conv
 from fastlatent.nn.scalar_quantizers import (
-           BSQ,
-           FSQ,
-           LFQ,
-           CodebookUsage,
-           LossBreakdown,
-           Return,
-           codebook_usage,
+    BSQ,
+    FSQ,
+    LFQ,
+    CodebookUsage,
+    LossBreakdown,
+    Return,
+    codebook_usage,
 )
 from fastlatent.nn.vq import ResidualVQ, VectorQuantize, VQStats, rotate_to
 
