@@ -16,8 +16,8 @@ the residual and writes the output once.
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import SD_VAE, providers, relative_error
+
 from fastlatent import ops, reference
 
 BENCH_AREA = "norms"

@@ -25,9 +25,9 @@ from typing import Callable
 
 import pytest
 import torch
+from conftest import SD_VAE, peer, relative_error
 
 import fastlatent
-from conftest import SD_VAE, peer, relative_error
 
 BENCH_AREA = "models"
 CPU = torch.device("cpu")

@@ -19,9 +19,9 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import SD_VAE, peer, providers, relative_error, sd_vae_norm_shapes
 
 import fastlatent
-from conftest import SD_VAE, peer, providers, relative_error, sd_vae_norm_shapes
 from fastlatent import reference
 
 BENCH_AREA = "norms"

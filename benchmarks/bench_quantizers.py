@@ -10,9 +10,9 @@ index_add_), vector-quantize-pytorch and FAISS where installed.
 
 import pytest
 import torch
+from conftest import peer, providers
 
 import fastlatent
-from conftest import peer, providers
 from fastlatent import reference
 from fastlatent.nn import FSQ, LFQ, ResidualVQ, VectorQuantize
 

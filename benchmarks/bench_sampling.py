@@ -14,9 +14,9 @@
 
 import pytest
 import torch
+from conftest import peer, providers, relative_error
 
 import fastlatent
-from conftest import peer, providers, relative_error
 from fastlatent import reference
 from fastlatent.sampling import FlowSchedule, Sampler
 

@@ -1,6 +1,6 @@
 """Tiled SD-VAE decode: time, peak memory and error against the untiled decode, side by side.
 
-Providers: fastlatent.tiled_decode exact (store="host" and "recompute") and fast, diffusers untiled (skipped above
+Providers: fastlatent.tiled_decode (store="host" and "recompute"), diffusers untiled (skipped above
 ``--max-untiled``, where it runs out of memory), diffusers ``enable_tiling()``. The model is diffusers'
 ``AutoencoderKL`` in the SD-VAE configuration (block_out_channels 128/256/512/512, 2 layers per block) with random
 weights (no downloads), or a reduced-width variant for a quick CPU run.
@@ -25,6 +25,7 @@ import torch
 
 import fastlatent
 from fastlatent import TiledRunInfo, tiled_decode
+from fastlatent.benchmarking.measure import net_alloc_peak_bytes
 
 
 def make_vae(sd: bool, dtype, device):
@@ -49,18 +50,9 @@ def measure(fn, device):
         out = fn()
         torch.cuda.synchronize()
         return time.perf_counter() - start, torch.cuda.max_memory_allocated() - base, out
-    from torch.profiler import ProfilerActivity, profile
-
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    seconds = time.perf_counter() - start  # includes the profiler's overhead: timed again below without it
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
+    outputs = []
+    peak = net_alloc_peak_bytes(lambda: outputs.append(fn()))
+    out = outputs[0]
     start = time.perf_counter()
     fn()
     seconds = time.perf_counter() - start
@@ -76,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--tile", type=int, default=64, help="tile size in latent pixels")
     parser.add_argument("--max-untiled", type=int, default=2048, help="largest size to run untiled")
     parser.add_argument("--providers", nargs="+",
-                        default=["untiled", "diffusers_tiled", "exact_host", "exact_recompute", "fast"])
+                        default=["untiled", "diffusers_tiled", "exact_host", "exact_recompute"])
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -106,10 +98,9 @@ def main(argv=None):
                         return vae.decode(z).sample
             else:
                 store = "recompute" if provider == "exact_recompute" else "host"
-                mode = "fast" if provider == "fast" else "exact"
 
                 def fn():
-                    return tiled_decode(vae, z, args.tile, store=store, mode=mode, info=info, progress=False)
+                    return tiled_decode(vae, z, args.tile, store=store, info=info, progress=False)
             try:
                 seconds, peak, out = measure(fn, device)
             except torch.OutOfMemoryError:
@@ -126,7 +117,7 @@ def main(argv=None):
                 row.update(max_abs_err=float(diff.max()), mean_abs_err=float(diff.mean()))
             if provider not in ("untiled", "diffusers_tiled"):
                 row.update(passes=info.passes, stage_evaluations=info.stage_evaluations,
-                           stored_mib=round(info.stored_bytes / 2**20, 1), stats_from=info.stats_from)
+                           stored_mib=round(info.stored_bytes / 2**20, 1))
             rows.append(row)
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             del out

@@ -29,8 +29,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from fastlatent.nn.blocks import (AttnBlock, GroupNormAct, ResnetBlock, TamingResnetBlock, Upsample,
-                                  unsupported_attention_reason)
+from fastlatent.nn.blocks import (
+    AttnBlock,
+    GroupNormAct,
+    ResnetBlock,
+    TamingResnetBlock,
+    Upsample,
+    unsupported_attention_reason,
+)
 
 _ORIGINAL = "_fastlatent_original"
 REPORT_ATTR = "fastlatent_patch_report"

@@ -11,8 +11,14 @@ import torch
 
 from fastlatent import cli
 from fastlatent.benchmarking import BenchError, locate_suites, pytest_command, resolve_device
-from fastlatent.benchmarking.measure import (CompileSkipped, CompileTimeout, _deadline, choose_rounds, compile_once,
-                                             peak_memory)
+from fastlatent.benchmarking.measure import (
+    CompileSkipped,
+    CompileTimeout,
+    _deadline,
+    choose_rounds,
+    compile_once,
+    peak_memory,
+)
 from fastlatent.benchmarking.plugin import selected, split_patterns
 from fastlatent.benchmarking.report import SCHEMA, build_results, render_markdown, scaling_series, write_plots
 
@@ -274,3 +280,41 @@ def test_bench_command_runs_a_real_case_end_to_end(tmp_path, capsys):
     assert "### guided DDIM step (cpu, float32)" in md and "![speedup_sampling_guided_ddim_step_cpu]" in md
     assert (out / "plots" / "speedup_sampling_guided_ddim_step_cpu.png").exists()
     assert json.loads((out / "pytest-benchmark.json").read_text())["benchmarks"]
+
+
+def _adoption_results():
+    records = []
+    for case, scale in (("small", 1), ("large", 4)):
+        records += [_record("fastlatent", case, 0.001 * scale), _record("fastlatent_adapter", case, 0.002 * scale),
+                    _record("reference_compiled", case, 0.050 * scale), _record("peer_lib", case, 0.004 * scale)]
+    return build_results(records, {"device": {"type": "cpu", "name": "Test CPU"}})
+
+
+def test_adoption_compares_ours_and_drop_ins_with_peers_in_ms_without_reference_twins():
+    from fastlatent.benchmarking.report import adoption_rows, provider_kind
+
+    assert [provider_kind(p) for p in ("fastlatent", "fastlatent_adapter", "reference", "reference_compiled",
+                                       "diffusers", "torch_compiled")] == ["ours", "ours", "reference",
+                                                                            "reference", "peer", "peer"]
+    rows = adoption_rows(_adoption_results())
+    assert [(r["ours"], r["peer"]) for r in rows] == [("fastlatent", "peer_lib"), ("fastlatent_adapter", "peer_lib")]
+    assert rows[0]["ratio"] == pytest.approx(4.0) and rows[1]["ratio"] == pytest.approx(2.0)
+    assert rows[0]["ours_ms"] == pytest.approx(2.0) and rows[0]["peer_ms"] == pytest.approx(8.0)  # geomean of 1, 4
+    md = render_markdown(_adoption_results(), adoption_plot="plots/adoption.png")
+    headline = md.split("## fastlatent against what you use today", 1)[1].split("\n## ", 1)[0]
+    assert "| nearest_code | cpu | fastlatent | 2 | peer_lib | 8 | 4x | 4x - 4x | 2 |" in headline
+    assert "fastlatent_adapter" in headline and "reference" not in headline.split("|---")[1]
+    assert "![fastlatent against what you use today](plots/adoption.png)" in headline
+
+
+def test_report_writes_the_adoption_plot_and_per_op_time_bars(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fastlatent.benchmarking import write_report
+
+    files = write_report(_adoption_results(), tmp_path)
+    names = [f.name for f in files]
+    assert names[:3] == ["results.json", "results.md", "adoption.png"]
+    assert "speedup_quantizers_nearest_code_cpu.png" in names
+    assert "![fastlatent against what you use today](plots/adoption.png)" in (tmp_path / "results.md").read_text()
+    only_reference = build_results([_record("fastlatent", "x", 0.001), _record("reference", "x", 0.01)], {})
+    assert write_plots(only_reference, tmp_path / "none") == []  # a lone fastlatent bar answers nothing

@@ -2,14 +2,13 @@
 diffusers / taming counterpart loaded with the same state dict."""
 
 import pytest
+import taming_style
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastlatent
 from fastlatent.nn import AttnBlock, Downsample, GroupNormAct, ResnetBlock, TamingResnetBlock, Upsample
-
-import taming_style
 
 # atol, rtol of the fused output against nn.GroupNorm computed in fp32 and rounded to the dtype
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (2e-2, 1.6e-2),

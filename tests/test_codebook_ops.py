@@ -8,7 +8,6 @@ import subprocess
 import pytest
 import torch
 
-import fastlatent
 from fastlatent import ops, reference
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from fastlatent.cli import build_parser, main
-from fastlatent.commands import apply_config_defaults, load_config_file, resolve_device, save_grid
+from fastlatent.cli.options import apply_config_defaults, load_config_file
+from fastlatent.recipes import resolve_device, save_grid
 
 COMMANDS = ("train-ae", "train-prior", "sample", "reconstruct", "demo")
 
@@ -96,3 +97,34 @@ def test_save_grid(tmp_path):
     assert pixels[2, 2].item() == 0 and pixels[0, 0].item() == 255  # first pixel of image 0 is -1; padding white
     with pytest.raises(ValueError, match="images must be"):
         save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "x.png", nrow=1)
+
+
+def test_command_errors_are_one_line_and_exit_status_2(tmp_path, capsys):
+    assert main(["sample", "--pipeline", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastlatent sample: error: ") and "pipeline.json not found" in err
+    assert "Traceback" not in err and "--debug" in err
+    assert main(["train-ae", "--out", str(tmp_path / "ae"), "--quantizer", "lfq", "--codebook-size", "100",
+                 "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "fastlatent train-ae: error: " in err and "power of 2" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    with pytest.raises(OSError, match="pipeline.json not found"):
+        main(["--debug", "sample", "--pipeline", str(tmp_path / "missing")])
+
+
+def test_grid_rows_are_labelled(tmp_path):
+    from PIL import Image
+
+    images = torch.zeros(6, 1, 4, 4)
+    plain = save_grid(images, tmp_path / "plain.png", nrow=3, scale=2)
+    labelled = save_grid(images, tmp_path / "labelled.png", nrow=3, scale=2, row_labels=["original", "class 7"])
+    with Image.open(plain) as a, Image.open(labelled) as b:
+        assert b.height == a.height and b.width > a.width
+        margin = __import__("numpy").asarray(b)[:, : b.width - a.width]
+    rows = margin.shape[0] // 2
+    assert (margin[:rows] < 128).any() and (margin[rows:] < 128).any()  # ink in each row's label
+    with pytest.raises(ValueError, match="one label per row"):
+        save_grid(images, tmp_path / "x.png", nrow=3, row_labels=["only one"])

@@ -3,10 +3,8 @@
 import json
 
 import pytest
-import torch
 
 from fastlatent.cli import main
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -47,10 +45,11 @@ def test_commands_chain_with_a_config_file(tmp_path, capsys):
                  "--out", str(tmp_path / "r.png")]) == 0
     assert '"images": 4' in capsys.readouterr().out
     with pytest.raises(ValueError, match="classes must be in"):
-        main(["sample", "--pipeline", str(prior_dir / "pipeline"), "--labels", "12", "--out",
+        main(["--debug", "sample", "--pipeline", str(prior_dir / "pipeline"), "--labels", "12", "--out",
               str(tmp_path / "x.png")])
     with pytest.raises(ValueError, match="--prior gpt"):
-        main(["train-prior", "--autoencoder", str(ae_dir / "autoencoder"), "--out", str(tmp_path / "p2"),
+        main(["--debug", "train-prior", "--autoencoder", str(ae_dir / "autoencoder"),
+              "--out", str(tmp_path / "p2"),
               "--prior", "gpt", "--steps", "1"])
 
 
@@ -66,5 +65,5 @@ def test_train_ae_dgae_and_reconstruct(tmp_path, capsys):
                  "--out", str(tmp_path / "r.png")]) == 0
     assert '"images": 3' in capsys.readouterr().out
     with pytest.raises(ValueError, match="--disc-weight"):
-        main(["train-ae", "--quantizer", "dgae", "--out", str(tmp_path / "x"), "--steps", "1",
+        main(["--debug", "train-ae", "--quantizer", "dgae", "--out", str(tmp_path / "x"), "--steps", "1",
               "--disc-weight", "0.5"])

@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
+from opspecs import FSQ_LEVELS
 
 import fastlatent
 from fastlatent import reference
-from opspecs import FSQ_LEVELS
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -8,8 +8,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from fastlatent.models import (AutoencoderKL, Decoder, Encoder, diffusers_to_ldm_vae_state_dict, load_pretrained,
-                               ldm_to_diffusers_vae_state_dict)
+from fastlatent.models import (
+    AutoencoderKL,
+    Decoder,
+    Encoder,
+    diffusers_to_ldm_vae_state_dict,
+    ldm_to_diffusers_vae_state_dict,
+    load_pretrained,
+)
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402

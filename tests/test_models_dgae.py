@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from fastlatent.data import DigitsDataset
-from fastlatent.models import (AutoencoderKL, DGAETask, DiffusionDecoderAutoencoder, LatentDiffusion,
-                               TwoStagePipeline, UNet, load_pretrained)
+from fastlatent.models import (
+    AutoencoderKL,
+    DGAETask,
+    DiffusionDecoderAutoencoder,
+    LatentDiffusion,
+    TwoStagePipeline,
+    UNet,
+    load_pretrained,
+)
 from fastlatent.models.dgae import sample_flow_times
 from fastlatent.sampling import FlowSchedule
 from fastlatent.training import Trainer, TrainerConfig

@@ -1,15 +1,23 @@
 """Stage-1 losses: LPIPS wrapper (backbone from the torch hub cache, clear error without it), PatchGAN, GAN losses,
 the adaptive generator weight, AutoencoderLoss and AutoencoderTask (the trainer's protocol)."""
 
+import lpips
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import lpips
-from fastlatent.models import FSQAutoencoder, AutoencoderKL, VQAutoencoder
-from fastlatent.models.losses import (LPIPS, AutoencoderLoss, AutoencoderTask, PatchGANDiscriminator,
-                                      adaptive_generator_weight, hinge_d_loss, lpips_backbone_path, vanilla_d_loss)
+from fastlatent.models import AutoencoderKL, FSQAutoencoder, VQAutoencoder
+from fastlatent.models.losses import (
+    LPIPS,
+    AutoencoderLoss,
+    AutoencoderTask,
+    PatchGANDiscriminator,
+    adaptive_generator_weight,
+    hinge_d_loss,
+    lpips_backbone_path,
+    vanilla_d_loss,
+)
 
 TINY = dict(in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
             mid_block_add_attention=False)

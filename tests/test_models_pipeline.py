@@ -7,9 +7,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.models import (ConfigMixin, DiT, LatentDiffusion, TokenGPT, TwoStagePipeline, UNet, load_pretrained,
-                               register_model)
-
+from fastlatent.models import (
+    ConfigMixin,
+    DiT,
+    LatentDiffusion,
+    TokenGPT,
+    TwoStagePipeline,
+    UNet,
+    load_pretrained,
+    register_model,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,18 +1,25 @@
 """Stage-2 priors: DiT, UNet, LatentDiffusion (eps / v / flow), TokenGPT."""
 
 import copy
-import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.models import (ConfigMixin, DiT, LatentDiffusion, TokenGPT, UNet, load_pretrained, register_model,
-                               top_k_filter, top_p_filter)
+from fastlatent.models import (
+    ConfigMixin,
+    DiT,
+    LatentDiffusion,
+    TokenGPT,
+    UNet,
+    load_pretrained,
+    register_model,
+    top_k_filter,
+    top_p_filter,
+)
 from fastlatent.models.gpt import guided_logits
 from fastlatent.sampling import DiscreteSchedule, FlowSchedule
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from opspecs import assert_near_ties
 
 import fastlatent
 from fastlatent import reference
-from opspecs import assert_near_ties
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # D=8 takes the CPU's small-D (row-vectorised) path, D=40 the panel path.

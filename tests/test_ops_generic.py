@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-
 from opspecs import OP_SPECS
 
 SPEC_IDS = [s.name for s in OP_SPECS]

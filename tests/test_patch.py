@@ -4,16 +4,14 @@ plain torch models: outputs within tolerance, state-dict keys unchanged, unpatch
 import copy
 
 import pytest
+import taming_style
 import torch
-import torch.nn.functional as F
+from test_blocks import randomise
 from torch import nn
 
 import fastlatent
 from fastlatent import patching
 from fastlatent.nn import AttnBlock, GroupNormAct, ResnetBlock, TamingResnetBlock
-
-import taming_style
-from test_blocks import randomise
 
 # Patched against unpatched, fp32: the only change is the GroupNorm kernel (fp64 sums, fp32 output), a few
 # fp32 ulps per norm, amplified through ~30 convolutions: measured max |diff| ~6e-6 on outputs of size ~3.

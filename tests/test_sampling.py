@@ -8,12 +8,11 @@ import math
 
 import pytest
 import torch
+from opspecs import assert_step_close
 
 import fastlatent
 from fastlatent import reference
-from fastlatent.ops import sampler_step as ops
 from fastlatent.sampling import DiscreteSchedule, FlowSchedule, KarrasSchedule, Sampler
-from opspecs import assert_step_close
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 

@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.profiler import ProfilerActivity, profile
 
 import fastlatent
 from fastlatent import TiledRunInfo, tiled_decode, tiled_encode
+from fastlatent.benchmarking.measure import net_alloc_peak_bytes
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -91,23 +90,13 @@ def test_bfloat16_decode_matches_untiled_bfloat16(vae):
     assert (out - exact).abs().mean() <= 1.5 * (ref - exact).abs().mean() + 1e-3
 
 
-def test_fast_mode_with_full_resolution_statistics_is_exact(vae):
+def test_removed_fast_mode_says_so(vae):
     z = torch.randn(1, 4, 16, 16)
-    info = TiledRunInfo()
-    out = tiled_decode(vae, z, 16, mode="fast", fast_downscale=1, info=info)
-    _assert_equal_to_untiled(out, _untiled_decode(vae, z))
-    assert info.passes == 2  # attention keys/values and the output: no statistics passes
-
-
-def test_fast_mode_estimates_statistics_from_a_downscaled_pass(vae):
-    z = torch.randn(1, 4, 32, 32)
-    info = TiledRunInfo()
-    out = tiled_decode(vae, z, 16, mode="fast", fast_downscale=2, info=info)
-    ref = _untiled_decode(vae, z)
-    assert info.stats_from == "16x16"
-    assert out.shape == ref.shape and torch.isfinite(out).all()
-    assert not torch.allclose(out, ref, atol=1e-3)  # an estimate...
-    assert (out - ref).abs().mean() < ref.abs().mean()  # ...of the right image
+    for kwargs in (dict(mode="fast"), dict(mode="fast", fast_downscale=2), dict(fast_downscale=4)):
+        with pytest.raises(ValueError, match="mode='fast' was removed"):
+            tiled_decode(vae, z, 16, **kwargs)
+    with pytest.raises(ValueError, match="mode='fast' was removed"):
+        tiled_encode(vae, torch.randn(1, 3, 64, 64), 64, mode="fast")
 
 
 # ---------------------------------------------------------------- seams
@@ -153,18 +142,7 @@ def test_seams_diffusers_tiling_shows_them_ours_does_not(vae):
 # ---------------------------------------------------------------- memory
 
 
-def _peak_cpu_bytes(fn):
-    """Peak of the bytes allocated through torch's CPU allocator while ``fn`` runs (allocations minus frees,
-    from the profiler's memory events)."""
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                    if e.name() == "[memory]")
-    current = peak = 0
-    for _, nbytes in events:
-        current += nbytes
-        peak = max(peak, current)
-    return peak
+_peak_cpu_bytes = net_alloc_peak_bytes
 
 
 def _image_sized_bytes(z, factor=4, mid_channels=16):

@@ -88,7 +88,9 @@ def device_peak(device: torch.device | str) -> DevicePeak:
     props = torch.cuda.get_device_properties(device)
     clock_khz, bus_bits = getattr(props, "memory_clock_rate", 0), getattr(props, "memory_bus_width", 0)
     if clock_khz and bus_bits:  # double data rate: two transfers per clock
-        return DevicePeak(2 * clock_khz * 1e3 * bus_bits / 8, {}, "memory clock x bus width (device properties)")
+        return DevicePeak(
+            2 * clock_khz * 1e3 * bus_bits / 8, {}, "memory clock x bus width (device properties)"
+        )
     return DevicePeak(source=f"unknown GPU {name!r}")
 
 
@@ -157,7 +159,9 @@ def torch_alloc_peak_bytes(fn: Callable[[], Any]) -> int:
     """
     from torch._C._profiler import _EventType
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
         fn()
     peak = 0
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
@@ -166,6 +170,24 @@ def torch_alloc_peak_bytes(fn: Callable[[], Any]) -> int:
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
             peak = max(peak, node.extra_fields.total_allocated)
         stack.extend(node.children)
+    return peak
+
+
+def net_alloc_peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak, during ``fn()``, of the bytes allocated through torch's CPU allocator minus those freed since the
+    call began (the running sum of the profiler's ``[memory]`` events in time order): what the call needs on
+    top of what existed before it."""
+    with torch.profiler.profile(
+        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
+    ) as prof:
+        fn()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
     return peak
 
 
@@ -186,17 +208,23 @@ def peak_memory(fn: Callable[[], Any], device: torch.device) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return {"peak_mem_bytes": torch.cuda.max_memory_allocated(device) - before,
-                "mem_probe": "cuda max_memory_allocated above the allocation before the call"}
+        return {
+            "peak_mem_bytes": torch.cuda.max_memory_allocated(device) - before,
+            "mem_probe": "cuda max_memory_allocated above the allocation before the call",
+        }
     with _no_gc():
         _malloc_trim()
         if _reset_vm_hwm() and (before := _vm_hwm_bytes()) is not None:
             fn()
-            return {"peak_mem_bytes": max(0, _vm_hwm_bytes() - before),
-                    "mem_probe": "rise of the resident-set high-water mark (all allocations)"}
+            return {
+                "peak_mem_bytes": max(0, _vm_hwm_bytes() - before),
+                "mem_probe": "rise of the resident-set high-water mark (all allocations)",
+            }
     try:
-        return {"peak_mem_bytes": torch_alloc_peak_bytes(fn),
-                "mem_probe": "torch allocations (profiler allocation records)"}
+        return {
+            "peak_mem_bytes": torch_alloc_peak_bytes(fn),
+            "mem_probe": "torch allocations (profiler allocation records)",
+        }
     except Exception as exc:  # the profiler's internals differ across torch versions
         return {"mem_probe": f"unavailable ({type(exc).__name__}: {exc})"}
 
@@ -213,7 +241,11 @@ class CompileTimeout(BaseException):
 
 @contextlib.contextmanager
 def _deadline(seconds: float | None):
-    if not seconds or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+    if (
+        not seconds
+        or threading.current_thread() is not threading.main_thread()
+        or not hasattr(signal, "setitimer")
+    ):
         yield
         return
 
@@ -233,7 +265,9 @@ class CompileSkipped(Exception):
     """torch.compile failed or ran past its budget; ``str(self)`` is the reason to report."""
 
 
-def compile_once(fn: Callable, warm: Callable[[Callable], Any], budget_s: float | None) -> tuple[Callable, dict]:
+def compile_once(
+    fn: Callable, warm: Callable[[Callable], Any], budget_s: float | None
+) -> tuple[Callable, dict]:
     """``torch.compile(fn)`` compiled for one case, outside any timing.
 
     Dynamo's caches are reset first: they live on the function's code object and are shared by every
@@ -263,13 +297,16 @@ def compile_once(fn: Callable, warm: Callable[[Callable], Any], budget_s: float 
             warm(compiled)
     except CompileTimeout:
         torch._dynamo.reset()
-        raise CompileSkipped(f"torch.compile took longer than {budget_s:g} s on this machine "
-                             "(raise it with --compile-budget)") from None
+        raise CompileSkipped(
+            f"torch.compile took longer than {budget_s:g} s on this machine (raise it with --compile-budget)"
+        ) from None
     except Exception as exc:
         first_line = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CompileSkipped(f"torch.compile failed: {type(exc).__name__}: {first_line}") from exc
-    info = {"compile_s": time.perf_counter() - start,
-            "graph_breaks": int(sum(counters["graph_break"].values()))}
+    info = {
+        "compile_s": time.perf_counter() - start,
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
     return compiled, info
 
 
@@ -289,8 +326,9 @@ def synced(fn: Callable[[], Any], device: torch.device) -> Callable[[], Any]:
     return call
 
 
-def cuda_event_seconds(fn: Callable[[], Any], device: torch.device, min_batch_s: float = 2e-3,
-                       batches: int = 5) -> float:
+def cuda_event_seconds(
+    fn: Callable[[], Any], device: torch.device, min_batch_s: float = 2e-3, batches: int = 5
+) -> float:
     """Device time per call of back-to-back launches (no host sync in between): min over batches."""
     torch.cuda.synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -311,7 +349,9 @@ def cuda_event_seconds(fn: Callable[[], Any], device: torch.device, min_batch_s:
     return best
 
 
-def choose_rounds(seconds_per_call: float, target_s: float, min_rounds: int = 3, max_rounds: int = 200) -> int:
+def choose_rounds(
+    seconds_per_call: float, target_s: float, min_rounds: int = 3, max_rounds: int = 200
+) -> int:
     """Rounds so that timing takes about ``target_s``, within [min_rounds, max_rounds]."""
     if seconds_per_call <= 0:
         return max_rounds
@@ -347,8 +387,17 @@ class Bench:
         self.dtype: torch.dtype | None = None
         self._extra: dict[str, Any] = {}
 
-    def describe(self, *, op: str, case: str, provider: str, device: torch.device | str,
-                 dtype: torch.dtype | None = None, sizes: dict[str, int] | None = None, **extra) -> None:
+    def describe(
+        self,
+        *,
+        op: str,
+        case: str,
+        provider: str,
+        device: torch.device | str,
+        dtype: torch.dtype | None = None,
+        sizes: dict[str, int] | None = None,
+        **extra,
+    ) -> None:
         """Name the case (before anything that may skip, so skips are reported against it).
 
         Args:
@@ -362,14 +411,24 @@ class Bench:
         """
         self.device, self.dtype = torch.device(device), dtype
         module = getattr(self.node, "module", None)
-        area = getattr(module, "BENCH_AREA", None) or (module.__name__.removeprefix("bench_") if module else "")
-        self.case = {"area": area, "op": op, "case": case, "provider": provider, "device": self.device.type,
-                     "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
-                     "sizes": dict(sizes or {}), **extra}
+        area = getattr(module, "BENCH_AREA", None) or (
+            module.__name__.removeprefix("bench_") if module else ""
+        )
+        self.case = {
+            "area": area,
+            "op": op,
+            "case": case,
+            "provider": provider,
+            "device": self.device.type,
+            "dtype": str(dtype).removeprefix("torch.") if dtype is not None else None,
+            "sizes": dict(sizes or {}),
+            **extra,
+        }
         self.node.user_properties.append((CASE_KEY, self.case))
         self.benchmark.group = f"{op} {self.device.type} {self.case['dtype'] or ''} {case}".replace("  ", " ")
-        self.benchmark.extra_info.update({**self.case, "device_name": device_name(self.device),
-                                          "torch": torch.__version__})
+        self.benchmark.extra_info.update(
+            {**self.case, "device_name": device_name(self.device), "torch": torch.__version__}
+        )
 
     def note(self, **extra) -> None:
         """Attach facts (JSON values) to the result, e.g. an accuracy check or a footprint."""
@@ -389,9 +448,17 @@ class Bench:
         self._extra.update(info)
         return compiled
 
-    def run(self, fn: Callable[[], Any], *, bytes_moved: int | None = None, flops: int | None = None,
-            rounds: int | None = None, warmup: int = 1, target_s: float | None = None,
-            memory: bool = True) -> dict[str, Any]:
+    def run(
+        self,
+        fn: Callable[[], Any],
+        *,
+        bytes_moved: int | None = None,
+        flops: int | None = None,
+        rounds: int | None = None,
+        warmup: int = 1,
+        target_s: float | None = None,
+        memory: bool = True,
+    ) -> dict[str, Any]:
         """Time ``fn`` (already checked for correctness by the caller), probe its memory, record.
 
         Args:
@@ -425,8 +492,14 @@ class Bench:
             rounds = choose_rounds(one, target)
         self.benchmark.pedantic(call, rounds=rounds, warmup_rounds=0, iterations=1)
         stats = self.benchmark.stats.stats
-        result: dict[str, Any] = {"min_s": stats.min, "median_s": stats.median, "mean_s": stats.mean,
-                                  "stddev_s": stats.stddev, "rounds": stats.rounds, "timer": "wall clock"}
+        result: dict[str, Any] = {
+            "min_s": stats.min,
+            "median_s": stats.median,
+            "mean_s": stats.mean,
+            "stddev_s": stats.stddev,
+            "rounds": stats.rounds,
+            "timer": "wall clock",
+        }
         seconds = stats.min
         if device.type == "cuda":
             result["wall_min_s"] = stats.min
@@ -452,4 +525,3 @@ class Bench:
         self.node.user_properties.append((RESULT_KEY, result))
         self.benchmark.extra_info.update(result)
         return result
-

@@ -12,7 +12,7 @@ import os
 import re
 
 from fastlatent.benchmarking.measure import CASE_KEY, RESULT_KEY
-from fastlatent.benchmarking.report import _fmt_time
+from fastlatent.benchmarking.report import fmt_time
 
 PROGRESS_PREFIX = "fastlatent-bench: "
 
@@ -52,11 +52,21 @@ def selected(identifier: str, include: list[str], exclude: list[str]) -> bool:
 
 def pytest_addoption(parser):
     group = parser.getgroup("fastlatent-bench")
-    group.addoption("--fl-record", default=None, help="write every case's outcome and measurements to this JSON")
-    group.addoption("--fl-device", default=None, choices=["cpu", "cuda"],
-                    help="run only the cases of this device (the `cuda` marker marks GPU cases)")
-    group.addoption("--fl-filter", action="append", default=[], help="run only cases whose id matches (repeatable)")
-    group.addoption("--fl-exclude", action="append", default=[], help="skip cases whose id matches (repeatable)")
+    group.addoption(
+        "--fl-record", default=None, help="write every case's outcome and measurements to this JSON"
+    )
+    group.addoption(
+        "--fl-device",
+        default=None,
+        choices=["cpu", "cuda"],
+        help="run only the cases of this device (the `cuda` marker marks GPU cases)",
+    )
+    group.addoption(
+        "--fl-filter", action="append", default=[], help="run only cases whose id matches (repeatable)"
+    )
+    group.addoption(
+        "--fl-exclude", action="append", default=[], help="skip cases whose id matches (repeatable)"
+    )
     group.addoption("--fl-list", action="store_true", default=False, help="print the selected case ids")
 
 
@@ -75,9 +85,11 @@ def pytest_collection_modifyitems(session, config, items):
     keep, drop = [], []
     for item in items:
         on_cuda = item.get_closest_marker("cuda") is not None
-        wanted = (selected(case_id(item), include, exclude)
-                  and (device is None or on_cuda == (device == "cuda"))
-                  and (full or item.get_closest_marker("full") is None))
+        wanted = (
+            selected(case_id(item), include, exclude)
+            and (device is None or on_cuda == (device == "cuda"))
+            and (full or item.get_closest_marker("full") is None)
+        )
         (keep if wanted else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
@@ -106,7 +118,7 @@ def _item_info(item) -> dict:
         "provider": provider if isinstance(provider, str) else None,
         # same key for every provider of one case: how skips without a description find their case
         "case_key": f"{item.module.__name__ if module else ''}::{getattr(item, 'originalname', item.name)}"
-                    f"[{', '.join(f'{k}={v!r}' for k, v in sorted(params.items()))}]",
+        f"[{', '.join(f'{k}={v!r}' for k, v in sorted(params.items()))}]",
     }
 
 
@@ -130,8 +142,14 @@ class _Recorder:
         if report.when == "call" or (report.when == "setup" and not report.passed):
             props = dict(report.user_properties)
             plan = getattr(self.config, "_fl_plan", {}).get(report.nodeid, {})
-            record = {"nodeid": report.nodeid, **plan, "outcome": report.outcome,
-                      "duration_s": report.duration, "case": props.get(CASE_KEY), "result": props.get(RESULT_KEY)}
+            record = {
+                "nodeid": report.nodeid,
+                **plan,
+                "outcome": report.outcome,
+                "duration_s": report.duration,
+                "case": props.get(CASE_KEY),
+                "result": props.get(RESULT_KEY),
+            }
             if not report.passed:
                 record["reason"] = _reason(report)
             self.records[report.nodeid] = record
@@ -149,14 +167,18 @@ class _Recorder:
             return
         total = len(getattr(self.config, "_fl_plan", {})) or "?"
         case = record.get("case") or {}
-        label = (f"{case.get('op')} {case.get('device')} {case.get('case')} [{case.get('provider')}]" if case
-                 else record.get("id", record["nodeid"]))
+        label = (
+            f"{case.get('op')} {case.get('device')} {case.get('case')} [{case.get('provider')}]"
+            if case
+            else record.get("id", record["nodeid"])
+        )
         if record["outcome"] == "passed" and record.get("result"):
-            detail = _fmt_time(record["result"]["min_s"])
+            detail = fmt_time(record["result"]["min_s"])
         elif record["outcome"] == "passed":
             detail = "passed (nothing measured)"
         else:
-            detail = f"{record['outcome']}: {record.get('reason', '').splitlines()[0] if record.get('reason') else ''}"
+            reason = record.get("reason", "").splitlines()[0] if record.get("reason") else ""
+            detail = f"{record['outcome']}: {reason}"
         terminal.write_line(f"{PROGRESS_PREFIX}[{self.done}/{total}] {label}: {detail}")
 
     def _write(self, finished: bool, exitstatus: int | None = None):
@@ -166,8 +188,17 @@ class _Recorder:
             return
         tmp = f"{path}.tmp"
         with open(tmp, "w") as f:
-            json.dump({"records": list(self.records.values()), "finished": finished, "exitstatus": exitstatus,
-                       "planned": len(getattr(self.config, "_fl_plan", {}))}, f, indent=1, default=str)
+            json.dump(
+                {
+                    "records": list(self.records.values()),
+                    "finished": finished,
+                    "exitstatus": exitstatus,
+                    "planned": len(getattr(self.config, "_fl_plan", {})),
+                },
+                f,
+                indent=1,
+                default=str,
+            )
         os.replace(tmp, path)
 
     def pytest_sessionfinish(self, session, exitstatus):

@@ -12,8 +12,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from fastlatent.models.autoencoders import (AutoencoderOutput, DiagonalGaussian, GaussianEncoderMixin,
-                                            LatentScaleMixin)
+from fastlatent.models.autoencoders import (
+    AutoencoderOutput,
+    GaussianEncoderMixin,
+    LatentScaleMixin,
+)
 from fastlatent.models.base import ConfigMixin, register_model
 from fastlatent.models.vae_blocks import Decoder, Encoder, check_image_batch, check_positive_int
 

@@ -28,8 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.models.autoencoders import (AutoencoderOutput, DiagonalGaussian, GaussianEncoderMixin,
-                                            LatentScaleMixin, _images_of)
+from fastlatent.models.autoencoders import (
+    AutoencoderOutput,
+    GaussianEncoderMixin,
+    LatentScaleMixin,
+    _images_of,
+)
 from fastlatent.models.base import ConfigMixin, register_model
 from fastlatent.models.latent_diffusion import FLOW_TIME_SAMPLING, evaluating
 from fastlatent.models.losses import LPIPS

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
-import math
 
 import torch
 import torch.nn.functional as F

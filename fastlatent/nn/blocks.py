@@ -26,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.nn.conv_fusion import (is_plain_conv3x3, norm_act_conv, subpixel_weight,
-                                       upsample_nearest2x_conv3x3)
+from fastlatent.nn.conv_fusion import (
+    is_plain_conv3x3,
+    norm_act_conv,
+    subpixel_weight,
+    upsample_nearest2x_conv3x3,
+)
 from fastlatent.ops.group_norm import group_norm
 
 # Activation names accepted by the fused op, and the diffusers ``non_linearity`` strings that map onto them.

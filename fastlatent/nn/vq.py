@@ -6,7 +6,6 @@ change of import for the common settings. Differences are listed in each class d
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch

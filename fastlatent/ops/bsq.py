@@ -12,7 +12,7 @@ MAX_DIMS = 62
 _WHAT = "bits per code, for int64 indices"
 
 
-def _check(op, z) -> int:
+def check_bsq_args(op, z) -> int:
     _checks.check_float(op, "z", z, allow_double=_checks.allows_double(z))
     return check_channels(op, "z", z, MAX_DIMS, _WHAT)
 
@@ -48,20 +48,20 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::bsq_quantize")
     def _bsq_quantize_fake(z):
-        _check("bsq_quantize", z)
+        check_bsq_args("bsq_quantize", z)
         return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[:-1], dtype=torch.int64)
 
     @torch.library.register_fake("fastlatent::bsq_quantize_backward")
     def _bsq_quantize_backward_fake(grad_quantized, z):
         op = "bsq_quantize_backward"
-        _check(op, z)
+        check_bsq_args(op, z)
         check_tensor_like(op, "grad_quantized", grad_quantized, z.shape, z.dtype, z)
         return torch.empty_like(z, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("fastlatent::bsq_entropy")
     def _bsq_entropy_fake(z, inv_temperature=1.0):
         op = "bsq_entropy"
-        d = _check(op, z)
+        d = check_bsq_args(op, z)
         check_positive(op, "inv_temperature", inv_temperature)
         dt = math_dtype(z)
         return z.new_empty(z.shape[:-1], dtype=dt), z.new_empty((d,), dtype=dt)
@@ -69,7 +69,7 @@ if extension_available():
     @torch.library.register_fake("fastlatent::bsq_entropy_backward")
     def _bsq_entropy_backward_fake(grad_per_sample_entropy, grad_avg_probs, z, inv_temperature=1.0):
         op = "bsq_entropy_backward"
-        d = _check(op, z)
+        d = check_bsq_args(op, z)
         check_positive(op, "inv_temperature", inv_temperature)
         dt = math_dtype(z)
         check_tensor_like(op, "grad_per_sample_entropy", grad_per_sample_entropy, z.shape[:-1], dt, z)

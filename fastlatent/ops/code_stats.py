@@ -8,7 +8,7 @@ from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
 
 
-def _check_args(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> None:
+def check_code_stats_args(x: torch.Tensor, indices: torch.Tensor, num_codes: int) -> None:
     op = "code_stats"
     _checks.check_dim(op, "x", x, 2, "[N, D]")
     _checks.check_dim(op, "indices", indices, 1, "[N]")
@@ -54,7 +54,7 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::code_stats")
     def _code_stats_fake(x, indices, num_codes, deterministic=True):
-        _check_args(x, indices, num_codes)
+        check_code_stats_args(x, indices, num_codes)
         return x.new_empty((num_codes,), dtype=torch.float32), x.new_empty((num_codes, x.shape[1]), dtype=torch.float32)
 
     def _setup_context(ctx, inputs, output):

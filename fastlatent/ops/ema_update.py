@@ -8,7 +8,7 @@ from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
 
 
-def _check_args(cluster_size, embed_sum, codebook, counts, sums, decay, eps) -> None:
+def check_ema_update_args(cluster_size, embed_sum, codebook, counts, sums, decay, eps) -> None:
     op = "ema_update_"
     _checks.check_dim(op, "codebook", codebook, 2, "[K, D]")
     k, d = codebook.shape
@@ -67,5 +67,5 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::ema_update_")
     def _ema_update_fake(cluster_size, embed_sum, codebook, counts, sums, decay, eps):
-        _check_args(cluster_size, embed_sum, codebook, counts, sums, decay, eps)
+        check_ema_update_args(cluster_size, embed_sum, codebook, counts, sums, decay, eps)
         return None

@@ -31,7 +31,7 @@ def check_levels(op: str, levels: Sequence[int]) -> list[int]:
     return levels
 
 
-def _check_quantize(op: str, z: torch.Tensor, levels) -> list[int]:
+def check_fsq_quantize_args(op: str, z: torch.Tensor, levels) -> list[int]:
     levels = check_levels(op, levels)
     _checks.check_float(op, "z", z, allow_double=_checks.allows_double(z))
     _checks.check_last_dim(op, "z", z, len(levels), "len(levels)")
@@ -94,13 +94,13 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::fsq_quantize")
     def _fsq_quantize_fake(z, levels, preserve_symmetry=False):
-        _check_quantize("fsq_quantize", z, levels)
+        check_fsq_quantize_args("fsq_quantize", z, levels)
         return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[:-1], dtype=torch.int64)
 
     @torch.library.register_fake("fastlatent::fsq_quantize_backward")
     def _fsq_quantize_backward_fake(grad_z_hat, z, levels, preserve_symmetry=False):
         op = "fsq_quantize_backward"
-        _check_quantize(op, z, levels)
+        check_fsq_quantize_args(op, z, levels)
         _checks.check_same_device(op, "grad_z_hat", grad_z_hat, "z", z)
         _checks.check_same_dtype(op, "grad_z_hat", grad_z_hat, "z", z)
         _checks.check_same_shape(op, "grad_z_hat", grad_z_hat, "z", z)

@@ -28,7 +28,7 @@ def _check_affine(op: str, x, c: int, weight, bias) -> None:
     _checks.check_floating_vector(op, x, "bias", bias, c, "C")
 
 
-def _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:
+def check_group_norm_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:
     op = "group_norm"
     c = _check_layout_and_groups(op, x, groups)
     if not (x.dtype in _checks.KERNEL_DTYPES or (allow_double and x.dtype == torch.float64)):
@@ -90,13 +90,13 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::group_norm")
     def _group_norm_fake(x, weight, bias, groups, eps=1e-5, activation="none", residual=None):
-        _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=x.device.type != "cuda")
+        check_group_norm_args(x, weight, bias, groups, eps, activation, residual, allow_double=x.device.type != "cuda")
         stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
         return _empty_like_layout(x), stats, stats.clone()
 
     @torch.library.register_fake("fastlatent::group_norm_backward")
     def _group_norm_backward_fake(grad_out, x, weight, bias, mean, rstd, groups, activation):
-        _check_args(x, weight, bias, groups, 0.0, activation, None, allow_double=x.device.type != "cuda")
+        check_group_norm_args(x, weight, bias, groups, 0.0, activation, None, allow_double=x.device.type != "cuda")
         c = x.shape[1]
         return (_empty_like_layout(x), x.new_empty((c,), dtype=torch.float32),
                 x.new_empty((c,), dtype=torch.float32))
@@ -125,13 +125,13 @@ if extension_available():
 # ---------------------------------------------------------------- the forward in two halves
 
 
-def _check_stats_args(x, groups, allow_double=False) -> None:
+def check_group_norm_stats_args(x, groups, allow_double=False) -> None:
     op = "group_norm_stats"
-    c = _check_layout_and_groups(op, x, groups)
+    _check_layout_and_groups(op, x, groups)
     _checks.check_float(op, "x", x, allow_double)
 
 
-def _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=False) -> None:
+def check_group_norm_apply_args(x, mean, rstd, weight, bias, activation, allow_double=False) -> None:
     op = "group_norm_apply"
     if x.dim() < 2:
         raise ValueError(f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}")
@@ -241,13 +241,13 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::group_norm_stats")
     def _group_norm_stats_fake(x, groups):
-        _check_stats_args(x, groups, allow_double=x.device.type != "cuda")
+        check_group_norm_stats_args(x, groups, allow_double=x.device.type != "cuda")
         stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
         return stats, stats.clone()
 
     @torch.library.register_fake("fastlatent::group_norm_apply")
     def _group_norm_apply_fake(x, mean, rstd, weight, bias, activation="none"):
-        _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=x.device.type != "cuda")
+        check_group_norm_apply_args(x, mean, rstd, weight, bias, activation, allow_double=x.device.type != "cuda")
         return _empty_like_layout(x)
 
     def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -6,13 +6,13 @@ import torch
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
-from fastlatent.ops.group_norm import ACTIVATIONS, _check_layout_and_groups, _channels_last
+from fastlatent.ops.group_norm import ACTIVATIONS, _channels_last, _check_layout_and_groups
 
 ALGORITHMS = ("auto", "fused", "unfused")
 _OP = "group_norm_conv3x3"
 
 
-def _check_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm) -> None:
+def check_group_norm_conv3x3_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm) -> None:
     """The C++ checks of group_norm_conv.cpp, with the same messages and exception types."""
     if x.dim() != 4:
         raise ValueError(f"fastlatent.{_OP}: x must be 4-D [N, C_in, H, W], got shape {list(x.shape)}")
@@ -92,7 +92,7 @@ if extension_available():
     @torch.library.register_fake("fastlatent::group_norm_conv3x3")
     def _group_norm_conv3x3_fake(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias=None,
                                  residual=None, algorithm="auto"):
-        _check_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm)
+        check_group_norm_conv3x3_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm)
         out = x.new_empty((x.shape[0], conv_weight.shape[0], x.shape[2], x.shape[3]))
         return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
 

@@ -45,14 +45,14 @@ _QUANTIZE_WHAT = "bits per code, for int64 indices"
 _ENTROPY_WHAT = "bits per code; the loss keeps 2^d probabilities"
 
 
-def _check_quantize(x, codebook_scale):
+def check_lfq_quantize_args(x, codebook_scale):
     op = "lfq_quantize"
     _checks.check_float(op, "x", x, allow_double=_checks.allows_double(x))
     check_channels(op, "x", x, MAX_QUANTIZE_DIMS, _QUANTIZE_WHAT)
     check_positive(op, "codebook_scale", codebook_scale)
 
 
-def _check_entropy(op, x, codebook_scale, inv_temperature) -> int:
+def check_lfq_entropy_args(op, x, codebook_scale, inv_temperature) -> int:
     _checks.check_float(op, "x", x, allow_double=_checks.allows_double(x))
     d = check_channels(op, "x", x, MAX_ENTROPY_DIMS, _ENTROPY_WHAT)
     check_positive(op, "codebook_scale", codebook_scale)
@@ -104,12 +104,12 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::lfq_quantize")
     def _lfq_quantize_fake(x, codebook_scale=1.0):
-        _check_quantize(x, codebook_scale)
+        check_lfq_quantize_args(x, codebook_scale)
         return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.int64)
 
     @torch.library.register_fake("fastlatent::lfq_entropy")
     def _lfq_entropy_fake(x, codebook_scale=1.0, inv_temperature=100.0):
-        d = _check_entropy("lfq_entropy", x, codebook_scale, inv_temperature)
+        d = check_lfq_entropy_args("lfq_entropy", x, codebook_scale, inv_temperature)
         dt = math_dtype(x)
         return x.new_empty(x.shape[:-1], dtype=dt), x.new_empty((2**d,), dtype=dt)
 
@@ -117,7 +117,7 @@ if extension_available():
     def _lfq_entropy_backward_fake(grad_per_sample_entropy, grad_avg_probs, x, codebook_scale=1.0,
                                    inv_temperature=100.0):
         op = "lfq_entropy_backward"
-        d = _check_entropy(op, x, codebook_scale, inv_temperature)
+        d = check_lfq_entropy_args(op, x, codebook_scale, inv_temperature)
         dt = math_dtype(x)
         check_tensor_like(op, "grad_per_sample_entropy", grad_per_sample_entropy, x.shape[:-1], dt, x)
         check_tensor_like(op, "grad_avg_probs", grad_avg_probs, (2**d,), dt, x)

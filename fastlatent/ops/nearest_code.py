@@ -11,7 +11,7 @@ METRICS = ("l2", "cosine")
 PRECISIONS = ("ieee", "tf32")
 
 
-def _check_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee") -> None:
+def check_nearest_code_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee") -> None:
     op = "nearest_code"
     _checks.check_dim(op, "x", x, 2, "[N, D]")
     _checks.check_dim(op, "codebook", codebook, 2, "[K, D]")
@@ -69,7 +69,7 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::nearest_code")
     def _nearest_code_fake(x, codebook, metric="l2", precision="ieee"):
-        _check_args(x, codebook, metric, precision)
+        check_nearest_code_args(x, codebook, metric, precision)
         n = x.shape[0]
         return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
 

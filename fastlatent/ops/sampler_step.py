@@ -130,7 +130,7 @@ def _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev):
                          f"got {alpha_bar_prev}")
 
 
-def _check_ddpm(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale, guidance_rescale,
+def check_ddpm_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale, guidance_rescale,
                 clip_x0, threshold_quantile, threshold_max, noise, seed_offset):
     op = "ddpm_step"
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -140,7 +140,7 @@ def _check_ddpm(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, g
     _check_noise(op, sample, noise, seed_offset)
 
 
-def _check_ddim(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
+def check_ddim_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
                 guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset):
     op = "ddim_step"
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -151,7 +151,7 @@ def _check_ddim(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, predicti
     _check_noise(op, sample, noise, seed_offset)
 
 
-def _check_euler(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale, clip_x0,
+def check_euler_step_args(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale, clip_x0,
                  threshold_quantile, threshold_max):
     op = "euler_step"
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -164,7 +164,7 @@ def _check_euler(model_output, sample, sigma, sigma_next, prediction, guidance_s
         _check_value(op, sigma_next <= 1.0, "sigma_next", 'in [0, 1] for prediction "flow"', sigma_next)
 
 
-def _check_dpmpp(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
+def check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
                  prediction, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max):
     op = "dpmpp_2m_step"
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -186,7 +186,7 @@ def _check_dpmpp(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, si
                              "one (alpha_prev / sigma_prev == alpha_t / sigma_t)")
 
 
-def _check_convert(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale):
+def check_convert_prediction_args(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale):
     op = "convert_prediction"
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, None, None, 1.0)
     _check_prediction(op, "source", source)
@@ -195,7 +195,7 @@ def _check_convert(model_output, sample, alpha_t, sigma_t, source, target, guida
     _check_value(op, sigma_t > 0.0 and math.isfinite(sigma_t), "sigma_t", "> 0", sigma_t)
 
 
-def _seed(seed, generator, device):
+def resolve_seed(seed, generator, device):
     return seed_from_generator(generator, device) if seed is None else int(seed)
 
 
@@ -223,7 +223,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: flo
         ``(prev_sample, pred_x0)``, both like ``sample``.
     """
     require_device("ddpm_step", model_output, sample)
-    seed = 0 if noise is not None or seed_offset is not None else _seed(seed, generator, sample.device)
+    seed = 0 if noise is not None or seed_offset is not None else resolve_seed(seed, generator, sample.device)
     return torch.ops.fastlatent.ddpm_step.default(
         model_output, sample, float(alpha_bar_t), float(alpha_bar_prev), prediction, guidance_scale,
         float(guidance_rescale), clip_x0, threshold_quantile, float(threshold_max), noise, seed, int(offset),
@@ -246,7 +246,7 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: flo
     """
     require_device("ddim_step", model_output, sample)
     needs_seed = eta > 0 and noise is None and seed_offset is None
-    seed = _seed(seed, generator, sample.device) if needs_seed else (0 if seed is None else int(seed))
+    seed = resolve_seed(seed, generator, sample.device) if needs_seed else (0 if seed is None else int(seed))
     return torch.ops.fastlatent.ddim_step.default(
         model_output, sample, float(alpha_bar_t), float(alpha_bar_prev), float(eta), prediction,
         use_clipped_model_output, guidance_scale, float(guidance_rescale), clip_x0, threshold_quantile,
@@ -320,7 +320,7 @@ if extension_available():
     def _ddpm_fake(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction="epsilon", guidance_scale=None,
                    guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, noise=None,
                    seed=0, offset=0, seed_offset=None, return_x0=True):
-        _check_ddpm(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale, guidance_rescale,
+        check_ddpm_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale, guidance_rescale,
                     clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
         return _outputs(sample, return_x0)
 
@@ -329,14 +329,14 @@ if extension_available():
                    use_clipped_model_output=False, guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
                    threshold_quantile=None, threshold_max=1.0, noise=None, seed=0, offset=0, seed_offset=None,
                    return_x0=True):
-        _check_ddim(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
+        check_ddim_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
                     guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
         return _outputs(sample, return_x0)
 
     @torch.library.register_fake("fastlatent::euler_step")
     def _euler_fake(model_output, sample, sigma, sigma_next, prediction="epsilon", guidance_scale=None,
                     guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, return_x0=True):
-        _check_euler(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale, clip_x0,
+        check_euler_step_args(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale, clip_x0,
                      threshold_quantile, threshold_max)
         return _outputs(sample, return_x0)
 
@@ -344,12 +344,12 @@ if extension_available():
     def _dpmpp_fake(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev=1.0,
                     sigma_prev=1.0, prediction="epsilon", guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
                     threshold_quantile=None, threshold_max=1.0):
-        _check_dpmpp(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
+        check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
                      prediction, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max)
         return _outputs(sample, True)
 
     @torch.library.register_fake("fastlatent::convert_prediction")
     def _convert_fake(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale=None,
                       guidance_rescale=0.0):
-        _check_convert(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale)
+        check_convert_prediction_args(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale)
         return sample.new_empty(sample.shape)

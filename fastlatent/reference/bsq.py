@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlatent.ops.bsq import _check
+from fastlatent.ops.bsq import check_bsq_args
 from fastlatent.ops.lfq import check_positive, math_dtype
 from fastlatent.reference.lfq import bit_weights
 
@@ -16,7 +16,7 @@ _EPS = 1e-12
 
 def bsq_quantize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.bsq_quantize`."""
-    d = _check("bsq_quantize", z)
+    d = check_bsq_args("bsq_quantize", z)
     u = F.normalize(z.double(), dim=-1, eps=_EPS)
     bits = z > 0
     bad = ~torch.isfinite(z).all(-1, keepdim=True)
@@ -29,7 +29,7 @@ def bsq_quantize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def bsq_entropy(z: torch.Tensor, inv_temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.bsq_entropy`."""
-    d = _check("bsq_entropy", z)
+    d = check_bsq_args("bsq_entropy", z)
     check_positive("bsq_entropy", "inv_temperature", inv_temperature)
     u = F.normalize(z.double(), dim=-1, eps=_EPS)
     p = torch.sigmoid(4 * inv_temperature * u / math.sqrt(d))

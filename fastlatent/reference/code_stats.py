@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import torch
 
-from fastlatent.ops.code_stats import _check_args as _check_code_stats
-from fastlatent.ops.ema_update import _check_args as _check_ema_update
+from fastlatent.ops.code_stats import check_code_stats_args
+from fastlatent.ops.ema_update import check_ema_update_args
 
 
 def code_stats(
     x: torch.Tensor, indices: torch.Tensor, num_codes: int, deterministic: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.code_stats` (index_add in float64)."""
-    _check_code_stats(x, indices, num_codes)
+    check_code_stats_args(x, indices, num_codes)
     valid = (indices >= 0) & (indices < num_codes)
     idx, rows = indices[valid], x[valid].double()
     counts = torch.zeros(num_codes, dtype=torch.float64, device=x.device).index_add_(
@@ -23,7 +23,7 @@ def code_stats(
 
 def ema_update_(cluster_size, embed_sum, codebook, counts, sums, decay: float, eps: float = 1e-5) -> None:
     """Ground truth for :func:`fastlatent.ops.ema_update_`, written as vector-quantize-pytorch does it."""
-    _check_ema_update(cluster_size, embed_sum, codebook, counts, sums, decay, eps)
+    check_ema_update_args(cluster_size, embed_sum, codebook, counts, sums, decay, eps)
     cluster_size.lerp_(counts, 1.0 - decay)
     embed_sum.lerp_(sums, 1.0 - decay)
     n = cluster_size.double().sum()

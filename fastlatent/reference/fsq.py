@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlatent.ops.fsq import _check_quantize, check_levels
+from fastlatent.ops.fsq import check_fsq_quantize_args, check_levels
 
 _EPS = 1e-3
 
@@ -31,7 +31,7 @@ def fsq_quantize(
     z: torch.Tensor, levels: list[int], preserve_symmetry: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.fsq_quantize` (same signature, values and NaN rules)."""
-    levels = _check_quantize("fsq_quantize", z, levels)
+    levels = check_fsq_quantize_args("fsq_quantize", z, levels)
     c = _constants(levels, z.device)
     L, Li, hw = c["L"], c["Li"], c["hw"]
     z64 = z.double()

@@ -7,12 +7,16 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlatent.ops.group_norm import _check_args
+from fastlatent.ops.group_norm import (
+    check_group_norm_apply_args,
+    check_group_norm_args,
+    check_group_norm_stats_args,
+)
 
 
 def group_norm(x, weight, bias, groups: int, eps: float = 1e-5, activation: str = "none", residual=None):
     """Ground truth for :func:`fastlatent.ops.group_norm`, computed in float64."""
-    _check_args(x, weight, bias, groups, eps, activation, residual, allow_double=True)
+    check_group_norm_args(x, weight, bias, groups, eps, activation, residual, allow_double=True)
     compute = torch.float64  # exact ground truth: fp32 GroupNorm loses digits when |mean| >> std
     y = F.group_norm(x.to(compute), groups, None if weight is None else weight.to(compute),
                      None if bias is None else bias.to(compute), eps)
@@ -27,9 +31,7 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5, activation: str 
 
 def group_norm_stats(x, groups: int):
     """Ground truth for :func:`fastlatent.ops.group_norm_stats`: two-pass mean and M2 in float64."""
-    from fastlatent.ops.group_norm import _check_stats_args
-
-    _check_stats_args(x, groups, allow_double=True)
+    check_group_norm_stats_args(x, groups, allow_double=True)
     n = x.shape[0]
     per_group = (x.shape[1] // groups) * math.prod(x.shape[2:])
     xg = x.to(torch.float64).reshape(n, groups, per_group)
@@ -43,9 +45,7 @@ def group_norm_stats(x, groups: int):
 
 def group_norm_apply(x, mean, rstd, weight, bias, activation: str = "none"):
     """Ground truth for :func:`fastlatent.ops.group_norm_apply`, computed in float64."""
-    from fastlatent.ops.group_norm import _check_apply_args
-
-    _check_apply_args(x, mean, rstd, weight, bias, activation, allow_double=True)
+    check_group_norm_apply_args(x, mean, rstd, weight, bias, activation, allow_double=True)
     n, c, groups = x.shape[0], x.shape[1], mean.shape[1]
     compute = torch.float64
     xg = x.to(compute).reshape(n, groups, (c // groups) * math.prod(x.shape[2:]))

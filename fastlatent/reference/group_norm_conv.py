@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastlatent.ops.group_norm_conv import _check_args
+from fastlatent.ops.group_norm_conv import check_group_norm_conv3x3_args
 
 
 def group_norm_conv3x3(x, gn_weight, gn_bias, groups: int, conv_weight, conv_bias=None, *, eps: float = 1e-5,
                        activation: str = "silu", residual=None, algorithm: str = "auto"):
     """Ground truth for :func:`fastlatent.ops.group_norm_conv3x3`, computed in float64 (``algorithm`` is
     checked and otherwise ignored: both algorithms compute the same function)."""
-    _check_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm)
+    check_group_norm_conv3x3_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm)
     compute = torch.float64
 
     # by hand rather than F.group_norm, which refuses one value per channel (groups = C on a 1x1 image)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlatent.ops.lfq import _check_entropy, _check_quantize, math_dtype
+from fastlatent.ops.lfq import check_lfq_entropy_args, check_lfq_quantize_args, math_dtype
 
 
 class _StraightThrough(torch.autograd.Function):
@@ -31,7 +31,7 @@ def bit_weights(d: int, device) -> torch.Tensor:
 
 def lfq_quantize(x: torch.Tensor, codebook_scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.lfq_quantize`."""
-    _check_quantize(x, codebook_scale)
+    check_lfq_quantize_args(x, codebook_scale)
     bits = x > 0
     nan = torch.isnan(x)
     s = torch.tensor(codebook_scale, dtype=math_dtype(x), device=x.device)
@@ -51,7 +51,7 @@ def lfq_entropy(
     x: torch.Tensor, codebook_scale: float = 1.0, inv_temperature: float = 100.0, chunk_rows: int = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.lfq_entropy` (float64, chunked over rows)."""
-    d = _check_entropy("lfq_entropy", x, codebook_scale, inv_temperature)
+    d = check_lfq_entropy_args("lfq_entropy", x, codebook_scale, inv_temperature)
     codebook = all_codes(d, codebook_scale, x.device)
     flat = x.double().reshape(-1, d)
     per_sample, prob_sum = [], torch.zeros(2**d, dtype=torch.float64, device=x.device)

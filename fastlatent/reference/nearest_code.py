@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlatent.ops.nearest_code import _check_args
+from fastlatent.ops.nearest_code import check_nearest_code_args
 
 _EPS = 1e-12
 
@@ -21,7 +21,7 @@ def nearest_code(
     processing ``chunk_rows`` rows of ``x`` at a time. ``precision`` is accepted for signature
     parity and ignored: the reference is always exact.
     """
-    _check_args(x, codebook, metric, precision)
+    check_nearest_code_args(x, codebook, metric, precision)
     c64 = codebook.double()
     code_bad = ~torch.isfinite(c64).all(dim=1)
     if metric == "l2":

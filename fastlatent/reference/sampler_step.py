@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from fastlatent.ops import sampler_step as _ops
+from fastlatent.ops import sampler_step as sampler_ops
 
 _MASK = np.uint64(0xFFFFFFFF)
 
@@ -99,12 +99,12 @@ def ddpm_step(model_output, sample, alpha_bar_t, alpha_bar_prev, *, prediction="
               guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, noise=None,
               generator=None, seed=None, offset=0, seed_offset=None, return_x0=True):
     """Reference :func:`fastlatent.ops.ddpm_step` (diffusers' DDPMScheduler.step, "fixed_small")."""
-    _ops._check_ddpm(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale,
+    sampler_ops.check_ddpm_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale,
                      guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
     if seed_offset is not None:
         seed, offset = (int(v) for v in seed_offset.tolist())
     elif noise is None:
-        seed = _ops._seed(seed, generator, sample.device)
+        seed = sampler_ops.resolve_seed(seed, generator, sample.device)
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     x0, _ = _x0_eps(prediction, x, m, math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t))
@@ -125,12 +125,12 @@ def ddim_step(model_output, sample, alpha_bar_t, alpha_bar_prev, eta=0.0, *, pre
               threshold_quantile=None, threshold_max=1.0, noise=None, generator=None, seed=None, offset=0,
               seed_offset=None, return_x0=True):
     """Reference :func:`fastlatent.ops.ddim_step` (diffusers' DDIMScheduler.step)."""
-    _ops._check_ddim(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
+    sampler_ops.check_ddim_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
                      guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
     if seed_offset is not None:
         seed, offset = (int(v) for v in seed_offset.tolist())
     elif eta > 0 and noise is None:
-        seed = _ops._seed(seed, generator, sample.device)
+        seed = sampler_ops.resolve_seed(seed, generator, sample.device)
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     alpha, sigma = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
@@ -149,7 +149,7 @@ def ddim_step(model_output, sample, alpha_bar_t, alpha_bar_prev, eta=0.0, *, pre
 def euler_step(model_output, sample, sigma, sigma_next, *, prediction="epsilon", guidance_scale=None,
                guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, return_x0=True):
     """Reference :func:`fastlatent.ops.euler_step` (EulerDiscreteScheduler / FlowMatchEulerDiscreteScheduler)."""
-    _ops._check_euler(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale,
+    sampler_ops.check_euler_step_args(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale,
                       clip_x0, threshold_quantile, threshold_max)
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
@@ -165,7 +165,7 @@ def dpmpp_2m_step(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, s
                   sigma_prev=1.0, *, prediction="epsilon", guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
                   threshold_quantile=None, threshold_max=1.0):
     """Reference :func:`fastlatent.ops.dpmpp_2m_step` (diffusers' dpmsolver++ midpoint updates)."""
-    _ops._check_dpmpp(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev,
+    sampler_ops.check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev,
                       sigma_prev, prediction, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
                       threshold_max)
     x = sample.double()
@@ -188,7 +188,7 @@ def dpmpp_2m_step(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, s
 def convert_prediction(model_output, sample, alpha_t, sigma_t, source, target, *, guidance_scale=None,
                        guidance_rescale=0.0):
     """Reference :func:`fastlatent.ops.convert_prediction`."""
-    _ops._check_convert(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale)
+    sampler_ops.check_convert_prediction_args(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale)
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     x0, eps = _x0_eps(source, x, m, alpha_t, sigma_t)

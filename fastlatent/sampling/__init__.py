@@ -8,8 +8,16 @@
 """
 
 from fastlatent.sampling.sampler import METHODS, Sampler
-from fastlatent.sampling.schedules import (DiscreteSchedule, FlowSchedule, KarrasSchedule, cosine_betas,
-                                           karras_sigmas, linear_betas, make_schedule, scaled_linear_betas)
+from fastlatent.sampling.schedules import (
+    DiscreteSchedule,
+    FlowSchedule,
+    KarrasSchedule,
+    cosine_betas,
+    karras_sigmas,
+    linear_betas,
+    make_schedule,
+    scaled_linear_betas,
+)
 
 __all__ = ["Sampler", "METHODS", "DiscreteSchedule", "FlowSchedule", "KarrasSchedule", "karras_sigmas",
            "linear_betas", "scaled_linear_betas", "cosine_betas", "make_schedule"]

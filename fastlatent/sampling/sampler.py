@@ -10,7 +10,13 @@ import numpy as np
 import torch
 
 from fastlatent.ops import sampler_step as _steps
-from fastlatent.sampling.schedules import DiscreteSchedule, FlowSchedule, KarrasSchedule, karras_sigmas, make_schedule
+from fastlatent.sampling.schedules import (
+    DiscreteSchedule,
+    FlowSchedule,
+    KarrasSchedule,
+    karras_sigmas,
+    make_schedule,
+)
 
 METHODS = ("ddpm", "ddim", "euler", "dpmpp_2m")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")

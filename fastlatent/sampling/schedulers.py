@@ -140,7 +140,9 @@ def _make_euler():
 
 def _make_flow():
     from diffusers import FlowMatchEulerDiscreteScheduler
-    from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteSchedulerOutput,
+    )
 
     class FastFlowMatchEulerDiscreteScheduler(FlowMatchEulerDiscreteScheduler):
         """diffusers' FlowMatchEulerDiscreteScheduler with ``step`` as one fused kernel."""

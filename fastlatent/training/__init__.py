@@ -19,12 +19,13 @@ Training protocol::
 """
 
 from fastlatent.training.checkpoint import list_checkpoints, load_checkpoint, load_latest_checkpoint
+from fastlatent.training.config import TrainerConfig
 from fastlatent.training.data_order import BatchStream, EpochBatchSampler, epoch_permutation
 from fastlatent.training.distributed import DistInfo, dist_info, init_distributed
 from fastlatent.training.ema import EMA
 from fastlatent.training.logging import MetricsLogger, plot_metrics, read_metrics
 from fastlatent.training.schedules import LRSchedule
-from fastlatent.training.trainer import Callback, Trainer, TrainerConfig, seed_everything
+from fastlatent.training.trainer import Callback, Trainer, seed_everything
 
 __all__ = ["Trainer", "TrainerConfig", "Callback", "EMA", "LRSchedule", "MetricsLogger", "plot_metrics",
            "read_metrics", "EpochBatchSampler", "BatchStream", "epoch_permutation", "DistInfo", "dist_info",

@@ -1,47 +1,26 @@
-"""The `fastlatent` command (also `python -m fastlatent`)."""
+"""`fastlatent selftest`: every op on realistic tensors, checked against its reference and timed.
+
+One table, ``SELFTESTS`` (name, check), serves the ``fastlatent selftest`` command and the tests: a check
+takes a
+device and a dtype and returns ``(ok, detail)``.
+"""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 import time
+from collections.abc import Callable, Iterable
 
+import torch
+import torch.nn.functional as F
 
-def _cmd_info(args: argparse.Namespace) -> int:
-    import fastlatent
-
-    info = fastlatent.build_info()
-    if args.json:
-        print(json.dumps(info, indent=2))
-        return 0
-    print(f"fastlatent {info['version']}")
-    print(f"  torch            {info['torch']}" + (f" (extension built against {info['torch_built']})"
-                                                  if info.get("torch_built") else ""))
-    if not info["extension"]:
-        print("  extension        NOT LOADED")
-        print("    " + info["extension_error"].replace("\n", "\n    "))
-        return 1
-    if info["cuda"]:
-        print(f"  CUDA kernels     yes, sm {info['cuda_archs']} (TORCH_CUDA_ARCH_LIST={info['cuda_arch_flags']}, "
-              f"CUDA {info['cuda_compiled_version'] // 1000}.{info['cuda_compiled_version'] % 1000 // 10})")
-    else:
-        print("  CUDA kernels     no (CPU-only build)")
-    print(f"  CPU SIMD         {info['cpu_simd'].strip() or 'baseline'}")
-    print(f"  OpenMP           {info['openmp_version']}, {info['openmp_max_threads']} threads "
-          f"(torch uses {info['torch_threads']})")
-    if info["gpus"]:
-        for gpu in info["gpus"]:
-            print(f"  GPU {gpu['index']}            {gpu['name']} (sm {gpu['capability']}, {gpu['memory_gib']} GiB)")
-    else:
-        print("  GPUs             none visible")
-    return 0
+import fastlatent
+from fastlatent import reference
+from fastlatent.ops import group_norm_apply, group_norm_stats, merge_group_stats
 
 
 def _time(fn, device, repeats: int = 7) -> float:
     """Fastest of `repeats` calls after a warm-up: single calls on a shared CPU are noisy (first
     touches of fresh outputs, other processes), and the minimum is what the code can do."""
-    import torch
 
     def sync():
         if device.type == "cuda":
@@ -60,8 +39,6 @@ def _time(fn, device, repeats: int = 7) -> float:
 
 def _realistic_batch(device, dtype, n=8192, d=64, k=1024):
     """Encoder-like vectors scattered around a codebook."""
-    import torch
-
     gen = torch.Generator().manual_seed(0)
     codebook = torch.randn(k, d, generator=gen)
     x = codebook[torch.randint(0, k, (n,), generator=gen)] + 0.3 * torch.randn(n, d, generator=gen)
@@ -69,11 +46,6 @@ def _realistic_batch(device, dtype, n=8192, d=64, k=1024):
 
 
 def _selftest_nearest_code(device, dtype) -> tuple[bool, str]:
-    import torch
-
-    import fastlatent
-    from fastlatent import reference
-
     x, codebook = _realistic_batch(device, dtype)
     indices, distances = fastlatent.nearest_code(x, codebook)
     ref_indices, ref_distances = reference.nearest_code(x, codebook)
@@ -81,20 +53,19 @@ def _selftest_nearest_code(device, dtype) -> tuple[bool, str]:
     xf, cf = x.double(), codebook.double()
     excess = (((xf - cf[indices]) ** 2).sum(1) - ((xf - cf[ref_indices]) ** 2).sum(1)).max().item()
     ok = excess <= 1e-4 * ref_distances.max().item() and (
-        not torch.equal(indices, ref_indices) or torch.allclose(distances, ref_distances, rtol=1e-4, atol=1e-3))
+        not torch.equal(indices, ref_indices)
+        or torch.allclose(distances, ref_distances, rtol=1e-4, atol=1e-3)
+    )
     ours = _time(lambda: fastlatent.nearest_code(x, codebook), device)
     base = _time(lambda: torch.cdist(x.float(), codebook.float()).argmin(1), device)
     agree = (indices == ref_indices).float().mean().item()
-    return ok, (f"indices agree {agree:.2%}; {ours * 1e3:.2f} ms vs cdist+argmin {base * 1e3:.2f} ms "
-                f"({base / ours:.1f}x)")
+    return ok, (
+        f"indices agree {agree:.2%}; {ours * 1e3:.2f} ms vs cdist+argmin {base * 1e3:.2f} ms "
+        f"({base / ours:.1f}x)"
+    )
 
 
 def _selftest_code_stats(device, dtype) -> tuple[bool, str]:
-    import torch
-
-    import fastlatent
-    from fastlatent import reference
-
     x, codebook = _realistic_batch(device, dtype)
     indices = fastlatent.nearest_code(x, codebook)[0]
     counts, sums = fastlatent.code_stats(x, indices, codebook.shape[0])
@@ -106,11 +77,6 @@ def _selftest_code_stats(device, dtype) -> tuple[bool, str]:
 
 
 def _selftest_ema_update(device, dtype) -> tuple[bool, str]:
-    import torch
-
-    import fastlatent
-    from fastlatent import reference
-
     x, codebook = _realistic_batch(device, dtype)
     k, d = codebook.shape
     counts, sums = fastlatent.code_stats(x, fastlatent.nearest_code(x, codebook)[0], k)
@@ -125,11 +91,6 @@ def _selftest_ema_update(device, dtype) -> tuple[bool, str]:
 
 def _selftest_scalar_quantizers(device, dtype) -> tuple[bool, str]:
     """FSQ must equal its reference exactly; the LFQ entropy must match the materialised softmax."""
-    import torch
-
-    import fastlatent
-    from fastlatent import reference
-
     gen = torch.Generator().manual_seed(1)
     levels = [8, 5, 5, 5]
     z = (torch.randn(65536, 4, generator=gen) * 2).to(device, dtype)
@@ -138,19 +99,19 @@ def _selftest_scalar_quantizers(device, dtype) -> tuple[bool, str]:
     x = (torch.randn(2048, 12, generator=gen) * 0.05).to(device, dtype)
     ps, avg = fastlatent.lfq_entropy(x, 1.0, 10.0)
     ref_ps, ref_avg = reference.lfq_entropy(x, 1.0, 10.0)
-    lfq_ok = bool(torch.allclose(ps, ref_ps, rtol=1e-4, atol=1e-5) and torch.allclose(avg, ref_avg, rtol=1e-4, atol=1e-9))
+    lfq_ok = bool(
+        torch.allclose(ps, ref_ps, rtol=1e-4, atol=1e-5)
+        and torch.allclose(avg, ref_avg, rtol=1e-4, atol=1e-9)
+    )
     fsq_s = _time(lambda: fastlatent.fsq_quantize(z, levels), device)
-    msg = (f"FSQ 65536x4 exact: {'yes' if fsq_ok else 'NO'} ({fsq_s * 1e3:.2f} ms), "
-           f"LFQ entropy d=12 matches: {'yes' if lfq_ok else 'NO'}")
+    msg = (
+        f"FSQ 65536x4 exact: {'yes' if fsq_ok else 'NO'} ({fsq_s * 1e3:.2f} ms), "
+        f"LFQ entropy d=12 matches: {'yes' if lfq_ok else 'NO'}"
+    )
     return fsq_ok and lfq_ok, msg
 
 
 def _selftest_sampler_steps(device, dtype) -> tuple[bool, str]:
-    import torch
-
-    import fastlatent
-    from fastlatent import reference
-
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 4, 64, 64, generator=gen).to(device, dtype)
     m = torch.randn(16, 4, 64, 64, generator=gen).to(device, dtype)
@@ -158,27 +119,41 @@ def _selftest_sampler_steps(device, dtype) -> tuple[bool, str]:
     options = dict(guidance_scale=7.5, guidance_rescale=0.7, threshold_quantile=0.995, threshold_max=1.5)
     cases = [
         (fastlatent.ops.ddim_step, reference.ddim_step, (m, x, 0.2, 0.4, 0.5), dict(seed=1, **options)),
-        (fastlatent.ops.ddpm_step, reference.ddpm_step, (m, x, 0.2, 0.4), dict(seed=2, prediction="v_prediction",
-                                                                              **options)),
-        (fastlatent.ops.euler_step, reference.euler_step, (m, x, 0.8, 0.7), dict(prediction="flow", **options)),
-        (fastlatent.ops.dpmpp_2m_step, reference.dpmpp_2m_step, (m, x, x, 0.6, 0.8, 0.8, 0.6, 0.4, 0.9), options),
+        (
+            fastlatent.ops.ddpm_step,
+            reference.ddpm_step,
+            (m, x, 0.2, 0.4),
+            dict(seed=2, prediction="v_prediction", **options),
+        ),
+        (
+            fastlatent.ops.euler_step,
+            reference.euler_step,
+            (m, x, 0.8, 0.7),
+            dict(prediction="flow", **options),
+        ),
+        (
+            fastlatent.ops.dpmpp_2m_step,
+            reference.dpmpp_2m_step,
+            (m, x, x, 0.6, 0.8, 0.8, 0.6, 0.4, 0.9),
+            options,
+        ),
     ]
     worst = 0.0
     for op, ref, args, kwargs in cases:
         ours, expected = op(*args, **kwargs)[0], ref(*args, **kwargs)[0]
-        worst = max(worst, ((ours.double() - expected.double()).abs().max() / expected.double().abs().max()).item())
+        worst = max(
+            worst, ((ours.double() - expected.double()).abs().max() / expected.double().abs().max()).item()
+        )
     step = lambda: fastlatent.ops.ddim_step(m, x, 0.2, 0.4, guidance_scale=7.5, return_x0=False)  # noqa: E731
     ours_time = _time(step, device, repeats=10)
-    return worst <= tol, f"4 steps (guided, rescaled, thresholded) within {worst:.1e} relative; ddim step {ours_time * 1e3:.3f} ms"
+    return (
+        worst <= tol,
+        f"4 steps (guided, rescaled, thresholded) within {worst:.1e} relative; "
+        f"ddim step {ours_time * 1e3:.3f} ms",
+    )
 
 
 def _selftest_group_norm(device, dtype) -> tuple[bool, str]:
-    import torch
-    import torch.nn.functional as F
-
-    import fastlatent
-    from fastlatent import reference
-
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(2, 128, 64, 64, generator=gen) * 2 + 1).to(device, dtype)
     w, b = torch.randn(128, generator=gen).to(device), torch.randn(128, generator=gen).to(device)
@@ -193,11 +168,6 @@ def _selftest_group_norm(device, dtype) -> tuple[bool, str]:
 
 def _selftest_group_norm_tiled(device, dtype) -> tuple[bool, str]:
     """group_norm_stats over two halves, merged, then group_norm_apply: equals the one-pass group_norm."""
-    import torch
-
-    import fastlatent
-    from fastlatent.ops import group_norm_apply, group_norm_stats, merge_group_stats
-
     gen = torch.Generator().manual_seed(4)
     x = (torch.randn(2, 64, 48, 40, generator=gen) * 3 + 50).to(device, dtype)
     w, b = torch.randn(64, generator=gen).to(device), torch.randn(64, generator=gen).to(device)
@@ -206,7 +176,9 @@ def _selftest_group_norm_tiled(device, dtype) -> tuple[bool, str]:
     per_group = 64 // 16
     mean, m2, count = merge_group_stats(parts, [per_group * h.shape[-2] * h.shape[-1] for h in halves])
     rstd = torch.rsqrt(m2 / count + 1e-6).float()
-    out = torch.cat([group_norm_apply(h.contiguous(), mean.float(), rstd, w, b, "silu") for h in halves], dim=-2)
+    out = torch.cat(
+        [group_norm_apply(h.contiguous(), mean.float(), rstd, w, b, "silu") for h in halves], dim=-2
+    )
     want = fastlatent.group_norm(x, w, b, 16, 1e-6, "silu")
     tol = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}[dtype]
     ok = torch.allclose(out.float(), want.float(), rtol=tol, atol=tol)
@@ -215,16 +187,14 @@ def _selftest_group_norm_tiled(device, dtype) -> tuple[bool, str]:
 
 def _selftest_group_norm_conv(device, dtype) -> tuple[bool, str]:
     """GroupNorm + SiLU + 3x3 conv + residual; on CUDA in fp16/bf16 the fused tensor-core kernel."""
-    import torch
-
-    import fastlatent
-    from fastlatent import reference
-
     gen = torch.Generator().manual_seed(5)
     x = (torch.randn(1, 96, 20, 36, generator=gen) * 2 + 1).to(device, dtype)
     gw, gb = (torch.rand(96, generator=gen) + 0.5).to(device), torch.randn(96, generator=gen).to(device)
     w = (torch.randn(136, 96, 3, 3, generator=gen) / 30).to(device, dtype)
-    b, r = torch.randn(136, generator=gen).to(device, dtype), torch.randn(1, 136, 20, 36, generator=gen).to(device, dtype)
+    b, r = (
+        torch.randn(136, generator=gen).to(device, dtype),
+        torch.randn(1, 136, 20, 36, generator=gen).to(device, dtype),
+    )
     out = fastlatent.ops.group_norm_conv3x3(x, gw, gb, 32, w, b, eps=1e-6, residual=r)
     ref = reference.group_norm_conv3x3(x, gw, gb, 32, w, b, eps=1e-6, residual=r).double()
     tol = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 4e-2}[dtype]
@@ -233,87 +203,44 @@ def _selftest_group_norm_conv(device, dtype) -> tuple[bool, str]:
     return err <= tol, f"{'fused' if fused else 'unfused'} GN+SiLU+conv3x3 96->136 within {err:.1e} relative"
 
 
-SELFTESTS = [("nearest_code", _selftest_nearest_code), ("code_stats", _selftest_code_stats),
-             ("ema_update_", _selftest_ema_update), ("fsq/lfq", _selftest_scalar_quantizers),
-             ("sampler steps", _selftest_sampler_steps), ("group_norm", _selftest_group_norm),
-             ("gn stats/apply", _selftest_group_norm_tiled), ("gn+conv3x3", _selftest_group_norm_conv)]
+SELFTESTS = [
+    ("nearest_code", _selftest_nearest_code),
+    ("code_stats", _selftest_code_stats),
+    ("ema_update_", _selftest_ema_update),
+    ("fsq/lfq", _selftest_scalar_quantizers),
+    ("sampler steps", _selftest_sampler_steps),
+    ("group_norm", _selftest_group_norm),
+    ("gn stats/apply", _selftest_group_norm_tiled),
+    ("gn+conv3x3", _selftest_group_norm_conv),
+]
 
 
-def _cmd_selftest(args: argparse.Namespace) -> int:
-    import torch
-
-    import fastlatent
-
-    info = fastlatent.build_info()
-    if not info["extension"]:
-        print(info["extension_error"], file=sys.stderr)
-        return 1
+def selftest_devices() -> list[torch.device]:
+    """The CPU, and the GPU when this build has CUDA kernels and one is visible."""
     devices = [torch.device("cpu")]
-    if info["cuda"] and torch.cuda.is_available():
+    if fastlatent.build_info()["cuda"] and torch.cuda.is_available():
         devices.append(torch.device("cuda"))
-    elif torch.cuda.is_available():
-        print("note: a GPU is visible but this build has no CUDA kernels; testing the CPU only")
+    return devices
+
+
+Check = Callable[[torch.device, torch.dtype], tuple[bool, str]]
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def run_selftest(
+    devices: Iterable[torch.device],
+    dtypes: Iterable[torch.dtype] = DTYPES,
+    report: Callable[[str], None] = print,
+    checks: Iterable[tuple[str, Check]] | None = None,
+) -> bool:
+    """Runs every check (default ``SELFTESTS``) per device and dtype, reports one line each; True when all
+    pass."""
+    checks = SELFTESTS if checks is None else list(checks)
     all_ok = True
     for device in devices:
-        for dtype in (torch.float32, torch.float16, torch.bfloat16):
-            for name, check in SELFTESTS:
+        for dtype in dtypes:
+            for name, check in checks:
                 ok, detail = check(device, dtype)
                 all_ok &= ok
-                print(f"{name:13s} {device.type:4s} {str(dtype)[6:]:8s} {'ok  ' if ok else 'FAIL'} {detail}",
-                      flush=True)
-    print("selftest passed" if all_ok else "selftest FAILED")
-    return 0 if all_ok else 1
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastlatent", description="Fast kernels for latent generative models.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = sub.add_parser("info", help="how fastlatent was built: version, torch, CUDA archs, SIMD, OpenMP, GPUs")
-    info.add_argument("--json", action="store_true", help="print the build information as JSON")
-    info.set_defaults(func=_cmd_info)
-    selftest = sub.add_parser(
-        "selftest", help="run every op on real tensors on each available device and check it against the reference")
-    selftest.set_defaults(func=_cmd_selftest)
-    from fastlatent.benchmarking import add_bench_parser
-    from fastlatent.commands import add_model_commands
-
-    add_model_commands(sub)
-    add_bench_parser(sub)
-    return parser
-
-
-def _config_argv(argv: list[str]) -> tuple[str | None, str | None]:
-    """(command, --config value) from the raw arguments, before parsing."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv):
-            return command, argv[i + 1]
-        if arg.startswith("--config="):
-            return command, arg.split("=", 1)[1]
-    return command, None
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    command, config_path = _config_argv(argv)
-    if config_path is not None:
-        from fastlatent.commands import apply_config_defaults, load_config_file
-
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        if command not in subparsers.choices:
-            parser.error(f"--config goes after a command, e.g. fastlatent train-ae --config {config_path}")
-        try:
-            apply_config_defaults(subparsers.choices[command], load_config_file(config_path), config_path)
-        except (OSError, ValueError) as exc:
-            parser.error(str(exc))
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 2
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+                report(f"{name:13s} {device.type:4s} {str(dtype)[6:]:8s} {'ok  ' if ok else 'FAIL'} {detail}")
+    return all_ok
