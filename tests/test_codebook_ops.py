@@ -8,6 +8,7 @@ import subprocess
 import pytest
 import torch
 
+import fastlatent
 from fastlatent import ops, reference
 
 

@@ -172,7 +172,9 @@ class ResidualFSQ(_ResidualBase):
                 and not (self.training and layer.noise_dropout > 0))
 
     def _fused_stack(self, x: torch.Tensor, dropout_index: int | None):
-        """The soft clamp and all hard-clamped layers on ``x [..., d]``: (quantized sum, indices ``[..., q]``).
+        """The soft clamp and all hard-clamped layers on ``x [..., d]``.
+
+        Returns (quantized sum, indices ``[..., q]``).
 
         Bitwise vqp's values and indices: the same operations in the same order and dtypes. The rows
         go through the soft clamp and every layer in blocks of about 32k elements, so a block's
@@ -232,7 +234,8 @@ class ResidualFSQ(_ResidualBase):
                     # vqp: k = floor((L - 1) * (clamp(z) + 1) / 2 + 0.5); code = 2 / (L - 1) * k - 1
                     bracket.clamp_(-1.0, 1.0).add_(1).mul_(fit(half_levels_minus_1)).add_(0.5)
                     level = bracket.to(torch.int32).to(x.dtype)
-                    torch.mv(level if exact_float else level.double(), basis, out=level_sums[layer_index, begin:end])
+                    torch.mv(level if exact_float else level.double(), basis,
+                             out=level_sums[layer_index, begin:end])
                     quantized = level.mul_(fit(step)).sub_(1).mul_(scale)
                     if layer_index == 0:
                         out_block.copy_(quantized)
