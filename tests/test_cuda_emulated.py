@@ -123,8 +123,11 @@ def test_backward_matches_cpu_kernel(name, dtype):
             if b is None:
                 assert a is None
                 continue
-            floor = {torch.float32: 1.0, torch.float16: 1.0, torch.bfloat16: 1.0}[dtype]
-            assert_step_close(a, b, b.dtype if b.dtype in FLOAT_DTYPES else torch.float32, scale_floor=floor)
+            # fp16 gradients can overflow (the CPU kernel's too): the same non-finite values, the rest close
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite), f"{sample.name}: non-finite gradients differ"
+            assert torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num()), sample.name
+            assert_step_close(a[finite], b[finite], b.dtype if b.dtype in FLOAT_DTYPES else torch.float32)
 
 
 # ---------------------------------------------------------------- every path was taken
