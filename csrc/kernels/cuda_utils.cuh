@@ -62,6 +62,29 @@ inline unsigned int grid_blocks(int64_t work_items, int per_sm = 16) {
   return static_cast<unsigned int>(blocks < 1 ? 1 : blocks);
 }
 
+// cp.async (sm_80+): 16 bytes global -> shared without a register round trip; the copies of a thread
+// land in groups (commit), and wait<N> returns once at most N of its newest groups are still in
+// flight. Inline PTX on the GPU; under FL_EMULATION the emulator's model (copies land at the wait,
+// reads of a destination before it are reported).
+#ifdef FL_EMULATION
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) { fl_emu::cp_async(smem, gmem, 16); }
+__device__ __forceinline__ void cp_async_commit() { fl_emu::cp_async_commit(); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  fl_emu::cp_async_wait(kPending);
+}
+#else
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
+}
+#endif
+
 // True when every pointer is 16-byte aligned (for uint4 loads and stores).
 template <typename... P>
 inline bool aligned16(const P*... ptrs) {

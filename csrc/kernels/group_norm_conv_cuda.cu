@@ -26,6 +26,9 @@ namespace {
 
 using cuda::from_float;
 using cuda::to_float;
+using cuda::cp_async16;
+using cuda::cp_async_commit;
+using cuda::cp_async_wait;
 
 constexpr int kThreads = 256;
 constexpr int kTileH = 8, kTileW = 16;                      // output pixels per block
@@ -49,16 +52,6 @@ static_assert(kHaloBytes >= size_t(kThreads / 32) * 256 * sizeof(float), "epilog
 
 __device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
 
 template <typename T, Activation A>
 __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNormConvParams p, int tiles_w,

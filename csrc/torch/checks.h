@@ -19,6 +19,11 @@
 #include "activations.h"
 #include "common.h"
 
+// The op library the bindings call back into: "fastlatent_emu" in the emulated build (csrc/emu).
+#ifndef FL_OP_NAMESPACE
+#define FL_OP_NAMESPACE "fastlatent"
+#endif
+
 namespace fastlatent {
 namespace torch_glue {
 

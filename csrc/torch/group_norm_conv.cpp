@@ -107,7 +107,7 @@ using GroupNormStatsFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, i
 // group_norm kernel, then the library convolution, then the residual in place.
 at::Tensor unfused(const Args& a) {
   static const auto group_norm =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastlatent::group_norm", "").typed<GroupNormFn>();
+      c10::Dispatcher::singleton().findSchemaOrThrow(FL_OP_NAMESPACE "::group_norm", "").typed<GroupNormFn>();
   const at::Tensor y = std::get<0>(group_norm.call(a.x, a.gn_weight, a.gn_bias, a.groups, a.eps, a.activation,
                                                    std::nullopt));
   at::Tensor out = at::conv2d(y, a.conv_weight, a.conv_bias, {1, 1}, {1, 1});
@@ -163,7 +163,7 @@ void copy_strides(int64_t (&dst)[4], const at::Tensor& t) {
 
 at::Tensor fused(const Args& a) {
   static const auto stats_op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("fastlatent::group_norm_stats", "").typed<GroupNormStatsFn>();
+      c10::Dispatcher::singleton().findSchemaOrThrow(FL_OP_NAMESPACE "::group_norm_stats", "").typed<GroupNormStatsFn>();
   const auto [mean, m2] = stats_op.call(a.x, a.groups);
   const at::Tensor packed = pack_weight(a.conv_weight);
   const at::Tensor gn_weight = fp32_or_undefined(a.gn_weight);

@@ -1,0 +1,3 @@
+// Emulated build: cub from fl_emu.h (see docs/cuda-emulation.md).
+#pragma once
+#include "../../fl_emu.h"

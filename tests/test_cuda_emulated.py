@@ -1,0 +1,213 @@
+"""Every CUDA kernel, executed on the CPU by the emulator (docs/cuda-emulation.md), against the CPU kernels.
+
+`emulated()` points torch.ops.fastlatent at torch.ops.fastlatent_emu: the Python wrappers (and the
+backward formulas, which look their ops up at call time) then run the CUDA bindings and kernels of
+fastlatent._emu on CPU tensors. An emulated call raises on any emulator finding (out-of-bounds,
+misaligned, uninitialised shared read, shared-memory race, cp.async read before its wait, ...), so a
+passing comparison is also a clean memory check. The CPU kernels are verified against the references
+by test_ops_generic.py; here the emulated CUDA kernels are compared with the CPU kernels with the same
+tolerance rules, on the same OpSpec samples.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import fastlatent
+from fastlatent import _emu
+from opspecs import FLOAT_DTYPES, OP_SPECS, assert_step_close
+
+SPECS = {spec.name: spec for spec in OP_SPECS}
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def emulated():
+    """Within: torch.ops.fastlatent.* are the emulated CUDA kernels."""
+    real = torch.ops.fastlatent
+    torch.ops.fastlatent = torch.ops.fastlatent_emu
+    try:
+        yield
+    finally:
+        torch.ops.fastlatent = real
+
+
+@contextlib.contextmanager
+def launches():
+    """Collects {kernel name: launches} of the block ("fastlatent::small_d_kernel<float, 8>": 1)."""
+    before = _emu.launched_kernels()
+    delta = {}
+    yield delta
+    after = _emu.launched_kernels()
+    delta.update({k: v - before.get(k, 0) for k, v in after.items() if v > before.get(k, 0)})
+
+
+def _variants(name, dtype):
+    """(cpu kwargs, emulated kwargs) per sample: the switches that select the CUDA paths."""
+    if name == "nearest_code":
+        return [({}, {}), ({"precision": "tf32"}, {"precision": "tf32"})]
+    if name == "code_stats":
+        return [({}, {"deterministic": True}), ({}, {"deterministic": False})]
+    if name == "group_norm_conv3x3":
+        fused = [({"algorithm": "unfused"}, {"algorithm": "fused"})] if dtype in HALF_TYPES else []
+        return [({"algorithm": "unfused"}, {"algorithm": "unfused"})] + fused
+    return [({}, {})]
+
+
+def _assert_tf32_nearest(sample, ours, cpu):
+    """tf32 keys (10-bit mantissas) may pick a code whose exact distance exceeds the best by their rounding."""
+    x, codebook = sample.args
+    indices, distances = ours
+    _, cpu_distances = cpu
+    assert indices.shape == cpu_distances.shape and indices.dtype == torch.int64
+    if sample.kwargs.get("metric", "l2") == "l2":
+        scale = x.double().pow(2).sum(1) + codebook.double().pow(2).sum(1).max()
+    else:
+        scale = torch.full_like(cpu_distances, 2.0, dtype=torch.float64)
+    excess = distances.double() - cpu_distances.double()
+    assert (excess <= 4e-3 * scale + 1e-6).all(), f"{sample.name}: excess {excess.max().item():.3g}"
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_forward_matches_cpu_kernel(name, dtype):
+    spec = SPECS[name]
+    if dtype not in spec.dtypes:
+        pytest.skip(f"{name} does not support {dtype}")
+    for sample in spec.sample_inputs(torch.device("cpu"), dtype):
+        for cpu_kwargs, emu_kwargs in _variants(name, dtype):
+            cpu = spec.op(*sample.args, **{**sample.kwargs, **cpu_kwargs})
+            with emulated():
+                ours = spec.op(*sample.args, **{**sample.kwargs, **emu_kwargs})
+            if emu_kwargs.get("precision") == "tf32" and dtype == torch.float32:
+                _assert_tf32_nearest(sample, ours, cpu)
+            else:
+                spec.compare(sample, ours, cpu)
+
+
+# The ops whose backward runs kernels, and the argument positions that get gradients.
+BACKWARD = {"fsq_quantize": (0,), "lfq_entropy": (0,), "bsq_quantize": (0,), "bsq_entropy": (0,),
+            "group_norm": (0, 1, 2, 6), "group_norm_apply": (0, 1, 2, 3, 4), "group_norm_stats": (0,),
+            "lfq_quantize": (0,)}
+
+
+def _grad_inputs(args, positions):
+    out = list(args)
+    for i in positions:
+        if i < len(out) and isinstance(out[i], torch.Tensor) and out[i].is_floating_point():
+            out[i] = out[i].detach().clone().requires_grad_()
+    return out
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("name", sorted(BACKWARD))
+def test_backward_matches_cpu_kernel(name, dtype):
+    """The forward runs on the CPU kernels; the backward kernels run emulated and on the CPU."""
+    spec = SPECS[name]
+    if dtype not in spec.dtypes:
+        pytest.skip(f"{name} does not support {dtype}")
+    gen = torch.Generator().manual_seed(5)
+    for sample in spec.sample_inputs(torch.device("cpu"), dtype):
+        args = _grad_inputs(sample.args, BACKWARD[name])
+        inputs = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+        outs = spec.op(*args, **sample.kwargs)
+        outs = [o for o in (outs if isinstance(outs, tuple) else (outs,)) if o.requires_grad]
+        if not inputs or not outs:
+            continue
+        grads = [torch.randn(o.shape, generator=gen).to(o.dtype) for o in outs]
+        cpu = torch.autograd.grad(outs, inputs, grads, retain_graph=True, allow_unused=True)
+        with emulated():
+            ours = torch.autograd.grad(outs, inputs, grads, allow_unused=True)
+        for a, b in zip(ours, cpu):
+            if b is None:
+                assert a is None
+                continue
+            # fp16 gradients can overflow (the CPU kernel's too): the same non-finite values, the rest close
+            finite = torch.isfinite(b)
+            assert torch.equal(torch.isfinite(a), finite), f"{sample.name}: non-finite gradients differ"
+            assert torch.equal(a[~finite].nan_to_num(), b[~finite].nan_to_num()), sample.name
+            assert_step_close(a[finite], b[finite], b.dtype if b.dtype in FLOAT_DTYPES else torch.float32)
+
+
+# ---------------------------------------------------------------- every path was taken
+
+def _nearest(n, d, k, dtype, precision="ieee"):
+    gen = torch.Generator().manual_seed(n * 7 + d)
+    x = torch.randn(n, d, generator=gen).to(dtype)
+    codebook = torch.randn(k, d, generator=gen).to(dtype)
+    with emulated():
+        return fastlatent.ops.nearest_code(x, codebook, precision=precision)
+
+
+@pytest.mark.parametrize("dtype,d,precision,kernel", [
+    (torch.float32, 16, "ieee", "small_d_kernel<float, 16>"),
+    (torch.float16, 5, "ieee", "small_d_kernel<__half, 8>"),
+    (torch.bfloat16, 32, "ieee", "small_d_kernel<__nv_bfloat16, 32>"),
+    (torch.float32, 40, "ieee", "simt_kernel<float>"),
+    (torch.float16, 36, "ieee", "simt_kernel<__half>"),
+    (torch.float32, 40, "tf32", "tensor_core_kernel<float>"),
+    (torch.float16, 48, "ieee", "tensor_core_kernel<__half>"),
+    (torch.bfloat16, 64, "ieee", "tensor_core_kernel<__nv_bfloat16>"),
+])
+def test_nearest_code_paths(dtype, d, precision, kernel):
+    with launches() as ran:
+        _nearest(70, d, 150, dtype, precision)
+    assert any(kernel in name for name in ran), sorted(ran)
+    for helper in ("finish_rows_kernel", "code_keys_kernel"):
+        assert any(helper in name for name in ran), sorted(ran)
+
+
+def test_code_stats_paths():
+    x, indices = torch.randn(300, 9), torch.randint(-1, 40, (300,))
+    with launches() as ran, emulated():
+        fastlatent.ops.code_stats(x, indices, 40, deterministic=True)
+        fastlatent.ops.code_stats(x, indices, 40, deterministic=False)
+    for kernel in ("make_keys_kernel", "segment_starts_kernel", "segment_sums_kernel", "atomic_stats_kernel"):
+        assert any(kernel in name for name in ran), (kernel, sorted(ran))
+
+
+def test_group_norm_paths_both_layouts_and_fused_conv():
+    x = torch.randn(2, 16, 9, 7).half()
+    w, b = torch.randn(16), torch.randn(16)
+    conv_w = torch.randn(8, 16, 3, 3).half() / 12
+    with launches() as ran, emulated():
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl = x.to(memory_format=layout).requires_grad_()
+            fastlatent.ops.group_norm(xl, w, b, 4, 1e-5, "silu")
+        fastlatent.ops.group_norm_conv3x3(x, w, b, 4, eps=1e-5, activation="silu", conv_weight=conv_w,
+                                          algorithm="fused")
+    names = " ".join(ran)
+    for kernel in ("reduce_cf_kernel", "reduce_cl_kernel", "group_norm_conv3x3_kernel"):
+        assert kernel in names, (kernel, sorted(ran))
+
+
+def test_sampler_rescale_and_threshold_kernels():
+    model_output, sample = torch.randn(4, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    with launches() as ran, emulated():
+        fastlatent.ops.euler_step(model_output, sample, 0.9, 0.5, guidance_scale=3.0, guidance_rescale=0.7)
+        fastlatent.ops.ddpm_step(sample, sample, 0.3, 0.5, threshold_quantile=0.9, threshold_max=1.5, seed=1)
+    names = " ".join(ran)
+    for kernel in ("stats_kernel", "rescale_kernel", "abs_x0_kernel", "select_kernel", "step_kernel"):
+        assert kernel in names, (kernel, sorted(ran))
+
+
+def test_emulator_sees_the_shared_variables():
+    """The shared-memory checks need the module's symbol table (a stripped build would turn them off)."""
+    assert _emu.shared_variable_count() > 20
+
+
+def test_thread_order_does_not_change_results():
+    """Deterministic kernels give the same bits whatever the order of blocks and threads."""
+    x, codebook = torch.randn(300, 48).half(), torch.randn(200, 48).half()
+    seed = _emu.seed()
+    results = []
+    try:
+        for s in (1, 2, 3):
+            _emu.set_seed(s)
+            with emulated():
+                results.append(fastlatent.ops.nearest_code(x, codebook))
+    finally:
+        _emu.set_seed(seed)
+    for indices, distances in results[1:]:
+        assert torch.equal(indices, results[0][0]) and torch.equal(distances, results[0][1])
