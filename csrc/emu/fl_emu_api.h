@@ -56,6 +56,27 @@ namespace fl_emu {
 cudaError_t set_function_attribute(const void* function, cudaFuncAttribute attr, int value);
 }  // namespace fl_emu
 
+// What cudaFuncGetAttributes tells a launcher about a kernel's image: the emulated build compiles
+// every kernel as __CUDA_ARCH__ 800 (setup.py), so the image's PTX version is 80 and the
+// sm_80 paths (tf32/bf16 tensor cores, cp.async) are the ones exercised.
+#ifdef __CUDA_ARCH__
+#define FL_EMU_IMAGE_ARCH __CUDA_ARCH__
+#else
+#define FL_EMU_IMAGE_ARCH 800  // the -D__CUDA_ARCH__ setup.py gives the emulated kernel TUs
+#endif
+struct cudaFuncAttributes {
+  int ptxVersion;
+  int binaryVersion;
+};
+
+template <typename F>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, F* function) {
+  if (attr == nullptr || function == nullptr) return cudaErrorInvalidValue;
+  attr->ptxVersion = FL_EMU_IMAGE_ARCH / 10;
+  attr->binaryVersion = FL_EMU_IMAGE_ARCH / 10;
+  return cudaSuccess;
+}
+
 template <typename F>
 inline cudaError_t cudaFuncSetAttribute(F* function, cudaFuncAttribute attr, int value) {
   return fl_emu::set_function_attribute(reinterpret_cast<const void*>(function), attr, value);
