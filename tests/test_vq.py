@@ -76,7 +76,7 @@ def test_bad_inputs_are_named():
     vq = VectorQuantize(12, 32)
     with pytest.raises(ValueError, match=r"expected x of shape \[\.\.\., 12\]"):
         vq(torch.randn(2, 5, 11))
-    with pytest.raises(ValueError, match=r"channel-first x of shape \[B, 12, \*spatial\]"):
+    with pytest.raises(ValueError, match=r"channel-first x of shape \[B, 12, H, W\]"):
         VectorQuantize(12, 32, accept_image_fmap=True)(torch.randn(2, 5, 4, 4))
     with pytest.raises(ValueError, match="decay must be in"):
         VectorQuantize(12, 32, decay=2.0)
@@ -117,12 +117,12 @@ def test_mask_excludes_padding():
 
 def test_learnable_codebook_gets_gradients():
     vq = VectorQuantize(8, 16, learnable_codebook=True).train()
-    assert isinstance(vq.embed, torch.nn.Parameter) and not vq.ema_update
-    before = vq.embed.detach().clone()
+    assert isinstance(vq._codebook.embed, torch.nn.Parameter) and not vq.ema_update
+    before = vq.codebook.detach().clone()
     _, _, loss = vq(torch.randn(3, 20, 8))
     loss.backward()
-    assert vq.embed.grad is not None and vq.embed.grad.abs().sum() > 0
-    assert torch.equal(vq.embed.detach(), before)  # no EMA: only the optimizer moves it
+    assert vq._codebook.embed.grad is not None and vq._codebook.embed.grad.abs().sum() > 0
+    assert torch.equal(vq.codebook.detach(), before)  # no EMA: only the optimizer moves it
 
 
 def test_cosine_codebook_stays_normalised():
@@ -176,7 +176,7 @@ def test_residual_vq_reduces_error_with_depth_and_round_trips():
 def test_residual_vq_shared_codebook_and_dropout():
     rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True,
                      quantize_dropout=True, quantize_dropout_cutoff_index=0).train()
-    assert rvq.layers[0] is rvq.layers[2]
+    assert rvq.layers[0]._codebook is rvq.layers[2]._codebook
     depths = set()
     for _ in range(30):
         _, indices, losses = rvq(torch.randn(2, 5, 8))
@@ -244,5 +244,5 @@ def test_ema_is_synced_across_processes():
     single = VectorQuantize(8, 32, decay=0.7).train()
     for step in range(3):
         single(x[:, step])
-    for name in ("embed", "cluster_size", "embed_sum"):
+    for name in ("_codebook.embed", "_codebook.cluster_size", "_codebook.embed_avg"):
         torch.testing.assert_close(synced[name], single.state_dict()[name], rtol=1e-5, atol=1e-5)
