@@ -248,3 +248,19 @@ def test_cuda_paths_follow_the_nan_and_tie_rules(d, dtype):
     assert indices.tolist() == [3, 3, 0]
     codebook[200, 1] = float("inf")
     assert fastlatent.nearest_code(x[:2], codebook)[0].tolist() == [200, 200]
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_search_equals_one_search_per_head(metric, dtype):
+    # The multi-head VQ layout: rows [M, H, D] viewed head-major (non-contiguous), a codebook per head.
+    gen = torch.Generator().manual_seed(11)
+    heads, m, d, k = 5, 301, 24, 97
+    x = torch.randn(m, heads, d, generator=gen).to(dtype).transpose(0, 1)
+    codebooks = torch.randn(heads, k, d, generator=gen).to(dtype)
+    indices, distances = fastlatent.nearest_code(x, codebooks, metric=metric)
+    assert indices.shape == distances.shape == (heads, m)
+    for h in range(heads):
+        one_indices, one_distances = fastlatent.nearest_code(x[h], codebooks[h], metric=metric)
+        assert torch.equal(indices[h], one_indices)
+        torch.testing.assert_close(distances[h], one_distances, rtol=0, atol=0)

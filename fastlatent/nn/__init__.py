@@ -2,11 +2,50 @@
 
 from fastlatent.nn.blocks import AttnBlock, Downsample, GroupNormAct, ResnetBlock, TamingResnetBlock, Upsample
 from fastlatent.nn.conv_fusion import fused_conv, fused_conv_mode, norm_act_conv, set_fused_conv
-from fastlatent.nn.scalar_quantizers import BSQ, FSQ, LFQ, CodebookUsage, LossBreakdown, Return, codebook_usage
+from fastlatent.nn.residual_vq import (
+                                      GroupedResidualVQ,
+                                      RandomProjectionQuantizer,
+                                      ResidualSimVQ,
+                                      ResidualVQ,
+                                      SimVQ,
+)
+from fastlatent.nn.scalar_quantizers import (
+                                      BSQ,
+                                      FSQ,
+                                      LFQ,
+                                      CodebookUsage,
+                                      LossBreakdown,
+                                      Return,
+                                      codebook_usage,
+)
 from fastlatent.nn.vq import Codebook, VectorQuantize, VQStats, orthogonal_loss, rotate_to
-from fastlatent.nn.residual_vq import GroupedResidualVQ, RandomProjectionQuantizer, ResidualVQ, SimVQ
 
-__all__ = ["VectorQuantize", "ResidualVQ", "GroupedResidualVQ", "SimVQ", "RandomProjectionQuantizer", "Codebook",
-           "orthogonal_loss", "VQStats", "rotate_to", "FSQ", "LFQ", "BSQ", "Return", "LossBreakdown",
-           "CodebookUsage", "codebook_usage", "GroupNormAct", "ResnetBlock", "TamingResnetBlock", "Upsample",
-           "Downsample", "AttnBlock", "set_fused_conv", "fused_conv_mode", "fused_conv", "norm_act_conv"]
+__all__ = [
+                                      "BSQ",
+                                      "FSQ",
+                                      "LFQ",
+                                      "AttnBlock",
+                                      "Codebook",
+                                      "CodebookUsage",
+                                      "Downsample",
+                                      "GroupNormAct",
+                                      "GroupedResidualVQ",
+                                      "LossBreakdown",
+                                      "RandomProjectionQuantizer",
+                                      "ResidualSimVQ",
+                                      "ResidualVQ",
+                                      "ResnetBlock",
+                                      "Return",
+                                      "SimVQ",
+                                      "TamingResnetBlock",
+                                      "Upsample",
+                                      "VQStats",
+                                      "VectorQuantize",
+                                      "codebook_usage",
+                                      "fused_conv",
+                                      "fused_conv_mode",
+                                      "norm_act_conv",
+                                      "orthogonal_loss",
+                                      "rotate_to",
+                                      "set_fused_conv",
+]

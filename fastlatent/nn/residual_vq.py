@@ -6,9 +6,10 @@ Keywords, defaults, outputs and state_dict keys follow vector-quantize-pytorch 1
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,9 @@ class ImplicitCodebookMLP(nn.Module):
         dim_hidden = dim_hidden or dim
         self.proj_in = nn.Linear(2 * dim, dim)
         self.layers = nn.ModuleList(
-            nn.Sequential(nn.Linear(dim, dim_hidden), nn.SiLU(), nn.Linear(dim_hidden, dim)) for _ in range(depth))
+            nn.Sequential(nn.Linear(dim, dim_hidden), nn.SiLU(), nn.Linear(dim_hidden, dim))
+            for _ in range(depth)
+        )
         self.l2norm_output = l2norm_output
 
     def forward(self, codes: torch.Tensor, *, condition: torch.Tensor) -> torch.Tensor:
@@ -49,8 +52,13 @@ class ImplicitCodebookMLP(nn.Module):
             codes = codes[None]
         h, k, d = codes.shape
         b, n = condition.shape[:2]
-        x = torch.cat((condition[None, :, :, None, :].expand(h, b, n, k, d),
-                       codes[:, None, None].expand(h, b, n, k, d)), dim=-1)
+        x = torch.cat(
+            (
+                condition[None, :, :, None, :].expand(h, b, n, k, d),
+                codes[:, None, None].expand(h, b, n, k, d),
+            ),
+            dim=-1,
+        )
         x = self.proj_in(x)
         for layer in self.layers:
             x = layer(x) + x
@@ -111,33 +119,50 @@ class ResidualVQ(nn.Module):
         super().__init__()
         name = "ResidualVQ"
         if heads != 1:
-            raise ValueError(f"{name}: heads must be 1 (residual quantisation of multi-head codes is not defined, "
-                             "as in vector-quantize-pytorch); use VectorQuantize(heads=...) per depth instead")
+            raise ValueError(
+                f"{name}: heads must be 1 (residual quantisation of multi-head codes is not defined, "
+                "as in vector-quantize-pytorch); use VectorQuantize(heads=...) per depth instead"
+            )
         if codebook_size is None:
-            raise ValueError(f"{name}: codebook_size is required (an int, or a tuple with one size per depth)")
+            raise ValueError(
+                f"{name}: codebook_size is required (an int, or a tuple with one size per depth)"
+            )
         if num_quantizers is None and not isinstance(codebook_size, tuple):
-            raise ValueError(f"{name}: pass num_quantizers, or codebook_size as a tuple with one size per depth")
+            raise ValueError(
+                f"{name}: pass num_quantizers, or codebook_size as a tuple with one size per depth"
+            )
         sizes = codebook_size if isinstance(codebook_size, tuple) else (codebook_size,) * num_quantizers
         num_quantizers = len(sizes) if num_quantizers is None else num_quantizers
         if not isinstance(num_quantizers, int) or num_quantizers < 1:
             raise ValueError(f"{name}: num_quantizers must be an int >= 1, got {num_quantizers!r}")
         if len(sizes) != num_quantizers:
-            raise ValueError(f"{name}: codebook_size has {len(sizes)} sizes for num_quantizers={num_quantizers}")
+            raise ValueError(
+                f"{name}: codebook_size has {len(sizes)} sizes for num_quantizers={num_quantizers}"
+            )
         if codebook_dim is not None and (not isinstance(codebook_dim, int) or codebook_dim < 1):
             raise ValueError(f"{name}: codebook_dim must be None or an int >= 1, got {codebook_dim!r}")
         if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
-            raise ValueError(f"{name}: quantize_dropout_cutoff_index must be in [0, num_quantizers), got "
-                             f"{quantize_dropout_cutoff_index}")
+            raise ValueError(
+                f"{name}: quantize_dropout_cutoff_index must be in [0, num_quantizers), got "
+                f"{quantize_dropout_cutoff_index}"
+            )
         if eval_beam_size is not None and beam_size is None:
             raise ValueError(f"{name}: eval_beam_size needs beam_size")
         weights = beam_score_quantizer_weights or [1.0] * num_quantizers
         if len(weights) != num_quantizers:
-            raise ValueError(f"{name}: beam_score_quantizer_weights needs {num_quantizers} entries, got {len(weights)}")
+            raise ValueError(
+                f"{name}: beam_score_quantizer_weights needs {num_quantizers} entries, got {len(weights)}"
+            )
         if shared_codebook and len(set(sizes)) != 1:
             raise ValueError(f"{name}: shared_codebook needs one codebook_size for every depth")
 
         codebook_dim = codebook_dim or dim
-        self.dim, self.codebook_dim, self.num_quantizers, self.codebook_sizes = dim, codebook_dim, num_quantizers, sizes
+        self.dim, self.codebook_dim, self.num_quantizers, self.codebook_sizes = (
+            dim,
+            codebook_dim,
+            num_quantizers,
+            sizes,
+        )
         self.uniform_codebook_size = len(set(sizes)) == 1
         self.has_projections = codebook_dim != dim
         self.project_in = nn.Linear(dim, codebook_dim) if self.has_projections else nn.Identity()
@@ -153,22 +178,35 @@ class ResidualVQ(nn.Module):
         if shared_codebook:
             vq_kwargs.update(manual_ema_update=True, manual_in_place_optimizer_update=True)
         if diveq:
-            vq_kwargs.update(ema_update=False, learnable_codebook=True, route_gradients_to_input=False,
-                             commitment_weight=0.0)
+            vq_kwargs.update(
+                ema_update=False,
+                learnable_codebook=True,
+                route_gradients_to_input=False,
+                commitment_weight=0.0,
+            )
         # The depths work on channel-last residuals; this module owns the input layout.
-        self.layers = nn.ModuleList(VectorQuantize(codebook_dim, size, codebook_dim=codebook_dim, **vq_kwargs)
-                                    for size in sizes)
+        self.layers = nn.ModuleList(
+            VectorQuantize(codebook_dim, size, codebook_dim=codebook_dim, **vq_kwargs) for size in sizes
+        )
         self.quantize_dropout = quantize_dropout and num_quantizers > 1
         self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
         self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
         self.vq_is_ema_updating = self.layers[0].ema_update
         self.quant_grad_frac = 1.0 if diveq else quant_grad_frac
-        self.beam_size, self.eval_beam_size = beam_size, eval_beam_size if eval_beam_size is not None else beam_size
-        self.register_buffer("beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False)
+        self.beam_size, self.eval_beam_size = (
+            beam_size,
+            eval_beam_size if eval_beam_size is not None else beam_size,
+        )
+        self.register_buffer(
+            "beam_score_weights", torch.tensor(weights, dtype=torch.float32), persistent=False
+        )
         if implicit_neural_codebook:
             self.mlps = nn.ModuleList(
-                ImplicitCodebookMLP(codebook_dim, l2norm_output=self.layers[0].use_cosine_sim, **(mlp_kwargs or {}))
-                for _ in range(num_quantizers - 1))
+                ImplicitCodebookMLP(
+                    codebook_dim, l2norm_output=self.layers[0].use_cosine_sim, **(mlp_kwargs or {})
+                )
+                for _ in range(num_quantizers - 1)
+            )
         else:
             self.mlps = (None,) * (num_quantizers - 1)
         self.shared_codebook = shared_codebook
@@ -191,11 +229,15 @@ class ResidualVQ(nn.Module):
     def _to_channel_last(self, x: torch.Tensor) -> torch.Tensor:
         if self.channel_last:
             if x.shape[-1] != self.dim:
-                raise ValueError(f"{type(self).__name__}: expected x of shape [..., {self.dim}], got {list(x.shape)}")
+                raise ValueError(
+                    f"{type(self).__name__}: expected x of shape [..., {self.dim}], got {list(x.shape)}"
+                )
             return x
         if x.dim() < 3 or x.shape[1] != self.dim:
-            raise ValueError(f"{type(self).__name__}: expected channel-first x of shape [B, {self.dim}, *spatial], "
-                             f"got {list(x.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected channel-first x of shape [B, {self.dim}, *spatial], "
+                f"got {list(x.shape)}"
+            )
         return x.movedim(1, -1)
 
     def _from_channel_last(self, t: torch.Tensor) -> torch.Tensor:
@@ -209,8 +251,10 @@ class ResidualVQ(nn.Module):
         q = indices.shape[-1]
         if q < self.num_quantizers:
             if not self.quantize_dropout:
-                raise ValueError(f"{type(self).__name__}: got indices for {q} of {self.num_quantizers} depths; "
-                                 "coarse indices need quantize_dropout=True")
+                raise ValueError(
+                    f"{type(self).__name__}: got indices for {q} of {self.num_quantizers} depths; "
+                    "coarse indices need quantize_dropout=True"
+                )
             indices = F.pad(indices, (0, self.num_quantizers - q), value=-1)
         dropped = indices < 0
         idx = indices.clamp_min(0)
@@ -220,8 +264,11 @@ class ResidualVQ(nn.Module):
             mlp = None if depth == 0 else self.mlps[depth - 1]
             if mlp is not None:
                 lead = idx.shape[:-1]
-                cond = torch.as_tensor(total).expand(lead + (self.codebook_dim,)) if not torch.is_tensor(total) \
+                cond = (
+                    torch.as_tensor(total).expand(lead + (self.codebook_dim,))
+                    if not torch.is_tensor(total)
                     else total
+                )
                 generated = mlp(book, condition=cond.reshape(lead[0], -1, self.codebook_dim))
                 d_idx = idx[..., depth].reshape(lead[0], -1)
                 code = generated.gather(2, d_idx[..., None, None].expand(*d_idx.shape, 1, self.codebook_dim))
@@ -265,7 +312,9 @@ class ResidualVQ(nn.Module):
         moved = self._to_channel_last(x)
         if mask is not None and not self.channel_last:
             raise ValueError(f"{name}: mask needs channel-last input [B, N, {self.dim}]")
-        beam_size = beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
+        beam_size = (
+            beam_size if beam_size is not None else (self.beam_size if self.training else self.eval_beam_size)
+        )
         beam = beam_size is not None and beam_size > 1
         if beam and (return_stats or indices is not None):
             raise ValueError(f"{name}: beam search can't be combined with return_stats or indices")
@@ -273,14 +322,28 @@ class ResidualVQ(nn.Module):
             indices = torch.stack(indices, dim=-1)
         return_loss = indices is not None
         if return_loss and bool((indices == -1).any()):
-            raise ValueError(f"{name}: indices hold -1 (dropped depths); use indices from eval mode for the "
-                             "cross-entropy loss")
+            raise ValueError(
+                f"{name}: indices hold -1 (dropped depths); use indices from eval mode for the "
+                "cross-entropy loss"
+            )
         residual = self.project_in(moved)
         if beam:
-            return self._beam_forward(moved, residual, mask, beam_size, sample_codebook_temp, freeze_codebook,
-                                      return_all_codes, rand_quantize_dropout_fixed_seed)
+            return self._beam_forward(
+                moved,
+                residual,
+                mask,
+                beam_size,
+                sample_codebook_temp,
+                freeze_codebook,
+                return_all_codes,
+                rand_quantize_dropout_fixed_seed,
+            )
         dropout = self.training and self.quantize_dropout and not return_loss
-        last = self._dropout_depth(x.device, rand_quantize_dropout_fixed_seed) if dropout else self.num_quantizers - 1
+        last = (
+            self._dropout_depth(x.device, rand_quantize_dropout_fixed_seed)
+            if dropout
+            else self.num_quantizers - 1
+        )
         quantized_out = torch.zeros_like(residual)
         all_indices, losses, stats, ce_losses, residuals = [], [], [], [], []
         lead = residual.shape[:-1]
@@ -290,11 +353,19 @@ class ResidualVQ(nn.Module):
                 losses.append(residual.new_zeros((), dtype=torch.float32))
                 continue
             mlp = None if depth == 0 else self.mlps[depth - 1]
-            transform = None if mlp is None else (lambda codes, _m=mlp, _c=quantized_out: _m(codes, condition=_c))
+            transform = (
+                None if mlp is None else (lambda codes, _m=mlp, _c=quantized_out: _m(codes, condition=_c))
+            )
             residuals.append(residual)
-            result = layer(residual, mask=mask, indices=None if not return_loss else indices[..., depth],
-                           sample_codebook_temp=sample_codebook_temp, freeze_codebook=freeze_codebook,
-                           codebook_transform_fn=transform, return_stats=return_stats)
+            result = layer(
+                residual,
+                mask=mask,
+                indices=None if not return_loss else indices[..., depth],
+                sample_codebook_temp=sample_codebook_temp,
+                freeze_codebook=freeze_codebook,
+                codebook_transform_fn=transform,
+                return_stats=return_stats,
+            )
             if return_loss:
                 quantized, ce = result
                 ce_losses.append(ce)
@@ -343,7 +414,7 @@ class ResidualVQ(nn.Module):
         lead = residual.shape[:-1]
         d = residual.shape[-1]
         scores = residual.new_zeros(lead + (1,), dtype=torch.float32)
-        res = residual[..., None, :]                      # [..., j, d]
+        res = residual[..., None, :]  # [..., j, d]
         q_out = torch.zeros_like(res)
         idx_paths = torch.zeros(lead + (1, 0), dtype=torch.long, device=moved.device)
         loss_paths = torch.zeros(lead + (1, 0), device=moved.device)
@@ -351,7 +422,7 @@ class ResidualVQ(nn.Module):
 
         def select(t, chosen):
             shape = t.shape
-            flat = t.reshape((-1,) + shape[len(lead):])
+            flat = t.reshape((-1,) + shape[len(lead) :])
             rows = torch.arange(flat.shape[0], device=t.device)[:, None]
             out = flat[rows, chosen.reshape(-1, chosen.shape[-1])]
             return out.reshape(lead + out.shape[1:])
@@ -365,38 +436,62 @@ class ResidualVQ(nn.Module):
             j = res.shape[-2]
             res_paths = torch.cat((res_paths, res[..., None, :]), dim=-2)
             flat_res = res.reshape(lead[0], -1, d)  # [B, N*j, d]
-            transform = None if mlp is None else (
-                lambda codes, _m=mlp, _c=q_out.reshape(lead[0], -1, d): _m(codes, condition=_c))
+            condition = q_out.reshape(lead[0], -1, d)
+            transform = None if mlp is None else (lambda codes, _m=mlp, _c=condition: _m(codes, condition=_c))
             beam_mask = None if mask is None else mask[..., None].expand(lead + (j,)).reshape(lead[0], -1)
-            quantized, layer_idx, loss = layer(flat_res, mask=beam_mask, sample_codebook_temp=temp,
-                                               freeze_codebook=freeze, codebook_transform_fn=transform, topk=beam_size)
+            quantized, layer_idx, loss = layer(
+                flat_res,
+                mask=beam_mask,
+                sample_codebook_temp=temp,
+                freeze_codebook=freeze,
+                codebook_transform_fn=transform,
+                topk=beam_size,
+            )
             k = quantized.shape[-2]
             quantized = quantized.reshape(lead + (j, k, d))
             layer_idx = layer_idx.reshape(lead + (j, k))
             loss = loss.reshape(lead + (j, k)).float()
             scores = (scores[..., None] - loss * self.beam_score_weights[depth]).reshape(lead + (j * k,))
-            res = (res[..., None, :] - _frac_gradient(quantized, self.quant_grad_frac)).reshape(lead + (j * k, d))
+            res = (res[..., None, :] - _frac_gradient(quantized, self.quant_grad_frac)).reshape(
+                lead + (j * k, d)
+            )
             q_out = (q_out[..., None, :] + quantized).reshape(lead + (j * k, d))
-            idx_paths = torch.cat((idx_paths[..., None, :].expand(lead + (j, k, idx_paths.shape[-1])),
-                                   layer_idx[..., None]), dim=-1).reshape(lead + (j * k, -1))
-            loss_paths = torch.cat((loss_paths[..., None, :].expand(lead + (j, k, loss_paths.shape[-1])),
-                                    loss[..., None]), dim=-1).reshape(lead + (j * k, -1))
-            res_paths = res_paths[..., None, :, :].expand(lead + (j, k) + res_paths.shape[-2:]).reshape(
-                lead + (j * k,) + res_paths.shape[-2:])
+            idx_paths = torch.cat(
+                (idx_paths[..., None, :].expand(lead + (j, k, idx_paths.shape[-1])), layer_idx[..., None]),
+                dim=-1,
+            ).reshape(lead + (j * k, -1))
+            loss_paths = torch.cat(
+                (loss_paths[..., None, :].expand(lead + (j, k, loss_paths.shape[-1])), loss[..., None]),
+                dim=-1,
+            ).reshape(lead + (j * k, -1))
+            res_paths = (
+                res_paths[..., None, :, :]
+                .expand(lead + (j, k) + res_paths.shape[-2:])
+                .reshape(lead + (j * k,) + res_paths.shape[-2:])
+            )
             keep = 1 if depth == last else beam_size
             if scores.shape[-1] > keep:
                 scores, chosen = scores.topk(keep, dim=-1)
                 res, q_out = select(res, chosen), select(q_out, chosen)
-                idx_paths, loss_paths, res_paths = select(idx_paths, chosen), select(loss_paths, chosen), \
-                    select(res_paths, chosen)
-        q_out, idx_paths, loss_paths, res_paths = q_out[..., 0, :], idx_paths[..., 0, :], loss_paths[..., 0, :], \
-            res_paths[..., 0, :, :]
+                idx_paths, loss_paths, res_paths = (
+                    select(idx_paths, chosen),
+                    select(loss_paths, chosen),
+                    select(res_paths, chosen),
+                )
+        q_out, idx_paths, loss_paths, res_paths = (
+            q_out[..., 0, :],
+            idx_paths[..., 0, :],
+            loss_paths[..., 0, :],
+            res_paths[..., 0, :, :],
+        )
         if mask is not None:
-            losses = (loss_paths * mask[..., None]).reshape(-1, loss_paths.shape[-1]).sum(0) / mask.sum().clamp_min(1e-4)
+            losses = (loss_paths * mask[..., None]).reshape(-1, loss_paths.shape[-1]).sum(
+                0
+            ) / mask.sum().clamp_min(1e-4)
         else:
             losses = loss_paths.reshape(-1, loss_paths.shape[-1]).mean(0)
         if self.training:
-            for depth, layer in enumerate(self.layers[:res_paths.shape[-2]]):
+            for depth, layer in enumerate(self.layers[: res_paths.shape[-2]]):
                 layer.update_indices(res_paths[..., depth, :].detach(), idx_paths[..., depth], mask=mask)
         self._after_depths([res_paths[..., i, :] for i in range(res_paths.shape[-2])])
         out = self._output(moved, None, q_out, mask)
@@ -416,10 +511,14 @@ class GroupedResidualVQ(nn.Module):
     def __init__(self, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
         if not isinstance(groups, int) or groups < 1 or dim % groups:
-            raise ValueError(f"GroupedResidualVQ: groups must be an int >= 1 dividing dim={dim}, got {groups!r}")
+            raise ValueError(
+                f"GroupedResidualVQ: groups must be an int >= 1 dividing dim={dim}, got {groups!r}"
+            )
         self.dim, self.groups, self.accept_image_fmap = dim, groups, accept_image_fmap
-        self.rvqs = nn.ModuleList(ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
-                                  for _ in range(groups))
+        self.rvqs = nn.ModuleList(
+            ResidualVQ(dim=dim // groups, accept_image_fmap=accept_image_fmap, **kwargs)
+            for _ in range(groups)
+        )
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -433,22 +532,43 @@ class GroupedResidualVQ(nn.Module):
         return torch.stack(tuple(rvq.get_codes_from_indices(i) for rvq, i in zip(self.rvqs, indices)))
 
     def get_output_from_indices(self, indices) -> torch.Tensor:
-        return torch.cat(tuple(rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)),
-                         dim=self.split_dim)
+        return torch.cat(
+            tuple(rvq.get_output_from_indices(i) for rvq, i in zip(self.rvqs, indices)), dim=self.split_dim
+        )
 
-    def forward(self, x, indices=None, return_all_codes=False, sample_codebook_temp=None, freeze_codebook=False,
-                mask=None):
+    def forward(
+        self,
+        x,
+        indices=None,
+        return_all_codes=False,
+        sample_codebook_temp=None,
+        freeze_codebook=False,
+        mask=None,
+    ):
         if x.shape[self.split_dim] != self.dim:
-            raise ValueError(f"GroupedResidualVQ: expected {self.dim} features on dim {self.split_dim}, got "
-                             f"{list(x.shape)}")
+            raise ValueError(
+                f"GroupedResidualVQ: expected {self.dim} features on dim {self.split_dim}, got "
+                f"{list(x.shape)}"
+            )
         chunks = x.chunk(self.groups, dim=self.split_dim)
         indices = tuple(indices) if indices is not None else ()
         if indices and len(indices) != self.groups:
-            raise ValueError(f"GroupedResidualVQ: indices needs one entry per group ({self.groups}), got {len(indices)}")
+            raise ValueError(
+                f"GroupedResidualVQ: indices needs one entry per group ({self.groups}), got {len(indices)}"
+            )
         seed = _sync_seed(x.device) if self.training else None
-        outs = [rvq(chunk, indices=indices[g] if indices else None, return_all_codes=return_all_codes,
-                    sample_codebook_temp=sample_codebook_temp, mask=mask, freeze_codebook=freeze_codebook,
-                    rand_quantize_dropout_fixed_seed=seed) for g, (rvq, chunk) in enumerate(zip(self.rvqs, chunks))]
+        outs = [
+            rvq(
+                chunk,
+                indices=indices[g] if indices else None,
+                return_all_codes=return_all_codes,
+                sample_codebook_temp=sample_codebook_temp,
+                mask=mask,
+                freeze_codebook=freeze_codebook,
+                rand_quantize_dropout_fixed_seed=seed,
+            )
+            for g, (rvq, chunk) in enumerate(zip(self.rvqs, chunks))
+        ]
         if indices:
             return torch.cat([o[0] for o in outs], dim=self.split_dim), sum(o[1] for o in outs)
         quantized = torch.cat([o[0] for o in outs], dim=self.split_dim)
@@ -467,19 +587,28 @@ class SimVQ(nn.Module):
     (mse(sg(x), q) + input_to_quantize_commit_loss_weight * mse(x, sg(q)))``.
     """
 
-    def __init__(self, dim: int, codebook_size: int, codebook_transform: nn.Module | None = None,
-                 init_fn: Callable = lambda t: t, channel_first: bool = False, rotation_trick: bool = True,
-                 input_to_quantize_commit_loss_weight: float = 0.25, commitment_weight: float = 1.0,
-                 frozen_codebook_dim: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_transform: nn.Module | None = None,
+        init_fn: Callable = lambda t: t,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        input_to_quantize_commit_loss_weight: float = 0.25,
+        commitment_weight: float = 1.0,
+        frozen_codebook_dim: int | None = None,
+    ):
         super().__init__()
         for arg, value in (("dim", dim), ("codebook_size", codebook_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SimVQ: {arg} must be an int >= 1, got {value!r}")
         self.dim, self.codebook_size, self.channel_first = dim, codebook_size, channel_first
         frozen_dim = frozen_codebook_dim or dim
-        codebook = init_fn(torch.randn(codebook_size, frozen_dim) * frozen_dim ** -0.5)
-        self.code_transform = codebook_transform if codebook_transform is not None else \
-            nn.Linear(frozen_dim, dim, bias=False)
+        codebook = init_fn(torch.randn(codebook_size, frozen_dim) * frozen_dim**-0.5)
+        self.code_transform = (
+            codebook_transform if codebook_transform is not None else nn.Linear(frozen_dim, dim, bias=False)
+        )
         self.register_buffer("frozen_codebook", codebook)
         self.rotation_trick = rotation_trick
         self.input_to_quantize_commit_loss_weight = input_to_quantize_commit_loss_weight
@@ -502,16 +631,122 @@ class SimVQ(nn.Module):
             x = x.movedim(1, -1)
         elif x.shape[-1] != self.dim:
             raise ValueError(f"SimVQ: expected x of shape [..., {self.dim}], got {list(x.shape)}")
-        codebook = self.codebook
         rows = x.reshape(-1, self.dim)
+        row_wise = isinstance(self.code_transform, nn.Linear)
+        with torch.no_grad() if row_wise else contextlib.nullcontext():
+            codebook = self.codebook
         indices = nearest_code(rows.detach().float(), codebook.detach().float())[0]
-        quantized = F.embedding(indices, codebook).reshape(x.shape).to(x.dtype)
-        commit = F.mse_loss(x.detach(), quantized) + \
-            F.mse_loss(x, quantized.detach()) * self.input_to_quantize_commit_loss_weight
+        if row_wise:
+            # A linear map acts row by row: map only the chosen frozen codes (N rows, not K) with
+            # gradient; the full codebook above was built for the search only.
+            quantized = self.code_transform(F.embedding(indices, self.frozen_codebook))
+        else:
+            quantized = F.embedding(indices, codebook)
+        quantized = quantized.reshape(x.shape).to(x.dtype)
+        commit = (
+            F.mse_loss(x.detach(), quantized)
+            + F.mse_loss(x, quantized.detach()) * self.input_to_quantize_commit_loss_weight
+        )
         quantized = rotate_to(x, quantized) if self.rotation_trick else x + (quantized - x).detach()
         if self.channel_first:
             quantized = quantized.movedim(-1, 1)
         return quantized, indices.reshape(x.shape[:-1]), commit * self.commitment_weight
+
+
+class ResidualSimVQ(nn.Module):
+    """Residual quantisation with a :class:`SimVQ` per depth; a drop-in for vector-quantize-pytorch's
+    ``ResidualSimVQ``. ``forward(x, return_all_codes=False, rand_quantize_dropout_fixed_seed=None)``
+    returns ``(quantized, indices [..., Q], losses [Q])`` (+ all codes ``[Q, ...]``)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        heads: int = 1,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        channel_first: bool = False,
+        rotation_trick: bool = True,
+        **sim_vq_kwargs,
+    ):
+        super().__init__()
+        if heads != 1:
+            raise ValueError("ResidualSimVQ: heads must be 1 (as in vector-quantize-pytorch)")
+        if not isinstance(num_quantizers, int) or num_quantizers < 1:
+            raise ValueError(f"ResidualSimVQ: num_quantizers must be an int >= 1, got {num_quantizers!r}")
+        if not 0 <= quantize_dropout_cutoff_index < num_quantizers:
+            raise ValueError("ResidualSimVQ: quantize_dropout_cutoff_index must be in [0, num_quantizers)")
+        self.channel_first, self.num_quantizers = channel_first, num_quantizers
+        self.layers = nn.ModuleList(
+            SimVQ(
+                dim=dim,
+                codebook_size=codebook_size,
+                rotation_trick=rotation_trick,
+                channel_first=channel_first,
+                **sim_vq_kwargs,
+            )
+            for _ in range(num_quantizers)
+        )
+        self.quantize_dropout = quantize_dropout and num_quantizers > 1
+        self.quantize_dropout_cutoff_index = quantize_dropout_cutoff_index
+        self.quantize_dropout_multiple_of = quantize_dropout_multiple_of
+
+    _dropout_depth = ResidualVQ._dropout_depth
+
+    @property
+    def codebook_size(self) -> int:
+        return self.layers[0].codebook_size
+
+    @property
+    def codebooks(self) -> torch.Tensor:
+        return torch.stack([layer.codebook for layer in self.layers])
+
+    def get_codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """``[Q, B, ..., D]`` (channel-first: ``[Q, B, D, ...]``); -1 and missing depths give zeros."""
+        q = indices.shape[-1]
+        if q < self.num_quantizers:
+            if not self.quantize_dropout:
+                raise ValueError(
+                    f"ResidualSimVQ: got indices for {q} of {self.num_quantizers} depths; coarse "
+                    "indices need quantize_dropout=True"
+                )
+            indices = F.pad(indices, (0, self.num_quantizers - q), value=-1)
+        books = self.codebooks
+        codes = torch.stack(
+            [
+                F.embedding(indices[..., i].clamp_min(0), books[i]) * (indices[..., i] >= 0)[..., None]
+                for i in range(self.num_quantizers)
+            ]
+        )
+        return codes.movedim(-1, 2) if self.channel_first else codes
+
+    def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.get_codes_from_indices(indices).sum(0)
+
+    def forward(self, x: torch.Tensor, return_all_codes: bool = False, rand_quantize_dropout_fixed_seed=None):
+        dropout = self.training and self.quantize_dropout
+        last = (
+            self._dropout_depth(x.device, rand_quantize_dropout_fixed_seed)
+            if dropout
+            else self.num_quantizers - 1
+        )
+        index_shape = (x.shape[0],) + tuple(x.shape[2:]) if self.channel_first else tuple(x.shape[:-1])
+        quantized_out, residual, losses, all_indices = 0.0, x, [], []
+        for depth, layer in enumerate(self.layers):
+            if depth > last:
+                all_indices.append(torch.full(index_shape, -1, dtype=torch.long, device=x.device))
+                losses.append(torch.zeros((), dtype=x.dtype, device=x.device))
+                continue
+            quantized, indices, loss = layer(residual)
+            residual = residual - quantized.detach()
+            quantized_out = quantized_out + quantized
+            all_indices.append(indices)
+            losses.append(loss)
+        all_indices = torch.stack(all_indices, dim=-1)
+        result = (quantized_out, all_indices, torch.stack(losses, dim=-1))
+        return result + (self.get_codes_from_indices(all_indices),) if return_all_codes else result
 
 
 class RandomProjectionQuantizer(nn.Module):
@@ -519,16 +754,29 @@ class RandomProjectionQuantizer(nn.Module):
     per codebook and a cosine-similarity :class:`VectorQuantize` (always in eval mode). ``forward(x)``
     returns the indices ``[B, N, num_codebooks]``; with ``indices``, the cross-entropy loss."""
 
-    def __init__(self, dim: int, codebook_size: int, codebook_dim: int, num_codebooks: int = 1, norm: bool = True,
-                 **kwargs):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        codebook_dim: int,
+        num_codebooks: int = 1,
+        norm: bool = True,
+        **kwargs,
+    ):
         super().__init__()
         self.num_codebooks = num_codebooks
         projs = torch.empty(num_codebooks, dim, codebook_dim)
         nn.init.xavier_normal_(projs)
         self.register_buffer("rand_projs", projs)
         self.norm = nn.LayerNorm(dim, elementwise_affine=False) if norm else nn.Identity()
-        self.vq = VectorQuantize(dim=codebook_dim * num_codebooks, heads=num_codebooks, codebook_size=codebook_size,
-                                 use_cosine_sim=True, separate_codebook_per_head=True, **kwargs)
+        self.vq = VectorQuantize(
+            dim=codebook_dim * num_codebooks,
+            heads=num_codebooks,
+            codebook_size=codebook_size,
+            use_cosine_sim=True,
+            separate_codebook_per_head=True,
+            **kwargs,
+        )
 
     def forward(self, x: torch.Tensor, indices: torch.Tensor | None = None):
         x = self.norm(x)
@@ -538,4 +786,12 @@ class RandomProjectionQuantizer(nn.Module):
         return out[1]  # the indices, or with `indices` given the cross-entropy loss
 
 
-__all__ = ["ResidualVQ", "GroupedResidualVQ", "SimVQ", "RandomProjectionQuantizer", "ImplicitCodebookMLP", "VQStats"]
+__all__ = [
+    "GroupedResidualVQ",
+    "ImplicitCodebookMLP",
+    "RandomProjectionQuantizer",
+    "ResidualSimVQ",
+    "ResidualVQ",
+    "SimVQ",
+    "VQStats",
+]

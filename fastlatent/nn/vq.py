@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections import namedtuple
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -23,7 +24,9 @@ from fastlatent.ops import code_stats, ema_update_, kmeans, nearest_code
 # cross-entropy losses, top-k): memory stays at ~2^22 floats per chunk whatever N is.
 _LOGIT_CHUNK_ELEMENTS = 1 << 22
 
-LossBreakdown = namedtuple("LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"])
+LossBreakdown = namedtuple(
+    "LossBreakdown", ["commitment", "codebook_diversity", "orthogonal_reg", "inplace_optimize"]
+)
 
 
 class VQStats(NamedTuple):
@@ -111,8 +114,15 @@ class Codebook(nn.Module):
     vector-quantize-pytorch's ``VectorQuantize`` loads as it is.
     """
 
-    def __init__(self, dim: int, codebook_size: int, num_codebooks: int, kmeans_init: bool, use_cosine_sim: bool,
-                 learnable: bool):
+    def __init__(
+        self,
+        dim: int,
+        codebook_size: int,
+        num_codebooks: int,
+        kmeans_init: bool,
+        use_cosine_sim: bool,
+        learnable: bool,
+    ):
         super().__init__()
         if kmeans_init:
             embed = torch.zeros(num_codebooks, codebook_size, dim)
@@ -263,30 +273,48 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"{name}: sync_update_v must be in [0, 1], got {sync_update_v}")
         if accept_image_fmap and accept_3d_fmap:
             raise ValueError(f"{name}: accept_image_fmap and accept_3d_fmap are exclusive")
-        learnable_codebook = (directional_reparam or vq_bridge is not None) if learnable_codebook is None \
+        learnable_codebook = (
+            (directional_reparam or vq_bridge is not None)
+            if learnable_codebook is None
             else learnable_codebook
+        )
         # vector-quantize-pytorch asks for ema_update=False next to learnable_codebook=True; here it follows.
-        ema_update = (not directional_reparam and vq_bridge is None and not learnable_codebook) \
-            if ema_update is None else ema_update
+        ema_update = (
+            (not directional_reparam and vq_bridge is None and not learnable_codebook)
+            if ema_update is None
+            else ema_update
+        )
         rotation_trick = (not directional_reparam and dim > 1) if rotation_trick is None else rotation_trick
         if sum(map(bool, (straight_through, rotation_trick, directional_reparam))) > 1:
-            raise ValueError(f"{name}: at most one of straight_through, rotation_trick and directional_reparam; "
-                             "rotation_trick defaults to True, pass rotation_trick=False with the others")
+            raise ValueError(
+                f"{name}: at most one of straight_through, rotation_trick and directional_reparam; "
+                "rotation_trick defaults to True, pass rotation_trick=False with the others"
+            )
         if use_cosine_sim and learnable_codebook:
-            raise ValueError(f"{name}: use_cosine_sim with learnable_codebook=True is not supported (as in "
-                             "vector-quantize-pytorch): use an EMA codebook, or l2 distance")
+            raise ValueError(
+                f"{name}: use_cosine_sim with learnable_codebook=True is not supported (as in "
+                "vector-quantize-pytorch): use an EMA codebook, or l2 distance"
+            )
         if directional_reparam and threshold_ema_dead_code == 0:
-            raise ValueError(f"{name}: directional_reparam needs dead-code replacement: set threshold_ema_dead_code > 0")
+            raise ValueError(
+                f"{name}: directional_reparam needs dead-code replacement: set threshold_ema_dead_code > 0"
+            )
         if straight_through and learnable_codebook:
-            raise ValueError(f"{name}: straight_through (Gumbel) can't be combined with learnable_codebook=True")
+            raise ValueError(
+                f"{name}: straight_through (Gumbel) can't be combined with learnable_codebook=True"
+            )
         if ema_update and learnable_codebook:
-            raise ValueError(f"{name}: a learnable codebook can't also be updated by EMA: pass ema_update=False")
+            raise ValueError(
+                f"{name}: a learnable codebook can't also be updated by EMA: pass ema_update=False"
+            )
         if vq_bridge is not None and not learnable_codebook:
             raise ValueError(f"{name}: vq_bridge needs learnable_codebook=True")
         if sync_update_v > 0 and not learnable_codebook:
             raise ValueError(f"{name}: sync_update_v > 0 needs learnable_codebook=True")
         if affine_param and use_cosine_sim:
-            raise ValueError(f"{name}: affine_param works with the Euclidean codebook only (use_cosine_sim=False)")
+            raise ValueError(
+                f"{name}: affine_param works with the Euclidean codebook only (use_cosine_sim=False)"
+            )
 
         self.dim, self.heads, self.separate_codebook_per_head = dim, heads, separate_codebook_per_head
         codebook_dim = codebook_dim or dim
@@ -295,8 +323,11 @@ class VectorQuantize(nn.Module):
         self.has_projections = codebook_input_dim != dim
         if self.has_projections:
             linear = nn.Linear(dim, codebook_input_dim)
-            self.project_in = nn.Sequential(linear, nn.LayerNorm(codebook_input_dim)) \
-                if layernorm_after_project_in else linear
+            self.project_in = (
+                nn.Sequential(linear, nn.LayerNorm(codebook_input_dim))
+                if layernorm_after_project_in
+                else linear
+            )
             self.project_out = nn.Linear(codebook_input_dim, dim)
         else:
             self.project_in, self.project_out = nn.Identity(), nn.Identity()
@@ -306,7 +337,11 @@ class VectorQuantize(nn.Module):
         self.use_cosine_sim = use_cosine_sim
         self.metric = "cosine" if use_cosine_sim else "l2"
         self.threshold_ema_dead_code = threshold_ema_dead_code
-        self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = channel_last, accept_image_fmap, accept_3d_fmap
+        self.channel_last, self.accept_image_fmap, self.accept_3d_fmap = (
+            channel_last,
+            accept_image_fmap,
+            accept_3d_fmap,
+        )
         self.commitment_weight = commitment_weight
         self.has_commitment_loss = commitment_weight > 0 and not directional_reparam
         self.commitment_use_cross_entropy_loss = commitment_use_cross_entropy_loss
@@ -317,16 +352,24 @@ class VectorQuantize(nn.Module):
         self.codebook_diversity_loss_weight = codebook_diversity_loss_weight
         self.has_codebook_diversity_loss = codebook_diversity_loss_weight > 0
         self.codebook_diversity_temperature = codebook_diversity_temperature
-        self.stochastic_sample_codes, self.sample_codebook_temp = stochastic_sample_codes, sample_codebook_temp
+        self.stochastic_sample_codes, self.sample_codebook_temp = (
+            stochastic_sample_codes,
+            sample_codebook_temp,
+        )
         self.straight_through, self.rotation_trick = straight_through, rotation_trick
-        self.directional_reparam, self.directional_reparam_variance = directional_reparam, directional_reparam_variance
+        self.directional_reparam, self.directional_reparam_variance = (
+            directional_reparam,
+            directional_reparam_variance,
+        )
         self.sync_codebook, self.sync_affine_param = sync_codebook, sync_affine_param
         self._ema_update, self.manual_ema_update = ema_update, manual_ema_update
         self.learnable_codebook = learnable_codebook
         self.vq_bridge = vq_bridge
         self.affine_param = affine_param
-        self.affine_param_batch_decay, self.affine_param_codebook_decay = affine_param_batch_decay, \
-            affine_param_codebook_decay
+        self.affine_param_batch_decay, self.affine_param_codebook_decay = (
+            affine_param_batch_decay,
+            affine_param_codebook_decay,
+        )
         self.sync_update_v = sync_update_v
         self.return_zeros_for_masked_padding = return_zeros_for_masked_padding
         self.route_gradients_to_input = route_gradients_to_input
@@ -334,8 +377,14 @@ class VectorQuantize(nn.Module):
         self.deterministic = deterministic
         self._warned_nonfinite = False
 
-        self._codebook = Codebook(codebook_dim, codebook_size, heads if separate_codebook_per_head else 1,
-                                  kmeans_init, use_cosine_sim, learnable_codebook or self.has_codebook_orthogonal_loss)
+        self._codebook = Codebook(
+            codebook_dim,
+            codebook_size,
+            heads if separate_codebook_per_head else 1,
+            kmeans_init,
+            use_cosine_sim,
+            learnable_codebook or self.has_codebook_orthogonal_loss,
+        )
         # A Python flag mirrors _codebook.initted so that forward never reads the tensor on the host
         # (no sync, no graph break under torch.compile); state_dict loading refreshes it.
         self._needs_kmeans = bool(kmeans_init)
@@ -351,8 +400,11 @@ class VectorQuantize(nn.Module):
             self._codebook.register_buffer("codebook_variance", torch.empty(c, 1, codebook_dim))
             self._codebook.register_buffer("batch_mean", None)
             self._codebook.register_buffer("batch_variance", None)
-        self.in_place_codebook_optimizer = (in_place_codebook_optimizer(self._codebook.parameters())
-                                            if in_place_codebook_optimizer is not None else None)
+        self.in_place_codebook_optimizer = (
+            in_place_codebook_optimizer(self._codebook.parameters())
+            if in_place_codebook_optimizer is not None
+            else None
+        )
         self.manual_in_place_optimizer_update = manual_in_place_optimizer_update
 
     # ------------------------------------------------------------------ attributes user code reaches for
@@ -394,8 +446,12 @@ class VectorQuantize(nn.Module):
     def _upgrade_old_keys(self, state_dict, prefix, *args, **kwargs):
         # Checkpoints of earlier fastlatent releases: embed [K, D], cluster_size [K], embed_sum [K, D]
         # and initted at top level; vector-quantize-pytorch's layout has them under _codebook, [C, ...].
-        renames = {"embed": ("_codebook.embed", 2), "cluster_size": ("_codebook.cluster_size", 1),
-                   "embed_sum": ("_codebook.embed_avg", 2), "initted": ("_codebook.initted", 0)}
+        renames = {
+            "embed": ("_codebook.embed", 2),
+            "cluster_size": ("_codebook.cluster_size", 1),
+            "embed_sum": ("_codebook.embed_avg", 2),
+            "initted": ("_codebook.initted", 0),
+        }
         for old, (new, old_dims) in renames.items():
             if prefix + old in state_dict and prefix + new not in state_dict:
                 value = state_dict.pop(prefix + old)
@@ -414,7 +470,9 @@ class VectorQuantize(nn.Module):
             if x.shape[-1] != self.dim:
                 raise ValueError(f"{name}: expected x of shape [..., {self.dim}], got {list(x.shape)}")
             if mask is not None:
-                raise ValueError(f"{name}: mask needs a sequence input [B, N, {self.dim}]; x is {list(x.shape)}")
+                raise ValueError(
+                    f"{name}: mask needs a sequence input [B, N, {self.dim}]; x is {list(x.shape)}"
+                )
             return x[:, None], (lambda t, keep_last=True: t[:, 0]), None
         fmap = self.accept_image_fmap or self.accept_3d_fmap or not self.channel_last
         if not fmap:
@@ -426,13 +484,20 @@ class VectorQuantize(nn.Module):
                 raise ValueError(f"{name}: mask needs x of shape [B, N, {self.dim}], got {list(x.shape)}")
             return rows, (lambda t, keep_last=True: t.reshape(lead + t.shape[2:])), mask
         want = 4 if self.accept_image_fmap else 5 if self.accept_3d_fmap else None
-        layout = (f"[B, {self.dim}, H, W]" if self.accept_image_fmap else f"[B, {self.dim}, T, H, W]"
-                  if self.accept_3d_fmap else f"[B, {self.dim}, *spatial]")
+        layout = (
+            f"[B, {self.dim}, H, W]"
+            if self.accept_image_fmap
+            else f"[B, {self.dim}, T, H, W]"
+            if self.accept_3d_fmap
+            else f"[B, {self.dim}, *spatial]"
+        )
         if (want is not None and x.dim() != want) or x.dim() < 3 or x.shape[1] != self.dim:
             raise ValueError(f"{name}: expected channel-first x of shape {layout}, got {list(x.shape)}")
         if mask is not None and (self.accept_image_fmap or self.accept_3d_fmap):
-            raise ValueError(f"{name}: mask is not supported with accept_image_fmap/accept_3d_fmap (as in "
-                             "vector-quantize-pytorch): pass [B, dim, N] with channel_last=False")
+            raise ValueError(
+                f"{name}: mask is not supported with accept_image_fmap/accept_3d_fmap (as in "
+                "vector-quantize-pytorch): pass [B, dim, N] with channel_last=False"
+            )
         spatial = x.shape[2:]
         rows = x.flatten(2).transpose(1, 2)
 
@@ -466,7 +531,11 @@ class VectorQuantize(nn.Module):
         if mask is None:
             return None
         flat = mask.reshape(-1)
-        return flat.repeat_interleave(self.heads) if self.heads > 1 and not self.separate_codebook_per_head else flat
+        return (
+            flat.repeat_interleave(self.heads)
+            if self.heads > 1 and not self.separate_codebook_per_head
+            else flat
+        )
 
     # ------------------------------------------------------------------ codebook maintenance
 
@@ -497,12 +566,20 @@ class VectorQuantize(nn.Module):
         for c in range(flat.shape[0]):
             rows = flat[c][usable[c]] if usable is not None else flat[c]
             if rows.shape[0] == 0:
-                raise ValueError(f"{type(self).__name__}(kmeans_init=True): the first training batch has no valid "
-                                 "rows to initialise the codebook from (empty input, an all-False mask, or only "
-                                 "NaN/Inf rows): run a batch with data first, or pass kmeans_init=False")
+                raise ValueError(
+                    f"{type(self).__name__}(kmeans_init=True): the first training batch has no valid "
+                    "rows to initialise the codebook from (empty input, an all-False mask, or only "
+                    "NaN/Inf rows): run a batch with data first, or pass kmeans_init=False"
+                )
             sync = self._syncing() and self.sync_kmeans
-            centres, counts = kmeans(rows, self.codebook_size, self.kmeans_iters, init="random", metric=self.metric,
-                                     all_reduce=dist.all_reduce if sync else None)
+            centres, counts = kmeans(
+                rows,
+                self.codebook_size,
+                self.kmeans_iters,
+                init="random",
+                metric=self.metric,
+                all_reduce=dist.all_reduce if sync else None,
+            )
             if self._syncing():
                 centres, counts = self._broadcast(centres.contiguous()), self._broadcast(counts.contiguous())
             cb.embed_avg[c].copy_(centres * counts[:, None])
@@ -519,7 +596,10 @@ class VectorQuantize(nn.Module):
         cb = self._codebook
         bad = ~torch.isfinite(cb.embed.detach()).all(-1)
         cb.num_nonfinite_codes.copy_(bad.sum())
-        dead = bad | (cb.cluster_size < self.threshold_ema_dead_code) if self.threshold_ema_dead_code > 0 else bad
+        if self.threshold_ema_dead_code <= 0:
+            self._reseed_nonfinite_codes(flat, bad)
+            return
+        dead = bad | (cb.cluster_size < self.threshold_ema_dead_code)
         if not bool(dead.any()):  # one host sync per training step, only with the option on
             return
         reset = self.threshold_ema_dead_code
@@ -533,7 +613,9 @@ class VectorQuantize(nn.Module):
                 continue
             which = dead[c].nonzero(as_tuple=True)[0]
             if count < num_dead:
-                which = which[self._broadcast(torch.randperm(num_dead, device=which.device)[:count].contiguous())]
+                which = which[
+                    self._broadcast(torch.randperm(num_dead, device=which.device)[:count].contiguous())
+                ]
             samples = rows[torch.randperm(rows.shape[0], device=rows.device)[:count]].float()
             if self.use_cosine_sim:
                 samples = _l2norm(samples)
@@ -541,6 +623,25 @@ class VectorQuantize(nn.Module):
             cb.embed.data[c, which] = samples.to(cb.embed.dtype)
             cb.cluster_size[c, which] = reset
             cb.embed_avg[c, which] = samples * reset
+
+    @torch.no_grad()
+    def _reseed_nonfinite_codes(self, flat: torch.Tensor, bad: torch.Tensor) -> None:
+        """Without dead-code replacement, codes holding NaN/Inf (a bad checkpoint, an fp16 overflow)
+        are still re-seeded: from evenly spaced rows of the batch, with no host sync and no random
+        draw (torch.compile-friendly; seeded runs keep their random stream)."""
+        cb = self._codebook
+        _c, m, _ = flat.shape
+        if m == 0:
+            return
+        k = self.codebook_size
+        pick = torch.arange(k, device=flat.device) * m // k
+        samples = torch.nan_to_num(flat[:, pick], nan=0.0, posinf=0.0, neginf=0.0)
+        if self.use_cosine_sim:
+            samples = _l2norm(samples)
+        where = bad[..., None]
+        cb.embed.data.copy_(torch.where(where, samples.to(cb.embed.dtype), cb.embed.data))
+        cb.embed_avg.copy_(torch.where(where, samples, cb.embed_avg))
+        cb.cluster_size.copy_(torch.where(bad, torch.ones_like(cb.cluster_size), cb.cluster_size))
 
     @torch.no_grad()
     def _track_stats(self, flat: torch.Tensor, indices: torch.Tensor, weight, accum: bool) -> None:
@@ -571,7 +672,7 @@ class VectorQuantize(nn.Module):
         if weight is None and not self.manual_ema_update:
             return counts, sums
         rate = (1.0 - self.decay) if weight is None else (1.0 - self.decay) * self._ema_weight(weight)
-        cb.cluster_size.lerp_(counts, rate if not torch.is_tensor(rate) else rate)
+        cb.cluster_size.lerp_(counts, rate)
         cb.embed_avg.lerp_(sums, rate if not torch.is_tensor(rate) else rate[..., None])
         return None
 
@@ -582,14 +683,17 @@ class VectorQuantize(nn.Module):
         if weight.dim() == 0:
             return weight
         if weight.shape != self._codebook.cluster_size.shape:
-            raise ValueError(f"{type(self).__name__}: ema_update_weight must be a scalar, [K] or [C, K] = "
-                             f"{list(self._codebook.cluster_size.shape)}, got {list(weight.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: ema_update_weight must be a scalar, [K] or [C, K] = "
+                f"{list(self._codebook.cluster_size.shape)}, got {list(weight.shape)}"
+            )
         return weight
 
     @torch.no_grad()
     def _update_codebook(self, flat, indices, usable, weight=None, accum=False, ema_update=None) -> None:
         ema_update = self._ema_update if ema_update is None else ema_update
         if not ema_update and self.threshold_ema_dead_code <= 0:
+            self._replace_dead_codes(flat, usable)  # codes holding NaN/Inf only (no host sync)
             return
         cb = self._codebook
         stats_indices = indices if usable is None else indices.masked_fill(~usable, -1)
@@ -604,8 +708,15 @@ class VectorQuantize(nn.Module):
             if fused is not None:
                 counts, sums = fused
                 for c in range(flat.shape[0]):
-                    ema_update_(cb.cluster_size[c], cb.embed_avg[c], cb.embed.data[c], counts[c].contiguous(),
-                                sums[c].contiguous(), self.decay, self.eps)
+                    ema_update_(
+                        cb.cluster_size[c],
+                        cb.embed_avg[c],
+                        cb.embed.data[c],
+                        counts[c].contiguous(),
+                        sums[c].contiguous(),
+                        self.decay,
+                        self.eps,
+                    )
                 if self.use_cosine_sim:
                     cb.embed.data.copy_(_l2norm(cb.embed.data))
             else:
@@ -639,7 +750,11 @@ class VectorQuantize(nn.Module):
         embed = cb.embed.detach().float()
         if self.training:
             blend("codebook_mean", embed.mean(1, keepdim=True), self.affine_param_codebook_decay)
-            blend("codebook_variance", embed.var(1, unbiased=False, keepdim=True), self.affine_param_codebook_decay)
+            blend(
+                "codebook_variance",
+                embed.var(1, unbiased=False, keepdim=True),
+                self.affine_param_codebook_decay,
+            )
         data = flat if usable is None else torch.stack([flat[c][usable[c]] for c in range(flat.shape[0])])
         if self.sync_affine_param and _distributed():
             n = torch.tensor(float(data.shape[1]), device=data.device)
@@ -668,7 +783,7 @@ class VectorQuantize(nn.Module):
         x, codes = flat.detach().float(), embed.detach().float()
         if x.shape[0] == 1:
             return nearest_code(x[0], codes[0], self.metric)[0][None]
-        return torch.stack([nearest_code(x[i], codes[i], self.metric)[0] for i in range(x.shape[0])])
+        return nearest_code(x, codes, self.metric)[0]  # every head's codebook in one batched search
 
     def _logits(self, flat: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
         return _neg_distances(flat, embed, self.use_cosine_sim)
@@ -745,13 +860,18 @@ class VectorQuantize(nn.Module):
         self._replace_dead_codes(flat.float(), None)
 
     @torch.no_grad()
-    def update_indices(self, x: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def update_indices(
+        self, x: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> None:
         """EMA update of the codebook from ``x`` and the given ``indices`` (shape as forward returns)."""
         _, _, flat, _, mask, b, n = self._prepare(x, mask)
         idx = indices.reshape(b, n, self.heads) if self.heads > 1 else indices.reshape(b, n)
         if self.heads > 1:
-            idx = idx.permute(2, 0, 1).reshape(self.heads, -1) if self.separate_codebook_per_head \
+            idx = (
+                idx.permute(2, 0, 1).reshape(self.heads, -1)
+                if self.separate_codebook_per_head
                 else idx.reshape(1, -1)
+            )
         else:
             idx = idx.reshape(1, -1)
         row_mask = self._row_mask(mask)
@@ -785,27 +905,43 @@ class VectorQuantize(nn.Module):
             raise ValueError(f"{name}: pass either mask or lens, not both")
         if lens is not None:
             mask = _lens_to_mask(lens, x.shape[1])
-        if mask is not None:
-            if mask.dtype != torch.bool or x.dim() < 3 or tuple(mask.shape) != tuple(
-                    (x.shape[0], x.shape[1] if self.channel_last else x.shape[2])):
-                expect = [x.shape[0], x.shape[1] if self.channel_last else x.shape[-1]] if x.dim() >= 2 else "[B, N]"
-                raise ValueError(f"{name}: mask must be a bool tensor of shape {expect} (batch, tokens), "
-                                 f"got {mask.dtype} {list(mask.shape)}")
+        if mask is not None and (
+            mask.dtype != torch.bool
+            or x.dim() < 3
+            or tuple(mask.shape) != (x.shape[0], x.shape[1] if self.channel_last else x.shape[2])
+        ):
+            expect = (
+                [x.shape[0], x.shape[1] if self.channel_last else x.shape[-1]] if x.dim() >= 2 else "[B, N]"
+            )
+            raise ValueError(
+                f"{name}: mask must be a bool tensor of shape {expect} (batch, tokens), "
+                f"got {mask.dtype} {list(mask.shape)}"
+            )
         if topk is not None:
             topk = min(int(topk), self.codebook_size)
-            if topk < 1 or self.heads != 1 or (self.training and (self.commitment_use_cross_entropy_loss
-                                                                  or self.in_place_codebook_optimizer)):
-                raise ValueError(f"{name}: topk must be >= 1 and needs heads=1 (and, in training, no "
-                                 "commitment_use_cross_entropy_loss or in_place_codebook_optimizer)")
+            if (
+                topk < 1
+                or self.heads != 1
+                or (
+                    self.training
+                    and (self.commitment_use_cross_entropy_loss or self.in_place_codebook_optimizer)
+                )
+            ):
+                raise ValueError(
+                    f"{name}: topk must be >= 1 and needs heads=1 (and, in training, no "
+                    "commitment_use_cross_entropy_loss or in_place_codebook_optimizer)"
+                )
         if codebook_transform_fn is not None and self.heads > 1 and self.separate_codebook_per_head:
-            raise ValueError(f"{name}: codebook_transform_fn needs a single codebook (separate_codebook_per_head=False)")
+            raise ValueError(
+                f"{name}: codebook_transform_fn needs a single codebook (separate_codebook_per_head=False)"
+            )
         freeze = self.freeze_codebook if freeze_codebook is None else freeze_codebook
         temperature = self.sample_codebook_temp if sample_codebook_temp is None else sample_codebook_temp
         ema_update = self._ema_update if ema_update is None else ema_update
         input_requires_grad = x.requires_grad
         dtype = x.dtype
 
-        rows, proj, flat, restore, mask, b, n = self._prepare(x, mask)
+        rows, _proj, flat, restore, mask, b, n = self._prepare(x, mask)
         cb = self._codebook
         row_mask = self._row_mask(mask)
         c, m, d = flat.shape
@@ -820,8 +956,11 @@ class VectorQuantize(nn.Module):
             usable = finite if row_mask is None else finite & row_mask
             if not self._warned_nonfinite and not torch.compiler.is_compiling() and bool(bad_rows):
                 self._warned_nonfinite = True
-                warnings.warn(f"{name}: the input holds NaN/Inf rows; they are quantised to code 0 and kept out "
-                              "of the codebook statistics (count in _codebook.num_nonfinite_rows)", stacklevel=2)
+                warnings.warn(
+                    f"{name}: the input holds NaN/Inf rows; they are quantised to code 0 and kept out "
+                    "of the codebook statistics (count in _codebook.num_nonfinite_rows)",
+                    stacklevel=2,
+                )
             if self._needs_kmeans:
                 self._init_with_kmeans(flat32.detach(), usable)
             if self.affine_param:
@@ -842,9 +981,18 @@ class VectorQuantize(nn.Module):
             if self.use_cosine_sim:
                 transformed = _l2norm(transformed)
         stochastic = self.training and self.stochastic_sample_codes and temperature > 0
-        needs_logits = (self.training and (self.straight_through and temperature > 0)) or topk is not None \
-            or indices is not None or (self.training and (self.has_codebook_diversity_loss or (
-                self.has_commitment_loss and self.commitment_use_cross_entropy_loss)))
+        needs_logits = (
+            (self.training and (self.straight_through and temperature > 0))
+            or topk is not None
+            or indices is not None
+            or (
+                self.training
+                and (
+                    self.has_codebook_diversity_loss
+                    or (self.has_commitment_loss and self.commitment_use_cross_entropy_loss)
+                )
+            )
+        )
 
         def logits_of(rows_slice, sl=slice(None)):
             if transformed is None:
@@ -859,7 +1007,9 @@ class VectorQuantize(nn.Module):
                 logits = logits_of(flat32)
                 if stochastic:
                     noise = torch.zeros_like(logits).uniform_(0, 1)
-                    logits = logits / temperature - torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))
+                    logits = logits / temperature - torch.log(
+                        (-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20)
+                    )
                 if topk is not None:
                     embed_ind = logits.topk(topk, dim=-1).indices
                 else:
@@ -871,7 +1021,9 @@ class VectorQuantize(nn.Module):
                     lg = self._logits(flat32[:, start:stop], embed)
                     if stochastic:
                         noise = torch.zeros_like(lg).uniform_(0, 1)
-                        lg = lg / temperature - torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))
+                        lg = lg / temperature - torch.log(
+                            (-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20)
+                        )
                 parts.append(lg.topk(topk, dim=-1).indices)
             embed_ind = torch.cat(parts, dim=1)
         elif stochastic:
@@ -895,7 +1047,11 @@ class VectorQuantize(nn.Module):
             parts = []
             for start, stop in _row_chunks(m, self.codebook_size):
                 probs = (logits_of(flat32[:, start:stop], slice(start, stop)) / temperature).softmax(-1)
-                soft = probs @ embed if transformed is None else (probs[..., None] * transformed[:, start:stop]).sum(-2)
+                soft = (
+                    probs @ embed
+                    if transformed is None
+                    else (probs[..., None] * transformed[:, start:stop]).sum(-2)
+                )
                 parts.append(soft - soft.detach())
             quantize = quantize + torch.cat(parts, dim=1)
 
@@ -919,9 +1075,13 @@ class VectorQuantize(nn.Module):
             update_usage = True
 
         if self.training and update_usage and not freeze and topk is None:
-            if needs_logits and not cb.learnable:  # the losses below see the codes before this step's EMA move
+            if (
+                needs_logits and not cb.learnable
+            ):  # the losses below see the codes before this step's EMA move
                 embed = embed.clone()
-            self._update_codebook(flat32.detach(), embed_ind, usable, ema_update_weight, accum_ema_update, ema_update)
+            self._update_codebook(
+                flat32.detach(), embed_ind, usable, ema_update_weight, accum_ema_update, ema_update
+            )
 
         quantize = quantize.to(dtype)
         flat_in = flat
@@ -948,16 +1108,20 @@ class VectorQuantize(nn.Module):
             for start, stop in _row_chunks(m, self.codebook_size):
                 lg = logits_of(flat32[:, start:stop], slice(start, stop))
                 target = codes[:, start:stop]
-                total = total + F.cross_entropy(lg.reshape(-1, lg.shape[-1]), target.reshape(-1), ignore_index=-1,
-                                                reduction="sum")
+                total = total + F.cross_entropy(
+                    lg.reshape(-1, lg.shape[-1]), target.reshape(-1), ignore_index=-1, reduction="sum"
+                )
                 count += int((target >= 0).sum()) if target.numel() else 0
             return total / max(count, 1) if count else total * float("nan")
 
         if indices is not None:
             given = indices.reshape(b, n, self.heads) if self.heads > 1 else indices.reshape(b, n)
             if self.heads > 1:
-                given = given.permute(2, 0, 1).reshape(c, -1) if self.separate_codebook_per_head \
+                given = (
+                    given.permute(2, 0, 1).reshape(c, -1)
+                    if self.separate_codebook_per_head
                     else given.reshape(1, -1)
+                )
             else:
                 given = given.reshape(1, -1)
             out = self._finish(quantize, b, n, restore, rows, mask)
@@ -965,8 +1129,8 @@ class VectorQuantize(nn.Module):
 
         commit_loss = diversity_loss = orthogonal_reg_loss = zero
         loss = zero.clone()
-        if self.training:
-            loss.requires_grad_()
+        if self.training and not torch.compiler.is_compiling():
+            loss.requires_grad_()  # as vector-quantize-pytorch: backward() works with no loss term on
         if topk is not None and not self.training:
             per = (quantize.float() - flat_in.float()).pow(2).mean(-1)  # [C, M, k]
             commit_loss = per
@@ -979,10 +1143,16 @@ class VectorQuantize(nn.Module):
                 per_head = self.heads if self.heads > 1 and not self.separate_codebook_per_head else 1
                 avg = torch.zeros(n, self.codebook_size, device=flat.device)
                 for start, stop in _row_chunks(m, self.codebook_size):
-                    prob = (logits_of(flat32[:, start:stop], slice(start, stop))
-                            * self.codebook_diversity_temperature).softmax(-1)
-                    position = torch.div(torch.arange(start, stop, device=flat.device), per_head,
-                                         rounding_mode="floor") % n
+                    prob = (
+                        logits_of(flat32[:, start:stop], slice(start, stop))
+                        * self.codebook_diversity_temperature
+                    ).softmax(-1)
+                    position = (
+                        torch.div(
+                            torch.arange(start, stop, device=flat.device), per_head, rounding_mode="floor"
+                        )
+                        % n
+                    )
                     avg = avg.index_add(0, position, prob.sum(0))
                 avg = avg / (c * b * per_head)
                 diversity_loss = -(-avg * torch.log(avg.clamp_min(1e-5))).sum(-1).mean()
@@ -1004,13 +1174,16 @@ class VectorQuantize(nn.Module):
                 codebook = cb.embed
                 if self.orthogonal_reg_active_codes_only:
                     if c > 1:
-                        raise ValueError(f"{name}: orthogonal_reg_active_codes_only does not support separate "
-                                         "codebooks per head (as vector-quantize-pytorch)")
+                        raise ValueError(
+                            f"{name}: orthogonal_reg_active_codes_only does not support separate "
+                            "codebooks per head (as vector-quantize-pytorch)"
+                        )
                     codebook = codebook[:, torch.unique(embed_ind)]
                 num_codes = codebook.shape[-2]
                 if self.orthogonal_reg_max_codes is not None and num_codes > self.orthogonal_reg_max_codes:
-                    codebook = codebook[:, torch.randperm(num_codes, device=codebook.device)[
-                        :self.orthogonal_reg_max_codes]]
+                    codebook = codebook[
+                        :, torch.randperm(num_codes, device=codebook.device)[: self.orthogonal_reg_max_codes]
+                    ]
                 orthogonal_reg_loss = orthogonal_loss(codebook)
                 loss = loss + orthogonal_reg_loss * self.orthogonal_reg_weight
 
@@ -1026,12 +1199,17 @@ class VectorQuantize(nn.Module):
         q_rows = self.project_out(q_rows)
         if mask is not None:
             keep = mask.reshape(mask.shape + (1,) * (q_rows.dim() - 2))
-            fallback = torch.zeros_like(q_rows) if self.return_zeros_for_masked_padding else \
-                rows.reshape(rows.shape[:2] + (1,) * (q_rows.dim() - 3) + rows.shape[-1:]).expand_as(q_rows)
+            fallback = (
+                torch.zeros_like(q_rows)
+                if self.return_zeros_for_masked_padding
+                else rows.reshape(rows.shape[:2] + (1,) * (q_rows.dim() - 3) + rows.shape[-1:]).expand_as(
+                    q_rows
+                )
+            )
             q_rows = torch.where(keep, q_rows, fallback)
             ind = ind.masked_fill(~mask.reshape(mask.shape + (1,) * (ind.dim() - 2)), -1)
         out = restore(q_rows)
-        ind = restore(ind, False) if not (x.dim() == 2) else ind[:, 0]
+        ind = restore(ind, False) if x.dim() != 2 else ind[:, 0]
         if topk is not None and loss.dim() > 1:
             loss = loss[0].reshape(b, n, topk)
             loss = restore(loss, False) if x.dim() != 2 else loss[:, 0]
@@ -1039,18 +1217,28 @@ class VectorQuantize(nn.Module):
             valid_ind = embed_ind if usable is None else embed_ind.masked_fill(~usable, -1)
             counts = torch.zeros(self.codebook_size, device=flat.device)
             for i in range(c):  # this batch's histogram over every head
-                counts += torch.bincount(valid_ind[i].clamp_min(0), weights=(valid_ind[i] >= 0).float(),
-                                         minlength=self.codebook_size)[: self.codebook_size]
+                counts += torch.bincount(
+                    valid_ind[i].clamp_min(0),
+                    weights=(valid_ind[i] >= 0).float(),
+                    minlength=self.codebook_size,
+                )[: self.codebook_size]
             perplexity, used = _usage(counts)
             q_rows, x_rows = plain_quantize.detach().float(), flat32.detach()
             if row_mask is not None:
                 q_rows, x_rows = q_rows[:, row_mask], x_rows[:, row_mask]
-            measured = F.mse_loss(q_rows, x_rows) if q_rows.numel() else zero  # unweighted, as VQStats documents
+            measured = (
+                F.mse_loss(q_rows, x_rows) if q_rows.numel() else zero
+            )  # unweighted, as VQStats documents
             codebook_loss = measured if self.learnable_codebook else zero
             stats = VQStats(measured, codebook_loss, perplexity, used, cb.num_nonfinite_rows.clone())
             return out, ind, loss, stats
         if return_loss_breakdown:
-            return out, ind, loss, LossBreakdown(commit_loss, diversity_loss, orthogonal_reg_loss, inplace_loss)
+            return (
+                out,
+                ind,
+                loss,
+                LossBreakdown(commit_loss, diversity_loss, orthogonal_reg_loss, inplace_loss),
+            )
         return out, ind, loss
 
     def _finish(self, quantize, b, n, restore, rows, mask):
@@ -1069,9 +1257,11 @@ class VectorQuantize(nn.Module):
         sizes = self._codebook.cluster_size.clamp_min(0)
         perplexity, _ = _usage(sizes.sum(0))
         live = self._codebook.cluster_size >= max(self.threshold_ema_dead_code, 1e-3)
-        return {"perplexity": float(perplexity), "codes_used": float(live.float().mean()),
-                "nonfinite_rows": int(self._codebook.num_nonfinite_rows)}
+        return {
+            "perplexity": float(perplexity),
+            "codes_used": float(live.float().mean()),
+            "nonfinite_rows": int(self._codebook.num_nonfinite_rows),
+        }
 
 
 # ResidualVQ lives in residual_vq.py; importable from here as in earlier releases.
-from fastlatent.nn.residual_vq import ResidualVQ  # noqa: E402
