@@ -365,3 +365,24 @@ def test_random_projection_quantizer_matches():
     indices = theirs(x)
     assert torch.equal(ours(x), indices)
     torch.testing.assert_close(ours(x, indices=indices), theirs(x, indices=indices))
+
+
+def test_residual_vq_image_feature_maps_match_their_token_layout():
+    # vector-quantize-pytorch 1.32's ResidualVQ(accept_image_fmap=True) fails on image maps (it stacks
+    # channel-first residuals as channel-last), so ours on [B, C, H, W] is compared with theirs on the
+    # same features as [B, H*W, C] tokens.
+    torch.manual_seed(0)
+    theirs = vqp.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3)
+    ours = fl.ResidualVQ(dim=16, codebook_size=32, num_quantizers=3, accept_image_fmap=True)
+    ours.load_state_dict(theirs.state_dict())
+    gen = torch.Generator().manual_seed(2)
+    for train in (True, False):
+        theirs.train(train)
+        ours.train(train)
+        for _ in range(3):
+            x = torch.randn(2, 16, 5, 6, generator=gen)
+            q_ours, i_ours, l_ours = ours(x)
+            q_theirs, i_theirs, l_theirs = theirs(x.flatten(2).transpose(1, 2))
+            assert i_ours.shape == (2, 5, 6, 3) and torch.equal(i_ours.flatten(1, 2), i_theirs)
+            torch.testing.assert_close(q_ours.flatten(2).transpose(1, 2), q_theirs, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(l_ours, l_theirs, rtol=1e-4, atol=1e-6)

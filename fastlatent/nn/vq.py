@@ -364,7 +364,6 @@ class VectorQuantize(nn.Module):
         self.sync_codebook, self.sync_affine_param = sync_codebook, sync_affine_param
         self._ema_update, self.manual_ema_update = ema_update, manual_ema_update
         self.learnable_codebook = learnable_codebook
-        self.vq_bridge = vq_bridge
         self.affine_param = affine_param
         self.affine_param_batch_decay, self.affine_param_codebook_decay = (
             affine_param_batch_decay,
@@ -385,6 +384,7 @@ class VectorQuantize(nn.Module):
             use_cosine_sim,
             learnable_codebook or self.has_codebook_orthogonal_loss,
         )
+        self._codebook.vq_bridge = vq_bridge  # under _codebook, as vector-quantize-pytorch's state_dict
         # A Python flag mirrors _codebook.initted so that forward never reads the tensor on the host
         # (no sync, no graph break under torch.compile); state_dict loading refreshes it.
         self._needs_kmeans = bool(kmeans_init)
@@ -392,8 +392,6 @@ class VectorQuantize(nn.Module):
         self._register_load_state_dict_pre_hook(self._upgrade_old_keys)
         if affine_param:
             c = self._codebook.num_codebooks
-            self.register_buffer("batch_mean", None)
-            self.register_buffer("batch_variance", None)
             self._codebook.register_buffer("codebook_mean_needs_init", torch.tensor(True))
             self._codebook.register_buffer("codebook_mean", torch.empty(c, 1, codebook_dim))
             self._codebook.register_buffer("codebook_variance_needs_init", torch.tensor(True))
@@ -966,12 +964,15 @@ class VectorQuantize(nn.Module):
             if self.affine_param:
                 self._update_affine(flat32.detach(), usable)
 
-        embed = cb.embed if cb.learnable else cb.embed.detach()
-        embed = embed.float()
-        if self.vq_bridge is not None:
-            embed = self.vq_bridge(embed)
-        if self.affine_param and cb.batch_mean is not None:
-            embed = self._affine_codes(embed)
+        def current_codes() -> torch.Tensor:
+            codes = (cb.embed if cb.learnable else cb.embed.detach()).float()
+            if cb.vq_bridge is not None:
+                codes = cb.vq_bridge(codes)
+            if self.affine_param and cb.batch_mean is not None:
+                codes = self._affine_codes(codes)
+            return codes
+
+        embed = current_codes()
 
         # ---- choose codes
         transformed = None
@@ -1066,7 +1067,7 @@ class VectorQuantize(nn.Module):
             inplace_loss.backward()
             if not self.manual_in_place_optimizer_update:
                 self.update_in_place_optimizer()
-            embed = cb.embed.float()
+            embed = current_codes()  # the codes after the optimiser step
             embed_ind = self._search(flat32, embed)
             quantize = gather(embed_ind)
             inplace_loss = inplace_loss.detach()
@@ -1264,4 +1265,11 @@ class VectorQuantize(nn.Module):
         }
 
 
-# ResidualVQ lives in residual_vq.py; importable from here as in earlier releases.
+def __getattr__(name: str):
+    # ResidualVQ lives in residual_vq.py (which imports this module); importable from here as in
+    # earlier releases, resolved lazily so that the import order of the two modules doesn't matter.
+    if name == "ResidualVQ":
+        from fastlatent.nn.residual_vq import ResidualVQ
+
+        return ResidualVQ
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
