@@ -599,3 +599,98 @@ def test_lfq_spherical_fwd_bwd_cpu(bench, provider, case):
     ours = fastlatent.nn.LFQ(**kwargs).train()
     torch.testing.assert_close(aux.detach(), ours(x.detach())[2], rtol=2e-2, atol=1e-4)  # vqp: 1e-5 log clamp
     bench.run(step)
+
+
+# --------------------------------------------------------------------------------------- multi-head VQ, SimVQ
+
+# Multi-head VQ with a codebook per head (heads=8, D=256 split into 8 x 32, K=8192): fastlatent runs
+# all heads in one batched nearest_code call; vector-quantize-pytorch materialises [H, N, K] distances.
+MULTIHEAD_CASES = [
+    pytest.param((4, 256, 256, 8, 8192), id="heads8_B4_N256_D256_K8192"),
+    pytest.param((16, 256, 256, 8, 8192), id="heads8_B16_N256_D256_K8192", marks=pytest.mark.full),
+]
+
+
+def _run_multihead_vq(bench, provider, case, device):
+    b, n, d, heads, k = case
+    bench.describe(op="VectorQuantize multi-head fwd+bwd (EMA)",
+                   case=f"heads={heads} B={b} N={n} D={d} K={k}",
+                   provider=provider, device=device, dtype=torch.float32,
+                   sizes={"n": b * n * heads, "d": d // heads, "k": k, "heads": heads})
+    torch.manual_seed(0)
+    kwargs = {"dim": d, "codebook_size": k, "heads": heads, "codebook_dim": d // heads,
+              "separate_codebook_per_head": True, "decay": 0.8}
+    if provider == "fastlatent":
+        layer = VectorQuantize(**kwargs)
+    else:
+        layer = peer("vector_quantize_pytorch", "vector-quantize-pytorch").VectorQuantize(**kwargs)
+    layer = layer.to(device).train()
+    x = torch.randn(b, n, d, device=device, requires_grad=True)
+    weight = torch.randn(b, n, d, device=device)
+
+    def step():
+        quantized, indices, loss = layer(x)
+        ((quantized * weight).sum() + loss.sum()).backward()
+        return indices
+
+    indices = step()
+    assert indices.shape == (b, n, heads) and 0 <= int(indices.min()) and int(indices.max()) < k
+    bench.run(step)
+
+
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", MULTIHEAD_CASES)
+def test_multihead_vq_fwd_bwd_cpu(bench, provider, case):
+    _run_multihead_vq(bench, provider, case, CPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", [(64, 256, 256, 8, 8192)],
+                         ids=lambda c: _case_id(B=c[0], N=c[1], D=c[2], K=c[4]))
+def test_multihead_vq_fwd_bwd_cuda(bench, provider, case):
+    _run_multihead_vq(bench, provider, case, CUDA)
+
+
+# SimVQ (a learned linear map of a frozen codebook), image tokens: 16x16 per image, D=256, K=8192.
+SIMVQ_CASES = [
+    pytest.param((8, 256, 256, 8192), id="simvq_B8_N256_D256_K8192"),
+    pytest.param((32, 256, 256, 16384), id="simvq_B32_N256_D256_K16384", marks=pytest.mark.full),
+]
+
+
+def _run_simvq(bench, provider, case, device):
+    from fastlatent.nn import SimVQ
+
+    b, n, d, k = case
+    bench.describe(op="SimVQ fwd+bwd", case=f"B={b} N={n} D={d} K={k}", provider=provider, device=device,
+                   dtype=torch.float32, sizes={"n": b * n, "d": d, "k": k})
+    torch.manual_seed(0)
+    vqp = None if provider == "fastlatent" else peer("vector_quantize_pytorch", "vector-quantize-pytorch")
+    cls = SimVQ if vqp is None else vqp.SimVQ
+    layer = cls(dim=d, codebook_size=k).to(device).train()
+    x = torch.randn(b, n, d, device=device, requires_grad=True)
+    weight = torch.randn(b, n, d, device=device)
+
+    def step():
+        quantized, indices, loss = layer(x)
+        ((quantized * weight).sum() + loss).backward()
+        return indices
+
+    indices = step()
+    assert indices.shape == (b, n) and 0 <= int(indices.min()) and int(indices.max()) < k
+    bench.run(step)
+
+
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", SIMVQ_CASES)
+def test_simvq_fwd_bwd_cpu(bench, provider, case):
+    _run_simvq(bench, provider, case, CPU)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", [(64, 256, 256, 8192)],
+                         ids=lambda c: _case_id(B=c[0], N=c[1], D=c[2], K=c[3]))
+def test_simvq_fwd_bwd_cuda(bench, provider, case):
+    _run_simvq(bench, provider, case, CUDA)

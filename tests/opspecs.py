@@ -71,6 +71,14 @@ def _nearest_code_samples(device, dtype):
         for metric in ("l2", "cosine"):
             yield Sample((x.to(device, dtype), codebook.to(device, dtype)), {"metric": metric},
                          name=f"N{n}_D{d}_K{k}_{metric}")
+    # Batched searches (multi-head VQ): [B, N, D] against [B, K, D], incl. empty B and N, every path.
+    batched = [(0, 5, 4, 3), (3, 0, 4, 3), (2, 9, 3, 5), (8, 37, 16, 70), (3, 70, 40, 130), (4, 33, 256, 65)]
+    for b, n, d, k in batched:
+        codebook = torch.randn(b, k, d, generator=gen)
+        x = torch.randn(b, n, d, generator=gen)
+        for metric in ("l2", "cosine"):
+            yield Sample((x.to(device, dtype), codebook.to(device, dtype)), {"metric": metric},
+                         name=f"B{b}_N{n}_D{d}_K{k}_{metric}")
 
 
 def assert_near_ties(x, codebook, indices, ref_indices, metric):
@@ -103,7 +111,12 @@ def _nearest_code_compare(sample, ours, ref):
     indices, distances = ours
     ref_indices, _ = ref
     assert indices.dtype == torch.int64 and distances.dtype == torch.float32
-    assert indices.shape == distances.shape == (x.shape[0],)
+    assert indices.shape == distances.shape == x.shape[:-1]
+    if x.dim() == 3:  # batched: every search on its own
+        for b in range(x.shape[0]):
+            one = Sample((x[b], codebook[b]), sample.kwargs, name=sample.name)
+            _nearest_code_compare(one, (indices[b], distances[b]), (ref_indices[b], ref[1][b]))
+        return
     assert_near_ties(x, codebook, indices, ref_indices, metric)
     # The returned distance is that of the returned index, recomputed exactly in fp32.
     xf, cf = x.double(), codebook.double()[indices]
@@ -117,8 +130,12 @@ def _nearest_code_compare(sample, ours, ref):
 def _nearest_code_errors(device):
     x = torch.randn(4, 8, device=device)
     c = torch.randn(16, 8, device=device)
-    yield ErrorSample((x[0], c), {}, ValueError, r"x must be 2-D \[N, D\], got shape \[8\]")
+    yield ErrorSample((x[0], c), {}, ValueError, r"x must be 2-D \[N, D\] or \[B, N, D\], got shape \[8\]")
     yield ErrorSample((x, c[None]), {}, ValueError, r"codebook must be 2-D \[K, D\]")
+    yield ErrorSample((x[None], c), {}, ValueError, r"codebook must be 3-D \[B, K, D\] \(x is batched")
+    yield ErrorSample((x[None].expand(2, 4, 8), c[None].expand(3, 16, 8)), {}, ValueError,
+                      r"x is \[B, N, D\] with B=2 but codebook is \[B, K, D\] with B=3")
+    yield ErrorSample((x[None], c[None, :0]), {}, ValueError, r"at least one code \(K >= 1\)")
     yield ErrorSample((x, torch.randn(16, 9, device=device)), {}, ValueError,
                       r"x is \[N, D\] with D=8 but codebook is \[K, D\] with D=9")
     yield ErrorSample((x, c[:0]), {}, ValueError, r"at least one code \(K >= 1\)")

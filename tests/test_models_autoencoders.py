@@ -432,6 +432,7 @@ def test_vq_loss_terms_equal_the_quantizers_own(kind):
     torch.testing.assert_close(losses["commitment"], sum(s.commitment_loss for s in stats))
     if kind == "rvq":  # learnable codebook: the codebook term has its own gradient, into the codebooks only
         torch.testing.assert_close(losses["codebook"], sum(s.codebook_loss for s in stats))
-        grads = torch.autograd.grad(losses["codebook"], [model.quantizer.layers[0].embed, model.quant_conv.weight],
+        codebook = model.quantizer.layers[0]._codebook.embed
+        grads = torch.autograd.grad(losses["codebook"], [codebook, model.quant_conv.weight],
                                     allow_unused=True)
         assert grads[0].abs().sum() > 0 and (grads[1] is None or not grads[1].any())

@@ -283,3 +283,19 @@ def test_cuda_views_off_the_16_byte_boundary(dtype, precision, offset):
             assert_near_ties(x, codebook, aligned[0], ref_indices, metric)
         same = indices == ref_indices
         torch.testing.assert_close(distances[same], ref_distances[same], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_search_equals_one_search_per_head(metric, dtype):
+    # The multi-head VQ layout: rows [M, H, D] viewed head-major (non-contiguous), a codebook per head.
+    gen = torch.Generator().manual_seed(11)
+    heads, m, d, k = 5, 301, 24, 97
+    x = torch.randn(m, heads, d, generator=gen).to(dtype).transpose(0, 1)
+    codebooks = torch.randn(heads, k, d, generator=gen).to(dtype)
+    indices, distances = fastlatent.nearest_code(x, codebooks, metric=metric)
+    assert indices.shape == distances.shape == (heads, m)
+    for h in range(heads):
+        one_indices, one_distances = fastlatent.nearest_code(x[h], codebooks[h], metric=metric)
+        assert torch.equal(indices[h], one_indices)
+        torch.testing.assert_close(distances[h], one_distances, rtol=0, atol=0)

@@ -76,7 +76,7 @@ def test_bad_inputs_are_named():
     vq = VectorQuantize(12, 32)
     with pytest.raises(ValueError, match=r"expected x of shape \[\.\.\., 12\]"):
         vq(torch.randn(2, 5, 11))
-    with pytest.raises(ValueError, match=r"channel-first x of shape \[B, 12, \*spatial\]"):
+    with pytest.raises(ValueError, match=r"channel-first x of shape \[B, 12, H, W\]"):
         VectorQuantize(12, 32, accept_image_fmap=True)(torch.randn(2, 5, 4, 4))
     with pytest.raises(ValueError, match="decay must be in"):
         VectorQuantize(12, 32, decay=2.0)
@@ -117,12 +117,12 @@ def test_mask_excludes_padding():
 
 def test_learnable_codebook_gets_gradients():
     vq = VectorQuantize(8, 16, learnable_codebook=True).train()
-    assert isinstance(vq.embed, torch.nn.Parameter) and not vq.ema_update
-    before = vq.embed.detach().clone()
+    assert isinstance(vq._codebook.embed, torch.nn.Parameter) and not vq.ema_update
+    before = vq.codebook.detach().clone()
     _, _, loss = vq(torch.randn(3, 20, 8))
     loss.backward()
-    assert vq.embed.grad is not None and vq.embed.grad.abs().sum() > 0
-    assert torch.equal(vq.embed.detach(), before)  # no EMA: only the optimizer moves it
+    assert vq._codebook.embed.grad is not None and vq._codebook.embed.grad.abs().sum() > 0
+    assert torch.equal(vq.codebook.detach(), before)  # no EMA: only the optimizer moves it
 
 
 def test_cosine_codebook_stays_normalised():
@@ -176,7 +176,7 @@ def test_residual_vq_reduces_error_with_depth_and_round_trips():
 def test_residual_vq_shared_codebook_and_dropout():
     rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True,
                      quantize_dropout=True, quantize_dropout_cutoff_index=0).train()
-    assert rvq.layers[0] is rvq.layers[2]
+    assert rvq.layers[0]._codebook is rvq.layers[2]._codebook
     depths = set()
     for _ in range(30):
         _, indices, losses = rvq(torch.randn(2, 5, 8))
@@ -244,5 +244,127 @@ def test_ema_is_synced_across_processes():
     single = VectorQuantize(8, 32, decay=0.7).train()
     for step in range(3):
         single(x[:, step])
-    for name in ("embed", "cluster_size", "embed_sum"):
+    for name in ("_codebook.embed", "_codebook.cluster_size", "_codebook.embed_avg"):
         torch.testing.assert_close(synced[name], single.state_dict()[name], rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- reliability
+
+
+def test_nan_rows_stay_out_of_the_codebook_and_are_counted_once():
+    torch.manual_seed(4)
+    vq = VectorQuantize(8, 16, decay=0.5, kmeans_init=True).train()
+    clean = VectorQuantize(8, 16, decay=0.5, kmeans_init=True).train()
+    x = torch.randn(2, 20, 8)
+    poisoned = x.clone()
+    poisoned[0, 3] = float("nan")
+    poisoned[1, 7, 2] = float("inf")
+    keep = torch.ones(2, 20, dtype=torch.bool)
+    keep[0, 3] = keep[1, 7] = False
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="NaN/Inf rows"):
+        vq(poisoned)
+    torch.manual_seed(0)
+    clean(x[keep][None])  # k-means and EMA on the finite rows only: the same codebook
+    torch.testing.assert_close(vq.codebook, clean.codebook)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        vq(poisoned)
+    assert int(vq._codebook.num_nonfinite_rows) == 4
+    assert torch.isfinite(vq.codebook).all() and torch.isfinite(vq._codebook.embed_avg).all()
+    *_, stats = vq(poisoned, return_stats=True)
+    assert int(stats.nonfinite_rows) == 6
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.0])
+def test_nonfinite_codes_are_reseeded(threshold):
+    vq = VectorQuantize(8, 16, decay=0.9, threshold_ema_dead_code=threshold, learnable_codebook=True).train()
+    with torch.no_grad():
+        vq._codebook.embed[0, 5] = float("nan")
+    x = torch.randn(2, 30, 8)
+    vq(x)
+    assert int(vq._codebook.num_nonfinite_codes) == 1
+    assert torch.isfinite(vq.codebook).all()
+    assert (x.reshape(-1, 8) - vq.codebook[5]).norm(dim=-1).min() < 1e-6  # re-seeded from a batch row
+
+
+def test_kmeans_init_without_valid_rows_is_a_clear_error():
+    vq = VectorQuantize(8, 16, kmeans_init=True).train()
+    with pytest.raises(ValueError, match=r"VectorQuantize\(kmeans_init=True\): the first training batch has no"):
+        vq(torch.randn(2, 0, 8))
+    with pytest.raises(ValueError, match="all-False mask"):
+        vq(torch.randn(2, 5, 8), mask=torch.zeros(2, 5, dtype=torch.bool))
+    assert not bool(vq._codebook.initted)
+    vq(torch.randn(2, 40, 8))  # and the next good batch initialises it
+    assert bool(vq._codebook.initted)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_modules_keep_fp32_ema_state(dtype):
+    torch.manual_seed(5)
+    vq = VectorQuantize(16, 32, heads=2, separate_codebook_per_head=True, decay=0.8).to(dtype).train()
+    assert vq._codebook.embed.dtype == dtype
+    assert vq._codebook.cluster_size.dtype == vq._codebook.embed_avg.dtype == torch.float32
+    x = torch.randn(2, 40, 16, dtype=dtype, requires_grad=True)
+    quantized, indices, loss = vq(x)
+    (quantized.float().sum() + loss).backward()
+    assert quantized.dtype == dtype and x.grad is not None and torch.isfinite(loss)
+    assert indices.shape == (2, 40, 2) and torch.isfinite(vq._codebook.embed_avg).all()
+
+
+def test_bad_constructor_arguments_are_named():
+    with pytest.raises(ValueError, match="ResidualVQ: codebook_dim must be None or an int >= 1, got 0"):
+        ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, codebook_dim=0)
+    with pytest.raises(ValueError, match="pass num_quantizers, or codebook_size as a tuple"):
+        ResidualVQ(dim=16, codebook_size=8)
+    assert ResidualVQ(dim=16, codebook_size=(8, 4)).num_quantizers == 2
+    with pytest.raises(ValueError, match="heads must be 1"):
+        ResidualVQ(dim=16, num_quantizers=2, codebook_size=8, heads=2)
+    with pytest.raises(ValueError, match="at most one of straight_through, rotation_trick"):
+        VectorQuantize(8, 16, straight_through=True)
+    with pytest.raises(ValueError, match="use_cosine_sim with learnable_codebook=True"):
+        VectorQuantize(8, 16, use_cosine_sim=True, learnable_codebook=True)
+
+
+def test_training_forward_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    torch.manual_seed(6)
+    vq = VectorQuantize(16, 64, kmeans_init=True).train()
+    vq(torch.randn(2, 30, 16))  # k-means runs eagerly once; the compiled step never reads `initted`
+    twin = VectorQuantize(16, 64, kmeans_init=True).train()
+    twin.load_state_dict(vq.state_dict())
+    compiled = torch.compile(vq, fullgraph=True)
+    for _ in range(2):
+        x = torch.randn(2, 30, 16, requires_grad=True)
+        q1, i1, l1 = compiled(x)
+        _, i2, l2 = twin(x)
+        assert torch.equal(i1, i2)
+        torch.testing.assert_close(l1, l2)
+        (q1.sum() + l1).backward()
+    torch.testing.assert_close(vq.codebook, twin.codebook)
+
+
+def test_checkpoints_of_earlier_releases_load():
+    vq = VectorQuantize(8, 16, kmeans_init=True)
+    old = {"embed": torch.randn(16, 8), "cluster_size": torch.rand(16), "embed_sum": torch.randn(16, 8),
+           "initted": torch.tensor(True)}
+    vq.load_state_dict(old)
+    assert torch.equal(vq.codebook, old["embed"]) and torch.equal(vq._codebook.embed_avg[0], old["embed_sum"])
+    assert not vq._needs_kmeans
+
+
+def test_multihead_search_is_one_batched_call(monkeypatch):
+    import fastlatent.nn.vq as vq_module
+
+    calls = []
+    original = vq_module.nearest_code
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(vq_module, "nearest_code", counting)
+    vq = VectorQuantize(32, 64, heads=8, codebook_dim=4, separate_codebook_per_head=True).eval()
+    _, indices, _ = vq(torch.randn(2, 10, 32))
+    assert calls == [torch.Size([8, 20, 4])] and indices.shape == (2, 10, 8)

@@ -13,6 +13,11 @@
 // differences, or 1 - cosine) in fp32, so it does not suffer the cancellation of the
 // expanded form.
 //
+// Batched form: `batch` independent searches (one per head of a multi-head quantiser), x[b] against
+// codebook[b], in one call: x is [batch, n, d], codebook [batch, k, d], the outputs [batch, n].
+// The CPU runs the searches one after another, each over all threads; CUDA puts the search
+// index on gridDim.y, so every kernel of the search is launched once for all of them.
+//
 // Numerics and determinism:
 //   * inputs may be fp32, fp16 or bf16; all products and sums are fp32.
 //   * ties go to the lowest index; the result does not depend on thread count or schedule.
@@ -46,13 +51,15 @@ struct NearestCodeParams {
   int64_t n = 0;
   int64_t k = 0;                   // >= 1
   int64_t d = 0;                   // >= 1
+  int64_t batch = 1;               // independent searches: x [batch, n, d], codebook [batch, k, d],
+                                   // indices/distances [batch, n]; CUDA: <= 65535 (gridDim.y)
   DType dtype = DType::kFloat32;
   Metric metric = Metric::kL2;
   // CUDA only: fp32 inputs may use TF32 tensor cores (10-bit mantissa products, fp32 sums)
   // instead of exact fp32 FMAs. fp16/bf16 inputs use tensor cores where d, the pointers'
   // alignment and the build's architectures allow (nearest_code_cuda_path).
   bool allow_tf32 = false;
-  // CUDA only: scratch of nearest_code_cuda_workspace_bytes(k) bytes on the device,
+  // CUDA only: scratch of nearest_code_cuda_workspace_bytes(k, batch) bytes on the device,
   // aligned to 16 bytes. The CPU kernel manages its own scratch.
   void* workspace = nullptr;
 };
@@ -85,8 +92,8 @@ inline NearestCodeCudaPath nearest_code_cuda_path(const NearestCodeParams& param
   return aligned && arch_ok && shape_ok ? NearestCodeCudaPath::kTensorCore : NearestCodeCudaPath::kSimt;
 }
 
-inline size_t nearest_code_cuda_workspace_bytes(int64_t k) {
-  return static_cast<size_t>(k) * 2 * sizeof(float);  // alpha[k], beta[k]
+inline size_t nearest_code_cuda_workspace_bytes(int64_t k, int64_t batch = 1) {
+  return static_cast<size_t>(batch) * static_cast<size_t>(k) * 2 * sizeof(float);  // alpha[batch, k], beta[batch, k]
 }
 
 #if defined(__CUDACC__) || defined(FL_WITH_CUDA)

@@ -463,10 +463,24 @@ Status run_nearest_code_cpu(const NearestCodeParams& params) {
   if (params.k < 1 || params.d < 1 || params.n < 0)
     return Status::Error("nearest_code: need n >= 0, k >= 1, d >= 1");
   if (params.k > INT32_MAX - 2 * kNR) return Status::Error("nearest_code: k must be below 2^31");
-  if (params.n == 0) return Status::Ok();
-  return FL_DTYPE_SWITCH(params.dtype, scalar_t,
-                         Status::Error("nearest_code: unsupported dtype"),
-                         [&] { return run_typed<scalar_t>(params); });
+  if (params.batch < 0) return Status::Error("nearest_code: need batch >= 0");
+  if (params.n == 0 || params.batch == 0) return Status::Ok();
+  // Batched searches run one after another, each parallel over its rows: every search packs its
+  // own codebook, and a head's rows are many enough to fill the threads in the cases that matter.
+  const size_t elem = params.dtype == DType::kFloat64 ? 8 : params.dtype == DType::kFloat32 ? 4 : 2;
+  for (int64_t b = 0; b < params.batch; ++b) {
+    NearestCodeParams one = params;
+    one.batch = 1;
+    one.x = static_cast<const char*>(params.x) + static_cast<size_t>(b * params.n * params.d) * elem;
+    one.codebook = static_cast<const char*>(params.codebook) + static_cast<size_t>(b * params.k * params.d) * elem;
+    one.indices = params.indices + b * params.n;
+    one.distances = params.distances + b * params.n;
+    const Status status = FL_DTYPE_SWITCH(params.dtype, scalar_t,
+                                          Status::Error("nearest_code: unsupported dtype"),
+                                          [&] { return run_typed<scalar_t>(one); });
+    if (!status.ok) return status;
+  }
+  return Status::Ok();
 }
 
 }  // namespace fastlatent

@@ -38,6 +38,10 @@ namespace {
 template <typename T>
 __global__ void code_keys_kernel(const T* __restrict__ codebook, int64_t k, int64_t d, Metric metric,
                                  float* __restrict__ alpha, float* __restrict__ beta) {
+  const int64_t search = blockIdx.y;  // batched searches: one per gridDim.y
+  codebook += search * k * d;
+  alpha += search * k;
+  beta += search * k;
   const int lane = threadIdx.x & 31;
   const int64_t code = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (code >= k) return;  // whole warps leave together: a warp shares one code
@@ -92,8 +96,13 @@ __device__ __forceinline__ void reduce_lanes(float& key, int64_t& index, int wid
 // distance of the chosen code is recomputed exactly in fp32.
 template <typename T>
 __global__ void finish_rows_kernel(const T* __restrict__ x, const T* __restrict__ codebook, int64_t n,
-                                   int64_t d, Metric metric, int64_t* __restrict__ indices,
+                                   int64_t k, int64_t d, Metric metric, int64_t* __restrict__ indices,
                                    float* __restrict__ distances) {
+  const int64_t search = blockIdx.y;
+  x += search * n * d;
+  codebook += search * k * d;
+  indices += search * n;
+  distances += search * n;
   const int lane = threadIdx.x & 31;
   const int64_t row = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   if (row >= n) return;
@@ -137,6 +146,14 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 simt_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
             const float* __restrict__ beta, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ indices) {
+  {  // batched searches: one per gridDim.y
+    const int64_t search = blockIdx.y;
+    x += search * n * d;
+    codebook += search * k * d;
+    alpha += search * k;
+    beta += search * k;
+    indices += search * n;
+  }
   __shared__ float xs[kBD][kBM + kPad];
   __shared__ float cs[kBD][kBN + kPad];
 
@@ -216,6 +233,14 @@ __global__ void __launch_bounds__(kSmallThreads)
 small_d_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
                const float* __restrict__ beta, int64_t n, int64_t k, int64_t d,
                int64_t* __restrict__ indices) {
+  {  // batched searches: one per gridDim.y
+    const int64_t search = blockIdx.y;
+    x += search * n * d;
+    codebook += search * k * d;
+    alpha += search * k;
+    beta += search * k;
+    indices += search * n;
+  }
   // Codes scaled by alpha, so that key = beta + <x, code>.
   __shared__ float codes[kSmallCodes][DP];
   __shared__ float betas[kSmallCodes];
@@ -325,6 +350,14 @@ template <typename T>
 __device__ __forceinline__ void tensor_core_search(const T* __restrict__ x, const T* __restrict__ codebook,
                                                    const float* __restrict__ alpha, const float* __restrict__ beta,
                                                    int64_t n, int64_t k, int64_t d, int64_t* __restrict__ indices) {
+  {  // batched searches: one per gridDim.y
+    const int64_t search = blockIdx.y;
+    x += search * n * d;
+    codebook += search * k * d;
+    alpha += search * k;
+    beta += search * k;
+    indices += search * n;
+  }
   using Traits = TcTraits<T>;
   constexpr int kK = Traits::kK;
   constexpr int kLd = kTcDims + Traits::kPad;
@@ -434,7 +467,7 @@ tensor_core_kernel(const T* __restrict__ x, const T* __restrict__ codebook, cons
 template <typename T>
 cudaError_t launch_small_d(const NearestCodeParams& p, const T* x, const T* codebook, const float* alpha,
                            const float* beta, cudaStream_t stream) {
-  const unsigned int grid = cuda::ceil_div(p.n, kSmallThreads);
+  const dim3 grid(cuda::ceil_div(p.n, kSmallThreads), static_cast<unsigned int>(p.batch));
   if (p.d <= 8) {
     small_d_kernel<T, 8><<<grid, kSmallThreads, 0, stream>>>(x, codebook, alpha, beta, p.n, p.k, p.d, p.indices);
   } else if (p.d <= 16) {
@@ -448,7 +481,7 @@ cudaError_t launch_small_d(const NearestCodeParams& p, const T* x, const T* code
 template <typename T>
 cudaError_t launch_typed(const NearestCodeParams& p, cudaStream_t stream) {
   float* alpha = static_cast<float*>(p.workspace);
-  float* beta = alpha + p.k;
+  float* beta = alpha + p.batch * p.k;
   const T* x = static_cast<const T*>(p.x);
   const T* codebook = static_cast<const T*>(p.codebook);
   int arch = 0;
@@ -458,7 +491,8 @@ cudaError_t launch_typed(const NearestCodeParams& p, cudaStream_t stream) {
   const NearestCodeCudaPath path = nearest_code_cuda_path(p, arch);
 
   constexpr int kWarpThreads = 256;  // 8 warps: 8 codes or 8 rows per block
-  code_keys_kernel<T><<<cuda::ceil_div(p.k * 32, kWarpThreads), kWarpThreads, 0, stream>>>(
+  const unsigned int searches = static_cast<unsigned int>(p.batch);
+  code_keys_kernel<T><<<dim3(cuda::ceil_div(p.k * 32, kWarpThreads), searches), kWarpThreads, 0, stream>>>(
       codebook, p.k, p.d, p.metric, alpha, beta);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -468,28 +502,29 @@ cudaError_t launch_typed(const NearestCodeParams& p, cudaStream_t stream) {
       err = launch_small_d<T>(p, x, codebook, alpha, beta, stream);
       break;
     case NearestCodeCudaPath::kTensorCore:
-      tensor_core_kernel<T><<<cuda::ceil_div(p.n, kTcRows), kTcThreads, 0, stream>>>(x, codebook, alpha, beta, p.n,
-                                                                                       p.k, p.d, p.indices);
+      tensor_core_kernel<T><<<dim3(cuda::ceil_div(p.n, kTcRows), searches), kTcThreads, 0, stream>>>(
+          x, codebook, alpha, beta, p.n, p.k, p.d, p.indices);
       err = cudaGetLastError();
       break;
     case NearestCodeCudaPath::kSimt:
-      simt_kernel<T><<<cuda::ceil_div(p.n, kBM), kThreads, 0, stream>>>(x, codebook, alpha, beta, p.n, p.k, p.d,
-                                                                        p.indices);
+      simt_kernel<T><<<dim3(cuda::ceil_div(p.n, kBM), searches), kThreads, 0, stream>>>(x, codebook, alpha, beta, p.n,
+                                                                                       p.k, p.d, p.indices);
       err = cudaGetLastError();
       break;
   }
   if (err != cudaSuccess) return err;
 
-  finish_rows_kernel<T><<<cuda::ceil_div(p.n * 32, kWarpThreads), kWarpThreads, 0, stream>>>(
-      x, codebook, p.n, p.d, p.metric, p.indices, p.distances);
+  finish_rows_kernel<T><<<dim3(cuda::ceil_div(p.n * 32, kWarpThreads), searches), kWarpThreads, 0, stream>>>(
+      x, codebook, p.n, p.k, p.d, p.metric, p.indices, p.distances);
   return cudaGetLastError();
 }
 
 }  // namespace
 
 cudaError_t launch_nearest_code_cuda(const NearestCodeParams& params, cudaStream_t stream) {
-  if (params.n == 0) return cudaSuccess;
-  if (params.k < 1 || params.d < 1 || params.workspace == nullptr) return cudaErrorInvalidValue;
+  if (params.n == 0 || params.batch == 0) return cudaSuccess;
+  if (params.k < 1 || params.d < 1 || params.workspace == nullptr || params.batch < 0 || params.batch > 65535)
+    return cudaErrorInvalidValue;
   return FL_CUDA_DTYPE_SWITCH(params.dtype, scalar_t, cudaErrorInvalidValue,
                               [&] { return launch_typed<scalar_t>(params, stream); });
 }

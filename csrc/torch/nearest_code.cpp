@@ -31,20 +31,32 @@ Metric parse_metric(std::string_view metric) {
 NearestCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook, std::string_view metric,
                              std::string_view precision) {
   using namespace torch_glue;
-  check_dim(x, 2, kOp, "x", "[N, D]");
-  check_dim(codebook, 2, kOp, "codebook", "[K, D]");
+  // [N, D] against [K, D], or `batch` searches at once: [B, N, D] against [B, K, D].
+  const bool batched = x.dim() == 3;
+  if (batched) {
+    check_dim(codebook, 3, kOp, "codebook", "[B, K, D] (x is batched [B, N, D])");
+  } else {
+    check_dim(x, 2, kOp, "x", "[N, D] or [B, N, D]");
+    check_dim(codebook, 2, kOp, "codebook", "[K, D]");
+  }
   check_same_device(x, codebook, kOp, "x", "codebook");
   NearestCodeParams p;
   p.dtype = kernel_dtype(x, kOp, "x");
   check_same_dtype(x, codebook, kOp, "x", "codebook");
-  FL_CHECK_VALUE(codebook.size(0) >= 1, kOp, "codebook must hold at least one code (K >= 1), got shape ",
+  const int64_t kd = codebook.dim() - 1, xd = x.dim() - 1;
+  if (batched) {
+    FL_CHECK_VALUE(x.size(0) == codebook.size(0), kOp, "x is [B, N, D] with B=", x.size(0),
+                   " but codebook is [B, K, D] with B=", codebook.size(0));
+  }
+  FL_CHECK_VALUE(codebook.size(kd - 1) >= 1, kOp, "codebook must hold at least one code (K >= 1), got shape ",
                  codebook.sizes());
-  FL_CHECK_VALUE(x.size(1) >= 1, kOp, "x must have D >= 1, got shape ", x.sizes());
-  FL_CHECK_VALUE(x.size(1) == codebook.size(1), kOp, "x is [N, D] with D=", x.size(1),
-                 " but codebook is [K, D] with D=", codebook.size(1));
-  p.n = x.size(0);
-  p.k = codebook.size(0);
-  p.d = x.size(1);
+  FL_CHECK_VALUE(x.size(xd) >= 1, kOp, "x must have D >= 1, got shape ", x.sizes());
+  FL_CHECK_VALUE(x.size(xd) == codebook.size(kd), kOp, "x is [N, D] with D=", x.size(xd),
+                 " but codebook is [K, D] with D=", codebook.size(kd));
+  p.batch = batched ? x.size(0) : 1;
+  p.n = x.size(xd - 1);
+  p.k = codebook.size(kd - 1);
+  p.d = x.size(xd);
   p.metric = parse_metric(metric);
   FL_CHECK_VALUE(precision == "ieee" || precision == "tf32", kOp, "precision must be \"ieee\" or \"tf32\", got \"",
                  std::string(precision), "\"");
@@ -53,8 +65,8 @@ NearestCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook, st
 }
 
 std::tuple<at::Tensor, at::Tensor> allocate_outputs(const at::Tensor& x) {
-  return {at::empty({x.size(0)}, x.options().dtype(at::kLong)),
-          at::empty({x.size(0)}, x.options().dtype(at::kFloat))};
+  const auto rows = x.sizes().slice(0, x.dim() - 1);  // [N] or [B, N]
+  return {at::empty(rows, x.options().dtype(at::kLong)), at::empty(rows, x.options().dtype(at::kFloat))};
 }
 
 std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const at::Tensor& codebook,
@@ -74,11 +86,12 @@ std::tuple<at::Tensor, at::Tensor> nearest_code_cpu(const at::Tensor& x, const a
 std::tuple<at::Tensor, at::Tensor> nearest_code_cuda(const at::Tensor& x, const at::Tensor& codebook,
                                                      std::string_view metric, std::string_view precision) {
   NearestCodeParams p = check_args(x, codebook, metric, precision);
+  FL_CHECK_VALUE(p.batch <= 65535, kOp, "CUDA runs at most 65535 batched searches, got B=", p.batch);
   const c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor xc = x.contiguous(), cc = codebook.contiguous();
   auto [indices, distances] = allocate_outputs(x);
   const at::Tensor workspace = at::empty(
-      {static_cast<int64_t>(nearest_code_cuda_workspace_bytes(p.k))}, x.options().dtype(at::kByte));
+      {static_cast<int64_t>(nearest_code_cuda_workspace_bytes(p.k, p.batch))}, x.options().dtype(at::kByte));
   p.x = xc.data_ptr();
   p.codebook = cc.data_ptr();
   p.indices = indices.data_ptr<int64_t>();

@@ -203,19 +203,21 @@ class VQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
         if not self.learnable_codebook:
             # EMA codebook: the quantiser's loss is exactly the commitment (commitment_weight=1, no codebook loss)
             return codes, indices, {"commitment": vq_loss}
-        # learnable codebook: built with commitment_weight=0, so its loss is the codebook term alone; the
-        # commitment is recomputed here against the same (not EMA-moved) codes, depth by depth
+        # learnable codebook: the commitment and codebook terms are computed here, depth by depth, against the
+        # codes the quantiser chose (its own loss is vector-quantize-pytorch's mse(q, z), both ways at once)
         commitment = torch.zeros((), device=h.device)
+        codebook = torch.zeros((), device=h.device)
         if self.quantizer.training:
             layers = self.quantizer.layers if self.residual else [self.quantizer]
             depth_indices = indices if self.residual else indices[..., None]
             residual = h.movedim(1, -1)
             for depth, layer in enumerate(layers):
                 rows = F.normalize(residual, dim=-1) if layer.use_cosine_sim else residual
-                code = F.embedding(depth_indices[..., depth], layer.embed).detach()
-                commitment = commitment + F.mse_loss(rows, code)
-                residual = residual - code
-        return codes, indices, {"commitment": commitment, "codebook": vq_loss}
+                code = F.embedding(depth_indices[..., depth], layer.codebook)
+                commitment = commitment + F.mse_loss(rows, code.detach())
+                codebook = codebook + F.mse_loss(code, rows.detach())
+                residual = residual - code.detach()
+        return codes, indices, {"commitment": commitment, "codebook": codebook}
 
     def _usage(self, indices: torch.Tensor) -> dict:
         if not self.residual:

@@ -13,20 +13,30 @@ PRECISIONS = ("ieee", "tf32")
 
 def check_nearest_code_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee") -> None:
     op = "nearest_code"
-    _checks.check_dim(op, "x", x, 2, "[N, D]")
-    _checks.check_dim(op, "codebook", codebook, 2, "[K, D]")
+    batched = x.dim() == 3
+    if batched:
+        _checks.check_dim(op, "codebook", codebook, 3, "[B, K, D] (x is batched [B, N, D])")
+    else:
+        _checks.check_dim(op, "x", x, 2, "[N, D] or [B, N, D]")
+        _checks.check_dim(op, "codebook", codebook, 2, "[K, D]")
     _checks.check_same_device(op, "x", x, "codebook", codebook)
     _checks.check_float(op, "x", x)
     _checks.check_same_dtype(op, "x", x, "codebook", codebook)
-    if codebook.shape[0] < 1:
+    if batched and x.shape[0] != codebook.shape[0]:
+        raise ValueError(
+            f"fastlatent.{op}: x is [B, N, D] with B={x.shape[0]} but codebook is [B, K, D] "
+            f"with B={codebook.shape[0]}"
+        )
+    if codebook.shape[-2] < 1:
         raise ValueError(
             f"fastlatent.{op}: codebook must hold at least one code (K >= 1), got shape {list(codebook.shape)}"
         )
-    if x.shape[1] < 1:
+    if x.shape[-1] < 1:
         raise ValueError(f"fastlatent.{op}: x must have D >= 1, got shape {list(x.shape)}")
-    if x.shape[1] != codebook.shape[1]:
+    if x.shape[-1] != codebook.shape[-1]:
         raise ValueError(
-            f"fastlatent.{op}: x is [N, D] with D={x.shape[1]} but codebook is [K, D] with D={codebook.shape[1]}"
+            f"fastlatent.{op}: x is [N, D] with D={x.shape[-1]} but codebook is [K, D] "
+            f"with D={codebook.shape[-1]}"
         )
     _checks.check_choice(op, "metric", metric, METRICS)
     _checks.check_choice(op, "precision", precision, PRECISIONS)
@@ -38,8 +48,12 @@ def nearest_code(
     """Index of the nearest codebook entry for every row of ``x``, without an N x K matrix.
 
     Args:
-        x: ``[N, D]`` vectors, float32/float16/bfloat16, any strides.
-        codebook: ``[K, D]`` codes, same dtype and device as ``x``, ``K >= 1``.
+        x: ``[N, D]`` vectors, float32/float16/bfloat16, any strides; or ``[B, N, D]``: ``B``
+            independent searches (one per head of a multi-head quantiser) in one call, row
+            block ``x[b]`` against ``codebook[b]`` (CUDA: one launch per kernel for all of them,
+            ``B <= 65535``).
+        codebook: ``[K, D]`` codes (``[B, K, D]`` with batched ``x``), same dtype and device as
+            ``x``, ``K >= 1``.
         metric: ``"l2"`` (squared Euclidean distance) or ``"cosine"`` (``1 - cos(x, c)``,
             norms clamped at 1e-12 as :func:`torch.nn.functional.normalize`).
         precision: how CUDA searches with float32 inputs: ``"ieee"`` (exact fp32 FMAs,
@@ -49,7 +63,8 @@ def nearest_code(
             (exact products, fp32 sums) where D allows. The CPU always computes in fp32.
 
     Returns:
-        ``(indices, distances)``: ``indices`` int64 ``[N]``, ``distances`` float32 ``[N]``
+        ``(indices, distances)``: ``indices`` int64 ``[N]`` (``[B, N]``), ``distances`` float32
+        ``[N]`` (``[B, N]``)
         holding the distance to the chosen code, recomputed directly in fp32 (not from the
         expanded ``|c|^2 - 2<x, c>`` form used for the search).
 
@@ -70,8 +85,8 @@ if extension_available():
     @torch.library.register_fake("fastlatent::nearest_code")
     def _nearest_code_fake(x, codebook, metric="l2", precision="ieee"):
         check_nearest_code_args(x, codebook, metric, precision)
-        n = x.shape[0]
-        return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=torch.float32)
+        rows = x.shape[:-1]
+        return x.new_empty(rows, dtype=torch.int64), x.new_empty(rows, dtype=torch.float32)
 
     def _nearest_code_setup_context(ctx, inputs, output):
         # Indices are integers and the distances are reported, not trained through.

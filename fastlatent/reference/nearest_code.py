@@ -19,9 +19,16 @@ def nearest_code(
     (:func:`torch.argmin`). Keys of rows or codes holding NaN/Inf are NaN, and NaN wins,
     lowest index first. Distances are recomputed directly in float32. Memory is bounded by
     processing ``chunk_rows`` rows of ``x`` at a time. ``precision`` is accepted for signature
-    parity and ignored: the reference is always exact.
+    parity and ignored: the reference is always exact. Batched ``[B, N, D]`` against
+    ``[B, K, D]`` runs the ``B`` searches one by one.
     """
     check_nearest_code_args(x, codebook, metric, precision)
+    if x.dim() == 3:  # batched: independent searches
+        pairs = [nearest_code(x[b], codebook[b], metric, precision, chunk_rows) for b in range(x.shape[0])]
+        if not pairs:
+            rows = x.shape[:-1]
+            return x.new_empty(rows, dtype=torch.int64), x.new_empty(rows, dtype=torch.float32)
+        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
     c64 = codebook.double()
     code_bad = ~torch.isfinite(c64).all(dim=1)
     if metric == "l2":

@@ -116,6 +116,44 @@ static void test_nearest_code() {
   }
 }
 
+// Batched searches (multi-head VQ): every search sees its own rows and codebook only.
+static void test_nearest_code_batched() {
+  std::mt19937 gen(7);
+  std::normal_distribution<float> normal;
+  const int64_t batch = 3, n = 45, k = 37, d = 20;
+  std::vector<float> x(batch * n * d), c(batch * k * d);
+  for (auto& v : x) v = normal(gen);
+  for (auto& v : c) v = normal(gen);
+  std::vector<int64_t> indices(batch * n, -1);
+  std::vector<float> distances(batch * n);
+  NearestCodeParams p;
+  p.x = x.data();
+  p.codebook = c.data();
+  p.indices = indices.data();
+  p.distances = distances.data();
+  p.n = n;
+  p.k = k;
+  p.d = d;
+  p.batch = batch;
+  const Status status = run_nearest_code_cpu(p);
+  CHECK(status.ok, "%s", status.message);
+  for (int64_t b = 0; b < batch; ++b) {
+    const std::vector<float> xb(x.begin() + b * n * d, x.begin() + (b + 1) * n * d);
+    const std::vector<float> cb(c.begin() + b * k * d, c.begin() + (b + 1) * k * d);
+    const auto expected = fl_test::brute_force_nearest(xb, cb, n, k, d, Metric::kL2);
+    for (int64_t i = 0; i < n; ++i) {
+      CHECK(indices[b * n + i] == expected[i], "search %ld row %ld: got %ld, expected %ld", long(b), long(i),
+            long(indices[b * n + i]), long(expected[i]));
+      const double exact = fl_test::l2_distance(xb, cb, i, expected[i], d);
+      CHECK(std::fabs(distances[b * n + i] - exact) <= 1e-5 * (1 + exact), "search %ld distance", long(b));
+    }
+  }
+  p.batch = 0;
+  CHECK(run_nearest_code_cpu(p).ok, "batch = 0 is a no-op");
+  p.batch = -1;
+  CHECK(!run_nearest_code_cpu(p).ok, "batch < 0 must fail");
+}
+
 static void test_nearest_code_rejects_bad_sizes() {
   NearestCodeParams p;
   p.n = 4;
@@ -563,6 +601,7 @@ int main() {
   test_lfq_entropy();
   test_lfq_and_bsq_quantize();
   test_nearest_code();
+  test_nearest_code_batched();
   test_nearest_code_rejects_bad_sizes();
   test_nearest_code_cuda_path();
   if (fl_test::failures()) std::fprintf(stderr, "%d check(s) failed\n", fl_test::failures());
