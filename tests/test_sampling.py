@@ -309,19 +309,29 @@ def test_seed_offset_tensor_is_cuda_only():
         fastlatent.ops.ddpm_step(x, x, 0.3, 0.5, seed_offset=torch.zeros(2, dtype=torch.int64))
 
 
-def test_unsupported_diffusers_configs_raise():
-    _diffusers()
+def test_unsupported_diffusers_configs_run_diffusers_step():
+    """What the fused step does not cover runs diffusers' own step (same numbers, no error) and is reported."""
+    diffusers = _diffusers()
+    from fastlatent.sampling.diffusers_fast import scheduler_report
     from fastlatent.sampling.schedulers import FastDPMSolverMultistepScheduler, FastEulerDiscreteScheduler
 
     dpm = FastDPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
+    ref = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
+    assert not scheduler_report(dpm).fused and "sde-dpmsolver++" in scheduler_report(dpm).reason
     dpm.set_timesteps(10)
+    ref.set_timesteps(10)
     x = torch.randn(1, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"algorithm_type='sde-dpmsolver\+\+' is not implemented by the fused step"):
-        dpm.step(x, dpm.timesteps[0], x)
+    a = dpm.step(x, dpm.timesteps[0], x, generator=torch.Generator().manual_seed(3)).prev_sample
+    b = ref.step(x, ref.timesteps[0], x, generator=torch.Generator().manual_seed(3)).prev_sample
+    assert torch.equal(a, b)
     euler = FastEulerDiscreteScheduler(**SD)
+    ref = diffusers.EulerDiscreteScheduler(**SD)
     euler.set_timesteps(10)
-    with pytest.raises(ValueError, match=r"s_churn > 0 is not implemented"):
-        euler.step(x, euler.timesteps[0], x, s_churn=1.0)
+    ref.set_timesteps(10)
+    a = euler.step(x, euler.timesteps[0], x, s_churn=1.0, generator=torch.Generator().manual_seed(4)).prev_sample
+    b = ref.step(x, ref.timesteps[0], x, s_churn=1.0, generator=torch.Generator().manual_seed(4)).prev_sample
+    assert torch.equal(a, b)
+    assert scheduler_report(euler).fallbacks["s_churn > 0"] == 1
 
 
 def test_schedules_match_diffusers_betas():
