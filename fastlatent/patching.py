@@ -306,8 +306,8 @@ _PIPELINE_AUTOENCODERS = ("vae", "vqvae", "movq")
 
 @dataclass
 class PipelinePatchReport:
-    """What :func:`patch` did to a diffusers pipeline: a :class:`PatchReport` per autoencoder component and the
-    scheduler's :class:`~fastlatent.sampling.diffusers_fast.SchedulerReport`."""
+    """What :func:`patch` did to a diffusers pipeline: a :class:`PatchReport` per autoencoder component
+    and the scheduler's :class:`~fastlatent.sampling.diffusers_fast.SchedulerReport`."""
 
     modules: dict = field(default_factory=dict)
     scheduler: object = None
@@ -357,9 +357,10 @@ def _patch_pipeline(pipe, activation_fusion: bool, report: bool):
 def patch(model, activation_fusion: bool = True, report: bool = True):
     """Swap ``model``'s GroupNorm (+ activation) modules and known blocks for fused ones, in place.
 
-    A diffusers ``DiffusionPipeline`` gets its autoencoder (``vae``) patched and its scheduler's ``step`` fused
-    (:func:`fastlatent.sampling.diffusers_fast.accelerate_scheduler`: same class, same saved files, diffusers' own
-    step for what the fused one does not cover); a lone diffusers scheduler gets its ``step`` fused.
+    A diffusers ``DiffusionPipeline`` gets its autoencoder (``vae``) patched and its scheduler's ``step``
+    fused (:func:`fastlatent.sampling.diffusers_fast.accelerate_scheduler`: same class, same saved files,
+    diffusers' own step for what the fused one does not cover); a lone diffusers scheduler gets its
+    ``step`` fused.
 
     Args:
         model: any ``nn.Module`` (diffusers ``AutoencoderKL``/``VQModel``/``UNet2DModel``, taming VQGAN decoders,
@@ -383,8 +384,8 @@ def patch(model, activation_fusion: bool = True, report: bool = True):
             if report:
                 print(swap)
             return model
-        raise TypeError(f"fastlatent.patch: model must be an nn.Module, a diffusers DiffusionPipeline or a diffusers "
-                        f"scheduler, got {type(model).__name__}")
+        raise TypeError(f"fastlatent.patch: model must be an nn.Module, a diffusers DiffusionPipeline or a "
+                        f"diffusers scheduler, got {type(model).__name__}")
     patcher = _Patcher(activation_fusion)
     root = patcher.replacement(model, "")
     if root is None:

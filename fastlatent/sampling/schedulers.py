@@ -1,25 +1,32 @@
 """Drop-in diffusers schedulers whose ``step`` runs fused fastlatent kernels.
 
-``Fast<Name>`` (``FastDDIMScheduler``, ``FastDPMSolverMultistepScheduler``, ... one per diffusers scheduler in
-:data:`__all__`) builds diffusers' ``<Name>`` (same arguments, ``from_config``, ``from_pretrained``) and installs
-the fused ``step`` on the instance (:func:`fastlatent.sampling.diffusers_fast.accelerate_scheduler`). The object is
-diffusers' own class, so pipelines, ``save_pretrained`` (``scheduler_config.json``, ``model_index.json``) and
-plain-diffusers reloads see nothing but diffusers::
+``Fast<Name>`` (``FastDDIMScheduler``, ``FastDPMSolverMultistepScheduler``, ... one per diffusers
+scheduler in :data:`__all__`) builds diffusers' ``<Name>`` (same arguments, ``from_config``,
+``from_pretrained``) and installs the fused ``step`` on the instance
+(:func:`fastlatent.sampling.diffusers_fast.accelerate_scheduler`). The object is diffusers' own class,
+so pipelines, ``save_pretrained`` (``scheduler_config.json``, ``model_index.json``) and plain-diffusers
+reloads see nothing but diffusers::
 
     from fastlatent.sampling.schedulers import FastDPMSolverMultistepScheduler
     pipe.scheduler = FastDPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 
 or simply ``fastlatent.patch(pipe)``. ``isinstance(s, FastDDIMScheduler)`` is true for an accelerated
-``DDIMScheduler``. A config or call the fused step does not cover runs diffusers' own step (never an error); the
-swap report says which. diffusers is imported when a class is first used, so fastlatent does not depend on it.
+``DDIMScheduler``. A config or call the fused step does not cover runs diffusers' own step (never an
+error); the swap report says which. diffusers is imported when a class is first used, so fastlatent
+does not depend on it.
 """
 
 from __future__ import annotations
 
 from fastlatent.sampling import diffusers_fast
 
-_NAMES = ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-          "FlowMatchEulerDiscreteScheduler")
+_NAMES = (
+    "DDIMScheduler",
+    "DDPMScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler",
+)
 
 __all__ = ["Fast" + name for name in _NAMES]
 
@@ -71,10 +78,13 @@ class _FastScheduler(metaclass=_FastSchedulerMeta):
 
 
 def _fast_class(name: str) -> type:
-    doc = (f"diffusers' ``{name}`` with the fused fastlatent ``step`` installed on each instance (the instance "
-           f"is a ``diffusers.{name}``; saved configs name it).")
-    return _FastSchedulerMeta("Fast" + name, (_FastScheduler,),
-                              {"_diffusers_name": name, "__doc__": doc, "__module__": __name__})
+    doc = (
+        f"diffusers' ``{name}`` with the fused fastlatent ``step`` installed on each instance (the instance "
+        f"is a ``diffusers.{name}``; saved configs name it)."
+    )
+    return _FastSchedulerMeta(
+        "Fast" + name, (_FastScheduler,), {"_diffusers_name": name, "__doc__": doc, "__module__": __name__}
+    )
 
 
 def __getattr__(name: str):
@@ -82,14 +92,17 @@ def __getattr__(name: str):
         try:
             import diffusers  # noqa: F401
         except ImportError as exc:
-            raise ImportError(f"fastlatent.sampling.schedulers.{name} needs diffusers (pip install diffusers): "
-                              f"{exc}") from exc
+            raise ImportError(
+                f"fastlatent.sampling.schedulers.{name} needs diffusers (pip install diffusers): {exc}"
+            ) from exc
         cls = _fast_class(name[4:])
         globals()[name] = cls
         return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}; the fused diffusers schedulers are "
-                         f"{', '.join(__all__)} (other diffusers schedulers work as they are: fastlatent.patch "
-                         "leaves them unchanged)")
+    raise AttributeError(
+        f"module {__name__!r} has no attribute {name!r}; the fused diffusers schedulers are "
+        f"{', '.join(__all__)} (other diffusers schedulers work as they are: fastlatent.patch "
+        "leaves them unchanged)"
+    )
 
 
 def __dir__():
