@@ -994,7 +994,11 @@ def _fast_step(self, *args, **kwargs):
         if reason is not None:
             raise _Fallback(reason)
         _refresh(self, state)
-        return state.family.step(self, state, arguments)
+        try:
+            return state.family.step(self, state, arguments)
+        except (ZeroDivisionError, OverflowError) as exc:
+            # a degenerate schedule step (two equal sigmas): diffusers' tensor math gives its IEEE result
+            raise _Fallback(f"degenerate schedule step ({exc})") from exc
     except _Fallback as why:
         state.report.fallbacks[str(why)] += 1
         return cls.step(self, *args, **kwargs)
@@ -1007,6 +1011,29 @@ def _fast_set_timesteps(self, *args, **kwargs):
     state.timesteps = state.sigmas = None
     _snapshot(self, state)
     return result
+
+
+_METHODS: dict[type, tuple] = {}
+
+
+def _installed_methods(cls) -> tuple:
+    """Per class: the installed step and set_timesteps, with diffusers' signatures and docs (callers inspect
+    them, e.g. to decide whether to pass a generator)."""
+    methods = _METHODS.get(cls)
+    if methods is None:
+
+        def step(self, *args, **kwargs):
+            return _fast_step(self, *args, **kwargs)
+
+        def set_timesteps(self, *args, **kwargs):
+            return _fast_set_timesteps(self, *args, **kwargs)
+
+        for wrapper, original in ((step, cls.step), (set_timesteps, cls.set_timesteps)):
+            wrapper.__signature__ = inspect.signature(original)
+            wrapper.__doc__ = original.__doc__
+            wrapper.__qualname__ = original.__qualname__
+        methods = _METHODS[cls] = (step, set_timesteps)
+    return methods
 
 
 def accelerate_scheduler(scheduler) -> SchedulerReport:
@@ -1024,8 +1051,9 @@ def accelerate_scheduler(scheduler) -> SchedulerReport:
     if state is None:
         state = _State(SchedulerReport(name, reason is None, reason), family)
         scheduler.__dict__[_STATE] = state
-        scheduler.__dict__["step"] = types.MethodType(_fast_step, scheduler)
-        scheduler.__dict__["set_timesteps"] = types.MethodType(_fast_set_timesteps, scheduler)
+        step, set_timesteps = _installed_methods(type(scheduler))
+        scheduler.__dict__["step"] = types.MethodType(step, scheduler)
+        scheduler.__dict__["set_timesteps"] = types.MethodType(set_timesteps, scheduler)
         _snapshot(scheduler, state)
     else:
         state.report.fused, state.report.reason = reason is None, reason
@@ -1051,9 +1079,3 @@ def is_accelerated(scheduler) -> bool:
 def covered_schedulers() -> tuple[str, ...]:
     """diffusers scheduler class names that have a fused step."""
     return tuple(_FAMILIES)
-
-
-# A pickled scheduler stores its bound methods as getattr(scheduler, name): the names must be the attributes
-# they are installed as (the unpickled copy then runs diffusers' class step; accelerate it again).
-_fast_step.__name__ = "step"
-_fast_set_timesteps.__name__ = "set_timesteps"

@@ -155,8 +155,9 @@ class Sampler:
             raise ImportError(f"fastlatent.sampling.Sampler.from_config needs diffusers: {exc}") from exc
         name = class_name or dict(config).get("_class_name")
         if name is None:
-            raise ValueError("fastlatent.sampling.Sampler.from_config: config has no _class_name (a scheduler "
-                             "built in code): pass class_name= or use Sampler.from_scheduler(scheduler)")
+            raise ValueError("fastlatent.sampling.Sampler.from_config: config has no _class_name (a "
+                             "scheduler built in code): pass class_name= or use "
+                             "Sampler.from_scheduler(scheduler)")
         if name not in cls._DIFFUSERS_METHODS:
             raise ValueError(f"fastlatent.sampling.Sampler.from_config: config must be one of "
                              f"{sorted(cls._DIFFUSERS_METHODS)} (its _class_name), got {name!r}")
