@@ -15,6 +15,8 @@
   a small latent model at batch 1.
 """
 
+import inspect
+
 import pytest
 import torch
 
@@ -280,12 +282,14 @@ def _scheduler_loop(provider, name, config, x_t, model_output, steps):
     if provider == "fastlatent_patched":
         fastlatent.patch(scheduler, report=False)
 
+    takes_generator = "generator" in inspect.signature(type(scheduler).step).parameters
+
     def run():
         scheduler.set_timesteps(steps)
         x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
-        generator = torch.Generator().manual_seed(0)
+        kwargs = dict(generator=torch.Generator().manual_seed(0)) if takes_generator else {}
         for t in scheduler.timesteps:
-            x = scheduler.step(model_output, t, x, generator=generator).prev_sample
+            x = scheduler.step(model_output, t, x, **kwargs).prev_sample
         return x
 
     return run, scheduler

@@ -331,6 +331,31 @@ def _ddpm_reason(scheduler) -> str | None:
     return _ddim_reason(scheduler)
 
 
+def _ddpm_coefficients(alpha_bar_t: float, alpha_bar_prev: float, prediction: str):
+    """DDPM's coefficients rounded to float32 in diffusers' order of operations: its step is applied up to
+    1000 times, and coefficients rounded differently (even more exactly) drift measurably from its loop."""
+    import numpy as np
+
+    f = np.float32
+    a, ap = f(alpha_bar_t), f(alpha_bar_prev)
+    beta, beta_prev = f(1) - a, f(1) - ap
+    current_alpha = a / ap
+    current_beta = f(1) - current_alpha
+    sqrt_a, sqrt_b = f(a**0.5), f(beta**0.5)
+    if prediction == "epsilon":
+        x0_form = (1.0 / float(sqrt_a), -float(sqrt_b) / float(sqrt_a))
+    elif prediction == "sample":
+        x0_form = (0.0, 1.0)
+    elif prediction == "v_prediction":
+        x0_form = (float(sqrt_a), -float(sqrt_b))
+    else:
+        raise _Fallback(f"prediction_type={prediction!r}")
+    out_x0 = (f(ap**0.5) * current_beta) / beta
+    out_x = (f(current_alpha**0.5) * beta_prev) / beta
+    variance = max((beta_prev / beta) * current_beta, f(1e-20))
+    return x0_form, float(out_x), float(out_x0), float(f(variance**0.5))
+
+
 def _ddpm_step(scheduler, state, a):
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 
@@ -353,17 +378,10 @@ def _ddpm_step(scheduler, state, a):
     noise = (
         _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype) if t > 0 else None
     )
-    prev_sample, x0 = _call_op(
-        _steps.ddpm_step,
-        model_output,
-        sample,
-        alpha_bar_t,
-        alpha_bar_prev,
-        prediction=_prediction(scheduler),
-        noise=noise,
-        seed=0,
-        **_x0_options(scheduler.config),
-    )
+    x0_form, out_x, out_x0, out_noise = _ddpm_coefficients(alpha_bar_t, alpha_bar_prev, scheduler.config.prediction_type)
+    prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=out_x, out_x0=out_x0, noise=noise,
+                               out_noise=out_noise if noise is not None else 0.0,
+                               x0_options=_x0_options(scheduler.config))
     if not a["return_dict"]:
         return prev_sample, x0
     return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
