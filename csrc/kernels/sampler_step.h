@@ -100,13 +100,15 @@ cudaError_t launch_sampler_step_cuda(const SamplerStepParams& params, cudaStream
 // ------------------------------------------------------------------ shared element math
 
 // The update of one element, shared by the CPU and CUDA kernels so both round the same way.
+// history = sum_j out_prev[j] h_j, accumulated in j order by the caller (in its own vectorised loop on the
+// CPU: a per-element loop over the history slots here kept the compiler from vectorising the step).
 struct StepElement {
   float out;
   float x0;
 };
 
 FL_HOST_DEVICE StepElement step_element(const StepCoefficients& c, X0Mode mode, float clip, float thresh,
-                                        float x, float m, const float (&prev)[kMaxHistory], float z) {
+                                        float x, float m, float history, float z) {
   float x0 = c.x0_x * x + c.x0_m * m;
   if (mode == X0Mode::kClip) {
     x0 = x0 < -clip ? -clip : (x0 > clip ? clip : x0);  // NaN propagates, as torch.clamp
@@ -114,9 +116,7 @@ FL_HOST_DEVICE StepElement step_element(const StepCoefficients& c, X0Mode mode, 
     x0 = x0 < -thresh ? -thresh : (x0 > thresh ? thresh : x0);
     x0 = x0 / thresh;
   }
-  float out = c.out_x * x + c.out_m * m + c.out_x0 * x0;
-  for (int j = 0; j < kMaxHistory; ++j) out += c.out_prev[j] * prev[j];
-  out += c.out_noise * z;
+  const float out = c.out_x * x + c.out_m * m + c.out_x0 * x0 + history + c.out_noise * z;
   return {out, x0};
 }
 

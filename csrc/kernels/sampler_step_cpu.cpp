@@ -126,30 +126,34 @@ void step(const SamplerStepParams& p) {
   const int64_t chunks_per_sample = (n + kChunk - 1) / kChunk;
 #pragma omp parallel if (batch * n > kParallelElements)
   {
-    std::vector<float> scratch((5 + kMaxHistory) * kChunk, 0.0f);
+    std::vector<float> scratch(7 * kChunk, 0.0f);
     float* x = scratch.data();
     float* m = x + kChunk;
     float* z = m + kChunk;
     float* out = z + kChunk;
-    float* prev[kMaxHistory];
-    for (int j = 0; j < kMaxHistory; ++j) prev[j] = out + (2 + j) * kChunk;
     float* x0 = out + kChunk;
+    float* hist = x0 + kChunk;   // sum_j out_prev[j] h_j
+    float* prev = hist + kChunk;  // one history tensor at a time
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < batch * chunks_per_sample; ++t) {
       const int64_t b = t / chunks_per_sample, i0 = (t % chunks_per_sample) * kChunk;
       const int64_t count = std::min(kChunk, n - i0), base = b * n + i0;
       load(static_cast<const T*>(p.sample) + base, count, x);
       load_model<T>(p, b, i0, count, factor[b], m, out);
-      for (int j = 0; j < kMaxHistory; ++j)
-        if (p.prev[j] != nullptr) load(static_cast<const T*>(p.prev[j]) + base, count, prev[j]);
+      for (int64_t i = 0; i < count; ++i) hist[i] = 0.0f;
+      for (int j = 0; j < kMaxHistory; ++j) {
+        if (p.prev[j] == nullptr) continue;
+        load(static_cast<const T*>(p.prev[j]) + base, count, prev);
+        const float coefficient = p.c.out_prev[j];
+        for (int64_t i = 0; i < count; ++i) hist[i] += coefficient * prev[i];
+      }
       if (draw) fill_normals(p.seed, p.offset, base, count, z);
       if (noise_in) load(static_cast<const T*>(p.noise) + base, count, z);
       const StepCoefficients c = p.c;
       const X0Mode mode = p.x0_mode;
       const float clip = p.clip, s = thresh[b];
       for (int64_t i = 0; i < count; ++i) {
-        const float h[kMaxHistory] = {prev[0][i], prev[1][i], prev[2][i]};
-        const StepElement r = step_element(c, mode, clip, s, x[i], m[i], h, z[i]);
+        const StepElement r = step_element(c, mode, clip, s, x[i], m[i], hist[i], z[i]);
         out[i] = r.out;
         x0[i] = r.x0;
       }

@@ -227,16 +227,18 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Args a) {
   for (int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; v < vectors;
        v += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t e = v * kLanes, b = e / a.n;
-    float x[kLanes], m[kLanes], prev[kMaxHistory][kLanes], z[kLanes];
+    float x[kLanes], m[kLanes], hist[kLanes], z[kLanes];
     load_lanes<T, kLanes>(static_cast<const T*>(a.sample) + e, x);
     load_model<T, kLanes>(a, e, b, m);
 #pragma unroll
-    for (int h = 0; h < kMaxHistory; ++h) {
-      if (a.prev[h] != nullptr) {
-        load_lanes<T, kLanes>(static_cast<const T*>(a.prev[h]) + e, prev[h]);
-      } else {
+    for (int j = 0; j < kLanes; ++j) hist[j] = 0.0f;
 #pragma unroll
-        for (int j = 0; j < kLanes; ++j) prev[h][j] = 0.0f;
+    for (int h = 0; h < kMaxHistory; ++h) {
+      if (a.prev[h] != nullptr) {  // sum_j out_prev[j] h_j in j order, as the CPU kernel
+        float prev[kLanes];
+        load_lanes<T, kLanes>(static_cast<const T*>(a.prev[h]) + e, prev);
+#pragma unroll
+        for (int j = 0; j < kLanes; ++j) hist[j] += a.c.out_prev[h] * prev[j];
       }
     }
     if (a.noise_in) {
@@ -261,8 +263,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Args a) {
     float out[kLanes], x0[kLanes];
 #pragma unroll
     for (int j = 0; j < kLanes; ++j) {
-      const float hist[kMaxHistory] = {prev[0][j], prev[1][j], prev[2][j]};
-      const StepElement r = step_element(a.c, a.x0_mode, a.clip, thresh, x[j], m[j], hist, z[j]);
+      const StepElement r = step_element(a.c, a.x0_mode, a.clip, thresh, x[j], m[j], hist[j], z[j]);
       out[j] = r.out;
       x0[j] = r.x0;
     }

@@ -378,7 +378,8 @@ def _ddpm_step(scheduler, state, a):
     noise = (
         _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype) if t > 0 else None
     )
-    x0_form, out_x, out_x0, out_noise = _ddpm_coefficients(alpha_bar_t, alpha_bar_prev, scheduler.config.prediction_type)
+    prediction = scheduler.config.prediction_type
+    x0_form, out_x, out_x0, out_noise = _ddpm_coefficients(alpha_bar_t, alpha_bar_prev, prediction)
     prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=out_x, out_x0=out_x0, noise=noise,
                                out_noise=out_noise if noise is not None else 0.0,
                                x0_options=_x0_options(scheduler.config))
