@@ -269,7 +269,8 @@ SCHEDULER_LOOPS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True)),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(SD, solver_order=3)),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++")),
-    "dpmsolver_2m": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver")),
+    "dpmsolver_2m": ("DPMSolverMultistepScheduler",
+                     dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
 }
 SCHEDULER_SHAPES = [pytest.param((8, 4, 64, 64), id="8x4x64x64"),
