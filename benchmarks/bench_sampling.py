@@ -8,9 +8,14 @@
 - One classifier-free-guided DDIM step at DiT shapes (batch doubled for guidance): the fused kernel
   against the float64 reference (eager and compiled), the plain-PyTorch step in the input dtype
   (eager and compiled) and diffusers (guidance, then ``DDIMScheduler.step``).
+- 50-step loops of every diffusers scheduler config that ``fastlatent.patch`` fuses (model excluded),
+  the patched scheduler against the same diffusers scheduler unpatched, at 8x4x64x64 and 1x16x128x128,
+  and an end-to-end loop with a tiny diffusers UNet2DModel (model included).
 - CUDA: the guided step's fraction of HBM bandwidth, loops, and graph-captured vs eager sampling of
   a small latent model at batch 1.
 """
+
+import inspect
 
 import pytest
 import torch
@@ -246,4 +251,113 @@ def test_graph_captured_sampling_cuda(bench, provider):
     with torch.no_grad():
         eager = sampler.sample(model, x_t, progress=False)
     torch.testing.assert_close(fn(), eager, rtol=1e-4, atol=1e-4)
+    bench.run(fn)
+
+
+# ------------------------------------------------------------------ patched diffusers schedulers
+
+# every fused family of fastlatent.patch, as pipelines configure them
+SCHEDULER_LOOPS = {
+    "ddim": ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)),
+    "ddpm": ("DDPMScheduler", dict(SD)),
+    "pndm": ("PNDMScheduler", dict(SD, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),
+    "lcm": ("LCMScheduler", dict(SD)),
+    "lms": ("LMSDiscreteScheduler", dict(SD)),
+    "euler": ("EulerDiscreteScheduler", dict(SD)),
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", dict(SD)),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(SD)),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True)),
+    "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(SD, solver_order=3)),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++")),
+    "dpmsolver_2m": ("DPMSolverMultistepScheduler",
+                     dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+}
+SCHEDULER_SHAPES = [pytest.param((8, 4, 64, 64), id="8x4x64x64"),
+                    pytest.param((1, 16, 128, 128), id="1x16x128x128")]
+
+
+def _scheduler_loop(provider, name, config, x_t, model_output, steps):
+    diffusers = peer("diffusers", "diffusers")
+    scheduler = getattr(diffusers, name)(**config)
+    if provider == "fastlatent_patched":
+        fastlatent.patch(scheduler, report=False)
+
+    takes_generator = "generator" in inspect.signature(type(scheduler).step).parameters
+
+    def run():
+        scheduler.set_timesteps(steps)
+        x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
+        kwargs = dict(generator=torch.Generator().manual_seed(0)) if takes_generator else {}
+        for t in scheduler.timesteps:
+            x = scheduler.step(model_output, t, x, **kwargs).prev_sample
+        return x
+
+    return run, scheduler
+
+
+@pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
+@pytest.mark.parametrize("loop", list(SCHEDULER_LOOPS))
+@pytest.mark.parametrize("shape", SCHEDULER_SHAPES)
+def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
+    """``fastlatent.patch(scheduler)`` against the same diffusers scheduler: 50 steps, model excluded."""
+    name, config = SCHEDULER_LOOPS[loop]
+    b, c, h, w = shape
+    bench.describe(op=f"50-step patched {loop} loop (model excluded)", case=f"{b}x{c}x{h}x{w}",
+                   provider=provider, device=CPU, dtype=torch.float32,
+                   sizes={"batch": b, "channels": c, "side": h, "steps": 50})
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(shape, generator=gen)
+    model_output = 0.05 * torch.randn(shape, generator=gen)
+    fn, scheduler = _scheduler_loop(provider, name, config, x_t, model_output, 50)
+    if provider != "diffusers":
+        expected = _scheduler_loop("diffusers", name, config, x_t, model_output, 50)[0]()
+        err = relative_error(fn(), expected)
+        assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
+        from fastlatent.sampling.diffusers_fast import scheduler_report
+        assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
+    bench.run(fn)
+
+
+def _tiny_unet():
+    diffusers = peer("diffusers", "diffusers")
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
+                                 block_out_channels=(32, 64), norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+@pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
+@pytest.mark.parametrize("loop", ["ddim", "euler_ancestral", "dpmpp_2m"])
+def test_patched_scheduler_unet_loop_cpu(bench, provider, loop):
+    """End to end: 20 steps of a tiny UNet2DModel (model included), patched scheduler or diffusers'."""
+    name, config = SCHEDULER_LOOPS[loop]
+    bench.describe(op=f"20-step {loop} loop with a tiny UNet2DModel (model included)", case="2x4x32x32",
+                   provider=provider, device=CPU, dtype=torch.float32, sizes={"batch": 2, "steps": 20})
+    unet = _tiny_unet()
+    x_t = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+
+    def make(which):
+        diffusers = peer("diffusers", "diffusers")
+        scheduler = getattr(diffusers, name)(**config)
+        if which == "fastlatent_patched":
+            fastlatent.patch(scheduler, report=False)
+
+        @torch.no_grad()
+        def run():
+            scheduler.set_timesteps(20)
+            x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
+            generator = torch.Generator().manual_seed(0)
+            for t in scheduler.timesteps:
+                out = unet(scheduler.scale_model_input(x, t), t).sample
+                x = scheduler.step(out, t, x, generator=generator).prev_sample
+            return x
+
+        return run
+
+    fn = make(provider)
+    if provider != "diffusers":
+        err = relative_error(fn(), make("diffusers")())
+        assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
     bench.run(fn)

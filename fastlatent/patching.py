@@ -306,12 +306,72 @@ def _probe(original: nn.Module, fused: nn.Module, shape: tuple, weight: torch.Te
     return None
 
 
-def patch(model: nn.Module, activation_fusion: bool = True, report: bool = True) -> nn.Module:
+# pipeline components patch() swaps blocks in: the autoencoder (the denoiser is left as diffusers has it)
+_PIPELINE_AUTOENCODERS = ("vae", "vqvae", "movq")
+
+
+@dataclass
+class PipelinePatchReport:
+    """What :func:`patch` did to a diffusers pipeline: a :class:`PatchReport` per autoencoder component
+    and the scheduler's :class:`~fastlatent.sampling.diffusers_fast.SchedulerReport`."""
+
+    modules: dict = field(default_factory=dict)
+    scheduler: object = None
+
+    def __str__(self) -> str:
+        lines = []
+        for name, module_report in self.modules.items():
+            lines.append(f"{name}: " + str(module_report))
+        if self.scheduler is not None:
+            lines.append("scheduler: " + str(self.scheduler))
+        return "\n".join(lines) or "fastlatent.patch: nothing to swap in this pipeline"
+
+
+def _mro_names(obj) -> set:
+    return {f"{c.__module__}.{c.__name__}" for c in type(obj).__mro__}
+
+
+def _is_diffusers_pipeline(obj) -> bool:
+    return "diffusers.pipelines.pipeline_utils.DiffusionPipeline" in _mro_names(obj)
+
+
+def _is_diffusers_scheduler(obj) -> bool:
+    return "diffusers.schedulers.scheduling_utils.SchedulerMixin" in _mro_names(obj)
+
+
+def _patch_pipeline(pipe, activation_fusion: bool, report: bool):
+    from fastlatent.sampling.diffusers_fast import accelerate_scheduler
+
+    result = PipelinePatchReport()
+    components = getattr(pipe, "components", {})
+    for name in _PIPELINE_AUTOENCODERS:
+        module = components.get(name)
+        if isinstance(module, nn.Module):
+            root = patch(module, activation_fusion=activation_fusion, report=False)
+            if root is not module:
+                setattr(pipe, name, root)
+            result.modules[name] = root.__dict__[REPORT_ATTR]
+    scheduler = components.get("scheduler")
+    if scheduler is not None and _is_diffusers_scheduler(scheduler):
+        result.scheduler = accelerate_scheduler(scheduler)
+    pipe.__dict__[REPORT_ATTR] = result
+    if report:
+        print(result)
+    return pipe
+
+
+def patch(model, activation_fusion: bool = True, report: bool = True):
     """Swap ``model``'s GroupNorm (+ activation) modules and known blocks for fused ones, in place.
+
+    A diffusers ``DiffusionPipeline`` gets its autoencoder (``vae``) patched and its scheduler's ``step``
+    fused (:func:`fastlatent.sampling.diffusers_fast.accelerate_scheduler`: same class, same saved files,
+    diffusers' own step for what the fused one does not cover); a lone diffusers scheduler gets its
+    ``step`` fused.
 
     Args:
         model: any ``nn.Module`` (diffusers ``AutoencoderKL``/``VQModel``/``UNet2DModel``, taming VQGAN decoders,
-            plain torch models), on any device, dtype and memory format, in train or eval mode.
+            plain torch models), on any device, dtype and memory format, in train or eval mode; a diffusers
+            ``DiffusionPipeline``; a diffusers scheduler.
         activation_fusion: with False, only GroupNorms are swapped (``GroupNormAct(activation=None)``); blocks and
             activations stay as they are.
         report: print the :class:`PatchReport`. It is also stored as ``model.fastlatent_patch_report``.
@@ -321,7 +381,17 @@ def patch(model: nn.Module, activation_fusion: bool = True, report: bool = True)
         ``ResnetBlock2D``), the replacement. State-dict keys are unchanged.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fastlatent.patch: model must be an nn.Module, got {type(model).__name__}")
+        if _is_diffusers_pipeline(model):
+            return _patch_pipeline(model, activation_fusion, report)
+        if _is_diffusers_scheduler(model):
+            from fastlatent.sampling.diffusers_fast import accelerate_scheduler
+
+            swap = accelerate_scheduler(model)
+            if report:
+                print(swap)
+            return model
+        raise TypeError(f"fastlatent.patch: model must be an nn.Module, a diffusers DiffusionPipeline or a "
+                        f"diffusers scheduler, got {type(model).__name__}")
     patcher = _Patcher(activation_fusion)
     root = patcher.replacement(model, "")
     if root is None:
@@ -372,7 +442,24 @@ def unpatch(model: nn.Module) -> nn.Module:
     has ``m``'s state dict and computes exactly what ``m`` computed.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"fastlatent.unpatch: model must be an nn.Module, got {type(model).__name__}")
+        from fastlatent.sampling.diffusers_fast import restore_scheduler
+
+        if _is_diffusers_pipeline(model):
+            components = getattr(model, "components", {})
+            for name in _PIPELINE_AUTOENCODERS:
+                if isinstance(components.get(name), nn.Module):
+                    restored = unpatch(components[name])
+                    if restored is not components[name]:
+                        setattr(model, name, restored)
+            if components.get("scheduler") is not None:
+                restore_scheduler(components["scheduler"])
+            model.__dict__.pop(REPORT_ATTR, None)
+            return model
+        if _is_diffusers_scheduler(model):
+            restore_scheduler(model)
+            return model
+        raise TypeError(f"fastlatent.unpatch: model must be an nn.Module, a diffusers DiffusionPipeline or a "
+                        f"diffusers scheduler, got {type(model).__name__}")
     model.__dict__.pop(REPORT_ATTR, None)
     if _ORIGINAL in model.__dict__:
         return _restore(model)

@@ -565,7 +565,38 @@ def _convert_errors(device):
                       r"an even batch of 2B")
 
 
+def _generic_samples(device, dtype):
+    """sampler_step with 0-3 history tensors, noise given or drawn, every x0 mode via the shared options."""
+    gen = torch.Generator().manual_seed(16)
+    for i, (model_output, sample, options, name) in enumerate(_step_inputs(device, dtype, 16)):
+        count = i % 4
+        history = [torch.randn(sample.shape, generator=gen).to(device, dtype) for _ in range(count)]
+        coefficients = (0.9 - 0.1 * i, -0.3, 0.8, -0.25 + 0.05 * i, 1.1)
+        out_history = [0.5, -0.3, 0.15][:count]
+        out_noise = (0.0, 0.4)[i % 2]
+        options.update(seed=300 + i, offset=i)
+        if i == 3:
+            options["noise"] = torch.randn(sample.shape, generator=gen).to(device, dtype)
+        yield Sample((model_output, sample, *coefficients, history, out_history, out_noise), options,
+                     name=f"{name}_h{count}_z{out_noise}")
+
+
+def _generic_errors(device):
+    yield from _common_step_errors(device, lambda m, x: (m, x, 1.0, -0.5, 0.5, 0.0, 0.5, [], []))
+    x = torch.randn(2, 3, device=device)
+    yield ErrorSample((x, x, 1.0, -0.5, 0.5, 0.0, 0.5, [x, x, x, x], [1.0, 1.0, 1.0, 1.0]), {}, ValueError,
+                      r"history takes at most 3 tensors, got 4")
+    yield ErrorSample((x, x, 1.0, -0.5, 0.5, 0.0, 0.5, [x], []), {}, ValueError,
+                      r"out_history must have one coefficient per history tensor \(1\), got 0")
+    yield ErrorSample((x, x, 1.0, -0.5, 0.5, 0.0, 0.5, [x[:1]], [1.0]), {}, ValueError,
+                      r"history tensors must have the shape of sample \[2, 3\]")
+    yield ErrorSample((x, x, float("inf"), -0.5, 0.5, 0.0, 0.5, [], []), {}, ValueError,
+                      r"x0_x must be finite, got inf")
+
+
 OP_SPECS += [
+    OpSpec(name="sampler_step", op=fastlatent.ops.sampler_step, reference=reference.sampler_step,
+           sample_inputs=_generic_samples, error_inputs=_generic_errors, compare=_step_compare),
     OpSpec(name="ddpm_step", op=fastlatent.ops.ddpm_step, reference=reference.ddpm_step,
            sample_inputs=_ddpm_samples, error_inputs=_ddpm_errors, compare=_step_compare),
     OpSpec(name="ddim_step", op=fastlatent.ops.ddim_step, reference=reference.ddim_step,

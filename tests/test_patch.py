@@ -297,7 +297,8 @@ def test_patch_shared_module_and_subclass():
 
 
 def test_patch_errors():
-    with pytest.raises(TypeError, match="fastlatent.patch: model must be an nn.Module, got str"):
+    with pytest.raises(TypeError, match="fastlatent.patch: model must be an nn.Module, a diffusers "
+                       "DiffusionPipeline or a diffusers scheduler, got str"):
         fastlatent.patch("model")
     with pytest.raises(TypeError, match="fastlatent.unpatch: model must be an nn.Module"):
         fastlatent.unpatch(None)

@@ -4,6 +4,7 @@ Tolerance convention: "1e-5 relative" is max |ours - theirs| <= 1e-5 * max |thei
 (an elementwise rtol cannot hold for values near zero, which carry the operands' rounding).
 """
 
+import importlib
 import math
 
 import pytest
@@ -13,6 +14,9 @@ from opspecs import assert_step_close
 import fastlatent
 from fastlatent import reference
 from fastlatent.sampling import DiscreteSchedule, FlowSchedule, KarrasSchedule, Sampler
+
+# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
+ops = importlib.import_module("fastlatent.ops.sampler_step")
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -237,7 +241,7 @@ def test_philox_noise_matches_reference_stream_and_is_standard_normal():
 
 def test_philox_known_answer():
     # Random123 known-answer vector: philox4x32_10, counter 0, key 0
-    words = reference.sampler_step.philox_words(0, 0, 1)[0]
+    words = importlib.import_module("fastlatent.reference.sampler_step").philox_words(0, 0, 1)[0]
     assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
@@ -308,19 +312,31 @@ def test_seed_offset_tensor_is_cuda_only():
         fastlatent.ops.ddpm_step(x, x, 0.3, 0.5, seed_offset=torch.zeros(2, dtype=torch.int64))
 
 
-def test_unsupported_diffusers_configs_raise():
-    _diffusers()
+def test_unsupported_diffusers_configs_run_diffusers_step():
+    """What the fused step does not cover runs diffusers' own step (same numbers, no error), reported."""
+    diffusers = _diffusers()
+    from fastlatent.sampling.diffusers_fast import scheduler_report
     from fastlatent.sampling.schedulers import FastDPMSolverMultistepScheduler, FastEulerDiscreteScheduler
 
-    dpm = FastDPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver++")
+    FINAL = dict(final_sigmas_type="sigma_min")  # noqa: N806 (diffusers refuses "zero" for sde-dpmsolver)
+    dpm = FastDPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver", solver_order=3, **FINAL)
+    ref = diffusers.DPMSolverMultistepScheduler(**SD, algorithm_type="sde-dpmsolver", solver_order=3, **FINAL)
+    assert not scheduler_report(dpm).fused and "sde-dpmsolver" in scheduler_report(dpm).reason
     dpm.set_timesteps(10)
+    ref.set_timesteps(10)
     x = torch.randn(1, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"algorithm_type='sde-dpmsolver\+\+' is not implemented by the fused step"):
-        dpm.step(x, dpm.timesteps[0], x)
+    a = dpm.step(x, dpm.timesteps[0], x, generator=torch.Generator().manual_seed(3)).prev_sample
+    b = ref.step(x, ref.timesteps[0], x, generator=torch.Generator().manual_seed(3)).prev_sample
+    assert torch.equal(a, b)
     euler = FastEulerDiscreteScheduler(**SD)
+    ref = diffusers.EulerDiscreteScheduler(**SD)
     euler.set_timesteps(10)
-    with pytest.raises(ValueError, match=r"s_churn > 0 is not implemented"):
-        euler.step(x, euler.timesteps[0], x, s_churn=1.0)
+    ref.set_timesteps(10)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    a = euler.step(x, euler.timesteps[0], x, s_churn=1.0, generator=g1).prev_sample
+    b = ref.step(x, ref.timesteps[0], x, s_churn=1.0, generator=g2).prev_sample
+    assert torch.equal(a, b)
+    assert scheduler_report(euler).fallbacks["s_churn > 0"] == 1
 
 
 def test_schedules_match_diffusers_betas():
@@ -390,3 +406,38 @@ def test_cuda_graph_capture_matches_eager_and_replays(method, schedule):
                                  capture_graph=True, progress=False)
         assert_step_close(graphed.cpu(), eager.cpu(), torch.float32)
     assert len(sampler._graphs) == 1  # the second call replayed the first capture
+
+
+def test_nan_in_nan_out_like_the_reference():
+    """A NaN in one sample's x0 makes that sample's dynamic threshold NaN (torch.quantile) and a NaN in the
+    model output makes the guidance-rescale factor NaN (torch.std): the whole sample is NaN, others not."""
+    gen = torch.Generator().manual_seed(9)
+    x, m = torch.randn(3, 4, 5, 5, generator=gen), torch.randn(3, 4, 5, 5, generator=gen)
+    m[1, 2, 3, 3] = float("nan")
+    options = dict(prediction="sample", threshold_quantile=0.9, threshold_max=2.0)
+    ours = ops.ddim_step(m, x, 0.3, 0.5, **options)
+    want = reference.ddim_step(m, x, 0.3, 0.5, **options)
+    for a, b in zip(ours, want):
+        assert torch.equal(a.isnan(), b.isnan()) and a[1].isnan().all()
+        assert_step_close(a[[0, 2]], b[[0, 2]], torch.float32)
+    guided = torch.randn(6, 4, 5, 5, generator=gen)
+    guided[4, 0, 0, 0] = float("nan")
+    options = dict(guidance_scale=5.0, guidance_rescale=0.7)
+    ours = ops.ddim_step(guided, x, 0.3, 0.5, **options)[0]
+    want = reference.ddim_step(guided, x, 0.3, 0.5, **options)[0]
+    assert torch.equal(ours.isnan(), want.isnan()) and ours[1].isnan().all() and not ours[0].isnan().any()
+
+
+def test_fused_steps_refuse_inputs_that_require_grad():
+    x = torch.randn(2, 4, 8, 8)
+    m = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with pytest.raises(RuntimeError, match=r"fastlatent.ddim_step: the fused sampler steps are inference"):
+        ops.ddim_step(m, x, 0.3, 0.5)
+    with pytest.raises(RuntimeError, match=r"fastlatent.sampler_step: the fused sampler steps are inference"):
+        ops.sampler_step(x, x, 1.0, 0.0, 0.5, 0.0, 0.5, [m.detach().requires_grad_()], [1.0])
+    with torch.no_grad():
+        ops.ddim_step(m, x, 0.3, 0.5)
+    out = ops.ddim_step(m.detach(), x, 0.3, 0.5)[0]
+    # the reference twin is differentiable
+    (grad,) = torch.autograd.grad(reference.ddim_step(m, x, 0.3, 0.5)[0].sum(), m)
+    assert grad.shape == m.shape and torch.isfinite(grad).all() and out.shape == x.shape

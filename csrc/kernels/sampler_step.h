@@ -13,9 +13,11 @@
 //   m  *= phi std(c) / std(m) + (1 - phi)      guidance rescale (Lin et al. 2023), per sample
 //   x0  = x0_x x + x0_m m                      the parameterisation, folded into two numbers
 //   x0' = clamp(x0, -r, r)  or  clamp(x0, -s, s) / s,  s = clamp(quantile(|x0|, p), 1, s_max)
-//   out = out_x x + out_m m + out_x0 x0' + out_prev prev_x0 + out_noise z
-// The host folds each step's schedule into those seven coefficients in double precision
-// (the *_form and fold functions below); the kernels never see a schedule.
+//   out = out_x x + out_m m + out_x0 x0' + sum_j out_prev[j] h_j + out_noise z
+// with up to kMaxHistory earlier tensors h_j (previous x0 or model outputs of multistep solvers).
+// The host folds each step's schedule into those coefficients in double precision (the *_form
+// and fold functions below, or the caller's own for the generic sampler_step op); the kernels
+// never see a schedule.
 //
 // Layout: every tensor is viewed as [B, N] (B the batch, N all other dims), contiguous;
 // model_output is [2B, N] with guidance (unconditional rows first, as diffusers pipelines stack
@@ -33,7 +35,9 @@
 // summed in chunk order, so the result is deterministic. Dynamic thresholding (Imagen) needs
 // the p-quantile of |x0| per sample, exactly as torch.quantile (linear interpolation between
 // order statistics): the CPU selects with nth_element, CUDA materialises |x0| in fp32 and runs an
-// exact 4 x 8-bit radix select per sample in one block. Everything is deterministic.
+// exact 4 x 8-bit radix select per sample in one block. NaN in, NaN out, as torch: a NaN in a
+// sample's x0 makes its threshold NaN (torch.quantile), and a NaN in the model output makes the
+// rescale factor NaN (torch.std). Everything is deterministic.
 #pragma once
 
 #include <cmath>
@@ -52,16 +56,20 @@ namespace fastlatent {
 enum class Prediction : int { kEpsilon = 0, kVPrediction = 1, kSample = 2, kFlow = 3 };
 enum class X0Mode : int { kNone = 0, kClip = 1, kThreshold = 2 };
 
-// out = out_x x + out_m m + out_x0 x0' + out_prev prev + out_noise z, x0 = x0_x x + x0_m m.
+constexpr int kMaxHistory = 3;
+
+// out = out_x x + out_m m + out_x0 x0' + sum_j out_prev[j] h_j + out_noise z, x0 = x0_x x + x0_m m.
 struct StepCoefficients {
   float x0_x = 0, x0_m = 0;
-  float out_x = 0, out_m = 0, out_x0 = 0, out_prev = 0, out_noise = 0;
+  float out_x = 0, out_m = 0, out_x0 = 0, out_noise = 0;
+  float out_prev[kMaxHistory] = {0, 0, 0};
 };
 
 struct SamplerStepParams {
   const void* model_output = nullptr;  // [G * B, N], G = 2 with guidance ([uncond; cond]), else 1
   const void* sample = nullptr;        // [B, N]
-  const void* prev_x0 = nullptr;       // [B, N] or null: the previous step's x0 (multistep solvers)
+  const void* prev[kMaxHistory] = {nullptr, nullptr, nullptr};  // [B, N] each or null: earlier x0 or model
+                                       // outputs (multistep solvers); null where out_prev[j] is 0
   const void* noise = nullptr;         // [B, N] or null: caller's noise, used instead of Philox
   void* out = nullptr;                 // [B, N]
   void* x0_out = nullptr;              // [B, N] or null: the (clipped/thresholded) x0
@@ -92,13 +100,15 @@ cudaError_t launch_sampler_step_cuda(const SamplerStepParams& params, cudaStream
 // ------------------------------------------------------------------ shared element math
 
 // The update of one element, shared by the CPU and CUDA kernels so both round the same way.
+// history = sum_j out_prev[j] h_j, accumulated in j order by the caller (in its own vectorised loop on the
+// CPU: a per-element loop over the history slots here kept the compiler from vectorising the step).
 struct StepElement {
   float out;
   float x0;
 };
 
 FL_HOST_DEVICE StepElement step_element(const StepCoefficients& c, X0Mode mode, float clip, float thresh,
-                                        float x, float m, float prev, float z) {
+                                        float x, float m, float history, float z) {
   float x0 = c.x0_x * x + c.x0_m * m;
   if (mode == X0Mode::kClip) {
     x0 = x0 < -clip ? -clip : (x0 > clip ? clip : x0);  // NaN propagates, as torch.clamp
@@ -106,7 +116,7 @@ FL_HOST_DEVICE StepElement step_element(const StepCoefficients& c, X0Mode mode, 
     x0 = x0 < -thresh ? -thresh : (x0 > thresh ? thresh : x0);
     x0 = x0 / thresh;
   }
-  const float out = c.out_x * x + c.out_m * m + c.out_x0 * x0 + c.out_prev * prev + c.out_noise * z;
+  const float out = c.out_x * x + c.out_m * m + c.out_x0 * x0 + history + c.out_noise * z;
   return {out, x0};
 }
 
@@ -120,7 +130,8 @@ FL_HOST_DEVICE float rescale_factor(double sum_c, double sumsq_c, double sum_m, 
                                     float phi) {
   const double var_c = (sumsq_c - sum_c * sum_c / n) / (n - 1);
   const double var_m = (sumsq_m - sum_m * sum_m / n) / (n - 1);
-  const double ratio = sqrt(var_c > 0 ? var_c : 0.0) / sqrt(var_m > 0 ? var_m : 0.0);
+  // rounding can make a variance slightly negative; NaN passes through (NaN in, NaN out)
+  const double ratio = sqrt(var_c < 0 ? 0.0 : var_c) / sqrt(var_m < 0 ? 0.0 : var_m);
   return static_cast<float>(phi * ratio + (1.0 - phi));
 }
 
@@ -200,7 +211,7 @@ inline Status fold(const StepForm& f, X0Mode mode, bool need_x0, StepCoefficient
   out.out_x = static_cast<float>(ox);
   out.out_m = static_cast<float>(om);
   out.out_x0 = static_cast<float>(ox0);
-  out.out_prev = static_cast<float>(f.a_prev);
+  out.out_prev[0] = static_cast<float>(f.a_prev);
   out.out_noise = static_cast<float>(f.a_noise);
   out.x0_x = x0_used ? static_cast<float>(v.x0.x) : 0.0f;
   out.x0_m = x0_used ? static_cast<float>(v.x0.m) : 0.0f;

@@ -4,6 +4,7 @@
 // and dynamic-threshold quantiles are computed first, per sample, when asked for.
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "dispatch.h"
@@ -100,6 +101,11 @@ void thresholds(const SamplerStepParams& p, const float* factor, float* thresh) 
         load(sample + b * p.n + i0, count, scratch.data());
         for (int64_t i = 0; i < count; ++i) values[i0 + i] = std::fabs(p.c.x0_x * scratch[i] + p.c.x0_m * m[i]);
       }
+      // torch.quantile: any NaN makes the quantile NaN (nth_element needs a strict weak order anyway)
+      if (std::any_of(values.begin(), values.end(), [](float v) { return std::isnan(v); })) {
+        thresh[b] = std::numeric_limits<float>::quiet_NaN();
+        continue;
+      }
       std::nth_element(values.begin(), values.begin() + lo, values.end());
       const float below = values[lo];
       const float above = hi == lo ? below : *std::min_element(values.begin() + lo + 1, values.end());
@@ -120,27 +126,34 @@ void step(const SamplerStepParams& p) {
   const int64_t chunks_per_sample = (n + kChunk - 1) / kChunk;
 #pragma omp parallel if (batch * n > kParallelElements)
   {
-    std::vector<float> scratch(6 * kChunk, 0.0f);
+    std::vector<float> scratch(7 * kChunk, 0.0f);
     float* x = scratch.data();
     float* m = x + kChunk;
-    float* prev = m + kChunk;
-    float* z = prev + kChunk;
+    float* z = m + kChunk;
     float* out = z + kChunk;
     float* x0 = out + kChunk;
+    float* hist = x0 + kChunk;   // sum_j out_prev[j] h_j
+    float* prev = hist + kChunk;  // one history tensor at a time
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < batch * chunks_per_sample; ++t) {
       const int64_t b = t / chunks_per_sample, i0 = (t % chunks_per_sample) * kChunk;
       const int64_t count = std::min(kChunk, n - i0), base = b * n + i0;
       load(static_cast<const T*>(p.sample) + base, count, x);
       load_model<T>(p, b, i0, count, factor[b], m, out);
-      if (p.prev_x0 != nullptr) load(static_cast<const T*>(p.prev_x0) + base, count, prev);
+      for (int64_t i = 0; i < count; ++i) hist[i] = 0.0f;
+      for (int j = 0; j < kMaxHistory; ++j) {
+        if (p.prev[j] == nullptr) continue;
+        load(static_cast<const T*>(p.prev[j]) + base, count, prev);
+        const float coefficient = p.c.out_prev[j];
+        for (int64_t i = 0; i < count; ++i) hist[i] += coefficient * prev[i];
+      }
       if (draw) fill_normals(p.seed, p.offset, base, count, z);
       if (noise_in) load(static_cast<const T*>(p.noise) + base, count, z);
       const StepCoefficients c = p.c;
       const X0Mode mode = p.x0_mode;
       const float clip = p.clip, s = thresh[b];
       for (int64_t i = 0; i < count; ++i) {
-        const StepElement r = step_element(c, mode, clip, s, x[i], m[i], prev[i], z[i]);
+        const StepElement r = step_element(c, mode, clip, s, x[i], m[i], hist[i], z[i]);
         out[i] = r.out;
         x0[i] = r.x0;
       }

@@ -77,7 +77,7 @@ Workspace carve(const SamplerStepParams& p) {
 struct Args {
   const void* model_output;
   const void* sample;
-  const void* prev_x0;
+  const void* prev[kMaxHistory];
   const void* noise;
   void* out;
   void* x0_out;
@@ -201,6 +201,13 @@ select_kernel(Args a, int64_t lo, int64_t hi, float weight, float threshold_max)
   __shared__ int64_t k;
   const int64_t b = blockIdx.x;
   const uint32_t* bits = reinterpret_cast<const uint32_t*>(a.w.abs_x0 + b * a.n);
+  // torch.quantile: a NaN anywhere in the sample makes the quantile NaN (|NaN| sorts above +inf)
+  int has_nan = 0;
+  for (int64_t i = threadIdx.x; i < a.n; i += blockDim.x) has_nan |= bits[i] > 0x7f800000u;
+  if (__syncthreads_or(has_nan)) {
+    if (threadIdx.x == 0) a.w.thresh[b] = __int_as_float(0x7fc00000);
+    return;
+  }
   const float below = block_select(bits, a.n, lo, hist, &prefix, &k);
   const float above = hi == lo ? below : block_select(bits, a.n, hi, hist, &prefix, &k);
   if (threadIdx.x == 0) {
@@ -220,14 +227,19 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Args a) {
   for (int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; v < vectors;
        v += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t e = v * kLanes, b = e / a.n;
-    float x[kLanes], m[kLanes], prev[kLanes], z[kLanes];
+    float x[kLanes], m[kLanes], hist[kLanes], z[kLanes];
     load_lanes<T, kLanes>(static_cast<const T*>(a.sample) + e, x);
     load_model<T, kLanes>(a, e, b, m);
-    if (a.prev_x0 != nullptr) {
-      load_lanes<T, kLanes>(static_cast<const T*>(a.prev_x0) + e, prev);
-    } else {
 #pragma unroll
-      for (int j = 0; j < kLanes; ++j) prev[j] = 0.0f;
+    for (int j = 0; j < kLanes; ++j) hist[j] = 0.0f;
+#pragma unroll
+    for (int h = 0; h < kMaxHistory; ++h) {
+      if (a.prev[h] != nullptr) {  // sum_j out_prev[j] h_j in j order, as the CPU kernel
+        float prev[kLanes];
+        load_lanes<T, kLanes>(static_cast<const T*>(a.prev[h]) + e, prev);
+#pragma unroll
+        for (int j = 0; j < kLanes; ++j) hist[j] += a.c.out_prev[h] * prev[j];
+      }
     }
     if (a.noise_in) {
       load_lanes<T, kLanes>(static_cast<const T*>(a.noise) + e, z);
@@ -251,7 +263,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Args a) {
     float out[kLanes], x0[kLanes];
 #pragma unroll
     for (int j = 0; j < kLanes; ++j) {
-      const StepElement r = step_element(a.c, a.x0_mode, a.clip, thresh, x[j], m[j], prev[j], z[j]);
+      const StepElement r = step_element(a.c, a.x0_mode, a.clip, thresh, x[j], m[j], hist[j], z[j]);
       out[j] = r.out;
       x0[j] = r.x0;
     }
@@ -272,7 +284,7 @@ cudaError_t launch_typed(const SamplerStepParams& p, cudaStream_t stream) {
   Args a;
   a.model_output = p.model_output;
   a.sample = p.sample;
-  a.prev_x0 = p.prev_x0;
+  for (int h = 0; h < kMaxHistory; ++h) a.prev[h] = p.prev[h];
   a.noise = p.noise;
   a.out = p.out;
   a.x0_out = p.x0_out;
@@ -316,7 +328,8 @@ cudaError_t launch_typed(const SamplerStepParams& p, cudaStream_t stream) {
   }
   constexpr int kVector = 16 / sizeof(T);
   const bool vectorised = p.n % kVector == 0 && aligned16(p.model_output) && aligned16(p.sample) &&
-                          aligned16(p.prev_x0) && aligned16(p.noise) && aligned16(p.out) && aligned16(p.x0_out);
+                          aligned16(p.prev[0]) && aligned16(p.prev[1]) && aligned16(p.prev[2]) &&
+                          aligned16(p.noise) && aligned16(p.out) && aligned16(p.x0_out);
   if (vectorised) {
     step_kernel<T, kVector><<<grid_for(p.batch * p.n / kVector), kThreads, 0, stream>>>(a);
   } else {

@@ -1,6 +1,9 @@
-// Bindings for the fused sampler steps: ddpm_step, ddim_step, euler_step, dpmpp_2m_step and
-// convert_prediction. Each op checks its arguments, folds its schedule scalars into the kernel's
-// coefficients on the host (double precision, no device sync) and runs the one sampler kernel.
+// Bindings for the fused sampler steps: ddpm_step, ddim_step, euler_step, dpmpp_2m_step,
+// convert_prediction, and sampler_step, the generic form (the caller's coefficients over the sample,
+// the model output, the processed x0, up to three earlier tensors and noise) that diffusers'
+// multistep and ancestral schedulers are folded into. Each op checks its arguments, folds its
+// schedule scalars into the kernel's coefficients on the host (double precision, no device sync)
+// and runs the one sampler kernel.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -10,6 +13,7 @@
 #include <string>
 #include <string_view>
 #include <tuple>
+#include <vector>
 
 #include "checks.h"
 #include "sampler_step.h"
@@ -126,16 +130,15 @@ void check_schedule_value(const char* op, bool ok, const char* name, const char*
 
 // Holds the contiguous inputs alive while the kernel runs.
 struct Inputs {
-  at::Tensor model_output, sample, prev_x0, noise, seed_offset;
+  at::Tensor model_output, sample, noise, seed_offset;
+  at::Tensor prev[kMaxHistory];
 };
 
 template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> execute(SamplerStepParams& p, const at::Tensor& model_output,
-                                           const at::Tensor& sample, const std::optional<at::Tensor>& prev_x0,
-                                           const std::optional<at::Tensor>& noise,
-                                           const std::optional<at::Tensor>& seed_offset, bool return_x0,
-                                           const StepForm& form) {
-  torch_glue::check_status(fold(form, p.x0_mode, return_x0, p.c));
+std::tuple<at::Tensor, at::Tensor> run(SamplerStepParams& p, const at::Tensor& model_output,
+                                       const at::Tensor& sample, const std::vector<at::Tensor>& history,
+                                       const std::optional<at::Tensor>& noise,
+                                       const std::optional<at::Tensor>& seed_offset, bool return_x0) {
   Inputs in;
   in.model_output = model_output.contiguous();
   in.sample = sample.contiguous();
@@ -145,11 +148,13 @@ std::tuple<at::Tensor, at::Tensor> execute(SamplerStepParams& p, const at::Tenso
   p.sample = in.sample.data_ptr();
   p.out = out.data_ptr();
   p.x0_out = return_x0 ? x0.data_ptr() : nullptr;
-  if (prev_x0 && p.c.out_prev != 0.0f) {
-    in.prev_x0 = prev_x0->contiguous();
-    p.prev_x0 = in.prev_x0.data_ptr();
-  } else {
-    p.c.out_prev = 0.0f;
+  for (int j = 0; j < kMaxHistory; ++j) {
+    if (j < static_cast<int>(history.size()) && p.c.out_prev[j] != 0.0f) {
+      in.prev[j] = history[j].contiguous();
+      p.prev[j] = in.prev[j].data_ptr();
+    } else {
+      p.c.out_prev[j] = 0.0f;
+    }
   }
   if (noise && p.c.out_noise != 0.0f) {
     in.noise = noise->contiguous();
@@ -173,13 +178,31 @@ std::tuple<at::Tensor, at::Tensor> execute(SamplerStepParams& p, const at::Tenso
   return {out, x0};
 }
 
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> execute(SamplerStepParams& p, const at::Tensor& model_output,
+                                           const at::Tensor& sample, const std::optional<at::Tensor>& prev_x0,
+                                           const std::optional<at::Tensor>& noise,
+                                           const std::optional<at::Tensor>& seed_offset, bool return_x0,
+                                           const StepForm& form) {
+  torch_glue::check_status(fold(form, p.x0_mode, return_x0, p.c));
+  std::vector<at::Tensor> history;
+  if (prev_x0) history.push_back(*prev_x0);
+  return run<kCuda>(p, model_output, sample, history, noise, seed_offset, return_x0);
+}
+
 Options options(std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
                 std::optional<double> threshold_quantile, double threshold_max) {
   return Options{guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max};
 }
 
-void check_alpha_bars(const char* op, double alpha_bar_t, double alpha_bar_prev) {
-  check_schedule_value(op, alpha_bar_t > 0.0 && alpha_bar_t < 1.0, "alpha_bar_t", "in (0, 1)", alpha_bar_t);
+// alpha_bar_t = 0 (the first step of a zero-terminal-SNR schedule) is defined for every prediction
+// but epsilon (x0 = (x - sigma eps) / alpha).
+void check_alpha_bars(const char* op, double alpha_bar_t, double alpha_bar_prev, Prediction prediction) {
+  if (prediction == Prediction::kEpsilon)
+    check_schedule_value(op, alpha_bar_t > 0.0 && alpha_bar_t < 1.0, "alpha_bar_t", "in (0, 1)", alpha_bar_t);
+  else
+    check_schedule_value(op, alpha_bar_t >= 0.0 && alpha_bar_t < 1.0, "alpha_bar_t",
+                         "in [0, 1) (in (0, 1) for prediction \"epsilon\")", alpha_bar_t);
   FL_CHECK_VALUE(alpha_bar_prev >= alpha_bar_t && alpha_bar_prev <= 1.0, op,
                  "alpha_bar_prev must be in [alpha_bar_t, 1] = [", alpha_bar_t, ", 1], got ", alpha_bar_prev);
 }
@@ -197,7 +220,7 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step(const at::Tensor& model_output, con
                                      options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
                                              threshold_max));
   const Prediction pred = parse_prediction(kOp, "prediction", prediction);
-  check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev);
+  check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev, pred);
   check_noise(kOp, sample, noise, seed_offset, p, seed, offset);
   return execute<kCuda>(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
                         ddpm_form(alpha_bar_t, alpha_bar_prev, pred));
@@ -217,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, con
                                      options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
                                              threshold_max));
   const Prediction pred = parse_prediction(kOp, "prediction", prediction);
-  check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev);
+  check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev, pred);
   check_schedule_value(kOp, eta >= 0.0 && std::isfinite(eta), "eta", ">= 0", eta);
   check_noise(kOp, sample, noise, seed_offset, p, seed, offset);
   return execute<kCuda>(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
@@ -298,6 +321,38 @@ at::Tensor convert_prediction(const at::Tensor& model_output, const at::Tensor& 
   return std::get<0>(execute<kCuda>(p, model_output, sample, std::nullopt, std::nullopt, std::nullopt, false, form));
 }
 
+template <bool kCuda>
+std::tuple<at::Tensor, at::Tensor> sampler_step(
+    const at::Tensor& model_output, const at::Tensor& sample, double x0_x, double x0_m, double out_x, double out_m,
+    double out_x0, at::TensorList history, at::ArrayRef<double> out_history, double out_noise,
+    std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
+    std::optional<double> threshold_quantile, double threshold_max, const std::optional<at::Tensor>& noise,
+    int64_t seed, int64_t offset, const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+  constexpr const char* kOp = "sampler_step";
+  SamplerStepParams p = check_common(kOp, model_output, sample,
+                                     options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                                             threshold_max));
+  FL_CHECK_VALUE(history.size() <= static_cast<size_t>(kMaxHistory), kOp, "history takes at most ", kMaxHistory,
+                 " tensors, got ", history.size());
+  FL_CHECK_VALUE(out_history.size() == history.size(), kOp, "out_history must have one coefficient per history "
+                 "tensor (", history.size(), "), got ", out_history.size());
+  std::vector<at::Tensor> kept(history.begin(), history.end());
+  for (const at::Tensor& h : kept) check_like_sample(kOp, h, sample, "history tensors");
+  const double values[] = {x0_x, x0_m, out_x, out_m, out_x0, out_noise};
+  const char* names[] = {"x0_x", "x0_m", "out_x", "out_m", "out_x0", "out_noise"};
+  for (int i = 0; i < 6; ++i) check_schedule_value(kOp, std::isfinite(values[i]), names[i], "finite", values[i]);
+  for (double v : out_history) check_schedule_value(kOp, std::isfinite(v), "out_history", "finite", v);
+  check_noise(kOp, sample, noise, seed_offset, p, seed, offset);
+  p.c.x0_x = static_cast<float>(x0_x);
+  p.c.x0_m = static_cast<float>(x0_m);
+  p.c.out_x = static_cast<float>(out_x);
+  p.c.out_m = static_cast<float>(out_m);
+  p.c.out_x0 = static_cast<float>(out_x0);
+  p.c.out_noise = static_cast<float>(out_noise);
+  for (size_t j = 0; j < out_history.size(); ++j) p.c.out_prev[j] = static_cast<float>(out_history[j]);
+  return run<kCuda>(p, model_output, sample, kept, noise, seed_offset, return_x0);
+}
+
 }  // namespace
 }  // namespace fastlatent
 
@@ -319,6 +374,9 @@ TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
   m.def("dpmpp_2m_step(Tensor model_output, Tensor sample, Tensor? prev_x0, float alpha_t, float sigma_t, "
         "float alpha_next, float sigma_next, float alpha_prev=1.0, float sigma_prev=1.0, "
         "str prediction=\"epsilon\", " FL_GUIDANCE_ARGS ") -> (Tensor prev_sample, Tensor pred_x0)");
+  m.def("sampler_step(Tensor model_output, Tensor sample, float x0_x, float x0_m, float out_x, float out_m, "
+        "float out_x0, Tensor[] history, float[] out_history, float out_noise=0.0, " FL_GUIDANCE_ARGS ", "
+        FL_NOISE_ARGS ", bool return_x0=True) -> (Tensor prev_sample, Tensor pred_x0)");
   m.def("convert_prediction(Tensor model_output, Tensor sample, float alpha_t, float sigma_t, str source, "
         "str target, float? guidance_scale=None, float guidance_rescale=0.0) -> Tensor");
 }
@@ -329,6 +387,7 @@ TORCH_LIBRARY_IMPL(fastlatent, CPU, m) {
   m.impl("euler_step", &fastlatent::euler_step<false>);
   m.impl("dpmpp_2m_step", &fastlatent::dpmpp_2m_step<false>);
   m.impl("convert_prediction", &fastlatent::convert_prediction<false>);
+  m.impl("sampler_step", &fastlatent::sampler_step<false>);
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
@@ -337,4 +396,5 @@ TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
   FL_REGISTER_CUDA(m, "euler_step", &fastlatent::euler_step<true>);
   FL_REGISTER_CUDA(m, "dpmpp_2m_step", &fastlatent::dpmpp_2m_step<true>);
   FL_REGISTER_CUDA(m, "convert_prediction", &fastlatent::convert_prediction<true>);
+  FL_REGISTER_CUDA(m, "sampler_step", &fastlatent::sampler_step<true>);
 }

@@ -14,23 +14,18 @@ from fastlatent.ops.group_norm_conv import group_norm_conv3x3
 from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.lfq import lfq_entropy, lfq_quantize
 from fastlatent.ops.nearest_code import nearest_code
-from fastlatent.ops.sampler_step import (
-    convert_prediction,
-    ddim_step,
-    ddpm_step,
-    dpmpp_2m_step,
-    euler_step,
-    seed_from_generator,
-)
+from fastlatent.ops.sampler_step import (convert_prediction, ddim_step, ddpm_step, dpmpp_2m_step, euler_step,
+                                         sampler_step, seed_from_generator)
 
 __all__ = ["nearest_code", "code_stats", "ema_update_", "kmeans", "fsq_quantize", "fsq_indices_to_codes",
            "lfq_quantize", "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm", "group_norm_stats",
            "group_norm_apply", "merge_group_stats", "group_norm_conv3x3", "ddpm_step", "ddim_step",
-           "euler_step", "dpmpp_2m_step", "convert_prediction", "seed_from_generator"]
+           "euler_step", "dpmpp_2m_step", "convert_prediction", "sampler_step", "seed_from_generator"]
 
 # The ops registered as torch.ops.fastlatent.* (kmeans is composed from them in Python).
 TORCH_OPS = ("nearest_code", "code_stats", "ema_update_", "fsq_quantize", "fsq_quantize_backward",
              "fsq_indices_to_codes", "lfq_quantize", "lfq_entropy", "lfq_entropy_backward", "bsq_quantize",
              "bsq_quantize_backward", "bsq_entropy", "bsq_entropy_backward", "group_norm", "group_norm_backward",
              "group_norm_stats", "group_norm_apply", "group_norm_conv3x3",
-             "ddpm_step", "ddim_step", "euler_step", "dpmpp_2m_step", "convert_prediction")
+             "ddpm_step", "ddim_step", "euler_step", "dpmpp_2m_step", "convert_prediction",
+             "sampler_step")

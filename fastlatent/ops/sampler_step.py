@@ -24,6 +24,15 @@ the kernel from Philox4x32-10 at ``(seed, offset)``, identical on the CPU and CU
 ``csrc/kernels/philox.h``). ``generator`` draws ``seed`` from a ``torch.Generator`` (advancing it),
 so the same generator state gives the same noise. ``seed_offset`` (CUDA, an int64 ``[2]`` tensor)
 is read by the kernel at run time instead, for CUDA graphs that must draw new noise per replay.
+
+NaN in, NaN out, as the reference (and diffusers): a NaN in a sample's predicted x0 makes its dynamic
+threshold NaN (``torch.quantile``), so that whole sample comes out NaN; a NaN in the model output makes
+the guidance-rescale factor NaN (``torch.std``).
+
+Autograd: the fused steps are inference-only. Given a tensor that requires grad (with grad mode on)
+they raise RuntimeError instead of returning an output that silently does not backpropagate; the
+functions of :mod:`fastlatent.reference.sampler_step` are differentiable, and the patched diffusers
+schedulers run diffusers' own (differentiable) step for such calls.
 """
 
 from __future__ import annotations
@@ -49,6 +58,13 @@ def seed_from_generator(generator: torch.Generator | None, device: torch.device 
     gen_device = generator.device if generator is not None else torch.device("cpu")
     draw = torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=gen_device, dtype=torch.int64)
     return int(draw.item())
+
+
+def _check_inference(op, *tensors):
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise RuntimeError(f"fastlatent.{op}: the fused sampler steps are inference-only (no autograd), got "
+                           "an input that requires grad; run the step under torch.no_grad() or on detached "
+                           f"tensors, or use fastlatent.reference.{op}, which is differentiable")
 
 
 def _check_like_sample(op, t, sample, name):
@@ -123,8 +139,13 @@ def _check_prediction(op, name, value):
     _checks.check_choice(op, name, value, PREDICTIONS)
 
 
-def _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev):
-    _check_value(op, 0.0 < alpha_bar_t < 1.0, "alpha_bar_t", "in (0, 1)", alpha_bar_t)
+def _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev, prediction):
+    # alpha_bar_t = 0 (zero terminal SNR) is defined for every prediction but epsilon
+    if prediction == "epsilon":
+        _check_value(op, 0.0 < alpha_bar_t < 1.0, "alpha_bar_t", "in (0, 1)", alpha_bar_t)
+    else:
+        _check_value(op, 0.0 <= alpha_bar_t < 1.0, "alpha_bar_t",
+                     'in [0, 1) (in (0, 1) for prediction "epsilon")', alpha_bar_t)
     if not alpha_bar_t <= alpha_bar_prev <= 1.0:
         raise ValueError(f"fastlatent.{op}: alpha_bar_prev must be in [alpha_bar_t, 1] = [{alpha_bar_t}, 1], "
                          f"got {alpha_bar_prev}")
@@ -136,7 +157,7 @@ def check_ddpm_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, pred
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
                   threshold_max)
     _check_prediction(op, "prediction", prediction)
-    _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev)
+    _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev, prediction)
     _check_noise(op, sample, noise, seed_offset)
 
 
@@ -146,7 +167,7 @@ def check_ddim_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, eta,
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
                   threshold_max)
     _check_prediction(op, "prediction", prediction)
-    _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev)
+    _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev, prediction)
     _check_value(op, eta >= 0.0 and math.isfinite(eta), "eta", ">= 0", eta)
     _check_noise(op, sample, noise, seed_offset)
 
@@ -223,6 +244,7 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: flo
         ``(prev_sample, pred_x0)``, both like ``sample``.
     """
     require_device("ddpm_step", model_output, sample)
+    _check_inference("ddpm_step", model_output, sample, noise)
     seed = 0 if noise is not None or seed_offset is not None else resolve_seed(seed, generator, sample.device)
     return torch.ops.fastlatent.ddpm_step.default(
         model_output, sample, float(alpha_bar_t), float(alpha_bar_prev), prediction, guidance_scale,
@@ -245,6 +267,7 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: flo
     when ``eta > 0``. Arguments and returns as :func:`ddpm_step`.
     """
     require_device("ddim_step", model_output, sample)
+    _check_inference("ddim_step", model_output, sample, noise)
     needs_seed = eta > 0 and noise is None and seed_offset is None
     seed = resolve_seed(seed, generator, sample.device) if needs_seed else (0 if seed is None else int(seed))
     return torch.ops.fastlatent.ddim_step.default(
@@ -266,6 +289,7 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: float, s
     :func:`ddpm_step`.
     """
     require_device("euler_step", model_output, sample)
+    _check_inference("euler_step", model_output, sample)
     return torch.ops.fastlatent.euler_step.default(
         model_output, sample, float(sigma), float(sigma_next), prediction, guidance_scale, float(guidance_rescale),
         clip_x0, threshold_quantile, float(threshold_max), return_x0)
@@ -289,6 +313,7 @@ def dpmpp_2m_step(model_output: torch.Tensor, sample: torch.Tensor, prev_x0: tor
     ``prev_x0`` (with ``alpha_prev, sigma_prev`` = this step's ``alpha_t, sigma_t``).
     """
     require_device("dpmpp_2m_step", model_output, sample)
+    _check_inference("dpmpp_2m_step", model_output, sample, prev_x0)
     return torch.ops.fastlatent.dpmpp_2m_step.default(
         model_output, sample, prev_x0, float(alpha_t), float(sigma_t), float(alpha_next), float(sigma_next),
         float(alpha_prev), float(sigma_prev), prediction, guidance_scale, float(guidance_rescale), clip_x0,
@@ -305,9 +330,64 @@ def convert_prediction(model_output: torch.Tensor, sample: torch.Tensor, alpha_t
     ``"flow"`` (velocity ``eps - x0``). Guidance is applied first when given. One pass.
     """
     require_device("convert_prediction", model_output, sample)
+    _check_inference("convert_prediction", model_output, sample)
     return torch.ops.fastlatent.convert_prediction.default(
         model_output, sample, float(alpha_t), float(sigma_t), source, target, guidance_scale,
         float(guidance_rescale))
+
+
+def sampler_step(model_output: torch.Tensor, sample: torch.Tensor, x0_x: float, x0_m: float, out_x: float,
+                 out_m: float, out_x0: float, history: list[torch.Tensor] | tuple = (),
+                 out_history: list[float] | tuple = (), out_noise: float = 0.0, *,
+                 guidance_scale: float | None = None, guidance_rescale: float = 0.0,
+                 clip_x0: float | None = None, threshold_quantile: float | None = None,
+                 threshold_max: float = 1.0,
+                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 seed: int | None = None, offset: int = 0, seed_offset: torch.Tensor | None = None,
+                 return_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """The generic fused step that every scheduler update above is a case of, with the caller's coefficients.
+
+    With ``m`` the (guided, rescaled) model output and ``x`` the sample::
+
+        x0  = x0_x x + x0_m m,   x0' = clip/threshold(x0)   (or x0 itself)
+        out = out_x x + out_m m + out_x0 x0' + sum_j out_history[j] history[j] + out_noise z
+
+    ``history``: up to 3 tensors like ``sample`` (earlier x0 predictions or model outputs of multistep
+    solvers: DPM-Solver 3M, UniPC, PNDM, LMS, DEIS), each read once. ``z``: ``noise`` or Philox normals as
+    in :func:`ddpm_step` (drawn only when ``out_noise != 0``). The coefficients are host floats (compute
+    them in float64; the kernel rounds them to fp32 once), so the step never reads the device.
+
+    Returns:
+        ``(prev_sample, x0')``, both like ``sample`` (``x0'`` empty with ``return_x0=False``).
+    """
+    require_device("sampler_step", model_output, sample)
+    _check_inference("sampler_step", model_output, sample, noise, *history)
+    needs_seed = out_noise != 0.0 and noise is None and seed_offset is None
+    seed = resolve_seed(seed, generator, sample.device) if needs_seed else (0 if seed is None else int(seed))
+    return torch.ops.fastlatent.sampler_step.default(
+        model_output, sample, float(x0_x), float(x0_m), float(out_x), float(out_m), float(out_x0),
+        list(history), [float(v) for v in out_history], float(out_noise), guidance_scale,
+        float(guidance_rescale), clip_x0,
+        threshold_quantile, float(threshold_max), noise, seed, int(offset), seed_offset, return_x0)
+
+
+def check_sampler_step_args(model_output, sample, coefficients, history, out_history, guidance_scale, guidance_rescale,
+                   clip_x0, threshold_quantile, threshold_max, noise, seed_offset):
+    op = "sampler_step"
+    _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                  threshold_max)
+    if len(history) > 3:
+        raise ValueError(f"fastlatent.{op}: history takes at most 3 tensors, got {len(history)}")
+    if len(out_history) != len(history):
+        raise ValueError(f"fastlatent.{op}: out_history must have one coefficient per history tensor "
+                         f"({len(history)}), got {len(out_history)}")
+    for h in history:
+        _check_like_sample(op, h, sample, "history tensors")
+    for name, value in coefficients:
+        _check_value(op, math.isfinite(value), name, "finite", value)
+    for value in out_history:
+        _check_value(op, math.isfinite(value), "out_history", "finite", value)
+    _check_noise(op, sample, noise, seed_offset)
 
 
 def _outputs(sample, return_x0):
@@ -347,6 +427,17 @@ if extension_available():
         check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
                      prediction, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max)
         return _outputs(sample, True)
+
+    @torch.library.register_fake("fastlatent::sampler_step")
+    def _generic_fake(model_output, sample, x0_x, x0_m, out_x, out_m, out_x0, history=(), out_history=(),
+                      out_noise=0.0, guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
+                      threshold_quantile=None, threshold_max=1.0, noise=None, seed=0, offset=0,
+                      seed_offset=None, return_x0=True):
+        coefficients = (("x0_x", x0_x), ("x0_m", x0_m), ("out_x", out_x), ("out_m", out_m),
+                        ("out_x0", out_x0), ("out_noise", out_noise))
+        check_sampler_step_args(model_output, sample, coefficients, history, out_history, guidance_scale,
+                       guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+        return _outputs(sample, return_x0)
 
     @torch.library.register_fake("fastlatent::convert_prediction")
     def _convert_fake(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale=None,

@@ -7,12 +7,15 @@ stream (float64 log/cos/sin, so it agrees with the kernels to fp32 rounding, not
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import numpy as np
 import torch
 
-from fastlatent.ops import sampler_step as sampler_ops
+# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
+sampler_ops = importlib.import_module("fastlatent.ops.sampler_step")
+
 
 _MASK = np.uint64(0xFFFFFFFF)
 
@@ -196,3 +199,27 @@ def convert_prediction(model_output, sample, alpha_t, sigma_t, source, target, *
     out = {"sample": x0, "epsilon": eps, "v_prediction": alpha_t * k * eps - sigma_t * k * x0,
            "flow": eps - x0}[target]
     return out.to(sample.dtype)
+
+
+def sampler_step(model_output, sample, x0_x, x0_m, out_x, out_m, out_x0, history=(), out_history=(),
+                 out_noise=0.0, *, guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
+                 threshold_quantile=None, threshold_max=1.0, noise=None, generator=None, seed=None, offset=0,
+                 seed_offset=None, return_x0=True):
+    """Reference :func:`fastlatent.ops.sampler_step` (float64, unfused, differentiable)."""
+    coefficients = (("x0_x", x0_x), ("x0_m", x0_m), ("out_x", out_x), ("out_m", out_m), ("out_x0", out_x0),
+                    ("out_noise", out_noise))
+    sampler_ops.check_sampler_step_args(model_output, sample, coefficients, list(history), list(out_history), guidance_scale,
+                        guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+    x = sample.double()
+    m = _guided(model_output, guidance_scale, guidance_rescale)
+    x0 = _process_x0(x0_x * x + x0_m * m, clip_x0, threshold_quantile, threshold_max)
+    out = out_x * x + out_m * m + out_x0 * x0
+    for coefficient, h in zip(out_history, history):
+        out = out + coefficient * h.double()
+    if out_noise != 0.0:
+        if seed_offset is not None:
+            seed, offset = (int(v) for v in seed_offset.tolist())
+        elif noise is None:
+            seed = sampler_ops.resolve_seed(seed, generator, sample.device)
+        out = out + out_noise * _noise(sample, noise, seed, offset)
+    return _result(sample, out, x0, return_x0)

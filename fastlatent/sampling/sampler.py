@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from fastlatent.ops import sampler_step as _steps
-from fastlatent.sampling.schedules import (
-    DiscreteSchedule,
-    FlowSchedule,
-    KarrasSchedule,
-    karras_sigmas,
-    make_schedule,
-)
+from fastlatent.sampling.schedules import DiscreteSchedule, FlowSchedule, KarrasSchedule, karras_sigmas, make_schedule
+
+# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
+_steps = importlib.import_module("fastlatent.ops.sampler_step")
 
 METHODS = ("ddpm", "ddim", "euler", "dpmpp_2m")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
@@ -134,6 +131,143 @@ class Sampler:
         self.plan, self.init_noise_sigma = self._plan()
         self._graphs: dict = {}
         self._timestep_cache: tuple = (None, None)
+
+    # ------------------------------------------------------------------ from diffusers
+
+    _DIFFUSERS_METHODS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
+                          "FlowMatchEulerDiscreteScheduler": "euler",
+                          "DPMSolverMultistepScheduler": "dpmpp_2m"}
+
+    @classmethod
+    def from_config(cls, config, steps: int = 50, *, eta: float = 0.0,
+                    class_name: str | None = None) -> "Sampler":
+        """A sampler that steps exactly as the diffusers scheduler ``config`` describes.
+
+        ``config``: a diffusers scheduler config (``scheduler.config``, or the dict of a
+        ``scheduler_config.json`` with its ``_class_name``) of ``DDIMScheduler``, ``DDPMScheduler``,
+        ``EulerDiscreteScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
+        (``dpmsolver++``, order <= 2, midpoint). A config without ``_class_name`` (that of a scheduler built
+        in code rather than loaded) needs ``class_name``. See :meth:`from_scheduler`.
+        """
+        try:
+            import diffusers
+        except ImportError as exc:
+            raise ImportError(f"fastlatent.sampling.Sampler.from_config needs diffusers: {exc}") from exc
+        name = class_name or dict(config).get("_class_name")
+        if name is None:
+            raise ValueError("fastlatent.sampling.Sampler.from_config: config has no _class_name (a "
+                             "scheduler built in code): pass class_name= or use "
+                             "Sampler.from_scheduler(scheduler)")
+        if name not in cls._DIFFUSERS_METHODS:
+            raise ValueError(f"fastlatent.sampling.Sampler.from_config: config must be one of "
+                             f"{sorted(cls._DIFFUSERS_METHODS)} (its _class_name), got {name!r}")
+        return cls.from_scheduler(getattr(diffusers, name).from_config(config), steps, eta=eta)
+
+    @classmethod
+    def from_scheduler(cls, scheduler, steps: int | None = None, *, eta: float = 0.0) -> "Sampler":
+        """A sampler whose plan is ``scheduler``'s own: its timesteps, sigmas and alphas after
+        ``set_timesteps(steps)`` (``steps_offset``, ``set_alpha_to_one``, spacings, Karras/exponential/beta
+        sigmas, ``final_sigmas_type``), its prediction type and its x0 clipping / thresholding (diffusers'
+        defaults included, e.g. DDIM's ``clip_sample=True``).
+
+        ``sample(model_fn, x_T)`` then takes unit noise and scales it by the scheduler's
+        ``init_noise_sigma``, as a diffusers pipeline prepares its latents, and gives the trajectory of the
+        diffusers loop (deterministic methods to float rounding; ddpm and ddim with ``eta > 0`` draw other
+        noise from the same distribution). ``scheduler`` is not modified (a copy is planned).
+
+        Raises:
+            ValueError: a scheduler class or config this plan cannot express (use ``fastlatent.patch`` on the
+                scheduler instead, which falls back to diffusers' step).
+        """
+        name = type(scheduler).__name__
+        method = cls._DIFFUSERS_METHODS.get(name)
+        where = "fastlatent.sampling.Sampler.from_scheduler"
+        if method is None or not type(scheduler).__module__.startswith("diffusers."):
+            names = ", ".join(sorted(cls._DIFFUSERS_METHODS))
+            raise ValueError(f"{where}: scheduler must be a diffusers {names}, got {name}")
+        config = scheduler.config
+        prediction = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample",
+                      "original_sample": "sample", "flow_prediction": "flow"}.get(
+                          getattr(config, "prediction_type", None))
+        if name == "FlowMatchEulerDiscreteScheduler":
+            prediction = "flow"
+            if config.stochastic_sampling:
+                raise ValueError(f"{where}: stochastic_sampling=True is not expressible; patch the scheduler")
+        if prediction is None:
+            raise ValueError(f"{where}: prediction_type={config.prediction_type!r} is not expressible")
+        if name == "DPMSolverMultistepScheduler" and (
+                config.algorithm_type != "dpmsolver++" or config.solver_order > 2
+                or (config.solver_order == 2 and config.solver_type != "midpoint")
+                or config.variance_type in ("learned", "learned_range")):
+            raise ValueError(f"{where}: DPMSolverMultistepScheduler with algorithm_type="
+                             f"{config.algorithm_type!r}, solver_order={config.solver_order}, solver_type="
+                             f"{config.solver_type!r} is not expressible (dpmpp_2m is dpmsolver++, order "
+                             "<= 2, midpoint); patch the scheduler")
+        if name == "DDPMScheduler" and config.variance_type != "fixed_small":
+            raise ValueError(f"{where}: DDPMScheduler variance_type={config.variance_type!r} is not "
+                             "expressible")
+        options = dict(guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0)
+        if getattr(config, "thresholding", False):
+            options.update(threshold_quantile=float(config.dynamic_thresholding_ratio),
+                           threshold_max=float(config.sample_max_value))
+        elif getattr(config, "clip_sample", False):
+            options["clip_x0"] = float(config.clip_sample_range)
+        planner = type(scheduler).from_config(config)
+        steps = steps if steps is not None else (scheduler.num_inference_steps or 50)
+        planner.set_timesteps(steps, device="cpu")
+        timesteps = planner.timesteps.double().tolist()
+        plan: list[Step] = []
+        if method in ("ddim", "ddpm"):
+            alphas = planner.alphas_cumprod.double().tolist()
+            ratio = config.num_train_timesteps // planner.num_inference_steps
+            for i, t in enumerate(timesteps):
+                t = int(t)
+                if method == "ddim":
+                    prev = t - ratio
+                    ab_prev = alphas[prev] if prev >= 0 else float(planner.final_alpha_cumprod)
+                    plan.append(Step(float(t), 1.0, "ddim", (alphas[t], ab_prev, float(eta))))
+                else:
+                    prev = int(timesteps[i + 1]) if i + 1 < len(timesteps) else -1
+                    plan.append(Step(float(t), 1.0, "ddpm", (alphas[t], alphas[prev] if prev >= 0 else 1.0)))
+            init = 1.0
+        elif name == "EulerDiscreteScheduler":
+            sigmas = planner.sigmas.double().tolist()
+            # the DDIM form in y = x / sqrt(sigma^2 + 1) (see _plan): the model sees y, as scale_model_input
+            for i, t in enumerate(timesteps):
+                ab_t, ab_next = 1.0 / (sigmas[i] ** 2 + 1.0), 1.0 / (sigmas[i + 1] ** 2 + 1.0)
+                plan.append(Step(t, 1.0, "ddim", (ab_t, ab_next, 0.0)))
+            init = float(planner.init_noise_sigma) / math.sqrt(sigmas[0] ** 2 + 1.0)
+        elif name == "FlowMatchEulerDiscreteScheduler":
+            sigmas = planner.sigmas.double().tolist()
+            for i, t in enumerate(timesteps):
+                plan.append(Step(t, 1.0, "euler", (sigmas[i], sigmas[i + 1])))
+            init = 1.0
+        else:
+            sigmas = planner.sigmas.double().tolist()
+
+            def alpha_sigma(sig):
+                if config.use_flow_sigmas:
+                    return 1.0 - sig, sig
+                alpha = 1.0 / math.sqrt(sig * sig + 1.0)
+                return alpha, sig * alpha
+
+            count = len(timesteps)
+            for i, t in enumerate(timesteps):
+                a_t, s_t = alpha_sigma(sigmas[i])
+                a_n, s_n = alpha_sigma(sigmas[i + 1])
+                final = i == count - 1 and (config.euler_at_final or (config.lower_order_final and count < 15)
+                                            or config.final_sigmas_type == "zero")
+                second = config.solver_order == 2 and i > 0 and not final
+                plan.append(Step(t, 1.0, "dpmpp_2m", (a_t, s_t, a_n, s_n), a_t, s_t, second))
+            init = float(planner.init_noise_sigma)
+        sampler = cls.__new__(cls)
+        sampler.schedule, sampler.method, sampler.steps = None, ("ddim" if name == "EulerDiscreteScheduler"
+                                                                 else method), len(plan)
+        sampler.prediction, sampler.eta, sampler.karras = prediction, float(eta), False
+        sampler.options = options
+        sampler.plan, sampler.init_noise_sigma = plan, init
+        sampler._graphs, sampler._timestep_cache = {}, (None, None)
+        return sampler
 
     # ------------------------------------------------------------------ plan
 

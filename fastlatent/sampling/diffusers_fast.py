@@ -1,0 +1,1100 @@
+"""Fused ``step`` for diffusers schedulers, installed on an instance: the class, its config and saved files
+stay diffusers'.
+
+:func:`accelerate_scheduler` gives one scheduler instance a ``step`` that runs one fused fastlatent kernel
+per call where the scheduler's config and the call's arguments allow it, and diffusers' own ``step`` (the
+class method, unchanged) otherwise: a fallback is never an error and never a different computation. The
+instance keeps its diffusers class, so ``save_pretrained``/``save_config`` write exactly what the
+unpatched scheduler writes and plain diffusers loads them; after a reload, :func:`fastlatent.patch`
+installs the fused step again.
+
+No host syncs: a fused step reads nothing from the device. Timesteps and sigmas are copied to the host
+once per ``set_timesteps`` (the installed ``set_timesteps`` does it right after diffusers' own); a
+timestep tensor handed to ``step`` is located in ``scheduler.timesteps`` through its storage offset (the
+elements a loop over ``scheduler.timesteps`` yields are views of it), never by reading its value from the
+device. Stochastic steps draw their noise exactly as diffusers does (``randn_tensor`` with the same
+generator, shape, device and dtype), so a seeded pipeline gives the same images.
+
+What falls back, per call (the reason is counted in ``scheduler_report(scheduler).fallbacks``): inputs
+that need autograd (diffusers' step is differentiable, the fused kernels are inference-only), float64 or
+mixed dtypes, devices other than CPU/CUDA, a device timestep that is not an element of
+``scheduler.timesteps``, and schedule values outside what a fused op accepts. Per config (reported by
+:func:`fastlatent.patch`): the options listed in :data:`FALLBACK_CONFIGS`."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import math
+import types
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+
+from fastlatent._extension import extension_available
+
+# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
+_steps = importlib.import_module("fastlatent.ops.sampler_step")
+
+_STATE = "_fastlatent_step_state"
+_PREDICTIONS = {
+    "epsilon": "epsilon",
+    "sample": "sample",
+    "original_sample": "sample",
+    "v_prediction": "v_prediction",
+    "flow_prediction": "flow",
+}
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class _Fallback(Exception):
+    """Raised inside a fused step (before any state changed): run diffusers' step for this call."""
+
+
+@dataclasses.dataclass
+class SchedulerReport:
+    """What :func:`accelerate_scheduler` did to one scheduler.
+
+    ``fused``: the config runs fused steps; ``reason``: why not, when it does not (diffusers' step runs then);
+    ``fallbacks``: per-call reasons that ran diffusers' step, counted.
+    """
+
+    name: str
+    fused: bool
+    reason: str | None = None
+    fallbacks: Counter = dataclasses.field(default_factory=Counter)
+
+    def __str__(self) -> str:
+        if self.fused:
+            line = f"{self.name}: step fused"
+        else:
+            line = f"{self.name}: diffusers' own step ({self.reason})"
+        if self.fallbacks:
+            calls = ", ".join(f"{why} x{n}" for why, n in self.fallbacks.items())
+            line += f"; calls that ran diffusers' step: {calls}"
+        return line
+
+
+@dataclasses.dataclass
+class _State:
+    report: SchedulerReport
+    family: "_Family"
+    timesteps: Any = None  # the scheduler.timesteps tensor the host copy below was made from
+    host_timesteps: list = dataclasses.field(default_factory=list)
+    sigmas: Any = None
+    host_sigmas: list = dataclasses.field(default_factory=list)
+    alphas: Any = None  # (alphas_cumprod tensor, host copy)
+    final_alpha: Any = None  # (final_alpha_cumprod tensor, host float)
+
+
+@dataclasses.dataclass
+class _Family:
+    config_reason: Callable[[Any], str | None]  # a config-level reason to run diffusers' step, or None
+    step: Callable[..., Any]  # (scheduler, state, arguments) -> diffusers' step output
+
+
+# ------------------------------------------------------------------ host copies and timestep lookup
+
+
+def _host_copy(tensor) -> list:
+    if tensor is None:
+        return []
+    if isinstance(tensor, torch.Tensor):
+        return tensor.detach().to("cpu", torch.float64).tolist()
+    return [float(v) for v in tensor]
+
+
+def _refresh(scheduler, state: _State) -> None:
+    """Host copies of timesteps and sigmas; made again only when the scheduler holds new tensors."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    if timesteps is not state.timesteps:
+        if (
+            isinstance(timesteps, torch.Tensor)
+            and timesteps.device.type != "cpu"
+            and state.timesteps is not None
+        ):
+            raise _Fallback("scheduler.timesteps replaced on the device after set_timesteps")
+        state.timesteps, state.host_timesteps = timesteps, _host_copy(timesteps)
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is not state.sigmas:
+        if isinstance(sigmas, torch.Tensor) and sigmas.device.type != "cpu" and state.sigmas is not None:
+            raise _Fallback("scheduler.sigmas replaced on the device after set_timesteps")
+        state.sigmas, state.host_sigmas = sigmas, _host_copy(sigmas)
+
+
+def _timestep_value(state: _State, timestep) -> float:
+    """The timestep as a host number, without reading the device."""
+    if isinstance(timestep, torch.Tensor):
+        base = state.timesteps
+        if (
+            isinstance(base, torch.Tensor)
+            and timestep.dim() == 0
+            and timestep.device == base.device
+            and base.dim() == 1
+            and base.numel() > 0
+            and timestep.dtype == base.dtype
+            and timestep.untyped_storage().data_ptr() == base.untyped_storage().data_ptr()
+        ):
+            index, rest = divmod(timestep.storage_offset() - base.storage_offset(), base.stride(0) or 1)
+            if rest == 0 and 0 <= index < len(state.host_timesteps):
+                return state.host_timesteps[index]
+        if timestep.device.type == "cpu" and timestep.numel() == 1:
+            return float(timestep.reshape(()).tolist())
+        raise _Fallback("timestep is a device tensor that is not an element of scheduler.timesteps")
+    return float(timestep)
+
+
+def _index_for_timestep(state: _State, timestep) -> int:
+    """diffusers' index_for_timestep on the host copy: the second match when the timestep repeats."""
+    value = _timestep_value(state, timestep)
+    base = state.timesteps
+    if isinstance(base, torch.Tensor) and base.dtype == torch.float32:
+        value = float(torch.tensor(value, dtype=torch.float32).tolist())
+    matches = [i for i, t in enumerate(state.host_timesteps) if t == value]
+    if not matches:
+        raise _Fallback("timestep not in scheduler.timesteps")
+    return matches[1] if len(matches) > 1 else matches[0]
+
+
+def _step_index(scheduler, state: _State, timestep) -> int:
+    """The step index diffusers' _init_step_index would set (begin_index, or the timestep's position)."""
+    if scheduler.step_index is not None:
+        return scheduler.step_index
+    if scheduler.begin_index is not None:
+        return scheduler.begin_index
+    return _index_for_timestep(state, timestep)
+
+
+# ------------------------------------------------------------------ per-call checks
+
+
+def _check_call(model_output, sample, *others) -> None:
+    tensors = [t for t in (model_output, sample, *others) if isinstance(t, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        raise _Fallback("inputs require grad (the fused step is inference-only)")
+    if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+        raise _Fallback("model_output and sample must be tensors")
+    if sample.dtype not in _FUSED_DTYPES:
+        raise _Fallback(f"dtype {sample.dtype}")
+    if model_output.dtype != sample.dtype:
+        raise _Fallback("model_output and sample dtypes differ")
+    if sample.device.type not in ("cpu", "cuda") or model_output.device != sample.device:
+        raise _Fallback(f"device {sample.device}")
+    if model_output.shape != sample.shape:
+        raise _Fallback("model_output and sample shapes differ")
+    if sample.dim() < 1:
+        raise _Fallback("0-d sample")
+
+
+def _prediction(scheduler) -> str:
+    name = scheduler.config.prediction_type
+    if name not in _PREDICTIONS:
+        raise _Fallback(f"prediction_type={name!r}")
+    return _PREDICTIONS[name]
+
+
+def _x0_options(config) -> dict:
+    if getattr(config, "thresholding", False):
+        return dict(
+            threshold_quantile=float(config.dynamic_thresholding_ratio),
+            threshold_max=float(config.sample_max_value),
+        )
+    if getattr(config, "clip_sample", False):
+        return dict(clip_x0=float(config.clip_sample_range))
+    return {}
+
+
+def _x0_reason(config) -> str | None:
+    if getattr(config, "thresholding", False):
+        ratio, top = float(config.dynamic_thresholding_ratio), float(config.sample_max_value)
+        if not 0.0 < ratio <= 1.0:
+            return f"thresholding with dynamic_thresholding_ratio={ratio} (the fused step takes (0, 1])"
+        if not top >= 1.0:
+            return f"thresholding with sample_max_value={top} (the fused step takes >= 1)"
+    elif getattr(config, "clip_sample", False) and not float(config.clip_sample_range) > 0.0:
+        return f"clip_sample_range={config.clip_sample_range}"
+    return None
+
+
+def _randn(shape, generator, device, dtype):
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+
+
+def _call_op(op, *args, **kwargs):
+    """A fused op whose argument checks reject this schedule: diffusers' step runs instead."""
+    try:
+        return op(*args, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise _Fallback(str(exc).split("\n")[0]) from exc
+
+
+# ------------------------------------------------------------------ families
+
+
+def _ddim_reason(scheduler) -> str | None:
+    if scheduler.config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        return f"prediction_type={scheduler.config.prediction_type!r}"
+    return _x0_reason(scheduler.config)
+
+
+def _ddim_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    eta = a["eta"]
+    if not isinstance(eta, (int, float)):
+        raise _Fallback("eta is not a number")
+    noise = a["variance_noise"]
+    if eta > 0 and noise is not None and a["generator"] is not None:
+        raise _Fallback("both generator and variance_noise")
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample, noise)
+    t = int(_timestep_value(state, a["timestep"]))
+    config = scheduler.config
+    prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
+    alphas = _alphas_cumprod(scheduler)
+    if not 0 <= t < len(alphas):
+        raise _Fallback(f"timestep {t} outside the training schedule")
+    alpha_bar_t = alphas[t]
+    alpha_bar_prev = alphas[prev_t] if prev_t >= 0 else _final_alpha(scheduler, state)
+    if eta > 0:
+        if noise is None:
+            noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+        elif noise.shape != sample.shape or noise.dtype != sample.dtype or noise.device != sample.device:
+            raise _Fallback("variance_noise unlike sample")
+    prev_sample, x0 = _call_op(
+        _steps.ddim_step,
+        model_output,
+        sample,
+        alpha_bar_t,
+        alpha_bar_prev,
+        float(eta),
+        prediction=_prediction(scheduler),
+        use_clipped_model_output=bool(a["use_clipped_model_output"]),
+        noise=noise if eta > 0 else None,
+        seed=0,
+        **_x0_options(config),
+    )
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _alphas_cumprod(scheduler) -> list:
+    """alphas_cumprod as host floats (copied at the swap and per set_timesteps, see _refresh)."""
+    state = scheduler.__dict__[_STATE]
+    alphas = scheduler.alphas_cumprod
+    if state.alphas is None or state.alphas[0] is not alphas:
+        if (
+            state.alphas is not None
+            and alphas.device.type != "cpu"
+            and alphas.numel() == len(state.alphas[1])
+        ):
+            # add_noise moves alphas_cumprod to the sample's device: same values, no copy back
+            state.alphas = (alphas, state.alphas[1])
+        else:
+            state.alphas = (alphas, _host_copy(alphas))
+    return state.alphas[1]
+
+
+def _final_alpha(scheduler, state) -> float:
+    final = scheduler.final_alpha_cumprod
+    if state.final_alpha is None or state.final_alpha[0] is not final:
+        state.final_alpha = (
+            final,
+            _host_copy(final.reshape(1))[0] if isinstance(final, torch.Tensor) else final,
+        )
+    return float(state.final_alpha[1])
+
+
+def _snapshot(scheduler, state) -> None:
+    """Host copies of everything a fused step reads, made outside step (at the swap, after set_timesteps)."""
+    try:
+        _refresh(scheduler, state)
+    except _Fallback:
+        pass
+    if isinstance(getattr(scheduler, "alphas_cumprod", None), torch.Tensor):
+        _alphas_cumprod(scheduler)
+    if isinstance(getattr(scheduler, "final_alpha_cumprod", None), torch.Tensor):
+        _final_alpha(scheduler, state)
+
+
+def _ddpm_reason(scheduler) -> str | None:
+    config = scheduler.config
+    if config.variance_type not in ("fixed_small",):
+        return f"variance_type={config.variance_type!r}"
+    return _ddim_reason(scheduler)
+
+
+def _ddpm_coefficients(alpha_bar_t: float, alpha_bar_prev: float, prediction: str):
+    """DDPM's coefficients rounded to float32 in diffusers' order of operations: its step is applied up to
+    1000 times, and coefficients rounded differently (even more exactly) drift measurably from its loop."""
+    import numpy as np
+
+    f = np.float32
+    a, ap = f(alpha_bar_t), f(alpha_bar_prev)
+    beta, beta_prev = f(1) - a, f(1) - ap
+    current_alpha = a / ap
+    current_beta = f(1) - current_alpha
+    sqrt_a, sqrt_b = f(a**0.5), f(beta**0.5)
+    if prediction == "epsilon":
+        x0_form = (1.0 / float(sqrt_a), -float(sqrt_b) / float(sqrt_a))
+    elif prediction == "sample":
+        x0_form = (0.0, 1.0)
+    elif prediction == "v_prediction":
+        x0_form = (float(sqrt_a), -float(sqrt_b))
+    else:
+        raise _Fallback(f"prediction_type={prediction!r}")
+    out_x0 = (f(ap**0.5) * current_beta) / beta
+    out_x = (f(current_alpha**0.5) * beta_prev) / beta
+    variance = max((beta_prev / beta) * current_beta, f(1e-20))
+    return x0_form, float(out_x), float(out_x0), float(f(variance**0.5))
+
+
+def _ddpm_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample)
+    t = int(_timestep_value(state, a["timestep"]))
+    if scheduler.custom_timesteps or scheduler.num_inference_steps:
+        host = state.host_timesteps
+        if t not in host:
+            raise _Fallback("timestep not in scheduler.timesteps")
+        index = host.index(t)
+        prev_t = -1 if index == len(host) - 1 else int(host[index + 1])
+    else:
+        prev_t = t - 1
+    alphas = _alphas_cumprod(scheduler)
+    if not 0 <= t < len(alphas):
+        raise _Fallback(f"timestep {t} outside the training schedule")
+    alpha_bar_t = alphas[t]
+    alpha_bar_prev = alphas[prev_t] if prev_t >= 0 else 1.0
+    noise = (
+        _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype) if t > 0 else None
+    )
+    prediction = scheduler.config.prediction_type
+    x0_form, out_x, out_x0, out_noise = _ddpm_coefficients(alpha_bar_t, alpha_bar_prev, prediction)
+    prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=out_x, out_x0=out_x0, noise=noise,
+                               out_noise=out_noise if noise is not None else 0.0,
+                               x0_options=_x0_options(scheduler.config))
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _reject_integer_timestep(timestep, name: str) -> None:
+    if isinstance(timestep, (int, torch.IntTensor, torch.LongTensor)):
+        raise _Fallback(f"integer timestep (diffusers' {name} refuses it)")
+
+
+def _euler_reason(scheduler) -> str | None:
+    if scheduler.config.prediction_type not in ("epsilon", "sample", "original_sample", "v_prediction"):
+        return f"prediction_type={scheduler.config.prediction_type!r}"
+    return None
+
+
+def _euler_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
+
+    timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
+    _reject_integer_timestep(timestep, "EulerDiscreteScheduler")
+    _check_call(model_output, sample)
+    index = _step_index(scheduler, state, timestep)
+    sigmas = state.host_sigmas
+    if index + 1 >= len(sigmas):
+        raise _Fallback("step past the last sigma")
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    s_churn, s_tmin, s_tmax = a["s_churn"], a["s_tmin"], a["s_tmax"]
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma > 0:
+        raise _Fallback("s_churn > 0")
+    prev_sample, x0 = _call_op(
+        _steps.euler_step, model_output, sample, sigma, sigma_next, prediction=_prediction(scheduler)
+    )
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _flow_reason(scheduler) -> str | None:
+    return None
+
+
+def _flow_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
+        FlowMatchEulerDiscreteSchedulerOutput,
+    )
+
+    timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
+    _reject_integer_timestep(timestep, "FlowMatchEulerDiscreteScheduler")
+    if a["per_token_timesteps"] is not None:
+        raise _Fallback("per_token_timesteps")
+    _check_call(model_output, sample)
+    index = _step_index(scheduler, state, timestep)
+    sigmas = state.host_sigmas
+    if index + 1 >= len(sigmas):
+        raise _Fallback("step past the last sigma")
+    if scheduler.config.stochastic_sampling:
+        prev_sample = _flow_stochastic(scheduler, state, a, index, sigmas)
+        scheduler._step_index = index + 1
+        if not a["return_dict"]:
+            return (prev_sample,)
+        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+    prev_sample, _ = _call_op(
+        _steps.euler_step,
+        model_output,
+        sample,
+        sigmas[index],
+        sigmas[index + 1],
+        prediction="flow",
+        return_x0=False,
+    )
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return (prev_sample,)
+    return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+
+def _combine(
+    model_output,
+    sample,
+    x0_form,
+    *,
+    out_x=0.0,
+    out_m=0.0,
+    out_x0=0.0,
+    history=(),
+    out_history=(),
+    noise=None,
+    out_noise=0.0,
+    x0_options=None,
+    return_x0=True,
+):
+    """One generic fused step (fastlatent.ops.sampler_step) with host coefficients."""
+    history, out_history = list(history), list(out_history)
+    for h in history:
+        if (
+            not isinstance(h, torch.Tensor)
+            or h.shape != sample.shape
+            or h.dtype != sample.dtype
+            or h.device != sample.device
+        ):
+            raise _Fallback("solver history unlike sample")
+    if out_noise != 0.0 and noise is not None and noise.dtype != sample.dtype:
+        noise = noise.to(sample.dtype)
+    return _call_op(
+        _steps.sampler_step,
+        model_output,
+        sample,
+        x0_form[0],
+        x0_form[1],
+        out_x,
+        out_m,
+        out_x0,
+        history,
+        out_history,
+        out_noise,
+        noise=noise if out_noise != 0.0 else None,
+        seed=0,
+        return_x0=return_x0,
+        **(x0_options or {}),
+    )
+
+
+def _vp_forms(prediction: str, alpha: float, sigma: float) -> tuple[tuple, tuple]:
+    """(x0, eps) as (coefficient of the sample, coefficient of the model output), as diffusers converts."""
+    if prediction == "epsilon":
+        return (1.0 / alpha, -sigma / alpha), (0.0, 1.0)
+    if prediction == "sample":
+        return (0.0, 1.0), (1.0 / sigma, -alpha / sigma)
+    if prediction == "v_prediction":
+        return (alpha, -sigma), (sigma, alpha)
+    if prediction == "flow_prediction":
+        return (1.0, -sigma), (1.0, 1.0 - sigma)
+    raise _Fallback(f"prediction_type={prediction!r}")
+
+
+def _sigma_forms(prediction: str, sigma: float) -> tuple:
+    """x0 in EDM/Karras sigma space (x = x0 + sigma eps) as diffusers' Euler-type schedulers convert."""
+    if prediction == "epsilon":
+        return (1.0, -sigma)
+    if prediction == "v_prediction":
+        return (1.0 / (sigma * sigma + 1.0), -sigma / math.sqrt(sigma * sigma + 1.0))
+    if prediction in ("sample", "original_sample"):
+        return (0.0, 1.0)
+    raise _Fallback(f"prediction_type={prediction!r}")
+
+
+def _dpm_reason(scheduler) -> str | None:
+    config = scheduler.config
+    algorithm = config.algorithm_type
+    if algorithm not in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++", "sde-dpmsolver"):
+        return f"algorithm_type={algorithm!r}"
+    if algorithm == "sde-dpmsolver" and config.solver_order == 3:
+        return "algorithm_type='sde-dpmsolver' with solver_order=3"
+    if config.solver_order > 3:
+        return f"solver_order={config.solver_order}"
+    if config.variance_type in ("learned", "learned_range"):
+        return f"variance_type={config.variance_type!r}"
+    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+        return f"prediction_type={config.prediction_type!r}"
+    if algorithm in ("dpmsolver", "sde-dpmsolver"):
+        if config.prediction_type == "flow_prediction":
+            return f"algorithm_type={algorithm!r} with flow_prediction"
+        if config.thresholding:
+            return f"algorithm_type={algorithm!r} with thresholding"
+    return _x0_reason(config)
+
+
+def _dpm_alpha_sigma(scheduler, sigma: float) -> tuple[float, float]:
+    if scheduler.config.use_flow_sigmas:
+        return 1.0 - sigma, sigma
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
+
+
+def _dpm_coefficients(algorithm, solver_type, order, sigmas, index, scheduler):
+    """The DPM-Solver update as (c_x, [c_m0, c_m1, c_m2], c_noise) over the sample, the converted model
+    outputs (newest first) and the noise; diffusers' first/second/third order formulas with D0, D1, D2
+    expanded."""
+    a_t, s_t = _dpm_alpha_sigma(scheduler, sigmas[index + 1])
+    a_0, s_0 = _dpm_alpha_sigma(scheduler, sigmas[index])
+    lam = lambda a, s: math.log(a) - math.log(s) if s > 0 else math.inf  # noqa: E731
+    lam_t, lam_0 = lam(a_t, s_t), lam(a_0, s_0)
+    h = lam_t - lam_0
+    plus = algorithm in ("dpmsolver++", "sde-dpmsolver++")
+    em1 = math.expm1(-h) if plus else math.expm1(h)  # e^-h - 1 (++), e^h - 1
+    noise = 0.0
+    if algorithm == "dpmsolver++":
+        c_x, base = s_t / s_0, -a_t * em1
+    elif algorithm == "dpmsolver":
+        c_x, base = a_t / a_0, -s_t * em1
+    elif algorithm == "sde-dpmsolver++":
+        c_x, base = s_t / s_0 * math.exp(-h), a_t * (-math.expm1(-2.0 * h))
+        noise = s_t * math.sqrt(-math.expm1(-2.0 * h))
+    else:  # sde-dpmsolver
+        c_x, base = a_t / a_0, -2.0 * s_t * em1
+        noise = s_t * math.sqrt(math.expm1(2.0 * h))
+    d0 = [1.0, 0.0, 0.0]
+    if order == 1:
+        return c_x, [base * v for v in d0], noise
+    a_1, s_1 = _dpm_alpha_sigma(scheduler, sigmas[index - 1])
+    r0 = (lam_0 - lam(a_1, s_1)) / h
+    d1_0 = [1.0 / r0, -1.0 / r0, 0.0]
+    if order == 2:
+        if solver_type == "midpoint":
+            c_d1 = 0.5 * base
+        elif algorithm == "dpmsolver++":
+            c_d1 = a_t * (em1 / h + 1.0)
+        elif algorithm == "dpmsolver":
+            c_d1 = -s_t * (em1 / h - 1.0)
+        elif algorithm == "sde-dpmsolver++":
+            c_d1 = a_t * ((-math.expm1(-2.0 * h)) / (-2.0 * h) + 1.0)
+        else:
+            c_d1 = -2.0 * s_t * (em1 / h - 1.0)
+        return c_x, [base * p + c_d1 * q for p, q in zip(d0, d1_0)], noise
+    a_2, s_2 = _dpm_alpha_sigma(scheduler, sigmas[index - 2])
+    r1 = (lam(a_1, s_1) - lam(a_2, s_2)) / h
+    d1_1 = [0.0, 1.0 / r1, -1.0 / r1]
+    diff = [p - q for p, q in zip(d1_0, d1_1)]
+    d1 = [p + r0 / (r0 + r1) * q for p, q in zip(d1_0, diff)]
+    d2 = [q / (r0 + r1) for q in diff]
+    if algorithm == "dpmsolver++":
+        c_d1, c_d2 = a_t * (em1 / h + 1.0), -a_t * ((em1 + h) / h**2 - 0.5)
+    elif algorithm == "dpmsolver":
+        c_d1, c_d2 = -s_t * (em1 / h - 1.0), -s_t * ((em1 - h) / h**2 - 0.5)
+    else:  # sde-dpmsolver++
+        e2 = -math.expm1(-2.0 * h)
+        c_d1, c_d2 = a_t * (e2 / (-2.0 * h) + 1.0), a_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+    return c_x, [base * p + c_d1 * q + c_d2 * w for p, q, w in zip(d0, d1, d2)], noise
+
+
+def _dpm_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    model_output, sample = a["model_output"], a["sample"]
+    config = scheduler.config
+    algorithm = config.algorithm_type
+    sde = algorithm.startswith("sde-")
+    variance_noise = a["variance_noise"] if sde else None
+    _check_call(model_output, sample, variance_noise)
+    index = _step_index(scheduler, state, a["timestep"])
+    count = len(state.host_timesteps)
+    lower_order_final = (index == count - 1) and (
+        config.euler_at_final
+        or (config.lower_order_final and count < 15)
+        or config.final_sigmas_type == "zero"
+    )
+    lower_order_second = (index == count - 2) and config.lower_order_final and count < 15
+    if config.solver_order == 1 or scheduler.lower_order_nums < 1 or lower_order_final:
+        order = 1
+    elif config.solver_order == 2 or scheduler.lower_order_nums < 2 or lower_order_second:
+        order = 2
+    else:
+        order = 3
+    sigmas = state.host_sigmas
+    if index + 1 >= len(sigmas) or index - (order - 1) < 0:
+        raise _Fallback("step index outside the sigmas")
+    c_x, c_m, c_noise = _dpm_coefficients(algorithm, config.solver_type, order, sigmas, index, scheduler)
+    alpha, sigma = _dpm_alpha_sigma(scheduler, sigmas[index])
+    x0_form, eps_form = _vp_forms(config.prediction_type, alpha, sigma)
+    plus = algorithm.endswith("dpmsolver++")
+    history = [scheduler.model_outputs[-1 - j] for j in range(order - 1)]
+    noise = None
+    if sde:
+        if variance_noise is None:
+            noise = _randn(model_output.shape, a["generator"], model_output.device, torch.float32)
+        else:
+            noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
+    prev_sample, converted = _combine(
+        model_output,
+        sample,
+        x0_form if plus else eps_form,
+        out_x=c_x,
+        out_x0=c_m[0],
+        history=history,
+        out_history=c_m[1:order],
+        noise=noise,
+        out_noise=c_noise,
+        x0_options=_x0_options(config) if plus else None,
+    )
+    for j in range(config.solver_order - 1):
+        scheduler.model_outputs[j] = scheduler.model_outputs[j + 1]
+    scheduler.model_outputs[-1] = converted
+    if scheduler.lower_order_nums < config.solver_order:
+        scheduler.lower_order_nums += 1
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return (prev_sample,)
+    return SchedulerOutput(prev_sample=prev_sample)
+
+
+def _ancestral_reason(scheduler) -> str | None:
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        return f"prediction_type={scheduler.config.prediction_type!r}"
+    return None
+
+
+def _ancestral_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
+
+    timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
+    _reject_integer_timestep(timestep, "EulerAncestralDiscreteScheduler")
+    _check_call(model_output, sample)
+    index = _step_index(scheduler, state, timestep)
+    sigmas = state.host_sigmas
+    if index + 1 >= len(sigmas):
+        raise _Fallback("step past the last sigma")
+    sigma, sigma_to = sigmas[index], sigmas[index + 1]
+    sigma_up = math.sqrt(max(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2, 0.0))
+    sigma_down = math.sqrt(max(sigma_to**2 - sigma_up**2, 0.0))
+    ratio = (sigma_down - sigma) / sigma
+    noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+    prev_sample, x0 = _combine(
+        model_output,
+        sample,
+        _sigma_forms(scheduler.config.prediction_type, sigma),
+        out_x=1.0 + ratio,
+        out_x0=-ratio,
+        noise=noise,
+        out_noise=sigma_up,
+    )
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _pndm_reason(scheduler) -> str | None:
+    if not scheduler.config.skip_prk_steps:
+        return "skip_prk_steps=False (Runge-Kutta warm-up steps)"
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        return f"prediction_type={scheduler.config.prediction_type!r}"
+    return None
+
+
+_PLMS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+
+
+def _pndm_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample)
+    config = scheduler.config
+    stride = config.num_train_timesteps // scheduler.num_inference_steps
+    t = int(_timestep_value(state, a["timestep"]))
+    prev_t = t - stride
+    counter = scheduler.counter
+    ets = list(scheduler.ets)
+    if counter != 1:
+        ets = ets[-3:] + [model_output]
+    else:
+        prev_t, t = t, t + stride
+    # the model output combination, over (current model output, ets[-2], ets[-3], ets[-4])
+    if len(ets) == 1 and counter == 0:
+        weights, x, history = (1.0,), sample, []
+    elif len(ets) == 1 and counter == 1:
+        if scheduler.cur_sample is None:
+            raise _Fallback("no stored sample for the second PLMS step")
+        weights, x, history = (0.5, 0.5), scheduler.cur_sample, [ets[-1]]
+    else:
+        weights, x, history = _PLMS[min(len(ets), 4)], sample, ets[-2::-1][:3]
+    alphas = _alphas_cumprod(scheduler)
+    if not (0 <= t < len(alphas) and prev_t < len(alphas)):
+        raise _Fallback(f"timestep {t} outside the training schedule")
+    ab_t = alphas[t]
+    ab_prev = alphas[prev_t] if prev_t >= 0 else _final_alpha(scheduler, state)
+    denom = ab_t * math.sqrt(1.0 - ab_prev) + math.sqrt(ab_t * (1.0 - ab_t) * ab_prev)
+    k = (ab_prev - ab_t) / denom
+    out_x = math.sqrt(ab_prev / ab_t)
+    scale = 1.0
+    if config.prediction_type == "v_prediction":  # eps = sqrt(ab_t) v + sqrt(1 - ab_t) x, on the combination
+        scale, out_x = math.sqrt(ab_t), out_x - k * math.sqrt(1.0 - ab_t)
+    coefficients = [-k * scale * w for w in weights]
+    prev_sample, _ = _combine(
+        model_output,
+        x,
+        (0.0, 0.0),
+        out_x=out_x,
+        out_m=coefficients[0],
+        history=history,
+        out_history=coefficients[1:],
+        return_x0=False,
+    )
+    if counter != 1:
+        scheduler.ets = ets
+    if len(ets) == 1 and counter == 0:
+        scheduler.cur_sample = sample
+    elif len(ets) == 1 and counter == 1:
+        scheduler.cur_sample = None
+    scheduler.counter = counter + 1
+    if not a["return_dict"]:
+        return (prev_sample,)
+    return SchedulerOutput(prev_sample=prev_sample)
+
+
+def _lcm_reason(scheduler) -> str | None:
+    config = scheduler.config
+    if config.prediction_type not in ("epsilon", "sample", "v_prediction"):
+        return f"prediction_type={config.prediction_type!r}"
+    if config.thresholding or config.clip_sample:
+        return "x0 clipping or thresholding (LCM returns the denoised sample, not x0)"
+    return None
+
+
+def _lcm_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample)
+    index = _step_index(scheduler, state, a["timestep"])
+    host = state.host_timesteps
+    t = int(_timestep_value(state, a["timestep"]))
+    prev_t = int(host[index + 1]) if index + 1 < len(host) else t
+    alphas = _alphas_cumprod(scheduler)
+    ab_t = alphas[t]
+    ab_prev = alphas[prev_t] if prev_t >= 0 else _final_alpha(scheduler, state)
+    c_skip, c_out = (float(v) for v in scheduler.get_scalings_for_boundary_condition_discrete(t))
+    x0_form, _ = _vp_forms(scheduler.config.prediction_type, math.sqrt(ab_t), math.sqrt(1.0 - ab_t))
+    denoised_form = (c_out * x0_form[0] + c_skip, c_out * x0_form[1])
+    last = index == scheduler.num_inference_steps - 1
+    noise = None if last else _randn(model_output.shape, a["generator"], model_output.device, sample.dtype)
+    prev_sample, denoised = _combine(
+        model_output,
+        sample,
+        denoised_form,
+        out_x0=1.0 if last else math.sqrt(ab_prev),
+        noise=noise,
+        out_noise=0.0 if last else math.sqrt(1.0 - ab_prev),
+    )
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return prev_sample, denoised
+    return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+
+def _lms_reason(scheduler) -> str | None:
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        return f"prediction_type={scheduler.config.prediction_type!r}"
+    return None
+
+
+_LMS_CACHE: dict = {}
+
+
+def _lms_coefficients(sigmas: list, index: int, order: int) -> list:
+    """diffusers' get_lms_coefficient on host floats (Lagrange basis integrated with scipy's quad), cached by
+    the schedule's values: new tensors from set_timesteps with the same schedule reuse them."""
+    key = (tuple(sigmas), index, order)
+    cached = _LMS_CACHE.get(key)
+    if cached is not None:
+        return cached
+    from scipy import integrate
+
+    def coefficient(current):
+        def basis(tau):
+            prod = 1.0
+            for k in range(order):
+                if current != k:
+                    prod *= (tau - sigmas[index - k]) / (sigmas[index - current] - sigmas[index - k])
+            return prod
+
+        return integrate.quad(basis, sigmas[index], sigmas[index + 1], epsrel=1e-4)[0]
+
+    cached = [coefficient(c) for c in range(order)]
+    if len(_LMS_CACHE) > 4096:
+        _LMS_CACHE.clear()
+    _LMS_CACHE[key] = cached
+    return cached
+
+
+def _lms_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample)
+    order = int(a["order"])
+    if not 1 <= order <= 4:
+        raise _Fallback(f"order={order}")
+    index = _step_index(scheduler, state, a["timestep"])
+    sigmas = state.host_sigmas
+    if index + 1 >= len(sigmas):
+        raise _Fallback("step past the last sigma")
+    sigma = sigmas[index]
+    derivatives = list(scheduler.derivatives) + [None]
+    if len(derivatives) > order:
+        derivatives.pop(0)
+    used = min(index + 1, order)
+    if len(derivatives) < used:
+        raise _Fallback("fewer stored derivatives than the order needs")
+    coefficients = _lms_coefficients(sigmas, index, used)
+    cx, cm = _sigma_forms(scheduler.config.prediction_type, sigma)
+    derivative_form = ((1.0 - cx) / sigma, -cm / sigma)
+    history = [derivatives[-2 - j] for j in range(used - 1)]
+    prev_sample, derivative = _combine(
+        model_output,
+        sample,
+        derivative_form,
+        out_x=1.0,
+        out_x0=coefficients[0],
+        history=history,
+        out_history=coefficients[1:],
+    )
+    x0 = torch.add(sample, derivative, alpha=-sigma)
+    if not scheduler.is_scale_input_called:
+        import warnings
+
+        warnings.warn(
+            "The `scale_model_input` function should be called before `step` to ensure correct "
+            "denoising. See `StableDiffusionPipeline` for a usage example."
+        )
+    derivatives[-1] = derivative
+    scheduler.derivatives = derivatives
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return LMSDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _flow_stochastic(scheduler, state, a, index, sigmas):
+    model_output, sample = a["model_output"], a["sample"]
+    sigma, sigma_next = sigmas[index], sigmas[index + 1]
+    noise = _randn(sample.shape, a["generator"], sample.device, sample.dtype)
+    prev_sample, _ = _combine(
+        model_output,
+        sample,
+        (1.0, -sigma),
+        out_x0=1.0 - sigma_next,
+        noise=noise,
+        out_noise=sigma_next,
+        return_x0=False,
+    )
+    return prev_sample
+
+
+_FAMILIES: dict[str, _Family] = {
+    "DDIMScheduler": _Family(_ddim_reason, _ddim_step),
+    "DDPMScheduler": _Family(_ddpm_reason, _ddpm_step),
+    "EulerDiscreteScheduler": _Family(_euler_reason, _euler_step),
+    "FlowMatchEulerDiscreteScheduler": _Family(_flow_reason, _flow_step),
+    "DPMSolverMultistepScheduler": _Family(_dpm_reason, _dpm_step),
+    "EulerAncestralDiscreteScheduler": _Family(_ancestral_reason, _ancestral_step),
+    "PNDMScheduler": _Family(_pndm_reason, _pndm_step),
+    "LCMScheduler": _Family(_lcm_reason, _lcm_step),
+    "LMSDiscreteScheduler": _Family(_lms_reason, _lms_step),
+}
+
+#: Configs of covered schedulers that run diffusers' own step, by class (documentation for the swap report).
+FALLBACK_CONFIGS = {
+    "DDIMScheduler": "thresholding with sample_max_value < 1 or dynamic_thresholding_ratio outside (0, 1]; "
+    "epsilon prediction at alpha_bar_t = 0 (a zero-terminal-SNR schedule's first step, per call)",
+    "DDPMScheduler": "variance_type other than fixed_small; thresholding edge cases as DDIM",
+    "EulerDiscreteScheduler": "s_churn > 0 (per call)",
+    "FlowMatchEulerDiscreteScheduler": "per_token_timesteps (per call)",
+    "DPMSolverMultistepScheduler": "learned variance; sde-dpmsolver at order 3; dpmsolver/sde-dpmsolver with "
+    "thresholding or flow_prediction",
+    "EulerAncestralDiscreteScheduler": "prediction_type='sample' (diffusers does not implement it either)",
+    "PNDMScheduler": "skip_prk_steps=False (the Runge-Kutta warm-up)",
+    "LCMScheduler": "clip_sample or thresholding",
+    "LMSDiscreteScheduler": "order > 4 (per call)",
+}
+
+
+# ------------------------------------------------------------------ installing
+
+
+def _diffusers_family(scheduler) -> _Family | None:
+    cls = type(scheduler)
+    family = _FAMILIES.get(cls.__name__)
+    if family is None or not cls.__module__.startswith("diffusers."):
+        return None
+    return family
+
+
+_SIGNATURES: dict[type, tuple] = {}
+
+
+def _bind(cls, args, kwargs) -> dict:
+    """diffusers' step arguments by name, defaults filled (Signature.bind costs about as much as a step)."""
+    entry = _SIGNATURES.get(cls)
+    if entry is None:
+        parameters = list(inspect.signature(cls.step).parameters.values())[1:]
+        if any(p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) for p in parameters):
+            raise TypeError("step takes *args or **kwargs")
+        names = tuple(p.name for p in parameters)
+        positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in parameters)
+        defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
+        entry = _SIGNATURES[cls] = (names, positional, defaults)
+    names, positional, defaults = entry
+    if len(args) > positional:
+        raise TypeError("too many positional arguments")
+    arguments = dict(defaults)
+    arguments.update(zip(names, args))
+    for key, value in kwargs.items():
+        if key not in defaults and key not in names[: len(args)] and key in names:
+            arguments[key] = value
+        elif key in defaults and key not in names[: len(args)]:
+            arguments[key] = value
+        else:
+            raise TypeError(f"unexpected or repeated argument {key!r}")
+    if len(arguments) != len(names):
+        raise TypeError("missing arguments")
+    return arguments
+
+
+def _fast_step(self, *args, **kwargs):
+    """diffusers' ``step`` with the same arguments and outputs, one fused kernel where the config allows."""
+    state: _State = self.__dict__[_STATE]
+    cls = type(self)
+    try:
+        if not extension_available():
+            raise _Fallback("fastlatent extension not built")
+        try:
+            arguments = _bind(cls, args, kwargs)
+        except TypeError as exc:
+            raise _Fallback("arguments diffusers' step does not bind") from exc
+        reason = state.family.config_reason(self)  # the config may have changed since the swap
+        if reason is not None:
+            raise _Fallback(reason)
+        _refresh(self, state)
+        try:
+            return state.family.step(self, state, arguments)
+        except (ZeroDivisionError, OverflowError) as exc:
+            # a degenerate schedule step (two equal sigmas): diffusers' tensor math gives its IEEE result
+            raise _Fallback(f"degenerate schedule step ({exc})") from exc
+    except _Fallback as why:
+        state.report.fallbacks[str(why)] += 1
+        return cls.step(self, *args, **kwargs)
+
+
+def _fast_set_timesteps(self, *args, **kwargs):
+    """diffusers' ``set_timesteps``, then host copies of the new timesteps and sigmas (the one sync, here)."""
+    result = type(self).set_timesteps(self, *args, **kwargs)
+    state: _State = self.__dict__[_STATE]
+    state.timesteps = state.sigmas = None
+    _snapshot(self, state)
+    return result
+
+
+_METHODS: dict[type, tuple] = {}
+
+
+def _installed_methods(cls) -> tuple:
+    """Per class: the installed step and set_timesteps, with diffusers' signatures and docs (callers inspect
+    them, e.g. to decide whether to pass a generator)."""
+    methods = _METHODS.get(cls)
+    if methods is None:
+
+        def step(self, *args, **kwargs):
+            return _fast_step(self, *args, **kwargs)
+
+        def set_timesteps(self, *args, **kwargs):
+            return _fast_set_timesteps(self, *args, **kwargs)
+
+        for wrapper, original in ((step, cls.step), (set_timesteps, cls.set_timesteps)):
+            wrapper.__signature__ = inspect.signature(original)
+            wrapper.__doc__ = original.__doc__
+            wrapper.__qualname__ = original.__qualname__
+        methods = _METHODS[cls] = (step, set_timesteps)
+    return methods
+
+
+def accelerate_scheduler(scheduler) -> SchedulerReport:
+    """Installs the fused ``step`` on one diffusers scheduler instance (idempotent); returns its report.
+
+    A scheduler class without a fused step is left as it is (``fused=False``, with the reason). The report is
+    kept on the instance: :func:`scheduler_report`.
+    """
+    name = type(scheduler).__name__
+    state = scheduler.__dict__.get(_STATE)
+    family = _diffusers_family(scheduler)
+    if family is None:
+        return SchedulerReport(name, False, "no fused step for this scheduler class")
+    reason = family.config_reason(scheduler)
+    if state is None:
+        state = _State(SchedulerReport(name, reason is None, reason), family)
+        scheduler.__dict__[_STATE] = state
+        step, set_timesteps = _installed_methods(type(scheduler))
+        scheduler.__dict__["step"] = types.MethodType(step, scheduler)
+        scheduler.__dict__["set_timesteps"] = types.MethodType(set_timesteps, scheduler)
+        _snapshot(scheduler, state)
+    else:
+        state.report.fused, state.report.reason = reason is None, reason
+    return state.report
+
+
+def restore_scheduler(scheduler) -> None:
+    """Removes the fused ``step`` (diffusers' class methods apply again)."""
+    for key in (_STATE, "step", "set_timesteps"):
+        scheduler.__dict__.pop(key, None)
+
+
+def scheduler_report(scheduler) -> SchedulerReport | None:
+    """The report of an accelerated scheduler (None when :func:`accelerate_scheduler` was not applied)."""
+    state = scheduler.__dict__.get(_STATE)
+    return None if state is None else state.report
+
+
+def is_accelerated(scheduler) -> bool:
+    return _STATE in scheduler.__dict__
+
+
+def covered_schedulers() -> tuple[str, ...]:
+    """diffusers scheduler class names that have a fused step."""
+    return tuple(_FAMILIES)
