@@ -129,6 +129,44 @@ def test_r1_penalty_through_a_patched_discriminator():
     torch.testing.assert_close(r1_weight_grad(patched), r1_weight_grad(disc()), rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------------ in-place ops and autograd versions
+
+
+def _ema_state(k=5, d=3, requires_grad=False):
+    codebook = torch.randn(k, d).requires_grad_(requires_grad)
+    return torch.ones(k), torch.randn(k, d), codebook, torch.rand(k) * 4, torch.randn(k, d)
+
+
+def test_ema_update_bumps_version_counters():
+    # a graph that saved the codebook used the EMA-updated values without torch's in-place error
+    cluster_size, embed_sum, codebook, counts, sums = _ema_state()
+    before = [t._version for t in (cluster_size, embed_sum, codebook, counts, sums)]
+    ops.ema_update_(cluster_size, embed_sum, codebook, counts, sums, 0.9)
+    after = [t._version for t in (cluster_size, embed_sum, codebook, counts, sums)]
+    assert [a > b for a, b in zip(after, before)] == [True, True, True, False, False]
+    # through the raw op too (torch.ops callers, torch.compile's functionalised graphs)
+    torch.ops.fastlatent.ema_update_.default(cluster_size, embed_sum, codebook, counts, sums, 0.9, 1e-5)
+    assert codebook._version > after[2]
+
+
+def test_ema_update_of_a_saved_codebook_raises_at_backward():
+    x = torch.randn(4, 3, requires_grad=True)
+    cluster_size, embed_sum, codebook, counts, sums = _ema_state()
+    loss = (x @ codebook.T).pow(2).sum()     # saves the codebook for x's gradient
+    ops.ema_update_(cluster_size, embed_sum, codebook, counts, sums, 0.9)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("eps", [float("inf"), float("nan"), 1e39, -1.0])
+def test_ema_update_rejects_eps_that_is_not_a_finite_float32(eps):
+    state = _ema_state()
+    with pytest.raises(ValueError, match="eps must be a finite float32 value >= 0"):
+        ops.ema_update_(*state, 0.9, eps)
+    with pytest.raises(ValueError, match="eps must be a finite float32 value >= 0"):
+        ops.ema_update_(*(t.to("meta") for t in state), 0.9, eps)
+
+
 # ------------------------------------------------------------------ image folders
 
 
@@ -254,3 +292,100 @@ def test_resume_refuses_a_checkpoint_of_a_different_model(tmp_path):
                         **small_config(tmp_path, steps=4, batch_size=4, precision="bf16"))
     with pytest.raises(ValueError, match=r"trainer.precision: 'fp32' -> 'bf16'"):
         precision.fit(images)
+
+
+# ------------------------------------------------------------------ tampered model folders
+
+
+def _saved_autoencoder(tmp_path):
+    from fastlatent import models
+
+    model = models.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=[8, 16],
+                                 layers_per_block=1, norm_num_groups=4)
+    return model.save_pretrained(tmp_path / "ae")
+
+
+def _tamper(folder, **changes):
+    import json
+
+    meta = json.loads((folder / "config.json").read_text())
+    meta["config"].update(changes)
+    (folder / "config.json").write_text(json.dumps(meta))
+
+
+def test_tampered_config_is_refused_before_the_model_is_built(tmp_path, monkeypatch):
+    # "layers_per_block": 100000 in a 150-byte config.json built the model first: 5.3 GB RSS after 60 s
+    from fastlatent import models
+
+    folder = _saved_autoencoder(tmp_path)
+    _tamper(folder, layers_per_block=100000)
+    built = []
+    original = models.AutoencoderKL.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(torch.get_default_device())
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(models.AutoencoderKL, "__init__", counting_init)
+    with pytest.raises(ValueError, match=r"more parameters than the \d+ tensors of model.safetensors"):
+        models.load_pretrained(folder)
+    assert [d.type for d in built] == ["meta"]  # the real model was never built
+
+
+def test_config_weights_shape_mismatch_is_refused_before_allocating(tmp_path):
+    from fastlatent import models
+
+    folder = _saved_autoencoder(tmp_path)
+    _tamper(folder, block_out_channels=[8, 4096])
+    with pytest.raises(ValueError, match=r"model.safetensors does not fit config.json \(shape mismatch: .*4096"):
+        models.load_pretrained(folder)
+
+
+# ------------------------------------------------------------------ clear errors
+
+
+def test_merge_group_stats_rejects_negative_or_non_finite_counts():
+    part = (torch.zeros(1, 2), torch.ones(1, 2))
+    for counts in ([4, -2], [4, float("inf")], [4, float("nan")], [True, 4]):
+        with pytest.raises(ValueError, match=r"counts must be finite numbers >= 0, got counts\[\d\]"):
+            ops.merge_group_stats([part, part], counts)
+    with pytest.raises(ValueError, match="same length"):
+        ops.merge_group_stats([part, part], [4])
+
+
+def test_tiled_decode_refuses_latents_that_require_grad():
+    # the tiles run under no_grad: the gradient was silently dropped
+    from test_patch import small_sd_vae
+
+    vae = small_sd_vae()
+    z = torch.randn(1, 4, 8, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="latents requires grad, but the tiled path is not differentiable"):
+        fastlatent.tiled_decode(vae, z, tile_size=4)
+    with torch.no_grad():
+        assert fastlatent.tiled_decode(vae, z, tile_size=4).shape == (1, 3, 64, 64)
+
+
+def test_lfq_autoencoder_with_too_many_codes_fails_at_construction():
+    from fastlatent import models
+
+    with pytest.raises(ValueError, match=r"codebook_size must be <= 2\^18 for quantizer='lfq'"):
+        models.FSQAutoencoder(quantizer="lfq", codebook_size=2**20, block_out_channels=[8], layers_per_block=1,
+                              norm_num_groups=4)
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"steps": 5.7}', r"option steps: expected an integer, got 5.7"),
+    ('{"steps": true}', r"option steps: expected a value, not true"),
+    ('{"block_out_channels": [8, 16.5]}', r"option block_out_channels: expected an integer, got 16.5"),
+])
+def test_config_files_do_not_coerce_values(tmp_path, capsys, content, match):
+    # "steps": 5.7 trained 5 steps and true trained 1
+    import re
+
+    from fastlatent.cli import main
+
+    path = tmp_path / "c.json"
+    path.write_text(content)
+    with pytest.raises(SystemExit):
+        main(["train-ae", "--config", str(path), "--out", str(tmp_path / "o")])
+    assert re.search(match, capsys.readouterr().err)

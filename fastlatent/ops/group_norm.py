@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from fastlatent._extension import extension_available, require_device
@@ -222,6 +225,14 @@ def merge_group_stats(parts, counts) -> tuple[torch.Tensor, torch.Tensor, float]
     Returns:
         ``(mean, m2, count)``: float64 ``[N, G]`` tensors and the total count.
     """
+    parts, counts = list(parts), list(counts)
+    if len(parts) != len(counts):
+        raise ValueError(f"fastlatent.merge_group_stats: parts and counts must have the same length, got "
+                         f"{len(parts)} and {len(counts)}")
+    for i, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, numbers.Real) or not 0 <= count < math.inf:
+            raise ValueError(f"fastlatent.merge_group_stats: counts must be finite numbers >= 0, got counts[{i}] "
+                             f"= {count!r}")
     mean = m2 = None
     total = 0.0
     for (part_mean, part_m2), count in zip(parts, counts):
