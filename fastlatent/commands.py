@@ -85,12 +85,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
 
 
 def _check_config_value_type(action: argparse.Action, value) -> None:
-    """A config file's JSON/TOML value must have the option's type: argparse's converters would turn true into 1
-    and 5.7 into 5 without a word."""
+    """A config file's JSON/TOML value must have the option's type: argparse's converters would turn true
+    into 1 and 5.7 into 5 without a word."""
     if isinstance(value, bool):
         raise argparse.ArgumentTypeError(f"expected a value, not {str(value).lower()}")
     integer = action.type in (int, _positive_int)
-    items = value if action.type is _int_list and isinstance(value, (list, tuple)) else [value] if integer else []
+    if action.type is _int_list and isinstance(value, (list, tuple)):
+        items = value
+    else:
+        items = [value] if integer else []
     for item in items:
         if isinstance(item, bool) or (isinstance(item, float) and not item.is_integer()):
             raise argparse.ArgumentTypeError(f"expected an integer, got {json.dumps(item)}")

@@ -422,9 +422,9 @@ class ImageFolderDataset(Dataset):
                                    if len(p.relative_to(root).parts) > 1})
             empty = sorted(set(self.classes) - {parts[0] for parts in top_levels})
             if empty:
-                raise ValueError(f"ImageFolderDataset: class folder(s) {empty} in {root} hold no usable image "
-                                 f"(all their files were skipped, see the warning above); fix or remove them, "
-                                 f"or pass labels=None")
+                raise ValueError(f"ImageFolderDataset: class folder(s) {empty} in {root} hold no usable "
+                                 f"image (all their files were skipped, see the warning above); fix or "
+                                 f"remove them, or pass labels=None")
             index = {name: i for i, name in enumerate(self.classes)}
             self.labels = torch.tensor([index[parts[0]] for parts in top_levels], dtype=torch.int64)
         else:

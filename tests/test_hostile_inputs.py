@@ -70,8 +70,10 @@ def test_group_norm_double_backward(activation):
 def test_group_norm_conv3x3_double_backward():
     torch.manual_seed(0)
     inputs = (_f64(2, 6, 4, 5), _f64(6), _f64(6), _f64(5, 6, 3, 3), _f64(5), _f64(2, 5, 4, 5))
-    assert gradgradcheck(lambda x, gw, gb, cw, cb, r: ops.group_norm_conv3x3(x, gw, gb, 3, cw, cb, activation="silu",
-                                                                            residual=r), inputs)
+    def fn(x, gw, gb, cw, cb, r):
+        return ops.group_norm_conv3x3(x, gw, gb, 3, cw, cb, activation="silu", residual=r)
+
+    assert gradgradcheck(fn, inputs)
 
 
 @pytest.mark.parametrize("activation", ["none", "silu"])
@@ -79,7 +81,8 @@ def test_group_norm_apply_and_stats_double_backward(activation):
     torch.manual_seed(0)
     x = (_f64(2, 6, 3, 5).detach() * 2 + 1).requires_grad_()
     mean, rstd = torch.randn(2, 3), torch.rand(2, 3) + 0.5
-    assert gradgradcheck(lambda t, w, b: ops.group_norm_apply(t, mean, rstd, w, b, activation), (x, _f64(6), _f64(6)))
+    assert gradgradcheck(lambda t, w, b: ops.group_norm_apply(t, mean, rstd, w, b, activation),
+                         (x, _f64(6), _f64(6)))
     # the statistics are fp32 outputs: a Hessian-vector product against float64 autograd instead
     a, c = torch.randn(2, 3), torch.randn(2, 3)
 
@@ -190,7 +193,8 @@ def test_image_folder_labels_never_shift_when_a_class_has_no_usable_file(tmp_pat
     with pytest.warns(RuntimeWarning, match="skipped 1 of 4"):
         data = ImageFolderDataset(tmp_path, 8)
     assert data.classes == ["a", "b", "c"]
-    assert {p.parent.name: int(label) for p, label in zip(data.files, data.labels)} == {"a": 0, "b": 1, "c": 2}
+    labels = {p.parent.name: int(label) for p, label in zip(data.files, data.labels)}
+    assert labels == {"a": 0, "b": 1, "c": 2}
 
 
 def test_image_folder_reports_dangling_links_and_folders_named_like_images(tmp_path):
@@ -225,7 +229,7 @@ def test_kmeans_clusters_huge_values(magnitude, metric):
 
 
 @pytest.mark.parametrize("x, error, match", [
-    (torch.randn(8, 2, dtype=torch.complex64), TypeError, "real floating-point tensor .* got torch.complex64"),
+    (torch.randn(8, 2, dtype=torch.complex64), TypeError, "real floating-point tensor .* torch.complex64"),
     (torch.arange(16).reshape(8, 2), TypeError, "real floating-point tensor .* got torch.int64"),
     (torch.ones(8, 2, dtype=torch.bool), TypeError, "got torch.bool"),
     (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), ValueError, "NaN or Inf"),
@@ -237,7 +241,7 @@ def test_kmeans_rejects_non_real_or_non_finite_input(x, error, match):
         ops.kmeans(x, 2)
 
 
-# ------------------------------------------------------------------ concurrent runs and resumes of another run
+# ------------------------------------------------------------------ concurrent runs, resumes of another run
 
 
 def test_a_second_run_into_a_live_run_directory_refuses(tmp_path):
@@ -257,11 +261,12 @@ def test_a_second_run_into_a_live_run_directory_refuses(tmp_path):
     temporary.write_bytes(b"being written")
     hold = ("import sys; from fastlatent.training.run_lock import RunLock\n"
             "with RunLock(sys.argv[1], 'training run'):\n    print('ready', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "ready"
-        with pytest.raises(RunDirectoryBusy, match=rf"in use by another training run \(process {holder.pid} on"):
+        busy = rf"in use by another training run \(process {holder.pid} on"
+        with pytest.raises(RunDirectoryBusy, match=busy):
             Trainer(Regressor(), **config).fit(PairDataset())
         assert temporary.exists()
     finally:
@@ -284,7 +289,8 @@ def test_resume_refuses_a_checkpoint_of_a_different_model(tmp_path):
         return models.AutoencoderTask(ae, models.AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.0))
 
     images = torch.utils.data.TensorDataset(torch.rand(8, 1, 8, 8) * 2 - 1, torch.zeros(8, dtype=torch.long))
-    Trainer(task(quantizer="fsq", levels=[5, 5, 5]), **small_config(tmp_path, steps=2, batch_size=4)).fit(images)
+    fsq = Trainer(task(quantizer="fsq", levels=[5, 5, 5]), **small_config(tmp_path, steps=2, batch_size=4))
+    fsq.fit(images)
     lfq = Trainer(task(quantizer="lfq", codebook_size=8), **small_config(tmp_path, steps=4, batch_size=4))
     with pytest.raises(ValueError, match=r"written by a different run \(.*quantizer: 'fsq' -> 'lfq'"):
         lfq.fit(images)
@@ -337,7 +343,8 @@ def test_config_weights_shape_mismatch_is_refused_before_allocating(tmp_path):
 
     folder = _saved_autoencoder(tmp_path)
     _tamper(folder, block_out_channels=[8, 4096])
-    with pytest.raises(ValueError, match=r"model.safetensors does not fit config.json \(shape mismatch: .*4096"):
+    fit = r"model.safetensors does not fit config.json \(shape mismatch: .*4096"
+    with pytest.raises(ValueError, match=fit):
         models.load_pretrained(folder)
 
 
@@ -369,8 +376,8 @@ def test_lfq_autoencoder_with_too_many_codes_fails_at_construction():
     from fastlatent import models
 
     with pytest.raises(ValueError, match=r"codebook_size must be <= 2\^18 for quantizer='lfq'"):
-        models.FSQAutoencoder(quantizer="lfq", codebook_size=2**20, block_out_channels=[8], layers_per_block=1,
-                              norm_num_groups=4)
+        models.FSQAutoencoder(quantizer="lfq", codebook_size=2**20, block_out_channels=[8],
+                              layers_per_block=1, norm_num_groups=4)
 
 
 @pytest.mark.parametrize("content, match", [

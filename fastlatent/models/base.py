@@ -121,7 +121,11 @@ def atomic_write(target: str | os.PathLike, write) -> None:
 def load_pretrained(folder: str | os.PathLike, *, map_location: str | torch.device = "cpu",
                     expected: type | tuple[type, ...] | None = None):
     """Rebuilds a model saved by ``save_pretrained``: the registered class named in ``config.json``, its weights
-    from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted."""
+    from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted.
+
+    Nothing is allocated before the config is known to fit the weights: the model is first built on the meta
+    device, stopped once it registers more parameters than the weights file holds tensors, and its state-dict
+    shapes are compared with the safetensors header; a mismatch raises ValueError naming the tensors."""
     from safetensors.torch import load_file
 
     folder = Path(folder)

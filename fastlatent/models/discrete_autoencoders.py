@@ -294,9 +294,9 @@ class FSQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
             latent_channels = codebook_size.bit_length() - 1
             if quantizer == "lfq" and latent_channels > MAX_ENTROPY_DIMS:
                 # the training loss keeps 2^d code probabilities: refuse here rather than at the first step
-                raise ValueError(f"{owner}: codebook_size must be <= 2^{MAX_ENTROPY_DIMS} for quantizer='lfq' (its "
-                                 f"entropy loss keeps one probability per code), got {codebook_size}; "
-                                 f"quantizer='bsq' factorises the entropy and takes up to 2^62")
+                raise ValueError(f"{owner}: codebook_size must be <= 2^{MAX_ENTROPY_DIMS} for "
+                                 f"quantizer='lfq' (its entropy loss keeps one probability per code), got "
+                                 f"{codebook_size}; quantizer='bsq' factorises the entropy (up to 2^62)")
             cls = LFQ if quantizer == "lfq" else BSQ
             try:
                 # weight 1 on both terms: the returned breakdown carries them unweighted

@@ -423,9 +423,10 @@ class Upsample(nn.Module):
         doubling = output_size is None or tuple(output_size) == (2 * x.shape[2], 2 * x.shape[3])
         if self.conv is not None and doubling and is_plain_conv3x3(self.conv):
             # the upsampling folded into the convolution: 2.25x fewer FLOPs, no upsampled tensor
-            # The phase kernels are folded from the live weights on every call: no cache can see writes through
-            # `.data` (how EMA code updates weights), which bump no version counter. The fold reads the weight
-            # once (measured on a 2-core CPU: 3-25 ms at C = 512 against 0.15-0.5 s for the convolution).
+            # The phase kernels are folded from the live weights on every call: no cache can see writes
+            # through `.data` (how EMA code updates weights), which bump no version counter. The fold reads
+            # the weight once (measured on a 2-core CPU: 3-25 ms at C = 512 against 0.15-0.5 s for the
+            # convolution).
             return upsample_nearest2x_conv3x3(x, self.conv.weight, self.conv.bias)
         if output_size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")

@@ -45,8 +45,10 @@ def differentiable_vjp(forward: Callable, inputs: Sequence, needs: Sequence[bool
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
                  if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
         wanted = [t for t, need in zip(leaves, needs) if need and t is not None]
-        grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g.to(o.dtype) for o, g in pairs],
-                                         create_graph=create_graph, allow_unused=True) if wanted and pairs else ())
+        grads = iter(())
+        if wanted and pairs:
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g.to(o.dtype) for o, g in pairs],
+                                             create_graph=create_graph, allow_unused=True))
     out = []
     for t, need in zip(leaves, needs):
         if need and t is not None:

@@ -231,8 +231,8 @@ def merge_group_stats(parts, counts) -> tuple[torch.Tensor, torch.Tensor, float]
                          f"{len(parts)} and {len(counts)}")
     for i, count in enumerate(counts):
         if isinstance(count, bool) or not isinstance(count, numbers.Real) or not 0 <= count < math.inf:
-            raise ValueError(f"fastlatent.merge_group_stats: counts must be finite numbers >= 0, got counts[{i}] "
-                             f"= {count!r}")
+            raise ValueError(f"fastlatent.merge_group_stats: counts must be finite numbers >= 0, got "
+                             f"counts[{i}] = {count!r}")
     mean = m2 = None
     total = 0.0
     for (part_mean, part_m2), count in zip(parts, counts):

@@ -71,13 +71,14 @@ def kmeans(
 
     Raises:
         TypeError for a non-floating ``x`` (integer, bool, complex); ValueError for NaN or Inf in
-        ``x`` or values beyond the float32 range. Data of any other magnitude clusters correctly: beyond 2^32 it is scaled down by a
-        power of two for the distance computations (exact) and the centres scaled back.
+        ``x`` or values beyond the float32 range. Data of any other magnitude clusters correctly:
+        beyond 2^32 it is scaled down by a power of two for the distance computations (exact) and
+        the centres scaled back.
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"fastlatent.kmeans: x must be a real floating-point tensor (float32, float16, bfloat16 or "
-                        f"float64), got {what}")
+        raise TypeError(f"fastlatent.kmeans: x must be a real floating-point tensor (float32, float16, "
+                        f"bfloat16 or float64), got {what}")
     if x.dim() != 2:
         raise ValueError(f"fastlatent.kmeans: x must be 2-D [N, D], got shape {list(x.shape)}")
     if x.shape[0] < 1:
@@ -127,8 +128,8 @@ def _scaled_to_safe_range(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     if not math.isfinite(peak):
         raise ValueError("fastlatent.kmeans: x holds NaN or Inf values (drop non-finite rows first)")
     if peak > torch.finfo(torch.float32).max:
-        raise ValueError(f"fastlatent.kmeans: x holds values beyond the float32 range (max |x| = {peak:.3g}), "
-                         f"which the float32 centres cannot represent")
+        raise ValueError(f"fastlatent.kmeans: x holds values beyond the float32 range (max |x| = "
+                         f"{peak:.3g}), which the float32 centres cannot represent")
     if peak < _SAFE_MAGNITUDE:
         return x, 1.0
     scale = 2.0 ** (math.frexp(peak)[1] - 1)   # peak / scale in [1, 2)

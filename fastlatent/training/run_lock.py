@@ -1,8 +1,8 @@
 """An exclusive lock on a run directory, so that a second run into the same folder cannot corrupt the first.
 
-The lock is an ``flock`` on ``<folder>/.fastlatent.lock``: the kernel drops it when the holder exits, however it
-exits (SIGKILL included), so a crashed run never leaves a stale lock. The file records who holds it (pid, host,
-start time, command line) for the refusal message.
+The lock is an ``flock`` on ``<folder>/.fastlatent.lock``: the kernel drops it when the holder exits,
+however it exits (SIGKILL included), so a crashed run never leaves a stale lock. The file records who
+holds it (pid, host, start time, command line) for the refusal message.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ class RunDirectoryBusy(RuntimeError):
 class RunLock:
     """``with RunLock(folder): ...`` holds ``folder`` exclusively (the folder is created if needed).
 
-    Raises :class:`RunDirectoryBusy` naming the live holder when another process has it. POSIX only (``fcntl``);
-    elsewhere the lock is not taken.
+    Raises :class:`RunDirectoryBusy` naming the live holder when another process has it. POSIX only
+    (``fcntl``); elsewhere the lock is not taken.
     """
 
     def __init__(self, folder: str | os.PathLike, what: str = "run"):
@@ -46,13 +46,13 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise RunDirectoryBusy(f"{self.folder} is in use by another {self.what} ({holder}); wait for it to "
-                                   f"finish or stop it, or use another output folder") from None
+            raise RunDirectoryBusy(f"{self.folder} is in use by another {self.what} ({holder}); wait for "
+                                   f"it to finish or stop it, or use another output folder") from None
         except BaseException:
             os.close(fd)
             raise
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                "command": " ".join(sys.argv)[:500]}
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd

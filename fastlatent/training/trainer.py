@@ -334,8 +334,6 @@ class Trainer:
         elif overrides:
             config = dataclasses.replace(config, **overrides)
         self.config = config
-        # what this run trains, stored in each checkpoint: a resume of a different run is refused
-        self.fingerprint = run_fingerprint(module, config.to_dict())
         self.out_dir = Path(config.out_dir)
         self.checkpoint_dir = self.out_dir / "checkpoints"
 
@@ -386,6 +384,8 @@ class Trainer:
                 betas=config.disc_betas or config.betas, fused=fused)
         self.schedule = LRSchedule(config.schedule, config.steps, config.warmup_steps, config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        # what this run trains, stored in each checkpoint: a resume of a different run is refused
+        self.fingerprint = run_fingerprint(module, config.to_dict())
         self.ema = (EMA(module, config.ema_decay, config.ema_start, exclude=self.disc_params)
                     if config.ema_decay is not None else None)
 
@@ -539,9 +539,9 @@ class Trainer:
         if "fingerprint" in state:
             differences = fingerprint_differences(state["fingerprint"], self.fingerprint)
             if differences:
-                raise ValueError(f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: it was "
-                                 f"written by a different run ({'; '.join(differences)}); use another out_dir, "
-                                 f"or resume=False to start over")
+                raise ValueError(f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: it "
+                                 f"was written by a different run ({'; '.join(differences)}); use another "
+                                 f"out_dir, or resume=False to start over")
         if saved.get("steps") != self.config.steps:
             warnings.warn(f"fastlatent: resuming with steps={self.config.steps} (checkpoint run had "
                           f"{saved.get('steps')}); the learning-rate schedule now follows the new length",
@@ -715,7 +715,8 @@ class Trainer:
         """Train until ``config.steps`` optimizer steps are done, resuming from ``out_dir`` when allowed.
 
         The run holds ``out_dir`` exclusively while it trains: a second run into the same folder raises
-        :class:`~fastlatent.training.run_lock.RunDirectoryBusy` naming the live process, before touching any file.
+        :class:`~fastlatent.training.run_lock.RunDirectoryBusy` naming the live process, before touching any
+        file.
 
         Args:
             dataset: a map-style dataset (``__len__``, ``__getitem__``) whose items collate into the batches
