@@ -353,8 +353,10 @@ class ImageFolderDataset(Dataset):
     squashes the whole image to the square.
 
     Labels: with ``labels="folders"`` (default) and every image inside a sub-folder of ``root``, the label
-    is the index of its top-level sub-folder in sorted order (:attr:`classes`), as torchvision's
-    ImageFolder; otherwise all labels are 0.
+    is the index of its top-level sub-folder in sorted order (:attr:`classes`: the sub-folders holding image
+    files), as torchvision's ImageFolder; otherwise all labels are 0. A class folder whose files are all
+    skipped raises ValueError naming it (it would otherwise shift every later label). Folders and dangling
+    symbolic links named like images are listed in :attr:`skipped` too.
 
     Args:
         root: the folder. size: output side. channels: 3 (RGB) or 1 (greyscale).
@@ -414,7 +416,15 @@ class ImageFolderDataset(Dataset):
 
         top_levels = [p.relative_to(root).parts for p in self.files]
         if labels == "folders" and all(len(parts) > 1 for parts in top_levels):
-            self.classes = sorted({parts[0] for parts in top_levels})
+            # Classes are the top-level folders holding image files, usable or skipped: a folder whose files
+            # all fail must not vanish and shift every later label.
+            self.classes = sorted({p.relative_to(root).parts[0] for p in candidates
+                                   if len(p.relative_to(root).parts) > 1})
+            empty = sorted(set(self.classes) - {parts[0] for parts in top_levels})
+            if empty:
+                raise ValueError(f"ImageFolderDataset: class folder(s) {empty} in {root} hold no usable "
+                                 f"image (all their files were skipped, see the warning above); fix or "
+                                 f"remove them, or pass labels=None")
             index = {name: i for i, name in enumerate(self.classes)}
             self.labels = torch.tensor([index[parts[0]] for parts in top_levels], dtype=torch.int64)
         else:
@@ -432,12 +442,18 @@ class ImageFolderDataset(Dataset):
             rel = path.relative_to(root).parts
             if any(part.startswith(".") for part in rel):
                 continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file():
-                yield path
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                yield path  # folders and dangling links named like images too: _check_file reports them
 
     def _check_file(self, path: Path, full: bool) -> str | None:
         from PIL import Image
 
+        if path.is_symlink() and not path.exists():
+            return f"dangling symbolic link (its target {os.readlink(path)} does not exist)"
+        if path.is_dir():
+            return "a folder, not an image file"
+        if not path.is_file():
+            return "not a regular file"
         # PIL raises many exception types for bad files; each stage reports what it could not do.
         try:
             image = Image.open(path)

@@ -13,10 +13,10 @@ import contextlib
 
 import pytest
 import torch
+from opspecs import FLOAT_DTYPES, OP_SPECS, assert_step_close
 
 import fastlatent
 from fastlatent import _emu
-from opspecs import FLOAT_DTYPES, OP_SPECS, assert_step_close
 
 SPECS = {spec.name: spec for spec in OP_SPECS}
 HALF_TYPES = (torch.float16, torch.bfloat16)
@@ -56,7 +56,7 @@ def _variants(name, dtype):
 
 
 def _assert_tf32_nearest(sample, ours, cpu):
-    """tf32 keys (10-bit mantissas) may pick a code whose exact distance exceeds the best by their rounding."""
+    """tf32 keys (10-bit mantissas) may pick a code whose exact distance exceeds the best by rounding."""
     x, codebook = sample.args
     indices, distances = ours
     _, cpu_distances = cpu

@@ -11,10 +11,10 @@ import math
 
 import pytest
 import torch
+from test_cuda_emulated import emulated
 
 import fastlatent
 from fastlatent import _emu
-from test_cuda_emulated import emulated
 
 CONTROLS = ("missing_syncthreads", "off_by_one_tail", "missing_cp_async_wait", "misaligned_vector_load")
 

@@ -1,7 +1,12 @@
 // Binding for ema_update_: in-place EMA codebook update.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <limits>
 
 #include "checks.h"
 #include "ema_update.h"
@@ -51,7 +56,9 @@ EmaUpdateParams check_args(const at::Tensor& cluster_size, const at::Tensor& emb
   check_in_place(embed_sum, "embed_sum");
   check_in_place(codebook, "codebook");
   FL_CHECK_VALUE(decay >= 0.0 && decay <= 1.0, kOp, "decay must be in [0, 1], got ", decay);
-  FL_CHECK_VALUE(eps >= 0.0, kOp, "eps must be >= 0, got ", eps);
+  // the kernel computes in float32: an eps that is inf (or NaN) there turns the whole codebook into NaN
+  FL_CHECK_VALUE(eps >= 0.0 && eps <= std::numeric_limits<float>::max(), kOp,
+                 "eps must be a finite float32 value >= 0, got ", eps);
   EmaUpdateParams p;
   p.codebook_dtype = kernel_dtype(codebook, kOp, "codebook");
   p.k = k;
@@ -92,6 +99,24 @@ void ema_update_cuda(at::Tensor& cluster_size, at::Tensor& embed_sum, at::Tensor
 }
 #endif
 
+// The ADInplaceOrView kernel torch generates for its own in-place ops: bump the version counter of every
+// mutated tensor, so that autograd raises "modified by an inplace operation" for a graph that saved one of
+// them, then run the backend kernel.
+void ema_update_ad_inplace_or_view(at::Tensor& cluster_size, at::Tensor& embed_sum, at::Tensor& codebook,
+                                   const at::Tensor& counts, const at::Tensor& sums, double decay, double eps) {
+  {
+    const at::AutoDispatchBelowADInplaceOrView guard;
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("fastlatent::ema_update_", "")
+                               .typed<void(at::Tensor&, at::Tensor&, at::Tensor&, const at::Tensor&,
+                                           const at::Tensor&, double, double)>();
+    op.call(cluster_size, embed_sum, codebook, counts, sums, decay, eps);
+  }
+  for (const at::Tensor* t : {&cluster_size, &embed_sum, &codebook}) {
+    torch::autograd::impl::bump_version(*t);
+  }
+}
+
 }  // namespace
 }  // namespace fastlatent
 
@@ -103,3 +128,7 @@ TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
 TORCH_LIBRARY_IMPL(fastlatent, CPU, m) { m.impl("ema_update_", &fastlatent::ema_update_cpu); }
 
 TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) { FL_REGISTER_CUDA(m, "ema_update_", &fastlatent::ema_update_cuda); }
+
+TORCH_LIBRARY_IMPL(fastlatent, ADInplaceOrView, m) {
+  m.impl("ema_update_", &fastlatent::ema_update_ad_inplace_or_view);
+}

@@ -102,6 +102,21 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _check_config_value_type(action: argparse.Action, value) -> None:
+    """A config file's JSON/TOML value must have the option's type: argparse's converters would turn true
+    into 1 and 5.7 into 5 without a word."""
+    if isinstance(value, bool):
+        raise argparse.ArgumentTypeError(f"expected a value, not {str(value).lower()}")
+    integer = action.type in (int, positive_int)
+    if action.type is int_list and isinstance(value, (list, tuple)):
+        items = value
+    else:
+        items = [value] if integer else []
+    for item in items:
+        if isinstance(item, bool) or (isinstance(item, float) and not item.is_integer()):
+            raise argparse.ArgumentTypeError(f"expected an integer, got {json.dumps(item)}")
+
+
 def apply_config_defaults(parser: CommandParser, config: dict[str, Any], source: str) -> None:
     """Makes the config's values the parser's defaults, converted and checked like command-line values."""
     actions = {dest: a for dest, a in parser.options.items() if dest not in ("help", "config")}
@@ -115,8 +130,10 @@ def apply_config_defaults(parser: CommandParser, config: dict[str, Any], source:
             if action.nargs == 0 and isinstance(action.const, bool):  # store_true / store_false
                 if not isinstance(value, bool):
                     raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-            elif action.type is not None and value is not None:
-                value = action.type(value)
+            else:
+                _check_config_value_type(action, value)
+                if action.type is not None and value is not None:
+                    value = action.type(value)
             if action.choices is not None and value not in action.choices:
                 raise argparse.ArgumentTypeError(f"expected one of {list(action.choices)}, got {value!r}")
         except (argparse.ArgumentTypeError, TypeError, ValueError) as exc:

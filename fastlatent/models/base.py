@@ -121,7 +121,11 @@ def atomic_write(target: str | os.PathLike, write) -> None:
 def load_pretrained(folder: str | os.PathLike, *, map_location: str | torch.device = "cpu",
                     expected: type | tuple[type, ...] | None = None):
     """Rebuilds a model saved by ``save_pretrained``: the registered class named in ``config.json``, its weights
-    from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted."""
+    from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted.
+
+    Nothing is allocated before the config is known to fit the weights: the model is first built on the meta
+    device, stopped once it registers more parameters than the weights file holds tensors, and its state-dict
+    shapes are compared with the safetensors header; a mismatch raises ValueError naming the tensors."""
     from safetensors.torch import load_file
 
     folder = Path(folder)
@@ -143,6 +147,65 @@ def load_pretrained(folder: str | os.PathLike, *, map_location: str | torch.devi
     if expected is not None and not issubclass(cls, expected):
         names = [c.__name__ for c in (expected if isinstance(expected, tuple) else (expected,))]
         raise ValueError(f"fastlatent.models.load_pretrained: {folder} holds a {name}, expected one of {names}")
+    if not isinstance(config, dict):
+        raise ValueError(f"fastlatent.models.load_pretrained: {config_path}: config must be an object of "
+                         f"constructor arguments, got {type(config).__name__}")
+    _check_weights_fit_config(cls, config, weights_path)
     model = cls.from_config(config)
     model.load_state_dict(load_file(str(weights_path), device=str(map_location)))
     return model.to(map_location)
+
+
+class _ConfigTooLarge(ValueError):
+    pass
+
+
+def _weights_header(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from a safetensors header (reads the header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
+        raise ValueError(f"fastlatent.models.load_pretrained: cannot read {weights_path} as safetensors: "
+                         f"{exc}") from None
+
+
+def _check_weights_fit_config(cls, config: dict, weights_path: Path) -> None:
+    """Builds the model on the meta device (no memory) and compares its state dict with the weights' header,
+    before anything is allocated: a tampered config (``"layers_per_block": 100000``) is refused after at most
+    as many parameters as the weights file holds, and a size mismatch before the real model exists."""
+    header = _weights_header(weights_path)
+    where = f"fastlatent.models.load_pretrained: {weights_path.parent}"
+    registered = 0
+
+    def count(module, name, param):
+        nonlocal registered
+        registered += 1
+        if registered > len(header):
+            raise _ConfigTooLarge(f"{where}: the config describes a model with more parameters than the "
+                             f"{len(header)} tensors of {WEIGHTS_NAME} (config and weights do not match)")
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config)
+    except _ConfigTooLarge:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: the config does not describe a valid {cls.__name__}: {exc}") from None
+    except (RuntimeError, NotImplementedError):
+        return  # a constructor that computes on its tensors cannot run on meta: the strict load still checks
+    finally:
+        handle.remove()
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(expected.keys() - header.keys())
+    unexpected = sorted(header.keys() - expected.keys())
+    wrong = [f"{k}: config {list(expected[k])}, weights {list(header[k])}"
+             for k in sorted(expected.keys() & header.keys()) if expected[k] != header[k]]
+    if missing or unexpected or wrong:
+        details = ([f"missing from the weights: {missing[:5]}"] if missing else []) + \
+            ([f"not in the model: {unexpected[:5]}"] if unexpected else []) + \
+            ([f"shape mismatch: {'; '.join(wrong[:5])}"] if wrong else [])
+        raise ValueError(f"{where}: {WEIGHTS_NAME} does not fit {CONFIG_NAME} ({'; '.join(details)})")

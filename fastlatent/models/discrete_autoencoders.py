@@ -20,6 +20,7 @@ from fastlatent.models.base import ConfigMixin, register_model
 from fastlatent.models.vae_blocks import Decoder, Encoder, check_image_batch, check_positive_int
 from fastlatent.nn.scalar_quantizers import BSQ, FSQ, LFQ, codebook_usage
 from fastlatent.nn.vq import ResidualVQ, VectorQuantize
+from fastlatent.ops.lfq import MAX_ENTROPY_DIMS
 
 SCALAR_QUANTIZERS = ("fsq", "lfq", "bsq")
 VECTOR_QUANTIZERS = ("vq", "rvq")
@@ -293,6 +294,11 @@ class FSQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
                 raise ValueError(f"{owner}: codebook_size must be a power of 2 >= 2 for quantizer={quantizer!r} "
                                  f"(latent_channels = log2(codebook_size)), got {codebook_size!r}")
             latent_channels = codebook_size.bit_length() - 1
+            if quantizer == "lfq" and latent_channels > MAX_ENTROPY_DIMS:
+                # the training loss keeps 2^d code probabilities: refuse here rather than at the first step
+                raise ValueError(f"{owner}: codebook_size must be <= 2^{MAX_ENTROPY_DIMS} for "
+                                 f"quantizer='lfq' (its entropy loss keeps one probability per code), got "
+                                 f"{codebook_size}; quantizer='bsq' factorises the entropy (up to 2^62)")
             cls = LFQ if quantizer == "lfq" else BSQ
             try:
                 # weight 1 on both terms: the returned breakdown carries them unweighted

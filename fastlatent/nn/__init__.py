@@ -4,8 +4,22 @@ from fastlatent.nn.blocks import AttnBlock, Downsample, GroupNormAct, ResnetBloc
 from fastlatent.nn.conv_fusion import fused_conv, fused_conv_mode, norm_act_conv, set_fused_conv
 from fastlatent.nn.latent_quantize import LatentQuantize
 from fastlatent.nn.residual_scalar import GroupedResidualFSQ, GroupedResidualLFQ, ResidualFSQ, ResidualLFQ
-from fastlatent.nn.residual_vq import GroupedResidualVQ, RandomProjectionQuantizer, ResidualSimVQ, ResidualVQ, SimVQ
-from fastlatent.nn.scalar_quantizers import BSQ, FSQ, LFQ, CodebookUsage, LossBreakdown, Return, codebook_usage
+from fastlatent.nn.residual_vq import (
+    GroupedResidualVQ,
+    RandomProjectionQuantizer,
+    ResidualSimVQ,
+    ResidualVQ,
+    SimVQ,
+)
+from fastlatent.nn.scalar_quantizers import (
+    BSQ,
+    FSQ,
+    LFQ,
+    CodebookUsage,
+    LossBreakdown,
+    Return,
+    codebook_usage,
+)
 from fastlatent.nn.vq import Codebook, VectorQuantize, VQStats, orthogonal_loss, rotate_to
 
 __all__ = [

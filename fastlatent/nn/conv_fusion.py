@@ -160,7 +160,9 @@ def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torc
     Args:
         x: ``[N, C_in, H, W]``; channels-last in, channels-last out.
         weight, bias: the 3x3 convolution's (``[C_out, C_in, 3, 3]``, ``[C_out]`` or None).
-        packed: ``(subpixel_weight(weight), bias.repeat(4))`` when the caller keeps them (inference).
+        packed: ``(subpixel_weight(weight), bias.repeat(4))`` when the caller has them. A caller that keeps
+            them between calls must refold after every write to the weights, ``.data`` writes included
+            (which move no version counter); :class:`~fastlatent.nn.Upsample` folds per call.
     Returns:
         ``[N, C_out, 2H, 2W]``.
     """

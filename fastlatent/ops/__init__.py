@@ -14,8 +14,15 @@ from fastlatent.ops.group_norm_conv import group_norm_conv3x3
 from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.lfq import lfq_entropy, lfq_quantize
 from fastlatent.ops.nearest_code import nearest_code
-from fastlatent.ops.sampler_step import (convert_prediction, ddim_step, ddpm_step, dpmpp_2m_step, euler_step,
-                                         sampler_step, seed_from_generator)
+from fastlatent.ops.sampler_step import (
+                                         convert_prediction,
+                                         ddim_step,
+                                         ddpm_step,
+                                         dpmpp_2m_step,
+                                         euler_step,
+                                         sampler_step,
+                                         seed_from_generator,
+)
 
 __all__ = ["nearest_code", "code_stats", "ema_update_", "kmeans", "fsq_quantize", "fsq_indices_to_codes",
            "lfq_quantize", "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm", "group_norm_stats",

@@ -6,6 +6,7 @@ import torch
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
+from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
 from fastlatent.ops.lfq import check_channels, check_positive, check_tensor_like, math_dtype
 
 MAX_DIMS = 62
@@ -82,6 +83,10 @@ if extension_available():
 
     def _bsq_quantize_backward(ctx, grad_quantized, grad_indices):
         (z,) = ctx.saved_tensors
+        if wants_double_backward():  # create_graph=True: the straight-through gradient of the reference
+            from fastlatent.reference.bsq import bsq_quantize as reference
+
+            return differentiable_vjp(reference, (z,), (True,), (grad_quantized, None))[0]
         return torch.ops.fastlatent.bsq_quantize_backward.default(grad_quantized, z)
 
     torch.library.register_autograd("fastlatent::bsq_quantize", _bsq_quantize_backward, setup_context=_bsq_quantize_setup)
@@ -92,6 +97,11 @@ if extension_available():
 
     def _bsq_entropy_backward(ctx, grad_per_sample, grad_avg_probs):
         (z,) = ctx.saved_tensors
+        if wants_double_backward():  # create_graph=True: through the reference's factorised entropy terms
+            from fastlatent.reference.bsq import bsq_entropy as reference
+
+            return differentiable_vjp(lambda z_: reference(z_, ctx.inv_temperature), (z,), (True,),
+                                      (grad_per_sample, grad_avg_probs))[0], None
         grad_z = torch.ops.fastlatent.bsq_entropy_backward.default(grad_per_sample, grad_avg_probs, z, ctx.inv_temperature)
         return grad_z, None
 

@@ -29,8 +29,9 @@ def check_ema_update_args(cluster_size, embed_sum, codebook, counts, sums, decay
             raise ValueError(f"fastlatent.{op}: {name} is updated in place and must be contiguous")
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"fastlatent.{op}: decay must be in [0, 1], got {decay}")
-    if eps < 0.0:
-        raise ValueError(f"fastlatent.{op}: eps must be >= 0, got {eps}")
+    # the kernel computes in float32: an eps that is inf (or NaN) there turns the whole codebook into NaN
+    if not 0.0 <= eps <= torch.finfo(torch.float32).max:
+        raise ValueError(f"fastlatent.{op}: eps must be a finite float32 value >= 0, got {eps}")
     _checks.check_float(op, "codebook", codebook)
 
 
@@ -57,7 +58,9 @@ def ema_update_(
     ``embed_sum`` ``[K, D]``, ``counts`` and ``sums`` are float32; ``codebook`` ``[K, D]`` may
     be float32/float16/bfloat16. The three updated tensors must be contiguous. If every
     cluster size is 0, ``n`` is 0 and the codebook becomes NaN: start ``cluster_size`` at
-    ones, as the modules do. Deterministic.
+    ones, as the modules do. Deterministic. Like torch's in-place ops, it bumps the autograd
+    version counter of the three updated tensors, so a graph that saved one of them raises
+    instead of differentiating through the new values.
     """
     require_device("ema_update_", codebook, cluster_size, embed_sum, counts, sums)
     torch.ops.fastlatent.ema_update_.default(cluster_size, embed_sum, codebook, counts, sums, float(decay), float(eps))

@@ -9,6 +9,7 @@ import torch
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
+from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
 
 MAX_CODEBOOK_SIZE = 2**31
 
@@ -124,6 +125,12 @@ if extension_available():
 
     def _fsq_backward(ctx, grad_z_hat, grad_indices):
         (z,) = ctx.saved_tensors
+        if wants_double_backward():  # create_graph=True: the straight-through gradient of the reference
+            from fastlatent.reference.fsq import fsq_quantize as reference
+
+            (grad_z,) = differentiable_vjp(lambda z_: reference(z_, ctx.levels, ctx.preserve_symmetry),
+                                           (z,), (True,), (grad_z_hat, None))
+            return grad_z, None, None
         grad_z = torch.ops.fastlatent.fsq_quantize_backward.default(grad_z_hat, z, ctx.levels, ctx.preserve_symmetry)
         return grad_z, None, None
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
+from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
 
 ACTIVATIONS = ("none", "silu", "gelu")
 
@@ -80,7 +84,9 @@ def group_norm(
 
     Statistics are computed in fp32 or better (double sums on the CPU; Welford partials
     merged in double on CUDA), so they are stable for inputs with a large mean. Deterministic.
-    Differentiable in ``x``, ``weight``, ``bias`` and ``residual``.
+    Differentiable in ``x``, ``weight``, ``bias`` and ``residual``, to any order: the first
+    backward is the fused kernel; with ``create_graph=True`` (gradient penalties) the gradient is
+    taken through the plain-PyTorch reference instead, so that it can be differentiated again.
     """
     require_device("group_norm", *(t for t in (x, weight, bias, residual) if t is not None))
     return torch.ops.fastlatent.group_norm.default(x, weight, bias, groups, float(eps), activation, residual)[0]
@@ -102,21 +108,28 @@ if extension_available():
                 x.new_empty((c,), dtype=torch.float32))
 
     def _setup_context(ctx, inputs, output):
-        x, weight, bias, groups, _, activation, residual = inputs
+        x, weight, bias, groups, eps, activation, residual = inputs
         _, mean, rstd = output
         ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.groups, ctx.activation = groups, activation
+        ctx.groups, ctx.eps, ctx.activation = groups, eps, activation
         ctx.has_residual = residual is not None
         ctx.mark_non_differentiable(mean, rstd)
 
     def _backward(ctx, grad_out, grad_mean, grad_rstd):
         x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[6] else None
+        if wants_double_backward():  # create_graph=True: a backward autograd can differentiate again
+            from fastlatent.reference.group_norm import group_norm as reference
+
+            grad_x, grad_weight, grad_bias = differentiable_vjp(
+                lambda x_, w_, b_: reference(x_, w_, b_, ctx.groups, ctx.eps, ctx.activation),
+                (x, weight, bias), ctx.needs_input_grad[:3], (grad_out,))
+            return grad_x, grad_weight, grad_bias, None, None, None, grad_residual
         grad_x, grad_weight, grad_bias = torch.ops.fastlatent.group_norm_backward.default(
             grad_out.contiguous() if not _channels_last(x) else grad_out, x, weight, bias, mean, rstd,
             ctx.groups, ctx.activation)
         grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
-        grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[6] else None
         return grad_x, grad_weight, grad_bias, None, None, None, grad_residual
 
     torch.library.register_autograd("fastlatent::group_norm", _backward, setup_context=_setup_context)
@@ -212,6 +225,14 @@ def merge_group_stats(parts, counts) -> tuple[torch.Tensor, torch.Tensor, float]
     Returns:
         ``(mean, m2, count)``: float64 ``[N, G]`` tensors and the total count.
     """
+    parts, counts = list(parts), list(counts)
+    if len(parts) != len(counts):
+        raise ValueError(f"fastlatent.merge_group_stats: parts and counts must have the same length, got "
+                         f"{len(parts)} and {len(counts)}")
+    for i, count in enumerate(counts):
+        if isinstance(count, bool) or not isinstance(count, numbers.Real) or not 0 <= count < math.inf:
+            raise ValueError(f"fastlatent.merge_group_stats: counts must be finite numbers >= 0, got "
+                             f"counts[{i}] = {count!r}")
     mean = m2 = None
     total = 0.0
     for (part_mean, part_m2), count in zip(parts, counts):
@@ -277,8 +298,9 @@ if extension_available():
 
     def _apply_backward(ctx, grad_out):
         x, mean, rstd, weight, bias = ctx.saved_tensors
+        double = wants_double_backward()  # create_graph=True: keep the graph of the gradient itself
         with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None
+            leaves = [(t if double and need else t.detach().requires_grad_(need)) if t is not None else None
                       for t, need in zip((x, mean, rstd, weight, bias), ctx.needs_input_grad[:5])]
             lx, lmean, lrstd, lw, lb = leaves
             groups = lmean.shape[1]
@@ -292,7 +314,8 @@ if extension_available():
                 z = z + lb.to(compute).reshape(shape)
             y = _activation_fn(ctx.activation)(z)
             wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, grad_out.to(compute)) if wanted else ())
+            grads = iter(torch.autograd.grad(y, wanted, grad_out.to(compute), create_graph=double)
+                         if wanted else ())
         out = []
         for t, leaf in zip((x, mean, rstd, weight, bias), leaves):
             out.append(next(grads).to(t.dtype) if leaf is not None and leaf.requires_grad else None)

@@ -6,6 +6,7 @@ import torch
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
+from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
 from fastlatent.ops.group_norm import ACTIVATIONS, _channels_last, _check_layout_and_groups
 
 ALGORITHMS = ("auto", "fused", "unfused")
@@ -113,14 +114,12 @@ if extension_available():
         # arguments left at their schema defaults are not in needs_input_grad
         needs_input_grad = tuple(ctx.needs_input_grad) + (False,) * (10 - len(ctx.needs_input_grad))
         needs = [needs_input_grad[i] for i in _DIFFERENTIABLE[:5]]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(need) if t is not None else None for t, need in zip(saved, needs)]
-            x, gn_weight, gn_bias, conv_weight, conv_bias = leaves
-            y = group_norm(x, gn_weight, gn_bias, ctx.groups, ctx.eps, ctx.activation)
-            out = F.conv2d(y, conv_weight, conv_bias, padding=1)
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
-        x_g, gw_g, gb_g, w_g, b_g = (next(grads) if t is not None and t.requires_grad else None for t in leaves)
+        # Through the group_norm op and torch's conv: with create_graph=True the gradients keep their graph
+        # (group_norm's own backward then switches to its differentiable form), so they differentiate again.
+        x_g, gw_g, gb_g, w_g, b_g = differentiable_vjp(
+            lambda x, gw, gb, w, b: F.conv2d(group_norm(x, gw, gb, ctx.groups, ctx.eps, ctx.activation), w, b,
+                                             padding=1),
+            saved, needs, (grad_out,), create_graph=wants_double_backward())
         residual_g = grad_out if ctx.has_residual and needs_input_grad[8] else None
         return x_g, gw_g, gb_g, None, None, None, w_g, b_g, residual_g, None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -67,7 +68,17 @@ def kmeans(
     Returns:
         ``(centres [K, D] float32, counts [K] float32)``: the counts are those of the last
         assignment. A cluster that receives no rows keeps its previous centre.
+
+    Raises:
+        TypeError for a non-floating ``x`` (integer, bool, complex); ValueError for NaN or Inf in
+        ``x`` or values beyond the float32 range. Data of any other magnitude clusters correctly:
+        beyond 2^32 it is scaled down by a power of two for the distance computations (exact) and
+        the centres scaled back.
     """
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"fastlatent.kmeans: x must be a real floating-point tensor (float32, float16, "
+                        f"bfloat16 or float64), got {what}")
     if x.dim() != 2:
         raise ValueError(f"fastlatent.kmeans: x must be 2-D [N, D], got shape {list(x.shape)}")
     if x.shape[0] < 1:
@@ -78,9 +89,11 @@ def kmeans(
         raise ValueError(f"fastlatent.kmeans: num_iters must be >= 0, got {num_iters}")
     if init not in INITS:
         raise ValueError(f'fastlatent.kmeans: init must be "kmeans++" or "random", got "{init}"')
+    x, scale = _scaled_to_safe_range(x)
     x = x.float()
     if metric == "cosine":
         x = F.normalize(x, dim=-1)
+        scale = 1.0
     centres = (_kmeans_plus_plus(x, num_clusters, metric, generator) if init == "kmeans++"
                else _sample_rows(x, num_clusters, generator)).clone()
     counts = torch.zeros(num_clusters, device=x.device)
@@ -96,4 +109,28 @@ def kmeans(
         centres = torch.where((counts > 0)[:, None], means, centres)
     if num_iters == 0:
         counts, _ = code_stats(x, nearest_code(x, centres, metric)[0], num_clusters)
-    return centres, counts
+    return (centres if scale == 1.0 else centres * scale), counts
+
+
+# Squared l2 distances of fp32 rows overflow once D * max|x|^2 nears 3.4e38 (max|x| ~ 1e19 for D = 1): every
+# distance is then inf and every row lands in cluster 0. k-means is equivariant under scaling, and a power of
+# two scales fp32 values exactly, so data beyond this bound is run at a smaller scale and the centres scaled
+# back: the same clustering, bit for bit, as an unbounded fp32 would give.
+_SAFE_MAGNITUDE = 2.0**32
+
+
+def _scaled_to_safe_range(x: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """``(x / s, s)`` with ``s`` a power of two that brings max|x| below 2^32 (``s = 1`` when it already is).
+    Raises ValueError for non-finite input (one host sync: k-means initialisation is a one-off)."""
+    if x.numel() == 0:
+        return x, 1.0
+    peak = x.abs().amax().item()
+    if not math.isfinite(peak):
+        raise ValueError("fastlatent.kmeans: x holds NaN or Inf values (drop non-finite rows first)")
+    if peak > torch.finfo(torch.float32).max:
+        raise ValueError(f"fastlatent.kmeans: x holds values beyond the float32 range (max |x| = "
+                         f"{peak:.3g}), which the float32 centres cannot represent")
+    if peak < _SAFE_MAGNITUDE:
+        return x, 1.0
+    scale = 2.0 ** (math.frexp(peak)[1] - 1)   # peak / scale in [1, 2)
+    return x / scale, scale

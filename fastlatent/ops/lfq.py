@@ -8,6 +8,7 @@ import torch
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
+from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
 
 MAX_QUANTIZE_DIMS = 62
 MAX_ENTROPY_DIMS = 18
@@ -139,6 +140,11 @@ if extension_available():
 
     def _lfq_entropy_backward(ctx, grad_per_sample, grad_avg_probs):
         (x,) = ctx.saved_tensors
+        if wants_double_backward():  # create_graph=True: through the reference (N x 2^d, chunked over rows)
+            from fastlatent.reference.lfq import lfq_entropy as reference
+
+            return differentiable_vjp(lambda x_: reference(x_, ctx.codebook_scale, ctx.inv_temperature), (x,),
+                                      (True,), (grad_per_sample, grad_avg_probs))[0], None, None
         grad_x = torch.ops.fastlatent.lfq_entropy_backward.default(
             grad_per_sample, grad_avg_probs, x, ctx.codebook_scale, ctx.inv_temperature)
         return grad_x, None, None

@@ -10,7 +10,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fastlatent.sampling.schedules import DiscreteSchedule, FlowSchedule, KarrasSchedule, karras_sigmas, make_schedule
+from fastlatent.sampling.schedules import (
+    DiscreteSchedule,
+    FlowSchedule,
+    KarrasSchedule,
+    karras_sigmas,
+    make_schedule,
+)
 
 # the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
 _steps = importlib.import_module("fastlatent.ops.sampler_step")

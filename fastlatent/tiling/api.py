@@ -41,6 +41,12 @@ def _check_common(op, name, x, channels, dtype, device, tile_size, store, mode, 
         raise TypeError(f"fastlatent.{op}: {name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
         raise ValueError(f"fastlatent.{op}: {name} must be 4-D [B, C, H, W], got shape {list(x.shape)}")
+    if x.requires_grad and torch.is_grad_enabled():
+        # the tiles run under no_grad (their activations are freed or moved off the device): no gradient
+        raise ValueError(
+            f"fastlatent.{op}: {name} requires grad, but the tiled path is not differentiable; "
+            f"pass {name}.detach() (or run under torch.no_grad()), or use the untiled model for a gradient"
+        )
     if x.shape[0] < 1 or x.shape[2] < 1 or x.shape[3] < 1:
         raise ValueError(f"fastlatent.{op}: {name} must have B, H, W >= 1, got shape {list(x.shape)}")
     if x.shape[1] != channels:

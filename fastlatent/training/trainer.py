@@ -37,7 +37,9 @@ from fastlatent.training.distributed import (
     init_distributed,
 )
 from fastlatent.training.ema import EMA
+from fastlatent.training.fingerprint import fingerprint_differences, run_fingerprint
 from fastlatent.training.logging import MetricsLogger, plot_metrics
+from fastlatent.training.run_lock import RunDirectoryBusy, RunLock
 from fastlatent.training.schedules import LRSchedule
 
 CHECKPOINT_FORMAT = 1
@@ -236,6 +238,8 @@ class Trainer:
                 betas=config.disc_betas or config.betas, fused=fused)
         self.schedule = LRSchedule(config.schedule, config.steps, config.warmup_steps, config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        # what this run trains, stored in each checkpoint: a resume of a different run is refused
+        self.fingerprint = run_fingerprint(module, config.to_dict())
         self.ema = (EMA(module, config.ema_decay, config.ema_start, exclude=self.disc_params)
                     if config.ema_decay is not None else None)
 
@@ -329,6 +333,7 @@ class Trainer:
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "lr_schedule": self.schedule.state_dict(),
             "config": self.config.to_dict(),
+            "fingerprint": self.fingerprint,
             "elapsed": self._elapsed_before + self._elapsed_this_run(),
         }
 
@@ -385,6 +390,12 @@ class Trainer:
             raise ValueError(f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: settings "
                              f"that decide the data order changed ({'; '.join(changed)}); use another "
                              f"out_dir, or resume=False to start over")
+        if "fingerprint" in state:
+            differences = fingerprint_differences(state["fingerprint"], self.fingerprint)
+            if differences:
+                raise ValueError(f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: it "
+                                 f"was written by a different run ({'; '.join(differences)}); use another "
+                                 f"out_dir, or resume=False to start over")
         if saved.get("steps") != self.config.steps:
             warnings.warn(f"fastlatent: resuming with steps={self.config.steps} (checkpoint run had "
                           f"{saved.get('steps')}); the learning-rate schedule now follows the new length",
@@ -557,6 +568,10 @@ class Trainer:
     def fit(self, dataset) -> dict:
         """Train until ``config.steps`` optimizer steps are done, resuming from ``out_dir`` when allowed.
 
+        The run holds ``out_dir`` exclusively while it trains: a second run into the same folder raises
+        :class:`~fastlatent.training.run_lock.RunDirectoryBusy` naming the live process, before touching any
+        file.
+
         Args:
             dataset: a map-style dataset (``__len__``, ``__getitem__``) whose items collate into the batches
                 ``module.training_step`` expects.
@@ -564,6 +579,26 @@ class Trainer:
         Returns:
             The last training metrics record (``{}`` when the run was already complete).
         """
+        lock = RunLock(self.out_dir, "training run") if self.dist.is_main else None
+        busy = None
+        if lock is not None:
+            try:
+                lock.acquire()
+            except RunDirectoryBusy as exc:
+                busy = exc
+        if self.dist.enabled:  # every rank refuses together (no rank left waiting in a collective)
+            box = [None if busy is None else str(busy)]
+            dist.broadcast_object_list(box, src=0)
+            busy = busy or (RunDirectoryBusy(box[0]) if box[0] is not None else None)
+        if busy is not None:
+            raise busy
+        try:
+            return self._fit(dataset)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, dataset) -> dict:
         config = self.config
         try:
             num_samples = len(dataset)
