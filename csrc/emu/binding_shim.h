@@ -19,6 +19,10 @@
 #define TORCH_LIBRARY_IMPL(ns, k, m) FL_EMU_IMPL_##k(m)
 #define FL_EMU_IMPL_CPU(m) \
   template <typename = void> [[maybe_unused]] void FL_EMU_CAT(fl_emu_unused_cpu_impl_, __LINE__)(torch::Library & m)
+// The version-counter bump of mutating ops (ADInplaceOrView) belongs to the real library only.
+#define FL_EMU_IMPL_ADInplaceOrView(m)                                                                 \
+  template <typename = void> [[maybe_unused]] void FL_EMU_CAT(fl_emu_unused_inplace_impl_, __LINE__)( \
+      torch::Library & m)
 #define FL_EMU_IMPL_CUDA(m)                                                              \
   static void FL_EMU_CAT(fl_emu_impl_, __LINE__)(::fl_emu::EmuLibrary&);               \
   _TORCH_LIBRARY_IMPL(fastlatent_emu, CPU, FL_EMU_CAT(fl_emu_lib_, __LINE__), C10_UID) { \

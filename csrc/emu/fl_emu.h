@@ -183,6 +183,7 @@ extern dim3 g_block_dim, g_grid_dim;
 extern int g_lane;
 
 void syncthreads();
+int syncthreads_count(int predicate);  // the number of threads whose predicate is true
 void trap(const char* what);
 void threadfence();
 // A warp collective over the lanes of `mask`; returns what each lane asked for (see runtime.cpp).
@@ -274,6 +275,13 @@ void operator^(const KernelRef<P...>& ref, Args<A...>&& a) {
 #define gridDim (static_cast<const dim3&>(::fl_emu::g_grid_dim))
 
 inline void __syncthreads() { fl_emu::syncthreads(); }
+inline int __syncthreads_count(int predicate) { return fl_emu::syncthreads_count(predicate); }
+inline int __syncthreads_and(int predicate) {
+  const int votes = fl_emu::syncthreads_count(predicate);
+  return votes == static_cast<int>(::fl_emu::g_block_dim.x * ::fl_emu::g_block_dim.y * ::fl_emu::g_block_dim.z) ? 1
+                                                                                                                  : 0;
+}
+inline int __syncthreads_or(int predicate) { return fl_emu::syncthreads_count(predicate) != 0; }
 inline void __syncwarp(unsigned int mask = 0xffffffffu) {
   fl_emu::warp_collective(fl_emu::Collective::kSyncWarp, mask, 0, 0, 32);
 }

@@ -684,8 +684,14 @@ void run_block(const uint3& block, int nthreads) {
       if (done == nthreads) break;
       if (barrier + done == nthreads) {  // exited threads count as arrived (sm_70+)
         ++g_interval;
+        // __syncthreads_count/and/or: every waiting thread gets the count of true predicates, taken
+        // here, when the barrier opens, before any thread can vote again.
+        uint64_t votes = 0;
+        for (int i = 0; i < nthreads; ++i)
+          if (g_threads[i].state == State::kBarrier) votes += g_threads[i].value != 0;
         for (int i = 0; i < nthreads; ++i)
           if (g_threads[i].state == State::kBarrier) {
+            g_threads[i].result = votes;
             g_threads[i].state = State::kRunnable;
             runnable.push_back(i);
           }
@@ -772,9 +778,13 @@ void mma_compute(Thread** lanes) {
 
 // ------------------------------------------------------------------ device-side API (fl_emu.h)
 
-void syncthreads() {
+void syncthreads() { syncthreads_count(0); }
+
+int syncthreads_count(int predicate) {
+  g_current->value = predicate != 0;
   g_current->state = State::kBarrier;
   switch_to_scheduler();
+  return static_cast<int>(g_current->result);
 }
 
 void threadfence() {}
