@@ -59,7 +59,7 @@ step_predicted() {
 }
 
 # Nsight Compute summaries (throughput, occupancy, limiter) of the kernels with bandwidth or tensor-core targets,
-# at the SD-VAE decoder's 1024 px shapes: what issue #9 asks for where a target is missed.
+# at the SD-VAE decoder's 1024 px shapes: what the GPU validation asks for where a target is missed.
 step_profile() {
   local ncu
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)

@@ -1207,3 +1207,36 @@ void* __tsan_memset(void* dst, int v, unsigned long n) {
   return std::memset(dst, v, n);
 }
 }
+
+// std::atomic in host code of the instrumented files (static-local guards, the launchers' cached
+// kernel_image_arch): no device memory, so the hooks only perform the operation.
+#define FL_ATOMIC_HOOKS(N, T)                                                                                     \
+  extern "C" T __tsan_atomic##N##_load(const volatile T* a, int) { return __atomic_load_n(a, __ATOMIC_SEQ_CST); } \
+  extern "C" void __tsan_atomic##N##_store(volatile T* a, T v, int) { __atomic_store_n(a, v, __ATOMIC_SEQ_CST); } \
+  extern "C" T __tsan_atomic##N##_exchange(volatile T* a, T v, int) {                                            \
+    return __atomic_exchange_n(a, v, __ATOMIC_SEQ_CST);                                                           \
+  }                                                                                                               \
+  extern "C" T __tsan_atomic##N##_fetch_add(volatile T* a, T v, int) {                                           \
+    return __atomic_fetch_add(a, v, __ATOMIC_SEQ_CST);                                                            \
+  }                                                                                                               \
+  extern "C" T __tsan_atomic##N##_fetch_sub(volatile T* a, T v, int) {                                           \
+    return __atomic_fetch_sub(a, v, __ATOMIC_SEQ_CST);                                                            \
+  }                                                                                                               \
+  extern "C" int __tsan_atomic##N##_compare_exchange_strong(volatile T* a, T* c, T v, int, int) {                \
+    return __atomic_compare_exchange_n(a, c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                       \
+  }                                                                                                               \
+  extern "C" int __tsan_atomic##N##_compare_exchange_weak(volatile T* a, T* c, T v, int, int) {                  \
+    return __atomic_compare_exchange_n(a, c, v, true, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                        \
+  }                                                                                                               \
+  extern "C" T __tsan_atomic##N##_compare_exchange_val(volatile T* a, T c, T v, int, int) {                      \
+    __atomic_compare_exchange_n(a, &c, v, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);                             \
+    return c;                                                                                                     \
+  }
+
+FL_ATOMIC_HOOKS(8, uint8_t)
+FL_ATOMIC_HOOKS(16, uint16_t)
+FL_ATOMIC_HOOKS(32, uint32_t)
+FL_ATOMIC_HOOKS(64, uint64_t)
+
+extern "C" void __tsan_atomic_thread_fence(int) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+extern "C" void __tsan_atomic_signal_fence(int) {}

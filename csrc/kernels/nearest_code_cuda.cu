@@ -20,7 +20,7 @@
 // total (NaN first, key, index) order, so the result is deterministic.
 //
 // These paths are written for correctness first; their tuning (cp.async pipelining, wgmma on
-// sm_90a) is measured work for a GPU session.
+// sm_90a) waits for measurements on a GPU.
 #include <mma.h>
 
 #include <cmath>

@@ -16,7 +16,7 @@ The fused path applies to CUDA fp16/bf16 inference (no gradient needed by the in
 plain ``nn.Conv2d`` 3x3 with stride 1, padding 1, no dilation or groups and zero padding, and a device of
 compute capability 8.0 or newer. Everything else runs the unfused path in every mode.
 
-The default stays ``"off"`` until the GPU validation run (issue #9) has measured the fused kernel against
+The default stays ``"off"`` until the GPU validation run (`scripts/gpu_validate.sh`) has measured the fused kernel against
 cuDNN on the target GPUs; ``benchmarks/bench_norms.py`` measures both.
 """
 
