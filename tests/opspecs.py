@@ -214,7 +214,7 @@ def _ema_update_errors(device):
     yield ErrorSample(args(embed_sum=torch.zeros(3, 4, device=device).T), {}, ValueError,
                       r"embed_sum is updated in place and must be contiguous")
     yield ErrorSample(args(decay=1.5), {}, ValueError, r"decay must be in \[0, 1\], got 1.5")
-    yield ErrorSample(args(eps=-1.0), {}, ValueError, r"eps must be >= 0")
+    yield ErrorSample(args(eps=-1.0), {}, ValueError, r"eps must be a finite float32 value >= 0")
 
 
 OP_SPECS = [
