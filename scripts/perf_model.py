@@ -198,8 +198,8 @@ KNOWN_VIOLATIONS = [
     ("group_norm_conv/group_norm_conv3x3_kernel<*>", "spill",
      "known spill (issue 21 item 6): the 128-register cap of __launch_bounds__(256, 2)"),
     ("nearest_code/small_d_kernel<*16, 32>", "spill",
-     "known spill (issue 21 item 5): 4 bytes in the half-type d=32 register tile since the batched (multi-head) "
-     "search keeps per-search base offsets live"),
+     "known spill (issue 21 item 5): 4 bytes in the half-type d=32 register tile since the batched "
+     "(multi-head) search keeps per-search base offsets live"),
     ("fsq/fsq_backward_kernel<*, true>", "instructions",
      "known over budget (issue 21 item 7, found by the static model): sech^2 with an IEEE division per "
      "element and a 64-bit modulo per vector"),

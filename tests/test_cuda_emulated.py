@@ -63,7 +63,10 @@ def _assert_tf32_nearest(sample, ours, cpu):
     assert indices.shape == cpu_distances.shape and indices.dtype == torch.int64
     if sample.kwargs.get("metric", "l2") == "l2":  # per search: x [..., N, D], codebook [..., K, D]
         code_norms = codebook.double().pow(2).sum(-1)
-        largest = code_norms.amax(-1, keepdim=True) if code_norms.shape[-1] else torch.zeros_like(code_norms[..., :1])
+        if code_norms.shape[-1]:
+            largest = code_norms.amax(-1, keepdim=True)
+        else:
+            largest = torch.zeros_like(code_norms[..., :1])
         scale = x.double().pow(2).sum(-1) + largest
     else:
         scale = torch.full_like(cpu_distances, 2.0, dtype=torch.float64)
