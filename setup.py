@@ -85,8 +85,11 @@ DEBUG = os.environ.get("FASTLATENT_DEBUG", "0") == "1"
 CPU_ARCH = os.environ.get("FASTLATENT_CPU_ARCH", "native").strip()
 
 BUILD_TAG = "py{}{}-torch{}-{}".format(
-    sys.version_info.major, sys.version_info.minor, torch.__version__.replace("+", "_"),
-    "cuda" if WITH_CUDA else "cpu")
+    sys.version_info.major,
+    sys.version_info.minor,
+    torch.__version__.replace("+", "_"),
+    "cuda" if WITH_CUDA else "cpu",
+)
 
 
 def _sources():
@@ -124,13 +127,27 @@ def _extension():
 # ---------------------------------------------------------------- the CUDA emulator (fastlatent._emu)
 # Every csrc/kernels/*.cu with kernels, compiled by the host compiler against csrc/emu/fl_emu.h and run
 # by the emulator on CPU tensors (docs/cuda-emulation.md). Needs no nvcc or GPU: built by every build.
-EMU_INCLUDES = [os.path.join(ROOT, "csrc", "emu", "include"), os.path.join(ROOT, "csrc", "emu"),
-                os.path.join(ROOT, "csrc", "kernels")]
+EMU_INCLUDES = [
+    os.path.join(ROOT, "csrc", "emu", "include"),
+    os.path.join(ROOT, "csrc", "emu"),
+    os.path.join(ROOT, "csrc", "kernels"),
+]
 # The kernels' memory accesses call the -fsanitize=thread hooks, which the emulator runtime defines
 # (libtsan is not linked); -O1 without vectorisation keeps one hook call per access.
-EMU_KERNEL_FLAGS = ["-std=c++17", "-fPIC", "-O1", "-fno-tree-vectorize", "-fsanitize=thread", "-g0",
-                    "-DFL_EMULATION", "-D__CUDACC__", "-D__CUDA_ARCH__=800", "-DFL_WITH_CUDA",
-                    "-Wno-unknown-pragmas", "-Wno-attributes"]
+EMU_KERNEL_FLAGS = [
+    "-std=c++17",
+    "-fPIC",
+    "-O1",
+    "-fno-tree-vectorize",
+    "-fsanitize=thread",
+    "-g0",
+    "-DFL_EMULATION",
+    "-D__CUDACC__",
+    "-D__CUDA_ARCH__=800",
+    "-DFL_WITH_CUDA",
+    "-Wno-unknown-pragmas",
+    "-Wno-attributes",
+]
 _LAUNCH = re.compile(r"<<<(.*?)>>>(\s*)\(", re.S)
 _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;\[]*?)\b(\w+)\s*\[\s*\]\s*;")
 
@@ -138,7 +155,8 @@ _EXTERN_SHARED = re.compile(r"extern\s+__shared__\s+([^;\[]*?)\b(\w+)\s*\[\s*\]\
 def emu_rewrite(text):
     """The two spellings of a .cu that are not C++: launches and `extern __shared__` arrays."""
     text = _LAUNCH.sub(
-        lambda m: "^ ::fl_emu::config(" + m.group(1) + ") ^" + m.group(2) + "::fl_emu::args(", text)
+        lambda m: "^ ::fl_emu::config(" + m.group(1) + ") ^" + m.group(2) + "::fl_emu::args(", text
+    )
 
     def dynamic_shared(m):
         element = re.sub(r"__align__\s*\(\s*\d+\s*\)", "", m.group(1)).strip()
@@ -148,8 +166,11 @@ def emu_rewrite(text):
 
 
 def _emu_kernel_sources():
-    return [f for f in sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
-            if "__global__" in open(f).read()]
+    return [
+        f
+        for f in sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
+        if "__global__" in open(f).read()
+    ]
 
 
 def _compile_emu_kernels(build_temp):
@@ -188,8 +209,10 @@ def _compile_emu_kernels(build_temp):
     for c in controls:
         text = open(os.path.join(ROOT, "csrc", "kernels", c["source"])).read()
         if text.count(c["old"]) != 1:
-            raise RuntimeError(f"emulator control {c['name']}: its edit matches {text.count(c['old'])} times "
-                               f"in csrc/kernels/{c['source']} (must be once): update tests/emu/controls.py")
+            raise RuntimeError(
+                f"emulator control {c['name']}: its edit matches {text.count(c['old'])} times "
+                f"in csrc/kernels/{c['source']} (must be once): update tests/emu/controls.py"
+            )
         text = emu_rewrite(text.replace(c["old"], c["new"]))
         text += f"\nFL_EMU_CONTROL({c['name']}, {c['launch']}, {c['params']})\n"
         cc = os.path.join(src_dir, "control_" + c["name"] + ".cc")
@@ -216,14 +239,25 @@ def _emu_controls():
 
 def _emu_extension():
     # The bindings compile unchanged: binding_shim.h sends their CUDA registrations to fastlatent_emu.
-    bindings = [f for f in sorted(glob.glob(os.path.join("csrc", "torch", "*.cpp")))
-                if os.path.basename(f) not in ("library.cpp", "module.cpp")]
-    cxx = ["-O2", "-g0", "-Wall", "-Wno-unknown-pragmas", "-Wno-unused-function",
-           "-include", os.path.join(ROOT, "csrc", "emu", "binding_shim.h")]
+    bindings = [
+        f
+        for f in sorted(glob.glob(os.path.join("csrc", "torch", "*.cpp")))
+        if os.path.basename(f) not in ("library.cpp", "module.cpp")
+    ]
+    cxx = [
+        "-O2",
+        "-g0",
+        "-Wall",
+        "-Wno-unknown-pragmas",
+        "-Wno-unused-function",
+        "-include",
+        os.path.join(ROOT, "csrc", "emu", "binding_shim.h"),
+    ]
     return CppExtension(
         name="fastlatent._emu",
         # fsq_cpu.cpp: fsq_make_constants, the host-side level tables the fsq binding fills in
-        sources=[os.path.join("csrc", "emu", f) for f in ("runtime.cpp", "module.cpp")] + bindings
+        sources=[os.path.join("csrc", "emu", f) for f in ("runtime.cpp", "module.cpp")]
+        + bindings
         + [os.path.join("csrc", "kernels", "fsq_cpu.cpp")],
         include_dirs=EMU_INCLUDES + [os.path.join(ROOT, "csrc", "torch")],
         define_macros=[("FL_WITH_CUDA", None), ("FL_OP_NAMESPACE", '"fastlatent_emu"')],

@@ -29,20 +29,32 @@ PROVIDERS = ["fastlatent", "fastlatent_unfused", "torch", "torch_compiled"]
 
 def _case(label, channels, side, resolution, residual=False, full=False):
     marks = [pytest.mark.full] if full else []
-    return pytest.param((label, (1, channels, side, side), channels, residual,
-                         {"resolution": resolution, "channels": channels, "side": side}),
-                        marks=marks, id=f"{channels}x{side}x{side}{'_res' if residual else ''}")
+    return pytest.param(
+        (
+            label,
+            (1, channels, side, side),
+            channels,
+            residual,
+            {"resolution": resolution, "channels": channels, "side": side},
+        ),
+        marks=marks,
+        id=f"{channels}x{side}x{side}{'_res' if residual else ''}",
+    )
 
 
-CONV_CPU = [_case("SD-VAE decoder 256px up block 3", 128, 64, 256),
-            _case("SD-VAE decoder 256px mid block, conv2 + residual", 512, 32, 256, residual=True, full=True)]
+CONV_CPU = [
+    _case("SD-VAE decoder 256px up block 3", 128, 64, 256),
+    _case("SD-VAE decoder 256px mid block, conv2 + residual", 512, 32, 256, residual=True, full=True),
+]
 # the decoder's convolutions at 1024 px, widest first, and a 512 px one
-CONV_CUDA = [_case("SD-VAE decoder 1024px mid block", 512, 128, 1024),
-             _case("SD-VAE decoder 1024px mid block, conv2 + residual", 512, 128, 1024, residual=True),
-             _case("SD-VAE decoder 1024px up block 1", 512, 256, 1024),
-             _case("SD-VAE decoder 1024px up block 2", 256, 512, 1024),
-             _case("SD-VAE decoder 1024px up block 3", 128, 1024, 1024),
-             _case("SD-VAE decoder 512px up block 2", 256, 256, 512)]
+CONV_CUDA = [
+    _case("SD-VAE decoder 1024px mid block", 512, 128, 1024),
+    _case("SD-VAE decoder 1024px mid block, conv2 + residual", 512, 128, 1024, residual=True),
+    _case("SD-VAE decoder 1024px up block 1", 512, 256, 1024),
+    _case("SD-VAE decoder 1024px up block 2", 256, 512, 1024),
+    _case("SD-VAE decoder 1024px up block 3", 128, 1024, 1024),
+    _case("SD-VAE decoder 512px up block 2", 256, 256, 512),
+]
 
 
 def _torch_block(x, gw, gb, w, b, r):
@@ -52,8 +64,9 @@ def _torch_block(x, gw, gb, w, b, r):
 
 def _run(bench, provider, case, device, dtype):
     label, shape, cout, with_residual, sizes = case
-    bench.describe(op="group_norm+silu+conv3x3", case=label, provider=provider, device=device, dtype=dtype,
-                   sizes=sizes)
+    bench.describe(
+        op="group_norm+silu+conv3x3", case=label, provider=provider, device=device, dtype=dtype, sizes=sizes
+    )
     gen = torch.Generator().manual_seed(0)
     n, cin, h, w = shape
     x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, dtype)
@@ -66,9 +79,11 @@ def _run(bench, provider, case, device, dtype):
         algorithm = "auto" if provider == "fastlatent" else "unfused"
 
         def fn():
-            return ops.group_norm_conv3x3(x, gw, gb, GROUPS, cw, cb, eps=EPS, activation="silu", residual=r,
-                                          algorithm=algorithm)
+            return ops.group_norm_conv3x3(
+                x, gw, gb, GROUPS, cw, cb, eps=EPS, activation="silu", residual=r, algorithm=algorithm
+            )
     elif provider == "torch":
+
         def fn():
             return _torch_block(x, gw, gb, cw, cb, r)
     else:
@@ -84,8 +99,10 @@ def _run(bench, provider, case, device, dtype):
     want = reference.group_norm_conv3x3(x, gw, gb, GROUPS, cw, cb, eps=EPS, activation="silu", residual=r)
     err = relative_error(step(), want)
     assert err <= (1e-4 if dtype == torch.float32 else 4e-2), f"{provider}: relative error {err:.2e}"
-    bench.note(relative_error=err, fused=provider == "fastlatent" and device.type == "cuda"
-               and dtype != torch.float32)
+    bench.note(
+        relative_error=err,
+        fused=provider == "fastlatent" and device.type == "cuda" and dtype != torch.float32,
+    )
     traffic = (x.numel() + cw.numel() + n * cout * h * w * (2 if with_residual else 1)) * x.element_size()
     bench.run(step, bytes_moved=traffic, flops=2 * n * h * w * cout * cin * 9)
 

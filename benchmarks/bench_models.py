@@ -70,10 +70,13 @@ class ModelCase:
 
     @property
     def id(self) -> str:
-        return f"{self.op}-{self.case}-{self.device}-{str(self.dtype).removeprefix('torch.')}".replace(" ", "_")
+        return f"{self.op}-{self.case}-{self.device}-{str(self.dtype).removeprefix('torch.')}".replace(
+            " ", "_"
+        )
 
 
 # ------------------------------------------------------------------------------------------ SD-VAE
+
 
 def sd_vae(device, dtype):
     """diffusers' AutoencoderKL with Stable Diffusion's VAE configuration, random weights."""
@@ -81,10 +84,15 @@ def sd_vae(device, dtype):
     torch.manual_seed(0)
     levels = len(SD_VAE["block_out_channels"])
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=SD_VAE["latent_channels"],
-        layers_per_block=SD_VAE["layers_per_block"], norm_num_groups=SD_VAE["norm_num_groups"],
-        block_out_channels=SD_VAE["block_out_channels"], down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=SD_VAE["latent_channels"],
+        layers_per_block=SD_VAE["layers_per_block"],
+        norm_num_groups=SD_VAE["norm_num_groups"],
+        block_out_channels=SD_VAE["block_out_channels"],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+    )
     return vae.to(device, dtype).eval()
 
 
@@ -101,17 +109,27 @@ def small_sd_vae(device, dtype):
     cfg = SMALL_SD_VAE
     levels = len(cfg["block_out_channels"])
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=cfg["latent_channels"], layers_per_block=cfg["layers_per_block"],
-        norm_num_groups=cfg["norm_num_groups"], block_out_channels=cfg["block_out_channels"],
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=cfg["latent_channels"],
+        layers_per_block=cfg["layers_per_block"],
+        norm_num_groups=cfg["norm_num_groups"],
+        block_out_channels=cfg["block_out_channels"],
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+    )
     return vae.to(device, dtype).eval()
 
 
 def _latent(resolution, batch=1):
     def make(device, dtype):
         gen = torch.Generator().manual_seed(0)
-        return (torch.randn(batch, SD_VAE["latent_channels"], resolution // 8, resolution // 8, generator=gen)
-                .to(device, dtype),)
+        return (
+            torch.randn(batch, SD_VAE["latent_channels"], resolution // 8, resolution // 8, generator=gen).to(
+                device, dtype
+            ),
+        )
+
     return make
 
 
@@ -119,6 +137,7 @@ def _image(resolution, batch=1):
     def make(device, dtype):
         gen = torch.Generator().manual_seed(0)
         return (torch.rand(batch, 3, resolution, resolution, generator=gen).mul(2).sub(1).to(device, dtype),)
+
     return make
 
 
@@ -133,12 +152,19 @@ def _encode(vae, image):
 def _sd_vae_cases(part, resolution, device, dtype, full, rounds=None):
     half = dtype != torch.float32
     return ModelCase(
-        op=f"SD-VAE {part}", case=f"{resolution} px, batch 1", build=sd_vae, device=device, dtype=dtype,
+        op=f"SD-VAE {part}",
+        case=f"{resolution} px, batch 1",
+        build=sd_vae,
+        device=device,
+        dtype=dtype,
         inputs=_latent(resolution) if part == "decode" else _image(resolution),
         call=_decode if part == "decode" else _encode,
         sizes={"resolution": resolution, "batch": 1},
         # random weights: relative to the output's size; half types through ~30 convolutions
-        tolerance=5e-2 if half else 1e-4, full=full, rounds=rounds)
+        tolerance=5e-2 if half else 1e-4,
+        full=full,
+        rounds=rounds,
+    )
 
 
 MODEL_CASES: list[ModelCase] = [
@@ -146,14 +172,24 @@ MODEL_CASES: list[ModelCase] = [
     # page faults of the allocator's fresh mmaps are about 30% of its time), and the best of 2 swung the
     # patched/unpatched ratio between 0.94x and 1.1x from run to run
     _sd_vae_cases("decode", 256, "cpu", torch.float32, full=False, rounds=4),
-    ModelCase(op="SD-VAE decode", case="small (widths 32-128, 16 groups), 256 px, batch 1", build=small_sd_vae,
-              inputs=_latent(256), call=_decode, sizes={"resolution": 256, "batch": 1, "width": 32}, rounds=12),
+    ModelCase(
+        op="SD-VAE decode",
+        case="small (widths 32-128, 16 groups), 256 px, batch 1",
+        build=small_sd_vae,
+        inputs=_latent(256),
+        call=_decode,
+        sizes={"resolution": 256, "batch": 1, "width": 32},
+        rounds=12,
+    ),
     _sd_vae_cases("encode", 256, "cpu", torch.float32, full=True, rounds=2),
     _sd_vae_cases("decode", 512, "cpu", torch.float32, full=True, rounds=2),
     _sd_vae_cases("encode", 512, "cpu", torch.float32, full=True, rounds=2),
     _sd_vae_cases("decode", 1024, "cpu", torch.float32, full=True, rounds=1),
-    *[_sd_vae_cases(part, r, "cuda", torch.bfloat16, full=False) for part in ("decode", "encode")
-      for r in (512, 1024)],
+    *[
+        _sd_vae_cases(part, r, "cuda", torch.bfloat16, full=False)
+        for part in ("decode", "encode")
+        for r in (512, 1024)
+    ],
 ]
 
 
@@ -183,9 +219,14 @@ def _expected(case, model, inputs):
 @pytest.mark.parametrize(("case", "provider"), _model_params())
 def test_model(bench, case, provider):
     device = torch.device(case.device)
-    name = {"fastlatent": "fastlatent", "baseline": case.baseline,
-            "baseline_compiled": f"{case.baseline}_compiled"}[provider]
-    bench.describe(op=case.op, case=case.case, provider=name, device=device, dtype=case.dtype, sizes=case.sizes)
+    name = {
+        "fastlatent": "fastlatent",
+        "baseline": case.baseline,
+        "baseline_compiled": f"{case.baseline}_compiled",
+    }[provider]
+    bench.describe(
+        op=case.op, case=case.case, provider=name, device=device, dtype=case.dtype, sizes=case.sizes
+    )
     model = case.build(device, case.dtype)
     inputs = case.inputs(device, case.dtype)
     expected = _expected(case, model, inputs)
@@ -195,9 +236,11 @@ def test_model(bench, case, provider):
     elif provider == "baseline":
         fn = lambda: case.call(model, *inputs)  # noqa: E731
     else:
+
         def warm(compiled):
             with torch.inference_mode():
                 return compiled(*inputs)
+
         compiled = bench.compile(lambda *args: case.call(model, *args), warm=warm)
         fn = lambda: compiled(*inputs)  # noqa: E731
 
@@ -206,7 +249,9 @@ def test_model(bench, case, provider):
             return fn()
 
     err = relative_error(step().float(), expected)
-    assert err <= case.tolerance, f"{name}: relative error {err:.2e} against the baseline > {case.tolerance:g}"
+    assert err <= case.tolerance, (
+        f"{name}: relative error {err:.2e} against the baseline > {case.tolerance:g}"
+    )
     bench.note(relative_error_vs_baseline=err)
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -28,8 +28,14 @@ BENCH_AREA = "norms"
 GROUPS, EPS = SD_VAE["norm_num_groups"], 1e-6
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda") if torch.cuda.is_available() else None
-NORM_PROVIDERS = providers("fastlatent", "reference", "reference_compiled", "torch", "torch_compiled",
-                           full_only=("reference_compiled",))
+NORM_PROVIDERS = providers(
+    "fastlatent",
+    "reference",
+    "reference_compiled",
+    "torch",
+    "torch_compiled",
+    full_only=("reference_compiled",),
+)
 
 
 def _sd_layers(part, resolution, scales=None):
@@ -38,8 +44,13 @@ def _sd_layers(part, resolution, scales=None):
     for c, h, w in sd_vae_norm_shapes(resolution, part):
         down = resolution // h
         if scales is None or (c, down) in scales:
-            out.append((f"SD-VAE {part} {resolution}px {c}x{h}x{w}", (1, c, h, w),
-                        {"resolution": resolution, "channels": c, "downsample": down, "batch": 1, "part": part}))
+            out.append(
+                (
+                    f"SD-VAE {part} {resolution}px {c}x{h}x{w}",
+                    (1, c, h, w),
+                    {"resolution": resolution, "channels": c, "downsample": down, "batch": 1, "part": part},
+                )
+            )
     return out
 
 
@@ -49,9 +60,14 @@ def _slug(label):
 
 def _norm_params(cases, full=False, layouts=("nchw",), directions=("fwd",)):
     marks = [pytest.mark.full] if full else []
-    return [pytest.param((label, shape, sizes, layout, direction), marks=marks,
-                         id=f"{_slug(label)}-{layout}-{direction}")
-            for label, shape, sizes in cases for layout in layouts for direction in directions]
+    return [
+        pytest.param(
+            (label, shape, sizes, layout, direction), marks=marks, id=f"{_slug(label)}-{layout}-{direction}"
+        )
+        for label, shape, sizes in cases
+        for layout in layouts
+        for direction in directions
+    ]
 
 
 _HEADLINE = [("4x256x64x64 (issue bar)", (4, 256, 64, 64), {"batch": 4, "channels": 256, "side": 64})]
@@ -62,22 +78,28 @@ NORM_CPU = (
     + _norm_params(_QUICK_LAYERS)
     + _norm_params(_HEADLINE, full=True, layouts=("channels_last",), directions=("fwd", "fwd_bwd"))
     + _norm_params(_QUICK_LAYERS, full=True, directions=("fwd_bwd",))
-    + _norm_params([c for r in (256, 512, 1024) for c in _sd_layers("decoder", r) if c not in _QUICK_LAYERS],
-                   full=True)
+    + _norm_params(
+        [c for r in (256, 512, 1024) for c in _sd_layers("decoder", r) if c not in _QUICK_LAYERS], full=True
+    )
     + _norm_params([c for r in (256, 512, 1024) for c in _sd_layers("encoder", r)], full=True)
-    + _norm_params([("64x512x8x8 (many small maps)", (64, 512, 8, 8), {"batch": 64, "channels": 512, "side": 8})],
-                   full=True, directions=("fwd", "fwd_bwd"))
+    + _norm_params(
+        [("64x512x8x8 (many small maps)", (64, 512, 8, 8), {"batch": 64, "channels": 512, "side": 8})],
+        full=True,
+        directions=("fwd", "fwd_bwd"),
+    )
 )
 # fp16/bf16 on the CPU against eager PyTorch in the same dtype (the CPU's 16-bit conversions)
 HALF_PROVIDERS = providers("fastlatent", "torch", "torch_compiled", full_only=("torch_compiled",))
-NORM_CPU_HALF = (
-    _norm_params(_HEADLINE + _sd_layers("decoder", 256, {(512, 4)}), directions=("fwd", "fwd_bwd"))
-    + _norm_params(_HEADLINE, full=True, layouts=("channels_last",), directions=("fwd", "fwd_bwd"))
+NORM_CPU_HALF = _norm_params(
+    _HEADLINE + _sd_layers("decoder", 256, {(512, 4)}), directions=("fwd", "fwd_bwd")
+) + _norm_params(_HEADLINE, full=True, layouts=("channels_last",), directions=("fwd", "fwd_bwd"))
+NORM_CUDA = _norm_params(
+    [c for r in (512, 1024) for c in _sd_layers("decoder", r)], directions=("fwd", "fwd_bwd")
+) + _norm_params(
+    [("16x512x128x128 (target)", (16, 512, 128, 128), {"batch": 16, "channels": 512, "side": 128})],
+    layouts=("nchw", "channels_last"),
+    directions=("fwd", "fwd_bwd"),
 )
-NORM_CUDA = (_norm_params([c for r in (512, 1024) for c in _sd_layers("decoder", r)], directions=("fwd", "fwd_bwd"))
-             + _norm_params([("16x512x128x128 (target)", (16, 512, 128, 128), {"batch": 16, "channels": 512,
-                                                                              "side": 128})],
-                            layouts=("nchw", "channels_last"), directions=("fwd", "fwd_bwd")))
 
 
 def _torch_group_norm_silu(x, w, b):
@@ -91,8 +113,14 @@ def _reference_group_norm_silu(x, w, b):
 def _run_norm(bench, provider, case, device, dtype):
     label, shape, sizes, layout, direction = case
     backward = direction == "fwd_bwd"
-    bench.describe(op="group_norm+silu " + ("fwd+bwd" if backward else "fwd"), case=f"{label} {layout}",
-                   provider=provider, device=device, dtype=dtype, sizes={**sizes, "layout": layout})
+    bench.describe(
+        op="group_norm+silu " + ("fwd+bwd" if backward else "fwd"),
+        case=f"{label} {layout}",
+        provider=provider,
+        device=device,
+        dtype=dtype,
+        sizes={**sizes, "layout": layout},
+    )
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 2 + 0.5).to(device, dtype)
     if layout == "channels_last":
@@ -109,9 +137,13 @@ def _run_norm(bench, provider, case, device, dtype):
             return lambda: torch.autograd.grad(fn(x, w, b), (x, w, b), dy)
         return lambda: fn(x, w, b)
 
-    eager = {"fastlatent": lambda x, w, b: fastlatent.group_norm(x, w, b, GROUPS, EPS, "silu"),
-             "reference": _reference_group_norm_silu, "reference_compiled": _reference_group_norm_silu,
-             "torch": _torch_group_norm_silu, "torch_compiled": _torch_group_norm_silu}[provider]
+    eager = {
+        "fastlatent": lambda x, w, b: fastlatent.group_norm(x, w, b, GROUPS, EPS, "silu"),
+        "reference": _reference_group_norm_silu,
+        "reference_compiled": _reference_group_norm_silu,
+        "torch": _torch_group_norm_silu,
+        "torch_compiled": _torch_group_norm_silu,
+    }[provider]
     if provider.endswith("_compiled"):
         eager = bench.compile(eager, warm=lambda f: make_step(f)())
     step = make_step(eager)
@@ -179,14 +211,26 @@ def _mid_block(channels, device, dtype):
     from diffusers.models.unets.unet_2d_blocks import UNetMidBlock2D
 
     torch.manual_seed(0)
-    block = UNetMidBlock2D(in_channels=channels, temb_channels=None, resnet_eps=1e-6, resnet_groups=GROUPS,
-                           attention_head_dim=channels, add_attention=True)
+    block = UNetMidBlock2D(
+        in_channels=channels,
+        temb_channels=None,
+        resnet_eps=1e-6,
+        resnet_groups=GROUPS,
+        attention_head_dim=channels,
+        add_attention=True,
+    )
     return block.to(device, dtype).eval()
 
 
 def _run_block(bench, provider, kind, channels, side, device, dtype, resolution):
-    bench.describe(op=f"SD-VAE {kind} block", case=f"{channels}x{side}x{side} ({resolution}px)", provider=provider,
-                   device=device, dtype=dtype, sizes={"resolution": resolution, "channels": channels, "side": side})
+    bench.describe(
+        op=f"SD-VAE {kind} block",
+        case=f"{channels}x{side}x{side} ({resolution}px)",
+        provider=provider,
+        device=device,
+        dtype=dtype,
+        sizes={"resolution": resolution, "channels": channels, "side": side},
+    )
     mid = _mid_block(channels, device, dtype)
     block = mid.resnets[0] if kind == "resnet" else mid.attentions[0]
     call = (lambda m, x: m(x, None)) if kind == "resnet" else (lambda m, x: m(x))
@@ -200,9 +244,11 @@ def _run_block(bench, provider, kind, channels, side, device, dtype, resolution)
     elif provider == "diffusers":
         fn = lambda: call(block, x)  # noqa: E731
     else:
+
         def warm(f):
             with torch.inference_mode():
                 return f(x)
+
         compiled = bench.compile(lambda x: call(block, x), warm=warm)
         fn = lambda: compiled(x)  # noqa: E731
 
@@ -217,7 +263,7 @@ def _run_block(bench, provider, kind, channels, side, device, dtype, resolution)
 
 
 BLOCK_CPU = [
-    pytest.param(("resnet", 512, 32, 256), id="resnet_512x32x32"),        # decoder mid block, 256 px
+    pytest.param(("resnet", 512, 32, 256), id="resnet_512x32x32"),  # decoder mid block, 256 px
     pytest.param(("attention", 512, 32, 256), id="attention_512x32x32"),
     pytest.param(("resnet", 512, 64, 512), id="resnet_512x64x64", marks=pytest.mark.full),
     pytest.param(("attention", 512, 64, 512), id="attention_512x64x64", marks=pytest.mark.full),
@@ -235,9 +281,11 @@ def test_vae_block_cpu(bench, provider, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", BLOCK_PROVIDERS)
-@pytest.mark.parametrize("case", [("resnet", 512, 128, 1024), ("attention", 512, 128, 1024),
-                                  ("resnet", 128, 1024, 1024)], ids=lambda c: f"{c[0]}_{c[1]}x{c[2]}x{c[2]}")
+@pytest.mark.parametrize(
+    "case",
+    [("resnet", 512, 128, 1024), ("attention", 512, 128, 1024), ("resnet", 128, 1024, 1024)],
+    ids=lambda c: f"{c[0]}_{c[1]}x{c[2]}x{c[2]}",
+)
 def test_vae_block_cuda(bench, provider, case):
     kind, channels, side, resolution = case
     _run_block(bench, provider, kind, channels, side, CUDA, torch.bfloat16, resolution)
-

@@ -27,14 +27,17 @@ def _case_id(**sizes):
 
 # --------------------------------------------------------------------------------------- nearest_code
 
+
 def _nearest(label, n, d, k, full=False):
-    return pytest.param((label, n, d, k), id=f"{label}_N{n}_D{d}_K{k}", marks=[pytest.mark.full] if full else [])
+    return pytest.param(
+        (label, n, d, k), id=f"{label}_N{n}_D{d}_K{k}", marks=[pytest.mark.full] if full else []
+    )
 
 
 NEAREST_CPU = [
-    _nearest("vqgan_f16", 1024, 256, 16384),           # 4 images of 256 px, 16x16 tokens
-    _nearest("vit_vqgan", 4096, 32, 8192),             # 4 images of 256 px, 32x32 tokens
-    _nearest("vq", 16384, 64, 1024),                   # the VQ issue's CPU bar
+    _nearest("vqgan_f16", 1024, 256, 16384),  # 4 images of 256 px, 16x16 tokens
+    _nearest("vit_vqgan", 4096, 32, 8192),  # 4 images of 256 px, 32x32 tokens
+    _nearest("vq", 16384, 64, 1024),  # the VQ issue's CPU bar
     _nearest("small_d", 65536, 8, 512),
     _nearest("vqgan_f16", 16384, 256, 16384, full=True),
     _nearest("vit_vqgan", 32768, 32, 8192, full=True),
@@ -44,11 +47,21 @@ NEAREST_CPU = [
     *[_nearest("sweep_d", 16384, d, 1024, full=True) for d in (8, 16, 32, 128, 256)],
 ]
 NEAREST_CUDA = [
-    _nearest("vq", 65536, 64, 1024), _nearest("vit_vqgan", 262144, 32, 8192),
-    _nearest("vqgan_f16", 262144, 256, 16384), _nearest("flash_kmeans", 1048576, 64, 4096),
+    _nearest("vq", 65536, 64, 1024),
+    _nearest("vit_vqgan", 262144, 32, 8192),
+    _nearest("vqgan_f16", 262144, 256, 16384),
+    _nearest("flash_kmeans", 1048576, 64, 4096),
 ]
-NEAREST_PROVIDERS = providers("fastlatent", "reference", "reference_compiled", "cdist_argmin", "matmul_argmin",
-                              "matmul_argmin_compiled", "faiss", full_only=("reference_compiled",))
+NEAREST_PROVIDERS = providers(
+    "fastlatent",
+    "reference",
+    "reference_compiled",
+    "cdist_argmin",
+    "matmul_argmin",
+    "matmul_argmin_compiled",
+    "faiss",
+    full_only=("reference_compiled",),
+)
 
 
 def _matmul_argmin(x, codebook):
@@ -87,8 +100,14 @@ def _nearest_fn(bench, provider, x, codebook):
 
 def _run_nearest(bench, provider, case, device, dtype):
     label, n, d, k = case
-    bench.describe(op="nearest_code", case=f"{label} N={n} D={d} K={k}", provider=provider, device=device,
-                   dtype=dtype, sizes={"n": n, "d": d, "k": k})
+    bench.describe(
+        op="nearest_code",
+        case=f"{label} N={n} D={d} K={k}",
+        provider=provider,
+        device=device,
+        dtype=dtype,
+        sizes={"n": n, "d": d, "k": k},
+    )
     gen = torch.Generator().manual_seed(0)
     codebook = torch.randn(k, d, generator=gen)
     x = codebook[torch.randint(0, k, (n,), generator=gen)] + 0.5 * torch.randn(n, d, generator=gen)
@@ -110,7 +129,9 @@ def test_nearest_code_cpu(bench, provider, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("provider", ["fastlatent", "cdist_argmin", "matmul_argmin", "matmul_argmin_compiled"])
+@pytest.mark.parametrize(
+    "provider", ["fastlatent", "cdist_argmin", "matmul_argmin", "matmul_argmin_compiled"]
+)
 @pytest.mark.parametrize("case", NEAREST_CUDA)
 def test_nearest_code_cuda(bench, provider, case, dtype):
     if provider == "cdist_argmin" and dtype != torch.float32:
@@ -121,9 +142,13 @@ def test_nearest_code_cuda(bench, provider, case, dtype):
 # --------------------------------------------------------------------------------------- VQ layers
 
 LAYER_CASES = [
-    pytest.param(("vq", 16, 1024, 64, 1024), id="vq_B16_N1024_D64_K1024"),     # the VQ issue's CPU bar
-    pytest.param(("vqgan_f16", 16, 256, 256, 16384), id="vqgan_f16_B16_N256_D256_K16384", marks=pytest.mark.full),
-    pytest.param(("vit_vqgan", 16, 1024, 32, 8192), id="vit_vqgan_B16_N1024_D32_K8192", marks=pytest.mark.full),
+    pytest.param(("vq", 16, 1024, 64, 1024), id="vq_B16_N1024_D64_K1024"),  # the VQ issue's CPU bar
+    pytest.param(
+        ("vqgan_f16", 16, 256, 256, 16384), id="vqgan_f16_B16_N256_D256_K16384", marks=pytest.mark.full
+    ),
+    pytest.param(
+        ("vit_vqgan", 16, 1024, 32, 8192), id="vit_vqgan_B16_N1024_D32_K8192", marks=pytest.mark.full
+    ),
 ]
 
 
@@ -131,14 +156,23 @@ def _vq_layer(provider, d, k, device):
     if provider == "fastlatent":
         return VectorQuantize(d, k, decay=0.8, commitment_weight=1.0, rotation_trick=True).to(device).train()
     vqp = peer("vector_quantize_pytorch", "vector-quantize-pytorch")
-    return vqp.VectorQuantize(dim=d, codebook_size=k, decay=0.8, commitment_weight=1.0,
-                              rotation_trick=True).to(device).train()
+    return (
+        vqp.VectorQuantize(dim=d, codebook_size=k, decay=0.8, commitment_weight=1.0, rotation_trick=True)
+        .to(device)
+        .train()
+    )
 
 
 def _run_vq_layer(bench, provider, case, device):
     label, b, n, d, k = case
-    bench.describe(op="VectorQuantize fwd+bwd (EMA)", case=f"{label} B={b} N={n} D={d} K={k}", provider=provider,
-                   device=device, dtype=torch.float32, sizes={"n": b * n, "d": d, "k": k})
+    bench.describe(
+        op="VectorQuantize fwd+bwd (EMA)",
+        case=f"{label} B={b} N={n} D={d} K={k}",
+        provider=provider,
+        device=device,
+        dtype=torch.float32,
+        sizes={"n": b * n, "d": d, "k": k},
+    )
     torch.manual_seed(0)
     layer = _vq_layer(provider, d, k, device)
     x = torch.randn(b, n, d, device=device, requires_grad=True)
@@ -162,15 +196,18 @@ def test_vq_layer_fwd_bwd_cpu(bench, provider, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
-@pytest.mark.parametrize("case", [("vqgan_f16", 64, 256, 256, 16384), ("vit_vqgan", 64, 1024, 32, 8192),
-                                  ("vq", 16, 1024, 64, 1024)], ids=lambda c: _case_id(B=c[1], N=c[2], D=c[3], K=c[4]))
+@pytest.mark.parametrize(
+    "case",
+    [("vqgan_f16", 64, 256, 256, 16384), ("vit_vqgan", 64, 1024, 32, 8192), ("vq", 16, 1024, 64, 1024)],
+    ids=lambda c: _case_id(B=c[1], N=c[2], D=c[3], K=c[4]),
+)
 def test_vq_layer_fwd_bwd_cuda(bench, provider, case):
     _run_vq_layer(bench, provider, case, CUDA)
 
 
 # SoundStream-style residual VQ: 8 quantizers x 1024 codes on D=128 frames at 75 Hz (EnCodec 24 kHz: 6 kbps).
 RVQ_CASES = [
-    pytest.param((4, 750, 128, 8, 1024), id="soundstream_B4_T750_D128_Q8_K1024"),   # 4 clips of 10 s
+    pytest.param((4, 750, 128, 8, 1024), id="soundstream_B4_T750_D128_Q8_K1024"),  # 4 clips of 10 s
     pytest.param((16, 750, 128, 8, 1024), id="soundstream_B16_T750_D128_Q8_K1024", marks=pytest.mark.full),
     pytest.param((8, 750, 128, 32, 1024), id="encodec_max_B8_T750_D128_Q32_K1024", marks=pytest.mark.full),
 ]
@@ -178,8 +215,14 @@ RVQ_CASES = [
 
 def _run_rvq(bench, provider, case, device):
     b, t, d, q, k = case
-    bench.describe(op="ResidualVQ fwd+bwd (EMA)", case=f"B={b} T={t} D={d} Q={q} K={k}", provider=provider,
-                   device=device, dtype=torch.float32, sizes={"n": b * t, "d": d, "k": k, "quantizers": q})
+    bench.describe(
+        op="ResidualVQ fwd+bwd (EMA)",
+        case=f"B={b} T={t} D={d} Q={q} K={k}",
+        provider=provider,
+        device=device,
+        dtype=torch.float32,
+        sizes={"n": b * t, "d": d, "k": k, "quantizers": q},
+    )
     torch.manual_seed(0)
     if provider == "fastlatent":
         layer = ResidualVQ(dim=d, num_quantizers=q, codebook_size=k, decay=0.99, commitment_weight=1.0)
@@ -228,8 +271,14 @@ def _onehot_sums(x, indices, k):  # what vector-quantize-pytorch and taming-tran
 
 def _run_stats(bench, provider, case, device):
     n, d, k = case
-    bench.describe(op="code_stats", case=f"N={n} D={d} K={k}", provider=provider, device=device,
-                   dtype=torch.float32, sizes={"n": n, "d": d, "k": k})
+    bench.describe(
+        op="code_stats",
+        case=f"N={n} D={d} K={k}",
+        provider=provider,
+        device=device,
+        dtype=torch.float32,
+        sizes={"n": n, "d": d, "k": k},
+    )
     if provider == "onehot_matmul" and n * k * 4 > 8 * 2**30:
         pytest.skip(f"the N x K one-hot matrix alone would take {n * k * 4 / 2**30:.0f} GiB")
     gen = torch.Generator().manual_seed(0)
@@ -248,7 +297,9 @@ def _run_stats(bench, provider, case, device):
         fn = lambda: torch.zeros(k, d, device=device).index_add_(0, indices, x)  # noqa: E731
     else:
         raise ValueError(provider)
-    torch.testing.assert_close(fn().float(), reference.code_stats(x, indices, k)[1].float(), rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(
+        fn().float(), reference.code_stats(x, indices, k)[1].float(), rtol=1e-4, atol=1e-3
+    )
     bench.run(fn, bytes_moved=4 * (n * d + k * d) + 8 * n)
 
 
@@ -260,8 +311,9 @@ def test_code_stats_cpu(bench, provider, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", ["fastlatent", "onehot_matmul", "index_add"])
-@pytest.mark.parametrize("case", [(1048576, 256, 16384), (262144, 64, 1024)], ids=lambda c: _case_id(N=c[0], D=c[1],
-                                                                                                      K=c[2]))
+@pytest.mark.parametrize(
+    "case", [(1048576, 256, 16384), (262144, 64, 1024)], ids=lambda c: _case_id(N=c[0], D=c[1], K=c[2])
+)
 def test_code_stats_cuda(bench, provider, case):
     _run_stats(bench, provider, case, CUDA)
 
@@ -272,8 +324,10 @@ FSQ_CASES = [
     pytest.param((16, 1024, (8, 5, 5, 5)), id="B16_N1024_L8555"),
     pytest.param((16, 4096, (8, 8, 8, 5, 5, 5)), id="B16_N4096_L888555"),
     pytest.param((64, 4096, (8, 5, 5, 5)), id="B64_N4096_L8555", marks=pytest.mark.full),
-    *[pytest.param((b, 4096, (8, 8, 8, 5, 5, 5)), id=f"B{b}_N4096_L888555", marks=pytest.mark.full)
-      for b in (4, 64, 256)],
+    *[
+        pytest.param((b, 4096, (8, 8, 8, 5, 5, 5)), id=f"B{b}_N4096_L888555", marks=pytest.mark.full)
+        for b in (4, 64, 256)
+    ],
 ]
 FSQ_PROVIDERS = ["fastlatent", "reference", "reference_compiled", "vector_quantize_pytorch"]
 
@@ -281,8 +335,14 @@ FSQ_PROVIDERS = ["fastlatent", "reference", "reference_compiled", "vector_quanti
 def _run_fsq(bench, provider, case, device, dtype=torch.float32):
     b, n, levels = case
     levels = list(levels)
-    bench.describe(op="FSQ fwd+bwd", case=f"B={b} N={n} levels={levels}", provider=provider, device=device,
-                   dtype=dtype, sizes={"n": b * n, "d": len(levels)})
+    bench.describe(
+        op="FSQ fwd+bwd",
+        case=f"B={b} N={n} levels={levels}",
+        provider=provider,
+        device=device,
+        dtype=dtype,
+        sizes={"n": b * n, "d": len(levels)},
+    )
     gen = torch.Generator().manual_seed(0)
     z = (torch.randn(b, n, len(levels), generator=gen) * 2).to(device, dtype).requires_grad_()
     g = torch.randn(b, n, len(levels), generator=gen).to(device, dtype)
@@ -301,6 +361,7 @@ def _run_fsq(bench, provider, case, device, dtype=torch.float32):
             out, idx = forward(z)
             out.backward(g)
             return out, idx
+
         return step
 
     if provider == "reference_compiled":
@@ -312,7 +373,7 @@ def _run_fsq(bench, provider, case, device, dtype=torch.float32):
     assert agree > 0.9999, f"{provider}: indices agree with the reference on {agree:.4%}"
     grad = z.grad.clone()
     z.grad = None
-    want_grad, = torch.autograd.grad(reference.fsq_quantize(z, levels)[0], z, g)
+    (want_grad,) = torch.autograd.grad(reference.fsq_quantize(z, levels)[0], z, g)
     torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-5)
     # forward reads z, writes z_hat and int64 indices; backward reads grad and z, writes dz
     elements = z.numel()
@@ -333,22 +394,34 @@ def test_fsq_bandwidth_cuda(bench, provider, direction, dtype):
     """FSQ on 64M elements: the fraction of HBM bandwidth reached, fused kernels vs the compiled reference."""
     levels = [8, 5, 5, 5]
     elements = 64 * 2**20
-    bench.describe(op=f"FSQ {direction}", case="64M elements, levels [8,5,5,5]", provider=provider, device=CUDA,
-                   dtype=dtype, sizes={"n": elements // 4, "d": 4})
+    bench.describe(
+        op=f"FSQ {direction}",
+        case="64M elements, levels [8,5,5,5]",
+        provider=provider,
+        device=CUDA,
+        dtype=dtype,
+        sizes={"n": elements // 4, "d": 4},
+    )
     z = (torch.randn(elements // 4, 4, device=CUDA) * 2).to(dtype).requires_grad_()
     g = torch.randn_like(z)
     if provider == "fastlatent":
         quantize = lambda z: fastlatent.fsq_quantize(z, levels)  # noqa: E731
     else:
-        quantize = bench.compile(lambda z: reference.fsq_quantize(z, levels), warm=lambda f: f(z)[0].backward(g))
+        quantize = bench.compile(
+            lambda z: reference.fsq_quantize(z, levels), warm=lambda f: f(z)[0].backward(g)
+        )
     if direction == "forward":
+
         def fn():
             with torch.no_grad():
                 return quantize(z)
+
         moved = elements * z.element_size() * 2 + (elements // 4) * 8  # read z; write z_hat, int64 indices
     else:
+
         def fn():
             return torch.autograd.grad(quantize(z)[0], z, g)[0]
+
         moved = elements * z.element_size() * 5 + (elements // 4) * 8  # and read grad, z; write grad_z
     got = fn()
     if direction == "forward":
@@ -360,7 +433,7 @@ def test_fsq_bandwidth_cuda(bench, provider, direction, dtype):
 # --------------------------------------------------------------------------------------- LFQ
 
 LFQ_CASES = [
-    pytest.param((1, 1024, 14), id="B1_N1024_d14"),    # vqp: about a second per call on 2 cores
+    pytest.param((1, 1024, 14), id="B1_N1024_d14"),  # vqp: about a second per call on 2 cores
     pytest.param((4, 1024, 14), id="B4_N1024_d14", marks=pytest.mark.full),
     pytest.param((16, 1024, 14), id="B16_N1024_d14", marks=pytest.mark.full),
 ]
@@ -368,8 +441,14 @@ LFQ_CASES = [
 
 def _run_lfq_layer(bench, provider, case, device):
     b, n, d = case
-    bench.describe(op="LFQ + entropy loss fwd+bwd", case=f"B={b} N={n} d={d}", provider=provider, device=device,
-                   dtype=torch.float32, sizes={"n": b * n, "d": d})
+    bench.describe(
+        op="LFQ + entropy loss fwd+bwd",
+        case=f"B={b} N={n} d={d}",
+        provider=provider,
+        device=device,
+        dtype=torch.float32,
+        sizes={"n": b * n, "d": d},
+    )
     if provider == "fastlatent":
         module = LFQ(dim=d)
     else:
@@ -395,9 +474,14 @@ def _run_lfq_layer(bench, provider, case, device):
         torch.testing.assert_close(breakdown.batch_entropy.double(), batch_ref, rtol=1e-4, atol=1e-5)
     else:  # vqp clamps probabilities at 1e-5 in its logs: close to the exact value, not equal
         torch.testing.assert_close(breakdown.batch_entropy.double(), batch_ref, rtol=5e-2, atol=0)
-    bench.note(theoretical_extra_bytes=(b * n * 2**d * 4 if provider != "fastlatent"
-                                        else b * n * d * 8 + torch.get_num_threads() * 2**d * 8),
-               footprint_note="vqp: N x 2^d fp32 soft assignments (several); fastlatent: O(N d) + 2^d per thread")
+    bench.note(
+        theoretical_extra_bytes=(
+            b * n * 2**d * 4
+            if provider != "fastlatent"
+            else b * n * d * 8 + torch.get_num_threads() * 2**d * 8
+        ),
+        footprint_note="vqp: N x 2^d fp32 soft assignments (several); fastlatent: O(N d) + 2^d per thread",
+    )
     bench.run(step)
 
 
@@ -408,7 +492,7 @@ def test_lfq_entropy_layer_cpu(bench, provider, case):
 
 
 ENTROPY_CASES = [
-    pytest.param((1024, 12), id="N1024_d12"),          # the float64 reference materialises N x 2^d
+    pytest.param((1024, 12), id="N1024_d12"),  # the float64 reference materialises N x 2^d
     pytest.param((4096, 14), id="N4096_d14", marks=pytest.mark.full),
     pytest.param((1024, 18), id="magvit2_N1024_d18", marks=pytest.mark.full),
 ]
@@ -419,8 +503,14 @@ ENTROPY_CASES = [
 def test_lfq_entropy_op_cpu(bench, provider, case):
     """The entropy terms alone, forward: factorised kernel against the materialised N x 2^d softmax."""
     n, d = case
-    bench.describe(op="lfq_entropy", case=f"N={n} d={d}", provider=provider, device=CPU, dtype=torch.float32,
-                   sizes={"n": n, "d": d})
+    bench.describe(
+        op="lfq_entropy",
+        case=f"N={n} d={d}",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"n": n, "d": d},
+    )
     x = torch.randn(n, d, generator=torch.Generator().manual_seed(0)) * 0.05
     if provider == "fastlatent":
         fn = lambda: fastlatent.lfq_entropy(x, 1.0, 10.0)  # noqa: E731
@@ -449,8 +539,14 @@ BSQ_CASES = [
 def test_bsq_fwd_bwd_cpu(bench, provider, case):
     """BSQ quantize + entropy terms, forward and backward (BSQ-ViT's d=18 and d=36)."""
     n, d = case
-    bench.describe(op="BSQ quantize+entropy fwd+bwd", case=f"N={n} d={d}", provider=provider, device=CPU,
-                   dtype=torch.float32, sizes={"n": n, "d": d})
+    bench.describe(
+        op="BSQ quantize+entropy fwd+bwd",
+        case=f"N={n} d={d}",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"n": n, "d": d},
+    )
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(n, d, generator=gen).requires_grad_()
     g = torch.randn(n, d, generator=gen)
@@ -481,6 +577,7 @@ def test_bsq_fwd_bwd_cpu(bench, provider, case):
 
 
 # ------------------------------------------------------------- residual FSQ / LFQ, spherical LFQ
+
 
 def _vqp_module(name, **kwargs):
     return getattr(peer("vector_quantize_pytorch", "vector-quantize-pytorch"), name)(**kwargs)
@@ -516,8 +613,14 @@ def test_residual_fsq_fwd_bwd_cpu(bench, provider, case):
     """ResidualFSQ (default hard-clamped symmetric layers) forward + backward through the projections."""
     b, n, dim, q = case
     kwargs = dict(levels=[8, 5, 5, 5], num_quantizers=q, dim=dim)
-    bench.describe(op="ResidualFSQ fwd+bwd", case=f"B={b} N={n} D={dim} q={q} levels [8,5,5,5]",
-                   provider=provider, device=CPU, dtype=torch.float32, sizes={"n": b * n, "d": dim})
+    bench.describe(
+        op="ResidualFSQ fwd+bwd",
+        case=f"B={b} N={n} D={dim} q={q} levels [8,5,5,5]",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"n": b * n, "d": dim},
+    )
     module = _scalar_module(provider, "ResidualFSQ", **kwargs).train()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, n, dim, generator=gen).requires_grad_()
@@ -547,8 +650,14 @@ def test_residual_lfq_fwd_bwd_cpu(bench, provider, case):
     """ResidualLFQ in training (each layer's entropy loss) forward + backward."""
     b, n, dim, d, q = case
     kwargs = dict(dim=dim, codebook_size=2**d, num_quantizers=q)
-    bench.describe(op="ResidualLFQ + entropy losses fwd+bwd", case=f"B={b} N={n} D={dim} d={d} q={q}",
-                   provider=provider, device=CPU, dtype=torch.float32, sizes={"n": b * n, "d": dim})
+    bench.describe(
+        op="ResidualLFQ + entropy losses fwd+bwd",
+        case=f"B={b} N={n} D={dim} d={d} q={q}",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"n": b * n, "d": dim},
+    )
     module = _scalar_module(provider, "ResidualLFQ", **kwargs).train()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, n, dim, generator=gen).requires_grad_()
@@ -563,8 +672,10 @@ def test_residual_lfq_fwd_bwd_cpu(bench, provider, case):
 
     idx = step()
     assert torch.equal(idx.long(), _reference_indices_of("ResidualLFQ", x.detach(), **kwargs))
-    bench.note(theoretical_extra_bytes=(q * b * n * 2**d * 4 if provider != "fastlatent" else q * 2**d * 8),
-               footprint_note="vqp: an N x 2^d soft assignment per layer; fastlatent: 2^d per thread")
+    bench.note(
+        theoretical_extra_bytes=(q * b * n * 2**d * 4 if provider != "fastlatent" else q * 2**d * 8),
+        footprint_note="vqp: an N x 2^d soft assignment per layer; fastlatent: 2^d per thread",
+    )
     bench.run(step)
 
 
@@ -580,8 +691,14 @@ def test_lfq_spherical_fwd_bwd_cpu(bench, provider, case):
     """LFQ(spherical=True), i.e. BSQ, with its entropy and commitment losses, forward + backward."""
     b, n, d = case
     kwargs = dict(dim=d, spherical=True, commitment_loss_weight=0.25)
-    bench.describe(op="LFQ(spherical) + losses fwd+bwd", case=f"B={b} N={n} d={d}", provider=provider,
-                   device=CPU, dtype=torch.float32, sizes={"n": b * n, "d": d})
+    bench.describe(
+        op="LFQ(spherical) + losses fwd+bwd",
+        case=f"B={b} N={n} d={d}",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"n": b * n, "d": d},
+    )
     module = _scalar_module(provider, "LFQ", **kwargs).train()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(b, n, d, generator=gen).requires_grad_()
@@ -613,13 +730,23 @@ MULTIHEAD_CASES = [
 
 def _run_multihead_vq(bench, provider, case, device):
     b, n, d, heads, k = case
-    bench.describe(op="VectorQuantize multi-head fwd+bwd (EMA)",
-                   case=f"heads={heads} B={b} N={n} D={d} K={k}",
-                   provider=provider, device=device, dtype=torch.float32,
-                   sizes={"n": b * n * heads, "d": d // heads, "k": k, "heads": heads})
+    bench.describe(
+        op="VectorQuantize multi-head fwd+bwd (EMA)",
+        case=f"heads={heads} B={b} N={n} D={d} K={k}",
+        provider=provider,
+        device=device,
+        dtype=torch.float32,
+        sizes={"n": b * n * heads, "d": d // heads, "k": k, "heads": heads},
+    )
     torch.manual_seed(0)
-    kwargs = {"dim": d, "codebook_size": k, "heads": heads, "codebook_dim": d // heads,
-              "separate_codebook_per_head": True, "decay": 0.8}
+    kwargs = {
+        "dim": d,
+        "codebook_size": k,
+        "heads": heads,
+        "codebook_dim": d // heads,
+        "separate_codebook_per_head": True,
+        "decay": 0.8,
+    }
     if provider == "fastlatent":
         layer = VectorQuantize(**kwargs)
     else:
@@ -646,8 +773,9 @@ def test_multihead_vq_fwd_bwd_cpu(bench, provider, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
-@pytest.mark.parametrize("case", [(64, 256, 256, 8, 8192)],
-                         ids=lambda c: _case_id(B=c[0], N=c[1], D=c[2], K=c[4]))
+@pytest.mark.parametrize(
+    "case", [(64, 256, 256, 8, 8192)], ids=lambda c: _case_id(B=c[0], N=c[1], D=c[2], K=c[4])
+)
 def test_multihead_vq_fwd_bwd_cuda(bench, provider, case):
     _run_multihead_vq(bench, provider, case, CUDA)
 
@@ -663,8 +791,14 @@ def _run_simvq(bench, provider, case, device):
     from fastlatent.nn import SimVQ
 
     b, n, d, k = case
-    bench.describe(op="SimVQ fwd+bwd", case=f"B={b} N={n} D={d} K={k}", provider=provider, device=device,
-                   dtype=torch.float32, sizes={"n": b * n, "d": d, "k": k})
+    bench.describe(
+        op="SimVQ fwd+bwd",
+        case=f"B={b} N={n} D={d} K={k}",
+        provider=provider,
+        device=device,
+        dtype=torch.float32,
+        sizes={"n": b * n, "d": d, "k": k},
+    )
     torch.manual_seed(0)
     vqp = None if provider == "fastlatent" else peer("vector_quantize_pytorch", "vector-quantize-pytorch")
     cls = SimVQ if vqp is None else vqp.SimVQ
@@ -690,7 +824,8 @@ def test_simvq_fwd_bwd_cpu(bench, provider, case):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
-@pytest.mark.parametrize("case", [(64, 256, 256, 8192)],
-                         ids=lambda c: _case_id(B=c[0], N=c[1], D=c[2], K=c[3]))
+@pytest.mark.parametrize(
+    "case", [(64, 256, 256, 8192)], ids=lambda c: _case_id(B=c[0], N=c[1], D=c[2], K=c[3])
+)
 def test_simvq_fwd_bwd_cuda(bench, provider, case):
     _run_simvq(bench, provider, case, CUDA)

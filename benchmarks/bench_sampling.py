@@ -37,9 +37,12 @@ LOOPS = {
     "dpmpp_2m": ("dpmpp_2m", "scaled_linear", "DPMSolverMultistepScheduler", dict(SD)),
     "flow_euler": ("euler", FlowSchedule(shift=3.0), "FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
 }
-ADAPTERS = {"DDIMScheduler": "FastDDIMScheduler", "EulerDiscreteScheduler": "FastEulerDiscreteScheduler",
-            "DPMSolverMultistepScheduler": "FastDPMSolverMultistepScheduler",
-            "FlowMatchEulerDiscreteScheduler": "FastFlowMatchEulerDiscreteScheduler"}
+ADAPTERS = {
+    "DDIMScheduler": "FastDDIMScheduler",
+    "EulerDiscreteScheduler": "FastEulerDiscreteScheduler",
+    "DPMSolverMultistepScheduler": "FastDPMSolverMultistepScheduler",
+    "FlowMatchEulerDiscreteScheduler": "FastFlowMatchEulerDiscreteScheduler",
+}
 LOOP_PROVIDERS = ["fastlatent", "fastlatent_diffusers_adapter", "diffusers", "reference"]
 
 
@@ -72,8 +75,14 @@ def _reference_loop(sampler, x_t, model_output):
                 x, _ = reference.euler_step(model_output, x, *step.args, prediction=sampler.prediction)
             else:
                 p = (prev[1].alpha, prev[1].sigma) if step.second_order else (1.0, 1.0)
-                x, x0 = reference.dpmpp_2m_step(model_output, x, prev[0] if step.second_order else None, *step.args,
-                                                *p, prediction=sampler.prediction)
+                x, x0 = reference.dpmpp_2m_step(
+                    model_output,
+                    x,
+                    prev[0] if step.second_order else None,
+                    *step.args,
+                    *p,
+                    prediction=sampler.prediction,
+                )
                 prev = (x0, step)
         return x
 
@@ -91,13 +100,20 @@ def _loop_fn(provider, loop, x_t, model_output, steps):
     if provider == "diffusers":
         return _diffusers_loop(getattr(diffusers, name), config, x_t, model_output, steps)
     from fastlatent.sampling import schedulers
+
     return _diffusers_loop(getattr(schedulers, ADAPTERS[name]), config, x_t, model_output, steps)
 
 
 def _run_loop(bench, provider, loop, shape, device, steps=50):
     b, c, h, w = shape
-    bench.describe(op=f"{steps}-step {loop} loop (model excluded)", case=f"{b}x{c}x{h}x{w}", provider=provider,
-                   device=device, dtype=torch.float32, sizes={"batch": b, "channels": c, "side": h, "steps": steps})
+    bench.describe(
+        op=f"{steps}-step {loop} loop (model excluded)",
+        case=f"{b}x{c}x{h}x{w}",
+        provider=provider,
+        device=device,
+        dtype=torch.float32,
+        sizes={"batch": b, "channels": c, "side": h, "steps": steps},
+    )
     gen = torch.Generator().manual_seed(0)
     x_t = torch.randn(shape, generator=gen).to(device)
     model_output = (0.05 * torch.randn(shape, generator=gen)).to(device)
@@ -126,8 +142,11 @@ def test_loop_50_steps_cpu(bench, provider, loop, shape):
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", LOOP_PROVIDERS[:3])
 @pytest.mark.parametrize("loop", list(LOOPS))
-@pytest.mark.parametrize("shape", [(16, 4, 64, 64), (1, 4, 64, 64), (32, 4, 32, 32), (32, 16, 32, 32)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [(16, 4, 64, 64), (1, 4, 64, 64), (32, 4, 32, 32), (32, 16, 32, 32)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_loop_50_steps_cuda(bench, provider, loop, shape):
     _run_loop(bench, provider, loop, shape, CUDA)
 
@@ -135,15 +154,17 @@ def test_loop_50_steps_cuda(bench, provider, loop, shape):
 # ------------------------------------------------------------------------------------ one guided step
 
 GUIDANCE = 7.5
-STEP_PROVIDERS = providers("fastlatent", "reference", "reference_compiled", "torch", "torch_compiled", "diffusers")
+STEP_PROVIDERS = providers(
+    "fastlatent", "reference", "reference_compiled", "torch", "torch_compiled", "diffusers"
+)
 
 
 def _torch_guided_ddim(m, x, alpha_bar_t, alpha_bar_prev):
     """What a diffusers pipeline does eagerly: guidance, then DDIMScheduler.step's math, in the input dtype."""
     uncond, cond = m.chunk(2)
     eps = uncond + GUIDANCE * (cond - uncond)
-    x0 = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t ** 0.5
-    return alpha_bar_prev ** 0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps
+    x0 = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+    return alpha_bar_prev**0.5 * x0 + (1 - alpha_bar_prev) ** 0.5 * eps
 
 
 def _reference_guided_ddim(m, x, alpha_bar_t, alpha_bar_prev):
@@ -159,13 +180,19 @@ def _step_bytes(shape, dtype):
 
 def _run_step(bench, provider, shape, device, dtype):
     b, c, h, w = shape
-    bench.describe(op="guided DDIM step", case=f"{b}x{c}x{h}x{w} (model output {2 * b}x{c}x{h}x{w})",
-                   provider=provider, device=device, dtype=dtype, sizes={"batch": b, "channels": c, "side": h})
+    bench.describe(
+        op="guided DDIM step",
+        case=f"{b}x{c}x{h}x{w} (model output {2 * b}x{c}x{h}x{w})",
+        provider=provider,
+        device=device,
+        dtype=dtype,
+        sizes={"batch": b, "channels": c, "side": h},
+    )
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen).to(device, dtype)
     m = torch.randn((2 * b, c, h, w), generator=gen).to(device, dtype)
     # step 20 of a 50-step SD schedule (diffusers' "leading" spacing): t = 580 -> 560
-    alphas = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+    alphas = torch.cumprod(1 - torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2, 0)
     a_t, a_prev = float(alphas[580]), float(alphas[560])
     if provider == "fastlatent":
         fn = lambda: fastlatent.ops.ddim_step(m, x, a_t, a_prev, guidance_scale=GUIDANCE, return_x0=False)[0]  # noqa
@@ -196,8 +223,11 @@ def _run_step(bench, provider, shape, device, dtype):
 STEP_SHAPES_CPU = [
     pytest.param((8, 4, 32, 32), id="dit_8x4x32x32"),
     pytest.param((8, 16, 32, 32), id="dit16_8x16x32x32"),
-    *[pytest.param((b, c, 32, 32), id=f"B{b}x{c}x32x32", marks=pytest.mark.full)
-      for b in (1, 32, 128) for c in (4, 16)],
+    *[
+        pytest.param((b, c, 32, 32), id=f"B{b}x{c}x32x32", marks=pytest.mark.full)
+        for b in (1, 32, 128)
+        for c in (4, 16)
+    ],
     pytest.param((8, 4, 64, 64), id="sd_8x4x64x64", marks=pytest.mark.full),
 ]
 
@@ -211,8 +241,11 @@ def test_guided_ddim_step_cpu(bench, provider, shape):
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", ["fastlatent", "torch", "torch_compiled"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
-@pytest.mark.parametrize("shape", [(16, 4, 128, 128), (16, 16, 64, 64), (256, 4, 32, 32), (256, 16, 32, 32)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [(16, 4, 128, 128), (16, 16, 64, 64), (256, 4, 32, 32), (256, 16, 32, 32)],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_guided_ddim_step_cuda(bench, provider, shape, dtype):
     """One guided DDIM step: the fraction of HBM bandwidth over the bytes it must move."""
     _run_step(bench, provider, shape, CUDA, dtype)
@@ -237,8 +270,14 @@ class _SmallLatentModel(torch.nn.Module):
 @pytest.mark.cuda
 @pytest.mark.parametrize("provider", ["fastlatent_graph", "fastlatent"])
 def test_graph_captured_sampling_cuda(bench, provider):
-    bench.describe(op="50-step dpmpp_2m sampling of a small conv model", case="1x4x64x64", provider=provider,
-                   device=CUDA, dtype=torch.float32, sizes={"batch": 1, "steps": 50})
+    bench.describe(
+        op="50-step dpmpp_2m sampling of a small conv model",
+        case="1x4x64x64",
+        provider=provider,
+        device=CUDA,
+        dtype=torch.float32,
+        sizes={"batch": 1, "steps": 50},
+    )
     torch.manual_seed(0)
     model = _SmallLatentModel().to(CUDA).eval()
     sampler = Sampler("dpmpp_2m", "scaled_linear", 50)
@@ -269,12 +308,16 @@ SCHEDULER_LOOPS = {
     "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", dict(SD, use_karras_sigmas=True)),
     "dpmpp_3m": ("DPMSolverMultistepScheduler", dict(SD, solver_order=3)),
     "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++")),
-    "dpmsolver_2m": ("DPMSolverMultistepScheduler",
-                     dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min")),
+    "dpmsolver_2m": (
+        "DPMSolverMultistepScheduler",
+        dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    ),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
 }
-SCHEDULER_SHAPES = [pytest.param((8, 4, 64, 64), id="8x4x64x64"),
-                    pytest.param((1, 16, 128, 128), id="1x16x128x128")]
+SCHEDULER_SHAPES = [
+    pytest.param((8, 4, 64, 64), id="8x4x64x64"),
+    pytest.param((1, 16, 128, 128), id="1x16x128x128"),
+]
 
 
 def _scheduler_loop(provider, name, config, x_t, model_output, steps):
@@ -303,9 +346,14 @@ def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
     """``fastlatent.patch(scheduler)`` against the same diffusers scheduler: 50 steps, model excluded."""
     name, config = SCHEDULER_LOOPS[loop]
     b, c, h, w = shape
-    bench.describe(op=f"50-step patched {loop} loop (model excluded)", case=f"{b}x{c}x{h}x{w}",
-                   provider=provider, device=CPU, dtype=torch.float32,
-                   sizes={"batch": b, "channels": c, "side": h, "steps": 50})
+    bench.describe(
+        op=f"50-step patched {loop} loop (model excluded)",
+        case=f"{b}x{c}x{h}x{w}",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"batch": b, "channels": c, "side": h, "steps": 50},
+    )
     gen = torch.Generator().manual_seed(0)
     x_t = torch.randn(shape, generator=gen)
     model_output = 0.05 * torch.randn(shape, generator=gen)
@@ -315,6 +363,7 @@ def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
         err = relative_error(fn(), expected)
         assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
         from fastlatent.sampling.diffusers_fast import scheduler_report
+
         assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
     bench.run(fn)
 
@@ -322,10 +371,16 @@ def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
 def _tiny_unet():
     diffusers = peer("diffusers", "diffusers")
     torch.manual_seed(0)
-    return diffusers.UNet2DModel(sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-                                 block_out_channels=(32, 64), norm_num_groups=8,
-                                 down_block_types=("DownBlock2D", "DownBlock2D"),
-                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    return diffusers.UNet2DModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+    ).eval()
 
 
 @pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
@@ -333,8 +388,14 @@ def _tiny_unet():
 def test_patched_scheduler_unet_loop_cpu(bench, provider, loop):
     """End to end: 20 steps of a tiny UNet2DModel (model included), patched scheduler or diffusers'."""
     name, config = SCHEDULER_LOOPS[loop]
-    bench.describe(op=f"20-step {loop} loop with a tiny UNet2DModel (model included)", case="2x4x32x32",
-                   provider=provider, device=CPU, dtype=torch.float32, sizes={"batch": 2, "steps": 20})
+    bench.describe(
+        op=f"20-step {loop} loop with a tiny UNet2DModel (model included)",
+        case="2x4x32x32",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"batch": 2, "steps": 20},
+    )
     unet = _tiny_unet()
     x_t = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
 

@@ -33,9 +33,17 @@ def make_vae(sd: bool, dtype, device):
 
     torch.manual_seed(0)
     widths = (128, 256, 512, 512) if sd else (32, 64, 128, 128)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=widths,
-                        layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=512)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=widths,
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
     return vae.eval().to(device, dtype)
 
 
@@ -60,15 +68,18 @@ def measure(fn, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512], help="image sizes (pixels)")
     parser.add_argument("--sd", action="store_true", help="full SD-VAE widths (default: reduced widths)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--tile", type=int, default=64, help="tile size in latent pixels")
     parser.add_argument("--max-untiled", type=int, default=2048, help="largest size to run untiled")
-    parser.add_argument("--providers", nargs="+",
-                        default=["untiled", "diffusers_tiled", "exact_host", "exact_recompute"])
+    parser.add_argument(
+        "--providers", nargs="+", default=["untiled", "diffusers_tiled", "exact_host", "exact_recompute"]
+    )
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
@@ -101,6 +112,7 @@ def main(argv=None):
 
                 def fn():
                     return tiled_decode(vae, z, args.tile, store=store, info=info, progress=False)
+
             try:
                 seconds, peak, out = measure(fn, device)
             except torch.OutOfMemoryError:
@@ -109,22 +121,35 @@ def main(argv=None):
                 continue
             finally:
                 vae.disable_tiling()
-            row = dict(size=size, provider=provider, seconds=round(seconds, 3), peak_mib=round(peak / 2**20, 1))
+            row = dict(
+                size=size, provider=provider, seconds=round(seconds, 3), peak_mib=round(peak / 2**20, 1)
+            )
             if provider == "untiled":
                 ref = out.float()
             if ref is not None:
                 diff = (out.float() - ref).abs()
                 row.update(max_abs_err=float(diff.max()), mean_abs_err=float(diff.mean()))
             if provider not in ("untiled", "diffusers_tiled"):
-                row.update(passes=info.passes, stage_evaluations=info.stage_evaluations,
-                           stored_mib=round(info.stored_bytes / 2**20, 1))
+                row.update(
+                    passes=info.passes,
+                    stage_evaluations=info.stage_evaluations,
+                    stored_mib=round(info.stored_bytes / 2**20, 1),
+                )
             rows.append(row)
             print("  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
             del out
-    result = dict(device=str(device), dtype=args.dtype, sd_widths=args.sd, tile=args.tile, torch=torch.__version__,
-                  fastlatent=fastlatent.__version__, machine=platform.processor() or platform.machine(),
-                  threads=torch.get_num_threads(), rows=rows,
-                  gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None)
+    result = dict(
+        device=str(device),
+        dtype=args.dtype,
+        sd_widths=args.sd,
+        tile=args.tile,
+        torch=torch.__version__,
+        fastlatent=fastlatent.__version__,
+        machine=platform.processor() or platform.machine(),
+        threads=torch.get_num_threads(),
+        rows=rows,
+        gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

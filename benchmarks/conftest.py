@@ -32,15 +32,27 @@ from fastlatent.benchmarking.measure import Bench, cpu_model, device_name, synce
 
 
 def pytest_addoption(parser):
-    parser.addoption("--full", action="store_true", default=False,
-                     help="run the large shapes and scaling sweeps too (tens of minutes on a 2-core CPU)")
-    parser.addoption("--compile-budget", type=float, default=300.0,
-                     help="seconds torch.compile may take for one case before that provider is skipped")
+    parser.addoption(
+        "--full",
+        action="store_true",
+        default=False,
+        help="run the large shapes and scaling sweeps too (tens of minutes on a 2-core CPU)",
+    )
+    parser.addoption(
+        "--compile-budget",
+        type=float,
+        default=300.0,
+        help="seconds torch.compile may take for one case before that provider is skipped",
+    )
 
 
 def pytest_collect_file(file_path, parent):
     """Collect bench_*.py when given this folder (pytest's default python_files is test_*.py)."""
-    if file_path.suffix == ".py" and file_path.name.startswith("bench_") and not parent.session.isinitpath(file_path):
+    if (
+        file_path.suffix == ".py"
+        and file_path.name.startswith("bench_")
+        and not parent.session.isinitpath(file_path)
+    ):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
 
@@ -64,8 +76,12 @@ def pytest_configure(config):
 @pytest.fixture
 def bench(benchmark, request) -> Bench:
     """Describe, compile and run one provider of one case (see Bench)."""
-    return Bench(benchmark, request.node, full=request.config.getoption("--full"),
-                 compile_budget_s=request.config.getoption("--compile-budget"))
+    return Bench(
+        benchmark,
+        request.node,
+        full=request.config.getoption("--full"),
+        compile_budget_s=request.config.getoption("--compile-budget"),
+    )
 
 
 def timed(fn, device: torch.device):
@@ -92,7 +108,9 @@ def peer(module: str, pip_name: str):
 # ------------------------------------------------------------------------------- shapes of real models
 
 # Stable Diffusion's VAE (AutoencoderKL, SD 1.x/2.x/XL): downsampling factor 8, 4 latent channels.
-SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4)
+SD_VAE = dict(
+    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, latent_channels=4
+)
 
 
 def sd_vae_norm_shapes(resolution: int, part: str, config: dict = SD_VAE) -> list[tuple[int, int, int]]:

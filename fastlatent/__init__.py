@@ -24,7 +24,29 @@ from fastlatent.ops import (  # noqa: E402
 from fastlatent.patching import PatchReport, patch, unpatch  # noqa: E402
 from fastlatent.tiling import TiledRunInfo, tiled_decode, tiled_encode  # noqa: E402
 
-__all__ = ["__version__", "build_info", "extension_available", "nn", "ops", "reference", "sampling", "nearest_code",
-           "code_stats", "ema_update_", "kmeans", "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize",
-           "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm", "patch", "unpatch", "PatchReport",
-           "tiled_decode", "tiled_encode", "TiledRunInfo"]
+__all__ = [
+    "__version__",
+    "build_info",
+    "extension_available",
+    "nn",
+    "ops",
+    "reference",
+    "sampling",
+    "nearest_code",
+    "code_stats",
+    "ema_update_",
+    "kmeans",
+    "fsq_quantize",
+    "fsq_indices_to_codes",
+    "lfq_quantize",
+    "lfq_entropy",
+    "bsq_quantize",
+    "bsq_entropy",
+    "group_norm",
+    "patch",
+    "unpatch",
+    "PatchReport",
+    "tiled_decode",
+    "tiled_encode",
+    "TiledRunInfo",
+]

@@ -83,7 +83,13 @@ def build_info() -> dict:
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
-            gpus.append({"index": i, "name": props.name, "capability": f"{props.major}.{props.minor}",
-                         "memory_gib": round(props.total_memory / 2**30, 1)})
+            gpus.append(
+                {
+                    "index": i,
+                    "name": props.name,
+                    "capability": f"{props.major}.{props.minor}",
+                    "memory_gib": round(props.total_memory / 2**30, 1),
+                }
+            )
     info["gpus"] = gpus
     return info

@@ -27,8 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["DigitsDataset", "SamplePhotoPatches", "ImageFolderDataset", "LatentDataset", "encode_dataset",
-           "available_sample_photos", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "DigitsDataset",
+    "SamplePhotoPatches",
+    "ImageFolderDataset",
+    "LatentDataset",
+    "encode_dataset",
+    "available_sample_photos",
+    "IMAGE_EXTENSIONS",
+]
 
 SPLITS = ("train", "test", "all")
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic")
@@ -52,8 +59,9 @@ def _resize(images: torch.Tensor, size: int, interpolation: str) -> torch.Tensor
     if interpolation == "nearest":
         out = F.interpolate(images, size=(size, size), mode="nearest-exact")
     else:
-        out = F.interpolate(images, size=(size, size), mode=interpolation, align_corners=False,
-                            antialias=shrinking)
+        out = F.interpolate(
+            images, size=(size, size), mode=interpolation, align_corners=False, antialias=shrinking
+        )
     return out.clamp_(-1.0, 1.0)  # bicubic overshoots
 
 
@@ -87,20 +95,29 @@ class DigitsDataset(Dataset):
 
     num_classes = 10
 
-    def __init__(self, split: str = "train", size: int = 16, test_fraction: float = 0.2, seed: int = 0,
-                 interpolation: str = "bilinear", augment_shift: int = 0):
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 16,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        interpolation: str = "bilinear",
+        augment_shift: int = 0,
+    ):
         if split not in SPLITS:
             raise ValueError(f"DigitsDataset: split must be one of {SPLITS}, got {split!r}")
         size = _check_int("DigitsDataset", "size", size, 1)
         augment_shift = _check_int("DigitsDataset", "augment_shift", augment_shift, 0)
         if augment_shift >= size:
-            raise ValueError(f"DigitsDataset: augment_shift must be smaller than size ({size}), "
-                             f"got {augment_shift}")
+            raise ValueError(
+                f"DigitsDataset: augment_shift must be smaller than size ({size}), got {augment_shift}"
+            )
         if not (isinstance(test_fraction, (int, float)) and 0.0 < test_fraction < 1.0):
             raise ValueError(f"DigitsDataset: test_fraction must be in (0, 1), got {test_fraction!r}")
         if interpolation not in INTERPOLATIONS:
-            raise ValueError(f"DigitsDataset: interpolation must be one of {INTERPOLATIONS}, "
-                             f"got {interpolation!r}")
+            raise ValueError(
+                f"DigitsDataset: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}"
+            )
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -123,7 +140,7 @@ class DigitsDataset(Dataset):
         for c in range(int(labels.max()) + 1):
             members = (labels == c).nonzero(as_tuple=True)[0]
             order = members[torch.randperm(len(members), generator=generator)]
-            test.append(order[:round(test_fraction * len(members))])
+            test.append(order[: round(test_fraction * len(members))])
         in_test = torch.zeros(len(labels), dtype=torch.bool)
         in_test[torch.cat(test)] = True
         return (in_test if split == "test" else ~in_test).nonzero(as_tuple=True)[0]
@@ -137,8 +154,9 @@ class DigitsDataset(Dataset):
     def __getitem__(self, index: int):
         image = self.images[index]
         if self.augment_shift:
-            dy, dx = _item_rng(self.seed, self.epoch, int(index)).integers(-self.augment_shift,
-                                                                           self.augment_shift + 1, size=2)
+            dy, dx = _item_rng(self.seed, self.epoch, int(index)).integers(
+                -self.augment_shift, self.augment_shift + 1, size=2
+            )
             image = _shift(image, int(dy), int(dx), fill=-1.0)
         return image, self.labels[index]
 
@@ -150,8 +168,9 @@ def _shift(image: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
     """Translate ``[C, H, W]`` by ``(dy, dx)`` pixels, filling the uncovered border with ``fill``."""
     _, h, w = image.shape
     out = torch.full_like(image, fill)
-    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
-        image[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    out[:, max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = image[
+        :, max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+    ]
     return out
 
 
@@ -159,8 +178,14 @@ def _shift(image: torch.Tensor, dy: int, dx: int, fill: float) -> torch.Tensor:
 
 # Photographs (no synthetic test patterns, no mostly-black frames) shipped inside the packages.
 _SKLEARN_PHOTOS = ("china", "flower")
-_SKIMAGE_COLOR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry",
-                         "stereo_motorcycle")
+_SKIMAGE_COLOR_PHOTOS = (
+    "astronaut",
+    "coffee",
+    "chelsea",
+    "rocket",
+    "immunohistochemistry",
+    "stereo_motorcycle",
+)
 _SKIMAGE_GRAY_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock", "grass", "gravel", "brick")
 
 
@@ -226,9 +251,17 @@ class SamplePhotoPatches(Dataset):
     Yields ``(patch [channels, patch_size, patch_size] in [-1, 1], photo index int64)``.
     """
 
-    def __init__(self, patch_size: int = 32, num_patches: int = 10_000, seed: int = 0, channels: int = 3,
-                 photos: Sequence[str] | None = None, min_scale: float = 1.0, flip: bool = True,
-                 resample_each_epoch: bool = False):
+    def __init__(
+        self,
+        patch_size: int = 32,
+        num_patches: int = 10_000,
+        seed: int = 0,
+        channels: int = 3,
+        photos: Sequence[str] | None = None,
+        min_scale: float = 1.0,
+        flip: bool = True,
+        resample_each_epoch: bool = False,
+    ):
         patch_size = _check_int("SamplePhotoPatches", "patch_size", patch_size, 1)
         num_patches = _check_int("SamplePhotoPatches", "num_patches", num_patches, 1)
         if channels not in (1, 3):
@@ -242,8 +275,10 @@ class SamplePhotoPatches(Dataset):
             names = list(photos)
             unknown = [n for n in names if n not in known]
             if unknown or not names:
-                raise ValueError(f"SamplePhotoPatches: photos must be a non-empty list of names from {known} "
-                                 f"(greyscale ones only with channels=1), got unknown {unknown or names}")
+                raise ValueError(
+                    f"SamplePhotoPatches: photos must be a non-empty list of names from {known} "
+                    f"(greyscale ones only with channels=1), got unknown {unknown or names}"
+                )
         self.photo_names: list[str] = []
         self.photos: list[torch.Tensor] = []  # uint8 [C, H, W]
         too_small = []
@@ -251,8 +286,10 @@ class SamplePhotoPatches(Dataset):
             array = _load_sample_photo(name)
             if array is None:
                 if photos is not None:
-                    raise ValueError(f"SamplePhotoPatches: photo {name!r} is not available offline in this "
-                                     f"installation; available: {available_sample_photos(channels)}")
+                    raise ValueError(
+                        f"SamplePhotoPatches: photo {name!r} is not available offline in this "
+                        f"installation; available: {available_sample_photos(channels)}"
+                    )
                 continue
             image = torch.from_numpy(np.array(array, dtype=np.uint8, copy=True))  # the cache is read-only
             image = image.permute(2, 0, 1) if image.ndim == 3 else image[None]
@@ -265,8 +302,10 @@ class SamplePhotoPatches(Dataset):
             self.photo_names.append(name)
             self.photos.append(image.contiguous())
         if not self.photos:
-            raise ValueError(f"SamplePhotoPatches: no photo is available at patch_size={patch_size} "
-                             f"(too small: {too_small}; scikit-learn and scikit-image must be installed)")
+            raise ValueError(
+                f"SamplePhotoPatches: no photo is available at patch_size={patch_size} "
+                f"(too small: {too_small}; scikit-learn and scikit-image must be installed)"
+            )
         self.patch_size, self.num_patches, self.seed, self.channels = patch_size, num_patches, seed, channels
         self.min_scale, self.flip, self.resample_each_epoch = float(min_scale), flip, resample_each_epoch
         self.epoch = 0
@@ -280,8 +319,9 @@ class SamplePhotoPatches(Dataset):
         areas = (heights * widths).astype(np.float64)
         photo = rng.choice(len(self.photos), size=self.num_patches, p=areas / areas.sum())
         scale = rng.uniform(self.min_scale, 1.0, size=self.num_patches)
-        crop = np.minimum(np.round(self.patch_size / scale).astype(np.int64),
-                          np.minimum(heights[photo], widths[photo]))
+        crop = np.minimum(
+            np.round(self.patch_size / scale).astype(np.int64), np.minimum(heights[photo], widths[photo])
+        )
         top = (rng.random(self.num_patches) * (heights[photo] - crop + 1)).astype(np.int64)
         left = (rng.random(self.num_patches) * (widths[photo] - crop + 1)).astype(np.int64)
         flip = (rng.random(self.num_patches) < 0.5) & self.flip
@@ -297,7 +337,7 @@ class SamplePhotoPatches(Dataset):
 
     def __getitem__(self, index: int):
         photo, crop, top, left, flip = (int(v) for v in self._layout[index])
-        patch = self.photos[photo][:, top:top + crop, left:left + crop].float() / 127.5 - 1.0
+        patch = self.photos[photo][:, top : top + crop, left : left + crop].float() / 127.5 - 1.0
         if crop != self.patch_size:
             patch = _resize(patch[None], self.patch_size, "bilinear")[0]
         if flip:
@@ -305,8 +345,10 @@ class SamplePhotoPatches(Dataset):
         return patch.contiguous(), torch.tensor(photo, dtype=torch.int64)
 
     def __repr__(self) -> str:
-        return (f"SamplePhotoPatches(patch_size={self.patch_size}, num_patches={self.num_patches}, "
-                f"channels={self.channels}, photos={self.photo_names})")
+        return (
+            f"SamplePhotoPatches(patch_size={self.patch_size}, num_patches={self.num_patches}, "
+            f"channels={self.channels}, photos={self.photo_names})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- folders
@@ -367,15 +409,29 @@ class ImageFolderDataset(Dataset):
         background: RGB fill behind transparent pixels.
     """
 
-    def __init__(self, root: str | os.PathLike, size: int, channels: int = 3, recursive: bool = True,
-                 min_size: int | None = None, crop: str = "center", flip: bool = False,
-                 labels: str | None = "folders", seed: int = 0, verify: str = "full",
-                 num_threads: int | None = None, background: Sequence[int] = (255, 255, 255)):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        size: int,
+        channels: int = 3,
+        recursive: bool = True,
+        min_size: int | None = None,
+        crop: str = "center",
+        flip: bool = False,
+        labels: str | None = "folders",
+        seed: int = 0,
+        verify: str = "full",
+        num_threads: int | None = None,
+        background: Sequence[int] = (255, 255, 255),
+    ):
         size = _check_int("ImageFolderDataset", "size", size, 1)
         if channels not in (1, 3):
             raise ValueError(f"ImageFolderDataset: channels must be 1 or 3, got {channels!r}")
-        min_size = max(1, size // 2) if min_size is None else _check_int("ImageFolderDataset", "min_size",
-                                                                          min_size, 1)
+        min_size = (
+            max(1, size // 2)
+            if min_size is None
+            else _check_int("ImageFolderDataset", "min_size", min_size, 1)
+        )
         if crop not in CROPS:
             raise ValueError(f"ImageFolderDataset: crop must be one of {CROPS}, got {crop!r}")
         if labels not in ("folders", None):
@@ -396,35 +452,47 @@ class ImageFolderDataset(Dataset):
 
         candidates = sorted(self._find_files(root, recursive))
         if not candidates:
-            raise ValueError(f"ImageFolderDataset: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}"
-                             + ("" if recursive else " (recursive=False: sub-folders not searched)"))
+            raise ValueError(
+                f"ImageFolderDataset: no image files ({', '.join(IMAGE_EXTENSIONS)}) in {root}"
+                + ("" if recursive else " (recursive=False: sub-folders not searched)")
+            )
         workers = num_threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             problems = list(pool.map(lambda p: self._check_file(p, verify == "full"), candidates))
         self.files: list[Path] = [p for p, problem in zip(candidates, problems) if problem is None]
-        self.skipped: list[tuple[Path, str]] = [(p, problem) for p, problem in zip(candidates, problems)
-                                                if problem is not None]
+        self.skipped: list[tuple[Path, str]] = [
+            (p, problem) for p, problem in zip(candidates, problems) if problem is not None
+        ]
         if self.skipped:
             listed = "\n  ".join(f"{p}: {why}" for p, why in self.skipped[:20])
             more = f"\n  ... and {len(self.skipped) - 20} more" if len(self.skipped) > 20 else ""
-            warnings.warn(f"ImageFolderDataset: skipped {len(self.skipped)} of {len(candidates)} files in "
-                          f"{root}:\n  {listed}{more}", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"ImageFolderDataset: skipped {len(self.skipped)} of {len(candidates)} files in "
+                f"{root}:\n  {listed}{more}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not self.files:
-            raise ValueError(f"ImageFolderDataset: none of the {len(candidates)} image files in {root} is "
-                             f"usable (see the warning above; first: {self.skipped[0][0]}: "
-                             f"{self.skipped[0][1]})")
+            raise ValueError(
+                f"ImageFolderDataset: none of the {len(candidates)} image files in {root} is "
+                f"usable (see the warning above; first: {self.skipped[0][0]}: "
+                f"{self.skipped[0][1]})"
+            )
 
         top_levels = [p.relative_to(root).parts for p in self.files]
         if labels == "folders" and all(len(parts) > 1 for parts in top_levels):
             # Classes are the top-level folders holding image files, usable or skipped: a folder whose files
             # all fail must not vanish and shift every later label.
-            self.classes = sorted({p.relative_to(root).parts[0] for p in candidates
-                                   if len(p.relative_to(root).parts) > 1})
+            self.classes = sorted(
+                {p.relative_to(root).parts[0] for p in candidates if len(p.relative_to(root).parts) > 1}
+            )
             empty = sorted(set(self.classes) - {parts[0] for parts in top_levels})
             if empty:
-                raise ValueError(f"ImageFolderDataset: class folder(s) {empty} in {root} hold no usable "
-                                 f"image (all their files were skipped, see the warning above); fix or "
-                                 f"remove them, or pass labels=None")
+                raise ValueError(
+                    f"ImageFolderDataset: class folder(s) {empty} in {root} hold no usable "
+                    f"image (all their files were skipped, see the warning above); fix or "
+                    f"remove them, or pass labels=None"
+                )
             index = {name: i for i, name in enumerate(self.classes)}
             self.labels = torch.tensor([index[parts[0]] for parts in top_levels], dtype=torch.int64)
         else:
@@ -472,8 +540,10 @@ class ImageFolderDataset(Dataset):
             try:
                 _to_mode(image, self.channels, self.background)
             except Exception as exc:
-                return (f"cannot convert mode {image.mode!r} to {'RGB' if self.channels == 3 else 'L'} "
-                        f"({type(exc).__name__}: {exc})")
+                return (
+                    f"cannot convert mode {image.mode!r} to {'RGB' if self.channels == 3 else 'L'} "
+                    f"({type(exc).__name__}: {exc})"
+                )
         return None
 
     def set_epoch(self, epoch: int) -> None:
@@ -489,8 +559,9 @@ class ImageFolderDataset(Dataset):
                 raw.load()
                 image = _to_mode(ImageOps.exif_transpose(raw), self.channels, self.background)
         except Exception as exc:
-            raise RuntimeError(f"ImageFolderDataset: could not read {path}: "
-                               f"{type(exc).__name__}: {exc}") from exc
+            raise RuntimeError(
+                f"ImageFolderDataset: could not read {path}: {type(exc).__name__}: {exc}"
+            ) from exc
         rng = _item_rng(self.seed, self.epoch, index) if (self.crop == "random" or self.flip) else None
         resample = Image.Resampling.BICUBIC
         if self.crop == "none":
@@ -520,8 +591,10 @@ class ImageFolderDataset(Dataset):
         return tensor.float() / 127.5 - 1.0, self.labels[index]
 
     def __repr__(self) -> str:
-        return (f"ImageFolderDataset(root={str(self.root)!r}, size={self.size}, channels={self.channels}, "
-                f"n={len(self)}, skipped={len(self.skipped)}, classes={len(self.classes)})")
+        return (
+            f"ImageFolderDataset(root={str(self.root)!r}, size={self.size}, channels={self.channels}, "
+            f"n={len(self)}, skipped={len(self.skipped)}, classes={len(self.classes)})"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- latents
@@ -539,36 +612,45 @@ class LatentDataset(Dataset):
         num_classes: number of classes (default ``labels.max() + 1``).
     """
 
-    def __init__(self, data: torch.Tensor, labels: torch.Tensor | None = None,
-                 num_classes: int | None = None):
+    def __init__(
+        self, data: torch.Tensor, labels: torch.Tensor | None = None, num_classes: int | None = None
+    ):
         if not isinstance(data, torch.Tensor) or data.ndim < 2 or data.shape[0] == 0:
             shape = list(data.shape) if isinstance(data, torch.Tensor) else ""
-            raise ValueError(f"LatentDataset: data must be a tensor [N, ...] with N >= 1 and at least 2 "
-                             f"dims, got {type(data).__name__}{shape}")
+            raise ValueError(
+                f"LatentDataset: data must be a tensor [N, ...] with N >= 1 and at least 2 "
+                f"dims, got {type(data).__name__}{shape}"
+            )
         if data.is_floating_point():
             pass
         elif data.dtype == torch.int64:
             if data.ndim != 2:
-                raise ValueError(f"LatentDataset: token data must be int64 [N, L], "
-                                 f"got shape {list(data.shape)}")
+                raise ValueError(
+                    f"LatentDataset: token data must be int64 [N, L], got shape {list(data.shape)}"
+                )
             if int(data.min()) < 0:
                 raise ValueError("LatentDataset: tokens must be >= 0 (no padding index -1)")
         else:
-            raise ValueError(f"LatentDataset: data must be floating point (latents) or int64 (tokens), "
-                             f"got {data.dtype}")
+            raise ValueError(
+                f"LatentDataset: data must be floating point (latents) or int64 (tokens), got {data.dtype}"
+            )
         n = data.shape[0]
         if labels is None:
             labels = torch.zeros(n, dtype=torch.int64)
         if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64 or labels.shape != (n,):
-            raise ValueError(f"LatentDataset: labels must be an int64 tensor of shape [{n}], got "
-                             f"{getattr(labels, 'dtype', type(labels).__name__)} "
-                             f"{list(labels.shape) if isinstance(labels, torch.Tensor) else ''}")
+            raise ValueError(
+                f"LatentDataset: labels must be an int64 tensor of shape [{n}], got "
+                f"{getattr(labels, 'dtype', type(labels).__name__)} "
+                f"{list(labels.shape) if isinstance(labels, torch.Tensor) else ''}"
+            )
         if num_classes is None:
             num_classes = int(labels.max()) + 1
         num_classes = _check_int("LatentDataset", "num_classes", num_classes, 1)
         if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-            raise ValueError(f"LatentDataset: labels must lie in [0, num_classes={num_classes}), got "
-                             f"[{int(labels.min())}, {int(labels.max())}]")
+            raise ValueError(
+                f"LatentDataset: labels must lie in [0, num_classes={num_classes}), got "
+                f"[{int(labels.min())}, {int(labels.max())}]"
+            )
         self.data = data.detach().cpu().contiguous()
         self.labels = labels.cpu().contiguous()
         self.num_classes = num_classes
@@ -586,8 +668,11 @@ class LatentDataset(Dataset):
     def save(self, path: str | os.PathLike) -> None:
         from safetensors.torch import save_file
 
-        save_file({"data": self.data, "labels": self.labels}, str(path),
-                  metadata={"num_classes": str(self.num_classes), "format": "fastlatent.LatentDataset"})
+        save_file(
+            {"data": self.data, "labels": self.labels},
+            str(path),
+            metadata={"num_classes": str(self.num_classes), "format": "fastlatent.LatentDataset"},
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatentDataset:
@@ -606,9 +691,14 @@ class LatentDataset(Dataset):
 
 
 @torch.no_grad()
-def encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Dataset, batch_size: int = 64,
-                   device: torch.device | str | None = None, num_classes: int | None = None,
-                   num_workers: int = 0) -> LatentDataset:
+def encode_dataset(
+    encode: Callable[[torch.Tensor], torch.Tensor],
+    dataset: Dataset,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    num_classes: int | None = None,
+    num_workers: int = 0,
+) -> LatentDataset:
     """Encode every image of ``dataset`` (in order) into a :class:`LatentDataset` for prior training.
 
     Args:
@@ -620,16 +710,21 @@ def encode_dataset(encode: Callable[[torch.Tensor], torch.Tensor], dataset: Data
         num_classes: default ``getattr(dataset, "num_classes", None)``.
     """
     batch_size = _check_int("encode_dataset", "batch_size", batch_size, 1)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
-                                                                         else "cpu")
+    device = (
+        torch.device(device)
+        if device is not None
+        else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     outputs, labels = [], []
     for images, batch_labels in loader:
         out = encode(images.to(device))
         if not isinstance(out, torch.Tensor) or out.shape[0] != images.shape[0]:
             shape = list(out.shape) if isinstance(out, torch.Tensor) else ""
-            raise ValueError(f"encode_dataset: encode must return a tensor with the batch size "
-                             f"{images.shape[0]} first, got {type(out).__name__}{shape}")
+            raise ValueError(
+                f"encode_dataset: encode must return a tensor with the batch size "
+                f"{images.shape[0]} first, got {type(out).__name__}{shape}"
+            )
         outputs.append(out.cpu())
         labels.append(torch.as_tensor(batch_labels, dtype=torch.int64))
     if num_classes is None:

@@ -60,7 +60,16 @@ _DIFFUSERS_SWAPS = (
     ("diffusers.models.resnet", "ResnetBlock2D", ResnetBlock.from_diffusers, KIND_RESNET),
     ("diffusers.models.upsampling", "Upsample2D", Upsample.from_diffusers, KIND_UPSAMPLE),
 )
-_TAMING_CHILDREN = {"norm1", "conv1", "temb_proj", "norm2", "dropout", "conv2", "conv_shortcut", "nin_shortcut"}
+_TAMING_CHILDREN = {
+    "norm1",
+    "conv1",
+    "temb_proj",
+    "norm2",
+    "dropout",
+    "conv2",
+    "conv_shortcut",
+    "nin_shortcut",
+}
 
 
 class FusedAway(nn.Identity):
@@ -129,8 +138,10 @@ def _same_state(original: nn.Module, new: nn.Module) -> None:
     a = original.state_dict(keep_vars=True)
     b = new.state_dict(keep_vars=True)
     if a.keys() != b.keys() or any(a[k] is not b[k] for k in a):
-        raise RuntimeError(f"fastlatent.patch: internal error, the replacement for {type(original).__name__} does "
-                           f"not share its state (keys {sorted(a)} vs {sorted(b)})")
+        raise RuntimeError(
+            f"fastlatent.patch: internal error, the replacement for {type(original).__name__} does "
+            f"not share its state (keys {sorted(a)} vs {sorted(b)})"
+        )
 
 
 class _Patcher:
@@ -192,14 +203,21 @@ class _Patcher:
         """GroupNorm -> activation pairs whose order ``module``'s forward fixes."""
         if not self.activation_fusion:
             return
-        if type(module) is nn.Sequential or (isinstance(module, nn.Sequential)
-                                             and type(module).forward is nn.Sequential.forward):
+        if type(module) is nn.Sequential or (
+            isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+        ):
             keys = list(module._modules)
             pairs = list(zip(keys, keys[1:]))
         else:
-            pairs = [("conv_norm_out", "conv_act")] if any(
-                _is_diffusers(module, mod, cls) for mod, classes in _DIFFUSERS_NORM_ACT_OWNERS.items()
-                for cls in classes) else []
+            pairs = (
+                [("conv_norm_out", "conv_act")]
+                if any(
+                    _is_diffusers(module, mod, cls)
+                    for mod, classes in _DIFFUSERS_NORM_ACT_OWNERS.items()
+                    for cls in classes
+                )
+                else []
+            )
         for norm_key, act_key in pairs:
             gn, act = module._modules.get(norm_key), module._modules.get(act_key)
             if not isinstance(gn, nn.GroupNorm) or act is None or id(gn) in self.done:
@@ -240,9 +258,13 @@ def _looks_like_taming_resnet(module: nn.Module) -> bool:
     children = set(k for k, v in module._modules.items() if v is not None)
     if not {"norm1", "conv1", "norm2", "dropout", "conv2"} <= children or not children <= _TAMING_CHILDREN:
         return False
-    return (type(module.norm1) is nn.GroupNorm and type(module.norm2) is nn.GroupNorm
-            and isinstance(module.conv1, nn.Conv2d) and isinstance(module.conv2, nn.Conv2d)
-            and isinstance(module.dropout, nn.Dropout))
+    return (
+        type(module.norm1) is nn.GroupNorm
+        and type(module.norm2) is nn.GroupNorm
+        and isinstance(module.conv1, nn.Conv2d)
+        and isinstance(module.conv2, nn.Conv2d)
+        and isinstance(module.dropout, nn.Dropout)
+    )
 
 
 def _taming_probe(block: nn.Module) -> str | None:
@@ -265,12 +287,17 @@ def _taming_probe(block: nn.Module) -> str | None:
             temb = torch.randn(x.shape[0], temb_features, generator=gen).to(x.device, x.dtype)
         return module(x, temb)
 
-    return _probe(block, TamingResnetBlock.from_taming(block), (2, block.in_channels, 6, 5), block.conv1.weight,
-                  call)
+    return _probe(
+        block, TamingResnetBlock.from_taming(block), (2, block.in_channels, 6, 5), block.conv1.weight, call
+    )
 
 
 def _looks_like_taming_upsample(module: nn.Module) -> bool:
-    if type(module).__name__ != "Upsample" or isinstance(module, Upsample) or not getattr(module, "with_conv", False):
+    if (
+        type(module).__name__ != "Upsample"
+        or isinstance(module, Upsample)
+        or not getattr(module, "with_conv", False)
+    ):
         return False
     children = set(k for k, v in module._modules.items() if v is not None)
     return children == {"conv"} and isinstance(module.conv, nn.Conv2d)
@@ -301,8 +328,10 @@ def _probe(original: nn.Module, fused: nn.Module, shape: tuple, weight: torch.Te
     tol = 1e-4 if weight.dtype in (torch.float32, torch.float64) else 3e-2
     err = ((expected - got).abs().max() / expected.abs().max().clamp_min(1e-6)).item()
     if not err <= tol:
-        return (f"forward differs from taming's {type(original).__name__} on a probe input "
-                f"(relative error {err:.2e})")
+        return (
+            f"forward differs from taming's {type(original).__name__} on a probe input "
+            f"(relative error {err:.2e})"
+        )
     return None
 
 
@@ -390,16 +419,23 @@ def patch(model, activation_fusion: bool = True, report: bool = True):
             if report:
                 print(swap)
             return model
-        raise TypeError(f"fastlatent.patch: model must be an nn.Module, a diffusers DiffusionPipeline or a "
-                        f"diffusers scheduler, got {type(model).__name__}")
+        raise TypeError(
+            f"fastlatent.patch: model must be an nn.Module, a diffusers DiffusionPipeline or a "
+            f"diffusers scheduler, got {type(model).__name__}"
+        )
     patcher = _Patcher(activation_fusion)
     root = patcher.replacement(model, "")
     if root is None:
         root = model
         patcher.visit(model, "")
     if not activation_fusion:
-        patcher.report.left_alone.append(("", type(model).__name__, "activation_fusion=False: blocks and "
-                                          "activations kept, GroupNorms swapped one by one"))
+        patcher.report.left_alone.append(
+            (
+                "",
+                type(model).__name__,
+                "activation_fusion=False: blocks and activations kept, GroupNorms swapped one by one",
+            )
+        )
     root.__dict__[REPORT_ATTR] = patcher.report
     if report:
         print(patcher.report)
@@ -458,8 +494,10 @@ def unpatch(model: nn.Module) -> nn.Module:
         if _is_diffusers_scheduler(model):
             restore_scheduler(model)
             return model
-        raise TypeError(f"fastlatent.unpatch: model must be an nn.Module, a diffusers DiffusionPipeline or a "
-                        f"diffusers scheduler, got {type(model).__name__}")
+        raise TypeError(
+            f"fastlatent.unpatch: model must be an nn.Module, a diffusers DiffusionPipeline or a "
+            f"diffusers scheduler, got {type(model).__name__}"
+        )
     model.__dict__.pop(REPORT_ATTR, None)
     if _ORIGINAL in model.__dict__:
         return _restore(model)

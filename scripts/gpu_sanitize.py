@@ -32,14 +32,26 @@ def _tensors(tree):
 
 
 # Ops whose first argument is differentiable: their backward kernels run too.
-DIFFERENTIABLE = {"code_stats", "fsq_quantize", "lfq_quantize", "lfq_entropy", "bsq_quantize", "bsq_entropy",
-                  "group_norm", "group_norm_apply"}
+DIFFERENTIABLE = {
+    "code_stats",
+    "fsq_quantize",
+    "lfq_quantize",
+    "lfq_entropy",
+    "bsq_quantize",
+    "bsq_entropy",
+    "group_norm",
+    "group_norm_apply",
+}
 
 
 def _run_sample(spec, sample) -> None:
     spec.op(*sample.args, **sample.kwargs)
     first = sample.args[0] if sample.args else None
-    if spec.name not in DIFFERENTIABLE or not isinstance(first, torch.Tensor) or not first.is_floating_point():
+    if (
+        spec.name not in DIFFERENTIABLE
+        or not isinstance(first, torch.Tensor)
+        or not first.is_floating_point()
+    ):
         return
     args = (first.detach().requires_grad_(True), *sample.args[1:])
     outputs = spec.op(*args, **sample.kwargs)
@@ -52,7 +64,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (to check this script)")
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all)")
-    parser.add_argument("--max-samples", type=int, default=0, help="at most this many samples per op and dtype")
+    parser.add_argument(
+        "--max-samples", type=int, default=0, help="at most this many samples per op and dtype"
+    )
     args = parser.parse_args(argv)
 
     from opspecs import OP_SPECS  # tests/opspecs.py
@@ -78,8 +92,11 @@ def main(argv=None) -> int:
             except Exception as exc:  # report and go on: one broken op should not hide the others
                 failures += 1
                 status = f"FAIL after {count} samples: {type(exc).__name__}: {exc}"
-            print(f"{spec.name:22s} {str(dtype)[6:]:9s} {count:3d} samples {time.perf_counter() - start:6.2f} s "
-                  f"{status}", flush=True)
+            print(
+                f"{spec.name:22s} {str(dtype)[6:]:9s} {count:3d} samples {time.perf_counter() - start:6.2f} s "
+                f"{status}",
+                flush=True,
+            )
     print("sanitize driver: " + ("all ops ran" if not failures else f"{failures} op/dtype runs failed"))
     return 1 if failures else 0
 

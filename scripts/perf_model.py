@@ -76,24 +76,25 @@ NVCC_FLAGS = ["-O3", "-std=c++17", f"-arch={ARCH}", "-cubin", "-Xptxas", "-v"]
 
 # ----------------------------------------------------------------------------------------------- hardware
 
+
 @dataclass(frozen=True)
 class Gpu:
     name: str = "H100 SXM"
     hbm_bytes_per_s: float = 3.35e12
-    bf16_flops: float = 989e12          # dense tensor-core peak
+    bf16_flops: float = 989e12  # dense tensor-core peak
     tf32_flops: float = 495e12
     fp32_flops: float = 67e12
-    hbm_efficiency: float = 0.90        # achievable fraction (TARGETS.md: best bandwidth kernels ~3.0 TB/s)
-    tensor_efficiency: float = 0.80     # achievable fraction (cuBLAS ~790-800 TFLOP/s at 4096^3-8192^3)
+    hbm_efficiency: float = 0.90  # achievable fraction (TARGETS.md: best bandwidth kernels ~3.0 TB/s)
+    tensor_efficiency: float = 0.80  # achievable fraction (cuBLAS ~790-800 TFLOP/s at 4096^3-8192^3)
     sms: int = 132
-    clock_hz: float = 1.755e9           # sustained under load (boost is 1.98 GHz)
-    issue_per_sm_clock: int = 4         # warp-instructions (4 schedulers)
+    clock_hz: float = 1.755e9  # sustained under load (boost is 1.98 GHz)
+    issue_per_sm_clock: int = 4  # warp-instructions (4 schedulers)
     regs_per_sm: int = 65536
     smem_per_sm: int = 228 * 1024
     smem_reserved_per_block: int = 1024
     threads_per_sm: int = 2048
     blocks_per_sm: int = 32
-    launch_s: float = 2.5e-6            # back-to-back kernel launch on one stream (eager PyTorch ~4-6 us/op)
+    launch_s: float = 2.5e-6  # back-to-back kernel launch on one stream (eager PyTorch ~4-6 us/op)
 
     @property
     def warp_issue_per_s(self) -> float:
@@ -106,7 +107,7 @@ H100 = Gpu()
 def occupancy(regs: int, smem_bytes: int, threads: int, gpu: Gpu = H100) -> dict:
     """Resident blocks and warps per SM and the limiting resource (the occupancy calculator's sm_90 rules)."""
     warps = max(1, math.ceil(threads / 32))
-    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256       # allocated per warp, 256-register units
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256  # allocated per warp, 256-register units
     limits = {
         "threads": gpu.threads_per_sm // (warps * 32),
         "blocks": gpu.blocks_per_sm,
@@ -115,11 +116,16 @@ def occupancy(regs: int, smem_bytes: int, threads: int, gpu: Gpu = H100) -> dict
     }
     blocks = min(limits.values())
     limiter = min(limits, key=lambda k: (limits[k], k != "threads"))
-    return {"blocks_per_sm": blocks, "warps_per_sm": blocks * warps,
-            "occupancy": blocks * warps / (gpu.threads_per_sm // 32), "limiter": limiter}
+    return {
+        "blocks_per_sm": blocks,
+        "warps_per_sm": blocks * warps,
+        "occupancy": blocks * warps / (gpu.threads_per_sm // 32),
+        "limiter": limiter,
+    }
 
 
 # ------------------------------------------------------------------------------------------- launch table
+
 
 @dataclass(frozen=True)
 class Launch:
@@ -156,13 +162,23 @@ def launch_of(name: str) -> Launch:
 
 # Kernels on a hot path: any spill fails the check (fnmatch over "<unit>/<kernel>").
 HOT_KERNELS = [
-    "group_norm/reduce_c*_kernel*", "group_norm/elementwise_kernel*", "group_norm/group_stats_kernel",
+    "group_norm/reduce_c*_kernel*",
+    "group_norm/elementwise_kernel*",
+    "group_norm/group_stats_kernel",
     "group_norm_conv/group_norm_conv3x3_kernel*",
-    "nearest_code/tensor_core_kernel*", "nearest_code/simt_kernel*", "nearest_code/small_d_kernel*",
-    "fsq/fsq_quantize_kernel*", "fsq/fsq_backward_kernel*",
-    "lfq/lfq_quantize_kernel*", "lfq/lfq_probs_partial_kernel*", "lfq/lfq_entropy_backward_kernel*",
-    "bsq/bsq_quantize_kernel*", "bsq/bsq_entropy_kernel*",
-    "code_stats/segment_sums_kernel*", "ema_update/embed_kernel*", "sampler_step/step_kernel*",
+    "nearest_code/tensor_core_kernel*",
+    "nearest_code/simt_kernel*",
+    "nearest_code/small_d_kernel*",
+    "fsq/fsq_quantize_kernel*",
+    "fsq/fsq_backward_kernel*",
+    "lfq/lfq_quantize_kernel*",
+    "lfq/lfq_probs_partial_kernel*",
+    "lfq/lfq_entropy_backward_kernel*",
+    "bsq/bsq_quantize_kernel*",
+    "bsq/bsq_entropy_kernel*",
+    "code_stats/segment_sums_kernel*",
+    "ema_update/embed_kernel*",
+    "sampler_step/step_kernel*",
 ]
 
 # Bandwidth kernels: fast-path SASS instructions per 16-byte vector of the main loop ("path" above) may not
@@ -184,28 +200,52 @@ INSTRUCTION_BUDGETS = [
 # Today's violations, reported but not failed. Fixing one means deleting its entry (stale ones are reported).
 KNOWN_VIOLATIONS = [
     # (pattern, kind "instructions" or "spill", reason)
-    ("group_norm/elementwise_kernel<*>", "instructions",
-     "known over budget (issue 21 item 1): sample, channel and group recomputed per element with 64-bit "
-     "division and modulo"),
-    ("group_norm/elementwise_kernel<*>", "spill",
-     "known spill (issue 21 item 1): registers saved around the per-element 64-bit division calls"),
-    ("group_norm/reduce_c?_kernel<*, false, *>", "instructions",
-     "known over budget (issue 21 items 1-2, found by the static model): 2-byte scalar loads and a Welford "
-     "division per element in the statistics pass"),
-    ("group_norm/reduce_cf_kernel<fp32, true, silu>", "spill",
-     "known spill (issue 21 items 1-2, found by the static model): registers saved around the division "
-     "calls of the backward reduction's SiLU gradient"),
-    ("group_norm_conv/group_norm_conv3x3_kernel<*>", "spill",
-     "known spill (issue 21 item 6): the 128-register cap of __launch_bounds__(256, 2)"),
-    ("nearest_code/small_d_kernel<*16, 32>", "spill",
-     "known spill (issue 21 item 5): 4 bytes in the half-type d=32 register tile since the batched "
-     "(multi-head) search keeps per-search base offsets live"),
-    ("fsq/fsq_backward_kernel<*, true>", "instructions",
-     "known over budget (issue 21 item 7, found by the static model): sech^2 with an IEEE division per "
-     "element and a 64-bit modulo per vector"),
-    ("ema_update/embed_kernel<*>", "instructions",
-     "known over budget (issue 21 item 7, found by the static model): a 64-bit division per element for the "
-     "code index and an fp64 division per element"),
+    (
+        "group_norm/elementwise_kernel<*>",
+        "instructions",
+        "known over budget (issue 21 item 1): sample, channel and group recomputed per element with 64-bit "
+        "division and modulo",
+    ),
+    (
+        "group_norm/elementwise_kernel<*>",
+        "spill",
+        "known spill (issue 21 item 1): registers saved around the per-element 64-bit division calls",
+    ),
+    (
+        "group_norm/reduce_c?_kernel<*, false, *>",
+        "instructions",
+        "known over budget (issue 21 items 1-2, found by the static model): 2-byte scalar loads and a Welford "
+        "division per element in the statistics pass",
+    ),
+    (
+        "group_norm/reduce_cf_kernel<fp32, true, silu>",
+        "spill",
+        "known spill (issue 21 items 1-2, found by the static model): registers saved around the division "
+        "calls of the backward reduction's SiLU gradient",
+    ),
+    (
+        "group_norm_conv/group_norm_conv3x3_kernel<*>",
+        "spill",
+        "known spill (issue 21 item 6): the 128-register cap of __launch_bounds__(256, 2)",
+    ),
+    (
+        "nearest_code/small_d_kernel<*16, 32>",
+        "spill",
+        "known spill (issue 21 item 5): 4 bytes in the half-type d=32 register tile since the batched "
+        "(multi-head) search keeps per-search base offsets live",
+    ),
+    (
+        "fsq/fsq_backward_kernel<*, true>",
+        "instructions",
+        "known over budget (issue 21 item 7, found by the static model): sech^2 with an IEEE division per "
+        "element and a 64-bit modulo per vector",
+    ),
+    (
+        "ema_update/embed_kernel<*>",
+        "instructions",
+        "known over budget (issue 21 item 7, found by the static model): a 64-bit division per element for the "
+        "code index and an fp64 division per element",
+    ),
 ]
 
 
@@ -221,6 +261,7 @@ def is_hot(name: str) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------ tools
+
 
 class ToolMissing(RuntimeError):
     """nvcc or cuobjdump is not installed: the static model can't be built on this machine."""
@@ -247,8 +288,12 @@ def find_tools() -> dict:
         raise ToolMissing("cuobjdump not found (next to nvcc, on PATH, or in Triton's bundled CUDA tools)")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     release = re.search(r"release ([\d.]+)", version)
-    return {"nvcc": nvcc, "cuobjdump": cuobjdump, "nvcc_version": release.group(1) if release else "?",
-            "nvcc_version_text": version}
+    return {
+        "nvcc": nvcc,
+        "cuobjdump": cuobjdump,
+        "nvcc_version": release.group(1) if release else "?",
+        "nvcc_version_text": version,
+    }
 
 
 def kernel_units() -> list[Path]:
@@ -272,8 +317,9 @@ def _compile_one(unit: Path, out_dir: Path, tools: dict) -> tuple[str, str]:
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"nvcc failed on {unit.name}:\n{proc.stderr[-4000:]}")
-    sass = subprocess.run([tools["cuobjdump"], "-sass", str(cubin)], capture_output=True, text=True,
-                          check=True)
+    sass = subprocess.run(
+        [tools["cuobjdump"], "-sass", str(cubin)], capture_output=True, text=True, check=True
+    )
     (out_dir / (unit.stem + ".ptxas")).write_text(proc.stderr)
     (out_dir / (unit.stem + ".sass")).write_text(sass.stdout)
     cubin.unlink()
@@ -289,12 +335,16 @@ def compile_units(cache: Path = DEFAULT_CACHE, jobs: int | None = None, log=prin
     todo = [u for u in units if not (out_dir / (u.stem + ".sass")).exists()]
     if todo:
         jobs = jobs or int(os.environ.get("MAX_JOBS", "2"))
-        log(f"perf_model: compiling {len(todo)} of {len(units)} kernel files for {ARCH} "
-            f"(nvcc {tools['nvcc_version']}, {jobs} jobs) into {out_dir}")
+        log(
+            f"perf_model: compiling {len(todo)} of {len(units)} kernel files for {ARCH} "
+            f"(nvcc {tools['nvcc_version']}, {jobs} jobs) into {out_dir}"
+        )
         with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
             list(pool.map(lambda u: _compile_one(u, out_dir, tools), todo))
-    return {u.stem: ((out_dir / (u.stem + ".ptxas")).read_text(), (out_dir / (u.stem + ".sass")).read_text())
-            for u in units}, tools
+    return {
+        u.stem: ((out_dir / (u.stem + ".ptxas")).read_text(), (out_dir / (u.stem + ".sass")).read_text())
+        for u in units
+    }, tools
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -312,8 +362,16 @@ def parse_ptxas(log: str) -> dict[str, dict]:
     for line in log.splitlines():
         m = _PTXAS_ENTRY.search(line)
         if m:
-            current = out.setdefault(m.group(1), {"registers": 0, "stack_bytes": 0, "spill_store_bytes": 0,
-                                                  "spill_load_bytes": 0, "static_smem_bytes": 0})
+            current = out.setdefault(
+                m.group(1),
+                {
+                    "registers": 0,
+                    "stack_bytes": 0,
+                    "spill_store_bytes": 0,
+                    "spill_load_bytes": 0,
+                    "static_smem_bytes": 0,
+                },
+            )
             continue
         if current is None:
             continue
@@ -333,7 +391,7 @@ def parse_ptxas(log: str) -> dict[str, dict]:
 class Instr:
     addr: int
     pred: str
-    op: str          # full opcode with modifiers, e.g. LDG.E.128.CONSTANT
+    op: str  # full opcode with modifiers, e.g. LDG.E.128.CONSTANT
     args: str
 
     @property
@@ -408,8 +466,9 @@ def loop_metrics(instrs: list[Instr]) -> dict | None:
             t = _target(ins)
             if t is not None and t <= ins.addr and t in index:
                 loops.append((index[t], i))
-    inner = [(h, b) for h, b in loops
-             if not any((h2, b2) != (h, b) and h <= h2 and b2 <= b for h2, b2 in loops)]
+    inner = [
+        (h, b) for h, b in loops if not any((h2, b2) != (h, b) and h <= h2 and b2 <= b for h2, b2 in loops)
+    ]
     if not inner:
         return None
 
@@ -424,7 +483,7 @@ def loop_metrics(instrs: list[Instr]) -> dict | None:
 
     def describe(h: int, b: int) -> dict:
         loaded = stored = 0
-        for ins in instrs[h:b + 1]:
+        for ins in instrs[h : b + 1]:
             ld, st = memory_bytes(ins)
             loaded, stored = loaded + ld, stored + st
         static = sum(cost(i) for i in range(h, b + 1))
@@ -450,12 +509,17 @@ def loop_metrics(instrs: list[Instr]) -> dict | None:
         path = best[-1] if best[-1] != math.inf else static
         streamed = stored if stored else loaded
         vectors = streamed / 16 if streamed else None
-        calls = sum(1 for ins in instrs[h:b + 1] if ins.base == "CALL")
-        return {"body_instructions": static, "path_instructions": int(path), "load_bytes": loaded,
-                "store_bytes": stored, "calls": calls,
-                "static_per_vector": round(static / vectors, 1) if vectors else None,
-                "path_per_vector": round(path / vectors, 1) if vectors else None,
-                "addresses": f"{instrs[h].addr:#x}-{instrs[b].addr:#x}"}
+        calls = sum(1 for ins in instrs[h : b + 1] if ins.base == "CALL")
+        return {
+            "body_instructions": static,
+            "path_instructions": int(path),
+            "load_bytes": loaded,
+            "store_bytes": stored,
+            "calls": calls,
+            "static_per_vector": round(static / vectors, 1) if vectors else None,
+            "path_per_vector": round(path / vectors, 1) if vectors else None,
+            "addresses": f"{instrs[h].addr:#x}-{instrs[b].addr:#x}",
+        }
 
     described = [describe(h, b) for h, b in inner]
     return max(described, key=lambda d: (d["load_bytes"] + d["store_bytes"], d["body_instructions"]))
@@ -463,8 +527,14 @@ def loop_metrics(instrs: list[Instr]) -> dict | None:
 
 # ------------------------------------------------------------------------------------------------- names
 
-_TYPE_NAMES = [("__nv_bfloat16", "bf16"), ("__half", "fp16"), ("float", "fp32"), ("(Activation)0", "none"),
-               ("(Activation)1", "silu"), ("(Activation)2", "gelu")]
+_TYPE_NAMES = [
+    ("__nv_bfloat16", "bf16"),
+    ("__half", "fp16"),
+    ("float", "fp32"),
+    ("(Activation)0", "none"),
+    ("(Activation)1", "silu"),
+    ("(Activation)2", "gelu"),
+]
 
 
 def demangle(names: list[str]) -> dict[str, str]:
@@ -497,9 +567,10 @@ def short_name(demangled: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- the model
 
+
 @dataclass
 class KernelStatic:
-    name: str                 # "<unit>/<kernel<args>>"
+    name: str  # "<unit>/<kernel<args>>"
     mangled: str
     registers: int
     stack_bytes: int
@@ -529,18 +600,28 @@ def static_model(compiled: dict) -> list[KernelStatic]:
         names = demangle(list(resources))
         for mangled, res in resources.items():
             demangled = names[mangled]
-            if "cub::" in demangled:         # CUB's radix sort (code_stats): library code, tuned upstream
+            if "cub::" in demangled:  # CUB's radix sort (code_stats): library code, tuned upstream
                 continue
             name = f"{unit_name(stem)}/{short_name(demangled)}"
             launch = launch_of(name)
             occ = occupancy(res["registers"], res["static_smem_bytes"] + launch.dynamic_smem, launch.threads)
             budget = budget_of(name)
-            kernels.append(KernelStatic(
-                name=name, mangled=mangled, **res, threads=launch.threads,
-                dynamic_smem_bytes=launch.dynamic_smem,
-                blocks_per_sm=occ["blocks_per_sm"], occupancy=round(occ["occupancy"], 3),
-                occupancy_limiter=occ["limiter"], loop=loop_metrics(funcs.get(mangled, [])), hot=is_hot(name),
-                budget=budget[0] if budget else None, notes=[launch.note] if launch.note else []))
+            kernels.append(
+                KernelStatic(
+                    name=name,
+                    mangled=mangled,
+                    **res,
+                    threads=launch.threads,
+                    dynamic_smem_bytes=launch.dynamic_smem,
+                    blocks_per_sm=occ["blocks_per_sm"],
+                    occupancy=round(occ["occupancy"], 3),
+                    occupancy_limiter=occ["limiter"],
+                    loop=loop_metrics(funcs.get(mangled, [])),
+                    hot=is_hot(name),
+                    budget=budget[0] if budget else None,
+                    notes=[launch.note] if launch.note else [],
+                )
+            )
     return sorted(kernels, key=lambda k: k.name)
 
 
@@ -557,33 +638,48 @@ def check(kernels: list[KernelStatic]) -> CheckResult:
     for k in kernels:
         problems = []
         if k.hot and (k.spill_store_bytes or k.spill_load_bytes):
-            problems.append(("spill", f"spills {k.spill_store_bytes} B stores / "
-                                      f"{k.spill_load_bytes} B loads"))
+            problems.append(
+                ("spill", f"spills {k.spill_store_bytes} B stores / {k.spill_load_bytes} B loads")
+            )
         if k.budget is not None:
             per_vector = (k.loop or {}).get("path_per_vector")
             if per_vector is None:
                 problems.append(("instructions", "has an instruction budget but no streaming main loop"))
             elif per_vector > k.budget:
-                problems.append(("instructions", f"{per_vector:g} SASS instructions per 16-byte vector "
-                                                 f"(budget {k.budget})"))
+                problems.append(
+                    (
+                        "instructions",
+                        f"{per_vector:g} SASS instructions per 16-byte vector (budget {k.budget})",
+                    )
+                )
         for kind, text in problems:
-            entry = next((i for i, (pattern, known_kind, _) in enumerate(KNOWN_VIOLATIONS)
-                          if known_kind == kind and fnmatch.fnmatchcase(k.name, pattern)), None)
+            entry = next(
+                (
+                    i
+                    for i, (pattern, known_kind, _) in enumerate(KNOWN_VIOLATIONS)
+                    if known_kind == kind and fnmatch.fnmatchcase(k.name, pattern)
+                ),
+                None,
+            )
             if entry is None:
                 failures.append(f"{k.name}: {text}")
             else:
                 used.add(entry)
                 known.append(f"{k.name}: {text} - {KNOWN_VIOLATIONS[entry][2]}")
-    stale = [f"{pattern} ({kind}): no longer violated; delete this KNOWN_VIOLATIONS entry"
-             for i, (pattern, kind, _) in enumerate(KNOWN_VIOLATIONS) if i not in used]
+    stale = [
+        f"{pattern} ({kind}): no longer violated; delete this KNOWN_VIOLATIONS entry"
+        for i, (pattern, kind, _) in enumerate(KNOWN_VIOLATIONS)
+        if i not in used
+    ]
     return CheckResult(failures, known, stale)
 
 
 def unmatched_patterns(kernels: list[KernelStatic]) -> list[str]:
     """Table patterns matching no compiled kernel: a renamed kernel would otherwise drop out of the check."""
     names = [k.name for k in kernels]
-    tables = [("HOT_KERNELS", p) for p in HOT_KERNELS] + [("INSTRUCTION_BUDGETS", p) for p, _, _ in
-                                                          INSTRUCTION_BUDGETS]
+    tables = [("HOT_KERNELS", p) for p in HOT_KERNELS] + [
+        ("INSTRUCTION_BUDGETS", p) for p, _, _ in INSTRUCTION_BUDGETS
+    ]
     tables += [("KNOWN_VIOLATIONS", p) for p, _, _ in KNOWN_VIOLATIONS] + [("LAUNCH", p) for p, _ in LAUNCH]
     return [f"{table}: {p}" for table, p in tables if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
@@ -592,14 +688,14 @@ def unmatched_patterns(kernels: list[KernelStatic]) -> list[str]:
 #
 # Every time below is a prediction for an H100 SXM from the static data above and the assumptions named here,
 # never a measurement. Assumptions (one place, so the first GPU run can correct them):
-ISSUE_EFFICIENCY = 0.6     # sustained fraction of the 4 warp-instructions/clock/SM in integer-heavy loops
-WMMA_EFFICIENCY = 0.35     # legacy WMMA (mma.sync 16x16x16), no A-operand pipelining, 1-2 blocks/SM
+ISSUE_EFFICIENCY = 0.6  # sustained fraction of the 4 warp-instructions/clock/SM in integer-heavy loops
+WMMA_EFFICIENCY = 0.35  # legacy WMMA (mma.sync 16x16x16), no A-operand pipelining, 1-2 blocks/SM
 WMMA_FIXED_EFFICIENCY = 0.60  # the same kernels pipelined, spill-free, register epilogue (no wgmma)
-CUDNN_EFFICIENCY = 0.60    # cuDNN/cuBLAS implicit-GEMM 3x3 convolution, bf16, batch 1 (NCHW adds transposes)
-EAGER_OP_S = 5e-6          # host time per eager PyTorch op: a floor on small eager workloads
-MERGE_S = 150e-9           # one serial fp64 Welford merge (two dependent divisions; issue 21 item 2)
-HOST_STEP_S = 15e-6        # host time of one fastlatent sampler step (Python + one op dispatch)
-L2_BYTES_PER_S = 10e12     # H100 L2 read bandwidth, for kernels that re-read a cached matrix
+CUDNN_EFFICIENCY = 0.60  # cuDNN/cuBLAS implicit-GEMM 3x3 convolution, bf16, batch 1 (NCHW adds transposes)
+EAGER_OP_S = 5e-6  # host time per eager PyTorch op: a floor on small eager workloads
+MERGE_S = 150e-9  # one serial fp64 Welford merge (two dependent divisions; issue 21 item 2)
+HOST_STEP_S = 15e-6  # host time of one fastlatent sampler step (Python + one op dispatch)
+L2_BYTES_PER_S = 10e12  # H100 L2 read bandwidth, for kernels that re-read a cached matrix
 
 
 def hbm_s(nbytes: float, gpu: Gpu = H100) -> float:
@@ -631,9 +727,9 @@ class Prediction:
     why: str
     after_fix_s: float
     after_fix: str
-    peers: dict                    # provider -> {"s": seconds, "model": text}
-    bench: dict | None = None      # {"op", "case", "dtype"} of the `fastlatent bench` case that measures it
-    table: str = "main"            # the doc table it is listed in: "main" or a sweep's name
+    peers: dict  # provider -> {"s": seconds, "model": text}
+    bench: dict | None = None  # {"op", "case", "dtype"} of the `fastlatent bench` case that measures it
+    table: str = "main"  # the doc table it is listed in: "main" or a sweep's name
     ideal_s: float = 0.0
     achievable_s: float = 0.0
 
@@ -662,8 +758,8 @@ def _sd_decoder_layers(resolution: int, channels=(128, 256, 512, 512), layers=2)
         convs.extend([(cin, cout, 3, s), (cout, cout, 3, s)] + ([(cin, cout, 1, s)] if cin != cout else []))
 
     resnet(prev, prev, side)
-    norms.append((prev, side))                       # attention's GroupNorm
-    convs.extend([(prev, prev, 1, side)] * 4)        # q, k, v, out projections
+    norms.append((prev, side))  # attention's GroupNorm
+    convs.extend([(prev, prev, 1, side)] * 4)  # q, k, v, out projections
     attention = (side * side, prev)
     resnet(prev, prev, side)
     for level, width in enumerate(reversed(channels)):
@@ -672,14 +768,14 @@ def _sd_decoder_layers(resolution: int, channels=(128, 256, 512, 512), layers=2)
             prev = width
         if level < len(channels) - 1:
             side *= 2
-            convs.append((prev, prev, 3, side))      # nearest-x2 upsample, then a 3x3 conv
+            convs.append((prev, prev, 3, side))  # nearest-x2 upsample, then a 3x3 conv
     norms.append((prev, side))
     convs.append((prev, 3, 3, side))
     return convs, norms, attention
 
 
 DTYPE_NAMES = {2: ("bf16", "bfloat16"), 4: ("fp32", "float32")}
-GN_BACKWARD_MERGE_S = 10e-9   # one dependent fp64 multiply-add of the backward's per-group merge
+GN_BACKWARD_MERGE_S = 10e-9  # one dependent fp64 multiply-add of the backward's per-group merge
 
 
 def _gn_silu_time(kernels, n, c, hw, elem, *, fixed=False, layout="cf", backward=False):
@@ -690,17 +786,21 @@ def _gn_silu_time(kernels, n, c, hw, elem, *, fixed=False, layout="cf", backward
     e = n * c * hw
     dt = DTYPE_NAMES[elem][0]
     budget = {"red": 40, "app": 40, "red_b": 60, "app_b": 60}
-    pv = {"red": _per_vector(kernels, f"group_norm/reduce_{layout}_kernel<{dt}, false, silu>", 40),
-          "app": _per_vector(kernels, f"group_norm/elementwise_kernel<{dt}, silu, false, true>", 40),
-          "red_b": _per_vector(kernels, f"group_norm/reduce_{layout}_kernel<{dt}, true, silu>", 60),
-          "app_b": _per_vector(kernels, f"group_norm/elementwise_kernel<{dt}, silu, true, true>", 60)}
+    pv = {
+        "red": _per_vector(kernels, f"group_norm/reduce_{layout}_kernel<{dt}, false, silu>", 40),
+        "app": _per_vector(kernels, f"group_norm/elementwise_kernel<{dt}, silu, false, true>", 40),
+        "red_b": _per_vector(kernels, f"group_norm/reduce_{layout}_kernel<{dt}, true, silu>", 60),
+        "app_b": _per_vector(kernels, f"group_norm/elementwise_kernel<{dt}, silu, true, true>", 60),
+    }
     if fixed:
         pv = {key: min(value, budget[key]) for key, value in pv.items()}
     vectors = e * elem / 16
     splits = math.ceil(hw / (4096 if layout == "cf" else 512))
-    parts = {"reduce": max(hbm_s(e * elem), issue_s(vectors, pv["red"])),
-             "merge": 5e-6 if fixed else (c // 32) * splits * MERGE_S,
-             "apply": max(hbm_s(2 * e * elem), issue_s(vectors, pv["app"]))}
+    parts = {
+        "reduce": max(hbm_s(e * elem), issue_s(vectors, pv["red"])),
+        "merge": 5e-6 if fixed else (c // 32) * splits * MERGE_S,
+        "apply": max(hbm_s(2 * e * elem), issue_s(vectors, pv["app"])),
+    }
     launches = 4
     if backward:
         parts["reduce_bwd"] = max(hbm_s(2 * e * elem), issue_s(2 * vectors, pv["red_b"]))
@@ -717,7 +817,7 @@ def _eager_gn_silu_time(n, c, hw, elem, groups=32, *, layout="cf", backward=Fals
     GroupNorm's (per-channel sums 2E, then dx 3E).
     """
     e = n * c * hw
-    fill = min(1.0, 2 * n * groups / H100.sms)       # one block per (n, g); a lone block pulls ~2 SMs' share
+    fill = min(1.0, 2 * n * groups / H100.sms)  # one block per (n, g); a lone block pulls ~2 SMs' share
     gpu = hbm_s(e * elem) / fill + hbm_s(2 * e * elem) + hbm_s(2 * e * elem)
     ops = 2
     if layout == "cl":
@@ -743,13 +843,22 @@ def _sd_decoder_norm_shapes(resolution: int) -> list[tuple[int, int]]:
 
 
 def _group_norm_rows(kernels) -> list["Prediction"]:
-    cases = [(16, 512, 128, "16x512x128x128 (target)", layout, direction)
-             for layout in ("cf", "cl") for direction in ("fwd", "fwd_bwd")]
-    cases += [(1, c, side, f"SD-VAE decoder {r}px {c}x{side}x{side}", "cf", direction)
-              for r in (512, 1024) for c, side in _sd_decoder_norm_shapes(r)
-              for direction in ("fwd", "fwd_bwd")]
-    headline = {("16x512x128x128 (target)", "cf", "fwd"), ("SD-VAE decoder 1024px 512x128x128", "cf", "fwd"),
-                ("SD-VAE decoder 1024px 128x1024x1024", "cf", "fwd")}
+    cases = [
+        (16, 512, 128, "16x512x128x128 (target)", layout, direction)
+        for layout in ("cf", "cl")
+        for direction in ("fwd", "fwd_bwd")
+    ]
+    cases += [
+        (1, c, side, f"SD-VAE decoder {r}px {c}x{side}x{side}", "cf", direction)
+        for r in (512, 1024)
+        for c, side in _sd_decoder_norm_shapes(r)
+        for direction in ("fwd", "fwd_bwd")
+    ]
+    headline = {
+        ("16x512x128x128 (target)", "cf", "fwd"),
+        ("SD-VAE decoder 1024px 512x128x128", "cf", "fwd"),
+        ("SD-VAE decoder 1024px 128x1024x1024", "cf", "fwd"),
+    }
     rows = []
     for n, c, side, label, layout, direction in cases:
         for elem in (2, 4):
@@ -759,50 +868,72 @@ def _group_norm_rows(kernels) -> list["Prediction"]:
             after, _ = _gn_silu_time(kernels, n, c, hw, elem, layout=layout, backward=backward, fixed=True)
             moved = (5 if backward else 2) * e * elem
             pv = parts["per_vector"]
-            why = (f"apply {pv['app']:g} instr/16 B ({parts['apply'] * 1e3:.3f} ms, issue 21 item 1); "
-                   "statistics "
-                   f"{pv['red']:g} instr/16 B ({parts['reduce'] * 1e3:.3f} ms); serial merge "
-                   f"{parts['merge'] * 1e6:.0f} us (item 2)")
+            why = (
+                f"apply {pv['app']:g} instr/16 B ({parts['apply'] * 1e3:.3f} ms, issue 21 item 1); "
+                "statistics "
+                f"{pv['red']:g} instr/16 B ({parts['reduce'] * 1e3:.3f} ms); serial merge "
+                f"{parts['merge'] * 1e6:.0f} us (item 2)"
+            )
             if backward:
-                why += (f"; backward reduction {pv['red_b']:g} and apply {pv['app_b']:g} instr/16 B "
-                        f"({(parts['reduce_bwd'] + parts['apply_bwd']) * 1e3:.3f} ms)")
+                why += (
+                    f"; backward reduction {pv['red_b']:g} and apply {pv['app_b']:g} instr/16 B "
+                    f"({(parts['reduce_bwd'] + parts['apply_bwd']) * 1e3:.3f} ms)"
+                )
             layout_name = "nchw" if layout == "cf" else "channels_last"
             op = "group_norm+silu " + ("fwd+bwd" if backward else "fwd")
-            rows.append(Prediction(
-                id=re.sub(r"[^a-z0-9]+", "_",
-                          f"group_norm_silu {direction} {label} {layout_name} {dt}".lower()),
-                workload=f"{n}x{c}x{side}x{side} {layout_name} {direction}", dtype=dt,
-                kernels=f"group_norm: reduce_{layout}, group_stats, affine, elementwise (vectorised)"
-                        + ("; backward: affine, reduce, grad_merge, elementwise" if backward else ""),
-                bytes_formula=("read x, write y; read x, dy, write dx: 5 E x " if backward else
-                               "read x, write y: 2 E x ") + f"{elem} B (ours adds statistics reads)",
-                bytes=moved, flops_formula="~10E" + (" + ~15E" if backward else ""),
-                flops=(25 if backward else 10) * e,
-                limiter="issue" if parts["apply"] > hbm_s(2 * e * elem) * 1.05 else "HBM",
-                predicted_s=now, why=why, after_fix_s=after,
-                after_fix="every pass at <= its budget (HBM-bound), warp-tree merges",
-                peers={"torch": {"s": _eager_gn_silu_time(n, c, hw, elem, layout=layout, backward=backward),
-                                 "model": "moments (n*groups blocks), affine pass, SiLU pass: 10E"
-                                          + (" + backward 8E" if backward else "")
-                                          + (" + a contiguous copy" if layout == "cl" else "")},
-                       "torch_compiled": {"s": _compiled_gn_silu_time(n, c, hw, elem, backward=backward),
-                                          "model": "reduction + fused normalise/SiLU: 6E"
-                                                   + (" + backward 5E" if backward else "")}},
-                bench={"op": op, "case": f"{label} {layout_name}", "dtype": torch_dt},
-                table="main" if (label, layout, direction) in headline and elem == 2 else "group_norm"
-            ).finish(
-                    peak=H100.bf16_flops if elem == 2 else H100.fp32_flops))
+            rows.append(
+                Prediction(
+                    id=re.sub(
+                        r"[^a-z0-9]+", "_", f"group_norm_silu {direction} {label} {layout_name} {dt}".lower()
+                    ),
+                    workload=f"{n}x{c}x{side}x{side} {layout_name} {direction}",
+                    dtype=dt,
+                    kernels=f"group_norm: reduce_{layout}, group_stats, affine, elementwise (vectorised)"
+                    + ("; backward: affine, reduce, grad_merge, elementwise" if backward else ""),
+                    bytes_formula=(
+                        "read x, write y; read x, dy, write dx: 5 E x "
+                        if backward
+                        else "read x, write y: 2 E x "
+                    )
+                    + f"{elem} B (ours adds statistics reads)",
+                    bytes=moved,
+                    flops_formula="~10E" + (" + ~15E" if backward else ""),
+                    flops=(25 if backward else 10) * e,
+                    limiter="issue" if parts["apply"] > hbm_s(2 * e * elem) * 1.05 else "HBM",
+                    predicted_s=now,
+                    why=why,
+                    after_fix_s=after,
+                    after_fix="every pass at <= its budget (HBM-bound), warp-tree merges",
+                    peers={
+                        "torch": {
+                            "s": _eager_gn_silu_time(n, c, hw, elem, layout=layout, backward=backward),
+                            "model": "moments (n*groups blocks), affine pass, SiLU pass: 10E"
+                            + (" + backward 8E" if backward else "")
+                            + (" + a contiguous copy" if layout == "cl" else ""),
+                        },
+                        "torch_compiled": {
+                            "s": _compiled_gn_silu_time(n, c, hw, elem, backward=backward),
+                            "model": "reduction + fused normalise/SiLU: 6E"
+                            + (" + backward 5E" if backward else ""),
+                        },
+                    },
+                    bench={"op": op, "case": f"{label} {layout_name}", "dtype": torch_dt},
+                    table="main" if (label, layout, direction) in headline and elem == 2 else "group_norm",
+                ).finish(peak=H100.bf16_flops if elem == 2 else H100.fp32_flops)
+            )
     return rows
 
 
 def _conv_rows(kernels) -> list["Prediction"]:
     rows = []
-    for c, side, case, residual in [(512, 128, "SD-VAE decoder 1024px mid block", False),
-                                    (512, 128, "SD-VAE decoder 1024px mid block, conv2 + residual", True),
-                                    (512, 256, "SD-VAE decoder 1024px up block 1", False),
-                                    (256, 512, "SD-VAE decoder 1024px up block 2", False),
-                                    (128, 1024, "SD-VAE decoder 1024px up block 3", False),
-                                    (256, 256, "SD-VAE decoder 512px up block 2", False)]:
+    for c, side, case, residual in [
+        (512, 128, "SD-VAE decoder 1024px mid block", False),
+        (512, 128, "SD-VAE decoder 1024px mid block, conv2 + residual", True),
+        (512, 256, "SD-VAE decoder 1024px up block 1", False),
+        (256, 512, "SD-VAE decoder 1024px up block 2", False),
+        (128, 1024, "SD-VAE decoder 1024px up block 3", False),
+        (256, 256, "SD-VAE decoder 512px up block 2", False),
+    ]:
         for dt, torch_dt in (("bf16", "bfloat16"), ("fp16", "float16")):
             hw = side * side
             flops = 2 * 9 * c * c * hw
@@ -814,40 +945,60 @@ def _conv_rows(kernels) -> list["Prediction"]:
             now = stats + mma_s(flops, eff) + 2 * H100.launch_s
             after = hbm_s(c * hw * 2) + mma_s(flops, WMMA_FIXED_EFFICIENCY) + 4 * H100.launch_s
             cudnn = mma_s(flops, CUDNN_EFFICIENCY) + (hbm_s(3 * c * hw * 2) if residual else 0)
-            rows.append(Prediction(
-                id=f"group_norm_conv3x3_1x{c}x{side}x{side}{'_residual' if residual else ''}_{dt}",
-                workload=f"1x{c}x{side}x{side}, {c}->{c}" + (" + residual" if residual else ""), dtype=dt,
-                kernels="group_norm statistics + group_norm_conv3x3_kernel",
-                bytes_formula="x, y" + (", residual" if residual else "")
-                              + " (2 B each) + weights 9 Cin Cout x 2 B",
-                bytes=act_bytes, flops_formula="2 x 9 Cin Cout H W", flops=flops, limiter="tensor cores",
-                predicted_s=now,
-                why=(f"WMMA at ~{eff:.0%} of bf16 peak ({k.registers if k else '?'} registers, "
-                     f"{k.spill_load_bytes if k else '?'} B spill loads: issue 21 item 6; "
-                     f"{k.occupancy if k else 0:.0%} occupancy) after a statistics pass "
-                     f"({stats * 1e3:.3f} ms)"),
-                after_fix_s=after,
-                after_fix="spill-free, pipelined halo, conflict-free pitch, weights packed once",
-                peers={"fastlatent_unfused": {"s": _gn_silu_time(kernels, 1, c, hw, 2)[0] + cudnn,
-                                              "model": "our GroupNorm+SiLU, then cuDNN at "
-                                                       f"{CUDNN_EFFICIENCY:.0%}"},
-                       "torch": {"s": _eager_gn_silu_time(1, c, hw, 2) + cudnn,
-                                 "model": "eager GroupNorm, SiLU, cuDNN conv"},
-                       "torch_compiled": {"s": _compiled_gn_silu_time(1, c, hw, 2) + cudnn,
-                                          "model": "fused GroupNorm+SiLU, cuDNN conv"}},
-                bench={"op": "group_norm+silu+conv3x3", "case": case, "dtype": torch_dt},
-                table="main" if dt == "bf16" and case.endswith(("mid block", "up block 3")) else "conv"
-            ).finish())
+            rows.append(
+                Prediction(
+                    id=f"group_norm_conv3x3_1x{c}x{side}x{side}{'_residual' if residual else ''}_{dt}",
+                    workload=f"1x{c}x{side}x{side}, {c}->{c}" + (" + residual" if residual else ""),
+                    dtype=dt,
+                    kernels="group_norm statistics + group_norm_conv3x3_kernel",
+                    bytes_formula="x, y"
+                    + (", residual" if residual else "")
+                    + " (2 B each) + weights 9 Cin Cout x 2 B",
+                    bytes=act_bytes,
+                    flops_formula="2 x 9 Cin Cout H W",
+                    flops=flops,
+                    limiter="tensor cores",
+                    predicted_s=now,
+                    why=(
+                        f"WMMA at ~{eff:.0%} of bf16 peak ({k.registers if k else '?'} registers, "
+                        f"{k.spill_load_bytes if k else '?'} B spill loads: issue 21 item 6; "
+                        f"{k.occupancy if k else 0:.0%} occupancy) after a statistics pass "
+                        f"({stats * 1e3:.3f} ms)"
+                    ),
+                    after_fix_s=after,
+                    after_fix="spill-free, pipelined halo, conflict-free pitch, weights packed once",
+                    peers={
+                        "fastlatent_unfused": {
+                            "s": _gn_silu_time(kernels, 1, c, hw, 2)[0] + cudnn,
+                            "model": f"our GroupNorm+SiLU, then cuDNN at {CUDNN_EFFICIENCY:.0%}",
+                        },
+                        "torch": {
+                            "s": _eager_gn_silu_time(1, c, hw, 2) + cudnn,
+                            "model": "eager GroupNorm, SiLU, cuDNN conv",
+                        },
+                        "torch_compiled": {
+                            "s": _compiled_gn_silu_time(1, c, hw, 2) + cudnn,
+                            "model": "fused GroupNorm+SiLU, cuDNN conv",
+                        },
+                    },
+                    bench={"op": "group_norm+silu+conv3x3", "case": case, "dtype": torch_dt},
+                    table="main" if dt == "bf16" and case.endswith(("mid block", "up block 3")) else "conv",
+                ).finish()
+            )
     return rows
 
 
-SIMT_EFFICIENCY = 0.5      # fp32 FMAs of the SIMT nearest_code paths (shared-memory operands, a compare/key)
+SIMT_EFFICIENCY = 0.5  # fp32 FMAs of the SIMT nearest_code paths (shared-memory operands, a compare/key)
 
 
 def _nearest_code_rows(kernels) -> list["Prediction"]:
     rows = []
-    for name, n, d, k in [("vq", 65536, 64, 1024), ("vit_vqgan", 262144, 32, 8192),
-                          ("vqgan_f16", 262144, 256, 16384), ("flash_kmeans", 1048576, 64, 4096)]:
+    for name, n, d, k in [
+        ("vq", 65536, 64, 1024),
+        ("vit_vqgan", 262144, 32, 8192),
+        ("vqgan_f16", 262144, 256, 16384),
+        ("flash_kmeans", 1048576, 64, 4096),
+    ]:
         for dt, torch_dt, elem in (("bf16", "bfloat16", 2), ("fp32", "float32", 4)):
             flops = 2 * n * k * d
             nbytes = elem * (n * d + k * d) + 8 * n
@@ -856,9 +1007,11 @@ def _nearest_code_rows(kernels) -> list["Prediction"]:
                 core = flops / (H100.fp32_flops * SIMT_EFFICIENCY)
                 now = core + 3 * H100.launch_s
                 after = now
-                why = (f"small-D SIMT path (d <= 32, every dtype): fp32 FMAs at ~{SIMT_EFFICIENCY:.0%} of "
-                       f"{H100.fp32_flops / 1e12:.0f} TFLOP/s; tensor cores would do this in "
-                       f"{mma_s(flops, WMMA_FIXED_EFFICIENCY) * 1e3:.2f} ms")
+                why = (
+                    f"small-D SIMT path (d <= 32, every dtype): fp32 FMAs at ~{SIMT_EFFICIENCY:.0%} of "
+                    f"{H100.fp32_flops / 1e12:.0f} TFLOP/s; tensor cores would do this in "
+                    f"{mma_s(flops, WMMA_FIXED_EFFICIENCY) * 1e3:.2f} ms"
+                )
                 after_text = "unchanged by issue 21 (a tensor-core path for d <= 32 would be the next step)"
             elif dt == "fp32":
                 path = "simt_kernel<fp32>"
@@ -874,37 +1027,58 @@ def _nearest_code_rows(kernels) -> list["Prediction"]:
                 now = mma + epilogue + 3 * H100.launch_s
                 after = max(mma_s(flops, WMMA_FIXED_EFFICIENCY), issue_s(n * k, 2)) + 3 * H100.launch_s
                 tc = kernels.get(f"nearest_code/{path}")
-                why = (f"WMMA at ~{WMMA_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; {tc.registers if tc else '?'} "
-                       f"registers, {tc.occupancy if tc else 0:.0%} occupancy) + epilogue ~6 issues per key "
-                       f"({epilogue * 1e3:.2f} ms, issue 21 item 5)")
+                why = (
+                    f"WMMA at ~{WMMA_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; {tc.registers if tc else '?'} "
+                    f"registers, {tc.occupancy if tc else 0:.0%} occupancy) + epilogue ~6 issues per key "
+                    f"({epilogue * 1e3:.2f} ms, issue 21 item 5)"
+                )
                 after_text = f"register epilogue overlapped with MMAs at ~{WMMA_FIXED_EFFICIENCY:.0%}"
             if dt == "bf16":
                 gemm = mma_s(flops, H100.tensor_efficiency)
-            else:                                  # torch's fp32 matmul: exact fp32 unless TF32 is enabled
+            else:  # torch's fp32 matmul: exact fp32 unless TF32 is enabled
                 gemm = flops / (H100.fp32_flops * 0.8)
             eager = gemm + hbm_s(6 * elem * n * k) + 3 * EAGER_OP_S
             compiled = gemm + hbm_s(2 * elem * n * k)
-            peers = {"matmul_argmin": {"s": eager, "model": "GEMM + 3 eager N x K passes (6 N K elements)"},
-                     "matmul_argmin_compiled": {"s": compiled,
-                                                "model": "GEMM writes N x K, one fused argmin read"}}
+            peers = {
+                "matmul_argmin": {"s": eager, "model": "GEMM + 3 eager N x K passes (6 N K elements)"},
+                "matmul_argmin_compiled": {
+                    "s": compiled,
+                    "model": "GEMM writes N x K, one fused argmin read",
+                },
+            }
             if dt == "fp32":
-                peers["cdist_argmin"] = {"s": gemm + hbm_s(3 * elem * n * k) + 4 * EAGER_OP_S,
-                                         "model": "cdist (GEMM form, sqrt pass) + argmin"}
+                peers["cdist_argmin"] = {
+                    "s": gemm + hbm_s(3 * elem * n * k) + 4 * EAGER_OP_S,
+                    "model": "cdist (GEMM form, sqrt pass) + argmin",
+                }
             # FAISS-GPU brute force (not in the CUDA bench: no faiss-gpu wheel): a GEMM per query tile, fp32
             # distance tiles too large for L2 written and re-read by its k-select
-            peers["faiss_gpu"] = {"s": gemm + hbm_s(8 * n * k),
-                                  "model": "GEMM + fp32 N x K distance tiles written and read "
-                                           "(not benchmarked)"}
-            rows.append(Prediction(
-                id=f"nearest_code_{name}_{dt}", workload=f"N={n} D={d} K={k}", dtype=dt,
-                kernels=f"nearest_code: code_keys, {path}, finish_rows",
-                bytes_formula=f"{elem} (N D + K D) + 8 N", bytes=nbytes, flops_formula="2 N K D", flops=flops,
-                limiter="tensor cores + epilogue" if path.startswith("tensor") else "fp32 FMA",
-                predicted_s=now, why=why, after_fix_s=after, after_fix=after_text, peers=peers,
-                bench={"op": "nearest_code", "case": f"{name} N={n} D={d} K={k}", "dtype": torch_dt},
-                table="main" if dt == "bf16" and name in ("vqgan_f16", "flash_kmeans") else "nearest_code"
-            ).finish(
-                    peak=H100.bf16_flops if dt == "bf16" else H100.fp32_flops))
+            peers["faiss_gpu"] = {
+                "s": gemm + hbm_s(8 * n * k),
+                "model": "GEMM + fp32 N x K distance tiles written and read (not benchmarked)",
+            }
+            rows.append(
+                Prediction(
+                    id=f"nearest_code_{name}_{dt}",
+                    workload=f"N={n} D={d} K={k}",
+                    dtype=dt,
+                    kernels=f"nearest_code: code_keys, {path}, finish_rows",
+                    bytes_formula=f"{elem} (N D + K D) + 8 N",
+                    bytes=nbytes,
+                    flops_formula="2 N K D",
+                    flops=flops,
+                    limiter="tensor cores + epilogue" if path.startswith("tensor") else "fp32 FMA",
+                    predicted_s=now,
+                    why=why,
+                    after_fix_s=after,
+                    after_fix=after_text,
+                    peers=peers,
+                    bench={"op": "nearest_code", "case": f"{name} N={n} D={d} K={k}", "dtype": torch_dt},
+                    table="main"
+                    if dt == "bf16" and name in ("vqgan_f16", "flash_kmeans")
+                    else "nearest_code",
+                ).finish(peak=H100.bf16_flops if dt == "bf16" else H100.fp32_flops)
+            )
     return rows
 
 
@@ -918,7 +1092,7 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
     for n, d, k, peer in [(1048576, 256, 16384, "index_add"), (262144, 64, 1024, "onehot_matmul")]:
         nbytes = 4 * (n * d + k * d) + 8 * n
         seg = _per_vector(kernels, "code_stats/segment_sums_kernel<fp32>", 30)
-        sort = hbm_s(2 * 8 * n * 2) + 4 * H100.launch_s           # 2 onesweep passes of (key, row) pairs
+        sort = hbm_s(2 * 8 * n * 2) + 4 * H100.launch_s  # 2 onesweep passes of (key, row) pairs
         sums = max(hbm_s(nbytes), issue_s(n * d * 4 / 16, seg))
         now = sort + sums + 3 * H100.launch_s
         if peer == "index_add":
@@ -926,95 +1100,155 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
         else:
             peer_s = hbm_s(8 * n * k + 12 * n * k) + 2 * n * k * d / (H100.fp32_flops * 0.8)
             model = "int64 one-hot N x K, cast to fp32, fp32 GEMM"
-        rows.append(Prediction(
-            id=f"code_stats_N{n}_D{d}_K{k}_fp32", workload=f"N={n} D={d} K={k}", dtype="fp32",
-            kernels="code_stats: make_keys, CUB radix sort, segment_starts, segment_sums",
-            bytes_formula="4 (N D + K D) + 8 N", bytes=nbytes, flops_formula="N D", flops=n * d,
-            limiter="HBM", predicted_s=now,
-            why=f"sort {sort * 1e6:.0f} us + segment sums {seg:g} instr/16 B; uniform codes "
+        rows.append(
+            Prediction(
+                id=f"code_stats_N{n}_D{d}_K{k}_fp32",
+                workload=f"N={n} D={d} K={k}",
+                dtype="fp32",
+                kernels="code_stats: make_keys, CUB radix sort, segment_starts, segment_sums",
+                bytes_formula="4 (N D + K D) + 8 N",
+                bytes=nbytes,
+                flops_formula="N D",
+                flops=n * d,
+                limiter="HBM",
+                predicted_s=now,
+                why=f"sort {sort * 1e6:.0f} us + segment sums {seg:g} instr/16 B; uniform codes "
                 "(skew: issue 21 item 3)",
-            after_fix_s=now, after_fix="unchanged for uniform codes; item 3 bounds the skewed case",
-            peers={peer: {"s": peer_s, "model": model}},
-            bench={"op": "code_stats", "case": f"N={n} D={d} K={k}", "dtype": "float32"}).finish(
-                peak=H100.fp32_flops))
+                after_fix_s=now,
+                after_fix="unchanged for uniform codes; item 3 bounds the skewed case",
+                peers={peer: {"s": peer_s, "model": model}},
+                bench={"op": "code_stats", "case": f"N={n} D={d} K={k}", "dtype": "float32"},
+            ).finish(peak=H100.fp32_flops)
+        )
 
     # EMA codebook update ---------------------------------------------------------------------------------
     k, d = 16384, 256
     emb = _per_vector(kernels, "ema_update/embed_kernel<fp32>", 80)
     nbytes = k * d * 4 * 4
     now = max(hbm_s(nbytes), issue_s(k * d * 8 / 16, emb)) + 2 * H100.launch_s
-    rows.append(Prediction(
-        id="ema_update_K16384_D256_fp32", workload=f"K={k} D={d}", dtype="fp32",
-        kernels="ema_update: cluster_size_kernel, embed_kernel",
-        bytes_formula="K D x 4 B x (read sums, embed_sum; write embed_sum, codebook)", bytes=nbytes,
-        flops_formula="4 K D", flops=4 * k * d,
-        limiter="issue" if issue_s(k * d / 2, emb) > hbm_s(nbytes) else "HBM",
-        predicted_s=now, why=f"{emb:g} instr/16 B stored: a 64-bit division per element (issue 21 item 7)",
-        after_fix_s=hbm_s(nbytes) + 2 * H100.launch_s, after_fix="code index once per row, HBM-bound",
-        peers={"torch": {"s": hbm_s(nbytes * 2) + 6 * EAGER_OP_S,
-                         "model": "6 eager ops, 2x the bytes"}}).finish(
-            peak=H100.fp32_flops))
+    rows.append(
+        Prediction(
+            id="ema_update_K16384_D256_fp32",
+            workload=f"K={k} D={d}",
+            dtype="fp32",
+            kernels="ema_update: cluster_size_kernel, embed_kernel",
+            bytes_formula="K D x 4 B x (read sums, embed_sum; write embed_sum, codebook)",
+            bytes=nbytes,
+            flops_formula="4 K D",
+            flops=4 * k * d,
+            limiter="issue" if issue_s(k * d / 2, emb) > hbm_s(nbytes) else "HBM",
+            predicted_s=now,
+            why=f"{emb:g} instr/16 B stored: a 64-bit division per element (issue 21 item 7)",
+            after_fix_s=hbm_s(nbytes) + 2 * H100.launch_s,
+            after_fix="code index once per row, HBM-bound",
+            peers={"torch": {"s": hbm_s(nbytes * 2) + 6 * EAGER_OP_S, "model": "6 eager ops, 2x the bytes"}},
+        ).finish(peak=H100.fp32_flops)
+    )
 
     # FSQ 64M elements ------------------------------------------------------------------------------------
     e = 64 * 2**20
     bwd_pv = _per_vector(kernels, "fsq/fsq_backward_kernel<bf16, true>", 40)
     fwd = hbm_s(2 * e * 2 + e // 4 * 8) + H100.launch_s
     bwd = max(hbm_s(3 * e * 2), issue_s(e * 2 / 16, bwd_pv)) + H100.launch_s
-    rows.append(Prediction(
-        id="fsq_fwd_bwd_64M_bf16", workload="64M elements, levels [8,5,5,5]", dtype="bf16",
-        kernels="fsq: fsq_quantize_kernel, fsq_backward_kernel",
-        bytes_formula="fwd: read z, write z_hat (2 B) + int64 index per 4 elements; bwd: read g, z, write dz",
-        bytes=2 * e * 2 + e // 4 * 8 + 3 * e * 2, flops_formula="~20E", flops=20 * e,
-        limiter="HBM (fwd), issue (bwd)" if issue_s(e * 2 / 16, bwd_pv) > hbm_s(3 * e * 2) else "HBM",
-        predicted_s=fwd + bwd,
-        why=f"backward {bwd_pv:g} instr/16 B: sech^2 with an IEEE division per element (issue 21 item 7)",
-        after_fix_s=fwd + hbm_s(3 * e * 2) + H100.launch_s, after_fix="fast-math sech^2, HBM-bound backward",
-        peers={"reference_compiled": {"s": (fwd + hbm_s(3 * e * 2)) / 0.9 + 4 * H100.launch_s,
-                                      "model": "inductor kernels at ~85% HBM, same bytes"}},
-        bench={"op": "FSQ forward+backward", "case": "64M elements, levels [8,5,5,5]",
-               "dtype": "bfloat16"}).finish())
+    rows.append(
+        Prediction(
+            id="fsq_fwd_bwd_64M_bf16",
+            workload="64M elements, levels [8,5,5,5]",
+            dtype="bf16",
+            kernels="fsq: fsq_quantize_kernel, fsq_backward_kernel",
+            bytes_formula="fwd: read z, write z_hat (2 B) + int64 index per 4 elements; bwd: read g, z, write dz",
+            bytes=2 * e * 2 + e // 4 * 8 + 3 * e * 2,
+            flops_formula="~20E",
+            flops=20 * e,
+            limiter="HBM (fwd), issue (bwd)" if issue_s(e * 2 / 16, bwd_pv) > hbm_s(3 * e * 2) else "HBM",
+            predicted_s=fwd + bwd,
+            why=f"backward {bwd_pv:g} instr/16 B: sech^2 with an IEEE division per element (issue 21 item 7)",
+            after_fix_s=fwd + hbm_s(3 * e * 2) + H100.launch_s,
+            after_fix="fast-math sech^2, HBM-bound backward",
+            peers={
+                "reference_compiled": {
+                    "s": (fwd + hbm_s(3 * e * 2)) / 0.9 + 4 * H100.launch_s,
+                    "model": "inductor kernels at ~85% HBM, same bytes",
+                }
+            },
+            bench={
+                "op": "FSQ forward+backward",
+                "case": "64M elements, levels [8,5,5,5]",
+                "dtype": "bfloat16",
+            },
+        ).finish()
+    )
 
     # LFQ entropy, d = 18 ---------------------------------------------------------------------------------
     n, dd = 65536, 18
     useful = 2 * n * 2**dd
-    fwd = useful / (H100.fp32_flops * 0.6) * 10                    # issue 21 item 4: ~10x the useful work
-    bwd = 2 * n * 2**dd * 4 / L2_BYTES_PER_S                       # G (1 MB) read from L2 twice per sample
-    rows.append(Prediction(
-        id="lfq_entropy_fwd_bwd_N65536_d18_fp32", workload=f"N={n} d={dd}", dtype="fp32",
-        kernels="lfq: sample_entropy, probs_partial, probs_reduce, transpose, entropy_backward",
-        bytes_formula="x (N d x 4 B) + avg_probs 2^d x 4 B", bytes=n * dd * 4 + 2**dd * 4,
-        flops_formula="2 N 2^d (outer products of the two 2^(d/2) halves)", flops=useful,
-        limiter="fp32 FMA / L2",
-        predicted_s=fwd + bwd,
-        why=f"forward recomputes every sample's expansion per u-tile (~10x, {fwd * 1e3:.1f} ms); "
+    fwd = useful / (H100.fp32_flops * 0.6) * 10  # issue 21 item 4: ~10x the useful work
+    bwd = 2 * n * 2**dd * 4 / L2_BYTES_PER_S  # G (1 MB) read from L2 twice per sample
+    rows.append(
+        Prediction(
+            id="lfq_entropy_fwd_bwd_N65536_d18_fp32",
+            workload=f"N={n} d={dd}",
+            dtype="fp32",
+            kernels="lfq: sample_entropy, probs_partial, probs_reduce, transpose, entropy_backward",
+            bytes_formula="x (N d x 4 B) + avg_probs 2^d x 4 B",
+            bytes=n * dd * 4 + 2**dd * 4,
+            flops_formula="2 N 2^d (outer products of the two 2^(d/2) halves)",
+            flops=useful,
+            limiter="fp32 FMA / L2",
+            predicted_s=fwd + bwd,
+            why=f"forward recomputes every sample's expansion per u-tile (~10x, {fwd * 1e3:.1f} ms); "
             f"backward reads G "
             f"from L2 twice per sample ({bwd * 1e3:.1f} ms) (issue 21 item 4)",
-        after_fix_s=useful / (H100.fp32_flops * 0.6) + useful * 2 / (H100.bf16_flops * 0.5),
-        after_fix="expansion once per sample batch; backward as a GEMM against G on tensor cores",
-        peers={"vector_quantize_pytorch": {"s": hbm_s(2 * n * 2**dd * 4 * 2),
-                                           "model": "materialises the N x 2^d probabilities (write + read)"}}
-    ).finish(peak=H100.fp32_flops))
+            after_fix_s=useful / (H100.fp32_flops * 0.6) + useful * 2 / (H100.bf16_flops * 0.5),
+            after_fix="expansion once per sample batch; backward as a GEMM against G on tensor cores",
+            peers={
+                "vector_quantize_pytorch": {
+                    "s": hbm_s(2 * n * 2**dd * 4 * 2),
+                    "model": "materialises the N x 2^d probabilities (write + read)",
+                }
+            },
+        ).finish(peak=H100.fp32_flops)
+    )
 
     # Guided DDIM step ------------------------------------------------------------------------------------
     for shape in [(16, 4, 128, 128), (256, 16, 32, 32)]:
         e = math.prod(shape)
         step_pv = _per_vector(kernels, "sampler_step/step_kernel<bf16, 8>", 60)
-        nbytes = 2 * e * 2 + 2 * e * 2                              # model output (2 halves), sample in; out
+        nbytes = 2 * e * 2 + 2 * e * 2  # model output (2 halves), sample in; out
         now = max(hbm_s(nbytes), issue_s(e * 2 / 16, step_pv * 2)) + H100.launch_s
-        rows.append(Prediction(
-            id=f"guided_ddim_step_{'x'.join(map(str, shape))}_bf16", workload="x".join(map(str, shape)),
-            dtype="bf16", kernels="sampler_step: step_kernel (vectorised)",
-            bytes_formula="model output (cond + uncond) + sample in, out: 4E x 2 B", bytes=nbytes,
-            flops_formula="~10E", flops=10 * e, limiter="launch" if hbm_s(nbytes) < H100.launch_s else "HBM",
-            predicted_s=now, why=f"{step_pv:g} instr/16 B stored, one launch",
-            after_fix_s=now, after_fix="no change needed",
-            peers={"torch": {"s": max(8 * EAGER_OP_S, hbm_s(nbytes * 4)),
-                             "model": "~8 eager ops, ~4x the bytes"},
-                   "torch_compiled": {"s": hbm_s(nbytes) / 0.95 + 2 * H100.launch_s,
-                                      "model": "one fused inductor kernel"}},
-            bench={"op": "guided DDIM step", "dtype": "bfloat16",
-                   "case": f"{'x'.join(map(str, shape))} (model output {2 * shape[0]}x"
-                           f"{'x'.join(map(str, shape[1:]))})"}).finish())
+        rows.append(
+            Prediction(
+                id=f"guided_ddim_step_{'x'.join(map(str, shape))}_bf16",
+                workload="x".join(map(str, shape)),
+                dtype="bf16",
+                kernels="sampler_step: step_kernel (vectorised)",
+                bytes_formula="model output (cond + uncond) + sample in, out: 4E x 2 B",
+                bytes=nbytes,
+                flops_formula="~10E",
+                flops=10 * e,
+                limiter="launch" if hbm_s(nbytes) < H100.launch_s else "HBM",
+                predicted_s=now,
+                why=f"{step_pv:g} instr/16 B stored, one launch",
+                after_fix_s=now,
+                after_fix="no change needed",
+                peers={
+                    "torch": {
+                        "s": max(8 * EAGER_OP_S, hbm_s(nbytes * 4)),
+                        "model": "~8 eager ops, ~4x the bytes",
+                    },
+                    "torch_compiled": {
+                        "s": hbm_s(nbytes) / 0.95 + 2 * H100.launch_s,
+                        "model": "one fused inductor kernel",
+                    },
+                },
+                bench={
+                    "op": "guided DDIM step",
+                    "dtype": "bfloat16",
+                    "case": f"{'x'.join(map(str, shape))} (model output {2 * shape[0]}x"
+                    f"{'x'.join(map(str, shape[1:]))})",
+                },
+            ).finish()
+        )
 
     # 50-step sampler loops (model excluded): host-bound ---------------------------------------------------
     for shape in [(16, 4, 64, 64), (1, 4, 64, 64), (32, 4, 32, 32), (32, 16, 32, 32)]:
@@ -1022,19 +1256,36 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
             e = math.prod(shape)
             step_gpu = hbm_s(3 * e * 4) + H100.launch_s
             ours = 50 * max(step_gpu, HOST_STEP_S)
-            rows.append(Prediction(
-                id=f"loop_50_{loop}_{'x'.join(map(str, shape))}_fp32",
-                workload=f"{loop} {'x'.join(map(str, shape))}",
-                dtype="fp32", kernels="sampler_step: step_kernel per step", bytes_formula="50 x 3E x 4 B",
-                bytes=50 * 3 * e * 4, flops_formula="50 x ~10E", flops=500 * e, limiter="host (launch)",
-                predicted_s=ours,
-                why=f"one fused step per iteration: {HOST_STEP_S * 1e6:.0f} us of host time per step "
+            rows.append(
+                Prediction(
+                    id=f"loop_50_{loop}_{'x'.join(map(str, shape))}_fp32",
+                    workload=f"{loop} {'x'.join(map(str, shape))}",
+                    dtype="fp32",
+                    kernels="sampler_step: step_kernel per step",
+                    bytes_formula="50 x 3E x 4 B",
+                    bytes=50 * 3 * e * 4,
+                    flops_formula="50 x ~10E",
+                    flops=500 * e,
+                    limiter="host (launch)",
+                    predicted_s=ours,
+                    why=f"one fused step per iteration: {HOST_STEP_S * 1e6:.0f} us of host time per step "
                     f"(GPU work {step_gpu * 1e6:.1f} us)",
-                after_fix_s=ours, after_fix="CUDA-graph capture removes the host time (the graph bench case)",
-                peers={"diffusers": {"s": 50 * max(ops * EAGER_OP_S, hbm_s(ops * 2 * e * 4)),
-                                     "model": f"~{ops} eager ops per scheduler step"}},
-                bench={"op": f"50-step {loop} loop (model excluded)", "case": "x".join(map(str, shape)),
-                       "dtype": "float32"}, table="sampling").finish(peak=H100.fp32_flops))
+                    after_fix_s=ours,
+                    after_fix="CUDA-graph capture removes the host time (the graph bench case)",
+                    peers={
+                        "diffusers": {
+                            "s": 50 * max(ops * EAGER_OP_S, hbm_s(ops * 2 * e * 4)),
+                            "model": f"~{ops} eager ops per scheduler step",
+                        }
+                    },
+                    bench={
+                        "op": f"50-step {loop} loop (model excluded)",
+                        "case": "x".join(map(str, shape)),
+                        "dtype": "float32",
+                    },
+                    table="sampling",
+                ).finish(peak=H100.fp32_flops)
+            )
 
     # Whole SD-VAE (FLUX.1-shaped) decode -----------------------------------------------------------------
     rows += [vae_decode_prediction(kernels, 1024), vae_decode_prediction(kernels, 512)]
@@ -1053,15 +1304,15 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
     conv_flops = sum(2 * k * k * cin * cout * s * s for cin, cout, k, s in convs)
     attn_flops = 4 * tokens * tokens * width
     norm_elems = sum(c * s * s for c, s in norms)
-    anchor_h200 = 89.9e-3 * (resolution / 1024) ** 2           # below 1024 px: scaled by the pixel count
+    anchor_h200 = 89.9e-3 * (resolution / 1024) ** 2  # below 1024 px: scaled by the pixel count
     gn_h200 = 0.46 * anchor_h200
-    eager = (anchor_h200 - gn_h200) + gn_h200 * 4.8 / 3.35        # H100: the GroupNorm part scales with HBM
+    eager = (anchor_h200 - gn_h200) + gn_h200 * 4.8 / 3.35  # H100: the GroupNorm part scales with HBM
     # fastlatent patched: our GroupNorm+SiLU per norm (static model), convs as eager's (cuDNN), upsample convs
     # folded (2.25x fewer FLOPs on the three upsample convs), attention projections folded.
     ours_gn = sum(_gn_silu_time(kernels, 1, c, s * s, 2)[0] for c, s in norms)
     ours_gn_fixed = sum(_gn_silu_time(kernels, 1, c, s * s, 2, fixed=True)[0] for c, s in norms)
     # the three upsample convs (512 at 1/4, 512 at 1/2, 256 at full resolution): 2.25x fewer FLOPs folded
-    rest = anchor_h200 - gn_h200                                   # convs, attention, adds: same on H100
+    rest = anchor_h200 - gn_h200  # convs, attention, adds: same on H100
     up_conv_flops = sum(2 * 9 * c * c * (resolution // f) ** 2 for c, f in [(512, 4), (512, 2), (256, 1)])
     rest_ours = rest * (1 - (up_conv_flops - up_conv_flops / 2.25) / conv_flops)
     eager_gn_bottom_up = sum(_eager_gn_silu_time(1, c, s * s, 2) for c, s in norms)
@@ -1070,33 +1321,46 @@ def vae_decode_prediction(kernels: dict[str, KernelStatic], resolution: int) -> 
     return Prediction(
         id=f"sd_vae_decode_{resolution}_bf16",
         workload=f"SD-VAE (FLUX.1 widths) decode {resolution}x{resolution}",
-        dtype="bf16", kernels="patched decoder: group_norm(+silu) per norm, cuDNN convs, folded upsample",
+        dtype="bf16",
+        kernels="patched decoder: group_norm(+silu) per norm, cuDNN convs, folded upsample",
         bytes_formula="GroupNorm tensors: sum over the decoder's norms of C H W x 2 B x 6 (ours)",
-        bytes=6 * norm_elems * 2, flops_formula="sum of conv 2 k^2 Cin Cout H W + attention 4 T^2 C",
-        flops=conv_flops + attn_flops, limiter="convolutions (cuDNN) + GroupNorm apply (issue)",
+        bytes=6 * norm_elems * 2,
+        flops_formula="sum of conv 2 k^2 Cin Cout H W + attention 4 T^2 C",
+        flops=conv_flops + attn_flops,
+        limiter="convolutions (cuDNN) + GroupNorm apply (issue)",
         predicted_s=now,
-        why=(f"anchor: FLUX.1 VAE eager 89.9 ms on an H200 (GroupNorm+SiLU 46%) -> {eager * 1e3:.0f} ms "
-             "eager on "
-             f"an H100; ours: the same convs less the upsample fold, GroupNorm+SiLU {ours_gn * 1e3:.1f} ms "
-             f"(issue-bound apply, issue 21 item 1) instead of {gn_h200 * 4.8 / 3.35 * 1e3:.1f} ms; "
-             f"the anchor puts the rest of the decode at "
-             f"{(conv_flops + attn_flops) / rest / H100.bf16_flops:.0%} of bf16 "
-             f"peak, well below the {CUDNN_EFFICIENCY:.0%} assumed for single convolutions"),
+        why=(
+            f"anchor: FLUX.1 VAE eager 89.9 ms on an H200 (GroupNorm+SiLU 46%) -> {eager * 1e3:.0f} ms "
+            "eager on "
+            f"an H100; ours: the same convs less the upsample fold, GroupNorm+SiLU {ours_gn * 1e3:.1f} ms "
+            f"(issue-bound apply, issue 21 item 1) instead of {gn_h200 * 4.8 / 3.35 * 1e3:.1f} ms; "
+            f"the anchor puts the rest of the decode at "
+            f"{(conv_flops + attn_flops) / rest / H100.bf16_flops:.0%} of bf16 "
+            f"peak, well below the {CUDNN_EFFICIENCY:.0%} assumed for single convolutions"
+        ),
         after_fix_s=after,
-        after_fix=(f"GroupNorm+SiLU at HBM speed ({ours_gn_fixed * 1e3:.1f} ms); the published fast path "
-                   "reached 29.2 ms on an H200 with fused GroupNorm-conv and channels-last as well; a "
-                   "bandwidth model of eager GroupNorm+SiLU alone gives "
-                   f"{eager_gn_bottom_up * 1e3:.1f} ms, far below the "
-                   "published "
-                   "46% share, so the anchor, not that model, sets the eager row"),
-        peers={"diffusers": {"s": eager,
-                             "model": "anchored: 89.9 ms H200 eager at 1024 px (scaled by pixels below), "
-                                      "GroupNorm part scaled to 3.35 TB/s"}},
+        after_fix=(
+            f"GroupNorm+SiLU at HBM speed ({ours_gn_fixed * 1e3:.1f} ms); the published fast path "
+            "reached 29.2 ms on an H200 with fused GroupNorm-conv and channels-last as well; a "
+            "bandwidth model of eager GroupNorm+SiLU alone gives "
+            f"{eager_gn_bottom_up * 1e3:.1f} ms, far below the "
+            "published "
+            "46% share, so the anchor, not that model, sets the eager row"
+        ),
+        peers={
+            "diffusers": {
+                "s": eager,
+                "model": "anchored: 89.9 ms H200 eager at 1024 px (scaled by pixels below), "
+                "GroupNorm part scaled to 3.35 TB/s",
+            }
+        },
         bench={"op": "SD-VAE decode", "case": f"{resolution} px, batch 1", "dtype": "bfloat16"},
-        table="main" if resolution == 1024 else "vae").finish()
+        table="main" if resolution == 1024 else "vae",
+    ).finish()
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+
 
 def speedup(peer_s: float, ours_s: float) -> float:
     """Peer time over ours, as ``fastlatent bench`` reports it (above 1: fastlatent faster)."""
@@ -1110,10 +1374,12 @@ def _ms(seconds: float) -> str:
 
 
 def static_table(kernels: list[KernelStatic]) -> str:
-    lines = ["| kernel | regs | spill st/ld B | stack B | smem B (static+dyn) | threads | blocks/SM "
-             "| occupancy (limiter) | main loop instr: path/static (subroutine calls) | B ld/st per iter "
-             "| instr per 16 B (budget) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| kernel | regs | spill st/ld B | stack B | smem B (static+dyn) | threads | blocks/SM "
+        "| occupancy (limiter) | main loop instr: path/static (subroutine calls) | B ld/st per iter "
+        "| instr per 16 B (budget) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for k in kernels:
         loop = k.loop or {}
         spills = k.spill_store_bytes or k.spill_load_bytes
@@ -1126,40 +1392,56 @@ def static_table(kernels: list[KernelStatic]) -> str:
             f"| `{k.name}`{hot} | {k.registers} | {spill} | {k.stack_bytes} | {k.static_smem_bytes}+"
             f"{k.dynamic_smem_bytes} | {k.threads} | {k.blocks_per_sm} | "
             f"{k.occupancy:.0%} ({k.occupancy_limiter}) | "
-            + (f"{loop['path_instructions']}/{loop['body_instructions']} ({loop['calls']} calls) | "
-               f"{loop['load_bytes']}/{loop['store_bytes']} | "
-               f"{per_vec if per_vec is not None else '-'}{budget}{flag} |" if loop else "- | - | - |"))
+            + (
+                f"{loop['path_instructions']}/{loop['body_instructions']} ({loop['calls']} calls) | "
+                f"{loop['load_bytes']}/{loop['store_bytes']} | "
+                f"{per_vec if per_vec is not None else '-'}{budget}{flag} |"
+                if loop
+                else "- | - | - |"
+            )
+        )
     return "\n".join(lines)
 
 
 def _peers_text(r: Prediction) -> str:
-    return "; ".join(f"{name} {_ms(p['s'])} ({speedup(p['s'], r.predicted_s):.2f}x / "
-                     f"{speedup(p['s'], r.after_fix_s):.2f}x)" for name, p in r.peers.items())
+    return "; ".join(
+        f"{name} {_ms(p['s'])} ({speedup(p['s'], r.predicted_s):.2f}x / "
+        f"{speedup(p['s'], r.after_fix_s):.2f}x)"
+        for name, p in r.peers.items()
+    )
 
 
 def prediction_table(rows: list[Prediction]) -> str:
     """The headline rows, with formulas, limiter and reasons."""
-    lines = ["| workload | kernels | bytes (formula) | FLOPs (formula) | ideal / achievable | limiter "
-             "| predicted | why | after fix | peers: predicted time (speedup now / after fix): model |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| workload | kernels | bytes (formula) | FLOPs (formula) | ideal / achievable | limiter "
+        "| predicted | why | after fix | peers: predicted time (speedup now / after fix): model |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.table != "main":
             continue
-        peers = "; ".join(f"{name} {_ms(p['s'])} ({speedup(p['s'], r.predicted_s):.2f}x / "
-                          f"{speedup(p['s'], r.after_fix_s):.2f}x): {p['model']}"
-                          for name, p in r.peers.items())
+        peers = "; ".join(
+            f"{name} {_ms(p['s'])} ({speedup(p['s'], r.predicted_s):.2f}x / "
+            f"{speedup(p['s'], r.after_fix_s):.2f}x): {p['model']}"
+            for name, p in r.peers.items()
+        )
         lines.append(
             f"| {r.workload} {r.dtype} | {r.kernels} | {r.bytes / 1e6:,.1f} MB ({r.bytes_formula}) | "
             f"{r.flops / 1e9:,.2f} GFLOP ({r.flops_formula}) | {_ms(r.ideal_s)} / {_ms(r.achievable_s)} | "
             f"{r.limiter} | **{_ms(r.predicted_s)}** | {r.why} | {_ms(r.after_fix_s)}: {r.after_fix} "
-            f"| {peers} |")
+            f"| {peers} |"
+        )
     return "\n".join(lines)
 
 
-SWEEP_TITLES = {"group_norm": "GroupNorm+SiLU, every bench case",
-                "conv": "Fused GroupNorm-conv, every bench case",
-                "nearest_code": "nearest_code, every bench case", "sampling": "50-step sampler loops (fp32)",
-                "vae": "VAE decode at other resolutions"}
+SWEEP_TITLES = {
+    "group_norm": "GroupNorm+SiLU, every bench case",
+    "conv": "Fused GroupNorm-conv, every bench case",
+    "nearest_code": "nearest_code, every bench case",
+    "sampling": "50-step sampler loops (fp32)",
+    "vae": "VAE decode at other resolutions",
+}
 
 
 def sweep_tables(rows: list[Prediction]) -> str:
@@ -1169,13 +1451,19 @@ def sweep_tables(rows: list[Prediction]) -> str:
         chosen = [r for r in rows if r.table == table]
         if not chosen:
             continue
-        out += [f"### {title}", "", "| workload | dtype | bytes | ideal / achievable | limiter | predicted "
-                "| after fix | peers: predicted time (speedup now / after fix) |",
-                "|---|---|---|---|---|---|---|---|"]
-        out += [f"| {r.workload} | {r.dtype} | {r.bytes / 1e6:,.1f} MB | "
-                f"{_ms(r.ideal_s)} / {_ms(r.achievable_s)} "
-                f"| {r.limiter} | **{_ms(r.predicted_s)}** | {_ms(r.after_fix_s)} | {_peers_text(r)} |"
-                for r in chosen]
+        out += [
+            f"### {title}",
+            "",
+            "| workload | dtype | bytes | ideal / achievable | limiter | predicted "
+            "| after fix | peers: predicted time (speedup now / after fix) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        out += [
+            f"| {r.workload} | {r.dtype} | {r.bytes / 1e6:,.1f} MB | "
+            f"{_ms(r.ideal_s)} / {_ms(r.achievable_s)} "
+            f"| {r.limiter} | **{_ms(r.predicted_s)}** | {_ms(r.after_fix_s)} | {_peers_text(r)} |"
+            for r in chosen
+        ]
         out.append("")
     return "\n".join(out).rstrip()
 
@@ -1200,10 +1488,19 @@ def model_document(kernels: list[KernelStatic], rows: list[Prediction], tools: d
     return {
         "schema": "fastlatent-perf-model/1",
         "note": "predictions from static data (ptxas, SASS) and the assumptions listed; not measurements",
-        "gpu": asdict(H100), "arch": ARCH, "nvcc": tools["nvcc_version"], "nvcc_flags": NVCC_FLAGS,
-        "assumptions": {"issue_efficiency": ISSUE_EFFICIENCY, "wmma_efficiency": WMMA_EFFICIENCY,
-                        "wmma_fixed_efficiency": WMMA_FIXED_EFFICIENCY, "cudnn_efficiency": CUDNN_EFFICIENCY,
-                        "eager_op_s": EAGER_OP_S, "merge_s": MERGE_S, "l2_bytes_per_s": L2_BYTES_PER_S},
+        "gpu": asdict(H100),
+        "arch": ARCH,
+        "nvcc": tools["nvcc_version"],
+        "nvcc_flags": NVCC_FLAGS,
+        "assumptions": {
+            "issue_efficiency": ISSUE_EFFICIENCY,
+            "wmma_efficiency": WMMA_EFFICIENCY,
+            "wmma_fixed_efficiency": WMMA_FIXED_EFFICIENCY,
+            "cudnn_efficiency": CUDNN_EFFICIENCY,
+            "eager_op_s": EAGER_OP_S,
+            "merge_s": MERGE_S,
+            "l2_bytes_per_s": L2_BYTES_PER_S,
+        },
         "kernels": [{k: v for k, v in asdict(k).items() if k != "mangled"} for k in kernels],
         "predictions": [asdict(r) for r in rows],
     }
@@ -1213,8 +1510,12 @@ def write_outputs(kernels, rows, tools, result: CheckResult) -> None:
     doc = model_document(kernels, rows, tools)
     JSON_PATH.write_text(json.dumps(doc, indent=1) + "\n")
     text = DOC_PATH.read_text()
-    text = _replace_section(text, "static", f"Generated by `python scripts/perf_model.py --write` (nvcc "
-                                            f"{tools['nvcc_version']}, {ARCH}).\n\n" + static_table(kernels))
+    text = _replace_section(
+        text,
+        "static",
+        f"Generated by `python scripts/perf_model.py --write` (nvcc "
+        f"{tools['nvcc_version']}, {ARCH}).\n\n" + static_table(kernels),
+    )
     text = _replace_section(text, "predictions", prediction_table(rows))
     text = _replace_section(text, "sweeps", sweep_tables(rows))
     text = _replace_section(text, "check", check_report(result))
@@ -1233,8 +1534,10 @@ def outdated_outputs(kernels: list[KernelStatic], model_path: Path = JSON_PATH) 
         new_vec = (k.loop or {}).get("path_per_vector")
         if old is None:
             out.append(f"{k.name}: new kernel")
-        elif any(old[key] != getattr(k, key) for key in keys) or (old.get("loop") or {}).get(
-                "path_per_vector") != new_vec:
+        elif (
+            any(old[key] != getattr(k, key) for key in keys)
+            or (old.get("loop") or {}).get("path_per_vector") != new_vec
+        ):
             out.append(f"{k.name}: static columns changed")
     out += [f"{name}: no longer compiled" for name in committed]
     return out
@@ -1250,8 +1553,17 @@ def compare(results_path: Path, model_path: Path = JSON_PATH, out=print) -> int:
     matched = 0
     for row in model["predictions"]:
         bench = row.get("bench")
-        case = next((c for c in results.get("cases", []) if bench and c.get("op") == bench["op"]
-                     and c.get("case") == bench["case"] and c.get("dtype") == bench["dtype"]), None)
+        case = next(
+            (
+                c
+                for c in results.get("cases", [])
+                if bench
+                and c.get("op") == bench["op"]
+                and c.get("case") == bench["case"]
+                and c.get("dtype") == bench["dtype"]
+            ),
+            None,
+        )
         predicted = {"fastlatent": row["predicted_s"], **{p: v["s"] for p, v in row["peers"].items()}}
         for provider, pred in predicted.items():
             got = (case or {}).get("providers", {}).get(provider, {})
@@ -1266,10 +1578,12 @@ def compare(results_path: Path, model_path: Path = JSON_PATH, out=print) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true",
-                        help="fail on a new spill or instruction-budget violation")
-    parser.add_argument("--write", action="store_true",
-                        help="write the JSON and the doc's generated sections")
+    parser.add_argument(
+        "--check", action="store_true", help="fail on a new spill or instruction-budget violation"
+    )
+    parser.add_argument(
+        "--write", action="store_true", help="write the JSON and the doc's generated sections"
+    )
     parser.add_argument("--compare", metavar="RESULTS_JSON", help="print measured vs predicted and exit")
     parser.add_argument("--model", default=str(JSON_PATH), help="the model JSON for --compare")
     parser.add_argument("--jobs", type=int, default=None, help="parallel nvcc jobs (default $MAX_JOBS or 2)")
@@ -1290,21 +1604,27 @@ def main(argv: list[str] | None = None) -> int:
     if not args.write or args.check:
         for k in kernels:
             loop = k.loop or {}
-            print(f"{k.name:60s} regs {k.registers:3d} spill {k.spill_store_bytes}/{k.spill_load_bytes} "
-                  f"occ {k.occupancy:.0%} instr/16B {loop.get('path_per_vector', '-')}")
+            print(
+                f"{k.name:60s} regs {k.registers:3d} spill {k.spill_store_bytes}/{k.spill_load_bytes} "
+                f"occ {k.occupancy:.0%} instr/16B {loop.get('path_per_vector', '-')}"
+            )
     missing = unmatched_patterns(kernels)
     print(check_report(result))
     if not args.write:
         outdated = outdated_outputs(kernels)
         if outdated:
-            print(f"- {JSON_PATH.name} and {DOC_PATH.name} are out of date for {len(outdated)} kernel(s) "
-                  f"(e.g. {outdated[0]}): run `python scripts/perf_model.py --write`")
+            print(
+                f"- {JSON_PATH.name} and {DOC_PATH.name} are out of date for {len(outdated)} kernel(s) "
+                f"(e.g. {outdated[0]}): run `python scripts/perf_model.py --write`"
+            )
     for m in missing:
         print(f"- table pattern matches no kernel: {m}")
     if args.check and (result.failures or missing):
-        print(f"perf_model --check: {len(result.failures)} new violation(s), "
-              f"{len(missing)} unmatched pattern(s)",
-              file=sys.stderr)
+        print(
+            f"perf_model --check: {len(result.failures)} new violation(s), "
+            f"{len(missing)} unmatched pattern(s)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

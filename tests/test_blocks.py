@@ -11,8 +11,12 @@ import fastlatent
 from fastlatent.nn import AttnBlock, Downsample, GroupNormAct, ResnetBlock, TamingResnetBlock, Upsample
 
 # atol, rtol of the fused output against nn.GroupNorm computed in fp32 and rounded to the dtype
-TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 1e-3), torch.bfloat16: (2e-2, 1.6e-2),
-       torch.float64: (1e-12, 1e-12)}
+TOL = {
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (2e-3, 1e-3),
+    torch.bfloat16: (2e-2, 1.6e-2),
+    torch.float64: (1e-12, 1e-12),
+}
 ACTS = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu}
 
 
@@ -30,8 +34,10 @@ def randomise(module: nn.Module, seed=0) -> nn.Module:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.2) + (1.0 if p.dim() == 1
-                                                                                           else 0.0))
+            p.copy_(
+                torch.randn(p.shape, generator=gen) * (0.5 if p.dim() == 1 else 0.2)
+                + (1.0 if p.dim() == 1 else 0.0)
+            )
     return module
 
 
@@ -66,8 +72,9 @@ def test_group_norm_act_matches_group_norm(shape, groups, dtype, activation):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape,fmt", [((2, 32, 9, 7), torch.channels_last),
-                                       ((2, 16, 3, 5, 6), torch.channels_last_3d)])
+@pytest.mark.parametrize(
+    "shape,fmt", [((2, 32, 9, 7), torch.channels_last), ((2, 16, 3, 5, 6), torch.channels_last_3d)]
+)
 def test_group_norm_act_channels_last(shape, fmt, dtype):
     gn = randomise(nn.GroupNorm(8, shape[1]))
     m = GroupNormAct.from_group_norm(gn, "silu")
@@ -81,8 +88,9 @@ def test_group_norm_act_channels_last(shape, fmt, dtype):
 def test_group_norm_act_non_contiguous_input():
     gn = randomise(nn.GroupNorm(4, 8))
     x = torch.randn(3, 8, 10, 12)[:, :, ::2, 1::3]
-    torch.testing.assert_close(GroupNormAct.from_group_norm(gn, "silu")(x), eager(x, gn, "silu"),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        GroupNormAct.from_group_norm(gn, "silu")(x), eager(x, gn, "silu"), atol=1e-5, rtol=1e-5
+    )
 
 
 def test_group_norm_act_fp16_overflow_prone():
@@ -136,7 +144,9 @@ def test_group_norm_act_defaults_and_repr():
 
 
 def test_group_norm_act_errors():
-    with pytest.raises(ValueError, match="num_channels must be divisible by num_groups.*num_channels=10, num_groups=4"):
+    with pytest.raises(
+        ValueError, match="num_channels must be divisible by num_groups.*num_channels=10, num_groups=4"
+    ):
         GroupNormAct(4, 10)
     with pytest.raises(ValueError, match="num_channels must be divisible"):
         GroupNormAct(0, 8)
@@ -175,11 +185,14 @@ def test_group_norm_act_gradcheck_fp64():
     m = randomise(GroupNormAct(2, 4, eps=1e-6, activation="silu")).double()
     x = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, r, w, b: GroupNormAct.forward(m, x, r), (x, r, m.weight, m.bias))
+    assert torch.autograd.gradcheck(
+        lambda x, r, w, b: GroupNormAct.forward(m, x, r), (x, r, m.weight, m.bias)
+    )
     assert torch.autograd.gradcheck(lambda x: m(x), (x,))
 
 
 # ---------------------------------------------------------------- blocks against diffusers, same weights
+
 
 def _load_same(src: nn.Module, dst: nn.Module) -> nn.Module:
     missing, unexpected = dst.load_state_dict(src.state_dict(), strict=True)
@@ -189,18 +202,52 @@ def _load_same(src: nn.Module, dst: nn.Module) -> nn.Module:
 
 
 RESNET_CONFIGS = [
-    pytest.param(dict(in_channels=64, out_channels=64, temb_channels=None, groups=32,
-                      time_embedding_norm="group"), id="sd_vae_decoder"),
-    pytest.param(dict(in_channels=32, out_channels=64, temb_channels=None, groups=16,
-                      time_embedding_norm="group"), id="vae_shortcut"),
+    pytest.param(
+        dict(in_channels=64, out_channels=64, temb_channels=None, groups=32, time_embedding_norm="group"),
+        id="sd_vae_decoder",
+    ),
+    pytest.param(
+        dict(in_channels=32, out_channels=64, temb_channels=None, groups=16, time_embedding_norm="group"),
+        id="vae_shortcut",
+    ),
     pytest.param(dict(in_channels=32, out_channels=32, temb_channels=48, groups=8), id="unet_temb"),
-    pytest.param(dict(in_channels=32, out_channels=48, temb_channels=48, groups=8, groups_out=4,
-                      time_embedding_norm="scale_shift", output_scale_factor=2.0), id="scale_shift"),
-    pytest.param(dict(in_channels=32, out_channels=32, temb_channels=16, groups=8, skip_time_act=True,
-                      non_linearity="gelu", eps=1e-5), id="gelu_skip_time_act"),
+    pytest.param(
+        dict(
+            in_channels=32,
+            out_channels=48,
+            temb_channels=48,
+            groups=8,
+            groups_out=4,
+            time_embedding_norm="scale_shift",
+            output_scale_factor=2.0,
+        ),
+        id="scale_shift",
+    ),
+    pytest.param(
+        dict(
+            in_channels=32,
+            out_channels=32,
+            temb_channels=16,
+            groups=8,
+            skip_time_act=True,
+            non_linearity="gelu",
+            eps=1e-5,
+        ),
+        id="gelu_skip_time_act",
+    ),
     pytest.param(dict(in_channels=16, out_channels=16, temb_channels=16, groups=4, up=True), id="up"),
-    pytest.param(dict(in_channels=16, out_channels=24, temb_channels=16, groups=4, down=True,
-                      use_in_shortcut=True, conv_shortcut_bias=False), id="down_shortcut_nobias"),
+    pytest.param(
+        dict(
+            in_channels=16,
+            out_channels=24,
+            temb_channels=16,
+            groups=4,
+            down=True,
+            use_in_shortcut=True,
+            conv_shortcut_bias=False,
+        ),
+        id="down_shortcut_nobias",
+    ),
 ]
 
 
@@ -209,7 +256,11 @@ def _resnet_inputs(cfg, channels_last=False, dtype=torch.float32):
     x = torch.randn(2, cfg["in_channels"], 10, 9, generator=gen).to(dtype)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    temb = None if cfg["temb_channels"] is None else torch.randn(2, cfg["temb_channels"], generator=gen).to(dtype)
+    temb = (
+        None
+        if cfg["temb_channels"] is None
+        else torch.randn(2, cfg["temb_channels"], generator=gen).to(dtype)
+    )
     return x, temb
 
 
@@ -229,8 +280,10 @@ def test_resnet_block_matches_diffusers(cfg, channels_last):
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
     shared = ResnetBlock.from_diffusers(ref)
     assert {k: v for k, v in shared.state_dict(keep_vars=True).items()}.keys() == ref.state_dict().keys()
-    assert all(a is b for a, b in zip(shared.state_dict(keep_vars=True).values(),
-                                      ref.state_dict(keep_vars=True).values()))
+    assert all(
+        a is b
+        for a, b in zip(shared.state_dict(keep_vars=True).values(), ref.state_dict(keep_vars=True).values())
+    )
     with torch.no_grad():
         torch.testing.assert_close(shared(x, temb), expected, atol=2e-5, rtol=1e-4)
 
@@ -292,6 +345,7 @@ def test_resamplers_match_diffusers(kind):
     pytest.importorskip("diffusers")
     from diffusers.models.downsampling import Downsample2D
     from diffusers.models.upsampling import Upsample2D
+
     if kind.startswith("up"):
         ref, ours = Upsample2D(16, use_conv=True, out_channels=8), Upsample(16, use_conv=True, out_channels=8)
     elif kind == "down_pool":
@@ -314,16 +368,35 @@ def test_resamplers_match_diffusers(kind):
 def test_attn_block_matches_diffusers(channels, dim_head, rescale):
     attention_processor = pytest.importorskip("diffusers.models.attention_processor")
     # as UNetMidBlock2D builds it for the VAE (heads = C // attention_head_dim)
-    ref = attention_processor.Attention(channels, heads=channels // dim_head, dim_head=dim_head,
-                                        rescale_output_factor=rescale, eps=1e-6, norm_num_groups=16,
-                                        residual_connection=True, bias=True, upcast_softmax=True,
-                                        _from_deprecated_attn_block=True)
+    ref = attention_processor.Attention(
+        channels,
+        heads=channels // dim_head,
+        dim_head=dim_head,
+        rescale_output_factor=rescale,
+        eps=1e-6,
+        norm_num_groups=16,
+        residual_connection=True,
+        bias=True,
+        upcast_softmax=True,
+        _from_deprecated_attn_block=True,
+    )
     ref = randomise(ref).eval()
-    ours = _load_same(ref, AttnBlock(channels, dim_head=dim_head, norm_num_groups=16, eps=1e-6,
-                                     rescale_output_factor=rescale))
-    assert list(ours.state_dict()) == ["group_norm.weight", "group_norm.bias", "to_q.weight", "to_q.bias",
-                                       "to_k.weight", "to_k.bias", "to_v.weight", "to_v.bias", "to_out.0.weight",
-                                       "to_out.0.bias"]
+    ours = _load_same(
+        ref,
+        AttnBlock(channels, dim_head=dim_head, norm_num_groups=16, eps=1e-6, rescale_output_factor=rescale),
+    )
+    assert list(ours.state_dict()) == [
+        "group_norm.weight",
+        "group_norm.bias",
+        "to_q.weight",
+        "to_q.bias",
+        "to_k.weight",
+        "to_k.bias",
+        "to_v.weight",
+        "to_v.bias",
+        "to_out.0.weight",
+        "to_out.0.bias",
+    ]
     for channels_last in (False, True):
         x = torch.randn(2, channels, 7, 6)
         if channels_last:
@@ -347,10 +420,15 @@ def test_attn_block_from_diffusers_refuses_cross_attention():
         AttnBlock.from_diffusers(no_norm)
 
 
-@pytest.mark.parametrize("cfg", [dict(in_channels=32, out_channels=32, temb_channels=0),
-                                 dict(in_channels=32, out_channels=64, temb_channels=0),
-                                 dict(in_channels=32, out_channels=64, temb_channels=0, conv_shortcut=True),
-                                 dict(in_channels=64, out_channels=32, temb_channels=24)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        dict(in_channels=32, out_channels=32, temb_channels=0),
+        dict(in_channels=32, out_channels=64, temb_channels=0),
+        dict(in_channels=32, out_channels=64, temb_channels=0, conv_shortcut=True),
+        dict(in_channels=64, out_channels=32, temb_channels=24),
+    ],
+)
 def test_taming_resnet_block_matches_taming(cfg):
     ref = randomise(taming_style.ResnetBlock(dropout=0.0, **cfg)).eval()
     ours = _load_same(ref, TamingResnetBlock(**cfg))
@@ -359,7 +437,9 @@ def test_taming_resnet_block_matches_taming(cfg):
     with torch.no_grad():
         expected = ref(x, temb)
         torch.testing.assert_close(ours(x, temb), expected, atol=2e-5, rtol=1e-4)
-        torch.testing.assert_close(TamingResnetBlock.from_taming(ref)(x, temb), expected, atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            TamingResnetBlock.from_taming(ref)(x, temb), expected, atol=2e-5, rtol=1e-4
+        )
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -393,7 +473,9 @@ def test_upsample_fold_gradients_match_the_two_step_form():
     x = torch.randn(2, 6, 5, 4, dtype=torch.float64, requires_grad=True)
     g = torch.randn(2, 5, 10, 8, dtype=torch.float64)
     grads = torch.autograd.grad((up(x) * g).sum(), (x, up.conv.weight, up.conv.bias))
-    ref = torch.autograd.grad((up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")) * g).sum(),
-                              (x, up.conv.weight, up.conv.bias))
+    ref = torch.autograd.grad(
+        (up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest")) * g).sum(),
+        (x, up.conv.weight, up.conv.bias),
+    )
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -24,8 +24,8 @@ def test_quantize_gradient_is_the_projection_jacobian(dtype):
     z[3] = 1e-14  # below eps: F.normalize divides by eps
     z.requires_grad_()
     g = torch.randn(50, 9, generator=gen).to(dtype)
-    ours, = torch.autograd.grad(fastlatent.bsq_quantize(z)[0], z, g)
-    ref, = torch.autograd.grad(reference.bsq_quantize(z)[0], z, g)
+    (ours,) = torch.autograd.grad(fastlatent.bsq_quantize(z)[0], z, g)
+    (ref,) = torch.autograd.grad(reference.bsq_quantize(z)[0], z, g)
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
@@ -92,6 +92,6 @@ def test_cuda_matches_cpu(dtype):
     torch.testing.assert_close(ps.cpu(), ps_h, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(avg.cpu(), avg_h, rtol=1e-5, atol=1e-7)
     w = torch.randn(18)
-    g, = torch.autograd.grad((q.float() * 3).sum() + ps.sum() + (avg * w.cuda()).sum(), zc)
-    g_h, = torch.autograd.grad((qh.float() * 3).sum() + ps_h.sum() + (avg_h * w).sum(), zh)
+    (g,) = torch.autograd.grad((q.float() * 3).sum() + ps.sum() + (avg * w.cuda()).sum(), zc)
+    (g_h,) = torch.autograd.grad((qh.float() * 3).sum() + ps_h.sum() + (avg_h * w).sum(), zh)
     torch.testing.assert_close(g.cpu().float(), g_h.float(), rtol=1e-3, atol=1e-4)

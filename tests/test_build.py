@@ -74,10 +74,14 @@ def test_missing_extension_is_explained():
     """)
     result = _run("-c", code)
     assert result.returncode == 0, result.stderr
-    assert "fastlatent.nearest_code: fastlatent's compiled extension (fastlatent._C) could not be loaded" \
+    assert (
+        "fastlatent.nearest_code: fastlatent's compiled extension (fastlatent._C) could not be loaded"
         in result.stdout
+    )
     assert "pip install --no-build-isolation --no-deps -e ." in result.stdout
-    info = _run("-c", code.split("import torch, fastlatent")[0] + "from fastlatent.cli import main; main(['info'])")
+    info = _run(
+        "-c", code.split("import torch, fastlatent")[0] + "from fastlatent.cli import main; main(['info'])"
+    )
     assert "NOT LOADED" in info.stdout
 
 
@@ -86,7 +90,9 @@ def test_cuda_tensor_on_a_build_without_cuda_kernels(monkeypatch):
         is_cuda = True
 
     monkeypatch.setattr(_extension, "HAS_CUDA_KERNELS", False)
-    with pytest.raises(RuntimeError, match="got a CUDA tensor, but this build of fastlatent has no CUDA kernels"):
+    with pytest.raises(
+        RuntimeError, match="got a CUDA tensor, but this build of fastlatent has no CUDA kernels"
+    ):
         _extension.require_device("nearest_code", FakeCudaTensor())
 
 

@@ -87,8 +87,9 @@ def test_ema_update_fp16_codebook(device):
     k, d = 8, 4
     cluster_size, embed_sum = torch.ones(k, device=device), torch.randn(k, d, device=device)
     codebook = torch.empty(k, d, device=device, dtype=torch.float16)
-    ops.ema_update_(cluster_size, embed_sum, codebook, torch.ones(k, device=device),
-                    torch.randn(k, d, device=device), 0.5)
+    ops.ema_update_(
+        cluster_size, embed_sum, codebook, torch.ones(k, device=device), torch.randn(k, d, device=device), 0.5
+    )
     n = cluster_size.sum()
     expected = embed_sum / ((cluster_size + 1e-5) / (n + k * 1e-5) * n)[:, None]
     assert codebook.dtype == torch.float16

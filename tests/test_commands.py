@@ -33,11 +33,18 @@ def test_help_documents_every_option(command, capsys):
 
 def test_config_file_sets_defaults_and_command_line_wins(tmp_path):
     cfg = tmp_path / "ae.json"
-    cfg.write_text(json.dumps({"steps": 7, "block-out-channels": [16, 32], "levels": "4,4", "mid_attention": True}))
+    cfg.write_text(
+        json.dumps({"steps": 7, "block-out-channels": [16, 32], "levels": "4,4", "mid_attention": True})
+    )
     parser = _subparser("train-ae")
     apply_config_defaults(parser, load_config_file(cfg), str(cfg))
     args = parser.parse_args(["--out", "x", "--steps", "9"])
-    assert args.steps == 9 and args.block_out_channels == [16, 32] and args.levels == [4, 4] and args.mid_attention
+    assert (
+        args.steps == 9
+        and args.block_out_channels == [16, 32]
+        and args.levels == [4, 4]
+        and args.mid_attention
+    )
     toml = tmp_path / "ae.toml"
     toml.write_text('steps = 11\nquantizer = "vq"\n')
     parser = _subparser("train-ae")
@@ -46,13 +53,16 @@ def test_config_file_sets_defaults_and_command_line_wins(tmp_path):
     assert args.steps == 11 and args.quantizer == "vq"
 
 
-@pytest.mark.parametrize("content, match", [
-    ({"stepz": 3}, "unknown option"),
-    ({"steps": 0}, "option steps"),
-    ({"quantizer": "pq"}, "expected one of"),
-    ({"mid_attention": "yes"}, "true or false"),
-    ({"levels": "a,b"}, "comma-separated integers"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ({"stepz": 3}, "unknown option"),
+        ({"steps": 0}, "option steps"),
+        ({"quantizer": "pq"}, "expected one of"),
+        ({"mid_attention": "yes"}, "true or false"),
+        ({"levels": "a,b"}, "comma-separated integers"),
+    ],
+)
 def test_bad_config_files_are_reported(tmp_path, capsys, content, match):
     cfg = tmp_path / "bad.json"
     cfg.write_text(json.dumps(content))
@@ -94,7 +104,9 @@ def test_save_grid(tmp_path):
         # 3 rows of 4 px + 4 pads, 2 columns of 3 px + 3 pads, doubled
         assert im.size == ((2 * 3 + 3) * 2, (3 * 4 + 4) * 2) and im.mode == "L"
         pixels = torch.from_numpy(__import__("numpy").asarray(im).astype("int64"))
-    assert pixels[2, 2].item() == 0 and pixels[0, 0].item() == 255  # first pixel of image 0 is -1; padding white
+    assert (
+        pixels[2, 2].item() == 0 and pixels[0, 0].item() == 255
+    )  # first pixel of image 0 is -1; padding white
     with pytest.raises(ValueError, match="images must be"):
         save_grid(torch.zeros(2, 2, 4, 4), tmp_path / "x.png", nrow=1)
 
@@ -104,8 +116,23 @@ def test_command_errors_are_one_line_and_exit_status_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("fastlatent sample: error: ") and "pipeline.json not found" in err
     assert "Traceback" not in err and "--debug" in err
-    assert main(["train-ae", "--out", str(tmp_path / "ae"), "--quantizer", "lfq", "--codebook-size", "100",
-                 "--steps", "1", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train-ae",
+                "--out",
+                str(tmp_path / "ae"),
+                "--quantizer",
+                "lfq",
+                "--codebook-size",
+                "100",
+                "--steps",
+                "1",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "fastlatent train-ae: error: " in err and "power of 2" in err and "Traceback" not in err
 
@@ -120,7 +147,9 @@ def test_grid_rows_are_labelled(tmp_path):
 
     images = torch.zeros(6, 1, 4, 4)
     plain = save_grid(images, tmp_path / "plain.png", nrow=3, scale=2)
-    labelled = save_grid(images, tmp_path / "labelled.png", nrow=3, scale=2, row_labels=["original", "class 7"])
+    labelled = save_grid(
+        images, tmp_path / "labelled.png", nrow=3, scale=2, row_labels=["original", "class 7"]
+    )
     with Image.open(plain) as a, Image.open(labelled) as b:
         assert b.height == a.height and b.width > a.width
         margin = __import__("numpy").asarray(b)[:, : b.width - a.width]

@@ -92,9 +92,16 @@ def test_forward_matches_cpu_kernel(name, dtype):
 
 
 # The ops whose backward runs kernels, and the argument positions that get gradients.
-BACKWARD = {"fsq_quantize": (0,), "lfq_entropy": (0,), "bsq_quantize": (0,), "bsq_entropy": (0,),
-            "group_norm": (0, 1, 2, 6), "group_norm_apply": (0, 1, 2, 3, 4), "group_norm_stats": (0,),
-            "lfq_quantize": (0,)}
+BACKWARD = {
+    "fsq_quantize": (0,),
+    "lfq_entropy": (0,),
+    "bsq_quantize": (0,),
+    "bsq_entropy": (0,),
+    "group_norm": (0, 1, 2, 6),
+    "group_norm_apply": (0, 1, 2, 3, 4),
+    "group_norm_stats": (0,),
+    "lfq_quantize": (0,),
+}
 
 
 def _grad_inputs(args, positions):
@@ -137,6 +144,7 @@ def test_backward_matches_cpu_kernel(name, dtype):
 
 # ---------------------------------------------------------------- every path was taken
 
+
 def _nearest(n, d, k, dtype, precision="ieee"):
     gen = torch.Generator().manual_seed(n * 7 + d)
     x = torch.randn(n, d, generator=gen).to(dtype)
@@ -145,16 +153,19 @@ def _nearest(n, d, k, dtype, precision="ieee"):
         return fastlatent.ops.nearest_code(x, codebook, precision=precision)
 
 
-@pytest.mark.parametrize("dtype,d,precision,kernel", [
-    (torch.float32, 16, "ieee", "small_d_kernel<float, 16>"),
-    (torch.float16, 5, "ieee", "small_d_kernel<__half, 8>"),
-    (torch.bfloat16, 32, "ieee", "small_d_kernel<__nv_bfloat16, 32>"),
-    (torch.float32, 40, "ieee", "simt_kernel<float>"),
-    (torch.float16, 36, "ieee", "simt_kernel<__half>"),
-    (torch.float32, 40, "tf32", "tensor_core_kernel<float>"),
-    (torch.float16, 48, "ieee", "tensor_core_kernel<__half>"),
-    (torch.bfloat16, 64, "ieee", "tensor_core_kernel<__nv_bfloat16>"),
-])
+@pytest.mark.parametrize(
+    "dtype,d,precision,kernel",
+    [
+        (torch.float32, 16, "ieee", "small_d_kernel<float, 16>"),
+        (torch.float16, 5, "ieee", "small_d_kernel<__half, 8>"),
+        (torch.bfloat16, 32, "ieee", "small_d_kernel<__nv_bfloat16, 32>"),
+        (torch.float32, 40, "ieee", "simt_kernel<float>"),
+        (torch.float16, 36, "ieee", "simt_kernel<__half>"),
+        (torch.float32, 40, "tf32", "tensor_core_kernel<float>"),
+        (torch.float16, 48, "ieee", "tensor_core_kernel<__half>"),
+        (torch.bfloat16, 64, "ieee", "tensor_core_kernel<__nv_bfloat16>"),
+    ],
+)
 def test_nearest_code_paths(dtype, d, precision, kernel):
     with launches() as ran:
         _nearest(70, d, 150, dtype, precision)
@@ -180,8 +191,9 @@ def test_group_norm_paths_both_layouts_and_fused_conv():
         for layout in (torch.contiguous_format, torch.channels_last):
             xl = x.to(memory_format=layout).requires_grad_()
             fastlatent.ops.group_norm(xl, w, b, 4, 1e-5, "silu")
-        fastlatent.ops.group_norm_conv3x3(x, w, b, 4, eps=1e-5, activation="silu", conv_weight=conv_w,
-                                          algorithm="fused")
+        fastlatent.ops.group_norm_conv3x3(
+            x, w, b, 4, eps=1e-5, activation="silu", conv_weight=conv_w, algorithm="fused"
+        )
     names = " ".join(ran)
     for kernel in ("reduce_cf_kernel", "reduce_cl_kernel", "group_norm_conv3x3_kernel"):
         assert kernel in names, (kernel, sorted(ran))

@@ -37,8 +37,15 @@ def test_every_control_is_built():
 def _ema_args():
     gen = torch.Generator().manual_seed(3)
     k, d = 700, 5  # k > 512: every step of the 1024-thread tree reduction has work
-    return (torch.rand(k, generator=gen), torch.randn(k, d, generator=gen), torch.empty(k, d),
-            torch.randint(0, 9, (k,), generator=gen).float(), torch.randn(k, d, generator=gen), 0.9, 1e-5)
+    return (
+        torch.rand(k, generator=gen),
+        torch.randn(k, d, generator=gen),
+        torch.empty(k, d),
+        torch.randint(0, 9, (k,), generator=gen).float(),
+        torch.randn(k, d, generator=gen),
+        0.9,
+        1e-5,
+    )
 
 
 def _run_ema(args):
@@ -103,7 +110,7 @@ def test_nearest_code_misaligned_view_is_never_silent():
     gen = torch.Generator().manual_seed(6)
     n, d, k = 100, 64, 300
     buf = torch.randn(3 + n * d, generator=gen).half()
-    x = buf[3:3 + n * d].view(n, d)
+    x = buf[3 : 3 + n * d].view(n, d)
     codebook = torch.randn(k, d, generator=gen).half()
     expected = fastlatent.ops.nearest_code(x, codebook)
     try:

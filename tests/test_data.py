@@ -71,13 +71,16 @@ def test_digits_augmentation_is_seeded_per_epoch():
     assert (a == -1).float().mean() >= (data.images[:20] == -1).float().mean()  # shifted in background
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(split="val"), "split must be one of"),
-    (dict(size=0), "size must be an int >= 1"),
-    (dict(test_fraction=1.0), r"test_fraction must be in \(0, 1\)"),
-    (dict(interpolation="area"), "interpolation must be one of"),
-    (dict(augment_shift=16), "augment_shift must be smaller than size"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(split="val"), "split must be one of"),
+        (dict(size=0), "size must be an int >= 1"),
+        (dict(test_fraction=1.0), r"test_fraction must be in \(0, 1\)"),
+        (dict(interpolation="area"), "interpolation must be one of"),
+        (dict(augment_shift=16), "augment_shift must be smaller than size"),
+    ],
+)
 def test_digits_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DigitsDataset(**kwargs)
@@ -115,15 +118,18 @@ def test_sample_photo_patches_resample_each_epoch():
     assert torch.equal(first, torch.stack([patches[i][0] for i in range(10)]))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(patch_size=0), "patch_size must be an int >= 1"),
-    (dict(num_patches=0), "num_patches must be an int >= 1"),
-    (dict(channels=4), "channels must be 1 or 3"),
-    (dict(min_scale=0.0), "min_scale"),
-    (dict(photos=["camera"]), "unknown"),  # greyscale photo with channels=3
-    (dict(photos=["nope"]), "unknown"),
-    (dict(patch_size=5000), "no photo is available"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(patch_size=0), "patch_size must be an int >= 1"),
+        (dict(num_patches=0), "num_patches must be an int >= 1"),
+        (dict(channels=4), "channels must be 1 or 3"),
+        (dict(min_scale=0.0), "min_scale"),
+        (dict(photos=["camera"]), "unknown"),  # greyscale photo with channels=3
+        (dict(photos=["nope"]), "unknown"),
+        (dict(patch_size=5000), "no photo is available"),
+    ],
+)
 def test_sample_photo_patches_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplePhotoPatches(**({"num_patches": 4} | kwargs))
@@ -135,8 +141,10 @@ def test_sample_photo_patches_bad_arguments(kwargs, match):
 def _gradient(w, h):
     x = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
     y = np.linspace(0, 255, h, dtype=np.float32)[:, None, None]
-    return np.concatenate([np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)),
-                           np.full((h, w, 1), 128, np.float32)], axis=2).astype(np.uint8)
+    return np.concatenate(
+        [np.broadcast_to(x, (h, w, 1)), np.broadcast_to(y, (h, w, 1)), np.full((h, w, 1), 128, np.float32)],
+        axis=2,
+    ).astype(np.uint8)
 
 
 @pytest.fixture
@@ -159,7 +167,7 @@ def messy_folder(tmp_path):
     jpeg = root / "dogs" / "truncated.jpg"
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(jpeg, quality=95)
-    jpeg.write_bytes(jpeg.read_bytes()[:len(jpeg.read_bytes()) * 2 // 3])  # header intact, scan data cut
+    jpeg.write_bytes(jpeg.read_bytes()[: len(jpeg.read_bytes()) * 2 // 3])  # header intact, scan data cut
     Image.fromarray(_gradient(6, 6)).save(root / "cats" / "tiny.png")
     # A real TIFF in a pixel format PIL can't represent (float32 RGB).
     tifffile = pytest.importorskip("tifffile")
@@ -182,8 +190,14 @@ def test_image_folder_skips_and_reports_bad_files(messy_folder):
     assert skipped["truncated.jpg"].startswith("cannot decode: truncated or corrupt")
     assert "too small (6x6, min_size is 8)" in skipped["tiny.png"]
     assert all(name in message for name in skipped)
-    assert sorted(p.name for p in data.files) == ["clear.png", "cmyk.jpg", "deep16.png", "gray.jpg",
-                                                  "palette.gif", "rgb.png"]
+    assert sorted(p.name for p in data.files) == [
+        "clear.png",
+        "cmyk.jpg",
+        "deep16.png",
+        "gray.jpg",
+        "palette.gif",
+        "rgb.png",
+    ]
     assert data.classes == ["cats", "dogs"] and data.num_classes == 2
     by_name = {p.name: i for i, p in enumerate(data.files)}
     assert int(data[by_name["rgb.png"]][1]) == 0 and int(data[by_name["cmyk.jpg"]][1]) == 1
@@ -269,9 +283,14 @@ def test_image_folder_errors(tmp_path):
     (bad / "a.png").write_bytes(b"garbage")
     with pytest.warns(RuntimeWarning), pytest.raises(ValueError, match="none of the 1 image files"):
         ImageFolderDataset(bad, size=8)
-    for kwargs, match in [(dict(size=0), "size"), (dict(channels=2), "channels"), (dict(crop="left"), "crop"),
-                          (dict(verify="none"), "verify"), (dict(labels="names"), "labels"),
-                          (dict(background=(0, 0)), "background")]:
+    for kwargs, match in [
+        (dict(size=0), "size"),
+        (dict(channels=2), "channels"),
+        (dict(crop="left"), "crop"),
+        (dict(verify="none"), "verify"),
+        (dict(labels="names"), "labels"),
+        (dict(background=(0, 0)), "background"),
+    ]:
         with pytest.raises(ValueError, match=match):
             ImageFolderDataset(bad, **({"size": 8} | kwargs))
 
@@ -291,13 +310,15 @@ def test_latent_dataset_roundtrip_and_errors(tmp_path):
     assert loaded.num_classes == 3
     tokens = LatentDataset(torch.randint(0, 16, (5, 9)))
     assert tokens.is_tokens and tokens.num_classes == 1 and int(tokens.labels.sum()) == 0
-    for args, match in [((torch.randn(3),), "at least 2 dims"),
-                        ((torch.zeros(3, 4, dtype=torch.int32),), "floating point"),
-                        ((torch.zeros(3, 4, 2, dtype=torch.int64),), r"int64 \[N, L\]"),
-                        ((torch.full((3, 4), -1),), "tokens must be >= 0"),
-                        ((latents, labels[:3]), r"labels must be an int64 tensor of shape \[6\]"),
-                        ((latents, labels.float()), "int64"),
-                        ((latents, labels, 2), r"labels must lie in \[0, num_classes=2\)")]:
+    for args, match in [
+        ((torch.randn(3),), "at least 2 dims"),
+        ((torch.zeros(3, 4, dtype=torch.int32),), "floating point"),
+        ((torch.zeros(3, 4, 2, dtype=torch.int64),), r"int64 \[N, L\]"),
+        ((torch.full((3, 4), -1),), "tokens must be >= 0"),
+        ((latents, labels[:3]), r"labels must be an int64 tensor of shape \[6\]"),
+        ((latents, labels.float()), "int64"),
+        ((latents, labels, 2), r"labels must lie in \[0, num_classes=2\)"),
+    ]:
         with pytest.raises(ValueError, match=match):
             LatentDataset(*args)
     from safetensors.torch import save_file
@@ -309,8 +330,9 @@ def test_latent_dataset_roundtrip_and_errors(tmp_path):
 
 def test_encode_dataset(digits):
     test = digits["test"]
-    pooled = encode_dataset(lambda x: torch.nn.functional.avg_pool2d(x, 4), test, batch_size=100,
-                            device="cpu")
+    pooled = encode_dataset(
+        lambda x: torch.nn.functional.avg_pool2d(x, 4), test, batch_size=100, device="cpu"
+    )
     assert pooled.data.shape == (len(test), 1, 4, 4) and pooled.num_classes == 10
     assert torch.equal(pooled.labels, test.labels)
     torch.testing.assert_close(pooled.data[7], torch.nn.functional.avg_pool2d(test.images[7:8], 4)[0])

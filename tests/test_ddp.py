@@ -75,8 +75,11 @@ DDP_SCRIPT = textwrap.dedent("""
 
 
 def _env():
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     return env
@@ -88,10 +91,20 @@ def test_two_process_ddp_equals_single_process_full_batch(tmp_path):
     script.write_text(DDP_SCRIPT)
     ddp_dir, single_dir = tmp_path / "ddp", tmp_path / "single"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    ddp = subprocess.Popen([*torchrun, str(script), str(ddp_dir), "4"], env=_env(), stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-    single = subprocess.run([sys.executable, str(script), str(single_dir), "8"], env=_env(),
-                            capture_output=True, text=True, timeout=120)
+    ddp = subprocess.Popen(
+        [*torchrun, str(script), str(ddp_dir), "4"],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    single = subprocess.run(
+        [sys.executable, str(script), str(single_dir), "8"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     ddp_out, _ = ddp.communicate(timeout=120)
     assert single.returncode == 0, single.stderr
     assert ddp.returncode == 0, ddp_out
@@ -128,8 +141,10 @@ def _check_ddp_run(ddp_dir, single_dir):
     for a, b in zip(ddp_records, single_records):
         for key in ("loss", "rec", "disc_loss", "grad_norm", "disc_grad_norm", "lr"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    assert sorted(p.name for p in (ddp_dir / "rank0" / "checkpoints").iterdir()) == ["step_00000003.pt",
-                                                                                   "step_00000006.pt"]
+    assert sorted(p.name for p in (ddp_dir / "rank0" / "checkpoints").iterdir()) == [
+        "step_00000003.pt",
+        "step_00000006.pt",
+    ]
     config = json.loads((ddp_dir / "rank0" / "trainer_config.json").read_text())
     assert config["batch_size"] * config["grad_accum_steps"] == 4  # per process: half the global batch
 
@@ -186,6 +201,11 @@ VQ_SYNC_SCRIPT = textwrap.dedent("""
 def test_vq_dead_code_revival_and_quantize_dropout_stay_in_sync(tmp_path):
     script = tmp_path / "vq_sync.py"
     script.write_text(VQ_SYNC_SCRIPT)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(script)], env=_env(), capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0 and "codebooks equal" in run.stdout, run.stdout + run.stderr

@@ -25,9 +25,15 @@ def test_ssim_matches_skimage():
     x, y = _pair()
     ours = ssim(x, y)
     for i in range(x.shape[0]):
-        ref = metrics.structural_similarity(x[i].numpy().astype(np.float64), y[i].numpy().astype(np.float64),
-                                            data_range=2.0, gaussian_weights=True, sigma=1.5,
-                                            use_sample_covariance=False, channel_axis=0)
+        ref = metrics.structural_similarity(
+            x[i].numpy().astype(np.float64),
+            y[i].numpy().astype(np.float64),
+            data_range=2.0,
+            gaussian_weights=True,
+            sigma=1.5,
+            use_sample_covariance=False,
+            channel_axis=0,
+        )
         assert abs(ours[i].item() - ref) < 1e-5
     torch.testing.assert_close(ssim(x, x), torch.ones(x.shape[0]))
 

@@ -53,8 +53,8 @@ def test_gradients_equal_reference(levels, preserve_symmetry, dtype):
     gen = torch.Generator().manual_seed(3)
     z = (torch.randn(301, len(levels), generator=gen) * 3).to(dtype).requires_grad_()
     g = torch.randn(301, len(levels), generator=gen).to(dtype)
-    ours, = torch.autograd.grad(fastlatent.fsq_quantize(z, levels, preserve_symmetry)[0], z, g)
-    ref, = torch.autograd.grad(reference.fsq_quantize(z, levels, preserve_symmetry)[0], z, g)
+    (ours,) = torch.autograd.grad(fastlatent.fsq_quantize(z, levels, preserve_symmetry)[0], z, g)
+    (ref,) = torch.autograd.grad(reference.fsq_quantize(z, levels, preserve_symmetry)[0], z, g)
     tol = 1e-13 if dtype == torch.float64 else 2e-6
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol)
 
@@ -74,9 +74,9 @@ def test_gradcheck_of_the_straight_through_surrogate():
 
     z = torch.randn(9, 3, dtype=torch.float64, requires_grad=True)
     g = torch.randn(9, 3, dtype=torch.float64)
-    ours, = torch.autograd.grad(fastlatent.fsq_quantize(z, levels)[0], z, g)
+    (ours,) = torch.autograd.grad(fastlatent.fsq_quantize(z, levels)[0], z, g)
     assert torch.autograd.gradcheck(surrogate, (z,))
-    want, = torch.autograd.grad(surrogate(z), z, g)
+    (want,) = torch.autograd.grad(surrogate(z), z, g)
     torch.testing.assert_close(ours, want, rtol=1e-13, atol=1e-13)
 
 
@@ -117,9 +117,12 @@ def _inverse_bound(codes, levels, preserve_symmetry):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_and_inf(device, dtype):
     levels = [8, 5, 5, 5]
-    z = torch.tensor([[float("nan"), 0.0, 1.0, 2.0],
-                      [float("inf"), -float("inf"), 0.0, 0.0],
-                      [0.3, -0.2, 0.1, 5.0]], device=device, dtype=dtype, requires_grad=True)
+    z = torch.tensor(
+        [[float("nan"), 0.0, 1.0, 2.0], [float("inf"), -float("inf"), 0.0, 0.0], [0.3, -0.2, 0.1, 5.0]],
+        device=device,
+        dtype=dtype,
+        requires_grad=True,
+    )
     z_hat, idx = fastlatent.fsq_quantize(z, levels)
     assert torch.isnan(z_hat[0, 0]) and not torch.isnan(z_hat[0, 1:]).any()
     assert idx[0].item() == -1 and idx[1].item() >= 0 and idx[2].item() >= 0
@@ -195,7 +198,9 @@ def test_opcheck_with_gradients(device):
     z = torch.randn(33, 5, device=device, requires_grad=True)
     torch.library.opcheck(torch.ops.fastlatent.fsq_quantize.default, (z, [7, 5, 5, 5, 5]))
     g = torch.randn(33, 5, device=device)
-    torch.library.opcheck(torch.ops.fastlatent.fsq_quantize_backward.default, (g, z.detach(), [7, 5, 5, 5, 5]))
+    torch.library.opcheck(
+        torch.ops.fastlatent.fsq_quantize_backward.default, (g, z.detach(), [7, 5, 5, 5, 5])
+    )
 
 
 def test_compiled_forward_backward(device):
@@ -203,15 +208,15 @@ def test_compiled_forward_backward(device):
 
     def step(z, w):
         z_hat, idx = fastlatent.fsq_quantize(z @ w, [8, 5, 5, 5])
-        return (z_hat ** 2).sum(), idx
+        return (z_hat**2).sum(), idx
 
     w = torch.randn(16, 4, device=device, requires_grad=True)
     z = torch.randn(64, 16, device=device)
     compiled = torch.compile(step, fullgraph=True)
     loss, idx = compiled(z, w)
-    grad_c, = torch.autograd.grad(loss, w)
+    (grad_c,) = torch.autograd.grad(loss, w)
     loss_e, idx_e = step(z, w)
-    grad_e, = torch.autograd.grad(loss_e, w)
+    (grad_e,) = torch.autograd.grad(loss_e, w)
     assert torch.equal(idx, idx_e)
     torch.testing.assert_close(grad_c, grad_e)
 
@@ -238,7 +243,7 @@ def test_cuda_matches_cpu(dtype, preserve_symmetry):
                 ref = reference.fsq_quantize(z, levels, preserve_symmetry)
                 assert torch.equal(z_hat.cpu(), ref[0]) and torch.equal(idx.cpu(), ref[1])
                 g = torch.randn_like(z)
-                grad, = torch.autograd.grad(z_hat, zc, g.cuda())
+                (grad,) = torch.autograd.grad(z_hat, zc, g.cuda())
                 want = torch.ops.fastlatent.fsq_quantize_backward.default(g, z, levels, preserve_symmetry)
                 torch.testing.assert_close(grad.cpu(), want, rtol=2e-6, atol=1e-7)
                 codes = fastlatent.fsq_indices_to_codes(idx, levels, preserve_symmetry, dtype=dtype)

@@ -97,10 +97,20 @@ def test_cuda_training_keeps_the_unfused_path():
 def test_patched_sd_vae_decodes_the_same_with_the_fused_kernel(mode):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512)).to("cuda", torch.bfloat16).eval()
+    vae = (
+        diffusers.AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=2,
+            norm_num_groups=32,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+        )
+        .to("cuda", torch.bfloat16)
+        .eval()
+    )
     z = torch.randn(1, 4, 32, 32, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         exact = vae.float().decode(z.float()).sample

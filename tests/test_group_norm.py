@@ -74,8 +74,9 @@ def test_fp16_inputs_near_overflow(device):
     x = (torch.randn(2, 8, 16, 16, device=device) * 2000 + 30000).half()
     out = ops.group_norm(x, None, None, 2, 1e-5, "silu")
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out.float(), reference.group_norm(x, None, None, 2, 1e-5, "silu").float(),
-                               rtol=4e-3, atol=4e-3)
+    torch.testing.assert_close(
+        out.float(), reference.group_norm(x, None, None, 2, 1e-5, "silu").float(), rtol=4e-3, atol=4e-3
+    )
 
 
 def test_channels_last_in_channels_last_out(device):
@@ -124,8 +125,16 @@ def test_compiles_with_backward(device):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("shape, groups", [((1, 512, 64, 64), 32), ((64, 512, 8, 8), 32), ((2, 128, 100, 98), 32),
-                                           ((3, 12, 1000), 3), ((1, 64, 4, 30, 30), 16)])
+@pytest.mark.parametrize(
+    "shape, groups",
+    [
+        ((1, 512, 64, 64), 32),
+        ((64, 512, 8, 8), 32),
+        ((2, 128, 100, 98), 32),
+        ((3, 12, 1000), 3),
+        ((1, 64, 4, 30, 30), 16),
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["first", "last"])
 def test_cuda_matches_cpu(shape, groups, dtype, layout):
@@ -207,14 +216,18 @@ def test_gradcheck_stats_and_apply_float64(activation):
     rstd = torch.rand(2, 3, dtype=torch.float32) + 0.5
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
     b = torch.randn(6, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t, w_, b_: ops.group_norm_apply(t, mean, rstd, w_, b_, activation),
-                                    (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda t, w_, b_: ops.group_norm_apply(t, mean, rstd, w_, b_, activation), (x, w, b)
+    )
 
 
 @pytest.mark.parametrize("activation", ["none", "silu", "gelu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("shape, groups, layout",
-                         [((2, 24, 37, 29), 6, "first"), ((1, 1040, 3, 5), 8, "last")], ids=["first", "last"])
+@pytest.mark.parametrize(
+    "shape, groups, layout",
+    [((2, 24, 37, 29), 6, "first"), ((1, 1040, 3, 5), 8, "last")],
+    ids=["first", "last"],
+)
 def test_half_types_are_the_fp32_result_rounded_to_nearest_even(shape, groups, layout, dtype, activation):
     # The CPU kernels convert 16-bit values in blocks (hardware F16C where built with it, branch-free code
     # elsewhere): given the same statistics, the fp16/bf16 output is the fp32 kernel's output rounded once,

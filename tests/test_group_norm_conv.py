@@ -69,8 +69,14 @@ def test_empty_batch_and_image():
 CUDA_SHAPES = [
     # (N, C_in, H, W, C_out, groups): SD-VAE decoder blocks at reduced size, tails of every tile,
     # 1-pixel images, more than 48 KB of shared memory (C_in 2048), C_out over one 128-channel tile
-    (1, 512, 32, 32, 512, 32), (2, 128, 64, 64, 128, 32), (1, 256, 48, 40, 128, 32), (1, 128, 64, 64, 3, 32),
-    (3, 40, 7, 9, 24, 8), (1, 8, 1, 1, 130, 8), (2, 64, 17, 33, 16, 1), (1, 2048, 8, 8, 64, 32),
+    (1, 512, 32, 32, 512, 32),
+    (2, 128, 64, 64, 128, 32),
+    (1, 256, 48, 40, 128, 32),
+    (1, 128, 64, 64, 3, 32),
+    (3, 40, 7, 9, 24, 8),
+    (1, 8, 1, 1, 130, 8),
+    (2, 64, 17, 33, 16, 1),
+    (1, 2048, 8, 8, 64, 32),
     (1, 96, 100, 3, 256, 96),
 ]
 
@@ -82,11 +88,15 @@ def test_fused_matches_reference_and_unfused(shape, dtype):
     n, cin, h, w, cout, groups = shape
     x, gw, gb, cw, cb, r = _inputs(n, cin, h, w, cout, "cuda", dtype, seed=cin + h)
     for activation in ("silu", "gelu", "none"):
-        fused = ops.group_norm_conv3x3(x, gw, gb, groups, cw, cb, eps=1e-6, activation=activation, residual=r,
-                                       algorithm="fused")
-        unfused = ops.group_norm_conv3x3(x, gw, gb, groups, cw, cb, eps=1e-6, activation=activation, residual=r,
-                                         algorithm="unfused")
-        ref = reference.group_norm_conv3x3(x, gw, gb, groups, cw, cb, eps=1e-6, activation=activation, residual=r)
+        fused = ops.group_norm_conv3x3(
+            x, gw, gb, groups, cw, cb, eps=1e-6, activation=activation, residual=r, algorithm="fused"
+        )
+        unfused = ops.group_norm_conv3x3(
+            x, gw, gb, groups, cw, cb, eps=1e-6, activation=activation, residual=r, algorithm="unfused"
+        )
+        ref = reference.group_norm_conv3x3(
+            x, gw, gb, groups, cw, cb, eps=1e-6, activation=activation, residual=r
+        )
         tol = 1e-2 if dtype == torch.float16 else 4e-2
         assert _relative_error(fused, ref) <= tol, activation
         # both round the activation to the storage dtype once; the fused kernel rounds the output once
@@ -112,7 +122,9 @@ def test_fused_reads_and_writes_any_strides(layout):
 @pytest.mark.cuda
 def test_fused_is_deterministic_and_handles_large_means():
     # fp16 inputs near the top of their range: the statistics and the normalisation stay in fp32
-    x, gw, gb, cw, cb, _ = _inputs(1, 128, 33, 47, 128, "cuda", torch.float16, seed=5, scale=300.0, offset=20000.0)
+    x, gw, gb, cw, cb, _ = _inputs(
+        1, 128, 33, 47, 128, "cuda", torch.float16, seed=5, scale=300.0, offset=20000.0
+    )
     first = ops.group_norm_conv3x3(x, gw, gb, 32, cw, cb, algorithm="fused")
     second = ops.group_norm_conv3x3(x, gw, gb, 32, cw, cb, algorithm="fused")
     assert torch.equal(first, second)
@@ -171,7 +183,9 @@ def test_fused_under_cuda_graph_capture_and_compile():
     eager = ops.group_norm_conv3x3(x, gw, gb, 16, cw, cb, residual=r, algorithm="fused")
     static_x = x.clone()
     graph = torch.cuda.CUDAGraph()
-    ops.group_norm_conv3x3(static_x, gw, gb, 16, cw, cb, residual=r, algorithm="fused")  # warm-up outside capture
+    ops.group_norm_conv3x3(
+        static_x, gw, gb, 16, cw, cb, residual=r, algorithm="fused"
+    )  # warm-up outside capture
     torch.cuda.synchronize()
     with torch.cuda.graph(graph):
         captured = ops.group_norm_conv3x3(static_x, gw, gb, 16, cw, cb, residual=r, algorithm="fused")
@@ -179,6 +193,7 @@ def test_fused_under_cuda_graph_capture_and_compile():
     torch.cuda.synchronize()
     assert torch.equal(captured, eager)
     torch._dynamo.reset()
-    compiled = torch.compile(lambda t: ops.group_norm_conv3x3(t, gw, gb, 16, cw, cb, residual=r, algorithm="fused"),
-                             fullgraph=True)
+    compiled = torch.compile(
+        lambda t: ops.group_norm_conv3x3(t, gw, gb, 16, cw, cb, residual=r, algorithm="fused"), fullgraph=True
+    )
     assert torch.equal(compiled(x), eager)

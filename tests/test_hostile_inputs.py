@@ -34,9 +34,9 @@ def test_patched_autoencoder_kl_sees_weight_writes_through_data():
     with torch.no_grad():
         vae.decode(z)  # a first decode, as a training loop's sample step would
         new = {k: v + 0.05 * torch.randn_like(v) for k, v in vae.state_dict().items()}
-        for (name, p) in vae.named_parameters():
-            p.data.copy_(new[name])           # p.data.copy_(ema): no version bump
-        for (name, p) in original.named_parameters():
+        for name, p in vae.named_parameters():
+            p.data.copy_(new[name])  # p.data.copy_(ema): no version bump
+        for name, p in original.named_parameters():
             p.copy_(new[name])
         patched, unpatched = vae.decode(z).sample, original.decode(z).sample
     torch.testing.assert_close(patched, unpatched, atol=1e-4, rtol=1e-4)
@@ -69,6 +69,7 @@ def test_group_norm_double_backward(activation):
 def test_group_norm_conv3x3_double_backward():
     torch.manual_seed(0)
     inputs = (_f64(2, 6, 4, 5), _f64(6), _f64(6), _f64(5, 6, 3, 3), _f64(5), _f64(2, 5, 4, 5))
+
     def fn(x, gw, gb, cw, cb, r):
         return ops.group_norm_conv3x3(x, gw, gb, 3, cw, cb, activation="silu", residual=r)
 
@@ -80,19 +81,24 @@ def test_group_norm_apply_and_stats_double_backward(activation):
     torch.manual_seed(0)
     x = (_f64(2, 6, 3, 5).detach() * 2 + 1).requires_grad_()
     mean, rstd = torch.randn(2, 3), torch.rand(2, 3) + 0.5
-    assert gradgradcheck(lambda t, w, b: ops.group_norm_apply(t, mean, rstd, w, b, activation),
-                         (x, _f64(6), _f64(6)))
+    assert gradgradcheck(
+        lambda t, w, b: ops.group_norm_apply(t, mean, rstd, w, b, activation), (x, _f64(6), _f64(6))
+    )
     # the statistics are fp32 outputs: a Hessian-vector product against float64 autograd instead
     a, c = torch.randn(2, 3), torch.randn(2, 3)
 
     def hvp(mean, m2):
-        (g,) = torch.autograd.grad((mean * a).sum() + (m2 ** 2 * c).sum(), x, create_graph=True)
-        return torch.autograd.grad((g ** 2).sum(), x)[0]
+        (g,) = torch.autograd.grad((mean * a).sum() + (m2**2 * c).sum(), x, create_graph=True)
+        return torch.autograd.grad((g**2).sum(), x)[0]
 
     xg = x.reshape(2, 3, -1)
     ref_mean = xg.mean(-1)
-    torch.testing.assert_close(hvp(*ops.group_norm_stats(x, 3)),
-                               hvp(ref_mean, ((xg - ref_mean[..., None]) ** 2).sum(-1)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        hvp(*ops.group_norm_stats(x, 3)),
+        hvp(ref_mean, ((xg - ref_mean[..., None]) ** 2).sum(-1)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("preserve_symmetry", [False, True])
@@ -116,12 +122,19 @@ def test_r1_penalty_through_a_patched_discriminator():
 
     def disc():
         torch.manual_seed(1)
-        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(4, 8), nn.SiLU(),
-                             nn.Conv2d(8, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.Conv2d(8, 1, 1)).double()
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.GroupNorm(4, 8),
+            nn.SiLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.GroupNorm(2, 8),
+            nn.Conv2d(8, 1, 1),
+        ).double()
 
     def r1_weight_grad(model):
-        x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2),
-                        requires_grad=True)
+        x = torch.randn(
+            2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True
+        )
         (gx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
         return torch.autograd.grad(gx.pow(2).sum(), model[0].weight)[0]
 
@@ -154,7 +167,7 @@ def test_ema_update_bumps_version_counters():
 def test_ema_update_of_a_saved_codebook_raises_at_backward():
     x = torch.randn(4, 3, requires_grad=True)
     cluster_size, embed_sum, codebook, counts, sums = _ema_state()
-    loss = (x @ codebook.T).pow(2).sum()     # saves the codebook for x's gradient
+    loss = (x @ codebook.T).pow(2).sum()  # saves the codebook for x's gradient
     ops.ema_update_(cluster_size, embed_sum, codebook, counts, sums, 0.9)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
@@ -216,25 +229,36 @@ def test_kmeans_clusters_huge_values(magnitude, metric):
     # at >= 1e19 the fp32 squared distances overflowed and every row went to one cluster
     gen = torch.Generator().manual_seed(0)
     directions = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], dtype=torch.float64)
-    x = (directions.repeat_interleave(20, 0) + 0.01 * torch.randn(60, 2, generator=gen, dtype=torch.float64))
+    x = directions.repeat_interleave(20, 0) + 0.01 * torch.randn(60, 2, generator=gen, dtype=torch.float64)
     x = (x * magnitude / x.abs().max()).float()
     centres, counts = ops.kmeans(x, 3, num_iters=5, generator=torch.Generator().manual_seed(1), metric=metric)
     assert sorted(counts.tolist()) == [20.0, 20.0, 20.0]
     assert torch.isfinite(centres).all()
     if metric == "l2":
-        want = torch.stack([x[i * 20:(i + 1) * 20].double().mean(0) for i in range(3)])
+        want = torch.stack([x[i * 20 : (i + 1) * 20].double().mean(0) for i in range(3)])
         got = centres.double()[torch.cdist(want, centres.double()).argmin(1)]
         torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
 
 
-@pytest.mark.parametrize("x, error, match", [
-    (torch.randn(8, 2, dtype=torch.complex64), TypeError, "real floating-point tensor .* torch.complex64"),
-    (torch.arange(16).reshape(8, 2), TypeError, "real floating-point tensor .* got torch.int64"),
-    (torch.ones(8, 2, dtype=torch.bool), TypeError, "got torch.bool"),
-    (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), ValueError, "NaN or Inf"),
-    (torch.tensor([[0.0, 1.0], [float("inf"), 0.0]]), ValueError, "NaN or Inf"),
-    (torch.tensor([[0.0, 1.0], [1e300, 0.0]], dtype=torch.float64), ValueError, "beyond the float32 range"),
-])
+@pytest.mark.parametrize(
+    "x, error, match",
+    [
+        (
+            torch.randn(8, 2, dtype=torch.complex64),
+            TypeError,
+            "real floating-point tensor .* torch.complex64",
+        ),
+        (torch.arange(16).reshape(8, 2), TypeError, "real floating-point tensor .* got torch.int64"),
+        (torch.ones(8, 2, dtype=torch.bool), TypeError, "got torch.bool"),
+        (torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]), ValueError, "NaN or Inf"),
+        (torch.tensor([[0.0, 1.0], [float("inf"), 0.0]]), ValueError, "NaN or Inf"),
+        (
+            torch.tensor([[0.0, 1.0], [1e300, 0.0]], dtype=torch.float64),
+            ValueError,
+            "beyond the float32 range",
+        ),
+    ],
+)
 def test_kmeans_rejects_non_real_or_non_finite_input(x, error, match):
     with pytest.raises(error, match=match):
         ops.kmeans(x, 2)
@@ -258,10 +282,13 @@ def test_a_second_run_into_a_live_run_directory_refuses(tmp_path):
     temporary = run / "checkpoints" / ".step_00000002.pt.abc.tmp"
     temporary.parent.mkdir(parents=True)
     temporary.write_bytes(b"being written")
-    hold = ("import sys; from fastlatent.training.run_lock import RunLock\n"
-            "with RunLock(sys.argv[1], 'training run'):\n    print('ready', flush=True); sys.stdin.read()")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(run)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    hold = (
+        "import sys; from fastlatent.training.run_lock import RunLock\n"
+        "with RunLock(sys.argv[1], 'training run'):\n    print('ready', flush=True); sys.stdin.read()"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "ready"
         busy = rf"in use by another training run \(process {holder.pid} on"
@@ -270,7 +297,7 @@ def test_a_second_run_into_a_live_run_directory_refuses(tmp_path):
         assert temporary.exists()
     finally:
         holder.communicate("", timeout=60)
-    Trainer(Regressor(), **config).fit(PairDataset())   # the holder has exited: its lock went with it
+    Trainer(Regressor(), **config).fit(PairDataset())  # the holder has exited: its lock went with it
     assert not temporary.exists()
 
 
@@ -283,8 +310,14 @@ def test_resume_refuses_a_checkpoint_of_a_different_model(tmp_path):
 
     def task(**quantizer):
         torch.manual_seed(0)
-        ae = models.FSQAutoencoder(in_channels=1, out_channels=1, block_out_channels=[8], layers_per_block=1,
-                                   norm_num_groups=4, **quantizer)
+        ae = models.FSQAutoencoder(
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=[8],
+            layers_per_block=1,
+            norm_num_groups=4,
+            **quantizer,
+        )
         return models.AutoencoderTask(ae, models.AutoencoderLoss(perceptual_weight=0.0, disc_weight=0.0))
 
     images = torch.utils.data.TensorDataset(torch.rand(8, 1, 8, 8) * 2 - 1, torch.zeros(8, dtype=torch.long))
@@ -293,8 +326,10 @@ def test_resume_refuses_a_checkpoint_of_a_different_model(tmp_path):
     lfq = Trainer(task(quantizer="lfq", codebook_size=8), **small_config(tmp_path, steps=4, batch_size=4))
     with pytest.raises(ValueError, match=r"written by a different run \(.*quantizer: 'fsq' -> 'lfq'"):
         lfq.fit(images)
-    precision = Trainer(task(quantizer="fsq", levels=[5, 5, 5]),
-                        **small_config(tmp_path, steps=4, batch_size=4, precision="bf16"))
+    precision = Trainer(
+        task(quantizer="fsq", levels=[5, 5, 5]),
+        **small_config(tmp_path, steps=4, batch_size=4, precision="bf16"),
+    )
     with pytest.raises(ValueError, match=r"trainer.precision: 'fp32' -> 'bf16'"):
         precision.fit(images)
 
@@ -305,8 +340,14 @@ def test_resume_refuses_a_checkpoint_of_a_different_model(tmp_path):
 def _saved_autoencoder(tmp_path):
     from fastlatent import models
 
-    model = models.AutoencoderKL(in_channels=1, out_channels=1, latent_channels=4, block_out_channels=[8, 16],
-                                 layers_per_block=1, norm_num_groups=4)
+    model = models.AutoencoderKL(
+        in_channels=1,
+        out_channels=1,
+        latent_channels=4,
+        block_out_channels=[8, 16],
+        layers_per_block=1,
+        norm_num_groups=4,
+    )
     return model.save_pretrained(tmp_path / "ae")
 
 
@@ -375,15 +416,23 @@ def test_lfq_autoencoder_with_too_many_codes_fails_at_construction():
     from fastlatent import models
 
     with pytest.raises(ValueError, match=r"codebook_size must be <= 2\^18 for quantizer='lfq'"):
-        models.FSQAutoencoder(quantizer="lfq", codebook_size=2**20, block_out_channels=[8],
-                              layers_per_block=1, norm_num_groups=4)
+        models.FSQAutoencoder(
+            quantizer="lfq",
+            codebook_size=2**20,
+            block_out_channels=[8],
+            layers_per_block=1,
+            norm_num_groups=4,
+        )
 
 
-@pytest.mark.parametrize("content, match", [
-    ('{"steps": 5.7}', r"option steps: expected an integer, got 5.7"),
-    ('{"steps": true}', r"option steps: expected a value, not true"),
-    ('{"block_out_channels": [8, 16.5]}', r"option block_out_channels: expected an integer, got 16.5"),
-])
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        ('{"steps": 5.7}', r"option steps: expected an integer, got 5.7"),
+        ('{"steps": true}', r"option steps: expected a value, not true"),
+        ('{"block_out_channels": [8, 16.5]}', r"option block_out_channels: expected an integer, got 16.5"),
+    ],
+)
 def test_config_files_do_not_coerce_values(tmp_path, capsys, content, match):
     # "steps": 5.7 trained 5 steps and true trained 1
     import re

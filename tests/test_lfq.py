@@ -44,8 +44,8 @@ def test_gradients_equal_reference(d, dtype):
     def aux(ps, avg):
         return ps.mean() - 1.3 * -(avg * avg.log()).sum()
 
-    ours, = torch.autograd.grad(aux(*fastlatent.lfq_entropy(x, 1.0, 5.0)), x)
-    ref, = torch.autograd.grad(aux(*reference.lfq_entropy(x, 1.0, 5.0)), x)
+    (ours,) = torch.autograd.grad(aux(*fastlatent.lfq_entropy(x, 1.0, 5.0)), x)
+    (ref,) = torch.autograd.grad(aux(*reference.lfq_entropy(x, 1.0, 5.0)), x)
     # fp32: the leave-one-out sums run over 2^(d/2) terms with cancellation; scale atol to the gradient.
     tol = 1e-10 if dtype == torch.float64 else 1e-4
     torch.testing.assert_close(ours, ref, rtol=tol, atol=tol * float(ref.abs().max()))
@@ -57,13 +57,16 @@ def test_quantize_bits_and_straight_through(device):
     assert q.tolist() == [[0.5, -0.5, -0.5, 0.5], [-0.5, 0.5, 0.5, -0.5]]
     assert idx.tolist() == [0b1001, 0b0110]  # channel 0 is the most significant bit
     g = torch.randn_like(x)
-    grad, = torch.autograd.grad(q, x, g)
+    (grad,) = torch.autograd.grad(q, x, g)
     assert torch.equal(grad, g)
 
 
 def test_nan_and_inf(device):
-    x = torch.tensor([[float("nan"), 1.0, -1.0], [float("inf"), -float("inf"), 0.5], [0.1, 0.2, -0.3]],
-                     device=device, requires_grad=True)
+    x = torch.tensor(
+        [[float("nan"), 1.0, -1.0], [float("inf"), -float("inf"), 0.5], [0.1, 0.2, -0.3]],
+        device=device,
+        requires_grad=True,
+    )
     q, idx = fastlatent.lfq_quantize(x)
     assert torch.isnan(q[0, 0]) and idx[0].item() == -1
     assert q[1].tolist() == [1.0, -1.0, 1.0] and idx[1].item() == 0b101
@@ -110,14 +113,16 @@ def test_cuda_matches_cpu(dtype, d):
     xc = x.cuda().requires_grad_()
     xh = x.clone().requires_grad_()
     q, idx = fastlatent.lfq_quantize(xc)
-    assert torch.equal(q.cpu(), fastlatent.lfq_quantize(x)[0]) and torch.equal(idx.cpu(), fastlatent.lfq_quantize(x)[1])
+    assert torch.equal(q.cpu(), fastlatent.lfq_quantize(x)[0]) and torch.equal(
+        idx.cpu(), fastlatent.lfq_quantize(x)[1]
+    )
     ps, avg = fastlatent.lfq_entropy(xc, 1.0, 10.0)
     ps_h, avg_h = fastlatent.lfq_entropy(xh, 1.0, 10.0)
     torch.testing.assert_close(ps.cpu(), ps_h, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(avg.cpu(), avg_h, rtol=1e-4, atol=1e-9)
     w = torch.randn(2**d)
-    g, = torch.autograd.grad(ps.sum() + (avg * w.cuda()).sum(), xc)
-    g_h, = torch.autograd.grad(ps_h.sum() + (avg_h * w).sum(), xh)
+    (g,) = torch.autograd.grad(ps.sum() + (avg * w.cuda()).sum(), xc)
+    (g_h,) = torch.autograd.grad(ps_h.sum() + (avg_h * w).sum(), xh)
     torch.testing.assert_close(g.cpu().float(), g_h.float(), rtol=1e-3, atol=1e-5)
     again = fastlatent.lfq_entropy(xc, 1.0, 10.0)
     assert torch.equal(again[1], avg)  # deterministic

@@ -20,20 +20,36 @@ from fastlatent.models import (
 diffusers = pytest.importorskip("diffusers")
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint  # noqa: E402
 
-SD_CONFIG = dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32)
+SD_CONFIG = dict(
+    block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4, norm_num_groups=32
+)
 # SD-VAE layout (4 levels, f8, 2 layers per block, mid attention, quant convs) at CPU-friendly widths
 SMALL_SD = dict(block_out_channels=[32, 64, 64, 64], layers_per_block=2, latent_channels=4, norm_num_groups=8)
 
 
-def diffusers_vae(seed=0, in_channels=3, out_channels=3, block_out_channels=(32, 64, 64, 64), layers_per_block=2,
-                  latent_channels=4, norm_num_groups=8, **extra):
+def diffusers_vae(
+    seed=0,
+    in_channels=3,
+    out_channels=3,
+    block_out_channels=(32, 64, 64, 64),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=8,
+    **extra,
+):
     torch.manual_seed(seed)
     levels = len(block_out_channels)
-    vae = diffusers.AutoencoderKL(in_channels=in_channels, out_channels=out_channels,
-                                  down_block_types=["DownEncoderBlock2D"] * levels,
-                                  up_block_types=["UpDecoderBlock2D"] * levels, block_out_channels=block_out_channels,
-                                  layers_per_block=layers_per_block, latent_channels=latent_channels,
-                                  norm_num_groups=norm_num_groups, **extra)
+    vae = diffusers.AutoencoderKL(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        down_block_types=["DownEncoderBlock2D"] * levels,
+        up_block_types=["UpDecoderBlock2D"] * levels,
+        block_out_channels=block_out_channels,
+        layers_per_block=layers_per_block,
+        latent_channels=latent_channels,
+        norm_num_groups=norm_num_groups,
+        **extra,
+    )
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         # GroupNorm ones/zeros and zero-ish biases would hide swapped weight/bias or misrouted tensors
@@ -50,8 +66,12 @@ def assert_same_outputs(ours: AutoencoderKL, vae, x):
         torch.testing.assert_close(got.mean, expected.mean, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(got.std, expected.std, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(got.kl(), expected.kl(), atol=1e-3, rtol=1e-4)
-        torch.testing.assert_close(ours.encode(x, sample=True, generator=torch.Generator().manual_seed(3)),
-                                   expected.sample(torch.Generator().manual_seed(3)), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            ours.encode(x, sample=True, generator=torch.Generator().manual_seed(3)),
+            expected.sample(torch.Generator().manual_seed(3)),
+            atol=2e-5,
+            rtol=1e-4,
+        )
         z = expected.mean
         torch.testing.assert_close(ours.decode(z), vae.decode(z).sample, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(ours(x).reconstruction, vae(x).sample, atol=2e-5, rtol=1e-4)
@@ -65,12 +85,26 @@ def assert_same_weights(ours: AutoencoderKL, vae):
         assert torch.equal(own[key], theirs[key]), key
 
 
-@pytest.mark.parametrize("kwargs", [
-    pytest.param({}, id="sd_layout_f8"),
-    pytest.param(dict(block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=8,
-                      mid_block_add_attention=False, use_quant_conv=False, use_post_quant_conv=False, in_channels=1,
-                      out_channels=2, norm_num_groups=16), id="f4_no_attention_no_quant_conv"),
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({}, id="sd_layout_f8"),
+        pytest.param(
+            dict(
+                block_out_channels=(16, 32, 32),
+                layers_per_block=1,
+                latent_channels=8,
+                mid_block_add_attention=False,
+                use_quant_conv=False,
+                use_post_quant_conv=False,
+                in_channels=1,
+                out_channels=2,
+                norm_num_groups=16,
+            ),
+            id="f4_no_attention_no_quant_conv",
+        ),
+    ],
+)
 def test_kl_from_diffusers_matches_diffusers(kwargs):
     vae = diffusers_vae(**kwargs)
     ours = AutoencoderKL.from_diffusers(vae)
@@ -85,8 +119,9 @@ def test_kl_from_diffusers_matches_diffusers(kwargs):
 def test_sd_config_state_dict_keys_and_shapes_match_diffusers():
     with torch.device("meta"):
         ours = AutoencoderKL(**SD_CONFIG)
-        vae = diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"] * 4,
-                                      up_block_types=["UpDecoderBlock2D"] * 4, **SD_CONFIG)
+        vae = diffusers.AutoencoderKL(
+            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, **SD_CONFIG
+        )
     ours_shapes = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in vae.state_dict().items()}
     assert ours_shapes == theirs
@@ -98,12 +133,15 @@ def test_sd_config_state_dict_keys_and_shapes_match_diffusers():
     assert ours.encoder.mid_block.attentions[0] is not None and len(ours.decoder.mid_block.resnets) == 2
     # names of the original CompVis checkpoints, checked against diffusers' own ldm converter
     ldm = diffusers_to_ldm_vae_state_dict(vae.state_dict())
-    for key, shape in [("encoder.down.1.block.0.nin_shortcut.weight", (256, 128, 1, 1)),
-                       ("encoder.mid.attn_1.q.weight", (512, 512, 1, 1)),
-                       ("decoder.up.0.block.0.nin_shortcut.weight", (128, 256, 1, 1)),
-                       ("decoder.up.3.upsample.conv.weight", (512, 512, 3, 3)),
-                       ("decoder.up.0.block.2.conv2.weight", (128, 128, 3, 3)),
-                       ("encoder.norm_out.weight", (512,)), ("quant_conv.weight", (8, 8, 1, 1))]:
+    for key, shape in [
+        ("encoder.down.1.block.0.nin_shortcut.weight", (256, 128, 1, 1)),
+        ("encoder.mid.attn_1.q.weight", (512, 512, 1, 1)),
+        ("decoder.up.0.block.0.nin_shortcut.weight", (128, 256, 1, 1)),
+        ("decoder.up.3.upsample.conv.weight", (512, 512, 3, 3)),
+        ("decoder.up.0.block.2.conv2.weight", (128, 128, 3, 3)),
+        ("encoder.norm_out.weight", (512,)),
+        ("quant_conv.weight", (8, 8, 1, 1)),
+    ]:
         assert tuple(ldm[key].shape) == shape, key
     back = convert_ldm_vae_checkpoint(ldm, dict(vae.config))
     assert {k: tuple(v.shape) for k, v in back.items()} == theirs
@@ -135,21 +173,33 @@ def test_ldm_naming_round_trip(tmp_path):
     assert theirs.keys() == own.keys() and all(torch.equal(theirs[k], own[k]) for k in own)
     assert ldm_to_diffusers_vae_state_dict(ldm).keys() == own.keys()
     # a CompVis checkpoint as shipped: training-only loss/EMA keys next to the VAE's
-    shipped = {**{k: v.contiguous() for k, v in ldm.items()}, "loss.logvar": torch.zeros(()),
-               "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4), "model_ema.decay": torch.tensor(0.999)}
+    shipped = {
+        **{k: v.contiguous() for k, v in ldm.items()},
+        "loss.logvar": torch.zeros(()),
+        "loss.discriminator.main.0.weight": torch.randn(4, 3, 4, 4),
+        "model_ema.decay": torch.tensor(0.999),
+    }
     path = tmp_path / "kl-f8.safetensors"
     save_file(shipped, str(path))
     ours = AutoencoderKL.from_single_file(path, norm_num_groups=8)
     x = torch.rand(1, 3, 16, 8, generator=torch.Generator().manual_seed(7)) * 2 - 1
     assert_same_outputs(ours, vae, x)
     fresh = AutoencoderKL(**SMALL_SD)
-    assert sorted(fresh.load_state_dict_file(path)) == ["loss.discriminator.main.0.weight", "loss.logvar",
-                                                        "model_ema.decay"]
+    assert sorted(fresh.load_state_dict_file(path)) == [
+        "loss.discriminator.main.0.weight",
+        "loss.logvar",
+        "model_ema.decay",
+    ]
     assert_same_weights(fresh, vae)
     # a full SD checkpoint holds the VAE under first_stage_model.
     full = tmp_path / "sd.safetensors"
-    save_file({**{f"first_stage_model.{k}": v.contiguous() for k, v in ldm.items()},
-               "model.diffusion_model.x.weight": torch.zeros(2)}, str(full))
+    save_file(
+        {
+            **{f"first_stage_model.{k}": v.contiguous() for k, v in ldm.items()},
+            "model.diffusion_model.x.weight": torch.zeros(2),
+        },
+        str(full),
+    )
     assert_same_weights(AutoencoderKL.from_single_file(full, norm_num_groups=8), vae)
     # and back out to ldm names
     torch.testing.assert_close(ours.ldm_state_dict(), ldm, atol=0, rtol=0)
@@ -163,8 +213,11 @@ def test_state_dict_file_errors(tmp_path):
     del missing["decoder.conv_out.bias"]
     missing["decoder.extra.weight"] = torch.zeros(1)
     save_file(missing, str(tmp_path / "m.safetensors"))
-    with pytest.raises(ValueError, match=r"(?s)missing keys \(1\): decoder.conv_out.bias.*unexpected keys \(1\): "
-                                         r"decoder.extra.weight"):
+    with pytest.raises(
+        ValueError,
+        match=r"(?s)missing keys \(1\): decoder.conv_out.bias.*unexpected keys \(1\): "
+        r"decoder.extra.weight",
+    ):
         model.load_state_dict_file(tmp_path / "m.safetensors")
     wide = AutoencoderKL(block_out_channels=[32, 64, 64, 128], layers_per_block=2, norm_num_groups=8)
     save_file(state, str(tmp_path / "s.safetensors"))
@@ -183,8 +236,9 @@ def test_state_dict_file_errors(tmp_path):
     save_file({"foo.weight": torch.zeros(2)}, str(tmp_path / "f.safetensors"))
     with pytest.raises(ValueError, match="does not look like an SD-VAE|no encoder.down_blocks"):
         AutoencoderKL.from_single_file(tmp_path / "f.safetensors")
-    odd = diffusers.AutoencoderKL(down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"],
-                                  act_fn="gelu")
+    odd = diffusers.AutoencoderKL(
+        down_block_types=["DownEncoderBlock2D"], up_block_types=["UpDecoderBlock2D"], act_fn="gelu"
+    )
     with pytest.raises(ValueError, match="act_fn"):
         AutoencoderKL.from_diffusers(odd)
     with pytest.raises(TypeError, match="diffusers AutoencoderKL"):
@@ -192,13 +246,22 @@ def test_state_dict_file_errors(tmp_path):
 
 
 def tiny_kl(**kwargs):
-    config = dict(in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1, latent_channels=2,
-                  norm_num_groups=8, mid_block_add_attention=False)
+    config = dict(
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=[16, 32],
+        layers_per_block=1,
+        latent_channels=2,
+        norm_num_groups=8,
+        mid_block_add_attention=False,
+    )
     return AutoencoderKL(**{**config, **kwargs})
 
 
 def test_kl_constructor_validation():
-    with pytest.raises(ValueError, match=r"block_out_channels\[1\]=60 must be divisible by norm_num_groups=32"):
+    with pytest.raises(
+        ValueError, match=r"block_out_channels\[1\]=60 must be divisible by norm_num_groups=32"
+    ):
         AutoencoderKL(block_out_channels=[64, 60], norm_num_groups=32)
     with pytest.raises(ValueError, match="block_out_channels must have 1 to 6 entries"):
         AutoencoderKL(block_out_channels=[])
@@ -229,7 +292,9 @@ def test_kl_input_validation():
         model.encode(torch.zeros(2, 1, 9, 8))
     with pytest.raises(TypeError, match=r"x must be a floating-point tensor .* torch.uint8"):
         model.encode(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))
-    with pytest.raises(TypeError, match="x has dtype torch.float64 but the model's parameters are torch.float32"):
+    with pytest.raises(
+        TypeError, match="x has dtype torch.float64 but the model's parameters are torch.float32"
+    ):
         model(torch.zeros(2, 1, 8, 8, dtype=torch.float64))
     with pytest.raises(ValueError, match=r"z must have shape \[B, 2, H, W\]"):
         model.decode(torch.zeros(2, 4, 4, 4))
@@ -248,10 +313,12 @@ def test_kl_forward_protocol_and_training_sample():
     assert out.latents.shape == (3, 2, 8, 8) and out.reconstruction.shape == x.shape
     assert not torch.equal(out.latents, posterior.mean)  # training decodes a posterior sample
     torch.testing.assert_close(out.losses["kl"], posterior.kl().mean())
-    expected_kl = 0.5 * (posterior.mean ** 2 + posterior.var - 1 - posterior.logvar).sum(dim=(1, 2, 3)).mean()
+    expected_kl = 0.5 * (posterior.mean**2 + posterior.var - 1 - posterior.logvar).sum(dim=(1, 2, 3)).mean()
     torch.testing.assert_close(out.losses["kl"], expected_kl)
     out.reconstruction.mean().backward()
-    assert model.last_layer_weight is model.decoder.conv_out.weight and model.last_layer_weight.grad is not None
+    assert (
+        model.last_layer_weight is model.decoder.conv_out.weight and model.last_layer_weight.grad is not None
+    )
     assert torch.equal(model.eval()(x).latents, model.encode(x))
     assert model.is_discrete is False and model.latent_channels == 2
 
@@ -278,16 +345,23 @@ def test_fit_latent_scale_and_save_load(tmp_path):
     images = torch.rand(12, 1, 8, 8) * 2 - 1
     shift, scale = model.fit_latent_scale(images)
     z = model.encode(images).detach().double()
-    assert shift == pytest.approx(float(z.mean()), rel=1e-6) and scale == pytest.approx(1 / float(z.std()), rel=1e-6)
+    assert shift == pytest.approx(float(z.mean()), rel=1e-6) and scale == pytest.approx(
+        1 / float(z.std()), rel=1e-6
+    )
     prior = (z - model.shift_factor) * model.scaling_factor
-    assert float(prior.mean()) == pytest.approx(0.0, abs=1e-6) and float(prior.std()) == pytest.approx(1.0, rel=1e-6)
+    assert float(prior.mean()) == pytest.approx(0.0, abs=1e-6) and float(prior.std()) == pytest.approx(
+        1.0, rel=1e-6
+    )
     # the same from (images, labels) batches as a DataLoader yields, merged exactly across batches
-    batches = [(images[i:i + 5], torch.zeros(len(images[i:i + 5]), dtype=torch.long)) for i in range(0, 12, 5)]
+    batches = [
+        (images[i : i + 5], torch.zeros(len(images[i : i + 5]), dtype=torch.long)) for i in range(0, 12, 5)
+    ]
     fresh = tiny_kl()
     fresh.load_state_dict(model.state_dict())
     assert fresh.fit_latent_scale(batches) == pytest.approx((shift, scale), rel=1e-9)
     assert fresh.fit_latent_scale(iter(batches), max_batches=1)[0] == pytest.approx(
-        float(model.encode(images[:5]).detach().double().mean()), rel=1e-6)
+        float(model.encode(images[:5]).detach().double().mean()), rel=1e-6
+    )
     model.save_pretrained(tmp_path / "kl")
     loaded = load_pretrained(tmp_path / "kl")
     assert loaded.scaling_factor == model.scaling_factor and loaded.shift_factor == model.shift_factor
@@ -299,10 +373,22 @@ def test_fit_latent_scale_and_save_load(tmp_path):
 
 
 def test_encoder_decoder_standalone_and_errors():
-    enc = Encoder(in_channels=1, out_channels=3, block_out_channels=[8, 16, 16], layers_per_block=1,
-                  norm_num_groups=4, mid_block_add_attention=False)
-    dec = Decoder(in_channels=3, out_channels=1, block_out_channels=[8, 16, 16], layers_per_block=1,
-                  norm_num_groups=4, mid_block_add_attention=False)
+    enc = Encoder(
+        in_channels=1,
+        out_channels=3,
+        block_out_channels=[8, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+    )
+    dec = Decoder(
+        in_channels=3,
+        out_channels=1,
+        block_out_channels=[8, 16, 16],
+        layers_per_block=1,
+        norm_num_groups=4,
+        mid_block_add_attention=False,
+    )
     h = enc(torch.zeros(2, 1, 16, 16))
     assert h.shape == (2, 6, 4, 4) and dec(h[:, :3]).shape == (2, 1, 16, 16)
     assert enc.conv_norm_out.activation == "silu" and isinstance(enc.conv_act, torch.nn.Identity)
@@ -314,18 +400,36 @@ def test_encoder_decoder_standalone_and_errors():
 
 from fastlatent.models import FSQAutoencoder, VQAutoencoder  # noqa: E402
 
-DIGITS = dict(in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
-              mid_block_add_attention=False)
+DIGITS = dict(
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=[16, 32],
+    layers_per_block=1,
+    norm_num_groups=8,
+    mid_block_add_attention=False,
+)
 DISCRETE = {
     "fsq": lambda: FSQAutoencoder(**DIGITS, levels=[5, 4, 3]),
     "lfq": lambda: FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=64),
     "bsq": lambda: FSQAutoencoder(**DIGITS, quantizer="bsq", codebook_size=32),
     "vq": lambda: VQAutoencoder(**DIGITS, latent_channels=4, codebook_size=32),
-    "rvq": lambda: VQAutoencoder(**DIGITS, latent_channels=4, codebook_size=16, quantizer="rvq", num_quantizers=3,
-                                 learnable_codebook=True, decay=0.0),
+    "rvq": lambda: VQAutoencoder(
+        **DIGITS,
+        latent_channels=4,
+        codebook_size=16,
+        quantizer="rvq",
+        num_quantizers=3,
+        learnable_codebook=True,
+        decay=0.0,
+    ),
 }
-EXPECTED = {"fsq": (3, 60, set()), "lfq": (6, 64, {"entropy", "commitment"}), "bsq": (5, 32, {"entropy", "commitment"}),
-            "vq": (4, 32, {"commitment"}), "rvq": (4, 16, {"commitment", "codebook"})}
+EXPECTED = {
+    "fsq": (3, 60, set()),
+    "lfq": (6, 64, {"entropy", "commitment"}),
+    "bsq": (5, 32, {"entropy", "commitment"}),
+    "vq": (4, 32, {"commitment"}),
+    "rvq": (4, 16, {"commitment", "codebook"}),
+}
 
 
 @pytest.mark.parametrize("kind", list(DISCRETE))
@@ -333,11 +437,17 @@ def test_discrete_protocol_round_trip(kind):
     torch.manual_seed(0)
     model = DISCRETE[kind]()
     latent_channels, codebook_size, loss_terms = EXPECTED[kind]
-    assert model.is_discrete and model.codebook_size == codebook_size and model.latent_channels == latent_channels
+    assert (
+        model.is_discrete
+        and model.codebook_size == codebook_size
+        and model.latent_channels == latent_channels
+    )
     assert model.downsample_factor == 2 and model.scaling_factor == 1.0 and model.shift_factor == 0.0
     x = torch.rand(4, 1, 8, 12) * 2 - 1
     out = model.train()(x)
-    assert set(out.losses) == loss_terms and all(v.dim() == 0 and v.requires_grad for v in out.losses.values())
+    assert set(out.losses) == loss_terms and all(
+        v.dim() == 0 and v.requires_grad for v in out.losses.values()
+    )
     index_shape = (4, 4, 6, 3) if kind == "rvq" else (4, 4, 6)
     assert out.stats["indices"].shape == index_shape and out.stats["indices"].dtype == torch.int64
     assert 1.0 <= float(out.stats["perplexity"]) <= codebook_size and 0.0 < float(out.stats["usage"]) <= 1.0
@@ -391,7 +501,9 @@ def test_discrete_validation():
     with pytest.raises(ValueError, match="codebook_size is prod\\(levels\\)"):
         FSQAutoencoder(**DIGITS, codebook_size=64)
     with pytest.raises(ValueError, match="quantizer_kwargs may not set \\['entropy_loss_weight'\\]"):
-        FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=64, quantizer_kwargs={"entropy_loss_weight": 1})
+        FSQAutoencoder(
+            **DIGITS, quantizer="lfq", codebook_size=64, quantizer_kwargs={"entropy_loss_weight": 1}
+        )
     with pytest.raises(TypeError, match="bad quantizer_kwargs for 'lfq'"):
         FSQAutoencoder(**DIGITS, quantizer="lfq", codebook_size=64, quantizer_kwargs={"bogus": 1})
     with pytest.raises(ValueError, match="num_quantizers=2 needs quantizer='rvq'"):
@@ -400,7 +512,9 @@ def test_discrete_validation():
         VQAutoencoder(**DIGITS, codebook_size=0)
     with pytest.raises(ValueError, match="decay must be in \\[0, 1\\]"):
         VQAutoencoder(**DIGITS, decay=2.0)
-    with pytest.raises(ValueError, match=r"block_out_channels\[0\]=12 must be divisible by norm_num_groups=8"):
+    with pytest.raises(
+        ValueError, match=r"block_out_channels\[0\]=12 must be divisible by norm_num_groups=8"
+    ):
         FSQAutoencoder(**{**DIGITS, "block_out_channels": [12, 32]})
     model = DISCRETE["fsq"]()
     with pytest.raises(ValueError, match=r"indices must be in \[0, 60\), got values in \[0, 60\]"):
@@ -433,6 +547,7 @@ def test_vq_loss_terms_equal_the_quantizers_own(kind):
     if kind == "rvq":  # learnable codebook: the codebook term has its own gradient, into the codebooks only
         torch.testing.assert_close(losses["codebook"], sum(s.codebook_loss for s in stats))
         codebook = model.quantizer.layers[0]._codebook.embed
-        grads = torch.autograd.grad(losses["codebook"], [codebook, model.quant_conv.weight],
-                                    allow_unused=True)
+        grads = torch.autograd.grad(
+            losses["codebook"], [codebook, model.quant_conv.weight], allow_unused=True
+        )
         assert grads[0].abs().sum() > 0 and (grads[1] is None or not grads[1].any())

@@ -24,10 +24,22 @@ from fastlatent.sampling import FlowSchedule
 from fastlatent.training import Trainer, TrainerConfig
 
 # f2 SD-VAE encoder (2 levels) and a 2-level UNet decoder, grey images
-TINY = dict(in_channels=1, block_out_channels=[16, 32], layers_per_block=1, latent_channels=2, norm_num_groups=8,
-            mid_block_add_attention=False, decoder_channels=16, decoder_channel_mult=[1, 2],
-            decoder_layers_per_block=1, decoder_attention_levels=[], decoder_mid_attention=False,
-            decoder_attention_head_dim=None, decoder_norm_num_groups=8, decode_steps=3)
+TINY = dict(
+    in_channels=1,
+    block_out_channels=[16, 32],
+    layers_per_block=1,
+    latent_channels=2,
+    norm_num_groups=8,
+    mid_block_add_attention=False,
+    decoder_channels=16,
+    decoder_channel_mult=[1, 2],
+    decoder_layers_per_block=1,
+    decoder_attention_levels=[],
+    decoder_mid_attention=False,
+    decoder_attention_head_dim=None,
+    decoder_norm_num_groups=8,
+    decode_steps=3,
+)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -53,6 +65,7 @@ def tiny_dgae(seed=0, **overrides):
 
 
 # ---------------------------------------------------------------------------------------------- protocol
+
 
 def test_protocol_attributes_and_shapes():
     ae = tiny_dgae()
@@ -110,7 +123,7 @@ def test_flow_objective_matches_hand_computation():
     torch.testing.assert_close(out.losses["x0_mse"], ((x0 - x) ** 2).mean())
     # x0 - x = s * (target - v): the x0 error is the flow error weighted by s^2
     per_image = ((v - (noise - x)) ** 2).flatten(1).mean(1)
-    torch.testing.assert_close(out.losses["x0_mse"], (s ** 2 * per_image).mean())
+    torch.testing.assert_close(out.losses["x0_mse"], (s**2 * per_image).mean())
     # the flow loss trains the encoder through the conditioning
     out.losses["flow"].backward()
     assert ae.encoder.conv_in.weight.grad.abs().sum() > 0
@@ -120,8 +133,11 @@ def test_flow_objective_matches_hand_computation():
 def test_training_times_are_drawn_and_shifted_as_latent_diffusion(time_sampling):
     schedule = FlowSchedule(shift=3.0)
     s = sample_flow_times(4096, schedule, time_sampling, gen(7), torch.device("cpu"))
-    u = torch.rand(4096, generator=gen(7)) if time_sampling == "uniform" else \
-        torch.sigmoid(torch.randn(4096, generator=gen(7)))
+    u = (
+        torch.rand(4096, generator=gen(7))
+        if time_sampling == "uniform"
+        else torch.sigmoid(torch.randn(4096, generator=gen(7)))
+    )
     torch.testing.assert_close(s, 3 * u / (1 + 2 * u))
     assert 0.0 <= float(s.min()) and float(s.max()) <= 1.0
     # the forward pass draws the same times from the same generator (after the noise)
@@ -135,6 +151,7 @@ def test_training_times_are_drawn_and_shifted_as_latent_diffusion(time_sampling)
 
 
 # ---------------------------------------------------------------------------------------------- decoding
+
 
 def test_decode_is_deterministic_per_generator_and_steps_matter():
     ae = tiny_dgae()
@@ -178,7 +195,9 @@ def test_save_load_round_trip_reproduces_decode(tmp_path):
     assert loaded.decode_method == "dpmpp_2m" and loaded.flow_schedule == ae.flow_schedule
     z = ae.encode(x)
     torch.testing.assert_close(loaded.encode(x), z, rtol=0, atol=0)
-    torch.testing.assert_close(loaded.decode(z, generator=gen(13)), ae.decode(z, generator=gen(13)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        loaded.decode(z, generator=gen(13)), ae.decode(z, generator=gen(13)), rtol=0, atol=0
+    )
 
 
 def test_copies_drop_cached_samplers_and_decode_the_same():
@@ -195,9 +214,20 @@ def test_two_stage_pipeline_with_dgae(tmp_path):
     ae = tiny_dgae()
     ae.fit_latent_scale(images(4))
     torch.manual_seed(0)
-    prior = LatentDiffusion(UNet(in_channels=2, base_channels=8, channel_mult=[1], layers_per_block=1,
-                                 attention_levels=[], mid_attention=False, num_classes=3, norm_num_groups=4),
-                            objective="flow", latent_size=8)
+    prior = LatentDiffusion(
+        UNet(
+            in_channels=2,
+            base_channels=8,
+            channel_mult=[1],
+            layers_per_block=1,
+            attention_levels=[],
+            mid_attention=False,
+            num_classes=3,
+            norm_num_groups=4,
+        ),
+        objective="flow",
+        latent_size=8,
+    )
     pipe = TwoStagePipeline(ae, prior)
     assert pipe.image_size == [16, 16]
     kwargs = dict(labels=[0, 2], steps=2, decode_kwargs={"steps": 2, "generator": gen(16)})
@@ -211,6 +241,7 @@ def test_two_stage_pipeline_with_dgae(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- errors
 
+
 def test_constructor_errors():
     with pytest.raises(ValueError, match="time_sampling must be one of"):
         DiffusionDecoderAutoencoder(**{**TINY, "time_sampling": "beta"})
@@ -222,7 +253,9 @@ def test_constructor_errors():
         DiffusionDecoderAutoencoder(**{**TINY, "decode_steps": 0})
     with pytest.raises(TypeError, match="use_quant_conv must be a bool"):
         DiffusionDecoderAutoencoder(**{**TINY, "use_quant_conv": 1})
-    with pytest.raises(ValueError, match=r"DiffusionDecoderAutoencoder: the decoder's arguments .* channel_mult"):
+    with pytest.raises(
+        ValueError, match=r"DiffusionDecoderAutoencoder: the decoder's arguments .* channel_mult"
+    ):
         DiffusionDecoderAutoencoder(**{**TINY, "decoder_channel_mult": []})
     with pytest.raises(ValueError, match=r"decoder's arguments .* norm_num_groups \(8\) must divide"):
         DiffusionDecoderAutoencoder(**{**TINY, "decoder_channels": 12})
@@ -279,19 +312,31 @@ def test_task_errors():
 
 # ---------------------------------------------------------------------------------------------- task
 
+
 def test_task_loss_weights_by_hand():
     ae = tiny_dgae()
     # alexnet's trunk is the cheapest to build at random (LPIPS-alex needs 31+ pixels)
-    task = DGAETask(ae, flow_weight=1.5, kl_weight=1e-3, perceptual_weight=0.5, reconstruction_weight=2.0,
-                    lpips_net="alex", pretrained_lpips=False)
+    task = DGAETask(
+        ae,
+        flow_weight=1.5,
+        kl_weight=1e-3,
+        perceptual_weight=0.5,
+        reconstruction_weight=2.0,
+        lpips_net="alex",
+        pretrained_lpips=False,
+    )
     x = images(size=32)
     torch.manual_seed(20)
     out = task.training_step((x, torch.zeros(2, dtype=torch.long)), step=0)
     torch.manual_seed(20)
     reference = ae(x, decode=False)
     perceptual = task.perceptual(x, reference.reconstruction).mean()
-    expected = (1.5 * reference.losses["flow"] + 1e-3 * reference.losses["kl"]
-                + 2.0 * reference.losses["x0_mse"] + 0.5 * perceptual)
+    expected = (
+        1.5 * reference.losses["flow"]
+        + 1e-3 * reference.losses["kl"]
+        + 2.0 * reference.losses["x0_mse"]
+        + 0.5 * perceptual
+    )
     torch.testing.assert_close(out["loss"], expected)
     assert set(out) == {"loss", "flow", "kl", "x0_mse", "perceptual_loss"}
     torch.testing.assert_close(out["perceptual_loss"], perceptual.detach())
@@ -315,8 +360,17 @@ def test_trainer_runs_dgae_task_with_bf16_and_ema(tmp_path):
     torch.manual_seed(0)
     task = DGAETask(tiny_dgae(), perceptual_weight=0.0)
     data = [(x, 0) for x in images(8)]
-    config = TrainerConfig(out_dir=str(tmp_path), steps=3, batch_size=4, lr=1e-3, precision="bf16", ema_decay=0.9,
-                           plots=False, progress=False, log_every=1)
+    config = TrainerConfig(
+        out_dir=str(tmp_path),
+        steps=3,
+        batch_size=4,
+        lr=1e-3,
+        precision="bf16",
+        ema_decay=0.9,
+        plots=False,
+        progress=False,
+        log_every=1,
+    )
     summary = Trainer(task, config).fit(data)
     assert math.isfinite(summary["loss"]) and math.isfinite(summary["flow"])
 

@@ -19,8 +19,14 @@ from fastlatent.models.losses import (
     vanilla_d_loss,
 )
 
-TINY = dict(in_channels=1, out_channels=1, block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8,
-            mid_block_add_attention=False)
+TINY = dict(
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=[16, 32],
+    layers_per_block=1,
+    norm_num_groups=8,
+    mid_block_add_attention=False,
+)
 
 
 def loss_without_lpips(**kwargs):
@@ -29,6 +35,7 @@ def loss_without_lpips(**kwargs):
 
 
 # ---------------------------------------------------------------------------------------------- LPIPS
+
 
 def test_lpips_missing_backbone_names_the_file(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -85,12 +92,21 @@ def test_lpips_random_backbone_module_behaviour():
 
 # ---------------------------------------------------------------------------------------------- GAN parts
 
+
 def test_patchgan_layout_and_validation():
     d = PatchGANDiscriminator(in_channels=3, ndf=8, n_layers=3)
     # taming's NLayerDiscriminator names: conv, lrelu, (conv, norm, lrelu) x n_layers, conv
     keys = [k for k in d.state_dict() if k.endswith("weight")]
-    assert keys == ["main.0.weight", "main.2.weight", "main.3.weight", "main.5.weight", "main.6.weight",
-                    "main.8.weight", "main.9.weight", "main.11.weight"]
+    assert keys == [
+        "main.0.weight",
+        "main.2.weight",
+        "main.3.weight",
+        "main.5.weight",
+        "main.6.weight",
+        "main.8.weight",
+        "main.9.weight",
+        "main.11.weight",
+    ]
     assert d.main[2].bias is None and d.main[11].bias is not None  # no conv bias before a batch norm
     assert d(torch.zeros(2, 3, 32, 32)).shape == (2, 1, 2, 2)
     with pytest.raises(ValueError, match="with n_layers=3 images must be at least 24x24"):
@@ -144,6 +160,7 @@ def test_adaptive_weight_matches_hand_computation():
 
 # ---------------------------------------------------------------------------------------------- task
 
+
 def test_no_gan_term_before_disc_start_and_weights_by_hand():
     torch.manual_seed(0)
     ae = AutoencoderKL(**TINY)
@@ -174,7 +191,10 @@ def test_disc_loss_gradients_stay_in_the_discriminator():
     out["loss"].backward()
     assert all(p.grad is None for p in d_params)  # the generator's GAN term does not train D either
     assert task.autoencoder.encoder.conv_in.weight.grad is not None
-    assert AutoencoderTask(task.autoencoder, loss_without_lpips(disc_weight=0.0)).discriminator_parameters() == []
+    assert (
+        AutoencoderTask(task.autoencoder, loss_without_lpips(disc_weight=0.0)).discriminator_parameters()
+        == []
+    )
 
 
 def test_task_validation_errors():
@@ -201,7 +221,9 @@ def test_task_validation_errors():
 def test_lfq_entropy_and_perplexity_reach_the_metrics():
     torch.manual_seed(0)
     ae = FSQAutoencoder(**TINY, quantizer="lfq", codebook_size=16)
-    task = AutoencoderTask(ae, loss_without_lpips(disc_weight=0.0, entropy_weight=0.1, commitment_weight=0.25))
+    task = AutoencoderTask(
+        ae, loss_without_lpips(disc_weight=0.0, entropy_weight=0.1, commitment_weight=0.25)
+    )
     out = task.training_step(torch.rand(2, 1, 16, 16) * 2 - 1, step=0)
     expected = out["rec_loss"] + 0.1 * out["entropy"] + 0.25 * out["commitment"]
     torch.testing.assert_close(out["loss"].detach(), expected)
@@ -234,6 +256,8 @@ def test_perceptual_term_with_random_backbone():
     loss = AutoencoderLoss(perceptual_weight=1.0, pretrained_lpips=False, disc_weight=0.0)
     task = AutoencoderTask(ae, loss)
     out = task.training_step(torch.rand(2, 1, 16, 16) * 2 - 1, step=0)
-    torch.testing.assert_close(out["loss"].detach(), out["rec_loss"] + out["perceptual_loss"] + 1e-6 * out["kl"])
+    torch.testing.assert_close(
+        out["loss"].detach(), out["rec_loss"] + out["perceptual_loss"] + 1e-6 * out["kl"]
+    )
     assert not any(k.startswith("loss.perceptual") for k in task.state_dict())
     F.mse_loss(out["loss"], torch.zeros(())).backward()

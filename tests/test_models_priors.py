@@ -34,13 +34,21 @@ def randomize(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
 
 
 def tiny_dit(num_classes=3, **kw):
-    args = dict(input_size=4, patch_size=2, in_channels=2, hidden_size=32, depth=2, num_heads=2,
-                num_classes=num_classes)
+    args = dict(
+        input_size=4,
+        patch_size=2,
+        in_channels=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        num_classes=num_classes,
+    )
     args.update(kw)
     return DiT(**args)
 
 
 # ---------------------------------------------------------------------------------------------------- DiT
+
 
 def test_dit_shapes_zero_init_and_conditioning():
     torch.manual_seed(0)
@@ -69,15 +77,29 @@ def test_dit_unpatchify_inverts_patch_layout():
 
 
 def test_dit_parameter_names_follow_official_dit():
-    model = DiT(input_size=8, patch_size=2, in_channels=4, hidden_size=64, depth=2, num_heads=4, num_classes=10,
-                learn_sigma=True)
+    model = DiT(
+        input_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        num_classes=10,
+        learn_sigma=True,
+    )
     state = model.state_dict()
     assert state["pos_embed"].shape == (1, 16, 64)
     assert state["y_embedder.embedding_table.weight"].shape == (11, 64)  # + the null class
     assert state["x_embedder.proj.weight"].shape == (64, 4, 2, 2)
     assert state["t_embedder.mlp.0.weight"].shape == (64, 256)
-    for key in ("blocks.1.attn.qkv.weight", "blocks.1.attn.proj.bias", "blocks.0.mlp.fc1.weight",
-                "blocks.0.mlp.fc2.bias", "blocks.0.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.bias"):
+    for key in (
+        "blocks.1.attn.qkv.weight",
+        "blocks.1.attn.proj.bias",
+        "blocks.0.mlp.fc1.weight",
+        "blocks.0.mlp.fc2.bias",
+        "blocks.0.adaLN_modulation.1.weight",
+        "final_layer.adaLN_modulation.1.bias",
+    ):
         assert key in state
     assert state["final_layer.linear.weight"].shape == (2 * 2 * 8, 64)
     # fixed 2-D sin-cos: the first half of the channels encodes the column, the second half the row
@@ -107,9 +129,17 @@ def test_dit_errors():
 
 # ---------------------------------------------------------------------------------------------------- UNet
 
+
 def tiny_unet(**kw):
-    args = dict(in_channels=2, base_channels=16, channel_mult=[1, 2], layers_per_block=1, attention_levels=[1],
-                norm_num_groups=8, num_classes=3)
+    args = dict(
+        in_channels=2,
+        base_channels=16,
+        channel_mult=[1, 2],
+        layers_per_block=1,
+        attention_levels=[1],
+        norm_num_groups=8,
+        num_classes=3,
+    )
     args.update(kw)
     return UNet(**args)
 
@@ -152,6 +182,7 @@ def test_unet_errors():
 
 # ---------------------------------------------------------------------------------------------------- LatentDiffusion
 
+
 @pytest.mark.parametrize("objective", ["eps", "v", "flow"])
 def test_latent_diffusion_loss_matches_hand_computation(objective):
     torch.manual_seed(0)
@@ -181,7 +212,12 @@ class PointMassOracle(nn.Module, ConfigMixin):
 
     def __init__(self, objective: str, target: list, schedule: str = "linear"):
         super().__init__()
-        self.objective, self.in_channels, self.num_classes, self.input_size = objective, len(target), 0, [2, 2]
+        self.objective, self.in_channels, self.num_classes, self.input_size = (
+            objective,
+            len(target),
+            0,
+            [2, 2],
+        )
         self.register_buffer("target", torch.tensor(target, dtype=torch.float64).view(1, -1, 1, 1))
         self.alphas_cumprod = DiscreteSchedule(schedule).alphas_cumprod.double()
         self.scale = nn.Parameter(torch.ones(()))  # gives the prior a device and dtype
@@ -198,7 +234,9 @@ class PointMassOracle(nn.Module, ConfigMixin):
         return (out * self.scale).float()
 
 
-@pytest.mark.parametrize("objective,method", [("eps", "ddim"), ("v", "ddim"), ("v", "dpmpp_2m"), ("flow", "euler")])
+@pytest.mark.parametrize(
+    "objective,method", [("eps", "ddim"), ("v", "ddim"), ("v", "dpmpp_2m"), ("flow", "euler")]
+)
 def test_sampling_inverts_the_training_objective(objective, method):
     # With the exact denoiser of a point mass, a deterministic sampler must land on the point: this pins down the
     # timestep the model sees and the meaning of its output at sampling time, against the training definitions.
@@ -206,7 +244,9 @@ def test_sampling_inverts_the_training_objective(objective, method):
     schedule = "flow" if objective == "flow" else "linear"
     prior = LatentDiffusion(PointMassOracle(objective, target), objective=objective, schedule=schedule)
     out = prior.sample(3, steps=8, method=method, generator=torch.Generator().manual_seed(0))
-    torch.testing.assert_close(out, torch.tensor(target).view(1, 2, 1, 1).expand(3, 2, 2, 2), atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        out, torch.tensor(target).view(1, 2, 1, 1).expand(3, 2, 2, 2), atol=2e-3, rtol=0
+    )
 
 
 def test_sample_shapes_determinism_guidance_and_label_order():
@@ -219,7 +259,9 @@ def test_sample_shapes_determinism_guidance_and_label_order():
     hook.remove()
     assert a.shape == (2, 2, 4, 4) and len(seen) == 4
     assert seen[0].tolist() == [3, 3, 1, 2]  # the unconditional half (null class 3) first
-    b = prior.sample(2, labels=torch.tensor([1, 2]), steps=4, guidance=3.0, generator=torch.Generator().manual_seed(7))
+    b = prior.sample(
+        2, labels=torch.tensor([1, 2]), steps=4, guidance=3.0, generator=torch.Generator().manual_seed(7)
+    )
     assert torch.equal(a, b)
     c = prior.sample(2, labels=[1, 2], steps=4, guidance=3.0, generator=torch.Generator().manual_seed(8))
     assert not torch.allclose(a, c)
@@ -241,7 +283,9 @@ def test_label_dropout_and_unconditional_prior():
     dropped = (seen[0] == 3).float().mean().item()
     assert 0.45 < dropped < 0.55 and set(seen[0].tolist()) == {0, 3}
     unconditional = LatentDiffusion(tiny_dit(num_classes=0), objective="eps")
-    out = unconditional.training_step((torch.randn(4, 2, 4, 4), torch.tensor([5, 6, 7, 8])), 0)  # labels ignored
+    out = unconditional.training_step(
+        (torch.randn(4, 2, 4, 4), torch.tensor([5, 6, 7, 8])), 0
+    )  # labels ignored
     assert out["loss"].isfinite()
     with pytest.raises(ValueError, match="unconditional"):
         unconditional.sample(2, labels=[0, 1], steps=2)
@@ -249,26 +293,32 @@ def test_label_dropout_and_unconditional_prior():
 
 def test_latent_diffusion_save_load_copy_and_unet():
     torch.manual_seed(0)
-    prior = LatentDiffusion(randomize(tiny_unet()), objective="flow", schedule=FlowSchedule(shift=2.0),
-                            latent_size=[4, 8])
+    prior = LatentDiffusion(
+        randomize(tiny_unet()), objective="flow", schedule=FlowSchedule(shift=2.0), latent_size=[4, 8]
+    )
     assert prior.config["denoiser"]["class"] == "UNet" and prior.config["schedule"]["shift"] == 2.0
     assert all(key.startswith("denoiser.") for key in prior.state_dict())
     expected = prior.sample(2, labels=[0, 1], steps=3, generator=torch.Generator().manual_seed(1))
     assert expected.shape == (2, 2, 4, 8)
     for clone in (copy.deepcopy(prior), LatentDiffusion.from_config(prior.config)):
         clone.load_state_dict(prior.state_dict())
-        torch.testing.assert_close(clone.sample(2, labels=[0, 1], steps=3, generator=torch.Generator().manual_seed(1)),
-                                   expected)
+        torch.testing.assert_close(
+            clone.sample(2, labels=[0, 1], steps=3, generator=torch.Generator().manual_seed(1)), expected
+        )
 
 
 def test_latent_diffusion_roundtrip_through_save_pretrained(tmp_path):
-    prior = LatentDiffusion(randomize(tiny_dit()), objective="eps", schedule={"kind": "linear", "beta_end": 0.03})
+    prior = LatentDiffusion(
+        randomize(tiny_dit()), objective="eps", schedule={"kind": "linear", "beta_end": 0.03}
+    )
     prior.save_pretrained(tmp_path)
     loaded = load_pretrained(tmp_path)
     assert isinstance(loaded, LatentDiffusion) and loaded.schedule.beta_end == 0.03
     g = torch.Generator
-    torch.testing.assert_close(loaded.sample(2, labels=1, steps=3, generator=g().manual_seed(0)),
-                               prior.sample(2, labels=1, steps=3, generator=g().manual_seed(0)))
+    torch.testing.assert_close(
+        loaded.sample(2, labels=1, steps=3, generator=g().manual_seed(0)),
+        prior.sample(2, labels=1, steps=3, generator=g().manual_seed(0)),
+    )
 
 
 def test_latent_diffusion_errors():
@@ -322,13 +372,15 @@ def test_priors_on_cuda_with_graph_capture():
     for _ in range(2):  # capture, then replay with fresh noise from the same seed
         graphed = prior.sample(2, generator=torch.Generator().manual_seed(0), capture_graph=True, **kwargs)
         torch.testing.assert_close(graphed, eager, atol=1e-4, rtol=1e-4)
-    loss = prior.training_step((torch.randn(4, 2, 4, 4, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")), 0)
+    loss = prior.training_step(
+        (torch.randn(4, 2, 4, 4, device="cuda"), torch.tensor([0, 1, 2, 3], device="cuda")), 0
+    )
     assert loss["loss"].is_cuda and loss["loss"].isfinite()
     gpt = tiny_gpt().cuda().eval()
     tokens = torch.randint(0, 11, (2, 8), device="cuda")
     labels = torch.tensor([0, 1], device="cuda")
     cache = gpt.new_cache(2)
-    steps = [gpt(tokens[:, :0], labels, cache)] + [gpt(tokens[:, i:i + 1], cache=cache) for i in range(7)]
+    steps = [gpt(tokens[:, :0], labels, cache)] + [gpt(tokens[:, i : i + 1], cache=cache) for i in range(7)]
     torch.testing.assert_close(torch.cat(steps, dim=1), gpt(tokens[:, :-1], labels), atol=1e-4, rtol=1e-4)
     generator = torch.Generator("cuda").manual_seed(0)
     assert gpt.sample(3, labels=1, top_p=0.9, guidance=1.5, generator=generator).shape == (3, 8)
@@ -340,7 +392,9 @@ def test_priors_on_cuda_with_graph_capture():
 def test_latent_diffusion_learns_two_class_clusters(objective, schedule, method):
     # class 0 lives around +1, class 1 around -1: a conditional prior must put each class's samples in its cluster
     torch.manual_seed(0)
-    prior = LatentDiffusion(tiny_dit(num_classes=2), objective=objective, schedule=schedule, label_dropout=0.2)
+    prior = LatentDiffusion(
+        tiny_dit(num_classes=2), objective=objective, schedule=schedule, label_dropout=0.2
+    )
     optimizer = torch.optim.AdamW(prior.parameters(), lr=2e-3)
     for step in range(300):
         labels = torch.randint(0, 2, (64,))
@@ -349,14 +403,16 @@ def test_latent_diffusion_learns_two_class_clusters(objective, schedule, method)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    samples = prior.sample(32, labels=[0] * 16 + [1] * 16, steps=20, method=method,
-                           generator=torch.Generator().manual_seed(1))
+    samples = prior.sample(
+        32, labels=[0] * 16 + [1] * 16, steps=20, method=method, generator=torch.Generator().manual_seed(1)
+    )
     means = samples.mean(dim=(1, 2, 3))
     assert (means[:16] > 0.3).all() and (means[16:] < -0.3).all(), means
     assert abs(means[:16].mean() - 1) < 0.2 and abs(means[16:].mean() + 1) < 0.2, means
 
 
 # ---------------------------------------------------------------------------------------------------- TokenGPT
+
 
 def tiny_gpt(num_classes=3, **kw):
     args = dict(vocab_size=11, seq_len=8, num_classes=num_classes, dim=32, depth=2, num_heads=2)
@@ -374,7 +430,7 @@ def test_gpt_cached_logits_equal_full_forward(num_classes):
     assert full.shape == (2, 8, 11)
     cache = model.new_cache(2)
     steps = [model(tokens[:, :0], labels, cache)]
-    steps += [model(tokens[:, i:i + 1], cache=cache) for i in range(7)]
+    steps += [model(tokens[:, i : i + 1], cache=cache) for i in range(7)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
     # a prefix, then several positions at once (an offset causal mask)
     cache = model.new_cache(2)
@@ -388,7 +444,9 @@ def test_gpt_cached_logits_equal_full_forward(num_classes):
 def test_top_k_top_p_and_guidance_on_hand_made_logits():
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 5.0, -1.0]])
     inf = float("-inf")
-    assert torch.equal(top_k_filter(logits, 2), torch.tensor([[inf, 3.0, 2.0, inf], [0.0, 0.0, 5.0, inf]]))  # ties kept
+    assert torch.equal(
+        top_k_filter(logits, 2), torch.tensor([[inf, 3.0, 2.0, inf], [0.0, 0.0, 5.0, inf]])
+    )  # ties kept
     assert torch.equal(top_k_filter(logits, 10), logits)
     probs = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     assert torch.isfinite(top_p_filter(probs, 0.5)).tolist() == [[True, False, False, False]]
@@ -437,11 +495,13 @@ def test_gpt_greedy_guided_sampling_follows_the_formula():
 def test_gpt_errors_and_save_load(tmp_path):
     model = tiny_gpt()
     tokens = torch.randint(0, 11, (2, 8))
-    for kwargs, match in ((dict(temperature=0.0), "temperature must be a finite number > 0"),
-                          (dict(top_p=1.5), r"top_p must be None or in \(0, 1\]"),
-                          (dict(top_k=0), "top_k must be None or an int >= 1"),
-                          (dict(labels=[0, 4]), r"labels must be in \[0, 3\]"),
-                          (dict(guidance=2.0), "guidance needs labels")):
+    for kwargs, match in (
+        (dict(temperature=0.0), "temperature must be a finite number > 0"),
+        (dict(top_p=1.5), r"top_p must be None or in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be None or an int >= 1"),
+        (dict(labels=[0, 4]), r"labels must be in \[0, 3\]"),
+        (dict(guidance=2.0), "guidance needs labels"),
+    ):
         with pytest.raises(ValueError, match=match):
             model.sample(2, **kwargs)
     with pytest.raises(ValueError, match=r"tokens must be in \[0, 10\]"):
@@ -457,8 +517,10 @@ def test_gpt_errors_and_save_load(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = load_pretrained(tmp_path)
     assert isinstance(loaded, TokenGPT) and loaded.config == model.config
-    torch.testing.assert_close(loaded.sample(2, labels=[0, 1], generator=torch.Generator().manual_seed(0)),
-                               model.sample(2, labels=[0, 1], generator=torch.Generator().manual_seed(0)))
+    torch.testing.assert_close(
+        loaded.sample(2, labels=[0, 1], generator=torch.Generator().manual_seed(0)),
+        model.sample(2, labels=[0, 1], generator=torch.Generator().manual_seed(0)),
+    )
 
 
 def test_gpt_learns_class_dependent_sequences():
@@ -473,7 +535,9 @@ def test_gpt_learns_class_dependent_sequences():
         out["loss"].backward()
         optimizer.step()
     labels = torch.tensor([0, 1, 2] * 4)
-    greedy = model.sample(12, labels=labels, top_k=1, guidance=2.0, generator=torch.Generator().manual_seed(0))
+    greedy = model.sample(
+        12, labels=labels, top_k=1, guidance=2.0, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(greedy, sequences[labels])
     sampled = model.sample(12, labels=labels, generator=torch.Generator().manual_seed(0))
     assert (sampled == sequences[labels]).float().mean() > 0.9

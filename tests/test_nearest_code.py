@@ -213,12 +213,16 @@ def _assert_within_tf32_error(x, codebook, indices, ref_indices, metric):
     the distance scale of the exact choice's."""
     x64, c64 = x.double(), codebook.double()
     if metric == "l2":
+
         def dist(i):
             return ((x64 - c64[i]) ** 2).sum(1)
-        scale = (x64 ** 2).sum(1) + (c64 ** 2).sum(1).max()
+
+        scale = (x64**2).sum(1) + (c64**2).sum(1).max()
     else:
+
         def dist(i):
             return 1 - torch.nn.functional.cosine_similarity(x64, c64[i], dim=1)
+
         scale = torch.ones(len(x), dtype=torch.float64, device=x.device)
     assert (dist(indices) - dist(ref_indices) <= 2e-3 * scale).all()
 
@@ -237,7 +241,9 @@ def test_cuda_paths_match_reference(d, dtype, precision, metric):
         _assert_within_tf32_error(x, codebook, indices, ref_indices, metric)
     else:
         assert_near_ties(x, codebook, indices, ref_indices, metric)
-    exact = reference.nearest_code(x, codebook, metric=metric)[1] if torch.equal(indices, ref_indices) else None
+    exact = (
+        reference.nearest_code(x, codebook, metric=metric)[1] if torch.equal(indices, ref_indices) else None
+    )
     if exact is not None:
         torch.testing.assert_close(distances, exact, rtol=1e-5, atol=1e-5)
 
@@ -256,8 +262,9 @@ def test_cuda_paths_follow_the_nan_and_tie_rules(d, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype, precision", [(torch.float16, "ieee"), (torch.bfloat16, "ieee"),
-                                              (torch.float32, "tf32")], ids=str)
+@pytest.mark.parametrize(
+    "dtype, precision", [(torch.float16, "ieee"), (torch.bfloat16, "ieee"), (torch.float32, "tf32")], ids=str
+)
 @pytest.mark.parametrize("offset", [0, 3, 8])
 def test_cuda_views_off_the_16_byte_boundary(dtype, precision, offset):
     # buf[3:3 + N * D].view(N, D): contiguous, but its data pointer is 6 (or 12) bytes past a 16-byte
@@ -267,8 +274,8 @@ def test_cuda_views_off_the_16_byte_boundary(dtype, precision, offset):
     n, k, d = 300, 130, 64
     x_buf = torch.randn(offset + n * d, generator=gen).to("cuda", dtype)
     c_buf = torch.randn(offset + k * d, generator=gen).to("cuda", dtype)
-    x = x_buf[offset:offset + n * d].view(n, d)
-    codebook = c_buf[offset:offset + k * d].view(k, d)
+    x = x_buf[offset : offset + n * d].view(n, d)
+    codebook = c_buf[offset : offset + k * d].view(k, d)
     assert x.is_contiguous() and (x.data_ptr() % 16 == 0) == (offset * x.element_size() % 16 == 0)
     for metric in ("l2", "cosine"):
         indices, distances = fastlatent.nearest_code(x, codebook, metric=metric, precision=precision)

@@ -29,7 +29,8 @@ def test_non_contiguous_inputs(spec, device):
         allowed = spec.non_contiguous_args
         strided = tuple(
             torch.stack([a, a], dim=-1)[..., 0]
-            if isinstance(a, torch.Tensor) and (allowed is None or i in allowed) else a
+            if isinstance(a, torch.Tensor) and (allowed is None or i in allowed)
+            else a
             for i, a in enumerate(sample.args)
         )
         ours = spec.op(*strided, **sample.kwargs)

@@ -24,9 +24,16 @@ def small_sd_vae():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=16,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 64, 128, 128), sample_size=64)
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        layers_per_block=2,
+        norm_num_groups=16,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 128, 128),
+        sample_size=64,
+    )
     return randomise(vae).eval()
 
 
@@ -46,8 +53,12 @@ def test_patch_autoencoder_kl_matches_unpatched():
     patched = fastlatent.patch(vae, report=False)
     assert patched is vae
     report = vae.fastlatent_patch_report
-    assert dict(report.swapped) == {patching.KIND_RESNET: 24, patching.KIND_ATTENTION: 2, patching.KIND_PAIR: 2,
-                                    patching.KIND_UPSAMPLE: 3}
+    assert dict(report.swapped) == {
+        patching.KIND_RESNET: 24,
+        patching.KIND_ATTENTION: 2,
+        patching.KIND_PAIR: 2,
+        patching.KIND_UPSAMPLE: 3,
+    }
     assert report.left_alone == []
     assert not any(type(m) is nn.GroupNorm for m in vae.modules())
     # the only SiLUs left are the blocks' time-embedding activations, unused in a VAE
@@ -81,8 +92,9 @@ def test_patch_autoencoder_kl_state_dict_loads_both_ways():
     fresh.load_state_dict(sd)  # an unpatched checkpoint loads into the patched model, strictly
     z = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(fresh.decode(z).sample, vae.decode(z).sample, atol=DECODE_ATOL,
-                                   rtol=DECODE_RTOL)
+        torch.testing.assert_close(
+            fresh.decode(z).sample, vae.decode(z).sample, atol=DECODE_ATOL, rtol=DECODE_RTOL
+        )
     vae.load_state_dict(fresh.state_dict())  # and the other way
 
 
@@ -177,8 +189,9 @@ def test_patch_report_prints(capsys):
 
 def test_patch_lone_block_returns_replacement():
     resnet = pytest.importorskip("diffusers.models.resnet")
-    block = randomise(resnet.ResnetBlock2D(in_channels=32, temb_channels=None, groups=8,
-                                           time_embedding_norm="group")).eval()
+    block = randomise(
+        resnet.ResnetBlock2D(in_channels=32, temb_channels=None, groups=8, time_embedding_norm="group")
+    ).eval()
     x = torch.randn(1, 32, 6, 6)
     with torch.no_grad():
         ref = block(x, None)
@@ -193,10 +206,13 @@ def test_patch_leaves_unsupported_blocks_alone_and_says_why():
     pytest.importorskip("diffusers")
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
-    model = nn.ModuleDict({
-        "mish": ResnetBlock2D(in_channels=16, temb_channels=None, groups=4, non_linearity="mish"),
-        "cross": Attention(16, cross_attention_dim=8, heads=2, dim_head=8, norm_num_groups=4),
-    })
+
+    model = nn.ModuleDict(
+        {
+            "mish": ResnetBlock2D(in_channels=16, temb_channels=None, groups=4, non_linearity="mish"),
+            "cross": Attention(16, cross_attention_dim=8, heads=2, dim_head=8, norm_num_groups=4),
+        }
+    )
     fastlatent.patch(model, report=False)
     report = model.fastlatent_patch_report
     reasons = {name: why for name, _, why in report.left_alone}
@@ -209,8 +225,15 @@ def test_patch_leaves_unsupported_blocks_alone_and_says_why():
 
 def test_patch_taming_decoder_matches_unpatched():
     torch.manual_seed(0)
-    dec = taming_style.Decoder(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
-                               resolution=32, z_channels=4)
+    dec = taming_style.Decoder(
+        ch=32,
+        out_ch=3,
+        ch_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attn_resolutions=(8,),
+        resolution=32,
+        z_channels=4,
+    )
     dec = randomise(dec).eval()
     z = torch.randn(2, 4, 8, 8)
     keys = list(dec.state_dict())
@@ -220,7 +243,11 @@ def test_patch_taming_decoder_matches_unpatched():
         report = dec.fastlatent_patch_report
         # 2 mid blocks + 3 levels x 2 blocks; the attention norms (mid + 2 at 8x8) and norm_out (followed by
         # a function, not a module) are swapped without activation
-        assert dict(report.swapped) == {patching.KIND_TAMING: 8, patching.KIND_NORM: 4, patching.KIND_TAMING_UPSAMPLE: 2}
+        assert dict(report.swapped) == {
+            patching.KIND_TAMING: 8,
+            patching.KIND_NORM: 4,
+            patching.KIND_TAMING_UPSAMPLE: 2,
+        }
         assert isinstance(dec.up[0].block[0], TamingResnetBlock) and isinstance(dec.norm_out, GroupNormAct)
         assert list(dec.state_dict()) == keys
         torch.testing.assert_close(dec(z), ref, atol=DECODE_ATOL, rtol=DECODE_RTOL)
@@ -240,7 +267,7 @@ def test_patch_probe_rejects_taming_look_alike():
     block = randomise(ResnetBlock(in_channels=32, dropout=0.0, temb_channels=0)).train()
     model = nn.Sequential(block)
     fastlatent.patch(model, report=False)
-    (name, cls, why), = model.fastlatent_patch_report.left_alone
+    ((name, cls, why),) = model.fastlatent_patch_report.left_alone
     assert name == "0" and "forward differs from taming's ResnetBlock" in why
     assert model[0] is block and block.training  # the probe ran in eval mode and restored the flags
     assert all(m.training for m in block.modules())
@@ -248,8 +275,17 @@ def test_patch_probe_rejects_taming_look_alike():
 
 def test_patch_sequential_group_norm_silu():
     torch.manual_seed(0)
-    model = randomise(nn.Sequential(nn.GroupNorm(4, 16), nn.SiLU(), nn.Conv2d(16, 8, 3, padding=1),
-                                    nn.GroupNorm(2, 8), nn.ReLU(), nn.GroupNorm(2, 8), nn.GELU())).eval()
+    model = randomise(
+        nn.Sequential(
+            nn.GroupNorm(4, 16),
+            nn.SiLU(),
+            nn.Conv2d(16, 8, 3, padding=1),
+            nn.GroupNorm(2, 8),
+            nn.ReLU(),
+            nn.GroupNorm(2, 8),
+            nn.GELU(),
+        )
+    ).eval()
     x = torch.randn(2, 16, 9, 11)
     keys = list(model.state_dict())
     with torch.no_grad():
@@ -258,13 +294,22 @@ def test_patch_sequential_group_norm_silu():
         assert dict(model.fastlatent_patch_report.swapped) == {patching.KIND_PAIR: 2, patching.KIND_NORM: 1}
         assert isinstance(model[0], GroupNormAct) and model[0].activation == "silu"
         assert isinstance(model[1], patching.FusedAway)
-        assert isinstance(model[3], GroupNormAct) and model[3].activation is None and type(model[4]) is nn.ReLU
+        assert (
+            isinstance(model[3], GroupNormAct) and model[3].activation is None and type(model[4]) is nn.ReLU
+        )
         assert model[5].activation == "gelu" and isinstance(model[6], patching.FusedAway)
         assert list(model.state_dict()) == keys
         torch.testing.assert_close(model(x), ref, atol=1e-5, rtol=1e-5)
         fastlatent.unpatch(model)
-        assert [type(m) for m in model] == [nn.GroupNorm, nn.SiLU, nn.Conv2d, nn.GroupNorm, nn.ReLU, nn.GroupNorm,
-                                            nn.GELU]
+        assert [type(m) for m in model] == [
+            nn.GroupNorm,
+            nn.SiLU,
+            nn.Conv2d,
+            nn.GroupNorm,
+            nn.ReLU,
+            nn.GroupNorm,
+            nn.GELU,
+        ]
         assert torch.equal(model(x), ref)
 
 
@@ -290,15 +335,18 @@ def test_patch_shared_module_and_subclass():
     fastlatent.patch(model, report=False)
     assert model["a"] is model["b"][0] and isinstance(model["a"], GroupNormAct)
     assert type(model["mine"]) is MyNorm
-    (name, cls, why), = model.fastlatent_patch_report.left_alone
+    ((name, cls, why),) = model.fastlatent_patch_report.left_alone
     assert (name, cls) == ("mine", "MyNorm") and "subclass" in why
     fastlatent.unpatch(model)
     assert model["a"] is shared and model["b"][0] is shared
 
 
 def test_patch_errors():
-    with pytest.raises(TypeError, match="fastlatent.patch: model must be an nn.Module, a diffusers "
-                       "DiffusionPipeline or a diffusers scheduler, got str"):
+    with pytest.raises(
+        TypeError,
+        match="fastlatent.patch: model must be an nn.Module, a diffusers "
+        "DiffusionPipeline or a diffusers scheduler, got str",
+    ):
         fastlatent.patch("model")
     with pytest.raises(TypeError, match="fastlatent.unpatch: model must be an nn.Module"):
         fastlatent.unpatch(None)
@@ -318,18 +366,32 @@ def test_compile_fullgraph_patched_block():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-
 def test_patch_unet2d_and_vq_model_match_unpatched():
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     # time embeddings, multi-head spatial attention (heads = C // attention_head_dim) and skip connections
-    unet = diffusers.UNet2DModel(sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
-                                 block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=16,
-                                 down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                                 up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    vq = diffusers.VQModel(in_channels=3, out_channels=3, latent_channels=4, num_vq_embeddings=64,
-                           block_out_channels=(32, 64), norm_num_groups=16, layers_per_block=1,
-                           down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    unet = diffusers.UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        norm_num_groups=8,
+        attention_head_dim=16,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+    )
+    vq = diffusers.VQModel(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        num_vq_embeddings=64,
+        block_out_channels=(32, 64),
+        norm_num_groups=16,
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
     unet, vq = randomise(unet).eval(), randomise(vq, seed=1).eval()
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 500])
     with torch.no_grad():

@@ -59,8 +59,13 @@ SASS = """\
 
 def test_parse_ptxas_reads_registers_spills_and_shared_memory():
     res = pm.parse_ptxas(PTXAS_LOG)
-    assert res["_Z6kernelPf"] == {"registers": 40, "stack_bytes": 24, "spill_store_bytes": 16,
-                                  "spill_load_bytes": 20, "static_smem_bytes": 2048}
+    assert res["_Z6kernelPf"] == {
+        "registers": 40,
+        "stack_bytes": 24,
+        "spill_store_bytes": 16,
+        "spill_load_bytes": 20,
+        "static_smem_bytes": 2048,
+    }
     assert res["_Z5otherv"]["registers"] == 12 and res["_Z5otherv"]["static_smem_bytes"] == 0
 
 
@@ -78,8 +83,12 @@ def test_loop_metrics_counts_the_body_the_fast_path_and_the_callee():
 
 def test_occupancy_follows_the_sm90_limits():
     # 128 registers x 256 threads: two blocks fill the 65,536-register file
-    assert pm.occupancy(128, 0, 256) == {"blocks_per_sm": 2, "warps_per_sm": 16, "occupancy": 0.25,
-                                         "limiter": "registers"}
+    assert pm.occupancy(128, 0, 256) == {
+        "blocks_per_sm": 2,
+        "warps_per_sm": 16,
+        "occupancy": 0.25,
+        "limiter": "registers",
+    }
     # 32 registers: the 2,048-thread limit
     assert pm.occupancy(32, 0, 256)["blocks_per_sm"] == 8
     # 100 KB of shared memory (+1 KB reserved per block): two blocks in 228 KB
@@ -90,29 +99,50 @@ def test_occupancy_follows_the_sm90_limits():
 
 
 def test_short_names_drop_namespaces_and_parameters():
-    demangled = ("void fastlatent::(anonymous namespace)::elementwise_kernel<__nv_bfloat16, "
-                 "(fastlatent::Activation)1, false, true>(__nv_bfloat16 const*, long, fastlatent::Layout)")
+    demangled = (
+        "void fastlatent::(anonymous namespace)::elementwise_kernel<__nv_bfloat16, "
+        "(fastlatent::Activation)1, false, true>(__nv_bfloat16 const*, long, fastlatent::Layout)"
+    )
     assert pm.short_name(demangled) == "elementwise_kernel<bf16, silu, false, true>"
 
 
 def _kernel(name, spill=0, per_vector=None, budget=None, hot=True):
     loop = {"path_per_vector": per_vector} if per_vector is not None else None
-    return pm.KernelStatic(name=name, mangled=name, registers=32, stack_bytes=0, spill_store_bytes=spill,
-                           spill_load_bytes=spill, static_smem_bytes=0, threads=256, dynamic_smem_bytes=0,
-                           blocks_per_sm=8, occupancy=1.0, occupancy_limiter="threads", loop=loop, hot=hot,
-                           budget=budget)
+    return pm.KernelStatic(
+        name=name,
+        mangled=name,
+        registers=32,
+        stack_bytes=0,
+        spill_store_bytes=spill,
+        spill_load_bytes=spill,
+        static_smem_bytes=0,
+        threads=256,
+        dynamic_smem_bytes=0,
+        blocks_per_sm=8,
+        occupancy=1.0,
+        occupancy_limiter="threads",
+        loop=loop,
+        hot=hot,
+        budget=budget,
+    )
 
 
 def test_check_fails_new_violations_and_reports_known_and_stale_ones(monkeypatch):
-    monkeypatch.setattr(pm, "KNOWN_VIOLATIONS", [
-        ("u/slow_kernel<*>", "instructions", "known over budget (issue 21 item 1): test"),
-        ("u/fixed_kernel", "spill", "known spill (issue 21 item 6): test"),
-    ])
-    kernels = [_kernel("u/slow_kernel<bf16>", per_vector=900, budget=40),    # known: reported
-               _kernel("u/new_kernel", per_vector=41, budget=40),            # new: fails
-               _kernel("u/spilling_kernel", spill=8),                        # new spill, hot kernel: fails
-               _kernel("u/cold_kernel", spill=8, hot=False),                 # not hot: ignored
-               _kernel("u/fixed_kernel")]                                    # its known entry is stale
+    monkeypatch.setattr(
+        pm,
+        "KNOWN_VIOLATIONS",
+        [
+            ("u/slow_kernel<*>", "instructions", "known over budget (issue 21 item 1): test"),
+            ("u/fixed_kernel", "spill", "known spill (issue 21 item 6): test"),
+        ],
+    )
+    kernels = [
+        _kernel("u/slow_kernel<bf16>", per_vector=900, budget=40),  # known: reported
+        _kernel("u/new_kernel", per_vector=41, budget=40),  # new: fails
+        _kernel("u/spilling_kernel", spill=8),  # new spill, hot kernel: fails
+        _kernel("u/cold_kernel", spill=8, hot=False),  # not hot: ignored
+        _kernel("u/fixed_kernel"),
+    ]  # its known entry is stale
     result = pm.check(kernels)
     assert len(result.failures) == 2
     assert any("u/new_kernel" in f and "budget 40" in f for f in result.failures)
@@ -124,8 +154,9 @@ def test_check_fails_new_violations_and_reports_known_and_stale_ones(monkeypatch
 def test_known_violations_name_their_issue_item():
     for pattern, kind, reason in pm.KNOWN_VIOLATIONS:
         assert kind in ("instructions", "spill"), pattern
-        assert reason.startswith("known over budget (issue 21" if kind == "instructions"
-                                 else "known spill (issue 21"), reason
+        assert reason.startswith(
+            "known over budget (issue 21" if kind == "instructions" else "known spill (issue 21"
+        ), reason
 
 
 def test_committed_model_json_is_marked_as_predictions():
@@ -141,9 +172,13 @@ def test_committed_model_json_is_marked_as_predictions():
 def test_compare_matches_bench_results_to_predictions(tmp_path):
     model = json.loads((ROOT / "benchmarks" / "perf_model_static.json").read_text())
     row = next(r for r in model["predictions"] if r.get("bench"))
-    results = {"schema": "fastlatent-bench/1", "meta": {"device": {"name": "NVIDIA H100 80GB HBM3"}},
-               "cases": [{**row["bench"], "providers": {"fastlatent": {"status": "ok",
-                                                                        "min_s": 2 * row["predicted_s"]}}}]}
+    results = {
+        "schema": "fastlatent-bench/1",
+        "meta": {"device": {"name": "NVIDIA H100 80GB HBM3"}},
+        "cases": [
+            {**row["bench"], "providers": {"fastlatent": {"status": "ok", "min_s": 2 * row["predicted_s"]}}}
+        ],
+    }
     path = tmp_path / "results.json"
     path.write_text(json.dumps(results))
     lines = []
@@ -154,16 +189,35 @@ def test_compare_matches_bench_results_to_predictions(tmp_path):
 
 
 def test_outdated_outputs_names_changed_kernels(tmp_path):
-    model = {"kernels": [{"name": "u/a", "registers": 32, "spill_store_bytes": 0, "spill_load_bytes": 0,
-                          "static_smem_bytes": 0, "loop": {"path_per_vector": 30.0}},
-                         {"name": "u/gone", "registers": 8, "spill_store_bytes": 0, "spill_load_bytes": 0,
-                          "static_smem_bytes": 0, "loop": None}]}
+    model = {
+        "kernels": [
+            {
+                "name": "u/a",
+                "registers": 32,
+                "spill_store_bytes": 0,
+                "spill_load_bytes": 0,
+                "static_smem_bytes": 0,
+                "loop": {"path_per_vector": 30.0},
+            },
+            {
+                "name": "u/gone",
+                "registers": 8,
+                "spill_store_bytes": 0,
+                "spill_load_bytes": 0,
+                "static_smem_bytes": 0,
+                "loop": None,
+            },
+        ]
+    }
     path = tmp_path / "model.json"
     path.write_text(json.dumps(model))
     same, changed = _kernel("u/a", per_vector=30.0), _kernel("u/a", per_vector=31.0)
     assert pm.outdated_outputs([same], path) == ["u/gone: no longer compiled"]
     assert pm.outdated_outputs([changed, _kernel("u/new")], path) == [
-        "u/a: static columns changed", "u/new: new kernel", "u/gone: no longer compiled"]
+        "u/a: static columns changed",
+        "u/new: new kernel",
+        "u/gone: no longer compiled",
+    ]
 
 
 def test_missing_toolkit_is_named_in_the_error(monkeypatch):

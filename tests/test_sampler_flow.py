@@ -35,8 +35,9 @@ class _TimeDependentModel:
 
 def _diffusers_dpm(shift, steps):
     diffusers = pytest.importorskip("diffusers")
-    scheduler = diffusers.DPMSolverMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
-                                                      flow_shift=shift, num_train_timesteps=T)
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=shift, num_train_timesteps=T
+    )
     scheduler.set_timesteps(steps)
     return scheduler
 
@@ -83,14 +84,17 @@ def test_flow_trajectory_matches_diffusers_loop(shift, steps):
 def test_flow_trajectory_with_guidance_matches_diffusers_loop():
     theirs = _diffusers_dpm(2.0, 12)
     x_start = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
-    cond = torch.cat([torch.zeros(1, 4, 1, 1), torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(5))])
+    cond = torch.cat(
+        [torch.zeros(1, 4, 1, 1), torch.randn(1, 4, 1, 1, generator=torch.Generator().manual_seed(5))]
+    )
     model, scale = _TimeDependentModel(), 3.0
     x = x_start.clone()
     for t in theirs.timesteps:
         uncond, conditional = model(torch.cat([x, x]), t.float().expand(2), cond).chunk(2)
         x = theirs.step(uncond + scale * (conditional - uncond), t, x).prev_sample
-    ours = Sampler("dpmpp_2m", FlowSchedule(shift=2.0), 12).sample(model, x_start, cond, guidance=scale,
-                                                                     progress=False)
+    ours = Sampler("dpmpp_2m", FlowSchedule(shift=2.0), 12).sample(
+        model, x_start, cond, guidance=scale, progress=False
+    )
     assert _rel_err(ours, x) <= 1e-4
 
 
@@ -121,9 +125,9 @@ def test_dpmpp_2m_flow_samples_a_gaussian_with_the_exact_velocity():
         # the model sees an integer t for dpmpp_2m: recover sigma to within 1/T, as a trained model would
         sigma = (t / T).clamp(1e-4, 1.0).to(x.dtype)[:, None, None, None]
         alpha = 1 - sigma
-        var = alpha ** 2 * s ** 2 + sigma ** 2
+        var = alpha**2 * s**2 + sigma**2
         centered = x - alpha * mu
-        x0 = mu + alpha * s ** 2 / var * centered
+        x0 = mu + alpha * s**2 / var * centered
         eps = sigma / var * centered
         return eps - x0
 
@@ -143,17 +147,34 @@ def test_dpmpp_2m_flow_samples_a_gaussian_with_the_exact_velocity():
 
 def test_latent_diffusion_flow_samples_with_dpmpp_2m():
     torch.manual_seed(0)
-    denoiser = UNet(in_channels=2, base_channels=8, channel_mult=[1, 2], layers_per_block=1, attention_levels=[],
-                    mid_attention=False, num_classes=3, norm_num_groups=4)
-    prior = LatentDiffusion(denoiser, objective="flow", schedule={"kind": "flow", "shift": 2.0}, latent_size=4)
+    denoiser = UNet(
+        in_channels=2,
+        base_channels=8,
+        channel_mult=[1, 2],
+        layers_per_block=1,
+        attention_levels=[],
+        mid_attention=False,
+        num_classes=3,
+        norm_num_groups=4,
+    )
+    prior = LatentDiffusion(
+        denoiser, objective="flow", schedule={"kind": "flow", "shift": 2.0}, latent_size=4
+    )
     # a non-zero output layer, so the sampled latents depend on the model, not only on the noise
     torch.nn.init.normal_(prior.denoiser.conv_out.weight, std=0.05)
     gen = torch.Generator().manual_seed(1)
     a = prior.sample(3, labels=[0, 1, 2], steps=6, guidance=2.0, method="dpmpp_2m", generator=gen)
-    b = prior.sample(3, labels=[0, 1, 2], steps=6, guidance=2.0, method="dpmpp_2m",
-                     generator=torch.Generator().manual_seed(1))
-    euler = prior.sample(3, labels=[0, 1, 2], steps=6, guidance=2.0, method="euler",
-                         generator=torch.Generator().manual_seed(1))
+    b = prior.sample(
+        3,
+        labels=[0, 1, 2],
+        steps=6,
+        guidance=2.0,
+        method="dpmpp_2m",
+        generator=torch.Generator().manual_seed(1),
+    )
+    euler = prior.sample(
+        3, labels=[0, 1, 2], steps=6, guidance=2.0, method="euler", generator=torch.Generator().manual_seed(1)
+    )
     assert a.shape == (3, 2, 4, 4) and torch.isfinite(a).all()
     assert torch.equal(a, b)
     assert not torch.allclose(a, euler)

@@ -63,14 +63,21 @@ def _run_pair(ours, theirs, x0, model, steps=50, input_scale=True, compare_each_
 
 
 @pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("x0_option", [{}, {"clip_sample": True}, {"thresholding": True, "sample_max_value": 1.5}])
+@pytest.mark.parametrize(
+    "x0_option", [{}, {"clip_sample": True}, {"thresholding": True, "sample_max_value": 1.5}]
+)
 def test_ddim_step_matches_diffusers(prediction, x0_option):
     diffusers = _diffusers()
     from fastlatent.sampling.schedulers import FastDDIMScheduler
 
     config = dict(SD, prediction_type=prediction, **{"clip_sample": False, **x0_option})
-    worst = _run_pair(FastDDIMScheduler(**config), diffusers.DDIMScheduler(**config), torch.randn(2, 4, 16, 16),
-                      _Model(), input_scale=False)
+    worst = _run_pair(
+        FastDDIMScheduler(**config),
+        diffusers.DDIMScheduler(**config),
+        torch.randn(2, 4, 16, 16),
+        _Model(),
+        input_scale=False,
+    )
     assert worst <= 1e-5
 
 
@@ -107,10 +114,12 @@ def test_ddpm_step_matches_diffusers(prediction):
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
         ab = scheduler.alphas_cumprod
         ab_prev = float(ab[int(t) - ratio]) if int(t) - ratio >= 0 else 1.0
-        ours, _ = fastlatent.ops.ddpm_step(out, x, float(ab[int(t)]), ab_prev, prediction=prediction, clip_x0=1.0,
-                                           noise=noise)
-        ref, _ = reference.ddpm_step(out, x, float(ab[int(t)]), ab_prev, prediction=prediction, clip_x0=1.0,
-                                     noise=noise)
+        ours, _ = fastlatent.ops.ddpm_step(
+            out, x, float(ab[int(t)]), ab_prev, prediction=prediction, clip_x0=1.0, noise=noise
+        )
+        ref, _ = reference.ddpm_step(
+            out, x, float(ab[int(t)]), ab_prev, prediction=prediction, clip_x0=1.0, noise=noise
+        )
         assert _rel_err(ours, expected) <= 1e-5
         assert _rel_err(ref, expected) <= 1e-5
         x = expected
@@ -123,8 +132,12 @@ def test_euler_step_matches_diffusers(prediction, karras):
     from fastlatent.sampling.schedulers import FastEulerDiscreteScheduler
 
     config = dict(SD, prediction_type=prediction, use_karras_sigmas=karras)
-    worst = _run_pair(FastEulerDiscreteScheduler(**config), diffusers.EulerDiscreteScheduler(**config),
-                      torch.randn(2, 4, 16, 16), _Model())
+    worst = _run_pair(
+        FastEulerDiscreteScheduler(**config),
+        diffusers.EulerDiscreteScheduler(**config),
+        torch.randn(2, 4, 16, 16),
+        _Model(),
+    )
     assert worst <= 1e-5
 
 
@@ -133,24 +146,41 @@ def test_flow_match_euler_step_matches_diffusers(shift):
     diffusers = _diffusers()
     from fastlatent.sampling.schedulers import FastFlowMatchEulerDiscreteScheduler
 
-    worst = _run_pair(FastFlowMatchEulerDiscreteScheduler(shift=shift),
-                      diffusers.FlowMatchEulerDiscreteScheduler(shift=shift), torch.randn(2, 4, 16, 16), _Model(),
-                      input_scale=False)
+    worst = _run_pair(
+        FastFlowMatchEulerDiscreteScheduler(shift=shift),
+        diffusers.FlowMatchEulerDiscreteScheduler(shift=shift),
+        torch.randn(2, 4, 16, 16),
+        _Model(),
+        input_scale=False,
+    )
     assert worst <= 1e-5
 
 
-@pytest.mark.parametrize("config", [dict(prediction_type="epsilon"), dict(prediction_type="v_prediction"),
-                                    dict(prediction_type="sample"), dict(use_karras_sigmas=True),
-                                    dict(thresholding=True, sample_max_value=2.0), dict(solver_order=1)],
-                         ids=["eps", "v", "x0", "karras", "threshold", "order1"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(prediction_type="epsilon"),
+        dict(prediction_type="v_prediction"),
+        dict(prediction_type="sample"),
+        dict(use_karras_sigmas=True),
+        dict(thresholding=True, sample_max_value=2.0),
+        dict(solver_order=1),
+    ],
+    ids=["eps", "v", "x0", "karras", "threshold", "order1"],
+)
 @pytest.mark.parametrize("steps", [10, 50])
 def test_dpmpp_2m_step_matches_diffusers(config, steps):
     diffusers = _diffusers()
     from fastlatent.sampling.schedulers import FastDPMSolverMultistepScheduler
 
-    worst = _run_pair(FastDPMSolverMultistepScheduler(**SD, **config),
-                      diffusers.DPMSolverMultistepScheduler(**SD, **config), torch.randn(2, 4, 16, 16), _Model(),
-                      steps=steps, input_scale=False)
+    worst = _run_pair(
+        FastDPMSolverMultistepScheduler(**SD, **config),
+        diffusers.DPMSolverMultistepScheduler(**SD, **config),
+        torch.randn(2, 4, 16, 16),
+        _Model(),
+        steps=steps,
+        input_scale=False,
+    )
     assert worst <= 1e-5
 
 
@@ -173,16 +203,30 @@ TRAJECTORIES = [
     ("ddim", "scaled_linear", {}, "DDIMScheduler", dict(SD, clip_sample=False)),
     ("euler", "scaled_linear", {}, "EulerDiscreteScheduler", dict(SD)),
     ("euler", "scaled_linear", {"karras": True}, "EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True)),
-    ("euler", "linear", {"prediction": "v_prediction"}, "EulerDiscreteScheduler", dict(prediction_type="v_prediction")),
+    (
+        "euler",
+        "linear",
+        {"prediction": "v_prediction"},
+        "EulerDiscreteScheduler",
+        dict(prediction_type="v_prediction"),
+    ),
     ("dpmpp_2m", "scaled_linear", {}, "DPMSolverMultistepScheduler", dict(SD)),
-    ("dpmpp_2m", "linear", {"prediction": "v_prediction"}, "DPMSolverMultistepScheduler",
-     dict(prediction_type="v_prediction")),
+    (
+        "dpmpp_2m",
+        "linear",
+        {"prediction": "v_prediction"},
+        "DPMSolverMultistepScheduler",
+        dict(prediction_type="v_prediction"),
+    ),
     ("euler", FlowSchedule(shift=3.0), {}, "FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
 ]
 
 
-@pytest.mark.parametrize("method,schedule,kwargs,name,config", TRAJECTORIES,
-                         ids=[f"{t[0]}-{t[3]}-{i}" for i, t in enumerate(TRAJECTORIES)])
+@pytest.mark.parametrize(
+    "method,schedule,kwargs,name,config",
+    TRAJECTORIES,
+    ids=[f"{t[0]}-{t[3]}-{i}" for i, t in enumerate(TRAJECTORIES)],
+)
 def test_50_step_trajectory_matches_diffusers_loop(method, schedule, kwargs, name, config):
     """Whole 50-step trajectories: stated tolerance 1e-4 relative (per-step 1e-5 rounding, compounded)."""
     diffusers = _diffusers()
@@ -229,8 +273,9 @@ def test_half_latents_use_fp32_math(dtype):
 
 def test_philox_noise_matches_reference_stream_and_is_standard_normal():
     # x0 = 0 and x_t = 0: the DDPM step is std * z exactly
-    z, _ = fastlatent.ops.ddpm_step(torch.zeros(4, 4097), torch.zeros(4, 4097), 0.5, 0.9, prediction="sample",
-                                    seed=2**40 + 17, offset=3)
+    z, _ = fastlatent.ops.ddpm_step(
+        torch.zeros(4, 4097), torch.zeros(4, 4097), 0.5, 0.9, prediction="sample", seed=2**40 + 17, offset=3
+    )
     std = math.sqrt((1 - 0.9) / (1 - 0.5) * (1 - 0.5 / 0.9))
     expected = reference.philox_normal(2**40 + 17, 3, z.numel()).reshape(z.shape)
     assert (z.double() / std - expected).abs().max() < 1e-5
@@ -266,7 +311,9 @@ def test_noise_independent_of_thread_count():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one, _ = fastlatent.ops.ddpm_step(m, x, 0.3, 0.5, seed=9, guidance_scale=None, threshold_quantile=0.99)
+        one, _ = fastlatent.ops.ddpm_step(
+            m, x, 0.3, 0.5, seed=9, guidance_scale=None, threshold_quantile=0.99
+        )
     finally:
         torch.set_num_threads(threads)
     many, _ = fastlatent.ops.ddpm_step(m, x, 0.3, 0.5, seed=9, threshold_quantile=0.99)
@@ -283,7 +330,9 @@ def test_invalid_step_counts_raise(steps):
 
 
 def test_sampler_argument_errors():
-    with pytest.raises(ValueError, match=r"steps must be at most the schedule's num_train_timesteps \(1000\)"):
+    with pytest.raises(
+        ValueError, match=r"steps must be at most the schedule's num_train_timesteps \(1000\)"
+    ):
         Sampler("ddpm", "linear", 1001)
     with pytest.raises(ValueError, match=r'method must be "ddpm", "ddim", "euler" or "dpmpp_2m", got "heun"'):
         Sampler("heun", "linear", 10)
@@ -341,10 +390,16 @@ def test_unsupported_diffusers_configs_run_diffusers_step():
 
 def test_schedules_match_diffusers_betas():
     diffusers = _diffusers()
-    for kind, name in (("linear", "linear"), ("scaled_linear", "scaled_linear"), ("cosine", "squaredcos_cap_v2")):
+    for kind, name in (
+        ("linear", "linear"),
+        ("scaled_linear", "scaled_linear"),
+        ("cosine", "squaredcos_cap_v2"),
+    ):
         ours = DiscreteSchedule(kind).alphas_cumprod
-        theirs = diffusers.DDPMScheduler(beta_schedule=name, **({} if kind != "scaled_linear" else
-                                                                  dict(beta_start=0.00085, beta_end=0.012)))
+        theirs = diffusers.DDPMScheduler(
+            beta_schedule=name,
+            **({} if kind != "scaled_linear" else dict(beta_start=0.00085, beta_end=0.012)),
+        )
         assert torch.equal(ours, theirs.alphas_cumprod)
     sigmas = KarrasSchedule(0.002, 80.0).sigmas(10)
     assert abs(sigmas[0] - 80.0) < 1e-9 and abs(sigmas[-1] - 0.002) < 1e-12
@@ -355,7 +410,8 @@ def test_karras_schedule_edm_sampler_denoises_towards_data():
     target = torch.randn(1, 4, 8, 8)
     for method in ("euler", "dpmpp_2m"):
         out = Sampler(method, KarrasSchedule(0.002, 80.0), 20, prediction="sample").sample(
-            lambda x, t, c: target.expand_as(x).clone(), (1, 4, 8, 8), progress=False)
+            lambda x, t, c: target.expand_as(x).clone(), (1, 4, 8, 8), progress=False
+        )
         assert _rel_err(out, target) < 1e-5
 
 
@@ -367,11 +423,24 @@ def test_cuda_noise_identical_to_cpu():
     x = torch.randn(3, 4, 33, 33)
     m = torch.randn(3, 4, 33, 33)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        cpu, _ = fastlatent.ops.ddpm_step(torch.zeros_like(m, dtype=dtype), torch.zeros_like(x, dtype=dtype), 0.5,
-                                          0.9, prediction="sample", seed=123456789, offset=5)
-        gpu, _ = fastlatent.ops.ddpm_step(torch.zeros_like(m, dtype=dtype).cuda(),
-                                          torch.zeros_like(x, dtype=dtype).cuda(), 0.5, 0.9, prediction="sample",
-                                          seed=123456789, offset=5)
+        cpu, _ = fastlatent.ops.ddpm_step(
+            torch.zeros_like(m, dtype=dtype),
+            torch.zeros_like(x, dtype=dtype),
+            0.5,
+            0.9,
+            prediction="sample",
+            seed=123456789,
+            offset=5,
+        )
+        gpu, _ = fastlatent.ops.ddpm_step(
+            torch.zeros_like(m, dtype=dtype).cuda(),
+            torch.zeros_like(x, dtype=dtype).cuda(),
+            0.5,
+            0.9,
+            prediction="sample",
+            seed=123456789,
+            offset=5,
+        )
         assert torch.equal(cpu, gpu.cpu()), dtype
     a, _ = fastlatent.ops.ddpm_step(m, x, 0.3, 0.5, seed=5)
     b, _ = fastlatent.ops.ddpm_step(m.cuda(), x.cuda(), 0.3, 0.5, seed=5)
@@ -379,31 +448,48 @@ def test_cuda_noise_identical_to_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("options", [{}, {"guidance_scale": 7.5, "guidance_rescale": 0.7},
-                                     {"guidance_scale": 4.0, "threshold_quantile": 0.995, "threshold_max": 1.5}])
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"guidance_scale": 7.5, "guidance_rescale": 0.7},
+        {"guidance_scale": 4.0, "threshold_quantile": 0.995, "threshold_max": 1.5},
+    ],
+)
 def test_cuda_steps_match_cpu(options):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(16, 4, 64, 64, generator=gen)
     m = torch.randn(32 if options else 16, 4, 64, 64, generator=gen) * 2
     for dtype in (torch.float32, torch.bfloat16):
         cpu = fastlatent.ops.ddim_step(m.to(dtype), x.to(dtype), 0.1, 0.2, 0.5, seed=3, **options)
-        gpu = fastlatent.ops.ddim_step(m.to(dtype).cuda(), x.to(dtype).cuda(), 0.1, 0.2, 0.5, seed=3, **options)
+        gpu = fastlatent.ops.ddim_step(
+            m.to(dtype).cuda(), x.to(dtype).cuda(), 0.1, 0.2, 0.5, seed=3, **options
+        )
         assert_step_close(tuple(t.cpu() for t in gpu), cpu, dtype)
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("method,schedule", [("ddpm", "linear"), ("dpmpp_2m", "scaled_linear"),
-                                             ("euler", FlowSchedule(shift=3.0))])
+@pytest.mark.parametrize(
+    "method,schedule", [("ddpm", "linear"), ("dpmpp_2m", "scaled_linear"), ("euler", FlowSchedule(shift=3.0))]
+)
 def test_cuda_graph_capture_matches_eager_and_replays(method, schedule):
     model = _Model(device="cuda")
     sampler = Sampler(method, schedule, 25)
     cond = torch.cat([torch.zeros(1, 4, 1, 1), torch.randn(1, 4, 1, 1)]).cuda()
     for seed in (1, 2):
         x_t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(seed)).cuda()
-        eager = sampler.sample(model, x_t, cond=cond, guidance=5.0, generator=torch.Generator().manual_seed(seed),
-                               progress=False)
-        graphed = sampler.sample(model, x_t, cond=cond, guidance=5.0, generator=torch.Generator().manual_seed(seed),
-                                 capture_graph=True, progress=False)
+        eager = sampler.sample(
+            model, x_t, cond=cond, guidance=5.0, generator=torch.Generator().manual_seed(seed), progress=False
+        )
+        graphed = sampler.sample(
+            model,
+            x_t,
+            cond=cond,
+            guidance=5.0,
+            generator=torch.Generator().manual_seed(seed),
+            capture_graph=True,
+            progress=False,
+        )
         assert_step_close(graphed.cpu(), eager.cpu(), torch.float32)
     assert len(sampler._graphs) == 1  # the second call replayed the first capture
 

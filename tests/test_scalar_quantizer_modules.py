@@ -98,7 +98,9 @@ def test_lfq_options_and_errors():
     q = LFQ(dim=4)
     x = torch.randn(2, 4, 3, 5)
     mask = torch.rand(2, 3, 5) > 0.5
-    torch.testing.assert_close(q(x, mask=mask).entropy_aux_loss, q(x, mask=mask.reshape(2, 15)).entropy_aux_loss)
+    torch.testing.assert_close(
+        q(x, mask=mask).entropy_aux_loss, q(x, mask=mask.reshape(2, 15)).entropy_aux_loss
+    )
 
 
 def test_bsq_factorised_entropy_for_wide_codes():
@@ -192,10 +194,12 @@ def test_fsq_matches_vector_quantize_pytorch(levels):
         torch.testing.assert_close(out[same_idx], out_v[same_idx], rtol=0, atol=2e-7)
     else:
         assert torch.equal(out[same_idx], out_v[same_idx])
-    torch.testing.assert_close(theirs.indices_to_codes(idx_v), ours.indices_to_codes(idx).float(), rtol=0, atol=2e-7)
+    torch.testing.assert_close(
+        theirs.indices_to_codes(idx_v), ours.indices_to_codes(idx).float(), rtol=0, atol=2e-7
+    )
     g = torch.randn_like(out)
-    grad, = torch.autograd.grad(out, z, g)
-    grad_v, = torch.autograd.grad(out_v, z2, g)
+    (grad,) = torch.autograd.grad(out, z, g)
+    (grad_v,) = torch.autograd.grad(out_v, z2, g)
     torch.testing.assert_close(grad, grad_v, rtol=1e-5, atol=1e-6)
 
 
@@ -220,8 +224,12 @@ def test_lfq_matches_vector_quantize_pytorch(d, inv_temperature, scale):
     def clamped_entropy(p):
         return (-p * p.clamp(min=1e-5).log()).sum(-1)
 
-    torch.testing.assert_close(br_v.per_sample_entropy.double(), clamped_entropy(prob).mean(), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(br_v.batch_entropy.double(), clamped_entropy(prob.mean(0)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        br_v.per_sample_entropy.double(), clamped_entropy(prob).mean(), rtol=1e-4, atol=1e-6
+    )
+    torch.testing.assert_close(
+        br_v.batch_entropy.double(), clamped_entropy(prob.mean(0)), rtol=1e-5, atol=1e-6
+    )
     exact_ps = -torch.special.xlogy(prob, prob).sum(-1).mean()
     exact_batch = -torch.special.xlogy(prob.mean(0), prob.mean(0)).sum()
     torch.testing.assert_close(br.per_sample_entropy.double(), exact_ps, rtol=1e-5, atol=1e-6)
@@ -229,6 +237,6 @@ def test_lfq_matches_vector_quantize_pytorch(d, inv_temperature, scale):
     if prob.min() >= 1e-5:  # the clamp is inactive: the losses and their gradients coincide
         torch.testing.assert_close(aux, aux_v, rtol=1e-5, atol=1e-7)
         g = torch.randn_like(out)
-        grad, = torch.autograd.grad((out * g).sum() + aux, x)
-        grad_v, = torch.autograd.grad((out_v * g).sum() + aux_v, x2)
+        (grad,) = torch.autograd.grad((out * g).sum() + aux, x)
+        (grad_v,) = torch.autograd.grad((out_v * g).sum() + aux_v, x2)
         torch.testing.assert_close(grad, grad_v, rtol=1e-4, atol=1e-6)

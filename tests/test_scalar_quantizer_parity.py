@@ -59,8 +59,10 @@ FSQ_CASES = {
     "no_bias": (dict(levels=[7, 5, 5], dim=12, projection_has_bias=False), (2, 40, 12)),
     "symmetric": (dict(levels=[8, 5, 4, 2], preserve_symmetry=True), (2, 64, 4)),
     "hard_clamp": (dict(levels=[8, 5, 5, 5], bound_hard_clamp=True), (2, 64, 4)),
-    "hard_clamp_symmetric": (dict(levels=[8, 5, 5, 5], bound_hard_clamp=True, preserve_symmetry=True),
-                             (2, 64, 4)),
+    "hard_clamp_symmetric": (
+        dict(levels=[8, 5, 5, 5], bound_hard_clamp=True, preserve_symmetry=True),
+        (2, 64, 4),
+    ),
     "rotation": (dict(levels=[5, 5, 5, 5], orthogonal_rotation=True), (2, 64, 4)),
     "keep_codebook_dim": (dict(levels=[8, 5, 5, 5], keep_num_codebooks_dim=True, scale=0.5), (2, 64, 4)),
 }
@@ -91,9 +93,20 @@ def test_fsq_without_indices_and_defaults(vqp):
     ours, theirs = fl.FSQ([8, 5, 5, 5], return_indices=False), vqp.FSQ([8, 5, 5, 5], return_indices=False)
     out, idx = ours(torch.randn(2, 8, 4))
     assert idx is None
-    for name in ("dim", "codebook_dim", "num_codebooks", "keep_num_codebooks_dim", "effective_codebook_dim",
-                 "has_projections", "allowed_dtypes", "force_quantization_f32", "preserve_symmetry",
-                 "noise_dropout", "bound_hard_clamp", "channel_first"):
+    for name in (
+        "dim",
+        "codebook_dim",
+        "num_codebooks",
+        "keep_num_codebooks_dim",
+        "effective_codebook_dim",
+        "has_projections",
+        "allowed_dtypes",
+        "force_quantization_f32",
+        "preserve_symmetry",
+        "noise_dropout",
+        "bound_hard_clamp",
+        "channel_first",
+    ):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert set(ours.state_dict()) == set(theirs.state_dict())
 
@@ -196,8 +209,9 @@ def test_lfq_matches(vqp, case):
     for a, b in zip(br, br_v):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
     torch.testing.assert_close(aux, aux_v, rtol=1e-3, atol=1e-5)
-    g, g_v = (torch.autograd.grad(((o * 0.1).sum() + a), i)[0]
-              for o, a, i in ((out, aux, x), (out_v, aux_v, x_v)))
+    g, g_v = (
+        torch.autograd.grad(((o * 0.1).sum() + a), i)[0] for o, a, i in ((out, aux, x), (out_v, aux_v, x_v))
+    )
     torch.testing.assert_close(g, g_v, rtol=1e-3, atol=1e-5)
     codes, codes_v = ours.indices_to_codes(idx), theirs.indices_to_codes(idx_v)
     torch.testing.assert_close(codes, codes_v, rtol=1e-5, atol=1e-6)
@@ -221,8 +235,9 @@ def test_lfq_channel_first_layouts(vqp, shape):
     torch.testing.assert_close(out, out_v, rtol=1e-5, atol=1e-6)
     codes, codes_v = ours.indices_to_codes(idx), theirs.indices_to_codes(idx_v)
     torch.testing.assert_close(codes, codes_v, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(ours.indices_to_codes(idx, project_out=False),
-                               theirs.indices_to_codes(idx_v, project_out=False))
+    torch.testing.assert_close(
+        ours.indices_to_codes(idx, project_out=False), theirs.indices_to_codes(idx_v, project_out=False)
+    )
 
 
 def test_lfq_frac_per_sample_entropy_draws_like_vqp(vqp):
@@ -338,11 +353,15 @@ def test_bsq_is_lfq_spherical_and_reaches_its_usage(vqp):
 RFSQ_CASES = {
     "default": (dict(levels=[8, 5, 5, 3], num_quantizers=4), (2, 64, 4)),
     "projection": (dict(levels=[8, 5, 5, 3], num_quantizers=6, dim=32), (2, 64, 32)),
-    "channel_first": (dict(levels=[8, 5, 5, 3], num_quantizers=3, dim=8, is_channel_first=True),
-                      (2, 8, 5, 6)),
+    "channel_first": (
+        dict(levels=[8, 5, 5, 3], num_quantizers=3, dim=8, is_channel_first=True),
+        (2, 8, 5, 6),
+    ),
     "tanh_bound": (dict(levels=[7, 5, 5, 5], num_quantizers=3, bound_hard_clamp=False), (2, 64, 4)),
-    "tanh_soft_clamp": (dict(levels=[7, 5, 5, 5], num_quantizers=3, bound_hard_clamp=False,
-                             soft_clamp_input_value=2.0), (2, 64, 4)),
+    "tanh_soft_clamp": (
+        dict(levels=[7, 5, 5, 5], num_quantizers=3, bound_hard_clamp=False, soft_clamp_input_value=2.0),
+        (2, 64, 4),
+    ),
 }
 
 
@@ -369,8 +388,13 @@ def test_residual_fsq_matches(vqp, case):
 
 
 def test_residual_fsq_quantize_dropout_draws_like_vqp(vqp):
-    kwargs = dict(levels=[8, 5, 5, 3], num_quantizers=6, quantize_dropout=True,
-                  quantize_dropout_cutoff_index=1, quantize_dropout_multiple_of=2)
+    kwargs = dict(
+        levels=[8, 5, 5, 3],
+        num_quantizers=6,
+        quantize_dropout=True,
+        quantize_dropout_cutoff_index=1,
+        quantize_dropout_multiple_of=2,
+    )
     ours, theirs = _pair(lambda: fl.ResidualFSQ(**kwargs), lambda: vqp.ResidualFSQ(**kwargs))
     for seed in range(4):
         x, x_v = _inputs(2, 16, 4, seed=seed)
@@ -418,8 +442,9 @@ def test_grouped_residual_fsq_matches(vqp):
 
 RLFQ_CASES = {
     "default": dict(dim=16, codebook_size=2**6, num_quantizers=3),
-    "soft_clamp_commit": dict(dim=6, codebook_size=2**6, num_quantizers=4, soft_clamp_input_value=2.0,
-                              commitment_loss_weight=0.25),
+    "soft_clamp_commit": dict(
+        dim=6, codebook_size=2**6, num_quantizers=4, soft_clamp_input_value=2.0, commitment_loss_weight=0.25
+    ),
 }
 
 
@@ -433,8 +458,10 @@ def test_residual_lfq_matches(vqp, case):
     _assert_same_indices(idx, idx_v)
     torch.testing.assert_close(out, out_v, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses, losses_v, rtol=1e-3, atol=1e-5)
-    g, g_v = (torch.autograd.grad(o.sum() + ls.sum(), i)[0]
-              for o, ls, i in ((out, losses, x), (out_v, losses_v, x_v)))
+    g, g_v = (
+        torch.autograd.grad(o.sum() + ls.sum(), i)[0]
+        for o, ls, i in ((out, losses, x), (out_v, losses_v, x_v))
+    )
     torch.testing.assert_close(g, g_v, rtol=1e-3, atol=1e-4)
     ours.eval(), theirs.eval()
     out, idx, _ = ours(x)
@@ -486,9 +513,16 @@ def test_grouped_residual_lfq_matches(vqp):
 # ------------------------------------------------------------------------------- LatentQuantize
 
 
-@pytest.mark.parametrize("kwargs", [dict(levels=[5, 5, 8], dim=16), dict(levels=[5, 5, 8], dim=3),
-                                    dict(levels=5, codebook_dim=3, dim=16, optimize_values=False),
-                                    dict(levels=[5, 5, 8], dim=16, num_codebooks=2)], ids=str)
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(levels=[5, 5, 8], dim=16),
+        dict(levels=[5, 5, 8], dim=3),
+        dict(levels=5, codebook_dim=3, dim=16, optimize_values=False),
+        dict(levels=[5, 5, 8], dim=16, num_codebooks=2),
+    ],
+    ids=str,
+)
 def test_latent_quantize_matches(vqp, kwargs):
     ours, theirs = _pair(lambda: fl.LatentQuantize(**kwargs), lambda: vqp.LatentQuantize(**kwargs))
     x, x_v = _inputs(2, kwargs["dim"], 6, 5)
@@ -500,8 +534,9 @@ def test_latent_quantize_matches(vqp, kwargs):
     g, g_v = (torch.autograd.grad(o.sum() + ls, i)[0] for o, ls, i in ((out, loss, x), (out_v, loss_v, x_v)))
     torch.testing.assert_close(g, g_v)
     torch.testing.assert_close(ours.indices_to_codes(idx), theirs.indices_to_codes(idx_v))
-    assert isinstance(ours.values_per_latent, nn.ParameterList) == isinstance(theirs.values_per_latent,
-                                                                              nn.ParameterList)
+    assert isinstance(ours.values_per_latent, nn.ParameterList) == isinstance(
+        theirs.values_per_latent, nn.ParameterList
+    )
     ours.eval(), theirs.eval()
     assert ours(x)[2].item() == theirs(x_v)[2].item() == 0
 

@@ -61,17 +61,23 @@ FUSED_CASES = [
         dict(SD, solver_order=3, use_karras_sigmas=True, thresholding=True, sample_max_value=1.5),
     ),
     ("DPMSolverMultistepScheduler", dict(SD, solver_order=2, solver_type="heun")),
-    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", solver_order=3,
-                                         final_sigmas_type="sigma_min")),
-    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="dpmsolver", solver_type="heun",
-                                         final_sigmas_type="sigma_min")),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(SD, algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min"),
+    ),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(SD, algorithm_type="dpmsolver", solver_type="heun", final_sigmas_type="sigma_min"),
+    ),
     ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_order=2)),
     (
         "DPMSolverMultistepScheduler",
         dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3, use_exponential_sigmas=True),
     ),
-    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver", solver_type="heun",
-                                         final_sigmas_type="sigma_min")),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(SD, algorithm_type="sde-dpmsolver", solver_type="heun", final_sigmas_type="sigma_min"),
+    ),
     ("DPMSolverMultistepScheduler", dict(SD, use_lu_lambdas=True, prediction_type="sample")),
     (
         "DPMSolverMultistepScheduler",
@@ -142,8 +148,14 @@ def test_fused_step_matches_diffusers(name, config):
 def test_single_step_relative_error_on_random_samples():
     """A single step from random states (not a trajectory): 1e-5 relative for the one-step families (the
     multistep ones are covered step by step in test_fused_step_matches_diffusers)."""
-    single = ("DDIMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-              "FlowMatchEulerDiscreteScheduler", "LCMScheduler")
+    single = (
+        "DDIMScheduler",
+        "DDPMScheduler",
+        "EulerDiscreteScheduler",
+        "EulerAncestralDiscreteScheduler",
+        "FlowMatchEulerDiscreteScheduler",
+        "LCMScheduler",
+    )
     for name, config in FUSED_CASES:
         if name not in single:
             continue

@@ -16,9 +16,17 @@ def _vae(levels=4, widths=(8, 16, 32, 32), seed=0):
     """diffusers' AutoencoderKL in the SD-VAE layout (mid-block attention, 2x up/downsampling per level) with
     reduced widths, random weights and non-trivial GroupNorm affines."""
     torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * levels,
-                                  up_block_types=("UpDecoderBlock2D",) * levels, block_out_channels=widths[:levels],
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=64).eval()
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=widths[:levels],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=64,
+    ).eval()
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if "norm" in name:
@@ -111,7 +119,7 @@ def _seam_score(img, transitions, band):
         profile_ = jumps.mean(dim=tuple(d for d in range(4) if d != dim))
         near = torch.zeros_like(profile_, dtype=torch.bool)
         for t in transitions:
-            near[max(0, t - 1 - band):t + band] = True
+            near[max(0, t - 1 - band) : t + band] = True
         total.append(profile_[near].mean() / profile_[~near].mean())
     return torch.stack(total).mean().item()
 
@@ -215,28 +223,40 @@ def test_cuda_exact_and_peak_memory_bounded_by_the_tile():
 
 def test_errors_name_the_argument(vae):
     z = torch.randn(1, 4, 8, 8)
-    with pytest.raises(ValueError, match=r"latents must have 4 channels \(the vae's\), got shape \[1, 3, 8, 8\]"):
+    with pytest.raises(
+        ValueError, match=r"latents must have 4 channels \(the vae's\), got shape \[1, 3, 8, 8\]"
+    ):
         tiled_decode(vae, z[:, :3], 8)
     with pytest.raises(ValueError, match=r"latents must be 4-D \[B, C, H, W\]"):
         tiled_decode(vae, z[0], 8)
-    with pytest.raises(TypeError, match=r"latents must have the vae's dtype torch.float32, got torch.float16"):
+    with pytest.raises(
+        TypeError, match=r"latents must have the vae's dtype torch.float32, got torch.float16"
+    ):
         tiled_decode(vae, z.half(), 8)
     with pytest.raises(RuntimeError, match=r"latents must be on the vae's device cpu, got meta"):
         tiled_decode(vae, z.to("meta"), 8)
     with pytest.raises(ValueError, match=r"tile_size must be a positive int, got 0"):
         tiled_decode(vae, z, 0)
-    with pytest.raises(ValueError, match=r"tile_size=4 is smaller than the receptive-field halo of \d+ pixels"):
+    with pytest.raises(
+        ValueError, match=r"tile_size=4 is smaller than the receptive-field halo of \d+ pixels"
+    ):
         tiled_decode(vae, z, 4, store="recompute")
     with pytest.raises(ValueError, match=r"store must be one of"):
         tiled_decode(vae, z, 8, store="disk")
     with pytest.raises(ValueError, match=r"mode must be one of"):
         tiled_decode(vae, z, 8, mode="approximate")
     x = torch.randn(1, 3, 60, 64)
-    with pytest.raises(ValueError, match=r"images must have H and W divisible by the encoder's downsampling "
-                                         r"factor 8, got shape \[1, 3, 60, 64\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"images must have H and W divisible by the encoder's downsampling "
+        r"factor 8, got shape \[1, 3, 60, 64\]",
+    ):
         tiled_encode(vae, x, 32)
-    with pytest.raises(ValueError, match=r"tile_size must be a multiple of the encoder's downsampling factor 8, "
-                                         r"got 20"):
+    with pytest.raises(
+        ValueError,
+        match=r"tile_size must be a multiple of the encoder's downsampling factor 8, "
+        r"got 20",
+    ):
         tiled_encode(vae, x[:, :, :56], 20)
     with pytest.raises(ValueError, match=r"vae must have a `decoder` module"):
         tiled_decode(torch.nn.Linear(2, 2), z, 8)
@@ -244,8 +264,12 @@ def test_errors_name_the_argument(vae):
 
 def test_unsupported_structure_is_refused_by_name():
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(up_block_types=("AttnUpDecoderBlock2D",), block_out_channels=(8,),
-                                  norm_num_groups=4, latent_channels=4).eval()
+    vae = diffusers.AutoencoderKL(
+        up_block_types=("AttnUpDecoderBlock2D",),
+        block_out_channels=(8,),
+        norm_num_groups=4,
+        latent_channels=4,
+    ).eval()
     with pytest.raises(ValueError, match=r"decoder.up_blocks.0 has attention layers at image resolution"):
         tiled_decode(vae, torch.randn(1, 4, 8, 8), 8)
 

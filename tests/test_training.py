@@ -83,14 +83,24 @@ class TinyGAN(nn.Module):
             return {"loss": rec, "rec": rec}
         g_adv = -self.discriminator(fake).mean()
         real = x.flip(-1)
-        d_loss = (torch.relu(1 - self.discriminator(real)).mean()
-                  + torch.relu(1 + self.discriminator(fake.detach())).mean())
+        d_loss = (
+            torch.relu(1 - self.discriminator(real)).mean()
+            + torch.relu(1 + self.discriminator(fake.detach())).mean()
+        )
         return {"loss": rec + 0.1 * g_adv, "disc_loss": d_loss, "rec": rec}
 
 
 def small_config(tmp_path, **kw):
-    base = dict(out_dir=str(tmp_path / "run"), steps=6, batch_size=8, lr=1e-2, log_every=1,
-                checkpoint_every=3, progress=False, plots=False)
+    base = dict(
+        out_dir=str(tmp_path / "run"),
+        steps=6,
+        batch_size=8,
+        lr=1e-2,
+        log_every=1,
+        checkpoint_every=3,
+        progress=False,
+        plots=False,
+    )
     base.update(kw)
     return base
 
@@ -165,8 +175,9 @@ def test_trainer_ema_excludes_discriminator_and_tracks_average(tmp_path):
     trainer = Trainer(module, **small_config(tmp_path, steps=4, ema_decay=0.5, ema_start=1))
     init_disc = copy.deepcopy(module.discriminator.state_dict())
     weights = []
-    record = Callback(lambda t: weights.append(t.module.generator.weight.detach().clone()), every=1,
-                      at_end=False)
+    record = Callback(
+        lambda t: weights.append(t.module.generator.weight.detach().clone()), every=1, at_end=False
+    )
     trainer.callbacks.append(record)
     trainer.fit(PairDataset())
     expected = weights[0]
@@ -220,8 +231,9 @@ def test_bf16_autocast_runs_and_learns(tmp_path):
             return float(((module.net(data.x).squeeze(-1) - data.y) ** 2).mean())
 
     before = full_loss()
-    trainer = Trainer(module, **small_config(tmp_path, steps=40, precision="bf16", checkpoint_every=100,
-                                             log_every=5))
+    trainer = Trainer(
+        module, **small_config(tmp_path, steps=40, precision="bf16", checkpoint_every=100, log_every=5)
+    )
     trainer.fit(data)
     assert set(module.seen_dtypes) == {torch.bfloat16}
     assert all(p.dtype == torch.float32 for p in module.parameters())  # autocast, not bf16 weights
@@ -265,6 +277,7 @@ def test_discriminator_optimizer_only_touches_discriminator(tmp_path):
     def capture(name, params):
         def hook(opt, args, kwargs):
             grads.setdefault(name, [p.grad.clone() for p in params])
+
         return hook
 
     trainer.optimizer.register_step_pre_hook(capture("gen", list(module.generator.parameters())))
@@ -275,8 +288,10 @@ def test_discriminator_optimizer_only_touches_discriminator(tmp_path):
     out = reference.training_step((data.x[:8], data.y[:8]), 0)
     expected_gen = torch.autograd.grad(out["loss"], list(reference.generator.parameters()), retain_graph=True)
     expected_disc = torch.autograd.grad(out["disc_loss"], list(reference.discriminator.parameters()))
-    polluted = torch.autograd.grad(reference.training_step((data.x[:8], data.y[:8]), 0)["loss"],
-                                   list(reference.discriminator.parameters()))
+    polluted = torch.autograd.grad(
+        reference.training_step((data.x[:8], data.y[:8]), 0)["loss"],
+        list(reference.discriminator.parameters()),
+    )
     assert any(p.abs().sum() > 0 for p in polluted)  # the generator loss does reach D: the test can fail
     for got, want in zip(grads["gen"], expected_gen):
         torch.testing.assert_close(got, want)
@@ -294,8 +309,9 @@ def test_discriminator_untouched_before_it_is_used(tmp_path):
     def snapshot(trainer):
         states.append(copy.deepcopy(trainer.module.discriminator.state_dict()))
 
-    trainer = Trainer(module, **small_config(tmp_path, steps=4, disc_lr=5e-2, weight_decay=0.1),
-                      callbacks=[(1, snapshot)])
+    trainer = Trainer(
+        module, **small_config(tmp_path, steps=4, disc_lr=5e-2, weight_decay=0.1), callbacks=[(1, snapshot)]
+    )
     trainer.fit(PairDataset())
     assert trainer.disc_optimizer.param_groups[0]["lr"] == pytest.approx(5e-2 * trainer.schedule.factor(3))
     for name in before:
@@ -323,22 +339,25 @@ class Returns(nn.Module):
         return self.make(self, batch)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(steps=0), "steps must be an int >= 1"),
-    (dict(steps=-3), "steps must be an int >= 1"),
-    (dict(steps=2.5), "steps must be an int >= 1"),
-    (dict(precision="fp8"), "precision must be one of"),
-    (dict(batch_size=0), "batch_size"),
-    (dict(lr=0.0), "lr must be"),
-    (dict(lr=float("nan")), "lr must be"),
-    (dict(betas=(0.9,)), "betas must be two numbers"),
-    (dict(betas=(0.9, 1.0)), r"betas must lie in \[0, 1\)"),
-    (dict(warmup_steps=10, steps=5), "warmup_steps"),
-    (dict(schedule="step"), "schedule must be one of"),
-    (dict(ema_decay=1.0), "ema_decay"),
-    (dict(grad_clip=-1.0), "grad_clip"),
-    (dict(checkpoint_every=0), "checkpoint_every"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(steps=0), "steps must be an int >= 1"),
+        (dict(steps=-3), "steps must be an int >= 1"),
+        (dict(steps=2.5), "steps must be an int >= 1"),
+        (dict(precision="fp8"), "precision must be one of"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=0.0), "lr must be"),
+        (dict(lr=float("nan")), "lr must be"),
+        (dict(betas=(0.9,)), "betas must be two numbers"),
+        (dict(betas=(0.9, 1.0)), r"betas must lie in \[0, 1\)"),
+        (dict(warmup_steps=10, steps=5), "warmup_steps"),
+        (dict(schedule="step"), "schedule must be one of"),
+        (dict(ema_decay=1.0), "ema_decay"),
+        (dict(grad_clip=-1.0), "grad_clip"),
+        (dict(checkpoint_every=0), "checkpoint_every"),
+    ],
+)
 def test_bad_config_raises(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         Trainer(Regressor(), **small_config(tmp_path, **kwargs))
@@ -423,15 +442,34 @@ def test_data_order_is_seeded_sharded_and_resumable():
 
 
 def test_checkpoint_contents_load_with_weights_only(tmp_path):
-    trainer = Trainer(TinyGAN(), **small_config(tmp_path, steps=7, checkpoint_every=3, keep_checkpoints=2,
-                                               ema_decay=0.9, precision="bf16", plots=True))
+    trainer = Trainer(
+        TinyGAN(),
+        **small_config(
+            tmp_path,
+            steps=7,
+            checkpoint_every=3,
+            keep_checkpoints=2,
+            ema_decay=0.9,
+            precision="bf16",
+            plots=True,
+        ),
+    )
     trainer.fit(PairDataset())
     folder = tmp_path / "run" / "checkpoints"
     assert [step for step, _ in list_checkpoints(folder)] == [6, 7]  # pruned to the 2 newest
     state = torch.load(folder / "step_00000007.pt", weights_only=True)
     assert state["step"] == 7
-    assert {"model", "optimizer", "disc_optimizer", "scaler", "ema", "lr_schedule", "rng", "data",
-            "config"} <= set(state)
+    assert {
+        "model",
+        "optimizer",
+        "disc_optimizer",
+        "scaler",
+        "ema",
+        "lr_schedule",
+        "rng",
+        "data",
+        "config",
+    } <= set(state)
     assert state["data"]["epoch"] == 7 * 8 // 64 and state["data"]["batch_in_epoch"] == 7 % 8
     for name, value in trainer.module.state_dict().items():
         torch.testing.assert_close(state["model"][name], value)
@@ -541,8 +579,9 @@ def test_grad_accumulation_matches_one_big_batch(tmp_path):
     torch.manual_seed(0)
     module = Regressor()
     twin = copy.deepcopy(module)
-    Trainer(module, **small_config(tmp_path / "a", steps=3, batch_size=4, grad_accum_steps=2,
-                                   shuffle=False)).fit(PairDataset())
+    Trainer(
+        module, **small_config(tmp_path / "a", steps=3, batch_size=4, grad_accum_steps=2, shuffle=False)
+    ).fit(PairDataset())
     Trainer(twin, **small_config(tmp_path / "b", steps=3, batch_size=8, shuffle=False)).fit(PairDataset())
     for p, q in zip(module.parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
@@ -590,15 +629,33 @@ class NoisyGAN(nn.Module):
         out = self.net(noisy)
         rec = ((out - x) ** 2).mean()
         d_loss = torch.relu(1 - self.disc(x)).mean() + torch.relu(1 + self.disc(out.detach())).mean()
-        return {"loss": rec - 0.01 * self.disc(out).mean(), "disc_loss": d_loss, "rec": rec,
-                "label_mean": label.float().mean()}
+        return {
+            "loss": rec - 0.01 * self.disc(out).mean(),
+            "disc_loss": d_loss,
+            "rec": rec,
+            "label_mean": label.float().mean(),
+        }
 
 
 def resume_test_trainer(out_dir, precision, callbacks=()):
     torch.manual_seed(123)
-    return Trainer(NoisyGAN(), out_dir=str(out_dir), steps=14, batch_size=6, grad_accum_steps=2, lr=3e-3,
-                   warmup_steps=3, ema_decay=0.8, ema_start=2, checkpoint_every=4, log_every=1,
-                   precision=precision, progress=False, callbacks=callbacks, plots=False)
+    return Trainer(
+        NoisyGAN(),
+        out_dir=str(out_dir),
+        steps=14,
+        batch_size=6,
+        grad_accum_steps=2,
+        lr=3e-3,
+        warmup_steps=3,
+        ema_decay=0.8,
+        ema_start=2,
+        checkpoint_every=4,
+        log_every=1,
+        precision=precision,
+        progress=False,
+        callbacks=callbacks,
+        plots=False,
+    )
 
 
 TRAIN_SCRIPT = textwrap.dedent("""
@@ -621,8 +678,11 @@ TRAIN_SCRIPT = textwrap.dedent("""
 
 
 def _start_script(script, *args):
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               OMP_NUM_THREADS="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(REPO_ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        OMP_NUM_THREADS="1",
+    )
     command = [sys.executable, str(script), *map(str, args), str(Path(__file__).parent)]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -633,8 +693,10 @@ def _finish(process):
 
 
 def _curve(folder):
-    return [{k: v for k, v in r.items() if k not in ("time", "samples_per_s")}
-            for r in read_metrics(Path(folder) / "metrics.jsonl")]
+    return [
+        {k: v for k, v in r.items() if k not in ("time", "samples_per_s")}
+        for r in read_metrics(Path(folder) / "metrics.jsonl")
+    ]
 
 
 @pytest.mark.slow

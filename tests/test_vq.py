@@ -25,10 +25,17 @@ def _copy_state_from_peer(ours, theirs):
 def test_matches_vector_quantize_pytorch_over_training_steps(rotation_trick):
     vqp = pytest.importorskip("vector_quantize_pytorch")
     torch.manual_seed(0)
-    theirs = vqp.VectorQuantize(dim=16, codebook_size=64, decay=0.8, commitment_weight=0.25,
-                                rotation_trick=rotation_trick, straight_through=False).train()
-    ours = VectorQuantize(dim=16, codebook_size=64, decay=0.8, commitment_weight=0.25,
-                          rotation_trick=rotation_trick).train()
+    theirs = vqp.VectorQuantize(
+        dim=16,
+        codebook_size=64,
+        decay=0.8,
+        commitment_weight=0.25,
+        rotation_trick=rotation_trick,
+        straight_through=False,
+    ).train()
+    ours = VectorQuantize(
+        dim=16, codebook_size=64, decay=0.8, commitment_weight=0.25, rotation_trick=rotation_trick
+    ).train()
     _copy_state_from_peer(ours, theirs)
     for step in range(4):
         x = torch.randn(4, 50, 16)
@@ -46,13 +53,16 @@ def test_matches_vector_quantize_pytorch_over_training_steps(rotation_trick):
         torch.testing.assert_close(ours.cluster_size, theirs._codebook.cluster_size[0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape, channel_last, index_shape", [
-    ((2, 7, 12), True, (2, 7)),
-    ((3, 12), True, (3,)),
-    ((2, 12, 9), False, (2, 9)),
-    ((2, 12, 5, 6), False, (2, 5, 6)),
-    ((1, 12, 2, 3, 4), False, (1, 2, 3, 4)),
-])
+@pytest.mark.parametrize(
+    "shape, channel_last, index_shape",
+    [
+        ((2, 7, 12), True, (2, 7)),
+        ((3, 12), True, (3,)),
+        ((2, 12, 9), False, (2, 9)),
+        ((2, 12, 5, 6), False, (2, 5, 6)),
+        ((1, 12, 2, 3, 4), False, (1, 2, 3, 4)),
+    ],
+)
 def test_layouts_and_index_round_trip(shape, channel_last, index_shape):
     vq = VectorQuantize(12, 32, codebook_dim=8, channel_last=channel_last).eval()
     x = torch.randn(shape)
@@ -174,8 +184,14 @@ def test_residual_vq_reduces_error_with_depth_and_round_trips():
 
 
 def test_residual_vq_shared_codebook_and_dropout():
-    rvq = ResidualVQ(dim=8, num_quantizers=3, codebook_size=16, shared_codebook=True,
-                     quantize_dropout=True, quantize_dropout_cutoff_index=0).train()
+    rvq = ResidualVQ(
+        dim=8,
+        num_quantizers=3,
+        codebook_size=16,
+        shared_codebook=True,
+        quantize_dropout=True,
+        quantize_dropout_cutoff_index=0,
+    ).train()
     assert rvq.layers[0]._codebook is rvq.layers[2]._codebook
     depths = set()
     for _ in range(30):
@@ -189,7 +205,9 @@ def test_residual_vq_shared_codebook_and_dropout():
 def test_kmeans_step_matches_reference():
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(2000, 6, generator=gen)
-    centres, counts = fastlatent.kmeans(x, 40, num_iters=1, init="random", generator=torch.Generator().manual_seed(9))
+    centres, counts = fastlatent.kmeans(
+        x, 40, num_iters=1, init="random", generator=torch.Generator().manual_seed(9)
+    )
     start = _sample_rows(x, 40, torch.Generator().manual_seed(9))
     expected, expected_counts = kmeans_step(x, start)
     torch.testing.assert_close(centres, expected, rtol=1e-5, atol=1e-5)
@@ -292,7 +310,9 @@ def test_nonfinite_codes_are_reseeded(threshold):
 
 def test_kmeans_init_without_valid_rows_is_a_clear_error():
     vq = VectorQuantize(8, 16, kmeans_init=True).train()
-    with pytest.raises(ValueError, match=r"VectorQuantize\(kmeans_init=True\): the first training batch has no"):
+    with pytest.raises(
+        ValueError, match=r"VectorQuantize\(kmeans_init=True\): the first training batch has no"
+    ):
         vq(torch.randn(2, 0, 8))
     with pytest.raises(ValueError, match="all-False mask"):
         vq(torch.randn(2, 5, 8), mask=torch.zeros(2, 5, dtype=torch.bool))
@@ -348,8 +368,12 @@ def test_training_forward_compiles_without_graph_breaks():
 
 def test_checkpoints_of_earlier_releases_load():
     vq = VectorQuantize(8, 16, kmeans_init=True)
-    old = {"embed": torch.randn(16, 8), "cluster_size": torch.rand(16), "embed_sum": torch.randn(16, 8),
-           "initted": torch.tensor(True)}
+    old = {
+        "embed": torch.randn(16, 8),
+        "cluster_size": torch.rand(16),
+        "embed_sum": torch.randn(16, 8),
+        "initted": torch.tensor(True),
+    }
     vq.load_state_dict(old)
     assert torch.equal(vq.codebook, old["embed"]) and torch.equal(vq._codebook.embed_avg[0], old["embed_sum"])
     assert not vq._needs_kmeans
@@ -360,6 +384,7 @@ def test_multihead_search_is_one_batched_call(monkeypatch):
 
     calls = []
     original = vq_module.nearest_code
+
     def counting(*args, **kwargs):
         calls.append(args[0].shape)
         return original(*args, **kwargs)

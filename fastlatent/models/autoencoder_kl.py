@@ -71,8 +71,11 @@ def ldm_to_diffusers_vae_state_dict(state: dict) -> dict:
             new = f"{m[1]}.mid_block.attentions.0.{_LDM_ATTENTION[m[2]]}.{m[3]}"
             if m[2] != "norm" and m[3] == "weight":
                 value = _linear_weight(value)
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(query|key|value|proj_attn)\."
-                               r"(weight|bias)", key):
+        elif m := re.fullmatch(
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(query|key|value|proj_attn)\."
+            r"(weight|bias)",
+            key,
+        ):
             new = f"{m[1]}.mid_block.attentions.0.{_OLD_DIFFUSERS_ATTENTION[m[2]]}.{m[3]}"
             value = _linear_weight(value) if m[3] == "weight" else value
         elif m := re.fullmatch(r"(encoder|decoder)\.norm_out\.(.+)", key):
@@ -80,8 +83,10 @@ def ldm_to_diffusers_vae_state_dict(state: dict) -> dict:
         if ".resnets." in new:
             new = new.replace(".nin_shortcut.", ".conv_shortcut.")
         if new in out:
-            raise ValueError(f"ldm_to_diffusers_vae_state_dict: two keys map to {new!r} (the state dict mixes ldm and "
-                             "diffusers names)")
+            raise ValueError(
+                f"ldm_to_diffusers_vae_state_dict: two keys map to {new!r} (the state dict mixes ldm and "
+                "diffusers names)"
+            )
         out[new] = value
     return out
 
@@ -105,8 +110,11 @@ def diffusers_to_ldm_vae_state_dict(state: dict) -> dict:
             new = f"decoder.up.{num_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
         elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)", key):
             new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}"
-        elif m := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\."
-                               r"(weight|bias)", key):
+        elif m := re.fullmatch(
+            r"(encoder|decoder)\.mid_block\.attentions\.0\.(group_norm|to_q|to_k|to_v|to_out\.0)\."
+            r"(weight|bias)",
+            key,
+        ):
             new = f"{m[1]}.mid.attn_1.{inverse_attention[m[2]]}.{m[3]}"
             if m[2] != "group_norm" and m[3] == "weight":
                 value = value[:, :, None, None]
@@ -130,14 +138,20 @@ def _read_vae_state_dict(path: str | os.PathLike, where: str) -> tuple[dict, lis
     if not path.is_file():
         raise FileNotFoundError(f"{where}: {path} not found")
     if path.suffix != ".safetensors":
-        raise ValueError(f"{where}: {path} must be a .safetensors file (pickled .ckpt/.pt/.bin files can run code "
-                         "when loaded and are refused; convert them once, on a machine you trust, with "
-                         "safetensors.torch.save_file(torch.load(path, weights_only=True)['state_dict'], out))")
+        raise ValueError(
+            f"{where}: {path} must be a .safetensors file (pickled .ckpt/.pt/.bin files can run code "
+            "when loaded and are refused; convert them once, on a machine you trust, with "
+            "safetensors.torch.save_file(torch.load(path, weights_only=True)['state_dict'], out))"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys())
-            prefix = FULL_CHECKPOINT_VAE_PREFIX if any(k.startswith(FULL_CHECKPOINT_VAE_PREFIX) for k in keys) else ""
-            names = {k: k[len(prefix):] for k in keys if k.startswith(prefix)}
+            prefix = (
+                FULL_CHECKPOINT_VAE_PREFIX
+                if any(k.startswith(FULL_CHECKPOINT_VAE_PREFIX) for k in keys)
+                else ""
+            )
+            names = {k: k[len(prefix) :] for k in keys if k.startswith(prefix)}
             dropped = [n for n in names.values() if n.startswith(TRAINING_ONLY_PREFIXES)]
             state = {n: f.get_tensor(k) for k, n in names.items() if not n.startswith(TRAINING_ONLY_PREFIXES)}
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -150,20 +164,27 @@ def vae_config_from_state_dict(state: dict) -> dict:
 
     ``norm_num_groups`` cannot be seen in the weights and is not returned (the default, 32, is the SD-VAE's).
     """
+
     def get(key):
         if key not in state:
-            raise ValueError(f"vae_config_from_state_dict: the state dict has no {key!r}; it does not look like an "
-                             f"SD-VAE (first keys: {sorted(state)[:5]})")
+            raise ValueError(
+                f"vae_config_from_state_dict: the state dict has no {key!r}; it does not look like an "
+                f"SD-VAE (first keys: {sorted(state)[:5]})"
+            )
         return state[key]
 
-    levels = sorted({int(m[1]) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.", k))})
+    levels = sorted(
+        {int(m[1]) for k in state if (m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.", k))}
+    )
     if not levels:
         raise ValueError("vae_config_from_state_dict: no encoder.down_blocks.{i}.resnets keys found")
     layers = {int(m[1]) for k in state if (m := re.match(r"encoder\.down_blocks\.0\.resnets\.(\d+)\.", k))}
     return {
         "in_channels": int(get("encoder.conv_in.weight").shape[1]),
         "out_channels": int(get("decoder.conv_out.weight").shape[0]),
-        "block_out_channels": [int(get(f"encoder.down_blocks.{i}.resnets.0.conv1.weight").shape[0]) for i in levels],
+        "block_out_channels": [
+            int(get(f"encoder.down_blocks.{i}.resnets.0.conv1.weight").shape[0]) for i in levels
+        ],
         "layers_per_block": max(layers) + 1,
         "latent_channels": int(get("decoder.conv_in.weight").shape[1]),
         "mid_block_add_attention": "encoder.mid_block.attentions.0.to_q.weight" in state,
@@ -177,20 +198,28 @@ def _load_checked(model: nn.Module, state: dict, where: str, source: str) -> Non
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}" for k in own
-                  if k in state and state[k].shape != own[k].shape]
+    mismatched = [
+        f"{k}: file {list(state[k].shape)} vs model {list(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
     if missing or unexpected or mismatched:
+
         def listing(title, items):
             if not items:
                 return ""
             more = f" ... and {len(items) - 12} more" if len(items) > 12 else ""
             return f"\n  {title} ({len(items)}): " + ", ".join(items[:12]) + more
 
-        raise ValueError(f"{where}: {source} does not fit this {type(model).__name__} (config "
-                         f"{getattr(model, 'config', {})})" + listing("missing keys", missing)
-                         + listing("unexpected keys", unexpected) + listing("shape mismatches", mismatched)
-                         + "\n  Build the model from the file's architecture (from_single_file infers it) or pass the "
-                           "matching config.")
+        raise ValueError(
+            f"{where}: {source} does not fit this {type(model).__name__} (config "
+            f"{getattr(model, 'config', {})})"
+            + listing("missing keys", missing)
+            + listing("unexpected keys", unexpected)
+            + listing("shape mismatches", mismatched)
+            + "\n  Build the model from the file's architecture (from_single_file infers it) or pass the "
+            "matching config."
+        )
     model.load_state_dict(state, strict=True)
 
 
@@ -223,23 +252,48 @@ class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMix
 
     is_discrete = False
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3,
-                 block_out_channels: Sequence[int] = (128, 256, 512, 512), layers_per_block: int = 2,
-                 latent_channels: int = 4, norm_num_groups: int = 32, mid_block_add_attention: bool = True,
-                 use_quant_conv: bool = True, use_post_quant_conv: bool = True, scaling_factor: float = 1.0,
-                 shift_factor: float | None = 0.0):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        latent_channels: int = 4,
+        norm_num_groups: int = 32,
+        mid_block_add_attention: bool = True,
+        use_quant_conv: bool = True,
+        use_post_quant_conv: bool = True,
+        scaling_factor: float = 1.0,
+        shift_factor: float | None = 0.0,
+    ):
         super().__init__()
         check_positive_int("AutoencoderKL", "latent_channels", latent_channels)
-        for name, flag in (("mid_block_add_attention", mid_block_add_attention),
-                           ("use_quant_conv", use_quant_conv), ("use_post_quant_conv", use_post_quant_conv)):
+        for name, flag in (
+            ("mid_block_add_attention", mid_block_add_attention),
+            ("use_quant_conv", use_quant_conv),
+            ("use_post_quant_conv", use_post_quant_conv),
+        ):
             if not isinstance(flag, bool):
                 raise TypeError(f"AutoencoderKL: {name} must be a bool, got {flag!r}")
         self.scaling_factor = scaling_factor
         self.shift_factor = 0.0 if shift_factor is None else shift_factor
-        self.encoder = Encoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups,
-                               double_z=True, mid_block_add_attention=mid_block_add_attention)
-        self.decoder = Decoder(latent_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
-                               mid_block_add_attention=mid_block_add_attention)
+        self.encoder = Encoder(
+            in_channels,
+            latent_channels,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            double_z=True,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+        self.decoder = Decoder(
+            latent_channels,
+            out_channels,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            mid_block_add_attention=mid_block_add_attention,
+        )
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         self.in_channels = in_channels
@@ -256,21 +310,28 @@ class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMix
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images ``[B, out_channels, h*f, w*f]`` from latents ``z [B, latent_channels, h, w]`` (not prior space)."""
-        check_image_batch("AutoencoderKL.decode", "z", z, self.latent_channels, 1, self.decoder.conv_in.weight)
+        check_image_batch(
+            "AutoencoderKL.decode", "z", z, self.latent_channels, 1, self.decoder.conv_in.weight
+        )
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool | None = None,
-                generator: torch.Generator | None = None) -> AutoencoderOutput:
+    def forward(
+        self, x: torch.Tensor, sample_posterior: bool | None = None, generator: torch.Generator | None = None
+    ) -> AutoencoderOutput:
         """Encode and decode ``x``. ``sample_posterior`` defaults to ``self.training`` (training decodes a
         posterior sample, evaluation the mean; diffusers' forward decodes the mean unless asked)."""
         posterior = self.posterior(x)
         if sample_posterior is None:
             sample_posterior = self.training
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return AutoencoderOutput(reconstruction=self.decode(z), latents=z, losses={"kl": posterior.kl().mean()},
-                                 stats={"posterior": posterior})
+        return AutoencoderOutput(
+            reconstruction=self.decode(z),
+            latents=z,
+            losses={"kl": posterior.kl().mean()},
+            stats={"posterior": posterior},
+        )
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> "AutoencoderKL":
         """Recompute each encoder/decoder stage in the backward pass instead of storing its activations."""
@@ -288,24 +349,35 @@ class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMix
         config = getattr(vae, "config", None)
         if type(vae).__name__ != "AutoencoderKL" or config is None:
             raise TypeError(f"{where}: vae must be a diffusers AutoencoderKL, got {type(vae).__name__}")
-        for name, allowed in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+        for name, allowed in (
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ):
             types = list(config[name])
             if any(t != allowed for t in types):
-                raise ValueError(f"{where}: vae.config.{name} must all be {allowed!r} (the SD-VAE), got {types}")
+                raise ValueError(
+                    f"{where}: vae.config.{name} must all be {allowed!r} (the SD-VAE), got {types}"
+                )
         if config.get("act_fn", "silu") not in ("silu", "swish"):
             raise ValueError(f"{where}: vae.config.act_fn must be 'silu', got {config['act_fn']!r}")
         if len(config["up_block_types"]) != len(config["block_out_channels"]):
-            raise ValueError(f"{where}: vae.config has {len(config['up_block_types'])} up blocks for "
-                             f"{len(config['block_out_channels'])} block_out_channels")
-        model = cls(in_channels=config["in_channels"], out_channels=config["out_channels"],
-                    block_out_channels=list(config["block_out_channels"]),
-                    layers_per_block=config["layers_per_block"], latent_channels=config["latent_channels"],
-                    norm_num_groups=config["norm_num_groups"],
-                    mid_block_add_attention=config.get("mid_block_add_attention", True),
-                    use_quant_conv=config.get("use_quant_conv", True),
-                    use_post_quant_conv=config.get("use_post_quant_conv", True),
-                    scaling_factor=config.get("scaling_factor", 1.0),
-                    shift_factor=config.get("shift_factor") or 0.0)
+            raise ValueError(
+                f"{where}: vae.config has {len(config['up_block_types'])} up blocks for "
+                f"{len(config['block_out_channels'])} block_out_channels"
+            )
+        model = cls(
+            in_channels=config["in_channels"],
+            out_channels=config["out_channels"],
+            block_out_channels=list(config["block_out_channels"]),
+            layers_per_block=config["layers_per_block"],
+            latent_channels=config["latent_channels"],
+            norm_num_groups=config["norm_num_groups"],
+            mid_block_add_attention=config.get("mid_block_add_attention", True),
+            use_quant_conv=config.get("use_quant_conv", True),
+            use_post_quant_conv=config.get("use_post_quant_conv", True),
+            scaling_factor=config.get("scaling_factor", 1.0),
+            shift_factor=config.get("shift_factor") or 0.0,
+        )
         reference = next(vae.parameters())
         model.to(device=reference.device, dtype=reference.dtype)
         _load_checked(model, vae.state_dict(), where, "the diffusers AutoencoderKL's state dict")

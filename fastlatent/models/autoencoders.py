@@ -51,8 +51,10 @@ class DiagonalGaussian:
     def __init__(self, moments: torch.Tensor):
         if not isinstance(moments, torch.Tensor) or moments.dim() < 2 or moments.shape[1] % 2:
             shape = list(moments.shape) if isinstance(moments, torch.Tensor) else type(moments).__name__
-            raise ValueError(f"DiagonalGaussian: moments must be [B, 2C, ...] (mean and log-variance stacked on dim "
-                             f"1), got {shape}")
+            raise ValueError(
+                f"DiagonalGaussian: moments must be [B, 2C, ...] (mean and log-variance stacked on dim "
+                f"1), got {shape}"
+            )
         self.moments = moments
         self.mean, logvar = torch.chunk(moments, 2, dim=1)
         self.logvar = logvar.clamp(-30.0, 20.0)
@@ -74,14 +76,21 @@ class DiagonalGaussian:
         dims = tuple(range(1, self.mean.dim()))
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
-        return 0.5 * torch.sum((self.mean - other.mean).pow(2) / other.var + self.var / other.var - 1.0
-                               - self.logvar + other.logvar, dim=dims)
+        return 0.5 * torch.sum(
+            (self.mean - other.mean).pow(2) / other.var
+            + self.var / other.var
+            - 1.0
+            - self.logvar
+            + other.logvar,
+            dim=dims,
+        )
 
     def nll(self, sample: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of ``sample`` summed over all but the batch dim -> ``[B]``."""
         dims = tuple(range(1, self.mean.dim()))
-        return 0.5 * torch.sum(math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var,
-                               dim=dims)
+        return 0.5 * torch.sum(
+            math.log(2.0 * math.pi) + self.logvar + (sample - self.mean).pow(2) / self.var, dim=dims
+        )
 
 
 def _images_of(batch, where: str) -> torch.Tensor:
@@ -89,8 +98,10 @@ def _images_of(batch, where: str) -> torch.Tensor:
     if isinstance(batch, (tuple, list)) and batch:
         batch = batch[0]
     if not isinstance(batch, torch.Tensor):
-        raise TypeError(f"{where}: expected image tensors [B, C, H, W] or (images, labels) batches, got "
-                        f"{type(batch).__name__}")
+        raise TypeError(
+            f"{where}: expected image tensors [B, C, H, W] or (images, labels) batches, got "
+            f"{type(batch).__name__}"
+        )
     return batch
 
 
@@ -103,15 +114,17 @@ class GaussianEncoderMixin:
         """The posterior ``q(z | x)`` of images ``x [B, in_channels, H, W]`` in [-1, 1]; H and W multiples of f."""
         from fastlatent.models.vae_blocks import check_image_batch
 
-        check_image_batch(type(self).__name__, "x", x, self.in_channels, self.downsample_factor,
-                          self.encoder.conv_in.weight)
+        check_image_batch(
+            type(self).__name__, "x", x, self.in_channels, self.downsample_factor, self.encoder.conv_in.weight
+        )
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
         return DiagonalGaussian(moments)
 
-    def encode(self, x: torch.Tensor, sample: bool = False,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def encode(
+        self, x: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Latents ``[B, latent_channels, H/f, W/f]``: the posterior mean, or a draw with ``sample=True``."""
         posterior = self.posterior(x)
         return posterior.sample(generator) if sample else posterior.mode()
@@ -148,8 +161,13 @@ class LatentScaleMixin:
         self.__dict__["_config"]["shift_factor"] = self._check_factor("shift_factor", value)
 
     @torch.no_grad()
-    def fit_latent_scale(self, data, max_batches: int | None = None, sample_posterior: bool = False,
-                         generator: torch.Generator | None = None) -> tuple[float, float]:
+    def fit_latent_scale(
+        self,
+        data,
+        max_batches: int | None = None,
+        sample_posterior: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> tuple[float, float]:
         """Sets ``shift_factor`` to the mean and ``scaling_factor`` to 1/std of the latents of ``data``.
 
         Statistics are over every latent element (all channels and positions), accumulated in float64, so that
@@ -175,8 +193,9 @@ class LatentScaleMixin:
         elif isinstance(data, Iterable):
             batches = data
         else:
-            raise TypeError(f"{where}: data must be an image tensor or an iterable of batches, got "
-                            f"{type(data).__name__}")
+            raise TypeError(
+                f"{where}: data must be an image tensor or an iterable of batches, got {type(data).__name__}"
+            )
         device = next(self.parameters()).device
         # Chan et al.'s pairwise merge of (count, mean, sum of squared deviations): no cancellation when the
         # latents' mean is large against their spread

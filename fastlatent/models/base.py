@@ -43,8 +43,10 @@ def _jsonable(value: Any, where: str) -> Any:
         return {str(k): _jsonable(v, f"{where}[{k!r}]") for k, v in value.items()}
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
-    raise TypeError(f"{where} must be a JSON value (number, string, bool, None, list or dict) so the model can be "
-                    f"saved, got {type(value).__name__}")
+    raise TypeError(
+        f"{where} must be a JSON value (number, string, bool, None, list or dict) so the model can be "
+        f"saved, got {type(value).__name__}"
+    )
 
 
 class ConfigMixin:
@@ -98,9 +100,13 @@ class ConfigMixin:
         meta = {"class": type(self).__name__, "config": self.config}
         # clone(): safetensors refuses tensors that share storage (tied weights).
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        atomic_write(folder / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"}))
-        atomic_write(folder / CONFIG_NAME,
-                     lambda path: Path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+        atomic_write(
+            folder / WEIGHTS_NAME, lambda path: save_file(state, str(path), metadata={"format": "pt"})
+        )
+        atomic_write(
+            folder / CONFIG_NAME,
+            lambda path: Path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+        )
         return folder
 
 
@@ -118,8 +124,12 @@ def atomic_write(target: str | os.PathLike, write) -> None:
         raise
 
 
-def load_pretrained(folder: str | os.PathLike, *, map_location: str | torch.device = "cpu",
-                    expected: type | tuple[type, ...] | None = None):
+def load_pretrained(
+    folder: str | os.PathLike,
+    *,
+    map_location: str | torch.device = "cpu",
+    expected: type | tuple[type, ...] | None = None,
+):
     """Rebuilds a model saved by ``save_pretrained``: the registered class named in ``config.json``, its weights
     from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted.
 
@@ -132,24 +142,34 @@ def load_pretrained(folder: str | os.PathLike, *, map_location: str | torch.devi
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise FileNotFoundError(f"fastlatent.models.load_pretrained: {path} not found (expected a folder written "
-                                    f"by save_pretrained, with {CONFIG_NAME} and {WEIGHTS_NAME})")
+            raise FileNotFoundError(
+                f"fastlatent.models.load_pretrained: {path} not found (expected a folder written "
+                f"by save_pretrained, with {CONFIG_NAME} and {WEIGHTS_NAME})"
+            )
     try:
         meta = json.loads(config_path.read_text())
         name, config = meta["class"], meta["config"]
     except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"fastlatent.models.load_pretrained: {config_path} is not a fastlatent model config "
-                         f"(expected {{\"class\": ..., \"config\": {{...}}}}): {exc}") from None
+        raise ValueError(
+            f"fastlatent.models.load_pretrained: {config_path} is not a fastlatent model config "
+            f'(expected {{"class": ..., "config": {{...}}}}): {exc}'
+        ) from None
     cls = MODEL_REGISTRY.get(name)
     if cls is None:
-        raise ValueError(f"fastlatent.models.load_pretrained: {config_path} names an unknown model class {name!r}; "
-                         f"known: {sorted(MODEL_REGISTRY)}")
+        raise ValueError(
+            f"fastlatent.models.load_pretrained: {config_path} names an unknown model class {name!r}; "
+            f"known: {sorted(MODEL_REGISTRY)}"
+        )
     if expected is not None and not issubclass(cls, expected):
         names = [c.__name__ for c in (expected if isinstance(expected, tuple) else (expected,))]
-        raise ValueError(f"fastlatent.models.load_pretrained: {folder} holds a {name}, expected one of {names}")
+        raise ValueError(
+            f"fastlatent.models.load_pretrained: {folder} holds a {name}, expected one of {names}"
+        )
     if not isinstance(config, dict):
-        raise ValueError(f"fastlatent.models.load_pretrained: {config_path}: config must be an object of "
-                         f"constructor arguments, got {type(config).__name__}")
+        raise ValueError(
+            f"fastlatent.models.load_pretrained: {config_path}: config must be an object of "
+            f"constructor arguments, got {type(config).__name__}"
+        )
     _check_weights_fit_config(cls, config, weights_path)
     model = cls.from_config(config)
     model.load_state_dict(load_file(str(weights_path), device=str(map_location)))
@@ -168,8 +188,9 @@ def _weights_header(weights_path: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(weights_path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # safetensors raises its own error types for truncated or foreign files
-        raise ValueError(f"fastlatent.models.load_pretrained: cannot read {weights_path} as safetensors: "
-                         f"{exc}") from None
+        raise ValueError(
+            f"fastlatent.models.load_pretrained: cannot read {weights_path} as safetensors: {exc}"
+        ) from None
 
 
 def _check_weights_fit_config(cls, config: dict, weights_path: Path) -> None:
@@ -184,8 +205,10 @@ def _check_weights_fit_config(cls, config: dict, weights_path: Path) -> None:
         nonlocal registered
         registered += 1
         if registered > len(header):
-            raise _ConfigTooLarge(f"{where}: the config describes a model with more parameters than the "
-                             f"{len(header)} tensors of {WEIGHTS_NAME} (config and weights do not match)")
+            raise _ConfigTooLarge(
+                f"{where}: the config describes a model with more parameters than the "
+                f"{len(header)} tensors of {WEIGHTS_NAME} (config and weights do not match)"
+            )
 
     handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
     try:
@@ -202,10 +225,15 @@ def _check_weights_fit_config(cls, config: dict, weights_path: Path) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     missing = sorted(expected.keys() - header.keys())
     unexpected = sorted(header.keys() - expected.keys())
-    wrong = [f"{k}: config {list(expected[k])}, weights {list(header[k])}"
-             for k in sorted(expected.keys() & header.keys()) if expected[k] != header[k]]
+    wrong = [
+        f"{k}: config {list(expected[k])}, weights {list(header[k])}"
+        for k in sorted(expected.keys() & header.keys())
+        if expected[k] != header[k]
+    ]
     if missing or unexpected or wrong:
-        details = ([f"missing from the weights: {missing[:5]}"] if missing else []) + \
-            ([f"not in the model: {unexpected[:5]}"] if unexpected else []) + \
-            ([f"shape mismatch: {'; '.join(wrong[:5])}"] if wrong else [])
+        details = (
+            ([f"missing from the weights: {missing[:5]}"] if missing else [])
+            + ([f"not in the model: {unexpected[:5]}"] if unexpected else [])
+            + ([f"shape mismatch: {'; '.join(wrong[:5])}"] if wrong else [])
+        )
         raise ValueError(f"{where}: {WEIGHTS_NAME} does not fit {CONFIG_NAME} ({'; '.join(details)})")

@@ -54,8 +54,13 @@ def _draw(kind: str, shape, generator: torch.Generator | None, device: torch.dev
     return draw(shape, generator=generator, device=source, dtype=torch.float32).to(device)
 
 
-def sample_flow_times(batch: int, schedule: FlowSchedule, time_sampling: str, generator: torch.Generator | None,
-                      device: torch.device) -> torch.Tensor:
+def sample_flow_times(
+    batch: int,
+    schedule: FlowSchedule,
+    time_sampling: str,
+    generator: torch.Generator | None,
+    device: torch.device,
+) -> torch.Tensor:
     """Training times ``s [batch]`` in [0, 1): uniform or ``sigmoid(N(0, 1))`` (SD3's logit-normal), then the
     schedule's shift ``shift s / (1 + (shift - 1) s)``, as :class:`~fastlatent.models.LatentDiffusion` draws them."""
     if time_sampling == "logit_normal":
@@ -106,15 +111,32 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
 
     is_discrete = False
 
-    def __init__(self, in_channels: int = 3, block_out_channels: Sequence[int] = (128, 256, 512, 512),
-                 layers_per_block: int = 2, latent_channels: int = 4, norm_num_groups: int = 32,
-                 mid_block_add_attention: bool = True, use_quant_conv: bool = True, decoder_channels: int = 128,
-                 decoder_channel_mult: Sequence[int] = (1, 1, 2, 2, 4, 4), decoder_layers_per_block: int = 2,
-                 decoder_attention_levels: Sequence[int] = (3, 4, 5), decoder_mid_attention: bool = True,
-                 decoder_attention_head_dim: int | None = 64, decoder_norm_num_groups: int = 32,
-                 decoder_dropout: float = 0.0, decoder_time_embed_dim: int | None = None, flow_shift: float = 1.0,
-                 num_train_timesteps: int = 1000, time_sampling: str = "uniform", decode_steps: int = 10,
-                 decode_method: str = "euler", scaling_factor: float = 1.0, shift_factor: float | None = 0.0):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        latent_channels: int = 4,
+        norm_num_groups: int = 32,
+        mid_block_add_attention: bool = True,
+        use_quant_conv: bool = True,
+        decoder_channels: int = 128,
+        decoder_channel_mult: Sequence[int] = (1, 1, 2, 2, 4, 4),
+        decoder_layers_per_block: int = 2,
+        decoder_attention_levels: Sequence[int] = (3, 4, 5),
+        decoder_mid_attention: bool = True,
+        decoder_attention_head_dim: int | None = 64,
+        decoder_norm_num_groups: int = 32,
+        decoder_dropout: float = 0.0,
+        decoder_time_embed_dim: int | None = None,
+        flow_shift: float = 1.0,
+        num_train_timesteps: int = 1000,
+        time_sampling: str = "uniform",
+        decode_steps: int = 10,
+        decode_method: str = "euler",
+        scaling_factor: float = 1.0,
+        shift_factor: float | None = 0.0,
+    ):
         super().__init__()
         check_positive_int(_OWNER, "in_channels", in_channels)
         check_positive_int(_OWNER, "latent_channels", latent_channels)
@@ -124,28 +146,53 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         _bool("use_quant_conv", use_quant_conv)
         _bool("decoder_mid_attention", decoder_mid_attention)
         if time_sampling not in FLOW_TIME_SAMPLING:
-            raise ValueError(f"{_OWNER}: time_sampling must be one of {FLOW_TIME_SAMPLING}, got {time_sampling!r}")
+            raise ValueError(
+                f"{_OWNER}: time_sampling must be one of {FLOW_TIME_SAMPLING}, got {time_sampling!r}"
+            )
         if decode_method not in DECODE_METHODS:
-            raise ValueError(f"{_OWNER}: decode_method must be one of {DECODE_METHODS}, got {decode_method!r}")
-        if isinstance(flow_shift, bool) or not isinstance(flow_shift, (int, float)) or not math.isfinite(flow_shift) \
-                or flow_shift <= 0:
+            raise ValueError(
+                f"{_OWNER}: decode_method must be one of {DECODE_METHODS}, got {decode_method!r}"
+            )
+        if (
+            isinstance(flow_shift, bool)
+            or not isinstance(flow_shift, (int, float))
+            or not math.isfinite(flow_shift)
+            or flow_shift <= 0
+        ):
             raise ValueError(f"{_OWNER}: flow_shift must be a finite number > 0, got {flow_shift!r}")
         self.scaling_factor = scaling_factor
         self.shift_factor = 0.0 if shift_factor is None else shift_factor
-        self.encoder = Encoder(in_channels, latent_channels, block_out_channels, layers_per_block, norm_num_groups,
-                               double_z=True, mid_block_add_attention=mid_block_add_attention)
+        self.encoder = Encoder(
+            in_channels,
+            latent_channels,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            double_z=True,
+            mid_block_add_attention=mid_block_add_attention,
+        )
         self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         try:
-            self.decoder = UNet(in_channels=in_channels, out_channels=in_channels, extra_in_channels=latent_channels,
-                                base_channels=decoder_channels, channel_mult=list(decoder_channel_mult),
-                                layers_per_block=decoder_layers_per_block,
-                                attention_levels=list(decoder_attention_levels),
-                                mid_attention=decoder_mid_attention, attention_head_dim=decoder_attention_head_dim,
-                                num_classes=0, norm_num_groups=decoder_norm_num_groups, dropout=decoder_dropout,
-                                time_embed_dim=decoder_time_embed_dim)
+            self.decoder = UNet(
+                in_channels=in_channels,
+                out_channels=in_channels,
+                extra_in_channels=latent_channels,
+                base_channels=decoder_channels,
+                channel_mult=list(decoder_channel_mult),
+                layers_per_block=decoder_layers_per_block,
+                attention_levels=list(decoder_attention_levels),
+                mid_attention=decoder_mid_attention,
+                attention_head_dim=decoder_attention_head_dim,
+                num_classes=0,
+                norm_num_groups=decoder_norm_num_groups,
+                dropout=decoder_dropout,
+                time_embed_dim=decoder_time_embed_dim,
+            )
         except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{_OWNER}: the decoder's arguments (decoder_channels -> base_channels, "
-                            f"decoder_channel_mult -> channel_mult, ...) are invalid: {exc}") from None
+            raise type(exc)(
+                f"{_OWNER}: the decoder's arguments (decoder_channels -> base_channels, "
+                f"decoder_channel_mult -> channel_mult, ...) are invalid: {exc}"
+            ) from None
         self.flow_schedule = FlowSchedule(shift=float(flow_shift), num_train_timesteps=num_train_timesteps)
         self.in_channels = self.out_channels = in_channels
         self.latent_channels = latent_channels
@@ -181,9 +228,11 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         height, width = z.shape[2] * self.downsample_factor, z.shape[3] * self.downsample_factor
         unet_multiple = self.decoder.downsample_factor
         if height % unet_multiple or width % unet_multiple:
-            raise ValueError(f"{where}: z of {z.shape[2]}x{z.shape[3]} decodes to {height}x{width} images, but the "
-                             f"decoder UNet ({self.decoder.num_levels} levels) needs sides that are "
-                             f"multiples of {unet_multiple}")
+            raise ValueError(
+                f"{where}: z of {z.shape[2]}x{z.shape[3]} decodes to {height}x{width} images, but the "
+                f"decoder UNet ({self.decoder.num_levels} levels) needs sides that are "
+                f"multiples of {unet_multiple}"
+            )
 
     def _sampler(self, method: str, steps: int, clip_x0: float | None):
         key = (method, steps, clip_x0)
@@ -198,9 +247,18 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
             entry = self._samplers[key] = (sampler, model_fn)
         return entry
 
-    def decode(self, z: torch.Tensor, steps: int | None = None, method: str | None = None,
-               generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None,
-               clip_x0: float | None = None, capture_graph: bool = False, progress: bool = False) -> torch.Tensor:
+    def decode(
+        self,
+        z: torch.Tensor,
+        steps: int | None = None,
+        method: str | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        clip_x0: float | None = None,
+        capture_graph: bool = False,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Images ``[B, in_channels, h*f, w*f]`` from latents ``z [B, latent_channels, h, w]`` (not prior space),
         by integrating the decoder's flow from noise. Runs in eval mode without gradients.
 
@@ -221,30 +279,58 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
             raise ValueError(f"{where}: steps must be an int >= 1, got {steps!r}")
         method = self.decode_method if method is None else method
         if method not in DECODE_METHODS:
-            raise ValueError(f"{where}: method must be one of {DECODE_METHODS} (the decoder is a flow model), got "
-                             f"{method!r}")
-        if clip_x0 is not None and (isinstance(clip_x0, bool) or not isinstance(clip_x0, (int, float))
-                                    or not clip_x0 > 0):
+            raise ValueError(
+                f"{where}: method must be one of {DECODE_METHODS} (the decoder is a flow model), got "
+                f"{method!r}"
+            )
+        if clip_x0 is not None and (
+            isinstance(clip_x0, bool) or not isinstance(clip_x0, (int, float)) or not clip_x0 > 0
+        ):
             raise ValueError(f"{where}: clip_x0 must be a number > 0 or None, got {clip_x0!r}")
         parameter = self.decoder.conv_in.weight
-        shape = (z.shape[0], self.in_channels, z.shape[2] * self.downsample_factor,
-                 z.shape[3] * self.downsample_factor)
+        shape = (
+            z.shape[0],
+            self.in_channels,
+            z.shape[2] * self.downsample_factor,
+            z.shape[3] * self.downsample_factor,
+        )
         if noise is not None:
-            if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape or not noise.is_floating_point():
-                what = f"{noise.dtype} {list(noise.shape)}" if isinstance(noise, torch.Tensor) else type(noise).__name__
+            if (
+                not isinstance(noise, torch.Tensor)
+                or tuple(noise.shape) != shape
+                or not noise.is_floating_point()
+            ):
+                what = (
+                    f"{noise.dtype} {list(noise.shape)}"
+                    if isinstance(noise, torch.Tensor)
+                    else type(noise).__name__
+                )
                 raise ValueError(f"{where}: noise must be a float tensor {list(shape)}, got {what}")
             if noise.device != z.device:
                 raise ValueError(f"{where}: noise is on {noise.device} but z is on {z.device}")
         sampler, model_fn = self._sampler(method, steps, None if clip_x0 is None else float(clip_x0))
         start = shape if noise is None else noise.to(parameter.dtype)
         with evaluating(self.decoder):
-            return sampler.sample(model_fn, start, z.to(parameter.dtype), generator=generator,
-                                  capture_graph=capture_graph, progress=progress, device=z.device,
-                                  dtype=parameter.dtype)
+            return sampler.sample(
+                model_fn,
+                start,
+                z.to(parameter.dtype),
+                generator=generator,
+                capture_graph=capture_graph,
+                progress=progress,
+                device=z.device,
+                dtype=parameter.dtype,
+            )
 
-    def flow_loss_terms(self, x: torch.Tensor, z: torch.Tensor, *, noise: torch.Tensor | None = None,
-                        timesteps: torch.Tensor | None = None,
-                        generator: torch.Generator | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def flow_loss_terms(
+        self,
+        x: torch.Tensor,
+        z: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         """The flow objective for images ``x`` and their latents ``z``.
 
         Args:
@@ -262,16 +348,31 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         if noise is None:
             noise = _draw("normal", x.shape, generator, x.device)
         elif not isinstance(noise, torch.Tensor) or noise.shape != x.shape or noise.device != x.device:
-            what = f"{list(noise.shape)} on {noise.device}" if isinstance(noise, torch.Tensor) else type(noise).__name__
-            raise ValueError(f"{where}: noise must have the shape of x {list(x.shape)} on {x.device}, got {what}")
+            what = (
+                f"{list(noise.shape)} on {noise.device}"
+                if isinstance(noise, torch.Tensor)
+                else type(noise).__name__
+            )
+            raise ValueError(
+                f"{where}: noise must have the shape of x {list(x.shape)} on {x.device}, got {what}"
+            )
         if timesteps is None:
             s = sample_flow_times(b, self.flow_schedule, self.time_sampling, generator, x.device)
         else:
-            if not isinstance(timesteps, torch.Tensor) or timesteps.shape != (b,) \
-                    or not timesteps.is_floating_point() or timesteps.device != x.device:
-                what = (f"{timesteps.dtype} {list(timesteps.shape)} on {timesteps.device}"
-                        if isinstance(timesteps, torch.Tensor) else type(timesteps).__name__)
-                raise ValueError(f"{where}: timesteps must be a float tensor [B] = [{b}] on {x.device}, got {what}")
+            if (
+                not isinstance(timesteps, torch.Tensor)
+                or timesteps.shape != (b,)
+                or not timesteps.is_floating_point()
+                or timesteps.device != x.device
+            ):
+                what = (
+                    f"{timesteps.dtype} {list(timesteps.shape)} on {timesteps.device}"
+                    if isinstance(timesteps, torch.Tensor)
+                    else type(timesteps).__name__
+                )
+                raise ValueError(
+                    f"{where}: timesteps must be a float tensor [B] = [{b}] on {x.device}, got {what}"
+                )
             if bool(((timesteps < 0) | (timesteps > 1)).any()):
                 raise ValueError(f"{where}: timesteps must be flow times in [0, 1]")
             s = timesteps.float()
@@ -284,10 +385,18 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         losses = {"flow": F.mse_loss(v.float(), target), "x0_mse": F.mse_loss(x0, x32)}
         return losses, x0.to(x.dtype), s
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool | None = None,
-                generator: torch.Generator | None = None, *, noise: torch.Tensor | None = None,
-                timesteps: torch.Tensor | None = None, decode: bool | None = None, steps: int | None = None,
-                method: str | None = None) -> AutoencoderOutput:
+    def forward(
+        self,
+        x: torch.Tensor,
+        sample_posterior: bool | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        noise: torch.Tensor | None = None,
+        timesteps: torch.Tensor | None = None,
+        decode: bool | None = None,
+        steps: int | None = None,
+        method: str | None = None,
+    ) -> AutoencoderOutput:
         """Encodes ``x``, evaluates the flow objective and reconstructs.
 
         Args:
@@ -313,12 +422,21 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         decoded = self.decode(z, steps, method, generator) if decode else None
         losses, x0, s = self.flow_loss_terms(x, z, noise=noise, timesteps=timesteps, generator=generator)
         losses = {"flow": losses["flow"], "kl": posterior.kl().mean(), "x0_mse": losses["x0_mse"]}
-        return AutoencoderOutput(reconstruction=x0 if decoded is None else decoded, latents=z, losses=losses,
-                                 stats={"posterior": posterior, "timesteps": s.detach(), "x0_estimate": x0})
+        return AutoencoderOutput(
+            reconstruction=x0 if decoded is None else decoded,
+            latents=z,
+            losses=losses,
+            stats={"posterior": posterior, "timesteps": s.detach(), "x0_estimate": x0},
+        )
 
 
 def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"DGAETask: {name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -341,20 +459,33 @@ class DGAETask(nn.Module):
     ``validation_step(batch)`` decodes with the sampler and reports mse and psnr.
     """
 
-    def __init__(self, autoencoder: DiffusionDecoderAutoencoder, flow_weight: float = 1.0, kl_weight: float = 1e-6,
-                 perceptual_weight: float = 1.0, reconstruction_weight: float = 0.0, lpips_net: str = "vgg",
-                 pretrained_lpips: bool = True):
+    def __init__(
+        self,
+        autoencoder: DiffusionDecoderAutoencoder,
+        flow_weight: float = 1.0,
+        kl_weight: float = 1e-6,
+        perceptual_weight: float = 1.0,
+        reconstruction_weight: float = 0.0,
+        lpips_net: str = "vgg",
+        pretrained_lpips: bool = True,
+    ):
         super().__init__()
         if not isinstance(autoencoder, DiffusionDecoderAutoencoder):
-            raise TypeError(f"DGAETask: autoencoder must be a DiffusionDecoderAutoencoder, got "
-                            f"{type(autoencoder).__name__} (train other autoencoders with AutoencoderTask)")
-        self.weights = {"flow": _check_weight("flow_weight", flow_weight),
-                        "kl": _check_weight("kl_weight", kl_weight),
-                        "x0_mse": _check_weight("reconstruction_weight", reconstruction_weight)}
+            raise TypeError(
+                f"DGAETask: autoencoder must be a DiffusionDecoderAutoencoder, got "
+                f"{type(autoencoder).__name__} (train other autoencoders with AutoencoderTask)"
+            )
+        self.weights = {
+            "flow": _check_weight("flow_weight", flow_weight),
+            "kl": _check_weight("kl_weight", kl_weight),
+            "x0_mse": _check_weight("reconstruction_weight", reconstruction_weight),
+        }
         self.perceptual_weight = _check_weight("perceptual_weight", perceptual_weight)
         if self.perceptual_weight > 0 and autoencoder.in_channels not in (1, 3):
-            raise ValueError(f"DGAETask: LPIPS compares grey or RGB images, the autoencoder has "
-                             f"{autoencoder.in_channels} channels; use perceptual_weight=0")
+            raise ValueError(
+                f"DGAETask: LPIPS compares grey or RGB images, the autoencoder has "
+                f"{autoencoder.in_channels} channels; use perceptual_weight=0"
+            )
         self.autoencoder = autoencoder
         self.perceptual = LPIPS(lpips_net, pretrained_lpips) if self.perceptual_weight > 0 else None
 
@@ -373,7 +504,9 @@ class DGAETask(nn.Module):
         return {"loss": loss, **metrics}
 
     @torch.no_grad()
-    def validation_step(self, batch, steps: int | None = None, method: str | None = None, seed: int = 0) -> dict:
+    def validation_step(
+        self, batch, steps: int | None = None, method: str | None = None, seed: int = 0
+    ) -> dict:
         """Sampled reconstructions of the posterior mean (noise from ``seed``, so repeated validations agree):
         mse and psnr (images in [-1, 1]), and the flow loss at seeded times."""
         x = self._images(batch, "DGAETask.validation_step")
@@ -387,5 +520,9 @@ class DGAETask(nn.Module):
         x_hat = output.reconstruction.float().clamp(-1, 1)
         mse = (x_hat - x.float()).square().flatten(1).mean(1)
         psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
-        return {"flow": output.losses["flow"], "x0_mse": output.losses["x0_mse"], "mse": mse.mean(),
-                "psnr": psnr.mean()}
+        return {
+            "flow": output.losses["flow"],
+            "x0_mse": output.losses["x0_mse"],
+            "mse": mse.mean(),
+            "psnr": psnr.mean(),
+        }

@@ -49,15 +49,42 @@ class _DiscreteAutoencoder(nn.Module):
     scaling_factor = 1.0  # the prior sees indices; codes stay as the quantiser made them
     shift_factor = 0.0
 
-    def _build(self, owner: str, in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
-               mid_block_add_attention, latent_channels, z_channels):
+    def _build(
+        self,
+        owner: str,
+        in_channels,
+        out_channels,
+        block_out_channels,
+        layers_per_block,
+        norm_num_groups,
+        mid_block_add_attention,
+        latent_channels,
+        z_channels,
+    ):
         if not isinstance(mid_block_add_attention, bool):
-            raise TypeError(f"{owner}: mid_block_add_attention must be a bool, got {mid_block_add_attention!r}")
-        z_channels = latent_channels if z_channels is None else check_positive_int(owner, "z_channels", z_channels)
-        self.encoder = Encoder(in_channels, z_channels, block_out_channels, layers_per_block, norm_num_groups,
-                               double_z=False, mid_block_add_attention=mid_block_add_attention)
-        self.decoder = Decoder(z_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
-                               mid_block_add_attention=mid_block_add_attention)
+            raise TypeError(
+                f"{owner}: mid_block_add_attention must be a bool, got {mid_block_add_attention!r}"
+            )
+        z_channels = (
+            latent_channels if z_channels is None else check_positive_int(owner, "z_channels", z_channels)
+        )
+        self.encoder = Encoder(
+            in_channels,
+            z_channels,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            double_z=False,
+            mid_block_add_attention=mid_block_add_attention,
+        )
+        self.decoder = Decoder(
+            z_channels,
+            out_channels,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            mid_block_add_attention=mid_block_add_attention,
+        )
         self.quant_conv = nn.Conv2d(z_channels, latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(latent_channels, z_channels, 1)
         self.in_channels, self.out_channels = in_channels, out_channels
@@ -76,7 +103,9 @@ class _DiscreteAutoencoder(nn.Module):
         return self
 
     def _pre_quant(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(self._owner, "x", x, self.in_channels, self.downsample_factor, self.encoder.conv_in.weight)
+        check_image_batch(
+            self._owner, "x", x, self.in_channels, self.downsample_factor, self.encoder.conv_in.weight
+        )
         return self.quant_conv(self.encoder(x))
 
     def _indices_shape_suffix(self) -> tuple:
@@ -109,7 +138,9 @@ class _DiscreteAutoencoder(nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Images ``[B, out_channels, h*f, w*f]`` from quantised latents ``z [B, latent_channels, h, w]``."""
-        check_image_batch(f"{self._owner}.decode", "z", z, self.latent_channels, 1, self.decoder.conv_in.weight)
+        check_image_batch(
+            f"{self._owner}.decode", "z", z, self.latent_channels, 1, self.decoder.conv_in.weight
+        )
         return self.decoder(self.post_quant_conv(z))
 
     def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
@@ -119,7 +150,9 @@ class _DiscreteAutoencoder(nn.Module):
         suffix = self._indices_shape_suffix()
         expected = "[B, h, w" + "".join(f", {s}" for s in suffix) + "]"
         if not isinstance(indices, torch.Tensor):
-            raise TypeError(f"{where}: indices must be an int64 tensor {expected}, got {type(indices).__name__}")
+            raise TypeError(
+                f"{where}: indices must be an int64 tensor {expected}, got {type(indices).__name__}"
+            )
         if indices.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise TypeError(f"{where}: indices must be an integer tensor {expected}, got {indices.dtype}")
         if indices.dim() != 3 + len(suffix) or tuple(indices.shape[3:]) != suffix:
@@ -127,8 +160,9 @@ class _DiscreteAutoencoder(nn.Module):
         if indices.numel():
             low, high = int(indices.min()), int(indices.max())
             if low < 0 or high >= self.codebook_size:
-                raise ValueError(f"{where}: indices must be in [0, {self.codebook_size}), got values in "
-                                 f"[{low}, {high}]")
+                raise ValueError(
+                    f"{where}: indices must be in [0, {self.codebook_size}), got values in [{low}, {high}]"
+                )
         indices = indices.to(device=self.quant_conv.weight.device, dtype=torch.int64)
         codes = self._codes_from_indices(indices).to(self.quant_conv.weight.dtype)
         return self.decode(codes)
@@ -159,33 +193,65 @@ class VQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
     and "perplexity" (residual VQ: averaged over depths).
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3,
-                 block_out_channels: Sequence[int] = (128, 256, 512, 512), layers_per_block: int = 2,
-                 norm_num_groups: int = 32, mid_block_add_attention: bool = True, latent_channels: int = 8,
-                 codebook_size: int = 1024, z_channels: int | None = None, quantizer: str = "vq",
-                 num_quantizers: int = 1, learnable_codebook: bool = False, decay: float = 0.99,
-                 kmeans_init: bool = False, threshold_ema_dead_code: float = 0.0, use_cosine_sim: bool = False,
-                 rotation_trick: bool = True):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        mid_block_add_attention: bool = True,
+        latent_channels: int = 8,
+        codebook_size: int = 1024,
+        z_channels: int | None = None,
+        quantizer: str = "vq",
+        num_quantizers: int = 1,
+        learnable_codebook: bool = False,
+        decay: float = 0.99,
+        kmeans_init: bool = False,
+        threshold_ema_dead_code: float = 0.0,
+        use_cosine_sim: bool = False,
+        rotation_trick: bool = True,
+    ):
         super().__init__()
         owner = "VQAutoencoder"
         check_positive_int(owner, "latent_channels", latent_channels)
         check_positive_int(owner, "codebook_size", codebook_size)
         check_positive_int(owner, "num_quantizers", num_quantizers)
         if quantizer not in VECTOR_QUANTIZERS:
-            raise ValueError(f"{owner}: quantizer must be one of {VECTOR_QUANTIZERS}, got {quantizer!r} (scalar "
-                             f"quantisers {SCALAR_QUANTIZERS} are FSQAutoencoder's)")
+            raise ValueError(
+                f"{owner}: quantizer must be one of {VECTOR_QUANTIZERS}, got {quantizer!r} (scalar "
+                f"quantisers {SCALAR_QUANTIZERS} are FSQAutoencoder's)"
+            )
         if quantizer == "vq" and num_quantizers != 1:
             raise ValueError(f"{owner}: num_quantizers={num_quantizers} needs quantizer='rvq'")
         if not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
             raise ValueError(f"{owner}: decay must be in [0, 1], got {decay!r}")
         if threshold_ema_dead_code < 0:
-            raise ValueError(f"{owner}: threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code!r}")
-        self._build(owner, in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
-                    mid_block_add_attention, latent_channels, z_channels)
-        vq_kwargs = dict(decay=decay, kmeans_init=kmeans_init, threshold_ema_dead_code=threshold_ema_dead_code,
-                         use_cosine_sim=use_cosine_sim, learnable_codebook=learnable_codebook,
-                         rotation_trick=rotation_trick, commitment_weight=0.0 if learnable_codebook else 1.0,
-                         accept_image_fmap=True)
+            raise ValueError(
+                f"{owner}: threshold_ema_dead_code must be >= 0, got {threshold_ema_dead_code!r}"
+            )
+        self._build(
+            owner,
+            in_channels,
+            out_channels,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            mid_block_add_attention,
+            latent_channels,
+            z_channels,
+        )
+        vq_kwargs = dict(
+            decay=decay,
+            kmeans_init=kmeans_init,
+            threshold_ema_dead_code=threshold_ema_dead_code,
+            use_cosine_sim=use_cosine_sim,
+            learnable_codebook=learnable_codebook,
+            rotation_trick=rotation_trick,
+            commitment_weight=0.0 if learnable_codebook else 1.0,
+            accept_image_fmap=True,
+        )
         if quantizer == "vq":
             self.quantizer = VectorQuantize(latent_channels, codebook_size, **vq_kwargs)
         else:
@@ -223,9 +289,13 @@ class VQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
     def _usage(self, indices: torch.Tensor) -> dict:
         if not self.residual:
             return super()._usage(indices)
-        per_depth = [codebook_usage(indices[..., q].detach(), self.codebook_size) for q in range(indices.shape[-1])]
-        return {"usage": torch.stack([u.fraction_used for u in per_depth]).mean(),
-                "perplexity": torch.stack([u.perplexity for u in per_depth]).mean()}
+        per_depth = [
+            codebook_usage(indices[..., q].detach(), self.codebook_size) for q in range(indices.shape[-1])
+        ]
+        return {
+            "usage": torch.stack([u.fraction_used for u in per_depth]).mean(),
+            "perplexity": torch.stack([u.perplexity for u in per_depth]).mean(),
+        }
 
     def _codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return self.quantizer.get_output_from_indices(indices)
@@ -254,29 +324,56 @@ class FSQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
     and "perplexity".
     """
 
-    def __init__(self, in_channels: int = 3, out_channels: int = 3,
-                 block_out_channels: Sequence[int] = (128, 256, 512, 512), layers_per_block: int = 2,
-                 norm_num_groups: int = 32, mid_block_add_attention: bool = True, quantizer: str = "fsq",
-                 levels: Sequence[int] | None = None, codebook_size: int | None = None,
-                 z_channels: int | None = None, quantizer_kwargs: dict | None = None):
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        block_out_channels: Sequence[int] = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        norm_num_groups: int = 32,
+        mid_block_add_attention: bool = True,
+        quantizer: str = "fsq",
+        levels: Sequence[int] | None = None,
+        codebook_size: int | None = None,
+        z_channels: int | None = None,
+        quantizer_kwargs: dict | None = None,
+    ):
         super().__init__()
         owner = "FSQAutoencoder"
         if quantizer not in SCALAR_QUANTIZERS:
-            raise ValueError(f"{owner}: quantizer must be one of {SCALAR_QUANTIZERS}, got {quantizer!r} (vector "
-                             f"quantisers {VECTOR_QUANTIZERS} are VQAutoencoder's)")
+            raise ValueError(
+                f"{owner}: quantizer must be one of {SCALAR_QUANTIZERS}, got {quantizer!r} (vector "
+                f"quantisers {VECTOR_QUANTIZERS} are VQAutoencoder's)"
+            )
         kwargs = dict(quantizer_kwargs or {})
         if not isinstance(quantizer_kwargs, (dict, type(None))):
-            raise TypeError(f"{owner}: quantizer_kwargs must be a dict or None, got {type(quantizer_kwargs).__name__}")
-        reserved = {"dim", "levels", "codebook_size", "channel_first", "num_codebooks", "entropy_loss_weight",
-                    "commitment_loss_weight", "return_indices", "keep_num_codebooks_dim", "has_projections",
-                    "experimental_softplus_entropy_loss"}
+            raise TypeError(
+                f"{owner}: quantizer_kwargs must be a dict or None, got {type(quantizer_kwargs).__name__}"
+            )
+        reserved = {
+            "dim",
+            "levels",
+            "codebook_size",
+            "channel_first",
+            "num_codebooks",
+            "entropy_loss_weight",
+            "commitment_loss_weight",
+            "return_indices",
+            "keep_num_codebooks_dim",
+            "has_projections",
+            "experimental_softplus_entropy_loss",
+        }
         if reserved & set(kwargs):
-            raise ValueError(f"{owner}: quantizer_kwargs may not set {sorted(reserved & set(kwargs))} (set by the "
-                             "autoencoder; loss weights belong to the loss module)")
+            raise ValueError(
+                f"{owner}: quantizer_kwargs may not set {sorted(reserved & set(kwargs))} (set by the "
+                "autoencoder; loss weights belong to the loss module)"
+            )
         if quantizer == "fsq":
             if codebook_size is not None:
-                raise ValueError(f"{owner}: codebook_size is prod(levels) for quantizer='fsq'; pass levels instead "
-                                 f"(got codebook_size={codebook_size!r})")
+                raise ValueError(
+                    f"{owner}: codebook_size is prod(levels) for quantizer='fsq'; pass levels instead "
+                    f"(got codebook_size={codebook_size!r})"
+                )
             levels = [8, 5, 5, 5] if levels is None else levels
             if isinstance(levels, (list, tuple)) and not levels:
                 raise ValueError(f"{owner}: levels must be a non-empty list of ints >= 2, got {list(levels)}")
@@ -287,29 +384,53 @@ class FSQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
             latent_channels = len(self.quantizer.levels)
         else:
             if levels is not None:
-                raise ValueError(f"{owner}: levels applies to quantizer='fsq' only; {quantizer!r} takes "
-                                 f"codebook_size")
-            if (not isinstance(codebook_size, int) or isinstance(codebook_size, bool) or codebook_size < 2
-                    or codebook_size & (codebook_size - 1)):
-                raise ValueError(f"{owner}: codebook_size must be a power of 2 >= 2 for quantizer={quantizer!r} "
-                                 f"(latent_channels = log2(codebook_size)), got {codebook_size!r}")
+                raise ValueError(
+                    f"{owner}: levels applies to quantizer='fsq' only; {quantizer!r} takes codebook_size"
+                )
+            if (
+                not isinstance(codebook_size, int)
+                or isinstance(codebook_size, bool)
+                or codebook_size < 2
+                or codebook_size & (codebook_size - 1)
+            ):
+                raise ValueError(
+                    f"{owner}: codebook_size must be a power of 2 >= 2 for quantizer={quantizer!r} "
+                    f"(latent_channels = log2(codebook_size)), got {codebook_size!r}"
+                )
             latent_channels = codebook_size.bit_length() - 1
             if quantizer == "lfq" and latent_channels > MAX_ENTROPY_DIMS:
                 # the training loss keeps 2^d code probabilities: refuse here rather than at the first step
-                raise ValueError(f"{owner}: codebook_size must be <= 2^{MAX_ENTROPY_DIMS} for "
-                                 f"quantizer='lfq' (its entropy loss keeps one probability per code), got "
-                                 f"{codebook_size}; quantizer='bsq' factorises the entropy (up to 2^62)")
+                raise ValueError(
+                    f"{owner}: codebook_size must be <= 2^{MAX_ENTROPY_DIMS} for "
+                    f"quantizer='lfq' (its entropy loss keeps one probability per code), got "
+                    f"{codebook_size}; quantizer='bsq' factorises the entropy (up to 2^62)"
+                )
             cls = LFQ if quantizer == "lfq" else BSQ
             try:
                 # weight 1 on both terms: the returned breakdown carries them unweighted
-                self.quantizer = cls(dim=latent_channels, codebook_size=codebook_size, channel_first=True,
-                                     entropy_loss_weight=1.0, commitment_loss_weight=1.0, **kwargs)
+                self.quantizer = cls(
+                    dim=latent_channels,
+                    codebook_size=codebook_size,
+                    channel_first=True,
+                    entropy_loss_weight=1.0,
+                    commitment_loss_weight=1.0,
+                    **kwargs,
+                )
             except (TypeError, ValueError) as e:
                 raise type(e)(f"{owner}: bad quantizer_kwargs for {quantizer!r}: {e}") from None
         self.quantizer_name = quantizer
         self.codebook_size = int(self.quantizer.codebook_size)
-        self._build(owner, in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
-                    mid_block_add_attention, latent_channels, z_channels)
+        self._build(
+            owner,
+            in_channels,
+            out_channels,
+            block_out_channels,
+            layers_per_block,
+            norm_num_groups,
+            mid_block_add_attention,
+            latent_channels,
+            z_channels,
+        )
 
     def _quantize(self, h: torch.Tensor):
         if self.quantizer_name == "fsq":
@@ -319,8 +440,10 @@ class FSQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
         losses = {}
         if self.quantizer.training:
             gamma = self.quantizer.diversity_gamma
-            losses = {"entropy": breakdown.per_sample_entropy - gamma * breakdown.batch_entropy,
-                      "commitment": breakdown.commitment}
+            losses = {
+                "entropy": breakdown.per_sample_entropy - gamma * breakdown.batch_entropy,
+                "commitment": breakdown.commitment,
+            }
         return codes, indices, losses
 
     def _codes_from_indices(self, indices: torch.Tensor) -> torch.Tensor:

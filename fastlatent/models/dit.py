@@ -54,8 +54,9 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
-                                 nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         features = timestep_embedding(t, self.frequency_embedding_size)
@@ -103,8 +104,10 @@ def check_class_labels(where: str, labels, batch: int, num_classes: int, device:
             raise ValueError(f"{where}: this model is unconditional (num_classes=0); labels must be None")
         return None
     if labels is None:
-        raise ValueError(f"{where}: labels [B] are required (num_classes={num_classes}; pass {num_classes}, the null "
-                         "class, for unconditional outputs)")
+        raise ValueError(
+            f"{where}: labels [B] are required (num_classes={num_classes}; pass {num_classes}, the null "
+            "class, for unconditional outputs)"
+        )
     if not isinstance(labels, torch.Tensor) or labels.dtype != torch.int64:
         what = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise TypeError(f"{where}: labels must be an int64 tensor [B], got {what}")
@@ -115,7 +118,9 @@ def check_class_labels(where: str, labels, batch: int, num_classes: int, device:
     return labels
 
 
-def check_label_values(where: str, name: str, labels: torch.Tensor, num_classes: int, allow_null: bool) -> None:
+def check_label_values(
+    where: str, name: str, labels: torch.Tensor, num_classes: int, allow_null: bool
+) -> None:
     """Raises ValueError when a label lies outside ``[0, num_classes)`` (``[0, num_classes]`` with the null class).
 
     One host sync: called by the user-facing entry points only, never inside a model's forward.
@@ -137,17 +142,25 @@ def sampling_labels(where: str, labels, n: int, num_classes: int, guidance, devi
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{where}: n must be an int >= 1, got {n!r}")
     if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        if (
+            isinstance(guidance, bool)
+            or not isinstance(guidance, (int, float))
+            or not math.isfinite(guidance)
+        ):
             raise ValueError(f"{where}: guidance must be a finite number or None, got {guidance!r}")
     if num_classes == 0:
         if labels is not None:
             raise ValueError(f"{where}: this prior is unconditional (num_classes=0): labels must be None")
         if guidance is not None:
-            raise ValueError(f"{where}: classifier-free guidance needs a class-conditional prior (num_classes > 0)")
+            raise ValueError(
+                f"{where}: classifier-free guidance needs a class-conditional prior (num_classes > 0)"
+            )
         return None, False
     if labels is None:
         if guidance is not None:
-            raise ValueError(f"{where}: guidance needs labels to guide towards (labels=None samples the null class)")
+            raise ValueError(
+                f"{where}: guidance needs labels to guide towards (labels=None samples the null class)"
+            )
         return torch.full((n,), num_classes, dtype=torch.int64, device=device), False
     if isinstance(labels, int) and not isinstance(labels, bool):
         labels = torch.full((n,), labels, dtype=torch.int64)
@@ -159,8 +172,10 @@ def sampling_labels(where: str, labels, n: int, num_classes: int, guidance, devi
         if labels.dtype.is_floating_point or labels.is_complex() or labels.dtype == torch.bool:
             raise TypeError(f"{where}: labels must be an integer tensor, got {labels.dtype}")
     else:
-        raise TypeError(f"{where}: labels must be None, an int, a list of ints or an integer tensor [n], "
-                        f"got {type(labels).__name__}")
+        raise TypeError(
+            f"{where}: labels must be None, an int, a list of ints or an integer tensor [n], "
+            f"got {type(labels).__name__}"
+        )
     if labels.shape != (n,):
         raise ValueError(f"{where}: labels must have shape [n] = [{n}], got {list(labels.shape)}")
     labels = labels.to(device=device, dtype=torch.int64)
@@ -172,9 +187,14 @@ def size_pair(value, where: str, name: str) -> list[int]:
     """``[h, w]`` from an int (square) or a pair of ints >= 1."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value, value]
-    if (not isinstance(value, (list, tuple)) or len(value) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-        raise ValueError(f"{where}: {name} must be an int >= 1 or [height, width] of ints >= 1, got {value!r}")
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+    ):
+        raise ValueError(
+            f"{where}: {name} must be an int >= 1 or [height, width] of ints >= 1, got {value!r}"
+        )
     return [int(v) for v in value]
 
 
@@ -241,7 +261,9 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(
+            6, dim=1
+        )
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         return x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
 
@@ -295,22 +317,40 @@ class DiT(nn.Module, ConfigMixin):
     capture); :class:`LatentDiffusion`'s ``training_step`` and ``sample`` check those.
     """
 
-    def __init__(self, input_size: int | list[int] = 32, patch_size: int = 2, in_channels: int = 4,
-                 hidden_size: int = 384, depth: int = 12, num_heads: int = 6, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000, learn_sigma: bool = False, dropout: float = 0.0):
+    def __init__(
+        self,
+        input_size: int | list[int] = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 384,
+        depth: int = 12,
+        num_heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        learn_sigma: bool = False,
+        dropout: float = 0.0,
+    ):
         super().__init__()
         height, width = size_pair(input_size, "DiT", "input_size")
-        for name, value in (("patch_size", patch_size), ("in_channels", in_channels), ("hidden_size", hidden_size),
-                            ("depth", depth), ("num_heads", num_heads)):
+        for name, value in (
+            ("patch_size", patch_size),
+            ("in_channels", in_channels),
+            ("hidden_size", hidden_size),
+            ("depth", depth),
+            ("num_heads", num_heads),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"DiT: {name} must be an int >= 1, got {value!r}")
         if height % patch_size or width % patch_size:
-            raise ValueError(f"DiT: input_size {[height, width]} must be divisible by patch_size {patch_size}")
+            raise ValueError(
+                f"DiT: input_size {[height, width]} must be divisible by patch_size {patch_size}"
+            )
         if hidden_size % num_heads:
             raise ValueError(f"DiT: hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads})")
         if hidden_size % 4:
-            raise ValueError(f"DiT: hidden_size must be divisible by 4 (2-D sin-cos position embedding), "
-                             f"got {hidden_size}")
+            raise ValueError(
+                f"DiT: hidden_size must be divisible by 4 (2-D sin-cos position embedding), got {hidden_size}"
+            )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"DiT: num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}")
         if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0):
@@ -332,12 +372,15 @@ class DiT(nn.Module, ConfigMixin):
         pos = torch.from_numpy(sincos_pos_embed_2d(hidden_size, *self.grid)).float().unsqueeze(0)
         # Fixed, but saved in the state dict under DiT's name so official checkpoints load strictly.
         self.register_buffer("pos_embed", pos)
-        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth)])
+        self.blocks = nn.ModuleList(
+            [DiTBlock(hidden_size, num_heads, mlp_ratio, dropout) for _ in range(depth)]
+        )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
         """DiT's initialisation: Xavier linears, zero adaLN modulations and output layer (the "Zero")."""
+
         def basic_init(module):
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -367,11 +410,17 @@ class DiT(nn.Module, ConfigMixin):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], c, gh * p, gw * p)
 
     def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != self.in_channels \
-                or list(x.shape[2:]) != self.input_size:
+        if (
+            not isinstance(x, torch.Tensor)
+            or x.dim() != 4
+            or x.shape[1] != self.in_channels
+            or list(x.shape[2:]) != self.input_size
+        ):
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"DiT: x must be [B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}], "
-                             f"got {shape}")
+            raise ValueError(
+                f"DiT: x must be [B, {self.in_channels}, {self.input_size[0]}, {self.input_size[1]}], "
+                f"got {shape}"
+            )
         t = check_timesteps("DiT", t, x.shape[0], x.device)
         labels = check_class_labels("DiT", labels, x.shape[0], self.num_classes, x.device)
         h = self.x_embedder(x) + self.pos_embed.to(x.dtype)

@@ -75,8 +75,16 @@ class KVCache:
     Built by :meth:`TokenGPT.new_cache`; :meth:`TokenGPT.forward` with ``cache=`` appends to it.
     """
 
-    def __init__(self, depth: int, batch: int, num_heads: int, seq_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
+    def __init__(
+        self,
+        depth: int,
+        batch: int,
+        num_heads: int,
+        seq_len: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
         shape = (batch, num_heads, seq_len, head_dim)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(depth)]
@@ -101,11 +109,11 @@ class CausalSelfAttention(nn.Module):
         start = 0
         if cache is not None:
             start = cache.length
-            cache.keys[layer][:, :, start:start + n] = k
-            cache.values[layer][:, :, start:start + n] = v
+            cache.keys[layer][:, :, start : start + n] = k
+            cache.values[layer][:, :, start : start + n] = v
             # cast on read: under autocast q/k/v may be in a lower precision than the cache
-            k = cache.keys[layer][:, :, :start + n].to(q.dtype)
-            v = cache.values[layer][:, :, :start + n].to(q.dtype)
+            k = cache.keys[layer][:, :, : start + n].to(q.dtype)
+            v = cache.values[layer][:, :, : start + n].to(q.dtype)
         if start == 0:
             o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
         elif n == 1:  # one new position attends to everything cached: no mask
@@ -122,8 +130,12 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(dim)
         self.attn = CausalSelfAttention(dim, num_heads, dropout)
         self.ln2 = nn.LayerNorm(dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, int(dim * mlp_ratio)), nn.GELU(),
-                                 nn.Linear(int(dim * mlp_ratio), dim), nn.Dropout(dropout))
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, int(dim * mlp_ratio)),
+            nn.GELU(),
+            nn.Linear(int(dim * mlp_ratio), dim),
+            nn.Dropout(dropout),
+        )
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
@@ -150,15 +162,32 @@ class TokenGPT(nn.Module, ConfigMixin):
     "accuracy"}``; ``sample(n, labels, temperature, top_k, top_p, guidance, generator) -> [n, L]`` int64.
     """
 
-    def __init__(self, vocab_size: int, seq_len: int, num_classes: int = 0, dim: int = 256, depth: int = 8,
-                 num_heads: int = 8, mlp_ratio: float = 4.0, dropout: float = 0.0, label_dropout: float = 0.1):
+    def __init__(
+        self,
+        vocab_size: int,
+        seq_len: int,
+        num_classes: int = 0,
+        dim: int = 256,
+        depth: int = 8,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        label_dropout: float = 0.1,
+    ):
         super().__init__()
-        for name, value in (("vocab_size", vocab_size), ("seq_len", seq_len), ("dim", dim), ("depth", depth),
-                            ("num_heads", num_heads)):
+        for name, value in (
+            ("vocab_size", vocab_size),
+            ("seq_len", seq_len),
+            ("dim", dim),
+            ("depth", depth),
+            ("num_heads", num_heads),
+        ):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TokenGPT: {name} must be an int >= 1, got {value!r}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"TokenGPT: num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}")
+            raise ValueError(
+                f"TokenGPT: num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}"
+            )
         if dim % num_heads:
             raise ValueError(f"TokenGPT: dim ({dim}) must be divisible by num_heads ({num_heads})")
         if not (isinstance(mlp_ratio, (int, float)) and mlp_ratio > 0):
@@ -202,11 +231,19 @@ class TokenGPT(nn.Module, ConfigMixin):
     def new_cache(self, batch: int) -> KVCache:
         """An empty key/value cache for ``batch`` sequences, in the model's dtype and device."""
         weight = self.head.weight
-        return KVCache(self.depth, batch, self.num_heads, self.seq_len, self.dim // self.num_heads,
-                       weight.device, weight.dtype)
+        return KVCache(
+            self.depth,
+            batch,
+            self.num_heads,
+            self.seq_len,
+            self.dim // self.num_heads,
+            weight.device,
+            weight.dtype,
+        )
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, labels: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Next-token logits.
 
         Without a cache (or with an empty one), the input is the class token followed by ``tokens [B, T]``
@@ -216,7 +253,11 @@ class TokenGPT(nn.Module, ConfigMixin):
         The cache, when given, is extended by the positions processed.
         """
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.dtype != torch.int64:
-            what = f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            what = (
+                f"{tokens.dtype} {list(tokens.shape)}"
+                if isinstance(tokens, torch.Tensor)
+                else type(tokens).__name__
+            )
             raise ValueError(f"TokenGPT: tokens must be an int64 tensor [B, T], got {what}")
         b, t = tokens.shape
         start = 0 if cache is None else cache.length
@@ -226,20 +267,33 @@ class TokenGPT(nn.Module, ConfigMixin):
         if start == 0:
             if self.class_emb is None:
                 if labels is not None:
-                    raise ValueError("TokenGPT: this model is unconditional (num_classes=0); labels must be None")
+                    raise ValueError(
+                        "TokenGPT: this model is unconditional (num_classes=0); labels must be None"
+                    )
                 first = self.start_token.expand(b, 1, -1)
             else:
-                if not isinstance(labels, torch.Tensor) or labels.shape != (b,) or labels.dtype != torch.int64:
-                    what = (f"{labels.dtype} {list(labels.shape)}" if isinstance(labels, torch.Tensor)
-                            else type(labels).__name__)
-                    raise ValueError(f"TokenGPT: labels must be an int64 tensor [B] = [{b}] (num_classes="
-                                     f"{self.num_classes} is the null class), got {what}")
+                if (
+                    not isinstance(labels, torch.Tensor)
+                    or labels.shape != (b,)
+                    or labels.dtype != torch.int64
+                ):
+                    what = (
+                        f"{labels.dtype} {list(labels.shape)}"
+                        if isinstance(labels, torch.Tensor)
+                        else type(labels).__name__
+                    )
+                    raise ValueError(
+                        f"TokenGPT: labels must be an int64 tensor [B] = [{b}] (num_classes="
+                        f"{self.num_classes} is the null class), got {what}"
+                    )
                 first = self.class_emb(labels)[:, None]
             h = torch.cat([first.to(h.dtype), h], dim=1)
         end = start + h.shape[1]
         if end > self.seq_len:
-            raise ValueError(f"TokenGPT: at most seq_len = {self.seq_len} positions (the class token and "
-                             f"{self.seq_len - 1} tokens), got {end}")
+            raise ValueError(
+                f"TokenGPT: at most seq_len = {self.seq_len} positions (the class token and "
+                f"{self.seq_len - 1} tokens), got {end}"
+            )
         h = self.drop(h + self.pos_emb[start:end].to(h.dtype))
         for layer, block in enumerate(self.blocks):
             h = block(h, cache, layer)
@@ -251,23 +305,44 @@ class TokenGPT(nn.Module, ConfigMixin):
         """Next-token cross-entropy on ``batch = (tokens [B, L] int64, labels [B])``."""
         where = "TokenGPT.training_step"
         tokens, labels = unpack_prior_batch(where, batch)
-        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2 or tokens.shape[1] != self.seq_len \
-                or tokens.dtype.is_floating_point or tokens.is_complex() or tokens.dtype == torch.bool:
-            what = f"{tokens.dtype} {list(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+        if (
+            not isinstance(tokens, torch.Tensor)
+            or tokens.dim() != 2
+            or tokens.shape[1] != self.seq_len
+            or tokens.dtype.is_floating_point
+            or tokens.is_complex()
+            or tokens.dtype == torch.bool
+        ):
+            what = (
+                f"{tokens.dtype} {list(tokens.shape)}"
+                if isinstance(tokens, torch.Tensor)
+                else type(tokens).__name__
+            )
             raise ValueError(f"{where}: tokens must be an integer tensor [B, {self.seq_len}], got {what}")
         tokens = tokens.long()
         if tokens.numel() and bool(((tokens < 0) | (tokens >= self.vocab_size)).any()):
-            raise ValueError(f"{where}: tokens must be in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}), "
-                             f"got values in [{int(tokens.min())}, {int(tokens.max())}]")
-        labels = training_labels(where, labels, tokens.shape[0], self.num_classes, self.label_dropout, tokens.device)
+            raise ValueError(
+                f"{where}: tokens must be in [0, {self.vocab_size - 1}] (vocab_size={self.vocab_size}), "
+                f"got values in [{int(tokens.min())}, {int(tokens.max())}]"
+            )
+        labels = training_labels(
+            where, labels, tokens.shape[0], self.num_classes, self.label_dropout, tokens.device
+        )
         logits = self(tokens[:, :-1], labels)
         loss = F.cross_entropy(logits.float().reshape(-1, self.vocab_size), tokens.reshape(-1))
         accuracy = (logits.detach().argmax(-1) == tokens).float().mean()
         return {"loss": loss, "accuracy": accuracy}
 
-    def sample(self, n: int, labels=None, temperature: float = 1.0, top_k: int | None = None,
-               top_p: float | None = None, guidance: float | None = None,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        labels=None,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Draws ``n`` token sequences with the KV cache.
 
         Args:
@@ -284,17 +359,23 @@ class TokenGPT(nn.Module, ConfigMixin):
         """
         where = "TokenGPT.sample"
         device = self.head.weight.device
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not (temperature > 0 and math.isfinite(temperature)):
+        if (
+            isinstance(temperature, bool)
+            or not isinstance(temperature, (int, float))
+            or not (temperature > 0 and math.isfinite(temperature))
+        ):
             raise ValueError(f"{where}: temperature must be a finite number > 0, got {temperature!r}")
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"{where}: top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                                  or not 0.0 < top_p <= 1.0):
+        if top_p is not None and (
+            isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0
+        ):
             raise ValueError(f"{where}: top_p must be None or in (0, 1], got {top_p!r}")
         if generator is not None and generator.device.type != device.type:
-            raise ValueError(f"{where}: generator is on {generator.device} but the model is on {device}; use a "
-                             f"generator on {device.type}")
+            raise ValueError(
+                f"{where}: generator is on {generator.device} but the model is on {device}; use a "
+                f"generator on {device.type}"
+            )
         labels, guided = sampling_labels(where, labels, n, self.num_classes, guidance, device)
         if guided:
             labels = torch.cat([torch.full_like(labels, self.num_classes), labels])

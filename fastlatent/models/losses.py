@@ -20,8 +20,11 @@ from fastlatent.models.autoencoders import AutoencoderOutput
 from fastlatent.models.base import ConfigMixin, register_model
 
 # torchvision checkpoints of the LPIPS backbones, as torch.hub caches them
-LPIPS_BACKBONE_FILES = {"alex": "alexnet-owt-7be5be79.pth", "vgg": "vgg16-397923af.pth",
-                        "squeeze": "squeezenet1_1-b8a52dc0.pth"}
+LPIPS_BACKBONE_FILES = {
+    "alex": "alexnet-owt-7be5be79.pth",
+    "vgg": "vgg16-397923af.pth",
+    "squeeze": "squeezenet1_1-b8a52dc0.pth",
+}
 # smallest image side each backbone's pooling stack accepts
 LPIPS_MIN_SIZE = {"alex": 31, "vgg": 16, "squeeze": 17}
 
@@ -64,7 +67,8 @@ class LPIPS(nn.Module):
                 f"Copy {LPIPS_BACKBONE_FILES[net]} (from https://download.pytorch.org/models/"
                 f"{LPIPS_BACKBONE_FILES[net]}, or any torch hub cache) into {path.parent}, or point TORCH_HOME at a "
                 f"folder holding hub/checkpoints/{LPIPS_BACKBONE_FILES[net]}. Use perceptual_weight=0 to train "
-                "without LPIPS.")
+                "without LPIPS."
+            )
         with warnings.catch_warnings():
             # lpips builds its trunk with torchvision's deprecated pretrained=False; weights come below
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
@@ -89,15 +93,21 @@ class LPIPS(nn.Module):
         for name, t in (("x", x), ("y", y)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.shape[1] not in (1, 3):
                 shape = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-                raise ValueError(f"LPIPS: {name} must be [B, 3, H, W] (or [B, 1, H, W] grey) in [-1, 1], got {shape}")
+                raise ValueError(
+                    f"LPIPS: {name} must be [B, 3, H, W] (or [B, 1, H, W] grey) in [-1, 1], got {shape}"
+                )
             if not t.is_floating_point():
                 raise TypeError(f"LPIPS: {name} must be a floating-point tensor, got {t.dtype}")
         if x.shape != y.shape:
-            raise ValueError(f"LPIPS: x and y must have the same shape, got {list(x.shape)} and {list(y.shape)}")
+            raise ValueError(
+                f"LPIPS: x and y must have the same shape, got {list(x.shape)} and {list(y.shape)}"
+            )
         if min(x.shape[2:]) < LPIPS_MIN_SIZE[self.net]:
-            raise ValueError(f"LPIPS(net={self.net!r}) needs images of at least {LPIPS_MIN_SIZE[self.net]}x"
-                             f"{LPIPS_MIN_SIZE[self.net]}, got {x.shape[2]}x{x.shape[3]} (upsample them, or use "
-                             f"net='vgg', which takes 16x16)")
+            raise ValueError(
+                f"LPIPS(net={self.net!r}) needs images of at least {LPIPS_MIN_SIZE[self.net]}x"
+                f"{LPIPS_MIN_SIZE[self.net]}, got {x.shape[2]}x{x.shape[3]} (upsample them, or use "
+                f"net='vgg', which takes 16x16)"
+            )
         if x.shape[1] == 1:
             x, y = x.expand(-1, 3, -1, -1), y.expand(-1, 3, -1, -1)
         model = self.__dict__["_lpips"]
@@ -115,8 +125,10 @@ def _load_lpips_backbone(model: nn.Module, net: str, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated download or another file under the expected name
-        raise ValueError(f"LPIPS(net={net!r}): {path} is not a readable torchvision checkpoint ({e}); replace it with "
-                         f"https://download.pytorch.org/models/{LPIPS_BACKBONE_FILES[net]}") from None
+        raise ValueError(
+            f"LPIPS(net={net!r}): {path} is not a readable torchvision checkpoint ({e}); replace it with "
+            f"https://download.pytorch.org/models/{LPIPS_BACKBONE_FILES[net]}"
+        ) from None
     slices = {name.split(".")[1]: name for name, _ in model.net.named_modules() if name.count(".") == 1}
     targets = dict(model.net.named_parameters())
     loaded = set()
@@ -126,8 +138,9 @@ def _load_lpips_backbone(model: nn.Module, net: str, path: Path) -> None:
             continue  # the classifier head, or layers past the last slice
         target = f"{slices[parts[1]]}.{'.'.join(parts[2:])}"
         if target not in targets or targets[target].shape != value.shape:
-            raise ValueError(f"LPIPS(net={net!r}): {path} does not match torchvision's {net} ({key} "
-                             f"{list(value.shape)})")
+            raise ValueError(
+                f"LPIPS(net={net!r}): {path} does not match torchvision's {net} ({key} {list(value.shape)})"
+            )
         with torch.no_grad():
             targets[target].copy_(value)
         loaded.add(target)
@@ -161,7 +174,7 @@ class PatchGANDiscriminator(nn.Module, ConfigMixin):
         if norm not in self.NORMS:
             raise ValueError(f"PatchGANDiscriminator: norm must be one of {self.NORMS}, got {norm!r}")
         self.in_channels, self.n_layers, self.norm = in_channels, n_layers, norm
-        self.min_size = 2 ** n_layers * 3
+        self.min_size = 2**n_layers * 3
         use_bias = norm != "batch"  # a batch norm's shift makes the conv bias redundant (taming)
 
         def norm_layer(channels):
@@ -176,12 +189,19 @@ class PatchGANDiscriminator(nn.Module, ConfigMixin):
         layers = [nn.Conv2d(in_channels, ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
         mult = 1
         for n in range(1, n_layers):
-            prev, mult = mult, min(2 ** n, 8)
-            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 2, 1, bias=use_bias), norm_layer(ndf * mult),
-                       nn.LeakyReLU(0.2, True)]
-        prev, mult = mult, min(2 ** n_layers, 8)
-        layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1, bias=use_bias), norm_layer(ndf * mult),
-                   nn.LeakyReLU(0.2, True), nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
+            prev, mult = mult, min(2**n, 8)
+            layers += [
+                nn.Conv2d(ndf * prev, ndf * mult, 4, 2, 1, bias=use_bias),
+                norm_layer(ndf * mult),
+                nn.LeakyReLU(0.2, True),
+            ]
+        prev, mult = mult, min(2**n_layers, 8)
+        layers += [
+            nn.Conv2d(ndf * prev, ndf * mult, 4, 1, 1, bias=use_bias),
+            norm_layer(ndf * mult),
+            nn.LeakyReLU(0.2, True),
+            nn.Conv2d(ndf * mult, 1, 4, 1, 1),
+        ]
         self.main = nn.Sequential(*layers)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -195,8 +215,10 @@ class PatchGANDiscriminator(nn.Module, ConfigMixin):
             shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"PatchGANDiscriminator: x must be [B, {self.in_channels}, H, W], got {shape}")
         if min(x.shape[2:]) < self.min_size:
-            raise ValueError(f"PatchGANDiscriminator: with n_layers={self.n_layers} images must be at least "
-                             f"{self.min_size}x{self.min_size}, got {x.shape[2]}x{x.shape[3]} (use fewer layers)")
+            raise ValueError(
+                f"PatchGANDiscriminator: with n_layers={self.n_layers} images must be at least "
+                f"{self.min_size}x{self.min_size}, got {x.shape[2]}x{x.shape[3]} (use fewer layers)"
+            )
         return self.main(x)
 
 
@@ -221,8 +243,13 @@ def generator_adversarial_loss(logits_fake: torch.Tensor, disc_loss: str) -> tor
     return F.softplus(-logits_fake).mean()
 
 
-def adaptive_generator_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor,
-                              max_weight: float = 1e4, eps: float = 1e-4) -> torch.Tensor:
+def adaptive_generator_weight(
+    nll_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer_weight: torch.Tensor,
+    max_weight: float = 1e4,
+    eps: float = 1e-4,
+) -> torch.Tensor:
     """VQGAN's adaptive weight ``||grad_w nll|| / (||grad_w g|| + eps)`` at the decoder's last layer ``w``,
     clamped to ``[0, max_weight]`` and detached, so the GAN term's gradient there matches the reconstruction's.
 
@@ -231,12 +258,14 @@ def adaptive_generator_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last
     """
     if not torch.is_grad_enabled() or not (nll_loss.requires_grad and g_loss.requires_grad):
         return torch.zeros((), device=nll_loss.device)
-    nll_grad, = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True, allow_unused=True)
-    g_grad, = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True, allow_unused=True)
+    (nll_grad,) = torch.autograd.grad(nll_loss, last_layer_weight, retain_graph=True, allow_unused=True)
+    (g_grad,) = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True, allow_unused=True)
     if nll_grad is None or g_grad is None:
         which = "nll_loss" if nll_grad is None else "g_loss"
-        raise ValueError(f"adaptive_generator_weight: {which} does not depend on last_layer_weight (pass the "
-                         "decoder's final conv weight, autoencoder.last_layer_weight)")
+        raise ValueError(
+            f"adaptive_generator_weight: {which} does not depend on last_layer_weight (pass the "
+            "decoder's final conv weight, autoencoder.last_layer_weight)"
+        )
     weight = nll_grad.float().norm() / (g_grad.float().norm() + eps)
     return weight.clamp(0.0, max_weight).detach()
 
@@ -249,7 +278,12 @@ def _call_with_detached_parameters(module: nn.Module, x: torch.Tensor) -> torch.
 
 
 def _check_weight(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
         raise ValueError(f"AutoencoderLoss: {name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -282,17 +316,34 @@ class AutoencoderLoss(nn.Module):
 
     TERM_WEIGHTS = ("kl", "commitment", "codebook", "entropy")
 
-    def __init__(self, reconstruction: str = "l1", reconstruction_weight: float = 1.0, perceptual_weight: float = 1.0,
-                 lpips_net: str = "vgg", pretrained_lpips: bool = True, disc_weight: float = 0.5,
-                 disc_start: int = 10_000, disc_loss: str = "hinge", adaptive_disc_weight: bool = True,
-                 max_adaptive_weight: float = 1e4, disc_in_channels: int = 3, disc_ndf: int = 64,
-                 disc_layers: int = 3, disc_norm: str = "batch", kl_weight: float = 1e-6,
-                 commitment_weight: float = 0.25, codebook_weight: float = 1.0, entropy_weight: float = 0.1):
+    def __init__(
+        self,
+        reconstruction: str = "l1",
+        reconstruction_weight: float = 1.0,
+        perceptual_weight: float = 1.0,
+        lpips_net: str = "vgg",
+        pretrained_lpips: bool = True,
+        disc_weight: float = 0.5,
+        disc_start: int = 10_000,
+        disc_loss: str = "hinge",
+        adaptive_disc_weight: bool = True,
+        max_adaptive_weight: float = 1e4,
+        disc_in_channels: int = 3,
+        disc_ndf: int = 64,
+        disc_layers: int = 3,
+        disc_norm: str = "batch",
+        kl_weight: float = 1e-6,
+        commitment_weight: float = 0.25,
+        codebook_weight: float = 1.0,
+        entropy_weight: float = 0.1,
+    ):
         super().__init__()
         if reconstruction not in ("l1", "l2"):
             raise ValueError(f"AutoencoderLoss: reconstruction must be 'l1' or 'l2', got {reconstruction!r}")
         if disc_loss not in D_LOSSES:
-            raise ValueError(f"AutoencoderLoss: disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}")
+            raise ValueError(
+                f"AutoencoderLoss: disc_loss must be one of {sorted(D_LOSSES)}, got {disc_loss!r}"
+            )
         if not isinstance(disc_start, int) or isinstance(disc_start, bool) or disc_start < 0:
             raise ValueError(f"AutoencoderLoss: disc_start must be an int >= 0, got {disc_start!r}")
         self.reconstruction = reconstruction
@@ -300,14 +351,21 @@ class AutoencoderLoss(nn.Module):
         self.perceptual_weight = _check_weight("perceptual_weight", perceptual_weight)
         self.disc_weight = _check_weight("disc_weight", disc_weight)
         self.max_adaptive_weight = _check_weight("max_adaptive_weight", max_adaptive_weight)
-        self.weights = {name: _check_weight(f"{name}_weight", w) for name, w in
-                        zip(self.TERM_WEIGHTS, (kl_weight, commitment_weight, codebook_weight, entropy_weight))}
+        self.weights = {
+            name: _check_weight(f"{name}_weight", w)
+            for name, w in zip(
+                self.TERM_WEIGHTS, (kl_weight, commitment_weight, codebook_weight, entropy_weight)
+            )
+        }
         self.disc_start = disc_start
         self.disc_loss = disc_loss
         self.adaptive_disc_weight = bool(adaptive_disc_weight)
         self.perceptual = LPIPS(lpips_net, pretrained_lpips) if self.perceptual_weight > 0 else None
-        self.discriminator = (PatchGANDiscriminator(disc_in_channels, disc_ndf, disc_layers, disc_norm)
-                              if self.disc_weight > 0 else None)
+        self.discriminator = (
+            PatchGANDiscriminator(disc_in_channels, disc_ndf, disc_layers, disc_norm)
+            if self.disc_weight > 0
+            else None
+        )
 
     def gan_active(self, step: int) -> bool:
         return self.discriminator is not None and step >= self.disc_start
@@ -316,18 +374,27 @@ class AutoencoderLoss(nn.Module):
         diff = x_hat.float() - x.float()
         return diff.abs().mean() if self.reconstruction == "l1" else diff.square().mean()
 
-    def generator_loss(self, x: torch.Tensor, output: AutoencoderOutput, step: int,
-                       last_layer_weight: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    def generator_loss(
+        self,
+        x: torch.Tensor,
+        output: AutoencoderOutput,
+        step: int,
+        last_layer_weight: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict]:
         """The autoencoder's loss and its parts (detached metrics). ``last_layer_weight`` is needed once the GAN
         term is on with the adaptive weight."""
         x_hat = output.reconstruction
         if x_hat.shape != x.shape:
-            raise ValueError(f"AutoencoderLoss: reconstruction shape {list(x_hat.shape)} differs from the images' "
-                             f"{list(x.shape)}")
+            raise ValueError(
+                f"AutoencoderLoss: reconstruction shape {list(x_hat.shape)} differs from the images' "
+                f"{list(x.shape)}"
+            )
         unknown = set(output.losses) - set(self.TERM_WEIGHTS)
         if unknown:
-            raise ValueError(f"AutoencoderLoss: the autoencoder reports loss terms {sorted(unknown)} this loss has no "
-                             f"weight for (known: {list(self.TERM_WEIGHTS)})")
+            raise ValueError(
+                f"AutoencoderLoss: the autoencoder reports loss terms {sorted(unknown)} this loss has no "
+                f"weight for (known: {list(self.TERM_WEIGHTS)})"
+            )
         rec = self.reconstruction_loss(x, x_hat)
         nll = self.reconstruction_weight * rec
         metrics = {"rec_loss": rec.detach()}
@@ -344,8 +411,10 @@ class AutoencoderLoss(nn.Module):
             g_loss = generator_adversarial_loss(logits_fake.float(), self.disc_loss)
             if self.adaptive_disc_weight:
                 if last_layer_weight is None:
-                    raise ValueError("AutoencoderLoss.generator_loss: last_layer_weight is required for the adaptive "
-                                     "GAN weight (pass autoencoder.last_layer_weight)")
+                    raise ValueError(
+                        "AutoencoderLoss.generator_loss: last_layer_weight is required for the adaptive "
+                        "GAN weight (pass autoencoder.last_layer_weight)"
+                    )
                 d_weight = adaptive_generator_weight(nll, g_loss, last_layer_weight, self.max_adaptive_weight)
             else:
                 d_weight = torch.ones((), device=g_loss.device)
@@ -354,16 +423,23 @@ class AutoencoderLoss(nn.Module):
         metrics["nll_loss"] = nll.detach()
         return loss, metrics
 
-    def discriminator_loss(self, x: torch.Tensor, x_hat: torch.Tensor, step: int) -> tuple[torch.Tensor, dict]:
+    def discriminator_loss(
+        self, x: torch.Tensor, x_hat: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, dict]:
         """The discriminator's loss on real ``x`` and detached ``x_hat`` (zero before ``disc_start``)."""
         if self.discriminator is None:
-            raise ValueError("AutoencoderLoss.discriminator_loss: built with disc_weight=0, there is no discriminator")
+            raise ValueError(
+                "AutoencoderLoss.discriminator_loss: built with disc_weight=0, there is no discriminator"
+            )
         logits_real = self.discriminator(x.detach())
         logits_fake = self.discriminator(x_hat.detach())
         d_loss = D_LOSSES[self.disc_loss](logits_real.float(), logits_fake.float())
         if not self.gan_active(step):
             d_loss = d_loss * 0.0
-        return d_loss, {"logits_real": logits_real.detach().mean(), "logits_fake": logits_fake.detach().mean()}
+        return d_loss, {
+            "logits_real": logits_real.detach().mean(),
+            "logits_fake": logits_fake.detach().mean(),
+        }
 
 
 class AutoencoderTask(nn.Module):
@@ -380,13 +456,17 @@ class AutoencoderTask(nn.Module):
         super().__init__()
         for attr in ("encode", "decode", "last_layer_weight", "in_channels"):
             if not hasattr(autoencoder, attr):
-                raise TypeError(f"AutoencoderTask: autoencoder must implement the stage-1 protocol (missing {attr!r}), "
-                                f"got {type(autoencoder).__name__}")
+                raise TypeError(
+                    f"AutoencoderTask: autoencoder must implement the stage-1 protocol (missing {attr!r}), "
+                    f"got {type(autoencoder).__name__}"
+                )
         if not isinstance(loss, AutoencoderLoss):
             raise TypeError(f"AutoencoderTask: loss must be an AutoencoderLoss, got {type(loss).__name__}")
         if loss.discriminator is not None and loss.discriminator.in_channels != autoencoder.out_channels:
-            raise ValueError(f"AutoencoderTask: the discriminator takes {loss.discriminator.in_channels} channels but "
-                             f"the autoencoder outputs {autoencoder.out_channels} (set disc_in_channels)")
+            raise ValueError(
+                f"AutoencoderTask: the discriminator takes {loss.discriminator.in_channels} channels but "
+                f"the autoencoder outputs {autoencoder.out_channels} (set disc_in_channels)"
+            )
         self.autoencoder = autoencoder
         self.loss = loss
 
@@ -394,8 +474,10 @@ class AutoencoderTask(nn.Module):
     def _images(batch) -> torch.Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         if not isinstance(images, torch.Tensor):
-            raise TypeError(f"AutoencoderTask: batch must be images [B, C, H, W] or (images, labels), got "
-                            f"{type(images).__name__}")
+            raise TypeError(
+                f"AutoencoderTask: batch must be images [B, C, H, W] or (images, labels), got "
+                f"{type(images).__name__}"
+            )
         return images
 
     def training_step(self, batch, step: int) -> dict:
@@ -427,8 +509,11 @@ class AutoencoderTask(nn.Module):
         x_hat = output.reconstruction.float().clamp(-1, 1)
         mse = (x_hat - x.float()).square().flatten(1).mean(1)
         psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
-        return {"rec_loss": self.loss.reconstruction_loss(x, output.reconstruction), "mse": mse.mean(),
-                "psnr": psnr.mean()}
+        return {
+            "rec_loss": self.loss.reconstruction_loss(x, output.reconstruction),
+            "mse": mse.mean(),
+            "psnr": psnr.mean(),
+        }
 
     def discriminator_parameters(self) -> list:
         return [] if self.loss.discriminator is None else list(self.loss.discriminator.parameters())

@@ -57,11 +57,14 @@ class TwoStagePipeline(nn.Module):
         where = "TwoStagePipeline"
         missing = [a for a in _STAGE1_ATTRIBUTES if not hasattr(autoencoder, a)]
         if missing:
-            raise TypeError(f"{where}: autoencoder ({type(autoencoder).__name__}) lacks the stage-1 protocol's "
-                            f"{missing}")
+            raise TypeError(
+                f"{where}: autoencoder ({type(autoencoder).__name__}) lacks the stage-1 protocol's {missing}"
+            )
         if not hasattr(prior, "sample") or not hasattr(prior, "training_step"):
-            raise TypeError(f"{where}: prior ({type(prior).__name__}) must be a stage-2 prior with sample() and "
-                            "training_step() (LatentDiffusion or TokenGPT)")
+            raise TypeError(
+                f"{where}: prior ({type(prior).__name__}) must be a stage-2 prior with sample() and "
+                "training_step() (LatentDiffusion or TokenGPT)"
+            )
         self.autoencoder = autoencoder
         self.prior = prior
         self.is_discrete = bool(autoencoder.is_discrete)
@@ -79,44 +82,63 @@ class TwoStagePipeline(nn.Module):
     def _check_discrete(where, ae, prior, token_grid):
         for attribute in ("vocab_size", "seq_len"):
             if not isinstance(getattr(prior, attribute, None), int):
-                raise TypeError(f"{where}: a discrete autoencoder needs a token prior (TokenGPT, with vocab_size and "
-                                f"seq_len), got {type(prior).__name__}")
+                raise TypeError(
+                    f"{where}: a discrete autoencoder needs a token prior (TokenGPT, with vocab_size and "
+                    f"seq_len), got {type(prior).__name__}"
+                )
         for attribute in ("codebook_size", "encode_indices", "decode_indices"):
             if not hasattr(ae, attribute):
                 raise TypeError(f"{where}: the discrete autoencoder ({type(ae).__name__}) lacks {attribute}")
         if prior.vocab_size != ae.codebook_size:
-            raise ValueError(f"{where}: the prior's vocab_size ({prior.vocab_size}) must equal the autoencoder's "
-                             f"codebook_size ({ae.codebook_size})")
+            raise ValueError(
+                f"{where}: the prior's vocab_size ({prior.vocab_size}) must equal the autoencoder's "
+                f"codebook_size ({ae.codebook_size})"
+            )
         if token_grid is None:
             depth = int(getattr(ae, "num_quantizers", 1) or 1)
             side = math.isqrt(prior.seq_len // depth) if prior.seq_len % depth == 0 else 0
             if side * side * depth != prior.seq_len:
-                raise ValueError(f"{where}: the prior's seq_len ({prior.seq_len}) is not a square grid"
-                                 f"{f' times {depth} quantizers' if depth > 1 else ''}; pass token_grid=[h, w"
-                                 f"{', Q' if depth > 1 else ''}]")
+                raise ValueError(
+                    f"{where}: the prior's seq_len ({prior.seq_len}) is not a square grid"
+                    f"{f' times {depth} quantizers' if depth > 1 else ''}; pass token_grid=[h, w"
+                    f"{', Q' if depth > 1 else ''}]"
+                )
             token_grid = [side, side] + ([depth] if depth > 1 else [])
-        if (not isinstance(token_grid, (list, tuple)) or len(token_grid) not in (2, 3)
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in token_grid)):
-            raise ValueError(f"{where}: token_grid must be [h, w] or [h, w, Q] of ints >= 1, got {token_grid!r}")
+        if (
+            not isinstance(token_grid, (list, tuple))
+            or len(token_grid) not in (2, 3)
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in token_grid)
+        ):
+            raise ValueError(
+                f"{where}: token_grid must be [h, w] or [h, w, Q] of ints >= 1, got {token_grid!r}"
+            )
         token_grid = [int(v) for v in token_grid]
         if math.prod(token_grid) != prior.seq_len:
-            raise ValueError(f"{where}: token_grid {token_grid} holds {math.prod(token_grid)} tokens but the prior's "
-                             f"seq_len is {prior.seq_len}")
+            raise ValueError(
+                f"{where}: token_grid {token_grid} holds {math.prod(token_grid)} tokens but the prior's "
+                f"seq_len is {prior.seq_len}"
+            )
         return token_grid
 
     @staticmethod
     def _check_continuous(where, ae, prior):
         channels = getattr(prior, "latent_channels", None)
         if not isinstance(channels, int):
-            raise TypeError(f"{where}: a continuous autoencoder needs a latent prior (LatentDiffusion, with "
-                            f"latent_channels), got {type(prior).__name__}")
+            raise TypeError(
+                f"{where}: a continuous autoencoder needs a latent prior (LatentDiffusion, with "
+                f"latent_channels), got {type(prior).__name__}"
+            )
         if channels != ae.latent_channels:
-            raise ValueError(f"{where}: the prior models {channels} latent channels but the autoencoder has "
-                             f"latent_channels={ae.latent_channels}")
+            raise ValueError(
+                f"{where}: the prior models {channels} latent channels but the autoencoder has "
+                f"latent_channels={ae.latent_channels}"
+            )
         for attribute in ("scaling_factor", "shift_factor"):
             value = getattr(ae, attribute, None)
             if value is None or not math.isfinite(float(value)):
-                raise ValueError(f"{where}: the autoencoder's {attribute} must be a finite number, got {value!r}")
+                raise ValueError(
+                    f"{where}: the autoencoder's {attribute} must be a finite number, got {value!r}"
+                )
         if float(ae.scaling_factor) == 0:
             raise ValueError(f"{where}: the autoencoder's scaling_factor must be non-zero")
 
@@ -143,7 +165,11 @@ class TwoStagePipeline(nn.Module):
 
     def _check_images(self, where, images):
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or not images.dtype.is_floating_point:
-            what = f"{images.dtype} {list(images.shape)}" if isinstance(images, torch.Tensor) else type(images).__name__
+            what = (
+                f"{images.dtype} {list(images.shape)}"
+                if isinstance(images, torch.Tensor)
+                else type(images).__name__
+            )
             raise ValueError(f"{where}: images must be a float tensor [B, C, H, W] in [-1, 1], got {what}")
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -155,15 +181,19 @@ class TwoStagePipeline(nn.Module):
             if self.is_discrete:
                 indices = self.autoencoder.encode_indices(images)
                 if list(indices.shape[1:]) != self.token_grid:
-                    raise ValueError(f"{where}: the autoencoder gave a token grid {list(indices.shape[1:])} for "
-                                     f"images {list(images.shape)}, but the prior models a {self.token_grid} grid "
-                                     f"(images of {self.image_size[0]}x{self.image_size[1]})")
+                    raise ValueError(
+                        f"{where}: the autoencoder gave a token grid {list(indices.shape[1:])} for "
+                        f"images {list(images.shape)}, but the prior models a {self.token_grid} grid "
+                        f"(images of {self.image_size[0]}x{self.image_size[1]})"
+                    )
                 return indices.reshape(indices.shape[0], -1).long()
             latents = self.autoencoder.encode(images)
             size = getattr(self.prior, "latent_size", None)
             if size is not None and list(latents.shape[2:]) != list(size):
-                raise ValueError(f"{where}: the autoencoder gave {latents.shape[2]}x{latents.shape[3]} latents for "
-                                 f"images {list(images.shape)}, but the prior models {size[0]}x{size[1]}")
+                raise ValueError(
+                    f"{where}: the autoencoder gave {latents.shape[2]}x{latents.shape[3]} latents for "
+                    f"images {list(images.shape)}, but the prior models {size[0]}x{size[1]}"
+                )
             return (latents - self.shift_factor) * self.scaling_factor
 
     def decode(self, latents_or_tokens: torch.Tensor, **decode_kwargs) -> torch.Tensor:
@@ -177,26 +207,43 @@ class TwoStagePipeline(nn.Module):
         with evaluating(self):
             if self.is_discrete:
                 seq_len = math.prod(self.token_grid)
-                if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != seq_len \
-                        or x.dtype.is_floating_point or x.dtype == torch.bool:
+                if (
+                    not isinstance(x, torch.Tensor)
+                    or x.dim() != 2
+                    or x.shape[1] != seq_len
+                    or x.dtype.is_floating_point
+                    or x.dtype == torch.bool
+                ):
                     what = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
                     raise ValueError(f"{where}: tokens must be an integer tensor [B, {seq_len}], got {what}")
                 codebook = self.autoencoder.codebook_size
                 if x.numel() and bool(((x < 0) | (x >= codebook)).any()):
-                    raise ValueError(f"{where}: tokens must be in [0, {codebook - 1}] (the codebook size is "
-                                     f"{codebook})")
+                    raise ValueError(
+                        f"{where}: tokens must be in [0, {codebook - 1}] (the codebook size is {codebook})"
+                    )
                 indices = x.long().reshape(x.shape[0], *self.token_grid)
                 return self.autoencoder.decode_indices(indices, **decode_kwargs)
             channels = self.autoencoder.latent_channels
-            if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != channels \
-                    or not x.dtype.is_floating_point:
+            if (
+                not isinstance(x, torch.Tensor)
+                or x.dim() != 4
+                or x.shape[1] != channels
+                or not x.dtype.is_floating_point
+            ):
                 what = f"{x.dtype} {list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ValueError(f"{where}: latents must be a float tensor [B, {channels}, h, w], got {what}")
             return self.autoencoder.decode(x / self.scaling_factor + self.shift_factor, **decode_kwargs)
 
-    def sample(self, n: int, labels=None, steps: int | None = None, guidance: float | None = None,
-               generator: torch.Generator | None = None, decode_kwargs: dict | None = None,
-               **prior_kwargs) -> torch.Tensor:
+    def sample(
+        self,
+        n: int,
+        labels=None,
+        steps: int | None = None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+        decode_kwargs: dict | None = None,
+        **prior_kwargs,
+    ) -> torch.Tensor:
         """``n`` images from the prior, decoded: ``[n, C, H, W]``.
 
         Args:
@@ -208,8 +255,10 @@ class TwoStagePipeline(nn.Module):
         """
         if self.is_discrete:
             if steps is not None:
-                raise ValueError("TwoStagePipeline.sample: steps is for diffusion priors; a token prior samples "
-                                 "seq_len tokens (use temperature, top_k, top_p)")
+                raise ValueError(
+                    "TwoStagePipeline.sample: steps is for diffusion priors; a token prior samples "
+                    "seq_len tokens (use temperature, top_k, top_p)"
+                )
             prior_out = self.prior.sample(n, labels, guidance=guidance, generator=generator, **prior_kwargs)
         else:
             if steps is not None:
@@ -223,17 +272,26 @@ class TwoStagePipeline(nn.Module):
         """Writes ``autoencoder/``, ``prior/`` (``save_pretrained``) and ``pipeline.json`` into ``folder``."""
         for name, model in (("autoencoder", self.autoencoder), ("prior", self.prior)):
             if not hasattr(model, "save_pretrained"):
-                raise TypeError(f"TwoStagePipeline.save: the {name} ({type(model).__name__}) is not a fastlatent "
-                                "ConfigMixin model (no save_pretrained)")
+                raise TypeError(
+                    f"TwoStagePipeline.save: the {name} ({type(model).__name__}) is not a fastlatent "
+                    "ConfigMixin model (no save_pretrained)"
+                )
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.autoencoder.save_pretrained(folder / "autoencoder")
         self.prior.save_pretrained(folder / "prior")
-        meta = {"format": PIPELINE_FORMAT, "version": PIPELINE_VERSION, "autoencoder": "autoencoder",
-                "prior": "prior", "token_grid": self.token_grid}
+        meta = {
+            "format": PIPELINE_FORMAT,
+            "version": PIPELINE_VERSION,
+            "autoencoder": "autoencoder",
+            "prior": "prior",
+            "token_grid": self.token_grid,
+        }
         # Written last: a folder with pipeline.json holds both stages.
-        atomic_write(folder / PIPELINE_NAME,
-                     lambda path: Path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"))
+        atomic_write(
+            folder / PIPELINE_NAME,
+            lambda path: Path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n"),
+        )
         return folder
 
     @classmethod
@@ -242,8 +300,10 @@ class TwoStagePipeline(nn.Module):
         folder = Path(folder)
         meta_path = folder / PIPELINE_NAME
         if not meta_path.is_file():
-            raise FileNotFoundError(f"TwoStagePipeline.load: {meta_path} not found (expected a folder written by "
-                                    "TwoStagePipeline.save)")
+            raise FileNotFoundError(
+                f"TwoStagePipeline.load: {meta_path} not found (expected a folder written by "
+                "TwoStagePipeline.save)"
+            )
         try:
             meta = json.loads(meta_path.read_text())
         except ValueError as exc:
@@ -251,13 +311,17 @@ class TwoStagePipeline(nn.Module):
         if not isinstance(meta, dict) or meta.get("format") != PIPELINE_FORMAT:
             raise ValueError(f"TwoStagePipeline.load: {meta_path} is not a {PIPELINE_FORMAT} file")
         if meta.get("version") != PIPELINE_VERSION:
-            raise ValueError(f"TwoStagePipeline.load: {meta_path} has version {meta.get('version')!r}; this "
-                             f"fastlatent reads version {PIPELINE_VERSION}")
+            raise ValueError(
+                f"TwoStagePipeline.load: {meta_path} has version {meta.get('version')!r}; this "
+                f"fastlatent reads version {PIPELINE_VERSION}"
+            )
         parts = {}
         for name in ("autoencoder", "prior"):
             sub = meta.get(name)
             # Sub-folders must stay inside the pipeline folder: a crafted pipeline.json cannot point elsewhere.
             if not isinstance(sub, str) or not sub or Path(sub).is_absolute() or ".." in Path(sub).parts:
-                raise ValueError(f"TwoStagePipeline.load: {meta_path}: {name} must name a sub-folder, got {sub!r}")
+                raise ValueError(
+                    f"TwoStagePipeline.load: {meta_path}: {name} must name a sub-folder, got {sub!r}"
+                )
             parts[name] = load_pretrained(folder / sub, map_location=map_location)
         return cls(parts["autoencoder"], parts["prior"], token_grid=meta.get("token_grid"))

@@ -56,41 +56,70 @@ class UNet(nn.Module, ConfigMixin):
     H/k, W/k] or None) -> [B, out_channels, H, W]``.
     """
 
-    def __init__(self, in_channels: int = 4, out_channels: int | None = None, extra_in_channels: int = 0,
-                 base_channels: int = 128, channel_mult: list[int] = (1, 2, 2), layers_per_block: int = 2,
-                 attention_levels: list[int] = (1,), mid_attention: bool = True,
-                 attention_head_dim: int | None = None, num_classes: int = 0, norm_num_groups: int = 32,
-                 dropout: float = 0.0, time_embed_dim: int | None = None):
+    def __init__(
+        self,
+        in_channels: int = 4,
+        out_channels: int | None = None,
+        extra_in_channels: int = 0,
+        base_channels: int = 128,
+        channel_mult: list[int] = (1, 2, 2),
+        layers_per_block: int = 2,
+        attention_levels: list[int] = (1,),
+        mid_attention: bool = True,
+        attention_head_dim: int | None = None,
+        num_classes: int = 0,
+        norm_num_groups: int = 32,
+        dropout: float = 0.0,
+        time_embed_dim: int | None = None,
+    ):
         super().__init__()
         _positive_int(in_channels, "in_channels")
         out_channels = in_channels if out_channels is None else _positive_int(out_channels, "out_channels")
-        if isinstance(extra_in_channels, bool) or not isinstance(extra_in_channels, int) or extra_in_channels < 0:
+        if (
+            isinstance(extra_in_channels, bool)
+            or not isinstance(extra_in_channels, int)
+            or extra_in_channels < 0
+        ):
             raise ValueError(f"UNet: extra_in_channels must be an int >= 0, got {extra_in_channels!r}")
         _positive_int(base_channels, "base_channels")
         _positive_int(layers_per_block, "layers_per_block")
         _positive_int(norm_num_groups, "norm_num_groups")
         channel_mult = list(channel_mult)
-        if not channel_mult or not all(isinstance(m, int) and not isinstance(m, bool) and m >= 1
-                                       for m in channel_mult):
-            raise ValueError(f"UNet: channel_mult must be a non-empty list of ints >= 1, got {channel_mult!r}")
+        if not channel_mult or not all(
+            isinstance(m, int) and not isinstance(m, bool) and m >= 1 for m in channel_mult
+        ):
+            raise ValueError(
+                f"UNet: channel_mult must be a non-empty list of ints >= 1, got {channel_mult!r}"
+            )
         attention_levels = sorted(set(attention_levels))
-        if any(not isinstance(level, int) or not 0 <= level < len(channel_mult) for level in attention_levels):
-            raise ValueError(f"UNet: attention_levels must be level indices in [0, {len(channel_mult)}), "
-                             f"got {attention_levels!r}")
+        if any(
+            not isinstance(level, int) or not 0 <= level < len(channel_mult) for level in attention_levels
+        ):
+            raise ValueError(
+                f"UNet: attention_levels must be level indices in [0, {len(channel_mult)}), "
+                f"got {attention_levels!r}"
+            )
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"UNet: num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}")
+            raise ValueError(
+                f"UNet: num_classes must be an int >= 0 (0 = unconditional), got {num_classes!r}"
+            )
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"UNet: dropout must be in [0, 1), got {dropout!r}")
         widths = [base_channels * m for m in channel_mult]
         for width in widths:
             if width % norm_num_groups:
-                raise ValueError(f"UNet: norm_num_groups ({norm_num_groups}) must divide every level's width "
-                                 f"base_channels * channel_mult = {widths}")
+                raise ValueError(
+                    f"UNet: norm_num_groups ({norm_num_groups}) must divide every level's width "
+                    f"base_channels * channel_mult = {widths}"
+                )
             if attention_head_dim is not None and width % attention_head_dim:
-                raise ValueError(f"UNet: attention_head_dim ({attention_head_dim}) must divide every level's width "
-                                 f"{widths}")
-        time_embed_dim = 4 * base_channels if time_embed_dim is None else _positive_int(time_embed_dim,
-                                                                                        "time_embed_dim")
+                raise ValueError(
+                    f"UNet: attention_head_dim ({attention_head_dim}) must divide every level's width "
+                    f"{widths}"
+                )
+        time_embed_dim = (
+            4 * base_channels if time_embed_dim is None else _positive_int(time_embed_dim, "time_embed_dim")
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.extra_in_channels = extra_in_channels
@@ -99,14 +128,21 @@ class UNet(nn.Module, ConfigMixin):
         self.num_levels = len(channel_mult)
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
 
-        self.time_embedding = nn.Sequential(nn.Linear(base_channels, time_embed_dim), nn.SiLU(),
-                                            nn.Linear(time_embed_dim, time_embed_dim))
+        self.time_embedding = nn.Sequential(
+            nn.Linear(base_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim)
+        )
         self.class_embedding = nn.Embedding(num_classes + 1, time_embed_dim) if num_classes > 0 else None
         self.conv_in = nn.Conv2d(in_channels + extra_in_channels, widths[0], kernel_size=3, padding=1)
 
         def resnet(cin, cout):
-            return ResnetBlock(in_channels=cin, out_channels=cout, temb_channels=time_embed_dim,
-                               groups=norm_num_groups, dropout=dropout, eps=1e-5)
+            return ResnetBlock(
+                in_channels=cin,
+                out_channels=cout,
+                temb_channels=time_embed_dim,
+                groups=norm_num_groups,
+                dropout=dropout,
+                eps=1e-5,
+            )
 
         def attention(width):
             return AttnBlock(width, dim_head=attention_head_dim, norm_num_groups=norm_num_groups, eps=1e-5)
@@ -159,29 +195,40 @@ class UNet(nn.Module, ConfigMixin):
             raise ValueError(f"UNet: x must be [B, {self.in_channels}, H, W], got {shape}")
         h, w = x.shape[2:]
         if h % self.downsample_factor or w % self.downsample_factor:
-            raise ValueError(f"UNet: x's height and width must be divisible by {self.downsample_factor} "
-                             f"({self.num_levels} levels), got {h}x{w}")
+            raise ValueError(
+                f"UNet: x's height and width must be divisible by {self.downsample_factor} "
+                f"({self.num_levels} levels), got {h}x{w}"
+            )
         if self.extra_in_channels == 0:
             if cond is not None:
                 raise ValueError("UNet: cond must be None (this UNet was built with extra_in_channels=0)")
             return None
-        if not isinstance(cond, torch.Tensor) or cond.dim() != 4 or cond.shape[0] != x.shape[0] \
-                or cond.shape[1] != self.extra_in_channels:
+        if (
+            not isinstance(cond, torch.Tensor)
+            or cond.dim() != 4
+            or cond.shape[0] != x.shape[0]
+            or cond.shape[1] != self.extra_in_channels
+        ):
             shape = list(cond.shape) if isinstance(cond, torch.Tensor) else type(cond).__name__
-            raise ValueError(f"UNet: cond must be [B, {self.extra_in_channels}, H', W'] with B = {x.shape[0]} "
-                             f"(extra_in_channels={self.extra_in_channels}), got {shape}")
+            raise ValueError(
+                f"UNet: cond must be [B, {self.extra_in_channels}, H', W'] with B = {x.shape[0]} "
+                f"(extra_in_channels={self.extra_in_channels}), got {shape}"
+            )
         if cond.device != x.device:
             raise ValueError(f"UNet: cond is on {cond.device} but x is on {x.device}")
         ch, cw = cond.shape[2:]
         if (ch, cw) != (h, w):
             if ch == 0 or cw == 0 or h % ch or w % cw or h // ch != w // cw:
-                raise ValueError(f"UNet: cond's size {ch}x{cw} must equal x's {h}x{w} or divide it by one integer "
-                                 "factor (nearest upsampling)")
+                raise ValueError(
+                    f"UNet: cond's size {ch}x{cw} must equal x's {h}x{w} or divide it by one integer "
+                    "factor (nearest upsampling)"
+                )
             cond = F.interpolate(cond, size=(h, w), mode="nearest")
         return cond.to(x.dtype)
 
-    def forward(self, x: torch.Tensor, t, labels: torch.Tensor | None = None,
-                cond: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, t, labels: torch.Tensor | None = None, cond: torch.Tensor | None = None
+    ) -> torch.Tensor:
         cond = self._check_inputs(x, cond)
         t = check_timesteps("UNet", t, x.shape[0], x.device)
         labels = check_class_labels("UNet", labels, x.shape[0], self.num_classes, x.device)

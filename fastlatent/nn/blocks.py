@@ -64,12 +64,22 @@ class GroupNormAct(nn.Module):
     under CUDA autocast, which returns fp32).
     """
 
-    def __init__(self, num_groups: int, num_channels: int, eps: float = 1e-5, affine: bool = True,
-                 activation: str | None = "silu", device=None, dtype=None):
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        activation: str | None = "silu",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if num_groups < 1 or num_channels < 1 or num_channels % num_groups != 0:
-            raise ValueError(f"num_channels must be divisible by num_groups (both >= 1), got num_channels="
-                             f"{num_channels}, num_groups={num_groups}")
+            raise ValueError(
+                f"num_channels must be divisible by num_groups (both >= 1), got num_channels="
+                f"{num_channels}, num_groups={num_groups}"
+            )
         _check_activation(activation)
         self.num_groups = num_groups
         self.num_channels = num_channels
@@ -103,13 +113,24 @@ class GroupNormAct(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if x.dim() < 2 or x.shape[1] != self.num_channels:
-            raise ValueError(f"GroupNormAct: x must be [N, {self.num_channels}, *spatial], got shape {list(x.shape)}")
-        return group_norm(x, self.weight, self.bias, self.num_groups, self.eps,
-                          "none" if self.activation is None else self.activation, residual)
+            raise ValueError(
+                f"GroupNormAct: x must be [N, {self.num_channels}, *spatial], got shape {list(x.shape)}"
+            )
+        return group_norm(
+            x,
+            self.weight,
+            self.bias,
+            self.num_groups,
+            self.eps,
+            "none" if self.activation is None else self.activation,
+            residual,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
-                f"activation={self.activation}")
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
+            f"activation={self.activation}"
+        )
 
 
 def _conv3x3(cin, cout, device, dtype):
@@ -152,23 +173,46 @@ class ResnetBlock(nn.Module):
     ValueError when called without ``temb`` (diffusers fails inside the activation).
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False,
-                 dropout: float = 0.0, temb_channels: int | None = 512, groups: int = 32,
-                 groups_out: int | None = None, pre_norm: bool = True, eps: float = 1e-6,
-                 non_linearity: str = "swish", skip_time_act: bool = False, time_embedding_norm: str = "default",
-                 output_scale_factor: float = 1.0, use_in_shortcut: bool | None = None, up: bool = False,
-                 down: bool = False, conv_shortcut_bias: bool = True, conv_2d_out_channels: int | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int | None = None,
+        conv_shortcut: bool = False,
+        dropout: float = 0.0,
+        temb_channels: int | None = 512,
+        groups: int = 32,
+        groups_out: int | None = None,
+        pre_norm: bool = True,
+        eps: float = 1e-6,
+        non_linearity: str = "swish",
+        skip_time_act: bool = False,
+        time_embedding_norm: str = "default",
+        output_scale_factor: float = 1.0,
+        use_in_shortcut: bool | None = None,
+        up: bool = False,
+        down: bool = False,
+        conv_shortcut_bias: bool = True,
+        conv_2d_out_channels: int | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if non_linearity not in _DIFFUSERS_ACTIVATIONS:
-            raise ValueError(f"non_linearity must be one of {sorted(_DIFFUSERS_ACTIVATIONS)} (the activations the "
-                             f"fused kernel applies), got {non_linearity!r}")
+            raise ValueError(
+                f"non_linearity must be one of {sorted(_DIFFUSERS_ACTIVATIONS)} (the activations the "
+                f"fused kernel applies), got {non_linearity!r}"
+            )
         if time_embedding_norm not in ("default", "scale_shift", "group"):
-            raise ValueError(f"time_embedding_norm must be 'default', 'scale_shift' or 'group', got "
-                             f"{time_embedding_norm!r}")
+            raise ValueError(
+                f"time_embedding_norm must be 'default', 'scale_shift' or 'group', got "
+                f"{time_embedding_norm!r}"
+            )
         if time_embedding_norm == "group" and temb_channels is not None:
-            raise ValueError("time_embedding_norm='group' (the diffusers VAE's blocks) takes no time embedding: "
-                             f"temb_channels must be None, got {temb_channels}")
+            raise ValueError(
+                "time_embedding_norm='group' (the diffusers VAE's blocks) takes no time embedding: "
+                f"temb_channels must be None, got {temb_channels}"
+            )
         if up and down:
             raise ValueError("up and down cannot both be True")
         out_channels = in_channels if out_channels is None else out_channels
@@ -176,8 +220,17 @@ class ResnetBlock(nn.Module):
         groups_out = groups if groups_out is None else groups_out
         act = _DIFFUSERS_ACTIVATIONS[non_linearity]
         kw = dict(device=device, dtype=dtype)
-        self._set_config(in_channels, out_channels, conv_shortcut, output_scale_factor, time_embedding_norm,
-                         skip_time_act, up, down, act)
+        self._set_config(
+            in_channels,
+            out_channels,
+            conv_shortcut,
+            output_scale_factor,
+            time_embedding_norm,
+            skip_time_act,
+            up,
+            down,
+            act,
+        )
         self.norm1 = GroupNormAct(groups, in_channels, eps, activation=act, **kw)
         self.conv1 = _conv3x3(in_channels, out_channels, **kw)
         if temb_channels is None:
@@ -185,19 +238,39 @@ class ResnetBlock(nn.Module):
         else:
             proj_out = out_channels * (2 if time_embedding_norm == "scale_shift" else 1)
             self.time_emb_proj = nn.Linear(temb_channels, proj_out, **kw)
-        self.norm2 = GroupNormAct(groups_out, out_channels, eps,
-                                  activation=None if time_embedding_norm == "scale_shift" else act, **kw)
+        self.norm2 = GroupNormAct(
+            groups_out,
+            out_channels,
+            eps,
+            activation=None if time_embedding_norm == "scale_shift" else act,
+            **kw,
+        )
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(out_channels, conv_2d_out_channels, **kw)
         self.nonlinearity = _activation_module(act)
         self.upsample = Upsample(in_channels) if up else None
         self.downsample = Downsample(in_channels) if down else None
-        self.use_in_shortcut = in_channels != conv_2d_out_channels if use_in_shortcut is None else use_in_shortcut
-        self.conv_shortcut = (nn.Conv2d(in_channels, conv_2d_out_channels, kernel_size=1, bias=conv_shortcut_bias,
-                                        **kw) if self.use_in_shortcut else None)
+        self.use_in_shortcut = (
+            in_channels != conv_2d_out_channels if use_in_shortcut is None else use_in_shortcut
+        )
+        self.conv_shortcut = (
+            nn.Conv2d(in_channels, conv_2d_out_channels, kernel_size=1, bias=conv_shortcut_bias, **kw)
+            if self.use_in_shortcut
+            else None
+        )
 
-    def _set_config(self, in_channels, out_channels, conv_shortcut, output_scale_factor, time_embedding_norm,
-                    skip_time_act, up, down, act):
+    def _set_config(
+        self,
+        in_channels,
+        out_channels,
+        conv_shortcut,
+        output_scale_factor,
+        time_embedding_norm,
+        skip_time_act,
+        up,
+        down,
+        act,
+    ):
         self.pre_norm = True
         self.in_channels = in_channels
         self.out_channels = out_channels
@@ -221,19 +294,34 @@ class ResnetBlock(nn.Module):
         if act == "gelu" and block.nonlinearity.approximate != "none":
             act = None
         if act is None:
-            raise ValueError(f"ResnetBlock.from_diffusers: nonlinearity must be nn.SiLU or exact nn.GELU, got "
-                             f"{block.nonlinearity!r}")
+            raise ValueError(
+                f"ResnetBlock.from_diffusers: nonlinearity must be nn.SiLU or exact nn.GELU, got "
+                f"{block.nonlinearity!r}"
+            )
         if block.time_embedding_norm not in ("default", "scale_shift") and block.time_emb_proj is not None:
-            raise ValueError(f"ResnetBlock.from_diffusers: time_embedding_norm {block.time_embedding_norm!r} with a "
-                             "time_emb_proj is not supported")
+            raise ValueError(
+                f"ResnetBlock.from_diffusers: time_embedding_norm {block.time_embedding_norm!r} with a "
+                "time_emb_proj is not supported"
+            )
         for name in ("norm1", "norm2"):
             if type(getattr(block, name)) is not nn.GroupNorm:
-                raise ValueError(f"ResnetBlock.from_diffusers: {name} must be an nn.GroupNorm, got "
-                                 f"{type(getattr(block, name)).__name__}")
+                raise ValueError(
+                    f"ResnetBlock.from_diffusers: {name} must be an nn.GroupNorm, got "
+                    f"{type(getattr(block, name)).__name__}"
+                )
         new = cls.__new__(cls)
         nn.Module.__init__(new)
-        new._set_config(block.in_channels, block.out_channels, block.use_conv_shortcut, block.output_scale_factor,
-                        block.time_embedding_norm, block.skip_time_act, block.up, block.down, act)
+        new._set_config(
+            block.in_channels,
+            block.out_channels,
+            block.use_conv_shortcut,
+            block.output_scale_factor,
+            block.time_embedding_norm,
+            block.skip_time_act,
+            block.up,
+            block.down,
+            act,
+        )
         new.norm1 = GroupNormAct.from_group_norm(block.norm1, act)
         new.conv1 = block.conv1
         new.time_emb_proj = block.time_emb_proj
@@ -250,7 +338,9 @@ class ResnetBlock(nn.Module):
         new.train(block.training)
         return new
 
-    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, scale=None) -> torch.Tensor:
+    def forward(
+        self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, scale=None
+    ) -> torch.Tensor:
         # `scale` is ResnetBlock2D's deprecated (ignored) third argument, accepted so that callers written for it
         # keep working
         if self.upsample is None and self.downsample is None:
@@ -305,9 +395,19 @@ class TamingResnetBlock(nn.Module):
     block has a ``temb_proj``.
     """
 
-    def __init__(self, *, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False,
-                 dropout: float = 0.0, temb_channels: int = 512, num_groups: int = 32, eps: float = 1e-6,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        *,
+        in_channels: int,
+        out_channels: int | None = None,
+        conv_shortcut: bool = False,
+        dropout: float = 0.0,
+        temb_channels: int = 512,
+        num_groups: int = 32,
+        eps: float = 1e-6,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         kw = dict(device=device, dtype=dtype)
@@ -371,14 +471,17 @@ class Upsample(nn.Module):
     taming's ``Upsample``). ``forward(x [N, C, H, W], output_size=None) -> [N, Cout, 2H, 2W]`` (or
     ``output_size``)."""
 
-    def __init__(self, channels: int, use_conv: bool = False, out_channels: int | None = None, device=None,
-                 dtype=None):
+    def __init__(
+        self, channels: int, use_conv: bool = False, out_channels: int | None = None, device=None, dtype=None
+    ):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         if not use_conv and self.out_channels != channels:
-            raise ValueError(f"out_channels ({out_channels}) must equal channels ({channels}) without use_conv")
+            raise ValueError(
+                f"out_channels ({out_channels}) must equal channels ({channels}) without use_conv"
+            )
         self.conv = _conv3x3(channels, self.out_channels, device, dtype) if use_conv else None
 
     @classmethod
@@ -388,11 +491,13 @@ class Upsample(nn.Module):
         Raises ValueError naming the feature when ``up`` does something else (a transposed convolution, a norm,
         no interpolation, the legacy ``Conv2d_0`` name, a convolution other than 3x3 / padding 1).
         """
-        checks = ((getattr(up, "use_conv_transpose", True), "a transposed convolution"),
-                  (not getattr(up, "interpolate", False), "no interpolation"),
-                  (getattr(up, "norm", None) is not None, "a norm"),
-                  (getattr(up, "name", None) != "conv", f"its convolution named {getattr(up, 'name', None)!r}"),
-                  (not up.use_conv, "no convolution (nothing to fold the upsampling into)"))
+        checks = (
+            (getattr(up, "use_conv_transpose", True), "a transposed convolution"),
+            (not getattr(up, "interpolate", False), "no interpolation"),
+            (getattr(up, "norm", None) is not None, "a norm"),
+            (getattr(up, "name", None) != "conv", f"its convolution named {getattr(up, 'name', None)!r}"),
+            (not up.use_conv, "no convolution (nothing to fold the upsampling into)"),
+        )
         for bad, what in checks:
             if bad:
                 raise ValueError(f"Upsample.from_diffusers: has {what}")
@@ -405,7 +510,9 @@ class Upsample(nn.Module):
         Only the structure is checked here; :func:`fastlatent.patch` runs both on a probe input first.
         """
         if not getattr(up, "with_conv", False):
-            raise ValueError("Upsample.from_taming: with_conv must be True (nothing to fold the upsampling into)")
+            raise ValueError(
+                "Upsample.from_taming: with_conv must be True (nothing to fold the upsampling into)"
+            )
         return cls._sharing(up, "from_taming")
 
     @classmethod
@@ -437,6 +544,7 @@ class Upsample(nn.Module):
             x = F.interpolate(x, size=output_size, mode="nearest")
         return self.conv(x) if self.conv is not None else x
 
+
 class Downsample(nn.Module):
     """Stride-2 downsampling named ``conv`` (diffusers' ``Downsample2D``, taming's ``Downsample``).
 
@@ -445,19 +553,35 @@ class Downsample(nn.Module):
     ``forward(x [N, C, H, W]) -> [N, Cout, H', W']``.
     """
 
-    def __init__(self, channels: int, use_conv: bool = False, out_channels: int | None = None, padding: int = 1,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        channels: int,
+        use_conv: bool = False,
+        out_channels: int | None = None,
+        padding: int = 1,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.channels = channels
         self.out_channels = out_channels or channels
         self.use_conv = use_conv
         self.padding = padding
         if use_conv:
-            self.conv = nn.Conv2d(channels, self.out_channels, kernel_size=3, stride=2, padding=padding,
-                                  device=device, dtype=dtype)
+            self.conv = nn.Conv2d(
+                channels,
+                self.out_channels,
+                kernel_size=3,
+                stride=2,
+                padding=padding,
+                device=device,
+                dtype=dtype,
+            )
         else:
             if self.out_channels != channels:
-                raise ValueError(f"out_channels ({out_channels}) must equal channels ({channels}) without use_conv")
+                raise ValueError(
+                    f"out_channels ({out_channels}) must equal channels ({channels}) without use_conv"
+                )
             self.conv = nn.AvgPool2d(kernel_size=2, stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -482,9 +606,20 @@ class AttnBlock(nn.Module):
     ``dim_head`` defaults to ``channels`` (one head, the SD-VAE); the softmax scale is ``dim_head ** -0.5``.
     """
 
-    def __init__(self, channels: int, dim_head: int | None = None, norm_num_groups: int = 32, eps: float = 1e-6,
-                 rescale_output_factor: float = 1.0, residual_connection: bool = True, bias: bool = True,
-                 out_bias: bool = True, dropout: float = 0.0, device=None, dtype=None):
+    def __init__(
+        self,
+        channels: int,
+        dim_head: int | None = None,
+        norm_num_groups: int = 32,
+        eps: float = 1e-6,
+        rescale_output_factor: float = 1.0,
+        residual_connection: bool = True,
+        bias: bool = True,
+        out_bias: bool = True,
+        dropout: float = 0.0,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         dim_head = channels if dim_head is None else dim_head
         if dim_head < 1 or channels % dim_head != 0:
@@ -521,23 +656,28 @@ class AttnBlock(nn.Module):
         new.train(attn.training)
         return new
 
-    def forward(self, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None,
-                temb=None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_hidden_states=None, attention_mask=None, temb=None
+    ) -> torch.Tensor:
         # temb only feeds diffusers' spatial norm, which this block does not have
         if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("AttnBlock is self-attention without a mask: encoder_hidden_states and attention_mask "
-                             "must be None")
+            raise ValueError(
+                "AttnBlock is self-attention without a mask: encoder_hidden_states and attention_mask "
+                "must be None"
+            )
         x = hidden_states
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"AttnBlock: x must be [N, {self.channels}, H, W], got shape {list(x.shape)}")
         n, c, h, w = x.shape
-        seq = self.group_norm(x).flatten(2).transpose(1, 2)                    # [N, HW, C]
+        seq = self.group_norm(x).flatten(2).transpose(1, 2)  # [N, HW, C]
         head_dim = c // self.heads
 
         def heads(t):
-            return t.view(n, -1, self.heads, head_dim).transpose(1, 2)        # [N, heads, HW, head_dim]
+            return t.view(n, -1, self.heads, head_dim).transpose(1, 2)  # [N, heads, HW, head_dim]
 
-        o = F.scaled_dot_product_attention(heads(self.to_q(seq)), heads(self.to_k(seq)), heads(self.to_v(seq)))
+        o = F.scaled_dot_product_attention(
+            heads(self.to_q(seq)), heads(self.to_k(seq)), heads(self.to_v(seq))
+        )
         o = self.to_out[1](self.to_out[0](o.transpose(1, 2).reshape(n, -1, c)))
         o = o.transpose(1, 2).view(n, c, h, w)
         if self.residual_connection:
@@ -557,15 +697,21 @@ def unsupported_attention_reason(attn: nn.Module) -> str | None:
         (getattr(attn, "norm_cross", None) is not None, "a cross norm"),
         (getattr(attn, "added_kv_proj_dim", None) is not None, "added key/value projections"),
         (getattr(attn, "is_causal", False), "a causal mask"),
-        (type(getattr(attn, "processor", None)).__name__ not in ("AttnProcessor2_0", "AttnProcessor"),
-         f"processor {type(getattr(attn, 'processor', None)).__name__}"),
+        (
+            type(getattr(attn, "processor", None)).__name__ not in ("AttnProcessor2_0", "AttnProcessor"),
+            f"processor {type(getattr(attn, 'processor', None)).__name__}",
+        ),
     )
     for bad, what in checks:
         if bad:
             return f"has {what}"
     to_out = getattr(attn, "to_out", None)
-    if not (isinstance(to_out, nn.ModuleList) and len(to_out) == 2 and isinstance(to_out[0], nn.Linear)
-            and isinstance(to_out[1], nn.Dropout)):
+    if not (
+        isinstance(to_out, nn.ModuleList)
+        and len(to_out) == 2
+        and isinstance(to_out[0], nn.Linear)
+        and isinstance(to_out[1], nn.Dropout)
+    ):
         return "to_out must be [Linear, Dropout]"
     inner = attn.to_q.out_features
     if attn.to_k.out_features != inner or attn.to_v.out_features != inner or inner % attn.heads != 0:

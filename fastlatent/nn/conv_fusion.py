@@ -64,20 +64,29 @@ def fused_conv(mode: str = "auto"):
 
 
 def is_plain_conv3x3(conv: nn.Module) -> bool:
-    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
-            and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
 def _fusable(norm: nn.Module, conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
-    if not (x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16) and is_plain_conv3x3(conv)):
+    if not (
+        x.is_cuda and x.dim() == 4 and x.dtype in (torch.float16, torch.bfloat16) and is_plain_conv3x3(conv)
+    ):
         return False
     if conv.weight.dtype != x.dtype or (conv.bias is not None and conv.bias.dtype != x.dtype):
         return False
     if residual is not None and (residual.dtype != x.dtype or residual.shape[1] != conv.out_channels):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in (*norm.parameters(),
-                                                                                    *conv.parameters()))):
+    if torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in (*norm.parameters(), *conv.parameters()))
+    ):
         return False  # training keeps the unfused path, whose backward is the group_norm kernel's
     return torch.cuda.get_device_capability(x.device)[0] >= 8
 
@@ -95,8 +104,9 @@ def _median_ms(fn, runs: int = 5) -> float:
     return statistics.median(times)
 
 
-def norm_act_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor,
-                  residual: torch.Tensor | None = None) -> torch.Tensor:
+def norm_act_conv(
+    norm: nn.Module, conv: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None
+) -> torch.Tensor:
     """``conv(norm(x)) + residual`` for a :class:`~fastlatent.nn.GroupNormAct` ``norm`` and an ``nn.Conv2d``
     ``conv``, fused into one kernel where the mode and the inputs allow it (see the module doc).
 
@@ -113,14 +123,32 @@ def norm_act_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor,
         return unfused()
 
     def fused():
-        return group_norm_conv3x3(x, norm.weight, norm.bias, norm.num_groups, conv.weight, conv.bias, eps=norm.eps,
-                                  activation=norm.activation or "none", residual=residual, algorithm="fused")
+        return group_norm_conv3x3(
+            x,
+            norm.weight,
+            norm.bias,
+            norm.num_groups,
+            conv.weight,
+            conv.bias,
+            eps=norm.eps,
+            activation=norm.activation or "none",
+            residual=residual,
+            algorithm="fused",
+        )
 
     if mode == "on":
         return fused()
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    key = (x.device.index, x.dtype, tuple(x.shape), channels_last, tuple(conv.weight.shape), norm.num_groups,
-           norm.activation, residual is not None)
+    key = (
+        x.device.index,
+        x.dtype,
+        tuple(x.shape),
+        channels_last,
+        tuple(conv.weight.shape),
+        norm.num_groups,
+        norm.activation,
+        residual is not None,
+    )
     choice = _auto_choice.get(key)
     if choice is None:
         if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
@@ -130,6 +158,7 @@ def norm_act_conv(norm: nn.Module, conv: nn.Module, x: torch.Tensor,
 
 
 # ------------------------------------------------------------------ nearest x2 upsampling + 3x3 convolution
+
 
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """The 3x3 kernel of a convolution that follows a nearest x2 upsampling, as four 2x2 kernels on the input.
@@ -149,8 +178,12 @@ def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat(phases, 0).to(weight.dtype)
 
 
-def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                               packed: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+def upsample_nearest2x_conv3x3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
     """``conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` without the
     upsampled tensor: one 2x2 convolution with the four phase kernels of :func:`subpixel_weight` over x padded
     by one, each phase read at its offset and interleaved into the output. 16 multiply-adds per input pixel and
@@ -170,14 +203,14 @@ def upsample_nearest2x_conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torc
     cout = weight.shape[0]
     if packed is None:
         packed = (subpixel_weight(weight), None if bias is None else bias.repeat(4))
-    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), packed[0], packed[1])             # [N, 4 C_out, H + 1, W + 1]
+    phases = F.conv2d(F.pad(x, (1, 1, 1, 1)), packed[0], packed[1])  # [N, 4 C_out, H + 1, W + 1]
     phases = phases.view(n, 2, 2, cout, h + 1, w + 1)
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    if channels_last:   # memory [N, H, 2, W, 2, C_out] is the channels-last [N, C_out, 2H, 2W]
+    if channels_last:  # memory [N, H, 2, W, 2, C_out] is the channels-last [N, C_out, 2H, 2W]
         out = x.new_empty(n, h, 2, w, 2, cout).permute(0, 5, 1, 2, 3, 4)
     else:
         out = x.new_empty(n, cout, h, 2, w, 2)
     for a in (0, 1):
         for b in (0, 1):
-            out[:, :, :, a, :, b] = phases[:, a, b, :, a:a + h, b:b + w]
+            out[:, :, :, a, :, b] = phases[:, a, b, :, a : a + h, b : b + w]
     return out.view(n, cout, 2 * h, 2 * w)

@@ -31,15 +31,25 @@ class LatentQuantize(nn.Module):
     refused: vqp 1.32's forward fails with it (``optimize_values`` is never stored).
     """
 
-    def __init__(self, levels: list[int] | int, dim: int, commitment_loss_weight: float | None = 0.1,
-                 quantization_loss_weight: float | None = 0.1, num_codebooks: int = 1, codebook_dim: int = -1,
-                 keep_num_codebooks_dim: bool | None = None, optimize_values: bool | None = True,
-                 in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None):
+    def __init__(
+        self,
+        levels: list[int] | int,
+        dim: int,
+        commitment_loss_weight: float | None = 0.1,
+        quantization_loss_weight: float | None = 0.1,
+        num_codebooks: int = 1,
+        codebook_dim: int = -1,
+        keep_num_codebooks_dim: bool | None = None,
+        optimize_values: bool | None = True,
+        in_place_codebook_optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+    ):
         super().__init__()
         if in_place_codebook_optimizer is not None:
-            raise ValueError("in_place_codebook_optimizer is not supported (vector-quantize-pytorch 1.32 "
-                             "fails with it too); use optimize_values=True and put values_per_latent in your "
-                             "optimiser")
+            raise ValueError(
+                "in_place_codebook_optimizer is not supported (vector-quantize-pytorch 1.32 "
+                "fails with it too); use optimize_values=True and put values_per_latent in your "
+                "optimiser"
+            )
         if isinstance(levels, int):
             if codebook_dim < 1:
                 raise LevelsError(f"levels given as an int needs codebook_dim >= 1, got {codebook_dim}")
@@ -52,13 +62,16 @@ class LatentQuantize(nn.Module):
         self.dim = dim
         self.levels = levels
         self.in_place_codebook_optimizer = None
-        self.register_buffer("commitment_loss_weight", torch.tensor(commitment_loss_weight or 0.0),
-                             persistent=False)
-        self.register_buffer("quantization_loss_weight", torch.tensor(quantization_loss_weight or 0.0),
-                             persistent=False)
+        self.register_buffer(
+            "commitment_loss_weight", torch.tensor(commitment_loss_weight or 0.0), persistent=False
+        )
+        self.register_buffer(
+            "quantization_loss_weight", torch.tensor(quantization_loss_weight or 0.0), persistent=False
+        )
         self.register_buffer("_levels", torch.tensor(levels, dtype=torch.int32), persistent=False)
-        self.register_buffer("_basis", torch.cumprod(torch.tensor([1] + levels[:-1], dtype=torch.int64), 0),
-                             persistent=False)
+        self.register_buffer(
+            "_basis", torch.cumprod(torch.tensor([1] + levels[:-1], dtype=torch.int64), 0), persistent=False
+        )
         self.codebook_dim = len(levels)
         self.num_codebooks = num_codebooks
         self.effective_codebook_dim = self.codebook_dim * num_codebooks
@@ -71,8 +84,10 @@ class LatentQuantize(nn.Module):
         self.project_in = nn.Linear(dim, inner) if self.has_projections else nn.Identity()
         self.project_out = nn.Linear(inner, dim) if self.has_projections else nn.Identity()
         self.codebook_size = int(torch.tensor(levels).prod())
-        values = [torch.linspace(-0.5, 0.5, level) if level % 2 == 1 else torch.arange(level) / level - 0.5
-                  for level in levels]
+        values = [
+            torch.linspace(-0.5, 0.5, level) if level % 2 == 1 else torch.arange(level) / level - 0.5
+            for level in levels
+        ]
         self.optimize_values = bool(optimize_values)
         if optimize_values:
             self.values_per_latent = nn.ParameterList([nn.Parameter(v) for v in values])
@@ -121,8 +136,13 @@ class LatentQuantize(nn.Module):
         level_indices = self.indices_to_level_indices(indices)
         valid = level_indices >= 0
         positions = level_indices.clamp_min(0)
-        codes = torch.stack([self.values_per_latent[i].to(indices.device)[positions[..., i]]
-                             for i in range(self.codebook_dim)], dim=-1)
+        codes = torch.stack(
+            [
+                self.values_per_latent[i].to(indices.device)[positions[..., i]]
+                for i in range(self.codebook_dim)
+            ],
+            dim=-1,
+        )
         codes = codes.detach().masked_fill(~valid, float("nan"))
         if self.keep_num_codebooks_dim:
             codes = codes.flatten(-2)

@@ -21,8 +21,11 @@ from fastlatent.ops.fsq import fsq_indices_to_codes
 def _dropout_seed(device) -> int:
     """vqp's seed draw (one ``torch.randint`` on ``device``), so a seeded run drops the same layers."""
     rand_int = torch.randint(0, 10_000, (), device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_world_size() > 1:
+    if (
+        torch.distributed.is_available()
+        and torch.distributed.is_initialized()
+        and torch.distributed.get_world_size() > 1
+    ):
         torch.distributed.all_reduce(rand_int)
     return int(rand_int.item())
 
@@ -55,12 +58,16 @@ class _ResidualBase(nn.Module):
         """``[..., q']`` indices padded with -1 (dropped layers) up to ``num_quantizers``."""
         given = indices.shape[-1]
         if given > self.num_quantizers:
-            raise ValueError(f"indices have {given} quantizers in the last dim, more than num_quantizers="
-                             f"{self.num_quantizers}")
+            raise ValueError(
+                f"indices have {given} quantizers in the last dim, more than num_quantizers="
+                f"{self.num_quantizers}"
+            )
         if given < self.num_quantizers:
             if not self.quantize_dropout:
-                raise ValueError(f"indices have {given} of {self.num_quantizers} quantizers: reconstructing "
-                                 "from fewer (coarser) indices needs quantize_dropout=True")
+                raise ValueError(
+                    f"indices have {given} of {self.num_quantizers} quantizers: reconstructing "
+                    "from fewer (coarser) indices needs quantize_dropout=True"
+                )
             indices = F.pad(indices, (0, self.num_quantizers - given), value=-1)
         return indices
 
@@ -101,11 +108,20 @@ class ResidualFSQ(_ResidualBase):
     the channel-last indices (vqp reads the channel-first indices' last axis as the quantizer axis).
     """
 
-    def __init__(self, *, levels: list[int], num_quantizers: int, dim: int | None = None,
-                 is_channel_first: bool = False, quantize_dropout: bool = False,
-                 quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
-                 soft_clamp_input_value: float | list[float] | torch.Tensor | None = None,
-                 bound_hard_clamp: bool = True, **kwargs):
+    def __init__(
+        self,
+        *,
+        levels: list[int],
+        num_quantizers: int,
+        dim: int | None = None,
+        is_channel_first: bool = False,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value: float | list[float] | torch.Tensor | None = None,
+        bound_hard_clamp: bool = True,
+        **kwargs,
+    ):
         super().__init__()
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
@@ -122,21 +138,33 @@ class ResidualFSQ(_ResidualBase):
         self.is_channel_first = is_channel_first
         self.levels = list(levels)
         self.dim = dim
-        self.layers = nn.ModuleList([FSQ(levels=levels, dim=codebook_dim, preserve_symmetry=True,
-                                         bound_hard_clamp=bound_hard_clamp, **kwargs)
-                                     for _ in range(num_quantizers)])
+        self.layers = nn.ModuleList(
+            [
+                FSQ(
+                    levels=levels,
+                    dim=codebook_dim,
+                    preserve_symmetry=True,
+                    bound_hard_clamp=bound_hard_clamp,
+                    **kwargs,
+                )
+                for _ in range(num_quantizers)
+            ]
+        )
         if any(layer.has_projections for layer in self.layers):
             raise ValueError("ResidualFSQ layers must not project (num_codebooks must be 1)")
         self.codebook_size = self.layers[0].codebook_size
-        self._setup_dropout(num_quantizers, quantize_dropout, quantize_dropout_cutoff_index,
-                            quantize_dropout_multiple_of)
+        self._setup_dropout(
+            num_quantizers, quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of
+        )
         levels_tensor = torch.tensor(levels)
         scales = torch.stack([levels_tensor.float() ** -i for i in range(num_quantizers)])
         self.register_buffer("scales", scales, persistent=False)
         if bound_hard_clamp:
             if soft_clamp_input_value is not None:
-                raise ValueError("soft_clamp_input_value is set by bound_hard_clamp=True (to 1 + 1 / "
-                                 "(levels - 1)); pass bound_hard_clamp=False to choose it")
+                raise ValueError(
+                    "soft_clamp_input_value is set by bound_hard_clamp=True (to 1 + 1 / "
+                    "(levels - 1)); pass bound_hard_clamp=False to choose it"
+                )
             soft_clamp_input_value = 1 + (1 / (levels_tensor - 1))
         if isinstance(soft_clamp_input_value, (list, float, int)):
             soft_clamp_input_value = torch.tensor(soft_clamp_input_value)
@@ -167,9 +195,13 @@ class ResidualFSQ(_ResidualBase):
 
     def _fused_ok(self, x: torch.Tensor) -> bool:
         layer = self.layers[0]
-        return (self.bound_hard_clamp and x.dtype in (torch.float32, torch.float64)
-                and x.dtype in layer.allowed_dtypes and not layer.orthogonal_rotation
-                and not (self.training and layer.noise_dropout > 0))
+        return (
+            self.bound_hard_clamp
+            and x.dtype in (torch.float32, torch.float64)
+            and x.dtype in layer.allowed_dtypes
+            and not layer.orthogonal_rotation
+            and not (self.training and layer.noise_dropout > 0)
+        )
 
     def _fused_stack(self, x: torch.Tensor, dropout_index: int | None):
         """The soft clamp and all hard-clamped layers on ``x [..., d]``.
@@ -234,8 +266,11 @@ class ResidualFSQ(_ResidualBase):
                     # vqp: k = floor((L - 1) * (clamp(z) + 1) / 2 + 0.5); code = 2 / (L - 1) * k - 1
                     bracket.clamp_(-1.0, 1.0).add_(1).mul_(fit(half_levels_minus_1)).add_(0.5)
                     level = bracket.to(torch.int32).to(x.dtype)
-                    torch.mv(level if exact_float else level.double(), basis,
-                             out=level_sums[layer_index, begin:end])
+                    torch.mv(
+                        level if exact_float else level.double(),
+                        basis,
+                        out=level_sums[layer_index, begin:end],
+                    )
                     quantized = level.mul_(fit(step)).sub_(1).mul_(scale)
                     if layer_index == 0:
                         out_block.copy_(quantized)
@@ -272,8 +307,12 @@ class ResidualFSQ(_ResidualBase):
             indices.append(layer_indices)
         return out, indices
 
-    def forward(self, x: torch.Tensor, return_all_codes: bool = False,
-                rand_quantize_dropout_fixed_seed: int | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
         if self.is_channel_first:
             if x.dim() < 2:
                 raise ValueError(f"is_channel_first input must be [B, C, ...], got shape {list(x.shape)}")
@@ -311,9 +350,18 @@ class ResidualLFQ(_ResidualBase):
     fused sign quantiser and entropy kernels (no N x 2^d soft assignment).
     """
 
-    def __init__(self, *, dim: int, num_quantizers: int, codebook_size: int, quantize_dropout: bool = False,
-                 quantize_dropout_cutoff_index: int = 0, quantize_dropout_multiple_of: int = 1,
-                 soft_clamp_input_value: float | None = None, **kwargs):
+    def __init__(
+        self,
+        *,
+        dim: int,
+        num_quantizers: int,
+        codebook_size: int,
+        quantize_dropout: bool = False,
+        quantize_dropout_cutoff_index: int = 0,
+        quantize_dropout_multiple_of: int = 1,
+        soft_clamp_input_value: float | None = None,
+        **kwargs,
+    ):
         super().__init__()
         if num_quantizers < 1:
             raise ValueError(f"num_quantizers must be >= 1, got {num_quantizers}")
@@ -328,16 +376,23 @@ class ResidualLFQ(_ResidualBase):
         self.dim = dim
         layers = []
         for ind in range(num_quantizers):
-            layers.append(LFQ(dim=codebook_dim, codebook_scale=2**-ind,
-                              soft_clamp_input_value=soft_clamp_input_value, **kwargs))
+            layers.append(
+                LFQ(
+                    dim=codebook_dim,
+                    codebook_scale=2**-ind,
+                    soft_clamp_input_value=soft_clamp_input_value,
+                    **kwargs,
+                )
+            )
             if soft_clamp_input_value is not None:
                 soft_clamp_input_value *= 0.5
         self.layers = nn.ModuleList(layers)
         if any(layer.has_projections for layer in self.layers):
             raise ValueError("ResidualLFQ layers must not project (num_codebooks must be 1)")
         self.codebook_size = codebook_size
-        self._setup_dropout(num_quantizers, quantize_dropout, quantize_dropout_cutoff_index,
-                            quantize_dropout_multiple_of)
+        self._setup_dropout(
+            num_quantizers, quantize_dropout, quantize_dropout_cutoff_index, quantize_dropout_multiple_of
+        )
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -348,12 +403,21 @@ class ResidualLFQ(_ResidualBase):
         """Codes ``[q, ..., d]`` of channel-last ``indices [..., q']`` (-1: a dropped layer, zero)."""
         indices = self._pad_indices(indices)
         dropped = indices == -1
-        codes = [layer.indices_to_codes(indices[..., q].masked_fill(dropped[..., q], 0), project_out=False)
-                 .masked_fill(dropped[..., q, None], 0.0) for q, layer in enumerate(self.layers)]
+        codes = [
+            layer.indices_to_codes(
+                indices[..., q].masked_fill(dropped[..., q], 0), project_out=False
+            ).masked_fill(dropped[..., q, None], 0.0)
+            for q, layer in enumerate(self.layers)
+        ]
         return torch.stack(codes)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_all_codes: bool = False,
-                rand_quantize_dropout_fixed_seed: int | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        return_all_codes: bool = False,
+        rand_quantize_dropout_fixed_seed: int | None = None,
+    ):
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"expected {self.dim} features in the last dim, got shape {list(x.shape)}")
         x = self.project_in(x)
@@ -399,13 +463,15 @@ class _GroupedBase(nn.Module):
         return torch.stack([rvq.get_codes_from_indices(chunk) for rvq, chunk in zip(self.rvqs, indices)])
 
     def get_output_from_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        return torch.cat([rvq.get_output_from_indices(chunk) for rvq, chunk in zip(self.rvqs, indices)],
-                         dim=self.split_dim)
+        return torch.cat(
+            [rvq.get_output_from_indices(chunk) for rvq, chunk in zip(self.rvqs, indices)], dim=self.split_dim
+        )
 
     def _chunks(self, x: torch.Tensor):
         if x.dim() < 2 or x.shape[self.split_dim] != self.dim:
-            raise ValueError(f"expected {self.dim} features in dim {self.split_dim}, "
-                             f"got shape {list(x.shape)}")
+            raise ValueError(
+                f"expected {self.dim} features in dim {self.split_dim}, got shape {list(x.shape)}"
+            )
         return x.chunk(self.groups, dim=self.split_dim)
 
     def _seed(self, x: torch.Tensor) -> int | None:
@@ -418,13 +484,16 @@ class GroupedResidualFSQ(_GroupedBase):
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
-        self._setup_groups("GroupedResidualFSQ", dim, groups, accept_image_fmap,
-                           lambda d: ResidualFSQ(dim=d, **kwargs))
+        self._setup_groups(
+            "GroupedResidualFSQ", dim, groups, accept_image_fmap, lambda d: ResidualFSQ(dim=d, **kwargs)
+        )
 
     def forward(self, x: torch.Tensor, return_all_codes: bool = False):
         seed = self._seed(x)
-        out = [rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
-               for rvq, chunk in zip(self.rvqs, self._chunks(x))]
+        out = [
+            rvq(chunk, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
+            for rvq, chunk in zip(self.rvqs, self._chunks(x))
+        ]
         quantized, indices, *codes = zip(*out)
         return (torch.cat(quantized, dim=self.split_dim), torch.stack(indices), *codes)
 
@@ -435,12 +504,15 @@ class GroupedResidualLFQ(_GroupedBase):
 
     def __init__(self, *, dim: int, groups: int = 1, accept_image_fmap: bool = False, **kwargs):
         super().__init__()
-        self._setup_groups("GroupedResidualLFQ", dim, groups, accept_image_fmap,
-                           lambda d: ResidualLFQ(dim=d, **kwargs))
+        self._setup_groups(
+            "GroupedResidualLFQ", dim, groups, accept_image_fmap, lambda d: ResidualLFQ(dim=d, **kwargs)
+        )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, return_all_codes: bool = False):
         seed = self._seed(x)
-        out = [rvq(chunk, mask=mask, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
-               for rvq, chunk in zip(self.rvqs, self._chunks(x))]
+        out = [
+            rvq(chunk, mask=mask, return_all_codes=return_all_codes, rand_quantize_dropout_fixed_seed=seed)
+            for rvq, chunk in zip(self.rvqs, self._chunks(x))
+        ]
         quantized, indices, losses, *codes = zip(*out)
         return (torch.cat(quantized, dim=self.split_dim), torch.stack(indices), torch.stack(losses), *codes)

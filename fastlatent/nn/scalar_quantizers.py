@@ -53,7 +53,8 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> CodebookUsage:
     distinct = (first & valid).sum()
     segment = first.cumsum(0) - 1
     counts = torch.zeros(flat.numel(), dtype=torch.float64, device=flat.device).index_add_(
-        0, segment, torch.ones_like(ordered, dtype=torch.float64))
+        0, segment, torch.ones_like(ordered, dtype=torch.float64)
+    )
     freq = counts[segment] / n_valid
     entropy = -torch.where(valid, torch.log(torch.where(valid, freq, 1.0)), 0.0).sum() / n_valid
     return CodebookUsage((distinct / codebook_size).float(), torch.exp(entropy).float())
@@ -109,8 +110,17 @@ class CosineSimLinear(nn.Module):
 class _ScalarQuantizerBase(nn.Module):
     """Projections, layout and codebook splitting shared by FSQ and LFQ."""
 
-    def _setup(self, dim, codebook_dim, num_codebooks, keep_num_codebooks_dim, has_projections,
-               projection_has_bias, channel_first, project_in_class=None):
+    def _setup(
+        self,
+        dim,
+        codebook_dim,
+        num_codebooks,
+        keep_num_codebooks_dim,
+        has_projections,
+        projection_has_bias,
+        channel_first,
+        project_in_class=None,
+    ):
         if num_codebooks < 1:
             raise ValueError(f"num_codebooks must be >= 1, got {num_codebooks}")
         keep = num_codebooks > 1 if keep_num_codebooks_dim is None else keep_num_codebooks_dim
@@ -125,14 +135,20 @@ class _ScalarQuantizerBase(nn.Module):
         if has_projections is None:
             has_projections = self.dim != self.effective_codebook_dim
         if not has_projections and self.dim != self.effective_codebook_dim:
-            raise ValueError(f"dim={self.dim} differs from codebook_dim * num_codebooks="
-                             f"{self.effective_codebook_dim}: projections are needed")
+            raise ValueError(
+                f"dim={self.dim} differs from codebook_dim * num_codebooks="
+                f"{self.effective_codebook_dim}: projections are needed"
+            )
         self.has_projections = has_projections
         project_in_class = project_in_class or (lambda i, o: nn.Linear(i, o, bias=projection_has_bias))
-        self.project_in = (project_in_class(self.dim, self.effective_codebook_dim) if has_projections
-                           else nn.Identity())
-        self.project_out = (nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias)
-                            if has_projections else nn.Identity())
+        self.project_in = (
+            project_in_class(self.dim, self.effective_codebook_dim) if has_projections else nn.Identity()
+        )
+        self.project_out = (
+            nn.Linear(self.effective_codebook_dim, self.dim, bias=projection_has_bias)
+            if has_projections
+            else nn.Identity()
+        )
 
     def _moves_channels(self, ndim: int) -> bool:
         raise NotImplementedError
@@ -202,13 +218,23 @@ class FSQ(_ScalarQuantizerBase):
     rounds the other way; ``implicit_codebook`` is built on demand (a property, not a buffer).
     """
 
-    def __init__(self, levels: Sequence[int], dim: int | None = None, num_codebooks: int = 1,
-                 keep_num_codebooks_dim: bool | None = None, scale: float | None = None,
-                 allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
-                 channel_first: bool = False, projection_has_bias: bool = True, return_indices: bool = True,
-                 force_quantization_f32: bool = True,
-                 preserve_symmetry: bool = False, noise_dropout: float = 0.0, bound_hard_clamp: bool = False,
-                 orthogonal_rotation: bool = False):
+    def __init__(
+        self,
+        levels: Sequence[int],
+        dim: int | None = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        scale: float | None = None,
+        allowed_dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64),
+        channel_first: bool = False,
+        projection_has_bias: bool = True,
+        return_indices: bool = True,
+        force_quantization_f32: bool = True,
+        preserve_symmetry: bool = False,
+        noise_dropout: float = 0.0,
+        bound_hard_clamp: bool = False,
+        orthogonal_rotation: bool = False,
+    ):
         super().__init__()
         self.levels = check_levels("FSQ", list(levels))
         if not 0.0 <= noise_dropout <= 1.0:
@@ -226,8 +252,15 @@ class FSQ(_ScalarQuantizerBase):
         self.force_quantization_f32 = force_quantization_f32
         self.bound_hard_clamp = bound_hard_clamp
         self.codebook_size = math.prod(self.levels)
-        self._setup(dim, len(self.levels), num_codebooks, keep_num_codebooks_dim, None, projection_has_bias,
-                    channel_first)
+        self._setup(
+            dim,
+            len(self.levels),
+            num_codebooks,
+            keep_num_codebooks_dim,
+            None,
+            projection_has_bias,
+            channel_first,
+        )
         self.orthogonal_rotation = orthogonal_rotation
         if orthogonal_rotation:
             self.register_buffer("orthogonal_rot", _orthogonal_rotation(self.codebook_dim))
@@ -273,8 +306,9 @@ class FSQ(_ScalarQuantizerBase):
     def codes_to_indices(self, zhat: torch.Tensor) -> torch.Tensor:
         """Index of each normalised code ``[..., len(levels)]`` (int64; -1 for a row holding NaN)."""
         if zhat.shape[-1] != self.codebook_dim:
-            raise ValueError(f"codes must have {self.codebook_dim} values in the last dim, "
-                             f"got {list(zhat.shape)}")
+            raise ValueError(
+                f"codes must have {self.codebook_dim} values in the last dim, got {list(zhat.shape)}"
+            )
         level = self._scale_and_shift(zhat.detach().double()).round()
         nan = level.isnan().any(-1)
         return (level.nan_to_num(0).long() * self._basis).sum(-1).masked_fill(nan, -1)
@@ -292,7 +326,8 @@ class FSQ(_ScalarQuantizerBase):
         # the kernel quantises in fp32 (float64 on the CPU); a half dtype left here means vqp's
         # quantisation in that dtype, which only its own formulas reproduce
         fused = not self.bound_hard_clamp and (
-            z.dtype == torch.float32 or (z.dtype == torch.float64 and _checks.allows_double(z)))
+            z.dtype == torch.float32 or (z.dtype == torch.float64 and _checks.allows_double(z))
+        )
         if fused:
             codes, indices = fsq_quantize(z, self.levels, self.preserve_symmetry)
         else:
@@ -364,18 +399,31 @@ class LFQ(_ScalarQuantizerBase):
     ``codebook_dim <= 18`` in training (``2^d`` probabilities).
     """
 
-    def __init__(self, *, dim: int | None = None, codebook_size: int | None = None,
-                 entropy_loss_weight: float = 0.1, commitment_loss_weight: float = 0.0,
-                 diversity_gamma: float = 1.0,
-                 straight_through_activation: nn.Module | None = None, num_codebooks: int = 1,
-                 keep_num_codebooks_dim: bool | None = None, codebook_scale: float = 1.0,
-                 frac_per_sample_entropy: float = 1.0, has_projections: bool | None = None,
-                 projection_has_bias: bool = True, soft_clamp_input_value: float | None = None,
-                 cosine_sim_project_in: bool = False, cosine_sim_project_in_scale: float | None = None,
-                 channel_first: bool | None = None, experimental_softplus_entropy_loss: bool = False,
-                 entropy_loss_offset: float = 5.0, spherical: bool = False,
-                 force_quantization_f32: bool = True,
-                 orthogonal_rotation: bool = False):
+    def __init__(
+        self,
+        *,
+        dim: int | None = None,
+        codebook_size: int | None = None,
+        entropy_loss_weight: float = 0.1,
+        commitment_loss_weight: float = 0.0,
+        diversity_gamma: float = 1.0,
+        straight_through_activation: nn.Module | None = None,
+        num_codebooks: int = 1,
+        keep_num_codebooks_dim: bool | None = None,
+        codebook_scale: float = 1.0,
+        frac_per_sample_entropy: float = 1.0,
+        has_projections: bool | None = None,
+        projection_has_bias: bool = True,
+        soft_clamp_input_value: float | None = None,
+        cosine_sim_project_in: bool = False,
+        cosine_sim_project_in_scale: float | None = None,
+        channel_first: bool | None = None,
+        experimental_softplus_entropy_loss: bool = False,
+        entropy_loss_offset: float = 5.0,
+        spherical: bool = False,
+        force_quantization_f32: bool = True,
+        orthogonal_rotation: bool = False,
+    ):
         super().__init__()
         codebook_size = _binary_codebook_size(type(self).__name__, dim, codebook_size)
         codebook_dim = codebook_size.bit_length() - 1
@@ -403,8 +451,16 @@ class LFQ(_ScalarQuantizerBase):
         if cosine_sim_project_in:
             cos_scale = codebook_scale if cosine_sim_project_in_scale is None else cosine_sim_project_in_scale
             project_in_class = lambda i, o: CosineSimLinear(i, o, scale=cos_scale)  # noqa: E731
-        self._setup(dim, codebook_dim, num_codebooks, keep_num_codebooks_dim, has_projections,
-                    projection_has_bias, channel_first, project_in_class)
+        self._setup(
+            dim,
+            codebook_dim,
+            num_codebooks,
+            keep_num_codebooks_dim,
+            has_projections,
+            projection_has_bias,
+            channel_first,
+            project_in_class,
+        )
         self.orthogonal_rotation = orthogonal_rotation
         if orthogonal_rotation:
             self.register_buffer("orthogonal_rot", _orthogonal_rotation(codebook_dim))
@@ -448,8 +504,10 @@ class LFQ(_ScalarQuantizerBase):
         elif k == 2 and mask.shape[0] == tokens_shape[0] and mask.shape[1] == math.prod(tokens_shape[1:]):
             mask = mask.reshape(tokens_shape)
         else:
-            raise ValueError(f"mask must cover the leading token dims of {list(tokens_shape)} (e.g. [B] or "
-                             f"[B, N]), got shape {list(mask.shape)}")
+            raise ValueError(
+                f"mask must cover the leading token dims of {list(tokens_shape)} (e.g. [B] or "
+                f"[B, N]), got shape {list(mask.shape)}"
+            )
         return mask.reshape(-1).to(self.mask.device)
 
     def _entropy_terms(self, x: torch.Tensor, mask: torch.Tensor | None, inv_temperature: float):
@@ -464,10 +522,12 @@ class LFQ(_ScalarQuantizerBase):
         if self._factorized_entropy():
             return self._factorized_entropy_terms(x, inv_temperature)
         if self.codebook_dim > MAX_ENTROPY_DIMS:
-            raise ValueError(f"{type(self).__name__}: the entropy loss in training needs codebook_dim <= "
-                             f"{MAX_ENTROPY_DIMS} (its codebook entropy keeps 2^d probabilities), got "
-                             f"{self.codebook_dim}; use num_codebooks > 1 with smaller codebooks, or BSQ (its "
-                             "factorised entropy), or run in eval mode")
+            raise ValueError(
+                f"{type(self).__name__}: the entropy loss in training needs codebook_dim <= "
+                f"{MAX_ENTROPY_DIMS} (its codebook entropy keeps 2^d probabilities), got "
+                f"{self.codebook_dim}; use num_codebooks > 1 with smaller codebooks, or BSQ (its "
+                "factorised entropy), or run in eval mode"
+            )
         per_sample, batch = [], []
         for c in range(self.num_codebooks):
             ps, avg = lfq_entropy(x[:, c], self.code_value, inv_temperature)
@@ -481,8 +541,13 @@ class LFQ(_ScalarQuantizerBase):
     def _factorized_entropy_terms(self, x: torch.Tensor, inv_temperature: float):
         raise NotImplementedError
 
-    def forward(self, x: torch.Tensor, inv_temperature: float = 100.0, return_loss_breakdown: bool = False,
-                mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        inv_temperature: float = 100.0,
+        return_loss_breakdown: bool = False,
+        mask: torch.Tensor | None = None,
+    ):
         x, moved = self._to_codebooks(x)
         mask = self._flat_mask(mask, x.shape[:-2])
         if self.soft_clamp_input_value is not None:
@@ -548,17 +613,27 @@ class BSQ(LFQ):
     on a 10-bit toy run it used 893 codes where the exact entropy used all 1012).
     """
 
-    def __init__(self, *, dim: int | None = None, codebook_size: int | None = None,
-                 inv_temperature: float = 100.0, factorized_entropy: bool | None = None, **lfq_kwargs):
+    def __init__(
+        self,
+        *,
+        dim: int | None = None,
+        codebook_size: int | None = None,
+        inv_temperature: float = 100.0,
+        factorized_entropy: bool | None = None,
+        **lfq_kwargs,
+    ):
         if lfq_kwargs.pop("spherical", True) is not True:
             raise ValueError("BSQ is LFQ(spherical=True); use LFQ for spherical=False")
         super().__init__(dim=dim, codebook_size=codebook_size, spherical=True, **lfq_kwargs)
         if factorized_entropy is False and self.codebook_dim > MAX_ENTROPY_DIMS:
-            raise ValueError(f"factorized_entropy=False needs codebook_dim <= {MAX_ENTROPY_DIMS} (the exact "
-                             f"entropy keeps 2^d probabilities), got {self.codebook_dim}; leave it None")
+            raise ValueError(
+                f"factorized_entropy=False needs codebook_dim <= {MAX_ENTROPY_DIMS} (the exact "
+                f"entropy keeps 2^d probabilities), got {self.codebook_dim}; leave it None"
+            )
         self.inv_temperature = inv_temperature
-        self.factorized_entropy = self.codebook_dim > MAX_ENTROPY_DIMS if factorized_entropy is None \
-            else factorized_entropy
+        self.factorized_entropy = (
+            self.codebook_dim > MAX_ENTROPY_DIMS if factorized_entropy is None else factorized_entropy
+        )
 
     def _factorized_entropy(self) -> bool:
         return self.factorized_entropy
@@ -573,7 +648,12 @@ class BSQ(LFQ):
             batch.append(_binary_entropy(avg).sum())
         return torch.cat(per_sample).mean(), torch.stack(batch).mean()
 
-    def forward(self, x: torch.Tensor, inv_temperature: float | None = None,
-                return_loss_breakdown: bool = False, mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        inv_temperature: float | None = None,
+        return_loss_breakdown: bool = False,
+        mask: torch.Tensor | None = None,
+    ):
         inv_temperature = self.inv_temperature if inv_temperature is None else inv_temperature
         return super().forward(x, inv_temperature, return_loss_breakdown, mask)

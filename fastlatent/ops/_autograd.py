@@ -20,8 +20,13 @@ def wants_double_backward() -> bool:
     return torch.is_grad_enabled()
 
 
-def differentiable_vjp(forward: Callable, inputs: Sequence, needs: Sequence[bool], grad_outputs: Sequence,
-                       create_graph: bool = True) -> list:
+def differentiable_vjp(
+    forward: Callable,
+    inputs: Sequence,
+    needs: Sequence[bool],
+    grad_outputs: Sequence,
+    create_graph: bool = True,
+) -> list:
     """Gradients of ``forward(*inputs)`` for ``grad_outputs``, differentiable again (``create_graph``).
 
     Args:
@@ -37,18 +42,30 @@ def differentiable_vjp(forward: Callable, inputs: Sequence, needs: Sequence[bool
         on the input), None elsewhere.
     """
     with torch.enable_grad():
-        leaves = [t if t is None or (need and create_graph) else t.detach().requires_grad_(need)
-                  for t, need in zip(inputs, needs)]
+        leaves = [
+            t if t is None or (need and create_graph) else t.detach().requires_grad_(need)
+            for t, need in zip(inputs, needs)
+        ]
         outputs = forward(*leaves)
         if isinstance(outputs, torch.Tensor):
             outputs = (outputs,)
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs)
-                 if g is not None and isinstance(o, torch.Tensor) and o.requires_grad]
+        pairs = [
+            (o, g)
+            for o, g in zip(outputs, grad_outputs)
+            if g is not None and isinstance(o, torch.Tensor) and o.requires_grad
+        ]
         wanted = [t for t, need in zip(leaves, needs) if need and t is not None]
         grads = iter(())
         if wanted and pairs:
-            grads = iter(torch.autograd.grad([o for o, _ in pairs], wanted, [g.to(o.dtype) for o, g in pairs],
-                                             create_graph=create_graph, allow_unused=True))
+            grads = iter(
+                torch.autograd.grad(
+                    [o for o, _ in pairs],
+                    wanted,
+                    [g.to(o.dtype) for o, g in pairs],
+                    create_graph=create_graph,
+                    allow_unused=True,
+                )
+            )
     out = []
     for t, need in zip(leaves, needs):
         if need and t is not None:

@@ -50,7 +50,9 @@ if extension_available():
     @torch.library.register_fake("fastlatent::bsq_quantize")
     def _bsq_quantize_fake(z):
         check_bsq_args("bsq_quantize", z)
-        return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[:-1], dtype=torch.int64)
+        return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(
+            z.shape[:-1], dtype=torch.int64
+        )
 
     @torch.library.register_fake("fastlatent::bsq_quantize_backward")
     def _bsq_quantize_backward_fake(grad_quantized, z):
@@ -89,7 +91,9 @@ if extension_available():
             return differentiable_vjp(reference, (z,), (True,), (grad_quantized, None))[0]
         return torch.ops.fastlatent.bsq_quantize_backward.default(grad_quantized, z)
 
-    torch.library.register_autograd("fastlatent::bsq_quantize", _bsq_quantize_backward, setup_context=_bsq_quantize_setup)
+    torch.library.register_autograd(
+        "fastlatent::bsq_quantize", _bsq_quantize_backward, setup_context=_bsq_quantize_setup
+    )
 
     def _bsq_entropy_setup(ctx, inputs, output):
         ctx.save_for_backward(inputs[0])
@@ -100,9 +104,17 @@ if extension_available():
         if wants_double_backward():  # create_graph=True: through the reference's factorised entropy terms
             from fastlatent.reference.bsq import bsq_entropy as reference
 
-            return differentiable_vjp(lambda z_: reference(z_, ctx.inv_temperature), (z,), (True,),
-                                      (grad_per_sample, grad_avg_probs))[0], None
-        grad_z = torch.ops.fastlatent.bsq_entropy_backward.default(grad_per_sample, grad_avg_probs, z, ctx.inv_temperature)
+            return differentiable_vjp(
+                lambda z_: reference(z_, ctx.inv_temperature),
+                (z,),
+                (True,),
+                (grad_per_sample, grad_avg_probs),
+            )[0], None
+        grad_z = torch.ops.fastlatent.bsq_entropy_backward.default(
+            grad_per_sample, grad_avg_probs, z, ctx.inv_temperature
+        )
         return grad_z, None
 
-    torch.library.register_autograd("fastlatent::bsq_entropy", _bsq_entropy_backward, setup_context=_bsq_entropy_setup)
+    torch.library.register_autograd(
+        "fastlatent::bsq_entropy", _bsq_entropy_backward, setup_context=_bsq_entropy_setup
+    )

@@ -55,7 +55,9 @@ if extension_available():
     @torch.library.register_fake("fastlatent::code_stats")
     def _code_stats_fake(x, indices, num_codes, deterministic=True):
         check_code_stats_args(x, indices, num_codes)
-        return x.new_empty((num_codes,), dtype=torch.float32), x.new_empty((num_codes, x.shape[1]), dtype=torch.float32)
+        return x.new_empty((num_codes,), dtype=torch.float32), x.new_empty(
+            (num_codes, x.shape[1]), dtype=torch.float32
+        )
 
     def _setup_context(ctx, inputs, output):
         x, indices, num_codes, _ = inputs

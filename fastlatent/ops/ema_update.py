@@ -13,15 +13,23 @@ def check_ema_update_args(cluster_size, embed_sum, codebook, counts, sums, decay
     _checks.check_dim(op, "codebook", codebook, 2, "[K, D]")
     k, d = codebook.shape
     if k < 1 or d < 1:
-        raise ValueError(f"fastlatent.{op}: codebook must be [K, D] with K, D >= 1, got shape {list(codebook.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: codebook must be [K, D] with K, D >= 1, got shape {list(codebook.shape)}"
+        )
     for name, t in (("cluster_size", cluster_size), ("counts", counts)):
         if t.dim() != 1 or t.shape[0] != k:
             raise ValueError(f"fastlatent.{op}: {name} must be [K] = [{k}], got shape {list(t.shape)}")
     for name, t in (("embed_sum", embed_sum), ("sums", sums)):
         if t.shape != codebook.shape:
             raise ValueError(
-                f"fastlatent.{op}: {name} must be [K, D] = {list(codebook.shape)}, got shape {list(t.shape)}")
-    for name, t in (("cluster_size", cluster_size), ("embed_sum", embed_sum), ("counts", counts), ("sums", sums)):
+                f"fastlatent.{op}: {name} must be [K, D] = {list(codebook.shape)}, got shape {list(t.shape)}"
+            )
+    for name, t in (
+        ("cluster_size", cluster_size),
+        ("embed_sum", embed_sum),
+        ("counts", counts),
+        ("sums", sums),
+    ):
         _checks.check_same_device(op, "codebook", codebook, name, t)
         _checks.check_fp32(op, name, t)
     for name, t in (("cluster_size", cluster_size), ("embed_sum", embed_sum), ("codebook", codebook)):
@@ -63,7 +71,9 @@ def ema_update_(
     instead of differentiating through the new values.
     """
     require_device("ema_update_", codebook, cluster_size, embed_sum, counts, sums)
-    torch.ops.fastlatent.ema_update_.default(cluster_size, embed_sum, codebook, counts, sums, float(decay), float(eps))
+    torch.ops.fastlatent.ema_update_.default(
+        cluster_size, embed_sum, codebook, counts, sums, float(decay), float(eps)
+    )
 
 
 if extension_available():

@@ -96,7 +96,9 @@ if extension_available():
     @torch.library.register_fake("fastlatent::fsq_quantize")
     def _fsq_quantize_fake(z, levels, preserve_symmetry=False):
         check_fsq_quantize_args("fsq_quantize", z, levels)
-        return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(z.shape[:-1], dtype=torch.int64)
+        return torch.empty_like(z, memory_format=torch.contiguous_format), z.new_empty(
+            z.shape[:-1], dtype=torch.int64
+        )
 
     @torch.library.register_fake("fastlatent::fsq_quantize_backward")
     def _fsq_quantize_backward_fake(grad_z_hat, z, levels, preserve_symmetry=False):
@@ -128,10 +130,15 @@ if extension_available():
         if wants_double_backward():  # create_graph=True: the straight-through gradient of the reference
             from fastlatent.reference.fsq import fsq_quantize as reference
 
-            (grad_z,) = differentiable_vjp(lambda z_: reference(z_, ctx.levels, ctx.preserve_symmetry),
-                                           (z,), (True,), (grad_z_hat, None))
+            (grad_z,) = differentiable_vjp(
+                lambda z_: reference(z_, ctx.levels, ctx.preserve_symmetry), (z,), (True,), (grad_z_hat, None)
+            )
             return grad_z, None, None
-        grad_z = torch.ops.fastlatent.fsq_quantize_backward.default(grad_z_hat, z, ctx.levels, ctx.preserve_symmetry)
+        grad_z = torch.ops.fastlatent.fsq_quantize_backward.default(
+            grad_z_hat, z, ctx.levels, ctx.preserve_symmetry
+        )
         return grad_z, None, None
 
-    torch.library.register_autograd("fastlatent::fsq_quantize", _fsq_backward, setup_context=_fsq_setup_context)
+    torch.library.register_autograd(
+        "fastlatent::fsq_quantize", _fsq_backward, setup_context=_fsq_setup_context
+    )

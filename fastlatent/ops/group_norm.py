@@ -17,12 +17,16 @@ ACTIVATIONS = ("none", "silu", "gelu")
 def _check_layout_and_groups(op: str, x, groups) -> int:
     """x is [N, C, *spatial] with C >= 1 divisible by groups; returns C."""
     if x.dim() < 2:
-        raise ValueError(f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}"
+        )
     c = x.shape[1]
     if c < 1:
         raise ValueError(f"fastlatent.{op}: x must have C >= 1 channels, got shape {list(x.shape)}")
     if groups < 1 or c % groups != 0:
-        raise ValueError(f"fastlatent.{op}: groups must be >= 1 and divide the {c} channels of x, got groups={groups}")
+        raise ValueError(
+            f"fastlatent.{op}: groups must be >= 1 and divide the {c} channels of x, got groups={groups}"
+        )
     return c
 
 
@@ -36,16 +40,20 @@ def check_group_norm_args(x, weight, bias, groups, eps, activation, residual, al
     op = "group_norm"
     c = _check_layout_and_groups(op, x, groups)
     if not (x.dtype in _checks.KERNEL_DTYPES or (allow_double and x.dtype == torch.float64)):
-        raise TypeError(f"fastlatent.{op}: x must be float32, float16 or bfloat16"
-                        f"{' (or float64)' if allow_double else ''}, got {x.dtype}")
+        raise TypeError(
+            f"fastlatent.{op}: x must be float32, float16 or bfloat16"
+            f"{' (or float64)' if allow_double else ''}, got {x.dtype}"
+        )
     if eps < 0:
         raise ValueError(f"fastlatent.{op}: eps must be >= 0, got {eps}")
     _check_affine(op, x, c, weight, bias)
     if residual is not None:
         _checks.check_same_device(op, "x", x, "residual", residual)
         if residual.shape != x.shape:
-            raise ValueError(f"fastlatent.{op}: residual must have the shape of x {list(x.shape)}, "
-                             f"got {list(residual.shape)}")
+            raise ValueError(
+                f"fastlatent.{op}: residual must have the shape of x {list(x.shape)}, "
+                f"got {list(residual.shape)}"
+            )
         _checks.check_same_dtype(op, "x", x, "residual", residual)
     _checks.check_choice(op, "activation", activation, ACTIVATIONS)
 
@@ -89,23 +97,32 @@ def group_norm(
     taken through the plain-PyTorch reference instead, so that it can be differentiated again.
     """
     require_device("group_norm", *(t for t in (x, weight, bias, residual) if t is not None))
-    return torch.ops.fastlatent.group_norm.default(x, weight, bias, groups, float(eps), activation, residual)[0]
+    return torch.ops.fastlatent.group_norm.default(x, weight, bias, groups, float(eps), activation, residual)[
+        0
+    ]
 
 
 if extension_available():
 
     @torch.library.register_fake("fastlatent::group_norm")
     def _group_norm_fake(x, weight, bias, groups, eps=1e-5, activation="none", residual=None):
-        check_group_norm_args(x, weight, bias, groups, eps, activation, residual, allow_double=x.device.type != "cuda")
+        check_group_norm_args(
+            x, weight, bias, groups, eps, activation, residual, allow_double=x.device.type != "cuda"
+        )
         stats = x.new_empty((x.shape[0], groups), dtype=torch.float32)
         return _empty_like_layout(x), stats, stats.clone()
 
     @torch.library.register_fake("fastlatent::group_norm_backward")
     def _group_norm_backward_fake(grad_out, x, weight, bias, mean, rstd, groups, activation):
-        check_group_norm_args(x, weight, bias, groups, 0.0, activation, None, allow_double=x.device.type != "cuda")
+        check_group_norm_args(
+            x, weight, bias, groups, 0.0, activation, None, allow_double=x.device.type != "cuda"
+        )
         c = x.shape[1]
-        return (_empty_like_layout(x), x.new_empty((c,), dtype=torch.float32),
-                x.new_empty((c,), dtype=torch.float32))
+        return (
+            _empty_like_layout(x),
+            x.new_empty((c,), dtype=torch.float32),
+            x.new_empty((c,), dtype=torch.float32),
+        )
 
     def _setup_context(ctx, inputs, output):
         x, weight, bias, groups, eps, activation, residual = inputs
@@ -123,11 +140,21 @@ if extension_available():
 
             grad_x, grad_weight, grad_bias = differentiable_vjp(
                 lambda x_, w_, b_: reference(x_, w_, b_, ctx.groups, ctx.eps, ctx.activation),
-                (x, weight, bias), ctx.needs_input_grad[:3], (grad_out,))
+                (x, weight, bias),
+                ctx.needs_input_grad[:3],
+                (grad_out,),
+            )
             return grad_x, grad_weight, grad_bias, None, None, None, grad_residual
         grad_x, grad_weight, grad_bias = torch.ops.fastlatent.group_norm_backward.default(
-            grad_out.contiguous() if not _channels_last(x) else grad_out, x, weight, bias, mean, rstd,
-            ctx.groups, ctx.activation)
+            grad_out.contiguous() if not _channels_last(x) else grad_out,
+            x,
+            weight,
+            bias,
+            mean,
+            rstd,
+            ctx.groups,
+            ctx.activation,
+        )
         grad_weight = grad_weight.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         grad_bias = grad_bias.to(bias.dtype) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_x, grad_weight, grad_bias, None, None, None, grad_residual
@@ -147,20 +174,28 @@ def check_group_norm_stats_args(x, groups, allow_double=False) -> None:
 def check_group_norm_apply_args(x, mean, rstd, weight, bias, activation, allow_double=False) -> None:
     op = "group_norm_apply"
     if x.dim() < 2:
-        raise ValueError(f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}"
+        )
     for name, t in (("mean", mean), ("rstd", rstd)):
         _checks.check_same_device(op, "x", x, name, t)
         if t.dim() != 2 or t.shape[0] != x.shape[0] or t.shape[1] < 1:
-            raise ValueError(f"fastlatent.{op}: {name} must be [N, groups] with N = {x.shape[0]}, "
-                             f"got shape {list(t.shape)}")
+            raise ValueError(
+                f"fastlatent.{op}: {name} must be [N, groups] with N = {x.shape[0]}, "
+                f"got shape {list(t.shape)}"
+            )
         _checks.check_fp32(op, name, t)
     if rstd.shape != mean.shape:
-        raise ValueError(f"fastlatent.{op}: mean and rstd must have the same shape, got {list(mean.shape)} and "
-                         f"{list(rstd.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: mean and rstd must have the same shape, got {list(mean.shape)} and "
+            f"{list(rstd.shape)}"
+        )
     c, groups = x.shape[1], mean.shape[1]
     if c < 1 or c % groups != 0:
-        raise ValueError(f"fastlatent.{op}: mean and rstd must be [N, groups] with groups dividing the {c} channels "
-                         f"of x, got groups={groups}")
+        raise ValueError(
+            f"fastlatent.{op}: mean and rstd must be [N, groups] with groups dividing the {c} channels "
+            f"of x, got groups={groups}"
+        )
     _checks.check_float(op, "x", x, allow_double)
     _check_affine(op, x, c, weight, bias)
     _checks.check_choice(op, "activation", activation, ACTIVATIONS)
@@ -227,12 +262,16 @@ def merge_group_stats(parts, counts) -> tuple[torch.Tensor, torch.Tensor, float]
     """
     parts, counts = list(parts), list(counts)
     if len(parts) != len(counts):
-        raise ValueError(f"fastlatent.merge_group_stats: parts and counts must have the same length, got "
-                         f"{len(parts)} and {len(counts)}")
+        raise ValueError(
+            f"fastlatent.merge_group_stats: parts and counts must have the same length, got "
+            f"{len(parts)} and {len(counts)}"
+        )
     for i, count in enumerate(counts):
         if isinstance(count, bool) or not isinstance(count, numbers.Real) or not 0 <= count < math.inf:
-            raise ValueError(f"fastlatent.merge_group_stats: counts must be finite numbers >= 0, got "
-                             f"counts[{i}] = {count!r}")
+            raise ValueError(
+                f"fastlatent.merge_group_stats: counts must be finite numbers >= 0, got "
+                f"counts[{i}] = {count!r}"
+            )
     mean = m2 = None
     total = 0.0
     for (part_mean, part_m2), count in zip(parts, counts):
@@ -268,7 +307,9 @@ if extension_available():
 
     @torch.library.register_fake("fastlatent::group_norm_apply")
     def _group_norm_apply_fake(x, mean, rstd, weight, bias, activation="none"):
-        check_group_norm_apply_args(x, mean, rstd, weight, bias, activation, allow_double=x.device.type != "cuda")
+        check_group_norm_apply_args(
+            x, mean, rstd, weight, bias, activation, allow_double=x.device.type != "cuda"
+        )
         return _empty_like_layout(x)
 
     def _grouped(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -288,8 +329,9 @@ if extension_available():
         grad = grad_mean.float()[..., None] / m + 2.0 * grad_m2.float()[..., None] * (xg - mean[..., None])
         return grad.reshape(x.shape).to(x.dtype), None
 
-    torch.library.register_autograd("fastlatent::group_norm_stats", _stats_backward,
-                                    setup_context=_stats_setup_context)
+    torch.library.register_autograd(
+        "fastlatent::group_norm_stats", _stats_backward, setup_context=_stats_setup_context
+    )
 
     def _apply_setup_context(ctx, inputs, output):
         x, mean, rstd, weight, bias, activation = inputs
@@ -300,12 +342,16 @@ if extension_available():
         x, mean, rstd, weight, bias = ctx.saved_tensors
         double = wants_double_backward()  # create_graph=True: keep the graph of the gradient itself
         with torch.enable_grad():
-            leaves = [(t if double and need else t.detach().requires_grad_(need)) if t is not None else None
-                      for t, need in zip((x, mean, rstd, weight, bias), ctx.needs_input_grad[:5])]
+            leaves = [
+                (t if double and need else t.detach().requires_grad_(need)) if t is not None else None
+                for t, need in zip((x, mean, rstd, weight, bias), ctx.needs_input_grad[:5])
+            ]
             lx, lmean, lrstd, lw, lb = leaves
             groups = lmean.shape[1]
             compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-            z = (_grouped(lx, groups).to(compute) - lmean[..., None].to(compute)) * lrstd[..., None].to(compute)
+            z = (_grouped(lx, groups).to(compute) - lmean[..., None].to(compute)) * lrstd[..., None].to(
+                compute
+            )
             z = z.reshape(x.shape)
             shape = (1, -1) + (1,) * (x.dim() - 2)
             if lw is not None:
@@ -314,12 +360,14 @@ if extension_available():
                 z = z + lb.to(compute).reshape(shape)
             y = _activation_fn(ctx.activation)(z)
             wanted = [t for t in leaves if t is not None and t.requires_grad]
-            grads = iter(torch.autograd.grad(y, wanted, grad_out.to(compute), create_graph=double)
-                         if wanted else ())
+            grads = iter(
+                torch.autograd.grad(y, wanted, grad_out.to(compute), create_graph=double) if wanted else ()
+            )
         out = []
         for t, leaf in zip((x, mean, rstd, weight, bias), leaves):
             out.append(next(grads).to(t.dtype) if leaf is not None and leaf.requires_grad else None)
         return (*out, None)
 
-    torch.library.register_autograd("fastlatent::group_norm_apply", _apply_backward,
-                                    setup_context=_apply_setup_context)
+    torch.library.register_autograd(
+        "fastlatent::group_norm_apply", _apply_backward, setup_context=_apply_setup_context
+    )

@@ -13,7 +13,9 @@ ALGORITHMS = ("auto", "fused", "unfused")
 _OP = "group_norm_conv3x3"
 
 
-def check_group_norm_conv3x3_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm) -> None:
+def check_group_norm_conv3x3_args(
+    x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm
+) -> None:
     """The C++ checks of group_norm_conv.cpp, with the same messages and exception types."""
     if x.dim() != 4:
         raise ValueError(f"fastlatent.{_OP}: x must be 4-D [N, C_in, H, W], got shape {list(x.shape)}")
@@ -26,8 +28,10 @@ def check_group_norm_conv3x3_args(x, gn_weight, gn_bias, groups, eps, activation
     _checks.check_floating_vector(_OP, x, "gn_bias", gn_bias, cin, "C_in")
     _checks.check_same_device(_OP, "x", x, "conv_weight", conv_weight)
     if conv_weight.dim() != 4 or conv_weight.shape[0] < 1 or tuple(conv_weight.shape[1:]) != (cin, 3, 3):
-        raise ValueError(f"fastlatent.{_OP}: conv_weight must be [C_out, C_in, 3, 3] with C_in = {cin}, got shape "
-                         f"{list(conv_weight.shape)}")
+        raise ValueError(
+            f"fastlatent.{_OP}: conv_weight must be [C_out, C_in, 3, 3] with C_in = {cin}, got shape "
+            f"{list(conv_weight.shape)}"
+        )
     _checks.check_same_dtype(_OP, "x", x, "conv_weight", conv_weight)
     cout = conv_weight.shape[0]
     if conv_bias is not None:
@@ -37,8 +41,10 @@ def check_group_norm_conv3x3_args(x, gn_weight, gn_bias, groups, eps, activation
         _checks.check_same_device(_OP, "x", x, "residual", residual)
         expected = [x.shape[0], cout, x.shape[2], x.shape[3]]
         if list(residual.shape) != expected:
-            raise ValueError(f"fastlatent.{_OP}: residual must be [N, C_out, H, W] = {expected}, got shape "
-                             f"{list(residual.shape)}")
+            raise ValueError(
+                f"fastlatent.{_OP}: residual must be [N, C_out, H, W] = {expected}, got shape "
+                f"{list(residual.shape)}"
+            )
         _checks.check_same_dtype(_OP, "x", x, "residual", residual)
     _checks.check_choice(_OP, "algorithm", algorithm, ALGORITHMS)
 
@@ -84,16 +90,29 @@ def group_norm_conv3x3(
     """
     tensors = [t for t in (x, gn_weight, gn_bias, conv_weight, conv_bias, residual) if t is not None]
     require_device(_OP, *tensors)
-    return torch.ops.fastlatent.group_norm_conv3x3.default(x, gn_weight, gn_bias, groups, float(eps), activation,
-                                                           conv_weight, conv_bias, residual, algorithm)
+    return torch.ops.fastlatent.group_norm_conv3x3.default(
+        x, gn_weight, gn_bias, groups, float(eps), activation, conv_weight, conv_bias, residual, algorithm
+    )
 
 
 if extension_available():
 
     @torch.library.register_fake("fastlatent::group_norm_conv3x3")
-    def _group_norm_conv3x3_fake(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias=None,
-                                 residual=None, algorithm="auto"):
-        check_group_norm_conv3x3_args(x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm)
+    def _group_norm_conv3x3_fake(
+        x,
+        gn_weight,
+        gn_bias,
+        groups,
+        eps,
+        activation,
+        conv_weight,
+        conv_bias=None,
+        residual=None,
+        algorithm="auto",
+    ):
+        check_group_norm_conv3x3_args(
+            x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual, algorithm
+        )
         out = x.new_empty((x.shape[0], conv_weight.shape[0], x.shape[2], x.shape[3]))
         return out.contiguous(memory_format=torch.channels_last) if _channels_last(x) else out
 
@@ -117,9 +136,14 @@ if extension_available():
         # Through the group_norm op and torch's conv: with create_graph=True the gradients keep their graph
         # (group_norm's own backward then switches to its differentiable form), so they differentiate again.
         x_g, gw_g, gb_g, w_g, b_g = differentiable_vjp(
-            lambda x, gw, gb, w, b: F.conv2d(group_norm(x, gw, gb, ctx.groups, ctx.eps, ctx.activation), w, b,
-                                             padding=1),
-            saved, needs, (grad_out,), create_graph=wants_double_backward())
+            lambda x, gw, gb, w, b: F.conv2d(
+                group_norm(x, gw, gb, ctx.groups, ctx.eps, ctx.activation), w, b, padding=1
+            ),
+            saved,
+            needs,
+            (grad_out,),
+            create_graph=wants_double_backward(),
+        )
         residual_g = grad_out if ctx.has_residual and needs_input_grad[8] else None
         return x_g, gw_g, gb_g, None, None, None, w_g, b_g, residual_g, None
 

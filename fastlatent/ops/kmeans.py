@@ -77,8 +77,10 @@ def kmeans(
     """
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"fastlatent.kmeans: x must be a real floating-point tensor (float32, float16, "
-                        f"bfloat16 or float64), got {what}")
+        raise TypeError(
+            f"fastlatent.kmeans: x must be a real floating-point tensor (float32, float16, "
+            f"bfloat16 or float64), got {what}"
+        )
     if x.dim() != 2:
         raise ValueError(f"fastlatent.kmeans: x must be 2-D [N, D], got shape {list(x.shape)}")
     if x.shape[0] < 1:
@@ -94,8 +96,11 @@ def kmeans(
     if metric == "cosine":
         x = F.normalize(x, dim=-1)
         scale = 1.0
-    centres = (_kmeans_plus_plus(x, num_clusters, metric, generator) if init == "kmeans++"
-               else _sample_rows(x, num_clusters, generator)).clone()
+    centres = (
+        _kmeans_plus_plus(x, num_clusters, metric, generator)
+        if init == "kmeans++"
+        else _sample_rows(x, num_clusters, generator)
+    ).clone()
     counts = torch.zeros(num_clusters, device=x.device)
     for _ in range(num_iters):
         indices, _ = nearest_code(x, centres, metric)
@@ -128,9 +133,11 @@ def _scaled_to_safe_range(x: torch.Tensor) -> tuple[torch.Tensor, float]:
     if not math.isfinite(peak):
         raise ValueError("fastlatent.kmeans: x holds NaN or Inf values (drop non-finite rows first)")
     if peak > torch.finfo(torch.float32).max:
-        raise ValueError(f"fastlatent.kmeans: x holds values beyond the float32 range (max |x| = "
-                         f"{peak:.3g}), which the float32 centres cannot represent")
+        raise ValueError(
+            f"fastlatent.kmeans: x holds values beyond the float32 range (max |x| = "
+            f"{peak:.3g}), which the float32 centres cannot represent"
+        )
     if peak < _SAFE_MAGNITUDE:
         return x, 1.0
-    scale = 2.0 ** (math.frexp(peak)[1] - 1)   # peak / scale in [1, 2)
+    scale = 2.0 ** (math.frexp(peak)[1] - 1)  # peak / scale in [1, 2)
     return x / scale, scale

@@ -33,7 +33,9 @@ def math_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def check_tensor_like(op: str, name: str, g: torch.Tensor, shape, dtype: torch.dtype, ref: torch.Tensor) -> None:
+def check_tensor_like(
+    op: str, name: str, g: torch.Tensor, shape, dtype: torch.dtype, ref: torch.Tensor
+) -> None:
     if g.device != ref.device:
         raise RuntimeError(f"fastlatent.{op}: {name} must be on {ref.device}, got {g.device}")
     if g.dtype != dtype:
@@ -106,7 +108,9 @@ if extension_available():
     @torch.library.register_fake("fastlatent::lfq_quantize")
     def _lfq_quantize_fake(x, codebook_scale=1.0):
         check_lfq_quantize_args(x, codebook_scale)
-        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(x.shape[:-1], dtype=torch.int64)
+        return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(
+            x.shape[:-1], dtype=torch.int64
+        )
 
     @torch.library.register_fake("fastlatent::lfq_entropy")
     def _lfq_entropy_fake(x, codebook_scale=1.0, inv_temperature=100.0):
@@ -115,8 +119,9 @@ if extension_available():
         return x.new_empty(x.shape[:-1], dtype=dt), x.new_empty((2**d,), dtype=dt)
 
     @torch.library.register_fake("fastlatent::lfq_entropy_backward")
-    def _lfq_entropy_backward_fake(grad_per_sample_entropy, grad_avg_probs, x, codebook_scale=1.0,
-                                   inv_temperature=100.0):
+    def _lfq_entropy_backward_fake(
+        grad_per_sample_entropy, grad_avg_probs, x, codebook_scale=1.0, inv_temperature=100.0
+    ):
         op = "lfq_entropy_backward"
         d = check_lfq_entropy_args(op, x, codebook_scale, inv_temperature)
         dt = math_dtype(x)
@@ -130,7 +135,9 @@ if extension_available():
     def _lfq_quantize_backward(ctx, grad_quantized, grad_indices):
         return grad_quantized, None  # straight-through
 
-    torch.library.register_autograd("fastlatent::lfq_quantize", _lfq_quantize_backward, setup_context=_lfq_quantize_setup)
+    torch.library.register_autograd(
+        "fastlatent::lfq_quantize", _lfq_quantize_backward, setup_context=_lfq_quantize_setup
+    )
 
     def _lfq_entropy_setup(ctx, inputs, output):
         x, codebook_scale, inv_temperature = inputs
@@ -143,10 +150,21 @@ if extension_available():
         if wants_double_backward():  # create_graph=True: through the reference (N x 2^d, chunked over rows)
             from fastlatent.reference.lfq import lfq_entropy as reference
 
-            return differentiable_vjp(lambda x_: reference(x_, ctx.codebook_scale, ctx.inv_temperature), (x,),
-                                      (True,), (grad_per_sample, grad_avg_probs))[0], None, None
+            return (
+                differentiable_vjp(
+                    lambda x_: reference(x_, ctx.codebook_scale, ctx.inv_temperature),
+                    (x,),
+                    (True,),
+                    (grad_per_sample, grad_avg_probs),
+                )[0],
+                None,
+                None,
+            )
         grad_x = torch.ops.fastlatent.lfq_entropy_backward.default(
-            grad_per_sample, grad_avg_probs, x, ctx.codebook_scale, ctx.inv_temperature)
+            grad_per_sample, grad_avg_probs, x, ctx.codebook_scale, ctx.inv_temperature
+        )
         return grad_x, None, None
 
-    torch.library.register_autograd("fastlatent::lfq_entropy", _lfq_entropy_backward, setup_context=_lfq_entropy_setup)
+    torch.library.register_autograd(
+        "fastlatent::lfq_entropy", _lfq_entropy_backward, setup_context=_lfq_entropy_setup
+    )

@@ -11,7 +11,9 @@ METRICS = ("l2", "cosine")
 PRECISIONS = ("ieee", "tf32")
 
 
-def check_nearest_code_args(x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee") -> None:
+def check_nearest_code_args(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee"
+) -> None:
     op = "nearest_code"
     batched = x.dim() == 3
     if batched:

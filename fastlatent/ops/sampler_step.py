@@ -62,23 +62,29 @@ def seed_from_generator(generator: torch.Generator | None, device: torch.device 
 
 def _check_inference(op, *tensors):
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
-        raise RuntimeError(f"fastlatent.{op}: the fused sampler steps are inference-only (no autograd), got "
-                           "an input that requires grad; run the step under torch.no_grad() or on detached "
-                           f"tensors, or use fastlatent.reference.{op}, which is differentiable")
+        raise RuntimeError(
+            f"fastlatent.{op}: the fused sampler steps are inference-only (no autograd), got "
+            "an input that requires grad; run the step under torch.no_grad() or on detached "
+            f"tensors, or use fastlatent.reference.{op}, which is differentiable"
+        )
 
 
 def _check_like_sample(op, t, sample, name):
     _checks.check_same_device(op, "sample", sample, name, t)
     _checks.check_same_dtype(op, "sample", sample, name, t)
     if t.shape != sample.shape:
-        raise ValueError(f"fastlatent.{op}: {name} must have the shape of sample {list(sample.shape)}, "
-                         f"got {list(t.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: {name} must have the shape of sample {list(sample.shape)}, got {list(t.shape)}"
+        )
 
 
-def _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                  threshold_max):
+def _check_common(
+    op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max
+):
     if sample.dim() < 1:
-        raise ValueError(f"fastlatent.{op}: sample must be at least 1-D [B, ...], got shape {list(sample.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: sample must be at least 1-D [B, ...], got shape {list(sample.shape)}"
+        )
     _checks.check_float(op, "sample", sample)
     _checks.check_same_device(op, "sample", sample, "model_output", model_output)
     _checks.check_same_dtype(op, "sample", sample, "model_output", model_output)
@@ -87,29 +93,38 @@ def _check_common(op, model_output, sample, guidance_scale, guidance_rescale, cl
         if model_output.dim() != sample.dim() or model_output.shape[0] % 2 != 0:
             raise ValueError(
                 f"fastlatent.{op}: guidance needs model_output = [uncond; cond] stacked in the batch (an even "
-                f"batch of 2B), got shape {list(model_output.shape)}")
+                f"batch of 2B), got shape {list(model_output.shape)}"
+            )
         if model_output.shape[0] != 2 * sample.shape[0] or model_output.shape[1:] != sample.shape[1:]:
-            raise ValueError(f"fastlatent.{op}: with guidance model_output must be [2B, ...] for sample "
-                             f"{list(sample.shape)}, got {list(model_output.shape)}")
+            raise ValueError(
+                f"fastlatent.{op}: with guidance model_output must be [2B, ...] for sample "
+                f"{list(sample.shape)}, got {list(model_output.shape)}"
+            )
         if not math.isfinite(guidance_scale):
             raise ValueError(f"fastlatent.{op}: guidance_scale must be finite, got {guidance_scale}")
     elif model_output.shape != sample.shape:
-        raise ValueError(f"fastlatent.{op}: model_output must have the shape of sample {list(sample.shape)} "
-                         f"(or [2B, ...] with guidance_scale), got {list(model_output.shape)}")
+        raise ValueError(
+            f"fastlatent.{op}: model_output must have the shape of sample {list(sample.shape)} "
+            f"(or [2B, ...] with guidance_scale), got {list(model_output.shape)}"
+        )
     if not 0.0 <= guidance_rescale <= 1.0:
         raise ValueError(f"fastlatent.{op}: guidance_rescale must be in [0, 1], got {guidance_rescale}")
     if guidance_rescale > 0.0:
         if guidance_scale is None:
             raise ValueError(f"fastlatent.{op}: guidance_rescale needs guidance_scale")
         if n < 2:
-            raise ValueError(f"fastlatent.{op}: guidance_rescale needs at least 2 elements per sample, got {n}")
+            raise ValueError(
+                f"fastlatent.{op}: guidance_rescale needs at least 2 elements per sample, got {n}"
+            )
     if clip_x0 is not None and threshold_quantile is not None:
         raise ValueError(f"fastlatent.{op}: clip_x0 and threshold_quantile are exclusive, got both")
     if clip_x0 is not None and not (clip_x0 > 0.0 and math.isfinite(clip_x0)):
         raise ValueError(f"fastlatent.{op}: clip_x0 must be > 0, got {clip_x0}")
     if threshold_quantile is not None:
         if not 0.0 < threshold_quantile <= 1.0:
-            raise ValueError(f"fastlatent.{op}: threshold_quantile must be in (0, 1], got {threshold_quantile}")
+            raise ValueError(
+                f"fastlatent.{op}: threshold_quantile must be in (0, 1], got {threshold_quantile}"
+            )
         if not threshold_max >= 1.0:
             raise ValueError(f"fastlatent.{op}: threshold_max must be >= 1, got {threshold_max}")
 
@@ -119,15 +134,21 @@ def _check_noise(op, sample, noise, seed_offset):
         _check_like_sample(op, noise, sample, "noise")
     if seed_offset is not None:
         if seed_offset.device != sample.device:
-            raise RuntimeError(f"fastlatent.{op}: seed_offset and sample must be on the same device, got "
-                               f"{seed_offset.device} and {sample.device}")
+            raise RuntimeError(
+                f"fastlatent.{op}: seed_offset and sample must be on the same device, got "
+                f"{seed_offset.device} and {sample.device}"
+            )
         if seed_offset.dtype != torch.int64:
             raise TypeError(f"fastlatent.{op}: seed_offset must be torch.int64, got {seed_offset.dtype}")
         if seed_offset.shape != (2,):
-            raise ValueError(f"fastlatent.{op}: seed_offset must be [2] (seed, offset), got shape "
-                             f"{list(seed_offset.shape)}")
+            raise ValueError(
+                f"fastlatent.{op}: seed_offset must be [2] (seed, offset), got shape "
+                f"{list(seed_offset.shape)}"
+            )
         if not (sample.is_cuda or sample.is_meta):
-            raise ValueError(f"fastlatent.{op}: seed_offset is for CUDA graphs; on the CPU pass seed and offset")
+            raise ValueError(
+                f"fastlatent.{op}: seed_offset is for CUDA graphs; on the CPU pass seed and offset"
+            )
 
 
 def _check_value(op, ok, name, expected, value):
@@ -144,52 +165,115 @@ def _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev, prediction):
     if prediction == "epsilon":
         _check_value(op, 0.0 < alpha_bar_t < 1.0, "alpha_bar_t", "in (0, 1)", alpha_bar_t)
     else:
-        _check_value(op, 0.0 <= alpha_bar_t < 1.0, "alpha_bar_t",
-                     'in [0, 1) (in (0, 1) for prediction "epsilon")', alpha_bar_t)
+        _check_value(
+            op,
+            0.0 <= alpha_bar_t < 1.0,
+            "alpha_bar_t",
+            'in [0, 1) (in (0, 1) for prediction "epsilon")',
+            alpha_bar_t,
+        )
     if not alpha_bar_t <= alpha_bar_prev <= 1.0:
-        raise ValueError(f"fastlatent.{op}: alpha_bar_prev must be in [alpha_bar_t, 1] = [{alpha_bar_t}, 1], "
-                         f"got {alpha_bar_prev}")
+        raise ValueError(
+            f"fastlatent.{op}: alpha_bar_prev must be in [alpha_bar_t, 1] = [{alpha_bar_t}, 1], "
+            f"got {alpha_bar_prev}"
+        )
 
 
-def check_ddpm_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale, guidance_rescale,
-                clip_x0, threshold_quantile, threshold_max, noise, seed_offset):
+def check_ddpm_step_args(
+    model_output,
+    sample,
+    alpha_bar_t,
+    alpha_bar_prev,
+    prediction,
+    guidance_scale,
+    guidance_rescale,
+    clip_x0,
+    threshold_quantile,
+    threshold_max,
+    noise,
+    seed_offset,
+):
     op = "ddpm_step"
-    _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                  threshold_max)
+    _check_common(
+        op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max
+    )
     _check_prediction(op, "prediction", prediction)
     _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev, prediction)
     _check_noise(op, sample, noise, seed_offset)
 
 
-def check_ddim_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
-                guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset):
+def check_ddim_step_args(
+    model_output,
+    sample,
+    alpha_bar_t,
+    alpha_bar_prev,
+    eta,
+    prediction,
+    guidance_scale,
+    guidance_rescale,
+    clip_x0,
+    threshold_quantile,
+    threshold_max,
+    noise,
+    seed_offset,
+):
     op = "ddim_step"
-    _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                  threshold_max)
+    _check_common(
+        op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max
+    )
     _check_prediction(op, "prediction", prediction)
     _check_alpha_bars(op, alpha_bar_t, alpha_bar_prev, prediction)
     _check_value(op, eta >= 0.0 and math.isfinite(eta), "eta", ">= 0", eta)
     _check_noise(op, sample, noise, seed_offset)
 
 
-def check_euler_step_args(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale, clip_x0,
-                 threshold_quantile, threshold_max):
+def check_euler_step_args(
+    model_output,
+    sample,
+    sigma,
+    sigma_next,
+    prediction,
+    guidance_scale,
+    guidance_rescale,
+    clip_x0,
+    threshold_quantile,
+    threshold_max,
+):
     op = "euler_step"
-    _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                  threshold_max)
+    _check_common(
+        op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max
+    )
     _check_prediction(op, "prediction", prediction)
     _check_value(op, sigma > 0.0 and math.isfinite(sigma), "sigma", "> 0 and finite", sigma)
-    _check_value(op, sigma_next >= 0.0 and math.isfinite(sigma_next), "sigma_next", ">= 0 and finite", sigma_next)
+    _check_value(
+        op, sigma_next >= 0.0 and math.isfinite(sigma_next), "sigma_next", ">= 0 and finite", sigma_next
+    )
     if prediction == "flow":
         _check_value(op, sigma <= 1.0, "sigma", 'in (0, 1] for prediction "flow"', sigma)
         _check_value(op, sigma_next <= 1.0, "sigma_next", 'in [0, 1] for prediction "flow"', sigma_next)
 
 
-def check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
-                 prediction, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max):
+def check_dpmpp_2m_step_args(
+    model_output,
+    sample,
+    prev_x0,
+    alpha_t,
+    sigma_t,
+    alpha_next,
+    sigma_next,
+    alpha_prev,
+    sigma_prev,
+    prediction,
+    guidance_scale,
+    guidance_rescale,
+    clip_x0,
+    threshold_quantile,
+    threshold_max,
+):
     op = "dpmpp_2m_step"
-    _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                  threshold_max)
+    _check_common(
+        op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max
+    )
     _check_prediction(op, "prediction", prediction)
     if prev_x0 is not None:
         _check_like_sample(op, prev_x0, sample, "prev_x0")
@@ -200,14 +284,20 @@ def check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, al
         for name, value in (("alpha_prev", alpha_prev), ("sigma_prev", sigma_prev)):
             _check_value(op, value > 0.0 and math.isfinite(value), name, "> 0", value)
         if not sigma_next > 0.0:
-            raise ValueError(f"fastlatent.{op}: a second-order step (prev_x0 given) to sigma_next = 0 is undefined: "
-                             "take the last step first-order (prev_x0=None)")
+            raise ValueError(
+                f"fastlatent.{op}: a second-order step (prev_x0 given) to sigma_next = 0 is undefined: "
+                "take the last step first-order (prev_x0=None)"
+            )
         if alpha_prev * sigma_t == alpha_t * sigma_prev:
-            raise ValueError(f"fastlatent.{op}: the previous step must be at another noise level than the current "
-                             "one (alpha_prev / sigma_prev == alpha_t / sigma_t)")
+            raise ValueError(
+                f"fastlatent.{op}: the previous step must be at another noise level than the current "
+                "one (alpha_prev / sigma_prev == alpha_t / sigma_t)"
+            )
 
 
-def check_convert_prediction_args(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale):
+def check_convert_prediction_args(
+    model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale
+):
     op = "convert_prediction"
     _check_common(op, model_output, sample, guidance_scale, guidance_rescale, None, None, 1.0)
     _check_prediction(op, "source", source)
@@ -220,12 +310,25 @@ def resolve_seed(seed, generator, device):
     return seed_from_generator(generator, device) if seed is None else int(seed)
 
 
-def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float, *,
-              prediction: str = "epsilon", guidance_scale: float | None = None, guidance_rescale: float = 0.0,
-              clip_x0: float | None = None, threshold_quantile: float | None = None, threshold_max: float = 1.0,
-              noise: torch.Tensor | None = None, generator: torch.Generator | None = None, seed: int | None = None,
-              offset: int = 0, seed_offset: torch.Tensor | None = None,
-              return_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def ddpm_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar_t: float,
+    alpha_bar_prev: float,
+    *,
+    prediction: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_x0: float | None = None,
+    threshold_quantile: float | None = None,
+    threshold_max: float = 1.0,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    seed_offset: torch.Tensor | None = None,
+    return_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DDPM ancestral step ``x_t -> x_{t_prev}`` (Ho et al. 2020), as diffusers' ``DDPMScheduler``.
 
     ``x0 -> clip/threshold``, then
@@ -247,18 +350,45 @@ def ddpm_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: flo
     _check_inference("ddpm_step", model_output, sample, noise)
     seed = 0 if noise is not None or seed_offset is not None else resolve_seed(seed, generator, sample.device)
     return torch.ops.fastlatent.ddpm_step.default(
-        model_output, sample, float(alpha_bar_t), float(alpha_bar_prev), prediction, guidance_scale,
-        float(guidance_rescale), clip_x0, threshold_quantile, float(threshold_max), noise, seed, int(offset),
-        seed_offset, return_x0)
+        model_output,
+        sample,
+        float(alpha_bar_t),
+        float(alpha_bar_prev),
+        prediction,
+        guidance_scale,
+        float(guidance_rescale),
+        clip_x0,
+        threshold_quantile,
+        float(threshold_max),
+        noise,
+        seed,
+        int(offset),
+        seed_offset,
+        return_x0,
+    )
 
 
-def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: float, alpha_bar_prev: float,
-              eta: float = 0.0, *, prediction: str = "epsilon", use_clipped_model_output: bool = False,
-              guidance_scale: float | None = None, guidance_rescale: float = 0.0, clip_x0: float | None = None,
-              threshold_quantile: float | None = None, threshold_max: float = 1.0,
-              noise: torch.Tensor | None = None, generator: torch.Generator | None = None, seed: int | None = None,
-              offset: int = 0, seed_offset: torch.Tensor | None = None,
-              return_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def ddim_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_bar_t: float,
+    alpha_bar_prev: float,
+    eta: float = 0.0,
+    *,
+    prediction: str = "epsilon",
+    use_clipped_model_output: bool = False,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_x0: float | None = None,
+    threshold_quantile: float | None = None,
+    threshold_max: float = 1.0,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    seed_offset: torch.Tensor | None = None,
+    return_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DDIM step (Song et al. 2021, eq. 12) with ``eta``, as diffusers' ``DDIMScheduler.step``.
 
     ``x_prev = sqrt(ab_prev) x0 + sqrt(1 - ab_prev - s^2) eps + s z``,
@@ -271,15 +401,40 @@ def ddim_step(model_output: torch.Tensor, sample: torch.Tensor, alpha_bar_t: flo
     needs_seed = eta > 0 and noise is None and seed_offset is None
     seed = resolve_seed(seed, generator, sample.device) if needs_seed else (0 if seed is None else int(seed))
     return torch.ops.fastlatent.ddim_step.default(
-        model_output, sample, float(alpha_bar_t), float(alpha_bar_prev), float(eta), prediction,
-        use_clipped_model_output, guidance_scale, float(guidance_rescale), clip_x0, threshold_quantile,
-        float(threshold_max), noise, seed, int(offset), seed_offset, return_x0)
+        model_output,
+        sample,
+        float(alpha_bar_t),
+        float(alpha_bar_prev),
+        float(eta),
+        prediction,
+        use_clipped_model_output,
+        guidance_scale,
+        float(guidance_rescale),
+        clip_x0,
+        threshold_quantile,
+        float(threshold_max),
+        noise,
+        seed,
+        int(offset),
+        seed_offset,
+        return_x0,
+    )
 
 
-def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: float, sigma_next: float, *,
-               prediction: str = "epsilon", guidance_scale: float | None = None, guidance_rescale: float = 0.0,
-               clip_x0: float | None = None, threshold_quantile: float | None = None, threshold_max: float = 1.0,
-               return_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def euler_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    sigma: float,
+    sigma_next: float,
+    *,
+    prediction: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_x0: float | None = None,
+    threshold_quantile: float | None = None,
+    threshold_max: float = 1.0,
+    return_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Euler step of the probability-flow ODE, ``x_next = x + (sigma_next - sigma) (x - x0) / sigma``.
 
     ``prediction="flow"``: rectified flow / flow matching, ``x = (1 - sigma) x0 + sigma eps`` and the
@@ -291,16 +446,38 @@ def euler_step(model_output: torch.Tensor, sample: torch.Tensor, sigma: float, s
     require_device("euler_step", model_output, sample)
     _check_inference("euler_step", model_output, sample)
     return torch.ops.fastlatent.euler_step.default(
-        model_output, sample, float(sigma), float(sigma_next), prediction, guidance_scale, float(guidance_rescale),
-        clip_x0, threshold_quantile, float(threshold_max), return_x0)
+        model_output,
+        sample,
+        float(sigma),
+        float(sigma_next),
+        prediction,
+        guidance_scale,
+        float(guidance_rescale),
+        clip_x0,
+        threshold_quantile,
+        float(threshold_max),
+        return_x0,
+    )
 
 
-def dpmpp_2m_step(model_output: torch.Tensor, sample: torch.Tensor, prev_x0: torch.Tensor | None, alpha_t: float,
-                  sigma_t: float, alpha_next: float, sigma_next: float, alpha_prev: float = 1.0,
-                  sigma_prev: float = 1.0, *, prediction: str = "epsilon", guidance_scale: float | None = None,
-                  guidance_rescale: float = 0.0, clip_x0: float | None = None,
-                  threshold_quantile: float | None = None,
-                  threshold_max: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def dpmpp_2m_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    prev_x0: torch.Tensor | None,
+    alpha_t: float,
+    sigma_t: float,
+    alpha_next: float,
+    sigma_next: float,
+    alpha_prev: float = 1.0,
+    sigma_prev: float = 1.0,
+    *,
+    prediction: str = "epsilon",
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_x0: float | None = None,
+    threshold_quantile: float | None = None,
+    threshold_max: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """DPM-Solver++(2M) step (Lu et al. 2022), midpoint form, as diffusers' ``DPMSolverMultistepScheduler``.
 
     The sample is ``x = alpha x0 + sigma eps`` at ``(alpha_t, sigma_t)``; with
@@ -315,14 +492,35 @@ def dpmpp_2m_step(model_output: torch.Tensor, sample: torch.Tensor, prev_x0: tor
     require_device("dpmpp_2m_step", model_output, sample)
     _check_inference("dpmpp_2m_step", model_output, sample, prev_x0)
     return torch.ops.fastlatent.dpmpp_2m_step.default(
-        model_output, sample, prev_x0, float(alpha_t), float(sigma_t), float(alpha_next), float(sigma_next),
-        float(alpha_prev), float(sigma_prev), prediction, guidance_scale, float(guidance_rescale), clip_x0,
-        threshold_quantile, float(threshold_max))
+        model_output,
+        sample,
+        prev_x0,
+        float(alpha_t),
+        float(sigma_t),
+        float(alpha_next),
+        float(sigma_next),
+        float(alpha_prev),
+        float(sigma_prev),
+        prediction,
+        guidance_scale,
+        float(guidance_rescale),
+        clip_x0,
+        threshold_quantile,
+        float(threshold_max),
+    )
 
 
-def convert_prediction(model_output: torch.Tensor, sample: torch.Tensor, alpha_t: float, sigma_t: float,
-                       source: str, target: str, *, guidance_scale: float | None = None,
-                       guidance_rescale: float = 0.0) -> torch.Tensor:
+def convert_prediction(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    alpha_t: float,
+    sigma_t: float,
+    source: str,
+    target: str,
+    *,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+) -> torch.Tensor:
     """Converts a model output between parameterisations, for ``x = alpha_t x0 + sigma_t eps``.
 
     ``source``/``target``: ``"epsilon"`` (eps), ``"sample"`` (x0), ``"v_prediction"``
@@ -332,19 +530,41 @@ def convert_prediction(model_output: torch.Tensor, sample: torch.Tensor, alpha_t
     require_device("convert_prediction", model_output, sample)
     _check_inference("convert_prediction", model_output, sample)
     return torch.ops.fastlatent.convert_prediction.default(
-        model_output, sample, float(alpha_t), float(sigma_t), source, target, guidance_scale,
-        float(guidance_rescale))
+        model_output,
+        sample,
+        float(alpha_t),
+        float(sigma_t),
+        source,
+        target,
+        guidance_scale,
+        float(guidance_rescale),
+    )
 
 
-def sampler_step(model_output: torch.Tensor, sample: torch.Tensor, x0_x: float, x0_m: float, out_x: float,
-                 out_m: float, out_x0: float, history: list[torch.Tensor] | tuple = (),
-                 out_history: list[float] | tuple = (), out_noise: float = 0.0, *,
-                 guidance_scale: float | None = None, guidance_rescale: float = 0.0,
-                 clip_x0: float | None = None, threshold_quantile: float | None = None,
-                 threshold_max: float = 1.0,
-                 noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                 seed: int | None = None, offset: int = 0, seed_offset: torch.Tensor | None = None,
-                 return_x0: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def sampler_step(
+    model_output: torch.Tensor,
+    sample: torch.Tensor,
+    x0_x: float,
+    x0_m: float,
+    out_x: float,
+    out_m: float,
+    out_x0: float,
+    history: list[torch.Tensor] | tuple = (),
+    out_history: list[float] | tuple = (),
+    out_noise: float = 0.0,
+    *,
+    guidance_scale: float | None = None,
+    guidance_rescale: float = 0.0,
+    clip_x0: float | None = None,
+    threshold_quantile: float | None = None,
+    threshold_max: float = 1.0,
+    noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    offset: int = 0,
+    seed_offset: torch.Tensor | None = None,
+    return_x0: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The generic fused step that every scheduler update above is a case of, with the caller's coefficients.
 
     With ``m`` the (guided, rescaled) model output and ``x`` the sample::
@@ -365,22 +585,54 @@ def sampler_step(model_output: torch.Tensor, sample: torch.Tensor, x0_x: float, 
     needs_seed = out_noise != 0.0 and noise is None and seed_offset is None
     seed = resolve_seed(seed, generator, sample.device) if needs_seed else (0 if seed is None else int(seed))
     return torch.ops.fastlatent.sampler_step.default(
-        model_output, sample, float(x0_x), float(x0_m), float(out_x), float(out_m), float(out_x0),
-        list(history), [float(v) for v in out_history], float(out_noise), guidance_scale,
-        float(guidance_rescale), clip_x0,
-        threshold_quantile, float(threshold_max), noise, seed, int(offset), seed_offset, return_x0)
+        model_output,
+        sample,
+        float(x0_x),
+        float(x0_m),
+        float(out_x),
+        float(out_m),
+        float(out_x0),
+        list(history),
+        [float(v) for v in out_history],
+        float(out_noise),
+        guidance_scale,
+        float(guidance_rescale),
+        clip_x0,
+        threshold_quantile,
+        float(threshold_max),
+        noise,
+        seed,
+        int(offset),
+        seed_offset,
+        return_x0,
+    )
 
 
-def check_sampler_step_args(model_output, sample, coefficients, history, out_history, guidance_scale, guidance_rescale,
-                   clip_x0, threshold_quantile, threshold_max, noise, seed_offset):
+def check_sampler_step_args(
+    model_output,
+    sample,
+    coefficients,
+    history,
+    out_history,
+    guidance_scale,
+    guidance_rescale,
+    clip_x0,
+    threshold_quantile,
+    threshold_max,
+    noise,
+    seed_offset,
+):
     op = "sampler_step"
-    _check_common(op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                  threshold_max)
+    _check_common(
+        op, model_output, sample, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max
+    )
     if len(history) > 3:
         raise ValueError(f"fastlatent.{op}: history takes at most 3 tensors, got {len(history)}")
     if len(out_history) != len(history):
-        raise ValueError(f"fastlatent.{op}: out_history must have one coefficient per history tensor "
-                         f"({len(history)}), got {len(out_history)}")
+        raise ValueError(
+            f"fastlatent.{op}: out_history must have one coefficient per history tensor "
+            f"({len(history)}), got {len(out_history)}"
+        )
     for h in history:
         _check_like_sample(op, h, sample, "history tensors")
     for name, value in coefficients:
@@ -391,56 +643,201 @@ def check_sampler_step_args(model_output, sample, coefficients, history, out_his
 
 
 def _outputs(sample, return_x0):
-    return sample.new_empty(sample.shape), (sample.new_empty(sample.shape) if return_x0 else sample.new_empty((0,)))
+    return sample.new_empty(sample.shape), (
+        sample.new_empty(sample.shape) if return_x0 else sample.new_empty((0,))
+    )
 
 
 if extension_available():
 
     @torch.library.register_fake("fastlatent::ddpm_step")
-    def _ddpm_fake(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction="epsilon", guidance_scale=None,
-                   guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, noise=None,
-                   seed=0, offset=0, seed_offset=None, return_x0=True):
-        check_ddpm_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale, guidance_rescale,
-                    clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+    def _ddpm_fake(
+        model_output,
+        sample,
+        alpha_bar_t,
+        alpha_bar_prev,
+        prediction="epsilon",
+        guidance_scale=None,
+        guidance_rescale=0.0,
+        clip_x0=None,
+        threshold_quantile=None,
+        threshold_max=1.0,
+        noise=None,
+        seed=0,
+        offset=0,
+        seed_offset=None,
+        return_x0=True,
+    ):
+        check_ddpm_step_args(
+            model_output,
+            sample,
+            alpha_bar_t,
+            alpha_bar_prev,
+            prediction,
+            guidance_scale,
+            guidance_rescale,
+            clip_x0,
+            threshold_quantile,
+            threshold_max,
+            noise,
+            seed_offset,
+        )
         return _outputs(sample, return_x0)
 
     @torch.library.register_fake("fastlatent::ddim_step")
-    def _ddim_fake(model_output, sample, alpha_bar_t, alpha_bar_prev, eta=0.0, prediction="epsilon",
-                   use_clipped_model_output=False, guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
-                   threshold_quantile=None, threshold_max=1.0, noise=None, seed=0, offset=0, seed_offset=None,
-                   return_x0=True):
-        check_ddim_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
-                    guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+    def _ddim_fake(
+        model_output,
+        sample,
+        alpha_bar_t,
+        alpha_bar_prev,
+        eta=0.0,
+        prediction="epsilon",
+        use_clipped_model_output=False,
+        guidance_scale=None,
+        guidance_rescale=0.0,
+        clip_x0=None,
+        threshold_quantile=None,
+        threshold_max=1.0,
+        noise=None,
+        seed=0,
+        offset=0,
+        seed_offset=None,
+        return_x0=True,
+    ):
+        check_ddim_step_args(
+            model_output,
+            sample,
+            alpha_bar_t,
+            alpha_bar_prev,
+            eta,
+            prediction,
+            guidance_scale,
+            guidance_rescale,
+            clip_x0,
+            threshold_quantile,
+            threshold_max,
+            noise,
+            seed_offset,
+        )
         return _outputs(sample, return_x0)
 
     @torch.library.register_fake("fastlatent::euler_step")
-    def _euler_fake(model_output, sample, sigma, sigma_next, prediction="epsilon", guidance_scale=None,
-                    guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, return_x0=True):
-        check_euler_step_args(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale, clip_x0,
-                     threshold_quantile, threshold_max)
+    def _euler_fake(
+        model_output,
+        sample,
+        sigma,
+        sigma_next,
+        prediction="epsilon",
+        guidance_scale=None,
+        guidance_rescale=0.0,
+        clip_x0=None,
+        threshold_quantile=None,
+        threshold_max=1.0,
+        return_x0=True,
+    ):
+        check_euler_step_args(
+            model_output,
+            sample,
+            sigma,
+            sigma_next,
+            prediction,
+            guidance_scale,
+            guidance_rescale,
+            clip_x0,
+            threshold_quantile,
+            threshold_max,
+        )
         return _outputs(sample, return_x0)
 
     @torch.library.register_fake("fastlatent::dpmpp_2m_step")
-    def _dpmpp_fake(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev=1.0,
-                    sigma_prev=1.0, prediction="epsilon", guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
-                    threshold_quantile=None, threshold_max=1.0):
-        check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
-                     prediction, guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max)
+    def _dpmpp_fake(
+        model_output,
+        sample,
+        prev_x0,
+        alpha_t,
+        sigma_t,
+        alpha_next,
+        sigma_next,
+        alpha_prev=1.0,
+        sigma_prev=1.0,
+        prediction="epsilon",
+        guidance_scale=None,
+        guidance_rescale=0.0,
+        clip_x0=None,
+        threshold_quantile=None,
+        threshold_max=1.0,
+    ):
+        check_dpmpp_2m_step_args(
+            model_output,
+            sample,
+            prev_x0,
+            alpha_t,
+            sigma_t,
+            alpha_next,
+            sigma_next,
+            alpha_prev,
+            sigma_prev,
+            prediction,
+            guidance_scale,
+            guidance_rescale,
+            clip_x0,
+            threshold_quantile,
+            threshold_max,
+        )
         return _outputs(sample, True)
 
     @torch.library.register_fake("fastlatent::sampler_step")
-    def _generic_fake(model_output, sample, x0_x, x0_m, out_x, out_m, out_x0, history=(), out_history=(),
-                      out_noise=0.0, guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
-                      threshold_quantile=None, threshold_max=1.0, noise=None, seed=0, offset=0,
-                      seed_offset=None, return_x0=True):
-        coefficients = (("x0_x", x0_x), ("x0_m", x0_m), ("out_x", out_x), ("out_m", out_m),
-                        ("out_x0", out_x0), ("out_noise", out_noise))
-        check_sampler_step_args(model_output, sample, coefficients, history, out_history, guidance_scale,
-                       guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+    def _generic_fake(
+        model_output,
+        sample,
+        x0_x,
+        x0_m,
+        out_x,
+        out_m,
+        out_x0,
+        history=(),
+        out_history=(),
+        out_noise=0.0,
+        guidance_scale=None,
+        guidance_rescale=0.0,
+        clip_x0=None,
+        threshold_quantile=None,
+        threshold_max=1.0,
+        noise=None,
+        seed=0,
+        offset=0,
+        seed_offset=None,
+        return_x0=True,
+    ):
+        coefficients = (
+            ("x0_x", x0_x),
+            ("x0_m", x0_m),
+            ("out_x", out_x),
+            ("out_m", out_m),
+            ("out_x0", out_x0),
+            ("out_noise", out_noise),
+        )
+        check_sampler_step_args(
+            model_output,
+            sample,
+            coefficients,
+            history,
+            out_history,
+            guidance_scale,
+            guidance_rescale,
+            clip_x0,
+            threshold_quantile,
+            threshold_max,
+            noise,
+            seed_offset,
+        )
         return _outputs(sample, return_x0)
 
     @torch.library.register_fake("fastlatent::convert_prediction")
-    def _convert_fake(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale=None,
-                      guidance_rescale=0.0):
-        check_convert_prediction_args(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale)
+    def _convert_fake(
+        model_output, sample, alpha_t, sigma_t, source, target, guidance_scale=None, guidance_rescale=0.0
+    ):
+        check_convert_prediction_args(
+            model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale
+        )
         return sample.new_empty(sample.shape)

@@ -12,16 +12,34 @@ from fastlatent.reference.group_norm_conv import group_norm_conv3x3
 from fastlatent.reference.lfq import lfq_entropy, lfq_quantize
 from fastlatent.reference.nearest_code import nearest_code
 from fastlatent.reference.sampler_step import (
-                                               convert_prediction,
-                                               ddim_step,
-                                               ddpm_step,
-                                               dpmpp_2m_step,
-                                               euler_step,
-                                               philox_normal,
-                                               sampler_step,
+    convert_prediction,
+    ddim_step,
+    ddpm_step,
+    dpmpp_2m_step,
+    euler_step,
+    philox_normal,
+    sampler_step,
 )
 
-__all__ = ["nearest_code", "code_stats", "ema_update_", "fsq_quantize", "fsq_indices_to_codes", "lfq_quantize",
-           "lfq_entropy", "bsq_quantize", "bsq_entropy", "group_norm", "group_norm_stats", "group_norm_apply",
-           "group_norm_conv3x3", "ddpm_step", "ddim_step", "euler_step",
-           "dpmpp_2m_step", "convert_prediction", "sampler_step", "philox_normal"]
+__all__ = [
+    "nearest_code",
+    "code_stats",
+    "ema_update_",
+    "fsq_quantize",
+    "fsq_indices_to_codes",
+    "lfq_quantize",
+    "lfq_entropy",
+    "bsq_quantize",
+    "bsq_entropy",
+    "group_norm",
+    "group_norm_stats",
+    "group_norm_apply",
+    "group_norm_conv3x3",
+    "ddpm_step",
+    "ddim_step",
+    "euler_step",
+    "dpmpp_2m_step",
+    "convert_prediction",
+    "sampler_step",
+    "philox_normal",
+]

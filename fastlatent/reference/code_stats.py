@@ -16,7 +16,8 @@ def code_stats(
     valid = (indices >= 0) & (indices < num_codes)
     idx, rows = indices[valid], x[valid].double()
     counts = torch.zeros(num_codes, dtype=torch.float64, device=x.device).index_add_(
-        0, idx, torch.ones_like(idx, dtype=torch.float64))
+        0, idx, torch.ones_like(idx, dtype=torch.float64)
+    )
     sums = torch.zeros(num_codes, x.shape[1], dtype=torch.float64, device=x.device).index_add_(0, idx, rows)
     return counts.float(), sums.float()
 

@@ -59,7 +59,10 @@ def fsq_quantize(
 
 
 def fsq_indices_to_codes(
-    indices: torch.Tensor, levels: list[int], preserve_symmetry: bool = False, dtype: torch.dtype | None = None
+    indices: torch.Tensor,
+    levels: list[int],
+    preserve_symmetry: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Ground truth for :func:`fastlatent.ops.fsq_indices_to_codes`."""
     levels = check_levels("fsq_indices_to_codes", levels)

@@ -18,8 +18,13 @@ def group_norm(x, weight, bias, groups: int, eps: float = 1e-5, activation: str 
     """Ground truth for :func:`fastlatent.ops.group_norm`, computed in float64."""
     check_group_norm_args(x, weight, bias, groups, eps, activation, residual, allow_double=True)
     compute = torch.float64  # exact ground truth: fp32 GroupNorm loses digits when |mean| >> std
-    y = F.group_norm(x.to(compute), groups, None if weight is None else weight.to(compute),
-                     None if bias is None else bias.to(compute), eps)
+    y = F.group_norm(
+        x.to(compute),
+        groups,
+        None if weight is None else weight.to(compute),
+        None if bias is None else bias.to(compute),
+        eps,
+    )
     if activation == "silu":
         y = F.silu(y)
     elif activation == "gelu":

@@ -10,7 +10,11 @@ _EPS = 1e-12
 
 
 def nearest_code(
-    x: torch.Tensor, codebook: torch.Tensor, metric: str = "l2", precision: str = "ieee", chunk_rows: int = 4096
+    x: torch.Tensor,
+    codebook: torch.Tensor,
+    metric: str = "l2",
+    precision: str = "ieee",
+    chunk_rows: int = 4096,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground truth for :func:`fastlatent.ops.nearest_code`.
 

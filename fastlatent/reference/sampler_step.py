@@ -98,12 +98,40 @@ def _result(sample, out, x0, return_x0):
     return out.to(sample.dtype), (x0.to(sample.dtype) if return_x0 else sample.new_empty((0,)))
 
 
-def ddpm_step(model_output, sample, alpha_bar_t, alpha_bar_prev, *, prediction="epsilon", guidance_scale=None,
-              guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, noise=None,
-              generator=None, seed=None, offset=0, seed_offset=None, return_x0=True):
+def ddpm_step(
+    model_output,
+    sample,
+    alpha_bar_t,
+    alpha_bar_prev,
+    *,
+    prediction="epsilon",
+    guidance_scale=None,
+    guidance_rescale=0.0,
+    clip_x0=None,
+    threshold_quantile=None,
+    threshold_max=1.0,
+    noise=None,
+    generator=None,
+    seed=None,
+    offset=0,
+    seed_offset=None,
+    return_x0=True,
+):
     """Reference :func:`fastlatent.ops.ddpm_step` (diffusers' DDPMScheduler.step, "fixed_small")."""
-    sampler_ops.check_ddpm_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, prediction, guidance_scale,
-                     guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+    sampler_ops.check_ddpm_step_args(
+        model_output,
+        sample,
+        alpha_bar_t,
+        alpha_bar_prev,
+        prediction,
+        guidance_scale,
+        guidance_rescale,
+        clip_x0,
+        threshold_quantile,
+        threshold_max,
+        noise,
+        seed_offset,
+    )
     if seed_offset is not None:
         seed, offset = (int(v) for v in seed_offset.tolist())
     elif noise is None:
@@ -115,7 +143,8 @@ def ddpm_step(model_output, sample, alpha_bar_t, alpha_bar_prev, *, prediction="
     alpha_t = alpha_bar_t / alpha_bar_prev
     beta_t = 1 - alpha_t
     mean = (math.sqrt(alpha_bar_prev) * beta_t / (1 - alpha_bar_t)) * x0 + (
-        math.sqrt(alpha_t) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)) * x
+        math.sqrt(alpha_t) * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
+    ) * x
     variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t
     out = mean
     if variance > 0:
@@ -123,13 +152,43 @@ def ddpm_step(model_output, sample, alpha_bar_t, alpha_bar_prev, *, prediction="
     return _result(sample, out, x0, return_x0)
 
 
-def ddim_step(model_output, sample, alpha_bar_t, alpha_bar_prev, eta=0.0, *, prediction="epsilon",
-              use_clipped_model_output=False, guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
-              threshold_quantile=None, threshold_max=1.0, noise=None, generator=None, seed=None, offset=0,
-              seed_offset=None, return_x0=True):
+def ddim_step(
+    model_output,
+    sample,
+    alpha_bar_t,
+    alpha_bar_prev,
+    eta=0.0,
+    *,
+    prediction="epsilon",
+    use_clipped_model_output=False,
+    guidance_scale=None,
+    guidance_rescale=0.0,
+    clip_x0=None,
+    threshold_quantile=None,
+    threshold_max=1.0,
+    noise=None,
+    generator=None,
+    seed=None,
+    offset=0,
+    seed_offset=None,
+    return_x0=True,
+):
     """Reference :func:`fastlatent.ops.ddim_step` (diffusers' DDIMScheduler.step)."""
-    sampler_ops.check_ddim_step_args(model_output, sample, alpha_bar_t, alpha_bar_prev, eta, prediction, guidance_scale,
-                     guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+    sampler_ops.check_ddim_step_args(
+        model_output,
+        sample,
+        alpha_bar_t,
+        alpha_bar_prev,
+        eta,
+        prediction,
+        guidance_scale,
+        guidance_rescale,
+        clip_x0,
+        threshold_quantile,
+        threshold_max,
+        noise,
+        seed_offset,
+    )
     if seed_offset is not None:
         seed, offset = (int(v) for v in seed_offset.tolist())
     elif eta > 0 and noise is None:
@@ -149,11 +208,33 @@ def ddim_step(model_output, sample, alpha_bar_t, alpha_bar_prev, eta=0.0, *, pre
     return _result(sample, out, x0, return_x0)
 
 
-def euler_step(model_output, sample, sigma, sigma_next, *, prediction="epsilon", guidance_scale=None,
-               guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0, return_x0=True):
+def euler_step(
+    model_output,
+    sample,
+    sigma,
+    sigma_next,
+    *,
+    prediction="epsilon",
+    guidance_scale=None,
+    guidance_rescale=0.0,
+    clip_x0=None,
+    threshold_quantile=None,
+    threshold_max=1.0,
+    return_x0=True,
+):
     """Reference :func:`fastlatent.ops.euler_step` (EulerDiscreteScheduler / FlowMatchEulerDiscreteScheduler)."""
-    sampler_ops.check_euler_step_args(model_output, sample, sigma, sigma_next, prediction, guidance_scale, guidance_rescale,
-                      clip_x0, threshold_quantile, threshold_max)
+    sampler_ops.check_euler_step_args(
+        model_output,
+        sample,
+        sigma,
+        sigma_next,
+        prediction,
+        guidance_scale,
+        guidance_rescale,
+        clip_x0,
+        threshold_quantile,
+        threshold_max,
+    )
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     alpha = 1 - sigma if prediction == "flow" else 1.0
@@ -164,13 +245,42 @@ def euler_step(model_output, sample, sigma, sigma_next, *, prediction="epsilon",
     return _result(sample, out, x0, return_x0)
 
 
-def dpmpp_2m_step(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev=1.0,
-                  sigma_prev=1.0, *, prediction="epsilon", guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
-                  threshold_quantile=None, threshold_max=1.0):
+def dpmpp_2m_step(
+    model_output,
+    sample,
+    prev_x0,
+    alpha_t,
+    sigma_t,
+    alpha_next,
+    sigma_next,
+    alpha_prev=1.0,
+    sigma_prev=1.0,
+    *,
+    prediction="epsilon",
+    guidance_scale=None,
+    guidance_rescale=0.0,
+    clip_x0=None,
+    threshold_quantile=None,
+    threshold_max=1.0,
+):
     """Reference :func:`fastlatent.ops.dpmpp_2m_step` (diffusers' dpmsolver++ midpoint updates)."""
-    sampler_ops.check_dpmpp_2m_step_args(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev,
-                      sigma_prev, prediction, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                      threshold_max)
+    sampler_ops.check_dpmpp_2m_step_args(
+        model_output,
+        sample,
+        prev_x0,
+        alpha_t,
+        sigma_t,
+        alpha_next,
+        sigma_next,
+        alpha_prev,
+        sigma_prev,
+        prediction,
+        guidance_scale,
+        guidance_rescale,
+        clip_x0,
+        threshold_quantile,
+        threshold_max,
+    )
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     x0, _ = _x0_eps(prediction, x, m, alpha_t, sigma_t)
@@ -188,28 +298,73 @@ def dpmpp_2m_step(model_output, sample, prev_x0, alpha_t, sigma_t, alpha_next, s
     return _result(sample, out, x0, True)
 
 
-def convert_prediction(model_output, sample, alpha_t, sigma_t, source, target, *, guidance_scale=None,
-                       guidance_rescale=0.0):
+def convert_prediction(
+    model_output, sample, alpha_t, sigma_t, source, target, *, guidance_scale=None, guidance_rescale=0.0
+):
     """Reference :func:`fastlatent.ops.convert_prediction`."""
-    sampler_ops.check_convert_prediction_args(model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale)
+    sampler_ops.check_convert_prediction_args(
+        model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale
+    )
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     x0, eps = _x0_eps(source, x, m, alpha_t, sigma_t)
     k = 1 / math.sqrt(alpha_t * alpha_t + sigma_t * sigma_t)
-    out = {"sample": x0, "epsilon": eps, "v_prediction": alpha_t * k * eps - sigma_t * k * x0,
-           "flow": eps - x0}[target]
+    out = {
+        "sample": x0,
+        "epsilon": eps,
+        "v_prediction": alpha_t * k * eps - sigma_t * k * x0,
+        "flow": eps - x0,
+    }[target]
     return out.to(sample.dtype)
 
 
-def sampler_step(model_output, sample, x0_x, x0_m, out_x, out_m, out_x0, history=(), out_history=(),
-                 out_noise=0.0, *, guidance_scale=None, guidance_rescale=0.0, clip_x0=None,
-                 threshold_quantile=None, threshold_max=1.0, noise=None, generator=None, seed=None, offset=0,
-                 seed_offset=None, return_x0=True):
+def sampler_step(
+    model_output,
+    sample,
+    x0_x,
+    x0_m,
+    out_x,
+    out_m,
+    out_x0,
+    history=(),
+    out_history=(),
+    out_noise=0.0,
+    *,
+    guidance_scale=None,
+    guidance_rescale=0.0,
+    clip_x0=None,
+    threshold_quantile=None,
+    threshold_max=1.0,
+    noise=None,
+    generator=None,
+    seed=None,
+    offset=0,
+    seed_offset=None,
+    return_x0=True,
+):
     """Reference :func:`fastlatent.ops.sampler_step` (float64, unfused, differentiable)."""
-    coefficients = (("x0_x", x0_x), ("x0_m", x0_m), ("out_x", out_x), ("out_m", out_m), ("out_x0", out_x0),
-                    ("out_noise", out_noise))
-    sampler_ops.check_sampler_step_args(model_output, sample, coefficients, list(history), list(out_history), guidance_scale,
-                        guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed_offset)
+    coefficients = (
+        ("x0_x", x0_x),
+        ("x0_m", x0_m),
+        ("out_x", out_x),
+        ("out_m", out_m),
+        ("out_x0", out_x0),
+        ("out_noise", out_noise),
+    )
+    sampler_ops.check_sampler_step_args(
+        model_output,
+        sample,
+        coefficients,
+        list(history),
+        list(out_history),
+        guidance_scale,
+        guidance_rescale,
+        clip_x0,
+        threshold_quantile,
+        threshold_max,
+        noise,
+        seed_offset,
+    )
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     x0 = _process_x0(x0_x * x + x0_m * m, clip_x0, threshold_quantile, threshold_max)

@@ -19,5 +19,15 @@ from fastlatent.sampling.schedules import (
     scaled_linear_betas,
 )
 
-__all__ = ["Sampler", "METHODS", "DiscreteSchedule", "FlowSchedule", "KarrasSchedule", "karras_sigmas",
-           "linear_betas", "scaled_linear_betas", "cosine_betas", "make_schedule"]
+__all__ = [
+    "Sampler",
+    "METHODS",
+    "DiscreteSchedule",
+    "FlowSchedule",
+    "KarrasSchedule",
+    "karras_sigmas",
+    "linear_betas",
+    "scaled_linear_betas",
+    "cosine_betas",
+    "make_schedule",
+]

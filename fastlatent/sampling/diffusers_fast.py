@@ -380,9 +380,16 @@ def _ddpm_step(scheduler, state, a):
     )
     prediction = scheduler.config.prediction_type
     x0_form, out_x, out_x0, out_noise = _ddpm_coefficients(alpha_bar_t, alpha_bar_prev, prediction)
-    prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=out_x, out_x0=out_x0, noise=noise,
-                               out_noise=out_noise if noise is not None else 0.0,
-                               x0_options=_x0_options(scheduler.config))
+    prev_sample, x0 = _combine(
+        model_output,
+        sample,
+        x0_form,
+        out_x=out_x,
+        out_x0=out_x0,
+        noise=noise,
+        out_noise=out_noise if noise is not None else 0.0,
+        x0_options=_x0_options(scheduler.config),
+    )
     if not a["return_dict"]:
         return prev_sample, x0
     return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -29,11 +29,11 @@ PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
 class Step:
     """One planned step: what the model sees and the fused op's scalars (all host floats)."""
 
-    timestep: float      # passed to model_fn
-    input_scale: float   # model_fn sees input_scale * x
-    kind: str            # ddpm, ddim, euler, dpmpp_2m
-    args: tuple          # the op's schedule scalars
-    alpha: float = 1.0   # dpmpp_2m: this step's (alpha, sigma), the next step's "prev"
+    timestep: float  # passed to model_fn
+    input_scale: float  # model_fn sees input_scale * x
+    kind: str  # ddpm, ddim, euler, dpmpp_2m
+    args: tuple  # the op's schedule scalars
+    alpha: float = 1.0  # dpmpp_2m: this step's (alpha, sigma), the next step's "prev"
     sigma: float = 0.0
     second_order: bool = False
 
@@ -100,53 +100,92 @@ class Sampler:
     KarrasSchedule); ``cond`` as given.
     """
 
-    def __init__(self, method: str, schedule: Any = "scaled_linear", steps: int = 50, *,
-                 prediction: str | None = None, eta: float = 0.0, karras: bool = False,
-                 guidance_rescale: float = 0.0, clip_x0: float | None = None,
-                 threshold_quantile: float | None = None, threshold_max: float = 1.0):
+    def __init__(
+        self,
+        method: str,
+        schedule: Any = "scaled_linear",
+        steps: int = 50,
+        *,
+        prediction: str | None = None,
+        eta: float = 0.0,
+        karras: bool = False,
+        guidance_rescale: float = 0.0,
+        clip_x0: float | None = None,
+        threshold_quantile: float | None = None,
+        threshold_max: float = 1.0,
+    ):
         if method not in METHODS:
-            raise ValueError(f'fastlatent.sampling.Sampler: method must be "ddpm", "ddim", "euler" or "dpmpp_2m", '
-                             f'got "{method}"')
+            raise ValueError(
+                f'fastlatent.sampling.Sampler: method must be "ddpm", "ddim", "euler" or "dpmpp_2m", '
+                f'got "{method}"'
+            )
         self.schedule = make_schedule(schedule)
         if prediction is None:
             prediction = "flow" if isinstance(self.schedule, FlowSchedule) else "epsilon"
         if prediction not in PREDICTIONS:
-            raise ValueError(f"fastlatent.sampling.Sampler: prediction must be one of {PREDICTIONS}, got {prediction!r}")
+            raise ValueError(
+                f"fastlatent.sampling.Sampler: prediction must be one of {PREDICTIONS}, got {prediction!r}"
+            )
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"fastlatent.sampling.Sampler: steps must be an int >= 1, got {steps!r}")
         if method in ("ddpm", "ddim"):
             if not isinstance(self.schedule, DiscreteSchedule):
-                raise ValueError(f"fastlatent.sampling.Sampler: {method} needs a discrete schedule (linear, "
-                                 f"scaled_linear or cosine), got {type(self.schedule).__name__}")
+                raise ValueError(
+                    f"fastlatent.sampling.Sampler: {method} needs a discrete schedule (linear, "
+                    f"scaled_linear or cosine), got {type(self.schedule).__name__}"
+                )
             if steps > self.schedule.num_train_timesteps:
-                raise ValueError(f"fastlatent.sampling.Sampler: steps must be at most the schedule's "
-                                 f"num_train_timesteps ({self.schedule.num_train_timesteps}) for {method}, got {steps}")
+                raise ValueError(
+                    f"fastlatent.sampling.Sampler: steps must be at most the schedule's "
+                    f"num_train_timesteps ({self.schedule.num_train_timesteps}) for {method}, got {steps}"
+                )
         if eta < 0 or (eta > 0 and method != "ddim"):
             raise ValueError(f"fastlatent.sampling.Sampler: eta must be >= 0 and is for ddim only, got {eta}")
         if karras and not isinstance(self.schedule, DiscreteSchedule):
-            raise ValueError("fastlatent.sampling.Sampler: karras=True respaces a discrete schedule; "
-                             "use KarrasSchedule directly otherwise")
+            raise ValueError(
+                "fastlatent.sampling.Sampler: karras=True respaces a discrete schedule; "
+                "use KarrasSchedule directly otherwise"
+            )
         if karras and method in ("ddpm", "ddim"):
-            raise ValueError(f"fastlatent.sampling.Sampler: karras=True is for euler and dpmpp_2m, not {method}")
+            raise ValueError(
+                f"fastlatent.sampling.Sampler: karras=True is for euler and dpmpp_2m, not {method}"
+            )
         if (prediction == "flow") != isinstance(self.schedule, FlowSchedule):
-            raise ValueError('fastlatent.sampling.Sampler: prediction "flow" goes with a FlowSchedule and only '
-                             f"with it, got prediction {prediction!r} and {type(self.schedule).__name__}")
-        self.method, self.steps, self.prediction, self.eta, self.karras = method, steps, prediction, eta, karras
-        self.options = dict(guidance_rescale=guidance_rescale, clip_x0=clip_x0,
-                            threshold_quantile=threshold_quantile, threshold_max=threshold_max)
+            raise ValueError(
+                'fastlatent.sampling.Sampler: prediction "flow" goes with a FlowSchedule and only '
+                f"with it, got prediction {prediction!r} and {type(self.schedule).__name__}"
+            )
+        self.method, self.steps, self.prediction, self.eta, self.karras = (
+            method,
+            steps,
+            prediction,
+            eta,
+            karras,
+        )
+        self.options = dict(
+            guidance_rescale=guidance_rescale,
+            clip_x0=clip_x0,
+            threshold_quantile=threshold_quantile,
+            threshold_max=threshold_max,
+        )
         self.plan, self.init_noise_sigma = self._plan()
         self._graphs: dict = {}
         self._timestep_cache: tuple = (None, None)
 
     # ------------------------------------------------------------------ from diffusers
 
-    _DIFFUSERS_METHODS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "EulerDiscreteScheduler": "euler",
-                          "FlowMatchEulerDiscreteScheduler": "euler",
-                          "DPMSolverMultistepScheduler": "dpmpp_2m"}
+    _DIFFUSERS_METHODS = {
+        "DDIMScheduler": "ddim",
+        "DDPMScheduler": "ddpm",
+        "EulerDiscreteScheduler": "euler",
+        "FlowMatchEulerDiscreteScheduler": "euler",
+        "DPMSolverMultistepScheduler": "dpmpp_2m",
+    }
 
     @classmethod
-    def from_config(cls, config, steps: int = 50, *, eta: float = 0.0,
-                    class_name: str | None = None) -> "Sampler":
+    def from_config(
+        cls, config, steps: int = 50, *, eta: float = 0.0, class_name: str | None = None
+    ) -> "Sampler":
         """A sampler that steps exactly as the diffusers scheduler ``config`` describes.
 
         ``config``: a diffusers scheduler config (``scheduler.config``, or the dict of a
@@ -161,12 +200,16 @@ class Sampler:
             raise ImportError(f"fastlatent.sampling.Sampler.from_config needs diffusers: {exc}") from exc
         name = class_name or dict(config).get("_class_name")
         if name is None:
-            raise ValueError("fastlatent.sampling.Sampler.from_config: config has no _class_name (a "
-                             "scheduler built in code): pass class_name= or use "
-                             "Sampler.from_scheduler(scheduler)")
+            raise ValueError(
+                "fastlatent.sampling.Sampler.from_config: config has no _class_name (a "
+                "scheduler built in code): pass class_name= or use "
+                "Sampler.from_scheduler(scheduler)"
+            )
         if name not in cls._DIFFUSERS_METHODS:
-            raise ValueError(f"fastlatent.sampling.Sampler.from_config: config must be one of "
-                             f"{sorted(cls._DIFFUSERS_METHODS)} (its _class_name), got {name!r}")
+            raise ValueError(
+                f"fastlatent.sampling.Sampler.from_config: config must be one of "
+                f"{sorted(cls._DIFFUSERS_METHODS)} (its _class_name), got {name!r}"
+            )
         return cls.from_scheduler(getattr(diffusers, name).from_config(config), steps, eta=eta)
 
     @classmethod
@@ -192,9 +235,13 @@ class Sampler:
             names = ", ".join(sorted(cls._DIFFUSERS_METHODS))
             raise ValueError(f"{where}: scheduler must be a diffusers {names}, got {name}")
         config = scheduler.config
-        prediction = {"epsilon": "epsilon", "v_prediction": "v_prediction", "sample": "sample",
-                      "original_sample": "sample", "flow_prediction": "flow"}.get(
-                          getattr(config, "prediction_type", None))
+        prediction = {
+            "epsilon": "epsilon",
+            "v_prediction": "v_prediction",
+            "sample": "sample",
+            "original_sample": "sample",
+            "flow_prediction": "flow",
+        }.get(getattr(config, "prediction_type", None))
         if name == "FlowMatchEulerDiscreteScheduler":
             prediction = "flow"
             if config.stochastic_sampling:
@@ -202,20 +249,27 @@ class Sampler:
         if prediction is None:
             raise ValueError(f"{where}: prediction_type={config.prediction_type!r} is not expressible")
         if name == "DPMSolverMultistepScheduler" and (
-                config.algorithm_type != "dpmsolver++" or config.solver_order > 2
-                or (config.solver_order == 2 and config.solver_type != "midpoint")
-                or config.variance_type in ("learned", "learned_range")):
-            raise ValueError(f"{where}: DPMSolverMultistepScheduler with algorithm_type="
-                             f"{config.algorithm_type!r}, solver_order={config.solver_order}, solver_type="
-                             f"{config.solver_type!r} is not expressible (dpmpp_2m is dpmsolver++, order "
-                             "<= 2, midpoint); patch the scheduler")
+            config.algorithm_type != "dpmsolver++"
+            or config.solver_order > 2
+            or (config.solver_order == 2 and config.solver_type != "midpoint")
+            or config.variance_type in ("learned", "learned_range")
+        ):
+            raise ValueError(
+                f"{where}: DPMSolverMultistepScheduler with algorithm_type="
+                f"{config.algorithm_type!r}, solver_order={config.solver_order}, solver_type="
+                f"{config.solver_type!r} is not expressible (dpmpp_2m is dpmsolver++, order "
+                "<= 2, midpoint); patch the scheduler"
+            )
         if name == "DDPMScheduler" and config.variance_type != "fixed_small":
-            raise ValueError(f"{where}: DDPMScheduler variance_type={config.variance_type!r} is not "
-                             "expressible")
+            raise ValueError(
+                f"{where}: DDPMScheduler variance_type={config.variance_type!r} is not expressible"
+            )
         options = dict(guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0)
         if getattr(config, "thresholding", False):
-            options.update(threshold_quantile=float(config.dynamic_thresholding_ratio),
-                           threshold_max=float(config.sample_max_value))
+            options.update(
+                threshold_quantile=float(config.dynamic_thresholding_ratio),
+                threshold_max=float(config.sample_max_value),
+            )
         elif getattr(config, "clip_sample", False):
             options["clip_x0"] = float(config.clip_sample_range)
         planner = type(scheduler).from_config(config)
@@ -261,14 +315,20 @@ class Sampler:
             for i, t in enumerate(timesteps):
                 a_t, s_t = alpha_sigma(sigmas[i])
                 a_n, s_n = alpha_sigma(sigmas[i + 1])
-                final = i == count - 1 and (config.euler_at_final or (config.lower_order_final and count < 15)
-                                            or config.final_sigmas_type == "zero")
+                final = i == count - 1 and (
+                    config.euler_at_final
+                    or (config.lower_order_final and count < 15)
+                    or config.final_sigmas_type == "zero"
+                )
                 second = config.solver_order == 2 and i > 0 and not final
                 plan.append(Step(t, 1.0, "dpmpp_2m", (a_t, s_t, a_n, s_n), a_t, s_t, second))
             init = float(planner.init_noise_sigma)
         sampler = cls.__new__(cls)
-        sampler.schedule, sampler.method, sampler.steps = None, ("ddim" if name == "EulerDiscreteScheduler"
-                                                                 else method), len(plan)
+        sampler.schedule, sampler.method, sampler.steps = (
+            None,
+            ("ddim" if name == "EulerDiscreteScheduler" else method),
+            len(plan),
+        )
         sampler.prediction, sampler.eta, sampler.karras = prediction, float(eta), False
         sampler.options = options
         sampler.plan, sampler.init_noise_sigma = plan, init
@@ -302,7 +362,11 @@ class Sampler:
             if self.method == "dpmpp_2m":
                 timesteps = timesteps.round()
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)
-        return [float(v) for v in sigmas], [float(v) for v in timesteps], "vp" if self.method == "dpmpp_2m" else "ve"
+        return (
+            [float(v) for v in sigmas],
+            [float(v) for v in timesteps],
+            "vp" if self.method == "dpmpp_2m" else "ve",
+        )
 
     def _plan(self):
         plan: list[Step] = []
@@ -356,7 +420,9 @@ class Sampler:
         """The ``t`` tensor of every step, made once per batch size and device (not one fill per step)."""
         key, tensors = self._timestep_cache
         if key != (batch, device):
-            tensors = [torch.full((batch,), step.timestep, dtype=torch.float32, device=device) for step in self.plan]
+            tensors = [
+                torch.full((batch,), step.timestep, dtype=torch.float32, device=device) for step in self.plan
+            ]
             self._timestep_cache = ((batch, device), tensors)
         return tensors
 
@@ -381,30 +447,56 @@ class Sampler:
                 model_in = model_in * step.input_scale
             out = model_fn(model_in, timesteps[i], cond)
             if out.dtype != x.dtype:
-                raise TypeError(f"fastlatent.sampling.Sampler: model_fn returned {out.dtype} for a {x.dtype} "
-                                "sample; sample in the model's dtype (or cast inside model_fn)")
+                raise TypeError(
+                    f"fastlatent.sampling.Sampler: model_fn returned {out.dtype} for a {x.dtype} "
+                    "sample; sample in the model's dtype (or cast inside model_fn)"
+                )
             noise_args = {}
             if step.kind in ("ddpm", "ddim"):
-                noise_args = (dict(seed_offset=seed_offsets[i]) if seed_offsets is not None
-                              else dict(seed=seed, offset=i))
+                noise_args = (
+                    dict(seed_offset=seed_offsets[i])
+                    if seed_offsets is not None
+                    else dict(seed=seed, offset=i)
+                )
             if step.kind == "ddpm":
-                x, _ = _steps.ddpm_step(out, x, *step.args, prediction=self.prediction, return_x0=False,
-                                        **noise_args, **options)
+                x, _ = _steps.ddpm_step(
+                    out, x, *step.args, prediction=self.prediction, return_x0=False, **noise_args, **options
+                )
             elif step.kind == "ddim":
-                x, _ = _steps.ddim_step(out, x, *step.args, prediction=self.prediction, return_x0=False,
-                                        **noise_args, **options)
+                x, _ = _steps.ddim_step(
+                    out, x, *step.args, prediction=self.prediction, return_x0=False, **noise_args, **options
+                )
             elif step.kind == "euler":
-                x, _ = _steps.euler_step(out, x, *step.args, prediction=self.prediction, return_x0=False, **options)
+                x, _ = _steps.euler_step(
+                    out, x, *step.args, prediction=self.prediction, return_x0=False, **options
+                )
             else:
                 prev_args = (prev_step.alpha, prev_step.sigma) if step.second_order else (1.0, 1.0)
-                x, x0 = _steps.dpmpp_2m_step(out, x, prev_x0 if step.second_order else None, *step.args, *prev_args,
-                                             prediction=self.prediction, **options)
+                x, x0 = _steps.dpmpp_2m_step(
+                    out,
+                    x,
+                    prev_x0 if step.second_order else None,
+                    *step.args,
+                    *prev_args,
+                    prediction=self.prediction,
+                    **options,
+                )
                 prev_x0, prev_step = x0, step
         return x
 
-    def sample(self, model_fn: Callable, shape_or_x, cond=None, guidance: float | None = None,
-               generator: torch.Generator | None = None, capture_graph: bool = False, progress: bool = True, *,
-               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def sample(
+        self,
+        model_fn: Callable,
+        shape_or_x,
+        cond=None,
+        guidance: float | None = None,
+        generator: torch.Generator | None = None,
+        capture_graph: bool = False,
+        progress: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
         """Runs the loop from noise to a sample.
 
         Args:
@@ -428,14 +520,18 @@ class Sampler:
         if isinstance(shape_or_x, torch.Tensor):
             x = shape_or_x
             if device is not None and torch.device(device) != x.device:
-                raise ValueError(f"fastlatent.sampling.Sampler.sample: x_T is on {x.device} but device={device}")
+                raise ValueError(
+                    f"fastlatent.sampling.Sampler.sample: x_T is on {x.device} but device={device}"
+                )
         else:
             shape = tuple(int(v) for v in shape_or_x)
             gen_device = generator.device if generator is not None else torch.device("cpu")
             x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32)
             x = x.to(device=device or "cpu", dtype=dtype)
         if x.dim() < 1 or x.shape[0] < 1:
-            raise ValueError(f"fastlatent.sampling.Sampler.sample: need a batch of at least one, got {list(x.shape)}")
+            raise ValueError(
+                f"fastlatent.sampling.Sampler.sample: need a batch of at least one, got {list(x.shape)}"
+            )
         if guidance is not None and not math.isfinite(guidance):
             raise ValueError(f"fastlatent.sampling.Sampler.sample: guidance must be finite, got {guidance}")
         needs_noise = self.method == "ddpm" or (self.method == "ddim" and self.eta > 0)
@@ -497,8 +593,10 @@ def _structure(tree):
         return ("dict", tuple((k, _structure(v)) for k, v in sorted(tree.items())))
     if tree is None or isinstance(tree, (int, float, str, bool)):
         return ("value", tree)
-    raise TypeError(f"fastlatent.sampling.Sampler.sample: with capture_graph, cond must be tensors in "
-                    f"lists/tuples/dicts (or plain values), got {type(tree).__name__}")
+    raise TypeError(
+        f"fastlatent.sampling.Sampler.sample: with capture_graph, cond must be tensors in "
+        f"lists/tuples/dicts (or plain values), got {type(tree).__name__}"
+    )
 
 
 def _clone_tree(tree):

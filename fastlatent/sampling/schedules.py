@@ -21,12 +21,15 @@ import torch
 BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
 
 
-def linear_betas(num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+def linear_betas(
+    num_train_timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+) -> torch.Tensor:
     return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
 
 
-def scaled_linear_betas(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
-                        beta_end: float = 0.012) -> torch.Tensor:
+def scaled_linear_betas(
+    num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012
+) -> torch.Tensor:
     return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
 
 
@@ -34,8 +37,10 @@ def cosine_betas(num_train_timesteps: int = 1000, max_beta: float = 0.999) -> to
     def alpha_bar(t):
         return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
 
-    betas = [min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
-             for i in range(num_train_timesteps)]
+    betas = [
+        min(1 - alpha_bar((i + 1) / num_train_timesteps) / alpha_bar(i / num_train_timesteps), max_beta)
+        for i in range(num_train_timesteps)
+    ]
     return torch.tensor(betas, dtype=torch.float32)
 
 
@@ -57,11 +62,15 @@ class DiscreteSchedule:
 
     def __post_init__(self):
         if self.kind not in BETA_SCHEDULES:
-            raise ValueError(f'fastlatent.sampling: schedule must be "linear", "scaled_linear" or "cosine", '
-                             f'got "{self.kind}"')
+            raise ValueError(
+                f'fastlatent.sampling: schedule must be "linear", "scaled_linear" or "cosine", '
+                f'got "{self.kind}"'
+            )
         if not isinstance(self.num_train_timesteps, int) or self.num_train_timesteps < 2:
-            raise ValueError(f"fastlatent.sampling: num_train_timesteps must be an int >= 2, "
-                             f"got {self.num_train_timesteps}")
+            raise ValueError(
+                f"fastlatent.sampling: num_train_timesteps must be an int >= 2, "
+                f"got {self.num_train_timesteps}"
+            )
         t = self.num_train_timesteps
         if self.kind == "linear":
             betas = linear_betas(t, self.beta_start or 1e-4, self.beta_end or 0.02)
@@ -113,8 +122,9 @@ class KarrasSchedule:
 
     def __post_init__(self):
         if not 0 < self.sigma_min < self.sigma_max:
-            raise ValueError(f"fastlatent.sampling: need 0 < sigma_min < sigma_max, got {self.sigma_min}, "
-                             f"{self.sigma_max}")
+            raise ValueError(
+                f"fastlatent.sampling: need 0 < sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}"
+            )
 
     def sigmas(self, steps: int) -> list[float]:
         return karras_sigmas(steps, self.sigma_min, self.sigma_max, self.rho)
@@ -130,5 +140,7 @@ def make_schedule(schedule) -> DiscreteSchedule | FlowSchedule | KarrasSchedule:
         return FlowSchedule()
     if schedule == "karras":
         return KarrasSchedule()
-    raise ValueError('fastlatent.sampling: schedule must be a DiscreteSchedule, FlowSchedule, KarrasSchedule or '
-                     f'one of "linear", "scaled_linear", "cosine", "flow", "karras", got {schedule!r}')
+    raise ValueError(
+        "fastlatent.sampling: schedule must be a DiscreteSchedule, FlowSchedule, KarrasSchedule or "
+        f'one of "linear", "scaled_linear", "cosine", "flow", "karras", got {schedule!r}'
+    )

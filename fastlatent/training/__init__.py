@@ -27,7 +27,23 @@ from fastlatent.training.logging import MetricsLogger, plot_metrics, read_metric
 from fastlatent.training.schedules import LRSchedule
 from fastlatent.training.trainer import Callback, Trainer, seed_everything
 
-__all__ = ["Trainer", "TrainerConfig", "Callback", "EMA", "LRSchedule", "MetricsLogger", "plot_metrics",
-           "read_metrics", "EpochBatchSampler", "BatchStream", "epoch_permutation", "DistInfo", "dist_info",
-           "init_distributed", "list_checkpoints", "load_checkpoint", "load_latest_checkpoint",
-           "seed_everything"]
+__all__ = [
+    "Trainer",
+    "TrainerConfig",
+    "Callback",
+    "EMA",
+    "LRSchedule",
+    "MetricsLogger",
+    "plot_metrics",
+    "read_metrics",
+    "EpochBatchSampler",
+    "BatchStream",
+    "epoch_permutation",
+    "DistInfo",
+    "dist_info",
+    "init_distributed",
+    "list_checkpoints",
+    "load_checkpoint",
+    "load_latest_checkpoint",
+    "seed_everything",
+]

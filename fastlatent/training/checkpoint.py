@@ -86,8 +86,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def load_latest_checkpoint(folder: str | os.PathLike, map_location: str | torch.device = "cpu"
-                           ) -> tuple[Path, dict[str, Any]] | None:
+def load_latest_checkpoint(
+    folder: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[Path, dict[str, Any]] | None:
     """The newest checkpoint in ``folder`` that loads; unreadable newer files are skipped with a warning.
 
     Returns ``None`` when the folder holds no checkpoint at all.
@@ -99,11 +100,16 @@ def load_latest_checkpoint(folder: str | os.PathLike, map_location: str | torch.
             return path, load_checkpoint(path, map_location)
         except Exception as exc:  # corrupt or foreign file: fall back to the one before
             errors.append(f"{path.name}: {type(exc).__name__}: {exc}")
-            warnings.warn(f"fastlatent: checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); "
-                          f"trying the previous one", RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"fastlatent: checkpoint {path} could not be loaded ({type(exc).__name__}: {exc}); "
+                f"trying the previous one",
+                RuntimeWarning,
+                stacklevel=2,
+            )
     if candidates:
-        raise RuntimeError(f"fastlatent: none of the checkpoints in {folder} could be loaded:\n  "
-                           + "\n  ".join(errors))
+        raise RuntimeError(
+            f"fastlatent: none of the checkpoints in {folder} could be loaded:\n  " + "\n  ".join(errors)
+        )
     return None
 
 

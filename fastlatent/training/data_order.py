@@ -39,8 +39,15 @@ class EpochBatchSampler(Sampler[list[int]]):
     batch sampler each time it is iterated).
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 shuffle: bool = True):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+    ):
         if batch_size < 1:
             raise ValueError(f"EpochBatchSampler: batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
@@ -50,9 +57,11 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.global_batch = batch_size * world_size
         self.batches_per_epoch = num_samples // self.global_batch
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the dataset has {num_samples} samples, fewer than one global batch "
-                             f"(batch_size {batch_size} x {world_size} processes = {self.global_batch}); "
-                             f"lower batch_size or use more data")
+            raise ValueError(
+                f"the dataset has {num_samples} samples, fewer than one global batch "
+                f"(batch_size {batch_size} x {world_size} processes = {self.global_batch}); "
+                f"lower batch_size or use more data"
+            )
         self.epoch = 0
         self.start_batch = 0
 
@@ -64,7 +73,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         offset = self.rank * self.batch_size
         for b in range(self.start_batch, self.batches_per_epoch):
             start = b * self.global_batch + offset
-            yield order[start:start + self.batch_size].tolist()
+            yield order[start : start + self.batch_size].tolist()
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -85,8 +94,16 @@ class BatchStream:
     is called when it has one (for per-epoch augmentation that stays reproducible).
     """
 
-    def __init__(self, dataset: Dataset, sampler: EpochBatchSampler, num_workers: int = 0,
-                 pin_memory: bool = False, collate_fn=None, epoch: int = 0, batch_in_epoch: int = 0):
+    def __init__(
+        self,
+        dataset: Dataset,
+        sampler: EpochBatchSampler,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        collate_fn=None,
+        epoch: int = 0,
+        batch_in_epoch: int = 0,
+    ):
         self.dataset, self.sampler = dataset, sampler
         self.num_workers, self.pin_memory, self.collate_fn = num_workers, pin_memory, collate_fn
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
@@ -106,10 +123,15 @@ class BatchStream:
         # The loader's own generator (seeded by epoch) keeps worker seeding off the global RNG, which the
         # training step owns and the checkpoint restores.
         generator = torch.Generator().manual_seed(epoch_seed(self.sampler.seed + 1, self.epoch))
-        loader = DataLoader(self.dataset, batch_sampler=self.sampler, num_workers=self.num_workers,
-                            pin_memory=self.pin_memory, generator=generator,
-                            worker_init_fn=_seed_worker if self.num_workers > 0 else None,
-                            **({"collate_fn": self.collate_fn} if self.collate_fn is not None else {}))
+        loader = DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            generator=generator,
+            worker_init_fn=_seed_worker if self.num_workers > 0 else None,
+            **({"collate_fn": self.collate_fn} if self.collate_fn is not None else {}),
+        )
         self._iterator = iter(loader)
 
     def __iter__(self):
@@ -129,8 +151,11 @@ class BatchStream:
         return batch
 
     def position(self) -> dict:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples_in_epoch": self.batch_in_epoch * self.sampler.global_batch}
+        return {
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_in_epoch": self.batch_in_epoch * self.sampler.global_batch,
+        }
 
     def close(self) -> None:
         self._iterator = None  # shuts DataLoader workers down

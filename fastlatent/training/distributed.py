@@ -38,8 +38,9 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"fastlatent: environment variable {name} must be an integer, "
-                         f"got {value!r}") from None
+        raise ValueError(
+            f"fastlatent: environment variable {name} must be an integer, got {value!r}"
+        ) from None
 
 
 def dist_info() -> DistInfo:
@@ -65,20 +66,24 @@ def init_distributed(backend: str | None = None, device: torch.device | str | No
     if world_size <= 1:
         return DistInfo()
     if not dist.is_available():
-        raise RuntimeError("fastlatent: WORLD_SIZE > 1 but this PyTorch build has no torch.distributed "
-                           "support")
+        raise RuntimeError(
+            "fastlatent: WORLD_SIZE > 1 but this PyTorch build has no torch.distributed support"
+        )
     missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
     if missing:
-        raise RuntimeError(f"fastlatent: WORLD_SIZE={world_size} but {', '.join(missing)} not set; "
-                           f"launch with torchrun (e.g. `torchrun --nproc_per_node={world_size} train.py`)")
+        raise RuntimeError(
+            f"fastlatent: WORLD_SIZE={world_size} but {', '.join(missing)} not set; "
+            f"launch with torchrun (e.g. `torchrun --nproc_per_node={world_size} train.py`)"
+        )
     device = torch.device(device) if device is not None else None
     if backend is None:
         backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
     if backend == "nccl":
         if not torch.cuda.is_available():
             raise RuntimeError("fastlatent: backend 'nccl' needs CUDA devices; use backend='gloo' on CPU")
-        torch.cuda.set_device(device if device is not None and device.index is not None
-                              else _env_int("LOCAL_RANK", 0))
+        torch.cuda.set_device(
+            device if device is not None and device.index is not None else _env_int("LOCAL_RANK", 0)
+        )
     dist.init_process_group(backend=backend)
     return dist_info()
 
@@ -87,8 +92,10 @@ def default_device(info: DistInfo) -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
     if torch.cuda.is_available():
         if info.local_rank >= torch.cuda.device_count():
-            raise RuntimeError(f"fastlatent: LOCAL_RANK={info.local_rank} but only "
-                               f"{torch.cuda.device_count()} CUDA devices are visible")
+            raise RuntimeError(
+                f"fastlatent: LOCAL_RANK={info.local_rank} but only "
+                f"{torch.cuda.device_count()} CUDA devices are visible"
+            )
         return torch.device("cuda", info.local_rank)
     return torch.device("cpu")
 
@@ -126,7 +133,7 @@ def all_reduce_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 2
         offset = 0
         for p in bucket:
             n = p.grad.numel()
-            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
             offset += n
         bucket.clear()
 

@@ -30,8 +30,13 @@ class EMA:
         exclude: parameters not to average.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.999, start_step: int = 0,
-                 exclude: Iterable[nn.Parameter] = ()):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.999,
+        start_step: int = 0,
+        exclude: Iterable[nn.Parameter] = (),
+    ):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA: decay must be in [0, 1), got {decay}")
         if start_step < 0:
@@ -40,16 +45,22 @@ class EMA:
         try:
             self.shadow = copy.deepcopy(model)
         except Exception as exc:  # modules holding handles (files, locks) can't be copied
-            raise TypeError(f"EMA: could not deep-copy the model to hold the average ({exc}); "
-                            f"disable the EMA (ema_decay=None) or make the module copyable") from exc
+            raise TypeError(
+                f"EMA: could not deep-copy the model to hold the average ({exc}); "
+                f"disable the EMA (ema_decay=None) or make the module copyable"
+            ) from exc
         self.shadow.eval().requires_grad_(False)
         excluded = {id(p) for p in exclude}
         shadow_params = dict(self.shadow.named_parameters())
-        self._pairs = [(shadow_params[name], p) for name, p in model.named_parameters()
-                       if p.requires_grad and id(p) not in excluded]
+        self._pairs = [
+            (shadow_params[name], p)
+            for name, p in model.named_parameters()
+            if p.requires_grad and id(p) not in excluded
+        ]
         shadow_buffers = dict(self.shadow.named_buffers())
-        self._buffer_pairs = [(shadow_buffers[name], b) for name, b in model.named_buffers()
-                              if name in shadow_buffers]
+        self._buffer_pairs = [
+            (shadow_buffers[name], b) for name, b in model.named_buffers() if name in shadow_buffers
+        ]
 
     @torch.no_grad()
     def update(self, model: nn.Module | None = None, step: int = 0) -> None:

@@ -13,8 +13,20 @@ from torch import nn
 
 # Trainer settings that may change between the runs of one training job (operational, not what is trained;
 # `steps` extends or shortens the schedule with a warning).
-RESUMABLE_SETTINGS = frozenset({"out_dir", "steps", "resume", "progress", "log_every", "checkpoint_every",
-                                "keep_checkpoints", "plot_every", "plots", "num_workers"})
+RESUMABLE_SETTINGS = frozenset(
+    {
+        "out_dir",
+        "steps",
+        "resume",
+        "progress",
+        "log_every",
+        "checkpoint_every",
+        "keep_checkpoints",
+        "plot_every",
+        "plots",
+        "num_workers",
+    }
+)
 
 
 def run_fingerprint(module: nn.Module, trainer_settings: Mapping[str, Any]) -> dict:
@@ -42,5 +54,8 @@ def fingerprint_differences(saved: Mapping, current: Mapping) -> list[str]:
     """``"key: saved -> current"`` for every dotted key whose value differs (``<absent>`` where missing)."""
     old, new = _flatten(saved, "", {}), _flatten(current, "", {})
     absent = "<absent>"
-    return [f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
-            for key in sorted(old.keys() | new.keys()) if old.get(key, absent) != new.get(key, absent)]
+    return [
+        f"{key}: {old.get(key, absent)!r} -> {new.get(key, absent)!r}"
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key, absent) != new.get(key, absent)
+    ]

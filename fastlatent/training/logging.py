@@ -109,14 +109,20 @@ def plot_metrics(records: Iterable[dict], path: str | os.PathLike, title: str | 
     # Fixed margins: a layout engine (constrained/tight) costs an extra draw, several times the plot itself.
     height = 2.6 * rows + 0.4
     fig = Figure(figsize=(4.2 * cols, height), dpi=90)
-    fig.subplots_adjust(left=0.08 if cols > 1 else 0.15, right=0.98, bottom=0.5 / height,
-                        top=1 - 0.45 / height, wspace=0.28, hspace=0.55)
+    fig.subplots_adjust(
+        left=0.08 if cols > 1 else 0.15,
+        right=0.98,
+        bottom=0.5 / height,
+        top=1 - 0.45 / height,
+        wspace=0.28,
+        hspace=0.55,
+    )
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, key in zip(axes.flat, keys):
         all_values = []
         for kind, (xs, ys) in series[key].items():
             if len(xs) >= 50:  # noisy per-step curves: faint raw values under a smoothed line
-                line, = ax.plot(xs, ys, linewidth=0.6, alpha=0.3)
+                (line,) = ax.plot(xs, ys, linewidth=0.6, alpha=0.3)
                 ax.plot(xs, _smooth(ys), label=kind, color=line.get_color(), linewidth=1.2)
             else:
                 ax.plot(xs, ys, label=kind, marker="o", markersize=3, linewidth=1)
@@ -130,7 +136,7 @@ def plot_metrics(records: Iterable[dict], path: str | os.PathLike, title: str | 
         ax.grid(alpha=0.3)
         if len(series[key]) > 1:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.set_visible(False)
     if title:
         fig.suptitle(title, fontsize=10)

@@ -46,13 +46,19 @@ class RunLock:
         except BlockingIOError:
             holder = _describe(os.pread(fd, 4096, 0))
             os.close(fd)
-            raise RunDirectoryBusy(f"{self.folder} is in use by another {self.what} ({holder}); wait for "
-                                   f"it to finish or stop it, or use another output folder") from None
+            raise RunDirectoryBusy(
+                f"{self.folder} is in use by another {self.what} ({holder}); wait for "
+                f"it to finish or stop it, or use another output folder"
+            ) from None
         except BaseException:
             os.close(fd)
             raise
-        info = {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:500]}
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "command": " ".join(sys.argv)[:500],
+        }
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
         self._fd = fd
@@ -76,7 +82,9 @@ class RunLock:
 def _describe(raw: bytes) -> str:
     try:
         info = json.loads(raw.decode())
-        return (f"process {info['pid']} on {info['host']}, started {info['started']}: "
-                f"{info.get('command') or '?'}")
+        return (
+            f"process {info['pid']} on {info['host']}, started {info['started']}: "
+            f"{info.get('command') or '?'}"
+        )
     except (ValueError, KeyError, UnicodeDecodeError):
         return "a process that has not yet recorded itself"

@@ -32,15 +32,18 @@ class LRSchedule:
         min_lr_ratio: final learning rate as a fraction of the base one, in [0, 1].
     """
 
-    def __init__(self, kind: str = "cosine", total_steps: int = 1, warmup_steps: int = 0,
-                 min_lr_ratio: float = 0.0):
+    def __init__(
+        self, kind: str = "cosine", total_steps: int = 1, warmup_steps: int = 0, min_lr_ratio: float = 0.0
+    ):
         if kind not in SCHEDULES:
             raise ValueError(f"LRSchedule: kind must be one of {SCHEDULES}, got {kind!r}")
         if not isinstance(total_steps, int) or total_steps <= 0:
             raise ValueError(f"LRSchedule: total_steps must be a positive int, got {total_steps!r}")
         if not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
-            raise ValueError(f"LRSchedule: warmup_steps must be an int in [0, total_steps={total_steps}], "
-                             f"got {warmup_steps!r}")
+            raise ValueError(
+                f"LRSchedule: warmup_steps must be an int in [0, total_steps={total_steps}], "
+                f"got {warmup_steps!r}"
+            )
         if not 0.0 <= min_lr_ratio <= 1.0:
             raise ValueError(f"LRSchedule: min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
         self.kind, self.total_steps = kind, total_steps
@@ -63,9 +66,15 @@ class LRSchedule:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def state_dict(self) -> dict:
-        return {"kind": self.kind, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
-                "min_lr_ratio": self.min_lr_ratio}
+        return {
+            "kind": self.kind,
+            "total_steps": self.total_steps,
+            "warmup_steps": self.warmup_steps,
+            "min_lr_ratio": self.min_lr_ratio,
+        }
 
     def __repr__(self) -> str:
-        return (f"LRSchedule(kind={self.kind!r}, total_steps={self.total_steps}, "
-                f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio})")
+        return (
+            f"LRSchedule(kind={self.kind!r}, total_steps={self.total_steps}, "
+            f"warmup_steps={self.warmup_steps}, min_lr_ratio={self.min_lr_ratio})"
+        )

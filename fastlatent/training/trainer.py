@@ -115,9 +115,13 @@ def _rng_state() -> dict:
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         # numpy's key array as a tensor: weights_only loading accepts tensors, not ndarrays.
-        "numpy": {"name": numpy_state[0], "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
-                  "pos": int(numpy_state[2]), "has_gauss": int(numpy_state[3]),
-                  "cached_gaussian": float(numpy_state[4])},
+        "numpy": {
+            "name": numpy_state[0],
+            "keys": torch.from_numpy(numpy_state[1].astype(np.int64)),
+            "pos": int(numpy_state[2]),
+            "has_gauss": int(numpy_state[3]),
+            "cached_gaussian": float(numpy_state[4]),
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -129,16 +133,21 @@ def _set_rng_state(state: dict) -> None:
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         cuda_states = state["cuda"]
         if len(cuda_states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all([s.cpu() for s in cuda_states])
         else:
-            warnings.warn(f"fastlatent: the checkpoint holds RNG states for {len(cuda_states)} CUDA devices, "
-                          f"this process sees {torch.cuda.device_count()}; CUDA random streams are not "
-                          f"restored", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"fastlatent: the checkpoint holds RNG states for {len(cuda_states)} CUDA devices, "
+                f"this process sees {torch.cuda.device_count()}; CUDA random streams are not "
+                f"restored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
 
 def seed_everything(seed: int) -> None:
@@ -174,14 +183,21 @@ class Trainer:
         device: default ``cuda:LOCAL_RANK`` when CUDA is available, else the CPU.
     """
 
-    def __init__(self, module: nn.Module, config: TrainerConfig | None = None, *,
-                 callbacks: Iterable[Callback | tuple[int, Callable]] = (),
-                 device: torch.device | str | None = None, **overrides):
+    def __init__(
+        self,
+        module: nn.Module,
+        config: TrainerConfig | None = None,
+        *,
+        callbacks: Iterable[Callback | tuple[int, Callable]] = (),
+        device: torch.device | str | None = None,
+        **overrides,
+    ):
         if config is None:
             missing = [name for name in ("out_dir", "steps") if name not in overrides]
             if missing:
-                raise TypeError(f"Trainer: pass a TrainerConfig or at least {' and '.join(missing)} as "
-                                f"keyword arguments")
+                raise TypeError(
+                    f"Trainer: pass a TrainerConfig or at least {' and '.join(missing)} as keyword arguments"
+                )
             config = TrainerConfig(**overrides)
         elif not isinstance(config, TrainerConfig):
             raise TypeError(f"Trainer: config must be a TrainerConfig, got {type(config).__name__}")
@@ -194,9 +210,11 @@ class Trainer:
         if not isinstance(module, nn.Module):
             raise TypeError(f"Trainer: module must be a torch.nn.Module, got {type(module).__name__}")
         if not callable(getattr(module, "training_step", None)):
-            raise TypeError(f"Trainer: {type(module).__name__} has no training_step(batch, step) method; the "
-                            f"trainer trains task modules implementing the training protocol (training_step "
-                            f"returning a dict with a 'loss')")
+            raise TypeError(
+                f"Trainer: {type(module).__name__} has no training_step(batch, step) method; the "
+                f"trainer trains task modules implementing the training protocol (training_step "
+                f"returning a dict with a 'loss')"
+            )
         self.module = module
         self.callbacks = [_as_callback(c) for c in callbacks]
 
@@ -216,32 +234,46 @@ class Trainer:
         if self.autocast_dtype is not None:
             problem = _autocast_supported(device, self.autocast_dtype)
             if problem is not None:
-                raise ValueError(f"Trainer: precision={config.precision!r} is not supported on {device} with "
-                                 f"this PyTorch build ({problem}); use precision='bf16' or 'fp32'")
+                raise ValueError(
+                    f"Trainer: precision={config.precision!r} is not supported on {device} with "
+                    f"this PyTorch build ({problem}); use precision='bf16' or 'fp32'"
+                )
 
         module.to(device)
         self.disc_params = self._discriminator_parameters(module)
         disc_ids = {id(p) for p in self.disc_params}
         self.params = [p for p in module.parameters() if p.requires_grad and id(p) not in disc_ids]
         if not self.params:
-            raise ValueError(f"Trainer: {type(module).__name__} has no trainable parameters besides the "
-                             f"discriminator (all have requires_grad=False)")
+            raise ValueError(
+                f"Trainer: {type(module).__name__} has no trainable parameters besides the "
+                f"discriminator (all have requires_grad=False)"
+            )
 
         fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self._param_groups(self.params, config.weight_decay), lr=config.lr,
-                                           betas=config.betas, fused=fused)
+        self.optimizer = torch.optim.AdamW(
+            self._param_groups(self.params, config.weight_decay),
+            lr=config.lr,
+            betas=config.betas,
+            fused=fused,
+        )
         self.disc_optimizer = None
         if self.disc_params:
             disc_wd = config.weight_decay if config.disc_weight_decay is None else config.disc_weight_decay
             self.disc_optimizer = torch.optim.AdamW(
-                self._param_groups(self.disc_params, disc_wd), lr=config.disc_lr or config.lr,
-                betas=config.disc_betas or config.betas, fused=fused)
+                self._param_groups(self.disc_params, disc_wd),
+                lr=config.disc_lr or config.lr,
+                betas=config.disc_betas or config.betas,
+                fused=fused,
+            )
         self.schedule = LRSchedule(config.schedule, config.steps, config.warmup_steps, config.min_lr_ratio)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         # what this run trains, stored in each checkpoint: a resume of a different run is refused
         self.fingerprint = run_fingerprint(module, config.to_dict())
-        self.ema = (EMA(module, config.ema_decay, config.ema_start, exclude=self.disc_params)
-                    if config.ema_decay is not None else None)
+        self.ema = (
+            EMA(module, config.ema_decay, config.ema_start, exclude=self.disc_params)
+            if config.ema_decay is not None
+            else None
+        )
 
         self.ddp = None
         if self.dist.enabled:
@@ -265,12 +297,16 @@ class Trainer:
         result = []
         for i, p in enumerate(params):
             if not isinstance(p, nn.Parameter):
-                raise TypeError(f"Trainer: {type(module).__name__}.discriminator_parameters() must return "
-                                f"Parameters, item {i} is a {type(p).__name__}")
+                raise TypeError(
+                    f"Trainer: {type(module).__name__}.discriminator_parameters() must return "
+                    f"Parameters, item {i} is a {type(p).__name__}"
+                )
             if id(p) not in owned:
-                raise ValueError(f"Trainer: {type(module).__name__}.discriminator_parameters() item {i} is "
-                                 f"not a parameter of the module (register the discriminator as a "
-                                 f"submodule)")
+                raise ValueError(
+                    f"Trainer: {type(module).__name__}.discriminator_parameters() item {i} is "
+                    f"not a parameter of the module (register the discriminator as a "
+                    f"submodule)"
+                )
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 result.append(p)
@@ -281,8 +317,14 @@ class Trainer:
             return [{"params": params, "weight_decay": weight_decay}]
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
-        return [g for g in ({"params": decay, "weight_decay": weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        return [
+            g
+            for g in (
+                {"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            )
+            if g["params"]
+        ]
 
     def _wrap_ddp(self) -> None:
         from torch.nn.parallel import DistributedDataParallel
@@ -297,8 +339,10 @@ class Trainer:
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(wrapper, ignored)
             broadcast_module_state(self.disc_params)
         self.ddp = DistributedDataParallel(
-            wrapper, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-            find_unused_parameters=self.config.find_unused_parameters)
+            wrapper,
+            device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.config.find_unused_parameters,
+        )
 
     # ------------------------------------------------------------------ public helpers
 
@@ -318,13 +362,19 @@ class Trainer:
 
     def state_dict(self, stream: BatchStream | None = None) -> dict:
         """Everything needed to continue the run (tensors and plain containers only)."""
-        position = stream.position() if stream is not None else {"epoch": self.epoch, "batch_in_epoch": 0,
-                                                                   "samples_in_epoch": 0}
+        position = (
+            stream.position()
+            if stream is not None
+            else {"epoch": self.epoch, "batch_in_epoch": 0, "samples_in_epoch": 0}
+        )
         return {
             "format": CHECKPOINT_FORMAT,
             "step": self.step,
-            "data": {**position, "num_samples": stream.sampler.num_samples if stream is not None else None,
-                     "world_size": self.dist.world_size},
+            "data": {
+                **position,
+                "num_samples": stream.sampler.num_samples if stream is not None else None,
+                "world_size": self.dist.world_size,
+            },
             "module_class": type(self.module).__name__,
             "model": self.module.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -380,50 +430,73 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"Trainer: checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
         if state.get("module_class") != type(self.module).__name__:
-            raise ValueError(f"Trainer: the checkpoint was written for a {state.get('module_class')}, this "
-                             f"trainer trains a {type(self.module).__name__}; use another out_dir or "
-                             f"resume=False")
+            raise ValueError(
+                f"Trainer: the checkpoint was written for a {state.get('module_class')}, this "
+                f"trainer trains a {type(self.module).__name__}; use another out_dir or "
+                f"resume=False"
+            )
         saved = state.get("config", {})
-        changed = [f"{name}: {saved.get(name)!r} -> {getattr(self.config, name)!r}"
-                   for name in DATA_ORDER_FIELDS if saved.get(name) != getattr(self.config, name)]
+        changed = [
+            f"{name}: {saved.get(name)!r} -> {getattr(self.config, name)!r}"
+            for name in DATA_ORDER_FIELDS
+            if saved.get(name) != getattr(self.config, name)
+        ]
         if changed:
-            raise ValueError(f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: settings "
-                             f"that decide the data order changed ({'; '.join(changed)}); use another "
-                             f"out_dir, or resume=False to start over")
+            raise ValueError(
+                f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: settings "
+                f"that decide the data order changed ({'; '.join(changed)}); use another "
+                f"out_dir, or resume=False to start over"
+            )
         if "fingerprint" in state:
             differences = fingerprint_differences(state["fingerprint"], self.fingerprint)
             if differences:
-                raise ValueError(f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: it "
-                                 f"was written by a different run ({'; '.join(differences)}); use another "
-                                 f"out_dir, or resume=False to start over")
+                raise ValueError(
+                    f"Trainer: cannot resume from the checkpoint in {self.checkpoint_dir}: it "
+                    f"was written by a different run ({'; '.join(differences)}); use another "
+                    f"out_dir, or resume=False to start over"
+                )
         if saved.get("steps") != self.config.steps:
-            warnings.warn(f"fastlatent: resuming with steps={self.config.steps} (checkpoint run had "
-                          f"{saved.get('steps')}); the learning-rate schedule now follows the new length",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"fastlatent: resuming with steps={self.config.steps} (checkpoint run had "
+                f"{saved.get('steps')}); the learning-rate schedule now follows the new length",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         data = state["data"]
         if dataset_len is not None and data.get("num_samples") not in (None, dataset_len):
-            warnings.warn(f"fastlatent: the dataset has {dataset_len} samples, the checkpointed run had "
-                          f"{data['num_samples']}; the data order differs from the interrupted run",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"fastlatent: the dataset has {dataset_len} samples, the checkpointed run had "
+                f"{data['num_samples']}; the data order differs from the interrupted run",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         try:
             self.module.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             if self.disc_optimizer is not None:
                 if state.get("disc_optimizer") is None:
-                    raise ValueError("the checkpoint has no discriminator optimizer state but the module "
-                                     "has a discriminator")
+                    raise ValueError(
+                        "the checkpoint has no discriminator optimizer state but the module "
+                        "has a discriminator"
+                    )
                 self.disc_optimizer.load_state_dict(state["disc_optimizer"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise ValueError(f"Trainer: the checkpoint in {self.checkpoint_dir} does not fit this module and "
-                             f"optimizer (architecture, frozen parameters or weight_decay changed?): {exc}; "
-                             f"use another out_dir or resume=False") from exc
+            raise ValueError(
+                f"Trainer: the checkpoint in {self.checkpoint_dir} does not fit this module and "
+                f"optimizer (architecture, frozen parameters or weight_decay changed?): {exc}; "
+                f"use another out_dir or resume=False"
+            ) from exc
         self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             if state.get("ema") is not None:
                 self.ema.load_state_dict(state["ema"])
             else:
-                warnings.warn("fastlatent: the checkpoint has no EMA weights; the EMA restarts from the "
-                              "current weights", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    "fastlatent: the checkpoint has no EMA weights; the EMA restarts from the "
+                    "current weights",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
                 self.ema.update(self.module, step=-1)  # a copy: step -1 is before any start step
         self.step = int(state["step"])
         self.epoch = int(data["epoch"])
@@ -432,9 +505,12 @@ class Trainer:
         if len(rngs) == self.dist.world_size:
             _set_rng_state(rngs[self.dist.rank])
         else:
-            warnings.warn(f"fastlatent: the checkpoint was written by {len(rngs)} processes, this run has "
-                          f"{self.dist.world_size}; random streams are re-seeded, not restored",
-                          RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"fastlatent: the checkpoint was written by {len(rngs)} processes, this run has "
+                f"{self.dist.world_size}; random streams are re-seeded, not restored",
+                RuntimeWarning,
+                stacklevel=3,
+            )
             seed_everything(self.config.seed + self.dist.rank + 1_000_003 * self.step)
 
     # ------------------------------------------------------------------ training
@@ -442,41 +518,56 @@ class Trainer:
     def _split_outputs(self, out) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
         name = type(self.module).__name__
         if not isinstance(out, Mapping):
-            raise TypeError(f"Trainer: {name}.training_step must return a dict of tensors with a 'loss' "
-                            f"entry, got {type(out).__name__}")
+            raise TypeError(
+                f"Trainer: {name}.training_step must return a dict of tensors with a 'loss' "
+                f"entry, got {type(out).__name__}"
+            )
         if "loss" not in out:
-            raise ValueError(f"Trainer: {name}.training_step returned no 'loss' entry (keys: {sorted(out)}); "
-                             f"the protocol needs the scalar loss to backpropagate under 'loss'")
+            raise ValueError(
+                f"Trainer: {name}.training_step returned no 'loss' entry (keys: {sorted(out)}); "
+                f"the protocol needs the scalar loss to backpropagate under 'loss'"
+            )
         loss = out["loss"]
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
-            raise ValueError(f"Trainer: {name}.training_step()['loss'] must be a scalar tensor, got "
-                             f"{type(loss).__name__}{shape}")
+            raise ValueError(
+                f"Trainer: {name}.training_step()['loss'] must be a scalar tensor, got "
+                f"{type(loss).__name__}{shape}"
+            )
         if not loss.requires_grad:
-            raise ValueError(f"Trainer: {name}.training_step()['loss'] does not require grad: no trainable "
-                             f"parameter contributed to it (is the module frozen, or computed under "
-                             f"no_grad?)")
+            raise ValueError(
+                f"Trainer: {name}.training_step()['loss'] does not require grad: no trainable "
+                f"parameter contributed to it (is the module frozen, or computed under "
+                f"no_grad?)"
+            )
         disc_loss = out.get("disc_loss")
         if disc_loss is not None:
             if not self.disc_params:
-                raise ValueError(f"Trainer: {name}.training_step returned a 'disc_loss' but the module has "
-                                 f"no discriminator_parameters() (or they are all frozen)")
+                raise ValueError(
+                    f"Trainer: {name}.training_step returned a 'disc_loss' but the module has "
+                    f"no discriminator_parameters() (or they are all frozen)"
+                )
             scalar = isinstance(disc_loss, torch.Tensor) and disc_loss.numel() == 1
             if not (scalar and disc_loss.requires_grad):
-                raise ValueError(f"Trainer: {name}.training_step()['disc_loss'] must be a scalar tensor that "
-                                 f"requires grad")
+                raise ValueError(
+                    f"Trainer: {name}.training_step()['disc_loss'] must be a scalar tensor that requires grad"
+                )
         metrics = {}
         for key, value in out.items():
             if isinstance(value, torch.Tensor):
                 if value.numel() != 1:
-                    raise ValueError(f"Trainer: {name}.training_step()[{key!r}] must be a scalar to be "
-                                     f"logged, got shape {list(value.shape)}")
+                    raise ValueError(
+                        f"Trainer: {name}.training_step()[{key!r}] must be a scalar to be "
+                        f"logged, got shape {list(value.shape)}"
+                    )
                 metrics[key] = value.detach().reshape(()).float()
             elif isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[key] = torch.tensor(float(value), device=self.device)
             else:
-                raise ValueError(f"Trainer: {name}.training_step()[{key!r}] must be a scalar tensor or "
-                                 f"number, got {type(value).__name__}")
+                raise ValueError(
+                    f"Trainer: {name}.training_step()[{key!r}] must be a scalar tensor or "
+                    f"number, got {type(value).__name__}"
+                )
         return loss.reshape(()), (disc_loss.reshape(()) if disc_loss is not None else None), metrics
 
     def _set_lr(self) -> float:
@@ -501,8 +592,11 @@ class Trainer:
             accumulating = self.ddp is not None and micro < accum - 1
             sync = self.ddp.no_sync() if accumulating else contextlib.nullcontext()
             with sync:
-                with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                    enabled=self.autocast_dtype is not None):
+                with torch.autocast(
+                    self.device.type,
+                    dtype=self.autocast_dtype or torch.float32,
+                    enabled=self.autocast_dtype is not None,
+                ):
                     out = forward(batch, self.step)
                 loss, disc_loss, metrics = self._split_outputs(out)
                 # The generator loss reaches the discriminator's weights too (through D(fake)); those
@@ -603,12 +697,19 @@ class Trainer:
         try:
             num_samples = len(dataset)
         except TypeError:
-            raise TypeError(f"Trainer.fit: dataset must be a map-style dataset with __len__, got "
-                            f"{type(dataset).__name__}") from None
+            raise TypeError(
+                f"Trainer.fit: dataset must be a map-style dataset with __len__, got {type(dataset).__name__}"
+            ) from None
         if num_samples == 0:
             raise ValueError("Trainer.fit: the dataset is empty")
-        sampler = EpochBatchSampler(num_samples, config.batch_size, seed=config.seed, rank=self.dist.rank,
-                                    world_size=self.dist.world_size, shuffle=config.shuffle)
+        sampler = EpochBatchSampler(
+            num_samples,
+            config.batch_size,
+            seed=config.seed,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            shuffle=config.shuffle,
+        )
 
         state = self._find_resume_checkpoint() if config.resume else None
         if state is not None:
@@ -621,9 +722,14 @@ class Trainer:
             seed_everything(config.seed + self.dist.rank)
             batch_in_epoch = 0
             resume_step = None
-        stream = BatchStream(dataset, sampler, num_workers=config.num_workers,
-                             pin_memory=self.device.type == "cuda", epoch=self.epoch,
-                             batch_in_epoch=batch_in_epoch)
+        stream = BatchStream(
+            dataset,
+            sampler,
+            num_workers=config.num_workers,
+            pin_memory=self.device.type == "cuda",
+            epoch=self.epoch,
+            batch_in_epoch=batch_in_epoch,
+        )
 
         logger = None
         if self.dist.is_main:
@@ -664,8 +770,9 @@ class Trainer:
                         record["disc_lr"] = disc_lr * self.schedule.factor(self.step - 1)
                     record.update(values)
                     record["time"] = self._elapsed_before + (now - self._run_start)
-                    record["samples_per_s"] = ((self.step - last_log_step) * self.global_batch_size
-                                               / max(now - last_log_time, 1e-9))
+                    record["samples_per_s"] = (
+                        (self.step - last_log_step) * self.global_batch_size / max(now - last_log_time, 1e-9)
+                    )
                     last_log_time, last_log_step = now, self.step
                     self._check_finite(record)
                     if logger is not None:
@@ -679,8 +786,12 @@ class Trainer:
                     self.save_checkpoint(stream)
                     if logger is not None and config.plots and config.plot_every is None:
                         logger.plot()
-                if (logger is not None and config.plots and config.plot_every is not None
-                        and (self.step % config.plot_every == 0 or final)):
+                if (
+                    logger is not None
+                    and config.plots
+                    and config.plot_every is not None
+                    and (self.step % config.plot_every == 0 or final)
+                ):
                     logger.plot()
                 # Throughput counts training only, not evaluation callbacks, checkpoints or plots.
                 last_log_time += time.perf_counter() - overhead_start
@@ -700,8 +811,10 @@ class Trainer:
         if not math.isfinite(record["loss"]):
             good = ckpt.list_checkpoints(self.checkpoint_dir)
             where = f"the last checkpoint is {good[-1][1]}" if good else "no checkpoint was written yet"
-            raise FloatingPointError(f"Trainer: the loss is {record['loss']} at step {self.step} ({where}); "
-                                     f"lower lr, raise warmup_steps, set grad_clip, or train in fp32")
+            raise FloatingPointError(
+                f"Trainer: the loss is {record['loss']} at step {self.step} ({where}); "
+                f"lower lr, raise warmup_steps, set grad_clip, or train in fp32"
+            )
 
     def plot(self, path: str | None = None) -> None:
         """Draw the logged curves to ``path`` (default ``out_dir/metrics.png``)."""

@@ -8,7 +8,7 @@ stale silently. Keep each `old` unique in its source.
 """
 
 CONTROLS = [
-    {   # tree reduction in shared memory with the barrier between its steps removed
+    {  # tree reduction in shared memory with the barrier between its steps removed
         "name": "missing_syncthreads",
         "source": "ema_update_cuda.cu",
         "launch": "launch_ema_update_cuda",
@@ -16,7 +16,7 @@ CONTROLS = [
         "old": "partial[threadIdx.x + stride];\n    __syncthreads();",
         "new": "partial[threadIdx.x + stride];",
     },
-    {   # grid-stride loop over rows that runs one row past the end
+    {  # grid-stride loop over rows that runs one row past the end
         "name": "off_by_one_tail",
         "source": "code_stats_cuda.cu",
         "launch": "launch_code_stats_cuda",
@@ -24,7 +24,7 @@ CONTROLS = [
         "old": "threadIdx.x; i < n;",
         "new": "threadIdx.x; i <= n;",
     },
-    {   # double-buffered cp.async weight tiles read without waiting for the tile in use
+    {  # double-buffered cp.async weight tiles read without waiting for the tile in use
         "name": "missing_cp_async_wait",
         "source": "group_norm_conv_cuda.cu",
         "launch": "launch_group_norm_conv3x3_cuda",
@@ -32,7 +32,7 @@ CONTROLS = [
         "old": "load_b(t + 1, static_cast<int>((t + 1) & 1));\n        cp_async_wait<1>();",
         "new": "load_b(t + 1, static_cast<int>((t + 1) & 1));",
     },
-    {   # the vector path's 16-byte loads chosen without checking model_output's alignment
+    {  # the vector path's 16-byte loads chosen without checking model_output's alignment
         "name": "misaligned_vector_load",
         "source": "sampler_step_cuda.cu",
         "launch": "launch_sampler_step_cuda",
