@@ -45,79 +45,119 @@ FsqParams check_quantize(const at::Tensor& z, c10::IntArrayRef levels, bool pres
   return p;
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> fsq_quantize_impl(const at::Tensor& z, c10::IntArrayRef levels,
-                                                     bool preserve_symmetry) {
-  constexpr const char* kOp = "fsq_quantize";
-  FsqParams p = check_quantize(z, levels, preserve_symmetry, kOp);
-  const at::Tensor zc = z.contiguous();
-  at::Tensor z_hat = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor indices = at::empty(z.sizes().slice(0, z.dim() - 1), z.options().dtype(at::kLong));
+// fsq_quantize: checked params, outputs, and the kernel arguments pointing into them.
+struct QuantizeCall {
+  FsqParams p;
   FsqForwardArgs args;
-  args.z = zc.data_ptr();
-  args.z_hat = z_hat.data_ptr();
-  args.indices = indices.data_ptr<int64_t>();
-  if constexpr (kCuda) {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(z.device());
-    C10_CUDA_CHECK(launch_fsq_quantize_cuda(p, args, c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
-    torch_glue::check_status(run_fsq_quantize_cpu(p, args));
-  }
-  return {z_hat, indices};
+  at::Tensor zc, z_hat, indices;
+};
+
+QuantizeCall prepare_quantize(const at::Tensor& z, c10::IntArrayRef levels, bool preserve_symmetry) {
+  QuantizeCall c;
+  c.p = check_quantize(z, levels, preserve_symmetry, "fsq_quantize");
+  c.zc = z.contiguous();
+  c.z_hat = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  c.indices = at::empty(z.sizes().slice(0, z.dim() - 1), z.options().dtype(at::kLong));
+  c.args.z = c.zc.data_ptr();
+  c.args.z_hat = c.z_hat.data_ptr();
+  c.args.indices = c.indices.data_ptr<int64_t>();
+  return c;
 }
 
-template <bool kCuda>
-at::Tensor fsq_quantize_backward_impl(const at::Tensor& grad_z_hat, const at::Tensor& z,
-                                      c10::IntArrayRef levels, bool preserve_symmetry) {
+std::tuple<at::Tensor, at::Tensor> fsq_quantize_cpu(const at::Tensor& z, c10::IntArrayRef levels,
+                                                    bool preserve_symmetry) {
+  const QuantizeCall c = prepare_quantize(z, levels, preserve_symmetry);
+  torch_glue::check_status(run_fsq_quantize_cpu(c.p, c.args));
+  return {c.z_hat, c.indices};
+}
+
+// fsq_quantize_backward: as above.
+struct BackwardCall {
+  FsqParams p;
+  FsqBackwardArgs args;
+  at::Tensor gc, zc, grad_z;
+};
+
+BackwardCall prepare_backward(const at::Tensor& grad_z_hat, const at::Tensor& z, c10::IntArrayRef levels,
+                              bool preserve_symmetry) {
   constexpr const char* kOp = "fsq_quantize_backward";
-  FsqParams p = check_quantize(z, levels, preserve_symmetry, kOp);
+  BackwardCall c;
+  c.p = check_quantize(z, levels, preserve_symmetry, kOp);
   torch_glue::check_same_device(grad_z_hat, z, kOp, "grad_z_hat", "z");
   torch_glue::check_same_dtype(grad_z_hat, z, kOp, "grad_z_hat", "z");
   torch_glue::check_same_shape(grad_z_hat, z, kOp, "grad_z_hat", "z");
-  const at::Tensor gc = grad_z_hat.contiguous(), zc = z.contiguous();
-  at::Tensor grad_z = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
-  FsqBackwardArgs args;
-  args.grad_z_hat = gc.data_ptr();
-  args.z = zc.data_ptr();
-  args.grad_z = grad_z.data_ptr();
-  if constexpr (kCuda) {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(z.device());
-    C10_CUDA_CHECK(launch_fsq_quantize_backward_cuda(p, args, c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
-    torch_glue::check_status(run_fsq_quantize_backward_cpu(p, args));
-  }
-  return grad_z;
+  c.gc = grad_z_hat.contiguous();
+  c.zc = z.contiguous();
+  c.grad_z = at::empty(z.sizes(), z.options().memory_format(at::MemoryFormat::Contiguous));
+  c.args.grad_z_hat = c.gc.data_ptr();
+  c.args.z = c.zc.data_ptr();
+  c.args.grad_z = c.grad_z.data_ptr();
+  return c;
 }
 
-template <bool kCuda>
-at::Tensor fsq_indices_to_codes_impl(const at::Tensor& indices, c10::IntArrayRef levels, bool preserve_symmetry,
-                                     std::optional<at::ScalarType> dtype) {
-  constexpr const char* kOp = "fsq_indices_to_codes";
-  FsqParams p = make_params(levels, preserve_symmetry, kOp);
-  const at::Tensor ic = torch_glue::index_tensor(indices, kOp, "indices");
-  const at::ScalarType out_type = dtype.value_or(at::kFloat);
-  p.dtype = torch_glue::kernel_dtype(out_type, kOp, "dtype", /*allow_double=*/!kCuda);
-  p.rows = indices.numel();
-  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
-  shape.push_back(p.d);
-  at::Tensor codes = at::empty(shape, indices.options().dtype(out_type));
-  FsqCodesArgs args;
-  args.indices = ic.data_ptr<int64_t>();
-  args.codes = codes.data_ptr();
-  if constexpr (kCuda) {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(indices.device());
-    C10_CUDA_CHECK(launch_fsq_indices_to_codes_cuda(p, args, c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
-    torch_glue::check_status(run_fsq_indices_to_codes_cpu(p, args));
-  }
-  return codes;
+at::Tensor fsq_quantize_backward_cpu(const at::Tensor& grad_z_hat, const at::Tensor& z, c10::IntArrayRef levels,
+                                     bool preserve_symmetry) {
+  const BackwardCall c = prepare_backward(grad_z_hat, z, levels, preserve_symmetry);
+  torch_glue::check_status(run_fsq_quantize_backward_cpu(c.p, c.args));
+  return c.grad_z;
 }
+
+// fsq_indices_to_codes: as above (float64 codes on the CPU only).
+struct CodesCall {
+  FsqParams p;
+  FsqCodesArgs args;
+  at::Tensor ic, codes;
+};
+
+CodesCall prepare_codes(const at::Tensor& indices, c10::IntArrayRef levels, bool preserve_symmetry,
+                        std::optional<at::ScalarType> dtype, bool cuda) {
+  constexpr const char* kOp = "fsq_indices_to_codes";
+  CodesCall c;
+  c.p = make_params(levels, preserve_symmetry, kOp);
+  c.ic = torch_glue::index_tensor(indices, kOp, "indices");
+  const at::ScalarType out_type = dtype.value_or(at::kFloat);
+  c.p.dtype = torch_glue::kernel_dtype(out_type, kOp, "dtype", /*allow_double=*/!cuda);
+  c.p.rows = indices.numel();
+  std::vector<int64_t> shape(indices.sizes().begin(), indices.sizes().end());
+  shape.push_back(c.p.d);
+  c.codes = at::empty(shape, indices.options().dtype(out_type));
+  c.args.indices = c.ic.data_ptr<int64_t>();
+  c.args.codes = c.codes.data_ptr();
+  return c;
+}
+
+at::Tensor fsq_indices_to_codes_cpu(const at::Tensor& indices, c10::IntArrayRef levels, bool preserve_symmetry,
+                                    std::optional<at::ScalarType> dtype) {
+  const CodesCall c = prepare_codes(indices, levels, preserve_symmetry, dtype, /*cuda=*/false);
+  torch_glue::check_status(run_fsq_indices_to_codes_cpu(c.p, c.args));
+  return c.codes;
+}
+
+#ifdef FL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> fsq_quantize_cuda(const at::Tensor& z, c10::IntArrayRef levels,
+                                                     bool preserve_symmetry) {
+  const QuantizeCall c = prepare_quantize(z, levels, preserve_symmetry);
+  const c10::cuda::CUDAGuard guard(z.device());
+  C10_CUDA_CHECK(launch_fsq_quantize_cuda(c.p, c.args, c10::cuda::getCurrentCUDAStream()));
+  return {c.z_hat, c.indices};
+}
+
+at::Tensor fsq_quantize_backward_cuda(const at::Tensor& grad_z_hat, const at::Tensor& z, c10::IntArrayRef levels,
+                                      bool preserve_symmetry) {
+  const BackwardCall c = prepare_backward(grad_z_hat, z, levels, preserve_symmetry);
+  const c10::cuda::CUDAGuard guard(z.device());
+  C10_CUDA_CHECK(launch_fsq_quantize_backward_cuda(c.p, c.args, c10::cuda::getCurrentCUDAStream()));
+  return c.grad_z;
+}
+
+at::Tensor fsq_indices_to_codes_cuda(const at::Tensor& indices, c10::IntArrayRef levels, bool preserve_symmetry,
+                                     std::optional<at::ScalarType> dtype) {
+  const CodesCall c = prepare_codes(indices, levels, preserve_symmetry, dtype, /*cuda=*/true);
+  const c10::cuda::CUDAGuard guard(indices.device());
+  C10_CUDA_CHECK(launch_fsq_indices_to_codes_cuda(c.p, c.args, c10::cuda::getCurrentCUDAStream()));
+  return c.codes;
+}
+#endif
 
 }  // namespace
 }  // namespace fastlatent
@@ -130,13 +170,13 @@ TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CPU, m) {
-  m.impl("fsq_quantize", &fastlatent::fsq_quantize_impl<false>);
-  m.impl("fsq_quantize_backward", &fastlatent::fsq_quantize_backward_impl<false>);
-  m.impl("fsq_indices_to_codes", &fastlatent::fsq_indices_to_codes_impl<false>);
+  m.impl("fsq_quantize", &fastlatent::fsq_quantize_cpu);
+  m.impl("fsq_quantize_backward", &fastlatent::fsq_quantize_backward_cpu);
+  m.impl("fsq_indices_to_codes", &fastlatent::fsq_indices_to_codes_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
-  FL_REGISTER_CUDA(m, "fsq_quantize", &fastlatent::fsq_quantize_impl<true>);
-  FL_REGISTER_CUDA(m, "fsq_quantize_backward", &fastlatent::fsq_quantize_backward_impl<true>);
-  FL_REGISTER_CUDA(m, "fsq_indices_to_codes", &fastlatent::fsq_indices_to_codes_impl<true>);
+  FL_REGISTER_CUDA(m, "fsq_quantize", &fastlatent::fsq_quantize_cuda);
+  FL_REGISTER_CUDA(m, "fsq_quantize_backward", &fastlatent::fsq_quantize_backward_cuda);
+  FL_REGISTER_CUDA(m, "fsq_indices_to_codes", &fastlatent::fsq_indices_to_codes_cuda);
 }

@@ -200,31 +200,35 @@ at::Tensor fused(const Args& a) {
 
 #endif
 
-// One entry point for both dispatch keys (kCuda: the CUDA registration).
-template <bool kCuda>
-at::Tensor group_norm_conv3x3(const at::Tensor& x, const std::optional<at::Tensor>& gn_weight,
-                              const std::optional<at::Tensor>& gn_bias, int64_t groups, double eps,
-                              std::string_view activation, const at::Tensor& conv_weight,
-                              const std::optional<at::Tensor>& conv_bias, const std::optional<at::Tensor>& residual,
-                              std::string_view algorithm) {
+at::Tensor group_norm_conv3x3_cpu(const at::Tensor& x, const std::optional<at::Tensor>& gn_weight,
+                                  const std::optional<at::Tensor>& gn_bias, int64_t groups, double eps,
+                                  std::string_view activation, const at::Tensor& conv_weight,
+                                  const std::optional<at::Tensor>& conv_bias,
+                                  const std::optional<at::Tensor>& residual, std::string_view algorithm) {
+  const Args a{x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual};
+  check_args(a);
+  FL_CHECK_VALUE(parse_algorithm(algorithm) != Algorithm::kFused, kOp, "algorithm=\"fused\" needs a CUDA tensor "
+                 "(the CPU runs \"unfused\": the group_norm kernel, then oneDNN's convolution)");
+  return is_empty(x) ? empty_output(a) : unfused(a);
+}
+
+#ifdef FL_WITH_CUDA
+at::Tensor group_norm_conv3x3_cuda(const at::Tensor& x, const std::optional<at::Tensor>& gn_weight,
+                                   const std::optional<at::Tensor>& gn_bias, int64_t groups, double eps,
+                                   std::string_view activation, const at::Tensor& conv_weight,
+                                   const std::optional<at::Tensor>& conv_bias,
+                                   const std::optional<at::Tensor>& residual, std::string_view algorithm) {
   const Args a{x, gn_weight, gn_bias, groups, eps, activation, conv_weight, conv_bias, residual};
   check_args(a);
   const Algorithm algo = parse_algorithm(algorithm);
-  if constexpr (!kCuda) {
-    FL_CHECK_VALUE(algo != Algorithm::kFused, kOp, "algorithm=\"fused\" needs a CUDA tensor (the CPU runs "
-                   "\"unfused\": the group_norm kernel, then oneDNN's convolution)");
-    return is_empty(x) ? empty_output(a) : unfused(a);
-  } else {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const std::string why_not = fused_unsupported_reason(a);
-    FL_CHECK_VALUE(algo != Algorithm::kFused || why_not.empty(), kOp, "algorithm=\"fused\": ", why_not);
-    if (is_empty(x)) return empty_output(a);
-    if (algo == Algorithm::kUnfused || !why_not.empty()) return unfused(a);
-    return fused(a);
-#endif
-  }
+  const c10::cuda::CUDAGuard guard(x.device());
+  const std::string why_not = fused_unsupported_reason(a);
+  FL_CHECK_VALUE(algo != Algorithm::kFused || why_not.empty(), kOp, "algorithm=\"fused\": ", why_not);
+  if (is_empty(x)) return empty_output(a);
+  if (algo == Algorithm::kUnfused || !why_not.empty()) return unfused(a);
+  return fused(a);
 }
+#endif
 
 }  // namespace
 }  // namespace fastlatent
@@ -234,8 +238,8 @@ TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
         "Tensor conv_weight, Tensor? conv_bias=None, Tensor? residual=None, str algorithm=\"auto\") -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(fastlatent, CPU, m) { m.impl("group_norm_conv3x3", &fastlatent::group_norm_conv3x3<false>); }
+TORCH_LIBRARY_IMPL(fastlatent, CPU, m) { m.impl("group_norm_conv3x3", &fastlatent::group_norm_conv3x3_cpu); }
 
 TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
-  FL_REGISTER_CUDA(m, "group_norm_conv3x3", &fastlatent::group_norm_conv3x3<true>);
+  FL_REGISTER_CUDA(m, "group_norm_conv3x3", &fastlatent::group_norm_conv3x3_cuda);
 }

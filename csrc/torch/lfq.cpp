@@ -19,30 +19,27 @@ namespace {
 
 using torch_glue::check_positive;
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> lfq_quantize_impl(const at::Tensor& x, double codebook_scale) {
-  constexpr const char* kOp = "lfq_quantize";
+// Each call's checked params and the tensors they point into (kept alive while the kernel runs).
+struct QuantizeCall {
   LfqQuantizeParams p;
-  p.dtype = torch_glue::kernel_dtype(x, kOp, "x", /*allow_double=*/!kCuda);
-  p.d = torch_glue::check_channels(x, kLfqMaxQuantizeDims, kOp, "x", "bits per code, for int64 indices");
+  at::Tensor xc, quantized, indices;
+};
+
+QuantizeCall prepare_quantize(const at::Tensor& x, double codebook_scale, bool cuda) {
+  constexpr const char* kOp = "lfq_quantize";
+  QuantizeCall c;
+  c.p.dtype = torch_glue::kernel_dtype(x, kOp, "x", /*allow_double=*/!cuda);
+  c.p.d = torch_glue::check_channels(x, kLfqMaxQuantizeDims, kOp, "x", "bits per code, for int64 indices");
   check_positive(codebook_scale, kOp, "codebook_scale");
-  p.n = x.numel() / p.d;
-  p.codebook_scale = codebook_scale;
-  const at::Tensor xc = x.contiguous();
-  at::Tensor quantized = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  at::Tensor indices = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
-  p.x = xc.data_ptr();
-  p.quantized = quantized.data_ptr();
-  p.indices = indices.data_ptr<int64_t>();
-  if constexpr (kCuda) {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    C10_CUDA_CHECK(launch_lfq_quantize_cuda(p, c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
-    torch_glue::check_status(run_lfq_quantize_cpu(p));
-  }
-  return {quantized, indices};
+  c.p.n = x.numel() / c.p.d;
+  c.p.codebook_scale = codebook_scale;
+  c.xc = x.contiguous();
+  c.quantized = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  c.indices = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kLong));
+  c.p.x = c.xc.data_ptr();
+  c.p.quantized = c.quantized.data_ptr();
+  c.p.indices = c.indices.data_ptr<int64_t>();
+  return c;
 }
 
 LfqEntropyParams entropy_params(const at::Tensor& x, double codebook_scale, double inv_temperature, const char* op,
@@ -57,61 +54,103 @@ LfqEntropyParams entropy_params(const at::Tensor& x, double codebook_scale, doub
   return p;
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> lfq_entropy_impl(const at::Tensor& x, double codebook_scale,
-                                                    double inv_temperature) {
-  constexpr const char* kOp = "lfq_entropy";
-  LfqEntropyParams p = entropy_params(x, codebook_scale, inv_temperature, kOp, kCuda);
-  const at::Tensor xc = x.contiguous();
+struct EntropyCall {
+  LfqEntropyParams p;
+  at::Tensor xc, per_sample, avg_probs;
+};
+
+EntropyCall prepare_entropy(const at::Tensor& x, double codebook_scale, double inv_temperature, bool cuda) {
+  EntropyCall c;
+  c.p = entropy_params(x, codebook_scale, inv_temperature, "lfq_entropy", cuda);
+  c.xc = x.contiguous();
   const auto out_options = x.options().dtype(torch_glue::math_scalar_type(x));
-  at::Tensor per_sample = at::empty(x.sizes().slice(0, x.dim() - 1), out_options);
-  at::Tensor avg_probs = at::empty({int64_t{1} << p.d}, out_options);
-  p.x = xc.data_ptr();
-  p.per_sample_entropy = per_sample.data_ptr();
-  p.avg_probs = avg_probs.data_ptr();
-  if constexpr (kCuda) {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const at::Tensor workspace = at::empty(
-        {static_cast<int64_t>(lfq_entropy_cuda_workspace_bytes(p.n, p.d, false))}, x.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-    C10_CUDA_CHECK(launch_lfq_entropy_cuda(p, c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
-    torch_glue::check_status(run_lfq_entropy_cpu(p));
-  }
-  return {per_sample, avg_probs};
+  c.per_sample = at::empty(x.sizes().slice(0, x.dim() - 1), out_options);
+  c.avg_probs = at::empty({int64_t{1} << c.p.d}, out_options);
+  c.p.x = c.xc.data_ptr();
+  c.p.per_sample_entropy = c.per_sample.data_ptr();
+  c.p.avg_probs = c.avg_probs.data_ptr();
+  return c;
 }
 
-template <bool kCuda>
-at::Tensor lfq_entropy_backward_impl(const at::Tensor& grad_per_sample, const at::Tensor& grad_avg_probs,
-                                     const at::Tensor& x, double codebook_scale, double inv_temperature) {
+struct EntropyBackwardCall {
+  LfqEntropyParams p;
+  at::Tensor xc, gps, gavg, grad_x;
+};
+
+EntropyBackwardCall prepare_entropy_backward(const at::Tensor& grad_per_sample, const at::Tensor& grad_avg_probs,
+                                             const at::Tensor& x, double codebook_scale, double inv_temperature,
+                                             bool cuda) {
   constexpr const char* kOp = "lfq_entropy_backward";
-  LfqEntropyParams p = entropy_params(x, codebook_scale, inv_temperature, kOp, kCuda);
+  EntropyBackwardCall c;
+  c.p = entropy_params(x, codebook_scale, inv_temperature, kOp, cuda);
   const at::ScalarType out_type = torch_glue::math_scalar_type(x);
   torch_glue::check_tensor_like(grad_per_sample, x.sizes().slice(0, x.dim() - 1), out_type, x, kOp,
                                 "grad_per_sample_entropy");
-  const int64_t codes = int64_t{1} << p.d;
+  const int64_t codes = int64_t{1} << c.p.d;
   torch_glue::check_tensor_like(grad_avg_probs, {codes}, out_type, x, kOp, "grad_avg_probs");
-  const at::Tensor xc = x.contiguous(), gps = grad_per_sample.contiguous(), gavg = grad_avg_probs.contiguous();
-  at::Tensor grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  p.x = xc.data_ptr();
-  p.grad_per_sample = gps.data_ptr();
-  p.grad_avg_probs = gavg.data_ptr();
-  p.grad_x = grad_x.data_ptr();
-  if constexpr (kCuda) {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(x.device());
-    const at::Tensor workspace = at::empty(
-        {static_cast<int64_t>(lfq_entropy_cuda_workspace_bytes(p.n, p.d, true))}, x.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-    C10_CUDA_CHECK(launch_lfq_entropy_backward_cuda(p, c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
-    torch_glue::check_status(run_lfq_entropy_backward_cpu(p));
-  }
-  return grad_x;
+  c.xc = x.contiguous();
+  c.gps = grad_per_sample.contiguous();
+  c.gavg = grad_avg_probs.contiguous();
+  c.grad_x = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  c.p.x = c.xc.data_ptr();
+  c.p.grad_per_sample = c.gps.data_ptr();
+  c.p.grad_avg_probs = c.gavg.data_ptr();
+  c.p.grad_x = c.grad_x.data_ptr();
+  return c;
 }
+
+std::tuple<at::Tensor, at::Tensor> lfq_quantize_cpu(const at::Tensor& x, double codebook_scale) {
+  const QuantizeCall c = prepare_quantize(x, codebook_scale, /*cuda=*/false);
+  torch_glue::check_status(run_lfq_quantize_cpu(c.p));
+  return {c.quantized, c.indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> lfq_entropy_cpu(const at::Tensor& x, double codebook_scale,
+                                                   double inv_temperature) {
+  const EntropyCall c = prepare_entropy(x, codebook_scale, inv_temperature, /*cuda=*/false);
+  torch_glue::check_status(run_lfq_entropy_cpu(c.p));
+  return {c.per_sample, c.avg_probs};
+}
+
+at::Tensor lfq_entropy_backward_cpu(const at::Tensor& grad_per_sample, const at::Tensor& grad_avg_probs,
+                                    const at::Tensor& x, double codebook_scale, double inv_temperature) {
+  const EntropyBackwardCall c =
+      prepare_entropy_backward(grad_per_sample, grad_avg_probs, x, codebook_scale, inv_temperature, /*cuda=*/false);
+  torch_glue::check_status(run_lfq_entropy_backward_cpu(c.p));
+  return c.grad_x;
+}
+
+#ifdef FL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> lfq_quantize_cuda(const at::Tensor& x, double codebook_scale) {
+  const QuantizeCall c = prepare_quantize(x, codebook_scale, /*cuda=*/true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  C10_CUDA_CHECK(launch_lfq_quantize_cuda(c.p, c10::cuda::getCurrentCUDAStream()));
+  return {c.quantized, c.indices};
+}
+
+std::tuple<at::Tensor, at::Tensor> lfq_entropy_cuda(const at::Tensor& x, double codebook_scale,
+                                                    double inv_temperature) {
+  EntropyCall c = prepare_entropy(x, codebook_scale, inv_temperature, /*cuda=*/true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(lfq_entropy_cuda_workspace_bytes(c.p.n, c.p.d, false))},
+                                         x.options().dtype(at::kByte));
+  c.p.workspace = workspace.data_ptr();
+  C10_CUDA_CHECK(launch_lfq_entropy_cuda(c.p, c10::cuda::getCurrentCUDAStream()));
+  return {c.per_sample, c.avg_probs};
+}
+
+at::Tensor lfq_entropy_backward_cuda(const at::Tensor& grad_per_sample, const at::Tensor& grad_avg_probs,
+                                     const at::Tensor& x, double codebook_scale, double inv_temperature) {
+  EntropyBackwardCall c =
+      prepare_entropy_backward(grad_per_sample, grad_avg_probs, x, codebook_scale, inv_temperature, /*cuda=*/true);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(lfq_entropy_cuda_workspace_bytes(c.p.n, c.p.d, true))},
+                                         x.options().dtype(at::kByte));
+  c.p.workspace = workspace.data_ptr();
+  C10_CUDA_CHECK(launch_lfq_entropy_backward_cuda(c.p, c10::cuda::getCurrentCUDAStream()));
+  return c.grad_x;
+}
+#endif
 
 }  // namespace
 }  // namespace fastlatent
@@ -125,13 +164,13 @@ TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CPU, m) {
-  m.impl("lfq_quantize", &fastlatent::lfq_quantize_impl<false>);
-  m.impl("lfq_entropy", &fastlatent::lfq_entropy_impl<false>);
-  m.impl("lfq_entropy_backward", &fastlatent::lfq_entropy_backward_impl<false>);
+  m.impl("lfq_quantize", &fastlatent::lfq_quantize_cpu);
+  m.impl("lfq_entropy", &fastlatent::lfq_entropy_cpu);
+  m.impl("lfq_entropy_backward", &fastlatent::lfq_entropy_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
-  FL_REGISTER_CUDA(m, "lfq_quantize", &fastlatent::lfq_quantize_impl<true>);
-  FL_REGISTER_CUDA(m, "lfq_entropy", &fastlatent::lfq_entropy_impl<true>);
-  FL_REGISTER_CUDA(m, "lfq_entropy_backward", &fastlatent::lfq_entropy_backward_impl<true>);
+  FL_REGISTER_CUDA(m, "lfq_quantize", &fastlatent::lfq_quantize_cuda);
+  FL_REGISTER_CUDA(m, "lfq_entropy", &fastlatent::lfq_entropy_cuda);
+  FL_REGISTER_CUDA(m, "lfq_entropy_backward", &fastlatent::lfq_entropy_backward_cuda);
 }

@@ -128,67 +128,71 @@ void check_schedule_value(const char* op, bool ok, const char* name, const char*
   FL_CHECK_VALUE(ok, op, name, " must be ", expected, ", got ", value);
 }
 
-// Holds the contiguous inputs alive while the kernel runs.
-struct Inputs {
-  at::Tensor model_output, sample, noise, seed_offset;
+// A checked step: params with folded coefficients, the outputs, and the contiguous inputs the
+// params point into (kept alive while the kernel runs).
+struct Step {
+  SamplerStepParams p;
+  at::Tensor model_output, sample, noise;
   at::Tensor prev[kMaxHistory];
+  at::Tensor out, x0;
+  std::optional<at::Tensor> seed_offset;  // read on the device when no noise tensor is given
 };
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> run(SamplerStepParams& p, const at::Tensor& model_output,
-                                       const at::Tensor& sample, const std::vector<at::Tensor>& history,
-                                       const std::optional<at::Tensor>& noise,
-                                       const std::optional<at::Tensor>& seed_offset, bool return_x0) {
-  Inputs in;
-  in.model_output = model_output.contiguous();
-  in.sample = sample.contiguous();
-  at::Tensor out = at::empty(sample.sizes(), sample.options());
-  at::Tensor x0 = return_x0 ? at::empty(sample.sizes(), sample.options()) : at::empty({0}, sample.options());
-  p.model_output = in.model_output.data_ptr();
-  p.sample = in.sample.data_ptr();
-  p.out = out.data_ptr();
-  p.x0_out = return_x0 ? x0.data_ptr() : nullptr;
+Step prepare(const SamplerStepParams& p, const at::Tensor& model_output, const at::Tensor& sample,
+             const std::vector<at::Tensor>& history, const std::optional<at::Tensor>& noise,
+             const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+  Step s;
+  s.p = p;
+  s.model_output = model_output.contiguous();
+  s.sample = sample.contiguous();
+  s.out = at::empty(sample.sizes(), sample.options());
+  s.x0 = return_x0 ? at::empty(sample.sizes(), sample.options()) : at::empty({0}, sample.options());
+  s.p.model_output = s.model_output.data_ptr();
+  s.p.sample = s.sample.data_ptr();
+  s.p.out = s.out.data_ptr();
+  s.p.x0_out = return_x0 ? s.x0.data_ptr() : nullptr;
   for (int j = 0; j < kMaxHistory; ++j) {
-    if (j < static_cast<int>(history.size()) && p.c.out_prev[j] != 0.0f) {
-      in.prev[j] = history[j].contiguous();
-      p.prev[j] = in.prev[j].data_ptr();
+    if (j < static_cast<int>(history.size()) && s.p.c.out_prev[j] != 0.0f) {
+      s.prev[j] = history[j].contiguous();
+      s.p.prev[j] = s.prev[j].data_ptr();
     } else {
-      p.c.out_prev[j] = 0.0f;
+      s.p.c.out_prev[j] = 0.0f;
     }
   }
-  if (noise && p.c.out_noise != 0.0f) {
-    in.noise = noise->contiguous();
-    p.noise = in.noise.data_ptr();
+  if (noise && s.p.c.out_noise != 0.0f) {
+    s.noise = noise->contiguous();
+    s.p.noise = s.noise.data_ptr();
   }
-  if constexpr (kCuda) {
-#ifdef FL_WITH_CUDA
-    const c10::cuda::CUDAGuard guard(sample.device());
-    if (seed_offset && p.c.out_noise != 0.0f && !noise) {
-      in.seed_offset = seed_offset->contiguous();
-      p.seed_offset = in.seed_offset.data_ptr<int64_t>();
-    }
-    const at::Tensor workspace = at::empty({static_cast<int64_t>(sampler_step_cuda_workspace_bytes(p))},
-                                           sample.options().dtype(at::kByte));
-    p.workspace = workspace.data_ptr();
-    C10_CUDA_CHECK(launch_sampler_step_cuda(p, c10::cuda::getCurrentCUDAStream()));
-#endif
-  } else {
-    torch_glue::check_status(run_sampler_step_cpu(p));
-  }
-  return {out, x0};
+  if (seed_offset && s.p.c.out_noise != 0.0f && !noise) s.seed_offset = seed_offset->contiguous();
+  return s;
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> execute(SamplerStepParams& p, const at::Tensor& model_output,
-                                           const at::Tensor& sample, const std::optional<at::Tensor>& prev_x0,
-                                           const std::optional<at::Tensor>& noise,
-                                           const std::optional<at::Tensor>& seed_offset, bool return_x0,
-                                           const StepForm& form) {
+// Folds a named step's schedule into kernel coefficients, then prepares it.
+Step prepare_form(SamplerStepParams& p, const at::Tensor& model_output, const at::Tensor& sample,
+                  const std::optional<at::Tensor>& prev_x0, const std::optional<at::Tensor>& noise,
+                  const std::optional<at::Tensor>& seed_offset, bool return_x0, const StepForm& form) {
   torch_glue::check_status(fold(form, p.x0_mode, return_x0, p.c));
   std::vector<at::Tensor> history;
   if (prev_x0) history.push_back(*prev_x0);
-  return run<kCuda>(p, model_output, sample, history, noise, seed_offset, return_x0);
+  return prepare(p, model_output, sample, history, noise, seed_offset, return_x0);
 }
+
+std::tuple<at::Tensor, at::Tensor> run_cpu(Step s) {
+  torch_glue::check_status(run_sampler_step_cpu(s.p));
+  return {s.out, s.x0};
+}
+
+#ifdef FL_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> run_cuda(Step s) {
+  const c10::cuda::CUDAGuard guard(s.sample.device());
+  if (s.seed_offset) s.p.seed_offset = s.seed_offset->data_ptr<int64_t>();
+  const at::Tensor workspace = at::empty({static_cast<int64_t>(sampler_step_cuda_workspace_bytes(s.p))},
+                                         s.sample.options().dtype(at::kByte));
+  s.p.workspace = workspace.data_ptr();
+  C10_CUDA_CHECK(launch_sampler_step_cuda(s.p, c10::cuda::getCurrentCUDAStream()));
+  return {s.out, s.x0};
+}
+#endif
 
 Options options(std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
                 std::optional<double> threshold_quantile, double threshold_max) {
@@ -207,14 +211,11 @@ void check_alpha_bars(const char* op, double alpha_bar_t, double alpha_bar_prev,
                  "alpha_bar_prev must be in [alpha_bar_t, 1] = [", alpha_bar_t, ", 1], got ", alpha_bar_prev);
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> ddpm_step(const at::Tensor& model_output, const at::Tensor& sample,
-                                             double alpha_bar_t, double alpha_bar_prev, std::string_view prediction,
-                                             std::optional<double> guidance_scale, double guidance_rescale,
-                                             std::optional<double> clip_x0, std::optional<double> threshold_quantile,
-                                             double threshold_max, const std::optional<at::Tensor>& noise,
-                                             int64_t seed, int64_t offset,
-                                             const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+Step plan_ddpm_step(const at::Tensor& model_output, const at::Tensor& sample, double alpha_bar_t, double alpha_bar_prev,
+                    std::string_view prediction, std::optional<double> guidance_scale, double guidance_rescale,
+                    std::optional<double> clip_x0, std::optional<double> threshold_quantile, double threshold_max,
+                    const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                    const std::optional<at::Tensor>& seed_offset, bool return_x0) {
   constexpr const char* kOp = "ddpm_step";
   SamplerStepParams p = check_common(kOp, model_output, sample,
                                      options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -222,19 +223,16 @@ std::tuple<at::Tensor, at::Tensor> ddpm_step(const at::Tensor& model_output, con
   const Prediction pred = parse_prediction(kOp, "prediction", prediction);
   check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev, pred);
   check_noise(kOp, sample, noise, seed_offset, p, seed, offset);
-  return execute<kCuda>(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
-                        ddpm_form(alpha_bar_t, alpha_bar_prev, pred));
+  return prepare_form(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
+                      ddpm_form(alpha_bar_t, alpha_bar_prev, pred));
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, const at::Tensor& sample,
-                                             double alpha_bar_t, double alpha_bar_prev, double eta,
-                                             std::string_view prediction, bool use_clipped_model_output,
-                                             std::optional<double> guidance_scale, double guidance_rescale,
-                                             std::optional<double> clip_x0, std::optional<double> threshold_quantile,
-                                             double threshold_max, const std::optional<at::Tensor>& noise,
-                                             int64_t seed, int64_t offset,
-                                             const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+Step plan_ddim_step(const at::Tensor& model_output, const at::Tensor& sample, double alpha_bar_t, double alpha_bar_prev,
+                    double eta, std::string_view prediction, bool use_clipped_model_output,
+                    std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
+                    std::optional<double> threshold_quantile, double threshold_max,
+                    const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                    const std::optional<at::Tensor>& seed_offset, bool return_x0) {
   constexpr const char* kOp = "ddim_step";
   SamplerStepParams p = check_common(kOp, model_output, sample,
                                      options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -243,16 +241,14 @@ std::tuple<at::Tensor, at::Tensor> ddim_step(const at::Tensor& model_output, con
   check_alpha_bars(kOp, alpha_bar_t, alpha_bar_prev, pred);
   check_schedule_value(kOp, eta >= 0.0 && std::isfinite(eta), "eta", ">= 0", eta);
   check_noise(kOp, sample, noise, seed_offset, p, seed, offset);
-  return execute<kCuda>(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
-                        ddim_form(alpha_bar_t, alpha_bar_prev, eta, pred, use_clipped_model_output));
+  return prepare_form(p, model_output, sample, std::nullopt, noise, seed_offset, return_x0,
+                      ddim_form(alpha_bar_t, alpha_bar_prev, eta, pred, use_clipped_model_output));
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> euler_step(const at::Tensor& model_output, const at::Tensor& sample, double sigma,
-                                              double sigma_next, std::string_view prediction,
-                                              std::optional<double> guidance_scale, double guidance_rescale,
-                                              std::optional<double> clip_x0, std::optional<double> threshold_quantile,
-                                              double threshold_max, bool return_x0) {
+Step plan_euler_step(const at::Tensor& model_output, const at::Tensor& sample, double sigma, double sigma_next,
+                     std::string_view prediction, std::optional<double> guidance_scale, double guidance_rescale,
+                     std::optional<double> clip_x0, std::optional<double> threshold_quantile, double threshold_max,
+                     bool return_x0) {
   constexpr const char* kOp = "euler_step";
   SamplerStepParams p = check_common(kOp, model_output, sample,
                                      options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -265,18 +261,15 @@ std::tuple<at::Tensor, at::Tensor> euler_step(const at::Tensor& model_output, co
     check_schedule_value(kOp, sigma <= 1.0, "sigma", "in (0, 1] for prediction \"flow\"", sigma);
     check_schedule_value(kOp, sigma_next <= 1.0, "sigma_next", "in [0, 1] for prediction \"flow\"", sigma_next);
   }
-  return execute<kCuda>(p, model_output, sample, std::nullopt, std::nullopt, std::nullopt, return_x0,
-                        euler_form(sigma, sigma_next, pred));
+  return prepare_form(p, model_output, sample, std::nullopt, std::nullopt, std::nullopt, return_x0,
+                      euler_form(sigma, sigma_next, pred));
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step(const at::Tensor& model_output, const at::Tensor& sample,
-                                                 const std::optional<at::Tensor>& prev_x0, double alpha_t,
-                                                 double sigma_t, double alpha_next, double sigma_next,
-                                                 double alpha_prev, double sigma_prev, std::string_view prediction,
-                                                 std::optional<double> guidance_scale, double guidance_rescale,
-                                                 std::optional<double> clip_x0,
-                                                 std::optional<double> threshold_quantile, double threshold_max) {
+Step plan_dpmpp_2m_step(const at::Tensor& model_output, const at::Tensor& sample,
+                        const std::optional<at::Tensor>& prev_x0, double alpha_t, double sigma_t, double alpha_next,
+                        double sigma_next, double alpha_prev, double sigma_prev, std::string_view prediction,
+                        std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
+                        std::optional<double> threshold_quantile, double threshold_max) {
   constexpr const char* kOp = "dpmpp_2m_step";
   SamplerStepParams p = check_common(kOp, model_output, sample,
                                      options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -297,15 +290,14 @@ std::tuple<at::Tensor, at::Tensor> dpmpp_2m_step(const at::Tensor& model_output,
                    "the previous step must be at another noise level than the current one (alpha_prev / sigma_prev "
                    "== alpha_t / sigma_t)");
   }
-  return execute<kCuda>(p, model_output, sample, prev_x0, std::nullopt, std::nullopt, true,
-                        dpmpp_2m_form(alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
-                                      prev_x0.has_value(), pred));
+  return prepare_form(p, model_output, sample, prev_x0, std::nullopt, std::nullopt, true,
+                      dpmpp_2m_form(alpha_t, sigma_t, alpha_next, sigma_next, alpha_prev, sigma_prev,
+                                    prev_x0.has_value(), pred));
 }
 
-template <bool kCuda>
-at::Tensor convert_prediction(const at::Tensor& model_output, const at::Tensor& sample, double alpha_t,
-                              double sigma_t, std::string_view source, std::string_view target,
-                              std::optional<double> guidance_scale, double guidance_rescale) {
+Step plan_convert_prediction(const at::Tensor& model_output, const at::Tensor& sample, double alpha_t, double sigma_t,
+                             std::string_view source, std::string_view target, std::optional<double> guidance_scale,
+                             double guidance_rescale) {
   constexpr const char* kOp = "convert_prediction";
   SamplerStepParams p = check_common(kOp, model_output, sample,
                                      options(guidance_scale, guidance_rescale, std::nullopt, std::nullopt, 1.0));
@@ -318,16 +310,15 @@ at::Tensor convert_prediction(const at::Tensor& model_output, const at::Tensor& 
   form.conv = conversion(from, alpha_t, sigma_t);
   form.conv.eps = conversion_target(form.conv, to);
   form.a_eps = 1.0;
-  return std::get<0>(execute<kCuda>(p, model_output, sample, std::nullopt, std::nullopt, std::nullopt, false, form));
+  return prepare_form(p, model_output, sample, std::nullopt, std::nullopt, std::nullopt, false, form);
 }
 
-template <bool kCuda>
-std::tuple<at::Tensor, at::Tensor> sampler_step(
-    const at::Tensor& model_output, const at::Tensor& sample, double x0_x, double x0_m, double out_x, double out_m,
-    double out_x0, at::TensorList history, at::ArrayRef<double> out_history, double out_noise,
-    std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
-    std::optional<double> threshold_quantile, double threshold_max, const std::optional<at::Tensor>& noise,
-    int64_t seed, int64_t offset, const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+Step plan_sampler_step( const at::Tensor& model_output, const at::Tensor& sample, double x0_x, double x0_m,
+                       double out_x, double out_m, double out_x0, at::TensorList history,
+                       at::ArrayRef<double> out_history, double out_noise, std::optional<double> guidance_scale,
+                       double guidance_rescale, std::optional<double> clip_x0, std::optional<double> threshold_quantile,
+                       double threshold_max, const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                       const std::optional<at::Tensor>& seed_offset, bool return_x0) {
   constexpr const char* kOp = "sampler_step";
   SamplerStepParams p = check_common(kOp, model_output, sample,
                                      options(guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
@@ -350,8 +341,39 @@ std::tuple<at::Tensor, at::Tensor> sampler_step(
   p.c.out_x0 = static_cast<float>(out_x0);
   p.c.out_noise = static_cast<float>(out_noise);
   for (size_t j = 0; j < out_history.size(); ++j) p.c.out_prev[j] = static_cast<float>(out_history[j]);
-  return run<kCuda>(p, model_output, sample, kept, noise, seed_offset, return_x0);
+  return prepare(p, model_output, sample, kept, noise, seed_offset, return_x0);
 }
+
+// The per-key entry points, <op>_cpu and <op>_cuda: the op's plan (checks and coefficients, shared by
+// both keys), then that key's kernel. Six ops share one kernel, so the pair is generated from each
+// plan's signature rather than written out twelve times.
+template <auto kPlan, typename Signature = decltype(kPlan)>
+struct PerKey;
+
+template <auto kPlan, typename... Args>
+struct PerKey<kPlan, Step (*)(Args...)> {
+  static std::tuple<at::Tensor, at::Tensor> cpu(Args... args) { return run_cpu(kPlan(args...)); }
+#ifdef FL_WITH_CUDA
+  static std::tuple<at::Tensor, at::Tensor> cuda(Args... args) { return run_cuda(kPlan(args...)); }
+#endif
+};
+
+// convert_prediction returns the converted tensor alone.
+at::Tensor convert_prediction_cpu(const at::Tensor& model_output, const at::Tensor& sample, double alpha_t,
+                                  double sigma_t, std::string_view source, std::string_view target,
+                                  std::optional<double> guidance_scale, double guidance_rescale) {
+  return std::get<0>(run_cpu(plan_convert_prediction(model_output, sample, alpha_t, sigma_t, source, target,
+                                                     guidance_scale, guidance_rescale)));
+}
+
+#ifdef FL_WITH_CUDA
+at::Tensor convert_prediction_cuda(const at::Tensor& model_output, const at::Tensor& sample, double alpha_t,
+                                   double sigma_t, std::string_view source, std::string_view target,
+                                   std::optional<double> guidance_scale, double guidance_rescale) {
+  return std::get<0>(run_cuda(plan_convert_prediction(model_output, sample, alpha_t, sigma_t, source, target,
+                                                      guidance_scale, guidance_rescale)));
+}
+#endif
 
 }  // namespace
 }  // namespace fastlatent
@@ -382,19 +404,19 @@ TORCH_LIBRARY_FRAGMENT(fastlatent, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CPU, m) {
-  m.impl("ddpm_step", &fastlatent::ddpm_step<false>);
-  m.impl("ddim_step", &fastlatent::ddim_step<false>);
-  m.impl("euler_step", &fastlatent::euler_step<false>);
-  m.impl("dpmpp_2m_step", &fastlatent::dpmpp_2m_step<false>);
-  m.impl("convert_prediction", &fastlatent::convert_prediction<false>);
-  m.impl("sampler_step", &fastlatent::sampler_step<false>);
+  m.impl("ddpm_step", &fastlatent::PerKey<&fastlatent::plan_ddpm_step>::cpu);
+  m.impl("ddim_step", &fastlatent::PerKey<&fastlatent::plan_ddim_step>::cpu);
+  m.impl("euler_step", &fastlatent::PerKey<&fastlatent::plan_euler_step>::cpu);
+  m.impl("dpmpp_2m_step", &fastlatent::PerKey<&fastlatent::plan_dpmpp_2m_step>::cpu);
+  m.impl("convert_prediction", &fastlatent::convert_prediction_cpu);
+  m.impl("sampler_step", &fastlatent::PerKey<&fastlatent::plan_sampler_step>::cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastlatent, CUDA, m) {
-  FL_REGISTER_CUDA(m, "ddpm_step", &fastlatent::ddpm_step<true>);
-  FL_REGISTER_CUDA(m, "ddim_step", &fastlatent::ddim_step<true>);
-  FL_REGISTER_CUDA(m, "euler_step", &fastlatent::euler_step<true>);
-  FL_REGISTER_CUDA(m, "dpmpp_2m_step", &fastlatent::dpmpp_2m_step<true>);
-  FL_REGISTER_CUDA(m, "convert_prediction", &fastlatent::convert_prediction<true>);
-  FL_REGISTER_CUDA(m, "sampler_step", &fastlatent::sampler_step<true>);
+  FL_REGISTER_CUDA(m, "ddpm_step", &fastlatent::PerKey<&fastlatent::plan_ddpm_step>::cuda);
+  FL_REGISTER_CUDA(m, "ddim_step", &fastlatent::PerKey<&fastlatent::plan_ddim_step>::cuda);
+  FL_REGISTER_CUDA(m, "euler_step", &fastlatent::PerKey<&fastlatent::plan_euler_step>::cuda);
+  FL_REGISTER_CUDA(m, "dpmpp_2m_step", &fastlatent::PerKey<&fastlatent::plan_dpmpp_2m_step>::cuda);
+  FL_REGISTER_CUDA(m, "convert_prediction", &fastlatent::convert_prediction_cuda);
+  FL_REGISTER_CUDA(m, "sampler_step", &fastlatent::PerKey<&fastlatent::plan_sampler_step>::cuda);
 }
