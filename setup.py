@@ -300,13 +300,15 @@ _write_build_meta()
 setup(
     name="fastlatent",
     version=VERSION,
-    description="Fast C++/CUDA kernels for latent generative models: VQ, FSQ, fused GroupNorm, diffusion samplers",
+    description=(
+        "Fast C++/CUDA kernels for latent generative models: VQ, FSQ, fused GroupNorm, diffusion samplers"
+    ),
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    # The benchmark suites ship inside the wheel as fastlatent/_benchmarks, so `fastlatent bench` works after a
-    # plain pip install (an editable install finds them in the checkout's benchmarks/ folder instead).
+    # The benchmark suites ship inside the wheel as fastlatent/_benchmarks, so `fastlatent bench` works after
+    # a plain pip install (an editable install finds them in the checkout's benchmarks/ folder instead).
     packages=find_packages(include=["fastlatent", "fastlatent.*"]) + ["fastlatent._benchmarks"],
     package_dir={"fastlatent._benchmarks": "benchmarks"},
     package_data={"fastlatent._benchmarks": ["*.md"]},

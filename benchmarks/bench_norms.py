@@ -39,7 +39,8 @@ NORM_PROVIDERS = providers(
 
 
 def _sd_layers(part, resolution, scales=None):
-    """(label, shape, sizes) of SD-VAE GroupNorm inputs, batch 1; ``scales`` picks layers by side/resolution."""
+    """(label, shape, sizes) of SD-VAE GroupNorm inputs, batch 1; ``scales`` picks layers by
+    side/resolution."""
     out = []
     for c, h, w in sd_vae_norm_shapes(resolution, part):
         down = resolution // h

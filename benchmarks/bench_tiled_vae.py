@@ -2,16 +2,16 @@
 
 Providers: fastlatent.tiled_decode (store="host" and "recompute"), diffusers untiled (skipped above
 ``--max-untiled``, where it runs out of memory), diffusers ``enable_tiling()``. The model is diffusers'
-``AutoencoderKL`` in the SD-VAE configuration (block_out_channels 128/256/512/512, 2 layers per block) with random
-weights (no downloads), or a reduced-width variant for a quick CPU run.
+``AutoencoderKL`` in the SD-VAE configuration (block_out_channels 128/256/512/512, 2 layers per block) with
+random weights (no downloads), or a reduced-width variant for a quick CPU run.
 
     python benchmarks/bench_tiled_vae.py                      # quick: reduced widths, 256^2 and 512^2, CPU
     python benchmarks/bench_tiled_vae.py --sd --sizes 1024 2048 4096 --device cuda --dtype bfloat16
     python benchmarks/bench_tiled_vae.py --json benchmarks/results/<name>.json
 
-Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, the peak of torch's CPU allocations from the
-profiler's memory events (everything, including the activations store="host" keeps). Error: max and mean absolute
-difference from the untiled decode, where it ran.
+Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU, the peak of torch's CPU allocations from
+the profiler's memory events (everything, including the activations store="host" keeps). Error: max and mean
+absolute difference from the untiled decode, where it ran.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 - :func:`psnr` and :func:`ssim` (Wang et al. 2004, Gaussian window sigma 1.5 as in skimage's
   ``structural_similarity(gaussian_weights=True, use_sample_covariance=False)``): batched, per image.
-- :class:`DigitClassifier` and :func:`train_digit_classifier`: a small CNN trained on real digits; its accuracy
-  on held-out real digits says how trustworthy it is, its accuracy on class-conditional samples says how well
-  the samples match their requested class.
+- :class:`DigitClassifier` and :func:`train_digit_classifier`: a small CNN trained on real digits; its
+  accuracy on held-out real digits says how trustworthy it is, its accuracy on class-conditional samples says
+  how well the samples match their requested class.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def _gaussian_window(sigma: float, truncate: float = 3.5) -> torch.Tensor:
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image (mean over channels and the window positions that fit inside the image).
+    """Structural similarity per image (mean over channels and the window positions that fit inside the
+    image).
 
     Matches ``skimage.metrics.structural_similarity(x, y, data_range=..., gaussian_weights=True, sigma=1.5,
     use_sample_covariance=False, channel_axis=0)`` per image. Images must be at least as large as the window
@@ -149,8 +150,8 @@ def train_digit_classifier(
 ) -> DigitClassifier:
     """Trains a :class:`DigitClassifier` on ``images [N, 1, S, S]`` in [-1, 1] with ``labels [N]``.
 
-    Small random shifts (``max_shift``, default S // 8) make it robust to the slight misplacements of generated
-    digits without teaching it anything about them. Deterministic for a given seed on the CPU.
+    Small random shifts (``max_shift``, default S // 8) make it robust to the slight misplacements of
+    generated digits without teaching it anything about them. Deterministic for a given seed on the CPU.
     """
     if images.dim() != 4 or images.shape[1] != 1:
         raise ValueError(f"train_digit_classifier: images must be [N, 1, S, S], got {list(images.shape)}")

@@ -4,7 +4,8 @@
 function), so other instances of the same classes are unaffected:
 
 * diffusers ``ResnetBlock2D`` -> :class:`fastlatent.nn.ResnetBlock`
-* diffusers ``Attention`` used as spatial self-attention (the VAE mid block) -> :class:`fastlatent.nn.AttnBlock`
+* diffusers ``Attention`` used as spatial self-attention (the VAE mid block) ->
+  :class:`fastlatent.nn.AttnBlock`
 * diffusers ``Upsample2D`` (nearest x2 then a 3x3 conv) -> :class:`fastlatent.nn.Upsample`, which folds the
   upsampling into the convolution (four 2x2 phase kernels: 2.25x fewer FLOPs, no upsampled tensor)
 * taming-style ``ResnetBlock`` (VQGAN) -> :class:`fastlatent.nn.TamingResnetBlock`, and taming's ``Upsample``
@@ -37,6 +38,7 @@ from fastlatent.nn.blocks import (
     Upsample,
     unsupported_attention_reason,
 )
+from fastlatent.sampling.diffusers_fast import accelerate_scheduler, restore_scheduler
 
 _ORIGINAL = "_fastlatent_original"
 REPORT_ATTR = "fastlatent_patch_report"
@@ -304,7 +306,8 @@ def _looks_like_taming_upsample(module: nn.Module) -> bool:
 
 
 def _probe(original: nn.Module, fused: nn.Module, shape: tuple, weight: torch.Tensor, call) -> str | None:
-    """None when ``call(original, x)`` and ``call(fused, x)`` agree on a random ``x`` of ``shape``, else why not.
+    """None when ``call(original, x)`` and ``call(fused, x)`` agree on a random ``x`` of ``shape``, else why
+    not.
 
     The class and attribute names match taming's, but only running it shows the forward is taming's; a
     look-alike with another forward is left alone.
@@ -369,7 +372,6 @@ def _is_diffusers_scheduler(obj) -> bool:
 
 
 def _patch_pipeline(pipe, activation_fusion: bool, report: bool):
-    from fastlatent.sampling.diffusers_fast import accelerate_scheduler
 
     result = PipelinePatchReport()
     components = getattr(pipe, "components", {})
@@ -398,11 +400,11 @@ def patch(model, activation_fusion: bool = True, report: bool = True):
     ``step`` fused.
 
     Args:
-        model: any ``nn.Module`` (diffusers ``AutoencoderKL``/``VQModel``/``UNet2DModel``, taming VQGAN decoders,
-            plain torch models), on any device, dtype and memory format, in train or eval mode; a diffusers
-            ``DiffusionPipeline``; a diffusers scheduler.
-        activation_fusion: with False, only GroupNorms are swapped (``GroupNormAct(activation=None)``); blocks and
-            activations stay as they are.
+        model: any ``nn.Module`` (diffusers ``AutoencoderKL``/``VQModel``/``UNet2DModel``, taming VQGAN
+            decoders, plain torch models), on any device, dtype and memory format, in train or eval mode; a
+            diffusers ``DiffusionPipeline``; a diffusers scheduler.
+        activation_fusion: with False, only GroupNorms are swapped (``GroupNormAct(activation=None)``); blocks
+            and activations stay as they are.
         report: print the :class:`PatchReport`. It is also stored as ``model.fastlatent_patch_report``.
 
     Returns:
@@ -413,8 +415,6 @@ def patch(model, activation_fusion: bool = True, report: bool = True):
         if _is_diffusers_pipeline(model):
             return _patch_pipeline(model, activation_fusion, report)
         if _is_diffusers_scheduler(model):
-            from fastlatent.sampling.diffusers_fast import accelerate_scheduler
-
             swap = accelerate_scheduler(model)
             if report:
                 print(swap)
@@ -446,7 +446,8 @@ def _resync(original: nn.Module, replacement: nn.Module) -> None:
     """Point ``original`` at the replacement's current tensors (by state-dict key).
 
     They are shared to begin with; this keeps unpatch right after a conversion that made new Parameter objects
-    (``torch.__future__.set_overwrite_module_params_on_conversion``, ``to_empty``, ``load_state_dict(assign=True)``).
+    (``torch.__future__.set_overwrite_module_params_on_conversion``, ``to_empty``,
+    ``load_state_dict(assign=True)``).
     """
     current = replacement.state_dict(keep_vars=True)
     for key, tensor in original.state_dict(keep_vars=True).items():
@@ -478,8 +479,6 @@ def unpatch(model: nn.Module) -> nn.Module:
     has ``m``'s state dict and computes exactly what ``m`` computed.
     """
     if not isinstance(model, nn.Module):
-        from fastlatent.sampling.diffusers_fast import restore_scheduler
-
         if _is_diffusers_pipeline(model):
             components = getattr(model, "components", {})
             for name in _PIPELINE_AUTOENCODERS:

@@ -4,8 +4,9 @@ compute-sanitizer to watch:
     compute-sanitizer --tool memcheck  --error-exitcode 1 python scripts/gpu_sanitize.py
     compute-sanitizer --tool racecheck --error-exitcode 1 python scripts/gpu_sanitize.py --max-samples 2
 
-The samples are the OpSpecs of tests/opspecs.py (small, odd and empty shapes, every dtype each op supports), so
-what the sanitizer checks is what the tests check. Exits 1 if an op raised; prints one line per op and dtype.
+The samples are the OpSpecs of tests/opspecs.py (small, odd and empty shapes, every dtype each op supports),
+so what the sanitizer checks is what the tests check. Exits 1 if an op raised; prints one line per op and
+dtype.
 """
 
 from __future__ import annotations
@@ -93,8 +94,8 @@ def main(argv=None) -> int:
                 failures += 1
                 status = f"FAIL after {count} samples: {type(exc).__name__}: {exc}"
             print(
-                f"{spec.name:22s} {str(dtype)[6:]:9s} {count:3d} samples {time.perf_counter() - start:6.2f} s "
-                f"{status}",
+                f"{spec.name:22s} {str(dtype)[6:]:9s} {count:3d} samples "
+                f"{time.perf_counter() - start:6.2f} s {status}",
                 flush=True,
             )
     print("sanitize driver: " + ("all ops ran" if not failures else f"{failures} op/dtype runs failed"))

@@ -66,7 +66,8 @@ def test_group_norm_act_matches_group_norm(shape, groups, dtype, activation):
     y = m(x)
     assert y.shape == x.shape and y.dtype == dtype
     if shape[2:3] == (0,):
-        return  # nn.GroupNorm refuses empty spatial dims ("Expected HxW to be greater than 0"); the op returns []
+        # nn.GroupNorm refuses empty spatial dims ("Expected HxW to be greater than 0"); the op returns []
+        return
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(y, eager(x, gn, activation), atol=atol, rtol=rtol)
 

@@ -173,7 +173,8 @@ def test_stats_then_apply_equals_the_fused_forward(device, layout):
 
 
 def test_tile_statistics_merge_without_cancellation(device):
-    # mean / std = 1e4: summed squares in fp32 (or even fp64 over a large image) cancel; merged (mean, M2) don't
+    # mean / std = 1e4: summed squares in fp32 (or even fp64 over a large image) cancel; merged (mean, M2)
+    # don't
     gen = torch.Generator().manual_seed(3)
     x = (torch.randn(1, 8, 96, 80, generator=gen, dtype=torch.float64) * 0.01 + 100.0).float().to(device)
     parts, counts = [], []
@@ -203,7 +204,8 @@ def test_merge_group_stats_skips_empty_parts_and_rejects_none():
 def test_gradcheck_stats_and_apply_float64(activation):
     torch.manual_seed(0)
     x = (torch.randn(2, 6, 3, 5, dtype=torch.float64) * 2 + 1).requires_grad_()
-    # the statistics are fp32 outputs (too coarse for finite differences): their gradient against float64 autograd
+    # the statistics are fp32 outputs (too coarse for finite differences): their gradient against float64
+    # autograd
     a, b_ = torch.randn(2, 3), torch.randn(2, 3)
     mean, m2 = ops.group_norm_stats(x, 3)
     (grad,) = torch.autograd.grad((mean * a).sum() + (m2 * b_).sum(), x)

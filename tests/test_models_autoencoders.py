@@ -1,6 +1,6 @@
-"""Stage-1 autoencoders: AutoencoderKL against diffusers' AutoencoderKL holding the same weights (from_diffusers,
-diffusers-named and ldm-named safetensors files), the latent scale, input validation; VQ/FSQ autoencoders' discrete
-protocol."""
+"""Stage-1 autoencoders: AutoencoderKL against diffusers' AutoencoderKL holding the same weights
+(from_diffusers, diffusers-named and ldm-named safetensors files), the latent scale, input validation; VQ/FSQ
+autoencoders' discrete protocol."""
 
 import copy
 
@@ -78,7 +78,8 @@ def assert_same_outputs(ours: AutoencoderKL, vae, x):
 
 
 def assert_same_weights(ours: AutoencoderKL, vae):
-    """Loaded from a file: every tensor bit-identical to diffusers' (outputs then follow from the test above)."""
+    """Loaded from a file: every tensor bit-identical to diffusers' (outputs then follow from the test
+    above)."""
     own, theirs = ours.state_dict(), vae.state_dict()
     assert list(own) == list(theirs)
     for key in own:

@@ -1,6 +1,6 @@
 """DiffusionDecoderAutoencoder (DGAE): the stage-1 protocol, the flow objective against a hand computation,
-sampled decoding (determinism, steps, methods), save/load, input errors, DGAETask (weights by hand, validation,
-the trainer) and learnability on the digits."""
+sampled decoding (determinism, steps, methods), save/load, input errors, DGAETask (weights by hand,
+validation, the trainer) and learnability on the digits."""
 
 import copy
 import math
@@ -376,8 +376,8 @@ def test_trainer_runs_dgae_task_with_bf16_and_ema(tmp_path):
 
 
 def test_learns_on_digits():
-    """A hundred updates on 8x8 training digits: on held-out digits, the flow loss and the one-step x0 error at
-    fixed noise and times drop, and the sampled reconstructions get sharper (PSNR)."""
+    """A hundred updates on 8x8 training digits: on held-out digits, the flow loss and the one-step x0 error
+    at fixed noise and times drop, and the sampled reconstructions get sharper (PSNR)."""
     torch.manual_seed(0)
     train = DigitsDataset("train", size=8).images
     held_out = DigitsDataset("test", size=8).images[:128]

@@ -1,5 +1,5 @@
-"""Stage-1 losses: LPIPS wrapper (backbone from the torch hub cache, clear error without it), PatchGAN, GAN losses,
-the adaptive generator weight, AutoencoderLoss and AutoencoderTask (the trainer's protocol)."""
+"""Stage-1 losses: LPIPS wrapper (backbone from the torch hub cache, clear error without it), PatchGAN, GAN
+losses, the adaptive generator weight, AutoencoderLoss and AutoencoderTask (the trainer's protocol)."""
 
 import lpips
 import pytest

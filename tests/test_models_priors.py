@@ -180,7 +180,7 @@ def test_unet_errors():
         tiny_unet()(torch.randn(1, 2, 8, 8), 1.0, torch.tensor([0]), cond=torch.randn(1, 1, 8, 8))
 
 
-# ---------------------------------------------------------------------------------------------------- LatentDiffusion
+# -------------------------------------------------------------------------------------------- LatentDiffusion
 
 
 @pytest.mark.parametrize("objective", ["eps", "v", "flow"])
@@ -238,8 +238,9 @@ class PointMassOracle(nn.Module, ConfigMixin):
     "objective,method", [("eps", "ddim"), ("v", "ddim"), ("v", "dpmpp_2m"), ("flow", "euler")]
 )
 def test_sampling_inverts_the_training_objective(objective, method):
-    # With the exact denoiser of a point mass, a deterministic sampler must land on the point: this pins down the
-    # timestep the model sees and the meaning of its output at sampling time, against the training definitions.
+    # With the exact denoiser of a point mass, a deterministic sampler must land on the point: this pins down
+    # the timestep the model sees and the meaning of its output at sampling time, against the training
+    # definitions.
     target = [0.7, -1.3]
     schedule = "flow" if objective == "flow" else "linear"
     prior = LatentDiffusion(PointMassOracle(objective, target), objective=objective, schedule=schedule)
@@ -390,7 +391,8 @@ def test_priors_on_cuda_with_graph_capture():
 
 @pytest.mark.parametrize("objective,schedule,method", [("flow", "flow", "euler"), ("v", "cosine", "ddim")])
 def test_latent_diffusion_learns_two_class_clusters(objective, schedule, method):
-    # class 0 lives around +1, class 1 around -1: a conditional prior must put each class's samples in its cluster
+    # class 0 lives around +1, class 1 around -1: a conditional prior must put each class's samples in its
+    # cluster
     torch.manual_seed(0)
     prior = LatentDiffusion(
         tiny_dit(num_classes=2), objective=objective, schedule=schedule, label_dropout=0.2
@@ -411,7 +413,7 @@ def test_latent_diffusion_learns_two_class_clusters(objective, schedule, method)
     assert abs(means[:16].mean() - 1) < 0.2 and abs(means[16:].mean() + 1) < 0.2, means
 
 
-# ---------------------------------------------------------------------------------------------------- TokenGPT
+# --------------------------------------------------------------------------------------------------- TokenGPT
 
 
 def tiny_gpt(num_classes=3, **kw):

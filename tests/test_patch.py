@@ -132,8 +132,8 @@ def test_patch_keeps_training_and_trains_the_original_weights():
     scale = max(p.grad.abs().max() for p in ref.parameters())
     for name, p in decoder.named_parameters():
         # gradients sum over every pixel of up to 64x64 maps: compared relative to their largest entry, with a
-        # floor relative to the largest gradient of all for to_k.bias, whose exact gradient is 0 (softmax ignores
-        # a shift shared by all keys) and which holds only rounding noise
+        # floor relative to the largest gradient of all for to_k.bias, whose exact gradient is 0 (softmax
+        # ignores a shift shared by all keys) and which holds only rounding noise
         ref_grad = ref_grads[name].grad
         err = (p.grad - ref_grad).abs().max()
         assert err <= 1e-4 * ref_grad.abs().max() + 1e-5 * scale, (name, err)

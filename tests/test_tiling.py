@@ -111,8 +111,8 @@ def test_removed_fast_mode_says_so(vae):
 
 
 def _seam_score(img, transitions, band):
-    """Mean jump between neighbouring pixels within ``band`` of the tile transitions (rows and columns), against
-    the mean jump elsewhere."""
+    """Mean jump between neighbouring pixels within ``band`` of the tile transitions (rows and columns),
+    against the mean jump elsewhere."""
     total = []
     for dim in (2, 3):
         jumps = (img.narrow(dim, 1, img.shape[dim] - 1) - img.narrow(dim, 0, img.shape[dim] - 1)).abs()
@@ -160,8 +160,8 @@ def _image_sized_bytes(z, factor=4, mid_channels=16):
 
 
 def test_working_set_grows_with_the_tile_not_the_image():
-    # store="host": the kept activations live in host memory (the CPU here); what must stay bounded is everything
-    # else, the working set of a tile
+    # store="host": the kept activations live in host memory (the CPU here); what must stay bounded is
+    # everything else, the working set of a tile
     vae = _vae(levels=3, widths=(8, 16, 16))
 
     def working_set(z, tile):
@@ -172,7 +172,8 @@ def test_working_set_grows_with_the_tile_not_the_image():
     small, large = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 32, 32)
     working_set(small, 8)  # warm-up
     assert working_set(large, 8) < 1.2 * working_set(small, 8)
-    # Growth with the tile (the smallest tiles' peak is partly fixed costs, whose size depends on the thread count)
+    # Growth with the tile (the smallest tiles' peak is partly fixed costs, whose size depends on the thread
+    # count)
     assert working_set(large, 16) > 1.2 * working_set(large, 8)
     assert working_set(large, 32) > 2 * working_set(large, 16)
 

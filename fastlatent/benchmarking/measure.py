@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import math
 import platform
 import signal
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+from torch._C._profiler import _EventType
 
 CASE_KEY = "fastlatent_case"  # user_properties key: what the case is (set before any skip)
 RESULT_KEY = "fastlatent_result"  # user_properties key: what was measured
@@ -124,8 +126,6 @@ def _reset_vm_hwm() -> bool:
 
 @contextlib.contextmanager
 def _no_gc():
-    import gc
-
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -157,8 +157,6 @@ def torch_alloc_peak_bytes(fn: Callable[[], Any]) -> int:
     that instant, so temporaries freed inside an op are counted (the per-op memory columns of
     ``torch.profiler`` report net amounts and miss them).
     """
-    from torch._C._profiler import _EventType
-
     with torch.profiler.profile(
         activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
     ) as prof:
@@ -285,6 +283,7 @@ def compile_once(
     Raises:
         CompileSkipped: compilation failed or took longer than ``budget_s``.
     """
+    # torch._dynamo (the compiler stack) is slow to import: only benchmarks that compile load it
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -439,7 +438,7 @@ class Bench:
 
         Skips the provider (with the reason) when compilation fails or exceeds the budget.
         """
-        import pytest
+        import pytest  # optional: only benchmark cases run under pytest call this
 
         try:
             compiled, info = compile_once(fn, warm, self.compile_budget_s)

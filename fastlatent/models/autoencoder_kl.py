@@ -1,5 +1,6 @@
-"""AutoencoderKL: the SD-VAE (Rombach et al., 2022, https://arxiv.org/abs/2112.10752) on fused blocks, weight-for-
-weight compatible with diffusers' ``AutoencoderKL`` and with the original CompVis/ldm checkpoints."""
+"""AutoencoderKL: the SD-VAE (Rombach et al., 2022, https://arxiv.org/abs/2112.10752) on fused blocks,
+weight-for-weight compatible with diffusers' ``AutoencoderKL`` and with the original CompVis/ldm
+checkpoints."""
 
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def _linear_weight(t: torch.Tensor) -> torch.Tensor:
 
 
 def is_ldm_vae_state_dict(state: dict) -> bool:
-    """True when ``state`` uses the CompVis/ldm names (``encoder.down.0.block.0...``, ``encoder.mid.attn_1...``)."""
+    """True when ``state`` uses the CompVis/ldm names (``encoder.down.0.block.0...``,
+    ``encoder.mid.attn_1...``)."""
     return any(_LDM_KEY.match(k) for k in state)
 
 
@@ -45,12 +47,13 @@ def ldm_to_diffusers_vae_state_dict(state: dict) -> dict:
     """Renames a CompVis/ldm VAE state dict to diffusers' ``AutoencoderKL`` names.
 
     ``down.{i}.block.{j}`` -> ``down_blocks.{i}.resnets.{j}``, ``down.{i}.downsample`` ->
-    ``down_blocks.{i}.downsamplers.0``, ``up.{i}`` -> ``up_blocks.{n-1-i}`` (ldm numbers the decoder's levels from
-    the highest resolution, diffusers in the order they run), ``mid.block_{1,2}`` -> ``mid_block.resnets.{0,1}``,
-    ``mid.attn_1.{norm,q,k,v,proj_out}`` -> ``mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}`` (1x1
-    conv weights become linear weights), ``nin_shortcut`` -> ``conv_shortcut``, ``norm_out`` -> ``conv_norm_out``.
-    The old diffusers attention names (``query, key, value, proj_attn``) are renamed too. Other keys (``quant_conv``,
-    ``conv_in``, ...) are already the same and pass through, as do unknown keys (for the caller to report).
+    ``down_blocks.{i}.downsamplers.0``, ``up.{i}`` -> ``up_blocks.{n-1-i}`` (ldm numbers the decoder's levels
+    from the highest resolution, diffusers in the order they run), ``mid.block_{1,2}`` ->
+    ``mid_block.resnets.{0,1}``, ``mid.attn_1.{norm,q,k,v,proj_out}`` ->
+    ``mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}`` (1x1 conv weights become linear weights),
+    ``nin_shortcut`` -> ``conv_shortcut``, ``norm_out`` -> ``conv_norm_out``. The old diffusers attention
+    names (``query, key, value, proj_attn``) are renamed too. Other keys (``quant_conv``, ``conv_in``, ...)
+    are already the same and pass through, as do unknown keys (for the caller to report).
     """
     up_levels = {int(m.group(1)) for k in state if (m := re.match(r"decoder\.up\.(\d+)\.", k))}
     num_up = max(up_levels) + 1 if up_levels else 0
@@ -129,8 +132,8 @@ def diffusers_to_ldm_vae_state_dict(state: dict) -> dict:
 def _read_vae_state_dict(path: str | os.PathLike, where: str) -> tuple[dict, list[str]]:
     """The VAE tensors of a ``.safetensors`` file and the training-only keys skipped.
 
-    A full SD checkpoint's VAE is read from its ``first_stage_model.*`` keys alone (the UNet and text encoder stay
-    on disk); ``loss.*`` and ``model_ema.*`` keys are skipped.
+    A full SD checkpoint's VAE is read from its ``first_stage_model.*`` keys alone (the UNet and text encoder
+    stay on disk); ``loss.*`` and ``model_ema.*`` keys are skipped.
     """
     from safetensors import safe_open
 
@@ -194,7 +197,8 @@ def vae_config_from_state_dict(state: dict) -> dict:
 
 
 def _load_checked(model: nn.Module, state: dict, where: str, source: str) -> None:
-    """``model.load_state_dict(state)`` with one error listing every missing, unexpected and mis-shaped key."""
+    """``model.load_state_dict(state)`` with one error listing every missing, unexpected and mis-shaped
+    key."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -240,10 +244,10 @@ class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMix
         norm_num_groups: GroupNorm groups, dividing every width.
         mid_block_add_attention: self-attention in the encoder and decoder mid blocks.
         use_quant_conv, use_post_quant_conv: the 1x1 convs around the latent (FLUX's VAE has neither).
-        scaling_factor, shift_factor: map latents to the prior's space, ``(z - shift_factor) * scaling_factor``.
-            Settable; :meth:`fit_latent_scale` computes them from data. Weights do not carry them: pass the
-            published values when loading a pretrained VAE (SD 1.x/2.x: 0.18215 and 0; SDXL: 0.13025 and 0;
-            FLUX: 0.3611 and 0.1159). ``None`` for the shift means 0.
+        scaling_factor, shift_factor: map latents to the prior's space, ``(z - shift_factor) *
+            scaling_factor``. Settable; :meth:`fit_latent_scale` computes them from data. Weights do not carry
+            them: pass the published values when loading a pretrained VAE (SD 1.x/2.x: 0.18215 and 0; SDXL:
+            0.13025 and 0; FLUX: 0.3611 and 0.1159). ``None`` for the shift means 0.
 
     Protocol: ``encode(x) -> z`` (posterior mode, or a sample with ``sample=True``), ``decode(z) -> images``,
     ``forward(x) -> AutoencoderOutput`` with the unweighted ``losses["kl"]`` (KL to N(0, I) summed over latent
@@ -309,7 +313,8 @@ class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMix
         return self.decoder.conv_out.weight
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, out_channels, h*f, w*f]`` from latents ``z [B, latent_channels, h, w]`` (not prior space)."""
+        """Images ``[B, out_channels, h*f, w*f]`` from latents ``z [B, latent_channels, h, w]`` (not prior
+        space)."""
         check_image_batch(
             "AutoencoderKL.decode", "z", z, self.latent_channels, 1, self.decoder.conv_in.weight
         )
@@ -384,9 +389,10 @@ class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMix
         return model.train(vae.training)
 
     def load_state_dict_file(self, path: str | os.PathLike) -> list[str]:
-        """Loads an SD-VAE ``.safetensors`` state dict in diffusers or CompVis/ldm naming (or a full SD checkpoint,
-        whose ``first_stage_model.*`` keys are taken), strictly: one ValueError lists every missing, unexpected
-        and mis-shaped key. Returns the training-only keys that were skipped (``loss.*``, ``model_ema.*``)."""
+        """Loads an SD-VAE ``.safetensors`` state dict in diffusers or CompVis/ldm naming (or a full SD
+        checkpoint, whose ``first_stage_model.*`` keys are taken), strictly: one ValueError lists every
+        missing, unexpected and mis-shaped key. Returns the training-only keys that were skipped (``loss.*``,
+        ``model_ema.*``)."""
         where = f"{type(self).__name__}.load_state_dict_file"
         state, dropped = _read_vae_state_dict(path, where)
         if is_ldm_vae_state_dict(state):
@@ -396,9 +402,10 @@ class AutoencoderKL(nn.Module, GaussianEncoderMixin, LatentScaleMixin, ConfigMix
 
     @classmethod
     def from_single_file(cls, path: str | os.PathLike, **config) -> "AutoencoderKL":
-        """An AutoencoderKL built from the architecture the weights in ``path`` imply (block widths, layers per
-        block, channels, mid attention, quant convs) and loaded with them; ``config`` overrides or completes it
-        (``norm_num_groups`` if not 32, ``scaling_factor``/``shift_factor``, which weights do not carry)."""
+        """An AutoencoderKL built from the architecture the weights in ``path`` imply (block widths, layers
+        per block, channels, mid attention, quant convs) and loaded with them; ``config`` overrides or
+        completes it (``norm_num_groups`` if not 32, ``scaling_factor``/``shift_factor``, which weights do not
+        carry)."""
         where = f"{cls.__name__}.from_single_file"
         state, _ = _read_vae_state_dict(path, where)
         if is_ldm_vae_state_dict(state):

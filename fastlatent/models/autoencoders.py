@@ -7,8 +7,8 @@ exported from :mod:`fastlatent.models`. The protocol they implement:
 
 * ``encode(x [B, C, H, W] in [-1, 1]) -> latents [B, latent_channels, H/f, W/f]``; ``decode(z) -> images``;
 * ``ae(x) -> AutoencoderOutput`` with UNWEIGHTED loss terms (the loss module weighs them);
-* ``is_discrete``, ``latent_channels``, ``downsample_factor``, ``scaling_factor``, ``shift_factor`` (prior space
-  is ``(z - shift_factor) * scaling_factor``), ``last_layer_weight`` (for the adaptive GAN weight).
+* ``is_discrete``, ``latent_channels``, ``downsample_factor``, ``scaling_factor``, ``shift_factor`` (prior
+  space is ``(z - shift_factor) * scaling_factor``), ``last_layer_weight`` (for the adaptive GAN weight).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ class AutoencoderOutput:
 
     Attributes:
         reconstruction: ``[B, C, H, W]``, the decoded images.
-        latents: ``[B, latent_channels, h, w]``, what the decoder saw (a posterior sample or mode; quantised codes).
+        latents: ``[B, latent_channels, h, w]``, what the decoder saw (a posterior sample or mode; quantised
+            codes).
         losses: unweighted scalar loss terms ("kl", "commitment", "codebook", "entropy", ...).
         stats: monitoring values, not for backprop ("indices" ``[B, h, w]`` or ``[B, h, w, Q]``, "perplexity",
             "usage" as 0-dim tensors, ...); a KL autoencoder also stores its "posterior".
@@ -63,7 +64,8 @@ class DiagonalGaussian:
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """``mean + std * eps``; eps is drawn on the generator's device (the latents' device without one) and
-        moved, as diffusers' ``randn_tensor`` does, so a seeded CPU generator gives the same latents anywhere."""
+        moved, as diffusers' ``randn_tensor`` does, so a seeded CPU generator gives the same latents
+        anywhere."""
         device = self.mean.device if generator is None else generator.device
         noise = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
         return self.mean + self.std * noise.to(self.mean.device)
@@ -72,7 +74,8 @@ class DiagonalGaussian:
         return self.mean
 
     def kl(self, other: "DiagonalGaussian | None" = None) -> torch.Tensor:
-        """KL(self || other) (other: the standard normal when None), summed over all but the batch dim -> ``[B]``."""
+        """KL(self || other) (other: the standard normal when None), summed over all but the batch dim ->
+        ``[B]``."""
         dims = tuple(range(1, self.mean.dim()))
         if other is None:
             return 0.5 * torch.sum(self.mean.pow(2) + self.var - 1.0 - self.logvar, dim=dims)
@@ -106,12 +109,13 @@ def _images_of(batch, where: str) -> torch.Tensor:
 
 
 class GaussianEncoderMixin:
-    """``posterior`` and ``encode`` of a KL autoencoder: ``self.encoder`` gives the moments (through the optional
-    ``self.quant_conv``) of a diagonal Gaussian; inputs are checked against ``self.in_channels`` and
+    """``posterior`` and ``encode`` of a KL autoencoder: ``self.encoder`` gives the moments (through the
+    optional ``self.quant_conv``) of a diagonal Gaussian; inputs are checked against ``self.in_channels`` and
     ``self.downsample_factor``."""
 
     def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
-        """The posterior ``q(z | x)`` of images ``x [B, in_channels, H, W]`` in [-1, 1]; H and W multiples of f."""
+        """The posterior ``q(z | x)`` of images ``x [B, in_channels, H, W]`` in [-1, 1]; H and W multiples of
+        f."""
         from fastlatent.models.vae_blocks import check_image_batch
 
         check_image_batch(
@@ -175,8 +179,8 @@ class LatentScaleMixin:
         with the FLUX/SD3 shift, over as much data as given.
 
         Args:
-            data: an image tensor ``[N, C, H, W]`` (encoded in one batch), or an iterable of batches (tensors or
-                ``(images, labels)`` pairs, as a DataLoader yields).
+            data: an image tensor ``[N, C, H, W]`` (encoded in one batch), or an iterable of batches (tensors
+                or ``(images, labels)`` pairs, as a DataLoader yields).
             max_batches: stop after this many batches of an iterable.
             sample_posterior: KL autoencoders: use posterior samples instead of the mean (the LDM recipe
                 samples).

@@ -2,10 +2,11 @@
 
 A model class derives from :class:`ConfigMixin` (after ``nn.Module``) and is decorated with
 :func:`register_model`. Its ``__init__`` arguments must be JSON values (numbers, strings, booleans, None,
-lists, dicts); they are recorded on construction as ``model.config``, so ``type(model).from_config(model.config)``
-builds the same architecture. ``save_pretrained(folder)`` writes ``config.json`` and ``model.safetensors``;
-``load_pretrained(folder)`` rebuilds the class named in the config from :data:`MODEL_REGISTRY` only (never an
-arbitrary import, never a pickle), so loading an untrusted folder cannot run code.
+lists, dicts); they are recorded on construction as ``model.config``, so
+``type(model).from_config(model.config)`` builds the same architecture. ``save_pretrained(folder)`` writes
+``config.json`` and ``model.safetensors``; ``load_pretrained(folder)`` rebuilds the class named in the config
+from :data:`MODEL_REGISTRY` only (never an arbitrary import, never a pickle), so loading an untrusted folder
+cannot run code.
 """
 
 from __future__ import annotations
@@ -130,8 +131,8 @@ def load_pretrained(
     map_location: str | torch.device = "cpu",
     expected: type | tuple[type, ...] | None = None,
 ):
-    """Rebuilds a model saved by ``save_pretrained``: the registered class named in ``config.json``, its weights
-    from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted.
+    """Rebuilds a model saved by ``save_pretrained``: the registered class named in ``config.json``, its
+    weights from ``model.safetensors`` (strict). ``expected`` restricts the classes accepted.
 
     Nothing is allocated before the config is known to fit the weights: the model is first built on the meta
     device, stopped once it registers more parameters than the weights file holds tensors, and its state-dict

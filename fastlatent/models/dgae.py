@@ -1,20 +1,22 @@
 """DGAE: an autoencoder whose decoder is a conditional diffusion (flow-matching) model.
 
 Liu et al., "DGAE: Diffusion-Guided Autoencoder for Efficient Latent Representation Learning", 2025,
-https://arxiv.org/abs/2506.09644. The encoder is the SD-VAE's (a diagonal Gaussian posterior with a KL term); the
-decoder is a UNet denoiser that sees pure-image noise concatenated with the latent, nearest-upsampled to pixel
-resolution, and predicts the flow velocity. Training (per image ``x``, latent ``z ~ q(z | x)``)::
+https://arxiv.org/abs/2506.09644. The encoder is the SD-VAE's (a diagonal Gaussian posterior with a KL term);
+the decoder is a UNet denoiser that sees pure-image noise concatenated with the latent, nearest-upsampled to
+pixel resolution, and predicts the flow velocity. Training (per image ``x``, latent ``z ~ q(z | x)``)::
 
     s ~ U(0, 1) (or logit-normal), then shifted: s' = shift s / (1 + (shift - 1) s)
     x_s   = (1 - s) x + s noise                      # fastlatent.sampling.FlowSchedule's convention
     v     = unet(x_s, s * T, cond=z)                  # T = num_train_timesteps
     flow  = mean((v - (noise - x))^2)                 # the paper's L_DSM, velocity form
-    x0    = x_s - s v                                 # one-step estimate of x; LPIPS(x, x0) is the paper's L_LPIPS
-    loss  = flow_weight flow + kl_weight KL + perceptual_weight LPIPS(x, x0) [+ reconstruction_weight mse(x0, x)]
+    x0    = x_s - s v                                 # one-step estimate of x; LPIPS(x, x0) is the
+                                                      # paper's L_LPIPS
+    loss  = flow_weight flow + kl_weight KL + perceptual_weight LPIPS(x, x0)
+            [+ reconstruction_weight mse(x0, x)]
 
-Decoding integrates the learned flow from noise with a few steps of :class:`fastlatent.sampling.Sampler` (euler or
-dpmpp_2m over the same :class:`~fastlatent.sampling.FlowSchedule`), so a decoded image depends on the starting
-noise: pass a ``generator`` (or ``noise``) for reproducible decodes.
+Decoding integrates the learned flow from noise with a few steps of :class:`fastlatent.sampling.Sampler`
+(euler or dpmpp_2m over the same :class:`~fastlatent.sampling.FlowSchedule`), so a decoded image depends on
+the starting noise: pass a ``generator`` (or ``noise``) for reproducible decodes.
 
 :class:`DGAETask` is the trainer-facing task (the training protocol) with the weights above.
 """
@@ -46,9 +48,9 @@ _OWNER = "DiffusionDecoderAutoencoder"
 
 
 def _draw(kind: str, shape, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """float32 ``randn``/``rand`` drawn on the generator's device (``device`` without one) and moved to ``device``,
-    as :class:`~fastlatent.models.DiagonalGaussian` and the sampler draw: a seeded CPU generator gives the same
-    numbers on any device."""
+    """float32 ``randn``/``rand`` drawn on the generator's device (``device`` without one) and moved to
+    ``device``, as :class:`~fastlatent.models.DiagonalGaussian` and the sampler draw: a seeded CPU generator
+    gives the same numbers on any device."""
     source = device if generator is None else generator.device
     draw = torch.randn if kind == "normal" else torch.rand
     return draw(shape, generator=generator, device=source, dtype=torch.float32).to(device)
@@ -62,7 +64,8 @@ def sample_flow_times(
     device: torch.device,
 ) -> torch.Tensor:
     """Training times ``s [batch]`` in [0, 1): uniform or ``sigmoid(N(0, 1))`` (SD3's logit-normal), then the
-    schedule's shift ``shift s / (1 + (shift - 1) s)``, as :class:`~fastlatent.models.LatentDiffusion` draws them."""
+    schedule's shift ``shift s / (1 + (shift - 1) s)``, as :class:`~fastlatent.models.LatentDiffusion` draws
+    them."""
     if time_sampling == "logit_normal":
         u = torch.sigmoid(_draw("normal", (batch,), generator, device))
     else:
@@ -83,18 +86,19 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
 
     Args:
         in_channels: image channels (the decoder generates images with as many).
-        block_out_channels, layers_per_block, norm_num_groups, mid_block_add_attention: the SD-VAE encoder (see
-            :class:`~fastlatent.models.AutoencoderKL`); the downsampling factor is ``f = 2 ** (len - 1)``.
+        block_out_channels, layers_per_block, norm_num_groups, mid_block_add_attention: the SD-VAE encoder
+            (see :class:`~fastlatent.models.AutoencoderKL`); the downsampling factor is ``f = 2 ** (len -
+            1)``.
         latent_channels: channels of the latents.
         use_quant_conv: the 1x1 conv on the encoder's moments, as AutoencoderKL. (There is no post-quant conv:
             the decoder's first 3x3 conv already mixes the latent channels.)
         decoder_channels, decoder_channel_mult, decoder_layers_per_block, decoder_attention_levels,
         decoder_mid_attention, decoder_attention_head_dim, decoder_norm_num_groups, decoder_dropout,
-        decoder_time_embed_dim: the :class:`~fastlatent.models.UNet` decoder (``base_channels``, ``channel_mult``,
-            ...). The defaults are ADM's 256x256 layout at DGAE-B's width (128 channels, a 512-wide time
-            embedding, attention at 32, 16 and 8 pixels for 256-pixel images; 120M parameters, DGAE-B's decoder
-            has 122M). Image sides must be multiples of ``image_multiple``, the least common multiple of ``f`` and
-            the UNet's ``2 ** (len(decoder_channel_mult) - 1)``.
+        decoder_time_embed_dim: the :class:`~fastlatent.models.UNet` decoder (``base_channels``,
+            ``channel_mult``, ...). The defaults are ADM's 256x256 layout at DGAE-B's width (128 channels, a
+            512-wide time embedding, attention at 32, 16 and 8 pixels for 256-pixel images; 120M parameters,
+            DGAE-B's decoder has 122M). Image sides must be multiples of ``image_multiple``, the least common
+            multiple of ``f`` and the UNet's ``2 ** (len(decoder_channel_mult) - 1)``.
         flow_shift: the FlowSchedule shift used for training times and for decoding (1: none).
         num_train_timesteps: the decoder sees the time ``s`` as ``s * num_train_timesteps``.
         time_sampling: training times: ``"uniform"`` or ``"logit_normal"``.
@@ -103,10 +107,10 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
             :meth:`fit_latent_scale`.
 
     Protocol: ``encode(x) -> z`` (posterior mode, or a draw with ``sample=True``); ``decode(z, steps, method,
-    generator) -> images`` (sampled, no gradients); ``forward(x) -> AutoencoderOutput`` whose ``losses`` hold the
-    unweighted "flow" (velocity MSE), "kl" (summed over latent elements, batch mean) and "x0_mse" (MSE of the
-    one-step estimate; equals the flow error weighted by ``s^2``), and whose ``reconstruction`` is the one-step
-    estimate ``x0`` in training mode (what LPIPS sees) and the sampler's decode in eval mode.
+    generator) -> images`` (sampled, no gradients); ``forward(x) -> AutoencoderOutput`` whose ``losses`` hold
+    the unweighted "flow" (velocity MSE), "kl" (summed over latent elements, batch mean) and "x0_mse" (MSE of
+    the one-step estimate; equals the flow error weighted by ``s^2``), and whose ``reconstruction`` is the
+    one-step estimate ``x0`` in training mode (what LPIPS sees) and the sampler's decode in eval mode.
     """
 
     is_discrete = False
@@ -205,7 +209,8 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         self._samplers: dict = {}
 
     def __getstate__(self):
-        # Cached samplers may hold CUDA graphs, which cannot be copied: copies (EMA, pickling) start without them.
+        # Cached samplers may hold CUDA graphs, which cannot be copied: copies (EMA, pickling) start without
+        # them.
         state = self.__dict__.copy()
         state["_samplers"] = {}
         return state
@@ -218,8 +223,8 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         return self.decoder.conv_out.weight
 
     def velocity(self, x_t: torch.Tensor, s, z: torch.Tensor) -> torch.Tensor:
-        """The decoder's velocity prediction ``[B, C, H, W]`` at noisy images ``x_t``, flow times ``s`` (``[B]`` or a
-        number, in [0, 1]) and latents ``z [B, latent_channels, H/f, W/f]``."""
+        """The decoder's velocity prediction ``[B, C, H, W]`` at noisy images ``x_t``, flow times ``s``
+        (``[B]`` or a number, in [0, 1]) and latents ``z [B, latent_channels, H/f, W/f]``."""
         t = s * self.flow_schedule.num_train_timesteps
         return self.decoder(x_t, t, cond=z)
 
@@ -259,8 +264,8 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         capture_graph: bool = False,
         progress: bool = False,
     ) -> torch.Tensor:
-        """Images ``[B, in_channels, h*f, w*f]`` from latents ``z [B, latent_channels, h, w]`` (not prior space),
-        by integrating the decoder's flow from noise. Runs in eval mode without gradients.
+        """Images ``[B, in_channels, h*f, w*f]`` from latents ``z [B, latent_channels, h, w]`` (not prior
+        space), by integrating the decoder's flow from noise. Runs in eval mode without gradients.
 
         Args:
             z: latents.
@@ -268,8 +273,10 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
             method: ``"euler"`` or ``"dpmpp_2m"`` (default: the config's ``decode_method``).
             generator: for the starting noise; the same generator state decodes to the same images.
             noise: the starting noise ``[B, in_channels, h*f, w*f]`` itself (instead of drawing it).
-            clip_x0: clamp each step's clean-image estimate to ``[-clip_x0, clip_x0]`` (1.0 for [-1, 1] images).
-            capture_graph: CUDA: capture the whole loop in a CUDA graph, replayed by later calls of the same shape.
+            clip_x0: clamp each step's clean-image estimate to ``[-clip_x0, clip_x0]`` (1.0 for [-1, 1]
+                images).
+            capture_graph: CUDA: capture the whole loop in a CUDA graph, replayed by later calls of the same
+                shape.
             progress: a tqdm bar.
         """
         where = f"{_OWNER}.decode"
@@ -402,15 +409,16 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         Args:
             x: images ``[B, in_channels, H, W]`` in [-1, 1]; H and W multiples of ``image_multiple``.
             sample_posterior: decode a posterior draw (default in training) or the mean (default in eval).
-            generator: for the posterior draw, the decode noise, then the flow noise and times (in that order).
+            generator: for the posterior draw, the decode noise, then the flow noise and times (in that
+                order).
             noise, timesteps: fix the flow objective's noise ``[B, C, H, W]`` and times ``s [B]`` in [0, 1].
             decode: reconstruct with the sampler (default in eval mode) instead of the one-step estimate.
             steps, method: the sampler's, with ``decode``.
 
         Returns:
-            :class:`AutoencoderOutput`: ``reconstruction`` (the one-step ``x0`` estimate, or the sampled decode),
-            ``latents`` (what the decoder was conditioned on), ``losses`` {"flow", "kl", "x0_mse"} (unweighted),
-            ``stats`` {"posterior", "timesteps" (``s``), "x0_estimate"}.
+            :class:`AutoencoderOutput`: ``reconstruction`` (the one-step ``x0`` estimate, or the sampled
+            decode), ``latents`` (what the decoder was conditioned on), ``losses`` {"flow", "kl", "x0_mse"}
+            (unweighted), ``stats`` {"posterior", "timesteps" (``s``), "x0_estimate"}.
         """
         check_image_batch(_OWNER, "x", x, self.in_channels, self.image_multiple, self.encoder.conv_in.weight)
         posterior = self.posterior(x)
@@ -444,7 +452,8 @@ def _check_weight(name: str, value) -> float:
 class DGAETask(nn.Module):
     """A :class:`DiffusionDecoderAutoencoder` and its weighted objective, as the trainer drives them (no GAN).
 
-    ``loss = flow_weight * flow + kl_weight * kl + perceptual_weight * mean(LPIPS(x, x0)) + reconstruction_weight
+    ``loss = flow_weight * flow + kl_weight * kl + perceptual_weight * mean(LPIPS(x, x0)) +
+    reconstruction_weight
     * mse(x0, x)`` with ``x0`` the one-step estimate at the sampled flow time (DGAE's Eq. 8, plus an optional
     pixel term the paper does not use).
 
@@ -452,11 +461,11 @@ class DGAETask(nn.Module):
         autoencoder: the DGAE.
         flow_weight, kl_weight, perceptual_weight, reconstruction_weight: as above (LDM's KL weight 1e-6 by
             default); ``perceptual_weight=0`` builds no LPIPS network.
-        lpips_net, pretrained_lpips: see :class:`~fastlatent.models.LPIPS` (the backbone weights must be in the
-            torch hub cache; ``pretrained_lpips=False`` is a random backbone, for tests only).
+        lpips_net, pretrained_lpips: see :class:`~fastlatent.models.LPIPS` (the backbone weights must be in
+            the torch hub cache; ``pretrained_lpips=False`` is a random backbone, for tests only).
 
-    ``training_step((images, labels) or images, step) -> {"loss", "flow", "kl", "x0_mse", "perceptual_loss"}``;
-    ``validation_step(batch)`` decodes with the sampler and reports mse and psnr.
+    ``training_step((images, labels) or images, step) -> {"loss", "flow", "kl", "x0_mse",
+    "perceptual_loss"}``; ``validation_step(batch)`` decodes with the sampler and reports mse and psnr.
     """
 
     def __init__(

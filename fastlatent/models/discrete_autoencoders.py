@@ -1,9 +1,9 @@
-"""Discrete stage-1 autoencoders: VQGAN-style vector quantisation and scalar quantisation (FSQ, LFQ, BSQ) between
-the SD-VAE encoder and decoder of :mod:`fastlatent.models.vae_blocks`.
+"""Discrete stage-1 autoencoders: VQGAN-style vector quantisation and scalar quantisation (FSQ, LFQ, BSQ)
+between the SD-VAE encoder and decoder of :mod:`fastlatent.models.vae_blocks`.
 
 Layout, as taming's VQModel and diffusers' VQModel: ``encoder -> quant_conv (z_channels -> latent_channels) ->
-quantizer -> post_quant_conv (latent_channels -> z_channels) -> decoder``. The prior sees the quantiser's indices
-(``encode_indices``) or its codes (``encode``, ``[B, latent_channels, h, w]``).
+quantizer -> post_quant_conv (latent_channels -> z_channels) -> decoder``. The prior sees the quantiser's
+indices (``encode_indices``) or its codes (``encode``, ``[B, latent_channels, h, w]``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ VECTOR_QUANTIZERS = ("vq", "rvq")
 
 @contextlib.contextmanager
 def _frozen(module: nn.Module):
-    """Runs ``module`` in eval mode (no EMA, k-means or dead-code updates), then restores each submodule's mode."""
+    """Runs ``module`` in eval mode (no EMA, k-means or dead-code updates), then restores each submodule's
+    mode."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -175,12 +176,12 @@ class VQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
     ``quantizer="rvq"``).
 
     Args:
-        in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups, mid_block_add_attention:
-            the encoder/decoder, as :class:`AutoencoderKL`.
+        in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
+            mid_block_add_attention: the encoder/decoder, as :class:`AutoencoderKL`.
         latent_channels: codebook dimension, the channels of the quantised latents.
         codebook_size: codes per codebook, K.
-        z_channels: encoder output / decoder input channels (default: latent_channels); quant_conv maps them to
-            the codebook dimension.
+        z_channels: encoder output / decoder input channels (default: latent_channels); quant_conv maps them
+            to the codebook dimension.
         quantizer: "vq" or "rvq" (residual, ``num_quantizers`` deep; indices gain a last axis of that size).
         num_quantizers: depth of the residual VQ (only with "rvq").
         learnable_codebook: codebook trained by the codebook loss (VQGAN); otherwise updated by EMA with
@@ -268,7 +269,8 @@ class VQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
         codes, indices, vq_loss = self.quantizer(h)
         vq_loss = vq_loss.sum()  # residual VQ: one term per depth
         if not self.learnable_codebook:
-            # EMA codebook: the quantiser's loss is exactly the commitment (commitment_weight=1, no codebook loss)
+            # EMA codebook: the quantiser's loss is exactly the commitment (commitment_weight=1, no codebook
+            # loss)
             return codes, indices, {"commitment": vq_loss}
         # learnable codebook: the commitment and codebook terms are computed here, depth by depth, against the
         # codes the quantiser chose (its own loss is vector-quantize-pytorch's mse(q, z), both ways at once)
@@ -307,8 +309,8 @@ class FSQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
     https://arxiv.org/abs/2309.15505; no codebook, no auxiliary loss), LFQ (MAGVIT-v2) or BSQ.
 
     Args:
-        in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups, mid_block_add_attention:
-            the encoder/decoder, as :class:`AutoencoderKL`.
+        in_channels, out_channels, block_out_channels, layers_per_block, norm_num_groups,
+            mid_block_add_attention: the encoder/decoder, as :class:`AutoencoderKL`.
         quantizer: "fsq", "lfq" or "bsq".
         levels: FSQ levels per latent channel (default ``[8, 5, 5, 5]``, 1000 codes); latent_channels is
             ``len(levels)``. FSQ only.
@@ -319,9 +321,9 @@ class FSQAutoencoder(_DiscreteAutoencoder, ConfigMixin):
             (``diversity_gamma``, ``codebook_scale``, ``inv_temperature``, ...) or :class:`fastlatent.nn.FSQ`
             (``preserve_symmetry``). Loss weights are the loss module's, not the quantiser's.
 
-    ``losses`` (LFQ/BSQ, training only): "entropy" (per-sample entropy minus ``diversity_gamma`` times the batch
-    code entropy) and "commitment", unweighted; FSQ has none. ``stats``: "indices" ``[B, h, w]``, batch "usage"
-    and "perplexity".
+    ``losses`` (LFQ/BSQ, training only): "entropy" (per-sample entropy minus ``diversity_gamma`` times the
+    batch code entropy) and "commitment", unweighted; FSQ has none. ``stats``: "indices" ``[B, h, w]``, batch
+    "usage" and "perplexity".
     """
 
     def __init__(

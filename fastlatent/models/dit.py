@@ -1,19 +1,22 @@
 """DiT: a diffusion transformer over latents (Peebles & Xie 2023, https://arxiv.org/abs/2212.09748).
 
 The latent ``[B, C, H, W]`` is cut into ``p x p`` patches (a strided convolution), fixed 2-D sin-cos position
-embeddings are added, and ``depth`` transformer blocks run with adaLN-Zero conditioning on ``timestep embedding +
-class embedding``; a final adaLN-modulated linear layer and unpatchify give back ``[B, C_out, H, W]``.
+embeddings are added, and ``depth`` transformer blocks run with adaLN-Zero conditioning on ``timestep
+embedding + class embedding``; a final adaLN-modulated linear layer and unpatchify give back ``[B, C_out, H,
+W]``.
 
 Parameter names and initialisation follow facebookresearch/DiT (``x_embedder.proj``, ``t_embedder.mlp``,
-``y_embedder.embedding_table``, ``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,adaLN_modulation.1}``,
-``final_layer.{linear,adaLN_modulation.1}``, ``pos_embed``), so an official checkpoint loads with ``learn_sigma=True``
-(DiT-XL/2: ``input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
-num_classes=1000``). Attention runs on ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on GPU).
+``y_embedder.embedding_table``,
+``blocks.i.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2,adaLN_modulation.1}``,
+``final_layer.{linear,adaLN_modulation.1}``, ``pos_embed``), so an official checkpoint loads with
+``learn_sigma=True`` (DiT-XL/2: ``input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28,
+num_heads=16, num_classes=1000``). Attention runs on ``F.scaled_dot_product_attention`` (flash /
+memory-efficient kernels on GPU).
 
-Classifier-free guidance: label ``num_classes`` is the null class (row ``num_classes`` of the embedding table, as in
-DiT). Label dropout during training is **not** done here but by the diffusion wrapper
-(:class:`fastlatent.models.LatentDiffusion`), which replaces labels by the null class, so the same denoiser trains
-identically whichever wrapper drives it and its forward is a pure function of its inputs.
+Classifier-free guidance: label ``num_classes`` is the null class (row ``num_classes`` of the embedding table,
+as in DiT). Label dropout during training is **not** done here but by the diffusion wrapper
+(:class:`fastlatent.models.LatentDiffusion`), which replaces labels by the null class, so the same denoiser
+trains identically whichever wrapper drives it and its forward is a pure function of its inputs.
 """
 
 from __future__ import annotations
@@ -121,7 +124,8 @@ def check_class_labels(where: str, labels, batch: int, num_classes: int, device:
 def check_label_values(
     where: str, name: str, labels: torch.Tensor, num_classes: int, allow_null: bool
 ) -> None:
-    """Raises ValueError when a label lies outside ``[0, num_classes)`` (``[0, num_classes]`` with the null class).
+    """Raises ValueError when a label lies outside ``[0, num_classes)`` (``[0, num_classes]`` with the null
+    class).
 
     One host sync: called by the user-facing entry points only, never inside a model's forward.
     """
@@ -135,9 +139,9 @@ def check_label_values(
 def sampling_labels(where: str, labels, n: int, num_classes: int, guidance, device: torch.device):
     """The labels a prior samples ``n`` items with: None, an int for all, or ``[n]`` ints; checked.
 
-    Returns ``(labels [n] int64 on device or None, guided)``; ``guided`` says classifier-free guidance applies.
-    A conditional model with ``labels=None`` samples the null class (unconditional samples), which cannot be
-    guided.
+    Returns ``(labels [n] int64 on device or None, guided)``; ``guided`` says classifier-free guidance
+    applies. A conditional model with ``labels=None`` samples the null class (unconditional samples), which
+    cannot be guided.
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{where}: n must be an int >= 1, got {n!r}")
@@ -250,7 +254,8 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """Transformer block with adaLN-Zero: ``c`` gives shift/scale/gate for attention and MLP (gates start at 0)."""
+    """Transformer block with adaLN-Zero: ``c`` gives shift/scale/gate for attention and MLP (gates start at
+    0)."""
 
     def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float, dropout: float):
         super().__init__()
@@ -281,7 +286,8 @@ class FinalLayer(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """``[B, C, H, W] -> [B, (H/p)(W/p), D]`` with a p x p stride-p convolution (timm's ``PatchEmbed.proj``)."""
+    """``[B, C, H, W] -> [B, (H/p)(W/p), D]`` with a p x p stride-p convolution (timm's
+    ``PatchEmbed.proj``)."""
 
     def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
         super().__init__()
@@ -300,21 +306,21 @@ class DiT(nn.Module, ConfigMixin):
             ``patch_size``.
         patch_size: p; the transformer sees ``(h/p)(w/p)`` tokens.
         in_channels: latent channels C.
-        hidden_size: transformer width D (even, divisible by ``num_heads``; divisible by 4 for the 2-D position
-            embedding).
+        hidden_size: transformer width D (even, divisible by ``num_heads``; divisible by 4 for the 2-D
+            position embedding).
         depth: number of DiT blocks.
         num_heads: attention heads.
         mlp_ratio: MLP hidden width / D.
         num_classes: class count; 0 for an unconditional model (no label embedding, ``labels`` must be None).
             Label ``num_classes`` is the null class for classifier-free guidance.
-        learn_sigma: also output C variance channels (``out_channels = 2C``), as the official DiT checkpoints do;
-            :class:`LatentDiffusion` samples with the first C channels (it does not train the variance).
+        learn_sigma: also output C variance channels (``out_channels = 2C``), as the official DiT checkpoints
+            do; :class:`LatentDiffusion` samples with the first C channels (it does not train the variance).
         dropout: dropout in attention and MLP (0 in DiT).
 
-    ``forward(x [B, C, h, w], t [B] (or a number), labels [B] int64 or None) -> [B, C_out, h, w]``. ``t`` is the
-    training timestep the sampler passes (``0..T-1`` for discrete schedules, ``s * T`` for flow). The forward checks
-    shapes, dtypes and devices but not label values (that would sync the device on every call and break CUDA-graph
-    capture); :class:`LatentDiffusion`'s ``training_step`` and ``sample`` check those.
+    ``forward(x [B, C, h, w], t [B] (or a number), labels [B] int64 or None) -> [B, C_out, h, w]``. ``t`` is
+    the training timestep the sampler passes (``0..T-1`` for discrete schedules, ``s * T`` for flow). The
+    forward checks shapes, dtypes and devices but not label values (that would sync the device on every call
+    and break CUDA-graph capture); :class:`LatentDiffusion`'s ``training_step`` and ``sample`` check those.
     """
 
     def __init__(

@@ -1,14 +1,15 @@
 """``TokenGPT``: a class-conditional causal transformer over discrete latent tokens (VQ / FSQ / LFQ indices).
 
-The sequence the transformer reads is ``[c, x_0, ..., x_{L-2}]``: a class token ``c`` (the learned embedding of the
-label, or of the null class ``num_classes``; a learned start token for an unconditional model) followed by the token
-embeddings, plus learned position embeddings; position ``i`` predicts ``x_i`` (VQGAN's transformer, LlamaGen's class
-token). Pre-LN blocks, causal ``F.scaled_dot_product_attention``, a final LayerNorm and a linear head.
+The sequence the transformer reads is ``[c, x_0, ..., x_{L-2}]``: a class token ``c`` (the learned embedding
+of the label, or of the null class ``num_classes``; a learned start token for an unconditional model) followed
+by the token embeddings, plus learned position embeddings; position ``i`` predicts ``x_i`` (VQGAN's
+transformer, LlamaGen's class token). Pre-LN blocks, causal ``F.scaled_dot_product_attention``, a final
+LayerNorm and a linear head.
 
-Sampling decodes one position at a time with a key/value cache (:class:`KVCache`), so producing ``L`` tokens costs
-``L`` single-position forwards. Classifier-free guidance runs the null class and the requested class in one doubled
-batch and combines the logits as ``logits_u + g (logits_c - logits_u)``; then temperature, top-k and top-p
-(nucleus) filtering, in that order (as Hugging Face's ``generate``).
+Sampling decodes one position at a time with a key/value cache (:class:`KVCache`), so producing ``L`` tokens
+costs ``L`` single-position forwards. Classifier-free guidance runs the null class and the requested class in
+one doubled batch and combines the logits as ``logits_u + g (logits_c - logits_u)``; then temperature, top-k
+and top-p (nucleus) filtering, in that order (as Hugging Face's ``generate``).
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
 def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Nucleus filtering: keeps the smallest set of most likely tokens whose probability reaches ``p``.
 
-    A token is dropped when the probability of the tokens strictly more likely than it (in sorted order) already
-    reaches ``p``; the most likely token is always kept.
+    A token is dropped when the probability of the tokens strictly more likely than it (in sorted order)
+    already reaches ``p``; the most likely token is always kept.
 
     Args:
         logits: ``[..., V]``.
@@ -62,7 +63,8 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
 
 
 def guided_logits(logits: torch.Tensor, guidance: float | None) -> torch.Tensor:
-    """``[2n, V]`` logits stacked ``[uncond; cond]`` -> ``u + g (c - u)`` ``[n, V]`` (unchanged without guidance)."""
+    """``[2n, V]`` logits stacked ``[uncond; cond]`` -> ``u + g (c - u)`` ``[n, V]`` (unchanged without
+    guidance)."""
     if guidance is None:
         return logits
     uncond, cond = logits.chunk(2)
@@ -145,7 +147,8 @@ class Block(nn.Module):
 
 @register_model
 class TokenGPT(nn.Module, ConfigMixin):
-    """Autoregressive prior over token sequences ``[B, L]`` with class conditioning and classifier-free guidance.
+    """Autoregressive prior over token sequences ``[B, L]`` with class conditioning and classifier-free
+    guidance.
 
     Args:
         vocab_size: V, the tokenizer's codebook size.
@@ -247,8 +250,8 @@ class TokenGPT(nn.Module, ConfigMixin):
         """Next-token logits.
 
         Without a cache (or with an empty one), the input is the class token followed by ``tokens [B, T]``
-        (``0 <= T < L``) and the result is ``[B, T + 1, V]``: position ``i`` predicts token ``i``. With a cache
-        holding ``P > 0`` positions, ``tokens [B, T]`` are the tokens at positions ``P .. P+T-1`` of the
+        (``0 <= T < L``) and the result is ``[B, T + 1, V]``: position ``i`` predicts token ``i``. With a
+        cache holding ``P > 0`` positions, ``tokens [B, T]`` are the tokens at positions ``P .. P+T-1`` of the
         model's input (``labels`` unused) and the result ``[B, T, V]`` predicts tokens ``P .. P+T-1``.
         The cache, when given, is extended by the positions processed.
         """
@@ -347,7 +350,8 @@ class TokenGPT(nn.Module, ConfigMixin):
 
         Args:
             n: how many.
-            labels: None (a conditional model then samples the null class), an int for all, or ``n`` class indices.
+            labels: None (a conditional model then samples the null class), an int for all, or ``n`` class
+                indices.
             temperature: > 0; logits are divided by it (after guidance).
             top_k: keep the k most likely tokens (None: all).
             top_p: nucleus sampling mass in (0, 1] (None: all).

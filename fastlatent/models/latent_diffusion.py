@@ -1,13 +1,15 @@
-"""``LatentDiffusion``: trains a denoiser on prior-space latents and samples it with fastlatent's fused samplers.
+"""``LatentDiffusion``: trains a denoiser on prior-space latents and samples it with fastlatent's fused
+samplers.
 
 Objectives (``x0`` the clean latent, ``noise`` unit Gaussian):
 
 * ``"eps"``: VP diffusion on a :class:`~fastlatent.sampling.DiscreteSchedule`: integer ``t ~ U{0..T-1}``,
   ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) noise``, the model sees ``(x_t, t)`` and predicts ``noise``.
-* ``"v"``: same corruption, the model predicts ``v = sqrt(ab_t) noise - sqrt(1 - ab_t) x0`` (Salimans & Ho 2022).
+* ``"v"``: same corruption, the model predicts ``v = sqrt(ab_t) noise - sqrt(1 - ab_t) x0`` (Salimans & Ho
+  2022).
 * ``"flow"``: rectified flow on a :class:`~fastlatent.sampling.FlowSchedule`: ``s`` in [0, 1] (uniform or
-  logit-normal, then the schedule's shift ``s' = shift s / (1 + (shift - 1) s)``), ``x_s = (1 - s) x0 + s noise``,
-  the model sees ``(x_s, s * T)`` and predicts the velocity ``noise - x0``.
+  logit-normal, then the schedule's shift ``s' = shift s / (1 + (shift - 1) s)``), ``x_s = (1 - s) x0 + s
+  noise``, the model sees ``(x_s, s * T)`` and predicts the velocity ``noise - x0``.
 
 These are exactly what :class:`fastlatent.sampling.Sampler` inverts with ``prediction="epsilon"``,
 ``"v_prediction"`` and ``"flow"``, with the timestep convention it passes the model (``t`` for discrete
@@ -36,11 +38,12 @@ FLOW_TIME_SAMPLING = ("uniform", "logit_normal")
 _PREDICTION = {"eps": "epsilon", "v": "v_prediction", "flow": "flow"}
 
 
-# ---------------------------------------------------------------------------------------------- sub-model configs
+# ------------------------------------------------------------------------------------------ sub-model configs
 
 
 def model_spec(model) -> dict:
-    """``{"class": name, "config": {...}}`` for a registered ConfigMixin model (a dict spec passes through)."""
+    """``{"class": name, "config": {...}}`` for a registered ConfigMixin model (a dict spec passes
+    through)."""
     if isinstance(model, dict):
         return model
     if not (
@@ -127,7 +130,8 @@ def _build_schedule(config: dict, objective: str):
 
 @contextlib.contextmanager
 def evaluating(module: nn.Module):
-    """``module.eval()`` and ``torch.no_grad()`` for the block; the training flags of every submodule restored."""
+    """``module.eval()`` and ``torch.no_grad()`` for the block; the training flags of every submodule
+    restored."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
@@ -179,7 +183,7 @@ def training_labels(where: str, labels, batch: int, num_classes: int, label_drop
     return labels
 
 
-# ---------------------------------------------------------------------------------------------- LatentDiffusion
+# -------------------------------------------------------------------------------------------- LatentDiffusion
 
 
 @register_model
@@ -187,33 +191,36 @@ class LatentDiffusion(nn.Module, ConfigMixin):
     """A class-conditional latent diffusion prior: training objective, label dropout and guided sampling.
 
     Args:
-        denoiser: the network, ``denoiser(x [B, C, h, w], t [B] float, labels [B] int64 or None) -> [B, C', h, w]``
-            with attributes ``in_channels`` (C) and ``num_classes`` (label ``num_classes`` = the null class), e.g.
-            :class:`~fastlatent.models.DiT` or :class:`~fastlatent.models.UNet`. It must be a registered
-            ConfigMixin model (saved in this model's config as ``{"class": ..., "config": ...}``; that dict is also
-            accepted here). Outputs with more than C channels (DiT's ``learn_sigma``) are sampled with the first C.
+        denoiser: the network, ``denoiser(x [B, C, h, w], t [B] float, labels [B] int64 or None) -> [B, C', h,
+            w]`` with attributes ``in_channels`` (C) and ``num_classes`` (label ``num_classes`` = the null
+            class), e.g. :class:`~fastlatent.models.DiT` or :class:`~fastlatent.models.UNet`. It must be a
+            registered ConfigMixin model (saved in this model's config as ``{"class": ..., "config": ...}``;
+            that dict is also accepted here). Outputs with more than C channels (DiT's ``learn_sigma``) are
+            sampled with the first C.
         objective: ``"eps"``, ``"v"`` or ``"flow"`` (see the module docstring).
-        schedule: for eps/v a discrete schedule: ``"linear"`` (default; DiT's), ``"scaled_linear"``, ``"cosine"``,
-            a ``{"kind": ..., "num_train_timesteps": ..., "beta_start": ..., "beta_end": ...}`` dict or a
-            :class:`~fastlatent.sampling.DiscreteSchedule`; for flow ``"flow"`` (default), ``{"kind": "flow",
-            "shift": ..., "num_train_timesteps": ...}`` or a :class:`~fastlatent.sampling.FlowSchedule`.
+        schedule: for eps/v a discrete schedule: ``"linear"`` (default; DiT's), ``"scaled_linear"``,
+            ``"cosine"``, a ``{"kind": ..., "num_train_timesteps": ..., "beta_start": ..., "beta_end": ...}``
+            dict or a :class:`~fastlatent.sampling.DiscreteSchedule`; for flow ``"flow"`` (default),
+            ``{"kind": "flow", "shift": ..., "num_train_timesteps": ...}`` or a
+            :class:`~fastlatent.sampling.FlowSchedule`.
         label_dropout: probability that a training label is replaced by the null class, so the same network
-            learns the unconditional model for classifier-free guidance. Done here, not in the denoiser; ignored
-            by an unconditional prior.
+            learns the unconditional model for classifier-free guidance. Done here, not in the denoiser;
+            ignored by an unconditional prior.
         num_classes: defaults to ``denoiser.num_classes``; if given it must agree.
-        latent_size: ``[h, w]`` (or an int) of the latents ``sample`` draws; defaults to ``denoiser.input_size``
-            (DiT). Required for a size-agnostic denoiser such as the UNet.
-        flow_time_sampling: how flow training draws ``s`` before the shift: ``"uniform"`` or ``"logit_normal"``
-            (``sigmoid(N(0, 1))``, SD3).
+        latent_size: ``[h, w]`` (or an int) of the latents ``sample`` draws; defaults to
+            ``denoiser.input_size`` (DiT). Required for a size-agnostic denoiser such as the UNet.
+        flow_time_sampling: how flow training draws ``s`` before the shift: ``"uniform"`` or
+            ``"logit_normal"`` (``sigmoid(N(0, 1))``, SD3).
 
-    ``training_step((latents [B, C, h, w], labels [B]), step) -> {"loss"}``; ``sample(n, labels, ...)`` returns
-    prior-space latents ``[n, C, h, w]``.
+    ``training_step((latents [B, C, h, w], labels [B]), step) -> {"loss"}``; ``sample(n, labels, ...)``
+    returns prior-space latents ``[n, C, h, w]``.
     """
 
     def __new__(cls, *args, **kwargs):
         self = super().__new__(cls)
         if args or kwargs:  # a constructor call, not copy/pickle reconstruction
-            # Record the config here, before ConfigMixin's wrapper of __init__ would reject the denoiser module:
+            # Record the config here, before ConfigMixin's wrapper of __init__ would reject the denoiser
+            # module:
             # the denoiser is stored as its registered class name and config, the schedule as a dict.
             signature = inspect.signature(cls.__init__)
             bound = signature.bind(self, *args, **kwargs)
@@ -292,7 +299,8 @@ class LatentDiffusion(nn.Module, ConfigMixin):
         self._samplers: dict = {}
 
     def __getstate__(self):
-        # Cached samplers may hold CUDA graphs, which cannot be copied: copies (EMA, pickling) start without them.
+        # Cached samplers may hold CUDA graphs, which cannot be copied: copies (EMA, pickling) start without
+        # them.
         state = self.__dict__.copy()
         state["_samplers"] = {}
         return state
@@ -453,17 +461,18 @@ class LatentDiffusion(nn.Module, ConfigMixin):
 
         Args:
             n: how many.
-            labels: None (a conditional prior then samples the null class, i.e. unconditionally), an int for all
-                samples, or ``n`` class indices (list or integer tensor).
+            labels: None (a conditional prior then samples the null class, i.e. unconditionally), an int for
+                all samples, or ``n`` class indices (list or integer tensor).
             steps: model evaluations (doubled batch with guidance).
             guidance: classifier-free guidance scale ``g``: ``u + g (c - u)`` from the null-class (u) and
                 conditional (c) outputs; None for plain conditional sampling.
-            method: ``"ddpm"``, ``"ddim"``, ``"euler"`` or ``"dpmpp_2m"`` (default: euler for flow, ddim otherwise;
-                ddpm/ddim need a discrete schedule).
+            method: ``"ddpm"``, ``"ddim"``, ``"euler"`` or ``"dpmpp_2m"`` (default: euler for flow, ddim
+                otherwise; ddpm/ddim need a discrete schedule).
             generator: for the starting noise (and ddpm/ddim-eta noise); same generator state, same samples.
             progress: a tqdm bar.
             eta, karras, guidance_rescale, clip_x0: see :class:`fastlatent.sampling.Sampler`.
-            capture_graph: CUDA: capture the whole loop in a CUDA graph, replayed by later calls of the same shape.
+            capture_graph: CUDA: capture the whole loop in a CUDA graph, replayed by later calls of the same
+                shape.
             latent_size: overrides the prior's ``latent_size`` (size-agnostic denoisers only).
 
         Returns:

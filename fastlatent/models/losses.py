@@ -1,9 +1,10 @@
-"""Stage-1 training losses: reconstruction (L1/L2), LPIPS, a PatchGAN discriminator with hinge or non-saturating
-loss, the VQGAN adaptive generator weight and start step, and the KL / commitment / codebook / entropy
-regularisers; :class:`AutoencoderTask` ties an autoencoder and :class:`AutoencoderLoss` to the trainer's protocol.
+"""Stage-1 training losses: reconstruction (L1/L2), LPIPS, a PatchGAN discriminator with hinge or
+non-saturating loss, the VQGAN adaptive generator weight and start step, and the KL / commitment / codebook /
+entropy regularisers; :class:`AutoencoderTask` ties an autoencoder and :class:`AutoencoderLoss` to the
+trainer's protocol.
 
-The recipe is taming-transformers' ``VQLPIPSWithDiscriminator`` and latent-diffusion's ``LPIPSWithDiscriminator``
-(Esser et al., 2021, https://arxiv.org/abs/2012.09841; Rombach et al., 2022).
+The recipe is taming-transformers' ``VQLPIPSWithDiscriminator`` and latent-diffusion's
+``LPIPSWithDiscriminator`` (Esser et al., 2021, https://arxiv.org/abs/2012.09841; Rombach et al., 2022).
 """
 
 from __future__ import annotations
@@ -36,17 +37,20 @@ def lpips_backbone_path(net: str) -> Path:
 
 
 class LPIPS(nn.Module):
-    """LPIPS perceptual distance (Zhang et al., 2018, https://arxiv.org/abs/1801.03924) over the ``lpips`` package.
+    """LPIPS perceptual distance (Zhang et al., 2018, https://arxiv.org/abs/1801.03924) over the ``lpips``
+    package.
 
     Never downloads: the backbone's torchvision weights must be in the torch hub cache (see
     :func:`lpips_backbone_path`), else a FileNotFoundError says which file to put where. The calibrated linear
-    heads ship with the ``lpips`` package. The network is frozen, always in eval mode (the heads' dropout stays
-    off when a parent module trains) and kept out of ``parameters()`` and ``state_dict()``: checkpoints do not
-    carry 60 MB of fixed VGG weights, and DDP/optimisers never see them. ``.to()``/``.cuda()``/``.half()`` move it.
+    heads ship with the ``lpips`` package. The network is frozen, always in eval mode (the heads' dropout
+    stays off when a parent module trains) and kept out of ``parameters()`` and ``state_dict()``: checkpoints
+    do not carry 60 MB of fixed VGG weights, and DDP/optimisers never see them.
+    ``.to()``/``.cuda()``/``.half()`` move it.
 
     Args:
         net: "vgg" (taming's and LDM's choice), "alex" or "squeeze".
-        pretrained_backbone: False builds a randomly initialised backbone (for tests; not a perceptual metric).
+        pretrained_backbone: False builds a randomly initialised backbone (for tests; not a perceptual
+            metric).
 
     ``forward(x, y) -> [B]``: distance per image of ``x`` and ``y`` ``[B, C, H, W]`` in [-1, 1]; C is 3, or 1
     (grey images, repeated to RGB). Differentiable in both inputs.
@@ -63,11 +67,11 @@ class LPIPS(nn.Module):
         path = lpips_backbone_path(net)
         if pretrained_backbone and not path.is_file():
             raise FileNotFoundError(
-                f"LPIPS(net={net!r}): the backbone weights {path} are missing, and fastlatent never downloads. "
-                f"Copy {LPIPS_BACKBONE_FILES[net]} (from https://download.pytorch.org/models/"
-                f"{LPIPS_BACKBONE_FILES[net]}, or any torch hub cache) into {path.parent}, or point TORCH_HOME at a "
-                f"folder holding hub/checkpoints/{LPIPS_BACKBONE_FILES[net]}. Use perceptual_weight=0 to train "
-                "without LPIPS."
+                f"LPIPS(net={net!r}): the backbone weights {path} are missing, and fastlatent never "
+                f"downloads. Copy {LPIPS_BACKBONE_FILES[net]} (from https://download.pytorch.org/models/"
+                f"{LPIPS_BACKBONE_FILES[net]}, or any torch hub cache) into {path.parent}, or point "
+                f"TORCH_HOME at a folder holding hub/checkpoints/{LPIPS_BACKBONE_FILES[net]}. Use "
+                "perceptual_weight=0 to train without LPIPS."
             )
         with warnings.catch_warnings():
             # lpips builds its trunk with torchvision's deprecated pretrained=False; weights come below
@@ -160,8 +164,8 @@ class PatchGANDiscriminator(nn.Module, ConfigMixin):
         norm: "batch" (taming), "group" (GroupNorm with up to 32 groups; batch-size independent), "instance"
             or "none".
 
-    ``forward(x [B, C, H, W]) -> logits [B, 1, h, w]``. Conv weights are initialised N(0, 0.02) and norm weights
-    N(1, 0.02), as taming's ``weights_init``.
+    ``forward(x [B, C, H, W]) -> logits [B, 1, h, w]``. Conv weights are initialised N(0, 0.02) and norm
+    weights N(1, 0.02), as taming's ``weights_init``.
     """
 
     NORMS = ("batch", "group", "instance", "none")
@@ -236,8 +240,8 @@ D_LOSSES = {"hinge": hinge_d_loss, "vanilla": vanilla_d_loss}
 
 
 def generator_adversarial_loss(logits_fake: torch.Tensor, disc_loss: str) -> torch.Tensor:
-    """The generator's side: ``-mean(D(G(z)))`` for hinge (taming), non-saturating ``mean(softplus(-D(G(z))))``
-    for vanilla."""
+    """The generator's side: ``-mean(D(G(z)))`` for hinge (taming), non-saturating
+    ``mean(softplus(-D(G(z))))`` for vanilla."""
     if disc_loss == "hinge":
         return -logits_fake.mean()
     return F.softplus(-logits_fake).mean()
@@ -251,7 +255,8 @@ def adaptive_generator_weight(
     eps: float = 1e-4,
 ) -> torch.Tensor:
     """VQGAN's adaptive weight ``||grad_w nll|| / (||grad_w g|| + eps)`` at the decoder's last layer ``w``,
-    clamped to ``[0, max_weight]`` and detached, so the GAN term's gradient there matches the reconstruction's.
+    clamped to ``[0, max_weight]`` and detached, so the GAN term's gradient there matches the
+    reconstruction's.
 
     Returns 0 when gradients are off (evaluation), as taming does. Raises ValueError when either loss does not
     depend on ``last_layer_weight``.
@@ -271,8 +276,9 @@ def adaptive_generator_weight(
 
 
 def _call_with_detached_parameters(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``module(x)`` with gradients flowing to ``x`` but not into ``module``'s parameters. Detached copies rather
-    than toggled ``requires_grad`` flags, so a DDP wrapper's view of which parameters train never changes."""
+    """``module(x)`` with gradients flowing to ``x`` but not into ``module``'s parameters. Detached copies
+    rather than toggled ``requires_grad`` flags, so a DDP wrapper's view of which parameters train never
+    changes."""
     params = {name: p.detach() for name, p in module.named_parameters()}
     return torch.func.functional_call(module, params, (x,))
 
@@ -295,11 +301,12 @@ class AutoencoderLoss(nn.Module):
 
         nll  = reconstruction_weight * rec(x, x_hat) + perceptual_weight * mean(LPIPS(x, x_hat))
         loss = nll + kl_weight * kl + commitment_weight * commitment + codebook_weight * codebook
-               + entropy_weight * entropy                                      # the terms the autoencoder reports
+               + entropy_weight * entropy             # the terms the autoencoder reports
                + [step >= disc_start] * disc_weight * d_weight * g_adv(D(x_hat))
 
-    with ``d_weight`` the adaptive weight (:func:`adaptive_generator_weight`, 1 with ``adaptive_disc_weight=False``).
-    Discriminator loss (step >= disc_start): ``disc_weight_d * d_loss(D(x), D(sg(x_hat)))``.
+    with ``d_weight`` the adaptive weight (:func:`adaptive_generator_weight`, 1 with
+    ``adaptive_disc_weight=False``). Discriminator loss (step >= disc_start): ``disc_weight_d * d_loss(D(x),
+    D(sg(x_hat)))``.
 
     Args:
         reconstruction: "l1" (taming, LDM) or "l2", mean over pixels.
@@ -381,8 +388,8 @@ class AutoencoderLoss(nn.Module):
         step: int,
         last_layer_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict]:
-        """The autoencoder's loss and its parts (detached metrics). ``last_layer_weight`` is needed once the GAN
-        term is on with the adaptive weight."""
+        """The autoencoder's loss and its parts (detached metrics). ``last_layer_weight`` is needed once the
+        GAN term is on with the adaptive weight."""
         x_hat = output.reconstruction
         if x_hat.shape != x.shape:
             raise ValueError(
@@ -447,8 +454,8 @@ class AutoencoderTask(nn.Module):
 
     ``training_step((images, labels) or images, step) -> dict``: "loss" (the autoencoder's), "disc_loss" once
     ``step >= loss.disc_start`` (computed from the detached reconstruction, so its gradients reach only the
-    discriminator), and detached metrics: rec_loss, perceptual_loss, nll_loss, the autoencoder's loss terms (kl,
-    commitment, codebook, entropy), perplexity and usage (discrete), g_loss, d_weight, logits_real,
+    discriminator), and detached metrics: rec_loss, perceptual_loss, nll_loss, the autoencoder's loss terms
+    (kl, commitment, codebook, entropy), perplexity and usage (discrete), g_loss, d_weight, logits_real,
     logits_fake. ``discriminator_parameters()`` lists what the second optimiser trains.
     """
 

@@ -1,19 +1,20 @@
 """``TwoStagePipeline``: a stage-1 autoencoder and a stage-2 prior, used and saved as one model.
 
-Continuous autoencoders (KL, DGAE): the prior (:class:`~fastlatent.models.LatentDiffusion`) lives in the scaled
-latent space ``(z - shift_factor) * scaling_factor``; ``decode`` maps back with ``z = latents / scaling_factor +
-shift_factor``. Discrete autoencoders (VQ, FSQ, LFQ, BSQ): the prior (:class:`~fastlatent.models.TokenGPT`) models the
-token grid ``[B, h, w]`` (``[B, h, w, Q]`` for residual VQ) flattened row-major to ``[B, L]``; the grid shape is part
-of the pipeline's config.
+Continuous autoencoders (KL, DGAE): the prior (:class:`~fastlatent.models.LatentDiffusion`) lives in the
+scaled latent space ``(z - shift_factor) * scaling_factor``; ``decode`` maps back with ``z = latents /
+scaling_factor + shift_factor``. Discrete autoencoders (VQ, FSQ, LFQ, BSQ): the prior
+(:class:`~fastlatent.models.TokenGPT`) models the token grid ``[B, h, w]`` (``[B, h, w, Q]`` for residual VQ)
+flattened row-major to ``[B, L]``; the grid shape is part of the pipeline's config.
 
 Saved layout (``save(folder)``)::
 
-    folder/pipeline.json                 {"format": "fastlatent.TwoStagePipeline", "version": 1, "token_grid": ...}
+    folder/pipeline.json                 {"format": "fastlatent.TwoStagePipeline", "version": 1,
+                                          "token_grid": ...}
     folder/autoencoder/{config.json, model.safetensors}
     folder/prior/{config.json, model.safetensors}
 
-``TwoStagePipeline.load(folder)`` rebuilds both models from registered classes only (JSON + safetensors, never a
-pickle), so an untrusted folder cannot run code.
+``TwoStagePipeline.load(folder)`` rebuilds both models from registered classes only (JSON + safetensors, never
+a pickle), so an untrusted folder cannot run code.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ class TwoStagePipeline(nn.Module):
         autoencoder: a stage-1 model (``encode``, ``decode``, ``is_discrete``, ``latent_channels``,
             ``downsample_factor``, ``scaling_factor``, ``shift_factor``; discrete ones also ``codebook_size``,
             ``encode_indices``, ``decode_indices``).
-        prior: a :class:`~fastlatent.models.LatentDiffusion` for a continuous autoencoder (latent channels must
-            match) or a :class:`~fastlatent.models.TokenGPT` for a discrete one (``vocab_size`` must equal
-            ``codebook_size``).
+        prior: a :class:`~fastlatent.models.LatentDiffusion` for a continuous autoencoder (latent channels
+            must match) or a :class:`~fastlatent.models.TokenGPT` for a discrete one (``vocab_size`` must
+            equal ``codebook_size``).
         token_grid: discrete only: the token grid ``[h, w]`` (or ``[h, w, Q]`` for residual VQ) whose
             ``h * w (* Q)`` must equal the prior's ``seq_len``. Default: square ``[s, s]`` with ``s * s =
             seq_len`` (``[s, s, Q]`` when the autoencoder has ``num_quantizers = Q > 1``).
@@ -173,8 +174,8 @@ class TwoStagePipeline(nn.Module):
             raise ValueError(f"{where}: images must be a float tensor [B, C, H, W] in [-1, 1], got {what}")
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, C, H, W]`` in [-1, 1] -> prior space: latents ``[B, C_lat, h, w]`` (scaled and shifted) or
-        tokens ``[B, L]`` int64."""
+        """Images ``[B, C, H, W]`` in [-1, 1] -> prior space: latents ``[B, C_lat, h, w]`` (scaled and
+        shifted) or tokens ``[B, L]`` int64."""
         where = "TwoStagePipeline.encode"
         self._check_images(where, images)
         with evaluating(self):
@@ -318,7 +319,8 @@ class TwoStagePipeline(nn.Module):
         parts = {}
         for name in ("autoencoder", "prior"):
             sub = meta.get(name)
-            # Sub-folders must stay inside the pipeline folder: a crafted pipeline.json cannot point elsewhere.
+            # Sub-folders must stay inside the pipeline folder: a crafted pipeline.json cannot point
+            # elsewhere.
             if not isinstance(sub, str) or not sub or Path(sub).is_absolute() or ".." in Path(sub).parts:
                 raise ValueError(
                     f"TwoStagePipeline.load: {meta_path}: {name} must name a sub-folder, got {sub!r}"

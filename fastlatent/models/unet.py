@@ -1,17 +1,18 @@
 """A small latent UNet denoiser (ADM / Stable Diffusion layout) on fastlatent's fused blocks.
 
 ``conv_in -> down levels (ResnetBlocks [+ AttnBlock], Downsample) -> mid (Resnet, Attn, Resnet) -> up levels
-(ResnetBlocks on [h; skip] [+ AttnBlock], Upsample) -> GroupNorm+SiLU -> conv_out``. Every GroupNorm + SiLU pair
-is one fused kernel (:class:`fastlatent.nn.ResnetBlock`, :class:`fastlatent.nn.GroupNormAct`). The timestep
-embedding (sinusoidal, MLP) plus an optional class embedding feeds every ResnetBlock.
+(ResnetBlocks on [h; skip] [+ AttnBlock], Upsample) -> GroupNorm+SiLU -> conv_out``. Every GroupNorm + SiLU
+pair is one fused kernel (:class:`fastlatent.nn.ResnetBlock`, :class:`fastlatent.nn.GroupNormAct`). The
+timestep embedding (sinusoidal, MLP) plus an optional class embedding feeds every ResnetBlock.
 
 Two kinds of conditioning:
 
-* ``labels``: class indices with a null class ``num_classes`` for classifier-free guidance (``num_classes=0``: an
-  unconditional model). As with :class:`~fastlatent.models.DiT`, label dropout is the diffusion wrapper's job.
+* ``labels``: class indices with a null class ``num_classes`` for classifier-free guidance (``num_classes=0``:
+  an unconditional model). As with :class:`~fastlatent.models.DiT`, label dropout is the diffusion wrapper's
+  job.
 * ``cond``: a conditioning image concatenated to the input channels (``extra_in_channels`` of them), e.g. the
-  latent of a diffusion-decoder autoencoder (DGAE) or a low-resolution image for super-resolution. ``cond`` may be
-  smaller than ``x`` by an integer factor; it is then nearest-upsampled to ``x``'s size first.
+  latent of a diffusion-decoder autoencoder (DGAE) or a low-resolution image for super-resolution. ``cond``
+  may be smaller than ``x`` by an integer factor; it is then nearest-upsampled to ``x``'s size first.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ class UNet(nn.Module, ConfigMixin):
         dropout: dropout inside the ResnetBlocks.
         time_embed_dim: width of the time/class embedding (default ``4 * base_channels``).
 
-    ``forward(x [B, in_channels, H, W], t [B] or a number, labels [B] int64 or None, cond [B, extra_in_channels,
-    H/k, W/k] or None) -> [B, out_channels, H, W]``.
+    ``forward(x [B, in_channels, H, W], t [B] or a number, labels [B] int64 or None, cond [B,
+    extra_in_channels, H/k, W/k] or None) -> [B, out_channels, H, W]``.
     """
 
     def __init__(

@@ -1,13 +1,15 @@
-"""SD-VAE encoder and decoder on fastlatent's fused blocks, laid out exactly as diffusers' ``Encoder``/``Decoder``.
+"""SD-VAE encoder and decoder on fastlatent's fused blocks, laid out exactly as diffusers'
+``Encoder``/``Decoder``.
 
 Module attributes and parameter names are diffusers' (``conv_in``, ``down_blocks.{i}.resnets.{j}``,
 ``down_blocks.{i}.downsamplers.0.conv``, ``mid_block.resnets.{0,1}``, ``mid_block.attentions.0``,
 ``up_blocks.{i}.resnets.{j}``, ``up_blocks.{i}.upsamplers.0.conv``, ``conv_norm_out``, ``conv_act``,
-``conv_out``), so a diffusers ``AutoencoderKL`` encoder/decoder state dict loads without renaming and code that
-walks diffusers' structure (tiled decoding, hooks) walks this one. Two differences, both numerical no-ops:
+``conv_out``), so a diffusers ``AutoencoderKL`` encoder/decoder state dict loads without renaming and code
+that walks diffusers' structure (tiled decoding, hooks) walks this one. Two differences, both numerical
+no-ops:
 
-* every GroupNorm + SiLU pair is one fused kernel (:class:`fastlatent.nn.GroupNormAct`); ``conv_norm_out`` is a
-  ``GroupNormAct(activation="silu")`` and ``conv_act`` is an ``nn.Identity`` (``conv_act(conv_norm_out(x))``
+* every GroupNorm + SiLU pair is one fused kernel (:class:`fastlatent.nn.GroupNormAct`); ``conv_norm_out`` is
+  a ``GroupNormAct(activation="silu")`` and ``conv_act`` is an ``nn.Identity`` (``conv_act(conv_norm_out(x))``
   still computes diffusers' ``SiLU(GroupNorm(x))``; code that replaces ``conv_norm_out`` must apply
   ``conv_norm_out.activation`` itself), as :func:`fastlatent.patch` leaves a patched diffusers model;
 * the mid-block attention is :class:`fastlatent.nn.AttnBlock` (diffusers' ``Attention`` parameter names).
@@ -30,7 +32,8 @@ VAE_NORM_EPS = 1e-6
 def check_vae_architecture(
     owner: str, block_out_channels, layers_per_block, norm_num_groups, max_levels: int = 6
 ) -> tuple[int, ...]:
-    """Validates the arguments shared by the SD-VAE encoder and decoder; returns block_out_channels as a tuple."""
+    """Validates the arguments shared by the SD-VAE encoder and decoder; returns block_out_channels as a
+    tuple."""
     if isinstance(block_out_channels, (str, bytes)) or not isinstance(block_out_channels, Sequence):
         raise TypeError(
             f"{owner}: block_out_channels must be a list of ints (one per resolution level), got "
@@ -66,8 +69,9 @@ def check_positive_int(owner: str, name: str, value) -> int:
 def check_image_batch(
     owner: str, name: str, x, channels: int, multiple_of: int, reference: torch.Tensor
 ) -> None:
-    """Raises a ValueError/TypeError naming ``name`` unless ``x`` is a float ``[B, channels, H, W]`` tensor with H
-    and W multiples of ``multiple_of``, on ``reference``'s device and (outside autocast) of its dtype."""
+    """Raises a ValueError/TypeError naming ``name`` unless ``x`` is a float ``[B, channels, H, W]`` tensor
+    with H and W multiples of ``multiple_of``, on ``reference``'s device and (outside autocast) of its
+    dtype."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(
             f"{owner}: {name} must be a torch.Tensor [B, {channels}, H, W], got {type(x).__name__}"
@@ -107,7 +111,8 @@ def _vae_resnet(in_channels: int, out_channels: int, groups: int, time_embedding
 
 class DownEncoderBlock(nn.Module):
     """diffusers' ``DownEncoderBlock2D`` as the VAE builds it: ``resnets`` then an optional stride-2 conv
-    (``downsamplers.0.conv``, one zero row/column padded at the bottom right). ``[B, Cin, H, W] -> [B, Cout, H', W']``.
+    (``downsamplers.0.conv``, one zero row/column padded at the bottom right). ``[B, Cin, H, W] -> [B, Cout,
+    H', W']``.
     """
 
     def __init__(
@@ -136,8 +141,8 @@ class DownEncoderBlock(nn.Module):
 
 
 class UpDecoderBlock(nn.Module):
-    """diffusers' ``UpDecoderBlock2D`` as the VAE builds it: ``resnets`` then an optional nearest-x2 upsampling
-    and 3x3 conv (``upsamplers.0.conv``). ``[B, Cin, H, W] -> [B, Cout, H', W']``."""
+    """diffusers' ``UpDecoderBlock2D`` as the VAE builds it: ``resnets`` then an optional nearest-x2
+    upsampling and 3x3 conv (``upsamplers.0.conv``). ``[B, Cin, H, W] -> [B, Cout, H', W']``."""
 
     def __init__(self, in_channels: int, out_channels: int, num_layers: int, groups: int, add_upsample: bool):
         super().__init__()
@@ -203,7 +208,8 @@ class Encoder(_CheckpointedStages):
 
     Args:
         in_channels: image channels.
-        out_channels: latent channels (the output has twice as many, mean and log-variance, with ``double_z``).
+        out_channels: latent channels (the output has twice as many, mean and log-variance, with
+            ``double_z``).
         block_out_channels: width of each resolution level, highest resolution first (SD: 128, 256, 512, 512).
         layers_per_block: ResNet blocks per level (SD: 2).
         norm_num_groups: GroupNorm groups; must divide every width (SD: 32).

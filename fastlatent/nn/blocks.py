@@ -9,13 +9,13 @@ Parameter names follow the checkpoints people load, so ``load_state_dict`` works
   dropout, conv2, conv_shortcut | nin_shortcut``).
 * :class:`Upsample`, :class:`Downsample`: diffusers' ``Upsample2D``/``Downsample2D`` and taming's
   ``Upsample``/``Downsample`` (all name their convolution ``conv``).
-* :class:`AttnBlock`: diffusers' ``Attention`` as the SD-VAE mid block builds it (``group_norm, to_q, to_k, to_v,
-  to_out.0``), on ``F.scaled_dot_product_attention``.
+* :class:`AttnBlock`: diffusers' ``Attention`` as the SD-VAE mid block builds it (``group_norm, to_q, to_k,
+  to_v, to_out.0``), on ``F.scaled_dot_product_attention``.
 
-The blocks compute what their diffusers/taming counterparts compute; the only numerical difference is the fused
-GroupNorm kernel (fp32-or-better statistics, so at most a few ulps of the output dtype apart from ``nn.GroupNorm``).
-Each has a ``from_diffusers``/``from_taming`` constructor that shares the counterpart's parameters and submodules
-(no copies), which is what :func:`fastlatent.patch` uses.
+The blocks compute what their diffusers/taming counterparts compute; the only numerical difference is the
+fused GroupNorm kernel (fp32-or-better statistics, so at most a few ulps of the output dtype apart from
+``nn.GroupNorm``). Each has a ``from_diffusers``/``from_taming`` constructor that shares the counterpart's
+parameters and submodules (no copies), which is what :func:`fastlatent.patch` uses.
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ class ResnetBlock(nn.Module):
     """diffusers' ``ResnetBlock2D`` with both GroupNorm + activation pairs fused.
 
     Constructor arguments and parameter names are diffusers' (``norm1, conv1, time_emb_proj, norm2, dropout,
-    conv2, conv_shortcut``); a ``ResnetBlock2D`` state dict loads as is. ``forward(input_tensor [N, Cin, H, W],
-    temb [N, temb_channels] or None) -> [N, Cout, H, W]``::
+    conv2, conv_shortcut``); a ``ResnetBlock2D`` state dict loads as is. ``forward(input_tensor [N, Cin, H,
+    W], temb [N, temb_channels] or None) -> [N, Cout, H, W]``::
 
         h = conv1(act(norm1(x)))                      # norm1 + act: one fused kernel
         h = h + time_emb_proj(act(temb))[:, :, None, None]
@@ -163,9 +163,10 @@ class ResnetBlock(nn.Module):
     The residual add follows ``conv2``, so it cannot ride in the GroupNorm kernel; it is done in place on
     ``conv2``'s output (bit-identical to diffusers). Under :func:`fastlatent.nn.set_fused_conv` ("on" or
     "auto"; CUDA fp16/bf16 inference) each ``conv(act(norm(x)))`` pair, with conv2's bias and residual, can
-    run as one :func:`fastlatent.ops.group_norm_conv3x3` kernel instead. With ``time_embedding_norm="scale_shift"`` norm2 runs
-    without its activation (the per-sample scale and shift come in between); with "group" (what diffusers'
-    VAE encoder and decoder pass, with ``temb_channels=None``) there is no time embedding.
+    run as one :func:`fastlatent.ops.group_norm_conv3x3` kernel instead. With
+    ``time_embedding_norm="scale_shift"`` norm2 runs without its activation (the per-sample scale and shift
+    come in between); with "group" (what diffusers' VAE encoder and decoder pass, with ``temb_channels=None``)
+    there is no time embedding.
 
     Differences from ``ResnetBlock2D``: ``non_linearity`` must be "swish", "silu" or "gelu" (the activations
     the kernel fuses); ``up``/``down`` use nearest-x2 and 2x2 average pooling (diffusers' default ``kernel``;
@@ -330,7 +331,8 @@ class ResnetBlock(nn.Module):
         new.dropout = block.dropout
         new.conv2 = block.conv2
         new.nonlinearity = block.nonlinearity
-        # diffusers' resamplers may be modules, lambdas or partials: kept as they are (plain attributes stay plain)
+        # diffusers' resamplers may be modules, lambdas or partials: kept as they are (plain attributes stay
+        # plain)
         new.upsample = block.upsample
         new.downsample = block.downsample
         new.use_in_shortcut = block.use_in_shortcut
@@ -341,8 +343,8 @@ class ResnetBlock(nn.Module):
     def forward(
         self, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, scale=None
     ) -> torch.Tensor:
-        # `scale` is ResnetBlock2D's deprecated (ignored) third argument, accepted so that callers written for it
-        # keep working
+        # `scale` is ResnetBlock2D's deprecated (ignored) third argument, accepted so that callers written for
+        # it keep working
         if self.upsample is None and self.downsample is None:
             hidden = norm_act_conv(self.norm1, self.conv1, input_tensor)
         else:
@@ -374,8 +376,8 @@ class ResnetBlock(nn.Module):
         if self.training and self.dropout.p > 0:
             hidden = self.conv2(self.dropout(self.norm2(hidden)))
             return _add_shortcut(hidden, shortcut, self.output_scale_factor)
-        # conv2(norm2(h)) + shortcut: one kernel where fastlatent.nn.set_fused_conv allows, else the residual is
-        # added in place on conv2's output
+        # conv2(norm2(h)) + shortcut: one kernel where fastlatent.nn.set_fused_conv allows, else the residual
+        # is added in place on conv2's output
         out = norm_act_conv(self.norm2, self.conv2, hidden, residual=shortcut)
         return out if self.output_scale_factor == 1.0 else out.div_(self.output_scale_factor)
 
@@ -388,11 +390,11 @@ class ResnetBlock(nn.Module):
 class TamingResnetBlock(nn.Module):
     """taming-transformers' VQGAN ``ResnetBlock`` with both GroupNorm + swish pairs fused.
 
-    Parameter names are taming's (``norm1, conv1, temb_proj, norm2, dropout, conv2`` and ``conv_shortcut`` (3x3)
-    or ``nin_shortcut`` (1x1) when the channel count changes); taming's ``Normalize`` is ``GroupNorm(32, C,
-    eps=1e-6, affine=True)`` and its ``nonlinearity`` is ``x * sigmoid(x)`` (= SiLU). ``forward(x [N, Cin, H, W],
-    temb [N, temb_channels] or None) -> [N, Cout, H, W]``; as in taming, ``temb`` is optional even when the
-    block has a ``temb_proj``.
+    Parameter names are taming's (``norm1, conv1, temb_proj, norm2, dropout, conv2`` and ``conv_shortcut``
+    (3x3) or ``nin_shortcut`` (1x1) when the channel count changes); taming's ``Normalize`` is ``GroupNorm(32,
+    C, eps=1e-6, affine=True)`` and its ``nonlinearity`` is ``x * sigmoid(x)`` (= SiLU). ``forward(x [N, Cin,
+    H, W], temb [N, temb_channels] or None) -> [N, Cout, H, W]``; as in taming, ``temb`` is optional even when
+    the block has a ``temb_proj``.
     """
 
     def __init__(
@@ -467,9 +469,9 @@ class TamingResnetBlock(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 upsampling and an optional 3x3 convolution named ``conv`` (diffusers' ``Upsample2D``,
-    taming's ``Upsample``). ``forward(x [N, C, H, W], output_size=None) -> [N, Cout, 2H, 2W]`` (or
-    ``output_size``)."""
+    """Nearest-neighbour x2 upsampling and an optional 3x3 convolution named ``conv`` (diffusers'
+    ``Upsample2D``, taming's ``Upsample``). ``forward(x [N, C, H, W], output_size=None) -> [N, Cout, 2H, 2W]``
+    (or ``output_size``)."""
 
     def __init__(
         self, channels: int, use_conv: bool = False, out_channels: int | None = None, device=None, dtype=None
@@ -486,10 +488,11 @@ class Upsample(nn.Module):
 
     @classmethod
     def from_diffusers(cls, up: nn.Module) -> "Upsample":
-        """An Upsample sharing the convolution of a diffusers ``Upsample2D`` (nearest x2, then a 3x3 ``conv``).
+        """An Upsample sharing the convolution of a diffusers ``Upsample2D`` (nearest x2, then a 3x3
+        ``conv``).
 
-        Raises ValueError naming the feature when ``up`` does something else (a transposed convolution, a norm,
-        no interpolation, the legacy ``Conv2d_0`` name, a convolution other than 3x3 / padding 1).
+        Raises ValueError naming the feature when ``up`` does something else (a transposed convolution, a
+        norm, no interpolation, the legacy ``Conv2d_0`` name, a convolution other than 3x3 / padding 1).
         """
         checks = (
             (getattr(up, "use_conv_transpose", True), "a transposed convolution"),
@@ -642,8 +645,8 @@ class AttnBlock(nn.Module):
     def from_diffusers(cls, attn: nn.Module) -> "AttnBlock":
         """An AttnBlock sharing the parameters of a diffusers ``Attention`` used as spatial self-attention.
 
-        Raises ValueError naming the feature when ``attn`` does something this block does not (cross-attention,
-        spatial or q/k norms, added projections, a custom processor or softmax scale).
+        Raises ValueError naming the feature when ``attn`` does something this block does not
+        (cross-attention, spatial or q/k norms, added projections, a custom processor or softmax scale).
         """
         reason = unsupported_attention_reason(attn)
         if reason is not None:

@@ -16,8 +16,8 @@ The fused path applies to CUDA fp16/bf16 inference (no gradient needed by the in
 plain ``nn.Conv2d`` 3x3 with stride 1, padding 1, no dilation or groups and zero padding, and a device of
 compute capability 8.0 or newer. Everything else runs the unfused path in every mode.
 
-The default stays ``"off"`` until the GPU validation run (`scripts/gpu_validate.sh`) has measured the fused kernel against
-cuDNN on the target GPUs; ``benchmarks/bench_norms.py`` measures both.
+The default stays ``"off"`` until the GPU validation run (`scripts/gpu_validate.sh`) has measured the fused
+kernel against cuDNN on the target GPUs; ``benchmarks/bench_norms.py`` measures both.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ _auto_choice: dict[tuple, bool] = {}
 
 
 def set_fused_conv(mode: str) -> None:
-    """Sets the process-wide fused GroupNorm-conv mode: ``"off"``, ``"on"`` or ``"auto"`` (see the module doc).
+    """Sets the process-wide fused GroupNorm-conv mode: ``"off"``, ``"on"`` or ``"auto"`` (see the module
+    doc).
 
     Switching modes forgets what ``"auto"`` measured.
     """
@@ -163,8 +164,8 @@ def norm_act_conv(
 def subpixel_weight(weight: torch.Tensor) -> torch.Tensor:
     """The 3x3 kernel of a convolution that follows a nearest x2 upsampling, as four 2x2 kernels on the input.
 
-    Output row 2i + a of ``conv3x3(upsample(x))`` reads upsampled rows 2i + a - 1 .. 2i + a + 1, which are input
-    rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: two distinct rows, so kernel rows merge as
+    Output row 2i + a of ``conv3x3(upsample(x))`` reads upsampled rows 2i + a - 1 .. 2i + a + 1, which are
+    input rows (i - 1, i, i) for a = 0 and (i, i, i + 1) for a = 1: two distinct rows, so kernel rows merge as
     (w0, w1 + w2) and (w0 + w1, w2); columns likewise. Returns ``[4 C_out, C_in, 2, 2]``, phases
     (a, b) = (0, 0), (0, 1), (1, 0), (1, 1) in that order, computed in fp32 (or better) and cast back.
     """
@@ -186,8 +187,8 @@ def upsample_nearest2x_conv3x3(
 ) -> torch.Tensor:
     """``conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)`` without the
     upsampled tensor: one 2x2 convolution with the four phase kernels of :func:`subpixel_weight` over x padded
-    by one, each phase read at its offset and interleaved into the output. 16 multiply-adds per input pixel and
-    channel pair instead of 36 (2.25x fewer FLOPs; measured 1.5-1.9x faster on the CPU at SD-VAE decoder
+    by one, each phase read at its offset and interleaved into the output. 16 multiply-adds per input pixel
+    and channel pair instead of 36 (2.25x fewer FLOPs; measured 1.5-1.9x faster on the CPU at SD-VAE decoder
     sizes). Equal to the two-step form up to the rounding of the merged weights.
 
     Args:

@@ -35,14 +35,16 @@ def allows_double(t: torch.Tensor) -> bool:
 def check_last_dim(op: str, name: str, t: torch.Tensor, d: int, what: str) -> None:
     if t.dim() < 1 or t.shape[-1] != d:
         raise ValueError(
-            f"fastlatent.{op}: {name} must be [..., {what}] with {what}={d} in its last dim, got shape {list(t.shape)}"
+            f"fastlatent.{op}: {name} must be [..., {what}] with {what}={d} in its last dim, "
+            f"got shape {list(t.shape)}"
         )
 
 
 def check_same_shape(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.shape != b.shape:
         raise ValueError(
-            f"fastlatent.{op}: {name_a} and {name_b} must have the same shape, got {list(a.shape)} and {list(b.shape)}"
+            f"fastlatent.{op}: {name_a} and {name_b} must have the same shape, "
+            f"got {list(a.shape)} and {list(b.shape)}"
         )
 
 
@@ -54,7 +56,8 @@ def check_index(op: str, name: str, t: torch.Tensor) -> None:
 def check_same_device(op: str, name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
     if a.device != b.device:
         raise RuntimeError(
-            f"fastlatent.{op}: {name_a} and {name_b} must be on the same device, got {a.device} and {b.device}"
+            f"fastlatent.{op}: {name_a} and {name_b} must be on the same device, "
+            f"got {a.device} and {b.device}"
         )
 
 

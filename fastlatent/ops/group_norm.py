@@ -6,6 +6,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
@@ -213,10 +214,10 @@ def group_norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.
         groups: number of groups, dividing ``C``.
 
     Returns:
-        ``(mean, m2)``, each ``[N, groups]`` float32. Each group holds ``C / groups * prod(spatial)`` elements;
-        an empty part (no spatial positions) gives zeros. Accumulated as :func:`group_norm`'s statistics
-        (double on the CPU, Welford partials merged in double on CUDA); deterministic. Differentiable in ``x``
-        (the backward is plain PyTorch).
+        ``(mean, m2)``, each ``[N, groups]`` float32. Each group holds ``C / groups * prod(spatial)``
+        elements; an empty part (no spatial positions) gives zeros. Accumulated as :func:`group_norm`'s
+        statistics (double on the CPU, Welford partials merged in double on CUDA); deterministic.
+        Differentiable in ``x`` (the backward is plain PyTorch).
     """
     require_device("group_norm_stats", x)
     return torch.ops.fastlatent.group_norm_stats.default(x, groups)
@@ -232,8 +233,8 @@ def group_norm_apply(
 ) -> torch.Tensor:
     """``act((x - mean) * rstd * weight + bias)`` with given group statistics, in one pass over ``x``.
 
-    The second half of :func:`group_norm`: the statistics may come from a larger tensor that ``x`` is a part of
-    (see :func:`group_norm_stats`), so a tile normalises exactly as the whole image would.
+    The second half of :func:`group_norm`: the statistics may come from a larger tensor that ``x`` is a part
+    of (see :func:`group_norm_stats`), so a tile normalises exactly as the whole image would.
 
     Args:
         x: ``[N, C, *spatial]``, float32/float16/bfloat16 (float64 on the CPU); channels-last read in place
@@ -251,7 +252,8 @@ def group_norm_apply(
 
 
 def merge_group_stats(parts, counts) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Merge per-part ``(mean, m2)`` of :func:`group_norm_stats` into the whole's, by Chan's formula in float64.
+    """Merge per-part ``(mean, m2)`` of :func:`group_norm_stats` into the whole's, by Chan's formula in
+    float64.
 
     Args:
         parts: sequence of ``(mean, m2)``, each ``[N, G]``.
@@ -292,8 +294,6 @@ def merge_group_stats(parts, counts) -> tuple[torch.Tensor, torch.Tensor, float]
 
 
 def _activation_fn(activation: str):
-    import torch.nn.functional as F
-
     return {"none": lambda z: z, "silu": F.silu, "gelu": F.gelu}[activation]
 
 

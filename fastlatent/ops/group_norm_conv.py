@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
 from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
-from fastlatent.ops.group_norm import ACTIVATIONS, _channels_last, _check_layout_and_groups
+from fastlatent.ops.group_norm import ACTIVATIONS, _channels_last, _check_layout_and_groups, group_norm
 
 ALGORITHMS = ("auto", "fused", "unfused")
 _OP = "group_norm_conv3x3"
@@ -125,10 +126,6 @@ if extension_available():
         ctx.has_residual = residual is not None
 
     def _backward(ctx, grad_out):
-        import torch.nn.functional as F
-
-        from fastlatent.ops.group_norm import group_norm
-
         saved = ctx.saved_tensors
         # arguments left at their schema defaults are not in needs_input_grad
         needs_input_grad = tuple(ctx.needs_input_grad) + (False,) * (10 - len(ctx.needs_input_grad))

@@ -11,6 +11,7 @@ A DDP run therefore sees, step for step, the same global batches as a single pro
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 
 import numpy as np
@@ -79,8 +80,6 @@ class EpochBatchSampler(Sampler[list[int]]):
 def _seed_worker(worker_id: int) -> None:
     # DataLoader seeds torch in each worker from its generator; give numpy and random the same seed so
     # datasets that use them are as reproducible as the loader's own order.
-    import random
-
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
