@@ -1,10 +1,12 @@
 """code_stats and ema_update_ semantics: skipping, determinism, gradients, peer parity."""
 
+import math
 import os
 import re
 import shutil
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,15 +44,62 @@ def test_code_stats_is_bitwise_deterministic(device):
         again = ops.code_stats(x, indices, 5)
         assert torch.equal(again[1], first[1])
     assert torch.equal(single[1], first[1])
-    # Sums in row order, in fp32: exactly what a sequential fp32 loop gives.
-    expected = torch.zeros(5, 24, device=device)
-    for c in range(5):
+    # Exactly the documented order (code_stats.h), in fp32.
+    torch.testing.assert_close(first[1], _sums_in_documented_order(x, indices, 5), rtol=0, atol=0)
+
+
+def _sums_in_documented_order(x, indices, k, piece_rows=128):
+    """code_stats' fp32 sums in its order: rows sorted stably by code, the sorted positions cut at every
+    multiple of ``piece_rows``, each piece summed in row order, a code's pieces combined pairwise (stride 1,
+    2, 4, ...)."""
+    device, x, indices = x.device, x.cpu(), indices.cpu()
+    sums = torch.zeros(k, x.shape[1])
+    begin = 0
+    for c in range(k):
         rows = x[indices == c]
-        acc = torch.zeros(24, device=device)
-        for row in rows.cpu():
-            acc += row.to(device)
-        expected[c] = acc
-    torch.testing.assert_close(first[1], expected, rtol=0, atol=0)
+        end = begin + len(rows)
+        cuts = [begin] + list(range((begin // piece_rows + 1) * piece_rows, end, piece_rows)) + [end]
+        pieces = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):
+            acc = torch.zeros(x.shape[1])
+            for row in rows[lo - begin : hi - begin]:
+                acc += row
+            pieces.append(acc)
+        stride = 1
+        while stride < len(pieces):
+            for j in range(0, len(pieces) - stride, 2 * stride):
+                pieces[j] = pieces[j] + pieces[j + stride]
+            stride *= 2
+        sums[c] = pieces[0] if pieces else 0.0
+        begin = end
+    return sums.to(device)
+
+
+def test_code_stats_collapsed_code_error_is_bounded():
+    """A collapsed code (about 1M rows): pieces of 128 rows summed in order, combined in a pairwise tree.
+
+    The rounding error stays below (127 + ceil(log2(pieces))) u sum |x| (u = 2^-24, code_stats.h); the
+    same rows summed in one sequential fp32 pass miss that bound, so the check has teeth.
+    """
+    n, d = 1 << 20, 3
+    gen = torch.Generator().manual_seed(0)
+    x = 1.0 + 0.25 * torch.randn(n, d, generator=gen)
+    x[:, 1] *= -3.0
+    indices = torch.zeros(n, dtype=torch.int64)
+    indices[::997] = 1  # a second code, so pieces start off the 128-row boundaries
+    indices[5::1009] = -1  # and skipped rows
+    counts, sums = ops.code_stats(x, indices, 3)
+    valid = indices >= 0
+    ref = torch.zeros(3, d, dtype=torch.float64).index_add_(0, indices[valid], x[valid].double())
+    magnitude = torch.zeros(3, d, dtype=torch.float64).index_add_(0, indices[valid], x[valid].double().abs())
+    assert torch.equal(counts, torch.bincount(indices[valid], minlength=3).float())
+    pieces = n // 128 + 2
+    bound = (127 + math.ceil(math.log2(pieces))) * 2.0**-24 * magnitude
+    error = (sums.double() - ref).abs()
+    assert (error <= bound).all(), (error / magnitude).max().item()
+    collapsed = x[indices == 0].numpy()
+    sequential = np.cumsum(collapsed, axis=0, dtype=np.float32)[-1]  # one fp32 add after another
+    assert (torch.from_numpy(sequential).double() - ref[0]).abs().max() > bound[0].max()
 
 
 def test_code_stats_gradient(device):
@@ -157,5 +206,5 @@ def test_code_stats_cuda_matches_cpu():
         gpu = ops.code_stats(x.cuda(), indices.cuda(), 1000, deterministic=deterministic)
         assert torch.equal(gpu[0].cpu(), cpu[0])
         torch.testing.assert_close(gpu[1].cpu(), cpu[1], rtol=1e-5, atol=1e-4)
-    # Deterministic CUDA sums in row order: bitwise equal to the CPU's.
+    # Deterministic CUDA sums in the documented order: bitwise equal to the CPU's.
     assert torch.equal(ops.code_stats(x.cuda(), indices.cuda(), 1000)[1].cpu(), cpu[1])

@@ -183,6 +183,28 @@ def test_code_stats_paths():
         assert any(kernel in name for name in ran), (kernel, sorted(ran))
 
 
+def test_code_stats_splits_a_collapsed_code_across_blocks():
+    """Skewed indices: one code holds 2,400 of 2,600 rows (19 pieces of 128, two combine levels).
+
+    The split sums (pieces on many blocks, a pairwise tree across them) equal the CPU kernel's bit for
+    bit, which uses the same order, and every run gives the same bits.
+    """
+    gen = torch.Generator().manual_seed(3)
+    n = 2600
+    x = torch.randn(n, 9, generator=gen) * 100
+    indices = torch.full((n,), 2, dtype=torch.int64)
+    others = torch.randperm(n, generator=gen)[:200]
+    indices[others] = torch.randint(-1, 5, (200,), generator=gen)
+    cpu = fastlatent.ops.code_stats(x, indices, 5)
+    with launches() as ran, emulated():
+        first = fastlatent.ops.code_stats(x, indices, 5)
+        second = fastlatent.ops.code_stats(x, indices, 5)
+    combines = sum(count for name, count in ran.items() if "segment_combine_kernel" in name)
+    assert combines == 4, sorted(ran)  # two tree launches per call
+    for ours in (first, second):
+        assert torch.equal(ours[0], cpu[0]) and torch.equal(ours[1], cpu[1])
+
+
 def test_group_norm_paths_both_layouts_and_fused_conv():
     x = torch.randn(2, 16, 9, 7).half()
     w, b = torch.randn(16), torch.randn(16)

@@ -66,7 +66,7 @@ std::tuple<at::Tensor, at::Tensor> code_stats_cuda(const at::Tensor& x, const at
   const at::Tensor xc = x.contiguous(), ic = indices.contiguous();
   auto [counts, sums] = allocate(x, p);
   const at::Tensor workspace = at::empty(
-      {static_cast<int64_t>(code_stats_cuda_workspace_bytes(p.n, p.k, deterministic)) + 1},
+      {static_cast<int64_t>(code_stats_cuda_workspace_bytes(p.n, p.k, p.d, deterministic)) + 1},
       x.options().dtype(at::kByte));
   p.x = xc.data_ptr();
   p.indices = ic.data_ptr<int64_t>();

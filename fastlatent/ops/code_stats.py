@@ -37,8 +37,10 @@ def code_stats(
             ``-1`` for masked padding) are skipped.
         num_codes: ``K``, the codebook size.
         deterministic: CUDA only. ``True`` (default) groups rows by a stable sort and sums each
-            code's rows in row order, so results are bitwise reproducible; ``False`` uses
-            float atomics (one pass, order-dependent rounding). The CPU is always deterministic.
+            code's rows in a fixed order (pieces of 128 rows in row order, combined pairwise), so
+            results are bitwise reproducible and equal to the CPU's, with a rounding error that grows
+            like log N for a code of N rows; ``False`` uses float atomics (one pass, order-dependent
+            rounding). The CPU is always deterministic.
 
     Returns:
         ``(counts, sums)``: float32 ``[K]`` and float32 ``[K, D]``.

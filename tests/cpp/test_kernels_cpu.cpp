@@ -222,12 +222,30 @@ static void test_code_stats() {
     p.k = k;
     p.d = d;
     CHECK(run_code_stats_cpu(p).ok, "code_stats status");
-    // Sequential fp32 sums in row order: the kernel promises exactly these bits.
+    // The documented order (code_stats.h), which the kernel promises bit for bit: rows sorted stably by
+    // code, sorted positions cut at multiples of kCodeStatsPieceRows, each piece summed in row order in
+    // fp32, a code's pieces combined pairwise (stride 1, 2, 4, ...).
     std::vector<float> want_counts(k, 0.0f), want_sums(k * d, 0.0f);
-    for (int64_t i = 0; i < n; ++i) {
-      if (indices[i] < 0 || indices[i] >= k) continue;
-      want_counts[indices[i]] += 1.0f;
-      for (int64_t t = 0; t < d; ++t) want_sums[indices[i] * d + t] += x[i * d + t];
+    int64_t begin = 0;  // the code's first sorted position
+    for (int64_t c = 0; c < k; ++c) {
+      std::vector<int64_t> rows;
+      for (int64_t i = 0; i < n; ++i)
+        if (indices[i] == c) rows.push_back(i);
+      const int64_t end = begin + static_cast<int64_t>(rows.size());
+      std::vector<std::vector<float>> pieces;
+      for (int64_t pos = begin; pos < end;) {
+        const int64_t stop = std::min(end, (pos / kCodeStatsPieceRows + 1) * kCodeStatsPieceRows);
+        std::vector<float> piece(d, 0.0f);
+        for (; pos < stop; ++pos)
+          for (int64_t t = 0; t < d; ++t) piece[t] += x[rows[pos - begin] * d + t];
+        pieces.push_back(piece);
+      }
+      for (size_t stride = 1; stride < pieces.size(); stride *= 2)
+        for (size_t j = 0; j + stride < pieces.size(); j += 2 * stride)
+          for (int64_t t = 0; t < d; ++t) pieces[j][t] += pieces[j + stride][t];
+      want_counts[c] = static_cast<float>(rows.size());
+      if (!pieces.empty()) std::copy(pieces[0].begin(), pieces[0].end(), want_sums.begin() + c * d);
+      begin = end;
     }
     for (int64_t c = 0; c < k; ++c) CHECK(counts[c] == want_counts[c], "count of code %ld", long(c));
     for (int64_t e = 0; e < k * d; ++e) CHECK(sums[e] == want_sums[e], "sum element %ld (n=%ld)", long(e), long(n));
