@@ -137,8 +137,9 @@ class Launch:
 # Threads per block and dynamic shared memory, as the launchers in csrc/kernels/*_cuda.cu pass them
 # (fnmatch patterns over "<unit>/<kernel>"; the first match wins; default 256 threads, no dynamic smem).
 LAUNCH = [
-    # fixed 34,688 B (halo + two weight stages) + scale/shift 2 * cin * 4 B, at cin = 512
-    ("group_norm_conv/group_norm_conv3x3_kernel*", Launch(256, 34688 + 2 * 512 * 4, "cin = 512")),
+    # fixed: halo 17,280 B + two weight stages (17,408 B wide, 5,120 B narrow); mean/scale/shift 3 * cin * 4 B
+    ("group_norm_conv/group_norm_conv3x3_kernel<*, 32>", Launch(256, 22400 + 3 * 512 * 4, "cin = 512")),
+    ("group_norm_conv/group_norm_conv3x3_kernel*", Launch(256, 34688 + 3 * 512 * 4, "cin = 512")),
     ("fsq/fsq_quantize_kernel*", Launch(128)),
     ("fsq/fsq_codes_kernel*", Launch(128)),
     ("ema_update/cluster_size_kernel", Launch(1024)),
@@ -948,7 +949,7 @@ def _conv_rows(kernels) -> list["Prediction"]:
             hw = side * side
             flops = 2 * 9 * c * c * hw
             act_bytes = (3 if residual else 2) * c * hw * 2 + 9 * c * c * 2
-            k = kernels.get(f"group_norm_conv/group_norm_conv3x3_kernel<{dt}, silu>")
+            k = kernels.get(f"group_norm_conv/group_norm_conv3x3_kernel<{dt}, silu, 128>")
             spills = bool(k and (k.spill_store_bytes or k.spill_load_bytes))
             eff = WMMA_EFFICIENCY * (0.85 if spills else 1.0)
             stats = _gn_silu_time(kernels, 1, c, hw, 2)[1]["reduce"] + 2 * H100.launch_s

@@ -10,6 +10,7 @@ tolerance rules, on the same OpSpec samples.
 """
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -197,6 +198,27 @@ def test_group_norm_paths_both_layouts_and_fused_conv():
     names = " ".join(ran)
     for kernel in ("reduce_cf_kernel", "reduce_cl_kernel", "group_norm_conv3x3_kernel"):
         assert kernel in names, (kernel, sorted(ran))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_group_norm_conv_narrow_and_wide_blocks(layout):
+    """cout <= 32 runs the 32-wide block, more the 128-wide one; both match the unfused CPU path (nhwc: the
+    16-byte channel loads of the halo)."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, 16, 9, 20, generator=gen) * 2 + 1).half().to(memory_format=layout)
+    w, b = torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen)
+    for cout, width in ((3, ", 32>"), (32, ", 32>"), (33, ", 128>")):
+        conv_w = (torch.randn(cout, 16, 3, 3, generator=gen) / 12).half()
+        conv_b = torch.randn(cout, generator=gen).half()
+        cpu = fastlatent.ops.group_norm_conv3x3(
+            x, w, b, 4, conv_w, conv_b, eps=1e-5, activation="silu", algorithm="unfused"
+        )
+        with launches() as ran, emulated():
+            ours = fastlatent.ops.group_norm_conv3x3(
+                x, w, b, 4, conv_w, conv_b, eps=1e-5, activation="silu", algorithm="fused"
+            )
+        assert any("group_norm_conv3x3_kernel" in name and name.endswith(width) for name in ran), sorted(ran)
+        SPECS["group_norm_conv3x3"].compare(types.SimpleNamespace(name=f"cout {cout}"), ours, cpu)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)

@@ -3,11 +3,12 @@
 //
 // Block: 256 threads = 8 warps as 2 (pixel rows) x 4 (output channels). Block tile: 8 x 16
 // output pixels of one image x 128 output channels; warp tile: 4 rows of 16 pixels x 32
-// channels = 4 x 2 WMMA accumulators.
+// channels = 4 x 2 WMMA accumulators. For cout <= 32 a narrow block (8 x 1 warps, 32 output
+// channels, one row of 16 pixels x 32 channels per warp) does a quarter of the MMA work.
 //
 // Shared memory: the activated input halo of one 32-channel chunk, [10 * 18 pixels][48] (32
 // channels, row padded to 48 elements = 96 bytes so that every WMMA fragment pointer is 32-byte
-// aligned at any pixel offset); two weight tiles [32][136] (cp.async double buffer); the
+// aligned at any pixel offset); two weight tiles [32][136] or [32][40] (cp.async double buffer); the
 // per-channel mean, scale and shift of the block's image, applied as (x - mean) * scale + shift:
 // x * scale + (shift - mean * scale) would cancel when |mean| >> std (as group_norm_cuda.cu).
 //
@@ -36,17 +37,29 @@ constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
 constexpr int kHaloPixels = kHaloH * kHaloW;                 // 180
 constexpr int kChunk = static_cast<int>(kGnConvChannelChunk);  // 32 input channels per K chunk
 constexpr int kHaloLd = 48;                                  // halo row pitch (elements)
-constexpr int kTileN = static_cast<int>(kGnConvCoutTile);    // 128 output channels per block
-constexpr int kBLd = kTileN + 8;                             // weight tile row pitch (elements)
-constexpr int kWarpRows = 4;                                 // output rows per warp
+constexpr int kWideN = static_cast<int>(kGnConvCoutTile);    // 128 output channels per block
+constexpr int kNarrowN = 32;                                 // the narrow variant, for cout <= 32
 constexpr int kWarpCols = 32;                                // output channels per warp
 
 constexpr size_t kHaloBytes = size_t(kHaloPixels) * kHaloLd * 2;
-constexpr size_t kBStageElems = size_t(kChunk) * kBLd;
-constexpr size_t kBBytes = 2 * kBStageElems * 2;
-constexpr size_t kFixedSmemBytes = kHaloBytes + kBBytes;
 
-static_assert(kHaloBytes % 128 == 0 && kBBytes % 128 == 0, "shared-memory regions stay 128-byte aligned");
+// Block shape by output channels per block kN: 8 warps as (8 / (kN / 32)) pixel-row groups x
+// (kN / 32) channel groups of 32, so the narrow variant (kN = 32) gives each warp one row of 16
+// pixels. Weight tiles [32][kN + 8] (the pad keeps WMMA's B pointers 32-byte aligned).
+template <int kN>
+struct Tile {
+  static constexpr int kWarpsN = kN / kWarpCols;
+  static constexpr int kWarpsM = (kThreads / 32) / kWarpsN;
+  static constexpr int kWarpRows = kTileH / kWarpsM;  // output rows per warp
+  static constexpr int kBLd = kN + 8;                 // weight tile row pitch (elements)
+  static constexpr size_t kBStageElems = size_t(kChunk) * kBLd;
+  static constexpr size_t kBBytes = 2 * kBStageElems * 2;
+  static constexpr size_t kFixedSmemBytes = kHaloBytes + kBBytes;
+  static constexpr int kPieces = kChunk * kN / 8;     // 16-byte pieces per weight tile
+  static_assert(kWarpsM * kWarpRows == kTileH && kBBytes % 128 == 0, "tile shape");
+};
+
+static_assert(kHaloBytes % 128 == 0, "shared-memory regions stay 128-byte aligned");
 static_assert((kHaloLd * 2) % 32 == 0, "WMMA needs 32-byte aligned fragment pointers at every pixel");
 static_assert(kHaloBytes >= size_t(kThreads / 32) * 256 * sizeof(float), "epilogue scratch fits in the halo");
 
@@ -69,7 +82,7 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* f, __nv_bfloat16)
   }
 }
 
-template <typename T, Activation A>
+template <typename T, Activation A, int kN>
 __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNormConvParams p, int tiles_w,
                                                                            int cin_pad, int cout_pad,
                                                                            bool vector_channels) {
@@ -78,15 +91,20 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   extern __shared__ __align__(128) unsigned char smem[];
   T* halo = reinterpret_cast<T*>(smem);
   T* b_tiles = reinterpret_cast<T*>(smem + kHaloBytes);
-  float* scale = reinterpret_cast<float*>(smem + kFixedSmemBytes);
+  using Shape = Tile<kN>;
+  constexpr int kWarpRows = Shape::kWarpRows, kBLd = Shape::kBLd;
+  constexpr size_t kBStageElems = Shape::kBStageElems;
+  float* scale = reinterpret_cast<float*>(smem + Shape::kFixedSmemBytes);
   float* shift = scale + cin_pad;
   float* center = shift + cin_pad;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
-  const int warp_m = warp >> 2, warp_n = warp & 3;
+  constexpr int kWarpsNShift = Shape::kWarpsN == 4 ? 2 : 0;
+  static_assert((1 << kWarpsNShift) == Shape::kWarpsN, "channel warps");
+  const int warp_m = warp >> kWarpsNShift, warp_n = warp & (Shape::kWarpsN - 1);
   const int64_t img = blockIdx.z;
-  const int n0 = blockIdx.y * kTileN;
+  const int n0 = blockIdx.y * kN;
   const int oy0 = (blockIdx.x / tiles_w) * kTileH;
   const int ox0 = (blockIdx.x % tiles_w) * kTileW;
   const int64_t H = p.h, W = p.w;
@@ -114,13 +132,19 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   const T* packed = static_cast<const T*>(p.packed_weight);
 
   // Weight tile t = chunk * 9 + tap: rows [t * 32, t * 32 + 32) of the packed matrix, columns
-  // [n0, n0 + 128); 512 16-byte pieces, two per thread.
+  // [n0, n0 + kN) (inside cout_pad: cout rounded up to 128); 16-byte pieces, two per thread (wide)
+  // or one per thread of the first 128 (narrow).
   auto load_b = [&](int t, int stage) {
     T* dst = b_tiles + stage * kBStageElems;
+    constexpr int kRowShift = kN == 128 ? 4 : 2;  // log2 of the kN / 8 pieces per row
+    static_assert((1 << kRowShift) == kN / 8, "pieces per weight-tile row");
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
+    for (int k = 0; k < (Shape::kPieces + kThreads - 1) / kThreads; ++k) {
       const int piece = tid + k * kThreads;
-      const int row = piece >> 4, col = (piece & 15) * 8;
+      if constexpr (Shape::kPieces < kThreads) {
+        if (piece >= Shape::kPieces) break;
+      }
+      const int row = piece >> kRowShift, col = (piece & ((1 << kRowShift) - 1)) * 8;
       cp_async16(dst + row * kBLd + col, packed + (int64_t(t) * kChunk + row) * cout_pad + n0 + col);
     }
     cp_async_commit();
@@ -254,21 +278,22 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
 #endif
 }
 
-template <typename T, Activation A>
-cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
+template <typename T, Activation A, int kN>
+cudaError_t launch_shaped(const GroupNormConvParams& p, cudaStream_t stream) {
   const int tiles_w = static_cast<int>((p.w + kTileW - 1) / kTileW);
   const int64_t tiles = ((p.h + kTileH - 1) / kTileH) * tiles_w;
   const int64_t cin_pad = gn_conv_round_up(p.cin, kChunk);
-  const int64_t cout_pad = gn_conv_round_up(p.cout, kTileN);
-  if (tiles > 0x7fffffff || cout_pad / kTileN > 65535 || p.n > 65535) return cudaErrorInvalidValue;
-  const size_t smem = kFixedSmemBytes + 3 * size_t(cin_pad) * sizeof(float);
-  auto kernel = group_norm_conv3x3_kernel<T, A>;
+  const int64_t cout_pad = gn_conv_round_up(p.cout, kWideN);  // the packed weights' row length
+  const int64_t col_tiles = (p.cout + kN - 1) / kN;
+  if (tiles > 0x7fffffff || col_tiles > 65535 || p.n > 65535) return cudaErrorInvalidValue;
+  const size_t smem = Tile<kN>::kFixedSmemBytes + 3 * size_t(cin_pad) * sizeof(float);
+  auto kernel = group_norm_conv3x3_kernel<T, A, kN>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(cout_pad / kTileN), static_cast<unsigned>(p.n));
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles), static_cast<unsigned>(p.n));
   // 16-byte channel loads: channels contiguous, cin % 8 == 0 and every octet 16-byte aligned.
   const bool vector_channels = p.x_stride[1] == 1 && p.cin % 8 == 0 && cuda::aligned16(p.x) &&
                                p.x_stride[0] % 8 == 0 && p.x_stride[2] % 8 == 0 && p.x_stride[3] % 8 == 0;
@@ -277,11 +302,18 @@ cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+// cout <= 32 (a decoder's final conv to 3 channels) takes the narrow block: 32 output channels, 4x
+// less tensor-core work than the 128-wide tile.
+template <typename T, Activation A>
+cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
+  return p.cout <= kNarrowN ? launch_shaped<T, A, kNarrowN>(p, stream) : launch_shaped<T, A, kWideN>(p, stream);
+}
+
 }  // namespace
 
 cudaError_t group_norm_conv3x3_cuda_arch(int* arch) {
   // Every instantiation comes from one source under one guard: one stands for all.
-  return cuda::kernel_image_arch<group_norm_conv3x3_kernel<__half, Activation::kNone>>(arch);
+  return cuda::kernel_image_arch<group_norm_conv3x3_kernel<__half, Activation::kNone, kWideN>>(arch);
 }
 
 cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& p, cudaStream_t stream) {
