@@ -306,7 +306,8 @@ cudaError_t launch_shaped(const GroupNormConvParams& p, cudaStream_t stream) {
 // less tensor-core work than the 128-wide tile.
 template <typename T, Activation A>
 cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
-  return p.cout <= kNarrowN ? launch_shaped<T, A, kNarrowN>(p, stream) : launch_shaped<T, A, kWideN>(p, stream);
+  if (p.cout <= kNarrowN) return launch_shaped<T, A, kNarrowN>(p, stream);
+  return launch_shaped<T, A, kWideN>(p, stream);
 }
 
 }  // namespace
