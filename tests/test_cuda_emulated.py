@@ -10,6 +10,7 @@ tolerance rules, on the same OpSpec samples.
 """
 
 import contextlib
+import types
 
 import pytest
 import torch
@@ -219,6 +220,56 @@ def test_group_norm_paths_both_layouts_and_fused_conv():
     names = " ".join(ran)
     for kernel in ("reduce_cf_kernel", "reduce_cl_kernel", "group_norm_conv3x3_kernel"):
         assert kernel in names, (kernel, sorted(ran))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_group_norm_conv_narrow_and_wide_blocks(layout):
+    """cout <= 32 runs the 32-wide block, more the 128-wide one; both match the unfused CPU path (nhwc: the
+    16-byte channel loads of the halo)."""
+    gen = torch.Generator().manual_seed(3)
+    x = (torch.randn(1, 16, 9, 20, generator=gen) * 2 + 1).half().to(memory_format=layout)
+    w, b = torch.rand(16, generator=gen) + 0.5, torch.randn(16, generator=gen)
+    for cout, width in ((3, ", 32>"), (32, ", 32>"), (33, ", 128>")):
+        conv_w = (torch.randn(cout, 16, 3, 3, generator=gen) / 12).half()
+        conv_b = torch.randn(cout, generator=gen).half()
+        cpu = fastlatent.ops.group_norm_conv3x3(
+            x, w, b, 4, conv_w, conv_b, eps=1e-5, activation="silu", algorithm="unfused"
+        )
+        with launches() as ran, emulated():
+            ours = fastlatent.ops.group_norm_conv3x3(
+                x, w, b, 4, conv_w, conv_b, eps=1e-5, activation="silu", algorithm="fused"
+            )
+        assert any("group_norm_conv3x3_kernel" in name and name.endswith(width) for name in ran), sorted(ran)
+        SPECS["group_norm_conv3x3"].compare(types.SimpleNamespace(name=f"cout {cout}"), ours, cpu)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,layout",
+    [
+        ((1, 8, 64, 64), torch.contiguous_format),  # rows of 512-1024 vectors: several per row segment
+        ((3, 16, 5, 8), torch.contiguous_format),  # short rows: a reload per vector
+        ((2, 32, 16, 12), torch.channels_last),  # c / vec divides the block: channels fixed per thread
+        ((2, 24, 7, 9), torch.channels_last),  # c = 24: channels change between a thread's vectors
+    ],
+    ids=["cf_long_rows", "cf_short_rows", "cl_fixed_channels", "cl_moving_channels"],
+)
+@pytest.mark.parametrize("vectors_per_thread", ["1", "4"])
+def test_group_norm_vectorised_apply(shape, layout, dtype, vectors_per_thread, monkeypatch):
+    """apply_kernel (16-byte vectors, coefficients held across a thread's vectors) against the CPU kernel,
+    with and without a residual; FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD forces the multi-vector path that
+    the launcher otherwise takes only for tensors of more than 2^18 vectors."""
+    monkeypatch.setenv("FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD", vectors_per_thread)
+    gen = torch.Generator().manual_seed(len(shape) + shape[1])
+    x = (torch.randn(shape, generator=gen) * 3 + 2).to(dtype).to(memory_format=layout)
+    residual = torch.randn(shape, generator=gen).to(dtype).to(memory_format=layout)
+    w, b = torch.randn(shape[1], generator=gen), torch.randn(shape[1], generator=gen)
+    for activation, res in (("none", None), ("silu", residual), ("gelu", None)):
+        cpu = fastlatent.ops.group_norm(x, w, b, 4, 1e-5, activation, res)
+        with launches() as ran, emulated():
+            ours = fastlatent.ops.group_norm(x, w, b, 4, 1e-5, activation, res)
+        assert any("apply_kernel" in name for name in ran), sorted(ran)
+        assert_step_close(ours, cpu, dtype)
 
 
 def test_sampler_rescale_and_threshold_kernels():

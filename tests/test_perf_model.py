@@ -163,7 +163,7 @@ def test_committed_model_json_is_marked_as_predictions():
     doc = json.loads((ROOT / "benchmarks" / "perf_model_static.json").read_text())
     assert doc["schema"] == "fastlatent-perf-model/1" and "not measurements" in doc["note"]
     names = {k["name"] for k in doc["kernels"]}
-    assert "group_norm_conv/group_norm_conv3x3_kernel<bf16, silu>" in names
+    assert any(name.startswith("group_norm_conv/group_norm_conv3x3_kernel<bf16, silu") for name in names)
     for row in doc["predictions"]:
         assert row["predicted_s"] > 0 and row["ideal_s"] > 0 and row["peers"], row["id"]
         assert row["achievable_s"] >= row["ideal_s"], row["id"]

@@ -3,11 +3,12 @@
 //
 // Block: 256 threads = 8 warps as 2 (pixel rows) x 4 (output channels). Block tile: 8 x 16
 // output pixels of one image x 128 output channels; warp tile: 4 rows of 16 pixels x 32
-// channels = 4 x 2 WMMA accumulators.
+// channels = 4 x 2 WMMA accumulators. For cout <= 32 a narrow block (8 x 1 warps, 32 output
+// channels, one row of 16 pixels x 32 channels per warp) does a quarter of the MMA work.
 //
 // Shared memory: the activated input halo of one 32-channel chunk, [10 * 18 pixels][48] (32
 // channels, row padded to 48 elements = 96 bytes so that every WMMA fragment pointer is 32-byte
-// aligned at any pixel offset); two weight tiles [32][136] (cp.async double buffer); the
+// aligned at any pixel offset); two weight tiles [32][136] or [32][40] (cp.async double buffer); the
 // per-channel mean, scale and shift of the block's image, applied as (x - mean) * scale + shift:
 // x * scale + (shift - mean * scale) would cancel when |mean| >> std (as group_norm_cuda.cu).
 //
@@ -36,40 +37,74 @@ constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
 constexpr int kHaloPixels = kHaloH * kHaloW;                 // 180
 constexpr int kChunk = static_cast<int>(kGnConvChannelChunk);  // 32 input channels per K chunk
 constexpr int kHaloLd = 48;                                  // halo row pitch (elements)
-constexpr int kTileN = static_cast<int>(kGnConvCoutTile);    // 128 output channels per block
-constexpr int kBLd = kTileN + 8;                             // weight tile row pitch (elements)
-constexpr int kWarpRows = 4;                                 // output rows per warp
+constexpr int kWideN = static_cast<int>(kGnConvCoutTile);    // 128 output channels per block
+constexpr int kNarrowN = 32;                                 // the narrow variant, for cout <= 32
 constexpr int kWarpCols = 32;                                // output channels per warp
 
 constexpr size_t kHaloBytes = size_t(kHaloPixels) * kHaloLd * 2;
-constexpr size_t kBStageElems = size_t(kChunk) * kBLd;
-constexpr size_t kBBytes = 2 * kBStageElems * 2;
-constexpr size_t kFixedSmemBytes = kHaloBytes + kBBytes;
 
-static_assert(kHaloBytes % 128 == 0 && kBBytes % 128 == 0, "shared-memory regions stay 128-byte aligned");
+// Block shape by output channels per block kN: 8 warps as (8 / (kN / 32)) pixel-row groups x
+// (kN / 32) channel groups of 32, so the narrow variant (kN = 32) gives each warp one row of 16
+// pixels. Weight tiles [32][kN + 8] (the pad keeps WMMA's B pointers 32-byte aligned).
+template <int kN>
+struct Tile {
+  static constexpr int kWarpsN = kN / kWarpCols;
+  static constexpr int kWarpsM = (kThreads / 32) / kWarpsN;
+  static constexpr int kWarpRows = kTileH / kWarpsM;  // output rows per warp
+  static constexpr int kBLd = kN + 8;                 // weight tile row pitch (elements)
+  static constexpr size_t kBStageElems = size_t(kChunk) * kBLd;
+  static constexpr size_t kBBytes = 2 * kBStageElems * 2;
+  static constexpr size_t kFixedSmemBytes = kHaloBytes + kBBytes;
+  static constexpr int kPieces = kChunk * kN / 8;     // 16-byte pieces per weight tile
+  static_assert(kWarpsM * kWarpRows == kTileH && kBBytes % 128 == 0, "tile shape");
+};
+
+static_assert(kHaloBytes % 128 == 0, "shared-memory regions stay 128-byte aligned");
 static_assert((kHaloLd * 2) % 32 == 0, "WMMA needs 32-byte aligned fragment pointers at every pixel");
 static_assert(kHaloBytes >= size_t(kThreads / 32) * 256 * sizeof(float), "epilogue scratch fits in the halo");
 
 __device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
 
-template <typename T, Activation A>
+// The 8 elements of a 16-byte vector as floats; bf16 -> fp32 is exact bit placement (one
+// instruction per element).
+__device__ __forceinline__ void unpack8(const uint4& v, float* f, __half) {
+  const __half* h = reinterpret_cast<const __half*>(&v);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) f[j] = __half2float(h[j]);
+}
+__device__ __forceinline__ void unpack8(const uint4& v, float* f, __nv_bfloat16) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = __uint_as_float(words[j] << 16);
+    f[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
+  }
+}
+
+template <typename T, Activation A, int kN>
 __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNormConvParams p, int tiles_w,
-                                                                           int cin_pad, int cout_pad) {
+                                                                           int cin_pad, int cout_pad,
+                                                                           bool vector_channels) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
   T* halo = reinterpret_cast<T*>(smem);
   T* b_tiles = reinterpret_cast<T*>(smem + kHaloBytes);
-  float* scale = reinterpret_cast<float*>(smem + kFixedSmemBytes);
+  using Shape = Tile<kN>;
+  constexpr int kWarpRows = Shape::kWarpRows, kBLd = Shape::kBLd;
+  constexpr size_t kBStageElems = Shape::kBStageElems;
+  float* scale = reinterpret_cast<float*>(smem + Shape::kFixedSmemBytes);
   float* shift = scale + cin_pad;
   float* center = shift + cin_pad;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
-  const int warp_m = warp >> 2, warp_n = warp & 3;
+  constexpr int kWarpsNShift = Shape::kWarpsN == 4 ? 2 : 0;
+  static_assert((1 << kWarpsNShift) == Shape::kWarpsN, "channel warps");
+  const int warp_m = warp >> kWarpsNShift, warp_n = warp & (Shape::kWarpsN - 1);
   const int64_t img = blockIdx.z;
-  const int n0 = blockIdx.y * kTileN;
+  const int n0 = blockIdx.y * kN;
   const int oy0 = (blockIdx.x / tiles_w) * kTileH;
   const int ox0 = (blockIdx.x % tiles_w) * kTileW;
   const int64_t H = p.h, W = p.w;
@@ -97,39 +132,63 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   const T* packed = static_cast<const T*>(p.packed_weight);
 
   // Weight tile t = chunk * 9 + tap: rows [t * 32, t * 32 + 32) of the packed matrix, columns
-  // [n0, n0 + 128); 512 16-byte pieces, two per thread.
-  auto load_b = [&](int64_t t, int stage) {
+  // [n0, n0 + kN) (inside cout_pad: cout rounded up to 128); 16-byte pieces, two per thread (wide)
+  // or one per thread of the first 128 (narrow).
+  auto load_b = [&](int t, int stage) {
     T* dst = b_tiles + stage * kBStageElems;
+    constexpr int kRowShift = kN == 128 ? 4 : 2;  // log2 of the kN / 8 pieces per row
+    static_assert((1 << kRowShift) == kN / 8, "pieces per weight-tile row");
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
+    for (int k = 0; k < (Shape::kPieces + kThreads - 1) / kThreads; ++k) {
       const int piece = tid + k * kThreads;
-      const int row = piece >> 4, col = (piece & 15) * 8;
-      cp_async16(dst + row * kBLd + col, packed + (t * kChunk + row) * cout_pad + n0 + col);
+      if constexpr (Shape::kPieces < kThreads) {
+        if (piece >= Shape::kPieces) break;
+      }
+      const int row = piece >> kRowShift, col = (piece & ((1 << kRowShift) - 1)) * 8;
+      cp_async16(dst + row * kBLd + col, packed + (int64_t(t) * kChunk + row) * cout_pad + n0 + col);
     }
     cp_async_commit();
   };
 
   // The activated halo of input channels [chunk * 32, chunk * 32 + 32): one thread writes 8
   // channels of one halo pixel (a 16-byte store); lanes walk along pixels so that global loads
-  // of one channel are contiguous in NCHW.
+  // of one channel are contiguous in NCHW. With vector_channels (channels-last, cin % 8 == 0, the
+  // tensor 16-byte aligned with strides that keep it so) the 8 channels are one 16-byte load;
+  // otherwise 8 scalar loads. The octet's mean, scale and shift are shared-memory broadcasts (a
+  // warp's lanes share the octet); padded channels have all three zero, so they activate to
+  // act(0) = 0, and pixels outside the image are zero.
   auto load_halo = [&](int chunk) {
     for (int item = tid; item < kHaloPixels * (kChunk / 8); item += kThreads) {
       const int pix = item % kHaloPixels, octet = item / kHaloPixels;
       const int64_t iy = oy0 + pix / kHaloW - 1, ix = ox0 + pix % kHaloW - 1;
-      const bool inside = iy >= 0 && iy < H && ix >= 0 && ix < W;
       const int c0 = chunk * kChunk + octet * 8;
-      const T* src = x_img + iy * p.x_stride[2] + ix * p.x_stride[3];
+      float v[8];
+      if (iy >= 0 && iy < H && ix >= 0 && ix < W && c0 < p.cin) {
+        const T* src = x_img + iy * p.x_stride[2] + ix * p.x_stride[3] + c0 * p.x_stride[1];
+        if (vector_channels) {
+          unpack8(__ldg(reinterpret_cast<const uint4*>(src)), v, T());
+        } else {
+#pragma unroll
+          for (int j = 0; j < 8; ++j, src += p.x_stride[1]) v[j] = c0 + j < p.cin ? to_float(*src) : 0.0f;
+        }
+#pragma unroll
+        for (int j = 0; j < 8; j += 4) {  // four channels' coefficients at a time (register cap)
+          const float4 mu = *reinterpret_cast<const float4*>(center + c0 + j);
+          const float4 sc = *reinterpret_cast<const float4*>(scale + c0 + j);
+          const float4 sh = *reinterpret_cast<const float4*>(shift + c0 + j);
+          v[j] = activate<A>(fmaf(v[j] - mu.x, sc.x, sh.x));
+          v[j + 1] = activate<A>(fmaf(v[j + 1] - mu.y, sc.y, sh.y));
+          v[j + 2] = activate<A>(fmaf(v[j + 2] - mu.z, sc.z, sh.z));
+          v[j + 3] = activate<A>(fmaf(v[j + 3] - mu.w, sc.w, sh.w));
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 8; ++j) v[j] = 0.0f;
+      }
       uint32_t packed_pairs[4];
 #pragma unroll
       for (int j = 0; j < 8; j += 2) {
-        float v[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int q = 0; q < 2; ++q) {
-          const int c = c0 + j + q;
-          if (inside && c < p.cin)
-            v[q] = activate<A>(fmaf(to_float(src[c * p.x_stride[1]]) - center[c], scale[c], shift[c]));
-        }
-        packed_pairs[j / 2] = bits_of(from_float<T>(v[0])) | (bits_of(from_float<T>(v[1])) << 16);
+        packed_pairs[j / 2] = bits_of(from_float<T>(v[j])) | (bits_of(from_float<T>(v[j + 1])) << 16);
       }
       *reinterpret_cast<uint4*>(halo + pix * kHaloLd + octet * 8) =
           make_uint4(packed_pairs[0], packed_pairs[1], packed_pairs[2], packed_pairs[3]);
@@ -142,15 +201,16 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
 #pragma unroll
     for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
 
-  const int num_chunks = cin_pad / kChunk;
-  const int64_t num_tiles = int64_t(num_chunks) * 9;
+  // Loop bounds straight from the kernel parameter cin_pad (constant bank), not kept in registers:
+  // a register count of chunks was the one value the bf16 SiLU instantiation spilled on sm_90.
+  // t counts weight tiles, 9 per chunk, <= 1,152 (cin <= 4,096).
   load_b(0, 0);
   __syncthreads();  // scale and shift written
-  int64_t t = 0;
-  for (int chunk = 0; chunk < num_chunks; ++chunk) {
+  int t = 0;
+  for (int chunk = 0; chunk * kChunk < cin_pad; ++chunk) {
     load_halo(chunk);  // the previous chunk's readers finished at the last barrier
     for (int tap = 0; tap < 9; ++tap, ++t) {
-      if (t + 1 < num_tiles) {
+      if ((t + 1) * kChunk < cin_pad * 9) {
         load_b(t + 1, static_cast<int>((t + 1) & 1));
         cp_async_wait<1>();
       } else {
@@ -184,6 +244,11 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   T* out = static_cast<T*>(p.out);
   const int m = lane & 15, n_half = lane >> 4;
   const int64_t ox = ox0 + m;
+  // This lane's pixel column of the image, as base pointers (fewer live 64-bit values than the full
+  // index per store: the bf16 instantiations otherwise spilled on sm_90).
+  T* out_col = out + img * p.out_stride[0] + ox * p.out_stride[3];
+  const T* res_col = residual ? residual + img * p.residual_stride[0] + ox * p.residual_stride[3] : nullptr;
+  const int co0 = n0 + warp_n * kWarpCols;
 #pragma unroll
   for (int i = 0; i < kWarpRows; ++i) {
     const int64_t oy = oy0 + warp_m * kWarpRows + i;
@@ -192,19 +257,17 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
       wmma::store_matrix_sync(scratch, acc[i][j], 16, wmma::mem_col_major);
       __syncwarp();
       if (oy < H && ox < W) {
+        T* out_px = out_col + oy * p.out_stride[2];
+        const T* res_px = res_col ? res_col + oy * p.residual_stride[2] : nullptr;
 #pragma unroll
         for (int q = 0; q < 8; ++q) {
           const int nn = n_half + 2 * q;
-          const int64_t co = n0 + warp_n * kWarpCols + j * 16 + nn;
+          const int co = co0 + j * 16 + nn;
           if (co >= p.cout) continue;
           float v = scratch[nn * 16 + m];
           if (p.conv_bias) v += p.conv_bias[co];
-          if (residual) {
-            v += to_float(residual[img * p.residual_stride[0] + co * p.residual_stride[1] + oy * p.residual_stride[2] +
-                                   ox * p.residual_stride[3]]);
-          }
-          out[img * p.out_stride[0] + co * p.out_stride[1] + oy * p.out_stride[2] + ox * p.out_stride[3]] =
-              from_float<T>(v);
+          if (res_px) v += to_float(res_px[co * p.residual_stride[1]]);
+          out_px[co * p.out_stride[1]] = from_float<T>(v);
         }
       }
       __syncwarp();
@@ -215,30 +278,43 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
 #endif
 }
 
-template <typename T, Activation A>
-cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
+template <typename T, Activation A, int kN>
+cudaError_t launch_shaped(const GroupNormConvParams& p, cudaStream_t stream) {
   const int tiles_w = static_cast<int>((p.w + kTileW - 1) / kTileW);
   const int64_t tiles = ((p.h + kTileH - 1) / kTileH) * tiles_w;
   const int64_t cin_pad = gn_conv_round_up(p.cin, kChunk);
-  const int64_t cout_pad = gn_conv_round_up(p.cout, kTileN);
-  if (tiles > 0x7fffffff || cout_pad / kTileN > 65535 || p.n > 65535) return cudaErrorInvalidValue;
-  const size_t smem = kFixedSmemBytes + 3 * size_t(cin_pad) * sizeof(float);
-  auto kernel = group_norm_conv3x3_kernel<T, A>;
+  const int64_t cout_pad = gn_conv_round_up(p.cout, kWideN);  // the packed weights' row length
+  const int64_t col_tiles = (p.cout + kN - 1) / kN;
+  if (tiles > 0x7fffffff || col_tiles > 65535 || p.n > 65535) return cudaErrorInvalidValue;
+  const size_t smem = Tile<kN>::kFixedSmemBytes + 3 * size_t(cin_pad) * sizeof(float);
+  auto kernel = group_norm_conv3x3_kernel<T, A, kN>;
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                  static_cast<int>(smem));
     if (err != cudaSuccess) return err;
   }
-  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(cout_pad / kTileN), static_cast<unsigned>(p.n));
-  kernel<<<grid, kThreads, smem, stream>>>(p, tiles_w, static_cast<int>(cin_pad), static_cast<int>(cout_pad));
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles), static_cast<unsigned>(p.n));
+  // 16-byte channel loads: channels contiguous, cin % 8 == 0 and every octet 16-byte aligned.
+  const bool vector_channels = p.x_stride[1] == 1 && p.cin % 8 == 0 && cuda::aligned16(p.x) &&
+                               p.x_stride[0] % 8 == 0 && p.x_stride[2] % 8 == 0 && p.x_stride[3] % 8 == 0;
+  kernel<<<grid, kThreads, smem, stream>>>(p, tiles_w, static_cast<int>(cin_pad), static_cast<int>(cout_pad),
+                                           vector_channels);
   return cudaGetLastError();
+}
+
+// cout <= 32 (a decoder's final conv to 3 channels) takes the narrow block: 32 output channels, 4x
+// less tensor-core work than the 128-wide tile.
+template <typename T, Activation A>
+cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
+  if (p.cout <= kNarrowN) return launch_shaped<T, A, kNarrowN>(p, stream);
+  return launch_shaped<T, A, kWideN>(p, stream);
 }
 
 }  // namespace
 
 cudaError_t group_norm_conv3x3_cuda_arch(int* arch) {
   // Every instantiation comes from one source under one guard: one stands for all.
-  return cuda::kernel_image_arch<group_norm_conv3x3_kernel<__half, Activation::kNone>>(arch);
+  return cuda::kernel_image_arch<group_norm_conv3x3_kernel<__half, Activation::kNone, kWideN>>(arch);
 }
 
 cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& p, cudaStream_t stream) {

@@ -8,14 +8,20 @@
 //      keeps the GPU busy at batch 1 (eager GroupNorm launches n * groups blocks).
 //   2. group_stats: one warp per (n, g) merges its channels' partials in a fixed order (lanes,
 //      then a fixed tree) in double -> mean, rstd; then one thread per (n, c): scale, shift.
-//   3. apply: out = act(x * scale + shift) (+ residual), 16-byte vectors where the layout
-//      allows (channels-first: s % vec == 0; channels-last: c % vec == 0).
+//   3. apply: out = act((x - mean) * scale + shift) (+ residual). affine_kernel expands the
+//      per-group mean and the affine into per-(n, c) arrays, so the pass needs no group index;
+//      16-byte vectors where the layout allows (channels-first: s % vec == 0; channels-last:
+//      c % vec == 0) run apply_kernel: 32-bit vector indices (the launcher splits the tensor
+//      into launches of < 2^31 elements at row or sample boundaries; 64-bit pointer offsets
+//      stay on the host) and one multiply-high division per vector by host-computed magic
+//      numbers (channels-first: the row; channels-last: position and sample).
 // Backward: channel_grad_sums (same grid, fp32 partials of dz and dz * x_hat), merge in double
 // per channel and per group, then the elementwise grad_x pass.
 // group_norm_stats is step 1 and the merge of step 2 (writing M2 instead of rstd);
 // group_norm_apply is the rest of step 2 and step 3.
 // Partials are merged in a fixed order, so results are deterministic.
 #include <cmath>
+#include <cstdlib>
 
 #include "cuda_utils.cuh"
 #include "group_norm.h"
@@ -214,17 +220,25 @@ __global__ void group_stats_kernel(const float2* __restrict__ partials, int64_t 
   }
 }
 
-// One thread per (n, c): scale = rstd * w, shift = b; applied as (x - mean) * scale + shift,
-// which stays exact when |mean| >> std (x * scale + (b - mean * scale) cancels there).
+// One thread per (n, c): scale = rstd * w, shift = b and (when centre is given) the group's mean per
+// channel, or all three as (mean, scale, shift, 0) in `packed` when that is given instead; applied as
+// (x - mean) * scale + shift, which stays exact when |mean| >> std (x * scale + (b - mean * scale)
+// cancels there).
 __global__ void affine_kernel(const float* __restrict__ mean, const float* __restrict__ rstd,
                               const float* __restrict__ weight, const float* __restrict__ bias, int64_t n, int64_t c,
-                              int64_t groups, float* __restrict__ scale, float* __restrict__ shift) {
+                              int64_t groups, float* __restrict__ scale, float* __restrict__ shift,
+                              float* __restrict__ centre, float4* __restrict__ packed) {
   const int64_t nc = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (nc >= n * c) return;
   const int64_t ch = nc % c, g = (nc / c) * groups + ch / (c / groups);
   const float w = weight ? weight[ch] : 1.0f, b = bias ? bias[ch] : 0.0f;
+  if (packed) {
+    packed[nc] = make_float4(mean[g], rstd[g] * w, b, 0.0f);
+    return;
+  }
   scale[nc] = rstd[g] * w;
   shift[nc] = b;
+  if (centre) centre[nc] = mean[g];
 }
 
 // Backward merges: per channel grad_weight/grad_bias over (n, splits); per group A/m, B/m.
@@ -343,6 +357,111 @@ elementwise_kernel(const T* __restrict__ x, const T* __restrict__ other, T* __re
   }
 }
 
+// Division by a divisor d fixed for the launch, as a multiply-high, an add and a shift (Granlund &
+// Montgomery, "Division by invariant integers using multiplication", 1994): with l = ceil(log2 d),
+// m = ceil(2^(32 + l) / d) lies in [2^32, 2^33); mul = m - 2^32 and q = (umulhi(x, mul) + x) >> l.
+// The error e = m d - 2^(32 + l) < d gives x e < 2^(32 + l), so q = floor(x / d) exactly for every
+// x < 2^31 (and the sum stays below 2^32). d = 1 is mul = 0, l = 0.
+struct FastDivmod {
+  uint32_t divisor = 1, mul = 0, shift = 0;
+
+  static FastDivmod make(uint32_t d) {
+    FastDivmod f;
+    f.divisor = d;
+    while ((uint64_t{1} << f.shift) < d) ++f.shift;
+    f.mul = static_cast<uint32_t>((((uint64_t{1} << (32 + f.shift)) + d - 1) / d) - (uint64_t{1} << 32));
+    return f;
+  }
+  __host__ __device__ __forceinline__ uint32_t div(uint32_t x) const {
+#if defined(__CUDA_ARCH__)
+    return (__umulhi(x, mul) + x) >> shift;
+#else
+    return static_cast<uint32_t>(((static_cast<uint64_t>(x) * mul >> 32) + x) >> shift);
+#endif
+  }
+};
+
+// The kV elements of a 16-byte vector as floats. bf16 -> fp32 is exact bit placement: the low
+// element of each 32-bit word shifted up, the high one masked (one instruction each; the generic
+// conversion spends two on the high element).
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& v, float* f) {
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < Vec<T>::kSize; ++j) f[j] = to_float(e[j]);
+}
+template <>
+__device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& v, float* f) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = __uint_as_float(words[j] << 16);
+    f[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
+  }
+}
+
+// The vectorised forward apply pass: 16-byte vectors of kV elements. Block b owns the contiguous
+// vectors [b * kThreads * per_thread, ...); thread t takes every kThreads-th of them (coalesced), so
+// its successive vectors usually share their coefficients, which stay in registers until the vector
+// index passes `valid_end`:
+//   channels-first (s % kV == 0): a vector lies in one row nc = i / (s / kV); its (mean, scale, shift)
+//     come in one 16-byte load of `packed` and hold to the row's end.
+//   channels-last (c % kV == 0): a vector is kV consecutive channels of one position (never crossing
+//     into the next); their coefficients are kV consecutive floats of each of centre, scale and shift
+//     (16-byte aligned since nc0 % kV == 0), read as 16-byte loads. When c / kV divides kThreads a
+//     thread's channels never change, so they hold to the sample's end; otherwise every vector reloads.
+// The reload divides by host-computed magic numbers (FastDivmod). All indices are 32-bit: the
+// launcher keeps each launch below 2^31 elements.
+template <typename T, Activation A, Layout L, bool Residual>
+__global__ void __launch_bounds__(kThreads)
+apply_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ out,
+             const float4* __restrict__ packed, const float* __restrict__ centre,
+             const float* __restrict__ scale, const float* __restrict__ shift, uint32_t vectors,
+             uint32_t per_thread, FastDivmod per_row, FastDivmod per_sample, uint32_t c) {
+  constexpr int kV = Vec<T>::kSize;
+  const uint32_t block_first = blockIdx.x * kThreads * per_thread;
+  const uint32_t limit = min(vectors, block_first + kThreads * per_thread);
+  const bool fixed_channels = L == Layout::kChannelsFirst || kThreads % per_row.divisor == 0;
+  float mu[kV], sc[kV], sh[kV];
+  uint32_t i = block_first + threadIdx.x;
+  while (i < limit) {
+    // Load the coefficients of vector i and find where they stop holding (segment_end).
+    uint32_t segment_end;
+    if constexpr (L == Layout::kChannelsFirst) {
+      const uint32_t row = per_row.div(i);  // per_row: s / kV vectors per row
+      segment_end = (row + 1) * per_row.divisor;
+      const float4 k = __ldg(packed + row);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) mu[j] = k.x, sc[j] = k.y, sh[j] = k.z;
+    } else {
+      const uint32_t position = per_row.div(i);          // per_row: c / kV vectors per position
+      const uint32_t sample = per_sample.div(position);  // per_sample: s positions per sample
+      segment_end = fixed_channels ? (sample + 1) * per_sample.divisor * per_row.divisor : i + 1;
+      const uint32_t nc0 = sample * c + (i - position * per_row.divisor) * kV;
+#pragma unroll
+      for (int j = 0; j < kV; j += 4) {
+        *reinterpret_cast<float4*>(mu + j) = __ldg(reinterpret_cast<const float4*>(centre + nc0 + j));
+        *reinterpret_cast<float4*>(sc + j) = __ldg(reinterpret_cast<const float4*>(scale + nc0 + j));
+        *reinterpret_cast<float4*>(sh + j) = __ldg(reinterpret_cast<const float4*>(shift + nc0 + j));
+      }
+    }
+    segment_end = min(segment_end, limit);
+    for (; i < segment_end; i += kThreads) {  // the streaming loop: no index math
+      float xv[kV], rv[kV];
+      T result[kV];
+      unpack<T>(__ldg(reinterpret_cast<const uint4*>(x) + i), xv);
+      if constexpr (Residual) unpack<T>(__ldg(reinterpret_cast<const uint4*>(residual) + i), rv);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) {
+        float y = activate<A>((xv[j] - mu[j]) * sc[j] + sh[j]);
+        if constexpr (Residual) y += rv[j];
+        result[j] = cuda::from_float<T>(y);
+      }
+      reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<const uint4*>(result);
+    }
+  }
+}
+
 unsigned int grid_for(int64_t work) {
   const int64_t blocks = (work + kThreads - 1) / kThreads;
   return static_cast<unsigned int>(blocks < 1 ? 1 : (blocks > 65535 * 16 ? 65535 * 16 : blocks));
@@ -352,6 +471,99 @@ bool can_vectorize(Layout layout, int64_t c, int64_t s, int vec, const void* a, 
   const bool shape_ok = layout == Layout::kChannelsFirst ? s % vec == 0 : c % vec == 0;
   auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
   return shape_ok && aligned(a) && aligned(b) && aligned(d);
+}
+
+size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// Workspace: partials [n][splits][c] float2, scale [n c], shift [n c], then (backward) A, B [n g]; the
+// forward's per-channel mean [n c] takes A's place.
+struct Workspace {
+  float2* partials;
+  float* scale;
+  float* shift;
+  float* a_over_m;
+  float* b_over_m;
+  float* centre() const { return a_over_m; }
+};
+
+Workspace carve(void* base, int64_t n, int64_t c, int64_t s, Layout layout) {
+  char* p = static_cast<char*>(base);
+  Workspace w;
+  const int64_t splits = std::max(splits_of(s, Layout::kChannelsFirst), splits_of(s, Layout::kChannelsLast));
+  (void)layout;
+  w.partials = reinterpret_cast<float2*>(p);
+  p += align_up(static_cast<size_t>(n) * splits * c * sizeof(float2));
+  w.scale = reinterpret_cast<float*>(p);
+  p += align_up(static_cast<size_t>(n) * c * sizeof(float));
+  w.shift = reinterpret_cast<float*>(p);
+  p += align_up(static_cast<size_t>(n) * c * sizeof(float));
+  w.a_over_m = reinterpret_cast<float*>(p);
+  p += align_up(static_cast<size_t>(n) * c * sizeof(float));  // n * groups <= n * c
+  w.b_over_m = reinterpret_cast<float*>(p);
+  return w;
+}
+
+// The forward apply pass (after the statistics): affine_kernel expands mean, rstd, weight and bias per
+// (n, c), then apply_kernel runs over launches of < 2^31 elements cut at row (channels-first) or
+// sample (channels-last) boundaries, so its 32-bit indices never wrap; each launch's pointer offsets
+// are 64-bit here. Layouts it cannot vectorise, or a single row/sample of 2^31 elements or more, take
+// the scalar 64-bit elementwise_kernel. The packed (mean, scale, shift, 0) array of the channels-first
+// path spans the workspace's scale, shift, A and B regions (4 * align_up(n c floats) >= n c float4s).
+template <typename T, Activation A>
+cudaError_t launch_apply(const T* x, const T* residual, T* out, const float* mean, const float* rstd,
+                         const float* weight, const float* bias, const Workspace& w, int64_t n, int64_t c,
+                         int64_t s, int64_t groups, Layout layout, cudaStream_t stream) {
+  constexpr int kV = Vec<T>::kSize;
+  constexpr int64_t kMaxElements = (int64_t{1} << 31) - 1;
+  const bool first = layout == Layout::kChannelsFirst;
+  const int64_t unit = first ? s : c * s;  // elements per row (channels-first) or per sample
+  const int64_t units = first ? n * c : n;
+  const bool vectorised = can_vectorize(layout, c, s, kV, x, residual, out) && unit <= kMaxElements;
+  float4* packed = vectorised && first ? reinterpret_cast<float4*>(w.scale) : nullptr;
+  affine_kernel<<<grid_for(n * c), kThreads, 0, stream>>>(mean, rstd, weight, bias, n, c, groups, w.scale,
+                                                         w.shift, w.centre(), packed);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  if (!vectorised) {
+    elementwise_kernel<T, A, false, false><<<grid_for(n * c * s), kThreads, 0, stream>>>(
+        x, residual, out, w.scale, w.shift, nullptr, mean, nullptr, nullptr, nullptr, n, c, s, groups,
+        layout);
+    return cudaGetLastError();
+  }
+  const int64_t per_launch = kMaxElements / unit;  // whole rows or samples per launch
+  const FastDivmod per_row = FastDivmod::make(static_cast<uint32_t>(first ? s / kV : c / kV));
+  const FastDivmod per_sample = FastDivmod::make(static_cast<uint32_t>(s));
+  for (int64_t u0 = 0; u0 < units; u0 += per_launch) {
+    const int64_t count = std::min(per_launch, units - u0);
+    const int64_t e0 = u0 * unit, nc0 = first ? u0 : u0 * c;
+    const uint32_t vectors = static_cast<uint32_t>(count * unit / kV);
+    // Vectors per thread: up to 16 (coefficients reused along a row), while keeping >= 1024 blocks
+    // (about 8 per SM on an H100) where the tensor allows. FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD
+    // (1-16) overrides it, so tests reach the multi-vector path with small tensors.
+    int64_t per_thread_wanted = vectors / (int64_t{kThreads} * 1024);
+    if (const char* forced = std::getenv("FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD")) {
+      per_thread_wanted = std::atoi(forced);
+    }
+    const uint32_t per_thread =
+        static_cast<uint32_t>(std::min<int64_t>(16, std::max<int64_t>(1, per_thread_wanted)));
+    const uint32_t per_block = kThreads * per_thread;
+    const unsigned int blocks = (vectors + per_block - 1) / per_block;
+    const T* res = residual ? residual + e0 : nullptr;
+    err = FL_BOOL_SWITCH(residual != nullptr, kResidual, [&] {
+      if (first) {
+        apply_kernel<T, A, Layout::kChannelsFirst, kResidual><<<blocks, kThreads, 0, stream>>>(
+            x + e0, res, out + e0, packed + nc0, nullptr, nullptr, nullptr, vectors, per_thread, per_row,
+            per_sample, static_cast<uint32_t>(c));
+      } else {
+        apply_kernel<T, A, Layout::kChannelsLast, kResidual><<<blocks, kThreads, 0, stream>>>(
+            x + e0, res, out + e0, nullptr, w.centre() + nc0, w.scale + nc0, w.shift + nc0, vectors,
+            per_thread, per_row, per_sample, static_cast<uint32_t>(c));
+      }
+      return cudaGetLastError();
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 template <typename T, Activation A, bool Backward>
@@ -386,34 +598,6 @@ cudaError_t launch_reduce(const T* x, const T* dy, const float* scale, const flo
   return cudaGetLastError();
 }
 
-size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-// Workspace: partials [n][splits][c] float2, scale [n c], shift [n c], then (backward) A, B [n g].
-struct Workspace {
-  float2* partials;
-  float* scale;
-  float* shift;
-  float* a_over_m;
-  float* b_over_m;
-};
-
-Workspace carve(void* base, int64_t n, int64_t c, int64_t s, Layout layout) {
-  char* p = static_cast<char*>(base);
-  Workspace w;
-  const int64_t splits = std::max(splits_of(s, Layout::kChannelsFirst), splits_of(s, Layout::kChannelsLast));
-  (void)layout;
-  w.partials = reinterpret_cast<float2*>(p);
-  p += align_up(static_cast<size_t>(n) * splits * c * sizeof(float2));
-  w.scale = reinterpret_cast<float*>(p);
-  p += align_up(static_cast<size_t>(n) * c * sizeof(float));
-  w.shift = reinterpret_cast<float*>(p);
-  p += align_up(static_cast<size_t>(n) * c * sizeof(float));
-  w.a_over_m = reinterpret_cast<float*>(p);
-  p += align_up(static_cast<size_t>(n) * c * sizeof(float));  // n * groups <= n * c
-  w.b_over_m = reinterpret_cast<float*>(p);
-  return w;
-}
-
 template <typename T, Activation A>
 cudaError_t forward_typed(const GroupNormParams& p, cudaStream_t stream) {
   const Workspace w = carve(p.workspace, p.n, p.c, p.s, p.layout);
@@ -424,14 +608,11 @@ cudaError_t forward_typed(const GroupNormParams& p, cudaStream_t stream) {
   group_stats_kernel<<<grid_for(p.n * p.groups * 32), kThreads, 0, stream>>>(
       w.partials, p.n, p.c, p.s, p.groups, splits_of(p.s, p.layout), chunk_of(p.layout), p.eps, p.mean, p.rstd,
       nullptr);
-  affine_kernel<<<grid_for(p.n * p.c), kThreads, 0, stream>>>(p.mean, p.rstd, static_cast<const float*>(p.weight),
-                                                             static_cast<const float*>(p.bias), p.n, p.c, p.groups,
-                                                             w.scale, w.shift);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_elementwise<T, A, false>(x, static_cast<const T*>(p.residual), static_cast<T*>(p.out), w.scale,
-                                         w.shift, nullptr, p.mean, nullptr, nullptr, nullptr, p.n, p.c, p.s,
-                                         p.groups, p.layout, stream);
+  return launch_apply<T, A>(x, static_cast<const T*>(p.residual), static_cast<T*>(p.out), p.mean, p.rstd,
+                            static_cast<const float*>(p.weight), static_cast<const float*>(p.bias), w, p.n,
+                            p.c, p.s, p.groups, p.layout, stream);
 }
 
 template <typename T>
@@ -450,14 +631,9 @@ cudaError_t stats_typed(const GroupNormStatsParams& p, cudaStream_t stream) {
 template <typename T, Activation A>
 cudaError_t apply_typed(const GroupNormApplyParams& p, cudaStream_t stream) {
   const Workspace w = carve(p.workspace, p.n, p.c, p.s, p.layout);
-  affine_kernel<<<grid_for(p.n * p.c), kThreads, 0, stream>>>(p.mean, p.rstd, static_cast<const float*>(p.weight),
-                                                             static_cast<const float*>(p.bias), p.n, p.c, p.groups,
-                                                             w.scale, w.shift);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
-  return launch_elementwise<T, A, false>(static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.out), w.scale,
-                                         w.shift, nullptr, p.mean, nullptr, nullptr, nullptr, p.n, p.c, p.s,
-                                         p.groups, p.layout, stream);
+  return launch_apply<T, A>(static_cast<const T*>(p.x), nullptr, static_cast<T*>(p.out), p.mean, p.rstd,
+                            static_cast<const float*>(p.weight), static_cast<const float*>(p.bias), w, p.n,
+                            p.c, p.s, p.groups, p.layout, stream);
 }
 
 template <typename T, Activation A>
@@ -467,7 +643,8 @@ cudaError_t backward_typed(const GroupNormBackwardParams& p, cudaStream_t stream
   const T* dy = static_cast<const T*>(p.grad_out);
   const float* weight = static_cast<const float*>(p.weight);
   affine_kernel<<<grid_for(p.n * p.c), kThreads, 0, stream>>>(p.mean, p.rstd, weight, static_cast<const float*>(p.bias),
-                                                             p.n, p.c, p.groups, w.scale, w.shift);
+                                                             p.n, p.c, p.groups, w.scale, w.shift, nullptr,
+                                                             nullptr);
   cudaError_t err = launch_reduce<T, true, A>(x, dy, w.scale, w.shift, p.mean, p.rstd, p.n, p.c, p.s, p.groups,
                                               p.layout, w.partials, stream);
   if (err != cudaSuccess) return err;
