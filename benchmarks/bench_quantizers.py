@@ -638,6 +638,48 @@ def test_residual_fsq_fwd_bwd_cpu(bench, provider, case):
     bench.run(step)
 
 
+@pytest.mark.parametrize("provider", ["fastlatent", "reference", "reference_compiled"])
+@pytest.mark.parametrize("case", [pytest.param((16, 4096, 8), id="B16_N4096_q8")])
+def test_residual_fsq_op_cpu(bench, provider, case):
+    """The fused residual_fsq op (all layers in one pass) forward + backward against its reference."""
+    b, n, q = case
+    levels = [8, 5, 5, 5]
+    bench.describe(
+        op="residual_fsq fwd+bwd",
+        case=f"B={b} N={n} q={q} levels [8,5,5,5]",
+        provider=provider,
+        device=CPU,
+        dtype=torch.float32,
+        sizes={"n": b * n, "d": len(levels)},
+    )
+    gen = torch.Generator().manual_seed(0)
+    z = (torch.randn(b, n, len(levels), generator=gen) * 0.7).requires_grad_()
+    g = torch.randn(b, n, len(levels), generator=gen)
+    scales = torch.stack([torch.tensor(levels).float() ** -i for i in range(q)])
+    if provider == "fastlatent":
+        forward = lambda z: fastlatent.ops.residual_fsq(z, scales, levels)  # noqa: E731
+    else:
+        forward = lambda z: reference.residual_fsq(z, scales, levels)  # noqa: E731
+
+    def make_step(forward):
+        def step():
+            z.grad = None
+            out, idx = forward(z)
+            out.backward(g)
+            return out, idx
+
+        return step
+
+    if provider == "reference_compiled":
+        forward = bench.compile(forward, warm=lambda f: make_step(f)())
+    step = make_step(forward)
+    out, idx = step()
+    want, want_idx = reference.residual_fsq(z.detach(), scales, levels)
+    assert torch.equal(out.detach(), want) and torch.equal(idx, want_idx)
+    # forward reads z, writes z_hat, the pass counts and q int64 indices per row; backward 2 reads, 1 write
+    bench.run(step, bytes_moved=z.numel() * (4 * 2 + 1 + 4 * 2 + 1) + b * n * q * 8)
+
+
 RLFQ_CASES = [
     pytest.param((4, 256, 256, 10, 4), id="B4_N256_D256_d10_q4"),
     pytest.param((4, 1024, 256, 12, 4), id="B4_N1024_D256_d12_q4", marks=pytest.mark.full),

@@ -173,6 +173,7 @@ HOT_KERNELS = [
     "nearest_code/small_d_kernel*",
     "fsq/fsq_quantize_kernel*",
     "fsq/fsq_backward_kernel*",
+    "residual_fsq/residual_fsq_kernel*",
     "lfq/lfq_quantize_kernel*",
     "lfq/lfq_probs_partial_kernel*",
     "lfq/lfq_entropy_backward_kernel*",
@@ -1190,6 +1191,43 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
                 "dtype": "bfloat16",
             },
         ).finish()
+    )
+
+    # Residual FSQ, 16M rows x d=4, 8 layers (vqp's ResidualFSQ on 16 latents of 1024x1024) --------------------
+    rows_, d_, q_ = 16 * 2**20, 4, 8
+    e = rows_ * d_
+    # one thread per element: per layer ~30 instructions (5 rounded ops, clamp, convert, residual and
+    # sum updates, a shared store and the barrier) plus the row's index: d multiply-adds of ~3
+    # instructions on one thread of the row's d, so ~3 per element; an estimate from the source
+    per_element_layer = 30 + 3
+    fwd_bytes = e * (4 + 4 + 1) + rows_ * q_ * 8  # z, z_hat, pass_count, int64 indices per layer
+    fwd = max(hbm_s(fwd_bytes), issue_s(e * q_ / 4, 4 * per_element_layer)) + H100.launch_s
+    bwd_bytes = e * (4 + 1 + 4)  # grad * pass_count, one eager multiply (and a uint8 -> fp32 cast)
+    bwd = hbm_s(bwd_bytes + e * 4 * 2) + 2 * H100.launch_s
+    rows.append(
+        Prediction(
+            id="residual_fsq_fwd_bwd_16M_rows_q8_fp32",
+            workload="16M rows, levels [8,5,5,5], 8 layers",
+            dtype="fp32",
+            kernels="residual_fsq: residual_fsq_kernel (+ the backward's eager multiply)",
+            bytes_formula="fwd: z, z_hat 4 B + pass_count 1 B per element, 8 B index per row and layer; "
+            "bwd: grad, pass_count, grad_z",
+            bytes=fwd_bytes + bwd_bytes,
+            flops_formula="~12 E Q",
+            flops=12 * e * q_,
+            limiter="issue" if issue_s(e * q_ / 4, 4 * per_element_layer) > hbm_s(fwd_bytes) else "HBM",
+            predicted_s=fwd + bwd,
+            why=f"~{per_element_layer:g} instructions per element and layer in the forward (all layers in "
+            "registers, one barrier per layer); not yet measured on a GPU",
+            after_fix_s=fwd + bwd,
+            after_fix="no known fix pending",
+            peers={
+                "vector_quantize_pytorch": {
+                    "s": q_ * 17 * hbm_s(e * 8) + q_ * 17 * EAGER_OP_S,
+                    "model": "~17 eager elementwise passes per layer, each reading and writing E floats",
+                }
+            },
+        ).finish(peak=H100.fp32_flops)
     )
 
     # LFQ entropy, d = 18 ---------------------------------------------------------------------------------

@@ -1198,3 +1198,76 @@ OP_SPECS += [
         compare=_group_norm_conv_compare,
     ),
 ]
+
+
+# ---------------------------------------------------------------- residual_fsq
+
+
+def _residual_fsq_scales(levels, num_quantizers, device):
+    """vqp's ResidualFSQ scales: levels ** -l, float32."""
+    levels = torch.tensor(levels).float()
+    return torch.stack([levels**-i for i in range(num_quantizers)]).to(device)
+
+
+def _residual_fsq_samples(device, dtype):
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(0,), (1,), (7,), (33,), (257,), (3, 5), (2, 0, 3)]
+    for i, levels in enumerate(FSQ_LEVELS):
+        for j, lead in enumerate(shapes):
+            q = (1, 3, 4, 8)[(i + j) % 4]
+            # beyond [-1, 1] too: the first layer's clamp then passes no gradient
+            z = torch.randn(*lead, len(levels), generator=gen) * 0.8
+            if lead == (257,):  # one NaN row: NaN values, index -1 (not in opcheck's first four samples)
+                z.view(-1)[7] = float("nan")
+            yield Sample(
+                (z.to(device, dtype), _residual_fsq_scales(levels, q, device), levels),
+                name=f"L{levels}_{lead}_q{q}",
+            )
+
+
+def _residual_fsq_errors(device):
+    z = torch.randn(5, 4, device=device)
+    scales = _residual_fsq_scales([8, 5, 5, 5], 3, device)
+    yield ErrorSample(
+        (z, scales, [8, 1, 5, 5]), {}, ValueError, r"levels must all be >= 2, got \[8, 1, 5, 5\]"
+    )
+    yield ErrorSample((z, scales[:, :0], []), {}, ValueError, r"levels must be a non-empty list of ints")
+    yield ErrorSample(
+        (z.long(), scales, [8, 5, 5, 5]), {}, TypeError, r"z must be float32, float16 or bfloat16"
+    )
+    yield ErrorSample(
+        (z[:, :3], scales, [8, 5, 5, 5]),
+        {},
+        ValueError,
+        r"z must be \[\.\.\., len\(levels\)\] with len\(levels\)=4 in its last dim, got shape \[5, 3\]",
+    )
+    yield ErrorSample(
+        (z, scales.long(), [8, 5, 5, 5]), {}, TypeError, r"scales must be a floating tensor, got torch.int64"
+    )
+    for bad in (scales[:, :3], scales[0], scales[:0], scales[:1].expand(256, 4)):
+        yield ErrorSample(
+            (z, bad, [8, 5, 5, 5]),
+            {},
+            ValueError,
+            r"scales must be \[num_quantizers, len\(levels\)\] with 1 <= num_quantizers <= 255 and "
+            rf"len\(levels\) = 4, got shape \[{', '.join(map(str, bad.shape))}\]",
+        )
+    other = "meta" if device.type != "meta" else "cpu"
+    yield ErrorSample(
+        (z, torch.ones(3, 4, device=other), [8, 5, 5, 5]),
+        {},
+        RuntimeError,
+        r"scales and z must be on the same device",
+    )
+
+
+OP_SPECS += [
+    OpSpec(
+        "residual_fsq",
+        fastlatent.ops.residual_fsq,
+        reference.residual_fsq,
+        _residual_fsq_samples,
+        _residual_fsq_errors,
+        lambda s, o, r: _assert_equal(o, r),
+    ),
+]

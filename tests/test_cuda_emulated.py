@@ -282,6 +282,23 @@ def test_sampler_rescale_and_threshold_kernels():
         assert kernel in names, (kernel, sorted(ran))
 
 
+@pytest.mark.parametrize("d", [1, 4, 31], ids=lambda d: f"d{d}")
+def test_residual_fsq_tiles_and_nan_rows(d):
+    """Row tiles of 256 // d rows (d = 31 leaves 8 threads idle), a partial last tile, layers alternating the
+    shared level buffers, a NaN row: every value and index equal to the CPU kernel's."""
+    gen = torch.Generator().manual_seed(9)
+    levels = [2 + i % 7 for i in range(d)] if d < 31 else [2] * 31
+    z = torch.randn(1000, d, generator=gen) * 0.8
+    z[517, d // 2] = float("nan")
+    scales = torch.stack([torch.tensor(levels).float() ** -i for i in range(5)])
+    cpu = fastlatent.ops.residual_fsq(z, scales, levels)
+    with launches() as ran, emulated():
+        ours = fastlatent.ops.residual_fsq(z, scales, levels)
+    assert any("residual_fsq_kernel" in name for name in ran), sorted(ran)
+    assert torch.equal(ours[1], cpu[1]) and ours[1][517].eq(-1).all()
+    torch.testing.assert_close(ours[0], cpu[0], rtol=0, atol=0, equal_nan=True)
+
+
 def test_emulator_sees_the_shared_variables():
     """The shared-memory checks need the module's symbol table (a stripped build would turn them off)."""
     assert _emu.shared_variable_count() > 20

@@ -16,6 +16,8 @@ from torch import nn
 
 from fastlatent.nn.scalar_quantizers import FSQ, LFQ, _binary_codebook_size
 from fastlatent.ops.fsq import fsq_indices_to_codes
+from fastlatent.ops.residual_fsq import MAX_LAYERS as RESIDUAL_FSQ_MAX_LAYERS
+from fastlatent.ops.residual_fsq import residual_fsq
 
 
 def _dropout_seed(device) -> int:
@@ -76,20 +78,6 @@ class _ResidualBase(nn.Module):
         return self.project_out(self.get_codes_from_indices(indices).sum(0))
 
 
-class _WeightedStraightThrough(torch.autograd.Function):
-    """Forward ``value``; backward ``grad * weight`` to ``x`` (a residual stack's summed straight-through)."""
-
-    @staticmethod
-    def forward(ctx, x, value, weight):
-        ctx.save_for_backward(weight)
-        return value
-
-    @staticmethod
-    def backward(ctx, grad):
-        (weight,) = ctx.saved_tensors
-        return grad * weight, None, None
-
-
 class ResidualFSQ(_ResidualBase):
     """Residual FSQ, vqp's ``ResidualFSQ``: ``num_quantizers`` symmetric FSQ layers, layer ``l``
     quantising the residual at scale ``levels^-l``.
@@ -98,11 +86,13 @@ class ResidualFSQ(_ResidualBase):
     ``(quantized, indices [..., q])`` (``[B, q, ...]`` with ``is_channel_first``), plus the codes of
     every layer ``[q, ..., d]`` with ``return_all_codes``. Other keywords go to each :class:`FSQ`.
 
-    With the default ``bound_hard_clamp=True`` on float32/float64 inputs the whole stack runs as one
-    loop of in-place passes whose gradient is one multiply (the sum of the layers' straight-through
-    clamp masks), rather than autograd through every layer; values and indices are bitwise vqp's, and
-    a row holding NaN gives NaN and index -1 (vqp: arbitrary indices). Other settings run the
-    :class:`FSQ` layers one by one (codes formed as :class:`FSQ` forms them, within an ulp of vqp's).
+    With the default ``bound_hard_clamp=True`` on float32/float64 inputs the whole stack (up to 255
+    layers) runs in one pass of the fused :func:`fastlatent.ops.residual_fsq` op after vqp's soft clamp,
+    whose gradient is one multiply (the count of layers whose straight-through clamp passed it) rather
+    than autograd through every layer; values and indices are bitwise vqp's, and a row holding NaN
+    gives NaN and index -1 (vqp: arbitrary indices). Other settings (float16/bfloat16, orthogonal
+    rotation, noise dropout in training, ``bound_hard_clamp=False``) run the :class:`FSQ` layers one
+    by one (codes formed as :class:`FSQ` forms them, within an ulp of vqp's).
 
     Differs from vqp: with ``is_channel_first`` and ``return_all_codes``, the codes are computed from
     the channel-last indices (vqp reads the channel-first indices' last axis as the quantizer axis).
@@ -170,10 +160,8 @@ class ResidualFSQ(_ResidualBase):
             soft_clamp_input_value = torch.tensor(soft_clamp_input_value)
         self.register_buffer("soft_clamp_input_value", soft_clamp_input_value, persistent=False)
         self.bound_hard_clamp = bound_hard_clamp
-        # the fused loop's constants, laid out as vqp's formulas use them
+        # vqp's code step 2 / (L - 1) is a float32 division by this int tensor
         self.register_buffer("_levels_minus_1", levels_tensor.to(torch.int32) - 1, persistent=False)
-        basis = torch.cumprod(torch.tensor([1] + list(levels[:-1]), dtype=torch.int64), 0)
-        self.register_buffer("_basis", basis, persistent=False)
 
     @property
     def codebooks(self) -> torch.Tensor:
@@ -201,96 +189,23 @@ class ResidualFSQ(_ResidualBase):
             and x.dtype in layer.allowed_dtypes
             and not layer.orthogonal_rotation
             and not (self.training and layer.noise_dropout > 0)
+            and self.num_quantizers <= RESIDUAL_FSQ_MAX_LAYERS
         )
 
     def _fused_stack(self, x: torch.Tensor, dropout_index: int | None):
-        """The soft clamp and all hard-clamped layers on ``x [..., d]``.
+        """vqp's soft clamp, then every hard-clamped layer of ``x [..., d]`` in one :func:`residual_fsq` pass.
 
-        Returns (quantized sum, indices ``[..., q]``).
-
-        Bitwise vqp's values and indices: the same operations in the same order and dtypes. The rows
-        go through the soft clamp and every layer in blocks of about 32k elements, so a block's
-        residual and brackets stay in cache across the layers' passes, and the backward is one
-        multiply by the saved ``(1 - tanh^2) * (number of layers whose clamp passed the gradient)``.
-        The floor of the bracket (always >= 0.5 after the clamp) is an integer conversion, which
-        truncates: torch's CPU ``floor`` runs about 100x slower than a conversion on the 2-core
-        machine the benchmarks were measured on. A row holding NaN gives NaN and index -1.
+        Returns (quantized sum, indices ``[..., q]``, -1 for layers dropped). Values and indices are
+        bitwise vqp's (the op performs vqp's operations in its order, without FMA contraction); the
+        gradient is the op's straight-through count of layers whose clamp passed it, times the soft
+        clamp's derivative. A row holding NaN gives NaN and index -1 (vqp: arbitrary indices).
         """
-        needs_grad = x.requires_grad and torch.is_grad_enabled()
-        d = x.shape[-1]
         kept = self.num_quantizers if dropout_index is None else dropout_index + 1
-        exact_float = self.codebook_size <= 2**24 or x.dtype == torch.float64
-        index_dtype = x.dtype if exact_float else torch.float64
-        with torch.no_grad():
-            flat = x.detach().reshape(-1, d)
-            rows = flat.shape[0]
-            out = torch.empty_like(flat)
-            weight = torch.empty_like(flat) if needs_grad else None
-            level_sums = torch.empty(kept, rows, dtype=index_dtype, device=x.device)
-            basis = self._basis.to(index_dtype)
-            ones = torch.ones(d, dtype=x.dtype, device=x.device)
-            nan_rows = torch.empty(rows, dtype=torch.bool, device=x.device)
-            on_cpu = x.device.type == "cpu"
-            # Cache blocking is for CPUs; a GPU takes the whole tensor per pass. On the CPU the
-            # per-channel constants are laid out at block size: an elementwise op broadcasting a
-            # [d] vector over [n, d] does not vectorise (measured 3-7x slower than same-shape).
-            block = max(1, 32768 // d) if on_cpu else max(rows, 1)
-
-            def per_channel(t: torch.Tensor) -> torch.Tensor:
-                # float32 constants as vqp's, converted exactly to the input dtype
-                t = t.to(device=x.device, dtype=x.dtype)
-                return t.expand(min(block, rows), d).contiguous() if on_cpu else t
-
-            clamp_value = per_channel(self.soft_clamp_input_value)
-            step = per_channel(2.0 / self._levels_minus_1)
-            # vqp multiplies by L - 1, then halves; halving commutes with rounding, so multiplying
-            # by (L - 1) / 2 is bitwise the same and one pass shorter
-            half_levels_minus_1 = per_channel(self._levels_minus_1 / 2)
-            scales = [per_channel(self.scales[i]) for i in range(kept)]
-            for begin in range(0, rows, block):
-                end = min(begin + block, rows)
-                n = end - begin
-
-                def fit(t: torch.Tensor) -> torch.Tensor:
-                    return t[:n] if on_cpu else t
-
-                squashed = (flat[begin:end] / fit(clamp_value)).tanh_()
-                residual = squashed * fit(clamp_value)  # vqp's soft clamp: tanh(x / c) * c
-                out_block = out[begin:end]
-                passed = torch.zeros_like(residual) if needs_grad else None
-                for layer_index in range(kept):
-                    scale = fit(scales[layer_index])
-                    bracket = residual / scale  # vqp: layer(residual / scale)
-                    if needs_grad:  # the clamp passes gradients on [-1, 1], inclusive
-                        passed += bracket.abs().le_(1)
-                    # vqp: k = floor((L - 1) * (clamp(z) + 1) / 2 + 0.5); code = 2 / (L - 1) * k - 1
-                    bracket.clamp_(-1.0, 1.0).add_(1).mul_(fit(half_levels_minus_1)).add_(0.5)
-                    level = bracket.to(torch.int32).to(x.dtype)
-                    torch.mv(
-                        level if exact_float else level.double(),
-                        basis,
-                        out=level_sums[layer_index, begin:end],
-                    )
-                    quantized = level.mul_(fit(step)).sub_(1).mul_(scale)
-                    if layer_index == 0:
-                        out_block.copy_(quantized)
-                    else:
-                        out_block += quantized
-                    residual -= quantized
-                nan_rows[begin:end] = torch.mv(residual, ones).isnan()  # NaN stays in the residual
-                if needs_grad:
-                    torch.mul(squashed.square_().neg_().add_(1), passed, out=weight[begin:end])
-            indices = torch.empty((rows, self.num_quantizers), dtype=torch.long, device=x.device)
-            indices[:, :kept].copy_(level_sums.t())
-            indices[:, kept:] = -1
-            # NaN rows are rare: on the CPU, looking costs no device sync and saves two passes
-            if not on_cpu or bool(nan_rows.any()):
-                indices.masked_fill_(nan_rows[:, None], -1)
-                out.masked_fill_(nan_rows[:, None], float("nan"))
-            indices = indices.reshape(*x.shape[:-1], self.num_quantizers)
-            out = out.reshape(x.shape)
-        if needs_grad:
-            out = _WeightedStraightThrough.apply(x, out, weight.reshape(x.shape))
+        clamp_value = self.soft_clamp_input_value
+        bounded = (x / clamp_value).tanh() * clamp_value  # vqp's soft clamp, as vqp computes it
+        out, indices = residual_fsq(bounded, self.scales[:kept], self.levels)
+        if kept < self.num_quantizers:
+            indices = F.pad(indices, (0, self.num_quantizers - kept), value=-1)
         return out, indices
 
     def _layered_stack(self, x: torch.Tensor, dropout_index: int | None):

@@ -14,6 +14,7 @@ from fastlatent.ops.group_norm_conv import group_norm_conv3x3
 from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.lfq import lfq_entropy, lfq_quantize
 from fastlatent.ops.nearest_code import nearest_code
+from fastlatent.ops.residual_fsq import residual_fsq
 from fastlatent.ops.sampler_step import (
     convert_prediction,
     ddim_step,
@@ -31,6 +32,7 @@ __all__ = [
     "kmeans",
     "fsq_quantize",
     "fsq_indices_to_codes",
+    "residual_fsq",
     "lfq_quantize",
     "lfq_entropy",
     "bsq_quantize",
@@ -57,6 +59,7 @@ TORCH_OPS = (
     "fsq_quantize",
     "fsq_quantize_backward",
     "fsq_indices_to_codes",
+    "residual_fsq",
     "lfq_quantize",
     "lfq_entropy",
     "lfq_entropy_backward",

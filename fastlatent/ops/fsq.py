@@ -27,7 +27,8 @@ def check_levels(op: str, levels: Sequence[int]) -> list[int]:
         raise ValueError(f"fastlatent.{op}: levels must all be >= 2, got {levels}")
     if math.prod(levels) > MAX_CODEBOOK_SIZE:
         raise ValueError(
-            f"fastlatent.{op}: the product of levels (the implicit codebook size) must be <= 2^31, got {levels}"
+            f"fastlatent.{op}: the product of levels (the implicit codebook size) must be <= 2^31, "
+            f"got {levels}"
         )
     return levels
 

@@ -11,6 +11,7 @@ from fastlatent.reference.group_norm import group_norm, group_norm_apply, group_
 from fastlatent.reference.group_norm_conv import group_norm_conv3x3
 from fastlatent.reference.lfq import lfq_entropy, lfq_quantize
 from fastlatent.reference.nearest_code import nearest_code
+from fastlatent.reference.residual_fsq import residual_fsq
 from fastlatent.reference.sampler_step import (
     convert_prediction,
     ddim_step,
@@ -27,6 +28,7 @@ __all__ = [
     "ema_update_",
     "fsq_quantize",
     "fsq_indices_to_codes",
+    "residual_fsq",
     "lfq_quantize",
     "lfq_entropy",
     "bsq_quantize",

@@ -19,6 +19,7 @@
 #include "nearest_code_oracle.h"
 #include "scalar_quant_oracle.h"
 #include "philox.h"
+#include "residual_fsq.h"
 #include "sampler_step.h"
 
 using namespace fastlatent;
@@ -607,6 +608,70 @@ static void test_group_norm() {
     }
 }
 
+// Residual FSQ against a scalar oracle: every fp32 step of vqp's chain evaluated in double and rounded
+// to float on its own (exact for +, -, *, /), so no contraction can change a rounding; NaN rows.
+static void test_residual_fsq() {
+  std::mt19937 gen(4);
+  std::normal_distribution<float> normal(0.0f, 0.8f);
+  const std::vector<std::vector<int64_t>> level_lists = {{8, 5, 5, 5}, {7, 5, 5, 5, 5},
+                                                         std::vector<int64_t>(16, 2)};
+  for (const auto& levels : level_lists) {
+    const int d = static_cast<int>(levels.size());
+    for (const int num_q : {1, 4, 9}) {
+      for (int64_t rows : {int64_t{1}, int64_t{7}, int64_t{257}, int64_t{3001}}) {
+        std::vector<float> z(rows * d), z_hat(rows * d), scales(num_q * d);
+        for (auto& v : z) v = normal(gen);
+        if (rows > 5) z[5 * d + d - 1] = std::numeric_limits<float>::quiet_NaN();
+        for (int l = 0; l < num_q; ++l)
+          for (int c = 0; c < d; ++c) scales[l * d + c] = static_cast<float>(std::pow(double(levels[c]), -l));
+        std::vector<int64_t> indices(rows * num_q);
+        std::vector<uint8_t> count(rows * d);
+        ResidualFsqParams p;
+        residual_fsq_make_constants(levels.data(), d, num_q, p);
+        p.rows = rows;
+        const ResidualFsqArgs args{z.data(), scales.data(), z_hat.data(), indices.data(), count.data()};
+        CHECK(run_residual_fsq_cpu(p, args).ok, "residual_fsq");
+        for (int64_t r = 0; r < rows; ++r) {
+          const bool nan_row = rows > 5 && r == 5;
+          std::vector<int64_t> want_index(num_q, 0);
+          for (int c = 0; c < d; ++c) {
+            const float lm1 = static_cast<float>(levels[c] - 1);
+            const float step = static_cast<float>(2.0 / double(lm1));
+            float residual = z[r * d + c], sum = 0.0f;
+            int passed = 0;
+            for (int l = 0; l < num_q; ++l) {
+              const float s = scales[l * d + c];
+              const float b = static_cast<float>(double(residual) / double(s));
+              passed += std::fabs(b) <= 1.0f;
+              const float clamped = std::min(std::max(b, -1.0f), 1.0f);
+              // vqp: (L - 1) * (clamp + 1) / 2 + 0.5, floored
+              const float plus1 = static_cast<float>(double(clamped) + 1.0);
+              const float scaled = static_cast<float>(double(lm1) * double(plus1));
+              const float y = static_cast<float>(double(scaled) / 2.0 + 0.5);  // halving is exact
+              const int64_t k = static_cast<int64_t>(std::floor(y));
+              const float k_step = static_cast<float>(double(k) * double(step));
+              const float code = static_cast<float>(double(k_step) - 1.0);
+              const float q = static_cast<float>(double(code) * double(s));
+              sum = l == 0 ? q : static_cast<float>(double(sum) + double(q));
+              residual = static_cast<float>(double(residual) - double(q));
+              want_index[l] += k * p.basis[c];
+            }
+            const float got = z_hat[r * d + c];
+            CHECK(nan_row ? std::isnan(got) : got == sum, "residual_fsq value row %ld dim %d: %g vs %g",
+                  long(r), c, got, sum);
+            if (!nan_row) CHECK(count[r * d + c] == passed, "residual_fsq count row %ld dim %d", long(r), c);
+          }
+          for (int l = 0; l < num_q; ++l) {
+            const int64_t want = nan_row ? -1 : want_index[l];
+            CHECK(indices[r * num_q + l] == want, "residual_fsq index row %ld layer %d: %ld vs %ld",
+                  long(r), l, long(indices[r * num_q + l]), long(want));
+          }
+        }
+      }
+    }
+  }
+}
+
 int main() {
   test_half_conversions();
   test_group_norm();
@@ -616,6 +681,7 @@ int main() {
   test_ema_update();
   test_fsq();
   test_fsq_extreme_levels();
+  test_residual_fsq();
   test_lfq_entropy();
   test_lfq_and_bsq_quantize();
   test_nearest_code();
