@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from fastlatent.ops import sampler_steps as _steps
 from fastlatent.sampling.schedules import (
     DiscreteSchedule,
     FlowSchedule,
@@ -17,9 +17,6 @@ from fastlatent.sampling.schedules import (
     karras_sigmas,
     make_schedule,
 )
-
-# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
-_steps = importlib.import_module("fastlatent.ops.sampler_step")
 
 METHODS = ("ddpm", "ddim", "euler", "dpmpp_2m")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
@@ -84,7 +81,7 @@ class Sampler:
         karras: with a DiscreteSchedule and euler/dpmpp_2m, space the sigmas as EDM does
             (diffusers' ``use_karras_sigmas=True``).
         guidance_rescale, clip_x0, threshold_quantile, threshold_max: passed to every step (see
-            :mod:`fastlatent.ops.sampler_step`).
+            :mod:`fastlatent.ops.sampler_steps`).
 
     Timesteps follow the diffusers scheduler of the same method and default config: ddpm/ddim
     "leading" spacing, euler and dpmpp_2m "linspace"; flow: euler as ``FlowMatchEulerDiscreteScheduler``

@@ -31,7 +31,7 @@ the guidance-rescale factor NaN (``torch.std``).
 
 Autograd: the fused steps are inference-only. Given a tensor that requires grad (with grad mode on)
 they raise RuntimeError instead of returning an output that silently does not backpropagate; the
-functions of :mod:`fastlatent.reference.sampler_step` are differentiable, and the patched diffusers
+functions of :mod:`fastlatent.reference.sampler_steps` are differentiable, and the patched diffusers
 schedulers run diffusers' own (differentiable) step for such calls.
 """
 

@@ -1,21 +1,18 @@
 """Reference sampler steps: the formulas as diffusers writes them, in float64, unfused.
 
-Same signatures and rules as :mod:`fastlatent.ops.sampler_step`. Noise drawn from ``(seed, offset)``
+Same signatures and rules as :mod:`fastlatent.ops.sampler_steps`. Noise drawn from ``(seed, offset)``
 comes from :func:`philox_normal`, a NumPy transcription of the kernels' Philox4x32-10 + Box–Muller
 stream (float64 log/cos/sin, so it agrees with the kernels to fp32 rounding, not bit for bit).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
 import torch
 
-# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
-sampler_ops = importlib.import_module("fastlatent.ops.sampler_step")
-
+from fastlatent.ops import sampler_steps as sampler_ops
 
 _MASK = np.uint64(0xFFFFFFFF)
 
