@@ -131,27 +131,30 @@ struct Operands {
   float* x0;                    // null when x0 is not returned
 };
 
+// restrict-qualified parameters (gcc ignores restrict on local pointers): without them gcc versions the
+// loop for every pair of operands and, past its limit of alias checks, leaves it scalar (10x slower)
 template <int kHistory, bool kNoise, X0Mode kMode, bool kX0>
-void update(const StepCoefficients& c, const float* out_prev, float clip, float thresh, const Operands& o,
-            int64_t count) {
-  const float* __restrict__ x = o.x;
-  const float* __restrict__ m = o.m;
-  const float* __restrict__ h0 = o.h[0];
-  const float* __restrict__ h1 = o.h[1];
-  const float* __restrict__ h2 = o.h[2];
-  const float* __restrict__ z = o.z;
-  float* __restrict__ out = o.out;
-  float* __restrict__ x0 = o.x0;
+void update_loop(const StepCoefficients c, const float p0, const float p1, const float p2, const float clip,
+                 const float thresh, const float* __restrict__ x, const float* __restrict__ m,
+                 const float* __restrict__ h0, const float* __restrict__ h1, const float* __restrict__ h2,
+                 const float* __restrict__ z, float* __restrict__ out, float* __restrict__ x0, int64_t count) {
   for (int64_t i = 0; i < count; ++i) {
     // summed in slot order from 0, as the CUDA kernel does
     float history = 0.0f;
-    if constexpr (kHistory > 0) history += out_prev[0] * h0[i];
-    if constexpr (kHistory > 1) history += out_prev[1] * h1[i];
-    if constexpr (kHistory > 2) history += out_prev[2] * h2[i];
+    if constexpr (kHistory > 0) history += p0 * h0[i];
+    if constexpr (kHistory > 1) history += p1 * h1[i];
+    if constexpr (kHistory > 2) history += p2 * h2[i];
     const StepElement r = step_element(c, kMode, clip, thresh, x[i], m[i], history, kNoise ? z[i] : 0.0f);
     out[i] = r.out;
     if constexpr (kX0) x0[i] = r.x0;
   }
+}
+
+template <int kHistory, bool kNoise, X0Mode kMode, bool kX0>
+void update(const StepCoefficients& c, const float* out_prev, float clip, float thresh, const Operands& o,
+            int64_t count) {
+  update_loop<kHistory, kNoise, kMode, kX0>(c, out_prev[0], out_prev[1], out_prev[2], clip, thresh, o.x, o.m,
+                                            o.h[0], o.h[1], o.h[2], o.z, o.out, o.x0, count);
 }
 
 using UpdateFn = void (*)(const StepCoefficients&, const float*, float, float, const Operands&, int64_t);
