@@ -18,7 +18,8 @@ _MASK = np.uint64(0xFFFFFFFF)
 
 
 def philox_words(seed: int, offset: int, groups: int) -> np.ndarray:
-    """Philox4x32-10 outputs ``[groups, 4]`` (uint64 holding uint32) for counters ``{g, offset}``, key ``seed``."""
+    """Philox4x32-10 outputs ``[groups, 4]`` (uint64 holding uint32) for counters ``{g, offset}``, key
+    ``seed``."""
     g = np.arange(groups, dtype=np.uint64)
     c0, c1 = g & _MASK, g >> np.uint64(32)
     c2 = np.full_like(g, np.uint64(offset) & _MASK)
@@ -219,7 +220,8 @@ def euler_step(
     threshold_max=1.0,
     return_x0=True,
 ):
-    """Reference :func:`fastlatent.ops.euler_step` (EulerDiscreteScheduler / FlowMatchEulerDiscreteScheduler)."""
+    """Reference :func:`fastlatent.ops.euler_step` (EulerDiscreteScheduler /
+    FlowMatchEulerDiscreteScheduler)."""
     sampler_ops.check_euler_step_args(
         model_output,
         sample,
