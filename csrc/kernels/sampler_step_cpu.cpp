@@ -119,9 +119,10 @@ void thresholds(const SamplerStepParams& p, const float* factor, float* thresh) 
 
 // The update over `count` fp32 elements in one pass, straight from the operand pointers: x, m and the
 // history tensors are read once, out (and x0) written once. Which operands exist is a template argument,
-// so each instantiation is one branch-free loop the compiler vectorises (the earlier kernel staged every
-// operand through fp32 scratch and combined in separate loops: 1.1 ns per element on fp32 where this
-// takes 0.3, about what torch.add takes, on the 2-core EPYC CI machine).
+// so each instantiation is one branch-free loop the compiler vectorises. Measured on one core of the
+// 2-core EPYC CI machine, an Euler step with x0 over 131072 fp32 elements: 397 us when every operand was
+// staged through fp32 scratch and combined in separate loops, 70 us now (torch.add of two such tensors:
+// 38 us; the rest is the op's fixed cost and the second output).
 struct Operands {
   const float* x;
   const float* m;
