@@ -160,7 +160,8 @@ STEP_PROVIDERS = providers(
 
 
 def _torch_guided_ddim(m, x, alpha_bar_t, alpha_bar_prev):
-    """What a diffusers pipeline does eagerly: guidance, then DDIMScheduler.step's math, in the input dtype."""
+    """What a diffusers pipeline does eagerly: guidance, then DDIMScheduler.step's math, in the input
+    dtype."""
     uncond, cond = m.chunk(2)
     eps = uncond + GUIDANCE * (cond - uncond)
     x0 = (x - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
@@ -422,3 +423,126 @@ def test_patched_scheduler_unet_loop_cpu(bench, provider, loop):
         err = relative_error(fn(), make("diffusers")())
         assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
     bench.run(fn)
+
+
+# ------------------------------------------------------------------ interleaved run (committed figures)
+
+
+def _interleave(fns: dict, rounds: int) -> dict:
+    """Each contender once per round, in turn (CPU timings drift 20-40% on a shared machine: interleaving
+    keeps the ratio honest); seconds per call, min and median."""
+    import statistics
+    import time
+
+    times = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up: first touches, lazy imports, host copies
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {
+        name: {"min_s": min(v), "median_s": statistics.median(v), "rounds": len(v)}
+        for name, v in times.items()
+    }
+
+
+def _unet_loop(which, name, config, unet, x_t, steps=20):
+    diffusers = peer("diffusers", "diffusers")
+    scheduler = getattr(diffusers, name)(**config)
+    if which == "fastlatent_patched":
+        fastlatent.patch(scheduler, report=False)
+
+    @torch.no_grad()
+    def run():
+        scheduler.set_timesteps(steps)
+        x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
+        generator = torch.Generator().manual_seed(0)
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+        return x
+
+    return run
+
+
+def interleaved_run(rounds=5, unet_rounds=3, unet_steps=10, loops=None, shapes=None) -> dict:
+    """The patched-scheduler rows of this file, contenders interleaved: every 50-step loop (model excluded)
+    at 8x4x64x64 and 1x16x128x128, and tiny-UNet loops (model included)."""
+    import os
+    import platform
+    import warnings
+
+    from fastlatent.benchmarking.measure import cpu_model
+    from fastlatent.sampling.diffusers_fast import scheduler_report
+
+    diffusers = peer("diffusers", "diffusers")
+    warnings.filterwarnings("ignore")  # LMS warns when scale_model_input was not called, as diffusers does
+    rows = []
+    for shape in shapes or [(8, 4, 64, 64), (1, 16, 128, 128)]:
+        gen = torch.Generator().manual_seed(0)
+        x_t = torch.randn(shape, generator=gen)
+        model_output = 0.05 * torch.randn(shape, generator=gen)
+        for loop in loops or list(SCHEDULER_LOOPS):
+            name, config = SCHEDULER_LOOPS[loop]
+            patched, scheduler = _scheduler_loop("fastlatent_patched", name, config, x_t, model_output, 50)
+            plain = _scheduler_loop("diffusers", name, config, x_t, model_output, 50)[0]
+            err = relative_error(patched(), plain())
+            assert err <= 1e-4 and not scheduler_report(scheduler).fallbacks, (loop, err)
+            times = _interleave({"fastlatent_patched": patched, "diffusers": plain}, rounds)
+            rows.append(
+                {"loop": loop, "scheduler": name, "case": "x".join(map(str, shape)), "steps": 50,
+                 "model": "excluded", "relative_error": err, **{k: v for k, v in times.items()}}
+            )  # fmt: skip
+            print(_row_text(rows[-1]), flush=True)
+    unet = _tiny_unet()
+    x_t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
+    for loop in ("ddim", "euler_ancestral", "dpmpp_2m"):
+        name, config = SCHEDULER_LOOPS[loop]
+        fns = {
+            which: _unet_loop(which, name, config, unet, x_t, unet_steps)
+            for which in ("fastlatent_patched", "diffusers")
+        }
+        err = relative_error(fns["fastlatent_patched"](), fns["diffusers"]())
+        assert err <= 1e-4, (loop, err)
+        times = _interleave(fns, unet_rounds)
+        rows.append(
+            {"loop": loop, "scheduler": name, "case": "1x4x32x32, tiny UNet2DModel", "steps": unet_steps,
+             "model": "included", "relative_error": err, **times}
+        )  # fmt: skip
+        print(_row_text(rows[-1]), flush=True)
+    return {
+        "schema": "fastlatent-bench-interleaved/1",
+        "what": "patched diffusers schedulers against the same schedulers unpatched, contenders interleaved",
+        "device": {"type": "cpu", "name": cpu_model(), "threads": torch.get_num_threads()},
+        "load_average_after": os.getloadavg(),
+        "versions": {
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "python": platform.python_version(),
+        },
+        "dtype": "float32",
+        "rows": rows,
+    }  # fmt: skip
+
+
+def _row_text(row) -> str:
+    ours, theirs = row["fastlatent_patched"], row["diffusers"]
+    return (
+        f"{row['loop']:16s} {row['case']:28s}"
+        f" patched {ours['min_s'] * 1e3:8.1f} / {ours['median_s'] * 1e3:8.1f} ms"
+        f"  diffusers {theirs['min_s'] * 1e3:8.1f} / {theirs['median_s'] * 1e3:8.1f} ms"
+        f"  {theirs['min_s'] / ours['min_s']:5.2f}x ({theirs['median_s'] / ours['median_s']:.2f}x)"
+    )
+
+
+if __name__ == "__main__":
+    # python benchmarks/bench_sampling.py [OUT.json] [ROUNDS]: the README's patched-scheduler figures
+    import json
+    import sys
+
+    result = interleaved_run(rounds=int(sys.argv[2]) if len(sys.argv) > 2 else 5)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            json.dump(result, f, indent=1)

@@ -117,8 +117,9 @@ def test_fast_dpm_scheduler_with_flow_sigmas_matches_diffusers(shift):
 
 
 def test_dpmpp_2m_flow_samples_a_gaussian_with_the_exact_velocity():
-    """Data N(mu, s^2) per element has the closed-form velocity E[noise - x0 | x_sigma]; dpmpp_2m with it must
-    land on N(mu, s^2) (mean and std within sampling error plus discretisation), and agree with a fine euler."""
+    """Data N(mu, s^2) per element has the closed-form velocity E[noise - x0 | x_sigma]; dpmpp_2m with it
+    must land on N(mu, s^2) (mean and std within sampling error plus discretisation), and agree with a
+    fine euler."""
     mu, s = 0.7, 0.3
 
     def velocity(x, t, cond=None):

@@ -4,8 +4,9 @@ Tolerance convention: "1e-5 relative" is max |ours - theirs| <= 1e-5 * max |thei
 (an elementwise rtol cannot hold for values near zero, which carry the operands' rounding).
 """
 
-import importlib
+import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -13,10 +14,9 @@ from opspecs import assert_step_close
 
 import fastlatent
 from fastlatent import reference
+from fastlatent.ops import sampler_steps as ops
+from fastlatent.reference import sampler_steps as reference_steps
 from fastlatent.sampling import DiscreteSchedule, FlowSchedule, KarrasSchedule, Sampler
-
-# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
-ops = importlib.import_module("fastlatent.ops.sampler_step")
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -286,7 +286,7 @@ def test_philox_noise_matches_reference_stream_and_is_standard_normal():
 
 def test_philox_known_answer():
     # Random123 known-answer vector: philox4x32_10, counter 0, key 0
-    words = importlib.import_module("fastlatent.reference.sampler_step").philox_words(0, 0, 1)[0]
+    words = reference_steps.philox_words(0, 0, 1)[0]
     assert [int(w) for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
@@ -527,3 +527,58 @@ def test_fused_steps_refuse_inputs_that_require_grad():
     # the reference twin is differentiable
     (grad,) = torch.autograd.grad(reference.ddim_step(m, x, 0.3, 0.5)[0].sum(), m)
     assert grad.shape == m.shape and torch.isfinite(grad).all() and out.shape == x.shape
+
+
+@pytest.mark.parametrize(
+    "name,config",
+    [
+        ("DDIMScheduler", dict(SD)),
+        ("DDPMScheduler", dict(SD)),
+        ("EulerDiscreteScheduler", dict(SD)),
+        ("EulerAncestralDiscreteScheduler", dict(SD)),
+        ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+        ("DPMSolverMultistepScheduler", dict(SD)),
+        ("PNDMScheduler", dict(SD, skip_prk_steps=True)),
+        ("LCMScheduler", dict(SD)),
+        ("LMSDiscreteScheduler", dict(SD)),
+    ],
+)
+def test_patched_step_returns_what_diffusers_returns(name, config):
+    """The patched step builds diffusers' output dataclass itself: same type, attributes, items, tuple."""
+    diffusers = _diffusers()
+    from fastlatent.sampling.diffusers_fast import scheduler_report
+
+    gen = torch.Generator().manual_seed(3)
+    x, m = torch.randn(2, 4, 6, 6, generator=gen), torch.randn(2, 4, 6, 6, generator=gen)
+    outputs = {}
+    for patched in (True, False):
+        for return_dict in (True, False):
+            scheduler = getattr(diffusers, name)(**config)
+            if patched:
+                fastlatent.patch(scheduler, report=False)
+            scheduler.set_timesteps(10)
+            kwargs = {}
+            if "generator" in inspect.signature(type(scheduler).step).parameters:
+                kwargs["generator"] = torch.Generator().manual_seed(0)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                t = scheduler.timesteps[0]
+                outputs[patched, return_dict] = scheduler.step(m, t, x, return_dict=return_dict, **kwargs)
+            if patched:
+                assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
+    ours, theirs = outputs[True, True], outputs[False, True]
+    assert type(ours) is type(theirs)
+    assert list(ours.keys()) == list(theirs.keys())
+    assert sorted(vars(ours)) == sorted(vars(theirs))
+    for key in vars(theirs):
+        a, b = getattr(ours, key), getattr(theirs, key)
+        assert (a is None) == (b is None), key
+        if b is not None:
+            assert a is ours[key]
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(ours.to_tuple()) == len(theirs.to_tuple())
+    torch.testing.assert_close(ours[0], theirs[0], rtol=1e-5, atol=1e-6)
+    plain_ours, plain_theirs = outputs[True, False], outputs[False, False]
+    assert type(plain_ours) is tuple and len(plain_ours) == len(plain_theirs)
+    for a, b in zip(plain_ours, plain_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

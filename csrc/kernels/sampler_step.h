@@ -24,10 +24,11 @@
 // them). Math in fp32 for fp32/fp16/bf16 storage. Noise: Philox4x32-10 (philox.h), element
 // e = b * N + i of the output takes normal_at(seed, offset, e), the same on CPU and CUDA.
 //
-// Thread mapping. CPU: OpenMP over 2048-element chunks of one sample, each chunk loaded into
-// fp32 scratch then combined in loops the compiler vectorises. CUDA: grid-stride loop over
-// 16-byte vectors (4 fp32 or 8 fp16/bf16 elements) with 64-bit indices when N is a multiple of
-// the vector width and every pointer is 16-byte aligned, one element per iteration otherwise.
+// Thread mapping. CPU: OpenMP over 2048-element chunks of one sample, each updated in one
+// vectorised pass (fp16/bf16 and guided model outputs staged through fp32 scratch). CUDA:
+// grid-stride loop over 16-byte vectors (4 fp32 or 8 fp16/bf16 elements) with 64-bit indices
+// when N is a multiple of the vector width and every pointer is 16-byte aligned, one element per
+// iteration otherwise.
 //
 // Per-sample statistics (only when asked for): guidance rescale needs std(c) and std(m), a
 // separate reduction pass over the model output before the step (a fused single pass would need

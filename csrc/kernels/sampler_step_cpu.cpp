@@ -1,10 +1,12 @@
-// CPU sampler step (see sampler_step.h): each 2048-element chunk of a sample is loaded into fp32
-// scratch (guidance combined on the way in), updated by step_element in a loop the compiler
-// vectorises, and stored; chunks are spread over OpenMP threads. Guidance-rescale statistics
-// and dynamic-threshold quantiles are computed first, per sample, when asked for.
+// CPU sampler step (see sampler_step.h): each sample is split into 2048-element chunks spread over OpenMP
+// threads, and each chunk is updated in one pass by a loop specialised for the operands present (history
+// count, noise, x0 mode, x0 output). fp32 tensors are read and written in place; fp16/bf16 ones are
+// converted through fp32 scratch, as is a guided model output (guidance combined on the way in).
+// Guidance-rescale statistics and dynamic-threshold quantiles are computed first, per sample, when asked for.
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "dispatch.h"
@@ -115,53 +117,163 @@ void thresholds(const SamplerStepParams& p, const float* factor, float* thresh) 
   }
 }
 
+// The update over `count` fp32 elements in one pass, straight from the operand pointers: x, m and the
+// history tensors are read once, out (and x0) written once. Which operands exist is a template argument,
+// so each instantiation is one branch-free loop the compiler vectorises. Measured on one core of the
+// 2-core EPYC CI machine, an Euler step with x0 over 131072 fp32 elements: 397 us when every operand was
+// staged through fp32 scratch and combined in separate loops, 70 us now (torch.add of two such tensors:
+// 38 us; the rest is the op's fixed cost and the second output).
+struct Operands {
+  const float* x;
+  const float* m;
+  const float* h[kMaxHistory];  // the non-null history tensors, in slot order
+  const float* z;               // noise, or null
+  float* out;
+  float* x0;                    // null when x0 is not returned
+};
+
+// restrict-qualified parameters (gcc ignores restrict on local pointers): without them gcc versions the
+// loop for every pair of operands and, past its limit of alias checks, leaves it scalar (10x slower)
+template <int kHistory, bool kNoise, X0Mode kMode, bool kX0>
+void update_loop(const StepCoefficients c, const float p0, const float p1, const float p2, const float clip,
+                 const float thresh, const float* __restrict__ x, const float* __restrict__ m,
+                 const float* __restrict__ h0, const float* __restrict__ h1, const float* __restrict__ h2,
+                 const float* __restrict__ z, float* __restrict__ out, float* __restrict__ x0, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    // summed in slot order from 0, as the CUDA kernel does
+    float history = 0.0f;
+    if constexpr (kHistory > 0) history += p0 * h0[i];
+    if constexpr (kHistory > 1) history += p1 * h1[i];
+    if constexpr (kHistory > 2) history += p2 * h2[i];
+    const StepElement r = step_element(c, kMode, clip, thresh, x[i], m[i], history, kNoise ? z[i] : 0.0f);
+    out[i] = r.out;
+    if constexpr (kX0) x0[i] = r.x0;
+  }
+}
+
+template <int kHistory, bool kNoise, X0Mode kMode, bool kX0>
+void update(const StepCoefficients& c, const float* out_prev, float clip, float thresh, const Operands& o,
+            int64_t count) {
+  update_loop<kHistory, kNoise, kMode, kX0>(c, out_prev[0], out_prev[1], out_prev[2], clip, thresh, o.x, o.m,
+                                            o.h[0], o.h[1], o.h[2], o.z, o.out, o.x0, count);
+}
+
+using UpdateFn = void (*)(const StepCoefficients&, const float*, float, float, const Operands&, int64_t);
+
+template <int kHistory, bool kNoise, X0Mode kMode>
+UpdateFn pick_x0(bool x0) {
+  return x0 ? update<kHistory, kNoise, kMode, true> : update<kHistory, kNoise, kMode, false>;
+}
+
+template <int kHistory, bool kNoise>
+UpdateFn pick_mode(X0Mode mode, bool x0) {
+  switch (mode) {
+    case X0Mode::kClip:
+      return pick_x0<kHistory, kNoise, X0Mode::kClip>(x0);
+    case X0Mode::kThreshold:
+      return pick_x0<kHistory, kNoise, X0Mode::kThreshold>(x0);
+    default:
+      return pick_x0<kHistory, kNoise, X0Mode::kNone>(x0);
+  }
+}
+
+template <int kHistory>
+UpdateFn pick_noise(bool noise, X0Mode mode, bool x0) {
+  return noise ? pick_mode<kHistory, true>(mode, x0) : pick_mode<kHistory, false>(mode, x0);
+}
+
+UpdateFn pick_update(int history, bool noise, X0Mode mode, bool x0) {
+  switch (history) {
+    case 1:
+      return pick_noise<1>(noise, mode, x0);
+    case 2:
+      return pick_noise<2>(noise, mode, x0);
+    case 3:
+      return pick_noise<3>(noise, mode, x0);
+    default:
+      return pick_noise<0>(noise, mode, x0);
+  }
+}
+
+// fp32 operands are read and written in place; fp16/bf16 ones are converted through fp32 scratch
+// (to_float_n/from_float_n), and guided model outputs are combined into scratch first.
+template <typename T>
+const float* operand(const void* base, int64_t offset, int64_t count, float* scratch) {
+  const T* src = static_cast<const T*>(base) + offset;
+  if constexpr (std::is_same_v<T, float>) {
+    return src;
+  } else {
+    to_float_n(src, scratch, count);
+    return scratch;
+  }
+}
+
 template <typename T>
 void step(const SamplerStepParams& p) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
   const int64_t batch = p.batch, n = p.n;
   std::vector<float> factor(batch, 1.0f), thresh(batch, 1.0f);
   if (p.guided && p.guidance_rescale > 0.0f) rescale_factors<T>(p, factor.data());
   if (p.x0_mode == X0Mode::kThreshold) thresholds<T>(p, factor.data(), thresh.data());
   const bool draw = p.c.out_noise != 0.0f && p.noise == nullptr;
   const bool noise_in = p.c.out_noise != 0.0f && p.noise != nullptr;
+  int history = 0;
+  const void* prev[kMaxHistory] = {nullptr, nullptr, nullptr};
+  float out_prev[kMaxHistory] = {0.0f, 0.0f, 0.0f};
+  for (int j = 0; j < kMaxHistory; ++j) {
+    if (p.prev[j] == nullptr) continue;
+    prev[history] = p.prev[j];
+    out_prev[history++] = p.c.out_prev[j];
+  }
+  const UpdateFn run = pick_update(history, draw || noise_in, p.x0_mode, p.x0_out != nullptr);
+  const bool staged_m = p.guided || p.guidance_rescale > 0.0f || !kFloat;
   const int64_t chunks_per_sample = (n + kChunk - 1) / kChunk;
 #pragma omp parallel if (batch * n > kParallelElements)
   {
-    std::vector<float> scratch(7 * kChunk, 0.0f);
-    float* x = scratch.data();
-    float* m = x + kChunk;
-    float* z = m + kChunk;
-    float* out = z + kChunk;
-    float* x0 = out + kChunk;
-    float* hist = x0 + kChunk;   // sum_j out_prev[j] h_j
-    float* prev = hist + kChunk;  // one history tensor at a time
+    // scratch only for what cannot be read or written in place: noise and the staged model output (fp32);
+    // every operand and both outputs (fp16/bf16)
+    const int64_t slots = kFloat ? (staged_m ? 3 : 1) : 6 + kMaxHistory;
+    std::vector<float> scratch(slots * kChunk);
+    float* z_buf = scratch.data();
+    float* m_buf = slots > 1 ? z_buf + kChunk : nullptr;
+    float* m_tmp = slots > 1 ? m_buf + kChunk : nullptr;  // the conditional half while guidance is combined
+    float* x_buf = kFloat ? nullptr : m_tmp + kChunk;
+    float* out_buf = kFloat ? nullptr : x_buf + kChunk;
+    float* x0_buf = kFloat ? nullptr : out_buf + kChunk;
+    float* h_buf = kFloat ? nullptr : x0_buf + kChunk;
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < batch * chunks_per_sample; ++t) {
       const int64_t b = t / chunks_per_sample, i0 = (t % chunks_per_sample) * kChunk;
       const int64_t count = std::min(kChunk, n - i0), base = b * n + i0;
-      load(static_cast<const T*>(p.sample) + base, count, x);
-      load_model<T>(p, b, i0, count, factor[b], m, out);
-      for (int64_t i = 0; i < count; ++i) hist[i] = 0.0f;
-      for (int j = 0; j < kMaxHistory; ++j) {
-        if (p.prev[j] == nullptr) continue;
-        load(static_cast<const T*>(p.prev[j]) + base, count, prev);
-        const float coefficient = p.c.out_prev[j];
-        for (int64_t i = 0; i < count; ++i) hist[i] += coefficient * prev[i];
+      Operands o{};
+      o.x = operand<T>(p.sample, base, count, x_buf);
+      if (staged_m) {
+        load_model<T>(p, b, i0, count, factor[b], m_buf, m_tmp);
+        o.m = m_buf;
+      } else {
+        o.m = static_cast<const float*>(p.model_output) + base;
       }
-      if (draw) fill_normals(p.seed, p.offset, base, count, z);
-      if (noise_in) load(static_cast<const T*>(p.noise) + base, count, z);
-      const StepCoefficients c = p.c;
-      const X0Mode mode = p.x0_mode;
-      const float clip = p.clip, s = thresh[b];
-      for (int64_t i = 0; i < count; ++i) {
-        const StepElement r = step_element(c, mode, clip, s, x[i], m[i], hist[i], z[i]);
-        out[i] = r.out;
-        x0[i] = r.x0;
+      for (int j = 0; j < history; ++j)
+        o.h[j] = operand<T>(prev[j], base, count, kFloat ? nullptr : h_buf + j * kChunk);
+      if (draw) {
+        fill_normals(p.seed, p.offset, base, count, z_buf);
+        o.z = z_buf;
+      } else if (noise_in) {
+        o.z = operand<T>(p.noise, base, count, z_buf);
       }
       T* dst = static_cast<T*>(p.out) + base;
-      for (int64_t i = 0; i < count; ++i) dst[i] = from_float<T>(out[i]);
-      if (p.x0_out != nullptr) {
-        T* dst_x0 = static_cast<T*>(p.x0_out) + base;
-        for (int64_t i = 0; i < count; ++i) dst_x0[i] = from_float<T>(x0[i]);
+      T* dst_x0 = p.x0_out != nullptr ? static_cast<T*>(p.x0_out) + base : nullptr;
+      if constexpr (kFloat) {
+        o.out = dst;
+        o.x0 = dst_x0;
+      } else {
+        o.out = out_buf;
+        o.x0 = dst_x0 != nullptr ? x0_buf : nullptr;
+      }
+      run(p.c, out_prev, p.clip, thresh[b], o, count);
+      if constexpr (!kFloat) {
+        from_float_n(out_buf, dst, count);
+        if (dst_x0 != nullptr) from_float_n(x0_buf, dst_x0, count);
       }
     }
   }

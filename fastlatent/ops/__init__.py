@@ -15,7 +15,7 @@ from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.lfq import lfq_entropy, lfq_quantize
 from fastlatent.ops.nearest_code import nearest_code
 from fastlatent.ops.residual_fsq import residual_fsq
-from fastlatent.ops.sampler_step import (
+from fastlatent.ops.sampler_steps import (
     convert_prediction,
     ddim_step,
     ddpm_step,

@@ -12,7 +12,7 @@ from fastlatent.reference.group_norm_conv import group_norm_conv3x3
 from fastlatent.reference.lfq import lfq_entropy, lfq_quantize
 from fastlatent.reference.nearest_code import nearest_code
 from fastlatent.reference.residual_fsq import residual_fsq
-from fastlatent.reference.sampler_step import (
+from fastlatent.reference.sampler_steps import (
     convert_prediction,
     ddim_step,
     ddpm_step,

@@ -28,15 +28,12 @@ import importlib
 import inspect
 import math
 import types
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Callable
 
 import torch
 
-from fastlatent._extension import extension_available
-
-# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
-_steps = importlib.import_module("fastlatent.ops.sampler_step")
+from fastlatent._extension import HAS_CUDA_KERNELS, extension_available
 
 _STATE = "_fastlatent_step_state"
 _PREDICTIONS = {
@@ -87,12 +84,25 @@ class _State:
     host_sigmas: list = dataclasses.field(default_factory=list)
     alphas: Any = None  # (alphas_cumprod tensor, host copy)
     final_alpha: Any = None  # (final_alpha_cumprod tensor, host float)
+    config: Any = None  # the scheduler's (frozen) config that config_reason below was computed for
+    config_reason: str | None = None
 
 
 @dataclasses.dataclass
 class _Family:
+    """One fused scheduler family.
+
+    With ``output`` (``"module.Class"`` of diffusers' output dataclass), ``step`` returns the output tuple
+    (what diffusers returns with ``return_dict=False``) and :func:`_run_family` does the shared part: the
+    ``set_timesteps`` check (``needs_set_timesteps``), the per-call tensor checks and the output
+    dataclass. Without it, ``step`` does all of that itself and returns diffusers' output as is.
+    """
+
     config_reason: Callable[[Any], str | None]  # a config-level reason to run diffusers' step, or None
-    step: Callable[..., Any]  # (scheduler, state, arguments) -> diffusers' step output
+    step: Callable[..., Any]  # (scheduler, state, arguments) -> diffusers' step output (or tuple)
+    output: str | None = None
+    needs_set_timesteps: bool = False
+    _output_type: Any = dataclasses.field(default=None, repr=False)  # (class, field names), on first use
 
 
 # ------------------------------------------------------------------ host copies and timestep lookup
@@ -128,6 +138,11 @@ def _timestep_value(state: _State, timestep) -> float:
     """The timestep as a host number, without reading the device."""
     if isinstance(timestep, torch.Tensor):
         base = state.timesteps
+        if timestep._base is base and base is not None and base.dim() == 1 and timestep.dim() == 0:
+            # an element of scheduler.timesteps, as a loop over it yields (the common case, checked cheaply)
+            index, rest = divmod(timestep.storage_offset() - base.storage_offset(), base.stride(0) or 1)
+            if rest == 0 and 0 <= index < len(state.host_timesteps):
+                return state.host_timesteps[index]
         if (
             isinstance(base, torch.Tensor)
             and timestep.dim() == 0
@@ -170,22 +185,34 @@ def _step_index(scheduler, state: _State, timestep) -> int:
 # ------------------------------------------------------------------ per-call checks
 
 
-def _check_call(model_output, sample, *others) -> None:
-    tensors = [t for t in (model_output, sample, *others) if isinstance(t, torch.Tensor)]
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        raise _Fallback("inputs require grad (the fused step is inference-only)")
+_GRAD = "inputs require grad (the fused step is inference-only)"
+
+
+def _check_call(model_output, sample) -> None:
+    """Per call: what every fused op needs of the two step tensors (the ops then run without re-checking)."""
     if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
         raise _Fallback("model_output and sample must be tensors")
-    if sample.dtype not in _FUSED_DTYPES:
-        raise _Fallback(f"dtype {sample.dtype}")
-    if model_output.dtype != sample.dtype:
+    if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():
+        raise _Fallback(_GRAD)
+    dtype = sample.dtype
+    if dtype not in _FUSED_DTYPES:
+        raise _Fallback(f"dtype {dtype}")
+    if model_output.dtype != dtype:
         raise _Fallback("model_output and sample dtypes differ")
-    if sample.device.type not in ("cpu", "cuda") or model_output.device != sample.device:
-        raise _Fallback(f"device {sample.device}")
+    device = sample.device
+    if device.type not in ("cpu", "cuda") or model_output.device != device:
+        raise _Fallback(f"device {device}")
+    if device.type == "cuda" and not HAS_CUDA_KERNELS:
+        raise _Fallback("this build of fastlatent has no CUDA kernels")
     if model_output.shape != sample.shape:
         raise _Fallback("model_output and sample shapes differ")
     if sample.dim() < 1:
         raise _Fallback("0-d sample")
+
+
+def _check_no_grad(*tensors) -> None:
+    if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors):
+        raise _Fallback(_GRAD)
 
 
 def _prediction(scheduler) -> str:
@@ -225,7 +252,13 @@ def _randn(shape, generator, device, dtype):
 
 
 def _call_op(op, *args, **kwargs):
-    """A fused op whose argument checks reject this schedule: diffusers' step runs instead."""
+    """Runs a fused op; one whose argument checks reject this schedule runs diffusers' step instead.
+
+    ``op`` is the registered operator itself (``torch.ops.fastlatent.<op>.default``), not the public
+    wrapper of :mod:`fastlatent.ops.sampler_steps`: the wrapper's checks (extension, device, autograd) are
+    made once per call by :func:`_fast_step` and :func:`_check_call`, and its overhead was a tenth of a
+    step at SD latent sizes on the CPU.
+    """
     try:
         return op(*args, **kwargs)
     except (ValueError, TypeError) as exc:
@@ -242,10 +275,6 @@ def _ddim_reason(scheduler) -> str | None:
 
 
 def _ddim_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     eta = a["eta"]
     if not isinstance(eta, (int, float)):
         raise _Fallback("eta is not a number")
@@ -253,7 +282,7 @@ def _ddim_step(scheduler, state, a):
     if eta > 0 and noise is not None and a["generator"] is not None:
         raise _Fallback("both generator and variance_noise")
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample, noise)
+    _check_no_grad(noise)
     t = int(_timestep_value(state, a["timestep"]))
     config = scheduler.config
     prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
@@ -268,11 +297,11 @@ def _ddim_step(scheduler, state, a):
         elif noise.shape != sample.shape or noise.dtype != sample.dtype or noise.device != sample.device:
             raise _Fallback("variance_noise unlike sample")
     prev_sample, x0 = _call_op(
-        _steps.ddim_step,
+        torch.ops.fastlatent.ddim_step.default,
         model_output,
         sample,
-        alpha_bar_t,
-        alpha_bar_prev,
+        float(alpha_bar_t),
+        float(alpha_bar_prev),
         float(eta),
         prediction=_prediction(scheduler),
         use_clipped_model_output=bool(a["use_clipped_model_output"]),
@@ -280,9 +309,7 @@ def _ddim_step(scheduler, state, a):
         seed=0,
         **_x0_options(config),
     )
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+    return prev_sample, x0
 
 
 def _alphas_cumprod(scheduler) -> list:
@@ -357,10 +384,7 @@ def _ddpm_coefficients(alpha_bar_t: float, alpha_bar_prev: float, prediction: st
 
 
 def _ddpm_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
-
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample)
     t = int(_timestep_value(state, a["timestep"]))
     if scheduler.custom_timesteps or scheduler.num_inference_steps:
         host = state.host_timesteps
@@ -390,9 +414,7 @@ def _ddpm_step(scheduler, state, a):
         out_noise=out_noise if noise is not None else 0.0,
         x0_options=_x0_options(scheduler.config),
     )
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+    return prev_sample, x0
 
 
 def _reject_integer_timestep(timestep, name: str) -> None:
@@ -407,11 +429,8 @@ def _euler_reason(scheduler) -> str | None:
 
 
 def _euler_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
-
     timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
     _reject_integer_timestep(timestep, "EulerDiscreteScheduler")
-    _check_call(model_output, sample)
     index = _step_index(scheduler, state, timestep)
     sigmas = state.host_sigmas
     if index + 1 >= len(sigmas):
@@ -422,12 +441,15 @@ def _euler_step(scheduler, state, a):
     if gamma > 0:
         raise _Fallback("s_churn > 0")
     prev_sample, x0 = _call_op(
-        _steps.euler_step, model_output, sample, sigma, sigma_next, prediction=_prediction(scheduler)
+        torch.ops.fastlatent.euler_step.default,
+        model_output,
+        sample,
+        float(sigma),
+        float(sigma_next),
+        prediction=_prediction(scheduler),
     )
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return EulerDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+    return prev_sample, x0
 
 
 def _flow_reason(scheduler) -> str | None:
@@ -435,15 +457,10 @@ def _flow_reason(scheduler) -> str | None:
 
 
 def _flow_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_flow_match_euler_discrete import (
-        FlowMatchEulerDiscreteSchedulerOutput,
-    )
-
     timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
     _reject_integer_timestep(timestep, "FlowMatchEulerDiscreteScheduler")
     if a["per_token_timesteps"] is not None:
         raise _Fallback("per_token_timesteps")
-    _check_call(model_output, sample)
     index = _step_index(scheduler, state, timestep)
     sigmas = state.host_sigmas
     if index + 1 >= len(sigmas):
@@ -451,22 +468,18 @@ def _flow_step(scheduler, state, a):
     if scheduler.config.stochastic_sampling:
         prev_sample = _flow_stochastic(scheduler, state, a, index, sigmas)
         scheduler._step_index = index + 1
-        if not a["return_dict"]:
-            return (prev_sample,)
-        return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+        return (prev_sample,)
     prev_sample, _ = _call_op(
-        _steps.euler_step,
+        torch.ops.fastlatent.euler_step.default,
         model_output,
         sample,
-        sigmas[index],
-        sigmas[index + 1],
+        float(sigmas[index]),
+        float(sigmas[index + 1]),
         prediction="flow",
         return_x0=False,
     )
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return (prev_sample,)
-    return FlowMatchEulerDiscreteSchedulerOutput(prev_sample=prev_sample)
+    return (prev_sample,)
 
 
 def _combine(
@@ -485,7 +498,6 @@ def _combine(
     return_x0=True,
 ):
     """One generic fused step (fastlatent.ops.sampler_step) with host coefficients."""
-    history, out_history = list(history), list(out_history)
     for h in history:
         if (
             not isinstance(h, torch.Tensor)
@@ -494,20 +506,21 @@ def _combine(
             or h.device != sample.device
         ):
             raise _Fallback("solver history unlike sample")
+    _check_no_grad(*history)
     if out_noise != 0.0 and noise is not None and noise.dtype != sample.dtype:
         noise = noise.to(sample.dtype)
     return _call_op(
-        _steps.sampler_step,
+        torch.ops.fastlatent.sampler_step.default,
         model_output,
         sample,
-        x0_form[0],
-        x0_form[1],
-        out_x,
-        out_m,
-        out_x0,
-        history,
-        out_history,
-        out_noise,
+        float(x0_form[0]),
+        float(x0_form[1]),
+        float(out_x),
+        float(out_m),
+        float(out_x0),
+        list(history),
+        [float(v) for v in out_history],
+        float(out_noise),
         noise=noise if out_noise != 0.0 else None,
         seed=0,
         return_x0=return_x0,
@@ -624,16 +637,12 @@ def _dpm_coefficients(algorithm, solver_type, order, sigmas, index, scheduler):
 
 
 def _dpm_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     model_output, sample = a["model_output"], a["sample"]
     config = scheduler.config
     algorithm = config.algorithm_type
     sde = algorithm.startswith("sde-")
     variance_noise = a["variance_noise"] if sde else None
-    _check_call(model_output, sample, variance_noise)
+    _check_no_grad(variance_noise)
     index = _step_index(scheduler, state, a["timestep"])
     count = len(state.host_timesteps)
     lower_order_final = (index == count - 1) and (
@@ -680,9 +689,7 @@ def _dpm_step(scheduler, state, a):
     if scheduler.lower_order_nums < config.solver_order:
         scheduler.lower_order_nums += 1
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return (prev_sample,)
-    return SchedulerOutput(prev_sample=prev_sample)
+    return (prev_sample,)
 
 
 def _ancestral_reason(scheduler) -> str | None:
@@ -692,11 +699,8 @@ def _ancestral_reason(scheduler) -> str | None:
 
 
 def _ancestral_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
-
     timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
     _reject_integer_timestep(timestep, "EulerAncestralDiscreteScheduler")
-    _check_call(model_output, sample)
     index = _step_index(scheduler, state, timestep)
     sigmas = state.host_sigmas
     if index + 1 >= len(sigmas):
@@ -716,9 +720,7 @@ def _ancestral_step(scheduler, state, a):
         out_noise=sigma_up,
     )
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return EulerAncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+    return prev_sample, x0
 
 
 def _pndm_reason(scheduler) -> str | None:
@@ -733,12 +735,7 @@ _PLMS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24,
 
 
 def _pndm_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample)
     config = scheduler.config
     stride = config.num_train_timesteps // scheduler.num_inference_steps
     t = int(_timestep_value(state, a["timestep"]))
@@ -787,9 +784,7 @@ def _pndm_step(scheduler, state, a):
     elif len(ets) == 1 and counter == 1:
         scheduler.cur_sample = None
     scheduler.counter = counter + 1
-    if not a["return_dict"]:
-        return (prev_sample,)
-    return SchedulerOutput(prev_sample=prev_sample)
+    return (prev_sample,)
 
 
 def _lcm_reason(scheduler) -> str | None:
@@ -802,12 +797,7 @@ def _lcm_reason(scheduler) -> str | None:
 
 
 def _lcm_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample)
     index = _step_index(scheduler, state, a["timestep"])
     host = state.host_timesteps
     t = int(_timestep_value(state, a["timestep"]))
@@ -829,9 +819,7 @@ def _lcm_step(scheduler, state, a):
         out_noise=0.0 if last else math.sqrt(1.0 - ab_prev),
     )
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return prev_sample, denoised
-    return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+    return prev_sample, denoised
 
 
 def _lms_reason(scheduler) -> str | None:
@@ -870,12 +858,7 @@ def _lms_coefficients(sigmas: list, index: int, order: int) -> list:
 
 
 def _lms_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample)
     order = int(a["order"])
     if not 1 <= order <= 4:
         raise _Fallback(f"order={order}")
@@ -914,9 +897,7 @@ def _lms_step(scheduler, state, a):
     derivatives[-1] = derivative
     scheduler.derivatives = derivatives
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return LMSDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+    return prev_sample, x0
 
 
 def _flow_stochastic(scheduler, state, a, index, sigmas):
@@ -935,16 +916,35 @@ def _flow_stochastic(scheduler, state, a, index, sigmas):
     return prev_sample
 
 
+_SCHEDULERS = "diffusers.schedulers."
 _FAMILIES: dict[str, _Family] = {
-    "DDIMScheduler": _Family(_ddim_reason, _ddim_step),
-    "DDPMScheduler": _Family(_ddpm_reason, _ddpm_step),
-    "EulerDiscreteScheduler": _Family(_euler_reason, _euler_step),
-    "FlowMatchEulerDiscreteScheduler": _Family(_flow_reason, _flow_step),
-    "DPMSolverMultistepScheduler": _Family(_dpm_reason, _dpm_step),
-    "EulerAncestralDiscreteScheduler": _Family(_ancestral_reason, _ancestral_step),
-    "PNDMScheduler": _Family(_pndm_reason, _pndm_step),
-    "LCMScheduler": _Family(_lcm_reason, _lcm_step),
-    "LMSDiscreteScheduler": _Family(_lms_reason, _lms_step),
+    "DDIMScheduler": _Family(
+        _ddim_reason, _ddim_step, _SCHEDULERS + "scheduling_ddim.DDIMSchedulerOutput", True
+    ),
+    "DDPMScheduler": _Family(_ddpm_reason, _ddpm_step, _SCHEDULERS + "scheduling_ddpm.DDPMSchedulerOutput"),
+    "EulerDiscreteScheduler": _Family(
+        _euler_reason, _euler_step, _SCHEDULERS + "scheduling_euler_discrete.EulerDiscreteSchedulerOutput"
+    ),
+    "FlowMatchEulerDiscreteScheduler": _Family(
+        _flow_reason,
+        _flow_step,
+        _SCHEDULERS + "scheduling_flow_match_euler_discrete.FlowMatchEulerDiscreteSchedulerOutput",
+    ),
+    "DPMSolverMultistepScheduler": _Family(
+        _dpm_reason, _dpm_step, _SCHEDULERS + "scheduling_utils.SchedulerOutput", True
+    ),
+    "EulerAncestralDiscreteScheduler": _Family(
+        _ancestral_reason,
+        _ancestral_step,
+        _SCHEDULERS + "scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput",
+    ),
+    "PNDMScheduler": _Family(
+        _pndm_reason, _pndm_step, _SCHEDULERS + "scheduling_utils.SchedulerOutput", True
+    ),
+    "LCMScheduler": _Family(_lcm_reason, _lcm_step, _SCHEDULERS + "scheduling_lcm.LCMSchedulerOutput", True),
+    "LMSDiscreteScheduler": _Family(
+        _lms_reason, _lms_step, _SCHEDULERS + "scheduling_lms_discrete.LMSDiscreteSchedulerOutput", True
+    ),
 }
 
 #: Configs of covered schedulers that run diffusers' own step, by class (documentation for the swap report).
@@ -987,22 +987,57 @@ def _bind(cls, args, kwargs) -> dict:
         names = tuple(p.name for p in parameters)
         positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in parameters)
         defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
-        entry = _SIGNATURES[cls] = (names, positional, defaults)
-    names, positional, defaults = entry
+        entry = _SIGNATURES[cls] = (names, positional, defaults, frozenset(names))
+    names, positional, defaults, known = entry
     if len(args) > positional:
         raise TypeError("too many positional arguments")
     arguments = dict(defaults)
     arguments.update(zip(names, args))
-    for key, value in kwargs.items():
-        if key not in defaults and key not in names[: len(args)] and key in names:
-            arguments[key] = value
-        elif key in defaults and key not in names[: len(args)]:
-            arguments[key] = value
-        else:
-            raise TypeError(f"unexpected or repeated argument {key!r}")
+    if kwargs:
+        given = names[: len(args)]
+        for key in kwargs:
+            if key not in known or key in given:
+                raise TypeError(f"unexpected or repeated argument {key!r}")
+        arguments.update(kwargs)
     if len(arguments) != len(names):
         raise TypeError("missing arguments")
     return arguments
+
+
+def _output_type(family: _Family) -> tuple:
+    """(diffusers' output dataclass, its field names), imported on first use."""
+    entry = family._output_type
+    if entry is None:
+        module, _, name = family.output.rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+        entry = family._output_type = (cls, tuple(f.name for f in dataclasses.fields(cls)))
+    return entry
+
+
+def _output(output_type: tuple, values: tuple):
+    """diffusers' output dataclass holding ``values`` in field order, as its ``__init__`` and
+    ``BaseOutput.__post_init__`` build it (every field an attribute, the non-None ones also items, in
+    order), without their per-call field introspection (a fifth of a fused step's host time)."""
+    cls, names = output_type
+    out = cls.__new__(cls)
+    for i, name in enumerate(names):
+        value = values[i] if i < len(values) else None
+        object.__setattr__(out, name, value)
+        if value is not None:
+            OrderedDict.__setitem__(out, name, value)
+    return out
+
+
+def _run_family(scheduler, state: _State, family: _Family, a: dict):
+    """The part every fused family shares: checks before the step, diffusers' output after it."""
+    if family.output is None:
+        return family.step(scheduler, state, a)
+    if family.needs_set_timesteps and scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    _check_call(a["model_output"], a["sample"])
+    output_type = _output_type(family)
+    values = family.step(scheduler, state, a)
+    return _output(output_type, values) if a["return_dict"] else values
 
 
 def _fast_step(self, *args, **kwargs):
@@ -1016,12 +1051,17 @@ def _fast_step(self, *args, **kwargs):
             arguments = _bind(cls, args, kwargs)
         except TypeError as exc:
             raise _Fallback("arguments diffusers' step does not bind") from exc
-        reason = state.family.config_reason(self)  # the config may have changed since the swap
-        if reason is not None:
-            raise _Fallback(reason)
+        # the config may have changed since the swap; it is frozen (register_to_config replaces it),
+        # so its reason is computed again only for a new one
+        config = self._internal_dict
+        if config is not state.config:
+            state.config_reason = state.family.config_reason(self)
+            state.config = config
+        if state.config_reason is not None:
+            raise _Fallback(state.config_reason)
         _refresh(self, state)
         try:
-            return state.family.step(self, state, arguments)
+            return _run_family(self, state, state.family, arguments)
         except (ZeroDivisionError, OverflowError) as exc:
             # a degenerate schedule step (two equal sigmas): diffusers' tensor math gives its IEEE result
             raise _Fallback(f"degenerate schedule step ({exc})") from exc

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from fastlatent.ops import sampler_steps as _steps
 from fastlatent.sampling.schedules import (
     DiscreteSchedule,
     FlowSchedule,
@@ -17,9 +17,6 @@ from fastlatent.sampling.schedules import (
     karras_sigmas,
     make_schedule,
 )
-
-# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
-_steps = importlib.import_module("fastlatent.ops.sampler_step")
 
 METHODS = ("ddpm", "ddim", "euler", "dpmpp_2m")
 PREDICTIONS = ("epsilon", "v_prediction", "sample", "flow")
@@ -39,7 +36,8 @@ class Step:
 
 
 def _dpm_flow_sigmas_and_timesteps(schedule: FlowSchedule, steps: int) -> tuple[list[float], list[float]]:
-    """dpmpp_2m over a flow schedule, as diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True)`` plans it.
+    """dpmpp_2m over a flow schedule, as diffusers' ``DPMSolverMultistepScheduler(use_flow_sigmas=True)``
+    plans it.
 
     DPM-Solver works in log-SNR ``lambda = log((1 - sigma) / sigma)``, which is -inf at the flow schedule's
     ``sigma = 1`` (pure noise, alpha = 0): the Euler plan's first step cannot be taken. diffusers starts one
@@ -84,7 +82,7 @@ class Sampler:
         karras: with a DiscreteSchedule and euler/dpmpp_2m, space the sigmas as EDM does
             (diffusers' ``use_karras_sigmas=True``).
         guidance_rescale, clip_x0, threshold_quantile, threshold_max: passed to every step (see
-            :mod:`fastlatent.ops.sampler_step`).
+            :mod:`fastlatent.ops.sampler_steps`).
 
     Timesteps follow the diffusers scheduler of the same method and default config: ddpm/ddim
     "leading" spacing, euler and dpmpp_2m "linspace"; flow: euler as ``FlowMatchEulerDiscreteScheduler``
@@ -384,18 +382,19 @@ class Sampler:
         sigmas, timesteps, space = self._sigmas_and_timesteps()
         if self.method == "euler":
             if isinstance(self.schedule, DiscreteSchedule):
-                # An Euler step of the probability-flow ODE in sigma space, x = x0 + sigma eps, is exactly a
-                # deterministic DDIM step in the variance-preserving space y = x / sqrt(sigma^2 + 1) (with
-                # alpha_bar = 1 / (sigma^2 + 1)), and y is what the model sees. Stepping y with the fused DDIM op
-                # removes diffusers' separate scale_model_input pass; the trajectory is the same (tested
-                # against EulerDiscreteScheduler), and y = x at the final sigma = 0.
+                # An Euler step of the probability-flow ODE in sigma space, x = x0 + sigma eps, is exactly
+                # a deterministic DDIM step in the variance-preserving space y = x / sqrt(sigma^2 + 1)
+                # (with alpha_bar = 1 / (sigma^2 + 1)), and y is what the model sees. Stepping y with the
+                # fused DDIM op removes diffusers' separate scale_model_input pass; the trajectory is the
+                # same (tested against EulerDiscreteScheduler), and y = x at the final sigma = 0.
                 for i, t in enumerate(timesteps):
                     ab_t, ab_next = 1.0 / (sigmas[i] ** 2 + 1.0), 1.0 / (sigmas[i + 1] ** 2 + 1.0)
                     plan.append(Step(t, 1.0, "ddim", (ab_t, ab_next, 0.0)))
                 return plan, sigmas[0] / math.sqrt(sigmas[0] ** 2 + 1.0)
             for i, t in enumerate(timesteps):
                 plan.append(Step(t, 1.0, "euler", (sigmas[i], sigmas[i + 1])))
-            # flow: x = (1 - sigma) x0 + sigma eps starts at unit noise; Karras: x = x0 + sigma eps at sigma_max
+            # flow: x = (1 - sigma) x0 + sigma eps starts at unit noise; Karras: x = x0 + sigma eps at
+            # sigma_max
             return plan, (1.0 if space == "flow" else sigmas[0])
 
         def alpha_sigma(sig):

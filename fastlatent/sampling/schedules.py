@@ -131,7 +131,8 @@ class KarrasSchedule:
 
 
 def make_schedule(schedule) -> DiscreteSchedule | FlowSchedule | KarrasSchedule:
-    """A schedule object from itself or a name: ``linear``, ``scaled_linear``, ``cosine``, ``flow``, ``karras``."""
+    """A schedule object from itself or a name: ``linear``, ``scaled_linear``, ``cosine``, ``flow``,
+    ``karras``."""
     if isinstance(schedule, (DiscreteSchedule, FlowSchedule, KarrasSchedule)):
         return schedule
     if schedule in BETA_SCHEDULES:

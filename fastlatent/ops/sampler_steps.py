@@ -31,7 +31,7 @@ the guidance-rescale factor NaN (``torch.std``).
 
 Autograd: the fused steps are inference-only. Given a tensor that requires grad (with grad mode on)
 they raise RuntimeError instead of returning an output that silently does not backpropagate; the
-functions of :mod:`fastlatent.reference.sampler_step` are differentiable, and the patched diffusers
+functions of :mod:`fastlatent.reference.sampler_steps` are differentiable, and the patched diffusers
 schedulers run diffusers' own (differentiable) step for such calls.
 """
 
@@ -92,8 +92,8 @@ def _check_common(
     if guidance_scale is not None:
         if model_output.dim() != sample.dim() or model_output.shape[0] % 2 != 0:
             raise ValueError(
-                f"fastlatent.{op}: guidance needs model_output = [uncond; cond] stacked in the batch (an even "
-                f"batch of 2B), got shape {list(model_output.shape)}"
+                f"fastlatent.{op}: guidance needs model_output = [uncond; cond] stacked in the batch "
+                f"(an even batch of 2B), got shape {list(model_output.shape)}"
             )
         if model_output.shape[0] != 2 * sample.shape[0] or model_output.shape[1:] != sample.shape[1:]:
             raise ValueError(

@@ -1,27 +1,25 @@
 """Reference sampler steps: the formulas as diffusers writes them, in float64, unfused.
 
-Same signatures and rules as :mod:`fastlatent.ops.sampler_step`. Noise drawn from ``(seed, offset)``
+Same signatures and rules as :mod:`fastlatent.ops.sampler_steps`. Noise drawn from ``(seed, offset)``
 comes from :func:`philox_normal`, a NumPy transcription of the kernels' Philox4x32-10 + Box–Muller
 stream (float64 log/cos/sin, so it agrees with the kernels to fp32 rounding, not bit for bit).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import numpy as np
 import torch
 
-# the module (fastlatent.ops.sampler_step is also the generic op's name, which shadows it as an attribute)
-sampler_ops = importlib.import_module("fastlatent.ops.sampler_step")
-
+from fastlatent.ops import sampler_steps as sampler_ops
 
 _MASK = np.uint64(0xFFFFFFFF)
 
 
 def philox_words(seed: int, offset: int, groups: int) -> np.ndarray:
-    """Philox4x32-10 outputs ``[groups, 4]`` (uint64 holding uint32) for counters ``{g, offset}``, key ``seed``."""
+    """Philox4x32-10 outputs ``[groups, 4]`` (uint64 holding uint32) for counters ``{g, offset}``, key
+    ``seed``."""
     g = np.arange(groups, dtype=np.uint64)
     c0, c1 = g & _MASK, g >> np.uint64(32)
     c2 = np.full_like(g, np.uint64(offset) & _MASK)
@@ -222,7 +220,8 @@ def euler_step(
     threshold_max=1.0,
     return_x0=True,
 ):
-    """Reference :func:`fastlatent.ops.euler_step` (EulerDiscreteScheduler / FlowMatchEulerDiscreteScheduler)."""
+    """Reference :func:`fastlatent.ops.euler_step` (EulerDiscreteScheduler /
+    FlowMatchEulerDiscreteScheduler)."""
     sampler_ops.check_euler_step_args(
         model_output,
         sample,
