@@ -250,3 +250,19 @@ def test_configs_without_a_fused_step_are_reported():
     for name in (UNIPC, DEIS, SINGLE):
         assert name in diffusers_fast.covered_schedulers()
         assert name in diffusers_fast.FALLBACK_CONFIGS
+
+
+@pytest.mark.parametrize("name", [UNIPC, DEIS, SINGLE])
+def test_timestep_outside_the_schedule_starts_at_the_last_step(name):
+    """These solvers' index_for_timestep starts a timestep that is not in the schedule at the last step
+    (diffusers' own scheduler tests step with such timesteps); the fused step does the same."""
+    ours, ref = _pair(name, dict(SD))
+    ours.set_timesteps(10)
+    ref.set_timesteps(10)
+    x, m = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    assert 7 not in ref.timesteps.tolist()
+    a = ours.step(m, 7, x).prev_sample
+    b = ref.step(m, 7, x).prev_sample
+    assert ours.step_index == ref.step_index == 10
+    assert _rel(a, b) <= 1e-5
+    assert not _fallbacks(ours)

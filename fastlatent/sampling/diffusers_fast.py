@@ -940,6 +940,20 @@ def _finite(*values) -> None:
         raise _Fallback("non-finite schedule coefficients (degenerate step)")
 
 
+def _solver_step_index(scheduler, state: _State, timestep) -> int:
+    """The step index of UniPC / DEIS / DPM-Solver singlestep: as _step_index, except that a timestep outside
+    the schedule starts at the last step (their index_for_timestep does this instead of raising)."""
+    if scheduler.step_index is not None:
+        return scheduler.step_index
+    if scheduler.begin_index is not None:
+        return scheduler.begin_index
+    _timestep_value(state, timestep)  # a device timestep that is not an element falls back here
+    try:
+        return _index_for_timestep(state, timestep)
+    except _Fallback:
+        return len(state.host_timesteps) - 1
+
+
 def _converted_forms(scheduler, prediction: str, index: int, sigmas: list) -> tuple[tuple, tuple | None]:
     """(x0, eps) of diffusers' convert_model_output as (coefficient of the sample, of the model output),
     before thresholding; eps is None where diffusers has no eps form for the prediction type."""
@@ -1088,7 +1102,7 @@ def _unipc_step(scheduler, state, a):
     model_output, sample = a["model_output"], a["sample"]
     _check_call(model_output, sample, scheduler.last_sample, *scheduler.model_outputs)
     config = scheduler.config
-    index = _step_index(scheduler, state, a["timestep"])
+    index = _solver_step_index(scheduler, state, a["timestep"])
     sigmas, count = state.host_sigmas, len(state.host_timesteps)
     if index + 1 >= len(sigmas):
         raise _Fallback("step past the last sigma")
@@ -1241,7 +1255,7 @@ def _deis_step(scheduler, state, a):
     model_output, sample = a["model_output"], a["sample"]
     _check_call(model_output, sample, *scheduler.model_outputs)
     config = scheduler.config
-    index = _step_index(scheduler, state, a["timestep"])
+    index = _solver_step_index(scheduler, state, a["timestep"])
     sigmas = state.host_sigmas
     outputs = scheduler.model_outputs
     if len(outputs) != config.solver_order:
@@ -1387,7 +1401,7 @@ def _dpm_single_step(scheduler, state, a):
     _check_call(model_output, sample, scheduler.sample, *scheduler.model_outputs)
     config = scheduler.config
     algorithm = config.algorithm_type
-    index = _step_index(scheduler, state, a["timestep"])
+    index = _solver_step_index(scheduler, state, a["timestep"])
     sigmas, outputs = state.host_sigmas, scheduler.model_outputs
     order_list = scheduler.order_list
     if len(outputs) != config.solver_order or not 0 <= index < len(order_list):
