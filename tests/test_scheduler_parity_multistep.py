@@ -266,3 +266,27 @@ def test_timestep_outside_the_schedule_starts_at_the_last_step(name):
     assert ours.step_index == ref.step_index == 10
     assert _rel(a, b) <= 1e-5
     assert not _fallbacks(ours)
+
+
+@pytest.mark.parametrize("name", [UNIPC, DEIS, SINGLE])
+def test_add_noise_and_saved_config_after_fused_steps(name, tmp_path):
+    """Mid-loop add_noise (inpainting) reads the step index the fused steps advanced, and the saved config is
+    diffusers' own, byte for byte."""
+    ours, ref = _pair(name, dict(SD, solver_order=3))
+    for s in (ours, ref):
+        s.set_timesteps(10)
+        s.set_begin_index(0)
+    x, noise = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    xo = xr = x
+    for t_ours, t_ref in list(zip(ours.timesteps, ref.timesteps))[:4]:
+        m = torch.randn(2, 4, 8, 8)
+        xo = ours.step(m, t_ours, xo).prev_sample
+        xr = ref.step(m, t_ref, xr).prev_sample
+    assert ours.step_index == ref.step_index == 4
+    t = ref.timesteps[4:5]
+    assert torch.equal(ours.add_noise(x, noise, t), ref.add_noise(x, noise, t))
+    ours.save_config(tmp_path / "ours")
+    ref.save_config(tmp_path / "ref")
+    saved = "scheduler_config.json"
+    assert (tmp_path / "ours" / saved).read_bytes() == (tmp_path / "ref" / saved).read_bytes()
+    assert not _fallbacks(ours)
