@@ -900,6 +900,537 @@ def _lms_step(scheduler, state, a):
     return prev_sample, x0
 
 
+# ------------------------------------------------------------------ UniPC, DEIS, DPM-Solver singlestep
+# Coefficients in float64 on the host from the host sigma table; each step is one generic fused op (two or
+# three where a nonlinear x0 or the UniC corrector must be materialised as diffusers' state), and the
+# scheduler's own state (model_outputs, timestep_list, last_sample, this_order, sample, lower_order_nums,
+# step_index) is left exactly as diffusers' step leaves it, so fused and diffusers' steps can alternate.
+
+
+def _log_snr(alpha: float, sigma: float) -> float:
+    """log(alpha) - log(sigma) with diffusers' IEEE limits (sigma = 0 -> +inf, alpha = 0 -> -inf)."""
+    if sigma <= 0.0:
+        return math.inf if alpha > 0.0 else math.nan
+    if alpha <= 0.0:
+        return -math.inf
+    return math.log(alpha) - math.log(sigma)
+
+
+def _finite(*values) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise _Fallback("non-finite schedule coefficients (degenerate step)")
+
+
+def _solver_step_index(scheduler, state: _State, timestep) -> int:
+    """The step index of UniPC / DEIS / DPM-Solver singlestep: as _step_index, except that a timestep outside
+    the schedule starts at the last step (their index_for_timestep does this instead of raising)."""
+    if scheduler.step_index is not None:
+        return scheduler.step_index
+    if scheduler.begin_index is not None:
+        return scheduler.begin_index
+    _timestep_value(state, timestep)  # a device timestep that is not an element falls back here
+    try:
+        return _index_for_timestep(state, timestep)
+    except _Fallback:
+        return len(state.host_timesteps) - 1
+
+
+def _converted_forms(scheduler, prediction: str, index: int, sigmas: list) -> tuple[tuple, tuple | None]:
+    """(x0, eps) of diffusers' convert_model_output as (coefficient of the sample, of the model output),
+    before thresholding; eps is None where diffusers has no eps form for the prediction type."""
+    alpha, sigma = _dpm_alpha_sigma(scheduler, sigmas[index])
+    if prediction == "flow_prediction":
+        return (1.0, -sigmas[index]), None  # diffusers uses the raw sigma here, whatever the sigma schedule
+    x0_form, eps_form = _vp_forms(prediction, alpha, sigma)
+    return x0_form, eps_form
+
+
+def _unipc_reason(scheduler) -> str | None:
+    config = scheduler.config
+    if config.solver_type not in ("bh1", "bh2"):
+        return f"solver_type={config.solver_type!r}"
+    if getattr(scheduler, "solver_p", None) is not None:
+        return "solver_p (another scheduler as the predictor)"
+    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+        return f"prediction_type={config.prediction_type!r}"
+    if not scheduler.predict_x0:
+        if config.prediction_type == "flow_prediction":
+            return "predict_x0=False with flow_prediction (diffusers refuses it)"
+        return None
+    return _x0_reason(config)
+
+
+def _f32_alpha_sigma(scheduler, sigma: float):
+    """diffusers' _sigma_to_alpha_sigma_t on a float32 sigma, in float32 as its tensor code computes it."""
+    import numpy as np
+
+    s = np.float32(sigma)
+    if scheduler.config.use_flow_sigmas:
+        return np.float32(1.0) - s, s
+    alpha = np.float32(1.0) / np.sqrt(s * s + np.float32(1.0))
+    return alpha, s * alpha
+
+
+_MULTISTEP_CACHE: dict = {}
+
+
+def _cached(key, compute):
+    """Host coefficients by schedule values (each loop over the same schedule reuses them)."""
+    value = _MULTISTEP_CACHE.get(key)
+    if value is None:
+        value = compute()
+        if len(_MULTISTEP_CACHE) > 8192:
+            _MULTISTEP_CACHE.clear()
+        _MULTISTEP_CACHE[key] = value
+    return value
+
+
+def _unipc_coefficients(scheduler, sigmas: list, target: int, sources: list, order: int, corrector: bool):
+    """UniPC's B(h) update from sigmas[sources[0]] to sigmas[target], expanded over its inputs: returns
+    (c_x, [c_m0, c_m1, ...], c_new) for x (the sample the update starts from), the stored converted outputs
+    m0, m1, ... (at sigmas[sources[k]], newest first) and, for the corrector, the new converted output.
+    diffusers' D1_k = (m_k - m0) / r_k and its rhos (0.5, or the solve of R rhos = b) are folded in.
+
+    The scalars are rounded to float32 in diffusers' order of operations: it takes log-SNR differences
+    (h ~ 0.1 between lambdas up to ~7) in float32, and a loop of its steps carries that rounding (1e-5 to
+    1e-4 relative over 10-50 steps), which float64 coefficients would not reproduce."""
+    key = (
+        "unipc",
+        sigmas[target],
+        tuple(sigmas[k] for k in sources[:order]),
+        order,
+        corrector,
+        bool(scheduler.predict_x0),
+        scheduler.config.solver_type,
+        bool(scheduler.config.use_flow_sigmas),
+    )
+    return _cached(key, lambda: _unipc_coefficients_f32(scheduler, sigmas, target, sources, order, corrector))
+
+
+def _unipc_coefficients_f32(scheduler, sigmas, target, sources, order, corrector):
+    # float32 CPU tensors, vectorised over the few sigmas involved (torch's float32 log/expm1 give the same
+    # values on 0-d and 1-d tensors); read back with tolist, never item
+    table = torch.tensor([sigmas[target]] + [sigmas[k] for k in sources[:order]], dtype=torch.float32)
+    if scheduler.config.use_flow_sigmas:
+        alphas, sigmas_t = 1 - table, table
+    else:
+        alphas = 1 / ((table**2 + 1) ** 0.5)
+        sigmas_t = table * alphas
+    lambdas = torch.log(alphas) - torch.log(sigmas_t)
+    h = lambdas[0] - lambdas[1]
+    rks = torch.cat([(lambdas[2:] - lambdas[1]) / h, torch.ones(1)])
+    predict_x0 = scheduler.predict_x0
+    hh = -h if predict_x0 else h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if scheduler.config.solver_type == "bh1" else torch.expm1(hh)
+    rows, b, factorial = [], [], 1
+    for i in range(1, order + 1):
+        rows.append(torch.pow(rks, i - 1))
+        b.append(h_phi_k * factorial / b_h)
+        factorial *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial
+    alpha_t, sigma_t, sigma_0, alpha_0 = alphas[0], sigmas_t[0], sigmas_t[1], alphas[1]
+    base = alpha_t if predict_x0 else sigma_t
+    head = torch.stack(
+        [sigma_t / sigma_0 if predict_x0 else alpha_t / alpha_0, base * h_phi_1, base * b_h, h, b_h, h_phi_1]
+    ).tolist()
+    c_x, c_m0, scale, h_value = head[0], -head[1], -head[2], head[3]
+    if order > 1 and not math.isfinite(h_value):
+        raise _Fallback("non-finite step size at a higher order (degenerate step)")
+    # diffusers multiplies B(h) by its (zero) residual even at order 1: an infinite B(h) gives NaN there
+    _finite(*head[4:])
+    rows_t, b_t = torch.stack(rows), torch.stack(b)
+    if corrector and order > 1:
+        rhos_t = _solve(rows_t, b_t)
+    elif not corrector and order > 2:
+        rhos_t = _solve(rows_t[:-1, :-1], b_t[:-1])
+    else:
+        rhos_t = None
+    rk_values = rks.tolist()[: order - 1]
+    if rhos_t is not None:
+        rhos = rhos_t.tolist()
+    else:
+        rhos = [0.5] if corrector else [0.5] * (order - 1)
+    c_m = [c_m0] + [0.0] * (order - 1)
+    for k, r in enumerate(rk_values, start=1):
+        if r == 0.0:
+            raise _Fallback("zero UniPC node (degenerate step)")
+        w = scale * rhos[k - 1] / r
+        c_m[k] += w
+        c_m[0] -= w
+    c_new = 0.0
+    if corrector:
+        c_new = scale * rhos[-1]
+        c_m[0] -= c_new
+    _finite(c_x, c_new, *c_m)
+    return c_x, c_m, c_new
+
+
+def _solve(matrix, rhs):
+    """torch.linalg.solve on the host (as diffusers solves for UniPC's rhos), a singular system falls back."""
+    try:
+        return torch.linalg.solve(matrix, rhs)
+    except RuntimeError as exc:
+        raise _Fallback("singular UniPC system (degenerate step)") from exc
+
+
+def _unipc_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample, scheduler.last_sample, *scheduler.model_outputs)
+    config = scheduler.config
+    index = _solver_step_index(scheduler, state, a["timestep"])
+    sigmas, count = state.host_sigmas, len(state.host_timesteps)
+    if index + 1 >= len(sigmas):
+        raise _Fallback("step past the last sigma")
+    outputs, solver_order = scheduler.model_outputs, config.solver_order
+    if len(outputs) != solver_order:
+        raise _Fallback("model_outputs unlike solver_order")
+    use_corrector = (
+        index > 0 and index - 1 not in scheduler.disable_corrector and scheduler.last_sample is not None
+    )
+    this_order = min(solver_order, count - index) if config.lower_order_final else solver_order
+    this_order = min(this_order, scheduler.lower_order_nums + 1)
+    if not 1 <= this_order <= 3 or index - (this_order - 1) < 0:
+        raise _Fallback(f"predictor order {this_order} at step {index}")
+    predict_x0 = scheduler.predict_x0
+    x0_form, eps_form = _converted_forms(scheduler, config.prediction_type, index, sigmas)
+    form = x0_form if predict_x0 else eps_form
+    x0_options = _x0_options(config) if predict_x0 else None
+    c_x, c_m, _ = _unipc_coefficients(
+        scheduler, sigmas, index + 1, [index - k for k in range(this_order)], this_order, False
+    )
+    predictor_history = [outputs[-k] for k in range(1, this_order)]  # m1, m2 after the shift below
+    if use_corrector:
+        order_c = getattr(scheduler, "this_order", None)
+        if not isinstance(order_c, int) or not 1 <= order_c <= min(3, solver_order) or index - order_c < 0:
+            raise _Fallback(f"corrector order {order_c} at step {index}")
+        cc_x, cc_m, c_new = _unipc_coefficients(
+            scheduler, sigmas, index, [index - 1 - k for k in range(order_c)], order_c, True
+        )
+        history = [scheduler.last_sample] + [outputs[-1 - k] for k in range(order_c)]
+        weights = [cc_x] + cc_m
+        if len(history) > 3:  # order-3 corrector: fold last_sample and m2 first (the op takes 3 histories)
+            folded, _ = _combine(
+                history[3], history[0], (0.0, 0.0), out_x=weights[0], out_m=weights[3], return_x0=False
+            )
+            history, weights = [folded] + history[1:3], [1.0] + weights[1:3]
+        corrected, converted = _combine(
+            model_output,
+            sample,
+            form,
+            out_x0=c_new,
+            history=history,
+            out_history=weights,
+            x0_options=x0_options,
+        )
+        prev_sample, _ = _combine(
+            converted,
+            corrected,
+            (0.0, 0.0),
+            out_x=c_x,
+            out_m=c_m[0],
+            history=predictor_history,
+            out_history=c_m[1:],
+            return_x0=False,
+        )
+    else:
+        prev_sample, converted = _combine(
+            model_output,
+            sample,
+            form,
+            out_x=c_x,
+            out_x0=c_m[0],
+            history=predictor_history,
+            out_history=c_m[1:],
+            x0_options=x0_options,
+        )
+        corrected = sample
+    for i in range(solver_order - 1):
+        outputs[i] = outputs[i + 1]
+        scheduler.timestep_list[i] = scheduler.timestep_list[i + 1]
+    outputs[-1] = converted
+    scheduler.timestep_list[-1] = a["timestep"]
+    scheduler.this_order = this_order
+    scheduler.last_sample = corrected
+    if scheduler.lower_order_nums < solver_order:
+        scheduler.lower_order_nums += 1
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return (prev_sample,)
+    return SchedulerOutput(prev_sample=prev_sample)
+
+
+def _multistep_order(config, lower_order_nums: int, index: int, count: int) -> int:
+    """The order of a DEIS / DPM-Solver multistep step (warm-up and lower_order_final below 15 steps)."""
+    lower_final = index == count - 1 and config.lower_order_final and count < 15
+    lower_second = index == count - 2 and config.lower_order_final and count < 15
+    if config.solver_order == 1 or lower_order_nums < 1 or lower_final:
+        return 1
+    if config.solver_order == 2 or lower_order_nums < 2 or lower_second:
+        return 2
+    return 3
+
+
+def _deis_reason(scheduler) -> str | None:
+    config = scheduler.config
+    if config.algorithm_type != "deis" or config.solver_type != "logrho":
+        return f"algorithm_type={config.algorithm_type!r}, solver_type={config.solver_type!r}"
+    if config.solver_order > 3:
+        return f"solver_order={config.solver_order}"
+    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+        return f"prediction_type={config.prediction_type!r}"
+    return _x0_reason(config)
+
+
+def _deis_coefficients(scheduler, sigmas: list, index: int, order: int) -> tuple[float, list]:
+    """DEIS log-rho update (rho = sigma / alpha) as (c_x, [c_m0, c_m1, c_m2]) over the sample and the
+    converted outputs, newest first: diffusers' integrated Lagrange basis in log(rho), its scalars rounded
+    to float32 in its order of operations (it takes numpy's float32 log; the integrals' differences cancel,
+    see _unipc_coefficients)."""
+    key = ("deis", tuple(sigmas[index - k] for k in range(-1, order)), bool(scheduler.config.use_flow_sigmas))
+    return _cached(key, lambda: _deis_coefficients_f32(scheduler, sigmas, index, order))
+
+
+def _deis_coefficients_f32(scheduler, sigmas, index, order):
+    import numpy as np
+
+    f = np.float32
+    with np.errstate(all="ignore"):
+        a_t, s_t = _f32_alpha_sigma(scheduler, sigmas[index + 1])
+        a_0, s_0 = _f32_alpha_sigma(scheduler, sigmas[index])
+        c_x = float(a_t) / float(a_0)
+        if order == 1:
+            h = (np.log(a_t) - np.log(s_t)) - (np.log(a_0) - np.log(s_0))
+            coefficients = [-float(s_t * (np.exp(h) - f(1.0)))]
+        else:
+            rhos = [s / a for a, s in (_f32_alpha_sigma(scheduler, sigmas[index - k]) for k in range(order))]
+            rho_t = s_t / a_t
+            logs, log_t = [np.log(r) for r in rhos], np.log(rho_t)
+
+            def integral(value, log_value, b, c, d=None):
+                if d is None:  # integral of (log t - c) / (b - c) dt, in logs
+                    return value * (-c + log_value - f(1.0)) / (b - c)
+                inner = c * (d - log_value + f(1.0)) - d * log_value + d + log_value**2
+                numerator = value * (inner - f(2.0) * log_value + f(2.0))
+                return numerator / ((b - c) * (b - d))
+
+            coefficients = []
+            for k in range(order):
+                nodes = [logs[k]] + [logs[j] for j in range(k + 1, order)] + [logs[j] for j in range(k)]
+                coefficient = integral(rho_t, log_t, *nodes) - integral(rhos[0], logs[0], *nodes)
+                coefficients.append(float(a_t) * float(coefficient))
+    _finite(c_x, *coefficients)
+    return c_x, coefficients
+
+
+def _deis_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample, *scheduler.model_outputs)
+    config = scheduler.config
+    index = _solver_step_index(scheduler, state, a["timestep"])
+    sigmas = state.host_sigmas
+    outputs = scheduler.model_outputs
+    if len(outputs) != config.solver_order:
+        raise _Fallback("model_outputs unlike solver_order")
+    order = _multistep_order(config, scheduler.lower_order_nums, index, len(state.host_timesteps))
+    if index + 1 >= len(sigmas) or index - (order - 1) < 0:
+        raise _Fallback("step index outside the sigmas")
+    c_x, c_m = _deis_coefficients(scheduler, sigmas, index, order)
+    alpha, sigma = _dpm_alpha_sigma(scheduler, sigmas[index])
+    x0_form, eps_form = _converted_forms(scheduler, config.prediction_type, index, sigmas)
+    history = [outputs[-k] for k in range(1, order)]  # m1, m2 after the shift below
+    if config.thresholding:  # eps = (x - alpha x0') / sigma with a thresholded x0': materialise it first
+        eps, _ = _combine(
+            model_output,
+            sample,
+            x0_form,
+            out_x=1.0 / sigma,
+            out_x0=-alpha / sigma,
+            x0_options=_x0_options(config),
+            return_x0=False,
+        )
+        prev_sample, _ = _combine(
+            eps,
+            sample,
+            (0.0, 0.0),
+            out_x=c_x,
+            out_m=c_m[0],
+            history=history,
+            out_history=c_m[1:],
+            return_x0=False,
+        )
+    else:
+        if eps_form is None or getattr(config, "use_flow_sigmas", False):
+            eps_form = ((1.0 - alpha * x0_form[0]) / sigma, -alpha * x0_form[1] / sigma)
+        prev_sample, eps = _combine(
+            model_output,
+            sample,
+            eps_form,
+            out_x=c_x,
+            out_x0=c_m[0],
+            history=history,
+            out_history=c_m[1:],
+        )
+    for i in range(config.solver_order - 1):
+        outputs[i] = outputs[i + 1]
+    outputs[-1] = eps
+    if scheduler.lower_order_nums < config.solver_order:
+        scheduler.lower_order_nums += 1
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return (prev_sample,)
+    return SchedulerOutput(prev_sample=prev_sample)
+
+
+def _dpm_single_reason(scheduler) -> str | None:
+    config = scheduler.config
+    algorithm = config.algorithm_type
+    if algorithm not in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
+        return f"algorithm_type={algorithm!r}"
+    if config.solver_type not in ("midpoint", "heun"):
+        return f"solver_type={config.solver_type!r}"
+    if config.solver_order > 3:
+        return f"solver_order={config.solver_order}"
+    if config.variance_type in ("learned", "learned_range"):
+        return f"variance_type={config.variance_type!r}"
+    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
+        return f"prediction_type={config.prediction_type!r}"
+    if algorithm == "dpmsolver":
+        if config.prediction_type == "flow_prediction":
+            return "algorithm_type='dpmsolver' with flow_prediction"
+        if config.thresholding:
+            return "algorithm_type='dpmsolver' with thresholding"
+    return _x0_reason(config)
+
+
+def _dpm_single_coefficients(scheduler, algorithm, solver_type, sigmas, index, order):
+    """The singlestep DPM-Solver update from sigmas[index - order + 1] to sigmas[index + 1] as
+    (c_x, [c_m0, c_m1, c_m2], c_noise) over the sample stored at the order's first step, the converted
+    outputs (newest first) and the noise; diffusers' D0, D1, D2 (and D1_1 for midpoint) expanded. Its
+    scalars are float32 tensor values in diffusers' order of operations (see _unipc_coefficients)."""
+    key = ("single", algorithm, solver_type, order, tuple(sigmas[index + 1 - k] for k in range(order + 1)))
+    key += (bool(scheduler.config.use_flow_sigmas),)
+    return _cached(
+        key, lambda: _dpm_single_coefficients_f32(scheduler, algorithm, solver_type, sigmas, index, order)
+    )
+
+
+def _dpm_single_coefficients_f32(scheduler, algorithm, solver_type, sigmas, index, order):
+    table = torch.tensor([sigmas[index + 1 - k] for k in range(order + 1)], dtype=torch.float32)
+    if scheduler.config.use_flow_sigmas:
+        alphas, sigmas_t = 1 - table, table
+    else:
+        alphas = 1 / ((table**2 + 1) ** 0.5)
+        sigmas_t = table * alphas
+    lambdas = torch.log(alphas) - torch.log(sigmas_t)  # t, s0, s1, s2
+    alpha_t, sigma_t = alphas[0], sigmas_t[0]
+    h = lambdas[0] - lambdas[order]
+    noise = torch.zeros(())
+    if algorithm == "dpmsolver++":
+        c_x, phi = sigma_t / sigmas_t[order], -(alpha_t * (torch.exp(-h) - 1.0))
+        k1 = alpha_t * ((torch.exp(-h) - 1.0) / h + 1.0)
+        k2 = -(alpha_t * ((torch.exp(-h) - 1.0 + h) / h**2 - 0.5))
+    elif algorithm == "dpmsolver":
+        c_x, phi = alpha_t / alphas[order], -(sigma_t * (torch.exp(h) - 1.0))
+        k1 = -(sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))
+        k2 = -(sigma_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5))
+    else:  # sde-dpmsolver++
+        c_x, phi = sigma_t / sigmas_t[order] * torch.exp(-h), alpha_t * (1.0 - torch.exp(-2.0 * h))
+        k1 = alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0)
+        k2 = alpha_t * ((1.0 - torch.exp(-2.0 * h) + (-2.0 * h)) / (-2.0 * h) ** 2 - 0.5)
+        noise = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+    if order == 1:
+        c_x, phi, noise = torch.stack([c_x, phi, noise]).tolist()
+        c_m = [phi]
+    elif order == 2:
+        r0 = (lambdas[1] - lambdas[2]) / h
+        k1 = 0.5 * phi if solver_type == "midpoint" else k1
+        c_x, phi, k1, inv_r0, noise = torch.stack([c_x, phi, k1, 1.0 / r0, noise]).tolist()
+        c_m = [k1 * inv_r0, phi - k1 * inv_r0]  # D0 = m1, D1 = (m0 - m1) / r0
+    else:
+        r0, r1 = (lambdas[1] - lambdas[3]) / h, (lambdas[2] - lambdas[3]) / h
+        values = torch.stack([c_x, phi, k1, k2, r0, r1, 1.0 / r0, 1.0 / r1, noise]).tolist()
+        c_x, phi, k1, k2, r0, r1, inv_r0, inv_r1, noise = values
+        d0 = [0.0, 0.0, 1.0]
+        d1_0 = [0.0, inv_r1, -inv_r1]
+        d1_1 = [inv_r0, 0.0, -inv_r0]
+        if solver_type == "midpoint":
+            c_m = [phi * p + k1 * q for p, q in zip(d0, d1_1)]
+        else:
+            d1 = [(r0 * p - r1 * q) / (r0 - r1) for p, q in zip(d1_0, d1_1)]
+            d2 = [2.0 * (q - p) / (r0 - r1) for p, q in zip(d1_0, d1_1)]
+            c_m = [phi * p + k1 * q + k2 * w for p, q, w in zip(d0, d1, d2)]
+    _finite(c_x, noise, *c_m)
+    return c_x, c_m, noise
+
+
+def _dpm_single_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_utils import SchedulerOutput
+
+    if scheduler.num_inference_steps is None:
+        raise _Fallback("set_timesteps not called")
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample, scheduler.sample, *scheduler.model_outputs)
+    config = scheduler.config
+    algorithm = config.algorithm_type
+    index = _solver_step_index(scheduler, state, a["timestep"])
+    sigmas, outputs = state.host_sigmas, scheduler.model_outputs
+    order_list = scheduler.order_list
+    if len(outputs) != config.solver_order or not 0 <= index < len(order_list):
+        raise _Fallback("step index outside the order list")
+    order = order_list[index]
+    shifted = list(outputs[1:]) + [model_output]  # model_outputs after diffusers' shift (new one last)
+    if not 1 <= order <= len(shifted):
+        raise _Fallback(f"order {order}")
+    while shifted[-order] is None:  # img2img may start mid-cycle: diffusers lowers the order
+        order -= 1
+    if index + 1 >= len(sigmas) or index - (order - 1) < 0:
+        raise _Fallback("step index outside the sigmas")
+    c_x, c_m, c_noise = _dpm_single_coefficients(
+        scheduler, algorithm, config.solver_type, sigmas, index, order
+    )
+    x0_form, eps_form = _converted_forms(scheduler, config.prediction_type, index, sigmas)
+    plus = algorithm != "dpmsolver"
+    noise = None
+    if algorithm == "sde-dpmsolver++":
+        noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+    start = sample if order == 1 else scheduler.sample
+    out_x, history, weights = c_x, [], []
+    if order > 1:
+        history = [start] + [shifted[-1 - k] for k in range(1, order)]  # x_start, m1, m2
+        out_x, weights = 0.0, [c_x] + c_m[1:]
+    prev_sample, converted = _combine(
+        model_output,
+        sample,
+        x0_form if plus else eps_form,
+        out_x=out_x,
+        out_x0=c_m[0],
+        history=history,
+        out_history=weights,
+        noise=noise,
+        out_noise=c_noise,
+        x0_options=_x0_options(config) if plus else None,
+    )
+    for i in range(config.solver_order - 1):
+        outputs[i] = outputs[i + 1]
+    outputs[-1] = converted
+    if order == 1:
+        scheduler.sample = sample
+    scheduler._step_index = index + 1
+    if not a["return_dict"]:
+        return (prev_sample,)
+    return SchedulerOutput(prev_sample=prev_sample)
+
+
 def _flow_stochastic(scheduler, state, a, index, sigmas):
     model_output, sample = a["model_output"], a["sample"]
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
@@ -945,6 +1476,9 @@ _FAMILIES: dict[str, _Family] = {
     "LMSDiscreteScheduler": _Family(
         _lms_reason, _lms_step, _SCHEDULERS + "scheduling_lms_discrete.LMSDiscreteSchedulerOutput", True
     ),
+    "UniPCMultistepScheduler": _Family(_unipc_reason, _unipc_step),
+    "DEISMultistepScheduler": _Family(_deis_reason, _deis_step),
+    "DPMSolverSinglestepScheduler": _Family(_dpm_single_reason, _dpm_single_step),
 }
 
 #: Configs of covered schedulers that run diffusers' own step, by class (documentation for the swap report).
@@ -960,6 +1494,12 @@ FALLBACK_CONFIGS = {
     "PNDMScheduler": "skip_prk_steps=False (the Runge-Kutta warm-up)",
     "LCMScheduler": "clip_sample or thresholding",
     "LMSDiscreteScheduler": "order > 4 (per call)",
+    "UniPCMultistepScheduler": "solver_p; predict_x0=False with flow_prediction; thresholding edge cases as "
+    "DDIM; steps diffusers computes as NaN/inf (bh1 or predict_x0=False onto a zero final sigma, orders > 1 "
+    "onto it with lower_order_final=False) and solver_order > 3 (per call)",
+    "DEISMultistepScheduler": "solver_order > 3; thresholding edge cases as DDIM",
+    "DPMSolverSinglestepScheduler": "learned variance; dpmsolver with thresholding or flow_prediction; "
+    "two equal sigmas in a higher-order step (per call)",
 }
 
 
