@@ -240,9 +240,9 @@ def test_calls_the_fused_step_does_not_cover_run_diffusers_step():
     assert report.fallbacks["inputs require grad (the fused step is inference-only)"] == 1
     assert report.fallbacks["dtype torch.float64"] == 1
     # a scheduler class without a fused step is left alone by patch, and the report says so
-    heun = diffusers.HeunDiscreteScheduler()
-    swap = diffusers_fast.accelerate_scheduler(heun)
-    assert not swap.fused and "step" not in heun.__dict__
+    edm = diffusers.EDMEulerScheduler()
+    swap = diffusers_fast.accelerate_scheduler(edm)
+    assert not swap.fused and "step" not in edm.__dict__
 
 
 class _NoSync(TorchDispatchMode):
