@@ -404,7 +404,11 @@ def test_sampler_from_config_reproduces_the_diffusers_loop(name, config):
 def test_sampler_from_scheduler_errors():
     with pytest.raises(ValueError, match="scheduler must be a diffusers"):
         fastlatent.sampling.Sampler.from_scheduler(diffusers.HeunDiscreteScheduler())
-    with pytest.raises(ValueError, match="solver_order=3.*not expressible"):
-        fastlatent.sampling.Sampler.from_scheduler(diffusers.DPMSolverMultistepScheduler(solver_order=3))
+    with pytest.raises(ValueError, match="sde-dpmsolver' with solver_order=3 is not expressible"):
+        fastlatent.sampling.Sampler.from_scheduler(
+            diffusers.DPMSolverMultistepScheduler(
+                algorithm_type="sde-dpmsolver", solver_order=3, final_sigmas_type="sigma_min"
+            )
+        )
     with pytest.raises(ValueError, match="config must be one of"):
         fastlatent.sampling.Sampler.from_config({"_class_name": "UniPCMultistepScheduler"})

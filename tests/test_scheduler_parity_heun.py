@@ -4,10 +4,13 @@ diffusers' calls mix), ancestral noise, per-call fallbacks and no host syncs in 
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
-from test_scheduler_parity import SD, _noise_kwargs, _NoSync, _pair, _rel, _run
+from test_scheduler_parity import SD, _noise_kwargs, _NoSync, _pair, _rel, _run, _TimeModel
 
+import fastlatent
 from fastlatent.sampling import diffusers_fast
 
 diffusers = pytest.importorskip("diffusers")
@@ -226,3 +229,94 @@ def test_fused_two_stage_steps_do_not_read_the_device(name, config):
     with pytest.raises(AssertionError, match="host sync"), _NoSync():
         for t in ref.timesteps:
             x = ref.step(torch.randn_like(x), t, x).prev_sample
+
+
+# ------------------------------------------------------------------ Sampler plans of the general fused step
+
+SAMPLER_GENERAL_CASES = [
+    ("DPMSolverMultistepScheduler", dict(SD, solver_order=3)),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(SD, solver_order=3, use_karras_sigmas=True, thresholding=True, sample_max_value=1.5),
+    ),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(SD, solver_order=3, prediction_type="v_prediction", lower_order_final=False),
+    ),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(SD, algorithm_type="dpmsolver", solver_type="heun", final_sigmas_type="sigma_min"),
+    ),
+    ("DPMSolverMultistepScheduler", dict(SD, algorithm_type="sde-dpmsolver++", solver_order=2)),
+    (
+        "DPMSolverMultistepScheduler",
+        dict(SD, algorithm_type="sde-dpmsolver++", solver_order=3, use_exponential_sigmas=True),
+    ),
+    ("EulerAncestralDiscreteScheduler", dict(SD)),
+    (
+        "EulerAncestralDiscreteScheduler",
+        dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"),
+    ),
+]
+
+
+def _philox_noise(seed, steps, shape):
+    """The normals the Sampler's step i draws (Philox at (seed, i)), read back through the generic op."""
+    zeros = torch.zeros(shape)
+    return [
+        fastlatent.ops.sampler_step(
+            zeros, zeros, 0.0, 0.0, 0.0, 0.0, 0.0, (), (), 1.0, seed=seed, offset=i, return_x0=False
+        )[0]
+        for i in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("name,config", SAMPLER_GENERAL_CASES, ids=[n for n, _ in SAMPLER_GENERAL_CASES])
+def test_sampler_from_scheduler_general_plans(name, config, monkeypatch):
+    """DPM-Solver orders 1-3 (dpmsolver++/dpmsolver/sde-dpmsolver++) and Euler ancestral as Sampler plans:
+    the diffusers loop fed the Sampler's own noise gives the same trajectory; the same generator gives the
+    same sample again."""
+    scheduler = getattr(diffusers, name)(**config)
+    sampler = fastlatent.sampling.Sampler.from_scheduler(scheduler, steps=20)
+    model = _TimeModel()
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    stochastic = name.startswith("EulerAncestral") or config.get("algorithm_type", "").startswith("sde")
+    seed = fastlatent.ops.seed_from_generator(torch.Generator().manual_seed(9)) if stochastic else 0
+    draws = _philox_noise(seed, 20, noise.shape) if stochastic else []
+    if name.startswith("EulerAncestral"):
+        module = importlib.import_module(type(scheduler).__module__)
+        monkeypatch.setattr(module, "randn_tensor", lambda *args, **kw: draws.pop(0))
+    scheduler.set_timesteps(20)
+    x = noise * scheduler.init_noise_sigma
+    for i, t in enumerate(scheduler.timesteps):
+        out = model(scheduler.scale_model_input(x, t), t)
+        extra = dict(variance_noise=draws[i]) if stochastic and name.startswith("DPM") else {}
+        x = scheduler.step(out, t, x, **extra).prev_sample
+    ours = sampler.sample(
+        lambda y, t, c: model(y, t), noise, generator=torch.Generator().manual_seed(9), progress=False
+    )
+    assert _rel(ours, x) <= 1e-4
+    again = sampler.sample(
+        lambda y, t, c: model(y, t), noise, generator=torch.Generator().manual_seed(9), progress=False
+    )
+    assert torch.equal(ours, again)
+    if stochastic:
+        other = sampler.sample(
+            lambda y, t, c: model(y, t), noise, generator=torch.Generator().manual_seed(10), progress=False
+        )
+        assert _rel(other, x) > 1e-2
+
+
+def test_sampler_from_config_takes_the_general_plans():
+    config = diffusers.DPMSolverMultistepScheduler(
+        **SD, algorithm_type="sde-dpmsolver++", solver_order=3
+    ).config
+    sampler = fastlatent.sampling.Sampler.from_config(
+        config, steps=10, class_name="DPMSolverMultistepScheduler"
+    )
+    assert sampler.method == "dpm_solver" and len(sampler.plan) == 10
+    assert [len(step.args[5]) for step in sampler.plan] == [0, 1, 2, 2, 2, 2, 2, 2, 1, 0]
+    with pytest.raises(ValueError, match="prediction_type='sample'.*not expressible"):
+        fastlatent.sampling.Sampler.from_scheduler(
+            diffusers.EulerAncestralDiscreteScheduler(prediction_type="sample")
+        )
