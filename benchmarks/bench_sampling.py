@@ -313,6 +313,10 @@ SCHEDULER_LOOPS = {
         dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
     ),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+    "heun": ("HeunDiscreteScheduler", dict(SD)),
+    "kdpm2": ("KDPM2DiscreteScheduler", dict(SD)),
+    "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", dict(SD)),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0)),
 }
 SCHEDULER_SHAPES = [
     pytest.param((8, 4, 64, 64), id="8x4x64x64"),
