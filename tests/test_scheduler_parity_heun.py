@@ -199,6 +199,22 @@ def test_configs_and_calls_without_a_fused_step_run_diffusers_step():
     _same_state(ours, ref, tol=0.0)
 
 
+def test_ancestral_fallback_after_a_first_stage_unlike_the_second_draws_diffusers_noise_once():
+    """A second stage that falls back (the stored first-stage sample is float64) leaves the generator to
+    diffusers' step: the noise is drawn once, so the sample equals diffusers'."""
+    ours, ref = _pair("KDPM2AncestralDiscreteScheduler", SD)
+    x, m = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    results = []
+    for s in (ours, ref):
+        s.set_timesteps(8)
+        s.step(m.double(), s.timesteps[2], x.double())
+        gen = torch.Generator().manual_seed(5)
+        out = s.step(m, s.timesteps[3], x, generator=gen).prev_sample
+        results.append((out, torch.randn(3, generator=gen)))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert diffusers_fast.scheduler_report(ours).fallbacks["stored first-stage sample unlike sample"] == 1
+
+
 def test_tables_replaced_after_set_timesteps_are_read_again():
     """A schedule table the scheduler holds anew (here sigmas_interpol, rescaled in place of the old) is
     copied again, never read stale."""

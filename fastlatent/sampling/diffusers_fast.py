@@ -1103,11 +1103,14 @@ def _kdpm2_reason(scheduler) -> str | None:
     return None
 
 
-def _kdpm2_step(scheduler, state, a):
-    """KDPM2 (DPM-Solver-2 in sigma space): a half step to the log-midpoint sigma_interpol, then the full step
-    from the stored sample with the derivative at the midpoint. One fused op per stage."""
-    from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
+def _kdpm2_update(scheduler, state, a, ancestral: bool):
+    """One stage of KDPM2 (DPM-Solver-2 in sigma space) or its ancestral variant, one fused op per stage.
 
+    First stage: a half step from sigma to the log-midpoint sigma_interpol, x' = x + (sigma_interpol - sigma)
+    (x - x0) / sigma; the sample is stored (the ancestral variant also stores dt, as diffusers does). Second
+    stage: from the stored sample with the derivative at the midpoint, to the next sigma, or for the ancestral
+    variant to sigma_down plus sigma_up times noise drawn as diffusers draws it (randn_tensor with the model
+    output's shape, dtype and device and the call's generator)."""
     model_output, sample = a["model_output"], a["sample"]
     _check_call(model_output, sample)
     index = _step_index(scheduler, state, a["timestep"])
@@ -1115,81 +1118,72 @@ def _kdpm2_step(scheduler, state, a):
     interpol = _host_table(scheduler, state, "sigmas_interpol")
     prediction = scheduler.config.prediction_type
     if scheduler.sample is None:
-        if index + 1 >= min(len(sigmas), len(interpol)):
+        mid = index if ancestral else index + 1  # diffusers' midpoint index in each variant's table
+        if not 0 <= mid < min(len(sigmas), len(interpol)) or index + 1 >= len(sigmas):
             raise _Fallback("step past the last sigma")
         sigma = sigmas[index]
-        c = _dt32(interpol[index + 1], sigma) / sigma
+        c = _dt32(interpol[mid], sigma) / sigma
         prev_sample, x0 = _combine(
             model_output, sample, _sigma_forms(prediction, sigma), out_x=1.0 + c, out_x0=-c
         )
         scheduler.sample = sample
+        if ancestral:
+            scheduler.dt = scheduler.sigmas_interpol[index] - scheduler.sigmas[index]  # diffusers' 0-d tensor
     else:
-        if not 1 <= index < min(len(sigmas), len(interpol)):
+        if not 1 <= index <= min(len(sigmas), len(interpol)):
             raise _Fallback("step index outside the sigmas")
-        sigma, sigma_mid = sigmas[index - 1], interpol[index]
-        c = _dt32(sigmas[index], sigma) / sigma_mid
+        sigma = sigmas[index - 1]
+        noise, sigma_up = None, 0.0
+        if ancestral:
+            up = _host_table(scheduler, state, "sigmas_up")
+            down = _host_table(scheduler, state, "sigmas_down")
+            if index > min(len(up), len(down)):
+                raise _Fallback("step index outside the sigmas")
+            sigma_mid, sigma_to, sigma_up = interpol[index - 1], down[index - 1], up[index - 1]
+        else:
+            if index >= len(sigmas):
+                raise _Fallback("step index outside the sigmas")
+            sigma_mid, sigma_to = interpol[index], sigmas[index]
+        c = _dt32(sigma_to, sigma) / sigma_mid
+        first = scheduler.sample
+        if not (
+            isinstance(first, torch.Tensor)
+            and (first.shape, first.dtype, first.device) == (sample.shape, sample.dtype, sample.device)
+        ):
+            raise _Fallback("stored first-stage sample unlike sample")
+        if ancestral:  # drawn after every check that can fall back: diffusers' step would draw it again
+            noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
         prev_sample, x0 = _combine(
             model_output,
             sample,
             _sigma_forms(prediction, sigma_mid),
             out_x=c,
             out_x0=-c,
-            history=[scheduler.sample],
+            history=[first],
             out_history=[1.0],
+            noise=noise,
+            out_noise=sigma_up,
         )
         scheduler.sample = None
     scheduler._step_index = index + 1
+    return prev_sample, x0
+
+
+def _kdpm2_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
+
+    prev_sample, x0 = _kdpm2_update(scheduler, state, a, ancestral=False)
     if not a["return_dict"]:
         return prev_sample, x0
     return KDPM2DiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
 def _kdpm2_ancestral_step(scheduler, state, a):
-    """KDPM2 ancestral: the first stage as KDPM2's (to sigma_interpol), the second from the stored sample to
-    sigma_down plus sigma_up times noise drawn as diffusers draws it (randn_tensor, the model output's shape,
-    dtype and device, the call's generator), all in one fused op."""
     from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import (
         KDPM2AncestralDiscreteSchedulerOutput,
     )
 
-    model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample)
-    index = _step_index(scheduler, state, a["timestep"])
-    sigmas = state.host_sigmas
-    interpol = _host_table(scheduler, state, "sigmas_interpol")
-    prediction = scheduler.config.prediction_type
-    if scheduler.sample is None:
-        if not 0 <= index < min(len(sigmas), len(interpol)):
-            raise _Fallback("step index outside the sigmas")
-        sigma = sigmas[index]
-        c = _dt32(interpol[index], sigma) / sigma
-        prev_sample, x0 = _combine(
-            model_output, sample, _sigma_forms(prediction, sigma), out_x=1.0 + c, out_x0=-c
-        )
-        scheduler.sample = sample
-        scheduler.dt = scheduler.sigmas_interpol[index] - scheduler.sigmas[index]  # diffusers' 0-d tensor
-    else:
-        up = _host_table(scheduler, state, "sigmas_up")
-        down = _host_table(scheduler, state, "sigmas_down")
-        if not 1 <= index <= min(len(sigmas), len(interpol), len(up), len(down)):
-            raise _Fallback("step index outside the sigmas")
-        sigma, sigma_mid = sigmas[index - 1], interpol[index - 1]
-        c = _dt32(down[index - 1], sigma) / sigma_mid
-        first_sample = scheduler.sample
-        noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
-        prev_sample, x0 = _combine(
-            model_output,
-            sample,
-            _sigma_forms(prediction, sigma_mid),
-            out_x=c,
-            out_x0=-c,
-            history=[first_sample],
-            out_history=[1.0],
-            noise=noise,
-            out_noise=up[index - 1],
-        )
-        scheduler.sample = None
-    scheduler._step_index = index + 1
+    prev_sample, x0 = _kdpm2_update(scheduler, state, a, ancestral=True)
     if not a["return_dict"]:
         return prev_sample, x0
     return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
