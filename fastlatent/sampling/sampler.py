@@ -366,7 +366,7 @@ class Sampler:
                 sigma_up = math.sqrt(max(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2, 0.0))
                 ratio = (math.sqrt(max(sigma_to**2 - sigma_up**2, 0.0)) - sigma) / sigma
                 x0_x, x0_m = fast._sigma_forms(config.prediction_type, sigma)
-                args = (x0_x, x0_m, 1.0 + ratio, 0.0, -ratio, (), sigma_up)
+                args = (x0_x, x0_m, 1.0 + ratio, 0.0, -ratio, (), sigma_up, False)
                 plan.append(Step(t, 1.0 / math.sqrt(sigma * sigma + 1.0), "generic", args))
         else:
             plus = config.algorithm_type.endswith("dpmsolver++")
@@ -390,7 +390,9 @@ class Sampler:
                 alpha, sigma = fast._dpm_alpha_sigma(planner, sigmas[i])
                 x0_form, eps_form = fast._vp_forms(config.prediction_type, alpha, sigma)
                 form = x0_form if plus else eps_form
-                plan.append(Step(t, 1.0, "generic", (*form, c_x, 0.0, c_m[0], tuple(c_m[1:order]), c_noise)))
+                keep = i + 1 < count and config.solver_order > 1  # later steps read this converted output
+                args = (*form, c_x, 0.0, c_m[0], tuple(c_m[1:order]), c_noise, keep)
+                plan.append(Step(t, 1.0, "generic", args))
         sampler = cls.__new__(cls)
         sampler.schedule, sampler.steps, sampler.eta, sampler.karras = None, len(plan), 0.0, False
         sampler.method = "euler_ancestral" if name.startswith("EulerAncestral") else "dpm_solver"
@@ -530,7 +532,7 @@ class Sampler:
                 x, _ = _steps.ddim_step(
                     out, x, *step.args, prediction=self.prediction, return_x0=False, **noise_args, **options
                 )
-            elif step.kind == "generic":  # x0_x, x0_m, out_x, out_m, out_x0, out_history, out_noise
+            elif step.kind == "generic":  # x0_x, x0_m, out_x, out_m, out_x0, out_history, out_noise, keep_x0
                 x, x0 = _steps.sampler_step(
                     out,
                     x,
@@ -538,10 +540,12 @@ class Sampler:
                     history[: len(step.args[5])],
                     step.args[5],
                     step.args[6],
+                    return_x0=step.args[7],
                     **noise_args,
                     **options,
                 )
-                history = [x0, *history[:2]]  # converted model outputs, newest first
+                if step.args[7]:
+                    history = [x0, *history[:2]]  # converted model outputs, newest first
             elif step.kind == "euler":
                 x, _ = _steps.euler_step(
                     out, x, *step.args, prediction=self.prediction, return_x0=False, **options
