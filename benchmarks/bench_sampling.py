@@ -314,6 +314,10 @@ SCHEDULER_LOOPS = {
         dict(SD, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
     ),
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
+    "heun": ("HeunDiscreteScheduler", dict(SD)),
+    "kdpm2": ("KDPM2DiscreteScheduler", dict(SD)),
+    "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", dict(SD)),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0)),
 }
 SCHEDULER_SHAPES = [
     pytest.param((8, 4, 64, 64), id="8x4x64x64"),
@@ -548,7 +552,7 @@ if __name__ == "__main__":
             json.dump(result, f, indent=1)
 
 
-# ------------------------------------------------------------------ patched multistep solvers (UniPC, DEIS, DPM single)
+# ---------------------------------------------------- patched multistep solvers (UniPC, DEIS, DPM single)
 
 # UniPC's corrector and DEIS / DPM-Solver singlestep, as pipelines configure them (SD's UniPC is bh2, order 2)
 MULTISTEP_SOLVER_LOOPS = {

@@ -1193,7 +1193,7 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
         ).finish()
     )
 
-    # Residual FSQ, 16M rows x d=4, 8 layers (vqp's ResidualFSQ on 16 latents of 1024x1024) --------------------
+    # Residual FSQ, 16M rows x d=4, 8 layers (vqp's ResidualFSQ on 16 latents of 1024x1024) ---------------
     rows_, d_, q_ = 16 * 2**20, 4, 8
     e = rows_ * d_
     # one thread per element: per layer ~30 instructions (5 rounded ops, clamp, convert, residual and

@@ -31,7 +31,8 @@ def check_nearest_code_args(
         )
     if codebook.shape[-2] < 1:
         raise ValueError(
-            f"fastlatent.{op}: codebook must hold at least one code (K >= 1), got shape {list(codebook.shape)}"
+            f"fastlatent.{op}: codebook must hold at least one code (K >= 1), "
+            f"got shape {list(codebook.shape)}"
         )
     if x.shape[-1] < 1:
         raise ValueError(f"fastlatent.{op}: x must have D >= 1, got shape {list(x.shape)}")

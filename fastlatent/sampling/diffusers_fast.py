@@ -28,9 +28,11 @@ import importlib
 import inspect
 import math
 import types
+import warnings
 from collections import Counter, OrderedDict
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from fastlatent._extension import HAS_CUDA_KERNELS, extension_available
@@ -86,6 +88,7 @@ class _State:
     final_alpha: Any = None  # (final_alpha_cumprod tensor, host float)
     config: Any = None  # the scheduler's (frozen) config that config_reason below was computed for
     config_reason: str | None = None
+    host_tables: dict = dataclasses.field(default_factory=dict)  # family tables: name -> (tensor, host list)
 
 
 @dataclasses.dataclass
@@ -102,6 +105,7 @@ class _Family:
     step: Callable[..., Any]  # (scheduler, state, arguments) -> diffusers' step output (or tuple)
     output: str | None = None
     needs_set_timesteps: bool = False
+    snapshot: Callable[[Any, Any], None] | None = None  # host copies of the family's own schedule tables
     _output_type: Any = dataclasses.field(default=None, repr=False)  # (class, field names), on first use
 
 
@@ -349,6 +353,8 @@ def _snapshot(scheduler, state) -> None:
         _alphas_cumprod(scheduler)
     if isinstance(getattr(scheduler, "final_alpha_cumprod", None), torch.Tensor):
         _final_alpha(scheduler, state)
+    if state.family.snapshot is not None:
+        state.family.snapshot(scheduler, state)
 
 
 def _ddpm_reason(scheduler) -> str | None:
@@ -361,8 +367,6 @@ def _ddpm_reason(scheduler) -> str | None:
 def _ddpm_coefficients(alpha_bar_t: float, alpha_bar_prev: float, prediction: str):
     """DDPM's coefficients rounded to float32 in diffusers' order of operations: its step is applied up to
     1000 times, and coefficients rounded differently (even more exactly) drift measurably from its loop."""
-    import numpy as np
-
     f = np.float32
     a, ap = f(alpha_bar_t), f(alpha_bar_prev)
     beta, beta_prev = f(1) - a, f(1) - ap
@@ -838,7 +842,7 @@ def _lms_coefficients(sigmas: list, index: int, order: int) -> list:
     cached = _LMS_CACHE.get(key)
     if cached is not None:
         return cached
-    from scipy import integrate
+    from scipy import integrate  # optional: only LMS needs it (diffusers imports it there too)
 
     def coefficient(current):
         def basis(tau):
@@ -888,8 +892,6 @@ def _lms_step(scheduler, state, a):
     )
     x0 = torch.add(sample, derivative, alpha=-sigma)
     if not scheduler.is_scale_input_called:
-        import warnings
-
         warnings.warn(
             "The `scale_model_input` function should be called before `step` to ensure correct "
             "denoising. See `StableDiffusionPipeline` for a usage example."
@@ -962,8 +964,6 @@ def _unipc_reason(scheduler) -> str | None:
 
 def _f32_alpha_sigma(scheduler, sigma: float):
     """diffusers' _sigma_to_alpha_sigma_t on a float32 sigma, in float32 as its tensor code computes it."""
-    import numpy as np
-
     s = np.float32(sigma)
     if scheduler.config.use_flow_sigmas:
         return np.float32(1.0) - s, s
@@ -1197,8 +1197,6 @@ def _deis_coefficients(scheduler, sigmas: list, index: int, order: int) -> tuple
 
 
 def _deis_coefficients_f32(scheduler, sigmas, index, order):
-    import numpy as np
-
     f = np.float32
     with np.errstate(all="ignore"):
         a_t, s_t = _f32_alpha_sigma(scheduler, sigmas[index + 1])
@@ -1447,6 +1445,254 @@ def _flow_stochastic(scheduler, state, a, index, sigmas):
     return prev_sample
 
 
+# ------------------------------------------------------------- two-stage schedulers: Heun, KDPM2, flow Heun
+#
+# Each of these runs every sigma interval as two calls of step: a first-order stage that stores what the
+# second needs on the scheduler (diffusers' attributes: sample, prev_derivative, dt), then a correction. The
+# fused stages read and write exactly those attributes, as tensors of the same kind, so fused calls and
+# diffusers' own calls (a fallback) can follow one another in either order.
+
+
+def _dt32(sigma_to: float, sigma_from: float) -> float:
+    """sigma_to - sigma_from in float32, the rounding of diffusers' 0-d tensor subtraction."""
+    return float(np.float32(sigma_to) - np.float32(sigma_from))
+
+
+def _host_table(scheduler, state, name: str, *, in_step: bool = True) -> list:
+    """A schedule tensor of the scheduler (sigmas_interpol, ...) as host floats, copied outside step (by the
+    family's snapshot after set_timesteps) and again only when the scheduler holds a new tensor."""
+    tensor = getattr(scheduler, name, None)
+    cached = state.host_tables.get(name)
+    if cached is not None and cached[0] is tensor:
+        return cached[1]
+    if not isinstance(tensor, torch.Tensor):
+        raise _Fallback(f"scheduler.{name} not set (set_timesteps not called)")
+    if in_step and tensor.device.type != "cpu":
+        raise _Fallback(f"scheduler.{name} replaced on the device after set_timesteps")
+    host = _host_copy(tensor)
+    state.host_tables[name] = (tensor, host)
+    return host
+
+
+def _table_snapshot(*names: str) -> Callable[[Any, Any], None]:
+    def snapshot(scheduler, state) -> None:
+        for name in names:
+            if isinstance(getattr(scheduler, name, None), torch.Tensor):
+                _host_table(scheduler, state, name, in_step=False)
+
+    return snapshot
+
+
+def _heun_reason(scheduler) -> str | None:
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction", "sample"):
+        return f"prediction_type={scheduler.config.prediction_type!r}"
+    return _x0_reason(scheduler.config)
+
+
+def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_options, return_x0):
+    """One stage of Heun's method (HeunDiscreteScheduler, FlowMatchHeunDiscreteScheduler); returns
+    (prev_sample, x0 or None) and leaves prev_derivative, dt, sample and the step index as diffusers does.
+
+    First stage, from sigma to sigma_next: d = (x - x0) / sigma, x' = x + dt d, and d, dt, x are stored.
+    Second stage at sigma_next: x' = x_first + dt / 2 (d_first + (x - x0) / sigma_next), one fused op with the
+    stored sample and derivative as history."""
+    sigmas = state.host_sigmas
+    if scheduler.dt is None:
+        if index + 1 >= len(sigmas):
+            raise _Fallback("step past the last sigma")
+        sigma, sigma_next = sigmas[index], sigmas[index + 1]
+        dt = _dt32(sigma_next, sigma)
+        x0_form = _sigma_forms(prediction, sigma)
+        if return_x0:
+            prev_sample, x0 = _combine(
+                model_output,
+                sample,
+                x0_form,
+                out_x=1.0 + dt / sigma,
+                out_x0=-dt / sigma,
+                x0_options=x0_options,
+            )
+            # the stored derivative, (x - x0) / sigma from the clipped x0: a second pass over x and x0
+            derivative, _ = _combine(
+                x0, sample, (0.0, 0.0), out_x=1.0 / sigma, out_m=-1.0 / sigma, return_x0=False
+            )
+        else:
+            if x0_options:
+                raise _Fallback("x0 clipping without x0 output")
+            # the derivative itself in the x0 slot: d = ((1 - c_x) x - c_m m) / sigma, x' = x + dt d
+            derivative_form = ((1.0 - x0_form[0]) / sigma, -x0_form[1] / sigma)
+            prev_sample, derivative = _combine(model_output, sample, derivative_form, out_x=1.0, out_x0=dt)
+            x0 = None
+        tables = scheduler.sigmas
+        scheduler.prev_derivative = derivative
+        scheduler.dt = tables[index + 1] - tables[index]  # diffusers' 0-d tensor, on the sigmas' device
+        scheduler.sample = sample
+    else:
+        if not 1 <= index < len(sigmas):
+            raise _Fallback("step index outside the sigmas")
+        first_derivative, first_sample = scheduler.prev_derivative, scheduler.sample
+        if first_derivative is None or first_sample is None:
+            raise _Fallback("second Heun stage without a stored first stage")
+        sigma, sigma_next = sigmas[index - 1], sigmas[index]
+        dt = _dt32(sigma_next, sigma)
+        half = 0.5 * dt / sigma_next
+        prev_sample, x0 = _combine(
+            model_output,
+            sample,
+            _sigma_forms(prediction, sigma_next),
+            out_x=half,
+            out_x0=-half,
+            history=[first_sample, first_derivative],
+            out_history=[1.0, 0.5 * dt],
+            x0_options=x0_options,
+            return_x0=return_x0,
+        )
+        if not return_x0:
+            x0 = None
+        scheduler.prev_derivative = scheduler.dt = scheduler.sample = None
+    scheduler._step_index = index + 1
+    return prev_sample, x0
+
+
+def _heun_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
+
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample)
+    index = _step_index(scheduler, state, a["timestep"])
+    config = scheduler.config
+    clip = dict(clip_x0=float(config.clip_sample_range)) if config.clip_sample else None
+    prev_sample, x0 = _heun_update(
+        scheduler, state, model_output, sample, index, config.prediction_type, clip, return_x0=True
+    )
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return HeunDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _flow_heun_reason(scheduler) -> str | None:
+    return None
+
+
+def _flow_heun_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_flow_match_heun_discrete import FlowMatchHeunDiscreteSchedulerOutput
+
+    timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
+    _reject_integer_timestep(timestep, "FlowMatchHeunDiscreteScheduler")
+    _check_call(model_output, sample)
+    if sample.dtype != torch.float32:
+        # diffusers upcasts the sample but not the model output's product with sigma: its own rounding
+        raise _Fallback(f"dtype {sample.dtype} (FlowMatchHeun mixes float32 and the model's dtype)")
+    index = _step_index(scheduler, state, timestep)
+    sigmas = state.host_sigmas
+    first = scheduler.dt is None
+    position = index if first else index - 1
+    if not 0 <= position < len(sigmas):
+        raise _Fallback("step index outside the sigmas")
+    sigma = sigmas[position]
+    s_churn, s_tmin, s_tmax = a["s_churn"], a["s_tmin"], a["s_tmax"]
+    gamma = min(s_churn / (len(sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma > 0:
+        raise _Fallback("s_churn > 0")
+    # flow matching's x0 = x - sigma v is the epsilon form in sigma space
+    prev_sample, _ = _heun_update(scheduler, state, model_output, sample, index, "epsilon", None, False)
+    if not a["return_dict"]:
+        return (prev_sample,)
+    return FlowMatchHeunDiscreteSchedulerOutput(prev_sample=prev_sample)
+
+
+def _kdpm2_reason(scheduler) -> str | None:
+    if scheduler.config.prediction_type not in ("epsilon", "v_prediction"):
+        return f"prediction_type={scheduler.config.prediction_type!r} (diffusers raises for it)"
+    return None
+
+
+def _kdpm2_update(scheduler, state, a, ancestral: bool):
+    """One stage of KDPM2 (DPM-Solver-2 in sigma space) or its ancestral variant, one fused op per stage.
+
+    First stage: a half step from sigma to the log-midpoint sigma_interpol, x' = x + (sigma_interpol - sigma)
+    (x - x0) / sigma; the sample is stored (the ancestral variant also stores dt, as diffusers does). Second
+    stage: from the stored sample with the derivative at the midpoint, to the next sigma, or for the ancestral
+    variant to sigma_down plus sigma_up times noise drawn as diffusers draws it (randn_tensor with the model
+    output's shape, dtype and device and the call's generator)."""
+    model_output, sample = a["model_output"], a["sample"]
+    _check_call(model_output, sample)
+    index = _step_index(scheduler, state, a["timestep"])
+    sigmas = state.host_sigmas
+    interpol = _host_table(scheduler, state, "sigmas_interpol")
+    prediction = scheduler.config.prediction_type
+    if scheduler.sample is None:
+        mid = index if ancestral else index + 1  # diffusers' midpoint index in each variant's table
+        if not 0 <= mid < min(len(sigmas), len(interpol)) or index + 1 >= len(sigmas):
+            raise _Fallback("step past the last sigma")
+        sigma = sigmas[index]
+        c = _dt32(interpol[mid], sigma) / sigma
+        prev_sample, x0 = _combine(
+            model_output, sample, _sigma_forms(prediction, sigma), out_x=1.0 + c, out_x0=-c
+        )
+        scheduler.sample = sample
+        if ancestral:
+            scheduler.dt = scheduler.sigmas_interpol[index] - scheduler.sigmas[index]  # diffusers' 0-d tensor
+    else:
+        if not 1 <= index <= min(len(sigmas), len(interpol)):
+            raise _Fallback("step index outside the sigmas")
+        sigma = sigmas[index - 1]
+        noise, sigma_up = None, 0.0
+        if ancestral:
+            up = _host_table(scheduler, state, "sigmas_up")
+            down = _host_table(scheduler, state, "sigmas_down")
+            if index > min(len(up), len(down)):
+                raise _Fallback("step index outside the sigmas")
+            sigma_mid, sigma_to, sigma_up = interpol[index - 1], down[index - 1], up[index - 1]
+        else:
+            if index >= len(sigmas):
+                raise _Fallback("step index outside the sigmas")
+            sigma_mid, sigma_to = interpol[index], sigmas[index]
+        c = _dt32(sigma_to, sigma) / sigma_mid
+        first = scheduler.sample
+        if not (
+            isinstance(first, torch.Tensor)
+            and (first.shape, first.dtype, first.device) == (sample.shape, sample.dtype, sample.device)
+        ):
+            raise _Fallback("stored first-stage sample unlike sample")
+        if ancestral:  # drawn after every check that can fall back: diffusers' step would draw it again
+            noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+        prev_sample, x0 = _combine(
+            model_output,
+            sample,
+            _sigma_forms(prediction, sigma_mid),
+            out_x=c,
+            out_x0=-c,
+            history=[first],
+            out_history=[1.0],
+            noise=noise,
+            out_noise=sigma_up,
+        )
+        scheduler.sample = None
+    scheduler._step_index = index + 1
+    return prev_sample, x0
+
+
+def _kdpm2_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
+
+    prev_sample, x0 = _kdpm2_update(scheduler, state, a, ancestral=False)
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return KDPM2DiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
+def _kdpm2_ancestral_step(scheduler, state, a):
+    from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import (
+        KDPM2AncestralDiscreteSchedulerOutput,
+    )
+
+    prev_sample, x0 = _kdpm2_update(scheduler, state, a, ancestral=True)
+    if not a["return_dict"]:
+        return prev_sample, x0
+    return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+
+
 _SCHEDULERS = "diffusers.schedulers."
 _FAMILIES: dict[str, _Family] = {
     "DDIMScheduler": _Family(
@@ -1479,6 +1725,16 @@ _FAMILIES: dict[str, _Family] = {
     "UniPCMultistepScheduler": _Family(_unipc_reason, _unipc_step),
     "DEISMultistepScheduler": _Family(_deis_reason, _deis_step),
     "DPMSolverSinglestepScheduler": _Family(_dpm_single_reason, _dpm_single_step),
+    "HeunDiscreteScheduler": _Family(_heun_reason, _heun_step),
+    "KDPM2DiscreteScheduler": _Family(
+        _kdpm2_reason, _kdpm2_step, snapshot=_table_snapshot("sigmas_interpol")
+    ),
+    "KDPM2AncestralDiscreteScheduler": _Family(
+        _kdpm2_reason,
+        _kdpm2_ancestral_step,
+        snapshot=_table_snapshot("sigmas_interpol", "sigmas_up", "sigmas_down"),
+    ),
+    "FlowMatchHeunDiscreteScheduler": _Family(_flow_heun_reason, _flow_heun_step),
 }
 
 #: Configs of covered schedulers that run diffusers' own step, by class (documentation for the swap report).
@@ -1500,6 +1756,10 @@ FALLBACK_CONFIGS = {
     "DEISMultistepScheduler": "solver_order > 3; thresholding edge cases as DDIM",
     "DPMSolverSinglestepScheduler": "learned variance; dpmsolver with thresholding or flow_prediction; "
     "two equal sigmas in a higher-order step (per call)",
+    "HeunDiscreteScheduler": "clip_sample_range <= 0",
+    "KDPM2DiscreteScheduler": "prediction_type='sample' (diffusers does not implement it either)",
+    "KDPM2AncestralDiscreteScheduler": "prediction_type='sample' (diffusers does not implement it either)",
+    "FlowMatchHeunDiscreteScheduler": "s_churn > 0, or a sample that is not float32 (per call)",
 }
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from fastlatent.ops import sampler_steps as _steps
+from fastlatent.sampling import diffusers_fast as fast
 from fastlatent.sampling.schedules import (
     DiscreteSchedule,
     FlowSchedule,
@@ -178,6 +179,7 @@ class Sampler:
         "EulerDiscreteScheduler": "euler",
         "FlowMatchEulerDiscreteScheduler": "euler",
         "DPMSolverMultistepScheduler": "dpmpp_2m",
+        "EulerAncestralDiscreteScheduler": "euler_ancestral",
     }
 
     @classmethod
@@ -188,9 +190,11 @@ class Sampler:
 
         ``config``: a diffusers scheduler config (``scheduler.config``, or the dict of a
         ``scheduler_config.json`` with its ``_class_name``) of ``DDIMScheduler``, ``DDPMScheduler``,
-        ``EulerDiscreteScheduler``, ``FlowMatchEulerDiscreteScheduler`` or ``DPMSolverMultistepScheduler``
-        (``dpmsolver++``, order <= 2, midpoint). A config without ``_class_name`` (that of a scheduler built
-        in code rather than loaded) needs ``class_name``. See :meth:`from_scheduler`.
+        ``EulerDiscreteScheduler``, ``FlowMatchEulerDiscreteScheduler``,
+        ``EulerAncestralDiscreteScheduler`` or ``DPMSolverMultistepScheduler`` (orders 1-3,
+        ``dpmsolver++``/``dpmsolver`` and their SDE variants, as the patched scheduler fuses them). A config
+        without ``_class_name`` (that of a scheduler built in code rather than loaded) needs ``class_name``.
+        See :meth:`from_scheduler`.
         """
         try:
             import diffusers
@@ -219,8 +223,10 @@ class Sampler:
 
         ``sample(model_fn, x_T)`` then takes unit noise and scales it by the scheduler's
         ``init_noise_sigma``, as a diffusers pipeline prepares its latents, and gives the trajectory of the
-        diffusers loop (deterministic methods to float rounding; ddpm and ddim with ``eta > 0`` draw other
-        noise from the same distribution). ``scheduler`` is not modified (a copy is planned).
+        diffusers loop (deterministic methods to float rounding; ddpm, ddim with ``eta > 0``, Euler ancestral
+        and SDE DPM-Solver draw other noise from the same distribution: Philox at ``(seed, step)``, and the
+        diffusers loop given that noise gives the same sample). ``scheduler`` is not modified (a copy is
+        planned).
 
         Raises:
             ValueError: a scheduler class or config this plan cannot express (use ``fastlatent.patch`` on the
@@ -246,18 +252,14 @@ class Sampler:
                 raise ValueError(f"{where}: stochastic_sampling=True is not expressible; patch the scheduler")
         if prediction is None:
             raise ValueError(f"{where}: prediction_type={config.prediction_type!r} is not expressible")
-        if name == "DPMSolverMultistepScheduler" and (
+        general_dpm = name == "DPMSolverMultistepScheduler" and (
             config.algorithm_type != "dpmsolver++"
             or config.solver_order > 2
             or (config.solver_order == 2 and config.solver_type != "midpoint")
             or config.variance_type in ("learned", "learned_range")
-        ):
-            raise ValueError(
-                f"{where}: DPMSolverMultistepScheduler with algorithm_type="
-                f"{config.algorithm_type!r}, solver_order={config.solver_order}, solver_type="
-                f"{config.solver_type!r} is not expressible (dpmpp_2m is dpmsolver++, order "
-                "<= 2, midpoint); patch the scheduler"
-            )
+        )
+        if general_dpm or name == "EulerAncestralDiscreteScheduler":
+            return cls._from_scheduler_general(scheduler, steps, prediction)
         if name == "DDPMScheduler" and config.variance_type != "fixed_small":
             raise ValueError(
                 f"{where}: DDPMScheduler variance_type={config.variance_type!r} is not expressible"
@@ -330,6 +332,71 @@ class Sampler:
         sampler.prediction, sampler.eta, sampler.karras = prediction, float(eta), False
         sampler.options = options
         sampler.plan, sampler.init_noise_sigma = plan, init
+        sampler._graphs, sampler._timestep_cache = {}, (None, None)
+        return sampler
+
+    @classmethod
+    def _from_scheduler_general(cls, scheduler, steps, prediction) -> "Sampler":
+        """Schedulers planned as generic fused steps (``sampler_step``: host coefficients over the sample, the
+        model output, up to 3 earlier converted outputs and noise), with the coefficients of the patched
+        scheduler's fused step: DPM-Solver multistep of any order/algorithm the patched step fuses
+        (``sde-dpmsolver++`` included) and Euler ancestral. Noise is Philox at ``(seed, step)``, as for
+        ddpm."""
+        name, config = type(scheduler).__name__, scheduler.config
+        reason = (fast._dpm_reason if name == "DPMSolverMultistepScheduler" else fast._ancestral_reason)(
+            scheduler
+        )
+        if reason is not None:
+            raise ValueError(
+                f"fastlatent.sampling.Sampler.from_scheduler: {name} with {reason} is not expressible; "
+                "patch the scheduler"
+            )
+        planner = type(scheduler).from_config(config)
+        planner.set_timesteps(
+            steps if steps is not None else (scheduler.num_inference_steps or 50), device="cpu"
+        )
+        timesteps = planner.timesteps.double().tolist()
+        sigmas = planner.sigmas.double().tolist()
+        plan: list[Step] = []
+        options = dict(guidance_rescale=0.0, clip_x0=None, threshold_quantile=None, threshold_max=1.0)
+        if name == "EulerAncestralDiscreteScheduler":
+            for i, t in enumerate(timesteps):
+                sigma, sigma_to = sigmas[i], sigmas[i + 1]
+                sigma_up = math.sqrt(max(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2, 0.0))
+                ratio = (math.sqrt(max(sigma_to**2 - sigma_up**2, 0.0)) - sigma) / sigma
+                x0_x, x0_m = fast._sigma_forms(config.prediction_type, sigma)
+                args = (x0_x, x0_m, 1.0 + ratio, 0.0, -ratio, (), sigma_up, False)
+                plan.append(Step(t, 1.0 / math.sqrt(sigma * sigma + 1.0), "generic", args))
+        else:
+            plus = config.algorithm_type.endswith("dpmsolver++")
+            if plus:
+                options.update(fast._x0_options(config))
+            count = len(timesteps)
+            for i, t in enumerate(timesteps):
+                final = i == count - 1 and (
+                    config.euler_at_final
+                    or (config.lower_order_final and count < 15)
+                    or config.final_sigmas_type == "zero"
+                )
+                second = i == count - 2 and config.lower_order_final and count < 15
+                done = min(i, config.solver_order)  # diffusers' lower_order_nums at this step
+                order = 1 if config.solver_order == 1 or done < 1 or final else 2
+                if order == 2 and not (config.solver_order == 2 or done < 2 or second):
+                    order = 3
+                c_x, c_m, c_noise = fast._dpm_coefficients(
+                    config.algorithm_type, config.solver_type, order, sigmas, i, planner
+                )
+                alpha, sigma = fast._dpm_alpha_sigma(planner, sigmas[i])
+                x0_form, eps_form = fast._vp_forms(config.prediction_type, alpha, sigma)
+                form = x0_form if plus else eps_form
+                keep = i + 1 < count and config.solver_order > 1  # later steps read this converted output
+                args = (*form, c_x, 0.0, c_m[0], tuple(c_m[1:order]), c_noise, keep)
+                plan.append(Step(t, 1.0, "generic", args))
+        sampler = cls.__new__(cls)
+        sampler.schedule, sampler.steps, sampler.eta, sampler.karras = None, len(plan), 0.0, False
+        sampler.method = "euler_ancestral" if name.startswith("EulerAncestral") else "dpm_solver"
+        sampler.prediction, sampler.options = prediction, options
+        sampler.plan, sampler.init_noise_sigma = plan, float(planner.init_noise_sigma)
         sampler._graphs, sampler._timestep_cache = {}, (None, None)
         return sampler
 
@@ -426,7 +493,7 @@ class Sampler:
         return tensors
 
     def _loop(self, model_fn, x, cond, guidance, seed, seed_offsets, progress):
-        prev_x0, prev_step = None, None
+        prev_x0, prev_step, history = None, None, []
         batch = x.shape[0] * (2 if guidance is not None else 1)
         timesteps = self._timesteps(batch, x.device)
         options = dict(self.options, guidance_scale=guidance)
@@ -451,7 +518,7 @@ class Sampler:
                     "sample; sample in the model's dtype (or cast inside model_fn)"
                 )
             noise_args = {}
-            if step.kind in ("ddpm", "ddim"):
+            if step.kind in ("ddpm", "ddim", "generic"):
                 noise_args = (
                     dict(seed_offset=seed_offsets[i])
                     if seed_offsets is not None
@@ -465,6 +532,20 @@ class Sampler:
                 x, _ = _steps.ddim_step(
                     out, x, *step.args, prediction=self.prediction, return_x0=False, **noise_args, **options
                 )
+            elif step.kind == "generic":  # x0_x, x0_m, out_x, out_m, out_x0, out_history, out_noise, keep_x0
+                x, x0 = _steps.sampler_step(
+                    out,
+                    x,
+                    *step.args[:5],
+                    history[: len(step.args[5])],
+                    step.args[5],
+                    step.args[6],
+                    return_x0=step.args[7],
+                    **noise_args,
+                    **options,
+                )
+                if step.args[7]:
+                    history = [x0, *history[:2]]  # converted model outputs, newest first
             elif step.kind == "euler":
                 x, _ = _steps.euler_step(
                     out, x, *step.args, prediction=self.prediction, return_x0=False, **options
@@ -534,6 +615,7 @@ class Sampler:
         if guidance is not None and not math.isfinite(guidance):
             raise ValueError(f"fastlatent.sampling.Sampler.sample: guidance must be finite, got {guidance}")
         needs_noise = self.method == "ddpm" or (self.method == "ddim" and self.eta > 0)
+        needs_noise = needs_noise or any(s.kind == "generic" and s.args[6] != 0.0 for s in self.plan)
         seed = _steps.seed_from_generator(generator) if needs_noise else 0
         x_start = x * self.init_noise_sigma if self.init_noise_sigma != 1.0 else x.clone()
         if not capture_graph:
