@@ -14,6 +14,7 @@ from fastlatent.ops.group_norm_conv import group_norm_conv3x3
 from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.lfq import lfq_entropy, lfq_quantize
 from fastlatent.ops.nearest_code import nearest_code
+from fastlatent.ops.sample_code import sample_code
 from fastlatent.ops.sampler_step import (
     convert_prediction,
     ddim_step,
@@ -26,6 +27,7 @@ from fastlatent.ops.sampler_step import (
 
 __all__ = [
     "nearest_code",
+    "sample_code",
     "code_stats",
     "ema_update_",
     "kmeans",
@@ -52,6 +54,7 @@ __all__ = [
 # The ops registered as torch.ops.fastlatent.* (kmeans is composed from them in Python).
 TORCH_OPS = (
     "nearest_code",
+    "sample_code",
     "code_stats",
     "ema_update_",
     "fsq_quantize",
