@@ -58,16 +58,23 @@ constexpr float kSampleCodeMinSquaredDistance = 1e-8f;
 // An upper bound of gumbel_noise() over every Philox word (the exact maximum is 16.6355).
 constexpr float kGumbelMax = 16.7f;
 
-// The Gumbel(0, 1) noise of logit element `element` of the stream (seed, offset).
-FL_HOST_DEVICE float gumbel_noise(uint64_t seed, uint64_t offset, uint64_t element) {
-  const uint64_t group = element >> 2;
-  const philox::Words w = philox::philox4x32_10(
-      static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32), static_cast<uint32_t>(offset),
-      static_cast<uint32_t>(offset >> 32), static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  const uint32_t word = w.w[element & 3];
+// The four Philox words of counter group `group` of the stream (seed, offset).
+FL_HOST_DEVICE philox::Words gumbel_words(uint64_t seed, uint64_t offset, uint64_t group) {
+  return philox::philox4x32_10(static_cast<uint32_t>(group), static_cast<uint32_t>(group >> 32),
+                               static_cast<uint32_t>(offset), static_cast<uint32_t>(offset >> 32),
+                               static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// Gumbel(0, 1) noise from one Philox word (branch-free, so loops over it vectorise on the CPU).
+FL_HOST_DEVICE float gumbel_from_word(uint32_t word) {
   const float u = (static_cast<float>(word >> 9) + 0.5f) * 1.1920928955078125e-7f;  // exact
   const float minus_log_u = 0.5f * philox::minus_two_log(u);                          // > 0, normal
   return 0.5f * philox::minus_two_log(minus_log_u);                                   // -ln(-ln u)
+}
+
+// The Gumbel(0, 1) noise of logit element `element` of the stream (seed, offset).
+FL_HOST_DEVICE float gumbel_noise(uint64_t seed, uint64_t offset, uint64_t element) {
+  return gumbel_from_word(gumbel_words(seed, offset, element >> 2).w[element & 3]);
 }
 
 // The logit of the header from the search key (nearest_code's beta[k] + alpha[k] <x_n, c_k>) and
