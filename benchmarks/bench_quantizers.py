@@ -139,6 +139,80 @@ def test_nearest_code_cuda(bench, provider, case, dtype):
     _run_nearest(bench, provider, case, CUDA, dtype)
 
 
+# --------------------------------------------------------------------------------------- sample_code
+
+SAMPLE_CPU = [
+    _nearest("vq", 16384, 64, 1024),  # stochastic_sample_codes at the VQ issue's CPU bar
+    _nearest("vit_vqgan", 4096, 32, 8192),
+]
+SAMPLE_CUDA = [_nearest("vq", 65536, 64, 1024), _nearest("vit_vqgan", 262144, 32, 8192)]
+SAMPLE_TEMPERATURE = 0.5
+
+
+def _gumbel_argmax(x, codebook):
+    """What vector-quantize-pytorch does: -cdist logits, uniform noise, two logs, argmax (N x K passes)."""
+    logits = -torch.cdist(x, codebook)
+    noise = torch.zeros_like(logits).uniform_(0, 1)
+    return (
+        logits / SAMPLE_TEMPERATURE - torch.log(-torch.log(noise.clamp_min(1e-20)).clamp_min(1e-20))
+    ).argmax(-1)
+
+
+def _run_sample(bench, provider, case, device, dtype):
+    label, n, d, k = case
+    bench.describe(
+        op="sample_code (Gumbel)",
+        case=f"{label} N={n} D={d} K={k} T={SAMPLE_TEMPERATURE}",
+        provider=provider,
+        device=device,
+        dtype=dtype,
+        sizes={"n": n, "d": d, "k": k},
+    )
+    gen = torch.Generator().manual_seed(0)
+    codebook = torch.randn(k, d, generator=gen)
+    x = codebook[torch.randint(0, k, (n,), generator=gen)] + 0.5 * torch.randn(n, d, generator=gen)
+    x, codebook = x.to(device, dtype), codebook.to(device, dtype)
+    if provider == "fastlatent":
+        # Correctness first: near temperature 0 the draw is the nearest code.
+        check = slice(0, 512)
+        cold = fastlatent.ops.sample_code(x[check], codebook, 1e-6, seed=1)
+        assert (cold == _reference_indices(x[check], codebook).to(device)).float().mean().item() > 0.99
+
+        def fn():
+            return fastlatent.ops.sample_code(x, codebook, SAMPLE_TEMPERATURE, seed=1)
+
+    elif provider == "vector_quantize_pytorch":
+        vqp = peer("vector_quantize_pytorch.vector_quantize_pytorch", "vector-quantize-pytorch")
+
+        def fn():
+            logits = -torch.cdist(x, codebook)
+            return vqp.gumbel_sample(logits, temperature=SAMPLE_TEMPERATURE, stochastic=True, training=True)[
+                0
+            ]
+
+    else:
+
+        def fn():
+            return _gumbel_argmax(x, codebook)
+
+    out = fn()
+    assert out.shape == (n,) and 0 <= int(out.min()) and int(out.max()) < k
+    bench.run(fn, flops=2 * n * d * k, bytes_moved=(n * d + k * d) * x.element_size() + n * 8)
+
+
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch", "gumbel_argmax"])
+@pytest.mark.parametrize("case", SAMPLE_CPU)
+def test_sample_code_cpu(bench, provider, case):
+    _run_sample(bench, provider, case, CPU, torch.float32)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["fastlatent", "vector_quantize_pytorch"])
+@pytest.mark.parametrize("case", SAMPLE_CUDA)
+def test_sample_code_cuda(bench, provider, case):
+    _run_sample(bench, provider, case, CUDA, torch.float32)
+
+
 # --------------------------------------------------------------------------------------- VQ layers
 
 LAYER_CASES = [

@@ -171,6 +171,7 @@ HOT_KERNELS = [
     "nearest_code/tensor_core_kernel*",
     "nearest_code/simt_kernel*",
     "nearest_code/small_d_kernel*",
+    "sample_code/sample_code_kernel*",
     "fsq/fsq_quantize_kernel*",
     "fsq/fsq_backward_kernel*",
     "residual_fsq/residual_fsq_kernel*",
@@ -1094,11 +1095,66 @@ def _nearest_code_rows(kernels) -> list["Prediction"]:
     return rows
 
 
+# sample_code's SIMT kernel, per (row, code, dim) and lane: two loads (the row from L1, the code from L2),
+# two FMAs (dot product and code norm) and a conversion; per surviving (row, code) key the Philox block and
+# two IEEE-only logarithms (philox.h).
+SAMPLE_CODE_ISSUES_PER_MAC = 5
+SAMPLE_CODE_ISSUES_PER_NOISE = 110
+
+
+def _sample_code_rows(kernels) -> list["Prediction"]:
+    rows = []
+    for name, n, d, k in [("vq", 65536, 64, 1024), ("vit_vqgan", 262144, 32, 8192)]:
+        flops = 2 * n * k * d
+        nbytes = 4 * (n * d + k * d) + 8 * n
+        dots = issue_s(n * k * d, SAMPLE_CODE_ISSUES_PER_MAC)
+        noise = issue_s(n * k, SAMPLE_CODE_ISSUES_PER_NOISE)  # every code survives the bound (hot T)
+        gemm = flops / (H100.fp32_flops * 0.8)
+        sk = kernels.get("sample_code/sample_code_kernel<fp32>")
+        rows.append(
+            Prediction(
+                id=f"sample_code_{name}_fp32",
+                workload=f"N={n} D={d} K={k}",
+                dtype="fp32",
+                kernels="sample_code: sample_code_kernel (SIMT, a warp per row)",
+                bytes_formula="4 (N D + K D) + 8 N",
+                bytes=nbytes,
+                flops_formula="2 N K D",
+                flops=flops,
+                limiter="issue (loads + FMAs per MAC, Philox per key)",
+                predicted_s=dots + noise + H100.launch_s,
+                why=(
+                    f"~{SAMPLE_CODE_ISSUES_PER_MAC} issues per multiply-add ({dots * 1e3:.2f} ms) + "
+                    f"~{SAMPLE_CODE_ISSUES_PER_NOISE} per Gumbel key, all keys drawn ({noise * 1e3:.2f} ms); "
+                    f"{sk.registers if sk else '?'} registers, {sk.occupancy if sk else 0:.0%} occupancy"
+                ),
+                after_fix_s=max(mma_s(flops, WMMA_FIXED_EFFICIENCY, H100.fp32_flops * 4), noise)
+                + H100.launch_s,
+                after_fix="nearest_code's tiled search with this epilogue: Philox-bound",
+                peers={
+                    "vector_quantize_pytorch": {
+                        "s": gemm + hbm_s(4 * 12 * n * k) + 8 * EAGER_OP_S,
+                        "model": "cdist GEMM + ~12 fp32 N x K passes (sqrt, uniform_, 2 logs, div, add, "
+                        "argmax)",
+                    },
+                },
+                bench={
+                    "op": "sample_code (Gumbel)",
+                    "case": f"{name} N={n} D={d} K={k} T=0.5",
+                    "dtype": "float32",
+                },
+                table="nearest_code",
+            ).finish(peak=H100.fp32_flops)
+        )
+    return rows
+
+
 def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
     kernels = {k.name: k for k in kernels_list}
     rows: list[Prediction] = []
 
     rows += _group_norm_rows(kernels) + _conv_rows(kernels) + _nearest_code_rows(kernels)
+    rows += _sample_code_rows(kernels)
 
     # code_stats ------------------------------------------------------------------------------------------
     for n, d, k, peer in [(1048576, 256, 16384, "index_add"), (262144, 64, 1024, "onehot_matmul")]:

@@ -186,6 +186,92 @@ def _nearest_code_errors(device):
     )
 
 
+# ---------------------------------------------------------------- sample_code
+
+
+def _sample_code_samples(device, dtype):
+    """nearest_code's shapes (odd, empty, every CPU/CUDA path) and batched heads, at two temperatures."""
+    for i, sample in enumerate(_nearest_code_samples(device, dtype)):
+        temperature = (1.0, 0.3, 4.0)[i % 3]
+        kwargs = {"temperature": temperature, "seed": 977 + i, "offset": i, **sample.kwargs}
+        yield Sample(sample.args, kwargs, name=f"{sample.name}_T{temperature}")
+
+
+def sample_code_keys(x, codebook, kwargs, indices, ref):
+    """float64 keys logit / T + noise of ``indices`` and of ``ref`` (the reference's draw), per row."""
+    if x.dim() == 2:
+        x, codebook, indices, ref = x[None], codebook[None], indices[None], ref[None]
+    b, n, _ = x.shape
+    k = codebook.shape[1]
+    temperature, metric = kwargs["temperature"], kwargs.get("metric", "l2")
+    x64, c64 = x.double().cpu(), codebook.double().cpu()
+    dot = x64 @ c64.transpose(1, 2)
+    if metric == "l2":
+        sq = x64.pow(2).sum(-1, keepdim=True) + c64.pow(2).sum(-1)[:, None] - 2 * dot
+        logits = -sq.clamp_min(1e-8).sqrt()
+    else:
+        logits = dot / (
+            x64.norm(dim=-1, keepdim=True).clamp_min(1e-12) * c64.norm(dim=-1)[:, None].clamp_min(1e-12)
+        )
+    noise = reference.sample_code_noise(kwargs["seed"], kwargs.get("offset", 0), 0, b * n * k).reshape(
+        b, n, k
+    )
+    keys = logits / temperature + noise
+    return keys.gather(2, indices.cpu()[..., None])[..., 0], keys.gather(2, ref.cpu()[..., None])[..., 0]
+
+
+def _sample_code_compare(sample, ours, ref):
+    x, codebook = sample.args
+    assert ours.dtype == torch.int64 and ours.shape == x.shape[:-1] and ours.device == x.device
+    if torch.equal(ours, ref):
+        return
+    # Different draws only where two codes' keys tie up to the fp32 rounding of the logits and the noise.
+    chosen, best = sample_code_keys(x, codebook, sample.kwargs, ours, ref)
+    d, temperature = x.shape[-1], sample.kwargs["temperature"]
+    if sample.kwargs.get("metric", "l2") == "l2":
+        x64, c64 = x.double().cpu(), codebook.double().cpu()
+        scale = (x64.pow(2).sum(-1) + c64.pow(2).sum(-1).amax(-1, keepdim=True)).sqrt()
+    else:
+        scale = torch.ones(x.shape[:-1], dtype=torch.float64)
+    tolerance = 1e-5 * d * scale / temperature + 1e-5
+    excess = best - chosen
+    bad = excess > tolerance
+    assert not bad.any(), (
+        f"{int(bad.sum())} rows drew a code whose key is below the best by {excess[bad][:5]}"
+    )
+
+
+def _sample_code_errors(device):
+    x = torch.randn(4, 8, device=device)
+    c = torch.randn(16, 8, device=device)
+    kw = {"temperature": 1.0, "seed": 3}
+    yield ErrorSample((x[0], c), kw, ValueError, r"x must be 2-D \[N, D\] or \[B, N, D\], got shape \[8\]")
+    yield ErrorSample((x[None], c), kw, ValueError, r"codebook must be 3-D \[B, K, D\] \(x is batched")
+    yield ErrorSample(
+        (x[None].expand(2, 4, 8), c[None].expand(3, 16, 8)),
+        kw,
+        ValueError,
+        r"x is \[B, N, D\] with B=2 but codebook is \[B, K, D\] with B=3",
+    )
+    yield ErrorSample((x, c[:0]), kw, ValueError, r"at least one code \(K >= 1\)")
+    yield ErrorSample(
+        (x, torch.randn(16, 9, device=device)), kw, ValueError, r"x is \[N, D\] with D=8 but codebook"
+    )
+    yield ErrorSample((x.long(), c.long()), kw, TypeError, r"x must be float32, float16 or bfloat16")
+    yield ErrorSample((x, c.half()), kw, TypeError, r"x and codebook must have the same dtype")
+    for bad in (0.0, -1.0, float("inf"), float("nan"), 1e-40):
+        yield ErrorSample(
+            (x, c), {**kw, "temperature": bad}, ValueError, r"temperature must be a finite float > 0"
+        )
+    yield ErrorSample(
+        (x, c), {**kw, "metric": "dot"}, ValueError, r'metric must be "l2" or "cosine", got "dot"'
+    )
+    other = "meta" if device.type == "cpu" else "cpu"
+    yield ErrorSample(
+        (x, torch.randn(16, 8, device=other)), kw, RuntimeError, r"x and codebook must be on the same device"
+    )
+
+
 # ---------------------------------------------------------------- code_stats
 
 
@@ -297,6 +383,14 @@ OP_SPECS = [
         sample_inputs=_nearest_code_samples,
         error_inputs=_nearest_code_errors,
         compare=_nearest_code_compare,
+    ),
+    OpSpec(
+        name="sample_code",
+        op=fastlatent.ops.sample_code,
+        reference=reference.sample_code,
+        sample_inputs=_sample_code_samples,
+        error_inputs=_sample_code_errors,
+        compare=_sample_code_compare,
     ),
     OpSpec(
         name="code_stats",

@@ -318,3 +318,21 @@ def test_thread_order_does_not_change_results():
         _emu.set_seed(seed)
     for indices, distances in results[1:]:
         assert torch.equal(indices, results[0][0]) and torch.equal(distances, results[0][1])
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_sample_code_kernel_draws_the_cpu_kernels_noise(dtype):
+    """sample_code's SIMT kernel: the same Philox noise as the CPU kernel (equal logits: argmax of the
+    noise alone, so the draws are identical), every block order giving the same codes, batched heads."""
+    x, codebook = torch.zeros(2, 37, 5, dtype=dtype), torch.zeros(2, 70, 5, dtype=dtype)
+    cpu = fastlatent.ops.sample_code(x, codebook, 1.0, seed=31, offset=4)
+    seed = _emu.seed()
+    try:
+        for s in (1, 2):
+            _emu.set_seed(s)
+            with launches() as ran, emulated():
+                ours = fastlatent.ops.sample_code(x, codebook, 1.0, seed=31, offset=4)
+            assert any("sample_code_kernel" in name for name in ran), sorted(ran)
+            assert torch.equal(ours, cpu)
+    finally:
+        _emu.set_seed(seed)

@@ -1,6 +1,8 @@
 """lfq_quantize / lfq_entropy semantics: the factorised entropy against the materialised
 softmax up to d = 16, gradients, NaN/Inf, determinism, CUDA parity."""
 
+import math
+
 import pytest
 import torch
 
@@ -126,3 +128,60 @@ def test_cuda_matches_cpu(dtype, d):
     torch.testing.assert_close(g.cpu().float(), g_h.float(), rtol=1e-3, atol=1e-5)
     again = fastlatent.lfq_entropy(xc, 1.0, 10.0)
     assert torch.equal(again[1], avg)  # deterministic
+
+
+# ---------------------------------------------------------------- LFQ above the kernel's 18 bits
+
+
+@pytest.mark.parametrize("d", [1, 7, 12])
+def test_split_entropy_equals_the_kernel(d):
+    from fastlatent.nn.scalar_quantizers import _entropy, split_lfq_entropy
+
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d)) * 0.3
+    results = []
+    for fn in (fastlatent.ops.lfq_entropy, split_lfq_entropy):
+        xi = x.clone().requires_grad_()
+        ps, avg = fn(xi, 1.0, 2.0)
+        (ps.mean() - 0.7 * _entropy(avg)).backward()
+        results.append((ps.detach(), avg.detach(), xi.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_split_entropy_above_18_bits_matches_the_float64_reference():
+    from fastlatent.nn.scalar_quantizers import _entropy, split_lfq_entropy
+    from fastlatent.reference.lfq import all_codes
+
+    d, scale, inv_t = 19, 0.5, 3.0
+    x = torch.randn(12, d, generator=torch.Generator().manual_seed(0)) * 0.4
+
+    def brute_force(t, s, i):  # the N x 2^d soft assignment vector-quantize-pytorch materialises, in float64
+        prob = (2 * i * t @ all_codes(d, s, t.device).T).softmax(-1)
+        return -torch.special.xlogy(prob, prob).sum(-1), prob.mean(0)
+
+    grads, values = [], []
+    for fn, xi in ((split_lfq_entropy, x.clone()), (brute_force, x.double())):
+        xi.requires_grad_()
+        ps, avg = fn(xi, scale, inv_t)
+        loss = ps.mean() - _entropy(avg)
+        loss.backward()
+        values.append(torch.stack([ps.mean().double(), _entropy(avg).double()]).detach())
+        grads.append(xi.grad.double())
+    torch.testing.assert_close(values[0], values[1], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-5)
+
+
+def test_lfq_trains_above_18_bits_and_refuses_beyond_26():
+    from fastlatent.nn import LFQ
+
+    x = torch.randn(2, 8, 20, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    quantizer = LFQ(dim=20, entropy_loss_weight=0.1, diversity_gamma=1.0).train()
+    (out, indices, loss), breakdown = quantizer(x, inv_temperature=2.0, return_loss_breakdown=True)
+    assert out.shape == x.shape and indices.shape == (2, 8) and torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    # the entropy of a mixture of 16 distributions lies between their mean entropy and that plus log 16
+    ps, batch = breakdown.per_sample_entropy.item(), breakdown.batch_entropy.item()
+    assert ps - 1e-4 <= batch <= ps + math.log(16) + 1e-4
+    with pytest.raises(ValueError, match=r"needs codebook_dim <= 26 .* got 27"):
+        LFQ(dim=27).train()(torch.randn(1, 2, 27))

@@ -80,8 +80,8 @@ def test_bsq_training_and_codes():
 
 
 def test_lfq_options_and_errors():
-    with pytest.raises(ValueError, match="codebook_dim <= 18"):
-        LFQ(dim=20)(torch.randn(2, 4, 20))
+    with pytest.raises(ValueError, match="codebook_dim <= 26"):
+        LFQ(dim=28)(torch.randn(2, 4, 28))  # above 18 bits the split entropy; above 26 refused
     eval_lfq = LFQ(dim=20).eval()  # no entropy in eval: any size up to 62 bits
     assert eval_lfq(torch.randn(2, 4, 20)).indices.shape == (2, 4)
     with pytest.raises(ValueError, match="frac_per_sample_entropy"):

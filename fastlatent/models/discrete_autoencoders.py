@@ -18,8 +18,9 @@ from torch import nn
 from fastlatent.models.autoencoders import AutoencoderOutput
 from fastlatent.models.base import ConfigMixin, register_model
 from fastlatent.models.vae_blocks import Decoder, Encoder, check_image_batch, check_positive_int
+from fastlatent.nn.residual_vq import ResidualVQ
 from fastlatent.nn.scalar_quantizers import BSQ, FSQ, LFQ, codebook_usage
-from fastlatent.nn.vq import ResidualVQ, VectorQuantize
+from fastlatent.nn.vq import VectorQuantize
 from fastlatent.ops.lfq import MAX_ENTROPY_DIMS
 
 SCALAR_QUANTIZERS = ("fsq", "lfq", "bsq")

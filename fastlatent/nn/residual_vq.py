@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlatent.nn.vq import VectorQuantize, VQStats, _distributed, directional_reparam, rotate_to
+from fastlatent.ops import nearest_code
 
 
 def _frac_gradient(t: torch.Tensor, frac: float) -> torch.Tensor:
@@ -623,8 +624,6 @@ class SimVQ(nn.Module):
         return quantized.movedim(-1, 1) if self.channel_first else quantized
 
     def forward(self, x: torch.Tensor):
-        from fastlatent.ops import nearest_code
-
         if self.channel_first:
             if x.dim() < 3 or x.shape[1] != self.dim:
                 raise ValueError(f"SimVQ: expected channel-first x [B, {self.dim}, ...], got {list(x.shape)}")

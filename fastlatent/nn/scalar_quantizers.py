@@ -60,6 +60,42 @@ def codebook_usage(indices: torch.Tensor, codebook_size: int) -> CodebookUsage:
     return CodebookUsage((distinct / codebook_size).float(), torch.exp(entropy).float())
 
 
+# Largest codebook_dim whose exact codebook entropy LFQ computes in training: 2^d probabilities (256 MiB
+# in fp32 at 26 bits, about four such tensors with the gradient). vqp keeps an N x 2^d matrix and a
+# 2^d x d codebook there (7 GiB at 26 bits), so it stops well below this in practice.
+MAX_SPLIT_ENTROPY_DIMS = 26
+
+
+def _bit_patterns(m: int, device) -> torch.Tensor:
+    """``[m, 2^m]`` float: entry (i, j) is bit i of code j, the first dim the most significant (as LFQ)."""
+    codes = torch.arange(2**m, device=device)
+    return ((codes[None] >> torch.arange(m - 1, -1, -1, device=device)[:, None]) & 1).float()
+
+
+def split_lfq_entropy(x: torch.Tensor, code_value: float, inv_temperature: float):
+    """Exact LFQ entropies for any ``d`` with O(N 2^(d/2) + 2^d) memory, differentiable in plain PyTorch.
+
+    ``x [N, d]`` (fp32). The soft assignment ``softmax_j(2 inv_temperature <x, c_j>)`` over the 2^d
+    codes ``c_j in {-v, v}^d`` factorises over bits: ``p_n(j) = prod_i p_ni(bit_ij)`` with
+    ``p_ni(1) = sigmoid(4 inv_temperature v x_ni)``. So the per-sample entropy is the sum of the bits'
+    binary entropies, and with the bits split into a high half (H) and a low half (L),
+    ``p_n(h, l) = P^H_n(h) P^L_n(l)`` and the batch mean is one matrix product,
+    ``avg = (P^H)^T P^L / N``, ``[2^H, 2^L]``: nothing N x 2^d is formed.
+    Returns ``(per_sample [N], avg_probs [2^d])`` like :func:`fastlatent.ops.lfq_entropy`.
+    """
+    n, d = x.shape
+    z = (4.0 * inv_temperature * code_value) * x
+    log_pos, log_neg = F.logsigmoid(z), F.logsigmoid(-z)
+    per_sample = -(log_pos.exp() * log_pos + log_neg.exp() * log_neg).sum(-1)
+    high = d // 2
+    halves = []
+    for lo, hi in ((0, high), (high, d)):
+        bits = _bit_patterns(hi - lo, x.device)
+        halves.append((log_pos[:, lo:hi] @ bits + log_neg[:, lo:hi] @ (1.0 - bits)).exp())
+    avg = (halves[0].T @ halves[1]) / n
+    return per_sample, avg.reshape(-1)
+
+
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
     """-sum p log p over the last dim, with 0 log 0 = 0 and a zero (not NaN) gradient there."""
     safe = torch.where(probs > 0, probs, torch.ones_like(probs))
@@ -395,8 +431,9 @@ class LFQ(_ScalarQuantizerBase):
     ``force_quantization_f32=False`` changes nothing (the sign is exact in every dtype and the
     entropy kernel accumulates in fp32); with ``mask``, vqp 1.32 flattens the codebook axis into the
     tokens, so its batch entropy becomes the per-sample entropy (no diversity pressure): here the
-    masked batch entropy is the entropy of the mean over the kept tokens. The entropy loss needs
-    ``codebook_dim <= 18`` in training (``2^d`` probabilities).
+    masked batch entropy is the entropy of the mean over the kept tokens. Above ``codebook_dim = 18``
+    (the kernel's table) the exact entropies come from :func:`split_lfq_entropy` (plain PyTorch,
+    O(N 2^(d/2) + 2^d) memory, where vqp needs N x 2^d), up to ``codebook_dim = 26`` in training.
     """
 
     def __init__(
@@ -521,16 +558,18 @@ class LFQ(_ScalarQuantizerBase):
             x = x[keep.to(x.device)]
         if self._factorized_entropy():
             return self._factorized_entropy_terms(x, inv_temperature)
-        if self.codebook_dim > MAX_ENTROPY_DIMS:
+        split = self.codebook_dim > MAX_ENTROPY_DIMS  # past the kernel's 2^18 table: the split product
+        if self.codebook_dim > MAX_SPLIT_ENTROPY_DIMS:
             raise ValueError(
                 f"{type(self).__name__}: the entropy loss in training needs codebook_dim <= "
-                f"{MAX_ENTROPY_DIMS} (its codebook entropy keeps 2^d probabilities), got "
+                f"{MAX_SPLIT_ENTROPY_DIMS} (its codebook entropy keeps 2^d probabilities), got "
                 f"{self.codebook_dim}; use num_codebooks > 1 with smaller codebooks, or BSQ (its "
                 "factorised entropy), or run in eval mode"
             )
         per_sample, batch = [], []
         for c in range(self.num_codebooks):
-            ps, avg = lfq_entropy(x[:, c], self.code_value, inv_temperature)
+            entropy_of = split_lfq_entropy if split else lfq_entropy
+            ps, avg = entropy_of(x[:, c], self.code_value, inv_temperature)
             per_sample.append(ps)
             batch.append(_entropy(avg))
         return torch.cat(per_sample).mean(), torch.stack(batch).mean()

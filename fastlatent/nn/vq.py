@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.ops import code_stats, ema_update_, kmeans, nearest_code
+from fastlatent.ops import code_stats, ema_update_, kmeans, nearest_code, sample_code
 
 # Rows per chunk where a [rows, K] logit matrix is needed (stochastic sampling, diversity and
 # cross-entropy losses, top-k): memory stays at ~2^22 floats per chunk whatever N is.
@@ -787,18 +787,14 @@ class VectorQuantize(nn.Module):
         return _neg_distances(flat, embed, self.use_cosine_sim)
 
     def _sample(self, flat: torch.Tensor, embed: torch.Tensor, temperature: float) -> torch.Tensor:
-        """Gumbel-max over ``logits / temperature``, a block of rows at a time (memory O(rows x K),
-        never N x K); draws the noise in the row-major order of vector-quantize-pytorch, so a seeded
-        run picks the same codes."""
-        c, m, _ = flat.shape
-        out = torch.empty(c, m, dtype=torch.int64, device=flat.device)
+        """Gumbel-max over ``logits / temperature`` fused into the search
+        (:func:`fastlatent.ops.sample_code`): nothing N x K is stored, every head in one call. The
+        Philox seed comes from torch's default generator, so :func:`torch.manual_seed` repeats a run;
+        the draws follow vector-quantize-pytorch's distribution, not its random stream."""
         x, codes = flat.detach().float(), embed.detach().float()
-        for start, stop in _row_chunks(m, self.codebook_size):
-            logits = self._logits(x[:, start:stop], codes)
-            noise = torch.zeros_like(logits).uniform_(0, 1)
-            gumbel = -torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))
-            out[:, start:stop] = (logits / temperature + gumbel).argmax(-1)
-        return out
+        if x.shape[0] == 1:
+            return sample_code(x[0], codes[0], temperature, metric=self.metric)[None]
+        return sample_code(x, codes, temperature, metric=self.metric)
 
     # ------------------------------------------------------------------ public helpers
 
@@ -1266,8 +1262,10 @@ class VectorQuantize(nn.Module):
 
 
 def __getattr__(name: str):
-    # ResidualVQ lives in residual_vq.py (which imports this module); importable from here as in
-    # earlier releases, resolved lazily so that the import order of the two modules doesn't matter.
+    # Compatibility alias: ResidualVQ lives in residual_vq.py, which imports this module at its top, so
+    # this module cannot import it at its own top (an import circle); earlier releases defined it here,
+    # so `from fastlatent.nn.vq import ResidualVQ` keeps working through this lazy lookup. The package
+    # itself imports it from fastlatent.nn.residual_vq.
     if name == "ResidualVQ":
         from fastlatent.nn.residual_vq import ResidualVQ
 

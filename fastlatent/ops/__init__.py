@@ -15,6 +15,7 @@ from fastlatent.ops.kmeans import kmeans
 from fastlatent.ops.lfq import lfq_entropy, lfq_quantize
 from fastlatent.ops.nearest_code import nearest_code
 from fastlatent.ops.residual_fsq import residual_fsq
+from fastlatent.ops.sample_code import sample_code
 from fastlatent.ops.sampler_steps import (
     convert_prediction,
     ddim_step,
@@ -27,6 +28,7 @@ from fastlatent.ops.sampler_steps import (
 
 __all__ = [
     "nearest_code",
+    "sample_code",
     "code_stats",
     "ema_update_",
     "kmeans",
@@ -54,6 +56,7 @@ __all__ = [
 # The ops registered as torch.ops.fastlatent.* (kmeans is composed from them in Python).
 TORCH_OPS = (
     "nearest_code",
+    "sample_code",
     "code_stats",
     "ema_update_",
     "fsq_quantize",

@@ -11,10 +11,9 @@ METRICS = ("l2", "cosine")
 PRECISIONS = ("ieee", "tf32")
 
 
-def check_nearest_code_args(
-    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee"
-) -> None:
-    op = "nearest_code"
+def check_code_search_shapes(op: str, x: torch.Tensor, codebook: torch.Tensor) -> None:
+    """Shapes, device and dtype of a codebook search: ``[N, D]`` x ``[K, D]`` or ``[B, N, D]`` x ``[B, K, D]``
+    (shared by nearest_code and sample_code, same messages as their bindings)."""
     batched = x.dim() == 3
     if batched:
         _checks.check_dim(op, "codebook", codebook, 3, "[B, K, D] (x is batched [B, N, D])")
@@ -41,6 +40,13 @@ def check_nearest_code_args(
             f"fastlatent.{op}: x is [N, D] with D={x.shape[-1]} but codebook is [K, D] "
             f"with D={codebook.shape[-1]}"
         )
+
+
+def check_nearest_code_args(
+    x: torch.Tensor, codebook: torch.Tensor, metric: str, precision: str = "ieee"
+) -> None:
+    op = "nearest_code"
+    check_code_search_shapes(op, x, codebook)
     _checks.check_choice(op, "metric", metric, METRICS)
     _checks.check_choice(op, "precision", precision, PRECISIONS)
 

@@ -12,6 +12,7 @@ from fastlatent.reference.group_norm_conv import group_norm_conv3x3
 from fastlatent.reference.lfq import lfq_entropy, lfq_quantize
 from fastlatent.reference.nearest_code import nearest_code
 from fastlatent.reference.residual_fsq import residual_fsq
+from fastlatent.reference.sample_code import sample_code, sample_code_noise
 from fastlatent.reference.sampler_steps import (
     convert_prediction,
     ddim_step,
@@ -24,6 +25,8 @@ from fastlatent.reference.sampler_steps import (
 
 __all__ = [
     "nearest_code",
+    "sample_code",
+    "sample_code_noise",
     "code_stats",
     "ema_update_",
     "fsq_quantize",

@@ -17,10 +17,10 @@ from fastlatent.ops import sampler_steps as sampler_ops
 _MASK = np.uint64(0xFFFFFFFF)
 
 
-def philox_words(seed: int, offset: int, groups: int) -> np.ndarray:
-    """Philox4x32-10 outputs ``[groups, 4]`` (uint64 holding uint32) for counters ``{g, offset}``, key
-    ``seed``."""
-    g = np.arange(groups, dtype=np.uint64)
+def philox_words(seed: int, offset: int, groups: int, first: int = 0) -> np.ndarray:
+    """Philox4x32-10 outputs ``[groups, 4]`` (uint64 holding uint32) for counters ``{g, offset}``,
+    ``g = first .. first + groups - 1``, key ``seed``."""
+    g = np.arange(first, first + groups, dtype=np.uint64)
     c0, c1 = g & _MASK, g >> np.uint64(32)
     c2 = np.full_like(g, np.uint64(offset) & _MASK)
     c3 = np.full_like(g, np.uint64(offset) >> np.uint64(32))

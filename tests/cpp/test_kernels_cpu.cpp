@@ -20,6 +20,7 @@
 #include "scalar_quant_oracle.h"
 #include "philox.h"
 #include "residual_fsq.h"
+#include "sample_code.h"
 #include "sampler_step.h"
 
 using namespace fastlatent;
@@ -447,6 +448,61 @@ static void test_philox() {
         sum2 / count);
 }
 
+// sample_code: the noise against double precision, and every draw against a brute-force oracle (double
+// logits, the same fp32 noise, argmax over all codes); draws may differ only at fp32 near-ties.
+static void test_sample_code() {
+  double worst = 0;
+  for (uint64_t word = 0; word < (uint64_t{1} << 32); word += 65521) {
+    const double u = (static_cast<double>(static_cast<uint32_t>(word) >> 9) + 0.5) / 8388608.0;
+    const double exact = -std::log(-std::log(u));
+    worst = std::max(worst, std::fabs(gumbel_from_word(static_cast<uint32_t>(word)) - exact));
+  }
+  CHECK(worst < 1e-5, "Gumbel noise absolute error %g", worst);
+  std::mt19937 gen(11);
+  std::normal_distribution<float> normal;
+  for (Metric metric : {Metric::kL2, Metric::kCosine}) {
+    const int64_t batch = 2, n = 45, k = 77, d = 19;
+    std::vector<float> x(batch * n * d), c(batch * k * d);
+    for (auto& v : x) v = normal(gen);
+    for (auto& v : c) v = normal(gen);
+    std::vector<int64_t> out(batch * n, -1);
+    SampleCodeParams p;
+    p.x = x.data();
+    p.codebook = c.data();
+    p.indices = out.data();
+    p.n = n;
+    p.k = k;
+    p.d = d;
+    p.batch = batch;
+    p.inv_temperature = 1.0f / 0.7f;
+    p.seed = 99;
+    p.offset = 3;
+    p.metric = metric;
+    CHECK(run_sample_code_cpu(p).ok, "sample_code failed");
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t r = 0; r < n; ++r) {
+        const float* xr = &x[(b * n + r) * d];
+        std::vector<double> keys(k);
+        for (int64_t j = 0; j < k; ++j) {
+          const float* cj = &c[(b * k + j) * d];
+          double dot = 0, xx = 0, cc = 0;
+          for (int64_t t = 0; t < d; ++t) {
+            dot += double(xr[t]) * cj[t];
+            xx += double(xr[t]) * xr[t];
+            cc += double(cj[t]) * cj[t];
+          }
+          const double logit = metric == Metric::kL2 ? -std::sqrt(std::max(xx + cc - 2 * dot, 1e-8))
+                                                     : dot / (std::sqrt(xx) * std::sqrt(cc));
+          keys[j] = logit / 0.7 + gumbel_noise(99, 3, static_cast<uint64_t>((b * n + r) * k + j));
+        }
+        const int64_t best = std::max_element(keys.begin(), keys.end()) - keys.begin();
+        const int64_t got = out[b * n + r];
+        CHECK(got >= 0 && got < k && keys[best] - keys[got] < 1e-4, "row %lld: drew %lld, oracle %lld",
+              static_cast<long long>(r), static_cast<long long>(got), static_cast<long long>(best));
+      }
+  }
+}
+
 // DDIM with guidance, rescale and dynamic thresholding against a direct double-precision oracle.
 static void test_sampler_step() {
   std::mt19937 gen(11);
@@ -676,6 +732,7 @@ int main() {
   test_half_conversions();
   test_group_norm();
   test_philox();
+  test_sample_code();
   test_sampler_step();
   test_code_stats();
   test_ema_update();
