@@ -174,6 +174,43 @@ def test_nearest_code_paths(dtype, d, precision, kernel):
         assert any(helper in name for name in ran), sorted(ran)
 
 
+@pytest.mark.parametrize(
+    "dtype,precision,d",
+    [(torch.float16, "ieee", 72), (torch.bfloat16, "ieee", 64), (torch.float32, "tf32", 40)],
+    ids=["fp16", "bf16", "tf32"],
+)
+def test_tensor_core_epilogue_ties_nan_tiles_and_batches(dtype, precision, d):
+    """Three code tiles (the last partial), dims over several pipelined stages, codes repeated three times
+    (the lowest index must win), a NaN code in the second search (it wins every row), batched searches:
+    indices equal the CPU kernel's exactly."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(100, d, generator=gen)
+    codebook = torch.stack([base.repeat(3, 1), base.flip(0).repeat(3, 1)])  # [2, 300, d]
+    codebook[1, 250, 3] = float("nan")
+    picks = torch.randint(0, 100, (2, 150), generator=gen)
+    x = base[picks] + 0.01 * torch.randn(2, 150, d, generator=gen)
+    x, codebook = x.to(dtype), codebook.to(dtype)
+    cpu_indices, cpu_distances = fastlatent.ops.nearest_code(x, codebook, precision=precision)
+    with launches() as ran, emulated():
+        indices, distances = fastlatent.ops.nearest_code(x, codebook, precision=precision)
+    assert any("tensor_core_kernel" in name for name in ran), sorted(ran)
+    assert torch.equal(indices, cpu_indices)
+    assert indices[0].max() < 100 and torch.all(indices[1] == 250)
+    torch.testing.assert_close(distances, cpu_distances, equal_nan=True)
+
+
+@pytest.mark.parametrize("d,kernel", [(18, "lfq_probs_partial_kernel<float, 2>"), (9, "<float, 1>")])
+def test_lfq_entropy_register_tiles(d, kernel):
+    """d = 18 takes the two-columns-per-thread tile (no OpSpec sample reaches it); d = 9 one column."""
+    x = torch.randn(37, d, generator=torch.Generator().manual_seed(d)).requires_grad_()
+    cpu = fastlatent.ops.lfq_entropy(x, 1.0, 1.0)  # a soft assignment: every code carries weight
+    with launches() as ran, emulated():
+        ours = fastlatent.ops.lfq_entropy(x, 1.0, 1.0)
+    assert any(kernel in name for name in ran), sorted(ran)
+    for a, b in zip(ours, cpu):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_code_stats_paths():
     x, indices = torch.randn(300, 9), torch.randint(-1, 40, (300,))
     with launches() as ran, emulated():

@@ -5,9 +5,11 @@
 //   1. per-sample entropies, one thread per row;
 //   2. avg_probs partial sums: grid (tiles of tile_u rows of the 2^U x 2^L matrix) x (fixed
 //      sample splits). A block walks its split in batches of kBatch samples: it computes the
-//      Bernoulli probabilities of the batch, expands wL (all 2^L columns) and wU (its tile_u
-//      rows) into shared memory, and each thread adds sum_b wU[b][u] wL[b][l] for its (u, l)
-//      entries (at most kMaxPerThread) into fp64 registers, fp32 within a batch;
+//      Bernoulli probabilities of the batch, expands wL (all 2^L columns, 8 entries per thread
+//      step) and wU (its tile_u rows) into shared memory, and each thread adds
+//      sum_b wU[b][u] wL[b][l] for its register tile of kMaxPerThread (u, l) entries (1-2
+//      columns x 8-16 rows) into fp64 registers, fp32 within a batch. At d = 18 a tile is 8 x 512
+//      (64 tiles): each expansion serves 4,096 FMAs per sample;
 //   3. one thread per avg_probs entry sums the splits in order and divides by N.
 //   No atomics: deterministic. Workspace: splits x 2^d doubles (capped at 16 MiB).
 // entropy backward: one kernel over blocks of kB samples (grid stride), all in shared memory:
@@ -24,17 +26,20 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBatch = 16;          // samples per batch in the avg_probs kernel
-constexpr int kMaxPerThread = 4;    // (u, l) entries per thread in the avg_probs kernel
+constexpr int kMaxPerThread = 16;   // (u, l) entries per thread in the avg_probs kernel (a register tile)
 constexpr int kMaxL = 1 << (kLfqMaxEntropyDims / 2);
-constexpr int kMaxTileU = 64;
+constexpr int kMaxTileU = 128;
+static_assert(kMaxL <= 2 * kThreads, "at most two columns per thread");
 constexpr size_t kMaxPartialBytes = size_t{16} << 20;
 
 struct Layout {
   int u_bits, l_bits, nu, nl, tile_u, tiles;
   explicit Layout(int d)
       : u_bits(d - d / 2), l_bits(d / 2), nu(1 << (d - d / 2)), nl(1 << (d / 2)) {
-    tile_u = kThreads * kMaxPerThread / nl;
-    tile_u = tile_u < 1 ? 1 : (tile_u > kMaxTileU ? kMaxTileU : tile_u);
+    // Rows of a tile: kMaxPerThread / columns per thread, times the row groups of the block (threads
+    // beyond nl columns), at most kMaxTileU.
+    tile_u = nl > kThreads ? kMaxPerThread * kThreads / nl : kMaxPerThread * (kThreads / nl);
+    tile_u = tile_u > kMaxTileU ? kMaxTileU : tile_u;
     tile_u = tile_u > nu ? nu : tile_u;
     tiles = (nu + tile_u - 1) / tile_u;
   }
@@ -89,23 +94,51 @@ __global__ void lfq_sample_entropy_kernel(const T* __restrict__ x, float* __rest
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+// wl[0 .. 8) = entries 8 g .. 8 g + 8 of an m-bit expansion (m >= 3): the product over the top m - 3 bits once,
+// then a register tree over the last three. Left-to-right products, as expand_entry and the CPU's expand:
+// the same fp32 values, at 2.5 multiplications per entry instead of m.
+__device__ __forceinline__ void expand_group8(const float* qp, const float* qn, int m, int g, float* w) {
+  float prefix = 1.0f;
+  for (int j = 0; j < m - 3; ++j) prefix *= ((g >> (m - 4 - j)) & 1) ? qp[j] : qn[j];
+  const float a0 = prefix * qn[m - 3], a1 = prefix * qp[m - 3];
+  const float b0 = a0 * qn[m - 2], b1 = a0 * qp[m - 2], b2 = a1 * qn[m - 2], b3 = a1 * qp[m - 2];
+  const float lo = qn[m - 1], hi = qp[m - 1];
+  *reinterpret_cast<float4*>(w) = make_float4(b0 * lo, b0 * hi, b1 * lo, b1 * hi);
+  *reinterpret_cast<float4*>(w + 4) = make_float4(b2 * lo, b2 * hi, b3 * lo, b3 * hi);
+}
+
+// avg_probs partial sums over one split of the samples for one tile of tile_u rows of the 2^U x 2^L matrix.
+// Thread t owns kCols columns (l = t mod min(nl, 256) + 256 c) and kRows consecutive rows of the tile
+// (row group t / min(nl, 256)): per sample it reads kCols wl values and kRows wu values (broadcast, 16-byte
+// loads) for kRows x kCols FMAs. Per batch of kBatch samples the block computes the Bernoullis once,
+// expands wl (all nl columns, 8 at a time) and wu (its rows); a tile of 8 rows x 512 columns at d = 18
+// (64 tiles) does 4,096 FMAs per sample against one 512-entry expansion (was 1,024 per expansion).
+// Each entry sums a batch in fp32 in sample order, batches in fp64: fixed order, deterministic.
+// Two blocks per SM (128 registers; without the minimum, ptxas held this kernel to 64 and spilled).
+template <typename T, int kCols>
+__global__ void __launch_bounds__(kThreads, 2)
 lfq_probs_partial_kernel(const T* __restrict__ x, int64_t n, int d, float scale, Layout lay,
                          int64_t samples_per_split, double* __restrict__ partial) {
+  constexpr int kRows = kMaxPerThread / kCols;
+  static_assert(kRows % 4 == 0, "wu rows are read 4 at a time");
   __shared__ float qp[kBatch][kLfqMaxEntropyDims], qn[kBatch][kLfqMaxEntropyDims];
-  __shared__ float wl[kBatch][kMaxL];
-  __shared__ float wu[kBatch][kMaxTileU];
+  __shared__ __align__(16) float wl[kBatch][kMaxL];
+  __shared__ __align__(16) float wu[kBatch][kMaxTileU];
   const int tid = threadIdx.x;
+  const int col_threads = lay.nl < kThreads ? lay.nl : kThreads;
+  const int col = tid % col_threads, row_first = (tid / col_threads) * kRows;
   const int u0 = blockIdx.x * lay.tile_u;
   const int tile_u = lay.nu - u0 < lay.tile_u ? lay.nu - u0 : lay.tile_u;
-  const int entries = tile_u * lay.nl;
+  const int wu_rows = (tile_u + kRows - 1) / kRows * kRows;  // whole row groups; rows past tile_u are 0
+  const bool active = row_first < tile_u;
   const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * samples_per_split;
   const int64_t s_end = n < s_begin + samples_per_split ? n : s_begin + samples_per_split;
 
-  double acc[kMaxPerThread];
+  double acc[kRows][kCols];
 #pragma unroll
-  for (int k = 0; k < kMaxPerThread; ++k) acc[k] = 0.0;
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.0;
 
   for (int64_t s0 = s_begin; s0 < s_end; s0 += kBatch) {
     const int nb = static_cast<int>(s_end - s0 < kBatch ? s_end - s0 : kBatch);
@@ -116,33 +149,63 @@ lfq_probs_partial_kernel(const T* __restrict__ x, int64_t n, int d, float scale,
       qn[b][i] = be.qneg;
     }
     __syncthreads();
-    for (int e = tid; e < nb * lay.nl; e += kThreads) {
-      const int b = e / lay.nl, l = e % lay.nl;
-      wl[b][l] = expand_entry(&qp[b][lay.u_bits], &qn[b][lay.u_bits], lay.l_bits, l);
-    }
-    for (int e = tid; e < nb * tile_u; e += kThreads) {
-      const int b = e / tile_u, ul = e % tile_u;
-      wu[b][ul] = expand_entry(qp[b], qn[b], lay.u_bits, u0 + ul);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kMaxPerThread; ++k) {
-      const int e = tid + k * kThreads;
-      if (e < entries) {
-        const int ul = e / lay.nl, l = e % lay.nl;
-        float t = 0.0f;
-        for (int b = 0; b < nb; ++b) t = fmaf(wu[b][ul], wl[b][l], t);
-        acc[k] += static_cast<double>(t);
+    if (lay.l_bits >= 3) {
+      const int groups = lay.nl / 8;
+      for (int e = tid; e < nb * groups; e += kThreads) {
+        const int b = e / groups, g = e % groups;
+        expand_group8(&qp[b][lay.u_bits], &qn[b][lay.u_bits], lay.l_bits, g, &wl[b][8 * g]);
+      }
+    } else {
+      for (int e = tid; e < nb * lay.nl; e += kThreads) {
+        const int b = e / lay.nl, l = e % lay.nl;
+        wl[b][l] = expand_entry(&qp[b][lay.u_bits], &qn[b][lay.u_bits], lay.l_bits, l);
       }
     }
+    for (int e = tid; e < nb * wu_rows; e += kThreads) {
+      const int b = e / wu_rows, ul = e % wu_rows;
+      wu[b][ul] = ul < tile_u ? expand_entry(qp[b], qn[b], lay.u_bits, u0 + ul) : 0.0f;
+    }
+    __syncthreads();
+    if (active) {
+      float t[kRows][kCols];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) t[r][c] = 0.0f;
+      for (int b = 0; b < nb; ++b) {
+        float wc[kCols], wr[kRows];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) wc[c] = wl[b][col + c * kThreads];
+#pragma unroll
+        for (int r = 0; r < kRows; r += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(&wu[b][row_first + r]);
+          wr[r] = v.x;
+          wr[r + 1] = v.y;
+          wr[r + 2] = v.z;
+          wr[r + 3] = v.w;
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) t[r][c] = fmaf(wr[r], wc[c], t[r][c]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[r][c] += static_cast<double>(t[r][c]);
+    }
     __syncthreads();
   }
-  double* out = partial + static_cast<int64_t>(blockIdx.y) * (static_cast<int64_t>(lay.nu) * lay.nl);
+  if (!active) return;
+  double* out = partial + static_cast<int64_t>(blockIdx.y) * (static_cast<int64_t>(lay.nu) * lay.nl) +
+                static_cast<int64_t>(u0) * lay.nl;
 #pragma unroll
-  for (int k = 0; k < kMaxPerThread; ++k) {
-    const int e = tid + k * kThreads;
-    if (e < entries) out[static_cast<int64_t>(u0) * lay.nl + e] = acc[k];
-  }
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int row = row_first + r;
+      if (row < tile_u) out[static_cast<int64_t>(row) * lay.nl + col + c * kThreads] = acc[r][c];
+    }
 }
 
 __global__ void lfq_probs_reduce_kernel(const double* __restrict__ partial, int splits, int64_t codes, int64_t n,
@@ -277,8 +340,13 @@ cudaError_t launch_lfq_entropy_cuda(const LfqEntropyParams& p, cudaStream_t stre
       lfq_sample_entropy_kernel<scalar_t><<<cuda::grid_blocks(cuda::ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(
           x, static_cast<float*>(p.per_sample_entropy), p.n, p.d, scale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
-      lfq_probs_partial_kernel<scalar_t><<<dim3(lay.tiles, splits), kThreads, 0, stream>>>(
-          x, p.n, p.d, scale, lay, per_split, partial);
+      if (lay.nl > kThreads) {
+        lfq_probs_partial_kernel<scalar_t, 2><<<dim3(lay.tiles, splits), kThreads, 0, stream>>>(
+            x, p.n, p.d, scale, lay, per_split, partial);
+      } else {
+        lfq_probs_partial_kernel<scalar_t, 1><<<dim3(lay.tiles, splits), kThreads, 0, stream>>>(
+            x, p.n, p.d, scale, lay, per_split, partial);
+      }
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     lfq_probs_reduce_kernel<<<cuda::ceil_div(codes, kThreads), kThreads, 0, stream>>>(
