@@ -201,7 +201,8 @@ def test_tensor_core_epilogue_ties_nan_tiles_and_batches(dtype, precision, d):
 
 @pytest.mark.parametrize("d,kernel", [(18, "lfq_probs_partial_kernel<float, 2>"), (9, "<float, 1>")])
 def test_lfq_entropy_register_tiles(d, kernel):
-    """d = 18 takes the two-columns-per-thread tile (no OpSpec sample reaches it); d = 9 one column."""
+    """d = 18 takes the two-columns-per-thread tile (no OpSpec sample reaches it); d = 9 one column;
+    forward and backward against the CPU kernels."""
     x = torch.randn(37, d, generator=torch.Generator().manual_seed(d)).requires_grad_()
     cpu = fastlatent.ops.lfq_entropy(x, 1.0, 1.0)  # a soft assignment: every code carries weight
     with launches() as ran, emulated():
@@ -209,6 +210,13 @@ def test_lfq_entropy_register_tiles(d, kernel):
     assert any(kernel in name for name in ran), sorted(ran)
     for a, b in zip(ours, cpu):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the backward: blocks of 8 samples (37 = 4 x 8 + 5), G read once per block
+    weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)) for o in cpu]
+    (expected,) = torch.autograd.grad(cpu, x, weights, retain_graph=True)
+    with launches() as ran, emulated():
+        (got,) = torch.autograd.grad(cpu, x, weights)
+    assert any("lfq_entropy_backward_kernel" in name for name in ran), sorted(ran)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
 def test_code_stats_paths():

@@ -12,10 +12,10 @@
 //      (64 tiles): each expansion serves 4,096 FMAs per sample;
 //   3. one thread per avg_probs entry sums the splits in order and divides by N.
 //   No atomics: deterministic. Workspace: splits x 2^d doubles (capped at 16 MiB).
-// entropy backward: one kernel over blocks of kB samples (grid stride), all in shared memory:
-//   Bernoullis -> wU, wL -> hU = wL G^T and hL = wU G (threads over (sample, entry), reading rows
-//   of G^T / G coalesced; G^T is prepared in the workspace by a transpose kernel) -> leave-one-out
-//   sums, one thread per (sample, dim) -> dL/dx.
+// entropy backward: one kernel over blocks of kBwdSamples samples (grid stride), all in shared memory:
+//   Bernoullis -> wU, wL -> hU = wL G^T and hL = wU G (a thread per u / l entry, the block's samples in
+//   registers: each G element is read once per block, coalesced; G^T is prepared in the workspace by a
+//   transpose kernel) -> leave-one-out sums, one thread per (sample, dim) -> dL/dx.
 #include <cmath>
 
 #include "cuda_utils.cuh"
@@ -224,26 +224,29 @@ __global__ void transpose_kernel(const float* __restrict__ g, float* __restrict_
   gt[static_cast<int64_t>(l) * nu + u] = g[e];
 }
 
+// Samples per block of the backward: each G element read from L2 serves all of them (8 x (4 d + nu + nl) floats
+// of shared memory: 35 KB at d = 18).
+constexpr int kBwdSamples = 8;
+constexpr int kBwdPerThread = kMaxL / kThreads;  // h entries (u or l) per thread at d = 18
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float scale, Layout lay, int kb,
+lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float scale, Layout lay,
                             const float* __restrict__ G, const float* __restrict__ GT,
                             const float* __restrict__ gps, T* __restrict__ grad_x) {
   extern __shared__ float smem[];
-  float* qp = smem;               // [kb][d]
-  float* qn = qp + kb * d;        // [kb][d]
-  float* var = qn + kb * d;       // [kb][d]
-  float* dh = var + kb * d;       // [kb][d]
-  float* wu = dh + kb * d;        // [kb][nu]
-  float* wl = wu + kb * lay.nu;   // [kb][nl]
-  float* hu = wl + kb * lay.nl;   // [kb][nu]
-  float* hl = hu + kb * lay.nu;   // [kb][nl]
+  float* qp = smem;                         // [kBwdSamples][d]
+  float* qn = qp + kBwdSamples * d;         // [kBwdSamples][d]
+  float* var = qn + kBwdSamples * d;        // [kBwdSamples][d]
+  float* dh = var + kBwdSamples * d;        // [kBwdSamples][d]
+  float* wu = dh + kBwdSamples * d;         // [nu][kBwdSamples], then hU (a G element's samples adjacent)
+  float* wl = wu + kBwdSamples * lay.nu;    // [nl][kBwdSamples], then hL
   const int tid = threadIdx.x;
   const float inv_n = 1.0f / static_cast<float>(n);
-  const int64_t num_blocks = (n + kb - 1) / kb;
+  const int64_t num_blocks = (n + kBwdSamples - 1) / kBwdSamples;
   for (int64_t blk = blockIdx.x; blk < num_blocks; blk += gridDim.x) {
-    const int64_t s0 = blk * kb;
-    const int nb = static_cast<int>(n - s0 < kb ? n - s0 : kb);
+    const int64_t s0 = blk * kBwdSamples;
+    const int nb = static_cast<int>(n - s0 < kBwdSamples ? n - s0 : kBwdSamples);
     for (int e = tid; e < nb * d; e += kThreads) {
       const cuda::Bernoulli be = cuda::bernoulli(scale * cuda::to_float(x[s0 * d + e]));
       qp[e] = be.qpos;
@@ -252,28 +255,60 @@ lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float sca
       dh[e] = be.dentropy;
     }
     __syncthreads();
-    for (int e = tid; e < nb * lay.nu; e += kThreads) {
+    // Rows of samples past nb are zero: the register loops below run over all kBwdSamples.
+    for (int e = tid; e < kBwdSamples * lay.nu; e += kThreads) {
       const int b = e / lay.nu, u = e % lay.nu;
-      wu[e] = expand_entry(qp + b * d, qn + b * d, lay.u_bits, u);
+      wu[u * kBwdSamples + b] = b < nb ? expand_entry(qp + b * d, qn + b * d, lay.u_bits, u) : 0.0f;
     }
-    for (int e = tid; e < nb * lay.nl; e += kThreads) {
+    for (int e = tid; e < kBwdSamples * lay.nl; e += kThreads) {
       const int b = e / lay.nl, l = e % lay.nl;
-      wl[e] = expand_entry(qp + b * d + lay.u_bits, qn + b * d + lay.u_bits, lay.l_bits, l);
+      wl[l * kBwdSamples + b] =
+          b < nb ? expand_entry(qp + b * d + lay.u_bits, qn + b * d + lay.u_bits, lay.l_bits, l) : 0.0f;
     }
     __syncthreads();
-    for (int e = tid; e < nb * lay.nu; e += kThreads) {
-      const int b = e / lay.nu, u = e % lay.nu;
-      const float* w = wl + b * lay.nl;
-      float h = 0.0f;
-      for (int l = 0; l < lay.nl; ++l) h = fmaf(GT[static_cast<int64_t>(l) * lay.nu + u], w[l], h);
-      hu[e] = h;
+    // hU[b][u] = sum_l G^T[l][u] wL[b][l] and hL[b][l] = sum_u G[u][l] wU[b][u]: thread t owns u (and l) =
+    // t + 256 p, reads each G element once (coalesced) for the block's samples and keeps their sums in
+    // registers (the samples' weights of one l or u: two 16-byte broadcast loads per 8 FMAs); each sum runs
+    // over l (u) in increasing order from 0, as one thread per (sample, entry) did.
+    float hu[kBwdPerThread][kBwdSamples], hl[kBwdPerThread][kBwdSamples];
+#pragma unroll
+    for (int q = 0; q < kBwdPerThread; ++q)
+#pragma unroll
+      for (int b = 0; b < kBwdSamples; ++b) hu[q][b] = hl[q][b] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kBwdPerThread; ++q) {
+      const int u = tid + q * kThreads;
+      if (u < lay.nu) {
+        for (int l = 0; l < lay.nl; ++l) {
+          const float g = GT[static_cast<int64_t>(l) * lay.nu + u];
+          const float4 w0 = *reinterpret_cast<const float4*>(wl + l * kBwdSamples);
+          const float4 w1 = *reinterpret_cast<const float4*>(wl + l * kBwdSamples + 4);
+          const float w[kBwdSamples] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+          for (int b = 0; b < kBwdSamples; ++b) hu[q][b] = fmaf(g, w[b], hu[q][b]);
+        }
+      }
+      const int l = tid + q * kThreads;
+      if (l < lay.nl) {
+        for (int u2 = 0; u2 < lay.nu; ++u2) {
+          const float g = G[static_cast<int64_t>(u2) * lay.nl + l];
+          const float4 w0 = *reinterpret_cast<const float4*>(wu + u2 * kBwdSamples);
+          const float4 w1 = *reinterpret_cast<const float4*>(wu + u2 * kBwdSamples + 4);
+          const float w[kBwdSamples] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+          for (int b = 0; b < kBwdSamples; ++b) hl[q][b] = fmaf(g, w[b], hl[q][b]);
+        }
+      }
     }
-    for (int e = tid; e < nb * lay.nl; e += kThreads) {
-      const int b = e / lay.nl, l = e % lay.nl;
-      const float* w = wu + b * lay.nu;
-      float h = 0.0f;
-      for (int u = 0; u < lay.nu; ++u) h = fmaf(G[static_cast<int64_t>(u) * lay.nl + l], w[u], h);
-      hl[e] = h;
+    __syncthreads();  // every thread is done reading wU, wL: their space takes hU, hL
+#pragma unroll
+    for (int q = 0; q < kBwdPerThread; ++q) {
+      const int e = tid + q * kThreads;
+#pragma unroll
+      for (int b = 0; b < kBwdSamples; ++b) {
+        if (e < lay.nu) wu[e * kBwdSamples + b] = hu[q][b];
+        if (e < lay.nl) wl[e * kBwdSamples + b] = hl[q][b];
+      }
     }
     __syncthreads();
     for (int e = tid; e < nb * d; e += kThreads) {
@@ -283,7 +318,7 @@ lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float sca
       const int j = high ? i : i - lay.u_bits;
       const float* qpb = qp + b * d + (high ? 0 : lay.u_bits);
       const float* qnb = qn + b * d + (high ? 0 : lay.u_bits);
-      const float* h = high ? hu + b * lay.nu : hl + b * lay.nl;
+      const float* h = (high ? wu : wl) + b;  // h[t * kBwdSamples]
       float r = 0.0f;
       for (int t = 0; t < (1 << m); ++t) {
         float w = 1.0f;
@@ -291,18 +326,13 @@ lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float sca
           const bool bit = (t >> (m - 1 - k)) & 1;
           w *= k == j ? (bit ? 1.0f : -1.0f) : (bit ? qpb[k] : qnb[k]);
         }
-        r = fmaf(w, h[t], r);
+        r = fmaf(w, h[t * kBwdSamples], r);
       }
       const float ga = gps[s0 + b] * dh[e] + inv_n * var[e] * r;
       grad_x[s0 * d + e] = cuda::from_float<T>(scale * ga);
     }
     __syncthreads();
   }
-}
-
-int backward_batch(const Layout& lay) {
-  const int kb = 8192 / (2 * (lay.nu + lay.nl));
-  return kb < 1 ? 1 : (kb > 16 ? 16 : kb);
 }
 
 }  // namespace
@@ -365,12 +395,11 @@ cudaError_t launch_lfq_entropy_backward_cuda(const LfqEntropyParams& p, cudaStre
   transpose_kernel<<<cuda::ceil_div(codes, kThreads), kThreads, 0, stream>>>(g, gt, lay.nu, lay.nl);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int kb = backward_batch(lay);
-  const size_t smem = static_cast<size_t>(kb) * (4 * p.d + 2 * lay.nu + 2 * lay.nl) * sizeof(float);
-  const unsigned int blocks = cuda::grid_blocks((p.n + kb - 1) / kb, 8);
+  const size_t smem = static_cast<size_t>(kBwdSamples) * (4 * p.d + lay.nu + lay.nl) * sizeof(float);
+  const unsigned int blocks = cuda::grid_blocks((p.n + kBwdSamples - 1) / kBwdSamples, 8);
   return FL_CUDA_DTYPE_SWITCH(p.dtype, scalar_t, cudaErrorInvalidValue, [&] {
     lfq_entropy_backward_kernel<scalar_t><<<blocks, kThreads, smem, stream>>>(
-        static_cast<const scalar_t*>(p.x), p.n, p.d, static_cast<float>(p.logit_scale), lay, kb, g, gt,
+        static_cast<const scalar_t*>(p.x), p.n, p.d, static_cast<float>(p.logit_scale), lay, g, gt,
         static_cast<const float*>(p.grad_per_sample), static_cast<scalar_t*>(p.grad_x));
     return cudaGetLastError();
   });
