@@ -254,6 +254,29 @@ def test_sampler_rescale_and_threshold_kernels():
         assert kernel in names, (kernel, sorted(ran))
 
 
+@pytest.mark.parametrize("quantile", [31.5 / 55, 0.3, 0.995, 1.0])
+def test_threshold_select_ranks_that_part_early_and_late(quantile):
+    """|x0| with a gap between ranks 31 and 32 (q = 31.5 / 55 interpolates across it: the ranks differ from
+    the first radix pass), ties, and ranks at the top: the shared-pass select equals the CPU kernel."""
+    gen = torch.Generator().manual_seed(3)
+    small = torch.rand(2, 24, generator=gen) * 2.0
+    large = 50.0 + torch.rand(2, 24, generator=gen) * 10.0
+    values = torch.cat([small, large, small[:, :8]], dim=1)  # 56 per sample, 8 duplicated
+    signs = torch.where(torch.rand(values.shape, generator=gen) < 0.5, -1.0, 1.0)
+    sample = (values * signs).reshape(2, 7, 2, 4)
+    model_output = torch.randn(sample.shape, generator=gen) * 0.1
+    kwargs = dict(prediction="epsilon", threshold_quantile=quantile, threshold_max=1000.0)
+    expected = fastlatent.ops.ddpm_step(
+        model_output, sample, 0.3, 0.5, noise=torch.zeros_like(sample), **kwargs
+    )
+    with launches() as ran, emulated():
+        got = fastlatent.ops.ddpm_step(
+            model_output, sample, 0.3, 0.5, noise=torch.zeros_like(sample), **kwargs
+        )
+    assert any("select_kernel" in name for name in ran), sorted(ran)
+    torch.testing.assert_close(got, expected)
+
+
 def test_emulator_sees_the_shared_variables():
     """The shared-memory checks need the module's symbol table (a stripped build would turn them off)."""
     assert _emu.shared_variable_count() > 20
