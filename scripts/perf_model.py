@@ -142,7 +142,7 @@ LAUNCH = [
     ("fsq/fsq_quantize_kernel*", Launch(128)),
     ("fsq/fsq_codes_kernel*", Launch(128)),
     ("ema_update/cluster_size_kernel", Launch(1024)),
-    ("sampler_step/select_kernel", Launch(1024)),
+    ("sampler_step/select_kernel*", Launch(1024)),
     ("sampler_step/rescale_kernel", Launch(128)),
     ("bsq/bsq_avg_reduce_kernel", Launch(64)),
     ("code_stats/segment_sums_kernel*", Launch(256, 0, "d >= 256; 32-128 threads below")),
