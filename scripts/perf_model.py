@@ -143,12 +143,12 @@ LAUNCH = [
     ("fsq/fsq_quantize_kernel*", Launch(128)),
     ("fsq/fsq_codes_kernel*", Launch(128)),
     ("ema_update/cluster_size_kernel", Launch(1024)),
-    ("sampler_step/select_kernel", Launch(1024)),
+    ("sampler_step/select_kernel*", Launch(1024)),
     ("sampler_step/rescale_kernel", Launch(128)),
     ("bsq/bsq_avg_reduce_kernel", Launch(64)),
     ("code_stats/segment_sums_kernel*", Launch(256, 0, "d >= 256; 32-128 threads below")),
-    # kb samples x (4 d + 2 nu + 2 nl) floats; d = 18: nu = nl = 512, kb = 8 -> 8 * 2120 * 4
-    ("lfq/lfq_entropy_backward_kernel*", Launch(256, 8 * (4 * 18 + 4 * 512) * 4, "d = 18")),
+    # 8 samples x (4 d + nu + nl) floats; d = 18: nu = nl = 512 -> 8 * 1096 * 4
+    ("lfq/lfq_entropy_backward_kernel*", Launch(256, 8 * (4 * 18 + 2 * 512) * 4, "d = 18")),
 ]
 
 
@@ -704,6 +704,9 @@ def unmatched_patterns(kernels: list[KernelStatic]) -> list[str]:
 ISSUE_EFFICIENCY = 0.6  # sustained fraction of the 4 warp-instructions/clock/SM in integer-heavy loops
 WMMA_EFFICIENCY = 0.35  # legacy WMMA (mma.sync 16x16x16), no A-operand pipelining, 1-2 blocks/SM
 WMMA_FIXED_EFFICIENCY = 0.60  # the same kernels pipelined, spill-free, register epilogue (no wgmma)
+WMMA_PIPELINED_EFFICIENCY = 0.45  # nearest_code today: cp.async double-buffered, 2 blocks/SM, smem epilogue
+TC_EPILOGUE_ISSUES_PER_KEY = 8  # nearest_code tensor-core epilogue, from its SASS (was ~21)
+LFQ_FORWARD_OVERHEAD = 1.7  # LFQ avg_probs: issued instructions per useful FMA (was ~10)
 CUDNN_EFFICIENCY = 0.60  # cuDNN/cuBLAS implicit-GEMM 3x3 convolution, bf16, batch 1 (NCHW adds transposes)
 EAGER_OP_S = 5e-6  # host time per eager PyTorch op: a floor on small eager workloads
 MERGE_S = 150e-9  # one serial fp64 Welford merge (two dependent divisions; issue 21 item 2)
@@ -1034,16 +1037,19 @@ def _nearest_code_rows(kernels) -> list["Prediction"]:
                 after_text = "unchanged (exact fp32 by default)"
             else:
                 path = "tensor_core_kernel<bf16>"
-                mma = mma_s(flops, WMMA_EFFICIENCY)
-                # epilogue (issue 21 item 5): per (row, code) key a shared-memory park, a reload and a fold
-                epilogue = issue_s(n * k, 6)
+                mma = mma_s(flops, WMMA_PIPELINED_EFFICIENCY)
+                # epilogue: per (row, code) key a shared-memory park, a 16-byte reload per 4 keys, an FMA
+                # and a fold (issue 21 item 5: ~21 instructions per key before the rework, ~8 after, from
+                # the SASS)
+                epilogue = issue_s(n * k, TC_EPILOGUE_ISSUES_PER_KEY)
                 now = mma + epilogue + 3 * H100.launch_s
                 after = max(mma_s(flops, WMMA_FIXED_EFFICIENCY), issue_s(n * k, 2)) + 3 * H100.launch_s
                 tc = kernels.get(f"nearest_code/{path}")
                 why = (
-                    f"WMMA at ~{WMMA_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; {tc.registers if tc else '?'} "
-                    f"registers, {tc.occupancy if tc else 0:.0%} occupancy) + epilogue ~6 issues per key "
-                    f"({epilogue * 1e3:.2f} ms, issue 21 item 5)"
+                    f"WMMA at ~{WMMA_PIPELINED_EFFICIENCY:.0%} ({mma * 1e3:.2f} ms; "
+                    "cp.async double-buffered; "
+                    f"{tc.registers if tc else '?'} registers, {tc.occupancy if tc else 0:.0%} occupancy) + "
+                    f"epilogue ~{TC_EPILOGUE_ISSUES_PER_KEY} issues per key ({epilogue * 1e3:.2f} ms)"
                 )
                 after_text = f"register epilogue overlapped with MMAs at ~{WMMA_FIXED_EFFICIENCY:.0%}"
             if dt == "bf16":
@@ -1289,8 +1295,12 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
     # LFQ entropy, d = 18 ---------------------------------------------------------------------------------
     n, dd = 65536, 18
     useful = 2 * n * 2**dd
-    fwd = useful / (H100.fp32_flops * 0.6) * 10  # issue 21 item 4: ~10x the useful work
-    bwd = 2 * n * 2**dd * 4 / L2_BYTES_PER_S  # G (1 MB) read from L2 twice per sample
+    # forward: per batch of 16 samples a thread issues its 256 FMAs plus ~170 instructions of expansion,
+    # Bernoullis, loads and fp64 adds (issue 21 item 4: the expansion was recomputed per 2-row u-tile, ~10x)
+    fwd = useful / (H100.fp32_flops * 0.6) * LFQ_FORWARD_OVERHEAD
+    # backward: G and G^T (1 MB each) read from L2 once per block of 8 samples (was twice per sample), against
+    # 2 N 2^d FMAs (hU and hL) with two 16-byte shared loads per 8 FMAs
+    bwd = max((n / 8) * 2 * 2**dd * 4 / L2_BYTES_PER_S, 2 * useful / (H100.fp32_flops * 0.6))
     rows.append(
         Prediction(
             id="lfq_entropy_fwd_bwd_N65536_d18_fp32",
@@ -1303,11 +1313,12 @@ def predictions(kernels_list: list[KernelStatic]) -> list[Prediction]:
             flops=useful,
             limiter="fp32 FMA / L2",
             predicted_s=fwd + bwd,
-            why=f"forward recomputes every sample's expansion per u-tile (~10x, {fwd * 1e3:.1f} ms); "
-            f"backward reads G "
-            f"from L2 twice per sample ({bwd * 1e3:.1f} ms) (issue 21 item 4)",
+            why=f"forward: 8-16 x 1-2 register tiles, expansion shared by 4,096 FMAs per sample "
+            f"(~{LFQ_FORWARD_OVERHEAD}x the useful work, {fwd * 1e3:.2f} ms); "
+            "backward: G read from L2 once per "
+            f"8 samples, FMA-bound ({bwd * 1e3:.2f} ms) (issue 21 item 4)",
             after_fix_s=useful / (H100.fp32_flops * 0.6) + useful * 2 / (H100.bf16_flops * 0.5),
-            after_fix="expansion once per sample batch; backward as a GEMM against G on tensor cores",
+            after_fix="the avg_probs sums and hU/hL as GEMMs on tensor cores (3xTF32 for fp32 accuracy)",
             peers={
                 "vector_quantize_pytorch": {
                     "s": hbm_s(2 * n * 2**dd * 4 * 2),

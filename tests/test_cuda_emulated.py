@@ -175,6 +175,51 @@ def test_nearest_code_paths(dtype, d, precision, kernel):
         assert any(helper in name for name in ran), sorted(ran)
 
 
+@pytest.mark.parametrize(
+    "dtype,precision,d",
+    [(torch.float16, "ieee", 72), (torch.bfloat16, "ieee", 64), (torch.float32, "tf32", 40)],
+    ids=["fp16", "bf16", "tf32"],
+)
+def test_tensor_core_epilogue_ties_nan_tiles_and_batches(dtype, precision, d):
+    """Three code tiles (the last partial), dims over several pipelined stages, codes repeated three times
+    (the lowest index must win), a NaN code in the second search (it wins every row), batched searches:
+    indices equal the CPU kernel's exactly."""
+    gen = torch.Generator().manual_seed(11)
+    base = torch.randn(100, d, generator=gen)
+    codebook = torch.stack([base.repeat(3, 1), base.flip(0).repeat(3, 1)])  # [2, 300, d]
+    codebook[1, 250, 3] = float("nan")
+    picks = torch.randint(0, 100, (2, 150), generator=gen)
+    x = base[picks] + 0.01 * torch.randn(2, 150, d, generator=gen)
+    x, codebook = x.to(dtype), codebook.to(dtype)
+    cpu_indices, cpu_distances = fastlatent.ops.nearest_code(x, codebook, precision=precision)
+    with launches() as ran, emulated():
+        indices, distances = fastlatent.ops.nearest_code(x, codebook, precision=precision)
+    assert any("tensor_core_kernel" in name for name in ran), sorted(ran)
+    assert torch.equal(indices, cpu_indices)
+    assert indices[0].max() < 100 and torch.all(indices[1] == 250)
+    torch.testing.assert_close(distances, cpu_distances, equal_nan=True)
+
+
+@pytest.mark.parametrize("d,kernel", [(18, "lfq_probs_partial_kernel<float, 2>"), (9, "<float, 1>")])
+def test_lfq_entropy_register_tiles(d, kernel):
+    """d = 18 takes the two-columns-per-thread tile (no OpSpec sample reaches it); d = 9 one column;
+    forward and backward against the CPU kernels."""
+    x = torch.randn(37, d, generator=torch.Generator().manual_seed(d)).requires_grad_()
+    cpu = fastlatent.ops.lfq_entropy(x, 1.0, 1.0)  # a soft assignment: every code carries weight
+    with launches() as ran, emulated():
+        ours = fastlatent.ops.lfq_entropy(x, 1.0, 1.0)
+    assert any(kernel in name for name in ran), sorted(ran)
+    for a, b in zip(ours, cpu):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    # the backward: blocks of 8 samples (37 = 4 x 8 + 5), G read once per block
+    weights = [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)) for o in cpu]
+    (expected,) = torch.autograd.grad(cpu, x, weights, retain_graph=True)
+    with launches() as ran, emulated():
+        (got,) = torch.autograd.grad(cpu, x, weights)
+    assert any("lfq_entropy_backward_kernel" in name for name in ran), sorted(ran)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
 def test_code_stats_paths():
     x, indices = torch.randn(300, 9), torch.randint(-1, 40, (300,))
     with launches() as ran, emulated():
@@ -297,6 +342,29 @@ def test_residual_fsq_tiles_and_nan_rows(d):
     assert any("residual_fsq_kernel" in name for name in ran), sorted(ran)
     assert torch.equal(ours[1], cpu[1]) and ours[1][517].eq(-1).all()
     torch.testing.assert_close(ours[0], cpu[0], rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("quantile", [31.5 / 55, 0.3, 0.995, 1.0])
+def test_threshold_select_ranks_that_part_early_and_late(quantile):
+    """|x0| with a gap between ranks 31 and 32 (q = 31.5 / 55 interpolates across it: the ranks differ from
+    the first radix pass), ties, and ranks at the top: the shared-pass select equals the CPU kernel."""
+    gen = torch.Generator().manual_seed(3)
+    small = torch.rand(2, 24, generator=gen) * 2.0
+    large = 50.0 + torch.rand(2, 24, generator=gen) * 10.0
+    values = torch.cat([small, large, small[:, :8]], dim=1)  # 56 per sample, 8 duplicated
+    signs = torch.where(torch.rand(values.shape, generator=gen) < 0.5, -1.0, 1.0)
+    sample = (values * signs).reshape(2, 7, 2, 4)
+    model_output = torch.randn(sample.shape, generator=gen) * 0.1
+    kwargs = dict(prediction="epsilon", threshold_quantile=quantile, threshold_max=1000.0)
+    expected = fastlatent.ops.ddpm_step(
+        model_output, sample, 0.3, 0.5, noise=torch.zeros_like(sample), **kwargs
+    )
+    with launches() as ran, emulated():
+        got = fastlatent.ops.ddpm_step(
+            model_output, sample, 0.3, 0.5, noise=torch.zeros_like(sample), **kwargs
+        )
+    assert any("select_kernel" in name for name in ran), sorted(ran)
+    torch.testing.assert_close(got, expected)
 
 
 def test_emulator_sees_the_shared_variables():

@@ -7,6 +7,7 @@ import tempfile
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastlatent
 from fastlatent.nn import ResidualVQ, VectorQuantize
@@ -393,3 +394,35 @@ def test_multihead_search_is_one_batched_call(monkeypatch):
     vq = VectorQuantize(32, 64, heads=8, codebook_dim=4, separate_codebook_per_head=True).eval()
     _, indices, _ = vq(torch.randn(2, 10, 32))
     assert calls == [torch.Size([8, 20, 4])] and indices.shape == (2, 10, 8)
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on any op that reads a tensor's value back to the host (a device sync on a GPU)."""
+
+    BANNED = {"_local_scalar_dense", "item", "nonzero", "equal", "is_nonzero", "allclose"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ in self.BANNED:
+            raise AssertionError(f"host read: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_kmeans_plus_plus_device_path_samples_d2_without_host_reads():
+    """The path CUDA tensors take (run here on CPU tensors): D^2 draws by inverse CDF, no read-back per
+    centre; the CPU path (host draws) trips the same probe, so the probe can fail."""
+    from fastlatent.ops.kmeans import _kmeans_plus_plus, _kmeans_plus_plus_on_device
+
+    gen = torch.Generator().manual_seed(0)
+    truth = torch.tensor([[0.0, 0.0], [100.0, 0.0], [0.0, 100.0], [100.0, 100.0]])
+    x = truth.repeat_interleave(50, 0) + 0.01 * torch.randn(200, 2, generator=gen)
+    for seed in range(5):
+        gen.manual_seed(seed)
+        with _NoHostReads():
+            picked = _kmeans_plus_plus_on_device(x, 4, "l2", gen)
+        assert picked.shape == (4, 2) and all(bool((x == row).all(1).any()) for row in picked)
+        # one centre per cluster: a second pick inside an occupied cluster has probability ~1e-8
+        assert sorted(torch.cdist(picked, truth).argmin(1).tolist()) == [0, 1, 2, 3]
+    # all distances zero: the uniform fallback, as on the CPU path
+    assert torch.equal(_kmeans_plus_plus_on_device(torch.ones(10, 2), 4, "l2", gen), torch.ones(4, 2))
+    with pytest.raises(AssertionError, match="host read"), _NoHostReads():
+        _kmeans_plus_plus(x, 4, "l2", gen)

@@ -5,15 +5,17 @@
 //   1. per-sample entropies, one thread per row;
 //   2. avg_probs partial sums: grid (tiles of tile_u rows of the 2^U x 2^L matrix) x (fixed
 //      sample splits). A block walks its split in batches of kBatch samples: it computes the
-//      Bernoulli probabilities of the batch, expands wL (all 2^L columns) and wU (its tile_u
-//      rows) into shared memory, and each thread adds sum_b wU[b][u] wL[b][l] for its (u, l)
-//      entries (at most kMaxPerThread) into fp64 registers, fp32 within a batch;
+//      Bernoulli probabilities of the batch, expands wL (all 2^L columns, 8 entries per thread
+//      step) and wU (its tile_u rows) into shared memory, and each thread adds
+//      sum_b wU[b][u] wL[b][l] for its register tile of kMaxPerThread (u, l) entries (1-2
+//      columns x 8-16 rows) into fp64 registers, fp32 within a batch. At d = 18 a tile is 8 x 512
+//      (64 tiles): each expansion serves 4,096 FMAs per sample;
 //   3. one thread per avg_probs entry sums the splits in order and divides by N.
 //   No atomics: deterministic. Workspace: splits x 2^d doubles (capped at 16 MiB).
-// entropy backward: one kernel over blocks of kB samples (grid stride), all in shared memory:
-//   Bernoullis -> wU, wL -> hU = wL G^T and hL = wU G (threads over (sample, entry), reading rows
-//   of G^T / G coalesced; G^T is prepared in the workspace by a transpose kernel) -> leave-one-out
-//   sums, one thread per (sample, dim) -> dL/dx.
+// entropy backward: one kernel over blocks of kBwdSamples samples (grid stride), all in shared memory:
+//   Bernoullis -> wU, wL -> hU = wL G^T and hL = wU G (a thread per u / l entry, the block's samples in
+//   registers: each G element is read once per block, coalesced; G^T is prepared in the workspace by a
+//   transpose kernel) -> leave-one-out sums, one thread per (sample, dim) -> dL/dx.
 #include <cmath>
 
 #include "cuda_utils.cuh"
@@ -24,17 +26,20 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kBatch = 16;          // samples per batch in the avg_probs kernel
-constexpr int kMaxPerThread = 4;    // (u, l) entries per thread in the avg_probs kernel
+constexpr int kMaxPerThread = 16;   // (u, l) entries per thread in the avg_probs kernel (a register tile)
 constexpr int kMaxL = 1 << (kLfqMaxEntropyDims / 2);
-constexpr int kMaxTileU = 64;
+constexpr int kMaxTileU = 128;
+static_assert(kMaxL <= 2 * kThreads, "at most two columns per thread");
 constexpr size_t kMaxPartialBytes = size_t{16} << 20;
 
 struct Layout {
   int u_bits, l_bits, nu, nl, tile_u, tiles;
   explicit Layout(int d)
       : u_bits(d - d / 2), l_bits(d / 2), nu(1 << (d - d / 2)), nl(1 << (d / 2)) {
-    tile_u = kThreads * kMaxPerThread / nl;
-    tile_u = tile_u < 1 ? 1 : (tile_u > kMaxTileU ? kMaxTileU : tile_u);
+    // Rows of a tile: kMaxPerThread / columns per thread, times the row groups of the block (threads
+    // beyond nl columns), at most kMaxTileU.
+    tile_u = nl > kThreads ? kMaxPerThread * kThreads / nl : kMaxPerThread * (kThreads / nl);
+    tile_u = tile_u > kMaxTileU ? kMaxTileU : tile_u;
     tile_u = tile_u > nu ? nu : tile_u;
     tiles = (nu + tile_u - 1) / tile_u;
   }
@@ -89,23 +94,51 @@ __global__ void lfq_sample_entropy_kernel(const T* __restrict__ x, float* __rest
   }
 }
 
-template <typename T>
-__global__ void __launch_bounds__(kThreads)
+// wl[0 .. 8) = entries 8 g .. 8 g + 8 of an m-bit expansion (m >= 3): the product over the top m - 3 bits once,
+// then a register tree over the last three. Left-to-right products, as expand_entry and the CPU's expand:
+// the same fp32 values, at 2.5 multiplications per entry instead of m.
+__device__ __forceinline__ void expand_group8(const float* qp, const float* qn, int m, int g, float* w) {
+  float prefix = 1.0f;
+  for (int j = 0; j < m - 3; ++j) prefix *= ((g >> (m - 4 - j)) & 1) ? qp[j] : qn[j];
+  const float a0 = prefix * qn[m - 3], a1 = prefix * qp[m - 3];
+  const float b0 = a0 * qn[m - 2], b1 = a0 * qp[m - 2], b2 = a1 * qn[m - 2], b3 = a1 * qp[m - 2];
+  const float lo = qn[m - 1], hi = qp[m - 1];
+  *reinterpret_cast<float4*>(w) = make_float4(b0 * lo, b0 * hi, b1 * lo, b1 * hi);
+  *reinterpret_cast<float4*>(w + 4) = make_float4(b2 * lo, b2 * hi, b3 * lo, b3 * hi);
+}
+
+// avg_probs partial sums over one split of the samples for one tile of tile_u rows of the 2^U x 2^L matrix.
+// Thread t owns kCols columns (l = t mod min(nl, 256) + 256 c) and kRows consecutive rows of the tile
+// (row group t / min(nl, 256)): per sample it reads kCols wl values and kRows wu values (broadcast, 16-byte
+// loads) for kRows x kCols FMAs. Per batch of kBatch samples the block computes the Bernoullis once,
+// expands wl (all nl columns, 8 at a time) and wu (its rows); a tile of 8 rows x 512 columns at d = 18
+// (64 tiles) does 4,096 FMAs per sample against one 512-entry expansion (was 1,024 per expansion).
+// Each entry sums a batch in fp32 in sample order, batches in fp64: fixed order, deterministic.
+// Two blocks per SM (128 registers; without the minimum, ptxas held this kernel to 64 and spilled).
+template <typename T, int kCols>
+__global__ void __launch_bounds__(kThreads, 2)
 lfq_probs_partial_kernel(const T* __restrict__ x, int64_t n, int d, float scale, Layout lay,
                          int64_t samples_per_split, double* __restrict__ partial) {
+  constexpr int kRows = kMaxPerThread / kCols;
+  static_assert(kRows % 4 == 0, "wu rows are read 4 at a time");
   __shared__ float qp[kBatch][kLfqMaxEntropyDims], qn[kBatch][kLfqMaxEntropyDims];
-  __shared__ float wl[kBatch][kMaxL];
-  __shared__ float wu[kBatch][kMaxTileU];
+  __shared__ __align__(16) float wl[kBatch][kMaxL];
+  __shared__ __align__(16) float wu[kBatch][kMaxTileU];
   const int tid = threadIdx.x;
+  const int col_threads = lay.nl < kThreads ? lay.nl : kThreads;
+  const int col = tid % col_threads, row_first = (tid / col_threads) * kRows;
   const int u0 = blockIdx.x * lay.tile_u;
   const int tile_u = lay.nu - u0 < lay.tile_u ? lay.nu - u0 : lay.tile_u;
-  const int entries = tile_u * lay.nl;
+  const int wu_rows = (tile_u + kRows - 1) / kRows * kRows;  // whole row groups; rows past tile_u are 0
+  const bool active = row_first < tile_u;
   const int64_t s_begin = static_cast<int64_t>(blockIdx.y) * samples_per_split;
   const int64_t s_end = n < s_begin + samples_per_split ? n : s_begin + samples_per_split;
 
-  double acc[kMaxPerThread];
+  double acc[kRows][kCols];
 #pragma unroll
-  for (int k = 0; k < kMaxPerThread; ++k) acc[k] = 0.0;
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) acc[r][c] = 0.0;
 
   for (int64_t s0 = s_begin; s0 < s_end; s0 += kBatch) {
     const int nb = static_cast<int>(s_end - s0 < kBatch ? s_end - s0 : kBatch);
@@ -116,33 +149,63 @@ lfq_probs_partial_kernel(const T* __restrict__ x, int64_t n, int d, float scale,
       qn[b][i] = be.qneg;
     }
     __syncthreads();
-    for (int e = tid; e < nb * lay.nl; e += kThreads) {
-      const int b = e / lay.nl, l = e % lay.nl;
-      wl[b][l] = expand_entry(&qp[b][lay.u_bits], &qn[b][lay.u_bits], lay.l_bits, l);
-    }
-    for (int e = tid; e < nb * tile_u; e += kThreads) {
-      const int b = e / tile_u, ul = e % tile_u;
-      wu[b][ul] = expand_entry(qp[b], qn[b], lay.u_bits, u0 + ul);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int k = 0; k < kMaxPerThread; ++k) {
-      const int e = tid + k * kThreads;
-      if (e < entries) {
-        const int ul = e / lay.nl, l = e % lay.nl;
-        float t = 0.0f;
-        for (int b = 0; b < nb; ++b) t = fmaf(wu[b][ul], wl[b][l], t);
-        acc[k] += static_cast<double>(t);
+    if (lay.l_bits >= 3) {
+      const int groups = lay.nl / 8;
+      for (int e = tid; e < nb * groups; e += kThreads) {
+        const int b = e / groups, g = e % groups;
+        expand_group8(&qp[b][lay.u_bits], &qn[b][lay.u_bits], lay.l_bits, g, &wl[b][8 * g]);
+      }
+    } else {
+      for (int e = tid; e < nb * lay.nl; e += kThreads) {
+        const int b = e / lay.nl, l = e % lay.nl;
+        wl[b][l] = expand_entry(&qp[b][lay.u_bits], &qn[b][lay.u_bits], lay.l_bits, l);
       }
     }
+    for (int e = tid; e < nb * wu_rows; e += kThreads) {
+      const int b = e / wu_rows, ul = e % wu_rows;
+      wu[b][ul] = ul < tile_u ? expand_entry(qp[b], qn[b], lay.u_bits, u0 + ul) : 0.0f;
+    }
+    __syncthreads();
+    if (active) {
+      float t[kRows][kCols];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) t[r][c] = 0.0f;
+      for (int b = 0; b < nb; ++b) {
+        float wc[kCols], wr[kRows];
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) wc[c] = wl[b][col + c * kThreads];
+#pragma unroll
+        for (int r = 0; r < kRows; r += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(&wu[b][row_first + r]);
+          wr[r] = v.x;
+          wr[r + 1] = v.y;
+          wr[r + 2] = v.z;
+          wr[r + 3] = v.w;
+        }
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+#pragma unroll
+          for (int c = 0; c < kCols; ++c) t[r][c] = fmaf(wr[r], wc[c], t[r][c]);
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r)
+#pragma unroll
+        for (int c = 0; c < kCols; ++c) acc[r][c] += static_cast<double>(t[r][c]);
+    }
     __syncthreads();
   }
-  double* out = partial + static_cast<int64_t>(blockIdx.y) * (static_cast<int64_t>(lay.nu) * lay.nl);
+  if (!active) return;
+  double* out = partial + static_cast<int64_t>(blockIdx.y) * (static_cast<int64_t>(lay.nu) * lay.nl) +
+                static_cast<int64_t>(u0) * lay.nl;
 #pragma unroll
-  for (int k = 0; k < kMaxPerThread; ++k) {
-    const int e = tid + k * kThreads;
-    if (e < entries) out[static_cast<int64_t>(u0) * lay.nl + e] = acc[k];
-  }
+  for (int r = 0; r < kRows; ++r)
+#pragma unroll
+    for (int c = 0; c < kCols; ++c) {
+      const int row = row_first + r;
+      if (row < tile_u) out[static_cast<int64_t>(row) * lay.nl + col + c * kThreads] = acc[r][c];
+    }
 }
 
 __global__ void lfq_probs_reduce_kernel(const double* __restrict__ partial, int splits, int64_t codes, int64_t n,
@@ -161,26 +224,29 @@ __global__ void transpose_kernel(const float* __restrict__ g, float* __restrict_
   gt[static_cast<int64_t>(l) * nu + u] = g[e];
 }
 
+// Samples per block of the backward: each G element read from L2 serves all of them (8 x (4 d + nu + nl) floats
+// of shared memory: 35 KB at d = 18).
+constexpr int kBwdSamples = 8;
+constexpr int kBwdPerThread = kMaxL / kThreads;  // h entries (u or l) per thread at d = 18
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float scale, Layout lay, int kb,
+lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float scale, Layout lay,
                             const float* __restrict__ G, const float* __restrict__ GT,
                             const float* __restrict__ gps, T* __restrict__ grad_x) {
   extern __shared__ float smem[];
-  float* qp = smem;               // [kb][d]
-  float* qn = qp + kb * d;        // [kb][d]
-  float* var = qn + kb * d;       // [kb][d]
-  float* dh = var + kb * d;       // [kb][d]
-  float* wu = dh + kb * d;        // [kb][nu]
-  float* wl = wu + kb * lay.nu;   // [kb][nl]
-  float* hu = wl + kb * lay.nl;   // [kb][nu]
-  float* hl = hu + kb * lay.nu;   // [kb][nl]
+  float* qp = smem;                         // [kBwdSamples][d]
+  float* qn = qp + kBwdSamples * d;         // [kBwdSamples][d]
+  float* var = qn + kBwdSamples * d;        // [kBwdSamples][d]
+  float* dh = var + kBwdSamples * d;        // [kBwdSamples][d]
+  float* wu = dh + kBwdSamples * d;         // [nu][kBwdSamples], then hU (a G element's samples adjacent)
+  float* wl = wu + kBwdSamples * lay.nu;    // [nl][kBwdSamples], then hL
   const int tid = threadIdx.x;
   const float inv_n = 1.0f / static_cast<float>(n);
-  const int64_t num_blocks = (n + kb - 1) / kb;
+  const int64_t num_blocks = (n + kBwdSamples - 1) / kBwdSamples;
   for (int64_t blk = blockIdx.x; blk < num_blocks; blk += gridDim.x) {
-    const int64_t s0 = blk * kb;
-    const int nb = static_cast<int>(n - s0 < kb ? n - s0 : kb);
+    const int64_t s0 = blk * kBwdSamples;
+    const int nb = static_cast<int>(n - s0 < kBwdSamples ? n - s0 : kBwdSamples);
     for (int e = tid; e < nb * d; e += kThreads) {
       const cuda::Bernoulli be = cuda::bernoulli(scale * cuda::to_float(x[s0 * d + e]));
       qp[e] = be.qpos;
@@ -189,28 +255,60 @@ lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float sca
       dh[e] = be.dentropy;
     }
     __syncthreads();
-    for (int e = tid; e < nb * lay.nu; e += kThreads) {
+    // Rows of samples past nb are zero: the register loops below run over all kBwdSamples.
+    for (int e = tid; e < kBwdSamples * lay.nu; e += kThreads) {
       const int b = e / lay.nu, u = e % lay.nu;
-      wu[e] = expand_entry(qp + b * d, qn + b * d, lay.u_bits, u);
+      wu[u * kBwdSamples + b] = b < nb ? expand_entry(qp + b * d, qn + b * d, lay.u_bits, u) : 0.0f;
     }
-    for (int e = tid; e < nb * lay.nl; e += kThreads) {
+    for (int e = tid; e < kBwdSamples * lay.nl; e += kThreads) {
       const int b = e / lay.nl, l = e % lay.nl;
-      wl[e] = expand_entry(qp + b * d + lay.u_bits, qn + b * d + lay.u_bits, lay.l_bits, l);
+      wl[l * kBwdSamples + b] =
+          b < nb ? expand_entry(qp + b * d + lay.u_bits, qn + b * d + lay.u_bits, lay.l_bits, l) : 0.0f;
     }
     __syncthreads();
-    for (int e = tid; e < nb * lay.nu; e += kThreads) {
-      const int b = e / lay.nu, u = e % lay.nu;
-      const float* w = wl + b * lay.nl;
-      float h = 0.0f;
-      for (int l = 0; l < lay.nl; ++l) h = fmaf(GT[static_cast<int64_t>(l) * lay.nu + u], w[l], h);
-      hu[e] = h;
+    // hU[b][u] = sum_l G^T[l][u] wL[b][l] and hL[b][l] = sum_u G[u][l] wU[b][u]: thread t owns u (and l) =
+    // t + 256 p, reads each G element once (coalesced) for the block's samples and keeps their sums in
+    // registers (the samples' weights of one l or u: two 16-byte broadcast loads per 8 FMAs); each sum runs
+    // over l (u) in increasing order from 0, as one thread per (sample, entry) did.
+    float hu[kBwdPerThread][kBwdSamples], hl[kBwdPerThread][kBwdSamples];
+#pragma unroll
+    for (int q = 0; q < kBwdPerThread; ++q)
+#pragma unroll
+      for (int b = 0; b < kBwdSamples; ++b) hu[q][b] = hl[q][b] = 0.0f;
+#pragma unroll
+    for (int q = 0; q < kBwdPerThread; ++q) {
+      const int u = tid + q * kThreads;
+      if (u < lay.nu) {
+        for (int l = 0; l < lay.nl; ++l) {
+          const float g = GT[static_cast<int64_t>(l) * lay.nu + u];
+          const float4 w0 = *reinterpret_cast<const float4*>(wl + l * kBwdSamples);
+          const float4 w1 = *reinterpret_cast<const float4*>(wl + l * kBwdSamples + 4);
+          const float w[kBwdSamples] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+          for (int b = 0; b < kBwdSamples; ++b) hu[q][b] = fmaf(g, w[b], hu[q][b]);
+        }
+      }
+      const int l = tid + q * kThreads;
+      if (l < lay.nl) {
+        for (int u2 = 0; u2 < lay.nu; ++u2) {
+          const float g = G[static_cast<int64_t>(u2) * lay.nl + l];
+          const float4 w0 = *reinterpret_cast<const float4*>(wu + u2 * kBwdSamples);
+          const float4 w1 = *reinterpret_cast<const float4*>(wu + u2 * kBwdSamples + 4);
+          const float w[kBwdSamples] = {w0.x, w0.y, w0.z, w0.w, w1.x, w1.y, w1.z, w1.w};
+#pragma unroll
+          for (int b = 0; b < kBwdSamples; ++b) hl[q][b] = fmaf(g, w[b], hl[q][b]);
+        }
+      }
     }
-    for (int e = tid; e < nb * lay.nl; e += kThreads) {
-      const int b = e / lay.nl, l = e % lay.nl;
-      const float* w = wu + b * lay.nu;
-      float h = 0.0f;
-      for (int u = 0; u < lay.nu; ++u) h = fmaf(G[static_cast<int64_t>(u) * lay.nl + l], w[u], h);
-      hl[e] = h;
+    __syncthreads();  // every thread is done reading wU, wL: their space takes hU, hL
+#pragma unroll
+    for (int q = 0; q < kBwdPerThread; ++q) {
+      const int e = tid + q * kThreads;
+#pragma unroll
+      for (int b = 0; b < kBwdSamples; ++b) {
+        if (e < lay.nu) wu[e * kBwdSamples + b] = hu[q][b];
+        if (e < lay.nl) wl[e * kBwdSamples + b] = hl[q][b];
+      }
     }
     __syncthreads();
     for (int e = tid; e < nb * d; e += kThreads) {
@@ -220,7 +318,7 @@ lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float sca
       const int j = high ? i : i - lay.u_bits;
       const float* qpb = qp + b * d + (high ? 0 : lay.u_bits);
       const float* qnb = qn + b * d + (high ? 0 : lay.u_bits);
-      const float* h = high ? hu + b * lay.nu : hl + b * lay.nl;
+      const float* h = (high ? wu : wl) + b;  // h[t * kBwdSamples]
       float r = 0.0f;
       for (int t = 0; t < (1 << m); ++t) {
         float w = 1.0f;
@@ -228,18 +326,13 @@ lfq_entropy_backward_kernel(const T* __restrict__ x, int64_t n, int d, float sca
           const bool bit = (t >> (m - 1 - k)) & 1;
           w *= k == j ? (bit ? 1.0f : -1.0f) : (bit ? qpb[k] : qnb[k]);
         }
-        r = fmaf(w, h[t], r);
+        r = fmaf(w, h[t * kBwdSamples], r);
       }
       const float ga = gps[s0 + b] * dh[e] + inv_n * var[e] * r;
       grad_x[s0 * d + e] = cuda::from_float<T>(scale * ga);
     }
     __syncthreads();
   }
-}
-
-int backward_batch(const Layout& lay) {
-  const int kb = 8192 / (2 * (lay.nu + lay.nl));
-  return kb < 1 ? 1 : (kb > 16 ? 16 : kb);
 }
 
 }  // namespace
@@ -277,8 +370,13 @@ cudaError_t launch_lfq_entropy_cuda(const LfqEntropyParams& p, cudaStream_t stre
       lfq_sample_entropy_kernel<scalar_t><<<cuda::grid_blocks(cuda::ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(
           x, static_cast<float*>(p.per_sample_entropy), p.n, p.d, scale);
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
-      lfq_probs_partial_kernel<scalar_t><<<dim3(lay.tiles, splits), kThreads, 0, stream>>>(
-          x, p.n, p.d, scale, lay, per_split, partial);
+      if (lay.nl > kThreads) {
+        lfq_probs_partial_kernel<scalar_t, 2><<<dim3(lay.tiles, splits), kThreads, 0, stream>>>(
+            x, p.n, p.d, scale, lay, per_split, partial);
+      } else {
+        lfq_probs_partial_kernel<scalar_t, 1><<<dim3(lay.tiles, splits), kThreads, 0, stream>>>(
+            x, p.n, p.d, scale, lay, per_split, partial);
+      }
       if ((err = cudaGetLastError()) != cudaSuccess) return err;
     }
     lfq_probs_reduce_kernel<<<cuda::ceil_div(codes, kThreads), kThreads, 0, stream>>>(
@@ -297,12 +395,11 @@ cudaError_t launch_lfq_entropy_backward_cuda(const LfqEntropyParams& p, cudaStre
   transpose_kernel<<<cuda::ceil_div(codes, kThreads), kThreads, 0, stream>>>(g, gt, lay.nu, lay.nl);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int kb = backward_batch(lay);
-  const size_t smem = static_cast<size_t>(kb) * (4 * p.d + 2 * lay.nu + 2 * lay.nl) * sizeof(float);
-  const unsigned int blocks = cuda::grid_blocks((p.n + kb - 1) / kb, 8);
+  const size_t smem = static_cast<size_t>(kBwdSamples) * (4 * p.d + lay.nu + lay.nl) * sizeof(float);
+  const unsigned int blocks = cuda::grid_blocks((p.n + kBwdSamples - 1) / kBwdSamples, 8);
   return FL_CUDA_DTYPE_SWITCH(p.dtype, scalar_t, cudaErrorInvalidValue, [&] {
     lfq_entropy_backward_kernel<scalar_t><<<blocks, kThreads, smem, stream>>>(
-        static_cast<const scalar_t*>(p.x), p.n, p.d, static_cast<float>(p.logit_scale), lay, kb, g, gt,
+        static_cast<const scalar_t*>(p.x), p.n, p.d, static_cast<float>(p.logit_scale), lay, g, gt,
         static_cast<const float*>(p.grad_per_sample), static_cast<scalar_t*>(p.grad_x));
     return cudaGetLastError();
   });

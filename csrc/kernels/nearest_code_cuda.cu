@@ -11,16 +11,16 @@
 //   * tensor_core (fp16/bf16 with d % 8 == 0; fp32 with precision tf32 and d % 4 == 0; x and
 //     codebook 16-byte aligned; an image built for sm_80+, or sm_70+ for fp16: see
 //     nearest_code_cuda_path): WMMA tiles of kTcRows x kTcCodes (8 warps, each 32 x 64 of fp32
-//     accumulators), the dims staged through shared memory kTcDims at a time; after a code
-//     tile each warp parks one 16 x 16 accumulator at a time in shared memory and two lanes
-//     per row fold its keys into their running minimum.
+//     accumulators); stages of 64 bytes of dims per row (32 fp16/bf16, 16 fp32) double-buffered
+//     with cp.async, alpha/beta of each code tile staged in shared memory; after a code tile each
+//     warp parks 32 x 16 keys at a time (conflict-free pitch) and lane r folds row r. Two blocks
+//     per SM (128 registers) for every type.
 //   * simt (everything else, and fp32 by default: exact fp32 FMAs): 16 x 16 threads with a
 //     4 x 4 register tile each, x and code tiles of kBD dims transposed in shared memory.
 // Each path visits codes in increasing order per thread and reduces across threads with the
 // total (NaN first, key, index) order, so the result is deterministic.
 //
-// These paths are written for correctness first; their tuning (cp.async pipelining, wgmma on
-// sm_90a) waits for measurements on a GPU.
+// Not yet measured on a GPU; wgmma on sm_90a is the next step for the tensor-core path.
 #include <mma.h>
 
 #include <cmath>
@@ -282,9 +282,17 @@ namespace wmma = nvcuda::wmma;
 
 constexpr int kTcRows = 128;   // rows of x per block
 constexpr int kTcCodes = 128;  // codes per tile
-constexpr int kTcDims = 32;    // dims per shared-memory stage
 constexpr int kTcWarps = 8;    // 4 along rows x 2 along codes, each 32 x 64
 constexpr int kTcThreads = kTcWarps * 32;
+// A stage holds kTcRows rows of x and kTcCodes codes, Traits::kDims dims each, at a row pitch of
+// 80 bytes (16 bytes of padding: ldmatrix/WMMA row reads of 8 rows hit 8 distinct 16-byte bank groups).
+constexpr int kTcPitchBytes = 80;
+constexpr int kTcStageBytes = (kTcRows + kTcCodes) * kTcPitchBytes;  // 20,480
+// The epilogue parks a warp's 32 rows x 16 codes of keys at a pitch of 20 floats in the stage buffer
+// it has just consumed: lane r reads row r with 16-byte loads; the 8 lanes of each quarter-warp start
+// at banks 20 r mod 32 = {0, 20, 8, 28, 16, 4, 24, 12} and cover all 32 banks once (no conflict).
+constexpr int kParkLd = 20;
+static_assert(kTcWarps * 32 * kParkLd * 4 == kTcStageBytes, "the parked keys fill one stage buffer");
 
 // Whether this compilation pass has WMMA for T: fp16 from sm_70, bf16 and TF32 from sm_80 (the
 // host pass declares every type). Kept in step with nearest_code_tensor_core_min_arch.
@@ -301,7 +309,7 @@ template <>
 struct TcTraits<__half> {
   using Frag = __half;
   static constexpr int kK = 16;
-  static constexpr int kPad = 8;
+  static constexpr int kDims = 32;  // dims per stage
   template <typename F>
   __device__ static void round(F&) {}
 };
@@ -310,7 +318,7 @@ template <>
 struct TcTraits<__nv_bfloat16> {
   using Frag = __nv_bfloat16;
   static constexpr int kK = 16;
-  static constexpr int kPad = 8;
+  static constexpr int kDims = 32;
   template <typename F>
   __device__ static void round(F&) {}
 };
@@ -318,7 +326,7 @@ template <>
 struct TcTraits<float> {
   using Frag = wmma::precision::tf32;
   static constexpr int kK = 8;
-  static constexpr int kPad = 4;
+  static constexpr int kDims = 16;  // 64 bytes per row, as for fp16/bf16: same stage size
   // WMMA's TF32 operands must be rounded to TF32 after loading.
   template <typename F>
   __device__ static void round(F& f) {
@@ -327,25 +335,72 @@ struct TcTraits<float> {
 };
 #endif
 
-// Copy a tile of `rows` x kTcDims elements (row-major source with row length d) to shared
-// memory, 16 bytes per access, zero past the matrix. Requires d * sizeof(T) % 16 == 0 and a
-// 16-byte aligned src (nearest_code_cuda_path checks both).
-template <typename T, int kLd>
-__device__ __forceinline__ void load_tile(T (*dst)[kLd], const T* __restrict__ src,
-                                          int64_t first_row, int64_t num_rows, int64_t d, int64_t d0,
-                                          int rows) {
+// 16 bytes global -> shared: cp.async from sm_80 (lands at the next cp_async_wait), a plain copy on the
+// sm_70/75 images of the fp16 path (the waits are then no-ops and the pipeline degenerates to one stage).
+__device__ __forceinline__ void tc_copy16(void* smem, const void* gmem) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  *static_cast<uint4*>(smem) = *static_cast<const uint4*>(gmem);
+#else
+  cuda::cp_async16(smem, gmem);
+#endif
+}
+__device__ __forceinline__ void tc_commit() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  cuda::cp_async_commit();
+#endif
+}
+__device__ __forceinline__ void tc_wait_all() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  cuda::cp_async_wait<0>();
+#endif
+}
+
+// Start copying one stage (x rows row0.., codes code0.., dims d0 .. d0 + kDims) into `buf`, 16 bytes per
+// access; vectors past the matrix are stored as zeros (which leave the dot products unchanged). Requires
+// d * sizeof(T) % 16 == 0 and 16-byte aligned x and codebook (nearest_code_cuda_path checks both).
+template <typename T>
+__device__ __forceinline__ void tc_load_stage(unsigned char* buf, const T* __restrict__ x,
+                                              const T* __restrict__ codebook, int64_t row0, int64_t n,
+                                              int64_t code0, int64_t k, int64_t d, int64_t d0) {
   constexpr int kPerVector = 16 / sizeof(T);
-  constexpr int kVectorsPerRow = kTcDims / kPerVector;
-  for (int v = threadIdx.x; v < rows * kVectorsPerRow; v += kTcThreads) {
-    const int r = v / kVectorsPerRow, t = (v % kVectorsPerRow) * kPerVector;
-    const int64_t row = first_row + r, dim = d0 + t;
-    uint4 value = make_uint4(0, 0, 0, 0);
-    if (row < num_rows && dim < d) value = *reinterpret_cast<const uint4*>(src + row * d + dim);
-    *reinterpret_cast<uint4*>(&dst[r][t]) = value;
+  constexpr int kVectorsPerRow = TcTraits<T>::kDims / kPerVector;  // 4
+  constexpr int kRowsPerPass = kTcThreads / kVectorsPerRow;        // 64
+  static_assert(kTcRows % kRowsPerPass == 0 && kTcCodes % kRowsPerPass == 0, "whole passes");
+  const int r0 = threadIdx.x / kVectorsPerRow, t = (threadIdx.x % kVectorsPerRow) * kPerVector;
+  const bool dim_ok = d0 + t < d;
+  const T* src = x + (row0 + r0) * d + d0 + t;
+  unsigned char* dst = buf + r0 * kTcPitchBytes + t * static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int s = 0; s < kTcRows / kRowsPerPass; ++s) {
+    void* to = dst + s * kRowsPerPass * kTcPitchBytes;
+    if (dim_ok && row0 + r0 + s * kRowsPerPass < n) {
+      tc_copy16(to, src + s * kRowsPerPass * d);
+    } else {
+      *static_cast<uint4*>(to) = make_uint4(0, 0, 0, 0);
+    }
+  }
+  src = codebook + (code0 + r0) * d + d0 + t;
+  dst += kTcRows * kTcPitchBytes;
+#pragma unroll
+  for (int s = 0; s < kTcCodes / kRowsPerPass; ++s) {
+    void* to = dst + s * kRowsPerPass * kTcPitchBytes;
+    if (dim_ok && code0 + r0 + s * kRowsPerPass < k) {
+      tc_copy16(to, src + s * kRowsPerPass * d);
+    } else {
+      *static_cast<uint4*>(to) = make_uint4(0, 0, 0, 0);
+    }
   }
 }
 
 // The body of tensor_core_kernel, instantiated only where kTcCompiled<T>.
+//
+// The block walks stages (code tile, dim chunk) with the codebook's dims innermost; stage s + 1 is in
+// flight (cp.async, double-buffered) while the warps run stage s's MMAs and, after a code tile's last
+// chunk, its epilogue. alpha/beta of a code tile are staged in shared memory with its first chunk.
+// Epilogue: each warp parks 32 rows x 16 codes of dot products at a time in the stage buffer it has just
+// consumed, and lane r folds row r's 16 keys into its running minimum. A lane sees its row's codes in
+// increasing order, so a strict `<` keeps the lowest index on ties; the two warps along codes then merge
+// with the total (NaN first, key, index) order.
 template <typename T>
 __device__ __forceinline__ void tensor_core_search(const T* __restrict__ x, const T* __restrict__ codebook,
                                                    const float* __restrict__ alpha, const float* __restrict__ beta,
@@ -360,10 +415,12 @@ __device__ __forceinline__ void tensor_core_search(const T* __restrict__ x, cons
   }
   using Traits = TcTraits<T>;
   constexpr int kK = Traits::kK;
-  constexpr int kLd = kTcDims + Traits::kPad;
-  __shared__ __align__(32) T xs[kTcRows][kLd];
-  __shared__ __align__(32) T cs[kTcCodes][kLd];
-  __shared__ __align__(32) float park[kTcWarps][16][16];
+  constexpr int kDims = Traits::kDims;
+  constexpr int kLd = kTcPitchBytes / sizeof(T);  // elements per staged row
+  static_assert(kDims * sizeof(T) == 64, "a staged row is 64 bytes of data and 16 of padding");
+  __shared__ __align__(128) unsigned char stage_mem[2][kTcStageBytes];
+  __shared__ __align__(16) float tile_alpha[2][kTcCodes];  // by code-tile parity
+  __shared__ __align__(16) float tile_beta[2][kTcCodes];
   __shared__ float pair_key[kTcRows][2];
   __shared__ int64_t pair_index[kTcRows][2];
 
@@ -372,74 +429,117 @@ __device__ __forceinline__ void tensor_core_search(const T* __restrict__ x, cons
   const int warp_code = warp & 1;  // 0..1: codes warp_code * 64 .. + 64
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kTcRows;
 
-  // Lane l follows rows (l / 2) and 16 + (l / 2) of the warp's 32, columns (l % 2) * 8 .. + 8
-  // of each parked fragment.
-  float best_key[2] = {INFINITY, INFINITY};
-  int64_t best_index[2] = {0, 0};
+  // alpha/beta of the tile at code0 (a plain load per thread; read after the next __syncthreads). Codes
+  // past k get key = 0 * 0 + inf, which a strict `<` against the initial +inf never takes.
+  auto stage_norms = [&](int parity, int64_t code0) {
+    const int c = threadIdx.x & (kTcCodes - 1);
+    const int64_t code = code0 + c;
+    if (threadIdx.x < kTcCodes) {
+      tile_alpha[parity][c] = code < k ? alpha[code] : 0.0f;
+    } else {
+      tile_beta[parity][c] = code < k ? beta[code] : INFINITY;
+    }
+  };
+  static_assert(kTcThreads == 2 * kTcCodes, "one thread per code for alpha, one for beta");
 
-  for (int64_t code0 = 0; code0 < k; code0 += kTcCodes) {
-    wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[2][4];
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+  // Lane l follows row warp_row * 32 + l.
+  float best_key = INFINITY;
+  int64_t best_index = 0;
 
-    for (int64_t d0 = 0; d0 < d; d0 += kTcDims) {
-      load_tile<T>(xs, x, row0, n, d, d0, kTcRows);
-      load_tile<T>(cs, codebook, code0, k, d, d0, kTcCodes);
-      __syncthreads();
+  const int chunks = static_cast<int>((d + kDims - 1) / kDims);  // d < 2^31 (a row's length)
+  const int64_t stages = ((k + kTcCodes - 1) / kTcCodes) * chunks;
+  tc_load_stage<T>(stage_mem[0], x, codebook, row0, n, 0, k, d, 0);
+  stage_norms(0, 0);
+  tc_commit();
+
+  wmma::fragment<wmma::accumulator, 16, 16, kK, float> acc[2][4];
 #pragma unroll
-      for (int kk = 0; kk < kTcDims; kk += kK) {
-        wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Frag, wmma::row_major> a[2];
-        wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Frag, wmma::col_major> b[4];
+  for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          wmma::load_matrix_sync(a[i], &xs[warp_row * 32 + i * 16][kk], kLd);
-          Traits::round(a[i]);
-        }
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          // B(kk, code) = codebook[code][kk]: the code tile read column-major.
-          wmma::load_matrix_sync(b[j], &cs[warp_code * 64 + j * 16][kk], kLd);
-          Traits::round(b[j]);
-        }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    for (int j = 0; j < 4; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+
+  int chunk = 0, tile_parity = 0;
+  int64_t code0 = 0;
+  for (int64_t s = 0; s < stages; ++s) {
+    const int buf = static_cast<int>(s & 1);
+    tc_wait_all();
+    __syncthreads();  // stage s is visible; every warp is done with stage s - 1's buffer and its park
+    {
+      const bool next_tile = chunk + 1 == chunks;
+      const int64_t next_code0 = next_tile ? code0 + kTcCodes : code0;
+      const int64_t next_d0 = next_tile ? 0 : static_cast<int64_t>(chunk + 1) * kDims;
+      if (s + 1 < stages) {
+        tc_load_stage<T>(stage_mem[buf ^ 1], x, codebook, row0, n, next_code0, k, d, next_d0);
+        if (next_tile) stage_norms(tile_parity ^ 1, next_code0);
       }
-      __syncthreads();
+      tc_commit();
     }
 
-    // Epilogue: fold this code tile's keys into the lanes' running minima. Fragments are
-    // visited with increasing codes (j), and within one by increasing column.
-    const int r_local = lane >> 1, c_base = (lane & 1) * 8;
+    const T (*xs)[kLd] = reinterpret_cast<const T (*)[kLd]>(stage_mem[buf]);
+    const T (*cs)[kLd] = reinterpret_cast<const T (*)[kLd]>(stage_mem[buf] + kTcRows * kTcPitchBytes);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int kk = 0; kk < kDims; kk += kK) {
+      wmma::fragment<wmma::matrix_a, 16, 16, kK, typename Traits::Frag, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, kK, typename Traits::Frag, wmma::col_major> b[4];
 #pragma unroll
       for (int i = 0; i < 2; ++i) {
-        wmma::store_matrix_sync(&park[warp][0][0], acc[i][j], 16, wmma::mem_row_major);
-        __syncwarp();
+        wmma::load_matrix_sync(a[i], &xs[warp_row * 32 + i * 16][kk], kLd);
+        Traits::round(a[i]);
+      }
 #pragma unroll
-        for (int c = 0; c < 8; ++c) {
-          const int64_t code = code0 + warp_code * 64 + j * 16 + c_base + c;
-          if (code < k) fold(fmaf(alpha[code], park[warp][r_local][c_base + c], beta[code]), code,
-                             best_key[i], best_index[i]);
+      for (int j = 0; j < 4; ++j) {
+        // B(kk, code) = codebook[code][kk]: the code tile read column-major.
+        wmma::load_matrix_sync(b[j], &cs[warp_code * 64 + j * 16][kk], kLd);
+        Traits::round(b[j]);
+      }
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
+    }
+
+    if (++chunk == chunks) {  // the code tile is complete: fold its keys
+      __syncthreads();        // every warp is done reading this buffer's operands
+      float* park = reinterpret_cast<float*>(stage_mem[buf]) + warp * 32 * kParkLd;
+      const float* my_row = park + lane * kParkLd;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        wmma::store_matrix_sync(park, acc[0][j], kParkLd, wmma::mem_row_major);
+        wmma::store_matrix_sync(park + 16 * kParkLd, acc[1][j], kParkLd, wmma::mem_row_major);
+        __syncwarp();
+        const int c0 = warp_code * 64 + j * 16;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 dot = *reinterpret_cast<const float4*>(my_row + 4 * q);
+          const float4 a4 = *reinterpret_cast<const float4*>(&tile_alpha[tile_parity][c0 + 4 * q]);
+          const float4 b4 = *reinterpret_cast<const float4*>(&tile_beta[tile_parity][c0 + 4 * q]);
+          const float keys[4] = {fmaf(a4.x, dot.x, b4.x), fmaf(a4.y, dot.y, b4.y), fmaf(a4.z, dot.z, b4.z),
+                                 fmaf(a4.w, dot.w, b4.w)};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            // Taken when key < best, or key is NaN while best is not (NaN keys win, the first one
+            // stays): `best == best` is false only for a NaN best.
+            if (!(keys[e] >= best_key) && best_key == best_key) {
+              best_key = keys[e];
+              best_index = code0 + c0 + 4 * q + e;
+            }
+          }
         }
         __syncwarp();
+#pragma unroll
+        for (int i = 0; i < 2; ++i) wmma::fill_fragment(acc[i][j], 0.0f);
       }
+      chunk = 0;
+      code0 += kTcCodes;
+      tile_parity ^= 1;
     }
   }
 
-  // Lanes 2r and 2r + 1 share a row; then the two warps along codes share it.
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    reduce_lanes(best_key[i], best_index[i], 2);
-    if ((lane & 1) == 0) {
-      const int r = warp_row * 32 + i * 16 + (lane >> 1);
-      pair_key[r][warp_code] = best_key[i];
-      pair_index[r][warp_code] = best_index[i];
-    }
+  // The two warps along codes share each row.
+  {
+    const int r = warp_row * 32 + lane;
+    pair_key[r][warp_code] = best_key;
+    pair_index[r][warp_code] = best_index;
   }
   __syncthreads();
   for (int r = threadIdx.x; r < kTcRows; r += kTcThreads) {
@@ -450,8 +550,9 @@ __device__ __forceinline__ void tensor_core_search(const T* __restrict__ x, cons
   }
 }
 
+// Two blocks per SM: caps registers at 128 (the TF32 variant held 150 before its stage was halved).
 template <typename T>
-__global__ void __launch_bounds__(kTcThreads)
+__global__ void __launch_bounds__(kTcThreads, 2)
 tensor_core_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
                    const float* __restrict__ beta, int64_t n, int64_t k, int64_t d,
                    int64_t* __restrict__ indices) {

@@ -3,7 +3,8 @@
 //                                      c, c^2, m, m^2, then one factor per sample (chunk order)
 //   2. abs_x0_kernel + select_kernel   dynamic thresholding only: |x0| in fp32 to the workspace,
 //                                      then per sample an exact radix select of the two order
-//                                      statistics around the quantile (one 1024-thread block)
+//                                      statistics around the quantile (one 1024-thread block,
+//                                      4 histogram passes shared by both ranks while they agree)
 //   3. step_kernel                     the fused update: one read of model output, sample (and
 //                                      prev_x0/noise when used), one write of out (and x0)
 // step_kernel moves 16 bytes per load/store (4 fp32 or 8 fp16/bf16 lanes) when N is a multiple of
@@ -160,45 +161,60 @@ __global__ void __launch_bounds__(kThreads) abs_x0_kernel(Args a) {
   }
 }
 
-// The k-th smallest (0-based) of a sample's |x0|: non-negative floats order as their bit
-// patterns, so four passes of an 8-bit histogram over the matching prefix pin it down exactly.
-__device__ float block_select(const uint32_t* __restrict__ bits, int64_t n, int64_t k, unsigned long long* hist,
-                              uint32_t* shared_prefix, int64_t* shared_k) {
-  uint32_t prefix = 0, mask = 0;
+// The lo-th and hi-th smallest (0-based) of a sample's |x0|: non-negative floats order as their bit
+// patterns, so four passes of an 8-bit histogram over the matching prefix pin each down exactly. The two
+// ranks share a pass's histogram while their prefixes agree (hi = lo + 1 for a quantile between two
+// neighbours: usually all four passes), so a sample takes 4 passes, not 8; a second histogram is filled
+// only after they part. Counters are Count (uint32 when a sample has fewer than 2^32 elements: native
+// 32-bit shared atomics) and each rank's digit is found by its own thread in digit order: exact and
+// deterministic.
+template <typename Count>
+__device__ void block_select_pair(const uint32_t* __restrict__ bits, int64_t n, int64_t k_lo, int64_t k_hi,
+                                  Count* hist, uint32_t* shared_prefix, int64_t* shared_k, float* lo_out,
+                                  float* hi_out) {
+  uint32_t prefix_lo = 0, prefix_hi = 0, mask = 0;  // scalars, not arrays: no local memory
   for (int shift = 24; shift >= 0; shift -= 8) {
-    for (int d = threadIdx.x; d < 256; d += blockDim.x) hist[d] = 0;
+    const bool split = prefix_lo != prefix_hi;  // the same in every thread
+    for (int d = threadIdx.x; d < (split ? 512 : 256); d += blockDim.x) hist[d] = 0;
     __syncthreads();
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
       const uint32_t v = bits[i];
-      if ((v & mask) == prefix) atomicAdd(&hist[(v >> shift) & 255u], 1ull);
+      const uint32_t digit = (v >> shift) & 255u;
+      if ((v & mask) == prefix_lo) atomicAdd(&hist[digit], Count{1});
+      if (split && (v & mask) == prefix_hi) atomicAdd(&hist[256 + digit], Count{1});
     }
     __syncthreads();
-    if (threadIdx.x == 0) {
-      unsigned long long below = 0;
+    if (threadIdx.x < 2) {
+      const int r = threadIdx.x;
+      const Count* h = hist + (split ? 256 * r : 0);
+      const int64_t k = r == 0 ? k_lo : k_hi;
+      int64_t below = 0;
       int digit = 0;
       for (; digit < 255; ++digit) {
-        if (below + hist[digit] > static_cast<unsigned long long>(k)) break;
-        below += hist[digit];
+        if (below + static_cast<int64_t>(h[digit]) > k) break;
+        below += static_cast<int64_t>(h[digit]);
       }
-      *shared_prefix = prefix | (static_cast<uint32_t>(digit) << shift);
-      *shared_k = k - static_cast<int64_t>(below);
+      shared_prefix[r] = (r == 0 ? prefix_lo : prefix_hi) | (static_cast<uint32_t>(digit) << shift);
+      shared_k[r] = k - below;
     }
     __syncthreads();
-    prefix = *shared_prefix;
-    k = *shared_k;
+    prefix_lo = shared_prefix[0];
+    prefix_hi = shared_prefix[1];
+    k_lo = shared_k[0];
+    k_hi = shared_k[1];
     mask |= 255u << shift;
     __syncthreads();
   }
-  float value;
-  memcpy(&value, &prefix, sizeof(value));
-  return value;
+  memcpy(lo_out, &prefix_lo, sizeof(float));
+  memcpy(hi_out, &prefix_hi, sizeof(float));
 }
 
+template <typename Count>
 __global__ void __launch_bounds__(kSelectThreads)
 select_kernel(Args a, int64_t lo, int64_t hi, float weight, float threshold_max) {
-  __shared__ unsigned long long hist[256];
-  __shared__ uint32_t prefix;
-  __shared__ int64_t k;
+  __shared__ Count hist[512];
+  __shared__ uint32_t prefix[2];
+  __shared__ int64_t k[2];
   const int64_t b = blockIdx.x;
   const uint32_t* bits = reinterpret_cast<const uint32_t*>(a.w.abs_x0 + b * a.n);
   // torch.quantile: a NaN anywhere in the sample makes the quantile NaN (|NaN| sorts above +inf)
@@ -208,8 +224,8 @@ select_kernel(Args a, int64_t lo, int64_t hi, float weight, float threshold_max)
     if (threadIdx.x == 0) a.w.thresh[b] = __int_as_float(0x7fc00000);
     return;
   }
-  const float below = block_select(bits, a.n, lo, hist, &prefix, &k);
-  const float above = hi == lo ? below : block_select(bits, a.n, hi, hist, &prefix, &k);
+  float below, above;
+  block_select_pair<Count>(bits, a.n, lo, hi, hist, prefix, k, &below, &above);
   if (threadIdx.x == 0) {
     const float q = quantile_lerp(below, above, weight);
     a.w.thresh[b] = fminf(fmaxf(q, 1.0f), threshold_max);
@@ -321,8 +337,13 @@ cudaError_t launch_typed(const SamplerStepParams& p, cudaStream_t stream) {
     const int64_t lo = static_cast<int64_t>(position);
     const int64_t hi = lo + 1 < p.n ? lo + 1 : lo;
     const float weight = static_cast<float>(position - static_cast<double>(lo));
-    select_kernel<<<static_cast<unsigned int>(p.batch), kSelectThreads, 0, stream>>>(a, lo, hi, weight,
-                                                                                     p.threshold_max);
+    if (p.n <= int64_t{0xffffffff}) {
+      select_kernel<uint32_t><<<static_cast<unsigned int>(p.batch), kSelectThreads, 0, stream>>>(
+          a, lo, hi, weight, p.threshold_max);
+    } else {
+      select_kernel<unsigned long long><<<static_cast<unsigned int>(p.batch), kSelectThreads, 0, stream>>>(
+          a, lo, hi, weight, p.threshold_max);
+    }
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }

@@ -25,6 +25,8 @@ def _sample_rows(x: torch.Tensor, count: int, generator: torch.Generator | None)
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, metric: str, generator) -> torch.Tensor:
     """Arthur & Vassilvitskii (2007): each next centre drawn with probability ~ D(x)^2."""
+    if x.device.type != "cpu":
+        return _kmeans_plus_plus_on_device(x, k, metric, generator)
     n = x.shape[0]
     first = torch.randint(0, n, (1,), generator=generator, device="cpu").item()
     centres = [x[first]]
@@ -39,6 +41,31 @@ def _kmeans_plus_plus(x: torch.Tensor, k: int, metric: str, generator) -> torch.
         _, dist = nearest_code(x, x[choice : choice + 1], metric)
         best = torch.minimum(best, dist)
     return torch.stack(centres)
+
+
+def _kmeans_plus_plus_on_device(x: torch.Tensor, k: int, metric: str, generator) -> torch.Tensor:
+    """kmeans++ without a host round trip per centre: the uniforms (and the fallback rows) are drawn from the
+    CPU generator up front and moved once; each draw is an inverse-CDF lookup (``searchsorted`` over the
+    fp64 cumulative D^2 weights) on the device, so the loop queues work and never waits for it. Same
+    distribution as the CPU path (whose draws use ``torch.multinomial``), different random stream."""
+    n = x.shape[0]
+    first = torch.randint(0, n, (1,), generator=generator, device="cpu")
+    uniforms = torch.rand(max(k - 1, 0), generator=generator, dtype=torch.float64, device="cpu")
+    fallback = torch.randint(0, n, (max(k - 1, 0),), generator=generator, device="cpu")
+    first, uniforms, fallback = first.to(x.device), uniforms.to(x.device), fallback.to(x.device)
+    chosen = [first]
+    _, best = nearest_code(x, x.index_select(0, first), metric)
+    for step in range(k - 1):
+        weights = best.double().clamp_min(0)
+        cumulative = weights.cumsum(0)
+        total = cumulative[-1:]
+        drawn = torch.searchsorted(cumulative, uniforms[step : step + 1] * total, right=True).clamp_max(n - 1)
+        usable = torch.isfinite(total) & (total > 0)  # as the CPU path: all-zero or non-finite -> uniform row
+        choice = torch.where(usable, drawn, fallback[step : step + 1])
+        chosen.append(choice)
+        _, dist = nearest_code(x, x.index_select(0, choice), metric)
+        best = torch.minimum(best, dist)
+    return x.index_select(0, torch.cat(chosen))
 
 
 def kmeans(
