@@ -285,6 +285,18 @@ def test_schedulers_module_lists_and_explains_its_classes():
     assert not isinstance(diffusers.DDIMScheduler(), schedulers.FastDDIMScheduler)
 
 
+def test_every_fused_scheduler_has_its_drop_in_class():
+    from fastlatent.sampling import schedulers
+
+    covered = diffusers_fast.covered_schedulers()
+    assert len(covered) >= 16
+    assert sorted(schedulers.__all__) == sorted("Fast" + name for name in covered)
+    for name in covered:
+        fast = getattr(schedulers, "Fast" + name)()
+        assert type(fast) is getattr(diffusers, name), name
+        assert diffusers_fast.is_accelerated(fast) and isinstance(fast, getattr(schedulers, "Fast" + name))
+
+
 def _tiny_ldm_pipeline():
     torch.manual_seed(0)
     unet = diffusers.UNet2DModel(
@@ -412,3 +424,38 @@ def test_sampler_from_scheduler_errors():
         )
     with pytest.raises(ValueError, match="config must be one of"):
         fastlatent.sampling.Sampler.from_config({"_class_name": "UniPCMultistepScheduler"})
+
+
+@pytest.mark.parametrize(
+    "name, config",
+    [
+        ("DPMSolverMultistepScheduler", dict(solver_order=3)),
+        ("LMSDiscreteScheduler", {}),
+        ("PNDMScheduler", dict(skip_prk_steps=True)),
+        ("UniPCMultistepScheduler", {}),  # the corrected sample carries the graph on: every step falls back
+        ("DEISMultistepScheduler", {}),
+        ("DPMSolverSinglestepScheduler", {}),
+        ("HeunDiscreteScheduler", {}),
+        ("KDPM2DiscreteScheduler", {}),
+    ],
+)
+def test_a_step_that_fell_back_for_grad_leaves_history_the_next_fused_step_handles(name, config):
+    """A step whose model output requires grad runs diffusers' step and stores that output in the solver
+    history; the next steps must not hand it to the inference-only op (they fall back or use it detached)
+    and the trajectory stays diffusers'."""
+    ours, theirs = (getattr(diffusers, name)(**SD, **config) for _ in range(2))
+    diffusers_fast.accelerate_scheduler(ours)
+    for s in (ours, theirs):
+        s.set_timesteps(10)
+    gen = torch.Generator().manual_seed(5)
+    x = y = torch.randn(1, 4, 8, 8, generator=gen)
+    for i, t in enumerate(ours.timesteps[:6]):
+        m = torch.randn(1, 4, 8, 8, generator=gen) * 0.5
+        x = ours.step(m.clone().requires_grad_(i == 0), t, x).prev_sample.detach()
+        y = theirs.step(m.clone().requires_grad_(i == 0), t, y).prev_sample.detach()
+    torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    fallbacks = sum(diffusers_fast.scheduler_report(ours).fallbacks.values())
+    if name == "UniPCMultistepScheduler":  # last_sample (the corrector's output) requires grad from step 0
+        assert fallbacks == 6 and ours.last_sample.requires_grad
+    else:
+        assert fallbacks < 6  # once the history is free of the graph, the steps run fused again

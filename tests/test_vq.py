@@ -1,6 +1,7 @@
 """VectorQuantize, ResidualVQ and kmeans: parity with vector-quantize-pytorch, layouts,
 dead codes, masks, k-means math, and EMA sync over torch.distributed."""
 
+import copy
 import os
 import tempfile
 
@@ -365,6 +366,27 @@ def test_training_forward_compiles_without_graph_breaks():
         torch.testing.assert_close(l1, l2)
         (q1.sum() + l1).backward()
     torch.testing.assert_close(vq.codebook, twin.codebook)
+
+
+def test_stochastic_sampling_compiles_without_graph_breaks():
+    """Under torch.compile the draw is plain PyTorch Gumbel-max (the fused op reads its seed on the host): a
+    seeded compiled run repeats itself, and at a high temperature the codes are drawn, not the nearest."""
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    vq = VectorQuantize(8, 16, stochastic_sample_codes=True, sample_codebook_temp=1e4).train()
+    start = copy.deepcopy(vq.state_dict())
+    compiled = torch.compile(vq, fullgraph=True)
+    x = torch.randn(2, 40, 8)
+    torch.manual_seed(0)
+    _, first, _ = compiled(x)
+    vq.load_state_dict(start)
+    torch.manual_seed(0)
+    _, again, _ = compiled(x)
+    assert torch.equal(first, again) and first.shape == (2, 40)
+    assert 0 <= int(first.min()) and int(first.max()) < 16
+    vq.load_state_dict(start)
+    nearest = vq.eval()(x)[1]
+    assert (first == nearest).float().mean() < 0.5  # near-uniform draws: ~1/16 agree with the nearest
 
 
 def test_checkpoints_of_earlier_releases_load():

@@ -29,6 +29,13 @@ LossBreakdown = namedtuple(
 )
 
 
+def _gumbel_perturbed(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / T`` plus Gumbel noise (vector-quantize-pytorch's clamps): its argmax is a draw from
+    ``softmax(logits / T)``."""
+    noise = torch.zeros_like(logits).uniform_(0, 1)
+    return logits / temperature - torch.log((-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20))
+
+
 class VQStats(NamedTuple):
     """What a forward pass measured (returned with ``return_stats=True``)."""
 
@@ -792,6 +799,14 @@ class VectorQuantize(nn.Module):
         Philox seed comes from torch's default generator, so :func:`torch.manual_seed` repeats a run;
         the draws follow vector-quantize-pytorch's distribution, not its random stream."""
         x, codes = flat.detach().float(), embed.detach().float()
+        if torch.compiler.is_compiling():
+            # the op's Philox seed is read from torch's generator on the host, which a compiled graph
+            # cannot do: the same distribution in row blocks of plain PyTorch keeps fullgraph=True working
+            parts = []
+            for start, stop in _row_chunks(x.shape[1], self.codebook_size):
+                logits = self._logits(x[:, start:stop], codes)
+                parts.append(_gumbel_perturbed(logits, temperature).argmax(-1))
+            return torch.cat(parts, dim=1)
         if x.shape[0] == 1:
             return sample_code(x[0], codes[0], temperature, metric=self.metric)[None]
         return sample_code(x, codes, temperature, metric=self.metric)
@@ -1003,10 +1018,7 @@ class VectorQuantize(nn.Module):
             with torch.no_grad():
                 logits = logits_of(flat32)
                 if stochastic:
-                    noise = torch.zeros_like(logits).uniform_(0, 1)
-                    logits = logits / temperature - torch.log(
-                        (-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20)
-                    )
+                    logits = _gumbel_perturbed(logits, temperature)
                 if topk is not None:
                     embed_ind = logits.topk(topk, dim=-1).indices
                 else:
@@ -1017,10 +1029,7 @@ class VectorQuantize(nn.Module):
                 with torch.no_grad():
                     lg = self._logits(flat32[:, start:stop], embed)
                     if stochastic:
-                        noise = torch.zeros_like(lg).uniform_(0, 1)
-                        lg = lg / temperature - torch.log(
-                            (-torch.log(noise.clamp_min(1e-20))).clamp_min(1e-20)
-                        )
+                        lg = _gumbel_perturbed(lg, temperature)
                 parts.append(lg.topk(topk, dim=-1).indices)
             embed_ind = torch.cat(parts, dim=1)
         elif stochastic:

@@ -192,8 +192,11 @@ def _step_index(scheduler, state: _State, timestep) -> int:
 _GRAD = "inputs require grad (the fused step is inference-only)"
 
 
-def _check_call(model_output, sample) -> None:
-    """Per call: what every fused op needs of the two step tensors (the ops then run without re-checking)."""
+def _check_call(model_output, sample, *state_tensors) -> None:
+    """Per call: what every fused op needs of the two step tensors (the ops then run without re-checking).
+    ``state_tensors``: solver history the family will read (a fallback step may have stored a tensor that
+    requires grad)."""
+    _check_no_grad(*state_tensors)
     if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
         raise _Fallback("model_output and sample must be tensors")
     if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():

@@ -20,13 +20,8 @@ from __future__ import annotations
 
 from fastlatent.sampling import diffusers_fast
 
-_NAMES = (
-    "DDIMScheduler",
-    "DDPMScheduler",
-    "DPMSolverMultistepScheduler",
-    "EulerDiscreteScheduler",
-    "FlowMatchEulerDiscreteScheduler",
-)
+# one Fast<Name> per fused family, so a newly fused scheduler gets its drop-in class with no second list
+_NAMES = tuple(sorted(diffusers_fast.covered_schedulers()))
 
 __all__ = ["Fast" + name for name in _NAMES]
 
