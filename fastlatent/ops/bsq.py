@@ -5,17 +5,11 @@ from __future__ import annotations
 import torch
 
 from fastlatent._extension import extension_available, require_device
-from fastlatent.ops import _checks
 from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
-from fastlatent.ops.lfq import check_channels, check_positive, check_tensor_like, math_dtype
-
-MAX_DIMS = 62
-_WHAT = "bits per code, for int64 indices"
-
-
-def check_bsq_args(op, z) -> int:
-    _checks.check_float(op, "z", z, allow_double=_checks.allows_double(z))
-    return check_channels(op, "z", z, MAX_DIMS, _WHAT)
+from fastlatent.ops.checks.bsq import MAX_DIMS, check_bsq_args  # noqa: F401 (re-exported)
+from fastlatent.ops.checks.lfq import check_positive, check_tensor_like, math_dtype
+from fastlatent.reference.bsq import bsq_entropy as _reference_bsq_entropy
+from fastlatent.reference.bsq import bsq_quantize as _reference_bsq_quantize
 
 
 def bsq_quantize(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,9 +80,7 @@ if extension_available():
     def _bsq_quantize_backward(ctx, grad_quantized, grad_indices):
         (z,) = ctx.saved_tensors
         if wants_double_backward():  # create_graph=True: the straight-through gradient of the reference
-            from fastlatent.reference.bsq import bsq_quantize as reference
-
-            return differentiable_vjp(reference, (z,), (True,), (grad_quantized, None))[0]
+            return differentiable_vjp(_reference_bsq_quantize, (z,), (True,), (grad_quantized, None))[0]
         return torch.ops.fastlatent.bsq_quantize_backward.default(grad_quantized, z)
 
     torch.library.register_autograd(
@@ -102,10 +94,8 @@ if extension_available():
     def _bsq_entropy_backward(ctx, grad_per_sample, grad_avg_probs):
         (z,) = ctx.saved_tensors
         if wants_double_backward():  # create_graph=True: through the reference's factorised entropy terms
-            from fastlatent.reference.bsq import bsq_entropy as reference
-
             return differentiable_vjp(
-                lambda z_: reference(z_, ctx.inv_temperature),
+                lambda z_: _reference_bsq_entropy(z_, ctx.inv_temperature),
                 (z,),
                 (True,),
                 (grad_per_sample, grad_avg_probs),

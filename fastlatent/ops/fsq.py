@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
@@ -10,34 +9,12 @@ import torch
 from fastlatent._extension import extension_available, require_device
 from fastlatent.ops import _checks
 from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
-
-MAX_CODEBOOK_SIZE = 2**31
-
-
-def check_levels(op: str, levels: Sequence[int]) -> list[int]:
-    """levels as a list of Python ints; ValueError/TypeError naming the argument otherwise."""
-    if isinstance(levels, torch.Tensor) or not isinstance(levels, (list, tuple)):
-        raise TypeError(f"fastlatent.{op}: levels must be a list of ints, got {type(levels).__name__}")
-    if not all(isinstance(level, int) and not isinstance(level, bool) for level in levels):
-        raise TypeError(f"fastlatent.{op}: levels must be a list of ints, got {list(levels)}")
-    levels = list(levels)
-    if not levels:
-        raise ValueError(f"fastlatent.{op}: levels must be a non-empty list of ints, got []")
-    if any(level < 2 for level in levels):
-        raise ValueError(f"fastlatent.{op}: levels must all be >= 2, got {levels}")
-    if math.prod(levels) > MAX_CODEBOOK_SIZE:
-        raise ValueError(
-            f"fastlatent.{op}: the product of levels (the implicit codebook size) must be <= 2^31, "
-            f"got {levels}"
-        )
-    return levels
-
-
-def check_fsq_quantize_args(op: str, z: torch.Tensor, levels) -> list[int]:
-    levels = check_levels(op, levels)
-    _checks.check_float(op, "z", z, allow_double=_checks.allows_double(z))
-    _checks.check_last_dim(op, "z", z, len(levels), "len(levels)")
-    return levels
+from fastlatent.ops.checks.fsq import (  # noqa: F401 (re-exported: public names of this module)
+    MAX_CODEBOOK_SIZE,
+    check_fsq_quantize_args,
+    check_levels,
+)
+from fastlatent.reference.fsq import fsq_quantize as _reference_fsq_quantize
 
 
 def fsq_quantize(
@@ -129,10 +106,11 @@ if extension_available():
     def _fsq_backward(ctx, grad_z_hat, grad_indices):
         (z,) = ctx.saved_tensors
         if wants_double_backward():  # create_graph=True: the straight-through gradient of the reference
-            from fastlatent.reference.fsq import fsq_quantize as reference
-
             (grad_z,) = differentiable_vjp(
-                lambda z_: reference(z_, ctx.levels, ctx.preserve_symmetry), (z,), (True,), (grad_z_hat, None)
+                lambda z_: _reference_fsq_quantize(z_, ctx.levels, ctx.preserve_symmetry),
+                (z,),
+                (True,),
+                (grad_z_hat, None),
             )
             return grad_z, None, None
         grad_z = torch.ops.fastlatent.fsq_quantize_backward.default(

@@ -9,54 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from fastlatent._extension import extension_available, require_device
-from fastlatent.ops import _checks
 from fastlatent.ops._autograd import differentiable_vjp, wants_double_backward
-
-ACTIVATIONS = ("none", "silu", "gelu")
-
-
-def _check_layout_and_groups(op: str, x, groups) -> int:
-    """x is [N, C, *spatial] with C >= 1 divisible by groups; returns C."""
-    if x.dim() < 2:
-        raise ValueError(
-            f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}"
-        )
-    c = x.shape[1]
-    if c < 1:
-        raise ValueError(f"fastlatent.{op}: x must have C >= 1 channels, got shape {list(x.shape)}")
-    if groups < 1 or c % groups != 0:
-        raise ValueError(
-            f"fastlatent.{op}: groups must be >= 1 and divide the {c} channels of x, got groups={groups}"
-        )
-    return c
-
-
-def _check_affine(op: str, x, c: int, weight, bias) -> None:
-    """weight and bias (each optional): floating [C] tensors on x's device."""
-    _checks.check_floating_vector(op, x, "weight", weight, c, "C")
-    _checks.check_floating_vector(op, x, "bias", bias, c, "C")
-
-
-def check_group_norm_args(x, weight, bias, groups, eps, activation, residual, allow_double=False) -> None:
-    op = "group_norm"
-    c = _check_layout_and_groups(op, x, groups)
-    if not (x.dtype in _checks.KERNEL_DTYPES or (allow_double and x.dtype == torch.float64)):
-        raise TypeError(
-            f"fastlatent.{op}: x must be float32, float16 or bfloat16"
-            f"{' (or float64)' if allow_double else ''}, got {x.dtype}"
-        )
-    if eps < 0:
-        raise ValueError(f"fastlatent.{op}: eps must be >= 0, got {eps}")
-    _check_affine(op, x, c, weight, bias)
-    if residual is not None:
-        _checks.check_same_device(op, "x", x, "residual", residual)
-        if residual.shape != x.shape:
-            raise ValueError(
-                f"fastlatent.{op}: residual must have the shape of x {list(x.shape)}, "
-                f"got {list(residual.shape)}"
-            )
-        _checks.check_same_dtype(op, "x", x, "residual", residual)
-    _checks.check_choice(op, "activation", activation, ACTIVATIONS)
+from fastlatent.ops.checks.group_norm import (  # noqa: F401 (re-exported: public names of this module)
+    ACTIVATIONS,
+    _check_layout_and_groups,
+    check_group_norm_apply_args,
+    check_group_norm_args,
+    check_group_norm_stats_args,
+)
+from fastlatent.reference.group_norm import group_norm as _reference_group_norm
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -137,10 +98,8 @@ if extension_available():
         x, weight, bias, mean, rstd = ctx.saved_tensors
         grad_residual = grad_out if ctx.has_residual and ctx.needs_input_grad[6] else None
         if wants_double_backward():  # create_graph=True: a backward autograd can differentiate again
-            from fastlatent.reference.group_norm import group_norm as reference
-
             grad_x, grad_weight, grad_bias = differentiable_vjp(
-                lambda x_, w_, b_: reference(x_, w_, b_, ctx.groups, ctx.eps, ctx.activation),
+                lambda x_, w_, b_: _reference_group_norm(x_, w_, b_, ctx.groups, ctx.eps, ctx.activation),
                 (x, weight, bias),
                 ctx.needs_input_grad[:3],
                 (grad_out,),
@@ -164,42 +123,6 @@ if extension_available():
 
 
 # ---------------------------------------------------------------- the forward in two halves
-
-
-def check_group_norm_stats_args(x, groups, allow_double=False) -> None:
-    op = "group_norm_stats"
-    _check_layout_and_groups(op, x, groups)
-    _checks.check_float(op, "x", x, allow_double)
-
-
-def check_group_norm_apply_args(x, mean, rstd, weight, bias, activation, allow_double=False) -> None:
-    op = "group_norm_apply"
-    if x.dim() < 2:
-        raise ValueError(
-            f"fastlatent.{op}: x must be [N, C, *spatial] (at least 2-D), got shape {list(x.shape)}"
-        )
-    for name, t in (("mean", mean), ("rstd", rstd)):
-        _checks.check_same_device(op, "x", x, name, t)
-        if t.dim() != 2 or t.shape[0] != x.shape[0] or t.shape[1] < 1:
-            raise ValueError(
-                f"fastlatent.{op}: {name} must be [N, groups] with N = {x.shape[0]}, "
-                f"got shape {list(t.shape)}"
-            )
-        _checks.check_fp32(op, name, t)
-    if rstd.shape != mean.shape:
-        raise ValueError(
-            f"fastlatent.{op}: mean and rstd must have the same shape, got {list(mean.shape)} and "
-            f"{list(rstd.shape)}"
-        )
-    c, groups = x.shape[1], mean.shape[1]
-    if c < 1 or c % groups != 0:
-        raise ValueError(
-            f"fastlatent.{op}: mean and rstd must be [N, groups] with groups dividing the {c} channels "
-            f"of x, got groups={groups}"
-        )
-    _checks.check_float(op, "x", x, allow_double)
-    _check_affine(op, x, c, weight, bias)
-    _checks.check_choice(op, "activation", activation, ACTIVATIONS)
 
 
 def group_norm_stats(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, torch.Tensor]:

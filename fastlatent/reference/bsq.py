@@ -7,8 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlatent.ops.bsq import check_bsq_args
-from fastlatent.ops.lfq import check_positive, math_dtype
+from fastlatent.ops.checks.bsq import check_bsq_args
+from fastlatent.ops.checks.lfq import check_positive, math_dtype
 from fastlatent.reference.lfq import bit_weights
 
 _EPS = 1e-12

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlatent.ops.fsq import check_fsq_quantize_args, check_levels
+from fastlatent.ops.checks.fsq import check_fsq_quantize_args, check_levels
 
 _EPS = 1e-3
 

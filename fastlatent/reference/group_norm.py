@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fastlatent.ops.group_norm import (
+from fastlatent.ops.checks.group_norm import (
     check_group_norm_apply_args,
     check_group_norm_args,
     check_group_norm_stats_args,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from fastlatent.ops.lfq import check_lfq_entropy_args, check_lfq_quantize_args, math_dtype
+from fastlatent.ops.checks.lfq import check_lfq_entropy_args, check_lfq_quantize_args, math_dtype
 
 
 class _StraightThrough(torch.autograd.Function):
