@@ -48,6 +48,15 @@ def philox_normal(seed: int, offset: int, count: int) -> torch.Tensor:
     return torch.from_numpy(z.reshape(-1)[:count].copy())
 
 
+def _seed_and_offset(sample, noise, seed, offset, seed_offset, generator):
+    """The Philox stream of the noise: ``seed_offset``'s values, else ``seed`` (the generator's when None)."""
+    if seed_offset is not None:
+        return tuple(int(v) for v in seed_offset.tolist())
+    if noise is None:
+        seed = sampler_ops.resolve_seed(seed, generator, sample.device)
+    return seed, offset
+
+
 def _noise(sample, noise, seed, offset):
     if noise is not None:
         return noise.double()
@@ -130,10 +139,7 @@ def ddpm_step(
         noise,
         seed_offset,
     )
-    if seed_offset is not None:
-        seed, offset = (int(v) for v in seed_offset.tolist())
-    elif noise is None:
-        seed = sampler_ops.resolve_seed(seed, generator, sample.device)
+    seed, offset = _seed_and_offset(sample, noise, seed, offset, seed_offset, generator)
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     x0, _ = _x0_eps(prediction, x, m, math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t))
@@ -187,10 +193,8 @@ def ddim_step(
         noise,
         seed_offset,
     )
-    if seed_offset is not None:
-        seed, offset = (int(v) for v in seed_offset.tolist())
-    elif eta > 0 and noise is None:
-        seed = sampler_ops.resolve_seed(seed, generator, sample.device)
+    if eta > 0:  # no noise (and no generator draw) at eta = 0
+        seed, offset = _seed_and_offset(sample, noise, seed, offset, seed_offset, generator)
     x = sample.double()
     m = _guided(model_output, guidance_scale, guidance_rescale)
     alpha, sigma = math.sqrt(alpha_bar_t), math.sqrt(1 - alpha_bar_t)
@@ -371,9 +375,6 @@ def sampler_step(
     for coefficient, h in zip(out_history, history):
         out = out + coefficient * h.double()
     if out_noise != 0.0:
-        if seed_offset is not None:
-            seed, offset = (int(v) for v in seed_offset.tolist())
-        elif noise is None:
-            seed = sampler_ops.resolve_seed(seed, generator, sample.device)
+        seed, offset = _seed_and_offset(sample, noise, seed, offset, seed_offset, generator)
         out = out + out_noise * _noise(sample, noise, seed, offset)
     return _result(sample, out, x0, return_x0)
