@@ -38,7 +38,7 @@ from fastlatent.models.autoencoders import (
 )
 from fastlatent.models.base import ConfigMixin, register_model
 from fastlatent.models.latent_diffusion import FLOW_TIME_SAMPLING, evaluating
-from fastlatent.models.losses import LPIPS
+from fastlatent.models.losses import LPIPS, check_loss_weight
 from fastlatent.models.unet import UNet
 from fastlatent.models.vae_blocks import Encoder, check_image_batch, check_positive_int
 from fastlatent.sampling import FlowSchedule, Sampler
@@ -438,17 +438,6 @@ class DiffusionDecoderAutoencoder(nn.Module, GaussianEncoderMixin, LatentScaleMi
         )
 
 
-def _check_weight(name: str, value) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"DGAETask: {name} must be a finite number >= 0, got {value!r}")
-    return float(value)
-
-
 class DGAETask(nn.Module):
     """A :class:`DiffusionDecoderAutoencoder` and its weighted objective, as the trainer drives them (no GAN).
 
@@ -485,11 +474,11 @@ class DGAETask(nn.Module):
                 f"{type(autoencoder).__name__} (train other autoencoders with AutoencoderTask)"
             )
         self.weights = {
-            "flow": _check_weight("flow_weight", flow_weight),
-            "kl": _check_weight("kl_weight", kl_weight),
-            "x0_mse": _check_weight("reconstruction_weight", reconstruction_weight),
+            "flow": check_loss_weight("DGAETask", "flow_weight", flow_weight),
+            "kl": check_loss_weight("DGAETask", "kl_weight", kl_weight),
+            "x0_mse": check_loss_weight("DGAETask", "reconstruction_weight", reconstruction_weight),
         }
-        self.perceptual_weight = _check_weight("perceptual_weight", perceptual_weight)
+        self.perceptual_weight = check_loss_weight("DGAETask", "perceptual_weight", perceptual_weight)
         if self.perceptual_weight > 0 and autoencoder.in_channels not in (1, 3):
             raise ValueError(
                 f"DGAETask: LPIPS compares grey or RGB images, the autoencoder has "

@@ -283,14 +283,15 @@ def _call_with_detached_parameters(module: nn.Module, x: torch.Tensor) -> torch.
     return torch.func.functional_call(module, params, (x,))
 
 
-def _check_weight(name: str, value) -> float:
+def check_loss_weight(owner: str, name: str, value) -> float:
+    """A loss term's weight as a float; ValueError naming ``owner`` and the argument unless finite, >= 0."""
     if (
         isinstance(value, bool)
         or not isinstance(value, (int, float))
         or not math.isfinite(value)
         or value < 0
     ):
-        raise ValueError(f"AutoencoderLoss: {name} must be a finite number >= 0, got {value!r}")
+        raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
@@ -354,12 +355,16 @@ class AutoencoderLoss(nn.Module):
         if not isinstance(disc_start, int) or isinstance(disc_start, bool) or disc_start < 0:
             raise ValueError(f"AutoencoderLoss: disc_start must be an int >= 0, got {disc_start!r}")
         self.reconstruction = reconstruction
-        self.reconstruction_weight = _check_weight("reconstruction_weight", reconstruction_weight)
-        self.perceptual_weight = _check_weight("perceptual_weight", perceptual_weight)
-        self.disc_weight = _check_weight("disc_weight", disc_weight)
-        self.max_adaptive_weight = _check_weight("max_adaptive_weight", max_adaptive_weight)
+        self.reconstruction_weight = check_loss_weight(
+            "AutoencoderLoss", "reconstruction_weight", reconstruction_weight
+        )
+        self.perceptual_weight = check_loss_weight("AutoencoderLoss", "perceptual_weight", perceptual_weight)
+        self.disc_weight = check_loss_weight("AutoencoderLoss", "disc_weight", disc_weight)
+        self.max_adaptive_weight = check_loss_weight(
+            "AutoencoderLoss", "max_adaptive_weight", max_adaptive_weight
+        )
         self.weights = {
-            name: _check_weight(f"{name}_weight", w)
+            name: check_loss_weight("AutoencoderLoss", f"{name}_weight", w)
             for name, w in zip(
                 self.TERM_WEIGHTS, (kl_weight, commitment_weight, codebook_weight, entropy_weight)
             )
