@@ -427,3 +427,28 @@ def test_group_norm_conv_packs_strided_weights_on_every_call():
             assert any("pack_weight_kernel" in name for name in ran), sorted(ran)
             SPECS["group_norm_conv3x3"].compare(types.SimpleNamespace(name=kind), ours, cpu)
             conv_w.mul_(-0.5)  # in place: the next call must see it
+
+
+@pytest.mark.parametrize("d", [1, 3, 7, 16, 31, 32, 33, 50, 62])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_sign_quantize_warp_rows_bitwise(d, dtype):
+    """LFQ/BSQ quantize run a warp per group of rows (32 // d rows of one element per lane for d <= 32,
+    one row of two elements per lane above), the row's bits from ballots: equal to the CPU kernel bit
+    for bit at every width, with a row count that leaves a partial last group, zeros, NaN and +-inf."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(77, d, generator=gen).to(dtype)
+    x[5, d // 2] = 0.0
+    x[11, d - 1] = float("nan")
+    x[23, 0] = float("inf")
+    x[40, d // 3] = -float("inf")
+    x[76, :] = 0.0
+    for op, args in ((fastlatent.ops.lfq_quantize, (x, 0.5)), (fastlatent.ops.bsq_quantize, (x,))):
+        cpu = op(*args)
+        with launches() as ran, emulated():
+            ours = op(*args)
+        assert any("quantize_kernel" in name for name in ran), sorted(ran)
+        assert torch.equal(ours[1], cpu[1]), (op.__name__, d)
+        assert torch.equal(
+            ours[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+            cpu[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+        ), (op.__name__, d)
