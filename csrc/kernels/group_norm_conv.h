@@ -82,7 +82,8 @@ cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& params, cu
 // Packs conv_weight into the layout above, padding included, on the stream (one small kernel; every
 // element of the workspace is written, so it needs no zero fill). Called per convolution: the weights
 // are never cached across calls, as users may change them in place.
-cudaError_t launch_group_norm_conv3x3_pack_weight_cuda(const GnConvWeightPackParams& params, cudaStream_t stream);
+cudaError_t launch_group_norm_conv3x3_pack_weight_cuda(const GnConvWeightPackParams& params,
+                                                       cudaStream_t stream);
 
 // The architecture (PTX version, e.g. 80) the kernel's image for the current device was compiled
 // for; read once per device. The kernel needs 80 or more (bf16 WMMA, cp.async): below, as on a

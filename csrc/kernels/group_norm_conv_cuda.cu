@@ -359,7 +359,8 @@ cudaError_t launch_group_norm_conv3x3_pack_weight_cuda(const GnConvWeightPackPar
   const int64_t cin_pad = gn_conv_round_up(p.cin, kGnConvChannelChunk);
   const int64_t cout_pad = gn_conv_round_up(p.cout, kGnConvCoutTile);
   if (cout_pad / kPackTile > 0x7fffffff || cout_pad > 0x7fffffff) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(cout_pad / kPackTile), static_cast<unsigned>(cin_pad * 9 / kPackTile));
+  const dim3 grid(static_cast<unsigned>(cout_pad / kPackTile),
+                  static_cast<unsigned>(cin_pad * 9 / kPackTile));
   pack_weight_kernel<<<grid, dim3(kPackTile, kPackRows), 0, stream>>>(
       static_cast<const uint16_t*>(p.w), p, static_cast<uint16_t*>(p.packed), static_cast<int>(cout_pad));
   return cudaGetLastError();

@@ -19,7 +19,8 @@ namespace cuda {
 // !kRowNan (LFQ): a NaN element is NaN in out; a row with a NaN has index -1.
 template <bool kRowNan, typename T>
 __device__ __forceinline__ void sign_quantize_rows(const T* __restrict__ x, T* __restrict__ out,
-                                                   int64_t* __restrict__ indices, int64_t n, int d, float mag) {
+                                                   int64_t* __restrict__ indices, int64_t n, int d,
+                                                   float mag) {
   const T pos = from_float<T>(mag), neg = from_float<T>(-mag);
   const T nan = from_float<T>(__int_as_float(0x7fc00000));
   const int lane = threadIdx.x & 31;
