@@ -263,7 +263,7 @@ def test_group_norm_paths_both_layouts_and_fused_conv():
             x, w, b, 4, eps=1e-5, activation="silu", conv_weight=conv_w, algorithm="fused"
         )
     names = " ".join(ran)
-    for kernel in ("reduce_cf_kernel", "reduce_cl_kernel", "group_norm_conv3x3_kernel"):
+    for kernel in ("reduce_cf_kernel", "reduce_cl_kernel", "pack_weight_kernel", "group_norm_conv3x3_kernel"):
         assert kernel in names, (kernel, sorted(ran))
 
 
@@ -285,6 +285,7 @@ def test_group_norm_conv_narrow_and_wide_blocks(layout):
                 x, w, b, 4, conv_w, conv_b, eps=1e-5, activation="silu", algorithm="fused"
             )
         assert any("group_norm_conv3x3_kernel" in name and name.endswith(width) for name in ran), sorted(ran)
+        assert sum(count for name, count in ran.items() if "pack_weight_kernel" in name) == 1, sorted(ran)
         SPECS["group_norm_conv3x3"].compare(types.SimpleNamespace(name=f"cout {cout}"), ours, cpu)
 
 
@@ -404,3 +405,50 @@ def test_sample_code_kernel_draws_the_cpu_kernels_noise(dtype):
             assert torch.equal(ours, cpu)
     finally:
         _emu.set_seed(seed)
+
+
+def test_group_norm_conv_packs_strided_weights_on_every_call():
+    """The weights are packed by a kernel on each call from any strides (channels-last weights of a model
+    moved to channels_last, a sliced weight): an in-place change of the weights is seen by the next call."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 40, 6, 5, generator=gen).half()
+    w, b = torch.rand(40, generator=gen) + 0.5, torch.randn(40, generator=gen)
+    base = (torch.randn(70, 40, 3, 3, generator=gen) / 12).half()
+    weights = {
+        "contiguous": base.clone(),
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "sliced": torch.cat([base, base], 1)[:, ::2],
+    }
+    for kind, conv_w in weights.items():
+        for _ in range(2):
+            cpu = fastlatent.ops.group_norm_conv3x3(x, w, b, 8, conv_w, eps=1e-5, algorithm="unfused")
+            with launches() as ran, emulated():
+                ours = fastlatent.ops.group_norm_conv3x3(x, w, b, 8, conv_w, eps=1e-5, algorithm="fused")
+            assert any("pack_weight_kernel" in name for name in ran), sorted(ran)
+            SPECS["group_norm_conv3x3"].compare(types.SimpleNamespace(name=kind), ours, cpu)
+            conv_w.mul_(-0.5)  # in place: the next call must see it
+
+
+@pytest.mark.parametrize("d", [1, 3, 7, 16, 31, 32, 33, 50, 62])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_sign_quantize_warp_rows_bitwise(d, dtype):
+    """LFQ/BSQ quantize run a warp per group of rows (32 // d rows of one element per lane for d <= 32,
+    one row of two elements per lane above), the row's bits from ballots: equal to the CPU kernel bit
+    for bit at every width, with a row count that leaves a partial last group, zeros, NaN and +-inf."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(77, d, generator=gen).to(dtype)
+    x[5, d // 2] = 0.0
+    x[11, d - 1] = float("nan")
+    x[23, 0] = float("inf")
+    x[40, d // 3] = -float("inf")
+    x[76, :] = 0.0
+    for op, args in ((fastlatent.ops.lfq_quantize, (x, 0.5)), (fastlatent.ops.bsq_quantize, (x,))):
+        cpu = op(*args)
+        with launches() as ran, emulated():
+            ours = op(*args)
+        assert any("quantize_kernel" in name for name in ran), sorted(ran)
+        assert torch.equal(ours[1], cpu[1]), (op.__name__, d)
+        assert torch.equal(
+            ours[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+            cpu[0].view(torch.int16 if dtype != torch.float32 else torch.int32),
+        ), (op.__name__, d)

@@ -165,6 +165,11 @@ inline unsigned int __brev(unsigned int v) {
   for (int i = 0; i < 32; ++i) r |= ((v >> i) & 1u) << (31 - i);
   return r;
 }
+inline unsigned long long __brevll(unsigned long long v) {
+  unsigned long long r = 0;
+  for (int i = 0; i < 64; ++i) r |= ((v >> i) & 1ull) << (63 - i);
+  return r;
+}
 namespace fl_emu {
 void check_access(const void* address, size_t bytes, bool write, size_t alignment, const char* what);
 }

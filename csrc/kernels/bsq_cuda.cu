@@ -1,14 +1,16 @@
 // CUDA BSQ: quantize, its backward, the factorised entropy and its backward. See bsq.h.
 //
-// Every kernel is one thread per row (grid stride); rows are short (d <= 62) and every row is
-// read whole for its norm. The entropy's avg_probs: block b owns rows [b * kBsqChunkRows,
-// (b + 1) * kBsqChunkRows), each thread accumulates its rows per dimension in fp64, the block
-// reduces with a fixed shuffle tree into partial[b][:], and a second kernel sums the chunks in
-// order: deterministic, and the same chunking as the CPU kernel.
+// Quantize: a warp per group of rows, coalesced (sign_quantize.cuh). The backward kernels are one
+// thread per row (grid stride); rows are short (d <= 62) and every row is read whole for its norm.
+// The entropy's avg_probs: block b owns rows [b * kBsqChunkRows, (b + 1) * kBsqChunkRows), each thread
+// accumulates its rows per dimension in fp64, the block reduces with a fixed shuffle tree into
+// partial[b][:], and a second kernel sums the chunks in order: deterministic, and the same chunking as
+// the CPU kernel.
 #include <cmath>
 
 #include "bsq.h"
 #include "cuda_utils.cuh"
+#include "sign_quantize.cuh"
 
 namespace fastlatent {
 namespace {
@@ -45,21 +47,7 @@ __device__ __forceinline__ void project_backward(const T* z, int d, float norm, 
 template <typename T>
 __global__ void bsq_quantize_kernel(const T* __restrict__ z, T* __restrict__ q, int64_t* __restrict__ indices,
                                     int64_t n, int d, float mag) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const T pos = cuda::from_float<T>(mag), neg = cuda::from_float<T>(-mag);
-  const T nan = cuda::from_float<T>(__int_as_float(0x7fc00000));
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n; r += stride) {
-    const T* row = z + r * d;
-    bool finite = true;
-    for (int i = 0; i < d; ++i) finite = finite && isfinite(cuda::to_float(row[i]));
-    long long index = 0;
-    for (int i = 0; i < d; ++i) {
-      const bool bit = cuda::to_float(row[i]) > 0.0f;
-      q[r * d + i] = finite ? (bit ? pos : neg) : nan;
-      index = (index << 1) | static_cast<long long>(bit);
-    }
-    indices[r] = finite ? index : -1;
-  }
+  cuda::sign_quantize_rows</*kRowNan=*/true>(z, q, indices, n, d, mag);
 }
 
 template <typename T>
@@ -74,30 +62,45 @@ __global__ void bsq_quantize_backward_kernel(const T* __restrict__ z, const T* _
   }
 }
 
+// Each thread owns kRowsPerThread rows of the chunk (r0 + threadIdx.x + k * kThreads) and keeps their
+// inverse norms and entropies in registers; the dimension loop is outermost, so one fp64 sum per
+// dimension is live at a time (no per-dimension array in local memory). Every sum keeps its order:
+// acc for dimension i adds the thread's rows in increasing k from 0.0, and a row's entropy adds its
+// dimensions in increasing i, exactly as a row-outer loop would; the block tree per dimension is the
+// same. The row's elements for one dimension are re-read per dimension from L1/L2 (the norm pass
+// brought them in).
+constexpr int kRowsPerThread = static_cast<int>(kBsqChunkRows / kThreads);
+static_assert(kRowsPerThread * kThreads == kBsqChunkRows, "a chunk is whole rows per thread");
+
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
 bsq_entropy_kernel(const T* __restrict__ z, float* __restrict__ entropy, double* __restrict__ partial,
                    int64_t n, int d, float scale) {
   __shared__ double warp_part[kThreads / 32];
-  double acc[kBsqMaxDims];
-  for (int i = 0; i < d; ++i) acc[i] = 0.0;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBsqChunkRows;
-  const int64_t r1 = r0 + kBsqChunkRows < n ? r0 + kBsqChunkRows : n;
-  for (int64_t r = r0 + threadIdx.x; r < r1; r += kThreads) {
-    bool finite;
-    const float norm = row_norm(z + r * d, d, &finite);
-    const float inv = 1.0f / fmaxf(norm, static_cast<float>(kBsqEps));
-    float h = 0.0f;
-    for (int i = 0; i < d; ++i) {
-      const cuda::Bernoulli b = cuda::bernoulli(scale * cuda::to_float(z[r * d + i]) * inv);
-      h += b.entropy;
-      acc[i] += static_cast<double>(b.qpos);
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kBsqChunkRows + threadIdx.x;
+  float inv[kRowsPerThread], h[kRowsPerThread];
+#pragma unroll
+  for (int k = 0; k < kRowsPerThread; ++k) {
+    const int64_t r = r0 + k * kThreads;
+    inv[k] = 0.0f;
+    h[k] = 0.0f;
+    if (r < n) {
+      bool finite;
+      inv[k] = 1.0f / fmaxf(row_norm(z + r * d, d, &finite), static_cast<float>(kBsqEps));
     }
-    entropy[r] = h;
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int i = 0; i < d; ++i) {
-    double v = acc[i];
+    double v = 0.0;
+#pragma unroll
+    for (int k = 0; k < kRowsPerThread; ++k) {
+      const int64_t r = r0 + k * kThreads;
+      if (r < n) {
+        const cuda::Bernoulli b = cuda::bernoulli(scale * cuda::to_float(z[r * d + i]) * inv[k]);
+        h[k] += b.entropy;
+        v += static_cast<double>(b.qpos);
+      }
+    }
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
     if (lane == 0) warp_part[warp] = v;
@@ -108,6 +111,11 @@ bsq_entropy_kernel(const T* __restrict__ z, float* __restrict__ entropy, double*
       partial[static_cast<int64_t>(blockIdx.x) * d + i] = sum;
     }
     __syncthreads();
+  }
+#pragma unroll
+  for (int k = 0; k < kRowsPerThread; ++k) {
+    const int64_t r = r0 + k * kThreads;
+    if (r < n) entropy[r] = h[k];
   }
 }
 
@@ -149,7 +157,7 @@ cudaError_t launch_bsq_quantize_cuda(const BsqParams& p, cudaStream_t stream) {
   if (p.d < 1 || p.d > kBsqMaxDims) return cudaErrorInvalidValue;
   const float mag = static_cast<float>(1.0 / std::sqrt(static_cast<double>(p.d)));
   return FL_CUDA_DTYPE_SWITCH(p.dtype, scalar_t, cudaErrorInvalidValue, [&] {
-    bsq_quantize_kernel<scalar_t><<<row_blocks(p.n), kThreads, 0, stream>>>(
+    bsq_quantize_kernel<scalar_t><<<cuda::sign_quantize_blocks(p.n, p.d, kThreads), kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(p.z), static_cast<scalar_t*>(p.quantized), p.indices, p.n, p.d, mag);
     return cudaGetLastError();
   });

@@ -58,12 +58,32 @@ struct GroupNormConvParams {
   Activation activation = Activation::kNone;
 };
 
+// The weight packing's input: conv_weight [cout, cin, 3, 3] with any strides (elements), 16-bit dtype.
+struct GnConvWeightPackParams {
+  const void* w = nullptr;
+  int64_t w_stride[4] = {0, 0, 0, 0};
+  void* packed = nullptr;  // gn_conv_packed_weight_elements(cout, cin) elements, 16-byte aligned
+  int64_t cout = 0, cin = 0;
+  int dtype_bytes = 2;  // the packing copies bits: 2 (fp16 / bf16) only
+};
+
 inline int64_t gn_conv_round_up(int64_t v, int64_t multiple) { return (v + multiple - 1) / multiple * multiple; }
+
+// Elements of the packed weights: cin rounded up to 32, times 9 taps, times cout rounded up to 128.
+inline int64_t gn_conv_packed_weight_elements(int64_t cout, int64_t cin) {
+  return gn_conv_round_up(cin, kGnConvChannelChunk) * 9 * gn_conv_round_up(cout, kGnConvCoutTile);
+}
 
 #if defined(__CUDACC__) || defined(FL_WITH_CUDA)
 // cudaErrorInvalidValue for sizes or dtypes the kernel does not take (checked by the binding first),
 // cudaErrorNotSupported where group_norm_conv3x3_cuda_arch is below 80.
 cudaError_t launch_group_norm_conv3x3_cuda(const GroupNormConvParams& params, cudaStream_t stream);
+
+// Packs conv_weight into the layout above, padding included, on the stream (one small kernel; every
+// element of the workspace is written, so it needs no zero fill). Called per convolution: the weights
+// are never cached across calls, as users may change them in place.
+cudaError_t launch_group_norm_conv3x3_pack_weight_cuda(const GnConvWeightPackParams& params,
+                                                       cudaStream_t stream);
 
 // The architecture (PTX version, e.g. 80) the kernel's image for the current device was compiled
 // for; read once per device. The kernel needs 80 or more (bf16 WMMA, cp.async): below, as on a

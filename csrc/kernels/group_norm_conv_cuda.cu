@@ -310,7 +310,61 @@ cudaError_t launch_typed(const GroupNormConvParams& p, cudaStream_t stream) {
   return launch_shaped<T, A, kWideN>(p, stream);
 }
 
+// Weight packing (see group_norm_conv.h): packed[chunk][tap][k][co] = W[co, chunk * 32 + k, r, s], zero
+// where ci >= cin or co >= cout. Viewing W as the matrix [co][q] with q = ci * 9 + tap, this is a
+// transpose with the rows renumbered (q -> (ci / 32 * 9 + tap) * 32 + ci % 32): a 32 x 32 tile goes
+// through shared memory so that both the reads (32 consecutive q of one co for a contiguous W) and the
+// writes (32 consecutive co of one packed row) are coalesced. The grid covers the packed matrix
+// exactly (cin_pad * 9 and cout_pad are multiples of 32), so every element, padding included, is
+// written once: the caller allocates the workspace uninitialised. 16-bit elements move as raw bits.
+constexpr int kPackTile = 32, kPackRows = 8;
+
+__global__ void __launch_bounds__(kPackTile * kPackRows) pack_weight_kernel(const uint16_t* __restrict__ w,
+                                                                            GnConvWeightPackParams p,
+                                                                            uint16_t* __restrict__ packed,
+                                                                            int cout_pad) {
+  __shared__ uint32_t tile[kPackTile][kPackTile + 1];  // 32-bit slots, padded: no bank conflict either way
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int co0 = blockIdx.x * kPackTile;
+  const int64_t q0 = int64_t(blockIdx.y) * kPackTile;
+  {
+    const int64_t q = q0 + tx;
+    const int64_t ci = q / 9;
+    const int tap = static_cast<int>(q - ci * 9);
+    const int64_t col = ci * p.w_stride[1] + (tap / 3) * p.w_stride[2] + (tap % 3) * p.w_stride[3];
+#pragma unroll
+    for (int j = 0; j < kPackTile; j += kPackRows) {
+      const int co = co0 + ty + j;
+      tile[ty + j][tx] = co < p.cout && ci < p.cin ? w[co * p.w_stride[0] + col] : 0u;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kPackTile; j += kPackRows) {
+    const int64_t q = q0 + ty + j;
+    const int64_t ci = q / 9;
+    const int64_t tap = q - ci * 9;
+    const int64_t row = ((ci / kChunk) * 9 + tap) * kChunk + ci % kChunk;
+    packed[row * cout_pad + co0 + tx] = static_cast<uint16_t>(tile[tx][ty + j]);
+  }
+}
+
 }  // namespace
+
+cudaError_t launch_group_norm_conv3x3_pack_weight_cuda(const GnConvWeightPackParams& p, cudaStream_t stream) {
+  if (p.w == nullptr || p.packed == nullptr || p.cout < 1 || p.cin < 1 || p.cin > kGnConvMaxInChannels ||
+      p.dtype_bytes != 2) {
+    return cudaErrorInvalidValue;
+  }
+  const int64_t cin_pad = gn_conv_round_up(p.cin, kGnConvChannelChunk);
+  const int64_t cout_pad = gn_conv_round_up(p.cout, kGnConvCoutTile);
+  if (cout_pad / kPackTile > 0x7fffffff || cout_pad > 0x7fffffff) return cudaErrorInvalidValue;
+  const dim3 grid(static_cast<unsigned>(cout_pad / kPackTile),
+                  static_cast<unsigned>(cin_pad * 9 / kPackTile));
+  pack_weight_kernel<<<grid, dim3(kPackTile, kPackRows), 0, stream>>>(
+      static_cast<const uint16_t*>(p.w), p, static_cast<uint16_t*>(p.packed), static_cast<int>(cout_pad));
+  return cudaGetLastError();
+}
 
 cudaError_t group_norm_conv3x3_cuda_arch(int* arch) {
   // Every instantiation comes from one source under one guard: one stands for all.

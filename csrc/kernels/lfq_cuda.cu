@@ -19,6 +19,7 @@
 #include <cmath>
 
 #include "cuda_utils.cuh"
+#include "sign_quantize.cuh"
 #include "lfq.h"
 
 namespace fastlatent {
@@ -66,21 +67,7 @@ __device__ __forceinline__ float expand_entry(const float* qp, const float* qn, 
 template <typename T>
 __global__ void lfq_quantize_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t* __restrict__ indices,
                                     int64_t n, int d, float scale) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const T pos = cuda::from_float<T>(scale), neg = cuda::from_float<T>(-scale);
-  const T nan = cuda::from_float<T>(__int_as_float(0x7fc00000));
-  for (int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; r < n; r += stride) {
-    long long index = 0;
-    bool has_nan = false;
-    for (int i = 0; i < d; ++i) {
-      const float v = cuda::to_float(x[r * d + i]);
-      const bool bit = v > 0.0f;
-      has_nan |= isnan(v);
-      out[r * d + i] = isnan(v) ? nan : (bit ? pos : neg);
-      index = (index << 1) | static_cast<long long>(bit);
-    }
-    indices[r] = has_nan ? -1 : index;
-  }
+  cuda::sign_quantize_rows</*kRowNan=*/false>(x, out, indices, n, d, scale);
 }
 
 template <typename T>
@@ -346,7 +333,7 @@ size_t lfq_entropy_cuda_workspace_bytes(int64_t n, int d, bool backward) {
 cudaError_t launch_lfq_quantize_cuda(const LfqQuantizeParams& p, cudaStream_t stream) {
   if (p.n == 0) return cudaSuccess;
   if (p.d < 1 || p.d > kLfqMaxQuantizeDims) return cudaErrorInvalidValue;
-  const unsigned int blocks = cuda::grid_blocks(cuda::ceil_div(p.n, kThreads));
+  const unsigned int blocks = cuda::sign_quantize_blocks(p.n, p.d, kThreads);
   return FL_CUDA_DTYPE_SWITCH(p.dtype, scalar_t, cudaErrorInvalidValue, [&] {
     lfq_quantize_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         static_cast<const scalar_t*>(p.x), static_cast<scalar_t*>(p.quantized), p.indices, p.n, p.d,

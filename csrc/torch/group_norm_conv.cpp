@@ -12,7 +12,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/conv2d.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -136,18 +135,6 @@ std::string fused_unsupported_reason(const Args& a) {
   return "";
 }
 
-// packed[chunk][tap][k][co] = W[co, chunk * 32 + k, r, s], zero-padded (see group_norm_conv.h).
-at::Tensor pack_weight(const at::Tensor& w) {
-  const int64_t cout = w.size(0), cin = w.size(1);
-  const int64_t cin_pad = gn_conv_round_up(cin, kGnConvChannelChunk);
-  const int64_t cout_pad = gn_conv_round_up(cout, kGnConvCoutTile);
-  at::Tensor padded = at::zeros({cout_pad, cin_pad, 3, 3}, w.options());
-  padded.narrow(0, 0, cout).narrow(1, 0, cin).copy_(w);
-  return padded.view({cout_pad, cin_pad / kGnConvChannelChunk, kGnConvChannelChunk, 3, 3})
-      .permute({1, 3, 4, 2, 0})
-      .contiguous();
-}
-
 at::Tensor fp32_or_undefined(const std::optional<at::Tensor>& t) {
   return t.has_value() ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
@@ -161,11 +148,28 @@ void copy_strides(int64_t (&dst)[4], const at::Tensor& t) {
   for (int d = 0; d < 4; ++d) dst[d] = t.stride(d);
 }
 
+// packed[chunk][tap][k][co] = W[co, chunk * 32 + k, r, s], zero-padded (see group_norm_conv.h), written
+// by one kernel on the stream into an uninitialised workspace from the caching allocator. Packed on
+// every call, never cached: users may change the weights in place.
+at::Tensor pack_weight(const at::Tensor& w, cudaStream_t stream) {
+  at::Tensor packed = at::empty({gn_conv_packed_weight_elements(w.size(0), w.size(1))}, w.options());
+  GnConvWeightPackParams p;
+  p.w = w.data_ptr();
+  copy_strides(p.w_stride, w);
+  p.packed = packed.data_ptr();
+  p.cout = w.size(0);
+  p.cin = w.size(1);
+  p.dtype_bytes = static_cast<int>(w.element_size());
+  C10_CUDA_CHECK(launch_group_norm_conv3x3_pack_weight_cuda(p, stream));
+  return packed;
+}
+
 at::Tensor fused(const Args& a) {
   static const auto stats_op =
       c10::Dispatcher::singleton().findSchemaOrThrow(FL_OP_NAMESPACE "::group_norm_stats", "").typed<GroupNormStatsFn>();
   const auto [mean, m2] = stats_op.call(a.x, a.groups);
-  const at::Tensor packed = pack_weight(a.conv_weight);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor packed = pack_weight(a.conv_weight, stream);
   const at::Tensor gn_weight = fp32_or_undefined(a.gn_weight);
   const at::Tensor gn_bias = fp32_or_undefined(a.gn_bias);
   const at::Tensor conv_bias = fp32_or_undefined(a.conv_bias);
@@ -194,7 +198,7 @@ at::Tensor fused(const Args& a) {
   p.eps = static_cast<float>(a.eps);
   p.dtype = torch_glue::kernel_dtype(a.x, kOp, "x");
   p.activation = torch_glue::parse_activation(a.activation, kOp);
-  C10_CUDA_CHECK(launch_group_norm_conv3x3_cuda(p, c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(launch_group_norm_conv3x3_cuda(p, stream));
   return out;
 }
 
