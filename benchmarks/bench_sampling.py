@@ -319,19 +319,21 @@ SCHEDULER_LOOPS = {
     "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", dict(SD)),
     "flow_heun": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0)),
 }
+# stochastic loops also timed without a generator (noise drawn inside the fused op)
+NO_GENERATOR_LOOPS = ("ddpm", "lcm", "euler_ancestral", "kdpm2_ancestral", "dpmpp_2m_sde")
 SCHEDULER_SHAPES = [
     pytest.param((8, 4, 64, 64), id="8x4x64x64"),
     pytest.param((1, 16, 128, 128), id="1x16x128x128"),
 ]
 
 
-def _scheduler_loop(provider, name, config, x_t, model_output, steps):
+def _scheduler_loop(provider, name, config, x_t, model_output, steps, generator=True):
     diffusers = peer("diffusers", "diffusers")
     scheduler = getattr(diffusers, name)(**config)
     if provider == "fastlatent_patched":
         fastlatent.patch(scheduler, report=False)
 
-    takes_generator = "generator" in inspect.signature(type(scheduler).step).parameters
+    takes_generator = generator and "generator" in inspect.signature(type(scheduler).step).parameters
 
     def run():
         scheduler.set_timesteps(steps)
@@ -500,6 +502,20 @@ def interleaved_run(rounds=5, unet_rounds=3, unet_steps=10, loops=None, shapes=N
                  "model": "excluded", "relative_error": err, **{k: v for k, v in times.items()}}
             )  # fmt: skip
             print(_row_text(rows[-1]), flush=True)
+            if loop not in NO_GENERATOR_LOOPS:
+                continue
+            # no generator: the fused op draws the noise itself (diffusers' distribution, other numbers)
+            patched, scheduler = _scheduler_loop(
+                "fastlatent_patched", name, config, x_t, model_output, 50, False
+            )
+            plain = _scheduler_loop("diffusers", name, config, x_t, model_output, 50, False)[0]
+            assert torch.isfinite(patched()).all() and not scheduler_report(scheduler).fallbacks, loop
+            times = _interleave({"fastlatent_patched": patched, "diffusers": plain}, rounds)
+            rows.append(
+                {"loop": loop + " (no generator)", "scheduler": name, "case": "x".join(map(str, shape)),
+                 "steps": 50, "model": "excluded", "relative_error": None, **times}
+            )  # fmt: skip
+            print(_row_text(rows[-1]), flush=True)
     unet = _tiny_unet()
     x_t = torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(0))
     for loop in ("ddim", "euler_ancestral", "dpmpp_2m"):
@@ -534,7 +550,7 @@ def interleaved_run(rounds=5, unet_rounds=3, unet_steps=10, loops=None, shapes=N
 def _row_text(row) -> str:
     ours, theirs = row["fastlatent_patched"], row["diffusers"]
     return (
-        f"{row['loop']:16s} {row['case']:28s}"
+        f"{row['loop']:30s} {row['case']:28s}"
         f" patched {ours['min_s'] * 1e3:8.1f} / {ours['median_s'] * 1e3:8.1f} ms"
         f"  diffusers {theirs['min_s'] * 1e3:8.1f} / {theirs['median_s'] * 1e3:8.1f} ms"
         f"  {theirs['min_s'] / ours['min_s']:5.2f}x ({theirs['median_s'] / ours['median_s']:.2f}x)"

@@ -12,8 +12,10 @@ No host syncs: a fused step reads nothing from the device. Timesteps and sigmas 
 once per ``set_timesteps`` (the installed ``set_timesteps`` does it right after diffusers' own); a
 timestep tensor handed to ``step`` is located in ``scheduler.timesteps`` through its storage offset (the
 elements a loop over ``scheduler.timesteps`` yields are views of it), never by reading its value from the
-device. Stochastic steps draw their noise exactly as diffusers does (``randn_tensor`` with the same
-generator, shape, device and dtype), so a seeded pipeline gives the same images.
+device. Stochastic steps given a ``generator`` draw their noise exactly as diffusers does (``randn_tensor``
+with the same generator, shape, device and dtype), so a seeded pipeline gives the same images; given
+none, the fused op draws standard normals itself (Philox at a seed taken from torch's default CPU
+generator, so ``torch.manual_seed`` repeats a run): the same distribution, not the same numbers.
 
 What falls back, per call (the reason is counted in ``scheduler_report(scheduler).fallbacks``): inputs
 that need autograd (diffusers' step is differentiable, the fused kernels are inference-only), float64 or
@@ -258,6 +260,28 @@ def _randn(shape, generator, device, dtype):
     return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
 
 
+class _KernelNoise:
+    """Stands for noise that the fused op draws itself (Philox normals at a fresh seed)."""
+
+
+_KERNEL_NOISE = _KernelNoise()
+
+
+def _step_noise(a, shape, device, dtype):
+    """The noise of a stochastic step: diffusers' own draw (randn_tensor) when the caller passed a
+    generator, so its images are reproduced exactly; otherwise drawn inside the fused op, with the same
+    distribution and without randn_tensor's cost (about half of a DDPM step on the CPU)."""
+    if a["generator"] is not None:
+        return _randn(shape, a["generator"], device, dtype)
+    return _KERNEL_NOISE
+
+
+def _kernel_seed() -> int:
+    """seed_from_generator(None) without ``.item()``: a 63-bit seed from torch's default CPU generator (so
+    ``torch.manual_seed`` repeats a run), read from a CPU tensor, so no device is ever synchronised."""
+    return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).tolist()[0]
+
+
 def _call_op(op, *args, **kwargs):
     """Runs a fused op; one whose argument checks reject this schedule runs diffusers' step instead.
 
@@ -406,9 +430,7 @@ def _ddpm_step(scheduler, state, a):
         raise _Fallback(f"timestep {t} outside the training schedule")
     alpha_bar_t = alphas[t]
     alpha_bar_prev = alphas[prev_t] if prev_t >= 0 else 1.0
-    noise = (
-        _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype) if t > 0 else None
-    )
+    noise = _step_noise(a, model_output.shape, model_output.device, model_output.dtype) if t > 0 else None
     prediction = scheduler.config.prediction_type
     x0_form, out_x, out_x0, out_noise = _ddpm_coefficients(alpha_bar_t, alpha_bar_prev, prediction)
     prev_sample, x0 = _combine(
@@ -514,7 +536,10 @@ def _combine(
         ):
             raise _Fallback("solver history unlike sample")
     _check_no_grad(*history)
-    if out_noise != 0.0 and noise is not None and noise.dtype != sample.dtype:
+    seed = 0
+    if noise is _KERNEL_NOISE:
+        noise, seed = None, _kernel_seed() if out_noise != 0.0 else 0
+    elif out_noise != 0.0 and noise is not None and noise.dtype != sample.dtype:
         noise = noise.to(sample.dtype)
     return _call_op(
         torch.ops.fastlatent.sampler_step.default,
@@ -529,7 +554,7 @@ def _combine(
         [float(v) for v in out_history],
         float(out_noise),
         noise=noise if out_noise != 0.0 else None,
-        seed=0,
+        seed=seed,
         return_x0=return_x0,
         **(x0_options or {}),
     )
@@ -675,7 +700,7 @@ def _dpm_step(scheduler, state, a):
     noise = None
     if sde:
         if variance_noise is None:
-            noise = _randn(model_output.shape, a["generator"], model_output.device, torch.float32)
+            noise = _step_noise(a, model_output.shape, model_output.device, torch.float32)
         else:
             noise = variance_noise.to(device=model_output.device, dtype=torch.float32)
     prev_sample, converted = _combine(
@@ -716,7 +741,7 @@ def _ancestral_step(scheduler, state, a):
     sigma_up = math.sqrt(max(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2, 0.0))
     sigma_down = math.sqrt(max(sigma_to**2 - sigma_up**2, 0.0))
     ratio = (sigma_down - sigma) / sigma
-    noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+    noise = _step_noise(a, model_output.shape, model_output.device, model_output.dtype)
     prev_sample, x0 = _combine(
         model_output,
         sample,
@@ -816,7 +841,7 @@ def _lcm_step(scheduler, state, a):
     x0_form, _ = _vp_forms(scheduler.config.prediction_type, math.sqrt(ab_t), math.sqrt(1.0 - ab_t))
     denoised_form = (c_out * x0_form[0] + c_skip, c_out * x0_form[1])
     last = index == scheduler.num_inference_steps - 1
-    noise = None if last else _randn(model_output.shape, a["generator"], model_output.device, sample.dtype)
+    noise = None if last else _step_noise(a, model_output.shape, model_output.device, sample.dtype)
     prev_sample, denoised = _combine(
         model_output,
         sample,
@@ -1403,7 +1428,7 @@ def _dpm_single_step(scheduler, state, a):
     plus = algorithm != "dpmsolver"
     noise = None
     if algorithm == "sde-dpmsolver++":
-        noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+        noise = _step_noise(a, model_output.shape, model_output.device, model_output.dtype)
     start = sample if order == 1 else scheduler.sample
     out_x, history, weights = c_x, [], []
     if order > 1:
@@ -1435,7 +1460,7 @@ def _dpm_single_step(scheduler, state, a):
 def _flow_stochastic(scheduler, state, a, index, sigmas):
     model_output, sample = a["model_output"], a["sample"]
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
-    noise = _randn(sample.shape, a["generator"], sample.device, sample.dtype)
+    noise = _step_noise(a, sample.shape, sample.device, sample.dtype)
     prev_sample, _ = _combine(
         model_output,
         sample,
@@ -1659,7 +1684,7 @@ def _kdpm2_update(scheduler, state, a, ancestral: bool):
         ):
             raise _Fallback("stored first-stage sample unlike sample")
         if ancestral:  # drawn after every check that can fall back: diffusers' step would draw it again
-            noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+            noise = _step_noise(a, model_output.shape, model_output.device, model_output.dtype)
         prev_sample, x0 = _combine(
             model_output,
             sample,
