@@ -131,3 +131,15 @@ def test_with_generator_reproduces_diffusers_noise(name, config, steps):
     got = _run(_scheduler(name, config, True), steps, torch.Generator().manual_seed(3))
     want = _run(_scheduler(name, config, False), steps, torch.Generator().manual_seed(3))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,config,steps", STOCHASTIC, ids=IDS)
+def test_no_generator_while_compiling_draws_as_diffusers(name, config, steps, monkeypatch):
+    """Under torch.compile (and CUDA-graph capture) the kernel's host-read seed would break the graph or be
+    frozen into every replay: the patched step draws with diffusers' randn_tensor, so it equals diffusers."""
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    torch.manual_seed(4)
+    got = _run(_scheduler(name, config, True), steps)
+    torch.manual_seed(4)
+    want = _run(_scheduler(name, config, False), steps)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

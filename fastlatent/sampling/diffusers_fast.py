@@ -270,10 +270,18 @@ _KERNEL_NOISE = _KernelNoise()
 def _step_noise(a, shape, device, dtype):
     """The noise of a stochastic step: diffusers' own draw (randn_tensor) when the caller passed a
     generator, so its images are reproduced exactly; otherwise drawn inside the fused op, with the same
-    distribution and without randn_tensor's cost (about half of a DDPM step on the CPU)."""
-    if a["generator"] is not None:
+    distribution and without randn_tensor's cost (about half of a DDPM step on the CPU). Under
+    torch.compile or CUDA-graph capture, diffusers' draw too: the kernel's seed is read on the host, which
+    would break the graph or be frozen into every replay."""
+    if a["generator"] is not None or _tracing_or_capturing(device):
         return _randn(shape, a["generator"], device, dtype)
     return _KERNEL_NOISE
+
+
+def _tracing_or_capturing(device) -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _kernel_seed() -> int:
