@@ -3,10 +3,12 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <string>
 #include <string_view>
 #include <tuple>
 
 #include "checks.h"
+#include "code_search_checks.h"
 #include "nearest_code.h"
 
 #ifdef FL_WITH_CUDA
@@ -20,44 +22,18 @@ namespace {
 
 constexpr const char* kOp = "nearest_code";
 
-Metric parse_metric(std::string_view metric) {
-  if (metric == "l2") return Metric::kL2;
-  if (metric == "cosine") return Metric::kCosine;
-  FL_CHECK_VALUE(false, kOp, "metric must be \"l2\" or \"cosine\", got \"", std::string(metric), "\"");
-  return Metric::kL2;
-}
-
 // Checks shared by every device; returns params with sizes and dtype filled in.
 NearestCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook, std::string_view metric,
                              std::string_view precision) {
   using namespace torch_glue;
-  // [N, D] against [K, D], or `batch` searches at once: [B, N, D] against [B, K, D].
-  const bool batched = x.dim() == 3;
-  if (batched) {
-    check_dim(codebook, 3, kOp, "codebook", "[B, K, D] (x is batched [B, N, D])");
-  } else {
-    check_dim(x, 2, kOp, "x", "[N, D] or [B, N, D]");
-    check_dim(codebook, 2, kOp, "codebook", "[K, D]");
-  }
-  check_same_device(x, codebook, kOp, "x", "codebook");
+  const CodeSearchShape s = check_code_search_args(x, codebook, kOp);
   NearestCodeParams p;
-  p.dtype = kernel_dtype(x, kOp, "x");
-  check_same_dtype(x, codebook, kOp, "x", "codebook");
-  const int64_t kd = codebook.dim() - 1, xd = x.dim() - 1;
-  if (batched) {
-    FL_CHECK_VALUE(x.size(0) == codebook.size(0), kOp, "x is [B, N, D] with B=", x.size(0),
-                   " but codebook is [B, K, D] with B=", codebook.size(0));
-  }
-  FL_CHECK_VALUE(codebook.size(kd - 1) >= 1, kOp, "codebook must hold at least one code (K >= 1), got shape ",
-                 codebook.sizes());
-  FL_CHECK_VALUE(x.size(xd) >= 1, kOp, "x must have D >= 1, got shape ", x.sizes());
-  FL_CHECK_VALUE(x.size(xd) == codebook.size(kd), kOp, "x is [N, D] with D=", x.size(xd),
-                 " but codebook is [K, D] with D=", codebook.size(kd));
-  p.batch = batched ? x.size(0) : 1;
-  p.n = x.size(xd - 1);
-  p.k = codebook.size(kd - 1);
-  p.d = x.size(xd);
-  p.metric = parse_metric(metric);
+  p.dtype = s.dtype;
+  p.batch = s.batch;
+  p.n = s.n;
+  p.k = s.k;
+  p.d = s.d;
+  p.metric = parse_metric(metric, kOp);
   FL_CHECK_VALUE(precision == "ieee" || precision == "tf32", kOp, "precision must be \"ieee\" or \"tf32\", got \"",
                  std::string(precision), "\"");
   p.allow_tf32 = precision == "tf32";

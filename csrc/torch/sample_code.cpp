@@ -8,6 +8,7 @@
 #include <string_view>
 
 #include "checks.h"
+#include "code_search_checks.h"
 #include "sample_code.h"
 
 #ifdef FL_WITH_CUDA
@@ -25,43 +26,22 @@ constexpr const char* kOp = "sample_code";
 SampleCodeParams check_args(const at::Tensor& x, const at::Tensor& codebook, double temperature, int64_t seed,
                             int64_t offset, std::string_view metric) {
   using namespace torch_glue;
-  // [N, D] against [K, D], or `batch` independent draws at once: [B, N, D] against [B, K, D].
-  const bool batched = x.dim() == 3;
-  if (batched) {
-    check_dim(codebook, 3, kOp, "codebook", "[B, K, D] (x is batched [B, N, D])");
-  } else {
-    check_dim(x, 2, kOp, "x", "[N, D] or [B, N, D]");
-    check_dim(codebook, 2, kOp, "codebook", "[K, D]");
-  }
-  check_same_device(x, codebook, kOp, "x", "codebook");
+  const CodeSearchShape s = check_code_search_args(x, codebook, kOp);
   SampleCodeParams p;
-  p.dtype = kernel_dtype(x, kOp, "x");
-  check_same_dtype(x, codebook, kOp, "x", "codebook");
-  const int64_t kd = codebook.dim() - 1, xd = x.dim() - 1;
-  if (batched) {
-    FL_CHECK_VALUE(x.size(0) == codebook.size(0), kOp, "x is [B, N, D] with B=", x.size(0),
-                   " but codebook is [B, K, D] with B=", codebook.size(0));
-  }
-  FL_CHECK_VALUE(codebook.size(kd - 1) >= 1, kOp, "codebook must hold at least one code (K >= 1), got shape ",
-                 codebook.sizes());
-  FL_CHECK_VALUE(x.size(xd) >= 1, kOp, "x must have D >= 1, got shape ", x.sizes());
-  FL_CHECK_VALUE(x.size(xd) == codebook.size(kd), kOp, "x is [N, D] with D=", x.size(xd),
-                 " but codebook is [K, D] with D=", codebook.size(kd));
-  FL_CHECK_VALUE(codebook.size(kd - 1) < (int64_t{1} << 31) - 64, kOp, "codebook must hold fewer than 2^31 codes");
+  p.dtype = s.dtype;
+  FL_CHECK_VALUE(s.k < (int64_t{1} << 31) - 64, kOp, "codebook must hold fewer than 2^31 codes");
   const double inv_temperature = 1.0 / temperature;
   FL_CHECK_VALUE(std::isfinite(temperature) && temperature > 0.0 && std::isfinite(static_cast<float>(inv_temperature)) &&
                      static_cast<float>(inv_temperature) > 0.0f,
                  kOp, "temperature must be a finite float > 0 (use nearest_code for temperature 0), got ", temperature);
-  FL_CHECK_VALUE(metric == "l2" || metric == "cosine", kOp, "metric must be \"l2\" or \"cosine\", got \"",
-                 std::string(metric), "\"");
-  p.batch = batched ? x.size(0) : 1;
-  p.n = x.size(xd - 1);
-  p.k = codebook.size(kd - 1);
-  p.d = x.size(xd);
+  p.metric = parse_metric(metric, kOp);
+  p.batch = s.batch;
+  p.n = s.n;
+  p.k = s.k;
+  p.d = s.d;
   p.inv_temperature = static_cast<float>(inv_temperature);
   p.seed = static_cast<uint64_t>(seed);
   p.offset = static_cast<uint64_t>(offset);
-  p.metric = metric == "l2" ? Metric::kL2 : Metric::kCosine;
   return p;
 }
 
