@@ -4,11 +4,10 @@ The functional API lives in :mod:`fastlatent.ops` (over ``torch.ops.fastlatent.*
 :mod:`fastlatent.reference` holds the plain-PyTorch ground truth of every op.
 """
 
-__version__ = "0.1.0"
-
-from fastlatent import nn, ops, reference, sampling  # noqa: E402
-from fastlatent._extension import build_info, extension_available  # noqa: E402
-from fastlatent.ops import (  # noqa: E402
+from fastlatent import nn, ops, reference, sampling
+from fastlatent._extension import build_info, extension_available
+from fastlatent._version import __version__
+from fastlatent.ops import (
     bsq_entropy,
     bsq_quantize,
     code_stats,
@@ -21,8 +20,8 @@ from fastlatent.ops import (  # noqa: E402
     lfq_quantize,
     nearest_code,
 )
-from fastlatent.patching import PatchReport, patch, unpatch  # noqa: E402
-from fastlatent.tiling import TiledRunInfo, tiled_decode, tiled_encode  # noqa: E402
+from fastlatent.patching import PatchReport, patch, unpatch
+from fastlatent.tiling import TiledRunInfo, tiled_decode, tiled_encode
 
 __all__ = [
     "__version__",

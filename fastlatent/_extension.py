@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch  # noqa: F401  (loads libtorch and its libcudart before _C needs them)
 
+from fastlatent._version import __version__
+
 try:
     from fastlatent import _C
 except ImportError as exc:  # not built, or built against another torch
@@ -68,8 +70,6 @@ def build_info() -> dict:
     cpu_simd, openmp_version, openmp_max_threads, torch_threads, gpus (visible devices
     with their compute capability) and, when the extension is missing, extension_error.
     """
-    from fastlatent import __version__
-
     info = {"version": __version__, "torch": torch.__version__, "extension": _C is not None}
     if _C is not None:
         built = _C.build_info()

@@ -25,6 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 
 __all__ = [
@@ -118,6 +121,7 @@ class DigitsDataset(Dataset):
             raise ValueError(
                 f"DigitsDataset: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}"
             )
+        # scikit-learn takes ~3.5 s to import: only the datasets that need it pay for it.
         from sklearn.datasets import load_digits
 
         digits = load_digits()
@@ -193,7 +197,7 @@ _SKIMAGE_GRAY_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock", "gra
 def _load_sample_photo(name: str) -> np.ndarray | None:
     """uint8 ``[H, W]`` or ``[H, W, 3]`` (read-only), or None when the photo isn't available offline."""
     if name in _SKLEARN_PHOTOS:
-        from sklearn.datasets import load_sample_image
+        from sklearn.datasets import load_sample_image  # slow to import, see load_digits above
 
         image = np.array(load_sample_image(f"{name}.jpg"))
         image.flags.writeable = False
@@ -361,8 +365,6 @@ _HIGH_DEPTH_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 
 def _to_mode(image, channels: int, background: tuple[int, int, int]):
     """PIL image -> ``"RGB"`` (channels 3) or ``"L"`` (1); transparency composited on ``background``."""
-    from PIL import Image
-
     mode = image.mode
     if mode in _HIGH_DEPTH_MODES:
         array = np.asarray(image, dtype=np.float64)
@@ -514,8 +516,6 @@ class ImageFolderDataset(Dataset):
                 yield path  # folders and dangling links named like images too: _check_file reports them
 
     def _check_file(self, path: Path, full: bool) -> str | None:
-        from PIL import Image
-
         if path.is_symlink() and not path.exists():
             return f"dangling symbolic link (its target {os.readlink(path)} does not exist)"
         if path.is_dir():
@@ -551,8 +551,6 @@ class ImageFolderDataset(Dataset):
 
     def load_image(self, index: int):
         """The PIL image of item ``index``, converted and resized (before the tensor conversion)."""
-        from PIL import Image, ImageOps
-
         path = self.files[index]
         try:
             with Image.open(path) as raw:
@@ -666,8 +664,6 @@ class LatentDataset(Dataset):
         return self.data[index], self.labels[index]
 
     def save(self, path: str | os.PathLike) -> None:
-        from safetensors.torch import save_file
-
         save_file(
             {"data": self.data, "labels": self.labels},
             str(path),
@@ -676,8 +672,6 @@ class LatentDataset(Dataset):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> LatentDataset:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             keys = set(f.keys())

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from fastlatent.models.autoencoders import (
@@ -135,8 +136,6 @@ def _read_vae_state_dict(path: str | os.PathLike, where: str) -> tuple[dict, lis
     A full SD checkpoint's VAE is read from its ``first_stage_model.*`` keys alone (the UNet and text encoder
     stay on disk); ``loss.*`` and ``model_ema.*`` keys are skipped.
     """
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{where}: {path} not found")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastlatent.models.vae_blocks import check_image_batch
+
 
 @dataclass
 class AutoencoderOutput:
@@ -116,8 +118,6 @@ class GaussianEncoderMixin:
     def posterior(self, x: torch.Tensor) -> DiagonalGaussian:
         """The posterior ``q(z | x)`` of images ``x [B, in_channels, H, W]`` in [-1, 1]; H and W multiples of
         f."""
-        from fastlatent.models.vae_blocks import check_image_batch
-
         check_image_batch(
             type(self).__name__, "x", x, self.in_channels, self.downsample_factor, self.encoder.conv_in.weight
         )

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 MODEL_REGISTRY: dict[str, type] = {}
 CONFIG_NAME = "config.json"
@@ -94,8 +96,6 @@ class ConfigMixin:
 
     def save_pretrained(self, folder: str | os.PathLike) -> Path:
         """Writes ``config.json`` and ``model.safetensors`` into ``folder`` (created), each atomically."""
-        from safetensors.torch import save_file
-
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         meta = {"class": type(self).__name__, "config": self.config}
@@ -137,8 +137,6 @@ def load_pretrained(
     Nothing is allocated before the config is known to fit the weights: the model is first built on the meta
     device, stopped once it registers more parameters than the weights file holds tensors, and its state-dict
     shapes are compared with the safetensors header; a mismatch raises ValueError naming the tensors."""
-    from safetensors.torch import load_file
-
     folder = Path(folder)
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
@@ -183,8 +181,6 @@ class _ConfigTooLarge(ValueError):
 
 def _weights_header(weights_path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor names and shapes from a safetensors header (reads the header only)."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}

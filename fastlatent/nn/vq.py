@@ -1268,15 +1268,3 @@ class VectorQuantize(nn.Module):
             "codes_used": float(live.float().mean()),
             "nonfinite_rows": int(self._codebook.num_nonfinite_rows),
         }
-
-
-def __getattr__(name: str):
-    # Compatibility alias: ResidualVQ lives in residual_vq.py, which imports this module at its top, so
-    # this module cannot import it at its own top (an import circle); earlier releases defined it here,
-    # so `from fastlatent.nn.vq import ResidualVQ` keeps working through this lazy lookup. The package
-    # itself imports it from fastlatent.nn.residual_vq.
-    if name == "ResidualVQ":
-        from fastlatent.nn.residual_vq import ResidualVQ
-
-        return ResidualVQ
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
 
 from fastlatent.training import checkpoint as ckpt
 from fastlatent.training.config import DATA_ORDER_FIELDS, PRECISIONS, TrainerConfig
@@ -327,8 +329,6 @@ class Trainer:
         ]
 
     def _wrap_ddp(self) -> None:
-        from torch.nn.parallel import DistributedDataParallel
-
         wrapper = _TrainingStepModule(self.module)
         if self.disc_params:
             # The discriminator gets its gradient from a second backward pass, which DDP's once-per-forward
@@ -746,8 +746,6 @@ class Trainer:
 
         progress = None
         if config.progress and self.dist.is_main and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
             progress = tqdm(total=config.steps, initial=self.step, desc="train", dynamic_ncols=True)
 
         self.module.train()
