@@ -120,6 +120,40 @@ def test_bsq_factorised_entropy_for_wide_codes():
     assert br_f.batch_entropy >= br_e.batch_entropy - 1e-5  # the factorised estimate bounds it from above
 
 
+def test_bsq_exact_entropy_above_18_bits_matches_the_float64_definition():
+    """BSQ(factorized_entropy=False) at 20 bits: both entropies and their gradient equal the N x 2^d
+    soft assignment of LFQ(spherical=True), computed in float64; the factorised estimate does not."""
+    from fastlatent.reference.lfq import all_codes
+
+    d, scale, inv_t, gamma = 20, 1.0, 3.0, 0.7
+    x = torch.randn(1, 6, d, generator=torch.Generator().manual_seed(3))
+    quantizer = BSQ(
+        dim=d, factorized_entropy=False, inv_temperature=inv_t, diversity_gamma=gamma, entropy_loss_weight=1.0
+    ).train()
+    xi = x.clone().requires_grad_()
+    (_, _, aux), breakdown = quantizer(xi, return_loss_breakdown=True)
+    aux.backward()
+
+    xr = x.double().requires_grad_()
+    unit = torch.nn.functional.normalize(xr[0], dim=-1) * scale
+    prob = (2 * inv_t * unit @ all_codes(d, scale / math.sqrt(d), x.device).T).softmax(-1)
+    per_sample = -torch.special.xlogy(prob, prob).sum(-1).mean()
+    avg = prob.mean(0)
+    batch = -torch.special.xlogy(avg, avg).sum()
+    (per_sample - gamma * batch).backward()
+
+    got = torch.stack([breakdown.per_sample_entropy, breakdown.batch_entropy]).double()
+    torch.testing.assert_close(got, torch.stack([per_sample, batch]).detach(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(xi.grad.double(), xr.grad, rtol=1e-3, atol=1e-5)
+    assert not quantizer.factorized_entropy and BSQ(dim=d).factorized_entropy  # the default is unchanged
+    _, factorised = BSQ(dim=d, factorized_entropy=True, inv_temperature=inv_t).train()(
+        x, return_loss_breakdown=True
+    )
+    assert factorised.batch_entropy > breakdown.batch_entropy + 0.02  # an upper bound, not the entropy
+    with pytest.raises(ValueError, match=r"factorized_entropy=False needs codebook_dim <= 26 .* got 27"):
+        BSQ(dim=27, factorized_entropy=False)
+
+
 def test_residual_and_latent_quantizer_errors():
     with pytest.raises(ValueError, match="num_quantizers must be >= 1"):
         fastlatent.nn.ResidualFSQ(levels=[8, 5], num_quantizers=0)

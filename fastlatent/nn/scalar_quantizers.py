@@ -645,11 +645,14 @@ class BSQ(LFQ):
 
     The same module, losses and defaults as vqp's ``LFQ(spherical=True)`` (so the same codebook
     usage on the same data and seed), with ``inv_temperature`` settable at construction (default
-    100, vqp's forward default). For ``codebook_dim > 18`` the exact codebook entropy would need
-    ``2^d`` probabilities; there (or with ``factorized_entropy=True``) the paper's factorised
-    estimate is used instead: the per-sample entropy is still exact, the codebook entropy is
+    100, vqp's forward default). By default the entropies are exact up to ``codebook_dim = 18`` (the
+    kernel's table); above it (or with ``factorized_entropy=True``) the paper's factorised estimate
+    is used instead: the per-sample entropy is still exact, the codebook entropy is
     ``sum_i h(mean_n p_i)`` over the per-bit probabilities (an upper bound that spreads codes less:
     on a 10-bit toy run it used 893 codes where the exact entropy used all 1012).
+    ``factorized_entropy=False`` keeps the exact entropies up to ``codebook_dim = 26``: LFQ's
+    split product over the two halves of the bits (:func:`split_lfq_entropy`), whose ``2^d``
+    batch probabilities pass 256 MiB above 26 bits.
     """
 
     def __init__(
@@ -664,10 +667,10 @@ class BSQ(LFQ):
         if lfq_kwargs.pop("spherical", True) is not True:
             raise ValueError("BSQ is LFQ(spherical=True); use LFQ for spherical=False")
         super().__init__(dim=dim, codebook_size=codebook_size, spherical=True, **lfq_kwargs)
-        if factorized_entropy is False and self.codebook_dim > MAX_ENTROPY_DIMS:
+        if factorized_entropy is False and self.codebook_dim > MAX_SPLIT_ENTROPY_DIMS:
             raise ValueError(
-                f"factorized_entropy=False needs codebook_dim <= {MAX_ENTROPY_DIMS} (the exact "
-                f"entropy keeps 2^d probabilities), got {self.codebook_dim}; leave it None"
+                f"factorized_entropy=False needs codebook_dim <= {MAX_SPLIT_ENTROPY_DIMS} (the exact "
+                f"codebook entropy keeps 2^d probabilities), got {self.codebook_dim}; leave it None"
             )
         self.inv_temperature = inv_temperature
         self.factorized_entropy = (
