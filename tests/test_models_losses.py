@@ -1,6 +1,8 @@
 """Stage-1 losses: LPIPS wrapper (backbone from the torch hub cache, clear error without it), PatchGAN, GAN
 losses, the adaptive generator weight, AutoencoderLoss and AutoencoderTask (the trainer's protocol)."""
 
+import math
+
 import lpips
 import pytest
 import torch
@@ -16,6 +18,7 @@ from fastlatent.models.losses import (
     adaptive_generator_weight,
     hinge_d_loss,
     lpips_backbone_path,
+    reconstruction_metrics,
     vanilla_d_loss,
 )
 
@@ -261,3 +264,25 @@ def test_perceptual_term_with_random_backbone():
     )
     assert not any(k.startswith("loss.perceptual") for k in task.state_dict())
     F.mse_loss(out["loss"], torch.zeros(())).backward()
+
+
+def test_reconstruction_metrics_clamp_the_reconstruction_and_floor_the_mse():
+    x = torch.zeros(2, 1, 4, 4)
+    recon = torch.stack([torch.full((1, 4, 4), 0.5), torch.full((1, 4, 4), 3.0)])  # the second clamps to 1
+    metrics = reconstruction_metrics(x, recon)
+    torch.testing.assert_close(metrics["mse"], torch.tensor((0.25 + 1.0) / 2))
+    torch.testing.assert_close(
+        metrics["psnr"], torch.tensor((10 * math.log10(16.0) + 10 * math.log10(4.0)) / 2)
+    )
+    same = reconstruction_metrics(x, x)["psnr"]
+    torch.testing.assert_close(same, torch.tensor(10 * math.log10(4e10)))  # floored, not inf
+
+
+def test_validation_step_restores_each_submodules_own_mode():
+    torch.manual_seed(0)
+    ae = AutoencoderKL(**{**TINY, "block_out_channels": [8, 16], "norm_num_groups": 4})
+    task = AutoencoderTask(ae, loss_without_lpips(disc_weight=0.5)).train()
+    task.loss.discriminator.eval()  # e.g. frozen before disc_start: validation must not switch it on
+    out = task.validation_step(torch.rand(2, 1, 16, 16) * 2 - 1)
+    assert set(out) == {"rec_loss", "mse", "psnr"} and not out["mse"].requires_grad
+    assert task.training and ae.training and not task.loss.discriminator.training

@@ -11,6 +11,7 @@ cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import json
@@ -22,10 +23,25 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 MODEL_REGISTRY: dict[str, type] = {}
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """``module.eval()`` and ``torch.no_grad()`` for the block; the training flags of every submodule
+    restored."""
+    modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def register_model(cls: type) -> type:

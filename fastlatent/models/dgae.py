@@ -36,9 +36,9 @@ from fastlatent.models.autoencoders import (
     LatentScaleMixin,
     _images_of,
 )
-from fastlatent.models.base import ConfigMixin, register_model
-from fastlatent.models.latent_diffusion import FLOW_TIME_SAMPLING, evaluating
-from fastlatent.models.losses import LPIPS, check_loss_weight
+from fastlatent.models.base import ConfigMixin, evaluating, register_model
+from fastlatent.models.latent_diffusion import FLOW_TIME_SAMPLING
+from fastlatent.models.losses import LPIPS, check_loss_weight, reconstruction_metrics
 from fastlatent.models.unet import UNet
 from fastlatent.models.vae_blocks import Encoder, check_image_batch, check_positive_int
 from fastlatent.sampling import FlowSchedule, Sampler
@@ -509,18 +509,10 @@ class DGAETask(nn.Module):
         mse and psnr (images in [-1, 1]), and the flow loss at seeded times."""
         x = self._images(batch, "DGAETask.validation_step")
         generator = torch.Generator(device=x.device).manual_seed(seed)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             output = self.autoencoder(x, generator=generator, decode=True, steps=steps, method=method)
-        finally:
-            self.train(was_training)
-        x_hat = output.reconstruction.float().clamp(-1, 1)
-        mse = (x_hat - x.float()).square().flatten(1).mean(1)
-        psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
         return {
             "flow": output.losses["flow"],
             "x0_mse": output.losses["x0_mse"],
-            "mse": mse.mean(),
-            "psnr": psnr.mean(),
+            **reconstruction_metrics(x, output.reconstruction),
         }

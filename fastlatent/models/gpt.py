@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.models.base import ConfigMixin, register_model
+from fastlatent.models.base import ConfigMixin, evaluating, register_model
 from fastlatent.models.dit import sampling_labels
-from fastlatent.models.latent_diffusion import evaluating, training_labels, unpack_prior_batch
+from fastlatent.models.latent_diffusion import training_labels, unpack_prior_batch
 
 
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:

@@ -20,7 +20,6 @@ The loss is the plain mean squared error to the target, computed in float32.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 
@@ -28,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlatent.models.base import MODEL_REGISTRY, ConfigMixin, _jsonable, register_model
+from fastlatent.models.base import MODEL_REGISTRY, ConfigMixin, _jsonable, evaluating, register_model
 from fastlatent.models.dit import check_label_values, sampling_labels, size_pair
 from fastlatent.sampling import DiscreteSchedule, FlowSchedule, KarrasSchedule, Sampler
 from fastlatent.sampling.schedules import BETA_SCHEDULES
@@ -126,20 +125,6 @@ def _build_schedule(config: dict, objective: str):
             f"LatentDiffusion: unknown schedule options {unknown} for {kind!r} (allowed: {sorted(allowed)})"
         )
     return FlowSchedule(**params) if kind == "flow" else DiscreteSchedule(kind, **params)
-
-
-@contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """``module.eval()`` and ``torch.no_grad()`` for the block; the training flags of every submodule
-    restored."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def unpack_prior_batch(where: str, batch):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlatent.models.autoencoders import AutoencoderOutput
-from fastlatent.models.base import ConfigMixin, register_model
+from fastlatent.models.base import ConfigMixin, evaluating, register_model
 
 # torchvision checkpoints of the LPIPS backbones, as torch.hub caches them
 LPIPS_BACKBONE_FILES = {
@@ -283,6 +283,16 @@ def _call_with_detached_parameters(module: nn.Module, x: torch.Tensor) -> torch.
     return torch.func.functional_call(module, params, (x,))
 
 
+def reconstruction_metrics(x: torch.Tensor, reconstruction: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Validation metrics of ``reconstruction`` against images ``x [B, C, H, W]`` in [-1, 1]: the batch means
+    of the per-image ``mse`` (reconstruction clamped to [-1, 1]) and ``psnr`` in dB (peak-to-peak range 2;
+    the mse floored at 1e-10, so identical images give 106 dB, not inf)."""
+    x_hat = reconstruction.float().clamp(-1, 1)
+    mse = (x_hat - x.float()).square().flatten(1).mean(1)
+    psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
+    return {"mse": mse.mean(), "psnr": psnr.mean()}
+
+
 def check_loss_weight(owner: str, name: str, value) -> float:
     """A loss term's weight as a float; ValueError naming ``owner`` and the argument unless finite, >= 0."""
     if (
@@ -512,19 +522,11 @@ class AutoencoderTask(nn.Module):
         """Reconstruction metrics without gradients or codebook updates: rec_loss, mse and psnr (images in
         [-1, 1], so the peak-to-peak range is 2)."""
         x = self._images(batch).to(self.autoencoder.last_layer_weight.device)
-        was_training = self.training
-        self.eval()
-        try:
+        with evaluating(self):
             output = self.autoencoder(x)
-        finally:
-            self.train(was_training)
-        x_hat = output.reconstruction.float().clamp(-1, 1)
-        mse = (x_hat - x.float()).square().flatten(1).mean(1)
-        psnr = 10 * torch.log10(4.0 / mse.clamp_min(1e-10))
         return {
             "rec_loss": self.loss.reconstruction_loss(x, output.reconstruction),
-            "mse": mse.mean(),
-            "psnr": psnr.mean(),
+            **reconstruction_metrics(x, output.reconstruction),
         }
 
     def discriminator_parameters(self) -> list:

@@ -27,8 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastlatent.models.base import atomic_write, load_pretrained
-from fastlatent.models.latent_diffusion import evaluating
+from fastlatent.models.base import atomic_write, evaluating, load_pretrained
 
 PIPELINE_NAME = "pipeline.json"
 PIPELINE_FORMAT = "fastlatent.TwoStagePipeline"
