@@ -31,17 +31,23 @@ WEIGHTS_NAME = "model.safetensors"
 
 
 @contextlib.contextmanager
-def evaluating(module: nn.Module):
-    """``module.eval()`` and ``torch.no_grad()`` for the block; the training flags of every submodule
-    restored."""
+def eval_mode(module: nn.Module):
+    """``module.eval()`` for the block (no dropout, no EMA/k-means/dead-code updates), then every submodule's
+    own training flag restored (``module.train(was_training)`` would switch frozen submodules on)."""
     modes = [(m, m.training) for m in module.modules()]
     module.eval()
     try:
-        with torch.no_grad():
-            yield
+        yield module
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+@contextlib.contextmanager
+def evaluating(module: nn.Module):
+    """:func:`eval_mode` and ``torch.no_grad()`` for the block."""
+    with eval_mode(module), torch.no_grad():
+        yield
 
 
 def register_model(cls: type) -> type:

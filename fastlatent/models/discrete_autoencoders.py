@@ -8,7 +8,6 @@ indices (``encode_indices``) or its codes (``encode``, ``[B, latent_channels, h,
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
@@ -16,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastlatent.models.autoencoders import AutoencoderOutput
-from fastlatent.models.base import ConfigMixin, register_model
+from fastlatent.models.base import ConfigMixin, eval_mode, register_model
 from fastlatent.models.vae_blocks import Decoder, Encoder, check_image_batch, check_positive_int
 from fastlatent.nn.residual_vq import ResidualVQ
 from fastlatent.nn.scalar_quantizers import BSQ, FSQ, LFQ, codebook_usage
@@ -25,19 +24,6 @@ from fastlatent.ops.lfq import MAX_ENTROPY_DIMS
 
 SCALAR_QUANTIZERS = ("fsq", "lfq", "bsq")
 VECTOR_QUANTIZERS = ("vq", "rvq")
-
-
-@contextlib.contextmanager
-def _frozen(module: nn.Module):
-    """Runs ``module`` in eval mode (no EMA, k-means or dead-code updates), then restores each submodule's
-    mode."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield module
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 class _DiscreteAutoencoder(nn.Module):
@@ -130,12 +116,12 @@ class _DiscreteAutoencoder(nn.Module):
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Quantised latents ``[B, latent_channels, H/f, W/f]`` of images ``x [B, C, H, W]`` in [-1, 1]. Never
         updates the codebook, whatever the training mode."""
-        with _frozen(self.quantizer):
+        with eval_mode(self.quantizer):
             return self._quantize(self._pre_quant(x))[0]
 
     def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
         """Code indices ``int64 [B, H/f, W/f]`` (residual VQ: ``[B, H/f, W/f, num_quantizers]``)."""
-        with _frozen(self.quantizer):
+        with eval_mode(self.quantizer):
             return self._quantize(self._pre_quant(x))[1]
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
