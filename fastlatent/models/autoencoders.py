@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fastlatent.models.base import eval_mode
 from fastlatent.models.vae_blocks import check_image_batch
 
 
@@ -206,9 +207,7 @@ class LatentScaleMixin:
         mean = torch.zeros((), dtype=torch.float64, device=device)
         m2 = torch.zeros((), dtype=torch.float64, device=device)
         count = 0
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             for i, batch in enumerate(batches):
                 if max_batches is not None and i >= max_batches:
                     break
@@ -223,8 +222,6 @@ class LatentScaleMixin:
                 m2 += (z - batch_mean).square().sum() + delta.square() * (count * n / (count + n))
                 mean += delta * (n / (count + n))
                 count += n
-        finally:
-            self.train(was_training)
         if count < 2:
             raise ValueError(f"{where}: data gave {count} latent values; need at least 2 to estimate a std")
         std = float((m2 / (count - 1)).sqrt())
