@@ -25,7 +25,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-VERSION = "0.1.0"
+# One version for the package and the wheel: read from the leaf module (importing fastlatent needs the build).
+with open(os.path.join(ROOT, "fastlatent", "_version.py")) as _f:
+    VERSION = re.search(r'^__version__ = "([^"]+)"$', _f.read(), re.M).group(1)
 
 
 def _find_cuda_home():
