@@ -241,12 +241,6 @@ KNOWN_VIOLATIONS = [
         "calls of the backward reduction's SiLU gradient",
     ),
     (
-        "nearest_code/small_d_kernel<*16, 32>",
-        "spill",
-        "known spill (issue 21 item 5): 4 bytes in the half-type d=32 register tile since the batched "
-        "(multi-head) search keeps per-search base offsets live",
-    ),
-    (
         "fsq/fsq_backward_kernel<*, true>",
         "instructions",
         "known over budget (issue 21 item 7, found by the static model): sech^2 with an IEEE division per "

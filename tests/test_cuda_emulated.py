@@ -176,6 +176,22 @@ def test_nearest_code_paths(dtype, d, precision, kernel):
         assert any(helper in name for name in ran), sorted(ran)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [20, 32])
+def test_small_d_tiles_and_batched_searches(dtype, d):
+    """The d <= 32 kernel over several code tiles (the last partial), a partial row block and two batched
+    searches (each reading its own codebook tile by tile), against the CPU kernel."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 260, d, generator=gen).to(dtype)
+    codebook = torch.randn(2, 520, d, generator=gen).to(dtype)
+    cpu = fastlatent.ops.nearest_code(x, codebook)
+    with launches() as ran, emulated():
+        ours = fastlatent.ops.nearest_code(x, codebook)
+    assert any("small_d_kernel<" in name and name.endswith(", 32>") for name in ran), sorted(ran)
+    sample = types.SimpleNamespace(name=f"d {d}", args=(x, codebook), kwargs={})
+    SPECS["nearest_code"].compare(sample, ours, cpu)
+
+
 @pytest.mark.parametrize(
     "dtype,precision,d",
     [(torch.float16, "ieee", 72), (torch.bfloat16, "ieee", 64), (torch.float32, "tf32", 40)],
