@@ -10,6 +10,7 @@ tolerance rules, on the same OpSpec samples.
 """
 
 import contextlib
+import math
 import types
 
 import pytest
@@ -173,6 +174,22 @@ def test_nearest_code_paths(dtype, d, precision, kernel):
     assert any(kernel in name for name in ran), sorted(ran)
     for helper in ("finish_rows_kernel", "code_keys_kernel"):
         assert any(helper in name for name in ran), sorted(ran)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("d", [20, 32])
+def test_small_d_tiles_and_batched_searches(dtype, d):
+    """The d <= 32 kernel over several code tiles (the last partial), a partial row block and two batched
+    searches (each reading its own codebook tile by tile), against the CPU kernel."""
+    gen = torch.Generator().manual_seed(d)
+    x = torch.randn(2, 260, d, generator=gen).to(dtype)
+    codebook = torch.randn(2, 520, d, generator=gen).to(dtype)
+    cpu = fastlatent.ops.nearest_code(x, codebook)
+    with launches() as ran, emulated():
+        ours = fastlatent.ops.nearest_code(x, codebook)
+    assert any("small_d_kernel<" in name and name.endswith(", 32>") for name in ran), sorted(ran)
+    sample = types.SimpleNamespace(name=f"d {d}", args=(x, codebook), kwargs={})
+    SPECS["nearest_code"].compare(sample, ours, cpu)
 
 
 @pytest.mark.parametrize(
@@ -405,6 +422,49 @@ def test_sample_code_kernel_draws_the_cpu_kernels_noise(dtype):
             assert torch.equal(ours, cpu)
     finally:
         _emu.set_seed(seed)
+
+
+def test_matrix_load_cost_model():
+    """The bank model behind _emu.matrix_load_counters: an ldmatrix phase reads 8 lines of 16 bytes; lines
+    in one 16-byte bank group (bits 4-6) at different addresses are serialised."""
+    cost = _emu.matrix_load_cost
+    # a 16 x 16 fragment of 16-bit elements: 4 phases. 96-byte lines (6 x 16 B): lines r and r + 4 share a
+    # group (2-way); 80-byte (5 x 16 B, odd) lines: 8 groups; 128-byte lines: one group (8-way)
+    assert cost(0, 48, 16, 16) == {"phases": 4, "wavefronts": 8}
+    assert cost(0, 40, 16, 16) == {"phases": 4, "wavefronts": 4}
+    assert cost(16, 40, 16, 16) == {"phases": 4, "wavefronts": 4}
+    assert cost(0, 64, 16, 16) == {"phases": 4, "wavefronts": 32}
+    assert cost(0, 136, 16, 16) == {"phases": 4, "wavefronts": 4}  # the wide weight tile's pitch
+    assert cost(0, 0, 16, 16) == {"phases": 4, "wavefronts": 4}  # one address: a broadcast
+    with pytest.raises(ValueError, match="multiples of 8"):
+        cost(0, 40, 12, 16)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_group_norm_conv_fragment_loads_are_conflict_free(dtype, layout):
+    """Every A (halo) and B (weight) fragment load the fused conv's warps issue is an ldmatrix without a
+    bank conflict: one wavefront per phase. With the former 96-byte halo pitch each A phase took two. Also
+    several 32-channel chunks with groups straddling them (per-chunk coefficients) against the CPU path."""
+    gen = torch.Generator().manual_seed(7)
+    cin, h, w_ = 72, 9, 20  # 3 chunks (72 -> 96), 12 channels per group; 2 x 2 pixel tiles
+    x = (torch.randn(1, cin, h, w_, generator=gen) * 2 + 1).to(dtype).to(memory_format=layout)
+    gw, gb = torch.rand(cin, generator=gen) + 0.5, torch.randn(cin, generator=gen)
+    for cout, warp_rows, width in ((3, 1, ", 32>"), (40, 4, ", 128>")):
+        conv_w = (torch.randn(cout, cin, 3, 3, generator=gen) / math.sqrt(9 * cin)).to(dtype)
+        cpu = fastlatent.ops.group_norm_conv3x3(x, gw, gb, 6, conv_w, eps=1e-5, activation="silu")
+        before = _emu.matrix_load_counters()
+        with launches() as ran, emulated():
+            ours = fastlatent.ops.group_norm_conv3x3(
+                x, gw, gb, 6, conv_w, eps=1e-5, activation="silu", algorithm="fused"
+            )
+        after = _emu.matrix_load_counters()
+        assert any("group_norm_conv3x3_kernel" in name and name.endswith(width) for name in ran), sorted(ran)
+        SPECS["group_norm_conv3x3"].compare(types.SimpleNamespace(name=f"cout {cout}"), ours, cpu)
+        loads, phases, wavefronts = (after[k] - before[k] for k in ("loads", "phases", "wavefronts"))
+        # 4 blocks x 8 warps x 3 chunks x 9 taps x 2 k-steps, each 2 B fragments + warp_rows A fragments
+        assert loads == 4 * 8 * 3 * 9 * 2 * (2 + warp_rows)
+        assert phases == 4 * loads and wavefronts == phases
 
 
 def test_group_norm_conv_packs_strided_weights_on_every_call():

@@ -385,6 +385,10 @@ namespace fl_emu {
 // The order is a fixed pseudo-random permutation per (use, shape): see runtime.cpp.
 const uint16_t* fragment_map(int use, int rows, int cols);
 void check_wmma_pointer(const void* p, unsigned int ldm, size_t element_bytes, bool write, const char* what);
+// Bank-conflict accounting of a warp's 16-bit fragment load from shared memory, modelled as the ldmatrix
+// it compiles to: `lines` memory lines (rows of a row-major fragment, columns of a column-major one) ldm
+// elements apart, each line_elems 2-byte elements; see runtime.cpp. Called by lane 0 only.
+void count_matrix_load(const void* p, unsigned int ldm, int lines, int line_elems);
 // The warp's D = A * B + C for one lane's fragments; returns after every lane of the warp called it.
 void mma(int type, int m, int n, int k, const void* a, const void* b, const void* c, void* d);
 inline float round_tf32(float v) {
@@ -439,6 +443,10 @@ namespace detail {
 template <typename F, typename P>
 inline void load(F& f, const P* p, unsigned int ldm, bool row_major) {
   fl_emu::check_wmma_pointer(p, ldm, sizeof(P), false, "wmma::load_matrix_sync");
+  if constexpr (sizeof(P) == 2) {
+    if (fl_emu::g_lane == 0)
+      fl_emu::count_matrix_load(p, ldm, row_major ? F::kRows : F::kCols, row_major ? F::kCols : F::kRows);
+  }
   const uint16_t* map = fl_emu::fragment_map(F::kUse, F::kRows, F::kCols) + fl_emu::g_lane * F::num_elements;
   for (int i = 0; i < F::num_elements; ++i) {
     const int r = map[i] / F::kCols, c = map[i] % F::kCols;

@@ -133,6 +133,20 @@ PYBIND11_MODULE(_emu, m) {
     return pybind11::dict(pybind11::arg("launches") = c.launches, pybind11::arg("blocks") = c.blocks,
                           pybind11::arg("threads") = c.threads);
   }, "Kernel launches, blocks and threads emulated since import.");
+  m.def("matrix_load_counters", [] {
+    const fl_emu::MatrixLoadCounters c = fl_emu::matrix_load_counters();
+    return pybind11::dict(pybind11::arg("loads") = c.loads, pybind11::arg("phases") = c.phases,
+                          pybind11::arg("wavefronts") = c.wavefronts);
+  }, "16-bit WMMA fragment loads from shared memory since import, as ldmatrix phases and the shared-memory "
+     "wavefronts they take (equal when conflict-free).");
+  m.def("matrix_load_cost", [](uint64_t offset, unsigned int ldm, int lines, int line_elems) {
+    TORCH_CHECK_VALUE(lines > 0 && lines % 8 == 0 && line_elems > 0 && line_elems % 8 == 0,
+                      "fastlatent._emu.matrix_load_cost: lines and line_elems must be positive multiples of "
+                      "8, got ", lines, " and ", line_elems);
+    const fl_emu::MatrixLoadCounters c = fl_emu::matrix_load_cost(offset, ldm, lines, line_elems);
+    return pybind11::dict(pybind11::arg("phases") = c.phases, pybind11::arg("wavefronts") = c.wavefronts);
+  }, "The ldmatrix phases and shared-memory wavefronts of one 16-bit fragment load (the model behind "
+     "matrix_load_counters).");
   m.def("set_control", [](const std::string& name) {
     TORCH_CHECK_VALUE(fl_emu::set_control(name), "fastlatent._emu.set_control: no control named \"", name,
                       "\"; built: ", c10::Join(", ", fl_emu::control_names()));

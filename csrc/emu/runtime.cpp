@@ -1031,6 +1031,55 @@ Report end_scope() {
 Counters counters() { return g_counters; }
 
 namespace {
+MatrixLoadCounters g_matrix_loads{0, 0, 0};
+}  // namespace
+
+// ldmatrix reads 8 lines of 16 bytes per phase (one 8 x 8 matrix of 16-bit elements); shared memory serves
+// 128 bytes (32 banks x 4 bytes) per wavefront, so lines whose 16-byte pieces share bits 4-6 of their offset
+// but differ in address are serialised (equal addresses are one broadcast).
+MatrixLoadCounters matrix_load_cost(uint64_t offset, unsigned int ldm, int lines, int line_elems) {
+  MatrixLoadCounters cost{1, 0, 0};
+  for (int piece = 0; piece < line_elems / 8; ++piece) {
+    for (int first = 0; first + 8 <= lines; first += 8) {
+      uint64_t distinct[8];
+      int count = 0, per_group[8] = {};
+      for (int i = 0; i < 8; ++i) {
+        const uint64_t a = offset + (static_cast<uint64_t>(first + i) * ldm + piece * 8) * 2;
+        if (std::find(distinct, distinct + count, a) != distinct + count) continue;
+        distinct[count++] = a;
+        ++per_group[(a >> 4) & 7];
+      }
+      ++cost.phases;
+      cost.wavefronts += static_cast<uint64_t>(*std::max_element(per_group, per_group + 8));
+    }
+  }
+  return cost;
+}
+
+// Offsets count from the start of dynamic shared memory (128-byte aligned on the device, as here) or of the
+// static __shared__ variable; fragments in global memory have no banks.
+void count_matrix_load(const void* p, unsigned int ldm, int lines, int line_elems) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  if (!g_in_kernel || lines % 8 != 0 || line_elems % 8 != 0) return;
+  uintptr_t base = 0;
+  if (a >= g_dynamic_begin && a < g_dynamic_end) {
+    base = g_dynamic_begin;
+  } else if (a >= g_static_begin && a < g_static_end) {
+    const SharedVar* v = shared_var_before(a);
+    if (v == nullptr) return;
+    base = v->begin;
+  } else {
+    return;
+  }
+  const MatrixLoadCounters cost = matrix_load_cost(a - base, ldm, lines, line_elems);
+  ++g_matrix_loads.loads;
+  g_matrix_loads.phases += cost.phases;
+  g_matrix_loads.wavefronts += cost.wavefronts;
+}
+
+MatrixLoadCounters matrix_load_counters() { return g_matrix_loads; }
+
+namespace {
 struct Control {
   std::string launch;
   ControlLaunch fn;

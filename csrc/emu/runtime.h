@@ -36,6 +36,17 @@ struct Counters {
   uint64_t launches, blocks, threads;
 };
 Counters counters();
+// 16-bit WMMA fragment loads from shared memory since the process started, modelled as ldmatrix: each
+// phase reads 8 lines of 16 bytes; it takes as many shared-memory wavefronts as the most distinct 16-byte
+// addresses that fall in one 16-byte bank group (bits 4-6 of the offset in shared memory). Conflict-free:
+// wavefronts == phases.
+struct MatrixLoadCounters {
+  uint64_t loads, phases, wavefronts;
+};
+MatrixLoadCounters matrix_load_counters();
+// One such load of `lines` lines of line_elems 2-byte elements, ldm elements apart, from `offset` bytes past
+// a 128-byte boundary of shared memory (loads = 1).
+MatrixLoadCounters matrix_load_cost(uint64_t offset, unsigned int ldm, int lines, int line_elems);
 // Launches per kernel (demangled name) since the process started.
 std::map<std::string, uint64_t> launched_kernels();
 // Static __shared__ variables found in the module's symbol table (0: stripped, no shared checks).

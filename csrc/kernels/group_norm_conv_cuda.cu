@@ -6,14 +6,23 @@
 // channels = 4 x 2 WMMA accumulators. For cout <= 32 a narrow block (8 x 1 warps, 32 output
 // channels, one row of 16 pixels x 32 channels per warp) does a quarter of the MMA work.
 //
-// Shared memory: the activated input halo of one 32-channel chunk, [10 * 18 pixels][48] (32
-// channels, row padded to 48 elements = 96 bytes so that every WMMA fragment pointer is 32-byte
-// aligned at any pixel offset); two weight tiles [32][136] or [32][40] (cp.async double buffer); the
-// per-channel mean, scale and shift of the block's image, applied as (x - mean) * scale + shift:
-// x * scale + (shift - mean * scale) would cancel when |mean| >> std (as group_norm_cuda.cu).
+// Shared memory: the activated input halo of one 32-channel chunk, twice: [10 * 18 pixels][40] (32
+// channels, padded to 40 elements = 80 bytes per pixel), the second copy 16 bytes off a 32-byte
+// boundary; two weight tiles [32][136] or [32][40] (cp.async double buffer); the chunk's per-channel
+// mean, scale and shift, applied as (x - mean) * scale + shift: x * scale + (shift - mean * scale)
+// would cancel when |mean| >> std (as group_norm_cuda.cu).
 //
 // For tap (r, s), the 16 A rows of output row ty are halo pixels (ty + r, s .. s + 15): a constant
-// stride of one halo pixel, so each A fragment is one load_matrix_sync from the halo.
+// stride of one halo pixel, so each A fragment is one load_matrix_sync from the halo. That load is
+// an ldmatrix whose phases read 8 consecutive pixels' 16-byte pieces: an 80-byte pitch (5 x 16 B, odd)
+// puts them in 8 distinct bank groups, where a 96-byte pitch (6 x 16 B) hit only 4 (a 2-way conflict on
+// every A load). WMMA wants 32-byte aligned fragment pointers, which an 80-byte pitch gives at even
+// pixels only: taps s = 0 and 2 start at even pixels of the first copy, tap s = 1 at odd pixels of the
+// second, which are 32-byte aligned there. Both copies together take 28,816 B instead of 17,280 B
+// (a compact second copy of columns 1-16 only would save 1,600 B, but its tap-dependent row pitch
+// cost the narrow variants up to 10 registers: 4 -> 3 blocks per SM). The coefficients, staged per
+// chunk (384 B) instead of for all of cin (12 B per channel), keep the block's shared memory
+// independent of cin and under 48 KB.
 #include <mma.h>
 
 #include <cstdint>
@@ -36,12 +45,15 @@ constexpr int kTileH = 8, kTileW = 16;                      // output pixels per
 constexpr int kHaloH = kTileH + 2, kHaloW = kTileW + 2;
 constexpr int kHaloPixels = kHaloH * kHaloW;                 // 180
 constexpr int kChunk = static_cast<int>(kGnConvChannelChunk);  // 32 input channels per K chunk
-constexpr int kHaloLd = 48;                                  // halo row pitch (elements)
+constexpr int kHaloLd = 40;                                  // halo pixel pitch (elements)
 constexpr int kWideN = static_cast<int>(kGnConvCoutTile);    // 128 output channels per block
 constexpr int kNarrowN = 32;                                 // the narrow variant, for cout <= 32
 constexpr int kWarpCols = 32;                                // output channels per warp
 
-constexpr size_t kHaloBytes = size_t(kHaloPixels) * kHaloLd * 2;
+constexpr size_t kHaloBytes = size_t(kHaloPixels) * kHaloLd * 2;                // one copy
+constexpr int kShiftedOffset = kHaloPixels * kHaloLd + 8;  // the second copy (elements; 16 B past 32 B)
+constexpr size_t kHaloRegionBytes = (kShiftedOffset * 2 + kHaloBytes + 127) / 128 * 128;
+constexpr size_t kCoefBytes = 3 * size_t(kChunk) * sizeof(float);               // center, scale, shift
 
 // Block shape by output channels per block kN: 8 warps as (8 / (kN / 32)) pixel-row groups x
 // (kN / 32) channel groups of 32, so the narrow variant (kN = 32) gives each warp one row of 16
@@ -54,14 +66,16 @@ struct Tile {
   static constexpr int kBLd = kN + 8;                 // weight tile row pitch (elements)
   static constexpr size_t kBStageElems = size_t(kChunk) * kBLd;
   static constexpr size_t kBBytes = 2 * kBStageElems * 2;
-  static constexpr size_t kFixedSmemBytes = kHaloBytes + kBBytes;
+  static constexpr size_t kSmemBytes = kHaloRegionBytes + kBBytes + kCoefBytes;
   static constexpr int kPieces = kChunk * kN / 8;     // 16-byte pieces per weight tile
   static_assert(kWarpsM * kWarpRows == kTileH && kBBytes % 128 == 0, "tile shape");
 };
 
-static_assert(kHaloBytes % 128 == 0, "shared-memory regions stay 128-byte aligned");
-static_assert((kHaloLd * 2) % 32 == 0, "WMMA needs 32-byte aligned fragment pointers at every pixel");
-static_assert(kHaloBytes >= size_t(kThreads / 32) * 256 * sizeof(float), "epilogue scratch fits in the halo");
+static_assert((kHaloLd * 2) % 32 == 16, "an odd number of 16-byte units per pixel: conflict-free ldmatrix");
+static_assert((kHaloW * kHaloLd * 2) % 32 == 0 && (kShiftedOffset * 2) % 32 == 16,
+              "WMMA's 32-byte aligned fragment pointers: even pixels of the first copy, odd of the second");
+static_assert(kHaloRegionBytes >= size_t(kThreads / 32) * 256 * sizeof(float),
+              "epilogue scratch fits in the halo");
 
 __device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
 __device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
@@ -82,21 +96,23 @@ __device__ __forceinline__ void unpack8(const uint4& v, float* f, __nv_bfloat16)
   }
 }
 
+// Blocks per SM: 2 for the wide tile (128 registers: its 64 accumulator floats per thread), 4 for the
+// narrow one (<= 64 registers, no spills; 34,432 B of shared memory each fits 4 even on sm_80).
 template <typename T, Activation A, int kN>
-__global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNormConvParams p, int tiles_w,
-                                                                           int cin_pad, int cout_pad,
-                                                                           bool vector_channels) {
+__global__ void __launch_bounds__(kThreads, kN == kNarrowN ? 4 : 2)
+    group_norm_conv3x3_kernel(GroupNormConvParams p, int tiles_w, int cin_pad, int cout_pad,
+                              bool vector_channels) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   extern __shared__ __align__(128) unsigned char smem[];
   T* halo = reinterpret_cast<T*>(smem);
-  T* b_tiles = reinterpret_cast<T*>(smem + kHaloBytes);
+  T* b_tiles = reinterpret_cast<T*>(smem + kHaloRegionBytes);
   using Shape = Tile<kN>;
   constexpr int kWarpRows = Shape::kWarpRows, kBLd = Shape::kBLd;
   constexpr size_t kBStageElems = Shape::kBStageElems;
-  float* scale = reinterpret_cast<float*>(smem + Shape::kFixedSmemBytes);
-  float* shift = scale + cin_pad;
-  float* center = shift + cin_pad;
+  float* scale = reinterpret_cast<float*>(smem + kHaloRegionBytes + Shape::kBBytes);
+  float* shift = scale + kChunk;
+  float* center = shift + kChunk;
 
   const int tid = threadIdx.x;
   const int warp = tid >> 5, lane = tid & 31;
@@ -109,13 +125,15 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   const int ox0 = (blockIdx.x % tiles_w) * kTileW;
   const int64_t H = p.h, W = p.w;
 
-  // Per-channel affine of this image: y = act((x - center) * scale + shift), zero on the padded
-  // channels.
-  const int64_t channels_per_group = p.cin / p.groups;
-  const float count = static_cast<float>(channels_per_group * H * W);
-  for (int c = tid; c < cin_pad; c += kThreads) {
+  // Per-channel affine of this image for the input channels of one chunk: y = act((x - center) *
+  // scale + shift), zero on the padded channels. Lane c of warp 0 writes channel chunk * 32 + c.
+  auto load_coefficients = [&](int chunk) {
+    if (tid >= kChunk) return;
+    const int64_t c = int64_t(chunk) * kChunk + tid;
     float sc = 0.0f, sh = 0.0f, mu = 0.0f;
     if (c < p.cin) {
+      const int64_t channels_per_group = p.cin / p.groups;
+      const float count = static_cast<float>(channels_per_group * H * W);
       const int64_t g = img * p.groups + c / channels_per_group;
       const float var = fmaxf(p.m2[g] / count, 0.0f);
       const float rstd = rsqrtf(var + p.eps);
@@ -123,10 +141,10 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
       sh = p.gn_bias ? p.gn_bias[c] : 0.0f;
       mu = p.mean[g];
     }
-    scale[c] = sc;
-    shift[c] = sh;
-    center[c] = mu;
-  }
+    scale[tid] = sc;
+    shift[tid] = sh;
+    center[tid] = mu;
+  };
 
   const T* x_img = static_cast<const T*>(p.x) + img * p.x_stride[0];
   const T* packed = static_cast<const T*>(p.packed_weight);
@@ -151,8 +169,9 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   };
 
   // The activated halo of input channels [chunk * 32, chunk * 32 + 32): one thread writes 8
-  // channels of one halo pixel (a 16-byte store); lanes walk along pixels so that global loads
-  // of one channel are contiguous in NCHW. With vector_channels (channels-last, cin % 8 == 0, the
+  // channels of one halo pixel into both copies (two 16-byte stores; 8 consecutive pixels' stores are
+  // conflict-free at the 80-byte pitch); lanes walk along pixels so that global loads of one channel
+  // are contiguous in NCHW. With vector_channels (channels-last, cin % 8 == 0, the
   // tensor 16-byte aligned with strides that keep it so) the 8 channels are one 16-byte load;
   // otherwise 8 scalar loads. The octet's mean, scale and shift are shared-memory broadcasts (a
   // warp's lanes share the octet); padded channels have all three zero, so they activate to
@@ -173,9 +192,9 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
         }
 #pragma unroll
         for (int j = 0; j < 8; j += 4) {  // four channels' coefficients at a time (register cap)
-          const float4 mu = *reinterpret_cast<const float4*>(center + c0 + j);
-          const float4 sc = *reinterpret_cast<const float4*>(scale + c0 + j);
-          const float4 sh = *reinterpret_cast<const float4*>(shift + c0 + j);
+          const float4 mu = *reinterpret_cast<const float4*>(center + octet * 8 + j);
+          const float4 sc = *reinterpret_cast<const float4*>(scale + octet * 8 + j);
+          const float4 sh = *reinterpret_cast<const float4*>(shift + octet * 8 + j);
           v[j] = activate<A>(fmaf(v[j] - mu.x, sc.x, sh.x));
           v[j + 1] = activate<A>(fmaf(v[j + 1] - mu.y, sc.y, sh.y));
           v[j + 2] = activate<A>(fmaf(v[j + 2] - mu.z, sc.z, sh.z));
@@ -190,8 +209,9 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
       for (int j = 0; j < 8; j += 2) {
         packed_pairs[j / 2] = bits_of(from_float<T>(v[j])) | (bits_of(from_float<T>(v[j + 1])) << 16);
       }
-      *reinterpret_cast<uint4*>(halo + pix * kHaloLd + octet * 8) =
-          make_uint4(packed_pairs[0], packed_pairs[1], packed_pairs[2], packed_pairs[3]);
+      const uint4 value = make_uint4(packed_pairs[0], packed_pairs[1], packed_pairs[2], packed_pairs[3]);
+      *reinterpret_cast<uint4*>(halo + pix * kHaloLd + octet * 8) = value;
+      *reinterpret_cast<uint4*>(halo + kShiftedOffset + pix * kHaloLd + octet * 8) = value;
     }
   };
 
@@ -205,10 +225,11 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
   // a register count of chunks was the one value the bf16 SiLU instantiation spilled on sm_90.
   // t counts weight tiles, 9 per chunk, <= 1,152 (cin <= 4,096).
   load_b(0, 0);
-  __syncthreads();  // scale and shift written
   int t = 0;
   for (int chunk = 0; chunk * kChunk < cin_pad; ++chunk) {
-    load_halo(chunk);  // the previous chunk's readers finished at the last barrier
+    load_coefficients(chunk);  // the previous chunk's readers finished at the last barrier
+    __syncthreads();           // this chunk's coefficients written
+    load_halo(chunk);
     for (int tap = 0; tap < 9; ++tap, ++t) {
       if ((t + 1) * kChunk < cin_pad * 9) {
         load_b(t + 1, static_cast<int>((t + 1) & 1));
@@ -218,6 +239,9 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
       }
       __syncthreads();  // weight tile t and the halo visible to every warp
       const int r = tap / 3, s = tap % 3;
+      // A rows of output row ty from halo pixel (ty + r, s): in the first copy for even s, in the
+      // second for s = 1 (32-byte aligned starts either way).
+      const T* a_base = halo + (s == 1 ? kShiftedOffset : 0) + (r * kHaloW + s) * kHaloLd;
       const T* b_stage = b_tiles + (t & 1) * kBStageElems + warp_n * kWarpCols;
 #pragma unroll
       for (int kk = 0; kk < kChunk; kk += 16) {
@@ -228,7 +252,7 @@ __global__ void __launch_bounds__(kThreads, 2) group_norm_conv3x3_kernel(GroupNo
         for (int i = 0; i < kWarpRows; ++i) {
           const int ty = warp_m * kWarpRows + i;
           wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
-          wmma::load_matrix_sync(fa, halo + ((ty + r) * kHaloW + s) * kHaloLd + kk, kHaloLd);
+          wmma::load_matrix_sync(fa, a_base + ty * kHaloW * kHaloLd + kk, kHaloLd);
           wmma::mma_sync(acc[i][0], fa, fb[0], acc[i][0]);
           wmma::mma_sync(acc[i][1], fa, fb[1], acc[i][1]);
         }
@@ -286,13 +310,9 @@ cudaError_t launch_shaped(const GroupNormConvParams& p, cudaStream_t stream) {
   const int64_t cout_pad = gn_conv_round_up(p.cout, kWideN);  // the packed weights' row length
   const int64_t col_tiles = (p.cout + kN - 1) / kN;
   if (tiles > 0x7fffffff || col_tiles > 65535 || p.n > 65535) return cudaErrorInvalidValue;
-  const size_t smem = Tile<kN>::kFixedSmemBytes + 3 * size_t(cin_pad) * sizeof(float);
+  constexpr size_t smem = Tile<kN>::kSmemBytes;
+  static_assert(smem <= 48 * 1024, "within the default dynamic shared memory: no opt-in attribute needed");
   auto kernel = group_norm_conv3x3_kernel<T, A, kN>;
-  if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(col_tiles), static_cast<unsigned>(p.n));
   // 16-byte channel loads: channels contiguous, cin % 8 == 0 and every octet 16-byte aligned.
   const bool vector_channels = p.x_stride[1] == 1 && p.cin % 8 == 0 && cuda::aligned16(p.x) &&

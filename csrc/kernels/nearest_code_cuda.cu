@@ -228,6 +228,19 @@ simt_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float
 constexpr int kSmallThreads = 256;  // rows per block, one per thread
 constexpr int kSmallCodes = 256;    // codes per shared-memory tile
 
+// The d = 32 tile fill on sm_90 takes 32-bit offsets from a per-tile pointer (d <= 32 fits): with the
+// 64-bit code * d, ptxas (nvcc 13.0) capped the fp16/bf16 instantiations at 64 registers and spilled 4
+// bytes, a value live across the tile loop. Where the 64-bit form does not spill (sm_80: 80 registers) it
+// stays: there the 32-bit one drops to 64 registers but ptxas moves the search loop's counter to uniform
+// registers, 56 instead of 51 instructions per code; smaller d on sm_90 keeps it too (a register move per
+// two codes otherwise). The emulator runs the 32-bit form, so both forms are executed by the tests (the
+// 64-bit one through d <= 16).
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900 || defined(FL_EMULATION))
+constexpr bool kSmallFillTileOffsets = true;
+#else
+constexpr bool kSmallFillTileOffsets = false;
+#endif
+
 template <typename T, int DP>
 __global__ void __launch_bounds__(kSmallThreads)
 small_d_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
@@ -254,10 +267,20 @@ small_d_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const fl
   int64_t best_index = 0;
   for (int64_t code0 = 0; code0 < k; code0 += kSmallCodes) {
     const int count = static_cast<int>(k - code0 < kSmallCodes ? k - code0 : kSmallCodes);
-    for (int e = threadIdx.x; e < kSmallCodes * DP; e += kSmallThreads) {
-      const int c = e / DP, t = e % DP;
-      const int64_t code = code0 + c;
-      codes[c][t] = (c < count && t < d) ? alpha[code] * cuda::to_float(codebook[code * d + t]) : 0.0f;
+    if constexpr (DP == 32 && kSmallFillTileOffsets) {
+      const T* tile = codebook + code0 * d;
+      const float* tile_alpha = alpha + code0;
+      const int tile_d = static_cast<int>(d);
+      for (int e = threadIdx.x; e < kSmallCodes * DP; e += kSmallThreads) {
+        const int c = e / DP, t = e % DP;
+        codes[c][t] = (c < count && t < tile_d) ? tile_alpha[c] * cuda::to_float(tile[c * tile_d + t]) : 0.0f;
+      }
+    } else {
+      for (int e = threadIdx.x; e < kSmallCodes * DP; e += kSmallThreads) {
+        const int c = e / DP, t = e % DP;
+        const int64_t code = code0 + c;
+        codes[c][t] = (c < count && t < d) ? alpha[code] * cuda::to_float(codebook[code * d + t]) : 0.0f;
+      }
     }
     for (int c = threadIdx.x; c < kSmallCodes; c += kSmallThreads) betas[c] = c < count ? beta[code0 + c] : 0.0f;
     __syncthreads();
