@@ -97,17 +97,19 @@ class _State:
 class _Family:
     """One fused scheduler family.
 
-    With ``output`` (``"module.Class"`` of diffusers' output dataclass), ``step`` returns the output tuple
-    (what diffusers returns with ``return_dict=False``) and :func:`_run_family` does the shared part: the
-    ``set_timesteps`` check (``needs_set_timesteps``), the per-call tensor checks and the output
-    dataclass. Without it, ``step`` does all of that itself and returns diffusers' output as is.
+    ``step`` returns the output tuple (what diffusers returns with ``return_dict=False``); :func:`_run_family`
+    does the part every family shares: the ``set_timesteps`` check (``needs_set_timesteps``), the per-call
+    tensor checks (of the inputs and of the solver state named by ``state_tensors``) and diffusers' output
+    dataclass ``output`` (``"module.Class"``).
     """
 
     config_reason: Callable[[Any], str | None]  # a config-level reason to run diffusers' step, or None
-    step: Callable[..., Any]  # (scheduler, state, arguments) -> diffusers' step output (or tuple)
-    output: str | None = None
+    step: Callable[..., tuple]  # (scheduler, state, arguments) -> diffusers' step output as a tuple
+    output: str
     needs_set_timesteps: bool = False
     snapshot: Callable[[Any, Any], None] | None = None  # host copies of the family's own schedule tables
+    # the stored solver tensors the step reads (a fallback step may have stored one that requires grad)
+    state_tensors: Callable[[Any], tuple] | None = None
     _output_type: Any = dataclasses.field(default=None, repr=False)  # (class, field names), on first use
 
 
@@ -194,11 +196,8 @@ def _step_index(scheduler, state: _State, timestep) -> int:
 _GRAD = "inputs require grad (the fused step is inference-only)"
 
 
-def _check_call(model_output, sample, *state_tensors) -> None:
-    """Per call: what every fused op needs of the two step tensors (the ops then run without re-checking).
-    ``state_tensors``: solver history the family will read (a fallback step may have stored a tensor that
-    requires grad)."""
-    _check_no_grad(*state_tensors)
+def _check_call(model_output, sample) -> None:
+    """Per call: what every fused op needs of the two step tensors (the ops then run without re-checking)."""
     if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
         raise _Fallback("model_output and sample must be tensors")
     if (model_output.requires_grad or sample.requires_grad) and torch.is_grad_enabled():
@@ -1112,12 +1111,7 @@ def _solve(matrix, rhs):
 
 
 def _unipc_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample, scheduler.last_sample, *scheduler.model_outputs)
     config = scheduler.config
     index = _solver_step_index(scheduler, state, a["timestep"])
     sigmas, count = state.host_sigmas, len(state.host_timesteps)
@@ -1196,9 +1190,7 @@ def _unipc_step(scheduler, state, a):
     if scheduler.lower_order_nums < solver_order:
         scheduler.lower_order_nums += 1
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return (prev_sample,)
-    return SchedulerOutput(prev_sample=prev_sample)
+    return (prev_sample,)
 
 
 def _multistep_order(config, lower_order_nums: int, index: int, count: int) -> int:
@@ -1263,12 +1255,7 @@ def _deis_coefficients_f32(scheduler, sigmas, index, order):
 
 
 def _deis_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample, *scheduler.model_outputs)
     config = scheduler.config
     index = _solver_step_index(scheduler, state, a["timestep"])
     sigmas = state.host_sigmas
@@ -1320,9 +1307,7 @@ def _deis_step(scheduler, state, a):
     if scheduler.lower_order_nums < config.solver_order:
         scheduler.lower_order_nums += 1
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return (prev_sample,)
-    return SchedulerOutput(prev_sample=prev_sample)
+    return (prev_sample,)
 
 
 def _dpm_single_reason(scheduler) -> str | None:
@@ -1408,12 +1393,7 @@ def _dpm_single_coefficients_f32(scheduler, algorithm, solver_type, sigmas, inde
 
 
 def _dpm_single_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_utils import SchedulerOutput
-
-    if scheduler.num_inference_steps is None:
-        raise _Fallback("set_timesteps not called")
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample, scheduler.sample, *scheduler.model_outputs)
     config = scheduler.config
     algorithm = config.algorithm_type
     index = _solver_step_index(scheduler, state, a["timestep"])
@@ -1460,9 +1440,7 @@ def _dpm_single_step(scheduler, state, a):
     if order == 1:
         scheduler.sample = sample
     scheduler._step_index = index + 1
-    if not a["return_dict"]:
-        return (prev_sample,)
-    return SchedulerOutput(prev_sample=prev_sample)
+    return (prev_sample,)
 
 
 def _flow_stochastic(scheduler, state, a, index, sigmas):
@@ -1489,9 +1467,19 @@ def _flow_stochastic(scheduler, state, a, index, sigmas):
 # diffusers' own calls (a fallback) can follow one another in either order.
 
 
+_DT32: dict = {}
+
+
 def _dt32(sigma_to: float, sigma_from: float) -> float:
-    """sigma_to - sigma_from in float32, the rounding of diffusers' 0-d tensor subtraction."""
-    return float(np.float32(sigma_to) - np.float32(sigma_from))
+    """sigma_to - sigma_from in float32, the rounding of diffusers' 0-d tensor subtraction; memoised (numpy's
+    scalar arithmetic costs a few microseconds a call, and a loop meets the same pairs every run)."""
+    key = (sigma_to, sigma_from)
+    value = _DT32.get(key)
+    if value is None:
+        if len(_DT32) > 8192:
+            _DT32.clear()
+        value = _DT32[key] = float(np.float32(sigma_to) - np.float32(sigma_from))
+    return value
 
 
 def _host_table(scheduler, state, name: str, *, in_step: bool = True) -> list:
@@ -1508,6 +1496,28 @@ def _host_table(scheduler, state, name: str, *, in_step: bool = True) -> list:
     host = _host_copy(tensor)
     state.host_tables[name] = (tensor, host)
     return host
+
+
+def _table_difference(
+    scheduler, state, minuend: str, shift_m: int, subtrahend: str, shift_s: int, index: int
+):
+    """``scheduler.<minuend>[index + shift_m] - scheduler.<subtrahend>[index + shift_s]`` as the 0-d tensor
+    diffusers stores (same dtype, device and value: an elementwise difference rounds each element alone),
+    taken from the whole table's differences, computed once per pair of schedule tensors: one view per
+    step instead of two index ops and a subtraction."""
+    a, b = getattr(scheduler, minuend), getattr(scheduler, subtrahend)
+    key = ("difference", minuend, shift_m, subtrahend, shift_s)
+    cached = state.host_tables.get(key)
+    if cached is None or cached[0][0] is not a or cached[0][1] is not b:
+        count = min(a.shape[0] - shift_m, b.shape[0] - shift_s)
+        cached = state.host_tables[key] = (
+            (a, b),
+            a[shift_m : shift_m + count] - b[shift_s : shift_s + count],
+        )
+    differences = cached[1]
+    if not 0 <= index < differences.shape[0]:
+        return a[index + shift_m] - b[index + shift_s]  # diffusers' own indexing (and its error, if any)
+    return differences[index]
 
 
 def _table_snapshot(*names: str) -> Callable[[Any, Any], None]:
@@ -1539,7 +1549,13 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
         dt = _dt32(sigma_next, sigma)
         x0_form = _sigma_forms(prediction, sigma)
-        if return_x0:
+        if return_x0 and prediction == "epsilon" and not x0_options:
+            # d = (x - x0) / sigma is the model output itself: one fused pass gives x' and d (the model
+            # output's values, in a tensor of its own as diffusers stores it), and x0 = x - sigma d is one
+            # plain pass (a second fused pass costs more than torch.add)
+            prev_sample, derivative = _combine(model_output, sample, (0.0, 1.0), out_x=1.0, out_x0=dt)
+            x0 = torch.add(sample, derivative, alpha=-sigma)
+        elif return_x0:
             prev_sample, x0 = _combine(
                 model_output,
                 sample,
@@ -1559,9 +1575,9 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
             derivative_form = ((1.0 - x0_form[0]) / sigma, -x0_form[1] / sigma)
             prev_sample, derivative = _combine(model_output, sample, derivative_form, out_x=1.0, out_x0=dt)
             x0 = None
-        tables = scheduler.sigmas
         scheduler.prev_derivative = derivative
-        scheduler.dt = tables[index + 1] - tables[index]  # diffusers' 0-d tensor, on the sigmas' device
+        # diffusers' 0-d tensor sigmas[index + 1] - sigmas[index], on the sigmas' device
+        scheduler.dt = _table_difference(scheduler, state, "sigmas", 1, "sigmas", 0, index)
         scheduler.sample = sample
     else:
         if not 1 <= index < len(sigmas):
@@ -1591,19 +1607,12 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
 
 
 def _heun_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerOutput
-
-    model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample)
     index = _step_index(scheduler, state, a["timestep"])
     config = scheduler.config
     clip = dict(clip_x0=float(config.clip_sample_range)) if config.clip_sample else None
-    prev_sample, x0 = _heun_update(
-        scheduler, state, model_output, sample, index, config.prediction_type, clip, return_x0=True
+    return _heun_update(
+        scheduler, state, a["model_output"], a["sample"], index, config.prediction_type, clip, return_x0=True
     )
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return HeunDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
 
 
 def _flow_heun_reason(scheduler) -> str | None:
@@ -1611,11 +1620,8 @@ def _flow_heun_reason(scheduler) -> str | None:
 
 
 def _flow_heun_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_flow_match_heun_discrete import FlowMatchHeunDiscreteSchedulerOutput
-
     timestep, model_output, sample = a["timestep"], a["model_output"], a["sample"]
     _reject_integer_timestep(timestep, "FlowMatchHeunDiscreteScheduler")
-    _check_call(model_output, sample)
     if sample.dtype != torch.float32:
         # diffusers upcasts the sample but not the model output's product with sigma: its own rounding
         raise _Fallback(f"dtype {sample.dtype} (FlowMatchHeun mixes float32 and the model's dtype)")
@@ -1632,9 +1638,7 @@ def _flow_heun_step(scheduler, state, a):
         raise _Fallback("s_churn > 0")
     # flow matching's x0 = x - sigma v is the epsilon form in sigma space
     prev_sample, _ = _heun_update(scheduler, state, model_output, sample, index, "epsilon", None, False)
-    if not a["return_dict"]:
-        return (prev_sample,)
-    return FlowMatchHeunDiscreteSchedulerOutput(prev_sample=prev_sample)
+    return (prev_sample,)
 
 
 def _kdpm2_reason(scheduler) -> str | None:
@@ -1652,7 +1656,6 @@ def _kdpm2_update(scheduler, state, a, ancestral: bool):
     variant to sigma_down plus sigma_up times noise drawn as diffusers draws it (randn_tensor with the model
     output's shape, dtype and device and the call's generator)."""
     model_output, sample = a["model_output"], a["sample"]
-    _check_call(model_output, sample)
     index = _step_index(scheduler, state, a["timestep"])
     sigmas = state.host_sigmas
     interpol = _host_table(scheduler, state, "sigmas_interpol")
@@ -1667,8 +1670,8 @@ def _kdpm2_update(scheduler, state, a, ancestral: bool):
             model_output, sample, _sigma_forms(prediction, sigma), out_x=1.0 + c, out_x0=-c
         )
         scheduler.sample = sample
-        if ancestral:
-            scheduler.dt = scheduler.sigmas_interpol[index] - scheduler.sigmas[index]  # diffusers' 0-d tensor
+        if ancestral:  # diffusers' 0-d tensor sigmas_interpol[index] - sigmas[index]
+            scheduler.dt = _table_difference(scheduler, state, "sigmas_interpol", 0, "sigmas", 0, index)
     else:
         if not 1 <= index <= min(len(sigmas), len(interpol)):
             raise _Fallback("step index outside the sigmas")
@@ -1710,23 +1713,11 @@ def _kdpm2_update(scheduler, state, a, ancestral: bool):
 
 
 def _kdpm2_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
-
-    prev_sample, x0 = _kdpm2_update(scheduler, state, a, ancestral=False)
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return KDPM2DiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+    return _kdpm2_update(scheduler, state, a, ancestral=False)
 
 
 def _kdpm2_ancestral_step(scheduler, state, a):
-    from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import (
-        KDPM2AncestralDiscreteSchedulerOutput,
-    )
-
-    prev_sample, x0 = _kdpm2_update(scheduler, state, a, ancestral=True)
-    if not a["return_dict"]:
-        return prev_sample, x0
-    return KDPM2AncestralDiscreteSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+    return _kdpm2_update(scheduler, state, a, ancestral=True)
 
 
 _SCHEDULERS = "diffusers.schedulers."
@@ -1758,19 +1749,47 @@ _FAMILIES: dict[str, _Family] = {
     "LMSDiscreteScheduler": _Family(
         _lms_reason, _lms_step, _SCHEDULERS + "scheduling_lms_discrete.LMSDiscreteSchedulerOutput", True
     ),
-    "UniPCMultistepScheduler": _Family(_unipc_reason, _unipc_step),
-    "DEISMultistepScheduler": _Family(_deis_reason, _deis_step),
-    "DPMSolverSinglestepScheduler": _Family(_dpm_single_reason, _dpm_single_step),
-    "HeunDiscreteScheduler": _Family(_heun_reason, _heun_step),
+    "UniPCMultistepScheduler": _Family(
+        _unipc_reason,
+        _unipc_step,
+        _SCHEDULERS + "scheduling_utils.SchedulerOutput",
+        True,
+        state_tensors=lambda s: (s.last_sample, *s.model_outputs),
+    ),
+    "DEISMultistepScheduler": _Family(
+        _deis_reason,
+        _deis_step,
+        _SCHEDULERS + "scheduling_utils.SchedulerOutput",
+        True,
+        state_tensors=lambda s: s.model_outputs,
+    ),
+    "DPMSolverSinglestepScheduler": _Family(
+        _dpm_single_reason,
+        _dpm_single_step,
+        _SCHEDULERS + "scheduling_utils.SchedulerOutput",
+        True,
+        state_tensors=lambda s: (s.sample, *s.model_outputs),
+    ),
+    "HeunDiscreteScheduler": _Family(
+        _heun_reason, _heun_step, _SCHEDULERS + "scheduling_heun_discrete.HeunDiscreteSchedulerOutput"
+    ),
     "KDPM2DiscreteScheduler": _Family(
-        _kdpm2_reason, _kdpm2_step, snapshot=_table_snapshot("sigmas_interpol")
+        _kdpm2_reason,
+        _kdpm2_step,
+        _SCHEDULERS + "scheduling_k_dpm_2_discrete.KDPM2DiscreteSchedulerOutput",
+        snapshot=_table_snapshot("sigmas_interpol"),
     ),
     "KDPM2AncestralDiscreteScheduler": _Family(
         _kdpm2_reason,
         _kdpm2_ancestral_step,
+        _SCHEDULERS + "scheduling_k_dpm_2_ancestral_discrete.KDPM2AncestralDiscreteSchedulerOutput",
         snapshot=_table_snapshot("sigmas_interpol", "sigmas_up", "sigmas_down"),
     ),
-    "FlowMatchHeunDiscreteScheduler": _Family(_flow_heun_reason, _flow_heun_step),
+    "FlowMatchHeunDiscreteScheduler": _Family(
+        _flow_heun_reason,
+        _flow_heun_step,
+        _SCHEDULERS + "scheduling_flow_match_heun_discrete.FlowMatchHeunDiscreteSchedulerOutput",
+    ),
 }
 
 #: Configs of covered schedulers that run diffusers' own step, by class (documentation for the swap report).
@@ -1866,10 +1885,10 @@ def _output(output_type: tuple, values: tuple):
 
 def _run_family(scheduler, state: _State, family: _Family, a: dict):
     """The part every fused family shares: checks before the step, diffusers' output after it."""
-    if family.output is None:
-        return family.step(scheduler, state, a)
     if family.needs_set_timesteps and scheduler.num_inference_steps is None:
         raise _Fallback("set_timesteps not called")
+    if family.state_tensors is not None:
+        _check_no_grad(*family.state_tensors(scheduler))
     _check_call(a["model_output"], a["sample"])
     output_type = _output_type(family)
     values = family.step(scheduler, state, a)
