@@ -399,6 +399,26 @@ def _tiny_unet():
     ).eval()
 
 
+def _unet_loop(which, name, config, unet, x_t, steps=20):
+    """A tiny-UNet denoising loop (model included) with the patched or the plain diffusers scheduler."""
+    diffusers = peer("diffusers", "diffusers")
+    scheduler = getattr(diffusers, name)(**config)
+    if which == "fastlatent_patched":
+        fastlatent.patch(scheduler, report=False)
+
+    @torch.no_grad()
+    def run():
+        scheduler.set_timesteps(steps)
+        x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
+        generator = torch.Generator().manual_seed(0)
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+        return x
+
+    return run
+
+
 @pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
 @pytest.mark.parametrize("loop", ["ddim", "euler_ancestral", "dpmpp_2m"])
 def test_patched_scheduler_unet_loop_cpu(bench, provider, loop):
@@ -415,27 +435,9 @@ def test_patched_scheduler_unet_loop_cpu(bench, provider, loop):
     unet = _tiny_unet()
     x_t = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
 
-    def make(which):
-        diffusers = peer("diffusers", "diffusers")
-        scheduler = getattr(diffusers, name)(**config)
-        if which == "fastlatent_patched":
-            fastlatent.patch(scheduler, report=False)
-
-        @torch.no_grad()
-        def run():
-            scheduler.set_timesteps(20)
-            x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
-            generator = torch.Generator().manual_seed(0)
-            for t in scheduler.timesteps:
-                out = unet(scheduler.scale_model_input(x, t), t).sample
-                x = scheduler.step(out, t, x, generator=generator).prev_sample
-            return x
-
-        return run
-
-    fn = make(provider)
+    fn = _unet_loop(provider, name, config, unet, x_t)
     if provider != "diffusers":
-        err = relative_error(fn(), make("diffusers")())
+        err = relative_error(fn(), _unet_loop("diffusers", name, config, unet, x_t)())
         assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
     bench.run(fn)
 
@@ -461,25 +463,6 @@ def _interleave(fns: dict, rounds: int) -> dict:
         name: {"min_s": min(v), "median_s": statistics.median(v), "rounds": len(v)}
         for name, v in times.items()
     }
-
-
-def _unet_loop(which, name, config, unet, x_t, steps=20):
-    diffusers = peer("diffusers", "diffusers")
-    scheduler = getattr(diffusers, name)(**config)
-    if which == "fastlatent_patched":
-        fastlatent.patch(scheduler, report=False)
-
-    @torch.no_grad()
-    def run():
-        scheduler.set_timesteps(steps)
-        x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
-        generator = torch.Generator().manual_seed(0)
-        for t in scheduler.timesteps:
-            out = unet(scheduler.scale_model_input(x, t), t).sample
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
-        return x
-
-    return run
 
 
 def interleaved_run(rounds=5, unet_rounds=3, unet_steps=10, loops=None, shapes=None) -> dict:
