@@ -1518,12 +1518,15 @@ def _table_difference(
     taken from the whole table's differences, computed once per pair of schedule tensors: one view per
     step instead of two index ops and a subtraction."""
     a, b = getattr(scheduler, minuend), getattr(scheduler, subtrahend)
+    if a.device != b.device:  # KDPM2 ancestral on a GPU: sigmas_interpol there, sigmas on the CPU
+        return a[index + shift_m] - b[index + shift_s]  # a 0-d CPU operand is a scalar to the GPU one
     key = ("difference", minuend, shift_m, subtrahend, shift_s)
     cached = state.host_tables.get(key)
-    if cached is None or cached[0][0] is not a or cached[0][1] is not b:
+    versions = (a._version, b._version)  # an in-place change to a table computes the differences again
+    if cached is None or cached[0][0] is not a or cached[0][1] is not b or cached[0][2] != versions:
         count = min(a.shape[0] - shift_m, b.shape[0] - shift_s)
         cached = state.host_tables[key] = (
-            (a, b),
+            (a, b, versions),
             a[shift_m : shift_m + count] - b[shift_s : shift_s + count],
         )
     differences = cached[1]
