@@ -318,6 +318,15 @@ SCHEDULER_LOOPS = {
     "kdpm2": ("KDPM2DiscreteScheduler", dict(SD)),
     "kdpm2_ancestral": ("KDPM2AncestralDiscreteScheduler", dict(SD)),
     "flow_heun": ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0)),
+    # UniPC's corrector, DEIS and DPM-Solver singlestep (SD's UniPC is bh2, order 2)
+    "unipc_2m": ("UniPCMultistepScheduler", dict(SD)),
+    "unipc_3m_bh1": (
+        "UniPCMultistepScheduler",
+        dict(SD, solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min"),
+    ),
+    "deis_3m": ("DEISMultistepScheduler", dict(SD, solver_order=3)),
+    "dpmpp_2s": ("DPMSolverSinglestepScheduler", dict(SD)),
+    "dpmpp_3s": ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3)),
 }
 # stochastic loops also timed without a generator (noise drawn inside the fused op)
 NO_GENERATOR_LOOPS = ("ddpm", "lcm", "euler_ancestral", "kdpm2_ancestral", "dpmpp_2m_sde")
@@ -390,6 +399,26 @@ def _tiny_unet():
     ).eval()
 
 
+def _unet_loop(which, name, config, unet, x_t, steps=20):
+    """A tiny-UNet denoising loop (model included) with the patched or the plain diffusers scheduler."""
+    diffusers = peer("diffusers", "diffusers")
+    scheduler = getattr(diffusers, name)(**config)
+    if which == "fastlatent_patched":
+        fastlatent.patch(scheduler, report=False)
+
+    @torch.no_grad()
+    def run():
+        scheduler.set_timesteps(steps)
+        x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
+        generator = torch.Generator().manual_seed(0)
+        for t in scheduler.timesteps:
+            out = unet(scheduler.scale_model_input(x, t), t).sample
+            x = scheduler.step(out, t, x, generator=generator).prev_sample
+        return x
+
+    return run
+
+
 @pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
 @pytest.mark.parametrize("loop", ["ddim", "euler_ancestral", "dpmpp_2m"])
 def test_patched_scheduler_unet_loop_cpu(bench, provider, loop):
@@ -406,27 +435,9 @@ def test_patched_scheduler_unet_loop_cpu(bench, provider, loop):
     unet = _tiny_unet()
     x_t = torch.randn(2, 4, 32, 32, generator=torch.Generator().manual_seed(0))
 
-    def make(which):
-        diffusers = peer("diffusers", "diffusers")
-        scheduler = getattr(diffusers, name)(**config)
-        if which == "fastlatent_patched":
-            fastlatent.patch(scheduler, report=False)
-
-        @torch.no_grad()
-        def run():
-            scheduler.set_timesteps(20)
-            x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
-            generator = torch.Generator().manual_seed(0)
-            for t in scheduler.timesteps:
-                out = unet(scheduler.scale_model_input(x, t), t).sample
-                x = scheduler.step(out, t, x, generator=generator).prev_sample
-            return x
-
-        return run
-
-    fn = make(provider)
+    fn = _unet_loop(provider, name, config, unet, x_t)
     if provider != "diffusers":
-        err = relative_error(fn(), make("diffusers")())
+        err = relative_error(fn(), _unet_loop("diffusers", name, config, unet, x_t)())
         assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
     bench.run(fn)
 
@@ -452,25 +463,6 @@ def _interleave(fns: dict, rounds: int) -> dict:
         name: {"min_s": min(v), "median_s": statistics.median(v), "rounds": len(v)}
         for name, v in times.items()
     }
-
-
-def _unet_loop(which, name, config, unet, x_t, steps=20):
-    diffusers = peer("diffusers", "diffusers")
-    scheduler = getattr(diffusers, name)(**config)
-    if which == "fastlatent_patched":
-        fastlatent.patch(scheduler, report=False)
-
-    @torch.no_grad()
-    def run():
-        scheduler.set_timesteps(steps)
-        x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
-        generator = torch.Generator().manual_seed(0)
-        for t in scheduler.timesteps:
-            out = unet(scheduler.scale_model_input(x, t), t).sample
-            x = scheduler.step(out, t, x, generator=generator).prev_sample
-        return x
-
-    return run
 
 
 def interleaved_run(rounds=5, unet_rounds=3, unet_steps=10, loops=None, shapes=None) -> dict:
@@ -566,47 +558,3 @@ if __name__ == "__main__":
     if len(sys.argv) > 1:
         with open(sys.argv[1], "w") as f:
             json.dump(result, f, indent=1)
-
-
-# ---------------------------------------------------- patched multistep solvers (UniPC, DEIS, DPM single)
-
-# UniPC's corrector and DEIS / DPM-Solver singlestep, as pipelines configure them (SD's UniPC is bh2, order 2)
-MULTISTEP_SOLVER_LOOPS = {
-    "unipc_2m": ("UniPCMultistepScheduler", dict(SD)),
-    "unipc_3m_bh1": (
-        "UniPCMultistepScheduler",
-        dict(SD, solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min"),
-    ),
-    "deis_3m": ("DEISMultistepScheduler", dict(SD, solver_order=3)),
-    "dpmpp_2s": ("DPMSolverSinglestepScheduler", dict(SD)),
-    "dpmpp_3s": ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3)),
-}
-
-
-@pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
-@pytest.mark.parametrize("loop", list(MULTISTEP_SOLVER_LOOPS))
-@pytest.mark.parametrize("shape", SCHEDULER_SHAPES)
-def test_patched_multistep_solver_loop_cpu(bench, provider, loop, shape):
-    """``fastlatent.patch(scheduler)`` against the same diffusers scheduler: 50 steps, model excluded."""
-    name, config = MULTISTEP_SOLVER_LOOPS[loop]
-    b, c, h, w = shape
-    bench.describe(
-        op=f"50-step patched {loop} loop (model excluded)",
-        case=f"{b}x{c}x{h}x{w}",
-        provider=provider,
-        device=CPU,
-        dtype=torch.float32,
-        sizes={"batch": b, "channels": c, "side": h, "steps": 50},
-    )
-    gen = torch.Generator().manual_seed(0)
-    x_t = torch.randn(shape, generator=gen)
-    model_output = 0.05 * torch.randn(shape, generator=gen)
-    fn, scheduler = _scheduler_loop(provider, name, config, x_t, model_output, 50)
-    if provider != "diffusers":
-        expected = _scheduler_loop("diffusers", name, config, x_t, model_output, 50)[0]()
-        err = relative_error(fn(), expected)
-        assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
-        from fastlatent.sampling.diffusers_fast import scheduler_report
-
-        assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
-    bench.run(fn)

@@ -142,6 +142,48 @@ def test_img2img_start_and_custom_timesteps():
     assert not diffusers_fast.scheduler_report(ours).fallbacks
 
 
+def _same_attributes(ours, ref):
+    """Every attribute diffusers' scheduler holds, equal (tensors: same dtype, device and values, NaN where
+    diffusers has NaN: KDPM2's first interpolated sigma)."""
+    for name, b in ref.__dict__.items():
+        a = ours.__dict__[name]
+        if isinstance(b, torch.Tensor):
+            assert isinstance(a, torch.Tensor) and (a.dtype, a.device) == (b.dtype, b.device), name
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=name)  # KDPM2 has a NaN
+        else:
+            assert a == b, name
+
+
+KDPM2_CASES = [(name, config) for name, config in HEUN_CASES if name.startswith("KDPM2")]
+
+
+@pytest.mark.parametrize("name,config", KDPM2_CASES, ids=[f"{n}-{i}" for i, (n, _) in enumerate(KDPM2_CASES)])
+def test_repeated_set_timesteps_leaves_what_diffusers_leaves(name, config, monkeypatch):
+    """KDPM2's set_timesteps repeated with the same arguments restores copies of its last result: every
+    attribute equals diffusers' after the call (mid-loop state reset too), other arguments recompute, and a
+    caller's in-place change to a returned tensor does not reach the next call."""
+    ours, ref = _pair(name, config)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    for steps, device in ((10, None), (10, None), (7, "cpu"), (7, None), (10, None)):
+        ours.set_timesteps(steps, device=device)
+        ref.set_timesteps(steps, device=device)
+        _same_attributes(ours, ref)
+        for i in range(3):  # leaves a stored sample and a step index for the next set_timesteps to reset
+            m = torch.randn(1, 4, 8, 8, generator=gen)
+            xo = ours.step(m, ours.timesteps[i], x, **_noise_kwargs(ours, i)).prev_sample
+            xr = ref.step(m, ref.timesteps[i], x, **_noise_kwargs(ref, i)).prev_sample
+            assert _rel(xo, xr) <= 1e-5
+    ours.timesteps.add_(1.0)
+    ours.sigmas.mul_(2.0)
+    ref.set_timesteps(10, device=None)
+    # the repeat is restored, not recomputed: diffusers' sigma-to-timestep interpolation is not called
+    monkeypatch.setattr(type(ours), "_sigma_to_t", lambda *args: pytest.fail("recomputed"))
+    ours.set_timesteps(10, device=None)
+    _same_attributes(ours, ref)
+    assert not diffusers_fast.scheduler_report(ours).fallbacks
+
+
 def _second_stage(scheduler, x, m, **kwargs):
     scheduler.set_timesteps(8)
     scheduler.step(m, scheduler.timesteps[2], x, **kwargs)
