@@ -88,8 +88,8 @@ LAZY_IMPORTS_ALLOWED = {
     "torch._dynamo": "slow to import, paid only when compiling",
     "fastlatent._build_meta": "written by setup.py; absent from an unbuilt source tree",
 }
-# Lazy imports known to remain, by file: the sampler's progress bar treats tqdm as optional.
-LAZY_IMPORTS_LEFT = {"fastlatent/sampling/sampler.py": {"tqdm.auto"}}
+# Lazy imports known to remain, by file (none today).
+LAZY_IMPORTS_LEFT: dict[str, set[str]] = {}
 
 
 def _function_level_imports(tree: ast.AST) -> list[tuple[int, list[str]]]:

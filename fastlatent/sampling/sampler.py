@@ -8,6 +8,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastlatent.ops import sampler_steps as _steps
 from fastlatent.sampling import diffusers_fast as fast
@@ -501,12 +502,7 @@ class Sampler:
             options["guidance_rescale"] = 0.0
         steps = self.plan
         if progress:
-            try:
-                from tqdm.auto import tqdm
-            except ImportError:  # progress is cosmetic: no bar without tqdm
-                pass
-            else:
-                steps = tqdm(steps, desc=f"fastlatent {self.method}", leave=False)
+            steps = tqdm(steps, desc=f"fastlatent {self.method}", leave=False)
         for i, step in enumerate(steps):
             model_in = torch.cat([x, x]) if guidance is not None else x
             if step.input_scale != 1.0:
@@ -592,7 +588,7 @@ class Sampler:
             capture_graph: CUDA only: capture the whole loop (model included) in a CUDA graph for this shape,
                 dtype, guidance and model_fn, replayed by later calls with fresh inputs and noise. The model
                 must be capturable (no host syncs, no data-dependent shapes).
-            progress: a tqdm bar when tqdm is installed.
+            progress: show a tqdm progress bar over the steps.
 
         Returns:
             The final sample ``x_0`` (a new tensor).
