@@ -320,8 +320,21 @@ UpdateFn pick_update(int history, bool noise, X0Mode mode, bool x0, bool x0_term
   }
 }
 
+// fp32 -> bf16 with to_bfloat16's bits (round to nearest even, NaN kept quiet), with the NaN case a select
+// rather than an early return, so that the loop vectorises (from_float_n's bf16 loop stays scalar).
+inline void store_n(const float* __restrict__ src, BFloat16* __restrict__ dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t x = __builtin_bit_cast(uint32_t, src[i]);
+    const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    const uint32_t quiet = (x >> 16) | 0x40u;
+    dst[i].bits = static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+  }
+}
+
+inline void store_n(const float* src, Half* dst, int64_t count) { from_float_n(src, dst, count); }
+
 // fp32 operands are read and written in place; fp16/bf16 ones are converted through fp32 scratch
-// (to_float_n/from_float_n), and guided model outputs are combined into scratch first.
+// (to_float_n, store_n), and guided model outputs are combined into scratch first.
 template <typename T>
 const float* operand(const void* base, int64_t offset, int64_t count, float* scratch) {
   const T* src = static_cast<const T*>(base) + offset;
@@ -398,8 +411,8 @@ void step(const SamplerStepParams& p) {
       }
       run(p.c, out_prev, p.clip, thresh[b], o, count);
       if constexpr (!kFloat) {
-        from_float_n(out_buf, dst, count);
-        if (dst_x0 != nullptr) from_float_n(x0_buf, dst_x0, count);
+        store_n(out_buf, dst, count);
+        if (dst_x0 != nullptr) store_n(x0_buf, dst_x0, count);
       }
     }
   }
