@@ -19,7 +19,9 @@
 // and fold functions below, or the caller's own for the generic sampler_step op); the kernels
 // never see a schedule.
 //
-// Layout: every tensor is viewed as [B, N] (B the batch, N all other dims), contiguous;
+// Layout: every tensor is viewed as [B, N] (B the batch, N all other dims), contiguous, or all in one
+// channels_last layout (the binding then passes the memory as it is: the step is elementwise, and only Philox
+// noise, drawn by logical index, needs the contiguous order);
 // model_output is [2B, N] with guidance (unconditional rows first, as diffusers pipelines stack
 // them). Math in fp32 for fp32/fp16/bf16 storage. Noise: Philox4x32-10 (philox.h), element
 // e = b * N + i of the output takes normal_at(seed, offset, e), the same on CPU and CUDA.
