@@ -344,3 +344,14 @@ if __name__ == "__main__" and "--record" in sys.argv:
     DIGESTS.parent.mkdir(exist_ok=True)
     DIGESTS.write_text(json.dumps(_run_all(), indent=0, sort_keys=True) + "\n")
     print(f"wrote {DIGESTS}")
+
+
+def test_infinite_inputs_follow_the_steps_arithmetic():
+    """An infinite sample or model output gives what the step's own terms give (diffusers' flow Euler:
+    x + (sigma_next - sigma) m), not NaN from a zero-coefficient term the step does not use."""
+    x = torch.tensor([[float("inf"), 1.0, -float("inf"), 3.0]])
+    m = torch.tensor([[1.0, float("inf"), 0.5, float("nan")]])
+    out, _ = ops.euler_step.default(m, x, 0.5, 0.4, "flow", None, 0.0, None, None, 1.0, False)
+    want = x + (0.4 - 0.5) * m
+    torch.testing.assert_close(out, want, equal_nan=True)
+    assert out[0, :3].isinf().all()
