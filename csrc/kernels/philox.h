@@ -107,14 +107,14 @@ FL_HOST_DEVICE uint32_t to_bits(float f) {
 // -2 ln(u) for u = k / 2^24, k in [1, 2^24] (so u is a normal float in (0, 1]).
 // u = m 2^e with m in [sqrt(1/2), sqrt(2)); ln m = 2 atanh(s), s = (m - 1) / (m + 1), |s| < 0.172,
 // as an odd series to s^11 (next term < 6e-11 relative); e ln 2 with ln 2 split so e * hi is exact.
+// Branch-free (the fold into [sqrt(1/2), sqrt(2)) is a select) so that a loop over many u vectorises: the
+// CPU kernel draws its noise through this in batches (sampler_step_cpu.cpp, box_muller_batch).
 FL_HOST_DEVICE float minus_two_log(float u) {
   const uint32_t bits = to_bits(u);
-  int e = static_cast<int>(bits >> 23) - 127;
-  float m = from_bits((bits & 0x007fffffu) | 0x3f800000u);
-  if (m > 1.41421356f) {
-    m = m * 0.5f;  // exact
-    e += 1;
-  }
+  const float m0 = from_bits((bits & 0x007fffffu) | 0x3f800000u);
+  const bool fold = m0 > 1.41421356f;
+  const float m = fold ? m0 * 0.5f : m0;  // exact
+  const int e = static_cast<int>(bits >> 23) - 127 + (fold ? 1 : 0);
   const float f = m - 1.0f;  // exact (Sterbenz)
   const float s = div32(f, 2.0f + f);
   const float s2 = s * s;
@@ -133,7 +133,8 @@ FL_HOST_DEVICE float minus_two_log(float u) {
 }
 
 // (cos 2 pi t, sin 2 pi t) for t = k / 2^24, k in [0, 2^24): the quarter turn q is taken out in
-// integers, leaving f in [-1/8, 1/8] exactly; Taylor polynomials in f to degree 12/13 in 2 pi f.
+// integers, leaving f in [-1/8, 1/8] exactly; Taylor polynomials in f to degree 12/13 in 2 pi f. The
+// quarter-turn rotation is a chain of selects, not a switch, so that a loop over many k vectorises.
 FL_HOST_DEVICE void sincos_turns(uint32_t k, float& c, float& s) {
   const uint32_t q = (k + (1u << 21)) >> 22;  // nearest quarter turn, 0..4
   const float f = static_cast<float>(static_cast<int32_t>(k) - static_cast<int32_t>(q << 22)) * 5.9604644775390625e-8f;
@@ -155,12 +156,9 @@ FL_HOST_DEVICE void sincos_turns(uint32_t k, float& c, float& s) {
   pc = fma32(pc, f2, 6.49393940226682800e+01f);
   pc = fma32(pc, f2, -1.97392088021787160e+01f);
   const float cos_f = fma32(pc, f2, 1.0f);
-  switch (q & 3u) {
-    case 0: c = cos_f; s = sin_f; break;
-    case 1: c = -sin_f; s = cos_f; break;
-    case 2: c = -cos_f; s = -sin_f; break;
-    default: c = sin_f; s = -cos_f; break;
-  }
+  const uint32_t quarter = q & 3u;
+  c = quarter == 0 ? cos_f : quarter == 1 ? -sin_f : quarter == 2 ? -cos_f : sin_f;
+  s = quarter == 0 ? sin_f : quarter == 1 ? cos_f : quarter == 2 ? -sin_f : -cos_f;
 }
 
 // The four normals of counter group g: element 4 g + j of the stream takes normals.z[j].

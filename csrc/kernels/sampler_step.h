@@ -19,7 +19,9 @@
 // and fold functions below, or the caller's own for the generic sampler_step op); the kernels
 // never see a schedule.
 //
-// Layout: every tensor is viewed as [B, N] (B the batch, N all other dims), contiguous;
+// Layout: every tensor is viewed as [B, N] (B the batch, N all other dims), contiguous, or all in one
+// channels_last layout (the binding then passes the memory as it is: the step is elementwise, and only Philox
+// noise, drawn by logical index, needs the contiguous order);
 // model_output is [2B, N] with guidance (unconditional rows first, as diffusers pipelines stack
 // them). Math in fp32 for fp32/fp16/bf16 storage. Noise: Philox4x32-10 (philox.h), element
 // e = b * N + i of the output takes normal_at(seed, offset, e), the same on CPU and CUDA.
@@ -111,12 +113,14 @@ struct StepElement {
 FL_HOST_DEVICE StepElement step_element(const StepCoefficients& c, X0Mode mode, float clip, float thresh,
                                         float x, float m, float history, float z) {
   float x0 = c.x0_x * x + c.x0_m * m;
-  if (mode == X0Mode::kClip) {
-    x0 = x0 < -clip ? -clip : (x0 > clip ? clip : x0);  // NaN propagates, as torch.clamp
-  } else if (mode == X0Mode::kThreshold) {
-    x0 = x0 < -thresh ? -thresh : (x0 > thresh ? thresh : x0);
-    x0 = x0 / thresh;
+  // clamp(x0, -r, r), NaN propagating as torch.clamp, written as two selects whose NaN operand comes second
+  // (what x86's maxps/minps return for NaN: one instruction each where a nested ternary took five)
+  const float r = mode == X0Mode::kThreshold ? thresh : clip;
+  if (mode != X0Mode::kNone) {
+    x0 = -r > x0 ? -r : x0;
+    x0 = r < x0 ? r : x0;
   }
+  if (mode == X0Mode::kThreshold) x0 = x0 / thresh;
   const float out = c.out_x * x + c.out_m * m + c.out_x0 * x0 + history + c.out_noise * z;
   return {out, x0};
 }

@@ -24,17 +24,22 @@ constexpr int64_t kChunk = 2048;
 // Below this many elements one thread finishes before OpenMP would have woken the others.
 constexpr int64_t kParallelElements = 32768;
 
+// fp32 copy or the vectorised fp16/bf16 span conversion (to_float_n: the bits of to_float, many times faster
+// than converting one element at a time, which gcc leaves scalar for fp16)
 template <typename T>
 inline void load(const T* src, int64_t count, float* dst) {
-  for (int64_t i = 0; i < count; ++i) dst[i] = to_float(src[i]);
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + count, dst);
+  } else {
+    to_float_n(src, dst, count);
+  }
 }
 
 // Normals of stream elements [first, first + count), bit for bit philox::normals (philox.h) but in
 // batches of kNoiseGroups counter groups laid out as structure-of-arrays, so that gcc vectorises every
-// loop below (AVX2: 8 lanes; vpmuludq for Philox's 32x32->64 products). The steps are philox.h's, op for
-// op and in the same order (explicit fma, correctly rounded / and sqrt); its two data-dependent branches
-// (the mantissa fold in minus_two_log, the quarter-turn switch in sincos_turns) become selects, which
-// change no value. Each chunk of the caller's loop draws its own elements from their stream indices, so
+// loop below (AVX2: 8 lanes; vpmuludq for Philox's 32x32->64 products). The Philox rounds are philox.h's
+// op for op, over arrays of counters; the Box-Muller transform calls philox.h's branch-free functions
+// themselves (explicit fma, correctly rounded / and sqrt), so the two cannot drift apart. Each chunk of the caller's loop draws its own elements from their stream indices, so
 // the numbers do not depend on the thread count or chunking. Measured on one thread of an AVX2 CPU,
 // 131072 normals: 0.8 ms (the scalar loop: 2.4-3.3 ms; torch.randn: 1.1 ms).
 constexpr int kNoiseGroups = 64;  // 256 normals per batch: fits L1 beside the chunk's operands
@@ -66,58 +71,16 @@ void philox_batch(uint64_t seed, uint64_t offset, uint64_t g0, uint32_t (&w)[4][
   }
 }
 
-// Box-Muller of one word pair per lane: z[2 i] = r cos, z[2 i + 1] = r sin, as philox::normals.
+// Box-Muller of one word pair per lane: z[2 i] = r cos, z[2 i + 1] = r sin, as philox::normals, through
+// philox.h's own (branch-free) minus_two_log and sincos_turns, which gcc vectorises once inlined here.
 // r_out holds r^2 on return: an errno-setting sqrt (the build keeps -fmath-errno) is a branch gcc will
 // not vectorise, so sqrt_batch takes the square roots afterwards.
 void box_muller_batch(const uint32_t* wu, const uint32_t* wt, float (&r_out)[kNoiseGroups],
                       float (&c_out)[kNoiseGroups], float (&s_out)[kNoiseGroups]) {
   for (int i = 0; i < kNoiseGroups; ++i) {
-    // philox::minus_two_log(u1)
-    const float u = static_cast<float>((wu[i] >> 8) + 1u) * 5.9604644775390625e-8f;
-    const uint32_t bits = __builtin_bit_cast(uint32_t, u);
-    const float m0 = __builtin_bit_cast(float, (bits & 0x007fffffu) | 0x3f800000u);
-    const bool fold = m0 > 1.41421356f;
-    const float m = fold ? m0 * 0.5f : m0;
-    const int e = static_cast<int>(bits >> 23) - 127 + (fold ? 1 : 0);
-    const float f = m - 1.0f;
-    const float s = f / (2.0f + f);
-    const float s2 = s * s;
-    float p = 1.0f / 11.0f;
-    p = __builtin_fmaf(p, s2, 1.0f / 9.0f);
-    p = __builtin_fmaf(p, s2, 1.0f / 7.0f);
-    p = __builtin_fmaf(p, s2, 1.0f / 5.0f);
-    p = __builtin_fmaf(p, s2, 1.0f / 3.0f);
-    const float s3 = s2 * s;
-    const float log_m = __builtin_fmaf(s3, p, s) * 2.0f;
-    const float fe = static_cast<float>(e);
-    const float log_u = __builtin_fmaf(fe, 0.693145751953125f, __builtin_fmaf(fe, 1.4286068202862268e-06f, log_m));
-    r_out[i] = -2.0f * log_u;
-    // philox::sincos_turns(wt >> 8)
-    const uint32_t k = wt[i] >> 8;
-    const uint32_t q = (k + (1u << 21)) >> 22;
-    const float t = static_cast<float>(static_cast<int32_t>(k) - static_cast<int32_t>(q << 22)) *
-                    5.9604644775390625e-8f;
-    const float t2 = t * t;
-    float ps = 3.81995258484828030e+00f;
-    ps = __builtin_fmaf(ps, t2, -1.50946425768229840e+01f);
-    ps = __builtin_fmaf(ps, t2, 4.20586939448976340e+01f);
-    ps = __builtin_fmaf(ps, t2, -7.67058597530613600e+01f);
-    ps = __builtin_fmaf(ps, t2, 8.16052492760750400e+01f);
-    ps = __builtin_fmaf(ps, t2, -4.13417022403997550e+01f);
-    ps = __builtin_fmaf(ps, t2, 6.28318530717958600e+00f);
-    const float sin_t = ps * t;
-    float pc = 7.90353637131846500e+00f;
-    pc = __builtin_fmaf(pc, t2, -2.64262567833743880e+01f);
-    pc = __builtin_fmaf(pc, t2, 6.02446413718766400e+01f);
-    pc = __builtin_fmaf(pc, t2, -8.54568172066937100e+01f);
-    pc = __builtin_fmaf(pc, t2, 6.49393940226682800e+01f);
-    pc = __builtin_fmaf(pc, t2, -1.97392088021787160e+01f);
-    const float cos_t = __builtin_fmaf(pc, t2, 1.0f);
-    const uint32_t quarter = q & 3u;
-    const float c = quarter == 0 ? cos_t : quarter == 1 ? -sin_t : quarter == 2 ? -cos_t : sin_t;
-    const float sn = quarter == 0 ? sin_t : quarter == 1 ? cos_t : quarter == 2 ? -sin_t : -cos_t;
-    c_out[i] = c;
-    s_out[i] = sn;
+    const float u = static_cast<float>((wu[i] >> 8) + 1u) * 5.9604644775390625e-8f;  // exact
+    r_out[i] = philox::minus_two_log(u);
+    philox::sincos_turns(wt[i] >> 8, c_out[i], s_out[i]);
   }
 }
 
@@ -165,16 +128,27 @@ void fill_normals(uint64_t seed, uint64_t offset, int64_t first, int64_t count, 
   scalar_until(end);
 }
 
-// m for elements [i0, i0 + count) of sample b: guidance combined, rescale factor applied.
+// m for elements [i0, i0 + count) of sample b: guidance combined, rescale factor applied. fp32 halves are
+// combined straight from the model output (one pass, no staging copy).
 template <typename T>
 void load_model(const SamplerStepParams& p, int64_t b, int64_t i0, int64_t count, float factor, float* m,
                 float* scratch) {
   const T* model = static_cast<const T*>(p.model_output);
-  load(model + b * p.n + i0, count, m);
-  if (p.guided) {
-    load(model + (p.batch + b) * p.n + i0, count, scratch);
+  const T* uncond = model + b * p.n + i0;
+  if (!p.guided) {
+    load(uncond, count, m);
+  } else {
+    const T* cond = model + (p.batch + b) * p.n + i0;
+    const float *u = m, *c = scratch;
+    if constexpr (std::is_same_v<T, float>) {
+      u = uncond;
+      c = cond;
+    } else {
+      load(uncond, count, m);
+      load(cond, count, scratch);
+    }
     const float g = p.guidance_scale;
-    for (int64_t i = 0; i < count; ++i) m[i] = m[i] + g * (scratch[i] - m[i]);
+    for (int64_t i = 0; i < count; ++i) m[i] = u[i] + g * (c[i] - u[i]);
   }
   if (p.guidance_rescale > 0.0f)
     for (int64_t i = 0; i < count; ++i) m[i] = m[i] * factor;
@@ -261,8 +235,18 @@ struct Operands {
 };
 
 // restrict-qualified parameters (gcc ignores restrict on local pointers): without them gcc versions the
-// loop for every pair of operands and, past its limit of alias checks, leaves it scalar (10x slower)
-template <int kHistory, bool kNoise, X0Mode kMode, bool kX0>
+// loop for every pair of operands and, past its limit of alias checks, leaves it scalar (10x slower).
+//
+// kX0Term = false: the step has no out_x0 x0' term (x0 mode kNone, out_x0 == 0; every named step but the
+// clipped/thresholded ones and the generic op with an explicit out_x0), so the loop skips it, and x0 is
+// computed only when it is returned. The general loop still computes 0 * x0: 5 of its 7 vector FP
+// operations are multiplies or FMAs, which run on 2 of Zen1's 4 FP pipes, so an Euler step took 2.5 cycles
+// per 4 elements, compute-bound where torch.add is bound by memory (one core of the 2-core EPYC CI machine,
+// 131072 fp32 elements, CPU time: 54.7 us through the general loop, 38.8 us through this one, torch.add
+// 29 us; the rest is the op's fixed cost, mostly the dispatcher's Python argument parsing). Same bits: t + 0 * x0 equals t when x0 is finite, and the
+// signed-zero cases are settled by the `+ history` add that follows in both (history is never -0); only an
+// infinite x0 differs (0 * inf gave NaN; now the step's own terms decide, as in diffusers).
+template <int kHistory, bool kNoise, X0Mode kMode, bool kX0, bool kX0Term>
 void update_loop(const StepCoefficients c, const float p0, const float p1, const float p2, const float clip,
                  const float thresh, const float* __restrict__ x, const float* __restrict__ m,
                  const float* __restrict__ h0, const float* __restrict__ h1, const float* __restrict__ h2,
@@ -273,58 +257,85 @@ void update_loop(const StepCoefficients c, const float p0, const float p1, const
     if constexpr (kHistory > 0) history += p0 * h0[i];
     if constexpr (kHistory > 1) history += p1 * h1[i];
     if constexpr (kHistory > 2) history += p2 * h2[i];
-    const StepElement r = step_element(c, kMode, clip, thresh, x[i], m[i], history, kNoise ? z[i] : 0.0f);
-    out[i] = r.out;
-    if constexpr (kX0) x0[i] = r.x0;
+    if constexpr (kX0Term) {
+      const StepElement r = step_element(c, kMode, clip, thresh, x[i], m[i], history, kNoise ? z[i] : 0.0f);
+      out[i] = r.out;
+      if constexpr (kX0) x0[i] = r.x0;
+    } else {
+      // step_element's sum without the out_x0 x0 term (and without the noise term when there is none:
+      // adding out_noise * 0 = +-0 to a sum that is never -0 changes no bit)
+      const float xi = x[i], mi = m[i];
+      float o = c.out_x * xi + c.out_m * mi + history;
+      if constexpr (kNoise) o = o + c.out_noise * z[i];
+      out[i] = o;
+      if constexpr (kX0) x0[i] = c.x0_x * xi + c.x0_m * mi;
+    }
   }
 }
 
-template <int kHistory, bool kNoise, X0Mode kMode, bool kX0>
+template <int kHistory, bool kNoise, X0Mode kMode, bool kX0, bool kX0Term>
 void update(const StepCoefficients& c, const float* out_prev, float clip, float thresh, const Operands& o,
             int64_t count) {
-  update_loop<kHistory, kNoise, kMode, kX0>(c, out_prev[0], out_prev[1], out_prev[2], clip, thresh, o.x, o.m,
-                                            o.h[0], o.h[1], o.h[2], o.z, o.out, o.x0, count);
+  update_loop<kHistory, kNoise, kMode, kX0, kX0Term>(c, out_prev[0], out_prev[1], out_prev[2], clip, thresh, o.x,
+                                                     o.m, o.h[0], o.h[1], o.h[2], o.z, o.out, o.x0, count);
 }
 
 using UpdateFn = void (*)(const StepCoefficients&, const float*, float, float, const Operands&, int64_t);
 
 template <int kHistory, bool kNoise, X0Mode kMode>
-UpdateFn pick_x0(bool x0) {
-  return x0 ? update<kHistory, kNoise, kMode, true> : update<kHistory, kNoise, kMode, false>;
+UpdateFn pick_x0(bool x0, bool x0_term) {
+  if constexpr (kMode == X0Mode::kNone) {
+    if (!x0_term)
+      return x0 ? update<kHistory, kNoise, kMode, true, false> : update<kHistory, kNoise, kMode, false, false>;
+  }
+  return x0 ? update<kHistory, kNoise, kMode, true, true> : update<kHistory, kNoise, kMode, false, true>;
 }
 
 template <int kHistory, bool kNoise>
-UpdateFn pick_mode(X0Mode mode, bool x0) {
+UpdateFn pick_mode(X0Mode mode, bool x0, bool x0_term) {
   switch (mode) {
     case X0Mode::kClip:
-      return pick_x0<kHistory, kNoise, X0Mode::kClip>(x0);
+      return pick_x0<kHistory, kNoise, X0Mode::kClip>(x0, x0_term);
     case X0Mode::kThreshold:
-      return pick_x0<kHistory, kNoise, X0Mode::kThreshold>(x0);
+      return pick_x0<kHistory, kNoise, X0Mode::kThreshold>(x0, x0_term);
     default:
-      return pick_x0<kHistory, kNoise, X0Mode::kNone>(x0);
+      return pick_x0<kHistory, kNoise, X0Mode::kNone>(x0, x0_term);
   }
 }
 
 template <int kHistory>
-UpdateFn pick_noise(bool noise, X0Mode mode, bool x0) {
-  return noise ? pick_mode<kHistory, true>(mode, x0) : pick_mode<kHistory, false>(mode, x0);
+UpdateFn pick_noise(bool noise, X0Mode mode, bool x0, bool x0_term) {
+  return noise ? pick_mode<kHistory, true>(mode, x0, x0_term) : pick_mode<kHistory, false>(mode, x0, x0_term);
 }
 
-UpdateFn pick_update(int history, bool noise, X0Mode mode, bool x0) {
+UpdateFn pick_update(int history, bool noise, X0Mode mode, bool x0, bool x0_term) {
   switch (history) {
     case 1:
-      return pick_noise<1>(noise, mode, x0);
+      return pick_noise<1>(noise, mode, x0, x0_term);
     case 2:
-      return pick_noise<2>(noise, mode, x0);
+      return pick_noise<2>(noise, mode, x0, x0_term);
     case 3:
-      return pick_noise<3>(noise, mode, x0);
+      return pick_noise<3>(noise, mode, x0, x0_term);
     default:
-      return pick_noise<0>(noise, mode, x0);
+      return pick_noise<0>(noise, mode, x0, x0_term);
   }
 }
 
+// fp32 -> bf16 with to_bfloat16's bits (round to nearest even, NaN kept quiet), with the NaN case a select
+// rather than an early return, so that the loop vectorises (from_float_n's bf16 loop stays scalar).
+inline void store_n(const float* __restrict__ src, BFloat16* __restrict__ dst, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t x = __builtin_bit_cast(uint32_t, src[i]);
+    const uint32_t rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    const uint32_t quiet = (x >> 16) | 0x40u;
+    dst[i].bits = static_cast<uint16_t>((x & 0x7fffffffu) > 0x7f800000u ? quiet : rounded);
+  }
+}
+
+inline void store_n(const float* src, Half* dst, int64_t count) { from_float_n(src, dst, count); }
+
 // fp32 operands are read and written in place; fp16/bf16 ones are converted through fp32 scratch
-// (to_float_n/from_float_n), and guided model outputs are combined into scratch first.
+// (to_float_n, store_n), and guided model outputs are combined into scratch first.
 template <typename T>
 const float* operand(const void* base, int64_t offset, int64_t count, float* scratch) {
   const T* src = static_cast<const T*>(base) + offset;
@@ -335,6 +346,69 @@ const float* operand(const void* base, int64_t offset, int64_t count, float* scr
     return scratch;
   }
 }
+
+#if defined(FL_HAVE_F16C) && defined(__FMA__) && defined(__AVX2__)
+#define FL_FUSED_16BIT_STEP 1
+// fp16/bf16 steps of the form out = out_x x + out_m m (+ x0 = x0_x x + x0_m m): Euler, DDIM/DDPM without
+// clipping or noise, convert_prediction. One pass with the conversions in registers, where the staged path
+// writes x, m and out through fp32 scratch (7 vector stores per 8 elements instead of 1: one core, 131072
+// fp16 elements, Euler 110 us staged, 92 us fused). Same bits as the staged path: exact widening,
+// update_loop's fp32 operations (out = fma(out_x, x, out_m m) + 0, its `+ history`; x0 = fma(x0_x, x,
+// x0_m m)) and the staged narrowing (fp16: from_float_n, NaN made sign | 0x7e00 then round to nearest
+// even; bf16: store_n). A tail of fewer than 8 elements goes through the same vector code on a zero-padded
+// copy.
+inline __m256 load8(const Half* src) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+}
+
+inline __m256 load8(const BFloat16* src) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+inline void store8(__m256 v, Half* dst) {
+  const __m256 sign_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int32_t>(0x80000000u)));
+  const __m256 quiet_nan = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000));
+  const __m256 nan = _mm256_or_ps(_mm256_and_ps(v, sign_mask), quiet_nan);
+  v = _mm256_blendv_ps(v, nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// store_n's rounding: (x + 0x7fff + lsb) >> 16, NaN -> (x >> 16) | 0x40
+inline void store8(__m256 v, BFloat16* dst) {
+  const __m256i x = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+  const __m256i rounded = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
+  const __m256i abs = _mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff));
+  const __m256i is_nan = _mm256_cmpgt_epi32(abs, _mm256_set1_epi32(0x7f800000));  // abs < 2^31: signed compare ok
+  const __m256i bits = _mm256_blendv_epi8(rounded, quiet, is_nan);
+  // 8 x 32-bit (each < 2^16) -> 8 x 16-bit: pack within 128-bit lanes, then gather the two low quadwords
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(bits, bits), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(packed));
+}
+
+template <typename T, bool kX0>
+void fused_update(const StepCoefficients& c, const T* x, const T* m, T* out, T* x0, int64_t count) {
+  const __m256 out_x = _mm256_set1_ps(c.out_x), out_m = _mm256_set1_ps(c.out_m);
+  const __m256 x0_x = _mm256_set1_ps(c.x0_x), x0_m = _mm256_set1_ps(c.x0_m), zero = _mm256_setzero_ps();
+  auto eight = [&](const T* xs, const T* ms, T* os, T* x0s) {
+    const __m256 xv = load8(xs), mv = load8(ms);
+    store8(_mm256_add_ps(_mm256_fmadd_ps(out_x, xv, _mm256_mul_ps(out_m, mv)), zero), os);
+    if constexpr (kX0) store8(_mm256_fmadd_ps(x0_x, xv, _mm256_mul_ps(x0_m, mv)), x0s);
+  };
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) eight(x + i, m + i, out + i, kX0 ? x0 + i : nullptr);
+  if (i < count) {
+    T xs[8] = {}, ms[8] = {}, os[8], x0s[8];
+    std::copy(x + i, x + count, xs);
+    std::copy(m + i, m + count, ms);
+    eight(xs, ms, os, x0s);
+    std::copy(os, os + (count - i), out + i);
+    if constexpr (kX0) std::copy(x0s, x0s + (count - i), x0 + i);
+  }
+}
+#endif
 
 template <typename T>
 void step(const SamplerStepParams& p) {
@@ -353,7 +427,28 @@ void step(const SamplerStepParams& p) {
     prev[history] = p.prev[j];
     out_prev[history++] = p.c.out_prev[j];
   }
-  const UpdateFn run = pick_update(history, draw || noise_in, p.x0_mode, p.x0_out != nullptr);
+#if defined(FL_FUSED_16BIT_STEP)
+  if constexpr (!kFloat) {
+    if (!p.guided && history == 0 && !draw && !noise_in && p.x0_mode == X0Mode::kNone && p.c.out_x0 == 0.0f) {
+      const T* x = static_cast<const T*>(p.sample);
+      const T* m = static_cast<const T*>(p.model_output);
+      T* out = static_cast<T*>(p.out);
+      T* x0 = static_cast<T*>(p.x0_out);
+      const int64_t total = batch * n, chunks = (total + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) if (total > kParallelElements)
+      for (int64_t t = 0; t < chunks; ++t) {
+        const int64_t i0 = t * kChunk, count = std::min(kChunk, total - i0);
+        if (x0 != nullptr)
+          fused_update<T, true>(p.c, x + i0, m + i0, out + i0, x0 + i0, count);
+        else
+          fused_update<T, false>(p.c, x + i0, m + i0, out + i0, nullptr, count);
+      }
+      return;
+    }
+  }
+#endif
+  const UpdateFn run = pick_update(history, draw || noise_in, p.x0_mode, p.x0_out != nullptr,
+                                   p.x0_mode != X0Mode::kNone || p.c.out_x0 != 0.0f);
   const bool staged_m = p.guided || p.guidance_rescale > 0.0f || !kFloat;
   const int64_t chunks_per_sample = (n + kChunk - 1) / kChunk;
 #pragma omp parallel if (batch * n > kParallelElements)
@@ -400,8 +495,8 @@ void step(const SamplerStepParams& p) {
       }
       run(p.c, out_prev, p.clip, thresh[b], o, count);
       if constexpr (!kFloat) {
-        from_float_n(out_buf, dst, count);
-        if (dst_x0 != nullptr) from_float_n(x0_buf, dst_x0, count);
+        store_n(out_buf, dst, count);
+        if (dst_x0 != nullptr) store_n(x0_buf, dst_x0, count);
       }
     }
   }

@@ -6,7 +6,10 @@
 // and runs the one sampler kernel.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_strided.h>
 #include <torch/library.h>
+
+#include <initializer_list>
 
 #include <cmath>
 #include <optional>
@@ -136,35 +139,74 @@ struct Step {
   at::Tensor prev[kMaxHistory];
   at::Tensor out, x0;
   std::optional<at::Tensor> seed_offset;  // read on the device when no noise tensor is given
+  std::optional<at::MemoryFormat> relayout;  // outputs computed contiguous, returned in this layout
 };
+
+// The layout of the outputs: channels_last (2-D or 3-D) when the sample is and every tensor argument shares
+// its strides, as torch's elementwise ops give; contiguous otherwise. The fake kernels (fastlatent/ops/
+// sampler_steps.py, _outputs) apply the same rule to the same arguments.
+std::optional<at::MemoryFormat> channels_last_layout(const at::Tensor& sample,
+                                                     std::initializer_list<const at::Tensor*> others) {
+  if (sample.is_contiguous()) return std::nullopt;
+  std::optional<at::MemoryFormat> format;
+  if (sample.is_contiguous(at::MemoryFormat::ChannelsLast)) format = at::MemoryFormat::ChannelsLast;
+  if (sample.is_contiguous(at::MemoryFormat::ChannelsLast3d)) format = at::MemoryFormat::ChannelsLast3d;
+  if (!format) return std::nullopt;
+  for (const at::Tensor* t : others)
+    if (t != nullptr && t->strides() != sample.strides()) return std::nullopt;
+  return format;
+}
 
 Step prepare(const SamplerStepParams& p, const at::Tensor& model_output, const at::Tensor& sample,
              const std::vector<at::Tensor>& history, const std::optional<at::Tensor>& noise,
              const std::optional<at::Tensor>& seed_offset, bool return_x0) {
   Step s;
   s.p = p;
-  s.model_output = model_output.contiguous();
-  s.sample = sample.contiguous();
-  s.out = at::empty(sample.sizes(), sample.options());
-  s.x0 = return_x0 ? at::empty(sample.sizes(), sample.options()) : at::empty({0}, sample.options());
+  std::initializer_list<const at::Tensor*> others = {
+      &model_output, history.size() > 0 ? &history[0] : nullptr, history.size() > 1 ? &history[1] : nullptr,
+      history.size() > 2 ? &history[2] : nullptr, noise ? &*noise : nullptr};
+  const std::optional<at::MemoryFormat> layout = channels_last_layout(sample, others);
+  // A channels_last step runs on the caller's memory as it is (an elementwise step does not care in which
+  // order a sample's N elements lie, only that every operand has the same order): no copies in, outputs in
+  // that layout. Except when Philox noise is drawn: element e of the stream belongs to the logical
+  // (contiguous) index e, so that step runs contiguous and its outputs are laid out afterwards.
+  const bool draws = p.c.out_noise != 0.0f && !noise;
+  const bool in_place = layout && !draws;
+  if (layout && draws) s.relayout = layout;
+  // contiguous() returns the tensor itself (no copy) when it already is
+  auto operand = [&](const at::Tensor& t) { return in_place ? t : t.contiguous(); };
+  auto output = [&]() {
+    return in_place ? at::empty_strided(sample.sizes(), sample.strides(), sample.options())
+                    : at::empty(sample.sizes(), sample.options());
+  };
+  s.model_output = operand(model_output);
+  s.sample = operand(sample);
+  s.out = output();
+  s.x0 = return_x0 ? output() : at::empty({0}, sample.options());
   s.p.model_output = s.model_output.data_ptr();
   s.p.sample = s.sample.data_ptr();
   s.p.out = s.out.data_ptr();
   s.p.x0_out = return_x0 ? s.x0.data_ptr() : nullptr;
   for (int j = 0; j < kMaxHistory; ++j) {
     if (j < static_cast<int>(history.size()) && s.p.c.out_prev[j] != 0.0f) {
-      s.prev[j] = history[j].contiguous();
+      s.prev[j] = operand(history[j]);
       s.p.prev[j] = s.prev[j].data_ptr();
     } else {
       s.p.c.out_prev[j] = 0.0f;
     }
   }
   if (noise && s.p.c.out_noise != 0.0f) {
-    s.noise = noise->contiguous();
+    s.noise = operand(*noise);
     s.p.noise = s.noise.data_ptr();
   }
   if (seed_offset && s.p.c.out_noise != 0.0f && !noise) s.seed_offset = seed_offset->contiguous();
   return s;
+}
+
+// The outputs, laid out as channels_last_layout says.
+std::tuple<at::Tensor, at::Tensor> finish(const Step& s) {
+  if (!s.relayout) return {s.out, s.x0};
+  return {s.out.contiguous(*s.relayout), s.p.x0_out != nullptr ? s.x0.contiguous(*s.relayout) : s.x0};
 }
 
 // Folds a named step's schedule into kernel coefficients, then prepares it.
@@ -179,7 +221,7 @@ Step prepare_form(SamplerStepParams& p, const at::Tensor& model_output, const at
 
 std::tuple<at::Tensor, at::Tensor> run_cpu(Step s) {
   torch_glue::check_status(run_sampler_step_cpu(s.p));
-  return {s.out, s.x0};
+  return finish(s);
 }
 
 #ifdef FL_WITH_CUDA
@@ -190,7 +232,7 @@ std::tuple<at::Tensor, at::Tensor> run_cuda(Step s) {
                                          s.sample.options().dtype(at::kByte));
   s.p.workspace = workspace.data_ptr();
   C10_CUDA_CHECK(launch_sampler_step_cuda(s.p, c10::cuda::getCurrentCUDAStream()));
-  return {s.out, s.x0};
+  return finish(s);
 }
 #endif
 

@@ -642,10 +642,25 @@ def check_sampler_step_args(
     _check_noise(op, sample, noise, seed_offset)
 
 
-def _outputs(sample, return_x0):
-    return sample.new_empty(sample.shape), (
-        sample.new_empty(sample.shape) if return_x0 else sample.new_empty((0,))
-    )
+def _layout(sample, others):
+    """The kernels' output layout: channels_last (2-D or 3-D) when the sample is and every tensor argument
+    shares its strides (the kernel then runs on that memory as it is), contiguous otherwise."""
+    if sample.is_contiguous():
+        return torch.contiguous_format
+    layout = None
+    if sample.is_contiguous(memory_format=torch.channels_last):
+        layout = torch.channels_last
+    if sample.is_contiguous(memory_format=torch.channels_last_3d):
+        layout = torch.channels_last_3d
+    if layout is None or any(t is not None and t.stride() != sample.stride() for t in others):
+        return torch.contiguous_format
+    return layout
+
+
+def _outputs(sample, return_x0, *others):
+    layout = _layout(sample, others)
+    out = torch.empty_like(sample, memory_format=layout)
+    return out, (torch.empty_like(sample, memory_format=layout) if return_x0 else sample.new_empty((0,)))
 
 
 if extension_available():
@@ -682,7 +697,7 @@ if extension_available():
             noise,
             seed_offset,
         )
-        return _outputs(sample, return_x0)
+        return _outputs(sample, return_x0, model_output, noise)
 
     @torch.library.register_fake("fastlatent::ddim_step")
     def _ddim_fake(
@@ -719,7 +734,7 @@ if extension_available():
             noise,
             seed_offset,
         )
-        return _outputs(sample, return_x0)
+        return _outputs(sample, return_x0, model_output, noise)
 
     @torch.library.register_fake("fastlatent::euler_step")
     def _euler_fake(
@@ -747,7 +762,7 @@ if extension_available():
             threshold_quantile,
             threshold_max,
         )
-        return _outputs(sample, return_x0)
+        return _outputs(sample, return_x0, model_output)
 
     @torch.library.register_fake("fastlatent::dpmpp_2m_step")
     def _dpmpp_fake(
@@ -784,7 +799,7 @@ if extension_available():
             threshold_quantile,
             threshold_max,
         )
-        return _outputs(sample, True)
+        return _outputs(sample, True, model_output, prev_x0)
 
     @torch.library.register_fake("fastlatent::sampler_step")
     def _generic_fake(
@@ -831,7 +846,7 @@ if extension_available():
             noise,
             seed_offset,
         )
-        return _outputs(sample, return_x0)
+        return _outputs(sample, return_x0, model_output, *history, noise)
 
     @torch.library.register_fake("fastlatent::convert_prediction")
     def _convert_fake(
@@ -840,4 +855,4 @@ if extension_available():
         check_convert_prediction_args(
             model_output, sample, alpha_t, sigma_t, source, target, guidance_scale, guidance_rescale
         )
-        return sample.new_empty(sample.shape)
+        return _outputs(sample, False, model_output)[0]
