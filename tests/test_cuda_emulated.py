@@ -345,6 +345,30 @@ def test_sampler_rescale_and_threshold_kernels():
         assert kernel in names, (kernel, sorted(ran))
 
 
+def test_sampler_step_infinite_inputs_match_the_cpu_kernel():
+    """Steps without an x0' term skip it on both devices: an infinite sample or model output gives the
+    step's own arithmetic (diffusers' values), not NaN from 0 * inf, and CUDA equals the CPU kernel."""
+    x = torch.tensor([[float("inf"), 1.0, -float("inf"), 3.0, 0.5, -2.0, 1.5, 7.0]])
+    m = torch.tensor([[1.0, float("inf"), 0.5, float("nan"), -float("inf"), 2.0, 0.0, -1.0]])
+    calls = [
+        lambda: fastlatent.ops.euler_step(m, x, 0.5, 0.4, prediction="flow", return_x0=False),
+        lambda: fastlatent.ops.euler_step(m, x, 0.5, 0.4, prediction="flow"),
+        lambda: fastlatent.ops.ddim_step(m, x, 0.3, 0.5),
+    ]
+    for call in calls:
+        cpu = call()
+        with launches() as ran, emulated():
+            ours = call()
+        assert any("step_kernel" in name for name in ran), sorted(ran)
+        for a, b in zip(ours, cpu):  # the same non-finite elements; finite ones within fp32 rounding
+            assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.isinf(), b.isinf()), (a, b)
+            assert torch.equal(a[a.isinf()], b[b.isinf()]), (a, b)
+            finite = a.isfinite()
+            torch.testing.assert_close(a[finite], b[finite], rtol=1e-6, atol=1e-6)
+    flow = calls[0]()[0]
+    assert flow[0, :3].isinf().all() and flow[0, 4].isinf(), flow
+
+
 @pytest.mark.parametrize("d", [1, 4, 31], ids=lambda d: f"d{d}")
 def test_residual_fsq_tiles_and_nan_rows(d):
     """Row tiles of 256 // d rows (d = 31 leaves 8 threads idle), a partial last tile, layers alternating the

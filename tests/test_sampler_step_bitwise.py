@@ -339,13 +339,6 @@ def test_bitwise_equal_to_recorded_kernel():
     assert not changed, f"{len(changed)} of {len(want)} outputs changed bits, e.g. {changed[:8]}"
 
 
-if __name__ == "__main__" and "--record" in sys.argv:
-    assert _fma_build(), "record from a build with FMA contraction"
-    DIGESTS.parent.mkdir(exist_ok=True)
-    DIGESTS.write_text(json.dumps(_run_all(), indent=0, sort_keys=True) + "\n")
-    print(f"wrote {DIGESTS}")
-
-
 def test_infinite_inputs_follow_the_steps_arithmetic():
     """An infinite sample or model output gives what the step's own terms give (diffusers' flow Euler:
     x + (sigma_next - sigma) m), not NaN from a zero-coefficient term the step does not use."""
@@ -355,3 +348,10 @@ def test_infinite_inputs_follow_the_steps_arithmetic():
     want = x + (0.4 - 0.5) * m
     torch.testing.assert_close(out, want, equal_nan=True)
     assert out[0, :3].isinf().all()
+
+
+if __name__ == "__main__" and "--record" in sys.argv:
+    assert _fma_build(), "record from a build with FMA contraction"
+    DIGESTS.parent.mkdir(exist_ok=True)
+    DIGESTS.write_text(json.dumps(_run_all(), indent=0, sort_keys=True) + "\n")
+    print(f"wrote {DIGESTS}")

@@ -125,6 +125,22 @@ FL_HOST_DEVICE StepElement step_element(const StepCoefficients& c, X0Mode mode, 
   return {out, x0};
 }
 
+// step_element for a step without an out_x0 x0' term (x0 mode kNone, out_x0 == 0): the CPU kernel's loop for
+// such steps and the CUDA kernel both skip the term, so an infinite x0 does not turn the output into NaN
+// (0 * inf); the step's own terms decide, as in diffusers. Same bits as step_element for finite x0: t + 0 * x0
+// equals t, and the sum is never -0 once `+ history` (never -0) is added. z is 0 when the step has no noise
+// (out_noise * 0 adds +-0 to a sum that is not -0).
+FL_HOST_DEVICE StepElement step_element_without_x0_term(const StepCoefficients& c, float x, float m, float history,
+                                                        float z) {
+  const float out = c.out_x * x + c.out_m * m + history + c.out_noise * z;
+  return {out, c.x0_x * x + c.x0_m * m};
+}
+
+// True when a step has an out_x0 x0' term (the general step_element).
+FL_HOST_DEVICE bool has_x0_term(const StepCoefficients& c, X0Mode mode) {
+  return mode != X0Mode::kNone || c.out_x0 != 0.0f;
+}
+
 // torch.quantile's linear interpolation between the order statistics lo <= hi (torch.lerp).
 FL_HOST_DEVICE float quantile_lerp(float lo, float hi, float weight) {
   return weight < 0.5f ? lo + weight * (hi - lo) : hi - (hi - lo) * (1.0f - weight);

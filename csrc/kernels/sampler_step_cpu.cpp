@@ -262,8 +262,8 @@ void update_loop(const StepCoefficients c, const float p0, const float p1, const
       out[i] = r.out;
       if constexpr (kX0) x0[i] = r.x0;
     } else {
-      // step_element's sum without the out_x0 x0 term (and without the noise term when there is none:
-      // adding out_noise * 0 = +-0 to a sum that is never -0 changes no bit)
+      // step_element_without_x0_term, without its noise term when there is none (adding out_noise * 0 =
+      // +-0 to a sum that is never -0 changes no bit; the multiply would cost a vector FMA per 4 elements)
       const float xi = x[i], mi = m[i];
       float o = c.out_x * xi + c.out_m * mi + history;
       if constexpr (kNoise) o = o + c.out_noise * z[i];
@@ -447,8 +447,8 @@ void step(const SamplerStepParams& p) {
     }
   }
 #endif
-  const UpdateFn run = pick_update(history, draw || noise_in, p.x0_mode, p.x0_out != nullptr,
-                                   p.x0_mode != X0Mode::kNone || p.c.out_x0 != 0.0f);
+  const UpdateFn run =
+      pick_update(history, draw || noise_in, p.x0_mode, p.x0_out != nullptr, has_x0_term(p.c, p.x0_mode));
   const bool staged_m = p.guided || p.guidance_rescale > 0.0f || !kFloat;
   const int64_t chunks_per_sample = (n + kChunk - 1) / kChunk;
 #pragma omp parallel if (batch * n > kParallelElements)

@@ -240,6 +240,7 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Args a) {
     seed = static_cast<uint64_t>(a.seed_offset[0]);
     offset = static_cast<uint64_t>(a.seed_offset[1]);
   }
+  const bool x0_term = has_x0_term(a.c, a.x0_mode);  // uniform: the same branch for every thread
   for (int64_t v = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x; v < vectors;
        v += static_cast<int64_t>(gridDim.x) * kThreads) {
     const int64_t e = v * kLanes, b = e / a.n;
@@ -279,7 +280,8 @@ __global__ void __launch_bounds__(kThreads) step_kernel(Args a) {
     float out[kLanes], x0[kLanes];
 #pragma unroll
     for (int j = 0; j < kLanes; ++j) {
-      const StepElement r = step_element(a.c, a.x0_mode, a.clip, thresh, x[j], m[j], hist[j], z[j]);
+      const StepElement r = x0_term ? step_element(a.c, a.x0_mode, a.clip, thresh, x[j], m[j], hist[j], z[j])
+                                    : step_element_without_x0_term(a.c, x[j], m[j], hist[j], z[j]);
       out[j] = r.out;
       x0[j] = r.x0;
     }
