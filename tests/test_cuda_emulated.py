@@ -375,6 +375,35 @@ def test_group_norm_backward_apply(shape, layout, vectorised, dtype, vectors_per
             assert_step_close(a, ref, ref.dtype)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "k,d", [(5000, 1), (700, 5), (9, 1000)], ids=["d1_full_block", "rows_cross_blocks", "wide"]
+)
+def test_ema_update_embed_blocks(k, d, dtype):
+    """embed_kernel's per-block table of 1 / smoothed size (up to 2,048 codes per block at d = 1, codes split
+    across blocks, a code spanning blocks) against the CPU kernel."""
+    gen = torch.Generator().manual_seed(k + d)
+    cluster_size = torch.rand(k, generator=gen) * 5
+    embed_sum, sums = torch.randn(k, d, generator=gen), torch.randn(k, d, generator=gen)
+    counts = torch.randint(0, 10, (k,), generator=gen).float()
+    results = []
+    for run_emulated in (False, True):
+        args = (
+            cluster_size.clone(),
+            embed_sum.clone(),
+            torch.empty(k, d, dtype=dtype),
+            counts,
+            sums,
+            0.9,
+            1e-5,
+        )
+        with launches() as ran, emulated() if run_emulated else contextlib.nullcontext():
+            fastlatent.ops.ema_update_(*args)
+        results.append(args[:3])
+    assert any("embed_kernel" in name for name in ran), sorted(ran)
+    SPECS["ema_update_"].compare(types.SimpleNamespace(name=f"K{k}_D{d}"), results[1], results[0])
+
+
 def test_sampler_rescale_and_threshold_kernels():
     model_output, sample = torch.randn(4, 3, 8, 8), torch.randn(2, 3, 8, 8)
     with launches() as ran, emulated():
