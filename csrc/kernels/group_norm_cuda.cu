@@ -16,7 +16,10 @@
 //      stay on the host) and one multiply-high division per vector by host-computed magic
 //      numbers (channels-first: the row; channels-last: position and sample).
 // Backward: channel_grad_sums (same grid, fp32 partials of dz and dz * x_hat), merge in double
-// per channel and per group, then the elementwise grad_x pass.
+// per channel and per group, then the elementwise grad_x pass: backward_coefficients_kernel folds
+// mean, rstd, weight, A/m and B/m per (n, c) and backward_apply_kernel walks the vectors as
+// apply_kernel does (walk_vectors, for_each_vector_launch), one element per step where the layout
+// cannot vectorise.
 // group_norm_stats is step 1 and the merge of step 2 (writing M2 instead of rstd);
 // group_norm_apply is the rest of step 2 and step 3.
 // Partials are merged in a fixed order, so results are deterministic.
