@@ -335,6 +335,75 @@ def test_group_norm_vectorised_apply(shape, layout, dtype, vectors_per_thread, m
         assert_step_close(ours, cpu, dtype)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,layout,vectorised",
+    [
+        ((1, 8, 64, 64), torch.contiguous_format, True),  # long rows: coefficients held along a row
+        ((3, 16, 5, 8), torch.contiguous_format, True),  # short rows: a reload per vector
+        ((2, 32, 16, 12), torch.channels_last, True),  # c / vec divides the block: channels fixed
+        ((2, 24, 7, 9), torch.channels_last, True),  # c = 24: channels change between a thread's vectors
+        ((2, 12, 5, 7), torch.contiguous_format, False),  # s = 35: one element per step
+        ((2, 12, 5, 7), torch.channels_last, False),  # c = 12 (not a multiple of 8, fp32: 4 is)
+    ],
+    ids=["cf_long_rows", "cf_short_rows", "cl_fixed_channels", "cl_moving_channels", "cf_odd", "cl_odd"],
+)
+@pytest.mark.parametrize("vectors_per_thread", ["1", "4"])
+def test_group_norm_backward_apply(shape, layout, vectorised, dtype, vectors_per_thread, monkeypatch):
+    """backward_apply_kernel (grad_x from per-(n, c) coefficients, 16-byte vectors or single elements)
+    against the CPU kernel for each activation, with the multi-vector walk forced as in the forward test."""
+    monkeypatch.setenv("FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD", vectors_per_thread)
+    gen = torch.Generator().manual_seed(len(shape) + shape[1])
+    x = (torch.randn(shape, generator=gen) * 3 + 2).to(dtype).to(memory_format=layout).requires_grad_()
+    w = torch.randn(shape[1], generator=gen).requires_grad_()
+    b = torch.randn(shape[1], generator=gen).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(dtype).to(memory_format=layout)
+    width = (
+        16 // dtype.itemsize
+        if vectorised or (layout == torch.channels_last and dtype == torch.float32)
+        else 1
+    )
+    for activation in ("none", "silu", "gelu"):
+        y = fastlatent.ops.group_norm(x, w, b, 4, 1e-5, activation)
+        cpu = torch.autograd.grad(y, (x, w, b), grad, retain_graph=True)
+        with launches() as ran, emulated():
+            ours = torch.autograd.grad(y, (x, w, b), grad)
+        assert any("backward_apply_kernel" in name and name.endswith(f", {width}>") for name in ran), sorted(
+            ran
+        )
+        for a, ref in zip(ours, cpu):
+            assert_step_close(a, ref, ref.dtype)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "k,d", [(5000, 1), (700, 5), (9, 1000)], ids=["d1_full_block", "rows_cross_blocks", "wide"]
+)
+def test_ema_update_embed_blocks(k, d, dtype):
+    """embed_kernel's per-block table of 1 / smoothed size (up to 2,048 codes per block at d = 1, codes split
+    across blocks, a code spanning blocks) against the CPU kernel."""
+    gen = torch.Generator().manual_seed(k + d)
+    cluster_size = torch.rand(k, generator=gen) * 5
+    embed_sum, sums = torch.randn(k, d, generator=gen), torch.randn(k, d, generator=gen)
+    counts = torch.randint(0, 10, (k,), generator=gen).float()
+    results = []
+    for run_emulated in (False, True):
+        args = (
+            cluster_size.clone(),
+            embed_sum.clone(),
+            torch.empty(k, d, dtype=dtype),
+            counts,
+            sums,
+            0.9,
+            1e-5,
+        )
+        with launches() as ran, emulated() if run_emulated else contextlib.nullcontext():
+            fastlatent.ops.ema_update_(*args)
+        results.append(args[:3])
+    assert any("embed_kernel" in name for name in ran), sorted(ran)
+    SPECS["ema_update_"].compare(types.SimpleNamespace(name=f"K{k}_D{d}"), results[1], results[0])
+
+
 def test_sampler_rescale_and_threshold_kernels():
     model_output, sample = torch.randn(4, 3, 8, 8), torch.randn(2, 3, 8, 8)
     with launches() as ran, emulated():

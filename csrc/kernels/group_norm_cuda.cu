@@ -16,7 +16,10 @@
 //      stay on the host) and one multiply-high division per vector by host-computed magic
 //      numbers (channels-first: the row; channels-last: position and sample).
 // Backward: channel_grad_sums (same grid, fp32 partials of dz and dz * x_hat), merge in double
-// per channel and per group, then the elementwise grad_x pass.
+// per channel and per group, then the elementwise grad_x pass: backward_coefficients_kernel folds
+// mean, rstd, weight, A/m and B/m per (n, c) and backward_apply_kernel walks the vectors as
+// apply_kernel does (walk_vectors, for_each_vector_launch), one element per step where the layout
+// cannot vectorise.
 // group_norm_stats is step 1 and the merge of step 2 (writing M2 instead of rstd);
 // group_norm_apply is the rest of step 2 and step 3.
 // Partials are merged in a fixed order, so results are deterministic.
@@ -24,6 +27,7 @@
 #include <cstdlib>
 
 #include "cuda_utils.cuh"
+#include "fast_divmod.cuh"
 #include "group_norm.h"
 
 namespace fastlatent {
@@ -63,6 +67,7 @@ struct Welford {
   }
 };
 
+using cuda::FastDivmod;
 using cuda::to_float;
 
 // Partials layout: [n][split][c] of float2 (a, b). Forward: (mean, M2); backward: (sum dz,
@@ -281,105 +286,48 @@ struct Vec {
   static constexpr int kSize = 16 / sizeof(T);
 };
 
-// Elementwise passes. Forward: out = act(x * scale + shift) (+ residual). Backward:
-// dx = rstd * (dz * w - A/m - x_hat * B/m). kVec elements per step share a channel
-// (channels-first, s % kVec == 0) or are kVec consecutive channels (channels-last,
-// c % kVec == 0); Vectorized = false takes one element per step.
-template <typename T, Activation A, bool Backward, bool Vectorized>
+// The 64-bit scalar elementwise passes, for what the 32-bit vector walks below cannot take (the forward:
+// layouts or alignments that do not vectorise; both: one row or sample of 2^31 elements or more).
+// Forward: out = act((x - mean) * scale + shift) (+ residual). Backward:
+// dx = rstd * (dz * w - A/m - x_hat * B/m). Indices are recomputed per element.
+template <typename T, Activation A, bool Backward>
 __global__ void __launch_bounds__(kThreads)
 elementwise_kernel(const T* __restrict__ x, const T* __restrict__ other, T* __restrict__ out,
                    const float* __restrict__ scale, const float* __restrict__ shift,
                    const float* __restrict__ weight, const float* __restrict__ mean, const float* __restrict__ rstd,
                    const float* __restrict__ a_over_m, const float* __restrict__ b_over_m, int64_t n, int64_t c,
                    int64_t s, int64_t groups, Layout layout) {
-  constexpr int kV = Vectorized ? Vec<T>::kSize : 1;
-  const int64_t total = n * c * s / kV;
+  const int64_t total = n * c * s;
   const int64_t per_group = c / groups;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e0 = i * kV;
-    T xv[kV], ov[kV], result[kV];
-    if constexpr (Vectorized) {
-      *reinterpret_cast<uint4*>(xv) = *reinterpret_cast<const uint4*>(x + e0);
-      if (other) *reinterpret_cast<uint4*>(ov) = *reinterpret_cast<const uint4*>(other + e0);
-    } else {
-      xv[0] = x[e0];
-      if (other) ov[0] = other[e0];
-    }
-    // Indices once per vector: its kV elements share one channel (channels-first: s % kV == 0)
-    // or are kV consecutive channels of one position (channels-last: c % kV == 0, so they never
-    // wrap into the next position); the group steps up where a channel crosses a group boundary.
-    int64_t nc, ch, g, group_end;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < total;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float xe = to_float(x[e]), oe = other ? to_float(other[e]) : 0.0f;
+    int64_t nc, ch, sample;
     if (layout == Layout::kChannelsFirst) {
-      nc = e0 / s;
-      const int64_t sample = nc / c;
+      nc = e / s;
+      sample = nc / c;
       ch = nc - sample * c;
-      g = ch / per_group;
-      group_end = (g + 1) * per_group;
-      g += sample * groups;
     } else {
-      const int64_t position = e0 / c;  // sample * s + spatial index
-      const int64_t sample = position / s;
-      ch = e0 - position * c;
+      const int64_t position = e / c;  // sample * s + spatial index
+      sample = position / s;
+      ch = e - position * c;
       nc = sample * c + ch;
-      g = ch / per_group;
-      group_end = (g + 1) * per_group;
-      g += sample * groups;
     }
-#pragma unroll
-    for (int j = 0; j < kV; ++j) {
-      if (layout == Layout::kChannelsLast && j > 0) {
-        ++ch;
-        ++nc;
-        if (ch == group_end) {
-          ++g;
-          group_end += per_group;
-        }
-      }
-      const float v = to_float(xv[j]) - mean[g];
-      const float z = v * scale[nc] + shift[nc];
-      float y;
-      if constexpr (Backward) {
-        const float dz = to_float(ov[j]) * activate_grad<A>(z);
-        const float w = weight ? weight[ch] : 1.0f;
-        y = rstd[g] * (dz * w - a_over_m[g] - v * rstd[g] * b_over_m[g]);
-      } else {
-        y = activate<A>(z);
-        if (other) y += to_float(ov[j]);
-      }
-      result[j] = cuda::from_float<T>(y);
-    }
-    if constexpr (Vectorized) {
-      *reinterpret_cast<uint4*>(out + e0) = *reinterpret_cast<const uint4*>(result);
+    const int64_t g = sample * groups + ch / per_group;
+    const float v = xe - mean[g];
+    const float z = v * scale[nc] + shift[nc];
+    float y;
+    if constexpr (Backward) {
+      const float dz = oe * activate_grad<A>(z);
+      const float w = weight ? weight[ch] : 1.0f;
+      y = rstd[g] * (dz * w - a_over_m[g] - v * rstd[g] * b_over_m[g]);
     } else {
-      out[e0] = result[0];
+      y = activate<A>(z);
+      if (other) y += oe;
     }
+    out[e] = cuda::from_float<T>(y);
   }
 }
-
-// Division by a divisor d fixed for the launch, as a multiply-high, an add and a shift (Granlund &
-// Montgomery, "Division by invariant integers using multiplication", 1994): with l = ceil(log2 d),
-// m = ceil(2^(32 + l) / d) lies in [2^32, 2^33); mul = m - 2^32 and q = (umulhi(x, mul) + x) >> l.
-// The error e = m d - 2^(32 + l) < d gives x e < 2^(32 + l), so q = floor(x / d) exactly for every
-// x < 2^31 (and the sum stays below 2^32). d = 1 is mul = 0, l = 0.
-struct FastDivmod {
-  uint32_t divisor = 1, mul = 0, shift = 0;
-
-  static FastDivmod make(uint32_t d) {
-    FastDivmod f;
-    f.divisor = d;
-    while ((uint64_t{1} << f.shift) < d) ++f.shift;
-    f.mul = static_cast<uint32_t>((((uint64_t{1} << (32 + f.shift)) + d - 1) / d) - (uint64_t{1} << 32));
-    return f;
-  }
-  __host__ __device__ __forceinline__ uint32_t div(uint32_t x) const {
-#if defined(__CUDA_ARCH__)
-    return (__umulhi(x, mul) + x) >> shift;
-#else
-    return static_cast<uint32_t>(((static_cast<uint64_t>(x) * mul >> 32) + x) >> shift);
-#endif
-  }
-};
 
 // The kV elements of a 16-byte vector as floats. bf16 -> fp32 is exact bit placement: the low
 // element of each 32-bit word shifted up, the high one masked (one instruction each; the generic
@@ -400,18 +348,83 @@ __device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& v, float* f) 
   }
 }
 
-// The vectorised forward apply pass: 16-byte vectors of kV elements. Block b owns the contiguous
-// vectors [b * kThreads * per_thread, ...); thread t takes every kThreads-th of them (coalesced), so
-// its successive vectors usually share their coefficients, which stay in registers until the vector
-// index passes `valid_end`:
-//   channels-first (s % kV == 0): a vector lies in one row nc = i / (s / kV); its (mean, scale, shift)
-//     come in one 16-byte load of `packed` and hold to the row's end.
-//   channels-last (c % kV == 0): a vector is kV consecutive channels of one position (never crossing
-//     into the next); their coefficients are kV consecutive floats of each of centre, scale and shift
-//     (16-byte aligned since nc0 % kV == 0), read as 16-byte loads. When c / kV divides kThreads a
-//     thread's channels never change, so they hold to the sample's end; otherwise every vector reloads.
-// The reload divides by host-computed magic numbers (FastDivmod). All indices are 32-bit: the
-// launcher keeps each launch below 2^31 elements.
+// kV consecutive floats of a coefficient array (16-byte loads when kV is a multiple of 4; the caller
+// keeps p 16-byte aligned then).
+template <int kV>
+__device__ __forceinline__ void load_floats(const float* __restrict__ p, float* f) {
+  if constexpr (kV % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < kV; j += 4) {
+      *reinterpret_cast<float4*>(f + j) = __ldg(reinterpret_cast<const float4*>(p + j));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kV; ++j) f[j] = __ldg(p + j);
+  }
+}
+
+// Element vector i (kV elements) of t as floats, and its store: one 16-byte access when kV fills 16 bytes,
+// else one element (kV == 1).
+template <typename T, int kV>
+__device__ __forceinline__ void load_elements(const T* __restrict__ t, uint32_t i, float* f) {
+  if constexpr (kV == 1) {
+    f[0] = to_float(t[i]);
+  } else {
+    unpack<T>(__ldg(reinterpret_cast<const uint4*>(t) + i), f);
+  }
+}
+template <typename T, int kV>
+__device__ __forceinline__ void store_elements(T* __restrict__ t, uint32_t i, const float* f) {
+  T result[kV];
+#pragma unroll
+  for (int j = 0; j < kV; ++j) result[j] = cuda::from_float<T>(f[j]);
+  if constexpr (kV == 1) {
+    t[i] = result[0];
+  } else {
+    reinterpret_cast<uint4*>(t)[i] = *reinterpret_cast<const uint4*>(result);
+  }
+}
+
+// The walk over element vectors shared by the forward and backward apply passes. Block b owns the
+// contiguous vectors [b * kThreads * per_thread, ...); thread t takes every kThreads-th of them
+// (coalesced), so its successive vectors usually share their coefficients, which stay in registers until
+// the vector index passes the segment's end:
+//   channels-first (s % kV == 0): a vector lies in one row nc = i / (s / kV), whose coefficients hold to
+//     the row's end.
+//   channels-last (c % kV == 0): a vector is kV consecutive channels nc0 .. nc0 + kV - 1 of one position
+//     (never crossing into the next; nc0 % kV == 0). When c / kV divides kThreads a thread's channels
+//     never change, so they hold to the sample's end; otherwise every vector reloads.
+// load(nc) loads the coefficients of the vector's first (n, c) index; body(i) streams vector i. The
+// reload divides by host-computed magic numbers (FastDivmod: per_row is the vectors per row or per
+// position, per_sample the positions per sample). All indices are 32-bit: the launcher keeps each launch
+// below 2^31 elements.
+template <Layout L, int kV, typename Load, typename Body>
+__device__ __forceinline__ void walk_vectors(uint32_t vectors, uint32_t per_thread, FastDivmod per_row,
+                                             FastDivmod per_sample, uint32_t c, Load&& load, Body&& body) {
+  const uint32_t block_first = blockIdx.x * kThreads * per_thread;
+  const uint32_t limit = min(vectors, block_first + kThreads * per_thread);
+  const bool fixed_channels = L == Layout::kChannelsFirst || kThreads % per_row.divisor == 0;
+  uint32_t i = block_first + threadIdx.x;
+  while (i < limit) {
+    uint32_t segment_end;
+    if constexpr (L == Layout::kChannelsFirst) {
+      const uint32_t row = per_row.div(i);
+      segment_end = (row + 1) * per_row.divisor;
+      load(row);
+    } else {
+      const uint32_t position = per_row.div(i);
+      const uint32_t sample = per_sample.div(position);
+      segment_end = fixed_channels ? (sample + 1) * per_sample.divisor * per_row.divisor : i + 1;
+      load(sample * c + (i - position * per_row.divisor) * kV);
+    }
+    segment_end = min(segment_end, limit);
+    for (; i < segment_end; i += kThreads) body(i);  // the streaming loop: no index math
+  }
+}
+
+// The vectorised forward apply pass: 16-byte vectors of kV elements walked by walk_vectors. Coefficients:
+// channels-first, one 16-byte load of `packed` (mean, scale, shift, 0) per row; channels-last, kV
+// consecutive floats of each of centre, scale and shift.
 template <typename T, Activation A, Layout L, bool Residual>
 __global__ void __launch_bounds__(kThreads)
 apply_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restrict__ out,
@@ -419,47 +432,113 @@ apply_kernel(const T* __restrict__ x, const T* __restrict__ residual, T* __restr
              const float* __restrict__ scale, const float* __restrict__ shift, uint32_t vectors,
              uint32_t per_thread, FastDivmod per_row, FastDivmod per_sample, uint32_t c) {
   constexpr int kV = Vec<T>::kSize;
-  const uint32_t block_first = blockIdx.x * kThreads * per_thread;
-  const uint32_t limit = min(vectors, block_first + kThreads * per_thread);
-  const bool fixed_channels = L == Layout::kChannelsFirst || kThreads % per_row.divisor == 0;
   float mu[kV], sc[kV], sh[kV];
-  uint32_t i = block_first + threadIdx.x;
-  while (i < limit) {
-    // Load the coefficients of vector i and find where they stop holding (segment_end).
-    uint32_t segment_end;
-    if constexpr (L == Layout::kChannelsFirst) {
-      const uint32_t row = per_row.div(i);  // per_row: s / kV vectors per row
-      segment_end = (row + 1) * per_row.divisor;
-      const float4 k = __ldg(packed + row);
+  walk_vectors<L, kV>(
+      vectors, per_thread, per_row, per_sample, c,
+      [&](uint32_t nc) {
+        if constexpr (L == Layout::kChannelsFirst) {
+          const float4 k = __ldg(packed + nc);
 #pragma unroll
-      for (int j = 0; j < kV; ++j) mu[j] = k.x, sc[j] = k.y, sh[j] = k.z;
-    } else {
-      const uint32_t position = per_row.div(i);          // per_row: c / kV vectors per position
-      const uint32_t sample = per_sample.div(position);  // per_sample: s positions per sample
-      segment_end = fixed_channels ? (sample + 1) * per_sample.divisor * per_row.divisor : i + 1;
-      const uint32_t nc0 = sample * c + (i - position * per_row.divisor) * kV;
+          for (int j = 0; j < kV; ++j) mu[j] = k.x, sc[j] = k.y, sh[j] = k.z;
+        } else {
+          load_floats<kV>(centre + nc, mu);
+          load_floats<kV>(scale + nc, sc);
+          load_floats<kV>(shift + nc, sh);
+        }
+      },
+      [&](uint32_t i) {
+        float xv[kV], rv[kV];
+        load_elements<T, kV>(x, i, xv);
+        if constexpr (Residual) load_elements<T, kV>(residual, i, rv);
 #pragma unroll
-      for (int j = 0; j < kV; j += 4) {
-        *reinterpret_cast<float4*>(mu + j) = __ldg(reinterpret_cast<const float4*>(centre + nc0 + j));
-        *reinterpret_cast<float4*>(sc + j) = __ldg(reinterpret_cast<const float4*>(scale + nc0 + j));
-        *reinterpret_cast<float4*>(sh + j) = __ldg(reinterpret_cast<const float4*>(shift + nc0 + j));
-      }
-    }
-    segment_end = min(segment_end, limit);
-    for (; i < segment_end; i += kThreads) {  // the streaming loop: no index math
-      float xv[kV], rv[kV];
-      T result[kV];
-      unpack<T>(__ldg(reinterpret_cast<const uint4*>(x) + i), xv);
-      if constexpr (Residual) unpack<T>(__ldg(reinterpret_cast<const uint4*>(residual) + i), rv);
-#pragma unroll
-      for (int j = 0; j < kV; ++j) {
-        float y = activate<A>((xv[j] - mu[j]) * sc[j] + sh[j]);
-        if constexpr (Residual) y += rv[j];
-        result[j] = cuda::from_float<T>(y);
-      }
-      reinterpret_cast<uint4*>(out)[i] = *reinterpret_cast<const uint4*>(result);
-    }
+        for (int j = 0; j < kV; ++j) {
+          xv[j] = activate<A>((xv[j] - mu[j]) * sc[j] + sh[j]);
+          if constexpr (Residual) xv[j] += rv[j];
+        }
+        store_elements<T, kV>(out, i, xv);
+      });
+}
+
+// Per-(n, c) coefficients of the backward's elementwise pass. With v = x - mean, z = v * scale + shift and
+// dz = dy * act'(z):
+//   dx = rstd * (dz * w - A/m - v * rstd * B/m) = dz * k_dz + (v * k_v + k_0),
+//   k_dz = rstd * w, k_v = -rstd^2 * B/m, k_0 = -rstd * A/m (products in double, rounded once).
+// Channels-first writes (mean, k_dz, k_v, k_0) per (n, c) to `packed`; channels-last writes the four
+// as separate arrays (kV consecutive channels load as 16-byte vectors).
+struct BackwardCoefficients {
+  float4* packed;  // [n c], channels-first
+  float* centre;   // [n c] each, channels-last
+  float* k_dz;
+  float* k_v;
+  float* k_0;
+};
+
+__global__ void backward_coefficients_kernel(const float* __restrict__ mean, const float* __restrict__ rstd,
+                                             const float* __restrict__ weight,
+                                             const float* __restrict__ a_over_m,
+                                             const float* __restrict__ b_over_m, int64_t n, int64_t c,
+                                             int64_t groups, BackwardCoefficients out) {
+  const int64_t nc = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (nc >= n * c) return;
+  const int64_t ch = nc % c, g = (nc / c) * groups + ch / (c / groups);
+  const double r = rstd[g], w = weight ? weight[ch] : 1.0;
+  const float mu = mean[g], k_dz = static_cast<float>(r * w), k_v = static_cast<float>(-r * r * b_over_m[g]),
+              k_0 = static_cast<float>(-r * a_over_m[g]);
+  if (out.packed) {
+    out.packed[nc] = make_float4(mu, k_dz, k_v, k_0);
+    return;
   }
+  out.centre[nc] = mu;
+  out.k_dz[nc] = k_dz;
+  out.k_v[nc] = k_v;
+  out.k_0[nc] = k_0;
+}
+
+// The backward's elementwise pass dx = dz * k_dz + (v * k_v + k_0), walked by walk_vectors over vectors
+// of kV elements (16 bytes, or kV = 1 for layouts and alignments that cannot vectorise). The activation's
+// gradient needs z, so A != none also loads the forward's per-(n, c) scale and shift.
+template <typename T, Activation A, Layout L, int kV>
+__global__ void __launch_bounds__(kThreads)
+backward_apply_kernel(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
+                      BackwardCoefficients k, const float* __restrict__ scale,
+                      const float* __restrict__ shift,
+                      uint32_t vectors, uint32_t per_thread, FastDivmod per_row, FastDivmod per_sample,
+                      uint32_t c) {
+  constexpr bool kAct = A != Activation::kNone;
+  float mu[kV], kdz[kV], kv[kV], k0[kV], sc[kV], sh[kV];
+  walk_vectors<L, kV>(
+      vectors, per_thread, per_row, per_sample, c,
+      [&](uint32_t nc) {
+        if constexpr (L == Layout::kChannelsFirst) {
+          const float4 q = __ldg(k.packed + nc);
+          const float q_sc = kAct ? __ldg(scale + nc) : 0.0f, q_sh = kAct ? __ldg(shift + nc) : 0.0f;
+#pragma unroll
+          for (int j = 0; j < kV; ++j) {
+            mu[j] = q.x, kdz[j] = q.y, kv[j] = q.z, k0[j] = q.w, sc[j] = q_sc, sh[j] = q_sh;
+          }
+        } else {
+          load_floats<kV>(k.centre + nc, mu);
+          load_floats<kV>(k.k_dz + nc, kdz);
+          load_floats<kV>(k.k_v + nc, kv);
+          load_floats<kV>(k.k_0 + nc, k0);
+          if constexpr (kAct) {
+            load_floats<kV>(scale + nc, sc);
+            load_floats<kV>(shift + nc, sh);
+          }
+        }
+      },
+      [&](uint32_t i) {
+        float xv[kV], dv[kV];
+        load_elements<T, kV>(x, i, xv);
+        load_elements<T, kV>(dy, i, dv);
+#pragma unroll
+        for (int j = 0; j < kV; ++j) {
+          const float v = xv[j] - mu[j];
+          const float dz = kAct ? dv[j] * activate_grad<A>(v * sc[j] + sh[j]) : dv[j];
+          xv[j] = dz * kdz[j] + (v * kv[j] + k0[j]);
+        }
+        store_elements<T, kV>(dx, i, xv);
+      });
 }
 
 unsigned int grid_for(int64_t work) {
@@ -475,14 +554,16 @@ bool can_vectorize(Layout layout, int64_t c, int64_t s, int vec, const void* a, 
 
 size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Workspace: partials [n][splits][c] float2, scale [n c], shift [n c], then (backward) A, B [n g]; the
-// forward's per-channel mean [n c] takes A's place.
+// Workspace: partials [n][splits][c] float2, scale [n c], shift [n c], then (backward) A, B [n g] and the
+// elementwise pass's coefficients (4 [n c] float arrays, or [n c] float4); the forward's per-channel mean
+// [n c] takes A's place and it has no coefficient region.
 struct Workspace {
   float2* partials;
   float* scale;
   float* shift;
   float* a_over_m;
   float* b_over_m;
+  float* coefficients;  // backward only
   float* centre() const { return a_over_m; }
 };
 
@@ -500,86 +581,149 @@ Workspace carve(void* base, int64_t n, int64_t c, int64_t s, Layout layout) {
   w.a_over_m = reinterpret_cast<float*>(p);
   p += align_up(static_cast<size_t>(n) * c * sizeof(float));  // n * groups <= n * c
   w.b_over_m = reinterpret_cast<float*>(p);
+  p += align_up(static_cast<size_t>(n) * c * sizeof(float));
+  w.coefficients = reinterpret_cast<float*>(p);
   return w;
 }
 
+constexpr int64_t kMaxLaunchElements = (int64_t{1} << 31) - 1;
+
+// One launch of the vectorised passes: elements [e0, e0 + vectors * kV) of the tensor, whose first (n, c)
+// index is nc0, over `blocks` blocks of kThreads threads taking per_thread vectors each.
+struct VectorLaunch {
+  int64_t e0, nc0;
+  uint32_t vectors, per_thread;
+  unsigned int blocks;
+};
+
+// Splits the tensor into launches of < 2^31 elements cut at row (channels-first) or sample (channels-last)
+// boundaries, so the kernels' 32-bit indices never wrap (each launch's pointer offsets stay 64-bit here),
+// and calls launch(VectorLaunch, per_row, per_sample) for each; kV elements per vector. The caller has
+// checked that one row or sample holds fewer than 2^31 elements.
+template <typename F>
+cudaError_t for_each_vector_launch(int64_t n, int64_t c, int64_t s, Layout layout, int kV, F&& launch) {
+  const bool first = layout == Layout::kChannelsFirst;
+  const int64_t unit = first ? s : c * s;  // elements per row (channels-first) or per sample
+  const int64_t units = first ? n * c : n;
+  const int64_t per_launch = kMaxLaunchElements / unit;  // whole rows or samples per launch
+  const FastDivmod per_row = FastDivmod::make(static_cast<uint32_t>(first ? s / kV : c / kV));
+  const FastDivmod per_sample = FastDivmod::make(static_cast<uint32_t>(s));
+  for (int64_t u0 = 0; u0 < units; u0 += per_launch) {
+    const int64_t count = std::min(per_launch, units - u0);
+    VectorLaunch l;
+    l.e0 = u0 * unit;
+    l.nc0 = first ? u0 : u0 * c;
+    l.vectors = static_cast<uint32_t>(count * unit / kV);
+    // Vectors per thread: up to 16 (coefficients reused along a row), while keeping >= 1024 blocks
+    // (about 8 per SM on an H100) where the tensor allows. FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD
+    // (1-16) overrides it, so tests reach the multi-vector path with small tensors.
+    int64_t per_thread_wanted = l.vectors / (int64_t{kThreads} * 1024);
+    if (const char* forced = std::getenv("FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD")) {
+      per_thread_wanted = std::atoi(forced);
+    }
+    l.per_thread = static_cast<uint32_t>(std::min<int64_t>(16, std::max<int64_t>(1, per_thread_wanted)));
+    const uint32_t per_block = kThreads * l.per_thread;
+    l.blocks = (l.vectors + per_block - 1) / per_block;
+    const cudaError_t err = launch(l, per_row, per_sample);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 // The forward apply pass (after the statistics): affine_kernel expands mean, rstd, weight and bias per
-// (n, c), then apply_kernel runs over launches of < 2^31 elements cut at row (channels-first) or
-// sample (channels-last) boundaries, so its 32-bit indices never wrap; each launch's pointer offsets
-// are 64-bit here. Layouts it cannot vectorise, or a single row/sample of 2^31 elements or more, take
-// the scalar 64-bit elementwise_kernel. The packed (mean, scale, shift, 0) array of the channels-first
-// path spans the workspace's scale, shift, A and B regions (4 * align_up(n c floats) >= n c float4s).
+// (n, c), then apply_kernel runs over the launches of for_each_vector_launch. Layouts it cannot
+// vectorise, or a single row/sample of 2^31 elements or more, take the scalar 64-bit elementwise_kernel.
+// The packed (mean, scale, shift, 0) array of the channels-first path spans the workspace's scale, shift,
+// A and B regions (4 * align_up(n c floats) >= n c float4s).
 template <typename T, Activation A>
 cudaError_t launch_apply(const T* x, const T* residual, T* out, const float* mean, const float* rstd,
                          const float* weight, const float* bias, const Workspace& w, int64_t n, int64_t c,
                          int64_t s, int64_t groups, Layout layout, cudaStream_t stream) {
   constexpr int kV = Vec<T>::kSize;
-  constexpr int64_t kMaxElements = (int64_t{1} << 31) - 1;
   const bool first = layout == Layout::kChannelsFirst;
-  const int64_t unit = first ? s : c * s;  // elements per row (channels-first) or per sample
-  const int64_t units = first ? n * c : n;
-  const bool vectorised = can_vectorize(layout, c, s, kV, x, residual, out) && unit <= kMaxElements;
+  const int64_t unit = first ? s : c * s;
+  const bool vectorised = can_vectorize(layout, c, s, kV, x, residual, out) && unit <= kMaxLaunchElements;
   float4* packed = vectorised && first ? reinterpret_cast<float4*>(w.scale) : nullptr;
   affine_kernel<<<grid_for(n * c), kThreads, 0, stream>>>(mean, rstd, weight, bias, n, c, groups, w.scale,
                                                          w.shift, w.centre(), packed);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   if (!vectorised) {
-    elementwise_kernel<T, A, false, false><<<grid_for(n * c * s), kThreads, 0, stream>>>(
+    elementwise_kernel<T, A, false><<<grid_for(n * c * s), kThreads, 0, stream>>>(
         x, residual, out, w.scale, w.shift, nullptr, mean, nullptr, nullptr, nullptr, n, c, s, groups,
         layout);
     return cudaGetLastError();
   }
-  const int64_t per_launch = kMaxElements / unit;  // whole rows or samples per launch
-  const FastDivmod per_row = FastDivmod::make(static_cast<uint32_t>(first ? s / kV : c / kV));
-  const FastDivmod per_sample = FastDivmod::make(static_cast<uint32_t>(s));
-  for (int64_t u0 = 0; u0 < units; u0 += per_launch) {
-    const int64_t count = std::min(per_launch, units - u0);
-    const int64_t e0 = u0 * unit, nc0 = first ? u0 : u0 * c;
-    const uint32_t vectors = static_cast<uint32_t>(count * unit / kV);
-    // Vectors per thread: up to 16 (coefficients reused along a row), while keeping >= 1024 blocks
-    // (about 8 per SM on an H100) where the tensor allows. FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD
-    // (1-16) overrides it, so tests reach the multi-vector path with small tensors.
-    int64_t per_thread_wanted = vectors / (int64_t{kThreads} * 1024);
-    if (const char* forced = std::getenv("FASTLATENT_GROUP_NORM_VECTORS_PER_THREAD")) {
-      per_thread_wanted = std::atoi(forced);
-    }
-    const uint32_t per_thread =
-        static_cast<uint32_t>(std::min<int64_t>(16, std::max<int64_t>(1, per_thread_wanted)));
-    const uint32_t per_block = kThreads * per_thread;
-    const unsigned int blocks = (vectors + per_block - 1) / per_block;
-    const T* res = residual ? residual + e0 : nullptr;
-    err = FL_BOOL_SWITCH(residual != nullptr, kResidual, [&] {
+  return for_each_vector_launch(n, c, s, layout, kV, [&](const VectorLaunch& l, FastDivmod per_row,
+                                                         FastDivmod per_sample) {
+    const T* res = residual ? residual + l.e0 : nullptr;
+    return FL_BOOL_SWITCH(residual != nullptr, kResidual, [&] {
       if (first) {
-        apply_kernel<T, A, Layout::kChannelsFirst, kResidual><<<blocks, kThreads, 0, stream>>>(
-            x + e0, res, out + e0, packed + nc0, nullptr, nullptr, nullptr, vectors, per_thread, per_row,
-            per_sample, static_cast<uint32_t>(c));
+        apply_kernel<T, A, Layout::kChannelsFirst, kResidual><<<l.blocks, kThreads, 0, stream>>>(
+            x + l.e0, res, out + l.e0, packed + l.nc0, nullptr, nullptr, nullptr, l.vectors, l.per_thread,
+            per_row, per_sample, static_cast<uint32_t>(c));
       } else {
-        apply_kernel<T, A, Layout::kChannelsLast, kResidual><<<blocks, kThreads, 0, stream>>>(
-            x + e0, res, out + e0, nullptr, w.centre() + nc0, w.scale + nc0, w.shift + nc0, vectors,
-            per_thread, per_row, per_sample, static_cast<uint32_t>(c));
+        apply_kernel<T, A, Layout::kChannelsLast, kResidual><<<l.blocks, kThreads, 0, stream>>>(
+            x + l.e0, res, out + l.e0, nullptr, w.centre() + l.nc0, w.scale + l.nc0, w.shift + l.nc0,
+            l.vectors, l.per_thread, per_row, per_sample, static_cast<uint32_t>(c));
       }
       return cudaGetLastError();
     });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  });
 }
 
-template <typename T, Activation A, bool Backward>
-cudaError_t launch_elementwise(const T* x, const T* other, T* out, const float* scale, const float* shift,
-                               const float* weight, const float* mean, const float* rstd, const float* a_over_m,
-                               const float* b_over_m, int64_t n, int64_t c, int64_t s, int64_t groups, Layout layout,
-                               cudaStream_t stream) {
-  constexpr int kV = Vec<T>::kSize;
-  if (can_vectorize(layout, c, s, kV, x, other, out)) {
-    elementwise_kernel<T, A, Backward, true><<<grid_for(n * c * s / kV), kThreads, 0, stream>>>(
-        x, other, out, scale, shift, weight, mean, rstd, a_over_m, b_over_m, n, c, s, groups, layout);
-  } else {
-    elementwise_kernel<T, A, Backward, false><<<grid_for(n * c * s), kThreads, 0, stream>>>(
-        x, other, out, scale, shift, weight, mean, rstd, a_over_m, b_over_m, n, c, s, groups, layout);
+// The backward's elementwise pass (after the merges): backward_coefficients_kernel folds mean, rstd,
+// weight, A/m and B/m per (n, c) into the workspace's coefficient region, then backward_apply_kernel runs
+// over the launches of for_each_vector_launch, on 16-byte vectors where the layout and alignment allow and
+// on single elements otherwise. Only a single row/sample of 2^31 elements or more takes the 64-bit
+// elementwise_kernel.
+template <typename T, Activation A>
+cudaError_t launch_backward_apply(const T* x, const T* dy, T* dx, const float* mean, const float* rstd,
+                                  const float* weight, const Workspace& w, int64_t n, int64_t c, int64_t s,
+                                  int64_t groups, Layout layout, cudaStream_t stream) {
+  const bool first = layout == Layout::kChannelsFirst;
+  if ((first ? s : c * s) > kMaxLaunchElements) {
+    elementwise_kernel<T, A, true><<<grid_for(n * c * s), kThreads, 0, stream>>>(
+        x, dy, dx, w.scale, w.shift, weight, mean, rstd, w.a_over_m, w.b_over_m, n, c, s, groups, layout);
+    return cudaGetLastError();
   }
-  return cudaGetLastError();
+  BackwardCoefficients k{};
+  if (first) {
+    k.packed = reinterpret_cast<float4*>(w.coefficients);
+  } else {
+    const size_t stride = align_up(static_cast<size_t>(n) * c * sizeof(float)) / sizeof(float);
+    k.centre = w.coefficients;
+    k.k_dz = k.centre + stride;
+    k.k_v = k.k_dz + stride;
+    k.k_0 = k.k_v + stride;
+  }
+  backward_coefficients_kernel<<<grid_for(n * c), kThreads, 0, stream>>>(mean, rstd, weight, w.a_over_m,
+                                                                         w.b_over_m, n, c, groups, k);
+  cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const bool vectorised = can_vectorize(layout, c, s, Vec<T>::kSize, x, dy, dx);
+  return FL_BOOL_SWITCH(vectorised, kVectorised, [&] {
+    constexpr int kV = kVectorised ? Vec<T>::kSize : 1;
+    return for_each_vector_launch(n, c, s, layout, kV, [&](const VectorLaunch& l, FastDivmod per_row,
+                                                           FastDivmod per_sample) {
+      BackwardCoefficients kl = k;
+      if (first) {
+        kl.packed += l.nc0;
+      } else {
+        kl.centre += l.nc0, kl.k_dz += l.nc0, kl.k_v += l.nc0, kl.k_0 += l.nc0;
+      }
+      if (first) {
+        backward_apply_kernel<T, A, Layout::kChannelsFirst, kV><<<l.blocks, kThreads, 0, stream>>>(
+            x + l.e0, dy + l.e0, dx + l.e0, kl, w.scale + l.nc0, w.shift + l.nc0, l.vectors, l.per_thread,
+            per_row, per_sample, static_cast<uint32_t>(c));
+      } else {
+        backward_apply_kernel<T, A, Layout::kChannelsLast, kV><<<l.blocks, kThreads, 0, stream>>>(
+            x + l.e0, dy + l.e0, dx + l.e0, kl, w.scale + l.nc0, w.shift + l.nc0, l.vectors, l.per_thread,
+            per_row, per_sample, static_cast<uint32_t>(c));
+      }
+      return cudaGetLastError();
+    });
+  });
 }
 
 template <typename T, bool Backward, Activation A>
@@ -653,8 +797,8 @@ cudaError_t backward_typed(const GroupNormBackwardParams& p, cudaStream_t stream
       w.a_over_m, w.b_over_m);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  return launch_elementwise<T, A, true>(x, dy, static_cast<T*>(p.grad_x), w.scale, w.shift, weight, p.mean, p.rstd,
-                                        w.a_over_m, w.b_over_m, p.n, p.c, p.s, p.groups, p.layout, stream);
+  return launch_backward_apply<T, A>(x, dy, static_cast<T*>(p.grad_x), p.mean, p.rstd, weight, w, p.n, p.c,
+                                     p.s, p.groups, p.layout, stream);
 }
 
 bool sizes_ok(int64_t n, int64_t c, int64_t s, int64_t groups) {
@@ -670,7 +814,7 @@ size_t group_norm_cuda_workspace_bytes(int64_t n, int64_t c, int64_t s) {
 }
 
 size_t group_norm_backward_cuda_workspace_bytes(int64_t n, int64_t c, int64_t s) {
-  return group_norm_cuda_workspace_bytes(n, c, s);
+  return group_norm_cuda_workspace_bytes(n, c, s) + 4 * align_up(static_cast<size_t>(n) * c * sizeof(float));
 }
 
 cudaError_t launch_group_norm_cuda(const GroupNormParams& p, cudaStream_t stream) {

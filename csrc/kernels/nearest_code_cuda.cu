@@ -136,6 +136,20 @@ __global__ void finish_rows_kernel(const T* __restrict__ x, const T* __restrict_
 
 // ------------------------------------------------------------------ simt path
 
+// Batched searches, one per gridDim.y: moves the block's pointers to its search (x [n, d], codebook
+// [k, d], alpha and beta [k], indices [n] per search). Used by the simt, small-d and tensor-core paths.
+template <typename T>
+__device__ __forceinline__ void to_search(const T* __restrict__& x, const T* __restrict__& codebook,
+                                          const float* __restrict__& alpha, const float* __restrict__& beta,
+                                          int64_t* __restrict__& indices, int64_t n, int64_t k, int64_t d) {
+  const int64_t search = blockIdx.y;
+  x += search * n * d;
+  codebook += search * k * d;
+  alpha += search * k;
+  beta += search * k;
+  indices += search * n;
+}
+
 constexpr int kBM = 64;        // rows of x per block
 constexpr int kBN = 64;        // codes per tile
 constexpr int kBD = 16;        // dims per shared-memory stage
@@ -146,14 +160,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads)
 simt_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
             const float* __restrict__ beta, int64_t n, int64_t k, int64_t d, int64_t* __restrict__ indices) {
-  {  // batched searches: one per gridDim.y
-    const int64_t search = blockIdx.y;
-    x += search * n * d;
-    codebook += search * k * d;
-    alpha += search * k;
-    beta += search * k;
-    indices += search * n;
-  }
+  to_search(x, codebook, alpha, beta, indices, n, k, d);
   __shared__ float xs[kBD][kBM + kPad];
   __shared__ float cs[kBD][kBN + kPad];
 
@@ -246,14 +253,7 @@ __global__ void __launch_bounds__(kSmallThreads)
 small_d_kernel(const T* __restrict__ x, const T* __restrict__ codebook, const float* __restrict__ alpha,
                const float* __restrict__ beta, int64_t n, int64_t k, int64_t d,
                int64_t* __restrict__ indices) {
-  {  // batched searches: one per gridDim.y
-    const int64_t search = blockIdx.y;
-    x += search * n * d;
-    codebook += search * k * d;
-    alpha += search * k;
-    beta += search * k;
-    indices += search * n;
-  }
+  to_search(x, codebook, alpha, beta, indices, n, k, d);
   // Codes scaled by alpha, so that key = beta + <x, code>.
   __shared__ float codes[kSmallCodes][DP];
   __shared__ float betas[kSmallCodes];
@@ -428,14 +428,7 @@ template <typename T>
 __device__ __forceinline__ void tensor_core_search(const T* __restrict__ x, const T* __restrict__ codebook,
                                                    const float* __restrict__ alpha, const float* __restrict__ beta,
                                                    int64_t n, int64_t k, int64_t d, int64_t* __restrict__ indices) {
-  {  // batched searches: one per gridDim.y
-    const int64_t search = blockIdx.y;
-    x += search * n * d;
-    codebook += search * k * d;
-    alpha += search * k;
-    beta += search * k;
-    indices += search * n;
-  }
+  to_search(x, codebook, alpha, beta, indices, n, k, d);
   using Traits = TcTraits<T>;
   constexpr int kK = Traits::kK;
   constexpr int kDims = Traits::kDims;
