@@ -268,6 +268,49 @@ def test_code_stats_splits_a_collapsed_code_across_blocks():
         assert torch.equal(ours[0], cpu[0]) and torch.equal(ours[1], cpu[1])
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape,layout,misaligned",
+    [
+        ((2, 8, 48, 96), torch.contiguous_format, False),  # s = 4608: 16-byte vectors, 2 splits (one partial)
+        ((2, 8, 48, 96), torch.contiguous_format, True),  # x 16-byte misaligned: element reads
+        ((2, 12, 5, 7), torch.contiguous_format, False),  # s = 35: element reads
+        ((2, 64, 24, 30), torch.channels_last, False),  # c = 64: 16-byte vectors, 720 positions: 2 splits
+        ((1, 40, 9, 7), torch.channels_last, False),  # c = 40: a partial channel tile, 16-byte vectors
+        ((2, 64, 24, 30), torch.channels_last, True),  # misaligned: element reads
+        ((2, 12, 5, 7), torch.channels_last, False),  # c = 12: element reads (fp32: 16-byte vectors)
+    ],
+    ids=["cf_vec", "cf_misaligned", "cf_odd", "cl_vec", "cl_partial_tile", "cl_misaligned", "cl_odd"],
+)
+@pytest.mark.parametrize("offset", [0.0, 1000.0], ids=["centred", "mean_1000"])
+def test_group_norm_stats_reads_and_large_mean(shape, layout, misaligned, offset, dtype):
+    """The forward statistics pass (16-byte vector reads where the layout and alignment allow, element reads
+    otherwise) against float64 statistics of the same values, including x = 1000 + N(0, 1), where summed
+    squares in fp32 would lose M2 to cancellation (6400 * 1000^2 * 2^-24 is about 400, against M2 ~ 6400)."""
+    gen = torch.Generator().manual_seed(shape[1] + int(misaligned))
+    values = (torch.randn(shape, generator=gen) + offset).to(dtype)
+    x = (
+        torch.empty(values.numel() + 1, dtype=dtype)[1:]
+        if misaligned
+        else torch.empty(values.numel(), dtype=dtype)
+    )
+    if layout == torch.channels_last:
+        x = x.view(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2)
+    else:
+        x = x.view(shape)
+    x.copy_(values)
+    assert x.is_contiguous(memory_format=layout)
+    with launches() as ran, emulated():
+        mean, m2 = fastlatent.ops.group_norm_stats(x, 4)
+    kernel = "reduce_cf_kernel" if layout == torch.contiguous_format else "reduce_cl_kernel"
+    assert any(kernel in name for name in ran), sorted(ran)
+    grouped = values.double().reshape(shape[0], 4, -1)
+    ref_mean = grouped.mean(-1)
+    ref_m2 = ((grouped - ref_mean[..., None]) ** 2).sum(-1)
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=0, atol=1e-5 + 1e-6 * offset)
+    torch.testing.assert_close(m2.double(), ref_m2, rtol=2e-5, atol=1e-3)
+
+
 def test_group_norm_paths_both_layouts_and_fused_conv():
     x = torch.randn(2, 16, 9, 7).half()
     w, b = torch.randn(16), torch.randn(16)

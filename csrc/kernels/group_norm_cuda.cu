@@ -2,10 +2,13 @@
 //
 // Forward:
 //   1. channel_stats: grid (n * splits, channel tiles). A block reduces one chunk of
-//      positions of one sample for its channels: each thread keeps a Welford (mean, M2)
-//      state, states merge by Chan's formula through shared memory; the block writes one
-//      (mean, M2) partial per channel. Splitting the positions over many blocks is what
-//      keeps the GPU busy at batch 1 (eager GroupNorm launches n * groups blocks).
+//      positions of one sample for its channels: each thread reads 16-byte vectors where the
+//      layout allows (channels-first: s % vec == 0; channels-last: c % vec == 0, a lane taking
+//      vec consecutive channels), sums deviations from its first value and their squares (no
+//      division per element; see ShiftedSums) and turns them into one Welford (mean, M2) state;
+//      states merge by Chan's formula (shuffles, then shared memory) in a fixed order; the block
+//      writes one (mean, M2) partial per channel. Splitting the positions over many blocks is
+//      what keeps the GPU busy at batch 1 (eager GroupNorm launches n * groups blocks).
 //   2. group_stats: one warp per (n, g) merges its channels' partials in a fixed order (lanes,
 //      then a fixed tree) in double -> mean, rstd; then one thread per (n, c): scale, shift.
 //   3. apply: out = act((x - mean) * scale + shift) (+ residual). affine_kernel expands the
@@ -70,15 +73,144 @@ struct Welford {
 using cuda::FastDivmod;
 using cuda::to_float;
 
+template <typename T>
+struct Vec {
+  static constexpr int kSize = 16 / sizeof(T);
+};
+
+// The kV elements of a 16-byte vector as floats. bf16 -> fp32 is exact bit placement: the low
+// element of each 32-bit word shifted up, the high one masked (one instruction each; the generic
+// conversion spends two on the high element).
+template <typename T>
+__device__ __forceinline__ void unpack(const uint4& v, float* f) {
+  const T* e = reinterpret_cast<const T*>(&v);
+#pragma unroll
+  for (int j = 0; j < Vec<T>::kSize; ++j) f[j] = to_float(e[j]);
+}
+template <>
+__device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& v, float* f) {
+  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    f[2 * j] = __uint_as_float(words[j] << 16);
+    f[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
+  }
+}
+
+// Per-thread forward statistics without a division per element: sums of v - shift and (v - shift)^2, the
+// shift being the first value this thread sees of its channel (one add and one FMA per element). Turned
+// into a Welford state once, at the end: mean = shift + sum / n, M2 = sq - sum^2 / n. The deviations from
+// the shift are of the data's spread, not its mean, so |mean| >> std loses nothing to cancellation (sq and
+// sum^2 / n differ by the spread's size), and a thread sees at most kChunk / kThreads (channels-first) or
+// kChunkLast / kRowsPerPass (channels-last) values of a channel, which bounds the rounding of the sums.
+struct ShiftedSums {
+  float shift = 0.0f, sum = 0.0f, sq = 0.0f;
+  __device__ __forceinline__ void add(float v) {
+    const float d = v - shift;
+    sum += d;
+    sq = fmaf(d, d, sq);
+  }
+  __device__ __forceinline__ Welford welford(float count) const {
+    Welford w;
+    if (count > 0.0f) {
+      const float mean_shift = sum / count;
+      w.count = count;
+      w.mean = shift + mean_shift;
+      w.m2 = fmaxf(sq - sum * mean_shift, 0.0f);
+    }
+    return w;
+  }
+};
+
+// kV consecutive elements starting at element e as floats: one 16-byte load when kV fills 16 bytes (e is
+// then a multiple of kV and the tensor 16-byte aligned), else one element.
+template <typename T, int kV>
+__device__ __forceinline__ void load_run(const T* __restrict__ x, int64_t e, float* f) {
+  if constexpr (kV == 1) {
+    f[0] = to_float(x[e]);
+  } else {
+    unpack<T>(__ldg(reinterpret_cast<const uint4*>(x + e)), f);
+  }
+}
+
+// Forward statistics of one channels-first block: positions [p0, p1) of one plane in runs of kV (p0, p1
+// multiples of kV when kV > 1): the thread's state, merged by the block afterwards.
+template <typename T, int kV>
+__device__ __forceinline__ Welford plane_stats(const T* __restrict__ xp, int64_t p0, int64_t p1) {
+  const int64_t first = p0 + static_cast<int64_t>(threadIdx.x) * kV;
+  ShiftedSums acc;
+  if (first < p1) acc.shift = to_float(xp[first]);
+  float count = 0.0f;
+  for (int64_t p = first; p < p1; p += static_cast<int64_t>(kThreads) * kV) {
+    float f[kV];
+    load_run<T, kV>(xp, p, f);
+#pragma unroll
+    for (int j = 0; j < kV; ++j) acc.add(f[j]);
+    count += kV;
+  }
+  return acc.welford(count);
+}
+
+// Forward statistics of one channels-last block (positions [p0, p1) of one sample, channels
+// [tile, tile + kChannelTile)): 32 / kV lanes of a warp cover the tile's channels, kV consecutive channels
+// each (one 16-byte load per position when kV > 1; c is then a multiple of kV), and the warp's other lanes
+// further positions. Each lane keeps kV states; the lanes of a channel group merge by a fixed shuffle tree
+// and write states[warp][channel], which the block merges over warps as before.
+template <typename T, int kV>
+__device__ __forceinline__ void tile_stats(const T* __restrict__ x, int64_t c, int64_t s, int64_t sample,
+                                           int64_t tile, int64_t p0, int64_t p1,
+                                           Welford (&states)[kRowsPerPass][kChannelTile]) {
+  constexpr int kLanesC = kChannelTile / kV, kRows = kThreads / kLanesC;
+  const int lane = threadIdx.x & 31, lane_c = threadIdx.x % kLanesC, lane_p = threadIdx.x / kLanesC;
+  const int64_t ch = tile + static_cast<int64_t>(lane_c) * kV;
+  ShiftedSums acc[kV];
+  // This lane's positions p0 + lane_p, + kRows, ... below p1: fewer than kChunkLast, so 32-bit counts.
+  const int rows = ch < c && p0 + lane_p < p1 ? static_cast<int>((p1 - p0 - lane_p + kRows - 1) / kRows) : 0;
+  if (rows > 0) {
+    const T* xp = x + (sample * s + p0 + lane_p) * c + ch;
+    const int64_t step = static_cast<int64_t>(kRows) * c;
+    float f[kV];
+    load_run<T, kV>(xp, 0, f);
+#pragma unroll
+    for (int j = 0; j < kV; ++j) acc[j].shift = f[j];
+#pragma unroll 2
+    for (int r = 0; r < rows; ++r, xp += step) {
+      load_run<T, kV>(xp, 0, f);
+#pragma unroll
+      for (int j = 0; j < kV; ++j) acc[j].add(f[j]);
+    }
+  }
+  const float count = static_cast<float>(rows);
+  Welford w[kV];
+#pragma unroll
+  for (int j = 0; j < kV; ++j) {
+    w[j] = acc[j].welford(count);
+#pragma unroll
+    for (int offset = 16; offset >= kLanesC; offset >>= 1) {  // no shuffles when kV == 1
+      Welford other;
+      other.count = __shfl_down_sync(0xffffffffu, w[j].count, offset);
+      other.mean = __shfl_down_sync(0xffffffffu, w[j].mean, offset);
+      other.m2 = __shfl_down_sync(0xffffffffu, w[j].m2, offset);
+      w[j].merge(other);
+    }
+  }
+  if (lane < kLanesC) {
+#pragma unroll
+    for (int j = 0; j < kV; ++j) states[threadIdx.x / 32][lane_c * kV + j] = w[j];
+  }
+}
+
 // Partials layout: [n][split][c] of float2 (a, b). Forward: (mean, M2); backward: (sum dz,
 // sum dz * x_hat).
 
-// Channels-first reduction: block (plane, split) over positions [split * chunk, ...).
+// Channels-first reduction: block (plane, split) over positions [split * chunk, ...). `vectorised` (the
+// forward only): s is a multiple of Vec<T>::kSize and x 16-byte aligned, so every plane starts aligned.
 template <typename T, bool Backward, Activation A>
 __global__ void __launch_bounds__(kThreads)
 reduce_cf_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ scale,
                  const float* __restrict__ shift, const float* __restrict__ mean, const float* __restrict__ rstd,
-                 int64_t c, int64_t s, int64_t groups, int64_t splits, float2* __restrict__ partials) {
+                 int64_t c, int64_t s, int64_t groups, int64_t splits, bool vectorised,
+                 float2* __restrict__ partials) {
   __shared__ Welford states[kThreads];
   __shared__ float2 sums[kThreads];
   const int64_t plane = blockIdx.x / splits, split = blockIdx.x % splits;
@@ -100,7 +232,7 @@ reduce_cf_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
     }
     sums[threadIdx.x] = make_float2(a, b);
   } else {
-    for (int64_t p = p0 + threadIdx.x; p < p1; p += kThreads) w.add(to_float(xp[p]));
+    w = vectorised ? plane_stats<T, Vec<T>::kSize>(xp, p0, p1) : plane_stats<T, 1>(xp, p0, p1);
     states[threadIdx.x] = w;
   }
   __syncthreads();
@@ -121,13 +253,15 @@ reduce_cf_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
   }
 }
 
-// Channels-last reduction: block (sample, split) x channel tile; threads: kChannelTile
-// channels (coalesced) x kRowsPerPass positions.
+// Channels-last reduction: block (sample, split) x channel tile. Backward: threads are kChannelTile
+// channels (coalesced) x kRowsPerPass positions. Forward: tile_stats (kV channels per lane when
+// `vectorised`: c a multiple of Vec<T>::kSize, x 16-byte aligned) leaves one state per (warp, channel).
 template <typename T, bool Backward, Activation A>
 __global__ void __launch_bounds__(kThreads)
 reduce_cl_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float* __restrict__ scale,
                  const float* __restrict__ shift, const float* __restrict__ mean, const float* __restrict__ rstd,
-                 int64_t c, int64_t s, int64_t groups, int64_t splits, float2* __restrict__ partials) {
+                 int64_t c, int64_t s, int64_t groups, int64_t splits, bool vectorised,
+                 float2* __restrict__ partials) {
   __shared__ Welford states[kRowsPerPass][kChannelTile];
   __shared__ float2 sums[kRowsPerPass][kChannelTile];
   const int64_t sample = blockIdx.x / splits, split = blockIdx.x % splits;
@@ -136,8 +270,8 @@ reduce_cl_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
   const int64_t p0 = split * kChunkLast, p1 = min(s, p0 + kChunkLast);
   Welford w;
   float a = 0.0f, b = 0.0f;
-  if (ch < c) {
-    if constexpr (Backward) {
+  if constexpr (Backward) {
+    if (ch < c) {
       const float sc = scale[sample * c + ch], sh = shift[sample * c + ch];
       const int64_t g = sample * groups + ch / (c / groups);
       const float mu = mean[g], r = rstd[g];
@@ -148,17 +282,19 @@ reduce_cl_kernel(const T* __restrict__ x, const T* __restrict__ dy, const float*
         a += dz;
         b += dz * (v - mu) * r;
       }
-    } else {
-      for (int64_t p = p0 + lane_p; p < p1; p += kRowsPerPass) w.add(to_float(x[(sample * s + p) * c + ch]));
     }
-  }
-  if constexpr (Backward) {
     sums[lane_p][lane_c] = make_float2(a, b);
   } else {
-    states[lane_p][lane_c] = w;
+    const int64_t tile = static_cast<int64_t>(blockIdx.y) * kChannelTile;
+    if (vectorised) {
+      tile_stats<T, Vec<T>::kSize>(x, c, s, sample, tile, p0, p1, states);
+    } else {
+      tile_stats<T, 1>(x, c, s, sample, tile, p0, p1, states);
+    }
   }
   __syncthreads();
   if (lane_p == 0 && ch < c) {
+    if constexpr (!Backward) w = states[0][lane_c];
     for (int r = 1; r < kRowsPerPass; ++r) {
       if constexpr (Backward) {
         a += sums[r][lane_c].x;
@@ -281,11 +417,6 @@ __global__ void grad_merge_kernel(const float2* __restrict__ partials, const flo
   }
 }
 
-template <typename T>
-struct Vec {
-  static constexpr int kSize = 16 / sizeof(T);
-};
-
 // The 64-bit scalar elementwise passes, for what the 32-bit vector walks below cannot take (the forward:
 // layouts or alignments that do not vectorise; both: one row or sample of 2^31 elements or more).
 // Forward: out = act((x - mean) * scale + shift) (+ residual). Backward:
@@ -326,25 +457,6 @@ elementwise_kernel(const T* __restrict__ x, const T* __restrict__ other, T* __re
       if (other) y += oe;
     }
     out[e] = cuda::from_float<T>(y);
-  }
-}
-
-// The kV elements of a 16-byte vector as floats. bf16 -> fp32 is exact bit placement: the low
-// element of each 32-bit word shifted up, the high one masked (one instruction each; the generic
-// conversion spends two on the high element).
-template <typename T>
-__device__ __forceinline__ void unpack(const uint4& v, float* f) {
-  const T* e = reinterpret_cast<const T*>(&v);
-#pragma unroll
-  for (int j = 0; j < Vec<T>::kSize; ++j) f[j] = to_float(e[j]);
-}
-template <>
-__device__ __forceinline__ void unpack<__nv_bfloat16>(const uint4& v, float* f) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    f[2 * j] = __uint_as_float(words[j] << 16);
-    f[2 * j + 1] = __uint_as_float(words[j] & 0xffff0000u);
   }
 }
 
@@ -731,13 +843,15 @@ cudaError_t launch_reduce(const T* x, const T* dy, const float* scale, const flo
                           const float* rstd, int64_t n, int64_t c, int64_t s, int64_t groups, Layout layout,
                           float2* partials, cudaStream_t stream) {
   const int64_t splits = splits_of(s, layout);
+  // The forward statistics read 16-byte vectors where the layout allows (the backward reads elements).
+  const bool vectorised = !Backward && can_vectorize(layout, c, s, Vec<T>::kSize, x, nullptr, nullptr);
   if (layout == Layout::kChannelsFirst) {
     reduce_cf_kernel<T, Backward, A><<<static_cast<unsigned int>(n * c * splits), kThreads, 0, stream>>>(
-        x, dy, scale, shift, mean, rstd, c, s, groups, splits, partials);
+        x, dy, scale, shift, mean, rstd, c, s, groups, splits, vectorised, partials);
   } else {
     const dim3 grid(static_cast<unsigned int>(n * splits), static_cast<unsigned int>((c + kChannelTile - 1) / kChannelTile));
     reduce_cl_kernel<T, Backward, A><<<grid, kThreads, 0, stream>>>(x, dy, scale, shift, mean, rstd, c, s, groups,
-                                                                   splits, partials);
+                                                                   splits, vectorised, partials);
   }
   return cudaGetLastError();
 }
