@@ -509,6 +509,20 @@ def _prediction_reason(config, *supported: str) -> str | None:
     return None
 
 
+# what the multistep solvers' fused steps convert (DPM-Solver multistep/singlestep, UniPC, DEIS)
+_SOLVER_PREDICTIONS = ("epsilon", "sample", "v_prediction", "flow_prediction")
+
+
+def _solver_config_reason(config) -> str | None:
+    """The config-level reasons shared by the DPM-Solver and DEIS families: order above 3, a learned
+    variance, an unsupported prediction type (checked in that order), or None."""
+    if config.solver_order > 3:
+        return f"solver_order={config.solver_order}"
+    if getattr(config, "variance_type", None) in ("learned", "learned_range"):
+        return f"variance_type={config.variance_type!r}"
+    return _prediction_reason(config, *_SOLVER_PREDICTIONS)
+
+
 def _euler_reason(scheduler) -> str | None:
     return _prediction_reason(scheduler.config, "epsilon", "sample", "original_sample", "v_prediction")
 
@@ -680,12 +694,8 @@ def _dpm_reason(scheduler) -> str | None:
         return f"algorithm_type={algorithm!r}"
     if algorithm == "sde-dpmsolver" and config.solver_order == 3:
         return "algorithm_type='sde-dpmsolver' with solver_order=3"
-    if config.solver_order > 3:
-        return f"solver_order={config.solver_order}"
-    if config.variance_type in ("learned", "learned_range"):
-        return f"variance_type={config.variance_type!r}"
-    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-        return f"prediction_type={config.prediction_type!r}"
+    if (reason := _solver_config_reason(config)) is not None:
+        return reason
     if algorithm in ("dpmsolver", "sde-dpmsolver"):
         if config.prediction_type == "flow_prediction":
             return f"algorithm_type={algorithm!r} with flow_prediction"
@@ -1048,8 +1058,8 @@ def _unipc_reason(scheduler) -> str | None:
         return f"solver_type={config.solver_type!r}"
     if getattr(scheduler, "solver_p", None) is not None:
         return "solver_p (another scheduler as the predictor)"
-    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-        return f"prediction_type={config.prediction_type!r}"
+    if (reason := _prediction_reason(config, *_SOLVER_PREDICTIONS)) is not None:
+        return reason
     if not scheduler.predict_x0:
         if config.prediction_type == "flow_prediction":
             return "predict_x0=False with flow_prediction (diffusers refuses it)"
@@ -1249,10 +1259,8 @@ def _deis_reason(scheduler) -> str | None:
     config = scheduler.config
     if config.algorithm_type != "deis" or config.solver_type != "logrho":
         return f"algorithm_type={config.algorithm_type!r}, solver_type={config.solver_type!r}"
-    if config.solver_order > 3:
-        return f"solver_order={config.solver_order}"
-    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-        return f"prediction_type={config.prediction_type!r}"
+    if (reason := _solver_config_reason(config)) is not None:
+        return reason
     return _x0_reason(config)
 
 
@@ -1339,12 +1347,8 @@ def _dpm_single_reason(scheduler) -> str | None:
         return f"algorithm_type={algorithm!r}"
     if config.solver_type not in ("midpoint", "heun"):
         return f"solver_type={config.solver_type!r}"
-    if config.solver_order > 3:
-        return f"solver_order={config.solver_order}"
-    if config.variance_type in ("learned", "learned_range"):
-        return f"variance_type={config.variance_type!r}"
-    if config.prediction_type not in ("epsilon", "sample", "v_prediction", "flow_prediction"):
-        return f"prediction_type={config.prediction_type!r}"
+    if (reason := _solver_config_reason(config)) is not None:
+        return reason
     if algorithm == "dpmsolver":
         if config.prediction_type == "flow_prediction":
             return "algorithm_type='dpmsolver' with flow_prediction"
