@@ -7,6 +7,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_strided.h>
+#include <ATen/core/grad_mode.h>
+#include <ATen/record_function.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <initializer_list>
@@ -19,6 +23,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "direct_steps.h"
 #include "sampler_step.h"
 
 #ifdef FL_WITH_CUDA
@@ -392,12 +397,86 @@ Step plan_sampler_step( const at::Tensor& model_output, const at::Tensor& sample
 template <auto kPlan, typename Signature = decltype(kPlan)>
 struct PerKey;
 
+// The direct lane's conditions (direct_steps.h). A plain tensor's dispatch keys are exactly those a dense
+// tensor of its backend is created with: the backend's, its autocast key, and (unless it is an inference
+// tensor) its autograd keys. Anything more (Python, functorch wrappers, conjugate/negative views, sparse or
+// nested layouts) and the dispatcher has work to do first.
+bool plain_tensor(const at::Tensor& t) {
+  c10::DispatchKey dense;
+  c10::BackendComponent backend;
+  switch (t.device().type()) {
+    case c10::DeviceType::CPU:
+      dense = c10::DispatchKey::CPU;
+      backend = c10::BackendComponent::CPUBit;
+      break;
+#ifdef FL_WITH_CUDA
+    case c10::DeviceType::CUDA:
+      dense = c10::DispatchKey::CUDA;
+      backend = c10::BackendComponent::CUDABit;
+      break;
+#endif
+    default:
+      return false;
+  }
+  const c10::DispatchKeySet inference = c10::DispatchKeySet(dense) | c10::getAutocastRelatedKeySetFromBackend(backend);
+  const c10::DispatchKeySet keys = t.key_set();
+  // a tensor that requires grad, with grad mode on: the op's outputs would carry the autograd fallback's
+  // grad_fn (backward raises), which only the dispatcher attaches
+  if (t.requires_grad() && at::GradMode::is_enabled()) return false;
+  return keys == inference || keys == (inference | c10::getAutogradRelatedKeySetFromBackend(backend));
+}
+
+bool plain_argument(const at::Tensor& t) { return plain_tensor(t); }
+bool plain_argument(const std::optional<at::Tensor>& t) { return !t || plain_tensor(*t); }
+bool plain_argument(at::TensorList ts) {
+  for (const at::Tensor& t : ts)
+    if (!plain_tensor(t)) return false;
+  return true;
+}
+template <typename T>
+bool plain_argument(const T&) {
+  return true;
+}
+
+bool on_cuda(const at::Tensor& t) { return t.is_cuda(); }
+bool on_cuda(const std::optional<at::Tensor>& t) { return t && t->is_cuda(); }
+bool on_cuda(at::TensorList ts) {
+  for (const at::Tensor& t : ts)
+    if (t.is_cuda()) return true;
+  return false;
+}
+template <typename T>
+bool on_cuda(const T&) {
+  return false;
+}
+
+// The thread's included dispatch keys are the usual two: no Python dispatch mode (TorchDispatchMode,
+// FakeTensorMode), functorch transform or functionalization is active.
+bool plain_dispatch_state() {
+  const c10::DispatchKeySet usual{c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView};
+  return (c10::impl::tls_local_dispatch_key_set().included_ - usual).empty();
+}
+
 template <auto kPlan, typename... Args>
 struct PerKey<kPlan, Step (*)(Args...)> {
   static std::tuple<at::Tensor, at::Tensor> cpu(Args... args) { return run_cpu(kPlan(args...)); }
 #ifdef FL_WITH_CUDA
   static std::tuple<at::Tensor, at::Tensor> cuda(Args... args) { return run_cuda(kPlan(args...)); }
 #endif
+  // The kernel the dispatcher would pick (CUDA when any tensor is on a CUDA device, as its backend key
+  // outranks the CPU's), under the op's name in the profiler; nullopt outside the lane's conditions.
+  static direct::StepResult direct(const char* name, Args... args) {
+    if (!plain_dispatch_state() || !(plain_argument(args) && ...)) return std::nullopt;
+    RECORD_FUNCTION(name, c10::ArrayRef<const c10::IValue>{});
+    if ((on_cuda(args) || ...)) {
+#ifdef FL_WITH_CUDA
+      return cuda(args...);
+#else
+      return std::nullopt;  // the op's CUDA registration says this build has no CUDA kernels
+#endif
+    }
+    return cpu(args...);
+  }
 };
 
 // convert_prediction returns the converted tensor alone.
@@ -418,6 +497,44 @@ at::Tensor convert_prediction_cuda(const at::Tensor& model_output, const at::Ten
 #endif
 
 }  // namespace
+
+namespace direct {
+
+StepResult ddim_step(const at::Tensor& model_output, const at::Tensor& sample, double alpha_bar_t,
+                     double alpha_bar_prev, double eta, std::string_view prediction, bool use_clipped_model_output,
+                     std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
+                     std::optional<double> threshold_quantile, double threshold_max,
+                     const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                     const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+  return PerKey<&plan_ddim_step>::direct("fastlatent::ddim_step", model_output, sample, alpha_bar_t, alpha_bar_prev,
+                                          eta, prediction, use_clipped_model_output, guidance_scale,
+                                          guidance_rescale, clip_x0, threshold_quantile, threshold_max, noise, seed,
+                                          offset, seed_offset, return_x0);
+}
+
+StepResult euler_step(const at::Tensor& model_output, const at::Tensor& sample, double sigma, double sigma_next,
+                      std::string_view prediction, std::optional<double> guidance_scale, double guidance_rescale,
+                      std::optional<double> clip_x0, std::optional<double> threshold_quantile, double threshold_max,
+                      bool return_x0) {
+  return PerKey<&plan_euler_step>::direct("fastlatent::euler_step", model_output, sample, sigma, sigma_next,
+                                           prediction, guidance_scale, guidance_rescale, clip_x0,
+                                           threshold_quantile, threshold_max, return_x0);
+}
+
+StepResult sampler_step(const at::Tensor& model_output, const at::Tensor& sample, double x0_x, double x0_m,
+                        double out_x, double out_m, double out_x0, const std::vector<at::Tensor>& history,
+                        const std::vector<double>& out_history, double out_noise,
+                        std::optional<double> guidance_scale, double guidance_rescale, std::optional<double> clip_x0,
+                        std::optional<double> threshold_quantile, double threshold_max,
+                        const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
+                        const std::optional<at::Tensor>& seed_offset, bool return_x0) {
+  return PerKey<&plan_sampler_step>::direct("fastlatent::sampler_step", model_output, sample, x0_x, x0_m, out_x,
+                                             out_m, out_x0, at::TensorList(history), at::ArrayRef<double>(out_history),
+                                             out_noise, guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                                             threshold_max, noise, seed, offset, seed_offset, return_x0);
+}
+
+}  // namespace direct
 }  // namespace fastlatent
 
 #define FL_GUIDANCE_ARGS                                                                            \
