@@ -39,7 +39,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fastlatent._extension import HAS_CUDA_KERNELS, extension_available
+from fastlatent._extension import _C, HAS_CUDA_KERNELS, extension_available
 
 _STATE = "_fastlatent_step_state"
 _PREDICTIONS = {
@@ -93,6 +93,7 @@ class _State:
     config: Any = None  # the scheduler's (frozen) config that config_reason below was computed for
     config_reason: str | None = None
     host_tables: dict = dataclasses.field(default_factory=dict)  # family tables: name -> (tensor, host list)
+    differences: dict = dataclasses.field(default_factory=dict)  # _table_difference: (names, shifts) -> cache
     # the last set_timesteps of a family with set_timesteps_attributes: (arguments, config, alphas_cumprod,
     # its version counter, {attribute: value})
     set_timesteps_memo: Any = None
@@ -305,15 +306,49 @@ def _kernel_seed() -> int:
     return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).tolist()[0]
 
 
+def _direct_lanes() -> dict:
+    """The ops' direct lanes (csrc/torch/direct_steps.h), by op: the op's own checks and kernel without the
+    dispatcher's argument parsing, two thirds of a small step's op call on the CPU. Each with the op's
+    argument names and defaults, so that keyword arguments are passed by position (pybind11 matches a
+    keyword in about a microsecond)."""
+    if _C is None or not hasattr(_C, "_direct_sampler_step"):
+        return {}
+    lanes = {}
+    for name in ("ddim_step", "euler_step", "sampler_step"):
+        op = getattr(torch.ops.fastlatent, name).default
+        arguments = op._schema.arguments
+        position = {a.name: i for i, a in enumerate(arguments)}
+        defaults = [a.default_value if a.has_default_value() else None for a in arguments]
+        lanes[op] = (getattr(_C, f"_direct_{name}"), position, defaults)
+    return lanes
+
+
+_DIRECT_LANES = _direct_lanes()
+
+
 def _call_op(op, *args, **kwargs):
     """Runs a fused op; one whose argument checks reject this schedule runs diffusers' step instead.
 
     ``op`` is the registered operator itself (``torch.ops.fastlatent.<op>.default``), not the public
     wrapper of :mod:`fastlatent.ops.sampler_steps`: the wrapper's checks (extension, device, autograd) are
     made once per call by :func:`_fast_step` and :func:`_check_call`, and its overhead was a tenth of a
-    step at SD latent sizes on the CPU.
+    step at SD latent sizes on the CPU. In eager mode the op runs through its direct lane, which returns
+    None wherever the dispatcher has work to do (a dispatch or torch function mode, a tensor subclass, a
+    functorch transform, ...); under torch.compile the op itself is called, so the graph holds it.
     """
     try:
+        lane = _DIRECT_LANES.get(op)
+        if lane is not None and not torch.compiler.is_compiling():
+            run, position, defaults = lane
+            if kwargs:
+                full = list(args)
+                full += defaults[len(args) :]
+                for key, value in kwargs.items():
+                    full[position[key]] = value
+                args, kwargs = full, {}
+            result = run(*args)
+            if result is not None:
+                return result
         return op(*args, **kwargs)
     except (ValueError, TypeError) as exc:
         raise _Fallback(str(exc).split("\n")[0]) from exc
@@ -586,15 +621,13 @@ def _combine(
     return_x0=True,
 ):
     """One generic fused step (fastlatent.ops.sampler_step) with host coefficients."""
-    for h in history:
-        if (
-            not isinstance(h, torch.Tensor)
-            or h.shape != sample.shape
-            or h.dtype != sample.dtype
-            or h.device != sample.device
-        ):
-            raise _Fallback("solver history unlike sample")
     if history:
+        # the op rejects a history tensor of another shape or dtype with a ValueError/TypeError (a fallback,
+        # through _call_op); another device is a RuntimeError there, so it is checked here
+        device = sample.device
+        for h in history:
+            if not isinstance(h, torch.Tensor) or h.device != device:
+                raise _Fallback("solver history unlike sample")
         _check_no_grad(*history)
     # only the keyword arguments that differ from the schema's defaults: each one passed costs the op call
     # about a microsecond of parsing (a fifth of the host time of a small step)
@@ -1529,21 +1562,24 @@ def _table_difference(
     taken from the whole table's differences, computed once per pair of schedule tensors: one view per
     step instead of two index ops and a subtraction."""
     a, b = getattr(scheduler, minuend), getattr(scheduler, subtrahend)
-    if a.device != b.device:  # KDPM2 ancestral on a GPU: sigmas_interpol there, sigmas on the CPU
-        return a[index + shift_m] - b[index + shift_s]  # a 0-d CPU operand is a scalar to the GPU one
-    key = ("difference", minuend, shift_m, subtrahend, shift_s)
-    cached = state.host_tables.get(key)
-    versions = (a._version, b._version)  # an in-place change to a table computes the differences again
-    if cached is None or cached[0][0] is not a or cached[0][1] is not b or cached[0][2] != versions:
+    key = (minuend, shift_m, subtrahend, shift_s)
+    cached = state.differences.get(key)
+    # a new table, or an in-place change to one (its version), computes the differences again
+    if (
+        cached is None
+        or cached[0] is not a
+        or cached[1] is not b
+        or cached[2] != a._version
+        or cached[3] != b._version
+    ):
+        if a.device != b.device:  # KDPM2 ancestral on a GPU: sigmas_interpol there, sigmas on the CPU
+            return a[index + shift_m] - b[index + shift_s]  # a 0-d CPU operand is a scalar to the GPU one
         count = min(a.shape[0] - shift_m, b.shape[0] - shift_s)
-        cached = state.host_tables[key] = (
-            (a, b, versions),
-            a[shift_m : shift_m + count] - b[shift_s : shift_s + count],
-        )
-    differences = cached[1]
-    if not 0 <= index < differences.shape[0]:
+        differences = a[shift_m : shift_m + count] - b[shift_s : shift_s + count]
+        cached = state.differences[key] = (a, b, a._version, b._version, differences, count)
+    if not 0 <= index < cached[5]:
         return a[index + shift_m] - b[index + shift_s]  # diffusers' own indexing (and its error, if any)
-    return differences[index]
+    return cached[4][index]
 
 
 def _table_snapshot(*names: str) -> Callable[[Any, Any], None]:
@@ -1567,21 +1603,34 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
 
     First stage, from sigma to sigma_next: d = (x - x0) / sigma, x' = x + dt d, and d, dt, x are stored.
     Second stage at sigma_next: x' = x_first + dt / 2 (d_first + (x - x0) / sigma_next), one fused op with the
-    stored sample and derivative as history."""
+    stored sample and derivative as history.
+
+    With an epsilon-form x0 (x0 = x - sigma m: epsilon prediction, and flow matching's velocity) and no
+    clipping, the derivative (x - x0) / sigma is the model output itself, so both stages are plain sums of
+    the operands, x' = x + dt m and x' = x_first + dt/2 d_first + dt/2 m, which the kernel runs without its
+    x0 term: bound by memory, where the x0 term made it bound by its multiplies (one core of the CI's EPYC,
+    131072 elements)."""
     sigmas = state.host_sigmas
+    epsilon_form = prediction == "epsilon" and not x0_options
     if scheduler.dt is None:
         if index + 1 >= len(sigmas):
             raise _Fallback("step past the last sigma")
         sigma, sigma_next = sigmas[index], sigmas[index + 1]
+        if sigma == 0.0:
+            raise _Fallback("degenerate schedule step (sigma = 0)")  # diffusers divides by it
         dt = _dt32(sigma_next, sigma)
-        x0_form = _sigma_forms(prediction, sigma)
-        if return_x0 and prediction == "epsilon" and not x0_options:
-            # d = (x - x0) / sigma is the model output itself: one fused pass gives x' and d (the model
-            # output's values, in a tensor of its own as diffusers stores it), and x0 = x - sigma d is one
-            # plain pass (a second fused pass costs more than torch.add)
-            prev_sample, derivative = _combine(model_output, sample, (0.0, 1.0), out_x=1.0, out_x0=dt)
-            x0 = torch.add(sample, derivative, alpha=-sigma)
+        if epsilon_form and return_x0:
+            # x' and x0 = x - sigma m in one pass; the stored derivative is the model output's values, in a
+            # tensor of its own as diffusers stores it (a copy: the caller may reuse its buffer, as a CUDA
+            # graph's static output does)
+            prev_sample, x0 = _combine(model_output, sample, (1.0, -sigma), out_x=1.0, out_m=dt)
+            derivative = model_output.clone()
+        elif epsilon_form:
+            # the derivative in the x0 slot: 0 x + 1 m
+            prev_sample, derivative = _combine(model_output, sample, (0.0, 1.0), out_x=1.0, out_m=dt)
+            x0 = None
         elif return_x0:
+            x0_form = _sigma_forms(prediction, sigma)
             prev_sample, x0 = _combine(
                 model_output,
                 sample,
@@ -1598,6 +1647,7 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
             if x0_options:
                 raise _Fallback("x0 clipping without x0 output")
             # the derivative itself in the x0 slot: d = ((1 - c_x) x - c_m m) / sigma, x' = x + dt d
+            x0_form = _sigma_forms(prediction, sigma)
             derivative_form = ((1.0 - x0_form[0]) / sigma, -x0_form[1] / sigma)
             prev_sample, derivative = _combine(model_output, sample, derivative_form, out_x=1.0, out_x0=dt)
             x0 = None
@@ -1612,19 +1662,33 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
         if first_derivative is None or first_sample is None:
             raise _Fallback("second Heun stage without a stored first stage")
         sigma, sigma_next = sigmas[index - 1], sigmas[index]
+        if sigma_next == 0.0:
+            raise _Fallback("degenerate schedule step (sigma_next = 0)")  # diffusers divides by it
         dt = _dt32(sigma_next, sigma)
-        half = 0.5 * dt / sigma_next
-        prev_sample, x0 = _combine(
-            model_output,
-            sample,
-            _sigma_forms(prediction, sigma_next),
-            out_x=half,
-            out_x0=-half,
-            history=[first_sample, first_derivative],
-            out_history=[1.0, 0.5 * dt],
-            x0_options=x0_options,
-            return_x0=return_x0,
-        )
+        half = 0.5 * dt
+        history = [first_sample, first_derivative]
+        if epsilon_form:
+            prev_sample, x0 = _combine(
+                model_output,
+                sample,
+                (1.0, -sigma_next),
+                out_m=half,
+                history=history,
+                out_history=[1.0, half],
+                return_x0=return_x0,
+            )
+        else:
+            prev_sample, x0 = _combine(
+                model_output,
+                sample,
+                _sigma_forms(prediction, sigma_next),
+                out_x=half / sigma_next,
+                out_x0=-half / sigma_next,
+                history=history,
+                out_history=[1.0, half],
+                x0_options=x0_options,
+                return_x0=return_x0,
+            )
         if not return_x0:
             x0 = None
         scheduler.prev_derivative = scheduler.dt = scheduler.sample = None
