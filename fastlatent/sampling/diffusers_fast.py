@@ -155,6 +155,13 @@ def _refresh(scheduler, state: _State) -> None:
 def _timestep_value(state: _State, timestep) -> float:
     """The timestep as a host number, without reading the device."""
     if isinstance(timestep, torch.Tensor):
+        if torch.compiler.is_compiling():
+            # a traced tensor has no value and no storage to locate it by: diffusers' own lookup would read
+            # it back (a graph break); a compiled loop sets the step index first (set_begin_index)
+            raise _Fallback(
+                "a timestep tensor before the step index is known, under torch.compile "
+                "(call scheduler.set_begin_index(0) before a compiled loop)"
+            )
         base = state.timesteps
         if timestep._base is base and base is not None and base.dim() == 1 and timestep.dim() == 0:
             # an element of scheduler.timesteps, as a loop over it yields (the common case, checked cheaply)
@@ -1562,6 +1569,8 @@ def _table_difference(
     taken from the whole table's differences, computed once per pair of schedule tensors: one view per
     step instead of two index ops and a subtraction."""
     a, b = getattr(scheduler, minuend), getattr(scheduler, subtrahend)
+    if torch.compiler.is_compiling():  # in the graph as diffusers computes it (a version is no guard there)
+        return a[index + shift_m] - b[index + shift_s]
     key = (minuend, shift_m, subtrahend, shift_s)
     cached = state.differences.get(key)
     # a new table, or an in-place change to one (its version), computes the differences again
@@ -2112,6 +2121,7 @@ def accelerate_scheduler(scheduler) -> SchedulerReport:
         return SchedulerReport(name, False, "no fused step for this scheduler class")
     reason = family.config_reason(scheduler)
     if state is None:
+        _output_type(family)  # imported now, not in the first step (which torch.compile may be tracing)
         state = _State(SchedulerReport(name, reason is None, reason), family)
         scheduler.__dict__[_STATE] = state
         step, set_timesteps = _installed_methods(type(scheduler))
