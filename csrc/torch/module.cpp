@@ -84,8 +84,16 @@ bool exact_tensor_list(py::handle object, std::vector<at::Tensor>& out) {
   return true;
 }
 
-// The lane's result as diffusers_fast expects it: the op's (prev_sample, pred_x0) or None.
-py::object as_python(fastlatent::direct::StepResult result) {
+// Runs a lane without the GIL (as the op call does) when its Python-side conditions hold (`exact`: every
+// tensor argument unpacked; no torch function mode): the op's (prev_sample, pred_x0), or None.
+template <typename Call>
+py::object run_lane(bool exact, Call&& call) {
+  if (!exact || at::impl::torch_function_mode_enabled()) return py::none();
+  fastlatent::direct::StepResult result;
+  {
+    py::gil_scoped_release no_gil;
+    result = call();
+  }
   if (!result) return py::none();
   return py::make_tuple(std::get<0>(*result), std::get<1>(*result));
 }
@@ -99,17 +107,13 @@ py::object direct_ddim_step(py::handle model_output, py::handle sample, double a
   HANDLE_TH_ERRORS
   at::Tensor m, x;
   std::optional<at::Tensor> z, so;
-  if (at::impl::torch_function_mode_enabled() || !exact_tensor(model_output, m) || !exact_tensor(sample, x) ||
-      !exact_optional_tensor(noise, z) || !exact_optional_tensor(seed_offset, so))
-    return py::none();
-  fastlatent::direct::StepResult result;
-  {
-    py::gil_scoped_release no_gil;
-    result = fastlatent::direct::ddim_step(m, x, alpha_bar_t, alpha_bar_prev, eta, prediction,
-                                           use_clipped_model_output, guidance_scale, guidance_rescale, clip_x0,
-                                           threshold_quantile, threshold_max, z, seed, offset, so, return_x0);
-  }
-  return as_python(std::move(result));
+  const bool exact = exact_tensor(model_output, m) && exact_tensor(sample, x) && exact_optional_tensor(noise, z) &&
+                     exact_optional_tensor(seed_offset, so);
+  return run_lane(exact, [&] {
+    return fastlatent::direct::ddim_step(m, x, alpha_bar_t, alpha_bar_prev, eta, prediction, use_clipped_model_output,
+                                         guidance_scale, guidance_rescale, clip_x0, threshold_quantile, threshold_max,
+                                         z, seed, offset, so, return_x0);
+  });
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -119,15 +123,11 @@ py::object direct_euler_step(py::handle model_output, py::handle sample, double 
                              std::optional<double> threshold_quantile, double threshold_max, bool return_x0) {
   HANDLE_TH_ERRORS
   at::Tensor m, x;
-  if (at::impl::torch_function_mode_enabled() || !exact_tensor(model_output, m) || !exact_tensor(sample, x))
-    return py::none();
-  fastlatent::direct::StepResult result;
-  {
-    py::gil_scoped_release no_gil;
-    result = fastlatent::direct::euler_step(m, x, sigma, sigma_next, prediction, guidance_scale, guidance_rescale,
-                                            clip_x0, threshold_quantile, threshold_max, return_x0);
-  }
-  return as_python(std::move(result));
+  const bool exact = exact_tensor(model_output, m) && exact_tensor(sample, x);
+  return run_lane(exact, [&] {
+    return fastlatent::direct::euler_step(m, x, sigma, sigma_next, prediction, guidance_scale, guidance_rescale,
+                                          clip_x0, threshold_quantile, threshold_max, return_x0);
+  });
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
@@ -142,17 +142,13 @@ py::object direct_sampler_step(py::handle model_output, py::handle sample, doubl
   at::Tensor m, x;
   std::vector<at::Tensor> h;
   std::optional<at::Tensor> z, so;
-  if (at::impl::torch_function_mode_enabled() || !exact_tensor(model_output, m) || !exact_tensor(sample, x) ||
-      !exact_tensor_list(history, h) || !exact_optional_tensor(noise, z) || !exact_optional_tensor(seed_offset, so))
-    return py::none();
-  fastlatent::direct::StepResult result;
-  {
-    py::gil_scoped_release no_gil;
-    result = fastlatent::direct::sampler_step(m, x, x0_x, x0_m, out_x, out_m, out_x0, h, out_history, out_noise,
-                                              guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
-                                              threshold_max, z, seed, offset, so, return_x0);
-  }
-  return as_python(std::move(result));
+  const bool exact = exact_tensor(model_output, m) && exact_tensor(sample, x) && exact_tensor_list(history, h) &&
+                     exact_optional_tensor(noise, z) && exact_optional_tensor(seed_offset, so);
+  return run_lane(exact, [&] {
+    return fastlatent::direct::sampler_step(m, x, x0_x, x0_m, out_x, out_m, out_x0, h, out_history, out_noise,
+                                            guidance_scale, guidance_rescale, clip_x0, threshold_quantile,
+                                            threshold_max, z, seed, offset, so, return_x0);
+  });
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
