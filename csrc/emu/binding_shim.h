@@ -7,6 +7,10 @@
 
 #include <torch/library.h>
 
+// Tells the bindings they are compiled for fastlatent._emu: what only the real module has (the sampler steps'
+// direct lanes, which run the CPU kernels) is left out.
+#define FL_EMU_BINDINGS 1
+
 #include "emu_library.h"
 
 #define FL_EMU_CAT2(a, b) a##b

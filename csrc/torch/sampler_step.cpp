@@ -498,6 +498,8 @@ at::Tensor convert_prediction_cuda(const at::Tensor& model_output, const at::Ten
 
 }  // namespace
 
+// The direct lanes run the CPU kernels, which the emulated module (csrc/emu/binding_shim.h) does not have.
+#ifndef FL_EMU_BINDINGS
 namespace direct {
 
 StepResult ddim_step(const at::Tensor& model_output, const at::Tensor& sample, double alpha_bar_t,
@@ -535,6 +537,7 @@ StepResult sampler_step(const at::Tensor& model_output, const at::Tensor& sample
 }
 
 }  // namespace direct
+#endif  // FL_EMU_BINDINGS
 }  // namespace fastlatent
 
 #define FL_GUIDANCE_ARGS                                                                            \
