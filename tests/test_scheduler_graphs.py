@@ -27,6 +27,13 @@ COMPILED_CASES = [
     ("HeunDiscreteScheduler", dict(SD)),
     ("FlowMatchEulerDiscreteScheduler", dict(shift=3.0)),
     ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0)),
+    # host coefficients (float32 tensor, numpy and scipy arithmetic) computed at trace time, not traced
+    ("UniPCMultistepScheduler", dict(SD)),
+    ("UniPCMultistepScheduler", dict(SD, solver_order=3, solver_type="bh1", final_sigmas_type="sigma_min")),
+    ("DEISMultistepScheduler", dict(SD, solver_order=3)),
+    ("DPMSolverSinglestepScheduler", dict(SD)),
+    ("DPMSolverSinglestepScheduler", dict(SD, solver_order=3)),
+    ("LMSDiscreteScheduler", dict(SD)),
 ]
 
 
@@ -78,6 +85,7 @@ def test_compiled_loop_is_one_graph_with_the_fused_step(name, config):
             return gm.forward
 
         scheduler = _scheduler(name, config, steps)
+        torch.compiler.reset()  # each case compiles the same code object: start from no cached graphs
         compiled = torch.compile(
             lambda x0: _loop(scheduler, model, x0), backend=backend, fullgraph=True, dynamic=False
         )
@@ -106,6 +114,7 @@ def test_compiled_stochastic_loop_is_one_graph(name):
         eager_scheduler = _scheduler(name, dict(SD), 6)
         eager = _loop(eager_scheduler, model, x * eager_scheduler.init_noise_sigma)
         scheduler = _scheduler(name, dict(SD), 6)
+        torch.compiler.reset()
         compiled = torch.compile(lambda x0: _loop(scheduler, model, x0), backend=backend, fullgraph=True)
         got = compiled(x * scheduler.init_noise_sigma)
     assert len(graphs) == 1

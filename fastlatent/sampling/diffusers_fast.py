@@ -31,6 +31,7 @@ import dataclasses
 import importlib
 import inspect
 import math
+import sys
 import types
 import warnings
 from collections import Counter, OrderedDict
@@ -1107,10 +1108,11 @@ def _unipc_reason(scheduler) -> str | None:
     return _x0_reason(config)
 
 
-def _f32_alpha_sigma(scheduler, sigma: float):
-    """diffusers' _sigma_to_alpha_sigma_t on a float32 sigma, in float32 as its tensor code computes it."""
+def _f32_alpha_sigma(flow: bool, sigma: float):
+    """diffusers' _sigma_to_alpha_sigma_t on a float32 sigma, in float32 as its tensor code computes it
+    (``flow``: the scheduler's use_flow_sigmas)."""
     s = np.float32(sigma)
-    if scheduler.config.use_flow_sigmas:
+    if flow:
         return np.float32(1.0) - s, s
     alpha = np.float32(1.0) / np.sqrt(s * s + np.float32(1.0))
     return alpha, s * alpha
@@ -1119,14 +1121,29 @@ def _f32_alpha_sigma(scheduler, sigma: float):
 _MULTISTEP_CACHE: dict = {}
 
 
-def _cached(key, compute):
-    """Host coefficients by schedule values (each loop over the same schedule reuses them)."""
+def _cached(key: tuple):
+    """Host coefficients by schedule values (each loop over the same schedule reuses them): ``key`` is
+    (family, *the arguments of its _<family>_coefficients_f32), plain numbers, strings and tuples. So this is
+    a function of constants, which torch.compile runs when it traces a step (marked by
+    :func:`_mark_host_constants`) instead of tracing its float32 tensor and numpy arithmetic."""
     value = _MULTISTEP_CACHE.get(key)
     if value is None:
-        value = compute()
+        try:
+            value = _COEFFICIENTS_F32[key[0]](*key[1:])
+        except _Fallback as why:
+            value = str(why)  # a degenerate step: the reason, raised by _host_coefficients
         if len(_MULTISTEP_CACHE) > 8192:
             _MULTISTEP_CACHE.clear()
         _MULTISTEP_CACHE[key] = value
+    return value
+
+
+def _host_coefficients(key: tuple):
+    """:func:`_cached`'s coefficients, or its degenerate step's fallback (raised here: an exception inside a
+    function torch.compile runs at trace time would end the compilation rather than fall back)."""
+    value = _cached(key)
+    if isinstance(value, str):
+        raise _Fallback(value)
     return value
 
 
@@ -1149,14 +1166,14 @@ def _unipc_coefficients(scheduler, sigmas: list, target: int, sources: list, ord
         scheduler.config.solver_type,
         bool(scheduler.config.use_flow_sigmas),
     )
-    return _cached(key, lambda: _unipc_coefficients_f32(scheduler, sigmas, target, sources, order, corrector))
+    return _host_coefficients(key)
 
 
-def _unipc_coefficients_f32(scheduler, sigmas, target, sources, order, corrector):
+def _unipc_coefficients_f32(sigma_target, source_sigmas, order, corrector, predict_x0, solver_type, flow):
     # float32 CPU tensors, vectorised over the few sigmas involved (torch's float32 log/expm1 give the same
     # values on 0-d and 1-d tensors); read back with tolist, never item
-    table = torch.tensor([sigmas[target]] + [sigmas[k] for k in sources[:order]], dtype=torch.float32)
-    if scheduler.config.use_flow_sigmas:
+    table = torch.tensor([sigma_target, *source_sigmas], dtype=torch.float32)
+    if flow:
         alphas, sigmas_t = 1 - table, table
     else:
         alphas = 1 / ((table**2 + 1) ** 0.5)
@@ -1164,11 +1181,10 @@ def _unipc_coefficients_f32(scheduler, sigmas, target, sources, order, corrector
     lambdas = torch.log(alphas) - torch.log(sigmas_t)
     h = lambdas[0] - lambdas[1]
     rks = torch.cat([(lambdas[2:] - lambdas[1]) / h, torch.ones(1)])
-    predict_x0 = scheduler.predict_x0
     hh = -h if predict_x0 else h
     h_phi_1 = torch.expm1(hh)
     h_phi_k = h_phi_1 / hh - 1
-    b_h = hh if scheduler.config.solver_type == "bh1" else torch.expm1(hh)
+    b_h = hh if solver_type == "bh1" else torch.expm1(hh)
     rows, b, factorial = [], [], 1
     for i in range(1, order + 1):
         rows.append(torch.pow(rks, i - 1))
@@ -1310,20 +1326,22 @@ def _deis_coefficients(scheduler, sigmas: list, index: int, order: int) -> tuple
     to float32 in its order of operations (it takes numpy's float32 log; the integrals' differences cancel,
     see _unipc_coefficients)."""
     key = ("deis", tuple(sigmas[index - k] for k in range(-1, order)), bool(scheduler.config.use_flow_sigmas))
-    return _cached(key, lambda: _deis_coefficients_f32(scheduler, sigmas, index, order))
+    return _host_coefficients(key)
 
 
-def _deis_coefficients_f32(scheduler, sigmas, index, order):
+def _deis_coefficients_f32(step_sigmas, flow):
+    """``step_sigmas``: the target sigma, then the current one and the earlier ones (newest first)."""
     f = np.float32
+    order = len(step_sigmas) - 1
     with np.errstate(all="ignore"):
-        a_t, s_t = _f32_alpha_sigma(scheduler, sigmas[index + 1])
-        a_0, s_0 = _f32_alpha_sigma(scheduler, sigmas[index])
+        a_t, s_t = _f32_alpha_sigma(flow, step_sigmas[0])
+        a_0, s_0 = _f32_alpha_sigma(flow, step_sigmas[1])
         c_x = float(a_t) / float(a_0)
         if order == 1:
             h = (np.log(a_t) - np.log(s_t)) - (np.log(a_0) - np.log(s_0))
             coefficients = [-float(s_t * (np.exp(h) - f(1.0)))]
         else:
-            rhos = [s / a for a, s in (_f32_alpha_sigma(scheduler, sigmas[index - k]) for k in range(order))]
+            rhos = [s / a for a, s in (_f32_alpha_sigma(flow, step_sigmas[k + 1]) for k in range(order))]
             rho_t = s_t / a_t
             logs, log_t = [np.log(r) for r in rhos], np.log(rho_t)
 
@@ -1404,14 +1422,13 @@ def _dpm_single_coefficients(scheduler, algorithm, solver_type, sigmas, index, o
     scalars are float32 tensor values in diffusers' order of operations (see _unipc_coefficients)."""
     key = ("single", algorithm, solver_type, order, tuple(sigmas[index + 1 - k] for k in range(order + 1)))
     key += (bool(scheduler.config.use_flow_sigmas),)
-    return _cached(
-        key, lambda: _dpm_single_coefficients_f32(scheduler, algorithm, solver_type, sigmas, index, order)
-    )
+    return _host_coefficients(key)
 
 
-def _dpm_single_coefficients_f32(scheduler, algorithm, solver_type, sigmas, index, order):
-    table = torch.tensor([sigmas[index + 1 - k] for k in range(order + 1)], dtype=torch.float32)
-    if scheduler.config.use_flow_sigmas:
+def _dpm_single_coefficients_f32(algorithm, solver_type, order, step_sigmas, flow):
+    """``step_sigmas``: sigmas[index + 1 - k] for k = 0..order (the target first)."""
+    table = torch.tensor(step_sigmas, dtype=torch.float32)
+    if flow:
         alphas, sigmas_t = 1 - table, table
     else:
         alphas = 1 / ((table**2 + 1) ** 0.5)
@@ -1828,6 +1845,30 @@ _KDPM2_SET_TIMESTEPS = (
     "_step_index",
     "_begin_index",
 )
+# _cached's families: the key's first item -> the function of the rest
+_COEFFICIENTS_F32 = {
+    "unipc": _unipc_coefficients_f32,
+    "deis": _deis_coefficients_f32,
+    "single": _dpm_single_coefficients_f32,
+}
+
+_HOST_CONSTANTS_MARKED = False
+
+
+def _mark_host_constants() -> None:
+    """Lets torch.compile run the host-coefficient functions (functions of plain numbers: :func:`_cached`,
+    :func:`_lms_coefficients`) when it traces a step, rather than trace their float32 tensor, numpy and scipy
+    arithmetic (which breaks the graph). torch.compiler.assume_constant_result needs the compiler stack,
+    which diffusers imports (fastlatent itself does not: 2 s); without it the functions stay unmarked, and a
+    compiled loop of those families breaks its graph as diffusers' own steps do."""
+    global _HOST_CONSTANTS_MARKED
+    if _HOST_CONSTANTS_MARKED or "torch._dynamo" not in sys.modules:
+        return
+    for fn in (_cached, _lms_coefficients):
+        torch.compiler.assume_constant_result(fn)
+    _HOST_CONSTANTS_MARKED = True
+
+
 _FAMILIES: dict[str, _Family] = {
     "DDIMScheduler": _Family(
         _ddim_reason, _ddim_step, _SCHEDULERS + "scheduling_ddim.DDIMSchedulerOutput", True
@@ -2122,6 +2163,7 @@ def accelerate_scheduler(scheduler) -> SchedulerReport:
     reason = family.config_reason(scheduler)
     if state is None:
         _output_type(family)  # imported now, not in the first step (which torch.compile may be tracing)
+        _mark_host_constants()
         state = _State(SchedulerReport(name, reason is None, reason), family)
         scheduler.__dict__[_STATE] = state
         step, set_timesteps = _installed_methods(type(scheduler))
