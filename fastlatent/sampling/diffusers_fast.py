@@ -1645,18 +1645,18 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
         if sigma == 0.0:
             raise _Fallback("degenerate schedule step (sigma = 0)")  # diffusers divides by it
         dt = _dt32(sigma_next, sigma)
+        x0_form = _sigma_forms(prediction, sigma)
         if epsilon_form and return_x0:
             # x' and x0 = x - sigma m in one pass; the stored derivative is the model output's values, in a
             # tensor of its own as diffusers stores it (a copy: the caller may reuse its buffer, as a CUDA
             # graph's static output does)
-            prev_sample, x0 = _combine(model_output, sample, (1.0, -sigma), out_x=1.0, out_m=dt)
+            prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=1.0, out_m=dt)
             derivative = model_output.clone()
         elif epsilon_form:
             # the derivative in the x0 slot: 0 x + 1 m
             prev_sample, derivative = _combine(model_output, sample, (0.0, 1.0), out_x=1.0, out_m=dt)
             x0 = None
         elif return_x0:
-            x0_form = _sigma_forms(prediction, sigma)
             prev_sample, x0 = _combine(
                 model_output,
                 sample,
@@ -1673,7 +1673,6 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
             if x0_options:
                 raise _Fallback("x0 clipping without x0 output")
             # the derivative itself in the x0 slot: d = ((1 - c_x) x - c_m m) / sigma, x' = x + dt d
-            x0_form = _sigma_forms(prediction, sigma)
             derivative_form = ((1.0 - x0_form[0]) / sigma, -x0_form[1] / sigma)
             prev_sample, derivative = _combine(model_output, sample, derivative_form, out_x=1.0, out_x0=dt)
             x0 = None
@@ -1692,29 +1691,22 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
             raise _Fallback("degenerate schedule step (sigma_next = 0)")  # diffusers divides by it
         dt = _dt32(sigma_next, sigma)
         half = 0.5 * dt
-        history = [first_sample, first_derivative]
-        if epsilon_form:
-            prev_sample, x0 = _combine(
-                model_output,
-                sample,
-                (1.0, -sigma_next),
-                out_m=half,
-                history=history,
-                out_history=[1.0, half],
-                return_x0=return_x0,
-            )
+        if epsilon_form:  # (x - x0) / sigma_next is the model output: dt/2 m, no x0 term
+            out_x, out_m, out_x0 = 0.0, half, 0.0
         else:
-            prev_sample, x0 = _combine(
-                model_output,
-                sample,
-                _sigma_forms(prediction, sigma_next),
-                out_x=half / sigma_next,
-                out_x0=-half / sigma_next,
-                history=history,
-                out_history=[1.0, half],
-                x0_options=x0_options,
-                return_x0=return_x0,
-            )
+            out_x, out_m, out_x0 = half / sigma_next, 0.0, -half / sigma_next
+        prev_sample, x0 = _combine(
+            model_output,
+            sample,
+            _sigma_forms(prediction, sigma_next),
+            out_x=out_x,
+            out_m=out_m,
+            out_x0=out_x0,
+            history=[first_sample, first_derivative],
+            out_history=[1.0, half],
+            x0_options=x0_options,
+            return_x0=return_x0,
+        )
         if not return_x0:
             x0 = None
         scheduler.prev_derivative = scheduler.dt = scheduler.sample = None
