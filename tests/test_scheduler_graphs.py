@@ -3,7 +3,9 @@ torch.compile(fullgraph=True) on the CPU, and CUDA-graph capture and replay (``c
 
 A compiled loop sets the step index before its first step (``scheduler.set_begin_index(0)``): a traced
 timestep has no value to be located by, where diffusers' own lookup reads it back (a graph break for both).
-The families whose steps need only the step index and the host sigmas compile whole, fused op in the graph."""
+The families whose steps need only the step index and the host sigmas compile whole, fused op in the graph;
+those that look coefficients up by the timestep's value (DDIM, DDPM, PNDM, LCM) look them up on the device
+and compile whole too, their step as the fused op's formula in torch operations."""
 
 from __future__ import annotations
 
@@ -58,11 +60,11 @@ def _scheduler(name, config, steps, device="cpu"):
     return scheduler
 
 
-def _loop(scheduler, model, x):
+def _loop(scheduler, model, x, **keywords):
     scale = getattr(scheduler, "scale_model_input", None)  # the flow-matching schedulers have none
     for t in scheduler.timesteps:
         model_input = scale(x, t) if scale is not None else x
-        x = scheduler.step(model(model_input, t), t, x).prev_sample
+        x = scheduler.step(model(model_input, t), t, x, **keywords).prev_sample
     return x
 
 
@@ -91,7 +93,7 @@ def test_compiled_loop_is_one_graph_with_the_fused_step(name, config):
         )
         got = compiled(x * getattr(scheduler, "init_noise_sigma", 1.0))
     assert len(graphs) == 1
-    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    targets = _graph_targets(graphs[0])
     assert any(t.startswith("fastlatent.") for t in targets), targets  # the fused step, not diffusers' math
     assert not diffusers_fast.scheduler_report(scheduler).fallbacks
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
@@ -118,10 +120,148 @@ def test_compiled_stochastic_loop_is_one_graph(name):
         compiled = torch.compile(lambda x0: _loop(scheduler, model, x0), backend=backend, fullgraph=True)
         got = compiled(x * scheduler.init_noise_sigma)
     assert len(graphs) == 1
-    targets = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    targets = _graph_targets(graphs[0])
     assert any(t.startswith("fastlatent.") for t in targets), targets
     assert not diffusers_fast.scheduler_report(scheduler).fallbacks
     assert torch.isfinite(got).all() and 0.5 < got.std() / eager.std() < 2
+
+
+# (class name, config, step keywords): steps whose coefficients are looked up by the timestep's value
+TRACED_TIMESTEP_CASES = [
+    ("DDIMScheduler", dict(SD), {}),
+    ("DDIMScheduler", dict(SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1), {}),
+    ("DDIMScheduler", dict(SD, prediction_type="v_prediction", timestep_spacing="trailing"), {}),
+    (
+        "DDIMScheduler",
+        dict(SD, prediction_type="sample", clip_sample_range=0.5),
+        {"use_clipped_model_output": True},
+    ),
+    ("DDIMScheduler", dict(SD, thresholding=True, clip_sample=False, sample_max_value=1.2), {}),
+    ("PNDMScheduler", dict(SD, skip_prk_steps=True, set_alpha_to_one=False, steps_offset=1)),
+    ("PNDMScheduler", dict(SD, skip_prk_steps=True, prediction_type="v_prediction")),
+]
+TRACED_TIMESTEP_CASES = [case if len(case) == 3 else (*case, {}) for case in TRACED_TIMESTEP_CASES]
+# stochastic: the compiled loop draws diffusers' way (torch.randn, no generator), so under the same seed it
+# draws diffusers' numbers
+TRACED_STOCHASTIC_CASES = [
+    ("DDPMScheduler", dict(SD), {}),
+    ("DDPMScheduler", dict(SD, prediction_type="v_prediction", clip_sample=False), {}),
+    ("DDPMScheduler", dict(SD, prediction_type="sample", thresholding=True), {}),
+    ("DDIMScheduler", dict(SD), {"eta": 1.0}),
+    ("LCMScheduler", dict(SD), {}),
+    ("LCMScheduler", dict(SD, prediction_type="v_prediction", timestep_scaling=5.0), {}),
+]
+
+
+def _graph_targets(graph_module) -> set:
+    return {str(node.target) for node in graph_module.graph.nodes if node.op == "call_function"}
+
+
+def _compile_once(scheduler, model, keywords):
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward  # run eagerly: aten.randn in the graph draws from torch's generator as diffusers
+
+    torch.compiler.reset()
+    compiled = torch.compile(
+        lambda x0: _loop(scheduler, model, x0, **keywords), backend=backend, fullgraph=True, dynamic=False
+    )
+    return compiled, graphs
+
+
+@pytest.mark.parametrize(
+    "name,config,keywords",
+    TRACED_TIMESTEP_CASES,
+    ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(TRACED_TIMESTEP_CASES)],
+)
+def test_compiled_loop_looks_timestep_coefficients_up_on_the_device(name, config, keywords):
+    model = _Denoiser().eval()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        eager_scheduler = _scheduler(name, config, 6)
+        eager = _loop(eager_scheduler, model, x * eager_scheduler.init_noise_sigma, **keywords)
+        plain = getattr(diffusers, name)(**config)
+        plain.set_timesteps(6)
+        expected = _loop(plain, model, x * plain.init_noise_sigma, **keywords)
+        scheduler = _scheduler(name, config, 6)
+        compiled, graphs = _compile_once(scheduler, model, keywords)
+        got = compiled(x * scheduler.init_noise_sigma)
+    assert len(graphs) == 1
+    assert not diffusers_fast.scheduler_report(scheduler).fallbacks
+    assert not diffusers_fast.scheduler_report(eager_scheduler).fallbacks
+    torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name,config,keywords",
+    TRACED_STOCHASTIC_CASES,
+    ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(TRACED_STOCHASTIC_CASES)],
+)
+def test_compiled_stochastic_loop_draws_diffusers_noise(name, config, keywords):
+    model = _Denoiser().eval()
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = getattr(diffusers, name)(**config)
+        plain.set_timesteps(6)
+        torch.manual_seed(5)
+        expected = _loop(plain, model, x * plain.init_noise_sigma, **keywords)
+        scheduler = _scheduler(name, config, 6)
+        compiled, graphs = _compile_once(scheduler, model, keywords)
+        torch.manual_seed(5)
+        got = compiled(x * scheduler.init_noise_sigma)
+        scheduler.set_timesteps(6)  # a second image: the same loop, not compiled again
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        torch.manual_seed(6)
+        other = compiled(x * scheduler.init_noise_sigma)
+    assert len(graphs) == 1
+    assert not diffusers_fast.scheduler_report(scheduler).fallbacks
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(got, other)  # the draw is in the graph, not frozen into it
+
+
+@pytest.mark.parametrize("schedule", ["custom", "training"])
+def test_compiled_ddpm_step_finds_the_previous_timestep_on_the_device(schedule):
+    """diffusers' previous_timestep at a traced timestep: the next entry of custom timesteps, or t - 1 on the
+    training schedule (no set_timesteps); no noise at t = 0. One compiled step, every timestep."""
+    plain = diffusers.DDPMScheduler(**SD)
+    scheduler = diffusers.DDPMScheduler(**SD)
+    fastlatent.patch(scheduler, report=False)
+    if schedule == "custom":
+        for s in (plain, scheduler):
+            s.set_timesteps(timesteps=[950, 700, 420, 90, 3, 0])
+    sample = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(4))
+    output = 0.3 * torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    compiled = torch.compile(
+        lambda m, t, x: scheduler.step(m, t, x).prev_sample, backend="eager", fullgraph=True, dynamic=False
+    )
+    timesteps = plain.timesteps if schedule == "custom" else torch.tensor([999, 500, 1, 0])
+    with torch.no_grad():
+        for t in timesteps:
+            torch.manual_seed(7)
+            expected = plain.step(output, t, sample).prev_sample
+            torch.manual_seed(7)
+            got = compiled(output, t, sample)
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    assert not diffusers_fast.scheduler_report(scheduler).fallbacks
+
+
+def test_compiled_ddpm_step_at_a_timestep_outside_the_schedule_is_nan():
+    """diffusers' DDPM finds the previous timestep by the timestep's position in scheduler.timesteps and fails
+    for one that is not there; a traced timestep cannot raise, so its sample is NaN, never another step's."""
+    scheduler = _scheduler("DDPMScheduler", dict(SD), 6)
+    sample = torch.randn(1, 4, 8, 8)
+    compiled = torch.compile(
+        lambda m, t, x: scheduler.step(m, t, x).prev_sample, backend="eager", fullgraph=True, dynamic=False
+    )
+    with torch.no_grad():
+        inside = compiled(sample, scheduler.timesteps[2], sample)
+        outside = compiled(sample, scheduler.timesteps[2] + 1, sample)
+    assert torch.isfinite(inside).all()
+    assert torch.isnan(outside).all()
 
 
 # ---------------------------------------------------------------------------------------- CUDA graphs

@@ -95,6 +95,8 @@ class _State:
     config_reason: str | None = None
     host_tables: dict = dataclasses.field(default_factory=dict)  # family tables: name -> (tensor, host list)
     differences: dict = dataclasses.field(default_factory=dict)  # _table_difference: (names, shifts) -> cache
+    # DDIM, DDPM, PNDM, LCM: (alphas_cumprod, final_alpha_cumprod, the device table of _traced_alphas)
+    traced_alphas: Any = None
     # the last set_timesteps of a family with set_timesteps_attributes: (arguments, config, alphas_cumprod,
     # its version counter, {attribute: value})
     set_timesteps_memo: Any = None
@@ -362,6 +364,130 @@ def _call_op(op, *args, **kwargs):
         raise _Fallback(str(exc).split("\n")[0]) from exc
 
 
+# ------------------------------------------------------------------ traced timesteps (torch.compile)
+#
+# DDIM, DDPM, PNDM and LCM look their coefficients up by the timestep's value. A timestep tensor traced by
+# torch.compile has none (diffusers' own steps break the graph there, on `if prev_timestep >= 0`); these
+# families then look it up on the device instead: tables built outside the step (set_timesteps), indexed
+# by the traced timestep, coefficients as 0-d tensors, and the step as the torch operations of the fused
+# op's formula, which inductor fuses into one kernel. Eager calls never take this path.
+
+
+def _traced(timestep) -> bool:
+    return isinstance(timestep, torch.Tensor) and torch.compiler.is_compiling()
+
+
+def _traced_alphas(scheduler, state, device):
+    """alphas_cumprod (float64, the float32 values) with final_alpha_cumprod appended (1.0 where the
+    scheduler has none), for a traced timestep to index on the device: a negative previous timestep
+    indexes the last entry. Made by :func:`_alpha_snapshot` after set_timesteps."""
+    entry = state.traced_alphas
+    if (
+        entry is None
+        or entry[0] is not scheduler.alphas_cumprod
+        or entry[1] is not getattr(scheduler, "final_alpha_cumprod", None)
+    ):
+        raise _Fallback("no device alphas for this schedule (set_timesteps not called before compiling)")
+    if entry[2].device != device:
+        raise _Fallback("scheduler.timesteps on another device than the sample (set_timesteps(device=...))")
+    return entry[2]
+
+
+def _alpha_snapshot(scheduler, state) -> None:
+    """The table of :func:`_traced_alphas` on the timesteps' device, made again only when alphas_cumprod,
+    final_alpha_cumprod or that device change."""
+    timesteps = getattr(scheduler, "timesteps", None)
+    alphas = getattr(scheduler, "alphas_cumprod", None)
+    if not isinstance(timesteps, torch.Tensor) or not isinstance(alphas, torch.Tensor):
+        return
+    final = getattr(scheduler, "final_alpha_cumprod", None)
+    entry = state.traced_alphas
+    if (
+        entry is None
+        or entry[0] is not alphas
+        or entry[1] is not final
+        or entry[2].device != timesteps.device
+    ):
+        host = alphas.detach().to("cpu", torch.float64)
+        last = _final_alpha(scheduler, state) if final is not None else 1.0
+        table = torch.cat([host, host.new_full((1,), last)]).to(timesteps.device)
+        state.traced_alphas = (alphas, final, table)
+
+
+def _traced_index(timestep, table):
+    """The traced timestep on ``table``'s device, as the integer index diffusers uses it as."""
+    if timestep.is_floating_point() or timestep.dim() != 0:
+        raise _Fallback("a traced timestep that is not a 0-d integer tensor")
+    return timestep.to(table.device)
+
+
+def _sqrt(value):
+    """math.sqrt of a host number, Tensor.sqrt of a 0-d tensor (a coefficient at a traced timestep)."""
+    return value.sqrt() if isinstance(value, torch.Tensor) else math.sqrt(value)
+
+
+def _lookup(table, index):
+    """table[index] for a 0-d index tensor as a tensor operation (a 0-d index is read back as a number)."""
+    return table[index.reshape(1)].reshape(())
+
+
+def _clip_or_threshold(x0, options: dict):
+    """diffusers' clip_sample / _threshold_sample (Imagen dynamic thresholding) on a float32 x0."""
+    if "clip_x0" in options:
+        return x0.clamp(-options["clip_x0"], options["clip_x0"])
+    if "threshold_quantile" not in options:
+        return x0
+    flat = x0.reshape(x0.shape[0], -1)
+    s = torch.quantile(flat.abs(), options["threshold_quantile"], dim=1)
+    s = s.clamp(min=1.0, max=options["threshold_max"]).unsqueeze(1)
+    return (flat.clamp(-s, s) / s).reshape(x0.shape)
+
+
+def _terms(*pairs):
+    """sum(c * v) over (coefficient, tensor) pairs, a Python-number zero coefficient skipped."""
+    total = None
+    for coefficient, value in pairs:
+        if isinstance(coefficient, (int, float)) and coefficient == 0.0:
+            continue
+        if isinstance(coefficient, torch.Tensor):
+            coefficient = coefficient.to(torch.float32)
+        term = coefficient * value
+        total = term if total is None else total + term
+    return total
+
+
+def _combine_traced(
+    model_output,
+    sample,
+    x0_form,
+    *,
+    out_x=0.0,
+    out_m=0.0,
+    out_x0=0.0,
+    history=(),
+    out_history=(),
+    noise=None,
+    out_noise=0.0,
+    x0_options=None,
+    return_x0=True,
+):
+    """:func:`_combine` with coefficients that may be 0-d tensors: the fused op's formula in float32 torch
+    operations (as its kernels compute), for torch.compile to fuse."""
+    x, m = sample.float(), model_output.float()
+    pairs = [(out_x, x), (out_m, m)] + [(c, h.float()) for c, h in zip(out_history, history)]
+    x0 = None
+    if return_x0 or not (isinstance(out_x0, (int, float)) and out_x0 == 0.0):
+        x0 = _clip_or_threshold(_terms((x0_form[0], x), (x0_form[1], m)), x0_options or {})
+        pairs.append((out_x0, x0))
+    if noise is not None:
+        pairs.append((out_noise, noise.float()))
+    out = _terms(*pairs)
+    if out is None:
+        out = torch.zeros_like(x)
+    out = out.to(sample.dtype)
+    return (out, x0.to(sample.dtype)) if return_x0 else (out, sample.new_empty((0,)))
+
+
 # ------------------------------------------------------------------ families
 
 
@@ -380,6 +506,8 @@ def _ddim_step(scheduler, state, a):
         raise _Fallback("both generator and variance_noise")
     model_output, sample = a["model_output"], a["sample"]
     _check_no_grad(noise)
+    if _traced(a["timestep"]):
+        return _ddim_traced(scheduler, state, a, eta, noise)
     t = int(_timestep_value(state, a["timestep"]))
     config = scheduler.config
     prev_t = t - config.num_train_timesteps // scheduler.num_inference_steps
@@ -407,6 +535,42 @@ def _ddim_step(scheduler, state, a):
         **_x0_options(config),
     )
     return prev_sample, x0
+
+
+def _ddim_traced(scheduler, state, a, eta, noise):
+    """DDIM at a traced timestep (see :func:`_traced`): diffusers' formula over the processed x0, with
+    the coefficients looked up on the device."""
+    model_output, sample = a["model_output"], a["sample"]
+    table = _traced_alphas(scheduler, state, sample.device)
+    t = _traced_index(a["timestep"], table)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+    ab_t = _lookup(table, t)
+    ab_prev = _lookup(table, torch.where(prev_t >= 0, prev_t, table.shape[0] - 1))
+    alpha, sigma = ab_t.sqrt(), (1.0 - ab_t).sqrt()
+    x0_form, eps_form = _vp_forms(scheduler.config.prediction_type, alpha, sigma)
+    std = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).sqrt() if eta > 0 else 0.0
+    direction = (1.0 - ab_prev - std**2).sqrt()
+    options = _x0_options(scheduler.config)
+    if options and a["use_clipped_model_output"]:  # eps = (x - alpha x0) / sigma, from the processed x0
+        out_x, out_m, out_x0 = direction / sigma, 0.0, ab_prev.sqrt() - direction * alpha / sigma
+    else:
+        out_x, out_m = (
+            0.0 if isinstance(c, float) and c == 0.0 else direction * c for c in eps_form
+        )  # epsilon: the output alone
+        out_x0 = ab_prev.sqrt()
+    if eta > 0 and noise is None:
+        noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
+    return _combine_traced(
+        model_output,
+        sample,
+        x0_form,
+        out_x=out_x,
+        out_m=out_m,
+        out_x0=out_x0,
+        noise=noise if eta > 0 else None,
+        out_noise=std,
+        x0_options=options,
+    )
 
 
 def _alphas_cumprod(scheduler) -> list:
@@ -482,6 +646,8 @@ def _ddpm_coefficients(alpha_bar_t: float, alpha_bar_prev: float, prediction: st
 
 def _ddpm_step(scheduler, state, a):
     model_output, sample = a["model_output"], a["sample"]
+    if _traced(a["timestep"]):
+        return _ddpm_traced(scheduler, state, a)
     t = int(_timestep_value(state, a["timestep"]))
     if scheduler.custom_timesteps or scheduler.num_inference_steps:
         host = state.host_timesteps
@@ -510,6 +676,53 @@ def _ddpm_step(scheduler, state, a):
         x0_options=_x0_options(scheduler.config),
     )
     return prev_sample, x0
+
+
+def _ddpm_traced(scheduler, state, a):
+    """DDPM at a traced timestep (see :func:`_traced`): coefficients in float32 in diffusers' order of
+    operations, as :func:`_ddpm_coefficients` rounds them; the noise term is zero at t = 0."""
+    model_output, sample = a["model_output"], a["sample"]
+    table = _traced_alphas(scheduler, state, sample.device)
+    t = _traced_index(a["timestep"], table)
+    last = table.shape[0] - 1  # 1.0: the alpha before the first training timestep
+    if scheduler.custom_timesteps or scheduler.num_inference_steps:
+        # diffusers' previous_timestep: the timestep after t's first position in scheduler.timesteps, -1
+        # after the last; where t is not there (diffusers' lookup fails), NaN: never another step's alpha
+        timesteps = scheduler.timesteps.to(table.device)
+        matches = timesteps == t
+        first = matches & (matches.cumsum(0) == 1)
+        following = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])
+        prev_t = (first * following).sum()
+        ab_prev = _lookup(table, torch.where(prev_t >= 0, prev_t, last))
+        ab_prev = torch.where(matches.any(), ab_prev, math.nan)
+    else:
+        ab_prev = _lookup(table, torch.where(t >= 1, t - 1, last))
+    ab, ab_prev = _lookup(table, t).float(), ab_prev.float()
+    beta, beta_prev = 1.0 - ab, 1.0 - ab_prev
+    current_alpha = ab / ab_prev
+    current_beta = 1.0 - current_alpha
+    sqrt_a, sqrt_b = ab.sqrt(), beta.sqrt()
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        x0_form = (1.0 / sqrt_a, -sqrt_b / sqrt_a)
+    elif prediction == "sample":
+        x0_form = (0.0, 1.0)
+    elif prediction == "v_prediction":
+        x0_form = (sqrt_a, -sqrt_b)
+    else:
+        raise _Fallback(f"prediction_type={prediction!r}")
+    variance = (beta_prev / beta * current_beta).clamp(min=1e-20)
+    noise = _step_noise(a, model_output.shape, model_output.device, model_output.dtype)
+    return _combine_traced(
+        model_output,
+        sample,
+        x0_form,
+        out_x=current_alpha.sqrt() * beta_prev / beta,
+        out_x0=ab_prev.sqrt() * current_beta / beta,
+        noise=noise,
+        out_noise=torch.where(t > 0, variance.sqrt(), 0.0),
+        x0_options=_x0_options(scheduler.config),
+    )
 
 
 _INTEGER_DTYPES = (torch.int32, torch.int64)
@@ -899,7 +1112,12 @@ def _pndm_step(scheduler, state, a):
     model_output, sample = a["model_output"], a["sample"]
     config = scheduler.config
     stride = config.num_train_timesteps // scheduler.num_inference_steps
-    t = int(_timestep_value(state, a["timestep"]))
+    traced = _traced(a["timestep"])  # a traced timestep: its alphas looked up on the device
+    if traced:
+        table = _traced_alphas(scheduler, state, sample.device)
+        t = _traced_index(a["timestep"], table)
+    else:
+        t = int(_timestep_value(state, a["timestep"]))
     prev_t = t - stride
     counter = scheduler.counter
     ets = list(scheduler.ets)
@@ -916,19 +1134,37 @@ def _pndm_step(scheduler, state, a):
         weights, x, history = (0.5, 0.5), scheduler.cur_sample, [ets[-1]]
     else:
         weights, x, history = _PLMS[min(len(ets), 4)], sample, ets[-2::-1][:3]
-    alphas = _alphas_cumprod(scheduler)
-    if not (0 <= t < len(alphas) and prev_t < len(alphas)):
-        raise _Fallback(f"timestep {t} outside the training schedule")
-    ab_t = alphas[t]
-    ab_prev = alphas[prev_t] if prev_t >= 0 else _final_alpha(scheduler, state)
-    denom = ab_t * math.sqrt(1.0 - ab_prev) + math.sqrt(ab_t * (1.0 - ab_t) * ab_prev)
+    if traced:
+        ab_t = _lookup(table, t)
+        ab_prev = _lookup(table, torch.where(prev_t >= 0, prev_t, table.shape[0] - 1))
+    else:
+        alphas = _alphas_cumprod(scheduler)
+        if not (0 <= t < len(alphas) and prev_t < len(alphas)):
+            raise _Fallback(f"timestep {t} outside the training schedule")
+        ab_t = alphas[t]
+        ab_prev = alphas[prev_t] if prev_t >= 0 else _final_alpha(scheduler, state)
+    denom = ab_t * _sqrt(1.0 - ab_prev) + _sqrt(ab_t * (1.0 - ab_t) * ab_prev)
     k = (ab_prev - ab_t) / denom
-    out_x = math.sqrt(ab_prev / ab_t)
+    out_x = _sqrt(ab_prev / ab_t)
     scale = 1.0
-    if config.prediction_type == "v_prediction":  # eps = sqrt(ab_t) v + sqrt(1 - ab_t) x, on the combination
-        scale, out_x = math.sqrt(ab_t), out_x - k * math.sqrt(1.0 - ab_t)
+    if (
+        config.prediction_type == "v_prediction"
+    ):  # eps = _sqrt(ab_t) v + _sqrt(1 - ab_t) x, on the combination
+        scale, out_x = _sqrt(ab_t), out_x - k * _sqrt(1.0 - ab_t)
     coefficients = [-k * scale * w for w in weights]
-    prev_sample = _multistep_update(model_output, x, None, out_x, coefficients, history)
+    if traced:
+        prev_sample, _ = _combine_traced(
+            model_output,
+            x,
+            (0.0, 0.0),
+            out_x=out_x,
+            out_m=coefficients[0],
+            history=history,
+            out_history=coefficients[1:],
+            return_x0=False,
+        )
+    else:
+        prev_sample = _multistep_update(model_output, x, None, out_x, coefficients, history)
     if counter != 1:
         scheduler.ets = ets
     if len(ets) == 1 and counter == 0:
@@ -952,23 +1188,32 @@ def _lcm_step(scheduler, state, a):
     model_output, sample = a["model_output"], a["sample"]
     index = _step_index(scheduler, state, a["timestep"])
     host = state.host_timesteps
-    t = int(_timestep_value(state, a["timestep"]))
-    prev_t = int(host[index + 1]) if index + 1 < len(host) else t
-    alphas = _alphas_cumprod(scheduler)
-    ab_t = alphas[t]
-    ab_prev = alphas[prev_t] if prev_t >= 0 else _final_alpha(scheduler, state)
-    c_skip, c_out = (float(v) for v in scheduler.get_scalings_for_boundary_condition_discrete(t))
-    x0_form, _ = _vp_forms(scheduler.config.prediction_type, math.sqrt(ab_t), math.sqrt(1.0 - ab_t))
+    traced = _traced(a["timestep"])  # a traced timestep: its alpha and scalings computed on the device
+    if traced:
+        table = _traced_alphas(scheduler, state, sample.device)
+        t = _traced_index(a["timestep"], table)
+        ab_t = _lookup(table, t)
+        c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float64))
+    else:
+        t = int(_timestep_value(state, a["timestep"]))
+        ab_t = _alphas_cumprod(scheduler)[t]
+        c_skip, c_out = (float(v) for v in scheduler.get_scalings_for_boundary_condition_discrete(t))
+    if index + 1 < len(host):
+        prev_t = int(host[index + 1])
+        ab_prev = _alphas_cumprod(scheduler)[prev_t] if prev_t >= 0 else _final_alpha(scheduler, state)
+    else:  # diffusers' prev_timestep = timestep
+        ab_prev = ab_t
+    x0_form, _ = _vp_forms(scheduler.config.prediction_type, _sqrt(ab_t), _sqrt(1.0 - ab_t))
     denoised_form = (c_out * x0_form[0] + c_skip, c_out * x0_form[1])
     last = index == scheduler.num_inference_steps - 1
     noise = None if last else _step_noise(a, model_output.shape, model_output.device, sample.dtype)
-    prev_sample, denoised = _combine(
+    prev_sample, denoised = (_combine_traced if traced else _combine)(
         model_output,
         sample,
         denoised_form,
-        out_x0=1.0 if last else math.sqrt(ab_prev),
+        out_x0=1.0 if last else _sqrt(ab_prev),
         noise=noise,
-        out_noise=0.0 if last else math.sqrt(1.0 - ab_prev),
+        out_noise=0.0 if last else _sqrt(1.0 - ab_prev),
     )
     scheduler._step_index = index + 1
     return prev_sample, denoised
@@ -1863,9 +2108,18 @@ def _mark_host_constants() -> None:
 
 _FAMILIES: dict[str, _Family] = {
     "DDIMScheduler": _Family(
-        _ddim_reason, _ddim_step, _SCHEDULERS + "scheduling_ddim.DDIMSchedulerOutput", True
+        _ddim_reason,
+        _ddim_step,
+        _SCHEDULERS + "scheduling_ddim.DDIMSchedulerOutput",
+        True,
+        snapshot=_alpha_snapshot,
     ),
-    "DDPMScheduler": _Family(_ddpm_reason, _ddpm_step, _SCHEDULERS + "scheduling_ddpm.DDPMSchedulerOutput"),
+    "DDPMScheduler": _Family(
+        _ddpm_reason,
+        _ddpm_step,
+        _SCHEDULERS + "scheduling_ddpm.DDPMSchedulerOutput",
+        snapshot=_alpha_snapshot,
+    ),
     "EulerDiscreteScheduler": _Family(
         _euler_reason, _euler_step, _SCHEDULERS + "scheduling_euler_discrete.EulerDiscreteSchedulerOutput"
     ),
@@ -1883,9 +2137,19 @@ _FAMILIES: dict[str, _Family] = {
         _SCHEDULERS + "scheduling_euler_ancestral_discrete.EulerAncestralDiscreteSchedulerOutput",
     ),
     "PNDMScheduler": _Family(
-        _pndm_reason, _pndm_step, _SCHEDULERS + "scheduling_utils.SchedulerOutput", True
+        _pndm_reason,
+        _pndm_step,
+        _SCHEDULERS + "scheduling_utils.SchedulerOutput",
+        True,
+        snapshot=_alpha_snapshot,
     ),
-    "LCMScheduler": _Family(_lcm_reason, _lcm_step, _SCHEDULERS + "scheduling_lcm.LCMSchedulerOutput", True),
+    "LCMScheduler": _Family(
+        _lcm_reason,
+        _lcm_step,
+        _SCHEDULERS + "scheduling_lcm.LCMSchedulerOutput",
+        True,
+        snapshot=_alpha_snapshot,
+    ),
     "LMSDiscreteScheduler": _Family(
         _lms_reason, _lms_step, _SCHEDULERS + "scheduling_lms_discrete.LMSDiscreteSchedulerOutput", True
     ),
@@ -1974,8 +2238,9 @@ def _diffusers_family(scheduler) -> _Family | None:
 _SIGNATURES: dict[type, tuple] = {}
 
 
-def _bind(cls, args, kwargs) -> dict:
-    """diffusers' step arguments by name, defaults filled (Signature.bind costs about as much as a step)."""
+def _signature(cls) -> tuple:
+    """(names, positional count, defaults, known names) of ``cls.step``, computed once per class (at the
+    swap: a loop compiled before any eager step is not compiled again once the first step has filled it)."""
     entry = _SIGNATURES.get(cls)
     if entry is None:
         parameters = list(inspect.signature(cls.step).parameters.values())[1:]
@@ -1985,6 +2250,14 @@ def _bind(cls, args, kwargs) -> dict:
         positional = sum(p.kind == p.POSITIONAL_OR_KEYWORD for p in parameters)
         defaults = {p.name: p.default for p in parameters if p.default is not p.empty}
         entry = _SIGNATURES[cls] = (names, positional, defaults, frozenset(names))
+    return entry
+
+
+def _bind(cls, args, kwargs) -> dict:
+    """diffusers' step arguments by name, defaults filled (Signature.bind costs about as much as a step)."""
+    entry = _SIGNATURES.get(cls)
+    if entry is None:
+        entry = _signature(cls)
     names, positional, defaults, known = entry
     if len(args) > positional:
         raise TypeError("too many positional arguments")
@@ -2157,6 +2430,13 @@ def accelerate_scheduler(scheduler) -> SchedulerReport:
         _output_type(family)  # imported now, not in the first step (which torch.compile may be tracing)
         _mark_host_constants()
         state = _State(SchedulerReport(name, reason is None, reason), family)
+        # the config's reason as the first step would compute it: a loop compiled before any eager step is
+        # not compiled again once that step has stored it (torch.compile guards on it)
+        state.config, state.config_reason = scheduler._internal_dict, reason
+        try:
+            _signature(type(scheduler))
+        except TypeError:
+            pass  # a step that takes *args: every call falls back, in _fast_step
         scheduler.__dict__[_STATE] = state
         step, set_timesteps = _installed_methods(type(scheduler))
         scheduler.__dict__["step"] = types.MethodType(step, scheduler)
