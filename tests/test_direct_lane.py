@@ -2,7 +2,8 @@
 own checks and kernel without the dispatcher's argument parsing. It must give the op's results bit for bit
 and raise the op's exceptions, and must refuse (return None) wherever the dispatcher has work to do first, so
 that the caller calls the op: dispatch and torch function modes, tensor subclasses, functorch transforms,
-negative views, other devices, autograd."""
+negative views, other devices, autograd. Heun's first stage has a lane of its own that also returns a copy
+of the model output, written in the same pass (CPU)."""
 
 from __future__ import annotations
 
@@ -172,6 +173,50 @@ def test_lane_appears_in_the_profiler_under_the_ops_name():
     assert "fastlatent::sampler_step" in {e.key for e in prof.key_averages()}
 
 
+KEEPING = getattr(_C, "_direct_sampler_step_keeping_model_output", None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 4, 100, 97)])  # one chunk with a tail; threaded chunks
+@pytest.mark.parametrize("return_x0", [True, False])
+def test_keeping_lane_is_the_op_and_a_copy_of_the_model_output(dtype, channels_last, shape, return_x0):
+    """HeunDiscreteScheduler's first stage: the op's outputs bit for bit, and the model output's values in a
+    tensor of its own (with its layout), written by the kernel in the same pass."""
+    m, x = _inputs(shape, dtype, channels_last)[:2]
+    args = (1.0, -0.7, 1.0, -0.35, 0.0)
+    got = KEEPING(m, x, *args, return_x0=return_x0)
+    expected = OPS.sampler_step.default(m, x, *args, [], [], return_x0=return_x0)
+    assert got is not None and len(got) == 3
+    _same(tuple(got[:2]), tuple(expected))
+    copy = got[2]
+    assert torch.equal(copy, m) and copy.dtype == m.dtype and copy.stride() == m.stride()
+    assert copy.untyped_storage().data_ptr() != m.untyped_storage().data_ptr()
+    m.add_(1.0)  # the caller reusing its buffer leaves the copy as it was
+    assert not torch.equal(copy, m)
+
+
+def test_keeping_lane_refuses_and_raises_as_the_op():
+    m, x = _inputs()[:2]
+    args = (1.0, -0.7, 1.0, -0.35, 0.0)
+    assert KEEPING(m, x, *args) is not None
+    with _Passthrough():
+        assert KEEPING(m, x, *args) is None
+    with _FunctionPassthrough():
+        assert KEEPING(m, x, *args) is None
+    assert KEEPING(m.as_subclass(_Subclass), x, *args) is None
+    assert KEEPING(m.to("meta"), x.to("meta"), *args) is None
+    assert KEEPING(m.clone().requires_grad_(), x, *args) is None
+    with torch.no_grad():
+        assert KEEPING(m.clone().requires_grad_(), x, *args) is not None
+    for bad in [(m[:1], x, *args), (m, x.double(), *args), (m, x, float("nan"), *args[1:])]:
+        with pytest.raises(Exception) as from_op:
+            OPS.sampler_step.default(*bad, [], [])
+        with pytest.raises(type(from_op.value)) as from_lane:
+            KEEPING(*bad)
+        assert str(from_lane.value) == str(from_op.value)
+
+
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
 
 
@@ -212,7 +257,11 @@ def test_patched_scheduler_gives_the_same_bits_with_and_without_the_lane(monkeyp
         for op, (f, position, defaults) in diffusers_fast._DIRECT_LANES.items()
     }
     monkeypatch.setattr(diffusers_fast, "_DIRECT_LANES", lanes)
+    keeping = diffusers_fast._KEEPING_LANE
+    monkeypatch.setattr(diffusers_fast, "_KEEPING_LANE", lambda *a: calls.append(2) or keeping(*a))
     assert all(torch.equal(a, b) for a, b in zip(run(), with_lane))
-    assert calls  # the lane is what the patched step calls in eager mode
+    assert 1 in calls  # the lane is what the patched step calls in eager mode
+    assert (2 in calls) == (name == "HeunDiscreteScheduler")  # and Heun's first stage, the keeping lane
     monkeypatch.setattr(diffusers_fast, "_DIRECT_LANES", {})
+    monkeypatch.setattr(diffusers_fast, "_KEEPING_LANE", None)  # the op and a copy
     assert all(torch.equal(a, b) for a, b in zip(run(), with_lane))

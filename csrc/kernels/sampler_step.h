@@ -76,6 +76,9 @@ struct SamplerStepParams {
   const void* noise = nullptr;         // [B, N] or null: caller's noise, used instead of Philox
   void* out = nullptr;                 // [B, N]
   void* x0_out = nullptr;              // [B, N] or null: the (clipped/thresholded) x0
+  void* model_output_copy = nullptr;   // CPU only, unguided: [B, N] or null, a copy of model_output written
+                                       // while its chunk is in cache (Heun stores the model output it stepped
+                                       // with: the copy's pass costs a write, not a read and a write)
   int64_t batch = 0;                   // B
   int64_t n = 0;                       // N, elements per sample
   DType dtype = DType::kFloat32;       // of every tensor above

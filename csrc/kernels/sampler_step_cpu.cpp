@@ -5,6 +5,7 @@
 // Guidance-rescale statistics and dynamic-threshold quantiles are computed first, per sample, when asked for.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -410,6 +411,15 @@ void fused_update(const StepCoefficients& c, const T* x, const T* m, T* out, T* 
 }
 #endif
 
+// The chunk [offset, offset + count) of model_output into model_output_copy, if asked: right after the step
+// read it, so the copy reads from cache.
+template <typename T>
+void copy_model_output(const SamplerStepParams& p, int64_t offset, int64_t count) {
+  if (p.model_output_copy == nullptr) return;
+  std::memcpy(static_cast<T*>(p.model_output_copy) + offset, static_cast<const T*>(p.model_output) + offset,
+              static_cast<size_t>(count) * sizeof(T));
+}
+
 template <typename T>
 void step(const SamplerStepParams& p) {
   constexpr bool kFloat = std::is_same_v<T, float>;
@@ -442,6 +452,7 @@ void step(const SamplerStepParams& p) {
           fused_update<T, true>(p.c, x + i0, m + i0, out + i0, x0 + i0, count);
         else
           fused_update<T, false>(p.c, x + i0, m + i0, out + i0, nullptr, count);
+        copy_model_output<T>(p, i0, count);
       }
       return;
     }
@@ -498,6 +509,7 @@ void step(const SamplerStepParams& p) {
         store_n(out_buf, dst, count);
         if (dst_x0 != nullptr) store_n(x0_buf, dst_x0, count);
       }
+      copy_model_output<T>(p, base, count);
     }
   }
 }
@@ -509,6 +521,8 @@ Status run_sampler_step_cpu(const SamplerStepParams& p) {
   if (p.batch == 0 || p.n == 0) return Status::Ok();
   if (p.guidance_rescale > 0.0f && (!p.guided || p.n < 2))
     return Status::Error("sampler step: guidance rescale needs guidance and N >= 2");
+  if (p.model_output_copy != nullptr && p.guided)
+    return Status::Error("sampler step: a model output copy is only made of an unguided step");
   return FL_DTYPE_SWITCH(p.dtype, scalar_t, Status::Error("sampler step: unsupported dtype"), [&] {
     step<scalar_t>(p);
     return Status::Ok();

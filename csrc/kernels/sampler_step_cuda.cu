@@ -368,6 +368,7 @@ cudaError_t launch_sampler_step_cuda(const SamplerStepParams& params, cudaStream
   if (params.batch == 0 || params.n == 0) return cudaSuccess;
   if (params.workspace == nullptr) return cudaErrorInvalidValue;
   if (params.guidance_rescale > 0.0f && (!params.guided || params.n < 2)) return cudaErrorInvalidValue;
+  if (params.model_output_copy != nullptr) return cudaErrorInvalidValue;  // a CPU kernel option
   return FL_CUDA_DTYPE_SWITCH(params.dtype, scalar_t, cudaErrorInvalidValue,
                               [&] { return launch_typed<scalar_t>(params, stream); });
 }

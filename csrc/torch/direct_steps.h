@@ -44,5 +44,13 @@ StepResult sampler_step(const at::Tensor& model_output, const at::Tensor& sample
                         const std::optional<at::Tensor>& noise, int64_t seed, int64_t offset,
                         const std::optional<at::Tensor>& seed_offset, bool return_x0);
 
+// sampler_step without history, noise, guidance or x0 processing, returning a copy of the model output too,
+// written by the CPU kernel in the same pass (HeunDiscreteScheduler's first stage stores the model output it
+// stepped with, as a tensor of its own). nullopt outside the lane's conditions and for CUDA tensors (the
+// caller then calls the op and copies).
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> sampler_step_keeping_model_output(
+    const at::Tensor& model_output, const at::Tensor& sample, double x0_x, double x0_m, double out_x, double out_m,
+    double out_x0, bool return_x0);
+
 }  // namespace direct
 }  // namespace fastlatent

@@ -152,6 +152,23 @@ py::object direct_sampler_step(py::handle model_output, py::handle sample, doubl
   END_HANDLE_TH_ERRORS_PYBIND
 }
 
+py::object direct_sampler_step_keeping_model_output(py::handle model_output, py::handle sample, double x0_x,
+                                                   double x0_m, double out_x, double out_m, double out_x0,
+                                                   bool return_x0) {
+  HANDLE_TH_ERRORS
+  at::Tensor m, x;
+  if (!exact_tensor(model_output, m) || !exact_tensor(sample, x) || at::impl::torch_function_mode_enabled())
+    return py::none();
+  std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> result;
+  {
+    py::gil_scoped_release no_gil;
+    result = fastlatent::direct::sampler_step_keeping_model_output(m, x, x0_x, x0_m, out_x, out_m, out_x0, return_x0);
+  }
+  if (!result) return py::none();
+  return py::make_tuple(std::get<0>(*result), std::get<1>(*result), std::get<2>(*result));
+  END_HANDLE_TH_ERRORS_PYBIND
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -175,4 +192,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("guidance_rescale") = 0.0, py::arg("clip_x0") = py::none(), py::arg("threshold_quantile") = py::none(),
         py::arg("threshold_max") = 1.0, py::arg("noise") = py::none(), py::arg("seed") = 0, py::arg("offset") = 0,
         py::arg("seed_offset") = py::none(), py::arg("return_x0") = true);
+  m.def("_direct_sampler_step_keeping_model_output", &direct_sampler_step_keeping_model_output,
+        "sampler_step's lane without history, noise, guidance or x0 processing, on CPU tensors, returning a copy "
+        "of the model output too, written in the same pass (direct_steps.h): (out, x0, copy), or None.",
+        py::arg("model_output"), py::arg("sample"), py::arg("x0_x"), py::arg("x0_m"), py::arg("out_x"),
+        py::arg("out_m"), py::arg("out_x0"), py::arg("return_x0") = true);
 }

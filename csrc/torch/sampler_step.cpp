@@ -536,6 +536,21 @@ StepResult sampler_step(const at::Tensor& model_output, const at::Tensor& sample
                                              threshold_max, noise, seed, offset, seed_offset, return_x0);
 }
 
+std::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor>> sampler_step_keeping_model_output(
+    const at::Tensor& model_output, const at::Tensor& sample, double x0_x, double x0_m, double out_x, double out_m,
+    double out_x0, bool return_x0) {
+  if (!plain_dispatch_state() || !plain_tensor(model_output) || !plain_tensor(sample)) return std::nullopt;
+  if (model_output.is_cuda() || sample.is_cuda()) return std::nullopt;
+  RECORD_FUNCTION("fastlatent::sampler_step", c10::ArrayRef<const c10::IValue>{});
+  Step s = plan_sampler_step(model_output, sample, x0_x, x0_m, out_x, out_m, out_x0, {}, {}, 0.0, std::nullopt, 0.0,
+                             std::nullopt, std::nullopt, 1.0, std::nullopt, 0, 0, std::nullopt, return_x0);
+  // the layout of the model output the kernel reads (the caller's channels_last tensor, or contiguous)
+  at::Tensor copy = at::empty_strided(s.model_output.sizes(), s.model_output.strides(), s.model_output.options());
+  s.p.model_output_copy = copy.data_ptr();
+  auto [out, x0] = run_cpu(std::move(s));
+  return std::make_tuple(std::move(out), std::move(x0), std::move(copy));
+}
+
 }  // namespace direct
 #endif  // FL_EMU_BINDINGS
 }  // namespace fastlatent

@@ -1868,6 +1868,25 @@ def _heun_reason(scheduler) -> str | None:
     )
 
 
+_KEEPING_LANE = getattr(_C, "_direct_sampler_step_keeping_model_output", None)
+
+
+def _step_keeping_model_output(model_output, sample, x0_form, dt):
+    """(x + dt m, x0_form applied, a copy of m): on the CPU one pass through the op's lane that also writes
+    the copy (as much a pass as the copy alone was: the step read m); otherwise the op and a copy."""
+    if _KEEPING_LANE is not None and not torch.compiler.is_compiling():
+        try:
+            result = _KEEPING_LANE(
+                model_output, sample, float(x0_form[0]), float(x0_form[1]), 1.0, float(dt), 0.0
+            )
+        except (ValueError, TypeError) as exc:
+            raise _Fallback(str(exc).split("\n")[0]) from exc
+        if result is not None:
+            return result
+    prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=1.0, out_m=dt)
+    return prev_sample, x0, model_output.clone()
+
+
 def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_options, return_x0):
     """One stage of Heun's method (HeunDiscreteScheduler, FlowMatchHeunDiscreteScheduler); returns
     (prev_sample, x0 or None) and leaves prev_derivative, dt, sample and the step index as diffusers does.
@@ -1894,9 +1913,8 @@ def _heun_update(scheduler, state, model_output, sample, index, prediction, x0_o
         if epsilon_form and return_x0:
             # x' and x0 = x - sigma m in one pass; the stored derivative is the model output's values, in a
             # tensor of its own as diffusers stores it (a copy: the caller may reuse its buffer, as a CUDA
-            # graph's static output does)
-            prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=1.0, out_m=dt)
-            derivative = model_output.clone()
+            # graph's static output does), written by the CPU kernel in the same pass
+            prev_sample, x0, derivative = _step_keeping_model_output(model_output, sample, x0_form, dt)
         elif epsilon_form:
             # the derivative in the x0 slot: 0 x + 1 m
             prev_sample, derivative = _combine(model_output, sample, (0.0, 1.0), out_x=1.0, out_m=dt)

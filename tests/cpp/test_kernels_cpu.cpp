@@ -572,6 +572,32 @@ static void test_sampler_step() {
   p.x0_out = nullptr;
   CHECK(run_sampler_step_cpu(p).ok, "rerun");
   CHECK(std::equal(out.begin(), out.end(), again.begin()), "rerun must be bitwise identical");
+  // A model output copy is made of unguided steps only (a guided model output is [2B, N])
+  std::vector<float> copy(2 * b * n, 0.0f);
+  p.model_output_copy = copy.data();
+  CHECK(!run_sampler_step_cpu(p).ok, "a guided step must refuse a model output copy");
+  // Unguided (Heun's first stage: x + dt m, x0 = x - sigma m): the copy is model_output's values, the
+  // outputs those of the same step without it
+  SamplerStepParams h;
+  h.model_output = model.data();
+  h.sample = x.data();
+  h.batch = b;
+  h.n = n;
+  h.c.x0_x = 1.0f;
+  h.c.x0_m = -0.8f;
+  h.c.out_x = 1.0f;
+  h.c.out_m = -0.3f;
+  std::vector<float> plain_out(b * n), plain_x0(b * n), kept_out(b * n), kept_x0(b * n);
+  h.out = plain_out.data();
+  h.x0_out = plain_x0.data();
+  CHECK(run_sampler_step_cpu(h).ok, "heun stage");
+  h.out = kept_out.data();
+  h.x0_out = kept_x0.data();
+  h.model_output_copy = copy.data();
+  CHECK(run_sampler_step_cpu(h).ok, "heun stage with a model output copy");
+  CHECK(std::equal(model.begin(), model.begin() + b * n, copy.begin()), "the copy must be the model output");
+  CHECK(std::all_of(copy.begin() + b * n, copy.end(), [](float v) { return v == 0.0f; }), "copy overran");
+  CHECK(plain_out == kept_out && plain_x0 == kept_x0, "the copy must not change the step");
 }
 
 // GroupNorm + SiLU over [n, c, s] in double, element (i, ch, p) at the layout's offset.
