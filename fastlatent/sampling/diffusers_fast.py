@@ -316,6 +316,12 @@ def _kernel_seed() -> int:
     return torch.randint(0, 2**63 - 1, (1,), dtype=torch.int64).tolist()[0]
 
 
+_STEP_OPS = ("ddim_step", "euler_step", "sampler_step")
+# the registered ops the fused steps call, by name, looked up once (three attribute lookups per call
+# otherwise); empty without the extension, whose steps then all fall back (_fast_step)
+_OPS = {name: getattr(torch.ops.fastlatent, name).default for name in _STEP_OPS} if _C is not None else {}
+
+
 def _direct_lanes() -> dict:
     """The ops' direct lanes (csrc/torch/direct_steps.h), by op: the op's own checks and kernel without the
     dispatcher's argument parsing, two thirds of a small step's op call on the CPU. Each with the op's
@@ -324,8 +330,8 @@ def _direct_lanes() -> dict:
     if _C is None or not hasattr(_C, "_direct_sampler_step"):
         return {}
     lanes = {}
-    for name in ("ddim_step", "euler_step", "sampler_step"):
-        op = getattr(torch.ops.fastlatent, name).default
+    for name in _STEP_OPS:
+        op = _OPS[name]
         arguments = op._schema.arguments
         position = {a.name: i for i, a in enumerate(arguments)}
         defaults = [a.default_value if a.has_default_value() else None for a in arguments]
@@ -522,7 +528,7 @@ def _ddim_step(scheduler, state, a):
         elif noise.shape != sample.shape or noise.dtype != sample.dtype or noise.device != sample.device:
             raise _Fallback("variance_noise unlike sample")
     prev_sample, x0 = _call_op(
-        torch.ops.fastlatent.ddim_step.default,
+        _OPS["ddim_step"],
         model_output,
         sample,
         float(alpha_bar_t),
@@ -789,7 +795,7 @@ def _euler_step(scheduler, state, a):
     sigma, sigma_next = sigmas[index], sigmas[index + 1]
     _reject_churn(a, sigma, len(sigmas))
     prev_sample, x0 = _call_op(
-        torch.ops.fastlatent.euler_step.default,
+        _OPS["euler_step"],
         model_output,
         sample,
         float(sigma),
@@ -814,7 +820,7 @@ def _flow_step(scheduler, state, a):
         scheduler._step_index = index + 1
         return (prev_sample,)
     prev_sample, _ = _call_op(
-        torch.ops.fastlatent.euler_step.default,
+        _OPS["euler_step"],
         model_output,
         sample,
         float(sigmas[index]),
@@ -844,12 +850,16 @@ def _combine(
     """One generic fused step (fastlatent.ops.sampler_step) with host coefficients."""
     if history:
         # the op rejects a history tensor of another shape or dtype with a ValueError/TypeError (a fallback,
-        # through _call_op); another device is a RuntimeError there, so it is checked here
-        device = sample.device
+        # through _call_op); another device is a RuntimeError there, so it is checked here (as _check_call
+        # does, without building torch.device objects), with autograd
+        cuda = sample.is_cuda
+        index = sample.get_device() if cuda else -1
+        grad = torch.is_grad_enabled()
         for h in history:
-            if not isinstance(h, torch.Tensor) or h.device != device:
+            if not isinstance(h, torch.Tensor) or (h.get_device() != index if cuda else not h.is_cpu):
                 raise _Fallback("solver history unlike sample")
-        _check_no_grad(*history)
+            if grad and h.requires_grad:
+                raise _Fallback(_GRAD)
     # only the keyword arguments that differ from the schema's defaults: each one passed costs the op call
     # about a microsecond of parsing (a fifth of the host time of a small step)
     options = dict(x0_options) if x0_options else {}
@@ -861,7 +871,7 @@ def _combine(
     if not return_x0:
         options["return_x0"] = False
     return _call_op(
-        torch.ops.fastlatent.sampler_step.default,
+        _OPS["sampler_step"],
         model_output,
         sample,
         float(x0_form[0]),
@@ -1847,10 +1857,13 @@ def _table_difference(
             return a[index + shift_m] - b[index + shift_s]  # a 0-d CPU operand is a scalar to the GPU one
         count = min(a.shape[0] - shift_m, b.shape[0] - shift_s)
         differences = a[shift_m : shift_m + count] - b[shift_s : shift_s + count]
-        cached = state.differences[key] = (a, b, a._version, b._version, differences, count)
-    if not 0 <= index < cached[5]:
+        # every 0-d view at once (unbind: one call, where indexing made one view per step at the cost of
+        # the rest of this function)
+        cached = state.differences[key] = (a, b, a._version, b._version, differences.unbind(0))
+    views = cached[4]
+    if not 0 <= index < len(views):
         return a[index + shift_m] - b[index + shift_s]  # diffusers' own indexing (and its error, if any)
-    return cached[4][index]
+    return views[index]
 
 
 def _table_snapshot(*names: str) -> Callable[[Any, Any], None]:
@@ -2305,15 +2318,21 @@ def _output_type(family: _Family) -> tuple:
 def _output(output_type: tuple, values: tuple):
     """diffusers' output dataclass holding ``values`` in field order, as its ``__init__`` and
     ``BaseOutput.__post_init__`` build it (every field an attribute, the non-None ones also items, in
-    order), without their per-call field introspection (a fifth of a fused step's host time)."""
+    order), without their per-call field introspection (a fifth of a fused step's host time): attributes
+    written to the instance dictionary, items through OrderedDict's own __setitem__ (BaseOutput's would set
+    the attribute again)."""
     cls, names = output_type
     out = cls.__new__(cls)
+    attributes = out.__dict__
     for i, name in enumerate(names):
         value = values[i] if i < len(values) else None
-        object.__setattr__(out, name, value)
+        attributes[name] = value
         if value is not None:
-            OrderedDict.__setitem__(out, name, value)
+            _SET_ITEM(out, name, value)
     return out
+
+
+_SET_ITEM = OrderedDict.__setitem__
 
 
 def _run_family(scheduler, state: _State, family: _Family, a: dict):
