@@ -559,10 +559,8 @@ def _ddim_traced(scheduler, state, a, eta, noise):
     options = _x0_options(scheduler.config)
     if options and a["use_clipped_model_output"]:  # eps = (x - alpha x0) / sigma, from the processed x0
         out_x, out_m, out_x0 = direction / sigma, 0.0, ab_prev.sqrt() - direction * alpha / sigma
-    else:
-        out_x, out_m = (
-            0.0 if isinstance(c, float) and c == 0.0 else direction * c for c in eps_form
-        )  # epsilon: the output alone
+    else:  # eps from the forms; epsilon prediction's (0, 1) leaves no x term
+        out_x, out_m = (0.0 if isinstance(c, float) and c == 0.0 else direction * c for c in eps_form)
         out_x0 = ab_prev.sqrt()
     if eta > 0 and noise is None:
         noise = _randn(model_output.shape, a["generator"], model_output.device, model_output.dtype)
@@ -1157,9 +1155,7 @@ def _pndm_step(scheduler, state, a):
     k = (ab_prev - ab_t) / denom
     out_x = _sqrt(ab_prev / ab_t)
     scale = 1.0
-    if (
-        config.prediction_type == "v_prediction"
-    ):  # eps = _sqrt(ab_t) v + _sqrt(1 - ab_t) x, on the combination
+    if config.prediction_type == "v_prediction":  # eps = sqrt(ab_t) v + sqrt(1 - ab_t) x, on the combination
         scale, out_x = _sqrt(ab_t), out_x - k * _sqrt(1.0 - ab_t)
     coefficients = [-k * scale * w for w in weights]
     if traced:
@@ -2328,11 +2324,8 @@ def _output(output_type: tuple, values: tuple):
         value = values[i] if i < len(values) else None
         attributes[name] = value
         if value is not None:
-            _SET_ITEM(out, name, value)
+            OrderedDict.__setitem__(out, name, value)
     return out
-
-
-_SET_ITEM = OrderedDict.__setitem__
 
 
 def _run_family(scheduler, state: _State, family: _Family, a: dict):
