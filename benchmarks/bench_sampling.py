@@ -12,7 +12,9 @@
   the patched scheduler against the same diffusers scheduler unpatched, at 8x4x64x64 and 1x16x128x128,
   and an end-to-end loop with a tiny diffusers UNet2DModel (model included).
 - CUDA: the guided step's fraction of HBM bandwidth, loops, and graph-captured vs eager sampling of
-  a small latent model at batch 1.
+  a small latent model at batch 1; every patched diffusers scheduler's 50-step loop (model excluded) against
+  diffusers', and patched loops of a small model captured in one CUDA graph against eager patched and
+  unpatched loops.
 """
 
 import inspect
@@ -345,9 +347,10 @@ def _scheduler_loop(provider, name, config, x_t, model_output, steps, generator=
     takes_generator = generator and "generator" in inspect.signature(type(scheduler).step).parameters
 
     def run():
-        scheduler.set_timesteps(steps)
+        scheduler.set_timesteps(steps, device=x_t.device)
         x = x_t * getattr(scheduler, "init_noise_sigma", 1.0)
-        kwargs = dict(generator=torch.Generator().manual_seed(0)) if takes_generator else {}
+        generator = torch.Generator(x_t.device).manual_seed(0) if takes_generator else None
+        kwargs = dict(generator=generator) if takes_generator else {}
         for t in scheduler.timesteps:
             x = scheduler.step(model_output, t, x, **kwargs).prev_sample
         return x
@@ -382,6 +385,125 @@ def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
 
         assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
     bench.run(fn)
+
+
+# CUDA rows (pending a GPU run): at batch 1 a step's kernels take microseconds, so a 50-step loop's time over
+# 50 is the host time per step; and whole loops with a small model, eager or captured in one CUDA graph
+SCHEDULER_SHAPES_CUDA = [
+    pytest.param((1, 4, 64, 64), id="1x4x64x64"),
+    pytest.param((8, 4, 128, 128), id="8x4x128x128"),
+]
+GRAPH_LOOPS = ["ddim", "pndm", "euler", "dpmpp_2m", "unipc_2m", "heun", "flow_euler"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
+@pytest.mark.parametrize("loop", list(SCHEDULER_LOOPS))
+@pytest.mark.parametrize("shape", SCHEDULER_SHAPES_CUDA)
+def test_patched_scheduler_loop_cuda(bench, provider, loop, shape):
+    """``fastlatent.patch(scheduler)`` against the same diffusers scheduler on the GPU: 50 steps, model
+    excluded (at 1x4x64x64: the host time per step, times 50)."""
+    name, config = SCHEDULER_LOOPS[loop]
+    b, c, h, w = shape
+    bench.describe(
+        op=f"50-step patched {loop} loop (model excluded)",
+        case=f"{b}x{c}x{h}x{w}",
+        provider=provider,
+        device=CUDA,
+        dtype=torch.float32,
+        sizes={"batch": b, "channels": c, "side": h, "steps": 50},
+    )
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(shape, generator=gen).to(CUDA)
+    model_output = (0.05 * torch.randn(shape, generator=gen)).to(CUDA)
+    fn, scheduler = _scheduler_loop(provider, name, config, x_t, model_output, 50)
+    if provider != "diffusers":
+        expected = _scheduler_loop("diffusers", name, config, x_t, model_output, 50)[0]()
+        err = relative_error(fn(), expected)
+        assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
+        from fastlatent.sampling.diffusers_fast import scheduler_report
+
+        assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
+    bench.run(fn)
+
+
+def _model_loop(scheduler, model, x):
+    """A denoising loop of ``model`` (a _SmallLatentModel) with a diffusers scheduler, as pipelines run it."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    for t in scheduler.timesteps:
+        model_input = scale(x, t) if scale is not None else x
+        x = scheduler.step(model(model_input, t.float().reshape(1).expand(x.shape[0])), t, x).prev_sample
+    return x
+
+
+def _graph_captured_loop(name, config, model, x_t, steps):
+    """The patched loop captured once in a CUDA graph (a step reads nothing from the device, so capture
+    holds), then replayed: (replay, its static output)."""
+    diffusers = peer("diffusers", "diffusers")
+
+    def fresh():
+        scheduler = getattr(diffusers, name)(**config)
+        fastlatent.patch(scheduler, report=False)
+        scheduler.set_timesteps(steps, device=x_t.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        return scheduler
+
+    static_x = x_t * getattr(fresh(), "init_noise_sigma", 1.0)
+    warmup = torch.cuda.Stream()
+    warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warmup):  # first-use work (cuDNN handles, host copies) outside the capture
+        _model_loop(fresh(), model, static_x)
+    torch.cuda.current_stream().wait_stream(warmup)
+    scheduler = fresh()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = _model_loop(scheduler, model, static_x)
+    from fastlatent.sampling.diffusers_fast import scheduler_report
+
+    assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
+    return graph.replay, static_out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("provider", ["fastlatent_patched_graph", "fastlatent_patched", "diffusers"])
+@pytest.mark.parametrize("loop", GRAPH_LOOPS)
+def test_patched_scheduler_graph_captured_loop_cuda(bench, provider, loop):
+    """50 steps of a small conv model at batch 1 (launch-bound): the patched loop captured in one CUDA graph
+    and replayed, against the same loop eager, patched and unpatched."""
+    name, config = SCHEDULER_LOOPS[loop]
+    bench.describe(
+        op=f"50-step {loop} loop of a small conv model",
+        case="1x4x64x64",
+        provider=provider,
+        device=CUDA,
+        dtype=torch.float32,
+        sizes={"batch": 1, "steps": 50},
+    )
+    diffusers = peer("diffusers", "diffusers")
+    torch.manual_seed(0)
+    model = _SmallLatentModel().to(CUDA).eval()
+    x_t = torch.randn(1, 4, 64, 64, device=CUDA)
+    with torch.no_grad():
+        plain = getattr(diffusers, name)(**config)
+        plain.set_timesteps(50, device=CUDA)
+        expected = _model_loop(plain, model, x_t * getattr(plain, "init_noise_sigma", 1.0))
+        if provider == "fastlatent_patched_graph":
+            replay, static_out = _graph_captured_loop(name, config, model, x_t, 50)
+            replay()
+            torch.testing.assert_close(static_out, expected, rtol=1e-4, atol=1e-4)
+            bench.run(replay)
+            return
+        scheduler = getattr(diffusers, name)(**config)
+        if provider == "fastlatent_patched":
+            fastlatent.patch(scheduler, report=False)
+
+        def fn():
+            scheduler.set_timesteps(50, device=CUDA)
+            return _model_loop(scheduler, model, x_t * getattr(scheduler, "init_noise_sigma", 1.0))
+
+        torch.testing.assert_close(fn(), expected, rtol=1e-4, atol=1e-4)
+        bench.run(fn)
 
 
 def _tiny_unet():

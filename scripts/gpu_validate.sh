@@ -10,7 +10,9 @@
 #
 # Logs and results go to $OUT (the device tool's folder) or ./gpu-results; the benchmark's files are packed into
 # one bench-cuda.tgz so they come back as a single file. Missing peers (diffusers, vector-quantize-pytorch,
-# lpips) are skipped by the tests and benchmarks; carry their wheels to measure against them.
+# lpips) are skipped by the tests and benchmarks: `bash scripts/gpu_peers.sh` puts the wheels of the first two
+# in gpu-peers/, and the build step installs them from there when that folder is carried to the machine (the
+# diffusers scheduler tests, CUDA-graph capture of patched loops included, and the patched-scheduler rows).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-results}
@@ -24,6 +26,10 @@ step_build() {
   echo "building for sm $arch"
   TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$arch} FASTLATENT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16} \
     $python -m pip install --no-build-isolation --no-deps -e . 2>&1 | tail -5 | tee "$out/build.log"
+  if compgen -G "gpu-peers/*.whl" > /dev/null; then  # offline: the peers' wheels, the machine's own torch
+    $python -m pip install --no-index --find-links gpu-peers diffusers vector-quantize-pytorch 2>&1 \
+      | tail -1 | tee -a "$out/build.log"
+  fi
   $python -m fastlatent info | tee -a "$out/build.log"
   $python -m fastlatent selftest 2>&1 | tee "$out/selftest.log"
 }
