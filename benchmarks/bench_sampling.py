@@ -358,24 +358,20 @@ def _scheduler_loop(provider, name, config, x_t, model_output, steps, generator=
     return run, scheduler
 
 
-@pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
-@pytest.mark.parametrize("loop", list(SCHEDULER_LOOPS))
-@pytest.mark.parametrize("shape", SCHEDULER_SHAPES)
-def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
-    """``fastlatent.patch(scheduler)`` against the same diffusers scheduler: 50 steps, model excluded."""
+def _run_patched_loop(bench, provider, loop, shape, device):
     name, config = SCHEDULER_LOOPS[loop]
     b, c, h, w = shape
     bench.describe(
         op=f"50-step patched {loop} loop (model excluded)",
         case=f"{b}x{c}x{h}x{w}",
         provider=provider,
-        device=CPU,
+        device=device,
         dtype=torch.float32,
         sizes={"batch": b, "channels": c, "side": h, "steps": 50},
     )
     gen = torch.Generator().manual_seed(0)
-    x_t = torch.randn(shape, generator=gen)
-    model_output = 0.05 * torch.randn(shape, generator=gen)
+    x_t = torch.randn(shape, generator=gen).to(device)
+    model_output = (0.05 * torch.randn(shape, generator=gen)).to(device)
     fn, scheduler = _scheduler_loop(provider, name, config, x_t, model_output, 50)
     if provider != "diffusers":
         expected = _scheduler_loop("diffusers", name, config, x_t, model_output, 50)[0]()
@@ -385,6 +381,14 @@ def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
 
         assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
     bench.run(fn)
+
+
+@pytest.mark.parametrize("provider", ["fastlatent_patched", "diffusers"])
+@pytest.mark.parametrize("loop", list(SCHEDULER_LOOPS))
+@pytest.mark.parametrize("shape", SCHEDULER_SHAPES)
+def test_patched_scheduler_loop_cpu(bench, provider, loop, shape):
+    """``fastlatent.patch(scheduler)`` against the same diffusers scheduler: 50 steps, model excluded."""
+    _run_patched_loop(bench, provider, loop, shape, CPU)
 
 
 # CUDA rows (pending a GPU run): at batch 1 a step's kernels take microseconds, so a 50-step loop's time over
@@ -403,28 +407,7 @@ GRAPH_LOOPS = ["ddim", "pndm", "euler", "dpmpp_2m", "unipc_2m", "heun", "flow_eu
 def test_patched_scheduler_loop_cuda(bench, provider, loop, shape):
     """``fastlatent.patch(scheduler)`` against the same diffusers scheduler on the GPU: 50 steps, model
     excluded (at 1x4x64x64: the host time per step, times 50)."""
-    name, config = SCHEDULER_LOOPS[loop]
-    b, c, h, w = shape
-    bench.describe(
-        op=f"50-step patched {loop} loop (model excluded)",
-        case=f"{b}x{c}x{h}x{w}",
-        provider=provider,
-        device=CUDA,
-        dtype=torch.float32,
-        sizes={"batch": b, "channels": c, "side": h, "steps": 50},
-    )
-    gen = torch.Generator().manual_seed(0)
-    x_t = torch.randn(shape, generator=gen).to(CUDA)
-    model_output = (0.05 * torch.randn(shape, generator=gen)).to(CUDA)
-    fn, scheduler = _scheduler_loop(provider, name, config, x_t, model_output, 50)
-    if provider != "diffusers":
-        expected = _scheduler_loop("diffusers", name, config, x_t, model_output, 50)[0]()
-        err = relative_error(fn(), expected)
-        assert err <= 1e-4, f"{loop}: relative error {err:.3g} vs diffusers"
-        from fastlatent.sampling.diffusers_fast import scheduler_report
-
-        assert not scheduler_report(scheduler).fallbacks, scheduler_report(scheduler)
-    bench.run(fn)
+    _run_patched_loop(bench, provider, loop, shape, CUDA)
 
 
 def _model_loop(scheduler, model, x):
