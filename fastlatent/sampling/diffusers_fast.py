@@ -95,7 +95,7 @@ class _State:
     config_reason: str | None = None
     host_tables: dict = dataclasses.field(default_factory=dict)  # family tables: name -> (tensor, host list)
     differences: dict = dataclasses.field(default_factory=dict)  # _table_difference: (names, shifts) -> cache
-    # DDIM, DDPM, PNDM, LCM: (alphas_cumprod, final_alpha_cumprod, the device table of _traced_alphas)
+    # DDIM, DDPM, PNDM, LCM: (alphas_cumprod, final_alpha_cumprod, the device table of _traced_timestep)
     traced_alphas: Any = None
     # the last set_timesteps of a family with set_timesteps_attributes: (arguments, config, alphas_cumprod,
     # its version counter, {attribute: value})
@@ -342,6 +342,11 @@ def _direct_lanes() -> dict:
 _DIRECT_LANES = _direct_lanes()
 
 
+def _rejected(exc: Exception) -> _Fallback:
+    """The fallback for an op (or lane) that rejected this schedule's arguments, with the op's message."""
+    return _Fallback(str(exc).split("\n")[0])
+
+
 def _call_op(op, *args, **kwargs):
     """Runs a fused op; one whose argument checks reject this schedule runs diffusers' step instead.
 
@@ -367,7 +372,7 @@ def _call_op(op, *args, **kwargs):
                 return result
         return op(*args, **kwargs)
     except (ValueError, TypeError) as exc:
-        raise _Fallback(str(exc).split("\n")[0]) from exc
+        raise _rejected(exc) from exc
 
 
 # ------------------------------------------------------------------ traced timesteps (torch.compile)
@@ -383,24 +388,30 @@ def _traced(timestep) -> bool:
     return isinstance(timestep, torch.Tensor) and torch.compiler.is_compiling()
 
 
-def _traced_alphas(scheduler, state, device):
-    """alphas_cumprod (float64, the float32 values) with final_alpha_cumprod appended (1.0 where the
-    scheduler has none), for a traced timestep to index on the device: a negative previous timestep
-    indexes the last entry. Made by :func:`_alpha_snapshot` after set_timesteps."""
+def _alphas_entry_current(entry, alphas, final) -> bool:
+    """Whether a table of :func:`_alpha_snapshot` was made from these alphas_cumprod and final alpha."""
+    return entry is not None and entry[0] is alphas and entry[1] is final
+
+
+def _traced_timestep(scheduler, state, timestep, device):
+    """(table, t) for a traced timestep: alphas_cumprod (float64, the float32 values) with final_alpha_cumprod
+    appended (1.0 where the scheduler has none), made by :func:`_alpha_snapshot` after set_timesteps, and the
+    timestep on its device, as the integer index diffusers uses it as."""
     entry = state.traced_alphas
-    if (
-        entry is None
-        or entry[0] is not scheduler.alphas_cumprod
-        or entry[1] is not getattr(scheduler, "final_alpha_cumprod", None)
+    if not _alphas_entry_current(
+        entry, scheduler.alphas_cumprod, getattr(scheduler, "final_alpha_cumprod", None)
     ):
         raise _Fallback("no device alphas for this schedule (set_timesteps not called before compiling)")
-    if entry[2].device != device:
+    table = entry[2]
+    if table.device != device:
         raise _Fallback("scheduler.timesteps on another device than the sample (set_timesteps(device=...))")
-    return entry[2]
+    if timestep.is_floating_point() or timestep.dim() != 0:
+        raise _Fallback("a traced timestep that is not a 0-d integer tensor")
+    return table, timestep.to(table.device)
 
 
 def _alpha_snapshot(scheduler, state) -> None:
-    """The table of :func:`_traced_alphas` on the timesteps' device, made again only when alphas_cumprod,
+    """The table of :func:`_traced_timestep` on the timesteps' device, made again only when alphas_cumprod,
     final_alpha_cumprod or that device change."""
     timesteps = getattr(scheduler, "timesteps", None)
     alphas = getattr(scheduler, "alphas_cumprod", None)
@@ -408,23 +419,17 @@ def _alpha_snapshot(scheduler, state) -> None:
         return
     final = getattr(scheduler, "final_alpha_cumprod", None)
     entry = state.traced_alphas
-    if (
-        entry is None
-        or entry[0] is not alphas
-        or entry[1] is not final
-        or entry[2].device != timesteps.device
-    ):
+    if not _alphas_entry_current(entry, alphas, final) or entry[2].device != timesteps.device:
         host = alphas.detach().to("cpu", torch.float64)
         last = _final_alpha(scheduler, state) if final is not None else 1.0
         table = torch.cat([host, host.new_full((1,), last)]).to(timesteps.device)
         state.traced_alphas = (alphas, final, table)
 
 
-def _traced_index(timestep, table):
-    """The traced timestep on ``table``'s device, as the integer index diffusers uses it as."""
-    if timestep.is_floating_point() or timestep.dim() != 0:
-        raise _Fallback("a traced timestep that is not a 0-d integer tensor")
-    return timestep.to(table.device)
+def _previous_alpha(table, prev_t):
+    """The table's alpha at a previous timestep, the appended final alpha where it is negative (diffusers'
+    ``alphas_cumprod[prev_t] if prev_t >= 0 else final_alpha_cumprod``)."""
+    return _lookup(table, torch.where(prev_t >= 0, prev_t, table.shape[0] - 1))
 
 
 def _sqrt(value):
@@ -547,11 +552,10 @@ def _ddim_traced(scheduler, state, a, eta, noise):
     """DDIM at a traced timestep (see :func:`_traced`): diffusers' formula over the processed x0, with
     the coefficients looked up on the device."""
     model_output, sample = a["model_output"], a["sample"]
-    table = _traced_alphas(scheduler, state, sample.device)
-    t = _traced_index(a["timestep"], table)
+    table, t = _traced_timestep(scheduler, state, a["timestep"], sample.device)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     ab_t = _lookup(table, t)
-    ab_prev = _lookup(table, torch.where(prev_t >= 0, prev_t, table.shape[0] - 1))
+    ab_prev = _previous_alpha(table, prev_t)
     alpha, sigma = ab_t.sqrt(), (1.0 - ab_t).sqrt()
     x0_form, eps_form = _vp_forms(scheduler.config.prediction_type, alpha, sigma)
     std = eta * ((1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)).sqrt() if eta > 0 else 0.0
@@ -686,9 +690,7 @@ def _ddpm_traced(scheduler, state, a):
     """DDPM at a traced timestep (see :func:`_traced`): coefficients in float32 in diffusers' order of
     operations, as :func:`_ddpm_coefficients` rounds them; the noise term is zero at t = 0."""
     model_output, sample = a["model_output"], a["sample"]
-    table = _traced_alphas(scheduler, state, sample.device)
-    t = _traced_index(a["timestep"], table)
-    last = table.shape[0] - 1  # 1.0: the alpha before the first training timestep
+    table, t = _traced_timestep(scheduler, state, a["timestep"], sample.device)
     if scheduler.custom_timesteps or scheduler.num_inference_steps:
         # diffusers' previous_timestep: the timestep after t's first position in scheduler.timesteps, -1
         # after the last; where t is not there (diffusers' lookup fails), NaN: never another step's alpha
@@ -697,10 +699,9 @@ def _ddpm_traced(scheduler, state, a):
         first = matches & (matches.cumsum(0) == 1)
         following = torch.cat([timesteps[1:], timesteps.new_full((1,), -1)])
         prev_t = (first * following).sum()
-        ab_prev = _lookup(table, torch.where(prev_t >= 0, prev_t, last))
-        ab_prev = torch.where(matches.any(), ab_prev, math.nan)
-    else:
-        ab_prev = _lookup(table, torch.where(t >= 1, t - 1, last))
+        ab_prev = torch.where(matches.any(), _previous_alpha(table, prev_t), math.nan)
+    else:  # t - 1, and 1.0 (DDPM's appended alpha) before the first training timestep
+        ab_prev = _previous_alpha(table, t - 1)
     ab, ab_prev = _lookup(table, t).float(), ab_prev.float()
     beta, beta_prev = 1.0 - ab, 1.0 - ab_prev
     current_alpha = ab / ab_prev
@@ -1122,8 +1123,7 @@ def _pndm_step(scheduler, state, a):
     stride = config.num_train_timesteps // scheduler.num_inference_steps
     traced = _traced(a["timestep"])  # a traced timestep: its alphas looked up on the device
     if traced:
-        table = _traced_alphas(scheduler, state, sample.device)
-        t = _traced_index(a["timestep"], table)
+        table, t = _traced_timestep(scheduler, state, a["timestep"], sample.device)
     else:
         t = int(_timestep_value(state, a["timestep"]))
     prev_t = t - stride
@@ -1144,7 +1144,7 @@ def _pndm_step(scheduler, state, a):
         weights, x, history = _PLMS[min(len(ets), 4)], sample, ets[-2::-1][:3]
     if traced:
         ab_t = _lookup(table, t)
-        ab_prev = _lookup(table, torch.where(prev_t >= 0, prev_t, table.shape[0] - 1))
+        ab_prev = _previous_alpha(table, prev_t)
     else:
         alphas = _alphas_cumprod(scheduler)
         if not (0 <= t < len(alphas) and prev_t < len(alphas)):
@@ -1196,8 +1196,7 @@ def _lcm_step(scheduler, state, a):
     host = state.host_timesteps
     traced = _traced(a["timestep"])  # a traced timestep: its alpha and scalings computed on the device
     if traced:
-        table = _traced_alphas(scheduler, state, sample.device)
-        t = _traced_index(a["timestep"], table)
+        table, t = _traced_timestep(scheduler, state, a["timestep"], sample.device)
         ab_t = _lookup(table, t)
         c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(t.to(torch.float64))
     else:
@@ -1889,7 +1888,7 @@ def _step_keeping_model_output(model_output, sample, x0_form, dt):
                 model_output, sample, float(x0_form[0]), float(x0_form[1]), 1.0, float(dt), 0.0
             )
         except (ValueError, TypeError) as exc:
-            raise _Fallback(str(exc).split("\n")[0]) from exc
+            raise _rejected(exc) from exc
         if result is not None:
             return result
     prev_sample, x0 = _combine(model_output, sample, x0_form, out_x=1.0, out_m=dt)
